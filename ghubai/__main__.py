@@ -1,0 +1,5 @@
+import sys
+
+from ghubai.cli import main
+
+sys.exit(main())

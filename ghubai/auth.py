@@ -1,0 +1,39 @@
+"""Shared secrets (worker tokens, client API keys): kept as SHA-256 digests, compared in constant
+time, never logged. A configured entry is the secret itself or ``sha256:<64 hex digits>`` of it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+
+def _digest(entry: str) -> bytes:
+    if entry.startswith("sha256:") and len(entry) == 71:
+        try:
+            return bytes.fromhex(entry[7:])
+        except ValueError:
+            pass
+    return hashlib.sha256(entry.encode()).digest()
+
+
+class Secrets:
+    def __init__(self, entries: tuple[str, ...]) -> None:
+        self._digests = [_digest(entry) for entry in entries]
+
+    @property
+    def open(self) -> bool:
+        """No secret configured: everyone is let in."""
+        return not self._digests
+
+    def allows(self, authorization: str | None) -> bool:
+        """Whether an ``Authorization: Bearer ...`` header carries one of the secrets."""
+        if self.open:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return False
+        presented = hashlib.sha256(token.strip().encode()).digest()
+        found = False
+        for digest in self._digests:  # no early exit: the time taken does not say which one matched
+            found |= hmac.compare_digest(presented, digest)
+        return found

@@ -1,0 +1,130 @@
+"""The ``ghubai`` command: one sub-command per role, plus ``up`` for the whole grid on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ghubai import __version__
+from ghubai.config import ConfigError, load, split_hostport, with_listen
+from ghubai.observability import logs
+
+log = logging.getLogger("ghubai")
+
+
+async def _until_signal(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            scope.cancel()
+            return
+
+
+def _run(main: Callable[[], Awaitable[object]]) -> int:
+    """Run ``main`` until it ends or SIGINT/SIGTERM arrives; a clean stop exits 0."""
+
+    async def runner() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signal, nursery.cancel_scope)
+            await main()
+            nursery.cancel_scope.cancel()
+
+    trio.run(runner)
+    return 0
+
+
+def _hub(args: argparse.Namespace) -> int:
+    from ghubai.hub.app import run
+
+    config = with_listen(load("hub", args.config), args.listen)
+    return _run(lambda: run(config))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from ghubai.worker.agent import run
+
+    config = load("worker", args.config)
+    return _run(lambda: run(config))
+
+
+def _sim(args: argparse.Namespace) -> int:
+    from ghubai.sim.generator import SimOptions, Simulator
+    from ghubai.sim.server import serve
+
+    try:
+        split_hostport(args.listen)
+    except ValueError as error:
+        raise ConfigError([f"--listen: {error}"]) from None
+    options = SimOptions(
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
+        fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim)
+    return _run(lambda: serve(Simulator(options), args.listen))
+
+
+def _up(args: argparse.Namespace) -> int:
+    from ghubai.up import up
+
+    return _run(lambda: up(port=args.port, backend=args.backend))
+
+
+def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        parser.add_argument("--config", metavar="FILE", help="TOML file (default: built-in loopback defaults)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="ghubai", description="Grid Hub AI: many inference machines, one API.")
+    top.add_argument("--version", action="version", version=f"ghubai {__version__}")
+    roles = top.add_subparsers(dest="role", required=True, metavar="ROLE")
+
+    up = roles.add_parser("up", help="the whole grid on this machine, in one command")
+    up.add_argument("--backend", choices=("auto", "ollama", "sim"), default="auto",
+                    help="auto: Ollama at OLLAMA_LOCAL_URL if it answers, else the built-in simulator")
+    up.add_argument("--port", type=int, default=5000, help="port of the grid's API (default 5000)")
+    _daemon_flags(up, config=False)
+    up.set_defaults(func=_up)
+
+    hub = roles.add_parser("hub", help="the API clients call; workers connect to it")
+    _daemon_flags(hub)
+    hub.add_argument("--listen", metavar="HOST:PORT")
+    hub.set_defaults(func=_hub)
+
+    worker = roles.add_parser("worker", help="runs next to an engine and serves the hubs' requests")
+    _daemon_flags(worker)
+    worker.set_defaults(func=_worker)
+
+    sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")
+    sim.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:11434")
+    sim.add_argument("--models", default="sim", help="comma-separated model names (default: sim)")
+    sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
+    sim.add_argument("--itl-ms", type=float, default=10.0, help="time between tokens")
+    sim.add_argument("--tokens", type=int, default=32, help="reply length when the request sets no limit")
+    sim.add_argument("--max-parallel", type=int, default=64, help="generations at once; the rest wait")
+    sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
+    sim.add_argument("--fail-after-tokens", type=int, default=None, help="fail every reply after N tokens")
+    sim.add_argument("--embed-dim", type=int, default=16)
+    _daemon_flags(sim, config=False)
+    sim.set_defaults(func=_sim)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logs.setup(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except ConfigError as error:
+        print(f"ghubai {args.role}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

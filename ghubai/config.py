@@ -1,0 +1,240 @@
+"""Configuration of every role: TOML files read with tomllib into validated, frozen dataclasses.
+
+The dataclasses below are the single description of every key: its type, its default and its
+check. The loader walks them, so a new key needs one line here and nothing else. Every problem in
+a file is collected (``ghubai check`` prints them all); a daemon reports the first one and exits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``errors`` holds one line per problem, key first."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__(errors[0] if errors else "invalid configuration")
+        self.errors = errors
+
+
+Check = Callable[[Any], str | None]
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` to ``(host, port)``; ValueError when it is neither."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def _address(value: str) -> str | None:
+    try:
+        split_hostport(value)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def _urls(*schemes: str) -> Check:
+    def check(value: str | tuple[str, ...]) -> str | None:
+        for url in (value,) if isinstance(value, str) else value:
+            parts = urlsplit(url)
+            if parts.scheme not in schemes or not parts.hostname:
+                return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
+        if not value:
+            return "expected at least one URL"
+        return None
+
+    return check
+
+
+def _at_least(low: float) -> Check:
+    return lambda value: None if value >= low else f"must be at least {low}, got {value}"
+
+
+def _one_of(*choices: str) -> Check:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
+
+
+def _key(check: Check | None = None, *, one_or_many: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field with its check; ``one_or_many`` lets a list key also be a single string."""
+    return field(metadata={"check": check, "one_or_many": one_or_many}, **kwargs)
+
+
+@dataclass(frozen=True)
+class HubLimits:
+    max_body_bytes: int = _key(_at_least(1024), default=4 * 1024 * 1024)
+    queue_size: int = _key(_at_least(0), default=256)
+    queue_timeout_s: float = _key(_at_least(0), default=30.0)
+    max_attempts: int = _key(_at_least(1), default=3)
+    requests_per_minute: int = _key(_at_least(0), default=0)
+    tokens_per_minute: int = _key(_at_least(0), default=0)
+
+
+@dataclass(frozen=True)
+class HubTimeouts:
+    connect_s: float = _key(_at_least(0.001), default=5.0)
+    first_token_s: float = _key(_at_least(0.001), default=300.0)
+    idle_s: float = _key(_at_least(0.001), default=120.0)
+    total_s: float = _key(_at_least(0.001), default=3600.0)
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    listen: str = _key(_address, default="127.0.0.1:7197")
+    provider_tokens: tuple[str, ...] = ()
+    api_keys: tuple[str, ...] = ()
+    heartbeat_s: float = _key(_at_least(0.01), default=5.0)
+    drain_timeout_s: float = _key(_at_least(0), default=30.0)
+    tls_cert: str = ""
+    tls_key: str = ""
+    limits: HubLimits = HubLimits()
+    timeouts: HubTimeouts = HubTimeouts()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kind: str = _key(_one_of("ollama", "openai"), default="ollama")
+    url: str = _key(_urls("http", "https"), default="http://localhost:11434")
+    max_concurrency: int = _key(_at_least(1), default=4)
+    discovery_interval_s: float = _key(_at_least(0.01), default=30.0)
+    connect_timeout_s: float = _key(_at_least(0.001), default=5.0)
+    idle_timeout_s: float = _key(_at_least(0.001), default=300.0)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    hub_url: tuple[str, ...] = _key(
+        _urls("ws", "wss"), one_or_many=True, default=("ws://localhost:7197/gridhub",)
+    )
+    provider_token: str = ""
+    name: str = ""
+    ca_file: str = ""
+    allow_invalid_certs: bool = False
+    engine: EngineConfig = EngineConfig()
+
+
+ROLES: dict[str, type] = {"hub": HubConfig, "worker": WorkerConfig}
+
+
+def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:
+    """TOML value to the field's type, or a reason why it is not one."""
+    if hint is bool:
+        return raw, None if isinstance(raw, bool) else f"expected true or false, got {raw!r}"
+    if hint is int:
+        ok = isinstance(raw, int) and not isinstance(raw, bool)
+        return raw, None if ok else f"expected an integer, got {raw!r}"
+    if hint is float:
+        ok = isinstance(raw, int | float) and not isinstance(raw, bool)
+        return (float(raw) if ok else raw), None if ok else f"expected a number, got {raw!r}"
+    if hint is str:
+        return raw, None if isinstance(raw, str) else f"expected a string, got {raw!r}"
+    if typing.get_origin(hint) is tuple:
+        if one_or_many and isinstance(raw, str):
+            raw = [raw]
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw), None
+        return raw, f"expected a list of strings, got {raw!r}"
+    raise TypeError(f"no TOML conversion for {hint!r}")  # a programming error in this module
+
+
+def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    errors.extend(f"{prefix}{key}: unknown key" for key in table if key not in known)
+    values: dict[str, Any] = {}
+    for name, spec in known.items():
+        if name not in table:
+            continue
+        raw, hint, path = table[name], hints[name], prefix + name
+        if dataclasses.is_dataclass(hint):
+            if isinstance(raw, dict):
+                values[name] = _build(typing.cast(type, hint), raw, path + ".", errors)
+            else:
+                errors.append(f"{path}: expected a table, got {raw!r}")
+            continue
+        value, problem = _coerce(hint, raw, spec.metadata.get("one_or_many", False))
+        check = spec.metadata.get("check")
+        if problem is None and check is not None:
+            problem = check(value)
+        if problem:
+            errors.append(f"{path}: {problem}")
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def parse(role: str, text: str, source: str = "<config>") -> Any:
+    """Validate TOML text for ``role``; raises ConfigError with every problem found."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{source}: not valid TOML: {error}"]) from None
+    errors: list[str] = []
+    config = _build(ROLES[role], table, "", errors)
+    if errors:
+        raise ConfigError([f"{source}: {line}" for line in errors])
+    return config
+
+
+def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> Any:
+    """The config of ``role`` from ``path`` (defaults when None), with the role's env overrides."""
+    if path is None:
+        config = ROLES[role]()
+    else:
+        try:
+            with open(path, encoding="utf-8") as file:
+                text = file.read()
+        except OSError as error:
+            raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+        config = parse(role, text, path)
+    if role == "worker":
+        config = worker_env_overrides(config, os.environ if env is None else env)
+    return config
+
+
+def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> WorkerConfig:
+    """The seed's variables win over the file: HUB_URL (comma-separated), PROVIDER_TOKEN,
+    OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS. The result is validated like the file."""
+    table: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
+    if env.get("HUB_URL"):
+        table["hub_url"] = [url.strip() for url in env["HUB_URL"].split(",") if url.strip()]
+    if "PROVIDER_TOKEN" in env:
+        table["provider_token"] = env["PROVIDER_TOKEN"]
+    if env.get("OLLAMA_LOCAL_URL"):
+        engine["url"] = env["OLLAMA_LOCAL_URL"]
+    if env.get("ALLOW_INVALID_CERTS"):
+        table["allow_invalid_certs"] = env["ALLOW_INVALID_CERTS"].strip().lower() in {"1", "true", "yes", "on"}
+    errors: list[str] = []
+    override = _build(WorkerConfig, table | {"engine": engine}, "", errors)
+    if errors:
+        raise ConfigError([f"environment: {line}" for line in errors])
+    changed = {name: getattr(override, name) for name in table}
+    changed_engine = {name: getattr(override.engine, name) for name in engine}
+    config = dataclasses.replace(config, **changed, engine=dataclasses.replace(config.engine, **changed_engine))
+    if not config.name:
+        config = dataclasses.replace(config, name=socket.gethostname())
+    return config
+
+
+def with_listen(config: Any, listen: str | None) -> Any:
+    """The ``--listen`` flag overrides the file's ``listen``."""
+    if listen is None:
+        return config
+    if problem := _address(listen):
+        raise ConfigError([f"--listen: {problem}"])
+    return dataclasses.replace(config, listen=listen)
+

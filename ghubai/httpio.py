@@ -1,0 +1,170 @@
+"""HTTP/1.1 server connections written directly on h11 and trio streams.
+
+Used where a framework would cost too much per byte (the simulator, the proxy). One ``Connection``
+serves requests one after another on a keep-alive socket. While a response streams, ``watch()`` is
+the socket's only reader: it feeds pipelined bytes to h11 and reports EOF, so the caller can cancel
+the work done for a client that left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+import trio
+
+log = logging.getLogger("ghubai.http")
+
+RECEIVE_SIZE = 65536
+DRAIN_TIMEOUT_S = 0.5
+
+
+class HttpError(Exception):
+    """A request that cannot be served; answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    def header(self, name: bytes) -> bytes | None:
+        return next((value for key, value in self.headers if key == name), None)
+
+
+class Connection:
+    def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
+                 max_header_bytes: int = 16384, idle_timeout_s: float = 75.0) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
+        self.max_body = max_body
+        self.idle_timeout_s = idle_timeout_s
+
+    async def _next_event(self) -> Any:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            with trio.move_on_after(self.idle_timeout_s) as idle:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+            self.h11.receive_data(b"" if idle.cancelled_caught else data)
+
+    async def read_request(self) -> Request | None:
+        """The next complete request, or None when the client closed or idled out."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        try:
+            event = await self._next_event()
+            if not isinstance(event, h11.Request):
+                return None  # closed, or paused on a connection that must close
+            if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
+                await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+            body = bytearray()
+            while True:
+                part = await self._next_event()
+                if isinstance(part, h11.EndOfMessage):
+                    break
+                if isinstance(part, h11.ConnectionClosed):
+                    return None
+                body += part.data
+                if len(body) > self.max_body:
+                    raise HttpError(413, f"request body is larger than {self.max_body} bytes")
+        except h11.RemoteProtocolError as error:
+            raise HttpError(error.error_status_hint, str(error)) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
+
+    async def send(self, event: Any) -> None:
+        data = self.h11.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def respond(self, status: int, body: bytes, content_type: str = "application/json",
+                      headers: dict[str, str] | None = None) -> None:
+        fields = [("content-type", content_type), ("content-length", str(len(body)))]
+        fields += list((headers or {}).items())
+        await self.send(h11.Response(status_code=status, headers=fields))
+        await self.send(h11.Data(data=body))
+        await self.send(h11.EndOfMessage())
+
+    async def respond_json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
+        await self.respond(status, json.dumps(value).encode(), headers=headers)
+
+    async def start_stream(self, status: int, content_type: str) -> None:
+        """Headers of a chunked response; then ``write`` each piece and ``finish``."""
+        await self.send(h11.Response(status_code=status, headers=[
+            ("content-type", content_type), ("cache-control", "no-cache"), ("transfer-encoding", "chunked")]))
+
+    async def write(self, data: bytes) -> None:
+        await self.send(h11.Data(data=data))
+
+    async def finish(self) -> None:
+        await self.send(h11.EndOfMessage())
+
+    async def watch(self, gone: trio.CancelScope) -> None:
+        """Read the socket while a response is produced; cancel ``gone`` when the client leaves."""
+        try:
+            while True:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                self.h11.receive_data(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.h11.receive_data(b"")
+        gone.cancel()
+
+    @property
+    def reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def close(self) -> None:
+        """EOF, then a bounded drain so that unread input does not turn into a RST that eats the
+        end of the response, then close. Shielded: it runs on the way out of cancelled work."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(DRAIN_TIMEOUT_S):
+                try:
+                    await self.stream.send_eof()  # type: ignore[attr-defined]
+                    while await self.stream.receive_some(RECEIVE_SIZE):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError, trio.BusyResourceError):
+                    pass
+            await self.stream.aclose()
+
+
+async def serve_connection(stream: trio.abc.Stream, handle: Any, **limits: Any) -> None:
+    """Serve requests on one socket until it closes: ``await handle(conn, request)`` each."""
+    conn = Connection(stream, **limits)
+    try:
+        while True:
+            try:
+                request = await conn.read_request()
+            except HttpError as error:
+                if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await conn.respond_json(error.status, {"error": str(error)}, headers={"connection": "close"})
+                break
+            if request is None:
+                break
+            await handle(conn, request)
+            if not conn.reusable:
+                break
+    except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass  # the client left in the middle of an answer
+    except* Exception:
+        log.exception("request handler failed; connection dropped")
+    finally:
+        await conn.close()

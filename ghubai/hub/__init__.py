@@ -1,0 +1,1 @@
+"""The hub: the API clients call, the /gridhub endpoint workers dial, the scheduler."""

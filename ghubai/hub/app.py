@@ -1,0 +1,174 @@
+"""The hub's HTTP API (quart-trio on hypercorn): OpenAI endpoints, status endpoints, ``/gridhub``.
+
+A request's work belongs to its quart-trio task: when the client leaves, that task is cancelled.
+The exchange is also registered with ``CloseOnExit``, an ASGI wrapper around the whole request, so
+its worker hears ``cancel`` even if the client leaves in the gap between the handler returning a
+streaming response and the first iteration of its body (where no ``finally`` of ours would run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from ghubai import openai, protocol
+from ghubai.auth import Secrets
+from ghubai.config import HubConfig
+from ghubai.hub.exchange import Exchange, Frame, client_error
+from ghubai.hub.gridhub import serve_worker
+from ghubai.hub.pool import Pool
+from ghubai.openai import ApiError
+from ghubai.web import serve_app, server_config
+
+log = logging.getLogger("ghubai.hub")
+
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/dashboard")
+
+
+class CloseOnExit:
+    """ASGI wrapper: runs the closers a request registered once the request is over, however it ends."""
+
+    def __init__(self, app: Callable[..., Any]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        closers: list[Callable[[], None]] = []
+        scope["ghubai.closers"] = closers
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for close in closers:
+                close()
+
+
+def _error_response(error: ApiError) -> Response:
+    body = error.openai_body() if request.path.startswith("/v1/") else error.ollama_body()
+    return Response(json.dumps(body), error.status, headers=error.headers(), content_type="application/json")
+
+
+def _render_sse(frames: list[Frame]) -> bytes:
+    out = []
+    for frame in frames:
+        if frame["type"] == "chunk":
+            out.extend(openai.sse_event(payload) for payload in frame["data"])
+        elif frame["type"] == "end":
+            out.append(openai.SSE_DONE)
+        else:
+            out.append(openai.sse_event(json.dumps(client_error(frame).openai_body())))
+    return b"".join(out)
+
+
+async def _sse_body(exchange: Exchange, first: Frame) -> AsyncIterator[bytes]:
+    try:
+        yield _render_sse([first])
+        async for batch in exchange.batches():
+            yield _render_sse(batch)
+    except ApiError as error:  # a timeout after the first byte: one final error event
+        yield openai.sse_event(json.dumps(error.openai_body()))
+    finally:
+        exchange.close()
+
+
+async def _whole(exchange: Exchange, first: Frame) -> bytes:
+    frames = [first]
+    if not exchange.done:
+        async for batch in exchange.batches():
+            frames.extend(batch)
+    parts: list[str] = []
+    for frame in frames:
+        if frame["type"] == "error":
+            raise client_error(frame)
+        if frame["type"] == "chunk":
+            parts.extend(frame["data"])
+    return "".join(parts).encode()
+
+
+def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:
+    app = QuartTrio("ghubai.hub")
+    app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
+    app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
+    api_keys = Secrets(config.api_keys)
+    provider_tokens = Secrets(config.provider_tokens)
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        message = {404: f"Unknown endpoint: {request.method} {request.path}",
+                   405: f"Method {request.method} not allowed on {request.path}",
+                   413: f"Request body is larger than {config.limits.max_body_bytes} bytes"}.get(
+            status, error.description or "error")
+        return _error_response(ApiError(status, message))
+
+    @app.before_request
+    async def check_key() -> None:
+        if request.path not in OPEN_PATHS and not api_keys.allows(request.headers.get("Authorization")):
+            raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+
+    async def forward(api: str, body: dict[str, Any]) -> Response:
+        stream = body.get("stream") is True
+        exchange = Exchange(pool, config, api, body, stream)
+        request.scope["ghubai.closers"].append(exchange.close)
+        first = await exchange.open()
+        if stream:
+            return Response(_sse_body(exchange, first), 200, headers=openai.SSE_HEADERS)
+        return Response(await _whole(exchange, first), 200, content_type="application/json")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        body = openai.parse_body(await request.get_data())
+        openai.validate_chat(body)
+        return await forward("openai.chat", body)
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list",
+                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"} for m in pool.models()]}
+
+    @app.get("/api/registry")
+    async def registry() -> dict[str, Any]:
+        return {"hub_id": hub_id, "workers": [w.describe() for w in pool.workers.values()], "queued": pool.queued}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> tuple[dict[str, Any], int]:
+        count = len(pool.workers)
+        return {"status": "ready" if count else "no workers", "workers": count}, 200 if count else 503
+
+    @app.websocket(protocol.GRIDHUB_PATH)
+    async def gridhub() -> Response | None:
+        return await serve_worker(pool, provider_tokens, hub_id, config.heartbeat_s)
+
+    return app
+
+
+async def run(config: HubConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the hub until cancelled; reports its base URL."""
+    hub_id = uuid.uuid4().hex[:12]
+    pool = Pool(config.limits)
+    if not config.provider_tokens:
+        log.warning("provider_tokens is empty: ANY worker that reaches this port can join the grid")
+    app = create_app(config, pool, hub_id)
+    shutdown = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(serve_app, app, server_config(
+                config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key), shutdown)
+            log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
+            task_status.started(binds[0])
+    finally:
+        shutdown.set()

@@ -1,0 +1,127 @@
+"""One client request through the grid: which worker, retries before the first byte, then frames.
+
+Before the first chunk nothing has reached the client, so a retryable failure (engine 5xx or busy,
+model missing, a worker that died) is tried again on another worker, up to ``max_attempts``. After
+it, a failure is one final error for the client. Every wait is bounded by the hub's timeouts:
+``first_token_s`` for the first frame, ``idle_s`` between frames, ``total_s`` for the whole request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+
+from ghubai import protocol
+from ghubai.config import HubConfig
+from ghubai.hub.pool import Pool, RemoteWorker
+from ghubai.openai import ApiError
+
+log = logging.getLogger("ghubai.hub")
+
+Frame = dict[str, Any]
+
+
+def client_error(frame: Frame) -> ApiError:
+    """A worker's ``error`` frame as the client should see it."""
+    status, message = int(frame["status"]), str(frame["message"])
+    if status == 404:
+        return ApiError(404, message, param="model", code="model_not_found")
+    if 400 <= status < 500 or status in (503, 504):
+        return ApiError(status, message)
+    return ApiError(502, f"Engine error: {message}")
+
+
+class Exchange:
+    def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool) -> None:
+        self.pool = pool
+        self.config = config
+        self.api = api
+        self.body = body
+        self.stream = stream
+        self.model = str(body["model"])
+        self.deadline = trio.current_time() + config.timeouts.total_s
+        self.worker: RemoteWorker | None = None
+        self.request_id = ""
+        self.usage: dict[str, int] | None = None
+        self.done = False
+        self._frames: trio.MemoryReceiveChannel[Frame] | None = None
+
+    async def open(self) -> Frame:
+        """The answer's first frame (a chunk, or the end of an empty answer)."""
+        tried: set[str] = set()
+        last_error: ApiError | None = None
+        for _attempt in range(self.config.limits.max_attempts):
+            try:
+                with trio.fail_at(self.deadline):
+                    worker = await self.pool.acquire(self.model, tried)
+            except ApiError as error:  # on a retry with no other worker left, the real cause wins
+                raise (last_error or error) from None
+            except trio.TooSlowError:
+                raise ApiError(504, "Request timed out waiting for a worker") from None
+            self._start(worker)
+            frame = await self._next(self.config.timeouts.first_token_s, "the first token")
+            if frame["type"] != "error":
+                return frame
+            last_error = client_error(frame)
+            if not frame["retryable"]:
+                raise last_error
+            tried.add(worker.id)
+            log.info("request %s failed on worker %s before its first byte (%s); trying another",
+                     self.request_id[:8], worker.name, frame["message"])
+        assert last_error is not None
+        raise last_error
+
+    def _start(self, worker: RemoteWorker) -> None:
+        self.worker = worker
+        self.done = False
+        self.request_id = uuid.uuid4().hex
+        send, self._frames = trio.open_memory_channel[Frame](math.inf)
+        worker.pending[self.request_id] = send
+        worker.send(protocol.request(self.request_id, self.api, self.body, self.stream))
+
+    async def _next(self, timeout_s: float, what: str) -> Frame:
+        assert self._frames is not None
+        with trio.move_on_at(min(trio.current_time() + timeout_s, self.deadline)):
+            return self._note(await self._frames.receive())
+        self.close()
+        raise ApiError(504, f"Timed out waiting for {what} from the worker")
+
+    def _note(self, frame: Frame) -> Frame:
+        if frame["type"] in ("end", "error"):
+            self.done = True
+            if frame["type"] == "end":
+                self.usage = frame.get("usage")
+            self._release()
+        return frame
+
+    async def batches(self) -> AsyncIterator[list[Frame]]:
+        """The frames after the first, each batch holding every frame that had already arrived,
+        so a stream that falls behind catches up in few large writes instead of many small ones."""
+        assert self._frames is not None
+        while not self.done:
+            batch = [await self._next(self.config.timeouts.idle_s, "the next token")]
+            while not self.done:
+                try:
+                    batch.append(self._note(self._frames.receive_nowait()))
+                except trio.WouldBlock:
+                    break
+            yield batch
+
+    def _release(self) -> None:
+        if self.worker is not None:
+            self.pool.release(self.worker)
+            self.worker = None
+
+    def close(self) -> None:
+        """Idempotent and synchronous, so it can run on any way out: if the worker is still
+        producing, tell it to stop; give the slot back."""
+        if self.worker is not None and not self.done:
+            self.worker.pending.pop(self.request_id, None)
+            self.worker.send(protocol.cancel(self.request_id))
+        self.done = True
+        self._release()

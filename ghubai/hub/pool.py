@@ -1,0 +1,174 @@
+"""The hub's view of its workers and the scheduler that hands requests to them.
+
+A request takes a slot on the least-loaded worker that hosts its model (lowest
+inflight / max_concurrency). When every such worker is full it waits in a bounded queue: first in,
+first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. Only the head of a
+model's queue is woken when a slot may have freed, so a release costs O(1) however long the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ghubai.config import HubLimits
+from ghubai.openai import ApiError, model_not_found
+
+log = logging.getLogger("ghubai.hub")
+
+
+@dataclass(eq=False)
+class RemoteWorker:
+    """A worker linked to this hub. Frames to it go through ``out`` (one writer task per link);
+    frames from it about a request go to that request's channel in ``pending``."""
+    id: str
+    name: str
+    models: frozenset[str]
+    max_concurrency: int
+    engine: str
+    out: trio.MemorySendChannel[str]
+    inflight: int = 0
+    pending: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
+    last_seen: float = 0.0
+    link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def load(self) -> float:
+        return self.inflight / self.max_concurrency
+
+    def send(self, frame: str) -> None:
+        try:
+            self.out.send_nowait(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # link closing: fail_all() answers every pending request
+
+    def deliver(self, frame: dict[str, Any]) -> None:
+        """Hand a chunk/end/error frame to the request it belongs to (if it still waits)."""
+        channel = self.pending.get(frame["id"])
+        if channel is None:
+            return  # a request that was cancelled or already failed over
+        if frame["type"] != "chunk":
+            del self.pending[frame["id"]]
+        try:
+            channel.send_nowait(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self.pending.pop(frame["id"], None)
+
+    def fail_all(self, message: str) -> None:
+        """The link is gone: every request on it gets a retryable error."""
+        for request_id in list(self.pending):
+            self.deliver({"type": "error", "id": request_id, "status": 502, "message": message, "retryable": True})
+
+    def describe(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
+                "max_concurrency": self.max_concurrency, "engine": self.engine}
+
+
+class _Waiter:
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+
+
+class Pool:
+    def __init__(self, limits: HubLimits) -> None:
+        self.limits = limits
+        self.workers: dict[str, RemoteWorker] = {}
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self.queued = 0
+
+    # -- membership ------------------------------------------------------------------------------
+
+    def add(self, worker: RemoteWorker) -> RemoteWorker | None:
+        """Register a worker; returns the stale link it replaces (same worker id), if any."""
+        stale = self.workers.get(worker.id)
+        self.workers[worker.id] = worker
+        log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
+                 ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
+        self._wake(worker.models)
+        return stale
+
+    def remove(self, worker: RemoteWorker) -> None:
+        if self.workers.get(worker.id) is worker:
+            del self.workers[worker.id]
+            log.info("worker %s (%s) left", worker.name, worker.id[:8])
+        self._wake(self._queues)  # queued requests may now have no worker at all
+
+    def set_models(self, worker: RemoteWorker, models: list[str]) -> None:
+        worker.models = frozenset(models)
+        log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(models) or "(none)")
+        self._wake(self._queues)
+
+    def models(self) -> list[str]:
+        return sorted({model for worker in self.workers.values() for model in worker.models})
+
+    def hosts(self, model: str) -> list[RemoteWorker]:
+        return [worker for worker in self.workers.values() if model in worker.models]
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def _pick(self, model: str, exclude: set[str]) -> RemoteWorker | None:
+        best: RemoteWorker | None = None
+        for worker in self.workers.values():
+            if (model in worker.models and worker.id not in exclude and worker.inflight < worker.max_concurrency
+                    and (best is None or worker.load < best.load)):
+                best = worker
+        if best is not None:
+            best.inflight += 1
+        return best
+
+    def _check_hosted(self, model: str, exclude: set[str]) -> None:
+        hosts = self.hosts(model)
+        if not hosts:
+            if not self.workers:
+                raise ApiError(503, "No worker is connected to this hub", retry_after=1)
+            raise model_not_found(model)
+        if all(worker.id in exclude for worker in hosts):
+            raise ApiError(503, f"No other worker serves '{model}'", retry_after=1)
+
+    async def acquire(self, model: str, exclude: set[str] | None = None) -> RemoteWorker:
+        """A slot on the least-loaded worker hosting ``model``, waiting in the queue if need be."""
+        exclude = exclude or set()
+        if not self._queues.get(model) and (worker := self._pick(model, exclude)):
+            return worker
+        self._check_hosted(model, exclude)
+        if self.queued >= self.limits.queue_size:
+            raise ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=1)
+        queue = self._queues.setdefault(model, deque())
+        waiter = _Waiter()
+        queue.append(waiter)
+        self.queued += 1
+        try:
+            with trio.fail_after(self.limits.queue_timeout_s):
+                while True:
+                    if queue[0] is waiter and (worker := self._pick(model, exclude)):
+                        return worker
+                    self._check_hosted(model, exclude)
+                    await waiter.event.wait()
+                    waiter.event = trio.Event()
+        except trio.TooSlowError:
+            raise ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
+                           retry_after=max(1, math.ceil(self.limits.queue_timeout_s / 10))) from None
+        finally:
+            queue.remove(waiter)
+            self.queued -= 1
+            if not queue:
+                del self._queues[model]
+            else:
+                queue[0].event.set()
+
+    def release(self, worker: RemoteWorker) -> None:
+        worker.inflight -= 1
+        self._wake(worker.models)
+
+    def _wake(self, models: Any) -> None:
+        """Tell the head of each of these models' queues to look again."""
+        for model in list(models):
+            if queue := self._queues.get(model):
+                queue[0].event.set()

@@ -1,0 +1,100 @@
+"""OpenAI shapes: request validation, error objects, SSE encoding.
+
+Every role that answers clients builds its errors here, so a client sees one dialect:
+``{"error": {"message", "type", "param", "code"}}`` on ``/v1`` and ``{"error": "..."}`` on ``/api``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    429: "rate_limit_error", 431: "invalid_request_error",
+}
+
+
+class ApiError(Exception):
+    """An answer other than success, in terms both dialects can render."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def openai_body(self) -> dict[str, Any]:
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
+                    param="model", code="model_not_found")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "Request body is not valid UTF-8") from None
+    except ValueError as error:
+        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "Request body must be a JSON object")
+    return body
+
+
+def _require(body: dict[str, Any], name: str, kind: type, what: str) -> None:
+    if name not in body:
+        raise ApiError(400, f"Missing required parameter: '{name}'", param=name, code="missing_required_parameter")
+    value = body[name]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ApiError(400, f"Invalid type for '{name}': expected {what}", param=name, code="invalid_type")
+
+
+def _optional(body: dict[str, Any], name: str, kind: type, what: str) -> None:
+    if body.get(name) is not None:
+        _require(body, name, kind, what)
+
+
+def validate_chat(body: dict[str, Any]) -> None:
+    """Checks the fields the grid relies on; the engine judges the rest."""
+    _require(body, "model", str, "a string")
+    if not body["model"]:
+        raise ApiError(400, "'model' must not be empty", param="model")
+    _require(body, "messages", list, "an array of messages")
+    if not body["messages"]:
+        raise ApiError(400, "'messages' must contain at least one message", param="messages")
+    for index, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ApiError(400, f"messages[{index}] must be an object with a string 'role'",
+                           param=f"messages[{index}]")
+    _optional(body, "stream", bool, "a boolean")
+    _optional(body, "stream_options", dict, "an object")
+    for name in ("max_tokens", "max_completion_tokens"):
+        _optional(body, name, int, "an integer")
+
+
+def wants_usage(body: dict[str, Any]) -> bool:
+    return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def sse_event(payload: str) -> bytes:
+    return b"data: " + payload.encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,1 @@
+"""An Ollama-compatible engine simulator for tests, benchmarks and the demo."""

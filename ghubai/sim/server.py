@@ -1,0 +1,209 @@
+"""An Ollama-compatible engine simulator on h11 + trio: Ollama's native API and its OpenAI layer,
+deterministic text on a configurable timetable, failure injection, and ``/sim/stats``."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+
+from ghubai import __version__
+from ghubai.config import split_hostport
+from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.sim.generator import EngineFailure, Simulator, embedding
+from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
+
+log = logging.getLogger("ghubai.sim")
+
+
+class Reject(Exception):
+    """An answer other than success, in the dialect of the endpoint that was called."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _openai_error(message: str, status: int) -> dict[str, Any]:
+    kind = "api_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError:
+        raise Reject(400, "invalid JSON body") from None
+    if not isinstance(body, dict):
+        raise Reject(400, "body must be a JSON object")
+    return body
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        messages = body["messages"] if isinstance(body["messages"], list) else []
+        return " ".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
+    prompt = body.get("prompt", "")
+    return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
+
+
+def _limit(body: dict[str, Any]) -> int | None:
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    for value in (body.get("max_completion_tokens"), body.get("max_tokens"), options.get("num_predict")):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+class SimServer:
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.routes: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
+            ("GET", "/"): self.root,
+            ("GET", "/api/version"): self.version,
+            ("GET", "/api/tags"): self.tags,
+            ("GET", "/v1/models"): self.openai_models,
+            ("GET", "/sim/stats"): self.stats,
+            ("POST", "/api/chat"): partial(self.generate, OllamaChat, "ollama"),
+            ("POST", "/api/generate"): partial(self.generate, OllamaGenerate, "ollama"),
+            ("POST", "/v1/chat/completions"): partial(self.generate, OpenAIChat, "openai"),
+            ("POST", "/v1/completions"): partial(self.generate, OpenAICompletion, "openai"),
+            ("POST", "/api/embed"): self.ollama_embed,
+            ("POST", "/v1/embeddings"): self.openai_embed,
+        }
+
+    async def handle(self, conn: Connection, request: Request) -> None:
+        route = self.routes.get((request.method, request.path))
+        dialect = "openai" if request.path.startswith("/v1/") else "ollama"
+        try:
+            if route is None:
+                raise Reject(404, f"{request.method} {request.path} not found")
+            await route(conn, request)
+        except Reject as error:
+            body = _openai_error(str(error), error.status) if dialect == "openai" else {"error": str(error)}
+            await conn.respond_json(error.status, body)
+
+    def _model(self, body: dict[str, Any]) -> str:
+        model = body.get("model")
+        if model not in self.sim.options.models:
+            raise Reject(404, f'model "{model}" not found, try pulling it first')
+        return str(model)
+
+    def _maybe_fail(self) -> None:
+        if self.sim.should_fail():
+            self.sim.stats.failed += 1
+            raise Reject(500, "simulated engine failure")
+
+    async def root(self, conn: Connection, request: Request) -> None:
+        await conn.respond(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    async def version(self, conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, {"version": f"0.0.0-ghubai-sim-{__version__}"})
+
+    async def stats(self, conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, self.sim.stats.as_dict())
+
+    async def tags(self, conn: Connection, request: Request) -> None:
+        models = [{
+            "name": name, "model": name, "modified_at": "2026-01-01T00:00:00Z", "size": 1_000_000,
+            "digest": hashlib.sha256(name.encode()).hexdigest(),
+            "details": {"parent_model": "", "format": "gguf", "family": "sim", "families": ["sim"],
+                        "parameter_size": "1B", "quantization_level": "Q4_0"},
+        } for name in self.sim.options.models]
+        await conn.respond_json(200, {"models": models})
+
+    async def openai_models(self, conn: Connection, request: Request) -> None:
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "library"}
+                for name in self.sim.options.models]
+        await conn.respond_json(200, {"object": "list", "data": data})
+
+    async def generate(self, shape_class: type[Shape], dialect: str, conn: Connection, request: Request) -> None:
+        body = _body(request)
+        model = self._model(body)
+        self._maybe_fail()
+        prompt = _prompt(body)
+        stream = body.get("stream", dialect == "ollama") is True
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        shape = shape_class(model, self.sim.plan(prompt, _limit(body)), include_usage)
+        failure: EngineFailure | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.watch, nursery.cancel_scope)
+            async with contextlib.aclosing(self.sim.run(shape.gen, prompt)) as tokens:
+                if stream:
+                    await conn.start_stream(200, shape.content_type)
+                    if head := shape.head():
+                        await conn.write(head)
+                try:
+                    async for token in tokens:
+                        if stream:
+                            await conn.write(shape.token(token))
+                except EngineFailure as error:
+                    failure = error
+            if stream:
+                await conn.write(shape.error(str(failure)) if failure else shape.tail())
+                await conn.finish()
+            nursery.cancel_scope.cancel()
+        if not stream:
+            if failure:
+                raise Reject(500, str(failure))
+            await conn.respond_json(200, shape.whole())
+
+    def _embed_inputs(self, body: dict[str, Any]) -> list[str]:
+        raw = body.get("input", body.get("prompt"))
+        items = raw if isinstance(raw, list) else [raw]
+        if not items or not all(isinstance(item, str) for item in items):
+            raise Reject(400, "input must be a string or a list of strings")
+        return items
+
+    async def ollama_embed(self, conn: Connection, request: Request) -> None:
+        body = _body(request)
+        model = self._model(body)
+        self._maybe_fail()
+        inputs = self._embed_inputs(body)
+        vectors = [embedding(text, self.sim.options.embed_dim) for text in inputs]
+        await conn.respond_json(200, {"model": model, "embeddings": vectors,
+                                      "prompt_eval_count": sum(len(t.split()) for t in inputs)})
+
+    async def openai_embed(self, conn: Connection, request: Request) -> None:
+        body = _body(request)
+        model = self._model(body)
+        self._maybe_fail()
+        inputs = self._embed_inputs(body)
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, text in enumerate(inputs):
+            vector: Any = embedding(text, self.sim.options.embed_dim)
+            if as_base64:
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        tokens = sum(len(t.split()) for t in inputs)
+        await conn.respond_json(200, {"object": "list", "data": data, "model": model,
+                                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+async def serve(sim: Simulator, listen: str, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; reports the bound port through ``task_status``."""
+    host, port = split_hostport(listen)
+    server = SimServer(sim)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].socket.getsockname()[1]
+    log.info("simulator serving %s on %s:%d (ttft %s ms, itl %s ms, %d tokens)",
+             ",".join(sim.options.models), host, bound, sim.options.ttft_ms, sim.options.itl_ms, sim.options.tokens)
+    task_status.started(bound)
+    await trio.serve_listeners(partial(serve_connection, handle=server.handle), listeners)

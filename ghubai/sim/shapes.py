@@ -1,0 +1,170 @@
+"""Wire shapes of the simulated engine's replies: OpenAI SSE chunks and Ollama NDJSON lines.
+
+A token's event is a pre-rendered template with the token's JSON string spliced in, so the
+simulator spends microseconds per token and stays far from being a benchmark's bottleneck.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from ghubai.sim.generator import Generation
+
+_HOLE = "\x00token\x00"
+
+
+def _template(value: dict[str, Any]) -> tuple[bytes, bytes]:
+    before, after = json.dumps(value).split(json.dumps(_HOLE))
+    return before.encode(), after.encode()
+
+
+def _usage(gen: Generation) -> dict[str, int]:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
+class Shape:
+    """How one request's reply looks on the wire; subclasses per API."""
+
+    content_type = "application/x-ndjson"
+
+    def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
+        self.model = model
+        self.gen = gen
+        self.include_usage = include_usage
+        self.created = int(time.time())
+        self.before, self.after = _template(self.token_value(_HOLE))
+
+    def token_value(self, token: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def head(self) -> bytes:
+        return b""
+
+    def token(self, token: str) -> bytes:
+        return self.before + json.dumps(token).encode() + self.after
+
+    def tail(self) -> bytes:
+        raise NotImplementedError
+
+    def whole(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def error(self, message: str) -> bytes:
+        raise NotImplementedError
+
+
+class OpenAIShape(Shape):
+    content_type = "text/event-stream"
+    prefix = "chatcmpl-"
+
+    def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
+        self.id = self.prefix + uuid.uuid4().hex[:24]
+        super().__init__(model, gen, include_usage)
+        self.before = b"data: " + self.before
+        self.after += b"\n\n"
+
+    def frame(self, **fields: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model,
+                **fields}
+
+    def event(self, value: dict[str, Any]) -> bytes:
+        return b"data: " + json.dumps(value).encode() + b"\n\n"
+
+    def tail(self) -> bytes:
+        out = self.event(self.frame(choices=[self.choice_end()]))
+        if self.include_usage:
+            out += self.event(self.frame(choices=[], usage=_usage(self.gen)))
+        return out + b"data: [DONE]\n\n"
+
+    def error(self, message: str) -> bytes:
+        return self.event({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+
+    chunk_object = ""
+
+    def choice_end(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class OpenAIChat(OpenAIShape):
+    chunk_object = "chat.completion.chunk"
+
+    def token_value(self, token: str) -> dict[str, Any]:
+        return self.frame(choices=[{"index": 0, "delta": {"content": token}, "finish_reason": None}])
+
+    def head(self) -> bytes:
+        return self.event(self.frame(choices=[
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
+
+    def choice_end(self) -> dict[str, Any]:
+        return {"index": 0, "delta": {}, "finish_reason": self.gen.finish_reason}
+
+    def whole(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.gen.text},
+                             "finish_reason": self.gen.finish_reason}],
+                "usage": _usage(self.gen)}
+
+
+class OpenAICompletion(OpenAIShape):
+    chunk_object = "text_completion"
+    prefix = "cmpl-"
+
+    def token_value(self, token: str) -> dict[str, Any]:
+        return self.frame(choices=[{"index": 0, "text": token, "logprobs": None, "finish_reason": None}])
+
+    def choice_end(self) -> dict[str, Any]:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": self.gen.finish_reason}
+
+    def whole(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "text": self.gen.text, "logprobs": None,
+                             "finish_reason": self.gen.finish_reason}],
+                "usage": _usage(self.gen)}
+
+
+class OllamaShape(Shape):
+    def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
+        self.created_at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        super().__init__(model, gen, include_usage)
+        self.after += b"\n"
+
+    def base(self, **fields: Any) -> dict[str, Any]:
+        return {"model": self.model, "created_at": self.created_at, **fields}
+
+    def counts(self) -> dict[str, Any]:
+        return {"done": True, "done_reason": self.gen.finish_reason, "total_duration": 1,
+                "load_duration": 1, "prompt_eval_count": self.gen.prompt_tokens, "prompt_eval_duration": 1,
+                "eval_count": self.gen.completion_tokens, "eval_duration": 1}
+
+    def tail(self) -> bytes:
+        return json.dumps(self.final("")).encode() + b"\n"
+
+    def whole(self) -> dict[str, Any]:
+        return self.final(self.gen.text)
+
+    def error(self, message: str) -> bytes:
+        return json.dumps({"error": message}).encode() + b"\n"
+
+    def final(self, text: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class OllamaChat(OllamaShape):
+    def token_value(self, token: str) -> dict[str, Any]:
+        return self.base(message={"role": "assistant", "content": token}, done=False)
+
+    def final(self, text: str) -> dict[str, Any]:
+        return self.base(message={"role": "assistant", "content": text}, **self.counts())
+
+
+class OllamaGenerate(OllamaShape):
+    def token_value(self, token: str) -> dict[str, Any]:
+        return self.base(response=token, done=False)
+
+    def final(self, text: str) -> dict[str, Any]:
+        return self.base(response=text, **self.counts())

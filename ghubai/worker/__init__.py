@@ -1,0 +1,1 @@
+"""The worker: dials out to hubs and runs their requests on the local engine."""

@@ -1,0 +1,230 @@
+"""The worker: dials out to every hub it is given, keeps each link alive, runs the hubs' requests
+against the local engine and streams the answers back.
+
+Ownership: ``run`` owns one task per hub link and the discovery loop. A link owns its writer, its
+heartbeat and every request it received, so a broken link cancels its requests and closes their
+engine connections. ``max_concurrency`` holds across all links: a request beyond it is answered
+with a retryable ``error`` and the hub tries another worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import ssl
+import uuid
+from typing import Any
+
+import httpx
+import trio
+import trio_websocket
+
+from ghubai import __version__, protocol
+from ghubai.config import WorkerConfig
+from ghubai.worker.engine import Call, Engine, EngineError
+
+log = logging.getLogger("ghubai.worker")
+
+BACKOFF_FIRST_S = 0.5
+BACKOFF_MAX_S = 30.0
+WELCOME_TIMEOUT_S = 10.0
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+class Link:
+    """One live connection to one hub: frames out go through an unbounded channel to one writer,
+    so a request task or a sync ``finally`` can send without waiting."""
+
+    def __init__(self, url: str, out: trio.MemorySendChannel[str]) -> None:
+        self.url = url
+        self.out = out
+        self.requests: dict[str, trio.CancelScope] = {}
+
+    def send(self, frame: str) -> None:
+        try:
+            self.out.send_nowait(frame)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the link is gone; its requests are being cancelled with it
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine) -> None:
+        self.config = config
+        self.engine = engine
+        self.id = uuid.uuid4().hex
+        self.models: list[str] = []
+        self.inflight = 0
+        self.links: set[Link] = set()
+        self.welcomed = trio.Event()
+        self._rediscover = trio.Event()
+        self._engine_down = False
+
+    # -- discovery -------------------------------------------------------------------------------
+
+    async def discover(self) -> None:
+        """Ask the engine for its models and tell every hub when the set changed. An engine that
+        does not answer hosts nothing: the hubs stop sending it requests until it is back."""
+        try:
+            found = await self.engine.discover()
+            if self._engine_down:
+                log.info("engine at %s answers again", self.config.engine.url)
+            self._engine_down = False
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            if not self._engine_down:
+                log.warning("engine at %s does not list its models: %s", self.config.engine.url,
+                            error or type(error).__name__)
+            self._engine_down = True
+            found = []
+        if found != self.models:
+            log.info("models: %s", ", ".join(found) or "(none)")
+            self.models = found
+            for link in list(self.links):
+                link.send(protocol.models(found))
+
+    async def discovery_loop(self) -> None:
+        while True:
+            with trio.move_on_after(self.config.engine.discovery_interval_s):
+                await self._rediscover.wait()
+            self._rediscover = trio.Event()
+            await self.discover()
+
+    # -- links -----------------------------------------------------------------------------------
+
+    def _ssl_context(self, url: str) -> ssl.SSLContext | None:
+        if not url.startswith("wss://"):
+            return None
+        context = ssl.create_default_context(cafile=self.config.ca_file or None)
+        if self.config.allow_invalid_certs:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def link_loop(self, url: str) -> None:
+        """Keep one link to ``url`` up for ever: reconnect with exponential backoff and jitter."""
+        backoff = BACKOFF_FIRST_S
+        headers = [(b"authorization", f"Bearer {self.config.provider_token}".encode())] \
+            if self.config.provider_token else []
+        while True:
+            try:
+                async with trio_websocket.open_websocket_url(
+                        url, ssl_context=self._ssl_context(url), extra_headers=headers,
+                        connect_timeout=self.config.engine.connect_timeout_s, disconnect_timeout=2,
+                        max_message_size=MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
+                    heartbeat_s = await self._handshake(ws, url)
+                    backoff = BACKOFF_FIRST_S
+                    await self._serve_link(ws, url, heartbeat_s)
+            except* trio_websocket.ConnectionRejected as group:
+                rejected = group.exceptions[0]
+                assert isinstance(rejected, trio_websocket.ConnectionRejected)
+                reason = (rejected.body or b"").decode(errors="replace").strip()[:200]
+                log.error("hub %s refused this worker: HTTP %s %s", url, rejected.status_code, reason)
+            except* trio_websocket.ConnectionClosed as group:
+                closed = group.exceptions[0]
+                assert isinstance(closed, trio_websocket.ConnectionClosed)
+                log.warning("link to %s closed: %s", url, closed.reason)
+            except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError, protocol.ProtocolError) as group:
+                log.warning("link to %s failed: %s", url, group.exceptions[0] or type(group.exceptions[0]).__name__)
+            delay = backoff / 2 + random.uniform(0, backoff / 2)
+            log.info("reconnecting to %s in %.1f s", url, delay)
+            await trio.sleep(delay)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> float:
+        await ws.send_message(protocol.hello(self.id, self.config.name, self.models,
+                                             self.config.engine.max_concurrency, self.config.engine.kind,
+                                             __version__))
+        with trio.fail_after(WELCOME_TIMEOUT_S):
+            frame = protocol.decode(await ws.get_message())
+        if frame["type"] != "welcome":
+            raise protocol.ProtocolError(f"expected welcome, got {frame['type']}")
+        log.info("linked to hub %s at %s", frame["hub_id"], url)
+        self.welcomed.set()
+        return float(frame["heartbeat_s"])
+
+    async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float) -> None:
+        out_send, out_receive = trio.open_memory_channel[str](math.inf)
+        link = Link(url, out_send)
+        self.links.add(link)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write, ws, out_receive)
+                nursery.start_soon(self._heartbeat, link, heartbeat_s)
+                await self._read(ws, link, nursery, heartbeat_s)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.links.discard(link)
+            out_send.close()
+
+    async def _write(self, ws: trio_websocket.WebSocketConnection, frames: trio.MemoryReceiveChannel[str]) -> None:
+        async for frame in frames:
+            await ws.send_message(frame)
+
+    async def _heartbeat(self, link: Link, heartbeat_s: float) -> None:
+        while True:
+            await trio.sleep(heartbeat_s)
+            link.send(protocol.ping(self.inflight))
+
+    async def _read(self, ws: trio_websocket.WebSocketConnection, link: Link, nursery: trio.Nursery,
+                    heartbeat_s: float) -> None:
+        """The link's only reader: dispatches frames; a hub silent for 3 heartbeats is dead."""
+        while True:
+            with trio.move_on_after(3 * heartbeat_s) as silence:
+                message = await ws.get_message()
+            if silence.cancelled_caught:
+                log.warning("hub at %s silent for %.1f s: dropping the link", link.url, 3 * heartbeat_s)
+                return
+            try:
+                frame = protocol.decode(message)
+            except protocol.ProtocolError as error:
+                log.warning("bad frame from %s: %s", link.url, error)
+                continue
+            kind = frame["type"]
+            if kind == "request":
+                nursery.start_soon(self._serve_request, link, frame)
+            elif kind == "cancel":
+                if scope := link.requests.get(frame["id"]):
+                    scope.cancel()
+            elif kind == "ping":
+                link.send(protocol.pong(self.inflight))
+            elif kind != "pong":
+                log.debug("ignoring %s frame from %s", kind, link.url)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def _serve_request(self, link: Link, frame: dict[str, Any]) -> None:
+        request_id = frame["id"]
+        if self.inflight >= self.config.engine.max_concurrency:
+            link.send(protocol.error(request_id, 503, "worker is at max_concurrency", retryable=True))
+            return
+        self.inflight += 1
+        call = Call(api=frame["api"], body=frame["body"], stream=bool(frame["stream"]))
+        with trio.CancelScope() as scope:
+            link.requests[request_id] = scope
+            try:
+                async for batch in self.engine.run(call):
+                    link.send(protocol.chunk(request_id, batch))
+                link.send(protocol.end(request_id, call.usage))
+            except EngineError as error:
+                link.send(protocol.error(request_id, error.status, error.message, error.retryable))
+                if error.model_missing:
+                    self._rediscover.set()
+            finally:
+                del link.requests[request_id]
+                self.inflight -= 1
+        if scope.cancelled_caught:
+            log.debug("request %s cancelled by the hub", request_id)
+
+
+async def run(config: WorkerConfig, *, task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the worker until cancelled."""
+    async with Engine.client_for(config.engine) as client:
+        worker = Worker(config, Engine(config.engine, client))
+        await worker.discover()
+        log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",
+                 config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.discovery_loop)
+            for url in config.hub_url:
+                nursery.start_soon(worker.link_loop, url)
+            task_status.started(worker)

@@ -1,0 +1,180 @@
+"""The worker's side of the local engine: model discovery and streaming calls over httpx.
+
+Each call yields lists of payloads (SSE ``data`` or NDJSON lines, as the engine wrote them): one list
+per network read, so a fast engine costs one hub frame per read, and nothing waits to fill a batch.
+The engine's end-of-stream marker and its usage figures are taken out of the payloads; the worker
+reports them in the ``end`` frame.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from ghubai.config import EngineConfig
+
+# Where each API lives on the engine. Ollama serves its native API and an OpenAI layer, so for
+# now every request goes to the path of its own API; translation across APIs comes with issue #5.
+PATHS = {
+    "openai.chat": "/v1/chat/completions",
+    "openai.completions": "/v1/completions",
+    "openai.embeddings": "/v1/embeddings",
+    "ollama.chat": "/api/chat",
+    "ollama.generate": "/api/generate",
+    "ollama.embed": "/api/embed",
+}
+
+
+class EngineError(Exception):
+    """The engine could not serve the call. ``retryable``: another worker may succeed."""
+
+    def __init__(self, status: int, message: str, retryable: bool, model_missing: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.retryable = retryable
+        self.model_missing = model_missing
+
+
+@dataclass
+class Call:
+    """One request to the engine; ``usage`` is filled in as the engine reports it."""
+    api: str
+    body: dict[str, Any]
+    stream: bool
+    client_wants_usage: bool = False
+    usage: dict[str, int] | None = field(default=None)
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace").strip()[:500] or "no detail"
+    error = value.get("error") if isinstance(value, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message", error))
+    return str(error if error is not None else value)
+
+
+def _usage_of(value: dict[str, Any]) -> dict[str, int] | None:
+    usage = value.get("usage")
+    if isinstance(usage, dict):
+        return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                "completion_tokens": int(usage.get("completion_tokens") or 0)}
+    if value.get("done") is True or "prompt_eval_count" in value:
+        return {"prompt_tokens": int(value.get("prompt_eval_count") or 0),
+                "completion_tokens": int(value.get("eval_count") or 0)}
+    return None
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, client: httpx.AsyncClient) -> None:
+        self.config = config
+        self.client = client
+
+    @staticmethod
+    def client_for(config: EngineConfig) -> httpx.AsyncClient:
+        timeout = httpx.Timeout(config.idle_timeout_s, connect=config.connect_timeout_s,
+                                pool=config.connect_timeout_s)
+        limits = httpx.Limits(max_connections=config.max_concurrency + 4,
+                              max_keepalive_connections=config.max_concurrency + 4)
+        return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits)
+
+    async def discover(self) -> list[str]:
+        """The engine's model names; raises httpx.HTTPError or ValueError when it cannot say."""
+        if self.config.kind == "ollama":
+            response = await self.client.get("/api/tags")
+            response.raise_for_status()
+            return sorted({m["name"] for m in response.json().get("models", [])})
+        response = await self.client.get("/v1/models")
+        response.raise_for_status()
+        return sorted({m["id"] for m in response.json().get("data", [])})
+
+    def _prepare(self, call: Call) -> dict[str, Any]:
+        body = dict(call.body)
+        if call.stream and call.api in ("openai.chat", "openai.completions"):
+            # Always ask for usage so the grid can count tokens; strip it if the client did not ask.
+            call.client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    async def run(self, call: Call) -> AsyncIterator[list[str]]:
+        """Yield the reply's payloads as they arrive; raise EngineError when the engine fails."""
+        path = PATHS.get(call.api)
+        if path is None:
+            raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
+        try:
+            async with self.client.stream("POST", path, json=self._prepare(call)) as response:
+                if response.status_code != 200:
+                    raise self._refusal(response.status_code, await response.aread())
+                if not call.stream:
+                    raw = await response.aread()
+                    call.usage = _usage_of(json.loads(raw))
+                    yield [raw.decode()]
+                    return
+                split = _sse_payloads if path.startswith("/v1/") else _ndjson_payloads
+                async for batch in split(response.aiter_bytes()):
+                    batch = self._take_usage(call, batch)
+                    if batch:
+                        yield batch
+        except httpx.TimeoutException as error:
+            raise EngineError(504, f"engine timed out: {type(error).__name__}", retryable=True) from None
+        except (httpx.TransportError, ValueError) as error:
+            raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
+                              retryable=True) from None
+
+    def _refusal(self, status: int, raw: bytes) -> EngineError:
+        message = _error_message(raw)
+        if status == 404:
+            return EngineError(404, message, retryable=True, model_missing=True)
+        return EngineError(status, message, retryable=status >= 500 or status == 429)
+
+    def _take_usage(self, call: Call, batch: list[str]) -> list[str]:
+        """Note the usage and take out what the client did not ask for; an error payload ends the
+        call as an EngineError, so that the hub can send its one final error event."""
+        kept = []
+        for payload in batch:
+            if payload.startswith('{"error"'):
+                raise EngineError(502, _error_message(payload.encode()), retryable=True)
+            if '"usage":{' in payload or '"usage": {' in payload or '"done":true' in payload or '"done": true' in payload:
+                value = json.loads(payload)
+                if usage := _usage_of(value):
+                    call.usage = usage
+                if value.get("choices") == [] and not call.client_wants_usage:
+                    continue
+            kept.append(payload)
+        return kept
+
+
+async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    """SSE ``data`` payloads, one list per network read; ``[DONE]`` is dropped (the hub ends streams)."""
+    pending = b""
+    async for data in chunks:
+        pending += data
+        *events, pending = pending.replace(b"\r\n", b"\n").split(b"\n\n")
+        batch = []
+        for event in events:
+            lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+            if lines:
+                payload = b"\n".join(lines).decode()
+                if payload != "[DONE]":
+                    batch.append(payload)
+        if batch:
+            yield batch
+
+
+async def _ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+    pending = b""
+    async for data in chunks:
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        batch = [line.decode() for line in lines if line.strip()]
+        if batch:
+            yield batch
+    if pending.strip():
+        yield [pending.decode()]
