@@ -3,15 +3,19 @@
 This module is the only place that knows frame shapes. Each constructor returns the encoded text;
 ``decode`` turns text back into a dict and checks that the fields its type needs are there.
 
-One deliberate change to DESIGN.md's table: ``chunk.data`` is a *list* of payloads. The worker puts
-every payload that one read from the engine brought into one frame, so a fast engine costs one frame
-per network read instead of one per token, and nothing is ever held back to fill a batch.
+Two deliberate changes to DESIGN.md, both to keep the per-token cost of the grid low:
+- ``chunk.data`` is a *list* of payloads: the worker puts every payload that one read from the engine
+  brought into one frame, so a fast engine costs one frame per network read instead of one per token;
+- one WebSocket message carries one or more frames, one per line (JSON text has no raw newline): a
+  writer sends everything already queued in one message. Nothing is ever held back to fill a batch.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from trio import EndOfChannel, WouldBlock
 
 PROTOCOL = 1
 GRIDHUB_PATH = "/gridhub"
@@ -87,6 +91,30 @@ def ping(inflight: int) -> str:
 
 def pong(inflight: int) -> str:
     return _encode("pong", inflight=inflight)
+
+
+def pack(frames: list[str]) -> str:
+    """Frames already waiting to go out, as one WebSocket message."""
+    return "\n".join(frames)
+
+
+def unpack(message: str | bytes) -> list[dict[str, Any]]:
+    """Every frame of one WebSocket message; raises ProtocolError if any is malformed."""
+    lines = message.split(b"\n" if isinstance(message, bytes) else "\n")  # type: ignore[arg-type]
+    return [decode(line) for line in lines]
+
+
+async def write_batched(frames: Any, send: Any) -> None:
+    """The one writer of a link: sends what is queued on the ``frames`` channel, all that is already
+    waiting in one message, through ``send`` (an awaitable taking the message text)."""
+    async for frame in frames:
+        batch = [frame]
+        while True:
+            try:
+                batch.append(frames.receive_nowait())
+            except (WouldBlock, EndOfChannel):
+                break
+        await send(pack(batch))
 
 
 def decode(text: str | bytes) -> dict[str, Any]:

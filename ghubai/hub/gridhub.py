@@ -44,7 +44,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             if stale := pool.add(worker):
                 stale.link_scope.cancel()
             await websocket.send(protocol.welcome(hub_id, heartbeat_s))
-            nursery.start_soon(_write, receive)
+            nursery.start_soon(protocol.write_batched, receive, websocket.send)
             nursery.start_soon(_heartbeat, worker, heartbeat_s)
             await _read(pool, worker, heartbeat_s)
             nursery.cancel_scope.cancel()
@@ -79,11 +79,6 @@ async def _hello(peer: str) -> dict[str, Any] | None:
     return frame
 
 
-async def _write(frames: trio.MemoryReceiveChannel[str]) -> None:
-    async for frame in frames:
-        await websocket.send(frame)
-
-
 async def _heartbeat(worker: RemoteWorker, heartbeat_s: float) -> None:
     while True:
         await trio.sleep(heartbeat_s)
@@ -99,16 +94,17 @@ async def _read(pool: Pool, worker: RemoteWorker, heartbeat_s: float) -> None:
             return
         worker.last_seen = trio.current_time()
         try:
-            frame = protocol.decode(message)
+            frames = protocol.unpack(message)
         except protocol.ProtocolError as error:
-            log.warning("bad frame from worker %s: %s", worker.name, error)
+            log.warning("bad message from worker %s: %s", worker.name, error)
             continue
-        kind = frame["type"]
-        if kind in ("chunk", "end", "error"):
-            worker.deliver(frame)
-        elif kind == "models":
-            pool.set_models(worker, list(frame["models"]))
-        elif kind == "ping":
-            worker.send(protocol.pong(worker.inflight))
-        elif kind != "pong":
-            log.debug("ignoring %s frame from worker %s", kind, worker.name)
+        for frame in frames:
+            kind = frame["type"]
+            if kind in ("chunk", "end", "error"):
+                worker.deliver(frame)
+            elif kind == "models":
+                pool.set_models(worker, list(frame["models"]))
+            elif kind == "ping":
+                worker.send(protocol.pong(worker.inflight))
+            elif kind != "pong":
+                log.debug("ignoring %s frame from worker %s", kind, worker.name)

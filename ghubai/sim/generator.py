@@ -89,8 +89,8 @@ class Simulator:
 
     def plan(self, prompt: str, requested_limit: int | None) -> Generation:
         """The request's own limit wins over ``--tokens``; running into it is finish ``length``."""
-        if requested_limit is not None and requested_limit <= self.options.tokens:
-            return Generation(count_words(prompt), max(0, requested_limit), "length")
+        if requested_limit is not None:
+            return Generation(count_words(prompt), requested_limit, "length")
         return Generation(count_words(prompt), self.options.tokens, "stop")
 
     async def run(self, generation: Generation, prompt: str) -> AsyncIterator[str]:

@@ -148,17 +148,13 @@ class Worker:
         self.links.add(link)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._write, ws, out_receive)
+                nursery.start_soon(protocol.write_batched, out_receive, ws.send_message)
                 nursery.start_soon(self._heartbeat, link, heartbeat_s)
                 await self._read(ws, link, nursery, heartbeat_s)
                 nursery.cancel_scope.cancel()
         finally:
             self.links.discard(link)
             out_send.close()
-
-    async def _write(self, ws: trio_websocket.WebSocketConnection, frames: trio.MemoryReceiveChannel[str]) -> None:
-        async for frame in frames:
-            await ws.send_message(frame)
 
     async def _heartbeat(self, link: Link, heartbeat_s: float) -> None:
         while True:
@@ -175,20 +171,24 @@ class Worker:
                 log.warning("hub at %s silent for %.1f s: dropping the link", link.url, 3 * heartbeat_s)
                 return
             try:
-                frame = protocol.decode(message)
+                frames = protocol.unpack(message)
             except protocol.ProtocolError as error:
-                log.warning("bad frame from %s: %s", link.url, error)
+                log.warning("bad message from %s: %s", link.url, error)
                 continue
-            kind = frame["type"]
-            if kind == "request":
-                nursery.start_soon(self._serve_request, link, frame)
-            elif kind == "cancel":
-                if scope := link.requests.get(frame["id"]):
-                    scope.cancel()
-            elif kind == "ping":
-                link.send(protocol.pong(self.inflight))
-            elif kind != "pong":
-                log.debug("ignoring %s frame from %s", kind, link.url)
+            for frame in frames:
+                self._dispatch(link, nursery, frame)
+
+    def _dispatch(self, link: Link, nursery: trio.Nursery, frame: dict[str, Any]) -> None:
+        kind = frame["type"]
+        if kind == "request":
+            nursery.start_soon(self._serve_request, link, frame)
+        elif kind == "cancel":
+            if scope := link.requests.get(frame["id"]):
+                scope.cancel()
+        elif kind == "ping":
+            link.send(protocol.pong(self.inflight))
+        elif kind != "pong":
+            log.debug("ignoring %s frame from %s", kind, link.url)
 
     # -- requests --------------------------------------------------------------------------------
 

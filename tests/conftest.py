@@ -1,0 +1,123 @@
+"""A real grid on 127.0.0.1 for the tests: simulator, hubs and workers as real servers on port 0,
+each in a cancel scope of its own so a test can stop one (a worker leaves, a hub restarts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from ghubai.config import EngineConfig, HubConfig, HubLimits, HubTimeouts, WorkerConfig
+from ghubai.hub.app import run as run_hub
+from ghubai.sim.generator import SimOptions, Simulator
+from ghubai.sim.server import serve as serve_sim
+from ghubai.worker.agent import Worker
+from ghubai.worker.agent import run as run_worker
+
+WAIT_S = 10.0
+
+
+@dataclass
+class Running:
+    scope: trio.CancelScope
+    value: Any
+
+    def stop(self) -> None:
+        self.scope.cancel()
+
+
+async def _scoped(start: Callable[..., Awaitable[Any]], *args: Any,
+                  task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            value = await nursery.start(start, *args)
+            task_status.started(Running(scope, value))
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll ``check`` until it holds; fail the test naming ``what`` after ``timeout_s``."""
+    with trio.move_on_after(timeout_s):
+        while not await check():
+            await trio.sleep(0.02)
+        return
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class Grid:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.http = httpx.AsyncClient(timeout=WAIT_S)
+
+    async def sim(self, **options: Any) -> tuple[str, Simulator]:
+        options.setdefault("ttft_ms", 5)
+        options.setdefault("itl_ms", 1)
+        if "models" in options:
+            options["models"] = tuple(options["models"])
+        sim = Simulator(SimOptions(**options))
+        running = await self.nursery.start(_scoped, serve_sim, sim, "127.0.0.1:0")
+        return f"http://127.0.0.1:{running.value}", sim
+
+    async def hub(self, listen: str = "127.0.0.1:0", **config: Any) -> Running:
+        limits = config.pop("limits", {})
+        timeouts = config.pop("timeouts", {})
+        hub_config = HubConfig(listen=listen, heartbeat_s=config.pop("heartbeat_s", 1.0),
+                               limits=dataclasses.replace(HubLimits(), **limits),
+                               timeouts=dataclasses.replace(HubTimeouts(), **timeouts), **config)
+        return await self.nursery.start(_scoped, run_hub, hub_config)
+
+    async def worker(self, hub_url: str | list[str], engine_url: str, *, wait: bool = True,
+                     **engine: Any) -> Running:
+        urls = [hub_url] if isinstance(hub_url, str) else hub_url
+        token = engine.pop("provider_token", "")
+        config = WorkerConfig(
+            hub_url=tuple(u.replace("http://", "ws://") + "/gridhub" for u in urls), provider_token=token,
+            name=engine.pop("name", "w"), engine=EngineConfig(url=engine_url, **{"discovery_interval_s": 0.2, **engine}))
+        running = await self.nursery.start(_scoped, run_worker, config)
+        if wait:
+            worker: Worker = running.value
+            with trio.fail_after(WAIT_S):
+                await worker.welcomed.wait()
+        return running
+
+    async def stats(self, sim_url: str) -> dict[str, int]:
+        return (await self.http.get(sim_url + "/sim/stats")).json()
+
+    async def workers(self, hub_url: str) -> list[dict[str, Any]]:
+        return (await self.http.get(hub_url + "/api/registry")).json()["workers"]
+
+
+@pytest.fixture
+async def grid(nursery: trio.Nursery) -> Any:
+    grid = Grid(nursery)
+    yield grid
+    await grid.http.aclose()
+    nursery.cancel_scope.cancel()
+
+
+def chat(model: str = "sim", stream: bool = False, content: str = "hello grid", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ghubai_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ghubai", *args]
+
+
+def run_ghubai(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(ghubai_command(*args), capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})

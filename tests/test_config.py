@@ -1,0 +1,80 @@
+"""Configuration: validated, frozen, one clear line per problem; daemons refuse bad files."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from conftest import run_ghubai
+from ghubai.config import ConfigError, load, parse
+
+
+def test_every_role_runs_on_loopback_defaults_without_a_file() -> None:
+    assert load("hub", None).listen.startswith("127.0.0.1:")
+    worker = load("worker", None, env={})
+    assert worker.hub_url == ("ws://localhost:7197/gridhub",) and worker.name
+
+
+def test_a_full_file_is_read_into_frozen_objects() -> None:
+    config = parse("hub", """
+listen = "0.0.0.0:7197"
+provider_tokens = ["t"]
+[limits]
+queue_size = 8
+queue_timeout_s = 2
+""")
+    assert (config.limits.queue_size, config.limits.queue_timeout_s, config.provider_tokens) == (8, 2.0, ("t",))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.listen = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("colour = 1", "hub.toml: colour: unknown key"),
+    ("listen = 7197", "hub.toml: listen: expected a string"),
+    ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
+    ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
+    ("[limits]\nmax_attempts = true", "hub.toml: limits.max_attempts: expected an integer"),
+    ("limits = 3", "hub.toml: limits: expected a table"),
+    ("listen = ", "hub.toml: not valid TOML"),
+])
+def test_each_problem_names_its_key(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse("hub", text, "hub.toml")
+    assert str(caught.value).startswith(expected)
+
+
+def test_worker_file_and_environment_overrides() -> None:
+    text = 'hub_url = "ws://hub:7197/gridhub"\n[engine]\nkind = "openai"\nurl = "http://gpu:8080"\n'
+    assert parse("worker", text).hub_url == ("ws://hub:7197/gridhub",)
+    with pytest.raises(ConfigError, match="engine.kind: must be one of ollama, openai"):
+        parse("worker", '[engine]\nkind = "tgi"')
+    with pytest.raises(ConfigError, match="hub_url: expected a ws:// or wss:// URL"):
+        parse("worker", 'hub_url = "http://hub"')
+
+
+def test_seed_environment_variables_win(tmp_path: Path) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text('hub_url = "ws://file:1/gridhub"\nprovider_token = "from-file"\n')
+    env = {"HUB_URL": "ws://a:1/gridhub, wss://b:2/gridhub", "PROVIDER_TOKEN": "from-env",
+           "OLLAMA_LOCAL_URL": "http://gpu:11434", "ALLOW_INVALID_CERTS": "true"}
+    config = load("worker", str(path), env=env)
+    assert config.hub_url == ("ws://a:1/gridhub", "wss://b:2/gridhub")
+    assert (config.provider_token, config.engine.url, config.allow_invalid_certs) == \
+        ("from-env", "http://gpu:11434", True)
+    with pytest.raises(ConfigError, match="environment: engine.url"):
+        load("worker", None, env={"OLLAMA_LOCAL_URL": "gpu:11434"})
+
+
+def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "hub.toml"
+    path.write_text("[limits]\nqueue_size = 'many'\n")
+    result = run_ghubai("hub", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"ghubai hub: {path}: limits.queue_size: expected an integer, got 'many'"]
+    missing = run_ghubai("worker", "--config", str(tmp_path / "absent.toml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    bad_listen = run_ghubai("hub", "--listen", "nowhere")
+    assert bad_listen.returncode == 2 and "--listen" in bad_listen.stderr

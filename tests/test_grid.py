@@ -1,0 +1,297 @@
+"""End to end: simulator <- worker <- hub <- the openai SDK and raw httpx, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import trio
+
+from conftest import WAIT_S, Grid, chat, eventually
+from ghubai.sim.generator import WORDS
+
+
+def client(hub_url: str, **kwargs: object) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=hub_url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+async def one_worker_grid(grid: Grid, **sim_options: object) -> tuple[str, str]:
+    sim_url, _ = await grid.sim(**sim_options)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    return hub.value, sim_url
+
+
+async def test_streaming_chat_with_the_openai_sdk(grid: Grid) -> None:
+    hub_url, _ = await one_worker_grid(grid, tokens=12)
+    async with client(hub_url) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "hello"}], stream=True,
+            stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == 12
+    assert "".join(content).split()[0] in WORDS
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == 1
+
+
+async def test_usage_chunk_only_when_asked(grid: Grid) -> None:
+    hub_url, _ = await one_worker_grid(grid, tokens=5)
+    async with client(hub_url) as sdk:
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}],
+                                                   stream=True)
+        chunks = [chunk async for chunk in stream]
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_non_streaming_chat_and_max_tokens(grid: Grid) -> None:
+    hub_url, _ = await one_worker_grid(grid, tokens=50)
+    async with client(hub_url) as sdk:
+        reply = await sdk.chat.completions.create(
+            model="sim", messages=[{"role": "user", "content": "three words here"}], max_tokens=7)
+    assert reply.object == "chat.completion"
+    assert len(reply.choices[0].message.content.split()) == 7
+    assert reply.choices[0].finish_reason == "length"
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (3, 7)
+
+
+async def test_models_listing_is_the_union_of_workers(grid: Grid) -> None:
+    sim_a, _ = await grid.sim(models=["alpha", "shared"])
+    sim_b, _ = await grid.sim(models=["beta", "shared"])
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_a)
+    await grid.worker(hub.value, sim_b)
+    async with client(hub.value) as sdk:
+        models = await sdk.models.list()
+    assert sorted(m.id for m in models.data) == ["alpha", "beta", "shared"]
+
+
+async def test_two_workers_share_the_load(grid: Grid) -> None:
+    sim_a, _ = await grid.sim(itl_ms=20, tokens=10)
+    sim_b, _ = await grid.sim(itl_ms=20, tokens=10)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_a, max_concurrency=4)
+    await grid.worker(hub.value, sim_b, max_concurrency=4)
+
+    async def one() -> None:
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+        assert response.status_code == 200
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(8):
+            nursery.start_soon(one)
+    started = [(await grid.stats(url))["started"] for url in (sim_a, sim_b)]
+    assert started == [4, 4]
+
+
+async def test_requests_beyond_capacity_wait_in_the_queue(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(itl_ms=5, tokens=10)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, max_concurrency=2)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, sim.stats.active)
+            await trio.sleep(0.001)
+
+    async def one() -> None:
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+        assert response.status_code == 200
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(one)
+        outer.cancel_scope.cancel()
+    assert sim.stats.completed == 10
+    assert peak == 2
+
+
+async def test_worker_joins_and_leaves(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    assert (await grid.http.get(hub.value + "/health")).status_code == 200
+    assert (await grid.http.get(hub.value + "/ready")).status_code == 503
+    no_worker = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert no_worker.status_code == 503 and no_worker.headers["retry-after"]
+
+    worker = await grid.worker(hub.value, sim_url, name="gpu-1")
+    assert (await grid.http.get(hub.value + "/ready")).status_code == 200
+    [listed] = await grid.workers(hub.value)
+    assert (listed["name"], listed["models"], listed["max_concurrency"]) == ("gpu-1", ["sim"], 4)
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+    worker.stop()
+
+    async def gone() -> bool:
+        return not await grid.workers(hub.value)
+
+    await eventually(gone, "the worker to leave the registry")
+    assert (await grid.http.get(hub.value + "/ready")).status_code == 503
+    assert (await grid.http.get(hub.value + "/v1/models")).json()["data"] == []
+
+
+async def test_unknown_model_is_a_404_model_not_found(grid: Grid) -> None:
+    hub_url, _ = await one_worker_grid(grid)
+    async with client(hub_url) as sdk:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert caught.value.code == "model_not_found"
+    assert caught.value.body["param"] == "model"
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"\xff\xfe{}", None),
+    (b"[1, 2]", None),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
+    (json.dumps({"model": "sim"}).encode(), "messages"),
+    (json.dumps({"model": "sim", "messages": []}).encode(), "messages"),
+    (json.dumps({"model": 7, "messages": [{"role": "user", "content": "x"}]}).encode(), "model"),
+    (json.dumps({"model": "sim", "messages": ["hi"]}).encode(), "messages[0]"),
+    (json.dumps({"model": "sim", "messages": [{"role": "user"}], "stream": "yes"}).encode(), "stream"),
+    (json.dumps({"model": "sim", "messages": [{"role": "user"}], "max_tokens": "9"}).encode(), "max_tokens"),
+])
+async def test_malformed_bodies_get_a_400_and_change_nothing(grid: Grid, body: bytes, param: str | None) -> None:
+    hub_url, sim_url = await one_worker_grid(grid)
+    response = await grid.http.post(hub_url + "/v1/chat/completions", content=body,
+                                    headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+    assert (await grid.stats(sim_url))["started"] == 0
+    assert (await grid.workers(hub_url))[0]["inflight"] == 0
+
+
+async def test_unknown_endpoint_and_huge_body(grid: Grid) -> None:
+    hub = await grid.hub(limits={"max_body_bytes": 2048})
+    unknown = await grid.http.post(hub.value + "/v1/nothing-here", json={})
+    assert unknown.status_code == 404 and "Unknown endpoint" in unknown.json()["error"]["message"]
+    huge = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="x" * 4096))
+    assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_client_disconnect_mid_stream_stops_generation(grid: Grid) -> None:
+    hub_url, sim_url = await one_worker_grid(grid, itl_ms=20, tokens=10_000)
+    async with grid.http.stream("POST", hub_url + "/v1/chat/completions", json=chat(stream=True)) as response:
+        lines = response.aiter_lines()
+        events = 0
+        async for line in lines:
+            events += line.startswith("data: ")
+            if events == 3:
+                break
+        assert (await grid.stats(sim_url))["active"] == 1
+    left_at = trio.current_time()
+
+    async def stopped() -> bool:
+        stats = await grid.stats(sim_url)
+        return stats["cancelled"] == 1 and stats["active"] == 0
+
+    await eventually(stopped, "the simulator to see the cancel")
+    print(f"generation stopped {1000 * (trio.current_time() - left_at):.0f} ms after the client left")
+    assert (await grid.workers(hub_url))[0]["inflight"] == 0
+    assert (await grid.stats(sim_url))["completed"] == 0
+
+
+async def test_engine_failure_before_first_byte_is_retried_on_another_worker(grid: Grid) -> None:
+    broken_url, broken = await grid.sim(fail_rate=1.0)
+    good_url, good = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, broken_url)
+    await grid.worker(hub.value, good_url)
+    async with client(hub.value) as sdk:
+        for _ in range(6):
+            reply = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+            assert reply.choices[0].message.content
+    assert good.stats.completed == 6
+    assert broken.stats.failed >= 1
+
+
+async def test_engine_failure_mid_stream_reaches_the_client_as_an_error(grid: Grid) -> None:
+    hub_url, _ = await one_worker_grid(grid, fail_after_tokens=3, tokens=10)
+    async with client(hub_url) as sdk:
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}],
+                                                   stream=True)
+        received = []
+        with pytest.raises(openai.APIError) as caught:
+            async for chunk in stream:
+                received.append(chunk)
+    assert "after 3 tokens" in str(caught.value)
+    assert sum(1 for c in received if c.choices and c.choices[0].delta.content) == 3
+
+
+async def test_worker_reconnects_after_the_hub_restarts(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    port = hub.value.rsplit(":", 1)[1]
+    worker = await grid.worker(hub.value, sim_url)
+    hub.stop()
+    await trio.sleep(0.2)
+    with pytest.raises(httpx.ConnectError):
+        await grid.http.get(hub.value + "/health")
+    second = await grid.hub(listen=f"127.0.0.1:{port}")
+    assert second.value == hub.value
+
+    async def ready() -> bool:
+        return (await grid.http.get(second.value + "/ready")).status_code == 200
+
+    await eventually(ready, "the worker to re-register with the restarted hub")
+    response = await grid.http.post(second.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert [w["id"] for w in await grid.workers(second.value)] == [worker.value.id]
+
+
+async def test_worker_with_a_wrong_token_is_refused(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(provider_tokens=("s3cret-token",))
+    await grid.worker(hub.value, sim_url, provider_token="wrong-token", wait=False)
+
+    async def logged() -> bool:
+        return "refused this worker: HTTP 401" in caplog.text
+
+    await eventually(logged, "the worker to log the refusal")
+    assert await grid.workers(hub.value) == []
+    assert "wrong-token" not in caplog.text and "s3cret-token" not in caplog.text
+    await grid.worker(hub.value, sim_url, provider_token="s3cret-token")
+    assert len(await grid.workers(hub.value)) == 1
+
+
+async def test_api_keys_guard_the_inference_endpoints(grid: Grid) -> None:
+    import hashlib
+
+    hashed = "sha256:" + hashlib.sha256(b"key-two").hexdigest()
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(api_keys=("key-one", hashed))
+    await grid.worker(hub.value, sim_url)
+    url = hub.value + "/v1/chat/completions"
+    missing = await grid.http.post(url, json=chat())
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+    assert (await grid.http.post(url, json=chat(), headers={"authorization": "Bearer nope"})).status_code == 401
+    for key in ("key-one", "key-two"):
+        assert (await grid.http.post(url, json=chat(), headers={"authorization": f"Bearer {key}"})).status_code == 200
+    assert (await grid.http.get(hub.value + "/ready")).status_code == 200
+
+
+async def test_connection_close_clients_get_eof(grid: Grid) -> None:
+    """hypercorn + quart-trio used to leave such clients hanging (see ghubai/web.py)."""
+    hub_url, _ = await one_worker_grid(grid)
+    host, port = hub_url.removeprefix("http://").split(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    received = b""
+    with trio.fail_after(WAIT_S):
+        while chunk := await stream.receive_some(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200")
+    await stream.aclose()

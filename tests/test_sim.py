@@ -1,0 +1,96 @@
+"""The simulator speaks Ollama's API and its OpenAI layer, on the timetable and limits it is given."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import trio
+
+from conftest import Grid, chat, eventually
+
+
+async def test_ollama_chat_streams_ndjson_and_respects_num_predict(grid: Grid) -> None:
+    url, _ = await grid.sim(tokens=20)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi there"}], "options": {"num_predict": 4}}
+    async with grid.http.stream("POST", url + "/api/chat", json=body) as response:
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) async for line in response.aiter_lines() if line]
+    assert [line["done"] for line in lines] == [False] * 4 + [True]
+    last = lines[-1]
+    assert (last["done_reason"], last["prompt_eval_count"], last["eval_count"]) == ("length", 2, 4)
+
+
+async def test_generate_non_streaming_and_text_is_deterministic(grid: Grid) -> None:
+    url, _ = await grid.sim(tokens=6)
+    body = {"model": "sim", "prompt": "same prompt", "stream": False}
+    first = (await grid.http.post(url + "/api/generate", json=body)).json()
+    second = (await grid.http.post(url + "/api/generate", json=body)).json()
+    assert first["response"] == second["response"] and len(first["response"].split()) == 6
+    assert first["done"] is True and first["eval_count"] == 6
+
+
+async def test_openai_layer_completions_and_models(grid: Grid) -> None:
+    url, _ = await grid.sim(models=["a", "b:latest"], tokens=3)
+    assert [m["id"] for m in (await grid.http.get(url + "/v1/models")).json()["data"]] == ["a", "b:latest"]
+    assert [m["name"] for m in (await grid.http.get(url + "/api/tags")).json()["models"]] == ["a", "b:latest"]
+    reply = (await grid.http.post(url + "/v1/completions", json={"model": "a", "prompt": "x"})).json()
+    assert reply["object"] == "text_completion" and reply["usage"]["completion_tokens"] == 3
+    assert (await grid.http.get(url + "/api/version")).json()["version"]
+
+
+async def test_embeddings_in_both_dialects(grid: Grid) -> None:
+    url, _ = await grid.sim(embed_dim=8)
+    native = (await grid.http.post(url + "/api/embed", json={"model": "sim", "input": ["a", "b"]})).json()
+    assert len(native["embeddings"]) == 2 and len(native["embeddings"][0]) == 8
+    b64 = (await grid.http.post(url + "/v1/embeddings", json={"model": "sim", "input": "a",
+                                                             "encoding_format": "base64"})).json()
+    decoded = struct.unpack("<8f", base64.b64decode(b64["data"][0]["embedding"]))
+    assert all(abs(x - y) < 1e-6 for x, y in zip(decoded, native["embeddings"][0]))
+
+
+async def test_unknown_model_and_failures_in_ollama_shape(grid: Grid) -> None:
+    url, _ = await grid.sim()
+    missing = await grid.http.post(url + "/api/chat", json=chat(model="nope"))
+    assert missing.status_code == 404 and "not found" in missing.json()["error"]
+    openai_missing = await grid.http.post(url + "/v1/chat/completions", json=chat(model="nope"))
+    assert openai_missing.status_code == 404 and openai_missing.json()["error"]["message"]
+    failing_url, failing = await grid.sim(fail_rate=1.0)
+    assert (await grid.http.post(failing_url + "/api/chat", json=chat())).status_code == 500
+    assert failing.stats.failed == 1 and failing.stats.started == 0
+
+
+async def test_fail_after_tokens_ends_the_ndjson_stream_with_an_error_line(grid: Grid) -> None:
+    url, sim = await grid.sim(fail_after_tokens=2)
+    async with grid.http.stream("POST", url + "/api/chat", json=chat(stream=True)) as response:
+        lines = [json.loads(line) async for line in response.aiter_lines() if line]
+    assert len(lines) == 3 and "error" in lines[-1] and sim.stats.failed == 1
+
+
+async def test_max_parallel_makes_the_rest_wait(grid: Grid) -> None:
+    url, sim = await grid.sim(max_parallel=2, itl_ms=10, tokens=20)
+
+    async def one() -> None:
+        assert (await grid.http.post(url + "/api/chat", json=chat(stream=False))).status_code == 200
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+
+        async def queued() -> bool:
+            return sim.stats.active == 2 and sim.stats.waiting == 3
+
+        await eventually(queued, "two generating and three waiting")
+    assert sim.stats.completed == 5
+
+
+async def test_disconnect_while_waiting_for_the_first_token_is_seen(grid: Grid) -> None:
+    url, sim = await grid.sim(ttft_ms=60_000)
+    with trio.move_on_after(0.3):
+        await grid.http.post(url + "/api/chat", json=chat())
+
+    async def cancelled() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(cancelled, "the simulator to notice the client left")
