@@ -161,8 +161,9 @@ async def cancel_latency(hub_port: int, sim_port: int, rounds: int) -> list[floa
             body = json.dumps(chat(1_000_000, True)).encode()
             await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                                   b"content-length: %d\r\n\r\n%s" % (len(body), body))
-            while TOKEN not in await stream.receive_some(1 << 16):
-                pass
+            while TOKEN not in (data := await stream.receive_some(1 << 16)):
+                if not data:
+                    raise SystemExit("the hub closed a stream that should have run on")
             await stream.aclose()
             left = time.perf_counter()
             while (await http.get(f"http://{HOST}:{sim_port}/sim/stats")).json()["cancelled"] == before:
@@ -205,8 +206,11 @@ def main() -> None:
         start(stack, "worker", "--config", str(worker_toml))
         wait_ready(f"http://{HOST}:{sim_port}/api/version")
         wait_ready(f"http://{HOST}:{hub_port}/ready")
+        print("measuring straight to the simulator ...", file=sys.stderr)
         direct = trio.run(measure, sim_port, args)
+        print("measuring through worker + hub ...", file=sys.stderr)
         grid = trio.run(measure, hub_port, args)
+        print("measuring disconnect -> cancel ...", file=sys.stderr)
         cancels = sorted(trio.run(cancel_latency, hub_port, sim_port, 20))
 
     rows = [("time to first token p50 (ms)", "ttft_p50_ms"), ("time to first token p99 (ms)", "ttft_p99_ms"),

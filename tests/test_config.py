@@ -78,3 +78,9 @@ def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> N
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     bad_listen = run_ghubai("hub", "--listen", "nowhere")
     assert bad_listen.returncode == 2 and "--listen" in bad_listen.stderr
+
+
+def test_the_shipped_example_configs_are_valid() -> None:
+    root = Path(__file__).parent.parent / "config"
+    for role in ("hub", "worker"):
+        parse(role, (root / f"{role}.toml").read_text(), f"{role}.toml")

@@ -58,7 +58,7 @@ def _render_sse(frames: list[Frame]) -> bytes:
     out = []
     for frame in frames:
         if frame["type"] == "chunk":
-            out.extend(openai.sse_event(payload) for payload in frame["data"])
+            out.append(frame["data"])
         elif frame["type"] == "end":
             out.append(openai.SSE_DONE)
         else:
@@ -82,13 +82,13 @@ async def _whole(exchange: Exchange, first: Frame) -> bytes:
     if not exchange.done:
         async for batch in exchange.batches():
             frames.extend(batch)
-    parts: list[str] = []
+    parts: list[bytes] = []
     for frame in frames:
         if frame["type"] == "error":
             raise client_error(frame)
         if frame["type"] == "chunk":
-            parts.extend(frame["data"])
-    return "".join(parts).encode()
+            parts.append(frame["data"])
+    return b"".join(parts)
 
 
 def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:

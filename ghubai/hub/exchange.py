@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -79,7 +78,7 @@ class Exchange:
     def _start(self, worker: RemoteWorker) -> None:
         self.worker = worker
         self.done = False
-        self.request_id = uuid.uuid4().hex
+        self.request_id = protocol.new_request_id()
         send, self._frames = trio.open_memory_channel[Frame](math.inf)
         worker.pending[self.request_id] = send
         worker.send(protocol.request(self.request_id, self.api, self.body, self.stream))

@@ -36,12 +36,12 @@ class Link:
     """One live connection to one hub: frames out go through an unbounded channel to one writer,
     so a request task or a sync ``finally`` can send without waiting."""
 
-    def __init__(self, url: str, out: trio.MemorySendChannel[str]) -> None:
+    def __init__(self, url: str, out: trio.MemorySendChannel[str | bytes]) -> None:
         self.url = url
         self.out = out
         self.requests: dict[str, trio.CancelScope] = {}
 
-    def send(self, frame: str) -> None:
+    def send(self, frame: str | bytes) -> None:
         try:
             self.out.send_nowait(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
@@ -124,7 +124,8 @@ class Worker:
                 assert isinstance(closed, trio_websocket.ConnectionClosed)
                 log.warning("link to %s closed: %s", url, closed.reason)
             except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError, protocol.ProtocolError) as group:
-                log.warning("link to %s failed: %s", url, group.exceptions[0] or type(group.exceptions[0]).__name__)
+                error = group.exceptions[0]
+                log.warning("link to %s failed: %s%s", url, type(error).__name__, f": {error}" if str(error) else "")
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
@@ -143,7 +144,7 @@ class Worker:
         return float(frame["heartbeat_s"])
 
     async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float) -> None:
-        out_send, out_receive = trio.open_memory_channel[str](math.inf)
+        out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
         link = Link(url, out_send)
         self.links.add(link)
         try:

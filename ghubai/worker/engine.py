@@ -1,9 +1,9 @@
 """The worker's side of the local engine: model discovery and streaming calls over httpx.
 
-Each call yields lists of payloads (SSE ``data`` or NDJSON lines, as the engine wrote them): one list
-per network read, so a fast engine costs one hub frame per read, and nothing waits to fill a batch.
-The engine's end-of-stream marker and its usage figures are taken out of the payloads; the worker
-reports them in the ``end`` frame.
+A call yields the answer as the client will receive it (SSE events or NDJSON lines), one piece per
+network read, so a fast engine costs one hub frame per read and nothing waits to fill a batch. The
+engine's end-of-stream marker, its usage figures and its mid-stream errors are taken out here: the
+worker reports them in the ``end`` and ``error`` frames, and the hub ends the stream its own way.
 """
 
 from __future__ import annotations
@@ -103,8 +103,8 @@ class Engine:
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
-    async def run(self, call: Call) -> AsyncIterator[list[str]]:
-        """Yield the reply's payloads as they arrive; raise EngineError when the engine fails."""
+    async def run(self, call: Call) -> AsyncIterator[bytes]:
+        """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
         path = PATHS.get(call.api)
         if path is None:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
@@ -115,13 +115,13 @@ class Engine:
                 if not call.stream:
                     raw = await response.aread()
                     call.usage = _usage_of(json.loads(raw))
-                    yield [raw.decode()]
+                    yield raw
                     return
-                split = _sse_payloads if path.startswith("/v1/") else _ndjson_payloads
+                sse = path.startswith("/v1/")
+                split = _sse_payloads if sse else _ndjson_payloads
                 async for batch in split(response.aiter_bytes()):
-                    batch = self._take_usage(call, batch)
-                    if batch:
-                        yield batch
+                    if out := self._render(call, batch, sse):
+                        yield out
         except httpx.TimeoutException as error:
             raise EngineError(504, f"engine timed out: {type(error).__name__}", retryable=True) from None
         except (httpx.TransportError, ValueError) as error:
@@ -134,24 +134,28 @@ class Engine:
             return EngineError(404, message, retryable=True, model_missing=True)
         return EngineError(status, message, retryable=status >= 500 or status == 429)
 
-    def _take_usage(self, call: Call, batch: list[str]) -> list[str]:
-        """Note the usage and take out what the client did not ask for; an error payload ends the
-        call as an EngineError, so that the hub can send its one final error event."""
-        kept = []
+    def _render(self, call: Call, batch: list[bytes], sse: bool) -> bytes:
+        """The payloads as the client receives them. Usage is noted (and dropped if the client did
+        not ask for it); an error payload ends the call as an EngineError, so that the hub sends
+        its one final error event."""
+        out = []
         for payload in batch:
-            if payload.startswith('{"error"'):
-                raise EngineError(502, _error_message(payload.encode()), retryable=True)
-            if '"usage":{' in payload or '"usage": {' in payload or '"done":true' in payload or '"done": true' in payload:
+            if payload.startswith(b'{"error"'):
+                raise EngineError(502, _error_message(payload), retryable=True)
+            if any(marker in payload for marker in _USAGE_MARKERS):
                 value = json.loads(payload)
                 if usage := _usage_of(value):
                     call.usage = usage
                 if value.get("choices") == [] and not call.client_wants_usage:
                     continue
-            kept.append(payload)
-        return kept
+            out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
+        return b"".join(out)
 
 
-async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
+
+
+async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """SSE ``data`` payloads, one list per network read; ``[DONE]`` is dropped (the hub ends streams)."""
     pending = b""
     async for data in chunks:
@@ -160,21 +164,18 @@ async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]
         batch = []
         for event in events:
             lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if lines:
-                payload = b"\n".join(lines).decode()
-                if payload != "[DONE]":
-                    batch.append(payload)
+            if lines and (payload := b"\n".join(lines)) != b"[DONE]":
+                batch.append(payload)
         if batch:
             yield batch
 
 
-async def _ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[str]]:
+async def _ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     pending = b""
     async for data in chunks:
         pending += data
         *lines, pending = pending.split(b"\n")
-        batch = [line.decode() for line in lines if line.strip()]
-        if batch:
+        if batch := [line for line in lines if line.strip()]:
             yield batch
     if pending.strip():
-        yield [pending.decode()]
+        yield [pending]
