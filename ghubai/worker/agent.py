@@ -195,6 +195,9 @@ class Worker:
 
     async def _serve_request(self, link: Link, frame: dict[str, Any]) -> None:
         request_id = frame["id"]
+        if not isinstance(frame["body"], dict) or not isinstance(frame["api"], str):
+            link.send(protocol.error(request_id, 400, "malformed request frame", retryable=False))
+            return
         if self.inflight >= self.config.engine.max_concurrency:
             link.send(protocol.error(request_id, 503, "worker is at max_concurrency", retryable=True))
             return
@@ -210,6 +213,9 @@ class Worker:
                 link.send(protocol.error(request_id, error.status, error.message, error.retryable))
                 if error.model_missing:
                     self._rediscover.set()
+            except Exception:  # a bug here must cost this request only, never the link and its others
+                log.exception("request %s failed inside the worker", request_id)
+                link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
             finally:
                 del link.requests[request_id]
                 self.inflight -= 1

@@ -61,7 +61,9 @@ def _error_message(raw: bytes) -> str:
     return str(error if error is not None else value)
 
 
-def _usage_of(value: dict[str, Any]) -> dict[str, int] | None:
+def _usage_of(value: Any) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
     usage = value.get("usage")
     if isinstance(usage, dict):
         return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
