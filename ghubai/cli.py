@@ -45,6 +45,63 @@ def _hub(args: argparse.Namespace) -> int:
     return _run(lambda: run(config))
 
 
+def _registry(args: argparse.Namespace) -> int:
+    from ghubai import configfiles
+
+    if args.action == "add-hub":
+        configfiles.add_hub(_required_config(args), args.name, args.address)
+        print(f"{args.config}: added hub {args.name} at {args.address}")
+        return 0
+    if args.action == "remove-hub":
+        configfiles.remove_hub(_required_config(args), args.name)
+        print(f"{args.config}: removed hub {args.name}")
+        return 0
+    from ghubai.registry.server import run
+
+    config = with_listen(load("registry", args.config), args.listen)
+    return _run(lambda: run(config, args.config))
+
+
+def _required_config(args: argparse.Namespace) -> str:
+    if not args.config:
+        raise ConfigError(["--config FILE is required to edit a registry file"])
+    return str(args.config)
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    from ghubai.proxy.server import run
+
+    config = with_listen(load("proxy", args.config), args.listen)
+    return _run(lambda: run(config))
+
+
+def _init(args: argparse.Namespace) -> int:
+    from ghubai.configfiles import init
+
+    try:
+        for path in init(args.dir, force=args.force):
+            print(f"wrote {path}")
+    except FileExistsError as error:
+        print(f"ghubai init: not overwriting {error} (use --force)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ghubai.configfiles import check, role_of
+
+    role = args.role or role_of(args.file)
+    if role is None:
+        print(f"ghubai check: cannot tell the role of {args.file} from its name; pass --role", file=sys.stderr)
+        return 1
+    errors = check(args.file, role)
+    for line in errors:
+        print(line, file=sys.stderr)
+    if not errors:
+        print(f"{args.file}: valid {role} configuration")
+    return 1 if errors else 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from ghubai.worker.agent import run
 
@@ -92,6 +149,19 @@ def parser() -> argparse.ArgumentParser:
     _daemon_flags(up, config=False)
     up.set_defaults(func=_up)
 
+    registry = roles.add_parser("registry", help="serves the hub list from a TOML file it watches")
+    _daemon_flags(registry)
+    registry.add_argument("--listen", metavar="HOST:PORT")
+    registry.set_defaults(func=_registry, action=None)
+    edits = registry.add_subparsers(dest="action", metavar="ACTION")
+    add = edits.add_parser("add-hub", help="add a hub to a registry file (atomic rewrite; comments are not kept)")
+    add.add_argument("name")
+    add.add_argument("address", help="the hub's base URL, e.g. http://10.0.0.5:7197")
+    remove = edits.add_parser("remove-hub", help="remove a hub from a registry file")
+    remove.add_argument("name")
+    for edit in (add, remove):
+        edit.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help="the registry file")
+
     hub = roles.add_parser("hub", help="the API clients call; workers connect to it")
     _daemon_flags(hub)
     hub.add_argument("--listen", metavar="HOST:PORT")
@@ -100,6 +170,22 @@ def parser() -> argparse.ArgumentParser:
     worker = roles.add_parser("worker", help="runs next to an engine and serves the hubs' requests")
     _daemon_flags(worker)
     worker.set_defaults(func=_worker)
+
+    proxy = roles.add_parser("proxy", help="the front door: health-checked, model-aware round robin over hubs")
+    _daemon_flags(proxy)
+    proxy.add_argument("--listen", metavar="HOST:PORT")
+    proxy.set_defaults(func=_proxy)
+
+    init = roles.add_parser("init", help="write commented default configs for every role")
+    init.add_argument("--dir", default=".", help="where to write them (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite existing files")
+    init.set_defaults(func=_init, log_level="warning", log_format="text")
+
+    check = roles.add_parser("check", help="validate a config file; prints each error with its key")
+    check.add_argument("file")
+    check.add_argument("--role", choices=("registry", "hub", "worker", "proxy"),
+                       help="default: from the file name (hub.toml, hub-2.toml ...)")
+    check.set_defaults(func=_check, log_level="warning", log_format="text")
 
     sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")
     sim.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:11434")

@@ -47,13 +47,13 @@ def _address(value: str) -> str | None:
     return None
 
 
-def _urls(*schemes: str) -> Check:
+def _urls(*schemes: str, allow_empty: bool = False) -> Check:
     def check(value: str | tuple[str, ...]) -> str | None:
         for url in (value,) if isinstance(value, str) else value:
             parts = urlsplit(url)
             if parts.scheme not in schemes or not parts.hostname:
                 return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
-        if not value:
+        if not value and not allow_empty:
             return "expected at least one URL"
         return None
 
@@ -68,37 +68,50 @@ def _one_of(*choices: str) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}, got {value!r}"
 
 
-def _key(check: Check | None = None, *, one_or_many: bool = False, **kwargs: Any) -> Any:
-    """A dataclass field with its check; ``one_or_many`` lets a list key also be a single string."""
-    return field(metadata={"check": check, "one_or_many": one_or_many}, **kwargs)
+def _key(check: Check | None = None, doc: str = "", *, one_or_many: bool = False, required: bool = False,
+         **kwargs: Any) -> Any:
+    """A dataclass field with its check and the comment ``ghubai init`` writes above it;
+    ``one_or_many`` lets a list key also be given as a single string."""
+    return field(metadata={"check": check, "doc": doc, "one_or_many": one_or_many, "required": required},
+                 **kwargs)
+
+
+def _unique_names(hubs: tuple[Any, ...]) -> str | None:
+    names = [hub.name for hub in hubs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    return f"hub names must be unique: {', '.join(duplicates)} appears more than once" if duplicates else None
 
 
 @dataclass(frozen=True)
 class HubLimits:
-    max_body_bytes: int = _key(_at_least(1024), default=4 * 1024 * 1024)
-    queue_size: int = _key(_at_least(0), default=256)
-    queue_timeout_s: float = _key(_at_least(0), default=30.0)
-    max_attempts: int = _key(_at_least(1), default=3)
-    requests_per_minute: int = _key(_at_least(0), default=0)
-    tokens_per_minute: int = _key(_at_least(0), default=0)
+    max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
+    queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
+                           default=256)
+    queue_timeout_s: float = _key(_at_least(0), "longest wait in the queue -> 503 with Retry-After", default=30.0)
+    max_attempts: int = _key(_at_least(1), "workers tried for a request that has sent no byte yet", default=3)
+    requests_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
+    tokens_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
 
 
 @dataclass(frozen=True)
 class HubTimeouts:
-    connect_s: float = _key(_at_least(0.001), default=5.0)
-    first_token_s: float = _key(_at_least(0.001), default=300.0)
-    idle_s: float = _key(_at_least(0.001), default=120.0)
-    total_s: float = _key(_at_least(0.001), default=3600.0)
+    connect_s: float = _key(_at_least(0.001), "", default=5.0)
+    first_token_s: float = _key(_at_least(0.001), "a model may need minutes to load", default=300.0)
+    idle_s: float = _key(_at_least(0.001), "longest silence between two chunks of a stream", default=120.0)
+    total_s: float = _key(_at_least(0.001), "", default=3600.0)
 
 
 @dataclass(frozen=True)
 class HubConfig:
-    listen: str = _key(_address, default="127.0.0.1:7197")
-    provider_tokens: tuple[str, ...] = ()
-    api_keys: tuple[str, ...] = ()
-    heartbeat_s: float = _key(_at_least(0.01), default=5.0)
-    drain_timeout_s: float = _key(_at_least(0), default=30.0)
-    tls_cert: str = ""
+    listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
+                       default="127.0.0.1:7197")
+    provider_tokens: tuple[str, ...] = _key(None, "tokens workers present; empty = ANY worker may join",
+                                            default=())
+    api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
+                                     default=())
+    heartbeat_s: float = _key(_at_least(0.01), "a worker silent for 3 heartbeats is dropped", default=5.0)
+    drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
+    tls_cert: str = _key(None, "PEM files to serve HTTPS and WSS", default="")
     tls_key: str = ""
     limits: HubLimits = HubLimits()
     timeouts: HubTimeouts = HubTimeouts()
@@ -106,27 +119,81 @@ class HubConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kind: str = _key(_one_of("ollama", "openai"), default="ollama")
-    url: str = _key(_urls("http", "https"), default="http://localhost:11434")
-    max_concurrency: int = _key(_at_least(1), default=4)
-    discovery_interval_s: float = _key(_at_least(0.01), default=30.0)
-    connect_timeout_s: float = _key(_at_least(0.001), default=5.0)
-    idle_timeout_s: float = _key(_at_least(0.001), default=300.0)
+    kind: str = _key(_one_of("ollama", "openai"), "ollama, or openai (llama.cpp server, vLLM, LM Studio ...)",
+                     default="ollama")
+    url: str = _key(_urls("http", "https"), "the engine's root URL", default="http://localhost:11434")
+    max_concurrency: int = _key(_at_least(1), "requests run at once, across all hubs; match OLLAMA_NUM_PARALLEL",
+                                default=4)
+    discovery_interval_s: float = _key(_at_least(0.01), "how often the model list is refreshed", default=30.0)
+    connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
+    idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of an answer",
+                                 default=300.0)
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     hub_url: tuple[str, ...] = _key(
-        _urls("ws", "wss"), one_or_many=True, default=("ws://localhost:7197/gridhub",)
-    )
-    provider_token: str = ""
-    name: str = ""
-    ca_file: str = ""
-    allow_invalid_certs: bool = False
+        _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
+        default=("ws://localhost:7197/gridhub",))
+    provider_token: str = _key(None, "presented to the hubs (env PROVIDER_TOKEN wins)", default="")
+    name: str = _key(None, "default: the host name", default="")
+    ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
+    allow_invalid_certs: bool = _key(None, "development only", default=False)
     engine: EngineConfig = EngineConfig()
 
 
-ROLES: dict[str, type] = {"hub": HubConfig, "worker": WorkerConfig}
+@dataclass(frozen=True)
+class HubEntry:
+    name: str = _key(lambda v: None if v else "must not be empty", required=True, default="")
+    address: str = _key(_urls("http", "https"), required=True, default="")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    listen: str = _key(_address, "where proxies ask for the hub list", default="127.0.0.1:7001")
+    tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
+    tls_key: str = ""
+    hubs: tuple[HubEntry, ...] = _key(_unique_names, "edit and save: proxies follow within a second", default=())
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval_s: float = _key(_at_least(0.05), "GET /health and /v1/models of every hub this often", default=2.0)
+    timeout_s: float = _key(_at_least(0.01), "", default=1.0)
+
+
+@dataclass(frozen=True)
+class ProxyLimits:
+    max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
+    max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
+    max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
+    idle_timeout_s: float = _key(_at_least(0.1), "an idle client connection is closed after this", default=75.0)
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    listen: str = _key(_address, "the grid's front door", default="127.0.0.1:5000")
+    registry_url: str = _key(lambda v: _urls("http", "https")(v) if v else None,
+                             'the registry to follow (env REGISTRY_URL wins); "" = static hubs only',
+                             default="http://localhost:7001")
+    hubs: tuple[str, ...] = _key(_urls("http", "https", allow_empty=True), "static hub addresses, used with or without a registry",
+                                 default=())
+    api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
+                                     default=())
+    max_attempts: int = _key(_at_least(1), "hubs tried for a request that has sent no byte yet", default=3)
+    connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)
+    response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub before its answer is cut",
+                                     default=3600.0)
+    tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
+    tls_key: str = ""
+    ca_file: str = _key(None, "CA bundle for https:// hubs and registry", default="")
+    allow_invalid_certs: bool = _key(None, "development only", default=False)
+    health: HealthConfig = HealthConfig()
+    limits: ProxyLimits = ProxyLimits()
+
+
+ROLES: dict[str, type] = {"registry": RegistryConfig, "hub": HubConfig, "worker": WorkerConfig,
+                          "proxy": ProxyConfig}
 
 
 def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:
@@ -157,6 +224,8 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
     values: dict[str, Any] = {}
     for name, spec in known.items():
         if name not in table:
+            if spec.metadata.get("required"):
+                errors.append(f"{prefix}{name}: missing")
             continue
         raw, hint, path = table[name], hints[name], prefix + name
         if dataclasses.is_dataclass(hint):
@@ -164,6 +233,19 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
                 values[name] = _build(typing.cast(type, hint), raw, path + ".", errors)
             else:
                 errors.append(f"{path}: expected a table, got {raw!r}")
+            continue
+        item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        if dataclasses.is_dataclass(item):  # an array of tables, such as [[hubs]]
+            if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+                errors.append(f"{path}: expected an array of tables ([[{name}]]), got {raw!r}")
+                continue
+            before = len(errors)
+            entries = tuple(_build(typing.cast(type, item), entry, f"{path}[{index}].", errors)
+                            for index, entry in enumerate(raw))
+            check = spec.metadata.get("check")
+            if len(errors) == before and check is not None and (problem := check(entries)):
+                errors.append(f"{path}: {problem}")
+            values[name] = entries
             continue
         value, problem = _coerce(hint, raw, spec.metadata.get("one_or_many", False))
         check = spec.metadata.get("check")
@@ -200,8 +282,15 @@ def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> A
         except OSError as error:
             raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
         config = parse(role, text, path)
+    env = os.environ if env is None else env
     if role == "worker":
-        config = worker_env_overrides(config, os.environ if env is None else env)
+        config = worker_env_overrides(config, env)
+    elif role == "proxy" and env.get("REGISTRY_URL"):
+        errors: list[str] = []
+        override = _build(ProxyConfig, {"registry_url": env["REGISTRY_URL"]}, "", errors)
+        if errors:
+            raise ConfigError([f"environment: {line}" for line in errors])
+        config = dataclasses.replace(config, registry_url=override.registry_url)
     return config
 
 

@@ -16,6 +16,8 @@ from typing import Any
 import h11
 import trio
 
+from ghubai.openai import ApiError
+
 log = logging.getLogger("ghubai.http")
 
 RECEIVE_SIZE = 65536
@@ -47,11 +49,18 @@ class Request:
 
 class Connection:
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
-                 max_header_bytes: int = 16384, idle_timeout_s: float = 75.0) -> None:
+                 max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+        try:
+            self.peer = str(sock.getpeername()[0]) if sock is not None else ""
+        except OSError:
+            self.peer = ""
 
     async def _next_event(self) -> Any:
         while True:
@@ -70,6 +79,11 @@ class Connection:
             event = await self._next_event()
             if not isinstance(event, h11.Request):
                 return None  # closed, or paused on a connection that must close
+            if len(event.headers) > self.max_headers:
+                raise HttpError(431, f"more than {self.max_headers} header lines")
+            # h11 bounds only a head still arriving; one that came whole in a single read is measured here
+            if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
+                raise HttpError(431, f"request head larger than {self.max_header_bytes} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = bytearray()
@@ -155,7 +169,8 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, **limits: Any) 
                 request = await conn.read_request()
             except HttpError as error:
                 if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await conn.respond_json(error.status, {"error": str(error)}, headers={"connection": "close"})
+                    body = ApiError(error.status, str(error)).openai_body()
+                    await conn.respond_json(error.status, body, headers={"connection": "close"})
                 break
             if request is None:
                 break

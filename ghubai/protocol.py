@@ -44,6 +44,7 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "end": ("id", "usage"),
     "error": ("id", "status", "message", "retryable"),
     "cancel": ("id",),
+    "load": ("inflight",),
     "ping": ("inflight",),
     "pong": ("inflight",),
 }
@@ -112,6 +113,17 @@ def error(request_id: str, status: int, message: str, retryable: bool) -> str:
 
 def cancel(request_id: str) -> str:
     return _encode("cancel", id=request_id)
+
+
+def load(inflight: int) -> str:
+    """Worker -> every hub, whenever its number of running requests changes: a worker shared by
+    several hubs is full for all of them at once, and each hub must know when a slot frees."""
+    return _encode("load", inflight=inflight)
+
+
+# An ``error`` with this status and ``retryable`` says "no free slot here right now": the hub waits for
+# the worker's next ``load`` (or another worker) instead of counting it as a failed attempt.
+BUSY = 429
 
 
 def ping(inflight: int) -> str:

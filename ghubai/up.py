@@ -1,4 +1,5 @@
-"""``ghubai up``: the whole grid on one machine, on loopback, in one process.
+"""``ghubai up``: the whole grid on one machine, on loopback, in one process: registry, hub,
+worker (and the simulator when no Ollama answers) behind the proxy on ``--port``.
 
 With ``--backend auto`` it uses the Ollama at ``OLLAMA_LOCAL_URL`` when that answers
 ``/api/version``, otherwise it starts the built-in simulator, and its banner says which.
@@ -8,12 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 
 import httpx
 import trio
 
-from ghubai.config import EngineConfig, HubConfig, WorkerConfig
+from ghubai.config import (EngineConfig, HealthConfig, HubConfig, HubEntry, ProxyConfig, RegistryConfig,
+                           WorkerConfig)
 from ghubai.hub.app import run as run_hub
+from ghubai.proxy.server import run as run_proxy
+from ghubai.registry.server import run as run_registry
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
 from ghubai.worker.agent import run as run_worker
@@ -44,18 +49,25 @@ async def up(port: int, backend: str, *, task_status: trio.TaskStatus[str] = tri
                                            "127.0.0.1:0")
             engine = EngineConfig(url=f"http://127.0.0.1:{sim_port}", max_concurrency=SIM_CONCURRENCY)
             source = "the built-in simulator (no Ollama answered at " + ollama_url + ")"
-        hub_url = await nursery.start(run_hub, HubConfig(listen=f"127.0.0.1:{port}"))
-        ws_url = hub_url.replace("http://", "ws://", 1) + "/gridhub"
-        worker = await nursery.start(run_worker, WorkerConfig(hub_url=(ws_url,), name="local", engine=engine))
+        token = secrets.token_urlsafe(24)  # only this worker may join the demo hub
+        hub_url = await nursery.start(run_hub, HubConfig(listen="127.0.0.1:0", provider_tokens=(token,)))
+        registry_url = await nursery.start(
+            run_registry, RegistryConfig(listen="127.0.0.1:0", hubs=(HubEntry("local", hub_url),)), None)
+        worker = await nursery.start(run_worker, WorkerConfig(
+            hub_url=(hub_url.replace("http://", "ws://", 1) + "/gridhub",), provider_token=token, name="local",
+            engine=engine))
+        proxy_url = await nursery.start(run_proxy, ProxyConfig(
+            listen=f"127.0.0.1:{port}", registry_url=registry_url, health=HealthConfig(interval_s=1.0)))
         with trio.move_on_after(10):
             await worker.welcomed.wait()
         model = worker.models[0] if worker.models else "MODEL"
         print(f"""
-GhubAi grid is up: hub {hub_url}, one worker on {source}.
+GhubAi grid is up on {proxy_url}: proxy -> hub {hub_url} (from registry {registry_url})
+  -> one worker on {source}.
 Models: {", ".join(worker.models) or "(none yet)"}
 Try:
-  curl -N {hub_url}/v1/chat/completions -H 'Content-Type: application/json' \\
+  curl -N {proxy_url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
 Ctrl-C stops everything.
 """, flush=True)
-        task_status.started(hub_url)
+        task_status.started(proxy_url)

@@ -38,7 +38,7 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     return config
 
 
-async def serve_app(app: Any, config: Config, shutdown: trio.Event, *,
+async def serve_app(app: Any, config: Config, *,
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until ``shutdown`` is set; reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
-    await serve(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+    """Serve until cancelled; reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
+    await serve(app, config, shutdown_trigger=trio.sleep_forever, task_status=task_status)

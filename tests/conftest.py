@@ -15,8 +15,11 @@ import httpx
 import pytest
 import trio
 
-from ghubai.config import EngineConfig, HubConfig, HubLimits, HubTimeouts, WorkerConfig
+from ghubai.config import (EngineConfig, HealthConfig, HubConfig, HubLimits, HubTimeouts, ProxyConfig, ProxyLimits,
+                           RegistryConfig, WorkerConfig, load)
 from ghubai.hub.app import run as run_hub
+from ghubai.proxy.server import run as run_proxy
+from ghubai.registry.server import run as run_registry
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
 from ghubai.worker.agent import Worker
@@ -87,6 +90,25 @@ class Grid:
                 await worker.welcomed.wait()
         return running
 
+    async def registry(self, path: str | None = None, **config: Any) -> Running:
+        registry_config = load("registry", path) if path else RegistryConfig(**config)
+        registry_config = dataclasses.replace(registry_config, listen="127.0.0.1:0")
+        return await self.nursery.start(_scoped, run_registry, registry_config, path)
+
+    async def proxy(self, registry_url: str = "", hubs: tuple[str, ...] = (), **config: Any) -> Running:
+        health = dataclasses.replace(HealthConfig(interval_s=0.2, timeout_s=1.0), **config.pop("health", {}))
+        limits = dataclasses.replace(ProxyLimits(), **config.pop("limits", {}))
+        proxy_config = ProxyConfig(listen="127.0.0.1:0", registry_url=registry_url, hubs=hubs, health=health,
+                                   limits=limits, **config)
+        return await self.nursery.start(_scoped, run_proxy, proxy_config)
+
+    async def wait_for_model(self, proxy_url: str, model: str, hubs_up: int = 1) -> None:
+        async def listed() -> bool:
+            health = (await self.http.get(proxy_url + "/health")).json()
+            return sum(1 for hub in health["hubs"] if hub["up"] and model in hub["models"]) >= hubs_up
+
+        await eventually(listed, f"{hubs_up} hub(s) serving {model} behind the proxy")
+
     async def stats(self, sim_url: str) -> dict[str, int]:
         return (await self.http.get(sim_url + "/sim/stats")).json()
 
@@ -116,6 +138,39 @@ def free_port() -> int:
 
 def ghubai_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ghubai", *args]
+
+
+class HubProcess:
+    """A hub as a real process, for the tests that kill it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(ghubai_command("hub", "--listen", f"127.0.0.1:{self.port}",
+                                                       "--log-level", "warning"))
+
+    async def started(self, http: httpx.AsyncClient) -> HubProcess:
+        async def up() -> bool:
+            try:
+                return (await http.get(self.url + "/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(up, f"hub process on port {self.port}")
+        return self
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=WAIT_S)
+
+
+@pytest.fixture
+def hub_processes() -> Any:
+    started: list[HubProcess] = []
+    yield started
+    for hub in started:
+        if hub.process.poll() is None:
+            hub.kill()
 
 
 def run_ghubai(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

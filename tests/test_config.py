@@ -9,6 +9,7 @@ import pytest
 
 from conftest import run_ghubai
 from ghubai.config import ConfigError, load, parse
+from ghubai.configfiles import default_text
 
 
 def test_every_role_runs_on_loopback_defaults_without_a_file() -> None:
@@ -80,7 +81,9 @@ def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> N
     assert bad_listen.returncode == 2 and "--listen" in bad_listen.stderr
 
 
-def test_the_shipped_example_configs_are_valid() -> None:
+def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:
     root = Path(__file__).parent.parent / "config"
-    for role in ("hub", "worker"):
-        parse(role, (root / f"{role}.toml").read_text(), f"{role}.toml")
+    for role in ("registry", "hub", "worker", "proxy"):
+        text = (root / f"{role}.toml").read_text()
+        assert text == default_text(role), f"config/{role}.toml is stale: run ghubai init --dir config --force"
+        parse(role, text, f"{role}.toml")

@@ -163,12 +163,8 @@ async def run(config: HubConfig, *, task_status: trio.TaskStatus[str] = trio.TAS
     if not config.provider_tokens:
         log.warning("provider_tokens is empty: ANY worker that reaches this port can join the grid")
     app = create_app(config, pool, hub_id)
-    shutdown = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(serve_app, app, server_config(
-                config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key), shutdown)
-            log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
-            task_status.started(binds[0])
-    finally:
-        shutdown.set()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve_app, app, server_config(
+            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
+        log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
+        task_status.started(binds[0])

@@ -54,18 +54,19 @@ class Exchange:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
         tried: set[str] = set()
         last_error: ApiError | None = None
-        for _attempt in range(self.config.limits.max_attempts):
+        queue_deadline = min(self.deadline, trio.current_time() + self.config.limits.queue_timeout_s)
+        while len(tried) < self.config.limits.max_attempts:
             try:
-                with trio.fail_at(self.deadline):
-                    worker = await self.pool.acquire(self.model, tried)
+                worker = await self.pool.acquire(self.model, tried, queue_deadline)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 raise (last_error or error) from None
-            except trio.TooSlowError:
-                raise ApiError(504, "Request timed out waiting for a worker") from None
             self._start(worker)
             frame = await self._next(self.config.timeouts.first_token_s, "the first token")
             if frame["type"] != "error":
                 return frame
+            if frame["status"] == protocol.BUSY and frame["retryable"]:
+                self.pool.refused(worker)  # full because of other hubs: wait for a slot, not an attempt
+                continue
             last_error = client_error(frame)
             if not frame["retryable"]:
                 raise last_error

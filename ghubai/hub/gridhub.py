@@ -104,7 +104,10 @@ async def _read(pool: Pool, worker: RemoteWorker, heartbeat_s: float) -> None:
                 worker.deliver(frame)
             elif kind == "models":
                 pool.set_models(worker, list(frame["models"]))
-            elif kind == "ping":
-                worker.send(protocol.pong(worker.inflight))
-            elif kind != "pong":
+            elif kind in ("load", "ping", "pong"):
+                if isinstance(frame["inflight"], int):
+                    pool.report(worker, frame["inflight"])
+                if kind == "ping":
+                    worker.send(protocol.pong(worker.inflight))
+            else:
                 log.debug("ignoring %s frame from worker %s", kind, worker.name)

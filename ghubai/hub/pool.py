@@ -32,14 +32,20 @@ class RemoteWorker:
     max_concurrency: int
     engine: str
     out: trio.MemorySendChannel[str]
-    inflight: int = 0
+    inflight: int = 0  # requests this hub runs on the worker
+    reported: int = 0  # requests the worker says it runs, for every hub it serves
     pending: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
     last_seen: float = 0.0
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
+    def busy(self) -> int:
+        """Slots taken: this hub's own count, or the worker's when other hubs use it too."""
+        return max(self.inflight, self.reported)
+
+    @property
     def load(self) -> float:
-        return self.inflight / self.max_concurrency
+        return self.busy / self.max_concurrency
 
     def send(self, frame: str) -> None:
         try:
@@ -116,11 +122,12 @@ class Pool:
     def _pick(self, model: str, exclude: set[str]) -> RemoteWorker | None:
         best: RemoteWorker | None = None
         for worker in self.workers.values():
-            if (model in worker.models and worker.id not in exclude and worker.inflight < worker.max_concurrency
+            if (model in worker.models and worker.id not in exclude and worker.busy < worker.max_concurrency
                     and (best is None or worker.load < best.load)):
                 best = worker
         if best is not None:
             best.inflight += 1
+            best.reported += 1  # until the worker's next load report says otherwise
         return best
 
     def _check_hosted(self, model: str, exclude: set[str]) -> None:
@@ -132,9 +139,8 @@ class Pool:
         if all(worker.id in exclude for worker in hosts):
             raise ApiError(503, f"No other worker serves '{model}'", retry_after=1)
 
-    async def acquire(self, model: str, exclude: set[str] | None = None) -> RemoteWorker:
-        """A slot on the least-loaded worker hosting ``model``, waiting in the queue if need be."""
-        exclude = exclude or set()
+    async def acquire(self, model: str, exclude: set[str], deadline: float) -> RemoteWorker:
+        """A slot on the least-loaded worker hosting ``model``, waiting in the queue until ``deadline``."""
         if not self._queues.get(model) and (worker := self._pick(model, exclude)):
             return worker
         self._check_hosted(model, exclude)
@@ -145,7 +151,7 @@ class Pool:
         queue.append(waiter)
         self.queued += 1
         try:
-            with trio.fail_after(self.limits.queue_timeout_s):
+            with trio.fail_at(deadline):
                 while True:
                     if queue[0] is waiter and (worker := self._pick(model, exclude)):
                         return worker
@@ -166,6 +172,17 @@ class Pool:
     def release(self, worker: RemoteWorker) -> None:
         worker.inflight -= 1
         self._wake(worker.models)
+
+    def report(self, worker: RemoteWorker, inflight: int) -> None:
+        """The worker's own count of running requests (``load``, ``ping``, ``pong`` frames)."""
+        freed = inflight < worker.reported
+        worker.reported = inflight
+        if freed:
+            self._wake(worker.models)
+
+    def refused(self, worker: RemoteWorker) -> None:
+        """The worker had no free slot (other hubs filled it): treat it as full until it reports."""
+        worker.reported = worker.max_concurrency
 
     def _wake(self, models: Any) -> None:
         """Tell the head of each of these models' queues to look again."""

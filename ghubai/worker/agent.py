@@ -193,15 +193,20 @@ class Worker:
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _count(self, change: int) -> None:
+        self.inflight += change
+        for each in list(self.links):
+            each.send(protocol.load(self.inflight))
+
     async def _serve_request(self, link: Link, frame: dict[str, Any]) -> None:
         request_id = frame["id"]
         if not isinstance(frame["body"], dict) or not isinstance(frame["api"], str):
             link.send(protocol.error(request_id, 400, "malformed request frame", retryable=False))
             return
         if self.inflight >= self.config.engine.max_concurrency:
-            link.send(protocol.error(request_id, 503, "worker is at max_concurrency", retryable=True))
+            link.send(protocol.error(request_id, protocol.BUSY, "worker is at max_concurrency", retryable=True))
             return
-        self.inflight += 1
+        self._count(+1)
         call = Call(api=frame["api"], body=frame["body"], stream=bool(frame["stream"]))
         with trio.CancelScope() as scope:
             link.requests[request_id] = scope
@@ -218,7 +223,7 @@ class Worker:
                 link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
             finally:
                 del link.requests[request_id]
-                self.inflight -= 1
+                self._count(-1)
         if scope.cancelled_caught:
             log.debug("request %s cancelled by the hub", request_id)
 

@@ -1,0 +1,36 @@
+"""Prometheus metrics, one private registry per role instance (``ghubai up`` runs several roles in
+one process), in the exposition format of the prometheus_client library."""
+
+from __future__ import annotations
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               disable_created_metrics, generate_latest)
+
+disable_created_metrics()  # the *_created series only double what operators scrape
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """What every role that answers requests counts."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ghubai_requests", "Requests answered, by model and HTTP status",
+                                ["role", "model", "code"], registry=self.registry)
+        self.duration = Histogram("ghubai_request_duration_seconds", "Time from request to the end of the answer",
+                                  ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.inflight = Gauge("ghubai_inflight_requests", "Requests being answered now", ["role"],
+                              registry=self.registry)
+
+    def gauge(self, name: str, help_text: str, labels: list[str]) -> Gauge:
+        return Gauge(name, help_text, labels, registry=self.registry)
+
+    def observe(self, model: str | None, code: int, seconds: float) -> None:
+        self.requests.labels(self.role, model or "", str(code)).inc()
+        self.duration.labels(self.role).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,69 @@
+"""Keeping the proxy's picture of the grid current: the hub list from the registry (long-poll), and
+active health checks of every hub (``/health`` says it serves, ``/v1/models`` what it hosts)."""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from ghubai.config import ProxyConfig
+from ghubai.proxy.hubs import Hub, HubSet
+
+log = logging.getLogger("ghubai.proxy")
+
+LONG_POLL_S = 30.0
+RETRY_S = 1.0
+
+
+async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
+    """Long-poll the registry for ever. With the registry down, the last list stays in force."""
+    static = [(address, address) for address in config.hubs]
+    etag: str | None = None
+    failing = False
+    while True:
+        headers = {"If-None-Match": etag} if etag else {}
+        params = {"wait": str(LONG_POLL_S)} if etag else {}
+        try:
+            response = await http.get(config.registry_url.rstrip("/") + "/hubs", params=params, headers=headers,
+                                      timeout=httpx.Timeout(config.health.timeout_s, read=LONG_POLL_S + 5))
+            if response.status_code != 304:
+                response.raise_for_status()
+                entries = [(str(hub["name"]), str(hub["address"])) for hub in response.json()["hubs"]]
+                hubs.update(static + entries)
+                etag = response.headers.get("etag")
+            if failing:
+                log.info("registry %s answers again", config.registry_url)
+            failing = False
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+            if not failing:
+                log.warning("registry %s unavailable (%s); keeping the last hub list", config.registry_url,
+                            error or type(error).__name__)
+            failing = True
+            await trio.sleep(RETRY_S)
+
+
+async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float) -> None:
+    try:
+        with trio.fail_after(timeout_s):
+            health = await http.get(hub.address + "/health")
+            models = await http.get(hub.address + "/v1/models")
+        health.raise_for_status()
+        models.raise_for_status()
+        names = frozenset(str(m["id"]) for m in models.json()["data"])
+    except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError) as error:
+        hubs.set_health(hub, False, f"health check failed: {type(error).__name__} {error}".strip())
+        return
+    hubs.set_health(hub, True, models=names)
+
+
+async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
+    """Check every hub each ``interval_s``, and at once when the list gains a hub."""
+    while True:
+        hubs.check_now = trio.Event()
+        async with trio.open_nursery() as nursery:
+            for hub in list(hubs.hubs.values()):
+                nursery.start_soon(_check, hub, hubs, http, config.health.timeout_s)
+        with trio.move_on_after(config.health.interval_s):
+            await hubs.check_now.wait()

@@ -1,0 +1,205 @@
+"""Forwarding one request to a hub and its answer back, byte for byte as it arrives.
+
+A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
+hub's connection breaks before it answers (the hub is marked down at once), or the hub answers 502
+or 503 — up to ``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
+fails mid-stream, the client gets one final error event (SSE or NDJSON) and a cleanly ended stream.
+While the request runs, the client's socket is watched: a client that leaves closes the hub
+connection at once, so the hub cancels the generation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+
+import h11
+import trio
+
+from ghubai.config import ProxyConfig
+from ghubai.httpio import Connection, Request
+from ghubai.openai import ApiError
+from ghubai.proxy.hubs import Hub, HubSet, Upstream
+
+log = logging.getLogger("ghubai.proxy")
+
+HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
+              b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+RETRY_STATUSES = {502, 503}
+MAX_DRAIN_BYTES = 1 << 20
+UPSTREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
+                   trio.TooSlowError)
+
+
+class UpstreamFailed(Exception):
+    """The hub's side of an exchange broke (as opposed to the client's)."""
+
+
+@dataclass
+class Outcome:
+    status: int = 0
+    hub: str = ""
+
+
+def model_of(request: Request) -> str | None:
+    """The ``model`` of a JSON POST body, for model-aware routing; None when there is none."""
+    if request.method != "POST" or not request.body.lstrip().startswith(b"{"):
+        return None
+    try:
+        model = json.loads(request.body).get("model")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def request_id_of(request: Request) -> str:
+    given = request.header(b"x-request-id")
+    if given and len(given) <= 128 and given.isascii() and given.decode().isprintable():
+        return given.decode()
+    return uuid.uuid4().hex
+
+
+def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    named = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
+    return [(key, value) for key, value in headers if key not in HOP_BY_HOP and key not in named]
+
+
+def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers)
+            if k not in (b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect")]
+    forwarded = request.header(b"x-forwarded-for")
+    chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
+    host, port = hub.host_port
+    return [(b"host", f"{host}:{port}".encode()), *kept, (b"x-forwarded-for", chain),
+            (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode())]
+
+
+def _final_error(content_type: bytes, message: str) -> bytes:
+    if content_type.startswith(b"text/event-stream"):
+        error = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+        return b"data: " + json.dumps(error).encode() + b"\n\n"
+    if content_type.startswith(b"application/x-ndjson"):
+        return json.dumps({"error": message}).encode() + b"\n"
+    return b""
+
+
+class Forwarder:
+    def __init__(self, config: ProxyConfig, hubs: HubSet) -> None:
+        self.config = config
+        self.hubs = hubs
+
+    async def forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome) -> None:
+        """Answer ``request`` through a hub, watching the client for the whole exchange."""
+        refusal: ApiError | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.watch, nursery.cancel_scope)
+            try:
+                await self._forward(conn, request, client_ip, outcome)
+            except ApiError as error:  # answered by the caller, once the watcher is gone
+                refusal = error
+            nursery.cancel_scope.cancel()
+        if refusal is not None:
+            raise refusal
+
+    async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome) -> None:
+        model = model_of(request)
+        request_id = request_id_of(request)
+        tried: set[str] = set()
+        while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried)):
+            tried.add(hub.address)
+            outcome.hub = hub.name
+            upstream, response = await self._exchange(hub, request, client_ip, request_id)
+            if upstream is None or response is None:
+                continue
+            another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
+            if response.status_code in RETRY_STATUSES and another:
+                log.info("request %s: hub %s answered %d; trying another hub", request_id, hub.name,
+                         response.status_code)
+                await self._discard(hub, upstream)
+                continue
+            outcome.status = response.status_code
+            await self._relay(conn, hub, upstream, response, request_id)
+            return
+        outcome.status = 503
+        raise ApiError(503, "No healthy hub could take this request" if tried else "No healthy hub", retry_after=1)
+
+    async def _exchange(self, hub: Hub, request: Request, client_ip: str,
+                        request_id: str) -> tuple[Upstream | None, h11.Response | None]:
+        """Send the request and read the answer's head; on a broken connection mark the hub down.
+        A pooled connection the hub had already closed is retried once on a fresh one."""
+        for _ in range(2):
+            upstream: Upstream | None = None
+            try:
+                upstream = await self.hubs.connection(hub)
+                await upstream.send(h11.Request(method=request.method, target=request.target,
+                                                headers=upstream_headers(request, hub, client_ip, request_id)))
+                await upstream.send(h11.Data(data=request.body))
+                await upstream.send(h11.EndOfMessage())
+                with trio.fail_after(self.config.response_timeout_s):
+                    event = await upstream.next_event()
+                if isinstance(event, h11.Response):
+                    return upstream, event
+                raise h11.RemoteProtocolError(f"hub closed the connection ({type(event).__name__})")
+            except UPSTREAM_ERRORS as error:
+                if upstream is not None:
+                    await upstream.aclose()
+                if upstream is not None and upstream.reused and not isinstance(error, trio.TooSlowError):
+                    continue
+                self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
+                return None, None
+        return None, None
+
+    async def _discard(self, hub: Hub, upstream: Upstream) -> None:
+        """Read and drop an answer we will not use, keeping the connection when that is cheap."""
+        drained = 0
+        try:
+            with trio.fail_after(self.config.connect_timeout_s):
+                while drained <= MAX_DRAIN_BYTES:
+                    event = await upstream.next_event()
+                    if isinstance(event, h11.Data):
+                        drained += len(event.data)
+                    elif isinstance(event, h11.EndOfMessage):
+                        await self.hubs.release(hub, upstream)
+                        return
+                    else:
+                        break
+        except UPSTREAM_ERRORS:
+            pass
+        await upstream.aclose()
+
+    async def _next(self, upstream: Upstream) -> h11.Event:
+        try:
+            with trio.fail_after(self.config.response_timeout_s):
+                return await upstream.next_event()
+        except UPSTREAM_ERRORS as error:
+            raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
+
+    async def _relay(self, conn: Connection, hub: Hub, upstream: Upstream, response: h11.Response,
+                     request_id: str) -> None:
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers)) if k != b"x-request-id"]
+        content_type = next((v for k, v in headers if k == b"content-type"), b"")
+        await conn.send(h11.Response(status_code=response.status_code, reason=response.reason,
+                                     headers=[*headers, (b"x-request-id", request_id.encode())]))
+        try:
+            while True:
+                event = await self._next(upstream)
+                if isinstance(event, h11.Data):
+                    await conn.write(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise UpstreamFailed("hub closed the connection mid-answer")
+        except UpstreamFailed as error:
+            await upstream.aclose()
+            log.warning("request %s: hub %s failed mid-answer: %s", request_id, hub.name, error)
+            if final := _final_error(content_type, f"Hub {hub.name} failed in the middle of the answer"):
+                await conn.write(final)
+                await conn.finish()
+            return
+        except BaseException:
+            await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
+            raise
+        await conn.finish()
+        await self.hubs.release(hub, upstream)

@@ -1,0 +1,139 @@
+"""The proxy daemon: the grid's front door, on h11 and trio sockets.
+
+It forwards ``/v1/*`` and ``/api/*`` (and Ollama's ``GET /``) to a healthy hub that hosts the
+requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/models`` and ``/api/tags``
+itself from what its health checks learnt.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import h11
+import httpx
+import trio
+
+from ghubai.auth import Secrets
+from ghubai.config import ProxyConfig, split_hostport
+from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.observability.metrics import CONTENT_TYPE, Metrics
+from ghubai.openai import ApiError
+from ghubai.proxy.follow import check_health, follow_registry
+from ghubai.proxy.forward import Forwarder, Outcome, model_of
+from ghubai.proxy.hubs import HubSet
+
+log = logging.getLogger("ghubai.proxy")
+
+FORWARDED_PREFIXES = ("/v1/", "/api/")
+
+
+def ssl_client_context(config: ProxyConfig) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=config.ca_file or None)
+    if config.allow_invalid_certs:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.hubs = HubSet(config.connect_timeout_s, ssl_client_context(config))
+        self.forwarder = Forwarder(config, self.hubs)
+        self.keys = Secrets(config.api_keys)
+        self.metrics = Metrics("proxy")
+        self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
+        self.own: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
+            ("GET", "/health"): self.health,
+            ("GET", "/ready"): self.ready,
+            ("GET", "/metrics"): self.prometheus,
+            ("GET", "/v1/models"): self.openai_models,
+            ("GET", "/api/tags"): self.ollama_tags,
+        }
+
+    async def handle(self, conn: Connection, request: Request) -> None:
+        started = time.perf_counter()
+        outcome = Outcome()
+        self.metrics.inflight.labels("proxy").inc()
+        try:
+            own = self.own.get((request.method, request.path))
+            if own is not None:
+                await own(conn, request)  # the proxy's own pages are not counted as requests
+            elif request.path.startswith(FORWARDED_PREFIXES) or request.path == "/":
+                if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
+                    raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+                await self.forwarder.forward(conn, request, conn.peer, outcome)
+            else:
+                raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
+        except ApiError as error:
+            outcome.status = error.status
+            if conn.h11.our_state is h11.SEND_RESPONSE:
+                await self._error(conn, request, error)
+        finally:
+            self.metrics.inflight.labels("proxy").dec()
+            if outcome.status:
+                self.metrics.observe(model_of(request), outcome.status, time.perf_counter() - started)
+
+    async def _error(self, conn: Connection, request: Request, error: ApiError) -> None:
+        body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
+        await conn.respond_json(error.status, body, headers=error.headers())
+
+    async def health(self, conn: Connection, request: Request) -> None:
+        hubs = [hub.describe() for hub in self.hubs.hubs.values()]
+        await conn.respond_json(200, {"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs})
+
+    async def ready(self, conn: Connection, request: Request) -> None:
+        up = len(self.hubs.healthy())
+        await conn.respond_json(200 if up else 503, {"status": "ready" if up else "no healthy hub", "hubs_up": up})
+
+    async def prometheus(self, conn: Connection, request: Request) -> None:
+        self.hub_up.clear()
+        for hub in self.hubs.hubs.values():
+            self.hub_up.labels(hub.name).set(1 if hub.up else 0)
+        await conn.respond(200, self.metrics.render(), CONTENT_TYPE)
+
+    def _models_or_503(self) -> list[str]:
+        if not self.hubs.healthy():
+            raise ApiError(503, "No healthy hub", retry_after=1)
+        return self.hubs.models()
+
+    async def openai_models(self, conn: Connection, request: Request) -> None:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"} for m in self._models_or_503()]
+        await conn.respond_json(200, {"object": "list", "data": data})
+
+    async def ollama_tags(self, conn: Connection, request: Request) -> None:
+        models = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+                   "details": {}} for m in self._models_or_503()]
+        await conn.respond(200, json.dumps({"models": models}).encode())
+
+
+async def run(config: ProxyConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; reports the base URL."""
+    proxy = Proxy(config)
+    proxy.hubs.update([(address, address) for address in config.hubs])
+    host, port = split_hostport(config.listen)
+    limits = config.limits
+    handler = partial(serve_connection, handle=proxy.handle, max_body=limits.max_body_bytes,
+                      max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
+                      idle_timeout_s=limits.idle_timeout_s)
+    if config.tls_cert:
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
+        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=host)
+    else:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
+    url = f"{'https' if config.tls_cert else 'http'}://{host}:{bound.getsockname()[1]}"
+    async with httpx.AsyncClient(verify=ssl_client_context(config)) as http, trio.open_nursery() as nursery:
+        if config.registry_url:
+            nursery.start_soon(follow_registry, config, proxy.hubs, http)
+        nursery.start_soon(check_health, config, proxy.hubs, http)
+        log.info("proxy serving on %s (registry %s, %d static hubs)", url, config.registry_url or "none",
+                 len(config.hubs))
+        task_status.started(url)
+        await trio.serve_listeners(handler, listeners)

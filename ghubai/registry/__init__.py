@@ -1,0 +1,1 @@
+"""The registry: the list of hubs, from a TOML file it watches."""

@@ -1,0 +1,123 @@
+"""The registry daemon: serves the ``[[hubs]]`` of its file and follows every edit of it.
+
+``GET /hubs`` answers ``{"version", "hubs"}`` with an ETag (a digest of the list, so it stays right
+across restarts); with ``?wait=S`` and a matching ``If-None-Match`` it holds the request until the
+list changes or S seconds pass (then 304). A broken edit keeps the last good list and is reported in
+the log and in ``GET /health``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import signal
+from typing import Any
+
+import trio
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from ghubai.config import ConfigError, HubEntry, RegistryConfig, load
+from ghubai.registry.watch import watch
+from ghubai.web import serve_app, server_config
+
+log = logging.getLogger("ghubai.registry")
+
+MAX_WAIT_S = 300.0
+
+
+class HubList:
+    """The list being served, its version and ETag, and an event set on every change."""
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.hubs: tuple[HubEntry, ...] = ()
+        self.etag = ""
+        self.changed = trio.Event()
+        self.config_error: str | None = None
+        self.reload_errors = 0
+
+    def publish(self, hubs: tuple[HubEntry, ...]) -> None:
+        if hubs == self.hubs and self.version:
+            return
+        self.hubs = hubs
+        self.version += 1
+        entries = self.entries()
+        self.etag = '"' + hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:20] + '"'
+        log.info("serving %d hub(s), version %d: %s", len(hubs), self.version,
+                 ", ".join(f"{hub.name}={hub.address}" for hub in hubs) or "(none)")
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def entries(self) -> list[dict[str, str]]:
+        return [{"name": hub.name, "address": hub.address} for hub in self.hubs]
+
+
+def reload(hub_list: HubList, path: str) -> None:
+    """Read the file again; on any problem keep the last good list and say why."""
+    try:
+        config: RegistryConfig = load("registry", path)
+    except ConfigError as error:
+        hub_list.config_error = "; ".join(error.errors)
+        hub_list.reload_errors += 1
+        log.error("kept the last good hub list: %s", hub_list.config_error)
+        return
+    hub_list.config_error = None
+    hub_list.publish(config.hubs)
+
+
+def create_app(hub_list: HubList) -> QuartTrio:
+    app = QuartTrio("ghubai.registry")
+
+    @app.get("/hubs")
+    async def hubs() -> Response:
+        try:
+            wait = min(max(float(request.args.get("wait", "0")), 0.0), MAX_WAIT_S)
+        except ValueError:
+            return Response(json.dumps({"error": "wait must be a number of seconds"}), 400,
+                            content_type="application/json")
+        known = request.headers.get("If-None-Match")
+        if known == hub_list.etag and wait > 0:
+            changed = hub_list.changed
+            with trio.move_on_after(wait):
+                await changed.wait()
+        if known == hub_list.etag:
+            # An explicit empty length: without it hypercorn closes the connection after a 304.
+            return Response(b"", 304, headers={"ETag": hub_list.etag, "Content-Length": "0"})
+        body = {"version": hub_list.version, "hubs": hub_list.entries()}
+        return Response(json.dumps(body), 200, content_type="application/json", headers={"ETag": hub_list.etag})
+
+    @app.get("/Registry")
+    async def seed_shape() -> Response:
+        return Response(json.dumps(hub_list.entries()), 200, content_type="application/json")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        if hub_list.config_error:
+            return {"status": "degraded", "config_error": hub_list.config_error}
+        return {"status": "ok"}
+
+    return app
+
+
+async def _reload_on_sighup(hub_list: HubList, path: str) -> None:
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            log.info("SIGHUP: reloading %s", path)
+            reload(hub_list, path)
+
+
+async def run(config: RegistryConfig, path: str | None, *,
+              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; with a ``path``, follow its edits (and SIGHUP). Reports the base URL."""
+    hub_list = HubList()
+    hub_list.publish(config.hubs)
+    async with trio.open_nursery() as nursery:
+        if path is not None:
+            nursery.start_soon(watch, path, lambda: reload(hub_list, path))
+            nursery.start_soon(_reload_on_sighup, hub_list, path)
+        binds = await nursery.start(serve_app, create_app(hub_list), server_config(
+            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
+        log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
+        task_status.started(binds[0])

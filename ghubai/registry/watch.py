@@ -1,0 +1,39 @@
+"""Noticing that a file changed, by polling ``(st_dev, st_ino, st_size, st_mtime_ns)``.
+
+Polling sees both ways editors save: an atomic rename (new inode) and an in-place write (new size
+or mtime), needs no platform API, and costs one ``stat`` per period. A change is acted on once two
+polls in a row agree, so a file caught half-written is not read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import trio
+
+POLL_S = 0.1
+
+Signature = tuple[int, int, int, int] | None
+
+
+def signature(path: str) -> Signature:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S) -> None:
+    """Call ``on_change`` after each settled change of ``path`` (deletion included), until cancelled."""
+    seen = signature(path)
+    pending: Signature = seen
+    while True:
+        await trio.sleep(poll_s)
+        current = signature(path)
+        if current != pending:
+            pending = current  # still moving: wait for the next poll to agree
+        elif current != seen:
+            seen = current
+            on_change()

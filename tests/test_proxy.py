@@ -1,0 +1,315 @@
+"""Many hubs as one: the proxy over hubs found in a registry file, hub failures, federation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import openai
+import trio
+
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually
+from ghubai.configfiles import add_hub, remove_hub
+
+
+def registry_file(tmp_path: Path, hubs: dict[str, str]) -> Path:
+    path = tmp_path / "registry.toml"
+    path.write_text("".join(f'[[hubs]]\nname = "{name}"\naddress = "{url}"\n' for name, url in hubs.items()))
+    return path
+
+
+async def two_hub_grid(grid: Grid, tmp_path: Path, **sim_options: object) -> tuple[str, list[str], list[str]]:
+    """Two hubs in a registry file, each with its own worker and simulator, behind a proxy."""
+    sims, hubs = [], []
+    for _ in range(2):
+        sim_url, _ = await grid.sim(**sim_options)
+        hub = await grid.hub()
+        await grid.worker(hub.value, sim_url)
+        sims.append(sim_url)
+        hubs.append(hub.value)
+    path = registry_file(tmp_path, {"one": hubs[0], "two": hubs[1]})
+    registry = await grid.registry(str(path))
+    proxy = await grid.proxy(registry.value)
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    return proxy.value, hubs, sims
+
+
+async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_path: Path) -> None:
+    proxy_url, _, sims = await two_hub_grid(grid, tmp_path)
+    async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="x", max_retries=0) as sdk:
+        for _ in range(10):
+            reply = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+            assert reply.choices[0].message.content
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}],
+                                                   stream=True)
+        assert [c async for c in stream]
+    assert [(await grid.stats(url))["completed"] for url in sims] == [6, 5]
+
+
+async def test_the_proxy_answers_models_health_and_metrics_itself(grid: Grid, tmp_path: Path) -> None:
+    proxy_url, _, _ = await two_hub_grid(grid, tmp_path)
+    assert (await grid.http.get(proxy_url + "/v1/models")).json()["data"][0]["id"] == "sim"
+    assert [m["name"] for m in (await grid.http.get(proxy_url + "/api/tags")).json()["models"]] == ["sim"]
+    assert (await grid.http.get(proxy_url + "/health")).json()["hubs_up"] == 2
+    assert (await grid.http.post(proxy_url + "/v1/chat/completions", json=chat())).status_code == 200
+    metrics = (await grid.http.get(proxy_url + "/metrics")).text
+    assert 'ghubai_proxy_hub_up{hub="one"} 1.0' in metrics
+    assert 'ghubai_requests_total{code="200",model="sim",role="proxy"} 1.0' in metrics
+
+
+async def test_a_model_behind_only_one_hub_always_reaches_it(grid: Grid, tmp_path: Path) -> None:
+    alpha_url, _ = await grid.sim(models=["alpha"])
+    beta_url, beta = await grid.sim(models=["beta"])
+    hub_a, hub_b = await grid.hub(), await grid.hub()
+    await grid.worker(hub_a.value, alpha_url)
+    await grid.worker(hub_b.value, beta_url)
+    proxy = await grid.proxy(hubs=(hub_a.value, hub_b.value))
+    await grid.wait_for_model(proxy.value, "beta")
+    ok = 0
+    for _ in range(100):
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(model="beta"))
+        ok += response.status_code == 200
+    assert ok == 100 and beta.stats.completed == 100
+
+
+async def test_a_hub_with_no_worker_is_passed_over_by_retry(grid: Grid, tmp_path: Path) -> None:
+    sim_url, sim = await grid.sim()
+    empty, full = await grid.hub(), await grid.hub()
+    await grid.worker(full.value, sim_url)
+    proxy = await grid.proxy(hubs=(empty.value, full.value))
+    await grid.wait_for_model(proxy.value, "sim")
+    # a model nobody advertises goes round robin over all hubs: the empty hub answers 404 ...
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat("nope"))).status_code in (404, 503)
+    # ... and a hub that answers 503 before any byte is retried on the next one
+    for _ in range(6):
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers={
+            "x-request-id": "req-123"})
+        assert response.status_code == 200 and response.headers["x-request-id"] == "req-123"
+    assert sim.stats.completed == 6
+
+
+async def test_killing_a_hub_loses_no_request_and_no_capacity(grid: Grid, tmp_path: Path,
+                                                               hub_processes: list[HubProcess]) -> None:
+    hubs = [await HubProcess().started(grid.http) for _ in range(2)]
+    hub_processes.extend(hubs)
+    sim_url, sim = await grid.sim(itl_ms=2, tokens=8)
+    # one worker linked to both hubs (federation): either hub can schedule it
+    await grid.worker([hub.url for hub in hubs], sim_url, max_concurrency=32)
+    registry = await grid.registry(str(registry_file(tmp_path, {"a": hubs[0].url, "b": hubs[1].url})))
+    proxy = await grid.proxy(registry.value, max_attempts=2)
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    url = proxy.value + "/v1/chat/completions"
+    failures_after_kill: list[int] = []
+    killed = trio.Event()
+
+    async def flow() -> None:
+        for _ in range(60):
+            after = killed.is_set()
+            response = await grid.http.post(url, json=chat())
+            if after and response.status_code != 200:
+                failures_after_kill.append(response.status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(flow)
+        await trio.sleep(0.1)
+        hubs[0].kill()
+        killed.set()
+    assert failures_after_kill == []
+
+    sequential = [(await grid.http.post(url, json=chat())).status_code for _ in range(100)]
+    assert sequential == [200] * 100
+
+    async def stream(results: list[int]) -> None:
+        async with grid.http.stream("POST", url, json=chat(stream=True)) as response:
+            events = [line async for line in response.aiter_lines() if line.startswith("data: ")]
+        results.append(response.status_code if events[-1] == "data: [DONE]" else -1)
+
+    results: list[int] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(stream, results)
+    assert results == [200] * 20
+    health = (await grid.http.get(proxy.value + "/health")).json()
+    assert [hub["up"] for hub in health["hubs"]] == [False, True]
+    assert sim.stats.failed == 0
+
+
+async def test_a_hub_added_with_the_tool_serves_and_a_removed_one_stops(grid: Grid, tmp_path: Path) -> None:
+    first_sim, _ = await grid.sim()
+    second_sim, second = await grid.sim()
+    first, later = await grid.hub(), await grid.hub()
+    await grid.worker(first.value, first_sim)
+    await grid.worker(later.value, second_sim)
+    path = registry_file(tmp_path, {"first": first.value})
+    registry = await grid.registry(str(path))
+    proxy = await grid.proxy(registry.value)
+    await grid.wait_for_model(proxy.value, "sim")
+
+    add_hub(str(path), "later", later.value)
+    added_at = trio.current_time()
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    print(f"added hub serving through the proxy after {trio.current_time() - added_at:.2f} s")
+    for _ in range(4):
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert second.stats.completed == 2
+
+    remove_hub(str(path), "first")
+
+    async def only_later() -> bool:
+        return [h["name"] for h in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == ["later"]
+
+    await eventually(only_later, "the proxy to drop the removed hub")
+    for _ in range(4):
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert second.stats.completed == 6
+
+    path.write_text("[[hubs]]\nname = \n")  # a broken edit changes nothing
+
+    async def degraded() -> bool:
+        return (await grid.http.get(registry.value + "/health")).json()["status"] == "degraded"
+
+    await eventually(degraded, "the registry to notice the broken edit")
+    await trio.sleep(0.5)
+    assert [h["name"] for h in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == ["later"]
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_with_the_registry_down_the_proxy_keeps_its_list(grid: Grid, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    registry = await grid.registry(str(registry_file(tmp_path, {"only": hub.value})))
+    proxy = await grid.proxy(registry.value)
+    await grid.wait_for_model(proxy.value, "sim")
+    registry.stop()
+    await trio.sleep(1.5)
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_client_disconnect_through_the_proxy_stops_generation(grid: Grid, tmp_path: Path) -> None:
+    proxy_url, _, sims = await two_hub_grid(grid, tmp_path, itl_ms=20, tokens=10_000)
+    for attempt in range(2):  # round robin: one stream lands on each hub
+        async with grid.http.stream("POST", proxy_url + "/v1/chat/completions", json=chat(stream=True)) as response:
+            seen = 0
+            async for line in response.aiter_lines():
+                seen += line.startswith("data: ")
+                if seen == 3:
+                    break
+
+        async def stopped() -> bool:
+            stats = [await grid.stats(url) for url in sims]
+            return sum(s["cancelled"] for s in stats) == attempt + 1 and all(s["active"] == 0 for s in stats)
+
+        await eventually(stopped, "generation to stop after the client left")
+
+
+async def test_a_slow_reader_does_not_stall_other_streams(grid: Grid, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim(itl_ms=0, tokens=200_000)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    host, port = proxy.value.removeprefix("http://").split(":")
+    slow = await trio.open_tcp_stream(host, int(port))
+    body = json.dumps(chat(stream=True)).encode()
+    await slow.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
+    await slow.receive_some(100)  # it started, and now this client reads no more
+    with trio.fail_after(WAIT_S):
+        for _ in range(5):
+            response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(max_tokens=50))
+            assert response.json()["usage"]["completion_tokens"] == 50
+    await slow.aclose()
+
+
+async def test_bad_requests_at_the_proxy(grid: Grid, tmp_path: Path) -> None:
+    proxy = await grid.proxy(hubs=(), limits={"max_body_bytes": 2048, "max_headers": 20})
+    url = proxy.value + "/v1/chat/completions"
+    none = await grid.http.post(url, json=chat())
+    assert none.status_code == 503 and none.json()["error"]["type"] == "server_error"
+    assert none.headers["retry-after"] == "1"
+    assert (await grid.http.post(url, json=chat(content="x" * 4096))).status_code == 413
+    many = {f"x-h{i}": "v" for i in range(30)}
+    assert (await grid.http.post(url, json=chat(), headers=many)).status_code == 431
+    huge = await grid.http.post(url, json=chat(), headers={"x-big": "v" * 20000})
+    assert huge.status_code == 431 and set(huge.json()["error"]) == {"message", "type", "param", "code"}
+    unknown = await grid.http.get(proxy.value + "/elsewhere")
+    assert unknown.status_code == 404 and "Unknown endpoint" in unknown.json()["error"]["message"]
+    ollama = await grid.http.post(proxy.value + "/api/chat", json=chat())
+    assert ollama.status_code == 503 and isinstance(ollama.json()["error"], str)
+
+
+async def test_proxy_api_keys(grid: Grid, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k1",))
+    await grid.wait_for_model(proxy.value, "sim")
+    url = proxy.value + "/v1/chat/completions"
+    assert (await grid.http.post(url, json=chat())).status_code == 401
+    assert (await grid.http.post(url, json=chat(), headers={"authorization": "Bearer k1"})).status_code == 200
+    assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
+async def test_a_worker_shared_by_two_hubs_keeps_its_max_concurrency(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(itl_ms=10, tokens=20)
+    hub_a, hub_b = await grid.hub(), await grid.hub()
+    await grid.worker([hub_a.value, hub_b.value], sim_url, max_concurrency=2)
+
+    async def linked() -> bool:
+        return [len(await grid.workers(h.value)) for h in (hub_a, hub_b)] == [1, 1]
+
+    await eventually(linked, "the worker to link to both hubs")
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, sim.stats.active)
+            await trio.sleep(0.001)
+
+    async def one(hub_url: str) -> None:
+        response = await grid.http.post(hub_url + "/v1/chat/completions", json=chat())
+        assert response.status_code == 200, response.text
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for index in range(8):
+                nursery.start_soon(one, (hub_a, hub_b)[index % 2].value)
+        outer.cancel_scope.cancel()
+    assert sim.stats.completed == 8 and peak == 2
+
+
+def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
+    from ghubai.httpio import Request
+    from ghubai.proxy.forward import upstream_headers
+    from ghubai.proxy.hubs import Hub
+
+    request = Request("POST", "/v1/x", [(b"connection", b"keep-alive, x-private"), (b"x-private", b"1"),
+                                        (b"keep-alive", b"timeout=5"), (b"te", b"trailers"), (b"host", b"front"),
+                                        (b"authorization", b"Bearer k"), (b"x-forwarded-for", b"10.1.1.1")], b"{}")
+    headers = dict(upstream_headers(request, Hub("h", "http://10.0.0.5:7197"), "192.0.2.7", "rid"))
+    assert headers == {b"host": b"10.0.0.5:7197", b"authorization": b"Bearer k",
+                       b"x-forwarded-for": b"10.1.1.1, 192.0.2.7", b"x-request-id": b"rid",
+                       b"content-length": b"2"}
+
+
+async def test_upstream_failure_mid_stream_ends_with_an_error_event(grid: Grid,
+                                                                     hub_processes: list[HubProcess]) -> None:
+    hub = await HubProcess().started(grid.http)
+    hub_processes.append(hub)
+    sim_url, _ = await grid.sim(itl_ms=20, tokens=10_000)
+    await grid.worker(hub.url, sim_url)
+    proxy = await grid.proxy(hubs=(hub.url,))
+    await grid.wait_for_model(proxy.value, "sim")
+    async with grid.http.stream("POST", proxy.value + "/v1/chat/completions", json=chat(stream=True)) as response:
+        events = []
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    hub.kill()
+    assert json.loads(events[-1][6:])["error"]["message"]
+    assert "data: [DONE]" not in events
+

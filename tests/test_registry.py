@@ -1,0 +1,175 @@
+"""The registry follows its file: edits, atomic saves, broken edits, long-poll, SIGHUP, edit tools."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import httpx
+import trio
+
+from conftest import WAIT_S, Grid, eventually, free_port, ghubai_command, run_ghubai
+
+TWO_HUBS = """listen = "127.0.0.1:7001"
+[[hubs]]
+name = "a"
+address = "http://10.0.0.1:7197"
+[[hubs]]
+name = "b"
+address = "http://10.0.0.2:7197"
+"""
+
+
+def save_atomically(path: Path, text: str) -> None:
+    temporary = path.with_suffix(".new")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+async def test_serves_its_hubs_with_etag_and_the_seed_shape(grid: Grid, tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+    response = await grid.http.get(registry.value + "/hubs")
+    assert response.json() == {"version": 1, "hubs": [{"name": "a", "address": "http://10.0.0.1:7197"},
+                                                      {"name": "b", "address": "http://10.0.0.2:7197"}]}
+    assert response.headers["etag"]
+    seed = await grid.http.get(registry.value + "/Registry")
+    assert seed.json() == response.json()["hubs"]
+    assert (await grid.http.get(registry.value + "/health")).json() == {"status": "ok"}
+
+
+async def test_long_poll_wakes_on_an_edit_and_times_out_with_304(grid: Grid, tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+    first = await grid.http.get(registry.value + "/hubs")
+    etag = first.headers["etag"]
+    unchanged = await grid.http.get(registry.value + "/hubs", params={"wait": "0.2"},
+                                    headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and unchanged.headers["etag"] == etag
+
+    async def edit_soon() -> None:
+        await trio.sleep(0.3)
+        save_atomically(path, TWO_HUBS.replace("10.0.0.2", "10.0.0.3"))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(edit_soon)
+        with trio.fail_after(WAIT_S):  # the poll would hold 60 s: only the edit can end it this soon
+            changed = await grid.http.get(registry.value + "/hubs", params={"wait": "60"},
+                                          headers={"If-None-Match": etag}, timeout=70)
+    assert changed.status_code == 200 and changed.json()["version"] == 2
+    assert changed.json()["hubs"][1]["address"] == "http://10.0.0.3:7197"
+    assert changed.headers["etag"] != etag
+
+
+async def test_in_place_edits_count_too_and_a_broken_edit_keeps_the_last_list(grid: Grid, tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+
+    async def hubs() -> list[str]:
+        return [hub["name"] for hub in (await grid.http.get(registry.value + "/hubs")).json()["hubs"]]
+
+    with open(path, "a") as file:  # in place: same inode
+        file.write('[[hubs]]\nname = "c"\naddress = "http://10.0.0.3:7197"\n')
+
+    async def three() -> bool:
+        return await hubs() == ["a", "b", "c"]
+
+    await eventually(three, "the in-place edit to be served")
+    save_atomically(path, TWO_HUBS + '[[hubs]]\nname = "d"\naddress = "not a url"\n')
+
+    async def degraded() -> bool:
+        return (await grid.http.get(registry.value + "/health")).json()["status"] == "degraded"
+
+    await eventually(degraded, "the registry to report the broken edit")
+    health = (await grid.http.get(registry.value + "/health")).json()
+    assert "hubs[2].address" in health["config_error"]
+    assert await hubs() == ["a", "b", "c"]
+    save_atomically(path, TWO_HUBS)
+
+    async def healed() -> bool:
+        return await hubs() == ["a", "b"] and (await grid.http.get(registry.value + "/health")).json() == {
+            "status": "ok"}
+
+    await eventually(healed, "the fixed file to be served")
+
+
+async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    port = free_port()
+    process = subprocess.Popen(ghubai_command("registry", "--config", str(path), "--listen", f"127.0.0.1:{port}"))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            async def serving() -> bool:
+                try:
+                    return (await http.get(url + "/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(serving, "the registry process")
+            # Same size, same inode, same mtime: invisible to the file watcher.
+            before = os.stat(path)
+            with open(path, "r+") as file:
+                file.write(TWO_HUBS.replace('name = "a"', 'name = "z"'))
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+            await trio.sleep(0.5)
+            assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
+            process.send_signal(signal.SIGHUP)
+
+            async def reloaded() -> bool:
+                return (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "z"
+
+            await eventually(reloaded, "SIGHUP to reload the file")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=WAIT_S) == 0
+
+
+def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text('listen = "0.0.0.0:7009"\n')
+    assert run_ghubai("registry", "add-hub", "one", "http://10.0.0.1:7197", "--config", str(path)).returncode == 0
+    assert run_ghubai("registry", "--config", str(path), "add-hub", "two", "http://10.0.0.2:7197").returncode == 0
+    duplicate = run_ghubai("registry", "add-hub", "one", "http://10.0.0.9:7197", "--config", str(path))
+    assert duplicate.returncode != 0 and "already listed" in duplicate.stderr
+    bad = run_ghubai("registry", "add-hub", "three", "ftp://nowhere", "--config", str(path))
+    assert bad.returncode != 0 and "address" in bad.stderr
+    assert run_ghubai("registry", "remove-hub", "one", "--config", str(path)).returncode == 0
+    assert run_ghubai("registry", "remove-hub", "one", "--config", str(path)).returncode != 0
+    import tomllib
+
+    document = tomllib.loads(path.read_text())
+    assert document == {"listen": "0.0.0.0:7009", "hubs": [{"name": "two", "address": "http://10.0.0.2:7197"}]}
+    assert [p.name for p in tmp_path.iterdir()] == ["registry.toml"]  # no temporary file left behind
+
+
+def test_init_writes_every_role_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    assert run_ghubai("init", "--dir", str(tmp_path)).returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.toml", "proxy.toml", "registry.toml", "worker.toml"]
+    (tmp_path / "hub.toml").write_text("kept")
+    again = run_ghubai("init", "--dir", str(tmp_path))
+    assert again.returncode == 1 and "hub.toml" in again.stderr
+    assert (tmp_path / "hub.toml").read_text() == "kept"
+    assert run_ghubai("init", "--dir", str(tmp_path), "--force").returncode == 0
+    assert (tmp_path / "hub.toml").read_text() != "kept"
+
+
+def test_check_prints_each_error_with_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "hub-2.toml"
+    path.write_text('listen = "nowhere"\ncolour = 1\n[limits]\nqueue_size = "x"\n')
+    result = run_ghubai("check", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"{path}: colour: unknown key",
+        f"{path}: listen: expected HOST:PORT, got 'nowhere'",
+        f"{path}: limits.queue_size: expected an integer, got 'x'"]
+    good = tmp_path / "anything.toml"
+    good.write_text('hub_url = "ws://h:1/gridhub"\n')
+    assert run_ghubai("check", str(good)).returncode == 1  # no role in the name
+    assert run_ghubai("check", str(good), "--role", "worker").returncode == 0
