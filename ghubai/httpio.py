@@ -102,8 +102,9 @@ class Connection:
             return None
         return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
 
-    async def send(self, event: Any) -> None:
-        data = self.h11.send(event)
+    async def send(self, *events: Any) -> None:
+        """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data."""
+        data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
             await self.stream.send_all(data)
 
@@ -111,9 +112,7 @@ class Connection:
                       headers: dict[str, str] | None = None) -> None:
         fields = [("content-type", content_type), ("content-length", str(len(body)))]
         fields += list((headers or {}).items())
-        await self.send(h11.Response(status_code=status, headers=fields))
-        await self.send(h11.Data(data=body))
-        await self.send(h11.EndOfMessage())
+        await self.send(h11.Response(status_code=status, headers=fields), h11.Data(data=body), h11.EndOfMessage())
 
     async def respond_json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
         await self.respond(status, json.dumps(value).encode(), headers=headers)

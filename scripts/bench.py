@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Measure the grid against the simulator: straight to the engine vs through worker + hub.
+"""Measure the grid against the simulator: straight to the engine, through worker + hub, and
+through proxy + hub + worker.
 
 Starts every part as its own process on 127.0.0.1 (simulator with --ttft-ms 0 --itl-ms 0, a hub, a
-worker) and drives them from this process with a lean h11 client, so the client is not what is
-measured. Prints, for each target, time to first token (p50/p99), streamed tokens per second at
-1, 16 and 64 concurrent streams, non-streaming requests per second, and the grid/direct ratio;
-then how long the engine keeps generating after a client disconnects mid-stream through the hub.
+worker, a proxy) and drives them from this process with a lean h11 client, so the client is not what
+is measured. Prints, for each target, time to first token (p50/p99), streamed tokens per second at
+1, 16 and 64 concurrent streams, non-streaming requests per second, and the ratios; then how long
+the engine keeps generating after a client disconnects mid-stream, through the hub and the proxy.
 
     python scripts/bench.py [--seconds 4] [--tokens 256]
 """
@@ -195,36 +196,46 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per streamed reply")
     parser.add_argument("--ttft-samples", type=int, default=300)
     args = parser.parse_args()
-    sim_port, hub_port = free_port(), free_port()
+    sim_port, hub_port, proxy_port = free_port(), free_port(), free_port()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         worker_toml = Path(tmp) / "worker.toml"
         worker_toml.write_text(f'hub_url = "ws://{HOST}:{hub_port}/gridhub"\nname = "bench"\n'
                                f'[engine]\nurl = "http://{HOST}:{sim_port}"\nmax_concurrency = 128\n')
+        proxy_toml = Path(tmp) / "proxy.toml"
+        proxy_toml.write_text(f'listen = "{HOST}:{proxy_port}"\nregistry_url = ""\nhubs = ["http://{HOST}:{hub_port}"]\n')
         start(stack, "sim", "--listen", f"{HOST}:{sim_port}", "--ttft-ms", "0", "--itl-ms", "0",
               "--max-parallel", "128", "--tokens", str(args.tokens))
         start(stack, "hub", "--listen", f"{HOST}:{hub_port}")
         start(stack, "worker", "--config", str(worker_toml))
+        start(stack, "proxy", "--config", str(proxy_toml))
         wait_ready(f"http://{HOST}:{sim_port}/api/version")
         wait_ready(f"http://{HOST}:{hub_port}/ready")
+        wait_ready(f"http://{HOST}:{proxy_port}/v1/models")
         print("measuring straight to the simulator ...", file=sys.stderr)
         direct = trio.run(measure, sim_port, args)
         print("measuring through worker + hub ...", file=sys.stderr)
         grid = trio.run(measure, hub_port, args)
+        print("measuring through proxy + hub + worker ...", file=sys.stderr)
+        proxied = trio.run(measure, proxy_port, args)
         print("measuring disconnect -> cancel ...", file=sys.stderr)
-        cancels = sorted(trio.run(cancel_latency, hub_port, sim_port, 20))
+        hub_cancels = sorted(trio.run(cancel_latency, hub_port, sim_port, 20))
+        proxy_cancels = sorted(trio.run(cancel_latency, proxy_port, sim_port, 20))
 
     rows = [("time to first token p50 (ms)", "ttft_p50_ms"), ("time to first token p99 (ms)", "ttft_p99_ms"),
             ("tokens/s, 1 stream", "tok_s_1"), ("tokens/s, 16 streams", "tok_s_16"),
             ("tokens/s, 64 streams", "tok_s_64"), ("non-streaming requests/s (16 clients)", "req_s")]
     print(f"\n{os.cpu_count()} cores, simulator --ttft-ms 0 --itl-ms 0, {args.tokens} tokens per stream, "
           f"{args.seconds:g} s per run\n")
-    print(f"| {'measure':<40} | {'direct':>10} | {'hub':>10} | {'hub/direct':>10} |")
-    print(f"|{'-' * 42}|{'-' * 12}|{'-' * 12}|{'-' * 12}|")
+    print(f"| {'measure':<38} | {'direct':>8} | {'hub':>8} | {'proxy':>8} | {'hub/direct':>10} | {'proxy/hub':>9} |")
+    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
     for label, key in rows:
-        print(f"| {label:<40} | {direct[key]:>10.1f} | {grid[key]:>10.1f} | {grid[key] / direct[key]:>10.2f} |")
-    print(f"\nadded time to first token at p50: {grid['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f} ms")
-    print(f"client disconnect -> generation stopped (through the hub, 20 runs): "
-          f"p50 {statistics.median(cancels):.1f} ms, max {cancels[-1]:.1f} ms")
+        print(f"| {label:<38} | {direct[key]:>8.1f} | {grid[key]:>8.1f} | {proxied[key]:>8.1f} | "
+              f"{grid[key] / direct[key]:>10.2f} | {proxied[key] / grid[key]:>9.2f} |")
+    print(f"\nadded time to first token at p50: hub {grid['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f} ms, "
+          f"proxy hop {proxied['ttft_p50_ms'] - grid['ttft_p50_ms']:.2f} ms")
+    for name, cancels in (("hub", hub_cancels), ("proxy", proxy_cancels)):
+        print(f"client disconnect -> generation stopped, through the {name} (20 runs): "
+              f"p50 {statistics.median(cancels):.1f} ms, max {cancels[-1]:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -134,9 +134,8 @@ class Forwarder:
             try:
                 upstream = await self.hubs.connection(hub)
                 await upstream.send(h11.Request(method=request.method, target=request.target,
-                                                headers=upstream_headers(request, hub, client_ip, request_id)))
-                await upstream.send(h11.Data(data=request.body))
-                await upstream.send(h11.EndOfMessage())
+                                                headers=upstream_headers(request, hub, client_ip, request_id)),
+                                    h11.Data(data=request.body), h11.EndOfMessage())
                 with trio.fail_after(self.config.response_timeout_s):
                     event = await upstream.next_event()
                 if isinstance(event, h11.Response):
@@ -180,26 +179,33 @@ class Forwarder:
                      request_id: str) -> None:
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers)) if k != b"x-request-id"]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
-        await conn.send(h11.Response(status_code=response.status_code, reason=response.reason,
-                                     headers=[*headers, (b"x-request-id", request_id.encode())]))
+        pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
+                                                 headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
             while True:
-                event = await self._next(upstream)
-                if isinstance(event, h11.Data):
-                    await conn.write(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
+                # what has already arrived goes out in one write; nothing waits for more
+                events = upstream.buffered_events() or [await self._next(upstream)]
+                ended = False
+                for event in events:
+                    if isinstance(event, h11.Data):
+                        pending.append(h11.Data(data=bytes(event.data)))
+                    elif isinstance(event, h11.EndOfMessage):
+                        pending.append(h11.EndOfMessage())
+                        ended = True
+                    else:
+                        raise UpstreamFailed("hub closed the connection mid-answer")
+                await conn.send(*pending)
+                pending = []
+                if ended:
                     break
-                else:
-                    raise UpstreamFailed("hub closed the connection mid-answer")
         except UpstreamFailed as error:
             await upstream.aclose()
             log.warning("request %s: hub %s failed mid-answer: %s", request_id, hub.name, error)
             if final := _final_error(content_type, f"Hub {hub.name} failed in the middle of the answer"):
-                await conn.write(final)
-                await conn.finish()
+                pending += [h11.Data(data=final), h11.EndOfMessage()]
+            await conn.send(*pending)  # without a final event the answer stays unfinished: the client sees it cut
             return
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
             raise
-        await conn.finish()
         await self.hubs.release(hub, upstream)

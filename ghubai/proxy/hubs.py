@@ -35,9 +35,8 @@ class Upstream:
         stream = getattr(self.stream, "transport_stream", self.stream)
         return getattr(stream, "socket", None)
 
-    async def send(self, event: h11.Event) -> None:
-        if data := self.h11.send(event):
-            await self.stream.send_all(data)
+    async def send(self, *events: h11.Event) -> None:
+        await self.stream.send_all(b"".join(self.h11.send(event) or b"" for event in events))
 
     async def next_event(self) -> h11.Event:
         while True:
@@ -45,6 +44,16 @@ class Upstream:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             self.h11.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+
+    def buffered_events(self) -> list[h11.Event]:
+        """The events h11 can parse from what has already been received, without waiting."""
+        events = []
+        while self.h11.their_state is not h11.DONE:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            events.append(event)
+        return events  # type: ignore[return-value]
 
     def stale(self) -> bool:
         """Idle too long, or the hub already closed it (readable with nothing asked = EOF)."""
