@@ -100,44 +100,40 @@ async def ttft(port: int, path: str, count: int) -> list[float]:
     return samples
 
 
-async def token_rate(port: int, path: str, streams: int, tokens: int, seconds: float) -> float:
-    counted = 0
+async def _drive(port: int, clients: int, seconds: float, body: dict,
+                 on_data: Callable[[bytes], None]) -> tuple[int, float]:
+    """``clients`` keep-alive clients post ``body`` back to back for ``seconds``: (answers, elapsed s)."""
+    answered = 0
     deadline = trio.current_time() + seconds
+
+    async def one() -> None:
+        nonlocal answered
+        client = Client(port)
+        while trio.current_time() < deadline:
+            answered += await client.post("/v1/chat/completions", body, on_data) == 200
+        await client.aclose()
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for _ in range(clients):
+            nursery.start_soon(one)
+    return answered, time.perf_counter() - start
+
+
+async def token_rate(port: int, streams: int, tokens: int, seconds: float) -> float:
+    counted = 0
 
     def count(data: bytes) -> None:
         nonlocal counted
         counted += data.count(TOKEN)
 
-    async def one() -> None:
-        client = Client(port)
-        while trio.current_time() < deadline:
-            await client.post(path, chat(tokens, True), count)
-        await client.aclose()
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(streams):
-            nursery.start_soon(one)
-    return counted / (time.perf_counter() - start)
+    _, elapsed = await _drive(port, streams, seconds, chat(tokens, True), count)
+    return counted / elapsed
 
 
-async def request_rate(port: int, path: str, concurrency: int, seconds: float) -> float:
-    done = 0
-    deadline = trio.current_time() + seconds
-
-    async def one() -> None:
-        nonlocal done
-        client = Client(port)
-        while trio.current_time() < deadline:
-            if await client.post(path, chat(16, False), lambda data: None) == 200:
-                done += 1
-        await client.aclose()
-
-    start = time.perf_counter()
-    async with trio.open_nursery() as nursery:
-        for _ in range(concurrency):
-            nursery.start_soon(one)
-    return done / (time.perf_counter() - start)
+async def request_rate(port: int, clients: int, seconds: float) -> float:
+    answered, elapsed = await _drive(port, clients, seconds, chat(16, False), lambda data: None)
+    return answered / elapsed
 
 
 async def measure(port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -147,8 +143,8 @@ async def measure(port: int, args: argparse.Namespace) -> dict[str, float]:
     figures = {"ttft_p50_ms": statistics.median(samples),
                "ttft_p99_ms": samples[min(len(samples) - 1, int(len(samples) * 0.99))]}
     for streams in (1, 16, 64):
-        figures[f"tok_s_{streams}"] = await token_rate(port, path, streams, args.tokens, args.seconds)
-    figures["req_s"] = await request_rate(port, path, 16, args.seconds)
+        figures[f"tok_s_{streams}"] = await token_rate(port, streams, args.tokens, args.seconds)
+    figures["req_s"] = await request_rate(port, 16, args.seconds)
     return figures
 
 

@@ -54,6 +54,25 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s:
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+async def peak_active(sim: Simulator, jobs: list[Callable[[], Awaitable[None]]]) -> int:
+    """Run ``jobs`` at once; the most generations the simulator ran at the same time meanwhile."""
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, sim.stats.active)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+        outer.cancel_scope.cancel()
+    return peak
+
+
 class Grid:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery

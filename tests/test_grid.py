@@ -9,7 +9,7 @@ import openai
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, chat, eventually
+from conftest import WAIT_S, Grid, chat, eventually, peak_active
 from ghubai.sim.generator import WORDS
 
 
@@ -95,26 +95,13 @@ async def test_requests_beyond_capacity_wait_in_the_queue(grid: Grid) -> None:
     sim_url, sim = await grid.sim(itl_ms=5, tokens=10)
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url, max_concurrency=2)
-    peak = 0
-
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, sim.stats.active)
-            await trio.sleep(0.001)
 
     async def one() -> None:
         response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
         assert response.status_code == 200
 
-    async with trio.open_nursery() as outer:
-        outer.start_soon(watch)
-        async with trio.open_nursery() as nursery:
-            for _ in range(10):
-                nursery.start_soon(one)
-        outer.cancel_scope.cancel()
+    assert await peak_active(sim, [one] * 10) == 2
     assert sim.stats.completed == 10
-    assert peak == 2
 
 
 async def test_worker_joins_and_leaves(grid: Grid) -> None:

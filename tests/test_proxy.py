@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import openai
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active
 from ghubai.configfiles import add_hub, remove_hub
 
 
@@ -260,25 +261,15 @@ async def test_a_worker_shared_by_two_hubs_keeps_its_max_concurrency(grid: Grid)
         return [len(await grid.workers(h.value)) for h in (hub_a, hub_b)] == [1, 1]
 
     await eventually(linked, "the worker to link to both hubs")
-    peak = 0
 
-    async def watch() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, sim.stats.active)
-            await trio.sleep(0.001)
+    def through(hub_url: str) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            response = await grid.http.post(hub_url + "/v1/chat/completions", json=chat())
+            assert response.status_code == 200, response.text
+        return one
 
-    async def one(hub_url: str) -> None:
-        response = await grid.http.post(hub_url + "/v1/chat/completions", json=chat())
-        assert response.status_code == 200, response.text
-
-    async with trio.open_nursery() as outer:
-        outer.start_soon(watch)
-        async with trio.open_nursery() as nursery:
-            for index in range(8):
-                nursery.start_soon(one, (hub_a, hub_b)[index % 2].value)
-        outer.cancel_scope.cancel()
-    assert sim.stats.completed == 8 and peak == 2
+    assert await peak_active(sim, [through(hub_a.value), through(hub_b.value)] * 4) == 2
+    assert sim.stats.completed == 8
 
 
 def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
