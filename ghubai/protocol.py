@@ -36,22 +36,43 @@ APIS = (
     "ollama.chat", "ollama.generate", "ollama.embed",
 )
 
-FIELDS: dict[str, tuple[str, ...]] = {
-    "hello": ("protocol", "worker_id", "name", "models", "max_concurrency", "engine", "version"),
-    "welcome": ("hub_id", "heartbeat_s"),
-    "models": ("models",),
-    "request": ("id", "api", "body", "stream"),
-    "end": ("id", "usage"),
-    "error": ("id", "status", "message", "retryable"),
-    "cancel": ("id",),
-    "load": ("inflight",),
-    "ping": ("inflight",),
-    "pong": ("inflight",),
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+_ID = lambda value: isinstance(value, str) and 0 < len(value) <= 64  # noqa: E731
+_STR = lambda value: isinstance(value, str)  # noqa: E731
+_BOOL = lambda value: isinstance(value, bool)  # noqa: E731
+_COUNT = lambda value: _is_int(value) and value >= 0  # noqa: E731
+
+# Each frame type, with a check of every field it must carry: a frame that fails one is refused
+# as a whole, so a buggy or hostile peer cannot make the other side fail on a wrong type later.
+FIELDS: dict[str, dict[str, Any]] = {
+    "hello": {"protocol": _is_int, "worker_id": _ID, "name": _STR, "models": _is_strings,
+              "max_concurrency": lambda v: _is_int(v) and v >= 1, "engine": _STR, "version": _STR},
+    "welcome": {"hub_id": _STR, "heartbeat_s": lambda v: isinstance(v, int | float) and v > 0},
+    "models": {"models": _is_strings},
+    "request": {"id": _ID, "api": _STR, "body": lambda v: isinstance(v, dict), "stream": _BOOL},
+    "end": {"id": _ID, "usage": lambda v: v is None or (isinstance(v, dict) and all(map(_COUNT, v.values())))},
+    "error": {"id": _ID, "status": lambda v: _is_int(v) and 100 <= v <= 599, "message": _STR, "retryable": _BOOL},
+    "cancel": {"id": _ID},
+    "load": {"inflight": _COUNT},
+    "ping": {"inflight": _COUNT},
+    "pong": {"inflight": _COUNT},
 }
 
 
 class ProtocolError(ValueError):
-    """A frame that cannot be understood (not JSON, no type, a known type lacking fields)."""
+    """A frame that cannot be understood (not JSON, no type, a known type lacking fields).
+    ``frames``: those of the same message that were read before the fault."""
+
+    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.frames = frames or []
 
 
 def _encode(kind: str, **fields: Any) -> str:
@@ -93,10 +114,10 @@ def unpack_chunks(message: bytes) -> list[dict[str, Any]]:
     while offset < size:
         start = offset + ID_BYTES + _LENGTH.size
         if start > size:
-            raise ProtocolError("truncated chunk header")
+            raise ProtocolError("truncated chunk header", frames)
         (length,) = _LENGTH.unpack_from(message, offset + ID_BYTES)
         if start + length > size:
-            raise ProtocolError("truncated chunk data")
+            raise ProtocolError("truncated chunk data", frames)
         frames.append({"type": "chunk", "id": message[offset:offset + ID_BYTES].decode("ascii", "replace"),
                        "data": message[start:start + length]})
         offset = start + length
@@ -107,8 +128,10 @@ def end(request_id: str, usage: dict[str, int] | None) -> str:
     return _encode("end", id=request_id, usage=usage)
 
 
-def error(request_id: str, status: int, message: str, retryable: bool) -> str:
-    return _encode("error", id=request_id, status=status, message=message, retryable=retryable)
+def error(request_id: str, status: int, message: str, retryable: bool, busy: bool = False) -> str:
+    """``busy``: the worker has no free slot right now (other hubs filled it); the hub waits for its
+    next ``load`` or another worker instead of counting a failed attempt."""
+    return _encode("error", id=request_id, status=status, message=message, retryable=retryable, busy=busy)
 
 
 def cancel(request_id: str) -> str:
@@ -121,11 +144,6 @@ def load(inflight: int) -> str:
     return _encode("load", inflight=inflight)
 
 
-# An ``error`` with this status and ``retryable`` says "no free slot here right now": the hub waits for
-# the worker's next ``load`` (or another worker) instead of counting it as a failed attempt.
-BUSY = 429
-
-
 def ping(inflight: int) -> str:
     return _encode("ping", inflight=inflight)
 
@@ -134,23 +152,39 @@ def pong(inflight: int) -> str:
     return _encode("pong", inflight=inflight)
 
 
-def unpack(message: str | bytes) -> list[dict[str, Any]]:
-    """Every frame of one WebSocket message; raises ProtocolError if any is malformed."""
+def unpack(message: str | bytes) -> tuple[list[dict[str, Any]], list[str]]:
+    """The frames of one WebSocket message, and what was wrong with the parts that were refused:
+    a bad line of a text message costs that line only; a bad binary record ends its message."""
     if isinstance(message, bytes):
-        return unpack_chunks(message)
-    return [decode(line) for line in message.split("\n")]
+        try:
+            return unpack_chunks(message), []
+        except ProtocolError as problem:
+            return problem.frames, [str(problem)]
+    frames, problems = [], []
+    for line in message.split("\n"):
+        try:
+            frames.append(decode(line))
+        except ProtocolError as problem:
+            problems.append(str(problem))
+    return frames, problems
+
+
+MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
+MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
 
 
 async def write_batched(frames: Any, send: Any) -> None:
     """The one writer of a link: sends what is queued on the ``frames`` channel (JSON text frames and
-    binary chunks), everything already waiting in as few messages as order allows, through ``send``."""
+    binary chunks), everything already waiting in as few messages as order and size allow."""
     async for frame in frames:
         batch = [frame]
-        while True:
+        size = len(frame)
+        while size < MAX_BATCH_BYTES:
             try:
                 batch.append(frames.receive_nowait())
             except (WouldBlock, EndOfChannel):
                 break
+            size += len(batch[-1])
         for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):
             await send(b"".join(group) if binary else "\n".join(group))
 
@@ -163,7 +197,11 @@ def decode(text: str | bytes) -> dict[str, Any]:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise ProtocolError("frame has no type")
-    missing = [name for name in FIELDS.get(frame["type"], ()) if name not in frame]
-    if missing:
-        raise ProtocolError(f"{frame['type']} frame lacks {', '.join(missing)}")
+    if frame["type"] == "chunk":
+        raise ProtocolError("chunk frames are binary")
+    for name, valid in FIELDS.get(frame["type"], {}).items():
+        if name not in frame:
+            raise ProtocolError(f"{frame['type']} frame lacks {name}")
+        if not valid(frame[name]):
+            raise ProtocolError(f"{frame['type']} frame has a bad {name}: {str(frame[name])[:80]}")
     return frame

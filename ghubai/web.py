@@ -14,6 +14,8 @@ from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
+from ghubai.protocol import MAX_MESSAGE_BYTES
+
 _unshielded_close = TCPServer._close
 
 
@@ -32,7 +34,7 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     config.include_server_header = False
     config.accesslog = None
     config.errorlog = None
-    config.websocket_max_message_size = 16 * 1024 * 1024
+    config.websocket_max_message_size = MAX_MESSAGE_BYTES
     if tls_cert:
         config.certfile, config.keyfile = tls_cert, tls_key
     return config

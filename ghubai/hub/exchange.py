@@ -64,7 +64,7 @@ class Exchange:
             frame = await self._next(self.config.timeouts.first_token_s, "the first token")
             if frame["type"] != "error":
                 return frame
-            if frame["status"] == protocol.BUSY and frame["retryable"]:
+            if frame.get("busy") is True:
                 self.pool.refused(worker)  # full because of other hubs: wait for a slot, not an attempt
                 continue
             last_error = client_error(frame)
@@ -92,11 +92,11 @@ class Exchange:
         raise ApiError(504, f"Timed out waiting for {what} from the worker")
 
     def _note(self, frame: Frame) -> Frame:
-        if frame["type"] in ("end", "error"):
+        if frame["type"] in ("end", "error"):  # the pool gave the slot back when the frame arrived
             self.done = True
+            self.worker = None
             if frame["type"] == "end":
-                self.usage = frame.get("usage")
-            self._release()
+                self.usage = frame["usage"]
         return frame
 
     async def batches(self) -> AsyncIterator[list[Frame]]:
@@ -112,16 +112,10 @@ class Exchange:
                     break
             yield batch
 
-    def _release(self) -> None:
-        if self.worker is not None:
-            self.pool.release(self.worker)
-            self.worker = None
-
     def close(self) -> None:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still
-        producing, tell it to stop; give the slot back."""
-        if self.worker is not None and not self.done:
-            self.worker.pending.pop(self.request_id, None)
-            self.worker.send(protocol.cancel(self.request_id))
-        self.done = True
-        self._release()
+        producing, tell it to stop and give the slot back."""
+        worker, self.worker, self.done = self.worker, None, True
+        if worker is not None and worker.pending.pop(self.request_id, None) is not None:
+            worker.send(protocol.cancel(self.request_id))
+            self.pool.release(worker)

@@ -47,10 +47,12 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             nursery.start_soon(protocol.write_batched, receive, websocket.send)
             nursery.start_soon(_heartbeat, worker, heartbeat_s)
             await _read(pool, worker, heartbeat_s)
+            # Before anything that may wait: hypercorn's socket writes cannot be cancelled, so a
+            # writer stuck on a peer that stopped reading must not hold up these requests.
+            pool.drop(worker, f"lost the link to worker {worker.name}")
             nursery.cancel_scope.cancel()
     finally:
-        pool.remove(worker)
-        worker.fail_all(f"lost the link to worker {worker.name}")
+        pool.drop(worker, f"lost the link to worker {worker.name}")
         send.close()
     return None
 
@@ -93,20 +95,17 @@ async def _read(pool: Pool, worker: RemoteWorker, heartbeat_s: float) -> None:
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, 3 * heartbeat_s)
             return
         worker.last_seen = trio.current_time()
-        try:
-            frames = protocol.unpack(message)
-        except protocol.ProtocolError as error:
-            log.warning("bad message from worker %s: %s", worker.name, error)
-            continue
+        frames, problems = protocol.unpack(message)
+        for problem in problems:
+            log.warning("bad frame from worker %s: %s", worker.name, problem)
         for frame in frames:
             kind = frame["type"]
             if kind in ("chunk", "end", "error"):
-                worker.deliver(frame)
+                pool.deliver(worker, frame)
             elif kind == "models":
-                pool.set_models(worker, list(frame["models"]))
+                pool.set_models(worker, frame["models"])
             elif kind in ("load", "ping", "pong"):
-                if isinstance(frame["inflight"], int):
-                    pool.report(worker, frame["inflight"])
+                pool.report(worker, frame["inflight"])
                 if kind == "ping":
                     worker.send(protocol.pong(worker.inflight))
             else:

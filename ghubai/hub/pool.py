@@ -2,8 +2,9 @@
 
 A request takes a slot on the least-loaded worker that hosts its model (lowest
 inflight / max_concurrency). When every such worker is full it waits in a bounded queue: first in,
-first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. Only the head of a
-model's queue is woken when a slot may have freed, so a release costs O(1) however long the queue.
+first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. When a slot may
+have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
+the one behind, so a release usually costs O(1) however long the queue.
 """
 
 from __future__ import annotations
@@ -51,24 +52,22 @@ class RemoteWorker:
         try:
             self.out.send_nowait(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # link closing: fail_all() answers every pending request
+            pass  # link closing: Pool.drop() answers every pending request
 
-    def deliver(self, frame: dict[str, Any]) -> None:
-        """Hand a chunk/end/error frame to the request it belongs to (if it still waits)."""
+    def deliver(self, frame: dict[str, Any]) -> bool:
+        """Hand a chunk/end/error frame to the request it belongs to, if it still waits; True when the
+        frame ended that request. Whoever takes a request out of ``pending`` gives its slot back."""
         channel = self.pending.get(frame["id"])
         if channel is None:
-            return  # a request that was cancelled or already failed over
-        if frame["type"] != "chunk":
-            del self.pending[frame["id"]]
+            return False  # a request that was cancelled or already failed over
+        ended = frame["type"] != "chunk"
         try:
             channel.send_nowait(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            self.pending.pop(frame["id"], None)
-
-    def fail_all(self, message: str) -> None:
-        """The link is gone: every request on it gets a retryable error."""
-        for request_id in list(self.pending):
-            self.deliver({"type": "error", "id": request_id, "status": 502, "message": message, "retryable": True})
+            ended = True  # nobody reads it any more
+        if ended:
+            del self.pending[frame["id"]]
+        return ended
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
@@ -150,14 +149,20 @@ class Pool:
         waiter = _Waiter()
         queue.append(waiter)
         self.queued += 1
+        queue[0].event.set()  # those ahead may be waiting for workers they cannot use: a free slot is ours
         try:
             with trio.fail_at(deadline):
                 while True:
-                    if queue[0] is waiter and (worker := self._pick(model, exclude)):
-                        return worker
-                    self._check_hosted(model, exclude)
                     await waiter.event.wait()
                     waiter.event = trio.Event()
+                    if worker := self._pick(model, exclude):
+                        return worker
+                    self._check_hosted(model, exclude)
+                    # Nothing here for this waiter (say, a retry that must avoid the free worker):
+                    # pass the wake-up on, so first in line is first served among those who can be.
+                    position = queue.index(waiter)
+                    if position + 1 < len(queue):
+                        queue[position + 1].event.set()
         except trio.TooSlowError:
             raise ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
                            retry_after=max(1, math.ceil(self.limits.queue_timeout_s / 10))) from None
@@ -172,6 +177,18 @@ class Pool:
     def release(self, worker: RemoteWorker) -> None:
         worker.inflight -= 1
         self._wake(worker.models)
+
+    def deliver(self, worker: RemoteWorker, frame: dict[str, Any]) -> None:
+        """A frame about a request; its end frees the slot at once, however slowly the client reads."""
+        if worker.deliver(frame):
+            self.release(worker)
+
+    def drop(self, worker: RemoteWorker, message: str) -> None:
+        """The worker's link is gone: out of the pool, and every request on it gets a retryable error."""
+        self.remove(worker)
+        for request_id in list(worker.pending):
+            self.deliver(worker, {"type": "error", "id": request_id, "status": 502, "message": message,
+                                  "retryable": True, "busy": False})
 
     def report(self, worker: RemoteWorker, inflight: int) -> None:
         """The worker's own count of running requests (``load``, ``ping``, ``pong`` frames)."""

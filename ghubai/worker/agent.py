@@ -29,7 +29,6 @@ log = logging.getLogger("ghubai.worker")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 WELCOME_TIMEOUT_S = 10.0
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 
 
 class Link:
@@ -70,7 +69,7 @@ class Worker:
             if self._engine_down:
                 log.info("engine at %s answers again", self.config.engine.url)
             self._engine_down = False
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
             if not self._engine_down:
                 log.warning("engine at %s does not list its models: %s", self.config.engine.url,
                             error or type(error).__name__)
@@ -110,7 +109,7 @@ class Worker:
                 async with trio_websocket.open_websocket_url(
                         url, ssl_context=self._ssl_context(url), extra_headers=headers,
                         connect_timeout=self.config.engine.connect_timeout_s, disconnect_timeout=2,
-                        max_message_size=MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
+                        max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
                     heartbeat_s = await self._handshake(ws, url)
                     backoff = BACKOFF_FIRST_S
                     await self._serve_link(ws, url, heartbeat_s)
@@ -171,18 +170,24 @@ class Worker:
             if silence.cancelled_caught:
                 log.warning("hub at %s silent for %.1f s: dropping the link", link.url, 3 * heartbeat_s)
                 return
-            try:
-                frames = protocol.unpack(message)
-            except protocol.ProtocolError as error:
-                log.warning("bad message from %s: %s", link.url, error)
-                continue
+            frames, problems = protocol.unpack(message)
+            for problem in problems:
+                log.warning("bad frame from %s: %s", link.url, problem)
             for frame in frames:
                 self._dispatch(link, nursery, frame)
 
     def _dispatch(self, link: Link, nursery: trio.Nursery, frame: dict[str, Any]) -> None:
+        """Synchronous, so that slots are counted and a cancel finds its request even when both
+        arrive in one message, before the request's task has run at all."""
         kind = frame["type"]
         if kind == "request":
-            nursery.start_soon(self._serve_request, link, frame)
+            if self.inflight >= self.config.engine.max_concurrency:
+                link.send(protocol.error(frame["id"], 503, "worker is at max_concurrency", retryable=True,
+                                         busy=True))
+                return
+            self._count(+1)
+            link.requests[frame["id"]] = scope = trio.CancelScope()
+            nursery.start_soon(self._serve_request, link, frame, scope)
         elif kind == "cancel":
             if scope := link.requests.get(frame["id"]):
                 scope.cancel()
@@ -198,32 +203,25 @@ class Worker:
         for each in list(self.links):
             each.send(protocol.load(self.inflight))
 
-    async def _serve_request(self, link: Link, frame: dict[str, Any]) -> None:
+    async def _serve_request(self, link: Link, frame: dict[str, Any], scope: trio.CancelScope) -> None:
         request_id = frame["id"]
-        if not isinstance(frame["body"], dict) or not isinstance(frame["api"], str):
-            link.send(protocol.error(request_id, 400, "malformed request frame", retryable=False))
-            return
-        if self.inflight >= self.config.engine.max_concurrency:
-            link.send(protocol.error(request_id, protocol.BUSY, "worker is at max_concurrency", retryable=True))
-            return
-        self._count(+1)
-        call = Call(api=frame["api"], body=frame["body"], stream=bool(frame["stream"]))
-        with trio.CancelScope() as scope:
-            link.requests[request_id] = scope
-            try:
-                async for batch in self.engine.run(call):
-                    link.send(protocol.chunk(request_id, batch))
-                link.send(protocol.end(request_id, call.usage))
-            except EngineError as error:
-                link.send(protocol.error(request_id, error.status, error.message, error.retryable))
-                if error.model_missing:
-                    self._rediscover.set()
-            except Exception:  # a bug here must cost this request only, never the link and its others
-                log.exception("request %s failed inside the worker", request_id)
-                link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
-            finally:
-                del link.requests[request_id]
-                self._count(-1)
+        call = Call(api=frame["api"], body=frame["body"], stream=frame["stream"])
+        try:
+            with scope:
+                try:
+                    async for batch in self.engine.run(call):
+                        link.send(protocol.chunk(request_id, batch))
+                    link.send(protocol.end(request_id, call.usage))
+                except EngineError as error:
+                    link.send(protocol.error(request_id, error.status, error.message, error.retryable))
+                    if error.model_missing:
+                        self._rediscover.set()
+                except Exception:  # a bug here must cost this request only, never the link and its others
+                    log.exception("request %s failed inside the worker", request_id)
+                    link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
+        finally:
+            del link.requests[request_id]
+            self._count(-1)
         if scope.cancelled_caught:
             log.debug("request %s cancelled by the hub", request_id)
 

@@ -48,6 +48,7 @@ class Call:
     stream: bool
     client_wants_usage: bool = False
     usage: dict[str, int] | None = field(default=None)
+    finished: bool = False  # the engine said its answer is complete ([DONE], or "done": true)
 
 
 def _error_message(raw: bytes) -> str:
@@ -124,6 +125,9 @@ class Engine:
                 async for batch in split(response.aiter_bytes()):
                     if out := self._render(call, batch, sse):
                         yield out
+                if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
+                    raise EngineError(502, "the engine ended the stream without finishing its answer",
+                                      retryable=True)
         except httpx.TimeoutException as error:
             raise EngineError(504, f"engine timed out: {type(error).__name__}", retryable=True) from None
         except (httpx.TransportError, ValueError) as error:
@@ -142,12 +146,17 @@ class Engine:
         its one final error event."""
         out = []
         for payload in batch:
+            if payload == b"[DONE]":
+                call.finished = True
+                continue
             if payload.startswith(b'{"error"'):
                 raise EngineError(502, _error_message(payload), retryable=True)
             if any(marker in payload for marker in _USAGE_MARKERS):
                 value = json.loads(payload)
+                value = value if isinstance(value, dict) else {}
                 if usage := _usage_of(value):
                     call.usage = usage
+                call.finished |= value.get("done") is True
                 if value.get("choices") == [] and not call.client_wants_usage:
                     continue
             out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
@@ -158,7 +167,7 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
 
 
 async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """SSE ``data`` payloads, one list per network read; ``[DONE]`` is dropped (the hub ends streams)."""
+    """SSE ``data`` payloads, one list per network read."""
     pending = b""
     async for data in chunks:
         pending += data
@@ -166,8 +175,8 @@ async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[byte
         batch = []
         for event in events:
             lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if lines and (payload := b"\n".join(lines)) != b"[DONE]":
-                batch.append(payload)
+            if lines:
+                batch.append(b"\n".join(lines))
         if batch:
             yield batch
 

@@ -1,0 +1,206 @@
+"""Edge cases an independent review found: lost cancels, stuck queues, silent truncation, slow
+clients holding slots, engine 429s, malformed frames, huge requests. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import trio
+import trio_websocket
+
+from conftest import WAIT_S, Grid, chat, eventually
+from ghubai import protocol
+from ghubai.config import HubLimits
+from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.hub.pool import Pool, RemoteWorker
+
+
+async def fake_engine(grid: Grid, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
+    """An engine that lists model ``sim`` and answers every other request with ``answer``."""
+
+    async def handle(conn: Connection, request: Request) -> None:
+        if request.path == "/api/tags":
+            await conn.respond_json(200, {"models": [{"name": "sim"}]})
+        else:
+            await answer(conn, request)
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engine(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=400, itl_ms=10)
+
+    async def hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.welcome("fake-hub", 1.0))
+        request_id = protocol.new_request_id()
+        await ws.send_message(protocol.request(request_id, "openai.chat", chat(stream=True), True) + "\n"
+                              + protocol.cancel(request_id))
+        while True:
+            await ws.get_message()
+
+    server = await grid.nursery.start(trio_websocket.serve_websocket, hub, "127.0.0.1", 0, None)
+    await grid.worker(f"http://127.0.0.1:{server.port}", sim_url)
+
+    await trio.sleep(1)  # the reply takes 4 s: had the cancel been lost, it would be generating now
+    assert (sim.stats.active, sim.stats.completed) == (0, 0)
+
+
+def _worker(name: str) -> RemoteWorker:
+    send, _ = trio.open_memory_channel[Any](math.inf)
+    return RemoteWorker(id=name, name=name, models=frozenset({"m"}), max_concurrency=1, engine="x", out=send)
+
+
+async def test_a_retry_waiting_at_the_head_does_not_block_a_free_slot() -> None:
+    pool = Pool(HubLimits(queue_timeout_s=WAIT_S))
+    a, b = _worker("A"), _worker("B")
+    pool.add(a)
+    pool.add(b)
+    deadline = trio.current_time() + WAIT_S
+    assert {(await pool.acquire("m", set(), deadline)).id, (await pool.acquire("m", set(), deadline)).id} == {"A", "B"}
+    got: dict[str, str] = {}
+
+    async def take(name: str, exclude: set[str]) -> None:
+        got[name] = (await pool.acquire("m", exclude, deadline)).id
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, "retry", {"A"})  # first in line, but must not use A
+        await trio.sleep(0.05)
+        nursery.start_soon(take, "fresh", set())
+        await trio.sleep(0.05)
+        pool.release(a)
+        pool.report(a, 0)
+        with trio.fail_after(1):
+            while "fresh" not in got:
+                await trio.sleep(0.01)
+        assert got == {"fresh": "A"}
+        pool.release(b)
+        pool.report(b, 0)
+    assert got == {"fresh": "A", "retry": "B"}
+
+
+async def test_an_engine_stream_that_stops_without_finishing_is_an_error_not_done(grid: Grid) -> None:
+    async def half(conn: Connection, request: Request) -> None:
+        await conn.start_stream(200, "text/event-stream")
+        await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n')
+        await conn.finish()  # ends cleanly, but with no finish chunk and no [DONE]
+
+    engine = await fake_engine(grid, half)
+    hub = await grid.hub()
+    await grid.worker(hub.value, engine)
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "[DONE]" not in events
+    assert "without finishing" in json.loads(events[-1])["error"]["message"]
+
+
+async def test_an_engine_429_reaches_the_client(grid: Grid) -> None:
+    calls = 0
+
+    async def limited(conn: Connection, request: Request) -> None:
+        nonlocal calls
+        calls += 1
+        await conn.respond_json(429, {"error": "slow down"})
+
+    engine = await fake_engine(grid, limited)
+    hub = await grid.hub(limits={"queue_timeout_s": 5})
+    await grid.worker(hub.value, engine)
+    with trio.fail_after(WAIT_S):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 429 and response.json()["error"]["message"] == "slow down"
+    assert calls <= 3  # tried on at most max_attempts workers, never in a loop
+
+
+async def test_a_client_that_stops_reading_frees_the_worker_slot_when_the_engine_is_done(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=30_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", int(hub.value.rsplit(":", 1)[1])))
+    body = json.dumps(chat(stream=True)).encode()
+    await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await sock.recv(100)  # the stream started; this client now reads no more, and stays connected
+
+    async def engine_done() -> bool:
+        return sim.stats.completed == 1
+
+    await eventually(engine_done, "the engine to finish the stalled client's answer", timeout_s=60)
+    with trio.fail_after(WAIT_S):
+        second = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))
+    assert second.status_code == 200
+    sock.close()
+
+
+async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: Grid) -> None:
+    hub = await grid.hub()
+
+    async def fake_worker() -> None:
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + "/gridhub") as ws:
+            await ws.send_message(protocol.hello("w-1", "fake", ["sim"], 2, "ollama", "test"))
+            await ws.get_message()  # welcome
+            while True:
+                frames, _ = protocol.unpack(await ws.get_message())
+                for frame in frames:
+                    if frame["type"] != "request":
+                        continue
+                    request_id = frame["id"]
+                    await ws.send_message("\n".join([
+                        json.dumps({"type": "error", "id": request_id, "status": "boom", "message": 1,
+                                    "retryable": True}),
+                        json.dumps({"type": "chunk", "id": request_id}),
+                        json.dumps({"type": "models", "models": [1]}),
+                        json.dumps({"type": "end", "id": [1], "usage": None}),
+                        "not json at all"]))
+                    await ws.send_message(protocol.chunk(request_id, b'{"answer": "fine"}'))
+                    await ws.send_message(protocol.end(request_id, {"prompt_tokens": 1, "completion_tokens": 1}))
+
+    grid.nursery.start_soon(fake_worker)
+
+    async def linked() -> bool:
+        return len(await grid.workers(hub.value)) == 1
+
+    await eventually(linked, "the fake worker to join")
+    for _ in range(2):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+        assert response.status_code == 200 and response.json() == {"answer": "fine"}
+    assert (await grid.workers(hub.value))[0]["models"] == ["sim"]
+
+
+async def test_many_large_requests_at_once_all_complete(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=3)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, max_concurrency=8)
+    big = "word " * 700_000  # 3.5 MB: eight of them are more than one WebSocket message may carry
+
+    async def one() -> None:
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content=big), timeout=60)
+        assert response.status_code == 200
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):
+                nursery.start_soon(one)
+    assert sim.stats.completed == 8
+
+
+async def test_an_engine_whose_model_list_is_malformed_does_not_kill_the_worker(grid: Grid) -> None:
+    async def handle(conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, ["not", "an", "object"])
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    hub = await grid.hub()
+    await grid.worker(hub.value, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    await trio.sleep(0.5)  # several discovery rounds
+    [worker] = await grid.workers(hub.value)
+    assert worker["models"] == []
