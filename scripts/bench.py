@@ -110,7 +110,8 @@ async def _drive(port: int, clients: int, seconds: float, body: dict,
         nonlocal answered
         client = Client(port)
         while trio.current_time() < deadline:
-            answered += await client.post("/v1/chat/completions", body, on_data) == 200
+            status = await client.post("/v1/chat/completions", body, on_data)
+            answered += status == 200  # not "answered += await ...": that reads answered before the await
         await client.aclose()
 
     start = time.perf_counter()
@@ -191,6 +192,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="duration of each throughput run")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per streamed reply")
     parser.add_argument("--ttft-samples", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="rounds over the three targets, interleaved; the table shows medians")
     args = parser.parse_args()
     sim_port, hub_port, proxy_port = free_port(), free_port(), free_port()
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
@@ -207,12 +210,13 @@ def main() -> None:
         wait_ready(f"http://{HOST}:{sim_port}/api/version")
         wait_ready(f"http://{HOST}:{hub_port}/ready")
         wait_ready(f"http://{HOST}:{proxy_port}/v1/models")
-        print("measuring straight to the simulator ...", file=sys.stderr)
-        direct = trio.run(measure, sim_port, args)
-        print("measuring through worker + hub ...", file=sys.stderr)
-        grid = trio.run(measure, hub_port, args)
-        print("measuring through proxy + hub + worker ...", file=sys.stderr)
-        proxied = trio.run(measure, proxy_port, args)
+        rounds: dict[str, list[dict[str, float]]] = {"direct": [], "hub": [], "proxy": []}
+        for round_number in range(args.repeat):
+            for name, port in (("direct", sim_port), ("hub", hub_port), ("proxy", proxy_port)):
+                print(f"round {round_number + 1}/{args.repeat}: {name} ...", file=sys.stderr)
+                rounds[name].append(trio.run(measure, port, args))
+        direct, grid, proxied = ({key: statistics.median(r[key] for r in rounds[name]) for key in rounds[name][0]}
+                                 for name in ("direct", "hub", "proxy"))
         print("measuring disconnect -> cancel ...", file=sys.stderr)
         hub_cancels = sorted(trio.run(cancel_latency, hub_port, sim_port, 20))
         proxy_cancels = sorted(trio.run(cancel_latency, proxy_port, sim_port, 20))
@@ -221,7 +225,7 @@ def main() -> None:
             ("tokens/s, 1 stream", "tok_s_1"), ("tokens/s, 16 streams", "tok_s_16"),
             ("tokens/s, 64 streams", "tok_s_64"), ("non-streaming requests/s (16 clients)", "req_s")]
     print(f"\n{os.cpu_count()} cores, simulator --ttft-ms 0 --itl-ms 0, {args.tokens} tokens per stream, "
-          f"{args.seconds:g} s per run\n")
+          f"{args.seconds:g} s per run, median of {args.repeat} interleaved rounds\n")
     print(f"| {'measure':<38} | {'direct':>8} | {'hub':>8} | {'proxy':>8} | {'hub/direct':>10} | {'proxy/hub':>9} |")
     print(f"|{'-' * 40}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|{'-' * 11}|")
     for label, key in rows:
