@@ -17,32 +17,51 @@ from ghubai.observability import logs
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(scope: trio.CancelScope) -> None:
+async def _until_signal(scope: trio.CancelScope, drain: trio.Event) -> None:
+    """SIGTERM asks for a graceful drain (the role finishes its work, then returns); SIGINT, or a
+    second SIGTERM, stops at once."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
+            if signum == signal.SIGTERM and not drain.is_set():
+                log.info("SIGTERM: draining (send it again to stop at once)")
+                drain.set()
+                continue
             log.info("%s: stopping", signal.Signals(signum).name)
             scope.cancel()
             return
 
 
-def _run(main: Callable[[], Awaitable[object]]) -> int:
-    """Run ``main`` until it ends or SIGINT/SIGTERM arrives; a clean stop exits 0."""
+def _run(main: Callable[[trio.Event], Awaitable[object]]) -> int:
+    """Run ``main(drain)`` until it returns or a signal stops it; a clean stop exits 0."""
 
     async def runner() -> None:
+        drain = trio.Event()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery.cancel_scope)
-            await main()
+            nursery.start_soon(_until_signal, nursery.cancel_scope, drain)
+            await main(drain)
             nursery.cancel_scope.cancel()
 
     trio.run(runner)
     return 0
 
 
+def _stopping_on(main: Callable[[], Awaitable[object]]) -> Callable[[trio.Event], Awaitable[None]]:
+    """For a role with nothing to drain: SIGTERM simply stops it."""
+
+    async def run(drain: trio.Event) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(main)
+            await drain.wait()
+            nursery.cancel_scope.cancel()
+
+    return run
+
+
 def _hub(args: argparse.Namespace) -> int:
     from ghubai.hub.app import run
 
     config = with_listen(load("hub", args.config), args.listen)
-    return _run(lambda: run(config))
+    return _run(lambda drain: run(config, drain=drain))
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -59,7 +78,7 @@ def _registry(args: argparse.Namespace) -> int:
     from ghubai.registry.server import run
 
     config = with_listen(load("registry", args.config), args.listen)
-    return _run(lambda: run(config, args.config))
+    return _run(_stopping_on(lambda: run(config, args.config)))
 
 
 def _required_config(args: argparse.Namespace) -> str:
@@ -72,7 +91,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from ghubai.proxy.server import run
 
     config = with_listen(load("proxy", args.config), args.listen)
-    return _run(lambda: run(config))
+    return _run(_stopping_on(lambda: run(config)))
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -106,7 +125,7 @@ def _worker(args: argparse.Namespace) -> int:
     from ghubai.worker.agent import run
 
     config = load("worker", args.config)
-    return _run(lambda: run(config))
+    return _run(lambda drain: run(config, drain=drain))
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -121,13 +140,13 @@ def _sim(args: argparse.Namespace) -> int:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
         fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim)
-    return _run(lambda: serve(Simulator(options), args.listen))
+    return _run(_stopping_on(lambda: serve(Simulator(options), args.listen)))
 
 
 def _up(args: argparse.Namespace) -> int:
     from ghubai.up import up
 
-    return _run(lambda: up(port=args.port, backend=args.backend))
+    return _run(_stopping_on(lambda: up(port=args.port, backend=args.backend)))
 
 
 def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:

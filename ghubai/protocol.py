@@ -61,6 +61,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "error": {"id": _ID, "status": lambda v: _is_int(v) and 100 <= v <= 599, "message": _STR, "retryable": _BOOL},
     "cancel": {"id": _ID},
     "load": {"inflight": _COUNT},
+    "draining": {},
     "ping": {"inflight": _COUNT},
     "pong": {"inflight": _COUNT},
 }
@@ -142,6 +143,11 @@ def load(inflight: int) -> str:
     """Worker -> every hub, whenever its number of running requests changes: a worker shared by
     several hubs is full for all of them at once, and each hub must know when a slot frees."""
     return _encode("load", inflight=inflight)
+
+
+def draining() -> str:
+    """Worker -> hub: shutting down; finishing what it runs, taking nothing new."""
+    return _encode("draining")
 
 
 def ping(inflight: int) -> str:

@@ -7,6 +7,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -162,11 +163,16 @@ def ghubai_command(*args: str) -> list[str]:
 class HubProcess:
     """A hub as a real process, for the tests that kill it."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: str | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(ghubai_command("hub", "--listen", f"127.0.0.1:{self.port}",
-                                                       "--log-level", "warning"))
+        args = ["hub", "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning"]
+        if config is not None:
+            self.config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
+            self.config.write(config)
+            self.config.close()
+            args += ["--config", self.config.name]
+        self.process = subprocess.Popen(ghubai_command(*args))
 
     async def started(self, http: httpx.AsyncClient) -> HubProcess:
         async def up() -> bool:

@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 from ghubai import openai, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
-from ghubai.hub.exchange import Exchange, Frame, client_error
+from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.pool import Pool
 from ghubai.openai import ApiError
@@ -91,7 +91,7 @@ async def _whole(exchange: Exchange, first: Frame) -> bytes:
     return b"".join(parts)
 
 
-def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:
+def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -> QuartTrio:
     app = QuartTrio("ghubai.hub")
     app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
     app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
@@ -119,7 +119,13 @@ def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:
     async def forward(api: str, body: dict[str, Any]) -> Response:
         stream = body.get("stream") is True
         exchange = Exchange(pool, config, api, body, stream)
-        request.scope["ghubai.closers"].append(exchange.close)
+        inflight.add(exchange)
+
+        def finished() -> None:
+            exchange.close()
+            inflight.discard(exchange)
+
+        request.scope["ghubai.closers"].append(finished)
         first = await exchange.open()
         if stream:
             return Response(_sse_body(exchange, first), 200, headers=openai.SSE_HEADERS)
@@ -147,7 +153,8 @@ def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:
     @app.get("/ready")
     async def ready() -> tuple[dict[str, Any], int]:
         count = len(pool.workers)
-        return {"status": "ready" if count else "no workers", "workers": count}, 200 if count else 503
+        status = "draining" if pool.draining else "ready" if count else "no workers"
+        return {"status": status, "workers": count}, 200 if status == "ready" else 503
 
     @app.websocket(protocol.GRIDHUB_PATH)
     async def gridhub() -> Response | None:
@@ -156,15 +163,23 @@ def create_app(config: HubConfig, pool: Pool, hub_id: str) -> QuartTrio:
     return app
 
 
-async def run(config: HubConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve the hub until cancelled; reports its base URL."""
+async def run(config: HubConfig, *, drain: trio.Event | None = None,
+              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the hub until cancelled, or until ``drain`` is set and the drain is over. Reports the
+    base URL. While it drains the port stays open: ``/ready`` and new requests answer 503, so
+    proxies move on at once."""
     hub_id = uuid.uuid4().hex[:12]
     pool = Pool(config.limits)
+    inflight = InFlight()
     if not config.provider_tokens:
         log.warning("provider_tokens is empty: ANY worker that reaches this port can join the grid")
-    app = create_app(config, pool, hub_id)
+    app = create_app(config, pool, inflight, hub_id)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
         task_status.started(binds[0])
+        if drain is not None:
+            await drain.wait()
+            await inflight.drain(pool, config.drain_timeout_s)
+            nursery.cancel_scope.cancel()

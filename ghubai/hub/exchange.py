@@ -23,6 +23,7 @@ from ghubai.openai import ApiError
 log = logging.getLogger("ghubai.hub")
 
 Frame = dict[str, Any]
+DRAIN_FLUSH_S = 2.0
 
 
 def client_error(frame: Frame) -> ApiError:
@@ -112,6 +113,14 @@ class Exchange:
                     break
             yield batch
 
+    def abort(self, message: str) -> None:
+        """End the request now with an error its client will see (the hub is shutting down)."""
+        worker = self.worker
+        if worker is not None and not self.done and self.request_id in worker.pending:
+            worker.send(protocol.cancel(self.request_id))
+            self.pool.deliver(worker, {"type": "error", "id": self.request_id, "status": 503, "message": message,
+                                       "retryable": False, "busy": False})
+
     def close(self) -> None:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still
         producing, tell it to stop and give the slot back."""
@@ -119,3 +128,34 @@ class Exchange:
         if worker is not None and worker.pending.pop(self.request_id, None) is not None:
             worker.send(protocol.cancel(self.request_id))
             self.pool.release(worker)
+
+
+class InFlight:
+    """The hub's requests in flight, so that a drain can wait for them, then end the rest."""
+
+    def __init__(self) -> None:
+        self.exchanges: set[Exchange] = set()
+        self.idle = trio.Event()
+        self.idle.set()
+
+    def add(self, exchange: Exchange) -> None:
+        self.exchanges.add(exchange)
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+
+    def discard(self, exchange: Exchange) -> None:
+        self.exchanges.discard(exchange)
+        if not self.exchanges:
+            self.idle.set()
+
+    async def drain(self, pool: Pool, timeout_s: float) -> None:
+        """No new request; those running get ``timeout_s`` to finish; the rest end with an error."""
+        pool.drain()
+        log.info("draining: %d request(s) in flight, waiting up to %g s", len(self.exchanges), timeout_s)
+        with trio.move_on_after(timeout_s):
+            await self.idle.wait()
+        if self.exchanges:
+            log.warning("drain timeout: ending %d request(s) with an error", len(self.exchanges))
+            for exchange in list(self.exchanges):
+                exchange.abort("The hub is shutting down")
+            with trio.move_on_after(DRAIN_FLUSH_S):  # time for those final events to reach clients
+                await self.idle.wait()

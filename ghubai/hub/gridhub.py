@@ -104,6 +104,8 @@ async def _read(pool: Pool, worker: RemoteWorker, heartbeat_s: float) -> None:
                 pool.deliver(worker, frame)
             elif kind == "models":
                 pool.set_models(worker, frame["models"])
+            elif kind == "draining":
+                pool.set_draining(worker)
             elif kind in ("load", "ping", "pong"):
                 pool.report(worker, frame["inflight"])
                 if kind == "ping":

@@ -38,6 +38,7 @@ class RemoteWorker:
     pending: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
     last_seen: float = 0.0
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
 
     @property
     def busy(self) -> int:
@@ -71,7 +72,7 @@ class RemoteWorker:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
-                "max_concurrency": self.max_concurrency, "engine": self.engine}
+                "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining}
 
 
 class _Waiter:
@@ -87,6 +88,7 @@ class Pool:
         self.workers: dict[str, RemoteWorker] = {}
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
+        self.draining = False  # the hub is shutting down: no new request gets a worker
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -114,15 +116,25 @@ class Pool:
         return sorted({model for worker in self.workers.values() for model in worker.models})
 
     def hosts(self, model: str) -> list[RemoteWorker]:
-        return [worker for worker in self.workers.values() if model in worker.models]
+        return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]
+
+    def set_draining(self, worker: RemoteWorker) -> None:
+        worker.draining = True
+        log.info("worker %s (%s) is draining", worker.name, worker.id[:8])
+        self._wake(self._queues)  # requests waiting only for it must learn it is gone
+
+    def drain(self) -> None:
+        """The hub is shutting down: every queued request, and any later one, is refused with 503."""
+        self.draining = True
+        self._wake(self._queues)
 
     # -- scheduling ------------------------------------------------------------------------------
 
     def _pick(self, model: str, exclude: set[str]) -> RemoteWorker | None:
         best: RemoteWorker | None = None
         for worker in self.workers.values():
-            if (model in worker.models and worker.id not in exclude and worker.busy < worker.max_concurrency
-                    and (best is None or worker.load < best.load)):
+            if (model in worker.models and worker.id not in exclude and not worker.draining
+                    and worker.busy < worker.max_concurrency and (best is None or worker.load < best.load)):
                 best = worker
         if best is not None:
             best.inflight += 1
@@ -130,17 +142,20 @@ class Pool:
         return best
 
     def _check_hosted(self, model: str, exclude: set[str]) -> None:
-        hosts = self.hosts(model)
-        if not hosts:
+        """Raise the answer a request gets when no worker could ever take it."""
+        if self.draining:
+            raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
+        hosting = [worker for worker in self.workers.values() if model in worker.models]
+        if not hosting:
             if not self.workers:
                 raise ApiError(503, "No worker is connected to this hub", retry_after=1)
             raise model_not_found(model)
-        if all(worker.id in exclude for worker in hosts):
-            raise ApiError(503, f"No other worker serves '{model}'", retry_after=1)
+        if all(worker.draining or worker.id in exclude for worker in hosting):
+            raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, exclude: set[str], deadline: float) -> RemoteWorker:
         """A slot on the least-loaded worker hosting ``model``, waiting in the queue until ``deadline``."""
-        if not self._queues.get(model) and (worker := self._pick(model, exclude)):
+        if not self.draining and not self._queues.get(model) and (worker := self._pick(model, exclude)):
             return worker
         self._check_hosted(model, exclude)
         if self.queued >= self.limits.queue_size:
@@ -155,7 +170,7 @@ class Pool:
                 while True:
                     await waiter.event.wait()
                     waiter.event = trio.Event()
-                    if worker := self._pick(model, exclude):
+                    if not self.draining and (worker := self._pick(model, exclude)):
                         return worker
                     self._check_hosted(model, exclude)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):

@@ -29,6 +29,7 @@ log = logging.getLogger("ghubai.worker")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 WELCOME_TIMEOUT_S = 10.0
+FLUSH_TIMEOUT_S = 5.0
 
 
 class Link:
@@ -39,6 +40,7 @@ class Link:
         self.url = url
         self.out = out
         self.requests: dict[str, trio.CancelScope] = {}
+        self.flushed = trio.Event()  # set once ``out`` is closed and everything in it was sent
 
     def send(self, frame: str | bytes) -> None:
         try:
@@ -56,6 +58,9 @@ class Worker:
         self.inflight = 0
         self.links: set[Link] = set()
         self.welcomed = trio.Event()
+        self.draining = False
+        self.idle = trio.Event()  # set while no request runs
+        self.idle.set()
         self._rediscover = trio.Event()
         self._engine_down = False
 
@@ -146,15 +151,22 @@ class Worker:
         out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
         link = Link(url, out_send)
         self.links.add(link)
+        if self.draining:
+            link.send(protocol.draining())
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(protocol.write_batched, out_receive, ws.send_message)
+                nursery.start_soon(self._write, link, out_receive, ws)
                 nursery.start_soon(self._heartbeat, link, heartbeat_s)
                 await self._read(ws, link, nursery, heartbeat_s)
                 nursery.cancel_scope.cancel()
         finally:
             self.links.discard(link)
             out_send.close()
+
+    async def _write(self, link: Link, frames: trio.MemoryReceiveChannel[str | bytes],
+                     ws: trio_websocket.WebSocketConnection) -> None:
+        await protocol.write_batched(frames, ws.send_message)
+        link.flushed.set()
 
     async def _heartbeat(self, link: Link, heartbeat_s: float) -> None:
         while True:
@@ -181,6 +193,9 @@ class Worker:
         arrive in one message, before the request's task has run at all."""
         kind = frame["type"]
         if kind == "request":
+            if self.draining:
+                link.send(protocol.error(frame["id"], 503, "worker is shutting down", retryable=True))
+                return
             if self.inflight >= self.config.engine.max_concurrency:
                 link.send(protocol.error(frame["id"], 503, "worker is at max_concurrency", retryable=True,
                                          busy=True))
@@ -200,8 +215,25 @@ class Worker:
 
     def _count(self, change: int) -> None:
         self.inflight += change
+        if self.inflight == 0:
+            self.idle.set()
+        elif self.idle.is_set():
+            self.idle = trio.Event()
         for each in list(self.links):
             each.send(protocol.load(self.inflight))
+
+    async def drain(self) -> None:
+        """Tell every hub to send nothing new, then let the running requests finish."""
+        self.draining = True
+        for link in list(self.links):
+            link.send(protocol.draining())
+        log.info("draining: %d request(s) running", self.inflight)
+        await self.idle.wait()
+        with trio.move_on_after(FLUSH_TIMEOUT_S):  # the last answers must reach the hubs before we go
+            for link in list(self.links):
+                link.out.close()
+                await link.flushed.wait()
+        log.info("drained: every request finished")
 
     async def _serve_request(self, link: Link, frame: dict[str, Any], scope: trio.CancelScope) -> None:
         request_id = frame["id"]
@@ -226,8 +258,9 @@ class Worker:
             log.debug("request %s cancelled by the hub", request_id)
 
 
-async def run(config: WorkerConfig, *, task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the worker until cancelled."""
+async def run(config: WorkerConfig, *, drain: trio.Event | None = None,
+              task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the worker until cancelled, or until ``drain`` is set and its requests are done."""
     async with Engine.client_for(config.engine) as client:
         worker = Worker(config, Engine(config.engine, client))
         await worker.discover()
@@ -238,3 +271,7 @@ async def run(config: WorkerConfig, *, task_status: trio.TaskStatus[Worker] = tr
             for url in config.hub_url:
                 nursery.start_soon(worker.link_loop, url)
             task_status.started(worker)
+            if drain is not None:
+                await drain.wait()
+                await worker.drain()
+                nursery.cancel_scope.cancel()
