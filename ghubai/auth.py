@@ -25,15 +25,20 @@ class Secrets:
         """No secret configured: everyone is let in."""
         return not self._digests
 
-    def allows(self, authorization: str | None) -> bool:
-        """Whether an ``Authorization: Bearer ...`` header carries one of the secrets."""
+    def identify(self, authorization: str | None) -> bytes | None:
+        """Which secret an ``Authorization: Bearer ...`` header carries (its digest), ``b""`` when
+        no secret is configured, None when it carries none of them."""
         if self.open:
-            return True
+            return b""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return False
+            return None
         presented = hashlib.sha256(token.strip().encode()).digest()
-        found = False
+        found = None
         for digest in self._digests:  # no early exit: the time taken does not say which one matched
-            found |= hmac.compare_digest(presented, digest)
+            if hmac.compare_digest(presented, digest):
+                found = digest
         return found
+
+    def allows(self, authorization: str | None) -> bool:
+        return self.identify(authorization) is not None

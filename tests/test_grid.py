@@ -282,3 +282,23 @@ async def test_connection_close_clients_get_eof(grid: Grid) -> None:
             received += chunk
     assert received.startswith(b"HTTP/1.1 200")
     await stream.aclose()
+
+
+async def test_per_key_request_and_token_budgets(grid: Grid) -> None:
+    sim_url, _ = await grid.sim(tokens=10)
+    hub = await grid.hub(api_keys=("a", "b"), limits={"requests_per_minute": 3})
+    await grid.worker(hub.value, sim_url)
+    url = hub.value + "/v1/chat/completions"
+    as_a, as_b = {"authorization": "Bearer a"}, {"authorization": "Bearer b"}
+    assert [(await grid.http.post(url, json=chat(), headers=as_a)).status_code for _ in range(3)] == [200] * 3
+    over = await grid.http.post(url, json=chat(), headers=as_a)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(over.headers["retry-after"]) >= 1
+    assert (await grid.http.post(url, json=chat(), headers=as_b)).status_code == 200  # budgets are per key
+
+    tokens = await grid.hub(limits={"tokens_per_minute": 15})
+    await grid.worker(tokens.value, sim_url)
+    url = tokens.value + "/v1/chat/completions"
+    assert (await grid.http.post(url, json=chat())).status_code == 200  # 2 + 10 tokens of 15
+    assert (await grid.http.post(url, json=chat())).status_code == 200  # allowed: the budget was not negative
+    assert (await grid.http.post(url, json=chat())).status_code == 429  # 24 spent: in debt until it refills

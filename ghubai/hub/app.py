@@ -24,6 +24,7 @@ from ghubai.auth import Secrets
 from ghubai.config import HubConfig
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
+from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
 from ghubai.openai import ApiError
 from ghubai.web import serve_app, server_config
@@ -96,6 +97,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
     app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
     api_keys = Secrets(config.api_keys)
+    rate_limits = RateLimits(config.limits)
     provider_tokens = Secrets(config.provider_tokens)
 
     @app.errorhandler(ApiError)
@@ -113,10 +115,16 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
 
     @app.before_request
     async def check_key() -> None:
-        if request.path not in OPEN_PATHS and not api_keys.allows(request.headers.get("Authorization")):
+        if request.path in OPEN_PATHS:
+            return
+        key = api_keys.identify(request.headers.get("Authorization"))
+        if key is None:
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+        request.scope["ghubai.key"] = key
 
     async def forward(api: str, body: dict[str, Any]) -> Response:
+        key = request.scope["ghubai.key"]
+        rate_limits.admit(key)
         stream = body.get("stream") is True
         exchange = Exchange(pool, config, api, body, stream)
         inflight.add(exchange)
@@ -124,6 +132,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
         def finished() -> None:
             exchange.close()
             inflight.discard(exchange)
+            rate_limits.spend(key, exchange.usage)
 
         request.scope["ghubai.closers"].append(finished)
         first = await exchange.open()

@@ -1,0 +1,65 @@
+"""Per-key request and token budgets (``limits.requests_per_minute``, ``limits.tokens_per_minute``).
+
+Each key has a bucket per budget that refills continuously at its per-minute rate and holds at most
+one minute's worth. A request needs one request-token and a non-negative token bucket; the tokens it
+used (prompt + completion, from the engine's counts) are taken afterwards, so a long answer can drive
+the bucket below zero and the next request waits until it refills. Over budget → 429 with
+Retry-After. Keys are known by their digests only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import trio
+
+from ghubai.config import HubLimits
+from ghubai.openai import ApiError
+
+
+@dataclass
+class _Bucket:
+    per_minute: int
+    level: float = field(init=False)
+    at: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.level = float(self.per_minute)
+        self.at = trio.current_time()
+
+    def refill(self) -> float:
+        now = trio.current_time()
+        self.level = min(float(self.per_minute), self.level + (now - self.at) * self.per_minute / 60)
+        self.at = now
+        return self.level
+
+    def seconds_until(self, level: float) -> int:
+        return max(1, math.ceil((level - self.level) * 60 / self.per_minute))
+
+
+class RateLimits:
+    def __init__(self, limits: HubLimits) -> None:
+        self.limits = limits
+        self._requests: dict[bytes, _Bucket] = {}
+        self._tokens: dict[bytes, _Bucket] = {}
+
+    def admit(self, key: bytes) -> None:
+        """Take one request from ``key``'s budget, or raise 429 saying when to come back."""
+        if self.limits.tokens_per_minute:
+            tokens = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))
+            if tokens.refill() < 0:
+                raise ApiError(429, "Token budget of this API key exceeded", code="rate_limit_exceeded",
+                               retry_after=tokens.seconds_until(0))
+        if self.limits.requests_per_minute:
+            requests = self._requests.setdefault(key, _Bucket(self.limits.requests_per_minute))
+            if requests.refill() < 1:
+                raise ApiError(429, "Request rate of this API key exceeded", code="rate_limit_exceeded",
+                               retry_after=requests.seconds_until(1))
+            requests.level -= 1
+
+    def spend(self, key: bytes, usage: dict[str, int] | None) -> None:
+        if self.limits.tokens_per_minute and usage:
+            bucket = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))
+            bucket.refill()
+            bucket.level -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
