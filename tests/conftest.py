@@ -163,8 +163,8 @@ def ghubai_command(*args: str) -> list[str]:
 class HubProcess:
     """A hub as a real process, for the tests that kill it."""
 
-    def __init__(self, config: str | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, config: str | None = None, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = ["hub", "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning"]
         if config is not None:

@@ -1,0 +1,171 @@
+"""Chaos: workers killed with kill -9, a hub killed and brought back, a network partition that
+closes nothing, a burst twice the grid's capacity. No request is lost: each one completes or ends
+in an explicit error, within the configured timeouts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+from typing import Any
+
+import httpx
+import trio
+
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command
+
+
+class Relay:
+    """A TCP relay that can freeze: it then forwards nothing more but closes nothing either,
+    as a network partition looks to both ends."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = False
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream, client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, upstream)
+                nursery.start_soon(self._pump, upstream, client)
+
+    async def _pump(self, source: trio.SocketStream, target: trio.SocketStream) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                if self.frozen:
+                    await trio.sleep_forever()
+                await target.send_all(data)
+        except trio.BrokenResourceError:
+            pass
+
+
+def worker_process(hub_url: str, sim_url: str, max_concurrency: int = 4) -> subprocess.Popen[bytes]:
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
+        config.write(f'hub_url = "{hub_url.replace("http", "ws")}/gridhub"\n'
+                     f'[engine]\nurl = "{sim_url}"\nmax_concurrency = {max_concurrency}\ndiscovery_interval_s = 0.2\n')
+    return subprocess.Popen(ghubai_command("worker", "--config", config.name, "--log-level", "warning"),
+                            env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+
+
+async def stream_events(http: httpx.AsyncClient, url: str, after_three: Any = None) -> list[str]:
+    events: list[str] = []
+    with trio.fail_after(WAIT_S):
+        async with http.stream("POST", url + "/v1/chat/completions", json=chat(stream=True)) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3 and after_three is not None:
+                        after_three()
+    return events
+
+
+async def workers_linked(grid: Grid, hub_url: str, count: int) -> None:
+    async def linked() -> bool:
+        return len(await grid.workers(hub_url)) == count
+
+    await eventually(linked, f"{count} worker(s) linked to {hub_url}")
+
+
+async def test_a_partition_is_detected_by_both_sides_within_three_heartbeats(grid: Grid) -> None:
+    hub = await grid.hub(heartbeat_s=0.3)
+    relay = Relay(int(hub.value.rsplit(":", 1)[1]))
+    relay_port = await grid.nursery.start(relay.serve)
+    sim_url, sim = await grid.sim(itl_ms=20, tokens=100_000)
+    await grid.worker(f"http://127.0.0.1:{relay_port}", sim_url)
+    frozen_at = 0.0
+
+    def freeze() -> None:
+        nonlocal frozen_at
+        relay.frozen = True
+        frozen_at = trio.current_time()
+
+    events = await stream_events(grid.http, hub.value, freeze)
+    print(f"hub ended the stream {trio.current_time() - frozen_at:.2f} s after the partition")
+    assert "lost the link" in json.loads(events[-1])["error"]["message"]
+
+    async def worker_stopped_the_engine() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(worker_stopped_the_engine, "the worker to notice the silent hub and stop the engine")
+
+
+async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid: Grid) -> None:
+    sim_url, _ = await grid.sim(itl_ms=20, tokens=100_000)
+    hub = await grid.hub()
+    worker = worker_process(hub.value, sim_url)
+    try:
+        await workers_linked(grid, hub.value, 1)
+        events = await stream_events(grid.http, hub.value, worker.kill)
+        assert "lost the link" in json.loads(events[-1])["error"]["message"] and "[DONE]" not in events
+        await workers_linked(grid, hub.value, 0)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(grid: Grid) -> None:
+    stuck_url, stuck = await grid.sim(ttft_ms=60_000)
+    good_url, good = await grid.sim()
+    hub = await grid.hub()
+    doomed = worker_process(hub.value, stuck_url)
+    try:
+        await workers_linked(grid, hub.value, 1)
+        await grid.worker(hub.value, good_url)
+        async with trio.open_nursery() as nursery:
+            result: list[httpx.Response] = []
+
+            async def ask() -> None:
+                result.append(await grid.http.post(hub.value + "/v1/chat/completions", json=chat()))
+
+            nursery.start_soon(ask)
+
+            async def waiting_for_first_token() -> bool:
+                return stuck.stats.active == 1
+
+            await eventually(waiting_for_first_token, "the request to reach the worker that will die")
+            doomed.kill()
+        assert result[0].status_code == 200 and result[0].json()["choices"][0]["message"]["content"]
+        assert good.stats.completed == 1
+    finally:
+        doomed.kill()
+        doomed.wait()
+
+
+async def test_workers_come_back_after_kill_9_of_their_hub(grid: Grid, hub_processes: list[HubProcess]) -> None:
+    hub = await HubProcess().started(grid.http)
+    hub_processes.append(hub)
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.url, sim_url)
+    hub.kill()
+    reborn = await HubProcess(port=hub.port).started(grid.http)
+    hub_processes.append(reborn)
+    await workers_linked(grid, reborn.url, 1)
+    assert (await grid.http.post(reborn.url + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_a_burst_twice_the_capacity_ends_in_success_or_an_explicit_refusal(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(itl_ms=10, tokens=20)
+    hub = await grid.hub(limits={"queue_size": 4, "queue_timeout_s": 1.0})
+    await grid.worker(hub.value, sim_url, max_concurrency=2)
+    capacity = 2 + 4  # slots and queue places
+    statuses: list[int] = []
+
+    async def one() -> None:
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+        statuses.append(response.status_code)
+        if response.status_code != 200:
+            assert response.headers["retry-after"] and response.json()["error"]["message"]
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            for _ in range(2 * capacity):
+                nursery.start_soon(one)
+    assert len(statuses) == 2 * capacity and set(statuses) <= {200, 429, 503}
+    assert statuses.count(200) >= capacity and 429 in statuses
+    assert sim.stats.completed == statuses.count(200)
