@@ -115,13 +115,13 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _edit_hubs(path: str, edit: typing.Callable[[list[dict[str, Any]]], None]) -> None:
-    file = Path(path)
+    file = Path(path).resolve()  # through a symlink, edit the file it points to
     try:
         document = tomllib.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     hubs = document.setdefault("hubs", [])
-    if not isinstance(hubs, list):
+    if not isinstance(hubs, list) or not all(isinstance(hub, dict) for hub in hubs):
         raise ConfigError([f"{path}: hubs: expected an array of tables ([[hubs]])"])
     edit(hubs)
     text = tomli_w.dumps(document)

@@ -136,6 +136,8 @@ class Connection:
                 if not data:
                     break
                 self.h11.receive_data(data)
+                if len(self.h11.trailing_data[0]) > self.max_body + self.max_header_bytes:
+                    break  # more than one whole request ahead of us: a client we stop serving
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         self.h11.receive_data(b"")
@@ -176,8 +178,10 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, **limits: Any) 
             await handle(conn, request)
             if not conn.reusable:
                 break
-    except* (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+    except* (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client left in the middle of an answer
+    except* h11.LocalProtocolError:
+        log.warning("an answer could not be framed; connection dropped", exc_info=True)
     except* Exception:
         log.exception("request handler failed; connection dropped")
     finally:

@@ -304,3 +304,28 @@ async def test_upstream_failure_mid_stream_ends_with_an_error_event(grid: Grid,
     assert json.loads(events[-1][6:])["error"]["message"]
     assert "data: [DONE]" not in events
 
+
+
+async def test_hubs_that_want_api_keys_pass_the_proxy_health_checks(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(api_keys=("client-key",))
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    url = proxy.value + "/v1/chat/completions"
+    assert (await grid.http.post(url, json=chat())).status_code == 401  # the hub judges the key
+    ok = await grid.http.post(url, json=chat(), headers={"authorization": "Bearer client-key"})
+    assert ok.status_code == 200
+
+
+async def test_a_hub_that_refuses_a_body_early_is_not_marked_down(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(limits={"max_body_bytes": 65536})
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    url = proxy.value + "/v1/chat/completions"
+    too_big = await grid.http.post(url, json=chat(content="x" * 3_000_000))
+    assert too_big.status_code == 413
+    assert (await grid.http.get(proxy.value + "/health")).json()["hubs_up"] == 1
+    assert (await grid.http.post(url, json=chat())).status_code == 200

@@ -173,3 +173,14 @@ def test_check_prints_each_error_with_its_key(tmp_path: Path) -> None:
     good.write_text('hub_url = "ws://h:1/gridhub"\n')
     assert run_ghubai("check", str(good)).returncode == 1  # no role in the name
     assert run_ghubai("check", str(good), "--role", "worker").returncode == 0
+
+
+async def test_weak_and_listed_etags_count_as_a_match(grid: Grid, tmp_path: Path) -> None:
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+    etag = (await grid.http.get(registry.value + "/hubs")).headers["etag"]
+    for given in (f"W/{etag}", f'"other", {etag}', "*"):
+        answer = await grid.http.get(registry.value + "/hubs", params={"wait": "0.1"},
+                                     headers={"If-None-Match": given})
+        assert answer.status_code == 304, given

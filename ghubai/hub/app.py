@@ -153,7 +153,8 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
 
     @app.get("/api/registry")
     async def registry() -> dict[str, Any]:
-        return {"hub_id": hub_id, "workers": [w.describe() for w in pool.workers.values()], "queued": pool.queued}
+        return {"hub_id": hub_id, "workers": [w.describe() for w in pool.workers.values()], "queued": pool.queued,
+                "draining": pool.draining}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

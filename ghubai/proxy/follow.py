@@ -1,5 +1,5 @@
 """Keeping the proxy's picture of the grid current: the hub list from the registry (long-poll), and
-active health checks of every hub (``/health`` says it serves, ``/v1/models`` what it hosts)."""
+active health checks of every hub."""
 
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                 response.raise_for_status()
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in response.json()["hubs"]]
                 hubs.update(static + entries)
+                if response.headers.get("etag") in (None, etag):
+                    await trio.sleep(RETRY_S)  # a registry that does not hold the poll must not make us spin
                 etag = response.headers.get("etag")
             if failing:
                 log.info("registry %s answers again", config.registry_url)
@@ -45,17 +47,24 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
 
 
 async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float) -> None:
+    """``/health`` says the hub serves; ``/api/registry`` (open even when the hub wants API keys)
+    what its workers host, and whether the hub is draining."""
     try:
         with trio.fail_after(timeout_s):
             health = await http.get(hub.address + "/health")
-            models = await http.get(hub.address + "/v1/models")
+            registry = await http.get(hub.address + "/api/registry")
         health.raise_for_status()
-        models.raise_for_status()
-        names = frozenset(str(m["id"]) for m in models.json()["data"])
-    except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError) as error:
+        registry.raise_for_status()
+        state = registry.json()
+        names = frozenset(str(model) for worker in state["workers"] if not worker.get("draining")
+                          for model in worker["models"])
+    except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError, AttributeError) as error:
         hubs.set_health(hub, False, f"health check failed: {type(error).__name__} {error}".strip())
         return
-    hubs.set_health(hub, True, models=names)
+    if state.get("draining"):
+        hubs.set_health(hub, False, "the hub is draining")
+    else:
+        hubs.set_health(hub, True, models=names)
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:

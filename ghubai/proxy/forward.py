@@ -133,11 +133,17 @@ class Forwarder:
             upstream: Upstream | None = None
             try:
                 upstream = await self.hubs.connection(hub)
-                await upstream.send(h11.Request(method=request.method, target=request.target,
-                                                headers=upstream_headers(request, hub, client_ip, request_id)),
-                                    h11.Data(data=request.body), h11.EndOfMessage())
                 with trio.fail_after(self.config.response_timeout_s):
+                    try:
+                        await upstream.send(
+                            h11.Request(method=request.method, target=request.target,
+                                        headers=upstream_headers(request, hub, client_ip, request_id)),
+                            h11.Data(data=request.body), h11.EndOfMessage())
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass  # a hub may answer (413 ...) and close before reading all: look for its answer
                     event = await upstream.next_event()
+                    while isinstance(event, h11.InformationalResponse):  # 100, 103: the answer follows
+                        event = await upstream.next_event()
                 if isinstance(event, h11.Response):
                     return upstream, event
                 raise h11.RemoteProtocolError(f"hub closed the connection ({type(event).__name__})")
@@ -148,6 +154,10 @@ class Forwarder:
                     continue
                 self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
                 return None, None
+            except BaseException:
+                if upstream is not None:
+                    await upstream.aclose()  # the client left: the hub must hear it now
+                raise
         return None, None
 
     async def _discard(self, hub: Hub, upstream: Upstream) -> None:
@@ -177,14 +187,19 @@ class Forwarder:
 
     async def _relay(self, conn: Connection, hub: Hub, upstream: Upstream, response: h11.Response,
                      request_id: str) -> None:
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers)) if k != b"x-request-id"]
+        chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
+                   if k != b"x-request-id" and not (chunked and k == b"content-length")]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
             while True:
                 # what has already arrived goes out in one write; nothing waits for more
-                events = upstream.buffered_events() or [await self._next(upstream)]
+                try:
+                    events = upstream.buffered_events() or [await self._next(upstream)]
+                except h11.ProtocolError as error:
+                    raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
                 ended = False
                 for event in events:
                     if isinstance(event, h11.Data):

@@ -46,7 +46,8 @@ class Upstream:
             self.h11.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
 
     def buffered_events(self) -> list[h11.Event]:
-        """The events h11 can parse from what has already been received, without waiting."""
+        """The events h11 can parse from what has already been received, without waiting;
+        h11.RemoteProtocolError if that is malformed."""
         events = []
         while self.h11.their_state is not h11.DONE:
             event = self.h11.next_event()
@@ -61,8 +62,9 @@ class Upstream:
             return True
         if self.socket is None:
             return True
-        readable, _, _ = select.select([self.socket.fileno()], [], [], 0)
-        return bool(readable)
+        poller = select.poll()  # not select.select: it fails on descriptors above 1023
+        poller.register(self.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
 
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
@@ -165,7 +167,7 @@ class HubSet:
     async def release(self, hub: Hub, upstream: Upstream) -> None:
         """Keep the connection for the next request if both sides finished cleanly, else close it."""
         conn = upstream.h11
-        if (conn.our_state is h11.DONE and conn.their_state is h11.DONE and hub.up
+        if (conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.trailing_data[0] and hub.up
                 and self.hubs.get(hub.address) is hub and len(hub.idle) < MAX_IDLE_PER_HUB):
             conn.start_next_cycle()
             upstream.idle_since = trio.current_time()

@@ -77,12 +77,15 @@ def create_app(hub_list: HubList) -> QuartTrio:
         except ValueError:
             return Response(json.dumps({"error": "wait must be a number of seconds"}), 400,
                             content_type="application/json")
-        known = request.headers.get("If-None-Match")
-        if known == hub_list.etag and wait > 0:
+        def matches() -> bool:  # If-None-Match may be a list, "*", or weak W/"..." tags
+            tags = {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}
+            return hub_list.etag in tags or "*" in tags
+
+        if matches() and wait > 0:
             changed = hub_list.changed
             with trio.move_on_after(wait):
                 await changed.wait()
-        if known == hub_list.etag:
+        if matches():
             # An explicit empty length: without it hypercorn closes the connection after a 304.
             return Response(b"", 304, headers={"ETag": hub_list.etag, "Content-Length": "0"})
         body = {"version": hub_list.version, "hubs": hub_list.entries()}
@@ -115,7 +118,8 @@ async def run(config: RegistryConfig, path: str | None, *,
     hub_list.publish(config.hubs)
     async with trio.open_nursery() as nursery:
         if path is not None:
-            nursery.start_soon(watch, path, lambda: reload(hub_list, path))
+            await nursery.start(watch, path, lambda: reload(hub_list, path))
+            reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
             nursery.start_soon(_reload_on_sighup, hub_list, path)
         binds = await nursery.start(serve_app, create_app(hub_list), server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))

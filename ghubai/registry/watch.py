@@ -25,9 +25,12 @@ def signature(path: str) -> Signature:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S) -> None:
-    """Call ``on_change`` after each settled change of ``path`` (deletion included), until cancelled."""
+async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S, *,
+                task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Call ``on_change`` after each settled change of ``path`` (deletion included), until cancelled.
+    Reports started once it knows the file's state: any later change will be seen."""
     seen = signature(path)
+    task_status.started()
     pending: Signature = seen
     while True:
         await trio.sleep(poll_s)
