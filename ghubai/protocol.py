@@ -60,6 +60,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "end": {"id": _ID, "usage": lambda v: v is None or (isinstance(v, dict) and all(map(_COUNT, v.values())))},
     "error": {"id": _ID, "status": lambda v: _is_int(v) and 100 <= v <= 599, "message": _STR, "retryable": _BOOL},
     "cancel": {"id": _ID},
+    "credit": {"id": _ID, "bytes": _COUNT},
     "load": {"inflight": _COUNT},
     "draining": {},
     "ping": {"inflight": _COUNT},
@@ -137,6 +138,17 @@ def error(request_id: str, status: int, message: str, retryable: bool, busy: boo
 
 def cancel(request_id: str) -> str:
     return _encode("cancel", id=request_id)
+
+
+# Flow control: a worker may have at most this many bytes of a request's answer that the hub has
+# not yet handed to its client. The hub returns ``credit`` as its client's socket takes the bytes,
+# so a slow client paces the worker (which stops reading the engine) instead of filling the hub.
+WINDOW_BYTES = 256 * 1024
+
+
+def credit(request_id: str, size: int) -> str:
+    """Hub -> worker: ``size`` more bytes of this request's answer reached the client."""
+    return _encode("credit", id=request_id, bytes=size)
 
 
 def load(inflight: int) -> str:

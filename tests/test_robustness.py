@@ -119,26 +119,54 @@ async def test_an_engine_429_reaches_the_client(grid: Grid) -> None:
     assert calls <= 3  # tried on at most max_attempts workers, never in a loop
 
 
-async def test_a_client_that_stops_reading_frees_the_worker_slot_when_the_engine_is_done(grid: Grid) -> None:
-    sim_url, sim = await grid.sim(tokens=30_000, itl_ms=0, ttft_ms=1)
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url, max_concurrency=1)
+async def stalled_client(hub_url: str) -> trio.socket.SocketType:
+    """A client that sends a streaming request, sees it start, then reads nothing more."""
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", int(hub.value.rsplit(":", 1)[1])))
+    await sock.connect(("127.0.0.1", int(hub_url.rsplit(":", 1)[1])))
     body = json.dumps(chat(stream=True)).encode()
     await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    await sock.recv(100)  # the stream started; this client now reads no more, and stays connected
+    await sock.recv(100)
+    return sock
 
-    async def engine_done() -> bool:
-        return sim.stats.completed == 1
 
-    await eventually(engine_done, "the engine to finish the stalled client's answer", timeout_s=60)
-    with trio.fail_after(WAIT_S):
-        second = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))
-    assert second.status_code == 200
-    sock.close()
+async def test_an_answer_that_fits_the_window_frees_the_slot_however_slow_its_client(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=200, itl_ms=0, ttft_ms=1)  # ~40 KB: less than one window
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    sock = await stalled_client(hub.value)
+    try:
+        async def engine_done() -> bool:
+            return sim.stats.completed == 1
+
+        await eventually(engine_done, "the engine to finish the stalled client's answer")
+        with trio.fail_after(WAIT_S):
+            second = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))
+        assert second.status_code == 200
+    finally:
+        sock.close()
+
+
+async def test_a_client_that_stops_reading_paces_the_engine(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    sock = await stalled_client(hub.value)
+    try:
+        await trio.sleep(1.5)  # buffers between the engine and the client fill up ...
+        tokens_then = sim.stats.tokens
+        await trio.sleep(1.0)  # ... then generation stands still (unpaced it runs at ~20,000 tokens/s)
+        assert sim.stats.tokens - tokens_then < 500 and sim.stats.active == 1
+        [worker] = await grid.workers(hub.value)
+        assert worker["inflight"] == 1  # the request is alive, only paced
+    finally:
+        sock.close()
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(stopped, "the engine to stop once the stalled client is gone")
 
 
 async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: Grid) -> None:

@@ -68,10 +68,14 @@ def _render_sse(frames: list[Frame]) -> bytes:
 
 
 async def _sse_body(exchange: Exchange, first: Frame) -> AsyncIterator[bytes]:
+    """The stream, paced by the client: hypercorn returns from a yield once the socket took the
+    bytes, and only then does the worker get credit to send more."""
     try:
         yield _render_sse([first])
+        exchange.passed_on(len(first.get("data", b"")))
         async for batch in exchange.batches():
             yield _render_sse(batch)
+            exchange.passed_on(sum(len(frame["data"]) for frame in batch if frame["type"] == "chunk"))
     except ApiError as error:  # a timeout after the first byte: one final error event
         yield openai.sse_event(json.dumps(error.openai_body()))
     finally:

@@ -113,6 +113,11 @@ class Exchange:
                     break
             yield batch
 
+    def passed_on(self, size: int) -> None:
+        """``size`` bytes of the answer reached the client: the worker may send that much more."""
+        if self.worker is not None and size:
+            self.worker.send(protocol.credit(self.request_id, size))
+
     def abort(self, message: str) -> None:
         """End the request now with an error its client will see (the hub is shutting down)."""
         worker = self.worker

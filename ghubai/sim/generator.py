@@ -38,6 +38,7 @@ class Stats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    tokens: int = 0  # generated so far, over all requests
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -121,6 +122,7 @@ class Simulator:
                 token = WORDS[(offset + index) % len(WORDS)]
                 token = token if index == 0 else " " + token
                 generation.tokens.append(token)
+                self.stats.tokens += 1
                 yield token
             if generation.limit == 0:
                 await trio.sleep(ttft)

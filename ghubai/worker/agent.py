@@ -32,6 +32,24 @@ WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 
 
+class Flow:
+    """A request's send window: bytes sent that the hub has not yet passed on to its client."""
+
+    def __init__(self) -> None:
+        self.unacked = 0
+        self._granted = trio.Event()
+
+    async def reserve(self, size: int) -> None:
+        while self.unacked and self.unacked + size > protocol.WINDOW_BYTES:
+            await self._granted.wait()
+            self._granted = trio.Event()
+        self.unacked += size
+
+    def grant(self, size: int) -> None:
+        self.unacked = max(0, self.unacked - size)
+        self._granted.set()
+
+
 class Link:
     """One live connection to one hub: frames out go through an unbounded channel to one writer,
     so a request task or a sync ``finally`` can send without waiting."""
@@ -40,6 +58,7 @@ class Link:
         self.url = url
         self.out = out
         self.requests: dict[str, trio.CancelScope] = {}
+        self.flows: dict[str, Flow] = {}
         self.flushed = trio.Event()  # set once ``out`` is closed and everything in it was sent
 
     def send(self, frame: str | bytes) -> None:
@@ -202,10 +221,14 @@ class Worker:
                 return
             self._count(+1)
             link.requests[frame["id"]] = scope = trio.CancelScope()
+            link.flows[frame["id"]] = Flow()
             nursery.start_soon(self._serve_request, link, frame, scope)
         elif kind == "cancel":
             if scope := link.requests.get(frame["id"]):
                 scope.cancel()
+        elif kind == "credit":
+            if flow := link.flows.get(frame["id"]):
+                flow.grant(frame["bytes"])
         elif kind == "ping":
             link.send(protocol.pong(self.inflight))
         elif kind != "pong":
@@ -241,7 +264,9 @@ class Worker:
         try:
             with scope:
                 try:
+                    flow = link.flows[request_id]
                     async for batch in self.engine.run(call):
+                        await flow.reserve(len(batch))  # a slow client stops us reading the engine
                         link.send(protocol.chunk(request_id, batch))
                     link.send(protocol.end(request_id, call.usage))
                 except EngineError as error:
@@ -253,6 +278,7 @@ class Worker:
                     link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
         finally:
             del link.requests[request_id]
+            del link.flows[request_id]
             self._count(-1)
         if scope.cancelled_caught:
             log.debug("request %s cancelled by the hub", request_id)
