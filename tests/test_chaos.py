@@ -169,3 +169,52 @@ async def test_a_burst_twice_the_capacity_ends_in_success_or_an_explicit_refusal
     assert len(statuses) == 2 * capacity and set(statuses) <= {200, 429, 503}
     assert statuses.count(200) >= capacity and 429 in statuses
     assert sim.stats.completed == statuses.count(200)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+async def test_one_hub_holds_1000_concurrent_slow_streams(grid: Grid, hub_processes: list[HubProcess]) -> None:
+    streams, tokens = 1000, 10
+    hub = await HubProcess().started(grid.http)
+    hub_processes.append(hub)
+    sim_url, sim = await grid.sim(itl_ms=100, tokens=tokens, max_parallel=streams)
+    await grid.worker(hub.url, sim_url, max_concurrency=streams)
+    assert (await grid.http.post(hub.url + "/v1/chat/completions", json=chat())).status_code == 200  # warm
+    baseline = peak = rss_kib(hub.process.pid)
+    body = json.dumps(chat(stream=True)).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    completed = 0
+
+    async def one() -> None:
+        nonlocal completed
+        async with await trio.open_tcp_stream("127.0.0.1", hub.port) as stream:
+            await stream.send_all(request)
+            received = b""
+            while not received.endswith(b"0\r\n\r\n"):
+                data = await stream.receive_some(65536)
+                assert data, "the hub closed a stream early"
+                received += data
+        completed += b"data: [DONE]" in received and received.count(b'"content": "') >= tokens
+
+    async def watch_memory() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, rss_kib(hub.process.pid))
+            await trio.sleep(0.05)
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(watch_memory)
+            async with trio.open_nursery() as nursery:
+                for index in range(streams):
+                    nursery.start_soon(one)
+                    if index % 100 == 99:
+                        await trio.sleep(0.05)  # stay within the listen backlog
+            outer.cancel_scope.cancel()
+    per_stream = (peak - baseline) * 1024 / streams
+    print(f"{streams} streams: hub RSS {baseline} KiB -> peak {peak} KiB, {per_stream / 1024:.1f} KiB per stream")
+    assert completed == streams and sim.stats.completed == streams + 1
