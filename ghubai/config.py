@@ -95,7 +95,7 @@ class HubLimits:
 
 @dataclass(frozen=True)
 class HubTimeouts:
-    connect_s: float = _key(_at_least(0.001), "", default=5.0)
+    connect_s: float = _key(_at_least(0.001), "a worker that connects must say hello within this", default=5.0)
     first_token_s: float = _key(_at_least(0.001), "a model may need minutes to load", default=300.0)
     idle_s: float = _key(_at_least(0.001), "longest silence between two chunks of a stream", default=120.0)
     total_s: float = _key(_at_least(0.001), "", default=3600.0)

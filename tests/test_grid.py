@@ -302,3 +302,23 @@ async def test_per_key_request_and_token_budgets(grid: Grid) -> None:
     assert (await grid.http.post(url, json=chat())).status_code == 200  # 2 + 10 tokens of 15
     assert (await grid.http.post(url, json=chat())).status_code == 200  # allowed: the budget was not negative
     assert (await grid.http.post(url, json=chat())).status_code == 429  # 24 spent: in debt until it refills
+
+
+async def test_first_token_and_idle_timeouts(grid: Grid) -> None:
+    slow_start_url, slow_start = await grid.sim(ttft_ms=60_000)
+    hub = await grid.hub(timeouts={"first_token_s": 0.3})
+    await grid.worker(hub.value, slow_start_url)
+    timed_out = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert timed_out.status_code == 504 and "first token" in timed_out.json()["error"]["message"]
+
+    async def cancelled() -> bool:
+        return slow_start.stats.cancelled == 1 and slow_start.stats.active == 0
+
+    await eventually(cancelled, "the engine to be told to stop")
+
+    stalling_url, _ = await grid.sim(itl_ms=60_000, tokens=5)
+    idle = await grid.hub(timeouts={"idle_s": 0.3})
+    await grid.worker(idle.value, stalling_url)
+    response = await grid.http.post(idle.value + "/v1/chat/completions", json=chat(stream=True))
+    events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "next token" in json.loads(events[-1])["error"]["message"] and "[DONE]" not in events

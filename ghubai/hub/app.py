@@ -172,7 +172,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
 
     @app.websocket(protocol.GRIDHUB_PATH)
     async def gridhub() -> Response | None:
-        return await serve_worker(pool, provider_tokens, hub_id, config.heartbeat_s)
+        return await serve_worker(pool, provider_tokens, hub_id, config.heartbeat_s, config.timeouts.connect_s)
 
     return app
 

@@ -20,17 +20,15 @@ from ghubai.hub.pool import Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
 
-HELLO_TIMEOUT_S = 10.0
-
-
-async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float) -> Response | None:
+async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float,
+                       hello_timeout_s: float) -> Response | None:
     peer = websocket.headers.get("Remote-Addr", "?")
     if not tokens.allows(websocket.headers.get("Authorization")):
         log.warning("refused a worker from %s: missing or wrong provider token", peer)
         return Response("missing or wrong provider token", 401, content_type="text/plain")
     await websocket.accept()
     hello = None
-    with trio.move_on_after(HELLO_TIMEOUT_S):
+    with trio.move_on_after(hello_timeout_s):
         hello = await _hello(peer)
     if hello is None:
         return None
