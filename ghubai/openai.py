@@ -57,24 +57,22 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _require(body: dict[str, Any], name: str, kind: type, what: str) -> None:
+def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:
     if name not in body:
         raise ApiError(400, f"Missing required parameter: '{name}'", param=name, code="missing_required_parameter")
     value = body[name]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # JSON true is no int
         raise ApiError(400, f"Invalid type for '{name}': expected {what}", param=name, code="invalid_type")
 
 
-def _optional(body: dict[str, Any], name: str, kind: type, what: str) -> None:
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:
     if body.get(name) is not None:
         _require(body, name, kind, what)
 
 
 def validate_chat(body: dict[str, Any]) -> None:
     """Checks the fields the grid relies on; the engine judges the rest."""
-    _require(body, "model", str, "a string")
-    if not body["model"]:
-        raise ApiError(400, "'model' must not be empty", param="model")
+    validate_model(body)
     _require(body, "messages", list, "an array of messages")
     if not body["messages"]:
         raise ApiError(400, "'messages' must contain at least one message", param="messages")
@@ -88,8 +86,53 @@ def validate_chat(body: dict[str, Any]) -> None:
         _optional(body, name, int, "an integer")
 
 
+def validate_model(body: dict[str, Any]) -> None:
+    _require(body, "model", str, "a string")
+    if not body["model"]:
+        raise ApiError(400, "'model' must not be empty", param="model")
+
+
+def validate_completion(body: dict[str, Any]) -> None:
+    validate_model(body)
+    _require(body, "prompt", (str, list), "a string or an array")
+    _optional(body, "stream", bool, "a boolean")
+    _optional(body, "max_tokens", int, "an integer")
+
+
+def validate_inputs(body: dict[str, Any], name: str = "input") -> None:
+    """Embeddings: ``model`` and a non-empty string or array of strings."""
+    validate_model(body)
+    _require(body, name, (str, list), "a string or an array of strings")
+    if not body[name] or isinstance(body[name], list) and not all(isinstance(i, str) for i in body[name]):
+        raise ApiError(400, f"'{name}' must be a non-empty string or array of strings", param=name)
+
+
+def validate_ollama_chat(body: dict[str, Any]) -> None:
+    validate_model(body)
+    _require(body, "messages", list, "an array of messages")
+    _optional(body, "stream", bool, "a boolean")
+
+
+def validate_ollama_generate(body: dict[str, Any]) -> None:
+    validate_model(body)
+    _optional(body, "prompt", str, "a string")
+    _optional(body, "stream", bool, "a boolean")
+
+
 def wants_usage(body: dict[str, Any]) -> bool:
     return bool((body.get("stream_options") or {}).get("include_usage"))
+
+
+def model_list(models: list[str]) -> dict[str, Any]:
+    """``GET /v1/models``."""
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"}
+                                       for m in models]}
+
+
+def ollama_tags(models: list[str]) -> dict[str, Any]:
+    """``GET /api/tags``, from model names alone (no sizes or digests: the grid does not see them)."""
+    return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
+                        "details": {}} for m in models]}
 
 
 def sse_event(payload: str) -> bytes:
@@ -98,3 +141,4 @@ def sse_event(payload: str) -> bytes:
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -19,14 +20,14 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ghubai import openai, protocol
+from ghubai import __version__, openai, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
-from ghubai.openai import ApiError
+from ghubai.openai import ApiError, model_not_found
 from ghubai.web import serve_app, server_config
 
 log = logging.getLogger("ghubai.hub")
@@ -55,29 +56,45 @@ def _error_response(error: ApiError) -> Response:
     return Response(json.dumps(body), error.status, headers=error.headers(), content_type="application/json")
 
 
-def _render_sse(frames: list[Frame]) -> bytes:
+@dataclass(frozen=True)
+class Dialect:
+    """How a stream ends and fails for the client: SSE with [DONE] on /v1, NDJSON on /api."""
+    headers: dict[str, str]
+    done: bytes
+
+    def error(self, error: ApiError) -> bytes:
+        if self is OPENAI:
+            return openai.sse_event(json.dumps(error.openai_body()))
+        return json.dumps(error.ollama_body()).encode() + b"\n"
+
+
+OPENAI = Dialect(openai.SSE_HEADERS, openai.SSE_DONE)
+OLLAMA = Dialect(openai.NDJSON_HEADERS, b"")
+
+
+def _render(frames: list[Frame], dialect: Dialect) -> bytes:
     out = []
     for frame in frames:
         if frame["type"] == "chunk":
             out.append(frame["data"])
         elif frame["type"] == "end":
-            out.append(openai.SSE_DONE)
+            out.append(dialect.done)
         else:
-            out.append(openai.sse_event(json.dumps(client_error(frame).openai_body())))
+            out.append(dialect.error(client_error(frame)))
     return b"".join(out)
 
 
-async def _sse_body(exchange: Exchange, first: Frame) -> AsyncIterator[bytes]:
+async def _stream_body(exchange: Exchange, first: Frame, dialect: Dialect) -> AsyncIterator[bytes]:
     """The stream, paced by the client: hypercorn returns from a yield once the socket took the
     bytes, and only then does the worker get credit to send more."""
     try:
-        yield _render_sse([first])
+        yield _render([first], dialect)
         exchange.passed_on(len(first.get("data", b"")))
         async for batch in exchange.batches():
-            yield _render_sse(batch)
+            yield _render(batch, dialect)
             exchange.passed_on(sum(len(frame["data"]) for frame in batch if frame["type"] == "chunk"))
     except ApiError as error:  # a timeout after the first byte: one final error event
-        yield openai.sse_event(json.dumps(error.openai_body()))
+        yield dialect.error(error)
     finally:
         exchange.close()
 
@@ -126,10 +143,9 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
         request.scope["ghubai.key"] = key
 
-    async def forward(api: str, body: dict[str, Any]) -> Response:
+    async def forward(api: str, body: dict[str, Any], stream: bool) -> Response:
         key = request.scope["ghubai.key"]
         rate_limits.admit(key)
-        stream = body.get("stream") is True
         exchange = Exchange(pool, config, api, body, stream)
         inflight.add(exchange)
 
@@ -141,19 +157,46 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
         request.scope["ghubai.closers"].append(finished)
         first = await exchange.open()
         if stream:
-            return Response(_sse_body(exchange, first), 200, headers=openai.SSE_HEADERS)
+            dialect = OPENAI if api.startswith("openai.") else OLLAMA
+            return Response(_stream_body(exchange, first, dialect), 200, headers=dialect.headers)
         return Response(await _whole(exchange, first), 200, content_type="application/json")
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions() -> Response:
-        body = openai.parse_body(await request.get_data())
-        openai.validate_chat(body)
-        return await forward("openai.chat", body)
+    def route(path: str, api: str, validate: Callable[[dict[str, Any]], None], streams_by_default: bool) -> None:
+        async def endpoint() -> Response:
+            body = openai.parse_body(await request.get_data())
+            validate(body)
+            return await forward(api, body, body.get("stream", streams_by_default) is True)
+
+        app.add_url_rule(path, api, endpoint, methods=["POST"])
+
+    route("/v1/chat/completions", "openai.chat", openai.validate_chat, False)
+    route("/v1/completions", "openai.completions", openai.validate_completion, False)
+    route("/v1/embeddings", "openai.embeddings", openai.validate_inputs, False)
+    route("/api/chat", "ollama.chat", openai.validate_ollama_chat, True)
+    route("/api/generate", "ollama.generate", openai.validate_ollama_generate, True)
+    route("/api/embed", "ollama.embed", openai.validate_inputs, False)
+
+    @app.get("/v1/models/<path:model>")
+    async def one_model(model: str) -> dict[str, Any]:
+        if not pool.hosts(model):
+            raise model_not_found(model)
+        return {"id": model, "object": "model", "created": 0, "owned_by": "ghubai"}
+
+    @app.get("/api/tags")
+    async def ollama_tags() -> dict[str, Any]:
+        return openai.ollama_tags(pool.models())
+
+    @app.get("/api/version")
+    async def ollama_version() -> dict[str, Any]:
+        return {"version": __version__}
+
+    @app.get("/")
+    async def ollama_root() -> Response:
+        return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list",
-                "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"} for m in pool.models()]}
+        return openai.model_list(pool.models())
 
     @app.get("/api/registry")
     async def registry() -> dict[str, Any]:

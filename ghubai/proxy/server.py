@@ -7,7 +7,6 @@ itself from what its health checks learnt.
 
 from __future__ import annotations
 
-import json
 import logging
 import ssl
 import time
@@ -22,6 +21,7 @@ from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
+from ghubai import openai
 from ghubai.openai import ApiError
 from ghubai.proxy.follow import check_health, follow_registry
 from ghubai.proxy.forward import Forwarder, Outcome, model_of
@@ -103,13 +103,10 @@ class Proxy:
         return self.hubs.models()
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"} for m in self._models_or_503()]
-        await conn.respond_json(200, {"object": "list", "data": data})
+        await conn.respond_json(200, openai.model_list(self._models_or_503()))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
-        models = [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                   "details": {}} for m in self._models_or_503()]
-        await conn.respond(200, json.dumps({"models": models}).encode())
+        await conn.respond_json(200, openai.ollama_tags(self._models_or_503()))
 
 
 async def run(config: ProxyConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:

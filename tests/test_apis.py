@@ -1,0 +1,85 @@
+"""Every client speaks to the grid: OpenAI's completions, embeddings and model lookup, and Ollama's
+native API, through the proxy, over an Ollama engine (the simulator)."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import trio
+
+from conftest import Grid, chat
+
+
+async def proxied_grid(grid: Grid) -> str:
+    sim_url, _ = await grid.sim(tokens=6, embed_dim=8)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    return proxy.value
+
+
+async def test_openai_completions_embeddings_and_model_lookup(grid: Grid) -> None:
+    url = await proxied_grid(grid)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+        completion = await sdk.completions.create(model="sim", prompt="once upon", max_tokens=4)
+        assert completion.object == "text_completion" and len(completion.choices[0].text.split()) == 4
+        streamed = [c async for c in await sdk.completions.create(model="sim", prompt="x", stream=True)]
+        assert sum(1 for c in streamed if c.choices and c.choices[0].text) == 6
+        vectors = await sdk.embeddings.create(model="sim", input=["a", "b"])  # base64 by default
+        assert [len(item.embedding) for item in vectors.data] == [8, 8]
+        assert (await sdk.models.retrieve("sim")).id == "sim"
+        try:
+            await sdk.models.retrieve("nope")
+            raise AssertionError("an unknown model was found")
+        except openai.NotFoundError as error:
+            assert error.code == "model_not_found"
+
+
+async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:
+    url = await proxied_grid(grid)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
+    async with grid.http.stream("POST", url + "/api/chat", json=body) as response:
+        assert response.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) async for line in response.aiter_lines() if line]
+    assert [line["done"] for line in lines] == [False] * 6 + [True] and lines[-1]["eval_count"] == 6
+    generated = (await grid.http.post(url + "/api/generate", json={"model": "sim", "prompt": "x",
+                                                                  "stream": False})).json()
+    assert generated["done"] and len(generated["response"].split()) == 6
+    embedded = (await grid.http.post(url + "/api/embed", json={"model": "sim", "input": "x"})).json()
+    assert len(embedded["embeddings"][0]) == 8
+    assert (await grid.http.get(url + "/api/tags")).json()["models"][0]["name"] == "sim"
+    missing = await grid.http.post(url + "/api/chat", json={"model": "nope", "messages": []})
+    assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
+    bad = await grid.http.post(url + "/api/chat", content=b"{")
+    assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
+
+
+async def test_an_ollama_engine_error_mid_stream_reaches_the_ollama_client(grid: Grid) -> None:
+    sim_url, _ = await grid.sim(fail_after_tokens=2)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    response = await grid.http.post(hub.value + "/api/chat", json=chat(stream=True))
+    lines = [json.loads(line) for line in response.text.splitlines() if line]
+    assert len(lines) == 3 and "after 2 tokens" in lines[-1]["error"]
+
+
+
+async def test_the_official_ollama_client_through_the_proxy(grid: Grid) -> None:
+    import ollama
+
+    url = await proxied_grid(grid)
+
+    def session() -> None:
+        client = ollama.Client(host=url)
+        reply = client.chat(model="sim", messages=[{"role": "user", "content": "hi"}])
+        assert len(reply.message.content.split()) == 6 and reply.eval_count == 6
+        parts = [part.message.content for part in client.chat(model="sim", stream=True,
+                                                               messages=[{"role": "user", "content": "hi"}])]
+        assert "".join(parts) == reply.message.content
+        assert len(client.generate(model="sim", prompt="x").response.split()) == 6
+        assert len(client.embed(model="sim", input=["a", "b"]).embeddings) == 2
+        assert [model.model for model in client.list().models] == ["sim"]
+
+    await trio.to_thread.run_sync(session)
