@@ -139,6 +139,7 @@ class WorkerConfig:
     name: str = _key(None, "default: the host name", default="")
     ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
+    drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long running requests may finish", default=30.0)
     engine: EngineConfig = EngineConfig()
 
 

@@ -1,17 +1,24 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Also carries one fix to hypercorn 0.18 (issues #330 and #106): quart-trio runs a connection's close
-inside the request's already-cancelled scope, so ``send_eof`` is skipped and a client that sent
-``Connection: close`` (or speaks HTTP/1.0) never sees EOF. The close is run shielded here.
+Carries two fixes to hypercorn 0.18's trio server:
+- quart-trio runs a connection's close inside the request's already-cancelled scope, so
+  ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
+  sees EOF (hypercorn issues #330, #106). The close is run shielded here.
+- every socket write is shielded from cancellation and has no timeout, so a client that stops
+  reading blocks its request (and the worker slot behind it) for ever, and a server with such a
+  client can never stop. Here a write that makes no progress for ``write_timeout_s`` closes the
+  connection, and when the server is cancelled every pending write is cut at once.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
 from ghubai.protocol import MAX_MESSAGE_BYTES
@@ -26,9 +33,50 @@ async def _shielded_close(self: TCPServer) -> None:
 
 TCPServer._close = _shielded_close  # type: ignore[method-assign]
 
+_hypercorn_protocol_send = TCPServer.protocol_send
 
-def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0) -> Config:
-    config = Config()
+
+class GhubConfig(Config):
+    """hypercorn's Config, plus what the patched writes need."""
+
+    write_timeout_s: float = 120.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending_writes: set[trio.CancelScope] = set()
+
+    def cut_pending_writes(self) -> None:
+        for write in list(self.pending_writes):
+            write.cancel()
+
+
+async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
+    if not isinstance(event, RawData) or not isinstance(self.config, GhubConfig):
+        await _hypercorn_protocol_send(self, event)
+        return
+    async with self.send_lock:
+        try:
+            with trio.CancelScope(shield=True):  # as hypercorn: a request's cancel must not cut a write ...
+                with trio.CancelScope() as write:  # ... but a stalled client or a stopping server may
+                    write.deadline = trio.current_time() + self.config.write_timeout_s
+                    self.config.pending_writes.add(write)
+                    try:
+                        await self.stream.send_all(event.data)
+                    finally:
+                        self.config.pending_writes.discard(write)
+            if write.cancelled_caught:
+                raise trio.BrokenResourceError("the client took no data in time")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.protocol.handle(Closed())
+
+
+TCPServer.protocol_send = _bounded_protocol_send  # type: ignore[method-assign]
+
+
+def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0,
+                  write_timeout_s: float = 120.0) -> GhubConfig:
+    config = GhubConfig()
+    config.write_timeout_s = write_timeout_s
     config.bind = [listen]
     config.graceful_timeout = graceful_timeout_s
     config.include_server_header = False
@@ -40,7 +88,17 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     return config
 
 
-async def serve_app(app: Any, config: Config, *,
+async def serve_app(app: Any, config: GhubConfig, *,
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
-    await serve(app, config, shutdown_trigger=trio.sleep_forever, task_status=task_status)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_cut_writes_when_cancelled, config)
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
+        task_status.started(binds)
+
+
+async def _cut_writes_when_cancelled(config: GhubConfig) -> None:
+    try:
+        await trio.sleep_forever()
+    finally:
+        config.cut_pending_writes()  # or a write to a client that stopped reading holds the server up

@@ -74,6 +74,13 @@ async def peak_active(sim: Simulator, jobs: list[Callable[[], Awaitable[None]]])
     return peak
 
 
+async def workers_linked(grid: "Grid", hub_url: str, count: int) -> None:
+    async def linked() -> bool:
+        return len(await grid.workers(hub_url)) == count
+
+    await eventually(linked, f"{count} worker(s) linked to {hub_url}")
+
+
 class Grid:
     def __init__(self, nursery: trio.Nursery) -> None:
         self.nursery = nursery

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, workers_linked
 
 
 class Relay:
@@ -63,13 +63,6 @@ async def stream_events(http: httpx.AsyncClient, url: str, after_three: Any = No
                     if len(events) == 3 and after_three is not None:
                         after_three()
     return events
-
-
-async def workers_linked(grid: Grid, hub_url: str, count: int) -> None:
-    async def linked() -> bool:
-        return len(await grid.workers(hub_url)) == count
-
-    await eventually(linked, f"{count} worker(s) linked to {hub_url}")
 
 
 async def test_a_partition_is_detected_by_both_sides_within_three_heartbeats(grid: Grid) -> None:

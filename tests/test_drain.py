@@ -7,11 +7,13 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, workers_linked
 
 
 async def collect(http: httpx.AsyncClient, url: str, events: list[str], started: trio.Event) -> None:
@@ -23,25 +25,42 @@ async def collect(http: httpx.AsyncClient, url: str, events: list[str], started:
                     started.set()
 
 
-async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
-        grid: Grid, hub_processes: list[HubProcess]) -> None:
-    hub = await HubProcess().started(grid.http)
+async def hub_process_with_worker(grid: Grid, hub_processes: list[HubProcess], config: str | None = None,
+                                  **sim_options: Any) -> tuple[HubProcess, Any]:
+    hub = await HubProcess(config).started(grid.http)
     hub_processes.append(hub)
-    sim_url, _ = await grid.sim(itl_ms=20, tokens=60)
+    sim_url, sim = await grid.sim(**sim_options)
     await grid.worker(hub.url, sim_url)
+    return hub, sim
+
+
+async def sigterm_mid_stream(grid: Grid, url: str, process: subprocess.Popen[bytes],
+                             meanwhile: Callable[[], Awaitable[None]] | None = None) -> list[str]:
+    """Start a stream, SIGTERM ``process`` once it flows, run ``meanwhile``; the stream's events."""
     events: list[str] = []
     started = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect, grid.http, hub.url, events, started)
+        nursery.start_soon(collect, grid.http, url, events, started)
         await started.wait()
-        hub.process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        if meanwhile is not None:
+            await meanwhile()
+    return events
 
+
+async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
+        grid: Grid, hub_processes: list[HubProcess]) -> None:
+    hub, _ = await hub_process_with_worker(grid, hub_processes, itl_ms=20, tokens=60)
+
+    async def refuses() -> None:
         async def not_ready() -> bool:
             return (await grid.http.get(hub.url + "/ready")).status_code == 503
 
         await eventually(not_ready, "/ready to turn 503")
         refused = await grid.http.post(hub.url + "/v1/chat/completions", json=chat())
         assert refused.status_code == 503 and refused.headers["retry-after"]
+
+    events = await sigterm_mid_stream(grid, hub.url, hub.process, refuses)
     assert events[-1] == "[DONE]"
     assert sum(1 for e in events[:-1] if json.loads(e)["choices"] and json.loads(e)["choices"][0]["delta"].get(
         "content")) == 60
@@ -50,16 +69,9 @@ async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
 
 async def test_streams_still_running_at_the_drain_timeout_end_with_an_error_event(
         grid: Grid, hub_processes: list[HubProcess]) -> None:
-    hub = await HubProcess("drain_timeout_s = 0.5\n").started(grid.http)
-    hub_processes.append(hub)
-    sim_url, sim = await grid.sim(itl_ms=20, tokens=100_000)
-    await grid.worker(hub.url, sim_url)
-    events: list[str] = []
-    started = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(collect, grid.http, hub.url, events, started)
-        await started.wait()
-        hub.process.send_signal(signal.SIGTERM)
+    hub, sim = await hub_process_with_worker(grid, hub_processes, "drain_timeout_s = 0.5\n", itl_ms=20,
+                                             tokens=100_000)
+    events = await sigterm_mid_stream(grid, hub.url, hub.process)
     assert "shutting down" in json.loads(events[-1])["error"]["message"]
     assert hub.process.wait(timeout=WAIT_S) == 0
 
@@ -75,25 +87,61 @@ async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(grid: Gr
     env = {**os.environ, "HUB_URL": hub.value.replace("http", "ws") + "/gridhub", "OLLAMA_LOCAL_URL": sim_url}
     worker = subprocess.Popen(ghubai_command("worker", "--log-level", "warning"), env=env)
     try:
-        async def joined() -> bool:
-            return len(await grid.workers(hub.value)) == 1
+        await workers_linked(grid, hub.value, 1)
 
-        await eventually(joined, "the worker process to join")
-        events: list[str] = []
-        started = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(collect, grid.http, hub.value, events, started)
-            await started.wait()
-            worker.send_signal(signal.SIGTERM)
-
+        async def refuses() -> None:
             async def draining() -> bool:
                 return (await grid.workers(hub.value))[0]["draining"]
 
             await eventually(draining, "the hub to see the worker draining")
             refused = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
             assert refused.status_code == 503
+
+        events = await sigterm_mid_stream(grid, hub.value, worker, refuses)
         assert events[-1] == "[DONE]", events[-1]
         assert worker.wait(timeout=WAIT_S) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+async def test_a_hub_with_a_client_that_reads_nothing_still_stops(
+        grid: Grid, hub_processes: list[HubProcess]) -> None:
+    from test_robustness import stalled_client
+
+    hub, _ = await hub_process_with_worker(grid, hub_processes, "drain_timeout_s = 0.5\n", tokens=1_000_000,
+                                           itl_ms=0, ttft_ms=1)
+    sock = await stalled_client(hub.url)
+    try:
+        await trio.sleep(1.0)  # the hub's write to this client is now blocked
+        hub.process.send_signal(signal.SIGTERM)
+        assert hub.process.wait(timeout=WAIT_S) == 0
+    finally:
+        sock.close()
+
+
+async def test_a_draining_worker_gives_up_after_its_drain_timeout(grid: Grid, tmp_path: Any) -> None:
+    from test_robustness import stalled_client
+
+    sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub()
+    config = tmp_path / "worker.toml"
+    config.write_text(f'hub_url = "{hub.value.replace("http", "ws")}/gridhub"\ndrain_timeout_s = 0.5\n'
+                      f'[engine]\nurl = "{sim_url}"\n')
+    worker = subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
+                              env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+    try:
+        await workers_linked(grid, hub.value, 1)
+        sock = await stalled_client(hub.value)
+        await trio.sleep(1.0)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=WAIT_S) == 0
+
+        async def stopped() -> bool:
+            return sim.stats.active == 0
+
+        await eventually(stopped, "the engine to stop the abandoned generation")
+        sock.close()
     finally:
         if worker.poll() is None:
             worker.kill()

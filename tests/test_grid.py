@@ -322,3 +322,9 @@ async def test_first_token_and_idle_timeouts(grid: Grid) -> None:
     response = await grid.http.post(idle.value + "/v1/chat/completions", json=chat(stream=True))
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert "next token" in json.loads(events[-1])["error"]["message"] and "[DONE]" not in events
+
+
+async def test_requests_the_grid_cannot_take_cost_no_budget(grid: Grid) -> None:
+    hub = await grid.hub(limits={"requests_per_minute": 2})
+    codes = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code for _ in range(4)]
+    assert codes == [503] * 4  # no worker: refused, but never counted against the client

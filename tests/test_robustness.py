@@ -232,3 +232,18 @@ async def test_an_engine_whose_model_list_is_malformed_does_not_kill_the_worker(
     await trio.sleep(0.5)  # several discovery rounds
     [worker] = await grid.workers(hub.value)
     assert worker["models"] == []
+
+
+async def test_a_client_that_reads_nothing_for_idle_s_is_dropped_and_its_slot_freed(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    sock = await stalled_client(hub.value)
+    try:
+        async def released() -> bool:
+            [worker] = await grid.workers(hub.value)
+            return worker["inflight"] == 0 and sim.stats.active == 0 and sim.stats.cancelled == 1
+
+        await eventually(released, "the stalled client to be dropped and its generation stopped")
+    finally:
+        sock.close()

@@ -155,7 +155,12 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
             rate_limits.spend(key, exchange.usage)
 
         request.scope["ghubai.closers"].append(finished)
-        first = await exchange.open()
+        try:
+            first = await exchange.open()
+        except ApiError as error:
+            if error.status == 503:
+                rate_limits.refund(key)
+            raise
         if stream:
             dialect = OPENAI if api.startswith("openai.") else OLLAMA
             return Response(_stream_body(exchange, first, dialect), 200, headers=dialect.headers)
@@ -209,7 +214,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
 
     @app.get("/ready")
     async def ready() -> tuple[dict[str, Any], int]:
-        count = len(pool.workers)
+        count = sum(1 for worker in pool.workers.values() if not worker.draining)
         status = "draining" if pool.draining else "ready" if count else "no workers"
         return {"status": status, "workers": count}, 200 if status == "ready" else 503
 
@@ -233,7 +238,7 @@ async def run(config: HubConfig, *, drain: trio.Event | None = None,
     app = create_app(config, pool, inflight, hub_id)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
-            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
+            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
         task_status.started(binds[0])
         if drain is not None:

@@ -58,6 +58,11 @@ class RateLimits:
                                retry_after=requests.seconds_until(1))
             requests.level -= 1
 
+    def refund(self, key: bytes) -> None:
+        """A request the grid could not take (503) costs its client nothing."""
+        if key in self._requests:
+            self._requests[key].level += 1
+
     def spend(self, key: bytes, usage: dict[str, int] | None) -> None:
         if self.limits.tokens_per_minute and usage:
             bucket = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))

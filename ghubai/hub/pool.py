@@ -113,7 +113,7 @@ class Pool:
         self._wake(self._queues)
 
     def models(self) -> list[str]:
-        return sorted({model for worker in self.workers.values() for model in worker.models})
+        return sorted({model for worker in self.workers.values() if not worker.draining for model in worker.models})
 
     def hosts(self, model: str) -> list[RemoteWorker]:
         return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]

@@ -250,8 +250,16 @@ class Worker:
         self.draining = True
         for link in list(self.links):
             link.send(protocol.draining())
-        log.info("draining: %d request(s) running", self.inflight)
-        await self.idle.wait()
+        log.info("draining: %d request(s) running, waiting up to %g s", self.inflight, self.config.drain_timeout_s)
+        with trio.move_on_after(self.config.drain_timeout_s):
+            await self.idle.wait()
+        if not self.idle.is_set():
+            log.warning("drain timeout: ending %d request(s) with an error", self.inflight)
+            for link in list(self.links):
+                for request_id, scope in list(link.requests.items()):
+                    link.send(protocol.error(request_id, 503, "the worker is shutting down", retryable=False))
+                    scope.cancel()
+            await self.idle.wait()  # cancelled requests end at once
         with trio.move_on_after(FLUSH_TIMEOUT_S):  # the last answers must reach the hubs before we go
             for link in list(self.links):
                 link.out.close()
