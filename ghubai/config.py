@@ -85,6 +85,8 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
 @dataclass(frozen=True)
 class HubLimits:
     max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
+    max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
+    max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
                            default=256)
     queue_timeout_s: float = _key(_at_least(0), "longest wait in the queue -> 503 with Retry-After", default=30.0)

@@ -328,3 +328,12 @@ async def test_requests_the_grid_cannot_take_cost_no_budget(grid: Grid) -> None:
     hub = await grid.hub(limits={"requests_per_minute": 2})
     codes = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code for _ in range(4)]
     assert codes == [503] * 4  # no worker: refused, but never counted against the client
+
+
+async def test_too_many_or_too_long_headers_get_431(grid: Grid) -> None:
+    hub = await grid.hub()
+    url = hub.value + "/v1/chat/completions"
+    long_head = await grid.http.post(url, json=chat(), headers={"x-big": "v" * 20_000})
+    assert long_head.status_code == 431 and long_head.json()["error"]["type"] == "invalid_request_error"
+    many = await grid.http.post(url, json=chat(), headers={f"x-h{i}": "v" for i in range(150)})
+    assert many.status_code == 431

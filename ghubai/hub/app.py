@@ -135,7 +135,11 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
         return _error_response(ApiError(status, message))
 
     @app.before_request
-    async def check_key() -> None:
+    async def check_head_and_key() -> None:
+        lines = list(request.headers.items())
+        if len(lines) > config.limits.max_headers or \
+                sum(len(name) + len(value) + 4 for name, value in lines) > config.limits.max_header_bytes:
+            raise ApiError(431, "Request headers too many or too large")
         if request.path in OPEN_PATHS:
             return
         key = api_keys.identify(request.headers.get("Authorization"))
