@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import openai
+import pytest
 import trio
 
 from conftest import Grid, chat
@@ -56,10 +57,11 @@ async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
 
 
-async def test_an_ollama_engine_error_mid_stream_reaches_the_ollama_client(grid: Grid) -> None:
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_an_engine_error_mid_stream_reaches_the_ollama_client(grid: Grid, kind: str) -> None:
     sim_url, _ = await grid.sim(fail_after_tokens=2)
     hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
+    await grid.worker(hub.value, sim_url, kind=kind)
     response = await grid.http.post(hub.value + "/api/chat", json=chat(stream=True))
     lines = [json.loads(line) for line in response.text.splitlines() if line]
     assert len(lines) == 3 and "after 2 tokens" in lines[-1]["error"]
@@ -83,3 +85,29 @@ async def test_the_official_ollama_client_through_the_proxy(grid: Grid) -> None:
         assert [model.model for model in client.list().models] == ["sim"]
 
     await trio.to_thread.run_sync(session)
+
+
+async def test_the_ollama_client_over_an_openai_compatible_engine(grid: Grid) -> None:
+    """The worker translates Ollama's API for an engine that only speaks OpenAI's (kind = "openai")."""
+    import ollama
+
+    sim_url, _ = await grid.sim(tokens=6, embed_dim=8)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind="openai")
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+
+    def session() -> None:
+        client = ollama.Client(host=proxy.value)
+        reply = client.chat(model="sim", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4})
+        assert len(reply.message.content.split()) == 4 and reply.eval_count == 4 and reply.done_reason == "length"
+        parts = list(client.chat(model="sim", stream=True, messages=[{"role": "user", "content": "hi"}]))
+        assert len("".join(p.message.content for p in parts).split()) == 6 and parts[-1].done
+        assert parts[-1].prompt_eval_count == 1 and parts[-1].eval_count == 6
+        assert len(client.generate(model="sim", prompt="x", system="be brief").response.split()) == 6
+        assert [len(v) for v in client.embed(model="sim", input=["a", "b"]).embeddings] == [8, 8]
+
+    await trio.to_thread.run_sync(session)
+    async with openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="x", max_retries=0) as sdk:
+        reply = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
+        assert len(reply.choices[0].message.content.split()) == 6

@@ -16,9 +16,11 @@ from typing import Any
 import httpx
 
 from ghubai.config import EngineConfig
+from ghubai.worker.translate import PATHS as TRANSLATED
+from ghubai.worker.translate import OllamaOverOpenAI
 
-# Where each API lives on the engine. Ollama serves its native API and an OpenAI layer, so for
-# now every request goes to the path of its own API; translation across APIs comes with issue #5.
+# Where each API lives on an engine that speaks it: Ollama serves its native API and an OpenAI
+# layer; an OpenAI-compatible engine gets Ollama-API requests translated (ghubai/worker/translate.py).
 PATHS = {
     "openai.chat": "/v1/chat/completions",
     "openai.completions": "/v1/completions",
@@ -108,22 +110,28 @@ class Engine:
 
     async def run(self, call: Call) -> AsyncIterator[bytes]:
         """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
-        path = PATHS.get(call.api)
-        if path is None:
+        translator = OllamaOverOpenAI(call.api) if self.config.kind == "openai" and call.api in TRANSLATED else None
+        if translator is not None:
+            path, body = translator.path, translator.request(call.body, call.stream)
+        elif call.api in PATHS:
+            path, body = PATHS[call.api], self._prepare(call)
+        else:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
         try:
-            async with self.client.stream("POST", path, json=self._prepare(call)) as response:
+            async with self.client.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
                     raise self._refusal(response.status_code, await response.aread())
                 if not call.stream:
                     raw = await response.aread()
-                    call.usage = _usage_of(json.loads(raw))
-                    yield raw
+                    value = json.loads(raw)
+                    call.usage = _usage_of(value)
+                    yield translator.whole(value, call.usage) if translator else raw
                     return
                 sse = path.startswith("/v1/")
                 split = _sse_payloads if sse else _ndjson_payloads
                 async for batch in split(response.aiter_bytes()):
-                    if out := self._render(call, batch, sse):
+                    out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
+                    if out:
                         yield out
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
@@ -160,6 +168,22 @@ class Engine:
                 if value.get("choices") == [] and not call.client_wants_usage:
                     continue
             out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
+        return b"".join(out)
+
+
+    def _translate(self, call: Call, batch: list[bytes], translator: OllamaOverOpenAI) -> bytes:
+        out = []
+        for payload in batch:
+            if payload == b"[DONE]":
+                call.finished = True
+                out.append(translator.final(call.usage))
+                continue
+            if payload.startswith(b'{"error"'):
+                raise EngineError(502, _error_message(payload), retryable=True)
+            value = json.loads(payload)
+            if isinstance(value, dict):
+                call.usage = _usage_of(value) or call.usage
+                out.extend(translator.chunk(value))
         return b"".join(out)
 
 
