@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
 import trio_websocket
 
@@ -87,15 +88,26 @@ async def test_a_retry_waiting_at_the_head_does_not_block_a_free_slot() -> None:
     assert got == {"fresh": "A", "retry": "B"}
 
 
-async def test_an_engine_stream_that_stops_without_finishing_is_an_error_not_done(grid: Grid) -> None:
+@pytest.mark.parametrize("kind", ["openai", "ollama"])
+async def test_an_engine_stream_that_stops_without_finishing_is_an_error_not_done(grid: Grid, kind: str) -> None:
     async def half(conn: Connection, request: Request) -> None:
-        await conn.start_stream(200, "text/event-stream")
-        await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n')
-        await conn.finish()  # ends cleanly, but with no finish chunk and no [DONE]
+        if kind == "openai":
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n')
+        else:
+            await conn.start_stream(200, "application/x-ndjson")
+            await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"half"},"done":false}\n')
+        await conn.finish()  # ends cleanly, but with no [DONE] / "done": true
 
-    engine = await fake_engine(grid, half)
+    async def handle(conn: Connection, request: Request) -> None:
+        if request.path == "/v1/models":
+            await conn.respond_json(200, {"data": [{"id": "sim"}]})
+        else:
+            await half(conn, request)
+
+    engine = await fake_engine(grid, handle)
     hub = await grid.hub()
-    await grid.worker(hub.value, engine)
+    await grid.worker(hub.value, engine, kind=kind)
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
     events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
     assert "[DONE]" not in events

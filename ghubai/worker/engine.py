@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 
 from ghubai.config import EngineConfig
-from ghubai.worker.translate import PATHS as TRANSLATED
-from ghubai.worker.translate import OllamaOverOpenAI
+from ghubai.worker.translate import Translator, translator_for
 
 # Where each API lives on an engine that speaks it: Ollama serves its native API and an OpenAI
 # layer; an OpenAI-compatible engine gets Ollama-API requests translated (ghubai/worker/translate.py).
@@ -110,7 +109,7 @@ class Engine:
 
     async def run(self, call: Call) -> AsyncIterator[bytes]:
         """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
-        translator = OllamaOverOpenAI(call.api) if self.config.kind == "openai" and call.api in TRANSLATED else None
+        translator = translator_for(self.config.kind, call.api)
         if translator is not None:
             path, body = translator.path, translator.request(call.body, call.stream)
         elif call.api in PATHS:
@@ -171,7 +170,7 @@ class Engine:
         return b"".join(out)
 
 
-    def _translate(self, call: Call, batch: list[bytes], translator: OllamaOverOpenAI) -> bytes:
+    def _translate(self, call: Call, batch: list[bytes], translator: Translator) -> bytes:
         out = []
         for payload in batch:
             if payload == b"[DONE]":
@@ -184,6 +183,7 @@ class Engine:
             if isinstance(value, dict):
                 call.usage = _usage_of(value) or call.usage
                 out.extend(translator.chunk(value))
+                call.finished |= translator.done
         return b"".join(out)
 
 

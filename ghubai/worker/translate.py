@@ -1,18 +1,22 @@
-"""Ollama's native API answered by an OpenAI-compatible engine (llama.cpp server, vLLM, LM Studio).
+"""Every API over every engine kind: the worker translates between OpenAI's and Ollama's APIs.
 
-The worker turns an ``ollama.chat`` / ``ollama.generate`` / ``ollama.embed`` request into the engine's
-``/v1`` request (options, ``format``, tools and images mapped across), and the engine's answer back
-into Ollama's JSON or NDJSON lines, with the counts Ollama clients expect in the last line.
+``OllamaOverOpenAI``: an ``ollama.*`` request for an OpenAI-compatible engine (llama.cpp server, vLLM,
+LM Studio) becomes a ``/v1`` request, and the answer Ollama JSON or NDJSON with the counts Ollama
+clients expect. ``OpenAIOverOllama``: an ``openai.*`` request for Ollama goes to its native API, and
+the answer becomes OpenAI JSON or SSE. Options, ``format``/``response_format``, tools and images map
+both ways; tool-call arguments are a JSON string on OpenAI's side and an object on Ollama's.
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import struct
+import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
-         "ollama.embed": "/v1/embeddings"}
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
 
@@ -54,9 +58,13 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class OllamaOverOpenAI:
+    PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
+             "ollama.embed": "/v1/embeddings"}
+    done = False  # the engine's own [DONE] ends these streams
+
     def __init__(self, api: str) -> None:
         self.api = api
-        self.path = PATHS[api]
+        self.path = self.PATHS[api]
         self.model = ""
         self.finish_reason = "stop"
         self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls, assembled by index
@@ -133,3 +141,153 @@ class OllamaOverOpenAI:
         else:
             answer = self._text(choice.get("text") or "")
         return json.dumps({**answer, **self._counts(usage)}).encode()
+
+
+def _sse(value: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(value).encode() + b"\n\n"
+
+
+def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message as Ollama's: content parts become text and base64 images, arguments an object."""
+    converted: dict[str, Any] = {"role": message.get("role", "user")}
+    content = message.get("content")
+    if isinstance(content, list):
+        converted["content"] = "".join(part.get("text", "") for part in content
+                                       if isinstance(part, dict) and part.get("type") == "text")
+        images = [part["image_url"]["url"].split(",", 1)[-1] for part in content
+                  if isinstance(part, dict) and part.get("type") == "image_url"]
+        if images:
+            converted["images"] = images
+    else:
+        converted["content"] = content or ""
+    if message.get("tool_calls"):
+        converted["tool_calls"] = _tool_calls(message["tool_calls"])
+    return converted
+
+
+class OpenAIOverOllama:
+    """OpenAI's API answered by Ollama's native one, so that ids are unique, usage is exact and an
+    error in the middle of a stream reaches the client (Ollama's own OpenAI layer drops it)."""
+
+    PATHS = {"openai.chat": "/api/chat", "openai.completions": "/api/generate", "openai.embeddings": "/api/embed"}
+
+    def __init__(self, api: str) -> None:
+        self.api = api
+        self.path = self.PATHS[api]
+        self.model = ""
+        self.include_usage = False
+        self.base64 = False
+        self.done = False
+        self.started = False  # the first chunk, which carries the role, has gone out
+        self.index = 0  # tool calls seen so far
+        self.id = ("chatcmpl-" if api == "openai.chat" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
+        self.model = str(body.get("model", ""))
+        if self.api == "openai.embeddings":
+            self.base64 = body.get("encoding_format") == "base64"
+            return {"model": self.model, "input": body.get("input", "")}
+        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
+        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        if limit is not None:
+            options["num_predict"] = limit
+        request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
+        response_format = body.get("response_format") or {}
+        if response_format.get("type") == "json_object":
+            request["format"] = "json"
+        elif response_format.get("type") == "json_schema":
+            request["format"] = (response_format.get("json_schema") or {}).get("schema", "json")
+        if self.api == "openai.chat":
+            request["messages"] = [_ollama_message(m) for m in body.get("messages", []) if isinstance(m, dict)]
+            if body.get("tools"):
+                request["tools"] = body["tools"]
+        else:
+            prompt = body.get("prompt", "")
+            request["prompt"] = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
+        return request
+
+    def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        kind = "chat.completion.chunk" if self.api == "openai.chat" else "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [{"index": 0, **choice}], **extra}
+
+    def _finish_reason(self, value: dict[str, Any]) -> str:
+        if self.index:
+            return "tool_calls"
+        return "length" if value.get("done_reason") == "length" else "stop"
+
+    @staticmethod
+    def _usage(value: dict[str, Any]) -> dict[str, int]:
+        prompt, completion = int(value.get("prompt_eval_count") or 0), int(value.get("eval_count") or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _openai_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        converted = []
+        for call in calls:
+            function = call.get("function") or {}
+            converted.append({"index": self.index, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+                              "function": {"name": function.get("name", ""),
+                                           "arguments": json.dumps(function.get("arguments", {}))}})
+            self.index += 1
+        return converted
+
+    def chunk(self, value: dict[str, Any]) -> list[bytes]:
+        """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
+        finish reason, then the usage if the client asked for it."""
+        out = []
+        if self.api == "openai.chat":
+            message = value.get("message") or {}
+            delta: dict[str, Any] = {"content": message.get("content") or ""}
+            if not self.started:
+                self.started = True
+                delta["role"] = "assistant"
+            if message.get("tool_calls"):
+                delta["tool_calls"] = self._openai_calls(message["tool_calls"])
+            if delta.get("content") or len(delta) > 1:
+                out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
+        elif value.get("response"):
+            out.append(_sse(self._chunk({"text": value["response"], "logprobs": None, "finish_reason": None})))
+        if value.get("done") is True:
+            self.done = True
+            end: dict[str, Any] = {"delta": {}} if self.api == "openai.chat" else {"text": "", "logprobs": None}
+            out.append(_sse(self._chunk({**end, "finish_reason": self._finish_reason(value)})))
+            if self.include_usage:
+                out.append(_sse({**self._chunk({}), "choices": [], "usage": self._usage(value)}))
+        return out
+
+    def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
+        if self.api == "openai.embeddings":
+            vectors = value.get("embeddings", [])
+            data = [{"object": "embedding", "index": index,
+                     "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if self.base64 else v}
+                    for index, v in enumerate(vectors)]
+            tokens = int(value.get("prompt_eval_count") or 0)
+            return json.dumps({"object": "list", "data": data, "model": self.model,
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+        if self.api == "openai.chat":
+            message = value.get("message") or {}
+            answer: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+            if message.get("tool_calls"):
+                answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
+                                        for call in self._openai_calls(message["tool_calls"])]
+            choice: dict[str, Any] = {"message": answer}
+        else:
+            choice = {"text": value.get("response") or "", "logprobs": None}
+        kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
+        return json.dumps({"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                           "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
+                           "usage": self._usage(value)}).encode()
+
+
+Translator = OllamaOverOpenAI | OpenAIOverOllama
+
+
+def translator_for(kind: str, api: str) -> Translator | None:
+    """The translation an engine of ``kind`` needs for ``api``; None when it speaks the API itself."""
+    if kind == "openai" and api in OllamaOverOpenAI.PATHS:
+        return OllamaOverOpenAI(api)
+    if kind == "ollama" and api in OpenAIOverOllama.PATHS:
+        return OpenAIOverOllama(api)
+    return None
