@@ -111,3 +111,36 @@ async def test_the_ollama_client_over_an_openai_compatible_engine(grid: Grid) ->
     async with openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="x", max_retries=0) as sdk:
         reply = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}])
         assert len(reply.choices[0].message.content.split()) == 6
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_openai_tool_call_round_trip_and_json_answers(grid: Grid, kind: str) -> None:
+    sim_url, _ = await grid.sim(tokens=6)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind=kind)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    messages: list[dict[str, object]] = [{"role": "user", "content": "weather in Paris?"}]
+    async with openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="x", max_retries=0) as sdk:
+        first = await sdk.chat.completions.create(model="sim", messages=messages, tools=WEATHER,
+                                                  tool_choice="required")
+        [call] = first.choices[0].message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "sim"})
+        assert first.choices[0].finish_reason == "tool_calls"
+        streamed = [c async for c in await sdk.chat.completions.create(
+            model="sim", messages=messages, tools=WEATHER, tool_choice="required", stream=True)]
+        deltas = [d for c in streamed if c.choices for d in c.choices[0].delta.tool_calls or []]
+        assert deltas and deltas[0].function.name == "get_weather"
+        assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] == "tool_calls"
+        messages += [first.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+        second = await sdk.chat.completions.create(model="sim", messages=messages, tools=WEATHER)
+        assert second.choices[0].message.content and second.choices[0].finish_reason == "stop"
+        as_json = await sdk.chat.completions.create(model="sim", messages=messages[:1],
+                                                    response_format={"type": "json_object"})
+        assert isinstance(json.loads(as_json.choices[0].message.content), dict)

@@ -4,11 +4,13 @@ the parallel-slot limit, and the counters that let tests see generation really s
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import struct
 import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -68,6 +70,16 @@ class Generation:
     limit: int
     finish_reason: str
     tokens: list[str] = field(default_factory=list)
+    script: list[str] | None = None  # fixed pieces to send instead of words (a JSON answer)
+    tool_call: tuple[str, dict[str, Any]] | None = None  # the answer is this call instead of text
+
+    def answer_with_json(self, document: Any) -> None:
+        text = json.dumps(document)
+        self.script = [text[i:i + 8] for i in range(0, len(text), 8)]
+        self.limit, self.finish_reason = len(self.script), "stop"
+
+    def answer_with_call(self, name: str, arguments: dict[str, Any]) -> None:
+        self.script, self.limit, self.tool_call, self.finish_reason = [], 0, (name, arguments), "stop"
 
     @property
     def completion_tokens(self) -> int:
@@ -119,8 +131,11 @@ class Simulator:
                 deadline = start + ttft + index * itl
                 if deadline > trio.current_time():
                     await trio.sleep_until(deadline)
-                token = WORDS[(offset + index) % len(WORDS)]
-                token = token if index == 0 else " " + token
+                if generation.script is not None:
+                    token = generation.script[index]
+                else:
+                    token = WORDS[(offset + index) % len(WORDS)]
+                    token = token if index == 0 else " " + token
                 generation.tokens.append(token)
                 self.stats.tokens += 1
                 yield token
@@ -131,3 +146,42 @@ class Simulator:
             self.stats.active -= 1
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             self.slots.release()
+
+
+def fit(schema: Any) -> Any:
+    """A value that fits a JSON schema (the common subset: types, properties, items, enum)."""
+    if not isinstance(schema, dict):
+        return {"answer": "the grid hums"}
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) and kind else kind
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: fit(sub) for name, sub in properties.items()} if properties else {"answer": "the grid hums"}
+    if kind == "array":
+        return [fit(schema.get("items") or {"type": "string"})]
+    return {"string": "sim", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "sim")
+
+
+def requested_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The tool a request forces (``tool_choice`` naming a function, or ``"required"``: the first)."""
+    tools = [tool.get("function", {}) for tool in body.get("tools") or [] if isinstance(tool, dict)]
+    choice = body.get("tool_choice")
+    if not tools or not (choice == "required" or isinstance(choice, dict)):
+        return None
+    wanted = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    tool = next((t for t in tools if t.get("name") == wanted), tools[0])
+    return str(tool.get("name", "")), fit(tool.get("parameters") or {"type": "object"})
+
+
+def requested_json(body: dict[str, Any]) -> tuple[bool, Any]:
+    """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format``), and its schema."""
+    fmt, response_format = body.get("format"), body.get("response_format") or {}
+    if fmt == "json" or response_format.get("type") == "json_object":
+        return True, None
+    if isinstance(fmt, dict):
+        return True, fmt
+    if response_format.get("type") == "json_schema":
+        return True, (response_format.get("json_schema") or {}).get("schema")
+    return False, None

@@ -18,7 +18,7 @@ import trio
 from ghubai import __version__
 from ghubai.config import split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
-from ghubai.sim.generator import EngineFailure, Simulator, embedding
+from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
 from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
 
 log = logging.getLogger("ghubai.sim")
@@ -140,7 +140,13 @@ class SimServer:
         prompt = _prompt(body)
         stream = body.get("stream", dialect == "ollama") is True
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-        shape = shape_class(model, self.sim.plan(prompt, _limit(body)), include_usage)
+        generation = self.sim.plan(prompt, _limit(body))
+        wants_json, schema = requested_json(body)
+        if tool := requested_tool(body):
+            generation.answer_with_call(*tool)
+        elif wants_json:
+            generation.answer_with_json(fit(schema))
+        shape = shape_class(model, generation, include_usage)
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch, nursery.cancel_scope)

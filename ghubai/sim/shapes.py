@@ -100,13 +100,32 @@ class OpenAIChat(OpenAIShape):
         return self.event(self.frame(choices=[
             {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]))
 
+    def _calls(self) -> list[dict[str, Any]]:
+        assert self.gen.tool_call is not None
+        name, arguments = self.gen.tool_call
+        return [{"id": "call_" + self.id[-12:], "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(arguments)}}]
+
+    def tail(self) -> bytes:
+        if self.gen.tool_call is None:
+            return super().tail()
+        calls = [{"index": 0, **call} for call in self._calls()]
+        return self.event(self.frame(choices=[{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None}])) \
+            + super().tail()
+
     def choice_end(self) -> dict[str, Any]:
-        return {"index": 0, "delta": {}, "finish_reason": self.gen.finish_reason}
+        return {"index": 0, "delta": {}, "finish_reason": self.finish_reason}
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.gen.tool_call else self.gen.finish_reason
 
     def whole(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.gen.text}
+        if self.gen.tool_call:
+            message = {"role": "assistant", "content": None, "tool_calls": self._calls()}
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.gen.text},
-                             "finish_reason": self.gen.finish_reason}],
+                "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason}],
                 "usage": _usage(self.gen)}
 
 
@@ -159,7 +178,11 @@ class OllamaChat(OllamaShape):
         return self.base(message={"role": "assistant", "content": token}, done=False)
 
     def final(self, text: str) -> dict[str, Any]:
-        return self.base(message={"role": "assistant", "content": text}, **self.counts())
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if self.gen.tool_call:
+            name, arguments = self.gen.tool_call
+            message["tool_calls"] = [{"function": {"name": name, "arguments": arguments}}]
+        return self.base(message=message, **self.counts())
 
 
 class OllamaGenerate(OllamaShape):

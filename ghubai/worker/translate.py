@@ -203,6 +203,8 @@ class OpenAIOverOllama:
             request["messages"] = [_ollama_message(m) for m in body.get("messages", []) if isinstance(m, dict)]
             if body.get("tools"):
                 request["tools"] = body["tools"]
+                if body.get("tool_choice") is not None:  # Ollama ignores it; engines that know it use it
+                    request["tool_choice"] = body["tool_choice"]
         else:
             prompt = body.get("prompt", "")
             request["prompt"] = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
