@@ -144,3 +144,17 @@ async def test_openai_tool_call_round_trip_and_json_answers(grid: Grid, kind: st
         as_json = await sdk.chat.completions.create(model="sim", messages=messages[:1],
                                                     response_format={"type": "json_object"})
         assert isinstance(json.loads(as_json.choices[0].message.content), dict)
+
+
+async def test_the_hub_counts_tokens_per_model_and_per_worker(grid: Grid) -> None:
+    sim_url, _ = await grid.sim(models=["a", "b"], tokens=5)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    for model in ("a", "a", "b"):
+        assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(model))).status_code == 200
+    async with grid.http.stream("POST", hub.value + "/api/chat", json=chat("b", stream=True)) as response:
+        assert [line async for line in response.aiter_lines()]
+    state = (await grid.http.get(hub.value + "/api/registry")).json()
+    assert state["usage"] == {"a": {"prompt_tokens": 4, "completion_tokens": 10},
+                              "b": {"prompt_tokens": 4, "completion_tokens": 10}}
+    assert state["workers"][0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 20}

@@ -210,7 +210,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     @app.get("/api/registry")
     async def registry() -> dict[str, Any]:
         return {"hub_id": hub_id, "workers": [w.describe() for w in pool.workers.values()], "queued": pool.queued,
-                "draining": pool.draining}
+                "draining": pool.draining, "usage": {model: dict(count) for model, count in pool.usage.items()}}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

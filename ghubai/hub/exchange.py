@@ -94,10 +94,11 @@ class Exchange:
 
     def _note(self, frame: Frame) -> Frame:
         if frame["type"] in ("end", "error"):  # the pool gave the slot back when the frame arrived
+            if frame["type"] == "end" and frame["usage"] and self.worker is not None:
+                self.usage = frame["usage"]
+                self.pool.count_usage(self.worker, self.model, frame["usage"])
             self.done = True
             self.worker = None
-            if frame["type"] == "end":
-                self.usage = frame["usage"]
         return frame
 
     async def batches(self) -> AsyncIterator[list[Frame]]:

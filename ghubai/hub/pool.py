@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ class RemoteWorker:
     last_seen: float = 0.0
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
+    usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub
 
     @property
     def busy(self) -> int:
@@ -72,7 +73,8 @@ class RemoteWorker:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
-                "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining}
+                "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining,
+                "usage": dict(self.usage)}
 
 
 class _Waiter:
@@ -89,6 +91,7 @@ class Pool:
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
         self.draining = False  # the hub is shutting down: no new request gets a worker
+        self.usage: dict[str, Counter[str]] = {}  # tokens per model, from the engines' own counts
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -192,6 +195,10 @@ class Pool:
     def release(self, worker: RemoteWorker) -> None:
         worker.inflight -= 1
         self._wake(worker.models)
+
+    def count_usage(self, worker: RemoteWorker, model: str, usage: dict[str, int]) -> None:
+        worker.usage.update(usage)
+        self.usage.setdefault(model, Counter()).update(usage)
 
     def deliver(self, worker: RemoteWorker, frame: dict[str, Any]) -> None:
         """A frame about a request; its end frees the slot at once, however slowly the client reads."""
