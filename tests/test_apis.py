@@ -12,17 +12,18 @@ import trio
 from conftest import Grid, chat
 
 
-async def proxied_grid(grid: Grid) -> str:
+async def proxied_grid(grid: Grid, kind: str = "ollama") -> str:
     sim_url, _ = await grid.sim(tokens=6, embed_dim=8)
     hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
+    await grid.worker(hub.value, sim_url, kind=kind)
     proxy = await grid.proxy(hubs=(hub.value,))
     await grid.wait_for_model(proxy.value, "sim")
     return proxy.value
 
 
-async def test_openai_completions_embeddings_and_model_lookup(grid: Grid) -> None:
-    url = await proxied_grid(grid)
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_openai_completions_embeddings_and_model_lookup(grid: Grid, kind: str) -> None:
+    url = await proxied_grid(grid, kind)
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
         completion = await sdk.completions.create(model="sim", prompt="once upon", max_tokens=4)
         assert completion.object == "text_completion" and len(completion.choices[0].text.split()) == 4
@@ -158,3 +159,19 @@ async def test_the_hub_counts_tokens_per_model_and_per_worker(grid: Grid) -> Non
     assert state["usage"] == {"a": {"prompt_tokens": 4, "completion_tokens": 10},
                               "b": {"prompt_tokens": 4, "completion_tokens": 10}}
     assert state["workers"][0]["usage"] == {"prompt_tokens": 8, "completion_tokens": 20}
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_the_synchronous_openai_client(grid: Grid, kind: str) -> None:
+    url = await proxied_grid(grid, kind)
+
+    def session() -> None:
+        with openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+            reply = sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}])
+            assert len(reply.choices[0].message.content.split()) == 6
+            chunks = list(sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True, stream_options={"include_usage": True}))
+            assert chunks[-1].usage.completion_tokens == 6
+            assert [m.id for m in sdk.models.list().data] == ["sim"]
+
+    await trio.to_thread.run_sync(session)
