@@ -99,12 +99,13 @@ def validate_completion(body: dict[str, Any]) -> None:
     _optional(body, "max_tokens", int, "an integer")
 
 
-def validate_inputs(body: dict[str, Any], name: str = "input") -> None:
-    """Embeddings: ``model`` and a non-empty string or array of strings."""
+def validate_inputs(body: dict[str, Any]) -> None:
+    """Embeddings: ``model`` and a non-empty string or array of strings as ``input``."""
     validate_model(body)
-    _require(body, name, (str, list), "a string or an array of strings")
-    if not body[name] or isinstance(body[name], list) and not all(isinstance(i, str) for i in body[name]):
-        raise ApiError(400, f"'{name}' must be a non-empty string or array of strings", param=name)
+    _require(body, "input", (str, list), "a string or an array of strings")
+    inputs = body["input"]
+    if not inputs or isinstance(inputs, list) and not all(isinstance(item, str) for item in inputs):
+        raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
 
 
 def validate_ollama_chat(body: dict[str, Any]) -> None:

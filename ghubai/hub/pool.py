@@ -36,7 +36,7 @@ class RemoteWorker:
     inflight: int = 0  # requests this hub runs on the worker
     reported: int = 0  # requests the worker says it runs, for every hub it serves
     pending: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # trio time of its last frame: the heartbeat an operator can check
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
     usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub
@@ -74,7 +74,7 @@ class RemoteWorker:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
                 "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining,
-                "usage": dict(self.usage)}
+                "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1)}
 
 
 class _Waiter:

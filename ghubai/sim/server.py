@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from ghubai import __version__
+from ghubai import __version__, openai
 from ghubai.config import split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
@@ -139,7 +139,7 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body)
         stream = body.get("stream", dialect == "ollama") is True
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        include_usage = openai.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body))
         wants_json, schema = requested_json(body)
         if tool := requested_tool(body):

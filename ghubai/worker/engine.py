@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from ghubai import openai
 from ghubai.config import EngineConfig
 from ghubai.worker.translate import Translator, translator_for
 
@@ -103,7 +104,7 @@ class Engine:
         body = dict(call.body)
         if call.stream and call.api in ("openai.chat", "openai.completions"):
             # Always ask for usage so the grid can count tokens; strip it if the client did not ask.
-            call.client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            call.client_wants_usage = openai.wants_usage(body)
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 

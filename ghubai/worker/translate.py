@@ -17,6 +17,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from ghubai import openai
+
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
 
@@ -188,7 +190,7 @@ class OpenAIOverOllama:
         if self.api == "openai.embeddings":
             self.base64 = body.get("encoding_format") == "base64"
             return {"model": self.model, "input": body.get("input", "")}
-        self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.include_usage = openai.wants_usage(body)
         options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
