@@ -108,6 +108,12 @@ def validate_inputs(body: dict[str, Any]) -> None:
         raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
 
 
+def validate_ollama_embeddings(body: dict[str, Any]) -> None:
+    """The legacy ``/api/embeddings``: ``model`` and one ``prompt``."""
+    validate_model(body)
+    _require(body, "prompt", str, "a string")
+
+
 def validate_ollama_chat(body: dict[str, Any]) -> None:
     validate_model(body)
     _require(body, "messages", list, "an array of messages")
@@ -130,10 +136,12 @@ def model_list(models: list[str]) -> dict[str, Any]:
                                        for m in models]}
 
 
-def ollama_tags(models: list[str]) -> dict[str, Any]:
-    """``GET /api/tags``, from model names alone (no sizes or digests: the grid does not see them)."""
+def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:
+    """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models a worker serves now), from model names
+    alone: the grid does not see sizes or digests."""
+    extra = {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} if running else {}
     return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                        "details": {}} for m in models]}
+                        "details": {}, **extra} for m in models]}
 
 
 def sse_event(payload: str) -> bytes:

@@ -84,6 +84,8 @@ async def test_the_official_ollama_client_through_the_proxy(grid: Grid) -> None:
         assert len(client.generate(model="sim", prompt="x").response.split()) == 6
         assert len(client.embed(model="sim", input=["a", "b"]).embeddings) == 2
         assert [model.model for model in client.list().models] == ["sim"]
+        assert [model.model for model in client.ps().models] == ["sim"]
+        assert len(client.embeddings(model="sim", prompt="x").embedding) == 8
 
     await trio.to_thread.run_sync(session)
 
@@ -175,3 +177,12 @@ async def test_the_synchronous_openai_client(grid: Grid, kind: str) -> None:
             assert [m.id for m in sdk.models.list().data] == ["sim"]
 
     await trio.to_thread.run_sync(session)
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_legacy_embeddings_and_running_models(grid: Grid, kind: str) -> None:
+    url = await proxied_grid(grid, kind)
+    legacy = (await grid.http.post(url + "/api/embeddings", json={"model": "sim", "prompt": "x"})).json()
+    assert len(legacy["embedding"]) == 8
+    assert (await grid.http.post(url + "/api/embeddings", json={"model": "sim"})).status_code == 400
+    assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["sim"]

@@ -184,6 +184,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     route("/api/chat", "ollama.chat", openai.validate_ollama_chat, True)
     route("/api/generate", "ollama.generate", openai.validate_ollama_generate, True)
     route("/api/embed", "ollama.embed", openai.validate_inputs, False)
+    route("/api/embeddings", "ollama.embeddings", openai.validate_ollama_embeddings, False)
 
     @app.get("/v1/models/<path:model>")
     async def one_model(model: str) -> dict[str, Any]:
@@ -194,6 +195,10 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     @app.get("/api/tags")
     async def ollama_tags() -> dict[str, Any]:
         return openai.ollama_tags(pool.models())
+
+    @app.get("/api/ps")
+    async def ollama_running() -> dict[str, Any]:
+        return openai.ollama_tags(pool.models(), running=True)
 
     @app.get("/api/version")
     async def ollama_version() -> dict[str, Any]:

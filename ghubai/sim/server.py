@@ -85,6 +85,7 @@ class SimServer:
             ("POST", "/v1/chat/completions"): partial(self.generate, OpenAIChat, "openai"),
             ("POST", "/v1/completions"): partial(self.generate, OpenAICompletion, "openai"),
             ("POST", "/api/embed"): self.ollama_embed,
+            ("POST", "/api/embeddings"): self.ollama_legacy_embed,
             ("POST", "/v1/embeddings"): self.openai_embed,
         }
 
@@ -185,6 +186,13 @@ class SimServer:
         vectors = [embedding(text, self.sim.options.embed_dim) for text in inputs]
         await conn.respond_json(200, {"model": model, "embeddings": vectors,
                                       "prompt_eval_count": sum(len(t.split()) for t in inputs)})
+
+    async def ollama_legacy_embed(self, conn: Connection, request: Request) -> None:
+        body = _body(request)
+        self._model(body)
+        self._maybe_fail()
+        [text] = self._embed_inputs({"input": body.get("prompt")})
+        await conn.respond_json(200, {"embedding": embedding(text, self.sim.options.embed_dim)})
 
     async def openai_embed(self, conn: Connection, request: Request) -> None:
         body = _body(request)

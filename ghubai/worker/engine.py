@@ -28,6 +28,7 @@ PATHS = {
     "ollama.chat": "/api/chat",
     "ollama.generate": "/api/generate",
     "ollama.embed": "/api/embed",
+    "ollama.embeddings": "/api/embeddings",
 }
 
 

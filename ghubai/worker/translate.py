@@ -61,7 +61,7 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class OllamaOverOpenAI:
     PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
-             "ollama.embed": "/v1/embeddings"}
+             "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings"}
     done = False  # the engine's own [DONE] ends these streams
 
     def __init__(self, api: str) -> None:
@@ -75,6 +75,8 @@ class OllamaOverOpenAI:
         self.model = str(body.get("model", ""))
         if self.api == "ollama.embed":
             return {"model": self.model, "input": body.get("input", "")}
+        if self.api == "ollama.embeddings":  # the legacy form: one prompt, one vector
+            return {"model": self.model, "input": str(body.get("prompt", ""))}
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: options[name] for name in _SAME_OPTIONS if name in options})
@@ -131,6 +133,8 @@ class OllamaOverOpenAI:
 
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
         """A non-streamed answer."""
+        if self.api == "ollama.embeddings":
+            return json.dumps({"embedding": (value.get("data") or [{}])[0].get("embedding", [])}).encode()
         if self.api == "ollama.embed":
             return json.dumps({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
                                "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)}).encode()
