@@ -170,6 +170,30 @@ async def cancel_latency(hub_port: int, sim_port: int, rounds: int) -> list[floa
     return samples
 
 
+def translation_cost(samples: int = 200_000) -> tuple[float, float]:
+    """Worker CPU per streamed token (µs): OpenAI chunks built from Ollama's native lines, vs the
+    engine's own OpenAI chunks passed through. In-process; no network."""
+    from ghubai.worker.engine import Call, Engine
+    from ghubai.worker.translate import OpenAIOverOllama
+
+    native = json.dumps({"model": "sim", "created_at": "2026-01-01T00:00:00Z",
+                         "message": {"role": "assistant", "content": " word"}, "done": False}).encode()
+    chunk = json.dumps({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "sim",
+                        "choices": [{"index": 0, "delta": {"content": " word"}, "finish_reason": None}]}).encode()
+    translator = OpenAIOverOllama("openai.chat")
+    translator.request({"model": "sim", "messages": []}, True)
+    translator.chunk(json.loads(native))  # the first chunk carries the role
+    start = time.perf_counter()
+    for _ in range(samples):
+        translator.chunk(json.loads(native))
+    translated = (time.perf_counter() - start) / samples * 1e6
+    engine, call = Engine.__new__(Engine), Call("openai.chat", {}, True)
+    start = time.perf_counter()
+    for _ in range(samples):
+        engine._render(call, [chunk], True)
+    return translated, (time.perf_counter() - start) / samples * 1e6
+
+
 def start(stack: ExitStack, *args: str) -> None:
     process = subprocess.Popen([sys.executable, "-m", "ghubai", *args, "--log-level", "warning"])
     stack.callback(process.wait, 10)
@@ -233,6 +257,11 @@ def main() -> None:
               f"{grid[key] / direct[key]:>10.2f} | {proxied[key] / grid[key]:>9.2f} |")
     print(f"\nadded time to first token at p50: hub {grid['ttft_p50_ms'] - direct['ttft_p50_ms']:.2f} ms, "
           f"proxy hop {proxied['ttft_p50_ms'] - grid['ttft_p50_ms']:.2f} ms")
+    translated, passed = translation_cost()
+    per_token = 1e6 / direct["tok_s_64"]
+    print(f"worker translation (OpenAI chunks from Ollama's native stream): {translated:.2f} µs per token vs "
+          f"{passed:.2f} µs passed through: +{translated - passed:.2f} µs, "
+          f"{100 * (translated - passed) / per_token:.0f} % of the simulator's {per_token:.1f} µs per token")
     for name, cancels in (("hub", hub_cancels), ("proxy", proxy_cancels)):
         print(f"client disconnect -> generation stopped, through the {name} (20 runs): "
               f"p50 {statistics.median(cancels):.1f} ms, max {cancels[-1]:.1f} ms")

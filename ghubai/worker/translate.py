@@ -191,6 +191,7 @@ class OpenAIOverOllama:
 
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
+        self.text_event = self._template()
         if self.api == "openai.embeddings":
             self.base64 = body.get("encoding_format") == "base64"
             return {"model": self.model, "input": body.get("input", "")}
@@ -241,15 +242,27 @@ class OpenAIOverOllama:
             self.index += 1
         return converted
 
+    def _template(self) -> tuple[bytes, bytes]:
+        """The SSE event of a plain text delta, split around the text: a token then costs one small
+        JSON encode instead of building and encoding the whole chunk (this is the per-token path)."""
+        hole = "\x00text\x00"
+        choice = {"delta": {"content": hole}} if self.api == "openai.chat" else {"text": hole, "logprobs": None}
+        before, after = _sse(self._chunk({**choice, "finish_reason": None})).split(json.dumps(hole).encode())
+        return before, after
+
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
         """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
         finish reason, then the usage if the client asked for it."""
+        message = value.get("message") or {}
+        text = message.get("content") if self.api == "openai.chat" else value.get("response")
+        if self.started and text and value.get("done") is False and not message.get("tool_calls"):
+            before, after = self.text_event
+            return [before + json.dumps(text).encode() + after]
         out = []
         if self.api == "openai.chat":
             message = value.get("message") or {}
             delta: dict[str, Any] = {"content": message.get("content") or ""}
             if not self.started:
-                self.started = True
                 delta["role"] = "assistant"
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
@@ -257,6 +270,7 @@ class OpenAIOverOllama:
                 out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
         elif value.get("response"):
             out.append(_sse(self._chunk({"text": value["response"], "logprobs": None, "finish_reason": None})))
+        self.started = True
         if value.get("done") is True:
             self.done = True
             end: dict[str, Any] = {"delta": {}} if self.api == "openai.chat" else {"text": "", "logprobs": None}
