@@ -114,6 +114,13 @@ def validate_ollama_embeddings(body: dict[str, Any]) -> None:
     _require(body, "prompt", str, "a string")
 
 
+def validate_ollama_show(body: dict[str, Any]) -> None:
+    """``/api/show`` names its model ``model`` (or, in older clients, ``name``)."""
+    if "model" not in body and isinstance(body.get("name"), str):
+        body["model"] = body["name"]
+    validate_model(body)
+
+
 def validate_ollama_chat(body: dict[str, Any]) -> None:
     validate_model(body)
     _require(body, "messages", list, "an array of messages")

@@ -33,7 +33,7 @@ CLOSE_REPLACED = 4003
 
 APIS = (
     "openai.chat", "openai.completions", "openai.embeddings",
-    "ollama.chat", "ollama.generate", "ollama.embed", "ollama.embeddings",
+    "ollama.chat", "ollama.generate", "ollama.embed", "ollama.embeddings", "ollama.show",
 )
 
 def _is_int(value: Any) -> bool:

@@ -86,6 +86,7 @@ async def test_the_official_ollama_client_through_the_proxy(grid: Grid) -> None:
         assert [model.model for model in client.list().models] == ["sim"]
         assert [model.model for model in client.ps().models] == ["sim"]
         assert len(client.embeddings(model="sim", prompt="x").embedding) == 8
+        assert client.show("sim").details.family == "sim"
 
     await trio.to_thread.run_sync(session)
 
@@ -109,6 +110,7 @@ async def test_the_ollama_client_over_an_openai_compatible_engine(grid: Grid) ->
         assert parts[-1].prompt_eval_count == 1 and parts[-1].eval_count == 6
         assert len(client.generate(model="sim", prompt="x", system="be brief").response.split()) == 6
         assert [len(v) for v in client.embed(model="sim", input=["a", "b"]).embeddings] == [8, 8]
+        assert "completion" in (client.show("sim").capabilities or [])
 
     await trio.to_thread.run_sync(session)
     async with openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="x", max_retries=0) as sdk:

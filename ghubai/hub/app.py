@@ -185,6 +185,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     route("/api/generate", "ollama.generate", openai.validate_ollama_generate, True)
     route("/api/embed", "ollama.embed", openai.validate_inputs, False)
     route("/api/embeddings", "ollama.embeddings", openai.validate_ollama_embeddings, False)
+    route("/api/show", "ollama.show", openai.validate_ollama_show, False)  # answered by a worker with the model
 
     @app.get("/v1/models/<path:model>")
     async def one_model(model: str) -> dict[str, Any]:

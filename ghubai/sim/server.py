@@ -86,6 +86,7 @@ class SimServer:
             ("POST", "/v1/completions"): partial(self.generate, OpenAICompletion, "openai"),
             ("POST", "/api/embed"): self.ollama_embed,
             ("POST", "/api/embeddings"): self.ollama_legacy_embed,
+            ("POST", "/api/show"): self.show,
             ("POST", "/v1/embeddings"): self.openai_embed,
         }
 
@@ -186,6 +187,16 @@ class SimServer:
         vectors = [embedding(text, self.sim.options.embed_dim) for text in inputs]
         await conn.respond_json(200, {"model": model, "embeddings": vectors,
                                       "prompt_eval_count": sum(len(t.split()) for t in inputs)})
+
+    async def show(self, conn: Connection, request: Request) -> None:
+        body = _body(request)
+        self._model({"model": body.get("model", body.get("name"))})
+        await conn.respond_json(200, {
+            "modelfile": "# simulated by ghubai sim", "parameters": "num_ctx 4096", "template": "{{ .Prompt }}",
+            "details": {"parent_model": "", "format": "gguf", "family": "sim", "families": ["sim"],
+                        "parameter_size": "1B", "quantization_level": "Q4_0"},
+            "model_info": {"general.architecture": "sim"}, "capabilities": ["completion", "tools"],
+            "modified_at": "2026-01-01T00:00:00Z"})
 
     async def ollama_legacy_embed(self, conn: Connection, request: Request) -> None:
         body = _body(request)

@@ -29,6 +29,7 @@ PATHS = {
     "ollama.generate": "/api/generate",
     "ollama.embed": "/api/embed",
     "ollama.embeddings": "/api/embeddings",
+    "ollama.show": "/api/show",
 }
 
 
@@ -119,7 +120,8 @@ class Engine:
         else:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
         try:
-            async with self.client.stream("POST", path, json=body) as response:
+            method = translator.method(call.api) if translator else "POST"
+            async with self.client.stream(method, path, json=body if method == "POST" else None) as response:
                 if response.status_code != 200:
                     raise self._refusal(response.status_code, await response.aread())
                 if not call.stream:

@@ -61,7 +61,7 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class OllamaOverOpenAI:
     PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
-             "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings"}
+             "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
 
     def __init__(self, api: str) -> None:
@@ -70,6 +70,10 @@ class OllamaOverOpenAI:
         self.model = ""
         self.finish_reason = "stop"
         self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls, assembled by index
+
+    @staticmethod
+    def method(api: str) -> str:
+        return "GET" if api == "ollama.show" else "POST"
 
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
@@ -135,6 +139,11 @@ class OllamaOverOpenAI:
         """A non-streamed answer."""
         if self.api == "ollama.embeddings":
             return json.dumps({"embedding": (value.get("data") or [{}])[0].get("embedding", [])}).encode()
+        if self.api == "ollama.show":  # an OpenAI engine tells little: what Ollama clients need, mostly empty
+            return json.dumps({"modelfile": "", "parameters": "", "template": "", "model_info": {},
+                               "details": {"format": "", "family": "", "parameter_size": "",
+                                           "quantization_level": ""},
+                               "capabilities": ["completion"], "modified_at": _now()}).encode()
         if self.api == "ollama.embed":
             return json.dumps({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
                                "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)}).encode()
@@ -241,6 +250,10 @@ class OpenAIOverOllama:
                                            "arguments": json.dumps(function.get("arguments", {}))}})
             self.index += 1
         return converted
+
+    @staticmethod
+    def method(api: str) -> str:
+        return "POST"
 
     def _template(self) -> tuple[bytes, bytes]:
         """The SSE event of a plain text delta, split around the text: a token then costs one small
