@@ -26,6 +26,7 @@ from ghubai.config import HubConfig
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
+from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.hub.pool import Pool
 from ghubai.openai import ApiError, model_not_found
 from ghubai.web import serve_app, server_config
@@ -113,12 +114,30 @@ async def _whole(exchange: Exchange, first: Frame) -> bytes:
     return b"".join(parts)
 
 
+def pool_figures(pool: Pool) -> list[Metric]:
+    """The hub's live state, read at each scrape."""
+    tokens = CounterMetricFamily("ghubai_tokens", "Tokens by model, from the engines' counts", labels=["model", "type"])
+    for model, usage in pool.usage.items():
+        for kind in ("prompt", "completion"):
+            tokens.add_metric([model, kind], usage.get(f"{kind}_tokens", 0))
+    depth = GaugeMetricFamily("ghubai_queue_depth", "Requests waiting for a worker", labels=["model"])
+    for model, queue in pool.queue_lengths().items():
+        depth.add_metric([model], queue)
+    workers = GaugeMetricFamily("ghubai_workers", "Workers linked to this hub", value=len(pool.workers))
+    busy = GaugeMetricFamily("ghubai_worker_inflight", "Requests this hub runs on each worker", labels=["worker"])
+    for worker in pool.workers.values():
+        busy.add_metric([worker.name], worker.inflight)
+    return [tokens, depth, workers, busy]
+
+
 def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -> QuartTrio:
     app = QuartTrio("ghubai.hub")
     app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
     app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
     api_keys = Secrets(config.api_keys)
     rate_limits = RateLimits(config.limits)
+    metrics = Metrics("hub")
+    metrics.watch(lambda: pool_figures(pool))
     provider_tokens = Secrets(config.provider_tokens)
 
     @app.errorhandler(ApiError)
@@ -152,19 +171,25 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
         rate_limits.admit(key)
         exchange = Exchange(pool, config, api, body, stream)
         inflight.add(exchange)
+        started, outcome = trio.current_time(), {"status": 200}
+        metrics.inflight.labels("hub").inc()
 
         def finished() -> None:
             exchange.close()
             inflight.discard(exchange)
             rate_limits.spend(key, exchange.usage)
+            metrics.inflight.labels("hub").dec()
+            metrics.observe(exchange.model, outcome["status"], trio.current_time() - started)
 
         request.scope["ghubai.closers"].append(finished)
         try:
             first = await exchange.open()
         except ApiError as error:
+            outcome["status"] = error.status
             if error.status == 503:
                 rate_limits.refund(key)
             raise
+        metrics.first_token.labels("hub").observe(trio.current_time() - started)
         if stream:
             dialect = OPENAI if api.startswith("openai.") else OLLAMA
             return Response(_stream_body(exchange, first, dialect), 200, headers=dialect.headers)
@@ -221,6 +246,10 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
     @app.get("/ready")
     async def ready() -> tuple[dict[str, Any], int]:

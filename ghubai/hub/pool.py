@@ -196,6 +196,9 @@ class Pool:
         worker.inflight -= 1
         self._wake(worker.models)
 
+    def queue_lengths(self) -> dict[str, int]:
+        return {model: len(queue) for model, queue in self._queues.items()}
+
     def count_usage(self, worker: RemoteWorker, model: str, usage: dict[str, int]) -> None:
         worker.usage.update(usage)
         self.usage.setdefault(model, Counter()).update(usage)

@@ -3,13 +3,29 @@ one process), in the exposition format of the prometheus_client library."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 disable_created_metrics()  # the *_created series only double what operators scrape
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+__all__ = ["CONTENT_TYPE", "CounterMetricFamily", "GaugeMetricFamily", "Metric", "Metrics"]
+
+
+class _Live(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
 
 
 class Metrics:
@@ -24,6 +40,12 @@ class Metrics:
                                   ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inflight = Gauge("ghubai_inflight_requests", "Requests being answered now", ["role"],
                               registry=self.registry)
+        self.first_token = Histogram("ghubai_time_to_first_token_seconds", "Time from request to the first byte "
+                                     "of the answer", ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
+
+    def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Figures read from live state at each scrape (queue depths, workers, token totals)."""
+        self.registry.register(_Live(collect))
 
     def gauge(self, name: str, help_text: str, labels: list[str]) -> Gauge:
         return Gauge(name, help_text, labels, registry=self.registry)

@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from ghubai.config import ConfigError, HubEntry, RegistryConfig, load
+from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.registry.watch import watch
 from ghubai.web import serve_app, server_config
 
@@ -67,8 +68,20 @@ def reload(hub_list: HubList, path: str) -> None:
     hub_list.publish(config.hubs)
 
 
+def _figures(hub_list: HubList) -> list[Metric]:
+    return [GaugeMetricFamily("ghubai_registry_hubs", "Hubs in the list being served", value=len(hub_list.hubs)),
+            CounterMetricFamily("ghubai_registry_reload_errors", "Edits of the file that were refused",
+                                value=hub_list.reload_errors)]
+
+
 def create_app(hub_list: HubList) -> QuartTrio:
     app = QuartTrio("ghubai.registry")
+    metrics = Metrics("registry")
+    metrics.watch(lambda: _figures(hub_list))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
     @app.get("/hubs")
     async def hubs() -> Response:

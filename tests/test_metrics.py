@@ -1,0 +1,52 @@
+"""/metrics of hub, proxy and registry: Prometheus text the official parser reads, with the names
+operators query, and values that move when requests run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Grid, chat
+
+
+async def scrape(grid: Grid, url: str) -> dict[str, float]:
+    text = (await grid.http.get(url + "/metrics")).text
+    return {sample.name + str(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict[str, float], name: str, **labels: str) -> float:
+    return samples.get(name + str(sorted(labels.items())), 0.0)
+
+
+async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim(tokens=5)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="gpu-1")
+    registry_file = tmp_path / "registry.toml"
+    registry_file.write_text(f'[[hubs]]\nname = "one"\naddress = "{hub.value}"\n')
+    registry = await grid.registry(str(registry_file))
+    proxy = await grid.proxy(registry.value)
+    await grid.wait_for_model(proxy.value, "sim")
+    before = await scrape(grid, hub.value)
+    for _ in range(3):
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat("nope"))).status_code == 404
+
+    after = await scrape(grid, hub.value)
+    assert value(after, "ghubai_requests_total", role="hub", model="sim", code="200") - \
+        value(before, "ghubai_requests_total", role="hub", model="sim", code="200") == 3
+    assert value(after, "ghubai_requests_total", role="hub", model="nope", code="404") == 1
+    assert value(after, "ghubai_tokens_total", model="sim", type="completion") == 15
+    assert value(after, "ghubai_time_to_first_token_seconds_count", role="hub") == 3
+    assert value(after, "ghubai_request_duration_seconds_count", role="hub") == 4
+    assert value(after, "ghubai_workers") == 1 and value(after, "ghubai_worker_inflight", worker="gpu-1") == 0
+    assert value(after, "ghubai_inflight_requests", role="hub") == 0
+
+    proxied = await scrape(grid, proxy.value)
+    assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="200") == 3
+    assert value(proxied, "ghubai_proxy_hub_up", hub="one") == 1
+
+    listed = await scrape(grid, registry.value)
+    assert value(listed, "ghubai_registry_hubs") == 1 and value(listed, "ghubai_registry_reload_errors_total") == 0
