@@ -26,8 +26,8 @@ from ghubai.config import HubConfig
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
-from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.hub.pool import Pool
+from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.openai import ApiError, model_not_found
 from ghubai.web import serve_app, server_config
 

@@ -124,8 +124,7 @@ class Exchange:
         worker = self.worker
         if worker is not None and not self.done and self.request_id in worker.pending:
             worker.send(protocol.cancel(self.request_id))
-            self.pool.deliver(worker, {"type": "error", "id": self.request_id, "status": 503, "message": message,
-                                       "retryable": False, "busy": False})
+            self.pool.fail(worker, self.request_id, 503, message, retryable=False)
 
     def close(self) -> None:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still

@@ -212,8 +212,12 @@ class Pool:
         """The worker's link is gone: out of the pool, and every request on it gets a retryable error."""
         self.remove(worker)
         for request_id in list(worker.pending):
-            self.deliver(worker, {"type": "error", "id": request_id, "status": 502, "message": message,
-                                  "retryable": True, "busy": False})
+            self.fail(worker, request_id, 502, message, retryable=True)
+
+    def fail(self, worker: RemoteWorker, request_id: str, status: int, message: str, retryable: bool) -> None:
+        """End a request as if its worker had answered with this error (the hub decided it)."""
+        self.deliver(worker, {"type": "error", "id": request_id, "status": status, "message": message,
+                              "retryable": retryable, "busy": False})
 
     def report(self, worker: RemoteWorker, inflight: int) -> None:
         """The worker's own count of running requests (``load``, ``ping``, ``pong`` frames)."""
