@@ -18,6 +18,11 @@ def _digest(entry: str) -> bytes:
 
 class Secrets:
     def __init__(self, entries: tuple[str, ...]) -> None:
+        self._digests: list[bytes] = []
+        self.replace(entries)
+
+    def replace(self, entries: tuple[str, ...]) -> None:
+        """New secrets for a running daemon (SIGHUP): requests from now on are checked against them."""
         self._digests = [_digest(entry) for entry in entries]
 
     @property

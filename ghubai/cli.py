@@ -13,44 +13,57 @@ import trio
 from ghubai import __version__
 from ghubai.config import ConfigError, load, split_hostport, with_listen
 from ghubai.observability import logs
+from ghubai.observability.service import Service
 
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(scope: trio.CancelScope, drain: trio.Event) -> None:
+async def _until_signal(scope: trio.CancelScope, drain: trio.Event, service: Service) -> None:
     """SIGTERM asks for a graceful drain (the role finishes its work, then returns); SIGINT, or a
-    second SIGTERM, stops at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    second SIGTERM, stops at once; SIGHUP reloads what the role can reload."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                try:
+                    await service.reloaded()
+                except ConfigError as error:
+                    log.error("reload failed, the running configuration stays: %s", error)
+                continue
             if signum == signal.SIGTERM and not drain.is_set():
                 log.info("SIGTERM: draining (send it again to stop at once)")
+                service.stopping()
                 drain.set()
                 continue
             log.info("%s: stopping", signal.Signals(signum).name)
+            service.stopping()
             scope.cancel()
             return
 
 
-def _run(main: Callable[[trio.Event], Awaitable[object]]) -> int:
-    """Run ``main(drain)`` until it returns or a signal stops it; a clean stop exits 0."""
+Main = Callable[[trio.Event, Service], Awaitable[object]]
+
+
+def _run(main: Main) -> int:
+    """Run ``main(drain, service)`` until it returns or a signal stops it; a clean stop exits 0."""
 
     async def runner() -> None:
-        drain = trio.Event()
+        drain, service = trio.Event(), Service()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery.cancel_scope, drain)
-            await main(drain)
+            nursery.start_soon(_until_signal, nursery.cancel_scope, drain, service)
+            nursery.start_soon(service.run)
+            await main(drain, service)
             nursery.cancel_scope.cancel()
 
     trio.run(runner)
     return 0
 
 
-def _stopping_on(main: Callable[[], Awaitable[object]]) -> Callable[[trio.Event], Awaitable[None]]:
+def _stopping_on(main: Callable[[Service], Awaitable[object]]) -> Main:
     """For a role with nothing to drain: SIGTERM simply stops it."""
 
-    async def run(drain: trio.Event) -> None:
+    async def run(drain: trio.Event, service: Service) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(main)
+            nursery.start_soon(main, service)
             await drain.wait()
             nursery.cancel_scope.cancel()
 
@@ -61,7 +74,7 @@ def _hub(args: argparse.Namespace) -> int:
     from ghubai.hub.app import run
 
     config = with_listen(load("hub", args.config), args.listen)
-    return _run(lambda drain: run(config, drain=drain))
+    return _run(lambda drain, service: run(config, path=args.config, drain=drain, service=service))
 
 
 def _registry(args: argparse.Namespace) -> int:
@@ -78,7 +91,7 @@ def _registry(args: argparse.Namespace) -> int:
     from ghubai.registry.server import run
 
     config = with_listen(load("registry", args.config), args.listen)
-    return _run(_stopping_on(lambda: run(config, args.config)))
+    return _run(_stopping_on(lambda service: run(config, args.config, service=service)))
 
 
 def _required_config(args: argparse.Namespace) -> str:
@@ -91,7 +104,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from ghubai.proxy.server import run
 
     config = with_listen(load("proxy", args.config), args.listen)
-    return _run(_stopping_on(lambda: run(config)))
+    return _run(_stopping_on(lambda service: run(config, path=args.config, service=service)))
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -125,7 +138,7 @@ def _worker(args: argparse.Namespace) -> int:
     from ghubai.worker.agent import run
 
     config = load("worker", args.config)
-    return _run(lambda drain: run(config, drain=drain))
+    return _run(lambda drain, service: run(config, drain=drain, service=service))
 
 
 def _sim(args: argparse.Namespace) -> int:
@@ -140,13 +153,13 @@ def _sim(args: argparse.Namespace) -> int:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
         fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim)
-    return _run(_stopping_on(lambda: serve(Simulator(options), args.listen)))
+    return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)))
 
 
 def _up(args: argparse.Namespace) -> int:
     from ghubai.up import up
 
-    return _run(_stopping_on(lambda: up(port=args.port, backend=args.backend)))
+    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend)))
 
 
 def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:

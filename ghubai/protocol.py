@@ -49,14 +49,20 @@ _STR = lambda value: isinstance(value, str)  # noqa: E731
 _BOOL = lambda value: isinstance(value, bool)  # noqa: E731
 _COUNT = lambda value: _is_int(value) and value >= 0  # noqa: E731
 
+# What a request carries along for logs and traces (W3C trace context), passed on to the engine.
+TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
+_TRACE = lambda value: isinstance(value, dict) and all(  # noqa: E731
+    key in TRACE_HEADERS and isinstance(item, str) and len(item) <= 512 for key, item in value.items())
+
 # Each frame type, with a check of every field it must carry: a frame that fails one is refused
 # as a whole, so a buggy or hostile peer cannot make the other side fail on a wrong type later.
+# Fields in OPTIONAL may be missing (frames of an older peer); when present they are checked too.
 FIELDS: dict[str, dict[str, Any]] = {
     "hello": {"protocol": _is_int, "worker_id": _ID, "name": _STR, "models": _is_strings,
               "max_concurrency": lambda v: _is_int(v) and v >= 1, "engine": _STR, "version": _STR},
     "welcome": {"hub_id": _STR, "heartbeat_s": lambda v: isinstance(v, int | float) and v > 0},
     "models": {"models": _is_strings},
-    "request": {"id": _ID, "api": _STR, "body": lambda v: isinstance(v, dict), "stream": _BOOL},
+    "request": {"id": _ID, "api": _STR, "body": lambda v: isinstance(v, dict), "stream": _BOOL, "trace": _TRACE},
     "end": {"id": _ID, "usage": lambda v: v is None or (isinstance(v, dict) and all(map(_COUNT, v.values())))},
     "error": {"id": _ID, "status": lambda v: _is_int(v) and 100 <= v <= 599, "message": _STR, "retryable": _BOOL},
     "cancel": {"id": _ID},
@@ -66,6 +72,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "ping": {"inflight": _COUNT},
     "pong": {"inflight": _COUNT},
 }
+OPTIONAL = {("request", "trace")}
 
 
 class ProtocolError(ValueError):
@@ -94,8 +101,8 @@ def models(names: list[str]) -> str:
     return _encode("models", models=names)
 
 
-def request(request_id: str, api: str, body: dict[str, Any], stream: bool) -> str:
-    return _encode("request", id=request_id, api=api, body=body, stream=stream)
+def request(request_id: str, api: str, body: dict[str, Any], stream: bool, trace: dict[str, str]) -> str:
+    return _encode("request", id=request_id, api=api, body=body, stream=stream, trace=trace)
 
 
 ID_BYTES = 32
@@ -219,6 +226,8 @@ def decode(text: str | bytes) -> dict[str, Any]:
         raise ProtocolError("chunk frames are binary")
     for name, valid in FIELDS.get(frame["type"], {}).items():
         if name not in frame:
+            if (frame["type"], name) in OPTIONAL:
+                continue
             raise ProtocolError(f"{frame['type']} frame lacks {name}")
         if not valid(frame[name]):
             raise ProtocolError(f"{frame['type']} frame has a bad {name}: {str(frame[name])[:80]}")

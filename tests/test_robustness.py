@@ -43,7 +43,7 @@ async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engin
         await ws.get_message()  # hello
         await ws.send_message(protocol.welcome("fake-hub", 1.0))
         request_id = protocol.new_request_id()
-        await ws.send_message(protocol.request(request_id, "openai.chat", chat(stream=True), True) + "\n"
+        await ws.send_message(protocol.request(request_id, "openai.chat", chat(stream=True), True, {}) + "\n"
                               + protocol.cancel(request_id))
         while True:
             await ws.get_message()

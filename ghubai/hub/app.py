@@ -22,12 +22,14 @@ from werkzeug.exceptions import HTTPException
 
 from ghubai import __version__, openai, protocol
 from ghubai.auth import Secrets
-from ghubai.config import HubConfig
+from ghubai.config import HubConfig, load
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
+from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
+from ghubai.observability.service import Service
 from ghubai.openai import ApiError, model_not_found
 from ghubai.web import serve_app, server_config
 
@@ -37,7 +39,9 @@ OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/dashboard")
 
 
 class CloseOnExit:
-    """ASGI wrapper: runs the closers a request registered once the request is over, however it ends."""
+    """ASGI wrapper: runs the closers a request registered once the request is over, however it ends.
+    It also sets the request's id here, in the outermost task of the request, so that every task
+    quart-trio starts for it, and the closers, log with it."""
 
     def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
@@ -45,6 +49,8 @@ class CloseOnExit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         closers: list[Callable[[], None]] = []
         scope["ghubai.closers"] = closers
+        if scope["type"] == "http":
+            request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
         try:
             await self.app(scope, receive, send)
         finally:
@@ -130,15 +136,30 @@ def pool_figures(pool: Pool) -> list[Metric]:
     return [tokens, depth, workers, busy]
 
 
-def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -> QuartTrio:
+@dataclass(frozen=True)
+class HubSecrets:
+    """The hub's two secret lists, replaced in place on a reload."""
+    api_keys: Secrets
+    provider_tokens: Secrets
+
+    @classmethod
+    def of(cls, config: HubConfig) -> HubSecrets:
+        return cls(Secrets(config.api_keys), Secrets(config.provider_tokens))
+
+    def replace(self, config: HubConfig) -> None:
+        self.api_keys.replace(config.api_keys)
+        self.provider_tokens.replace(config.provider_tokens)
+
+
+def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, secrets: HubSecrets) -> QuartTrio:
     app = QuartTrio("ghubai.hub")
     app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
     app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
-    api_keys = Secrets(config.api_keys)
+    api_keys = secrets.api_keys
     rate_limits = RateLimits(config.limits)
     metrics = Metrics("hub")
     metrics.watch(lambda: pool_figures(pool))
-    provider_tokens = Secrets(config.provider_tokens)
+    provider_tokens = secrets.provider_tokens
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> Response:
@@ -166,12 +187,20 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
         request.scope["ghubai.key"] = key
 
+    @app.after_request
+    async def tag_response(response: Response) -> Response:
+        if request.path not in OPEN_PATHS:
+            response.headers[REQUEST_ID_HEADER] = REQUEST_ID.get()
+        return response
+
     async def forward(api: str, body: dict[str, Any], stream: bool) -> Response:
         key = request.scope["ghubai.key"]
         rate_limits.admit(key)
-        exchange = Exchange(pool, config, api, body, stream)
+        trace = {name: value for name in protocol.TRACE_HEADERS if (value := request.headers.get(name))}
+        exchange = Exchange(pool, config, api, body, stream, {**trace, "x-request-id": REQUEST_ID.get()})
         inflight.add(exchange)
         started, outcome = trio.current_time(), {"status": 200}
+        what = f"{request.method} {request.path}"  # finished() runs after the request context is gone
         metrics.inflight.labels("hub").inc()
 
         def finished() -> None:
@@ -179,7 +208,9 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
             inflight.discard(exchange)
             rate_limits.spend(key, exchange.usage)
             metrics.inflight.labels("hub").dec()
-            metrics.observe(exchange.model, outcome["status"], trio.current_time() - started)
+            took = trio.current_time() - started
+            metrics.observe(exchange.model, outcome["status"], took)
+            log.info("%s %d in %.3f s, model %s", what, outcome["status"], took, exchange.model)
 
         request.scope["ghubai.closers"].append(finished)
         try:
@@ -264,21 +295,38 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str) -
     return app
 
 
-async def run(config: HubConfig, *, drain: trio.Event | None = None,
-              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+def _warn_if_open(config: HubConfig) -> None:
+    if not config.provider_tokens:
+        log.warning("provider_tokens is empty: ANY worker that reaches this port can join the grid")
+
+
+async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event | None = None,
+              service: Service | None = None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the hub until cancelled, or until ``drain`` is set and the drain is over. Reports the
     base URL. While it drains the port stays open: ``/ready`` and new requests answer 503, so
-    proxies move on at once."""
+    proxies move on at once. A reload (SIGHUP) re-reads ``path`` for new api_keys and provider_tokens."""
     hub_id = uuid.uuid4().hex[:12]
     pool = Pool(config.limits)
     inflight = InFlight()
-    if not config.provider_tokens:
-        log.warning("provider_tokens is empty: ANY worker that reaches this port can join the grid")
-    app = create_app(config, pool, inflight, hub_id)
+    _warn_if_open(config)
+    secrets = HubSecrets.of(config)
+    app = create_app(config, pool, inflight, hub_id, secrets)
+    service = service or Service({})
+    service.summary = lambda: (f"{len(pool.workers)} workers, {len(inflight.exchanges)} inflight, "
+                               f"{pool.queued} queued{', draining' if pool.draining else ''}")
+    if path is not None:
+        async def reload() -> None:
+            fresh = load("hub", path)
+            secrets.replace(fresh)
+            _warn_if_open(fresh)
+            log.info("reloaded %s: %d api_keys, %d provider_tokens (other keys take effect on restart)",
+                     path, len(fresh.api_keys), len(fresh.provider_tokens))
+        service.reload = reload
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
+        service.ready()
         task_status.started(binds[0])
         if drain is not None:
             await drain.wait()

@@ -37,8 +37,10 @@ def client_error(frame: Frame) -> ApiError:
 
 
 class Exchange:
-    def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool) -> None:
+    def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
+                 trace: dict[str, str]) -> None:
         self.pool = pool
+        self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
         self.config = config
         self.api = api
         self.body = body
@@ -83,7 +85,7 @@ class Exchange:
         self.request_id = protocol.new_request_id()
         send, self._frames = trio.open_memory_channel[Frame](math.inf)
         worker.pending[self.request_id] = send
-        worker.send(protocol.request(self.request_id, self.api, self.body, self.stream))
+        worker.send(protocol.request(self.request_id, self.api, self.body, self.stream, self.trace))
 
     async def _next(self, timeout_s: float, what: str) -> Frame:
         assert self._frames is not None

@@ -1,17 +1,56 @@
-"""One line per event on stderr, as text or JSON; journald adds the time and the unit."""
+"""One line per event on stderr, as text or JSON; journald adds the time and the unit.
+
+Every line logged while a request is handled carries its request id (``X-Request-ID``): the first
+role that sees the request takes the client's id or makes one, and each role passes it on (proxy →
+hub → worker → engine). The id lives in a context variable, which trio copies into every task a
+request's task starts, so no call needs to hand it down.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
+import uuid
+from contextvars import ContextVar
 
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+REQUEST_ID_HEADER = "X-Request-ID"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # nothing that could forge or split a log line
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
+
+
+def request_id(header: str | bytes | None) -> str:
+    """The client's id when it is a sane one, else a new one; becomes the id of this context's lines."""
+    value = header.decode("latin-1") if isinstance(header, bytes) else header or ""
+    chosen = value if _CLIENT_ID.fullmatch(value) else uuid.uuid4().hex
+    REQUEST_ID.set(chosen)
+    return chosen
+
+
+class _WithRequestId(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = REQUEST_ID.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        rid = getattr(record, "request_id", "")
+        return f"{line} request_id={rid}" if rid else line
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if rid := getattr(record, "request_id", ""):
+            line["request_id"] = rid
         line.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
@@ -20,10 +59,8 @@ class JsonFormatter(logging.Formatter):
 
 def setup(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_WithRequestId())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from dataclasses import dataclass
 
 import h11
@@ -54,13 +53,6 @@ def model_of(request: Request) -> str | None:
     return model if isinstance(model, str) else None
 
 
-def request_id_of(request: Request) -> str:
-    given = request.header(b"x-request-id")
-    if given and len(given) <= 128 and given.isascii() and given.decode().isprintable():
-        return given.decode()
-    return uuid.uuid4().hex
-
-
 def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     named = {token.strip().lower() for key, value in headers if key == b"connection" for token in value.split(b",")}
     return [(key, value) for key, value in headers if key not in HOP_BY_HOP and key not in named]
@@ -90,22 +82,23 @@ class Forwarder:
         self.config = config
         self.hubs = hubs
 
-    async def forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome) -> None:
+    async def forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
+                      request_id: str) -> None:
         """Answer ``request`` through a hub, watching the client for the whole exchange."""
         refusal: ApiError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch, nursery.cancel_scope)
             try:
-                await self._forward(conn, request, client_ip, outcome)
+                await self._forward(conn, request, client_ip, outcome, request_id)
             except ApiError as error:  # answered by the caller, once the watcher is gone
                 refusal = error
             nursery.cancel_scope.cancel()
         if refusal is not None:
             raise refusal
 
-    async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome) -> None:
+    async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
+                       request_id: str) -> None:
         model = model_of(request)
-        request_id = request_id_of(request)
         tried: set[str] = set()
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried)):
             tried.add(hub.address)
@@ -115,8 +108,7 @@ class Forwarder:
                 continue
             another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
             if response.status_code in RETRY_STATUSES and another:
-                log.info("request %s: hub %s answered %d; trying another hub", request_id, hub.name,
-                         response.status_code)
+                log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                 await self._discard(hub, upstream)
                 continue
             outcome.status = response.status_code
@@ -215,7 +207,7 @@ class Forwarder:
                     break
         except UpstreamFailed as error:
             await upstream.aclose()
-            log.warning("request %s: hub %s failed mid-answer: %s", request_id, hub.name, error)
+            log.warning("hub %s failed mid-answer: %s", hub.name, error)
             if final := _final_error(content_type, f"Hub {hub.name} failed in the middle of the answer"):
                 pending += [h11.Data(data=final), h11.EndOfMessage()]
             await conn.send(*pending)  # without a final event the answer stays unfinished: the client sees it cut

@@ -18,10 +18,12 @@ import httpx
 import trio
 
 from ghubai.auth import Secrets
-from ghubai.config import ProxyConfig, split_hostport
-from ghubai.httpio import Connection, Request, serve_connection
-from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai import openai
+from ghubai.config import ProxyConfig, load, split_hostport
+from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
+from ghubai.observability.metrics import CONTENT_TYPE, Metrics
+from ghubai.observability.service import Service
 from ghubai.openai import ApiError
 from ghubai.proxy.follow import check_health, follow_registry
 from ghubai.proxy.forward import Forwarder, Outcome, model_of
@@ -47,6 +49,8 @@ class Proxy:
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy")
+        self.inflight = 0
+        self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
         self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
         self.own: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
             ("GET", "/health"): self.health,
@@ -59,15 +63,16 @@ class Proxy:
     async def handle(self, conn: Connection, request: Request) -> None:
         started = time.perf_counter()
         outcome = Outcome()
-        self.metrics.inflight.labels("proxy").inc()
+        self.inflight += 1
         try:
             own = self.own.get((request.method, request.path))
             if own is not None:
                 await own(conn, request)  # the proxy's own pages are not counted as requests
             elif request.path.startswith(FORWARDED_PREFIXES) or request.path == "/":
+                rid = request_id(request.header(b"x-request-id"))
                 if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
                     raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
-                await self.forwarder.forward(conn, request, conn.peer, outcome)
+                await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
             else:
                 raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
         except ApiError as error:
@@ -75,13 +80,18 @@ class Proxy:
             if conn.h11.our_state is h11.SEND_RESPONSE:
                 await self._error(conn, request, error)
         finally:
-            self.metrics.inflight.labels("proxy").dec()
+            self.inflight -= 1
             if outcome.status:
-                self.metrics.observe(model_of(request), outcome.status, time.perf_counter() - started)
+                took, model = time.perf_counter() - started, model_of(request)
+                self.metrics.observe(model, outcome.status, took)
+                log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
+                         took, model, outcome.hub or "none")
+            REQUEST_ID.set("")  # the connection's next request is another one
 
     async def _error(self, conn: Connection, request: Request, error: ApiError) -> None:
         body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
-        await conn.respond_json(error.status, body, headers=error.headers())
+        tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
+        await conn.respond_json(error.status, body, headers={**error.headers(), **tag})
 
     async def health(self, conn: Connection, request: Request) -> None:
         hubs = [hub.describe() for hub in self.hubs.hubs.values()]
@@ -109,9 +119,19 @@ class Proxy:
         await conn.respond_json(200, openai.ollama_tags(self._models_or_503()))
 
 
-async def run(config: ProxyConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; reports the base URL."""
+async def run(config: ProxyConfig, *, path: str | None = None, service: Service | None = None,
+              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled; reports the base URL. A reload (SIGHUP) re-reads ``path`` for new api_keys."""
     proxy = Proxy(config)
+    service = service or Service({})
+    service.summary = lambda: (f"{len(proxy.hubs.healthy())}/{len(proxy.hubs.hubs)} hubs up, "
+                               f"{proxy.inflight} inflight")
+    if path is not None:
+        async def reload() -> None:
+            fresh = load("proxy", path)
+            proxy.keys.replace(fresh.api_keys)
+            log.info("reloaded %s: %d api_keys (other keys take effect on restart)", path, len(fresh.api_keys))
+        service.reload = reload
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
@@ -132,5 +152,6 @@ async def run(config: ProxyConfig, *, task_status: trio.TaskStatus[str] = trio.T
         nursery.start_soon(check_health, config, proxy.hubs, http)
         log.info("proxy serving on %s (registry %s, %d static hubs)", url, config.registry_url or "none",
                  len(config.hubs))
+        service.ready()
         task_status.started(url)
         await trio.serve_listeners(handler, listeners)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
+from functools import partial
 from typing import Any
 
 import trio
@@ -20,6 +20,7 @@ from quart_trio import QuartTrio
 
 from ghubai.config import ConfigError, HubEntry, RegistryConfig, load
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
+from ghubai.observability.service import Service
 from ghubai.registry.watch import watch
 from ghubai.web import serve_app, server_config
 
@@ -117,24 +118,25 @@ def create_app(hub_list: HubList) -> QuartTrio:
     return app
 
 
-async def _reload_on_sighup(hub_list: HubList, path: str) -> None:
-    with trio.open_signal_receiver(signal.SIGHUP) as signals:
-        async for _ in signals:
-            log.info("SIGHUP: reloading %s", path)
-            reload(hub_list, path)
+async def _reload_async(hub_list: HubList, path: str) -> None:
+    log.info("SIGHUP: reloading %s", path)
+    reload(hub_list, path)
 
 
-async def run(config: RegistryConfig, path: str | None, *,
+async def run(config: RegistryConfig, path: str | None, *, service: Service | None = None,
               task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; with a ``path``, follow its edits (and SIGHUP). Reports the base URL."""
     hub_list = HubList()
     hub_list.publish(config.hubs)
+    service = service or Service({})
+    service.summary = lambda: f"{len(hub_list.entries())} hubs" + (", config error" if hub_list.config_error else "")
     async with trio.open_nursery() as nursery:
         if path is not None:
             await nursery.start(watch, path, lambda: reload(hub_list, path))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
-            nursery.start_soon(_reload_on_sighup, hub_list, path)
+            service.reload = partial(_reload_async, hub_list, path)
         binds = await nursery.start(serve_app, create_app(hub_list), server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
         log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
+        service.ready()
         task_status.started(binds[0])

@@ -18,6 +18,7 @@ import trio
 from ghubai import __version__, openai
 from ghubai.config import split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.observability import logs
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
 from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
 
@@ -93,6 +94,8 @@ class SimServer:
     async def handle(self, conn: Connection, request: Request) -> None:
         route = self.routes.get((request.method, request.path))
         dialect = "openai" if request.path.startswith("/v1/") else "ollama"
+        logs.request_id(request.header(b"x-request-id"))
+        log.debug("%s %s", request.method, request.path)
         try:
             if route is None:
                 raise Reject(404, f"{request.method} {request.path} not found")

@@ -22,6 +22,8 @@ import trio_websocket
 
 from ghubai import __version__, protocol
 from ghubai.config import WorkerConfig
+from ghubai.observability import logs
+from ghubai.observability.service import Service
 from ghubai.worker.engine import Call, Engine, EngineError
 
 log = logging.getLogger("ghubai.worker")
@@ -268,7 +270,10 @@ class Worker:
 
     async def _serve_request(self, link: Link, frame: dict[str, Any], scope: trio.CancelScope) -> None:
         request_id = frame["id"]
-        call = Call(api=frame["api"], body=frame["body"], stream=frame["stream"])
+        trace = frame.get("trace") or {}
+        trace["x-request-id"] = logs.request_id(trace.get("x-request-id"))  # on every line of this task
+        call = Call(api=frame["api"], body=frame["body"], stream=frame["stream"], headers=trace)
+        started = trio.current_time()
         try:
             with scope:
                 try:
@@ -277,7 +282,11 @@ class Worker:
                         await flow.reserve(len(batch))  # a slow client stops us reading the engine
                         link.send(protocol.chunk(request_id, batch))
                     link.send(protocol.end(request_id, call.usage))
+                    log.info("%s for %s: done in %.3f s, usage %s", call.api, call.body.get("model"),
+                             trio.current_time() - started, call.usage)
                 except EngineError as error:
+                    log.info("%s for %s: engine error %d: %s", call.api, call.body.get("model"), error.status,
+                             error.message)
                     link.send(protocol.error(request_id, error.status, error.message, error.retryable))
                     if error.model_missing:
                         self._rediscover.set()
@@ -292,18 +301,30 @@ class Worker:
             log.debug("request %s cancelled by the hub", request_id)
 
 
-async def run(config: WorkerConfig, *, drain: trio.Event | None = None,
+async def _ready_when_welcomed(worker: Worker, service: Service) -> None:
+    await worker.welcomed.wait()
+    service.ready()
+
+
+async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service: Service | None = None,
               task_status: trio.TaskStatus[Worker] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the worker until cancelled, or until ``drain`` is set and its requests are done."""
+    """Run the worker until cancelled, or until ``drain`` is set and its requests are done. It is
+    ready once a hub has welcomed it; a reload (SIGHUP) asks the engine for its models at once."""
     async with Engine.client_for(config.engine) as client:
         worker = Worker(config, Engine(config.engine, client))
         await worker.discover()
         log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",
                  config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
+        service = service or Service({})
+        service.summary = lambda: (f"linked to {len(worker.links)}/{len(config.hub_url)} hubs, "
+                                   f"{worker.inflight}/{config.engine.max_concurrency} inflight, "
+                                   f"{len(worker.models)} models{', draining' if worker.draining else ''}")
+        service.reload = worker.discover
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.discovery_loop)
             for url in config.hub_url:
                 nursery.start_soon(worker.link_loop, url)
+            nursery.start_soon(_ready_when_welcomed, worker, service)
             task_status.started(worker)
             if drain is not None:
                 await drain.wait()

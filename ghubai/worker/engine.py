@@ -50,6 +50,7 @@ class Call:
     api: str
     body: dict[str, Any]
     stream: bool
+    headers: dict[str, str] = field(default_factory=dict)  # X-Request-ID, W3C trace context
     client_wants_usage: bool = False
     usage: dict[str, int] | None = field(default=None)
     finished: bool = False  # the engine said its answer is complete ([DONE], or "done": true)
@@ -121,7 +122,8 @@ class Engine:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
         try:
             method = translator.method(call.api) if translator else "POST"
-            async with self.client.stream(method, path, json=body if method == "POST" else None) as response:
+            async with self.client.stream(method, path, json=body if method == "POST" else None,
+                                          headers=call.headers) as response:
                 if response.status_code != 200:
                     raise self._refusal(response.status_code, await response.aread())
                 if not call.stream:

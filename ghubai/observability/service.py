@@ -1,0 +1,91 @@
+"""What a daemon tells its supervisor: systemd's notify protocol (``sd_notify(3)``), spoken directly.
+
+A datagram to ``$NOTIFY_SOCKET`` per state change: ``READY=1`` once the role serves, ``STOPPING=1``
+when it drains, ``RELOADING=1`` + ``MONOTONIC_USEC`` before a SIGHUP reload and ``READY=1`` after it,
+``STATUS=`` with a one-line summary whenever that line changes, and ``WATCHDOG=1`` every half
+``$WATCHDOG_USEC`` from a task of the event loop, so a wedged loop misses it and systemd restarts
+the daemon. Without ``$NOTIFY_SOCKET`` (not under systemd, or in tests) every call does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import trio
+
+log = logging.getLogger("ghubai.service")
+
+STATUS_INTERVAL_S = 2.0
+
+
+class Service:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        self._address = "\0" + address[1:] if address.startswith("@") else address
+        self._socket: socket.socket | None = None
+        if self._address:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.setblocking(False)
+        self.watchdog_s = _watchdog_interval(environ)
+        self.summary: Callable[[], str] = lambda: ""
+        self.reload: Callable[[], Awaitable[None]] | None = None  # what SIGHUP does; None: nothing to reload
+        self._status = ""
+
+    def notify(self, *lines: str) -> None:
+        if self._socket is None:
+            return
+        try:
+            self._socket.sendto("\n".join(lines).encode(), self._address)
+        except OSError as error:  # systemd gone or its queue full: the daemon itself goes on
+            log.debug("sd_notify %s failed: %s", lines, error)
+
+    def ready(self) -> None:
+        self.notify("READY=1", f"STATUS={self._refresh()}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1", "STATUS=draining")
+
+    async def reloaded(self) -> None:
+        """Run ``reload`` between RELOADING=1 and READY=1 (``Type=notify-reload`` wants the clock)."""
+        if self.reload is None:
+            log.info("SIGHUP: nothing to reload for this role")
+            return
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        try:
+            await self.reload()
+        finally:
+            self.ready()
+
+    def _refresh(self) -> str:
+        self._status = self.summary()
+        return self._status
+
+    async def run(self) -> None:
+        """Keep systemd's watchdog fed and its STATUS line current, until cancelled."""
+        if self._socket is None:
+            return
+        interval = min(STATUS_INTERVAL_S, self.watchdog_s or STATUS_INTERVAL_S)
+        while True:
+            await trio.sleep(interval)
+            lines = ["WATCHDOG=1"] if self.watchdog_s else []
+            if self.summary() != self._status:
+                lines.append(f"STATUS={self._refresh()}")
+            if lines:
+                self.notify(*lines)
+
+
+def _watchdog_interval(environ: Mapping[str, str]) -> float | None:
+    """Half the watchdog timeout, when systemd set one for this very process."""
+    pid = environ.get("WATCHDOG_PID")
+    if pid and pid != str(os.getpid()):
+        return None
+    try:
+        usec = int(environ.get("WATCHDOG_USEC", ""))
+    except ValueError:
+        return None
+    return usec / 2 / 1e6 if usec > 0 else None

@@ -1,0 +1,173 @@
+"""Each daemon, as a real process, speaks systemd's notify protocol to a socket the test listens on,
+the way systemd does for a ``Type=notify`` unit with ``WatchdogSec=``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from tests.conftest import WAIT_S, chat, free_port, ghubai_command
+
+WATCHDOG_USEC = 300_000  # a ping every 0.15 s
+
+
+class NotifySocket:
+    """What systemd would hear from the daemon: one datagram a message, ``KEY=value`` lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.heard: list[list[str]] = []
+
+    async def bind(self) -> NotifySocket:
+        await self.sock.bind(self.path)
+        return self
+
+    async def until(self, line: str, timeout_s: float = WAIT_S) -> list[str]:
+        """Read messages until one carries ``line``; that message."""
+        with trio.fail_after(timeout_s):
+            while True:
+                message = (await self.sock.recv(4096)).decode().split("\n")
+                self.heard.append(message)
+                if line in message:
+                    return message
+
+    def said(self) -> list[str]:
+        return [line for message in self.heard for line in message]
+
+
+def start(role: str, config: Path, notify: NotifySocket, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen(ghubai_command(role, "--config", str(config), "--log-level", "warning", *extra), env=env)
+
+
+async def reload_and_stop(process: subprocess.Popen[bytes], notify: NotifySocket) -> None:
+    """The watchdog is fed; SIGHUP is a reload between RELOADING=1 and READY=1; SIGTERM says STOPPING=1."""
+    for _ in range(3):
+        await notify.until("WATCHDOG=1")
+    process.send_signal(signal.SIGHUP)
+    reloading = await notify.until("RELOADING=1")
+    assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+    await notify.until("READY=1")
+    await notify.until("WATCHDOG=1")  # the reload did not end it
+    process.send_signal(signal.SIGTERM)
+    await notify.until("STOPPING=1")
+    with trio.fail_after(WAIT_S):
+        while process.poll() is None:
+            await trio.sleep(0.02)
+    assert process.returncode == 0
+
+
+@pytest.fixture
+async def notify(tmp_path: Path) -> Any:
+    notify = await NotifySocket(tmp_path / "notify").bind()
+    yield notify
+    notify.sock.close()
+
+
+@pytest.fixture
+def processes() -> Any:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def status_of(message: list[str]) -> str:
+    return next(line for line in message if line.startswith("STATUS="))
+
+
+async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket, processes: list[Any],
+                                                 tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    port = free_port()
+    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["old-key"]\n')
+    hub = start("hub", config, notify)
+    processes.append(hub)
+    ready = await notify.until("READY=1")
+    assert status_of(ready) == "STATUS=0 workers, 0 inflight, 0 queued"
+    hub_url = f"http://127.0.0.1:{port}"
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub_url, sim_url)
+    await notify.until("STATUS=1 workers, 0 inflight, 0 queued")
+
+    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["new-key"]\n')
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        async def answer(key: str) -> int:
+            response = await http.post(hub_url + "/v1/chat/completions", json=chat(),
+                                       headers={"Authorization": f"Bearer {key}"})
+            return response.status_code
+
+        assert await answer("old-key") == 200
+        hub.send_signal(signal.SIGHUP)
+        await notify.until("READY=1")
+        assert (await answer("old-key"), await answer("new-key")) == (401, 200)
+        await reload_and_stop(hub, notify)
+
+
+async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySocket, processes: list[Any],
+                                                               tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    port = free_port()
+    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["key"]\n')
+    hub = start("hub", config, notify)
+    processes.append(hub)
+    await notify.until("READY=1")
+    config.write_text("api_keys = 42\n")
+    hub.send_signal(signal.SIGHUP)
+    await notify.until("READY=1")
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer key"})
+    assert response.status_code == 200
+    await reload_and_stop(hub, notify)
+
+
+async def test_worker_is_ready_once_a_hub_welcomed_it(grid: Any, notify: NotifySocket, processes: list[Any],
+                                                      tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim()
+    port = free_port()
+    config = tmp_path / "worker.toml"
+    config.write_text(f'hub_url = ["ws://127.0.0.1:{port}/gridhub"]\nname = "w1"\n'
+                      f'[engine]\nurl = "{sim_url}"\nmax_concurrency = 3\n')
+    worker = start("worker", config, notify)
+    processes.append(worker)
+    await notify.until("WATCHDOG=1")
+    await notify.until("WATCHDOG=1")
+    assert "READY=1" not in notify.said()  # no hub yet: alive, but not ready
+    await grid.hub(listen=f"127.0.0.1:{port}")
+    ready = await notify.until("READY=1")
+    assert status_of(ready) == "STATUS=linked to 1/1 hubs, 0/3 inflight, 1 models"
+    await reload_and_stop(worker, notify)
+
+
+async def test_registry_notifies_and_reloads_its_file(notify: NotifySocket, processes: list[Any],
+                                                      tmp_path: Path) -> None:
+    config = tmp_path / "registry.toml"
+    config.write_text(f'listen = "127.0.0.1:{free_port()}"\n[[hubs]]\nname = "a"\naddress = "http://10.0.0.1:7197"\n')
+    registry = start("registry", config, notify)
+    processes.append(registry)
+    assert status_of(await notify.until("READY=1")) == "STATUS=1 hubs"
+    await reload_and_stop(registry, notify)
+
+
+async def test_proxy_notifies(grid: Any, notify: NotifySocket, processes: list[Any], tmp_path: Path) -> None:
+    hub = await grid.hub()
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'listen = "127.0.0.1:{free_port()}"\nregistry_url = ""\nhubs = ["{hub.value}"]\n'
+                      '[health]\ninterval_s = 0.1\n')
+    proxy = start("proxy", config, notify)
+    processes.append(proxy)
+    await notify.until("READY=1")
+    await notify.until("STATUS=1/1 hubs up, 0 inflight")
+    await reload_and_stop(proxy, notify)
