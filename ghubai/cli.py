@@ -12,7 +12,7 @@ import trio
 
 from ghubai import __version__
 from ghubai.config import ConfigError, load, split_hostport, with_listen
-from ghubai.observability import logs
+from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 
 log = logging.getLogger("ghubai")
@@ -162,6 +162,12 @@ def _up(args: argparse.Namespace) -> int:
     return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend)))
 
 
+def _status(args: argparse.Namespace) -> int:
+    from ghubai.status import status
+
+    return status(args.hub or args.proxy, args.watch)
+
+
 def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         parser.add_argument("--config", metavar="FILE", help="TOML file (default: built-in loopback defaults)")
@@ -219,6 +225,14 @@ def parser() -> argparse.ArgumentParser:
                        help="default: from the file name (hub.toml, hub-2.toml ...)")
     check.set_defaults(func=_check, log_level="warning", log_format="text")
 
+    status = roles.add_parser("status", help="the grid at a glance: hubs, workers, models, load")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--proxy", metavar="URL", default="http://127.0.0.1:5000",
+                       help="the whole grid, as a proxy sees it (default: %(default)s, as 'ghubai up' runs it)")
+    where.add_argument("--hub", metavar="URL", help="one hub, e.g. http://127.0.0.1:7197")
+    status.add_argument("--watch", metavar="SECONDS", type=float, help="refresh every SECONDS until Ctrl-C")
+    status.set_defaults(func=_status, log_level="warning", log_format="text")
+
     sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")
     sim.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:11434")
     sim.add_argument("--models", default="sim", help="comma-separated model names (default: sim)")
@@ -237,6 +251,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.setup(args.log_level, args.log_format)
+    tracing.setup(args.role)
     try:
         return int(args.func(args))
     except ConfigError as error:

@@ -1,7 +1,7 @@
 """The hub's HTTP API (quart-trio on hypercorn): OpenAI endpoints, status endpoints, ``/gridhub``.
 
 A request's work belongs to its quart-trio task: when the client leaves, that task is cancelled.
-The exchange is also registered with ``CloseOnExit``, an ASGI wrapper around the whole request, so
+The exchange is also registered with ``RequestScope``, an ASGI wrapper around the whole request, so
 its worker hears ``cancel`` even if the client leaves in the gap between the handler returning a
 streaming response and the first iteration of its body (where no ``finally`` of ours would run).
 """
@@ -27,6 +27,8 @@ from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
+from ghubai.observability import dashboard, tracing
+from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
@@ -35,13 +37,13 @@ from ghubai.web import serve_app, server_config
 
 log = logging.getLogger("ghubai.hub")
 
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/dashboard")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", *dashboard.PATHS)
 
 
-class CloseOnExit:
-    """ASGI wrapper: runs the closers a request registered once the request is over, however it ends.
-    It also sets the request's id here, in the outermost task of the request, so that every task
-    quart-trio starts for it, and the closers, log with it."""
+class RequestScope:
+    """ASGI wrapper around each whole request: runs the closers the request registered once it is
+    over, however it ends. Its request id and trace span begin here, in the outermost task of the
+    request, so that every task quart-trio starts for it, and the closers, log and trace with them."""
 
     def __init__(self, app: Callable[..., Any]) -> None:
         self.app = app
@@ -49,8 +51,23 @@ class CloseOnExit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         closers: list[Callable[[], None]] = []
         scope["ghubai.closers"] = closers
-        if scope["type"] == "http":
-            request_id(next((v for k, v in scope["headers"] if k == b"x-request-id"), None))
+        if scope["type"] != "http":
+            await self._run(scope, receive, send, closers)
+            return
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        request_id(headers.get("x-request-id"))
+        if scope["method"] != "POST":  # only inference is traced, not the proxies' health checks
+            await self._run(scope, receive, send, closers)
+            return
+        with tracing.span(f"POST {scope['path']}", headers, **{"ghubai.request_id": REQUEST_ID.get()}):
+            async def traced_send(message: dict[str, Any]) -> None:
+                if message["type"] == "http.response.start":
+                    tracing.annotate(**{"http.response.status_code": message["status"]})
+                await send(message)
+
+            await self._run(scope, receive, traced_send, closers)
+
+    async def _run(self, scope: dict[str, Any], receive: Any, send: Any, closers: list[Callable[[], None]]) -> None:
         try:
             await self.app(scope, receive, send)
         finally:
@@ -151,10 +168,11 @@ class HubSecrets:
         self.provider_tokens.replace(config.provider_tokens)
 
 
-def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, secrets: HubSecrets) -> QuartTrio:
+def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, secrets: HubSecrets,
+               history: History) -> QuartTrio:
     app = QuartTrio("ghubai.hub")
     app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
-    app.asgi_app = CloseOnExit(app.asgi_app)  # type: ignore[method-assign]
+    app.asgi_app = RequestScope(app.asgi_app)  # type: ignore[method-assign]
     api_keys = secrets.api_keys
     rate_limits = RateLimits(config.limits)
     metrics = Metrics("hub")
@@ -197,9 +215,12 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
         key = request.scope["ghubai.key"]
         rate_limits.admit(key)
         trace = {name: value for name in protocol.TRACE_HEADERS if (value := request.headers.get(name))}
-        exchange = Exchange(pool, config, api, body, stream, {**trace, "x-request-id": REQUEST_ID.get()})
+        trace = tracing.inject({**trace, "x-request-id": REQUEST_ID.get()})  # this hub's span, when it traces
+        tracing.annotate(**{"gen_ai.request.model": str(body["model"])})
+        exchange = Exchange(pool, config, api, body, stream, trace)
         inflight.add(exchange)
         started, outcome = trio.current_time(), {"status": 200}
+        first_token_s: float | None = None
         what = f"{request.method} {request.path}"  # finished() runs after the request context is gone
         metrics.inflight.labels("hub").inc()
 
@@ -210,6 +231,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
             metrics.inflight.labels("hub").dec()
             took = trio.current_time() - started
             metrics.observe(exchange.model, outcome["status"], took)
+            history.request(first_token_s, (exchange.usage or {}).get("completion_tokens", 0))
             log.info("%s %d in %.3f s, model %s", what, outcome["status"], took, exchange.model)
 
         request.scope["ghubai.closers"].append(finished)
@@ -220,7 +242,8 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
             if error.status == 503:
                 rate_limits.refund(key)
             raise
-        metrics.first_token.labels("hub").observe(trio.current_time() - started)
+        first_token_s = trio.current_time() - started
+        metrics.first_token.labels("hub").observe(first_token_s)
         if stream:
             dialect = OPENAI if api.startswith("openai.") else OLLAMA
             return Response(_stream_body(exchange, first, dialect), 200, headers=dialect.headers)
@@ -272,11 +295,23 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
     @app.get("/api/registry")
     async def registry() -> dict[str, Any]:
         return {"hub_id": hub_id, "workers": [w.describe() for w in pool.workers.values()], "queued": pool.queued,
-                "draining": pool.draining, "usage": {model: dict(count) for model, count in pool.usage.items()}}
+                "queue": pool.queue_lengths(), "draining": pool.draining, "heartbeat_s": config.heartbeat_s,
+                "usage": {model: dict(count) for model, count in pool.usage.items()}}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
+
+    @app.get("/dashboard")
+    async def dashboard_page() -> Response:
+        return Response(dashboard.PAGE, 200, content_type=dashboard.PAGE_TYPE)
+
+    @app.get("/dashboard/data")
+    async def dashboard_data() -> dict[str, Any]:
+        workers, queue = [worker.describe() for worker in pool.workers.values()], pool.queue_lengths()
+        me = dashboard.hub_view(f"hub {hub_id}", request.host_url.rstrip("/"), not pool.draining, "draining",
+                                queue, workers, config.heartbeat_s)
+        return dashboard.data("hub", f"hub {hub_id}", [me], queue, history)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -310,7 +345,8 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     inflight = InFlight()
     _warn_if_open(config)
     secrets = HubSecrets.of(config)
-    app = create_app(config, pool, inflight, hub_id, secrets)
+    history = History()
+    app = create_app(config, pool, inflight, hub_id, secrets, history)
     service = service or Service({})
     service.summary = lambda: (f"{len(pool.workers)} workers, {len(inflight.exchanges)} inflight, "
                                f"{pool.queued} queued{', draining' if pool.draining else ''}")
@@ -323,6 +359,7 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
                      path, len(fresh.api_keys), len(fresh.provider_tokens))
         service.reload = reload
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(history.run)
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)

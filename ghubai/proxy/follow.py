@@ -56,15 +56,9 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
         health.raise_for_status()
         registry.raise_for_status()
         state = registry.json()
-        names = frozenset(str(model) for worker in state["workers"] if not worker.get("draining")
-                          for model in worker["models"])
+        hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state)
     except (httpx.HTTPError, trio.TooSlowError, ValueError, KeyError, TypeError, AttributeError) as error:
         hubs.set_health(hub, False, f"health check failed: {type(error).__name__} {error}".strip())
-        return
-    if state.get("draining"):
-        hubs.set_health(hub, False, "the hub is draining")
-    else:
-        hubs.set_health(hub, True, models=names)
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:

@@ -19,6 +19,7 @@ import trio
 
 from ghubai.config import ProxyConfig
 from ghubai.httpio import Connection, Request
+from ghubai.observability import tracing
 from ghubai.openai import ApiError
 from ghubai.proxy.hubs import Hub, HubSet, Upstream
 
@@ -40,6 +41,7 @@ class UpstreamFailed(Exception):
 class Outcome:
     status: int = 0
     hub: str = ""
+    answered_at: float | None = None  # trio time the hub's answer began
 
 
 def model_of(request: Request) -> str | None:
@@ -59,12 +61,15 @@ def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
 
 
 def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str) -> list[tuple[bytes, bytes]]:
-    kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers)
-            if k not in (b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect")]
+    """The client's headers as the hub should see them: ours for the hop, the request id, and the
+    proxy's span as the trace parent when the proxy traces (else the client's context passes through)."""
+    trace = [(name.encode(), value.encode()) for name, value in tracing.inject({}).items()]
+    replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", *(k for k, _ in trace)}
+    kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
     host, port = hub.host_port
-    return [(b"host", f"{host}:{port}".encode()), *kept, (b"x-forwarded-for", chain),
+    return [(b"host", f"{host}:{port}".encode()), *kept, *trace, (b"x-forwarded-for", chain),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode())]
 
 
@@ -111,7 +116,7 @@ class Forwarder:
                 log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                 await self._discard(hub, upstream)
                 continue
-            outcome.status = response.status_code
+            outcome.status, outcome.answered_at = response.status_code, trio.current_time()
             await self._relay(conn, hub, upstream, response, request_id)
             return
         outcome.status = 503

@@ -8,10 +8,13 @@ import logging
 import select
 import ssl
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import h11
 import trio
+
+from ghubai.observability.dashboard import hub_view
 
 log = logging.getLogger("ghubai.proxy")
 
@@ -79,6 +82,9 @@ class Hub:
     models: frozenset[str] = frozenset()
     reason: str = "not checked yet"
     idle: list[Upstream] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)  # as its last health check listed them
+    queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
+    heartbeat_s: float = 0.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -89,9 +95,8 @@ class Hub:
     def tls(self) -> bool:
         return self.address.startswith("https://")
 
-    def describe(self) -> dict[str, object]:
-        return {"name": self.name, "address": self.address, "up": self.up, "models": sorted(self.models),
-                "reason": None if self.up else self.reason}
+    def describe(self) -> dict[str, Any]:
+        return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers, self.heartbeat_s)
 
 
 class HubSet:
@@ -134,9 +139,15 @@ class HubSet:
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
 
-    def set_health(self, hub: Hub, up: bool, reason: str = "", models: frozenset[str] | None = None) -> None:
-        if models is not None:
-            hub.models = models
+    def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None) -> None:
+        """``state``: the hub's ``/api/registry`` answer, when the check read one."""
+        if state is not None:
+            hub.workers, hub.queue = list(state["workers"]), {str(k): int(v) for k, v in state.get("queue", {}).items()}
+            hub.heartbeat_s = float(state.get("heartbeat_s", 0))
+            hub.models = frozenset(str(model) for worker in hub.workers if not worker.get("draining")
+                                   for model in worker["models"])
+        elif not up:
+            hub.workers, hub.queue = [], {}  # unreachable: what it had is unknown now
         if up != hub.up:
             if up:
                 log.info("hub %s (%s) is up: %s", hub.name, hub.address, ", ".join(sorted(hub.models)) or "no models")

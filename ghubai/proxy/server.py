@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -21,6 +21,8 @@ from ghubai.auth import Secrets
 from ghubai import openai
 from ghubai.config import ProxyConfig, load, split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.observability import dashboard, tracing
+from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
@@ -50,18 +52,22 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy")
         self.inflight = 0
+        self.history = History()
+        self.url = ""  # once it serves
         self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
         self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
         self.own: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
             ("GET", "/health"): self.health,
             ("GET", "/ready"): self.ready,
             ("GET", "/metrics"): self.prometheus,
+            ("GET", "/dashboard"): self.dashboard_page,
+            ("GET", "/dashboard/data"): self.dashboard_data,
             ("GET", "/v1/models"): self.openai_models,
             ("GET", "/api/tags"): self.ollama_tags,
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
-        started = time.perf_counter()
+        started = trio.current_time()
         outcome = Outcome()
         self.inflight += 1
         try:
@@ -72,7 +78,13 @@ class Proxy:
                 rid = request_id(request.header(b"x-request-id"))
                 if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
                     raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
-                await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+                with tracing.span(f"{request.method} {request.path}", headers, **{"ghubai.request_id": rid}):
+                    try:
+                        await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
+                    finally:
+                        tracing.annotate(**{"http.response.status_code": outcome.status or None,
+                                            "ghubai.hub": outcome.hub or None})
             else:
                 raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
         except ApiError as error:
@@ -82,8 +94,9 @@ class Proxy:
         finally:
             self.inflight -= 1
             if outcome.status:
-                took, model = time.perf_counter() - started, model_of(request)
+                took, model = trio.current_time() - started, model_of(request)
                 self.metrics.observe(model, outcome.status, took)
+                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
             REQUEST_ID.set("")  # the connection's next request is another one
@@ -96,6 +109,17 @@ class Proxy:
     async def health(self, conn: Connection, request: Request) -> None:
         hubs = [hub.describe() for hub in self.hubs.hubs.values()]
         await conn.respond_json(200, {"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs})
+
+    async def dashboard_page(self, conn: Connection, request: Request) -> None:
+        await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
+
+    async def dashboard_data(self, conn: Connection, request: Request) -> None:
+        hubs = [hub.describe() for hub in self.hubs.hubs.values()]
+        queue: Counter[str] = Counter()
+        for hub in self.hubs.hubs.values():
+            queue.update(hub.queue)
+        await conn.respond_json(200, dashboard.data("proxy", f"proxy {self.url}", hubs, dict(queue),
+                                                    self.history))
 
     async def ready(self, conn: Connection, request: Request) -> None:
         up = len(self.hubs.healthy())
@@ -145,11 +169,12 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     else:
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
-    url = f"{'https' if config.tls_cert else 'http'}://{host}:{bound.getsockname()[1]}"
+    url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{host}:{bound.getsockname()[1]}"
     async with httpx.AsyncClient(verify=ssl_client_context(config)) as http, trio.open_nursery() as nursery:
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)
+        nursery.start_soon(proxy.history.run)
         log.info("proxy serving on %s (registry %s, %d static hubs)", url, config.registry_url or "none",
                  len(config.hubs))
         service.ready()

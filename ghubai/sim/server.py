@@ -18,7 +18,7 @@ import trio
 from ghubai import __version__, openai
 from ghubai.config import split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
-from ghubai.observability import logs
+from ghubai.observability import logs, tracing
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
 from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
 
@@ -96,10 +96,12 @@ class SimServer:
         dialect = "openai" if request.path.startswith("/v1/") else "ollama"
         logs.request_id(request.header(b"x-request-id"))
         log.debug("%s %s", request.method, request.path)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
         try:
             if route is None:
                 raise Reject(404, f"{request.method} {request.path} not found")
-            await route(conn, request)
+            with tracing.span(f"sim {request.method} {request.path}", headers):  # an engine that traces
+                await route(conn, request)
         except Reject as error:
             body = _openai_error(str(error), error.status) if dialect == "openai" else {"error": str(error)}
             await conn.respond_json(error.status, body)

@@ -22,7 +22,7 @@ import trio_websocket
 
 from ghubai import __version__, protocol
 from ghubai.config import WorkerConfig
-from ghubai.observability import logs
+from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.worker.engine import Call, Engine, EngineError
 
@@ -275,19 +275,25 @@ class Worker:
         call = Call(api=frame["api"], body=frame["body"], stream=frame["stream"], headers=trace)
         started = trio.current_time()
         try:
-            with scope:
+            with scope, tracing.span(f"engine {call.api}", trace, kind="client",
+                                     **{"gen_ai.request.model": call.body.get("model")}):
+                tracing.inject(call.headers)  # the engine's parent is this span
                 try:
                     flow = link.flows[request_id]
                     async for batch in self.engine.run(call):
                         await flow.reserve(len(batch))  # a slow client stops us reading the engine
                         link.send(protocol.chunk(request_id, batch))
                     link.send(protocol.end(request_id, call.usage))
+                    tracing.annotate(**{f"gen_ai.usage.{kind}_tokens": count for kind, count in (
+                        ("input", (call.usage or {}).get("prompt_tokens")),
+                        ("output", (call.usage or {}).get("completion_tokens")))})
                     log.info("%s for %s: done in %.3f s, usage %s", call.api, call.body.get("model"),
                              trio.current_time() - started, call.usage)
                 except EngineError as error:
                     log.info("%s for %s: engine error %d: %s", call.api, call.body.get("model"), error.status,
                              error.message)
                     link.send(protocol.error(request_id, error.status, error.message, error.retryable))
+                    tracing.annotate(**{"http.response.status_code": error.status})
                     if error.model_missing:
                         self._rediscover.set()
                 except Exception:  # a bug here must cost this request only, never the link and its others

@@ -1,0 +1,27 @@
+"""The live dashboard of the hub and of the proxy: one self-contained page (``dashboard.html``, no CDN:
+the grid may have no internet) that polls ``/dashboard/data``, whose shape both roles share."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from typing import Any
+
+from ghubai import __version__
+from ghubai.observability.history import History
+
+PAGE = files("ghubai.observability").joinpath("dashboard.html").read_bytes()
+PAGE_TYPE = "text/html; charset=utf-8"
+PATHS = ("/dashboard", "/dashboard/data")
+
+
+def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[str, int],
+             workers: list[dict[str, Any]], heartbeat_s: float) -> dict[str, Any]:
+    """One hub as the page shows it; ``workers`` as the hub's ``/api/registry`` lists them."""
+    models = sorted({model for worker in workers if not worker.get("draining") for model in worker["models"]})
+    return {"name": name, "address": address, "up": up, "reason": None if up else reason,
+            "queued": sum(queue.values()), "models": models, "workers": workers, "heartbeat_s": heartbeat_s}
+
+
+def data(role: str, name: str, hubs: list[dict[str, Any]], queue: dict[str, int], history: History) -> dict[str, Any]:
+    return {"role": role, "name": name, "version": __version__, "hubs": hubs, "queue": queue,
+            "step_s": history.step_s, "window_s": history.step_s * (history.points.maxlen or 1), "history": list(history.points)}

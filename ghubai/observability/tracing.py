@@ -1,0 +1,75 @@
+"""OpenTelemetry spans for a request across proxy, hub, worker and engine (the ``ghubai[otel]`` extra).
+
+The W3C trace context (``traceparent``, ``tracestate``) travels in HTTP headers from the client to the
+proxy and on to the hub, in the ``trace`` field of the request frame from the hub to the worker, and in
+HTTP headers again from the worker to the engine. Without opentelemetry installed every function here
+does nothing and headers pass through untouched; with it installed but no exporter configured, the
+API's spans record nothing. ``setup`` sends spans over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+(or ``..._TRACES_ENDPOINT``) is set, named ``ghubai-ROLE`` unless ``OTEL_SERVICE_NAME`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+try:
+    from opentelemetry import propagate, trace
+except ImportError:  # the extra is not installed
+    propagate = trace = None  # type: ignore[assignment]
+
+log = logging.getLogger("ghubai.tracing")
+
+ENABLED = trace is not None
+
+
+@contextmanager
+def span(name: str, carrier: Mapping[str, str], kind: str = "server", **attributes: Any) -> Iterator[Any]:
+    """A span for the work in the ``with`` block, child of the context ``carrier``'s headers carry."""
+    if trace is None:
+        yield None
+        return
+    parent = propagate.extract(carrier)
+    with trace.get_tracer("ghubai").start_as_current_span(
+            name, context=parent, kind=trace.SpanKind.SERVER if kind == "server" else trace.SpanKind.CLIENT,
+            attributes={key: value for key, value in attributes.items() if value is not None}) as current:
+        yield current
+
+
+def annotate(**attributes: Any) -> None:
+    """Attributes for the current span, learnt after it began (the model, the status)."""
+    if trace is not None:
+        current = trace.get_current_span()
+        for key, value in attributes.items():
+            if value is not None:
+                current.set_attribute(key, value)
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current span's context to ``headers`` (nothing when there is no recording span)."""
+    if propagate is not None:
+        propagate.inject(headers)
+    return headers
+
+
+def setup(role: str) -> None:
+    """Export spans over OTLP when the environment names an endpoint and the extra is installed."""
+    if trace is None or not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+                             or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError as error:
+        log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but %s is missing: pip install 'ghubai[otel]'", error.name)
+        return
+    provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
+                                                        or f"ghubai-{role}"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # exports from the SDK's own thread
+    trace.set_tracer_provider(provider)
+    log.info("tracing: OTLP spans as %s", provider.resource.attributes["service.name"])

@@ -1,0 +1,99 @@
+"""``ghubai status``: the dashboard's picture in a terminal, for operators on ssh. It reads the same
+``/dashboard/data`` the page polls, from a proxy (the whole grid) or from one hub."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+import httpx
+import trio
+
+TIMEOUT_S = 5.0
+
+
+def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
+    if worker.get("draining"):
+        return "draining"
+    if heartbeat_s and worker["last_seen_s"] > 2 * heartbeat_s:
+        return "late"
+    return "full" if worker["inflight"] >= worker["max_concurrency"] else "ok"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
+def render(data: dict[str, Any]) -> str:
+    hubs = data["hubs"]
+    workers = [(hub, worker) for hub in hubs for worker in hub["workers"]]
+    last = data["history"][-1] if data["history"] else {}
+    rate = ("tokens_per_s", "tokens/s") if data["role"] == "hub" else ("requests_per_s", "requests/s")
+    ttft = last.get("ttft_ms")
+    lines = [
+        f"GhubAi {data['name']} · v{data['version']}",
+        f"hubs {sum(hub['up'] for hub in hubs)}/{len(hubs)} up · workers {len(workers)} · inflight "
+        f"{sum(w['inflight'] for _, w in workers)}/{sum(w['max_concurrency'] for _, w in workers)} · queued "
+        f"{sum(hub['queued'] for hub in hubs)}",
+        f"last {data['step_s']:g} s: {last.get(rate[0], 0)} {rate[1]}, time to first token "
+        f"{'-' if ttft is None else f'{ttft:g} ms'} (median)",
+        "",
+    ]
+    hub_rows = [["HUB", "HEALTH", "WORKERS", "QUEUED", "MODELS"]]
+    for hub in hubs:
+        hub_rows.append([hub["name"], "up" if hub["up"] else "down", str(len(hub["workers"])), str(hub["queued"]),
+                         ", ".join(hub["models"]) or "-"])
+    lines += _table(hub_rows)
+    lines += [f"  {hub['name']} is down: {hub['reason']}" for hub in hubs if not hub["up"]] + [""]
+    if workers:
+        worker_rows = [["WORKER", "HUB", "MODELS", "INFLIGHT", "HEALTH", "HEARTBEAT"]]
+        for hub, worker in workers:
+            worker_rows.append([worker["name"], hub["name"], ", ".join(worker["models"]) or "-",
+                                f"{worker['inflight']}/{worker['max_concurrency']}",
+                                worker_health(worker, hub["heartbeat_s"]), f"{worker['last_seen_s']:.1f} s ago"])
+        lines += _table(worker_rows)
+    else:
+        lines.append("no worker connected")
+    waiting = {model: count for model, count in data["queue"].items() if count}
+    if waiting:
+        lines += ["", "queued: " + ", ".join(f"{model} {count}" for model, count in sorted(waiting.items()))]
+    return "\n".join(lines)
+
+
+def healthy(data: dict[str, Any]) -> bool:
+    """Every hub up, and at least one worker."""
+    return all(hub["up"] for hub in data["hubs"]) and any(hub["workers"] for hub in data["hubs"])
+
+
+async def fetch(url: str) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+        response = await http.get(url.rstrip("/") + "/dashboard/data")
+        response.raise_for_status()
+        return dict(response.json())
+
+
+def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout) -> int:
+    """Print the picture once (exit status 0 when healthy, 1 when not or unreachable), or every
+    ``watch_s`` seconds until interrupted."""
+
+    async def main() -> int:
+        while True:
+            try:
+                data = await fetch(url)
+            except (httpx.HTTPError, ValueError) as error:
+                print(f"ghubai status: cannot read {url}: {type(error).__name__} {error}".rstrip(), file=sys.stderr)
+                if watch_s is None:
+                    return 1
+            else:
+                if watch_s is not None:
+                    out.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1)
+                print(render(data), file=out, flush=True)
+                if watch_s is None:
+                    return 0 if healthy(data) else 1
+            await trio.sleep(watch_s)
+
+    try:
+        return trio.run(main)
+    except KeyboardInterrupt:  # how --watch ends
+        return 0

@@ -1,0 +1,53 @@
+"""The dashboards in headless Chromium against a running grid: they show its workers and hubs, and
+follow a worker that joins or leaves, or a hub that goes down, without a reload. Screenshots go to
+``test-artifacts/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tests.browser import chromium
+from tests.conftest import chat
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WORKERS = "[...document.querySelectorAll('#workers tr[data-worker]')].map(r => r.dataset.worker).sort().join(',')"
+HUB_STATES = "[...document.querySelectorAll('#hubs tr[data-hub] .pill')].map(p => p.textContent).join(',')"
+CHARTED = "Number(document.getElementById('chart-rate').dataset.points || 0) > 0"
+
+
+async def test_hub_dashboard_follows_workers_live(grid: Any, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim(models=["llama3", "qwen2"])
+    hub = await grid.hub()
+    first = await grid.worker(hub.value, sim_url, name="gpu-a", max_concurrency=8)
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(hub.value + "/dashboard")
+        await page.until(WORKERS, "gpu-a", "the first worker")
+        await grid.worker(hub.value, sim_url, name="gpu-b")
+        await page.until(WORKERS, "gpu-a,gpu-b", "a worker that joined")
+        for _ in range(5):
+            assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat("llama3"))).status_code == 200
+        await page.until(CHARTED, True, "tokens per second in the chart")
+        assert "llama3" in await page.evaluate("document.getElementById('hubs').innerText")
+        await page.screenshot(ARTIFACTS / "dashboard-hub.png")
+        first.stop()
+        await page.until(WORKERS, "gpu-b", "a worker that left")
+        assert await page.evaluate("document.getElementById('state').className") == ""  # live, not lost
+
+
+async def test_proxy_dashboard_shows_the_grid_and_a_hub_going_down(grid: Any, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim()
+    hubs = [await grid.hub(), await grid.hub()]
+    await grid.worker(hubs[0].value, sim_url, name="rack1-gpu0")
+    await grid.worker(hubs[1].value, sim_url, name="rack2-gpu0")
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(proxy.value + "/dashboard")
+        await page.until(WORKERS, "rack1-gpu0,rack2-gpu0", "the workers of both hubs")
+        await page.until(HUB_STATES, "up,up", "both hubs up")
+        assert await page.evaluate("document.getElementById('role').textContent") == "proxy"
+        await page.screenshot(ARTIFACTS / "dashboard-proxy.png")
+        hubs[1].stop()
+        await page.until(WORKERS, "rack1-gpu0", "only the workers of the hub still up")
+        await page.until("[...document.querySelectorAll('#hubs .pill')].filter(p => p.textContent == 'down').length",
+                         1, "the hub that went down")
