@@ -7,7 +7,9 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Grid, chat
+import trio
+
+from conftest import Grid, chat, eventually
 
 
 async def scrape(grid: Grid, url: str) -> dict[str, float]:
@@ -50,3 +52,43 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
 
     listed = await scrape(grid, registry.value)
     assert value(listed, "ghubai_registry_hubs") == 1 and value(listed, "ghubai_registry_reload_errors_total") == 0
+
+
+async def test_gauges_follow_requests_in_flight_and_waiting(grid: Grid, tmp_path: Path) -> None:
+    """One request running on a worker of capacity 1, one waiting behind it: the gauges say so, then
+    fall back; a broken registry edit counts as a reload error and the list stays."""
+    sim_url, _ = await grid.sim(itl_ms=50, tokens=40)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="gpu-1", max_concurrency=1)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+
+    async def one() -> None:
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        nursery.start_soon(one)
+
+        async def busy() -> bool:
+            hub_now, proxy_now = await scrape(grid, hub.value), await scrape(grid, proxy.value)
+            return (value(hub_now, "ghubai_inflight_requests", role="hub"), value(hub_now, "ghubai_queue_depth",
+                    model="sim"), value(hub_now, "ghubai_worker_inflight", worker="gpu-1"),
+                    value(proxy_now, "ghubai_inflight_requests", role="proxy")) == (2, 1, 1, 2)
+
+        await eventually(busy, "two requests in flight, one of them queued")
+    idle = await scrape(grid, hub.value)
+    assert (value(idle, "ghubai_inflight_requests", role="hub"), value(idle, "ghubai_queue_depth", model="sim"),
+            value(idle, "ghubai_worker_inflight", worker="gpu-1")) == (0, 0, 0)
+    assert value(idle, "ghubai_tokens_total", model="sim", type="completion") == 80
+
+    registry_file = tmp_path / "registry.toml"
+    registry_file.write_text(f'[[hubs]]\nname = "one"\naddress = "{hub.value}"\n')
+    registry = await grid.registry(str(registry_file))
+    registry_file.write_text("[[hubs]]\nname = 42\n")
+
+    async def refused() -> bool:
+        return value(await scrape(grid, registry.value), "ghubai_registry_reload_errors_total") == 1
+
+    await eventually(refused, "the broken edit to be counted")
+    assert value(await scrape(grid, registry.value), "ghubai_registry_hubs") == 1

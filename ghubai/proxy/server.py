@@ -67,30 +67,20 @@ class Proxy:
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
-        started = trio.current_time()
-        outcome = Outcome()
+        own = self.own.get((request.method, request.path))
+        if own is not None:  # the proxy's own pages are not counted as requests
+            try:
+                await own(conn, request)
+            except ApiError as error:
+                await self._error(conn, request, error)
+            return
+        started, outcome = trio.current_time(), Outcome()
         self.inflight += 1
         try:
-            own = self.own.get((request.method, request.path))
-            if own is not None:
-                await own(conn, request)  # the proxy's own pages are not counted as requests
-            elif request.path.startswith(FORWARDED_PREFIXES) or request.path == "/":
-                rid = request_id(request.header(b"x-request-id"))
-                if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
-                    raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
-                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
-                with tracing.span(f"{request.method} {request.path}", headers, **{"ghubai.request_id": rid}):
-                    try:
-                        await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
-                    finally:
-                        tracing.annotate(**{"http.response.status_code": outcome.status or None,
-                                            "ghubai.hub": outcome.hub or None})
-            else:
-                raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
+            await self._forward(conn, request, outcome)
         except ApiError as error:
             outcome.status = error.status
-            if conn.h11.our_state is h11.SEND_RESPONSE:
-                await self._error(conn, request, error)
+            await self._error(conn, request, error)
         finally:
             self.inflight -= 1
             if outcome.status:
@@ -101,7 +91,23 @@ class Proxy:
                          took, model, outcome.hub or "none")
             REQUEST_ID.set("")  # the connection's next request is another one
 
+    async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
+        if not (request.path.startswith(FORWARDED_PREFIXES) or request.path == "/"):
+            raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
+        rid = request_id(request.header(b"x-request-id"))
+        if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
+            raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
+        with tracing.span(f"{request.method} {request.path}", headers, **{"ghubai.request_id": rid}):
+            try:
+                await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
+            finally:
+                tracing.annotate(**{"http.response.status_code": outcome.status or None,
+                                    "ghubai.hub": outcome.hub or None})
+
     async def _error(self, conn: Connection, request: Request, error: ApiError) -> None:
+        if conn.h11.our_state is not h11.SEND_RESPONSE:
+            return  # the answer had begun: the forwarder ended it its own way
         body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
         tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
         await conn.respond_json(error.status, body, headers={**error.headers(), **tag})
