@@ -88,21 +88,24 @@ def status_of(message: list[str]) -> str:
     return next(line for line in message if line.startswith("STATUS="))
 
 
+def hub_with_key(key: str, tmp_path: Path, notify: NotifySocket,
+                 processes: list[Any]) -> tuple[subprocess.Popen[bytes], Path, str]:
+    config, port = tmp_path / "hub.toml", free_port()
+    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["{key}"]\n')
+    processes.append(start("hub", config, notify))
+    return processes[-1], config, f"http://127.0.0.1:{port}"
+
+
 async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket, processes: list[Any],
                                                  tmp_path: Path) -> None:
-    config = tmp_path / "hub.toml"
-    port = free_port()
-    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["old-key"]\n')
-    hub = start("hub", config, notify)
-    processes.append(hub)
+    hub, config, hub_url = hub_with_key("old-key", tmp_path, notify, processes)
     ready = await notify.until("READY=1")
     assert status_of(ready) == "STATUS=0 workers, 0 inflight, 0 queued"
-    hub_url = f"http://127.0.0.1:{port}"
     sim_url, _ = await grid.sim()
     await grid.worker(hub_url, sim_url)
     await notify.until("STATUS=1 workers, 0 inflight, 0 queued")
 
-    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["new-key"]\n')
+    config.write_text(config.read_text().replace("old-key", "new-key"))
     async with httpx.AsyncClient(timeout=WAIT_S) as http:
         async def answer(key: str) -> int:
             response = await http.post(hub_url + "/v1/chat/completions", json=chat(),
@@ -118,17 +121,13 @@ async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket
 
 async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySocket, processes: list[Any],
                                                                tmp_path: Path) -> None:
-    config = tmp_path / "hub.toml"
-    port = free_port()
-    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["key"]\n')
-    hub = start("hub", config, notify)
-    processes.append(hub)
+    hub, config, hub_url = hub_with_key("key", tmp_path, notify, processes)
     await notify.until("READY=1")
     config.write_text("api_keys = 42\n")
     hub.send_signal(signal.SIGHUP)
     await notify.until("READY=1")
     async with httpx.AsyncClient(timeout=WAIT_S) as http:
-        response = await http.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": "Bearer key"})
+        response = await http.get(hub_url + "/v1/models", headers={"Authorization": "Bearer key"})
     assert response.status_code == 200
     await reload_and_stop(hub, notify)
 

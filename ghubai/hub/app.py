@@ -22,7 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from ghubai import __version__, openai, protocol
 from ghubai.auth import Secrets
-from ghubai.config import HubConfig, load
+from ghubai.config import HubConfig
 from ghubai.hub.exchange import Exchange, Frame, InFlight, client_error
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
@@ -350,14 +350,13 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     service = service or Service({})
     service.summary = lambda: (f"{len(pool.workers)} workers, {len(inflight.exchanges)} inflight, "
                                f"{pool.queued} queued{', draining' if pool.draining else ''}")
-    if path is not None:
-        async def reload() -> None:
-            fresh = load("hub", path)
-            secrets.replace(fresh)
-            _warn_if_open(fresh)
-            log.info("reloaded %s: %d api_keys, %d provider_tokens (other keys take effect on restart)",
-                     path, len(fresh.api_keys), len(fresh.provider_tokens))
-        service.reload = reload
+
+    def reload(fresh: HubConfig) -> str:
+        secrets.replace(fresh)
+        _warn_if_open(fresh)
+        return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
+
+    service.reloads_config("hub", path, reload)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(history.run)
         binds = await nursery.start(serve_app, app, server_config(

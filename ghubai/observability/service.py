@@ -14,8 +14,11 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import trio
+
+from ghubai.config import load
 
 log = logging.getLogger("ghubai.service")
 
@@ -35,6 +38,18 @@ class Service:
         self.summary: Callable[[], str] = lambda: ""
         self.reload: Callable[[], Awaitable[None]] | None = None  # what SIGHUP does; None: nothing to reload
         self._status = ""
+
+    def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str]) -> None:
+        """On SIGHUP, read ``path`` again and hand the new configuration to ``apply``, which takes
+        what can change while running and says what it took. A broken file raises ConfigError."""
+        if path is None:
+            return
+
+        async def reload() -> None:
+            taken = apply(load(role, path))
+            log.info("reloaded %s: %s (other keys take effect on restart)", path, taken)
+
+        self.reload = reload
 
     def notify(self, *lines: str) -> None:
         if self._socket is None:

@@ -19,7 +19,7 @@ import trio
 
 from ghubai.auth import Secrets
 from ghubai import openai
-from ghubai.config import ProxyConfig, load, split_hostport
+from ghubai.config import ProxyConfig, split_hostport
 from ghubai.httpio import Connection, Request, serve_connection
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
@@ -156,12 +156,12 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     service = service or Service({})
     service.summary = lambda: (f"{len(proxy.hubs.healthy())}/{len(proxy.hubs.hubs)} hubs up, "
                                f"{proxy.inflight} inflight")
-    if path is not None:
-        async def reload() -> None:
-            fresh = load("proxy", path)
-            proxy.keys.replace(fresh.api_keys)
-            log.info("reloaded %s: %d api_keys (other keys take effect on restart)", path, len(fresh.api_keys))
-        service.reload = reload
+
+    def reload(fresh: ProxyConfig) -> str:
+        proxy.keys.replace(fresh.api_keys)
+        return f"{len(fresh.api_keys)} api_keys"
+
+    service.reloads_config("proxy", path, reload)
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
