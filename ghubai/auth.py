@@ -45,5 +45,9 @@ class Secrets:
                 found = digest
         return found
 
+    def holds(self, digest: bytes) -> bool:
+        """Whether a secret ``identify`` returned is still one of them (after a ``replace``)."""
+        return self.open or digest in self._digests
+
     def allows(self, authorization: str | None) -> bool:
         return self.identify(authorization) is not None

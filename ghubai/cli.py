@@ -18,16 +18,15 @@ from ghubai.observability.service import Service
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(scope: trio.CancelScope, drain: trio.Event, service: Service) -> None:
+async def _until_signal(nursery: trio.Nursery, drain: trio.Event, service: Service) -> None:
     """SIGTERM asks for a graceful drain (the role finishes its work, then returns); SIGINT, or a
-    second SIGTERM, stops at once; SIGHUP reloads what the role can reload."""
+    second SIGTERM, stops at once. SIGHUP reloads what the role can reload, in a task of its own so
+    that signals are still heard meanwhile; for a role with nothing to reload (``ghubai up``, the
+    simulator) it is a hang-up, and stops it."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
-            if signum == signal.SIGHUP:
-                try:
-                    await service.reloaded()
-                except ConfigError as error:
-                    log.error("reload failed, the running configuration stays: %s", error)
+            if signum == signal.SIGHUP and service.reload is not None:
+                nursery.start_soon(service.reloaded)
                 continue
             if signum == signal.SIGTERM and not drain.is_set():
                 log.info("SIGTERM: draining (send it again to stop at once)")
@@ -36,7 +35,7 @@ async def _until_signal(scope: trio.CancelScope, drain: trio.Event, service: Ser
                 continue
             log.info("%s: stopping", signal.Signals(signum).name)
             service.stopping()
-            scope.cancel()
+            nursery.cancel_scope.cancel()
             return
 
 
@@ -49,7 +48,7 @@ def _run(main: Main) -> int:
     async def runner() -> None:
         drain, service = trio.Event(), Service()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery.cancel_scope, drain, service)
+            nursery.start_soon(_until_signal, nursery, drain, service)
             nursery.start_soon(service.run)
             await main(drain, service)
             nursery.cancel_scope.cancel()
@@ -168,6 +167,13 @@ def _status(args: argparse.Namespace) -> int:
     return status(args.hub or args.proxy, args.watch)
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         parser.add_argument("--config", metavar="FILE", help="TOML file (default: built-in loopback defaults)")
@@ -230,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--proxy", metavar="URL", default="http://127.0.0.1:5000",
                        help="the whole grid, as a proxy sees it (default: %(default)s, as 'ghubai up' runs it)")
     where.add_argument("--hub", metavar="URL", help="one hub, e.g. http://127.0.0.1:7197")
-    status.add_argument("--watch", metavar="SECONDS", type=float, help="refresh every SECONDS until Ctrl-C")
+    status.add_argument("--watch", metavar="SECONDS", type=_positive, help="refresh every SECONDS until Ctrl-C")
     status.set_defaults(func=_status, log_level="warning", log_format="text")
 
     sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")

@@ -69,11 +69,12 @@ def _one_of(*choices: str) -> Check:
 
 
 def _key(check: Check | None = None, doc: str = "", *, one_or_many: bool = False, required: bool = False,
-         **kwargs: Any) -> Any:
+         secret: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with its check and the comment ``ghubai init`` writes above it;
-    ``one_or_many`` lets a list key also be given as a single string."""
-    return field(metadata={"check": check, "doc": doc, "one_or_many": one_or_many, "required": required},
-                 **kwargs)
+    ``one_or_many`` lets a list key also be given as a single string; the value of a ``secret`` key
+    never appears in an error message (they reach logs)."""
+    return field(metadata={"check": check, "doc": doc, "one_or_many": one_or_many, "required": required,
+                           "secret": secret}, **kwargs)
 
 
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
@@ -108,9 +109,9 @@ class HubConfig:
     listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
                        default="127.0.0.1:7197")
     provider_tokens: tuple[str, ...] = _key(None, "tokens workers present; empty = ANY worker may join",
-                                            default=())
+                                            secret=True, default=())
     api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
-                                     default=())
+                                     secret=True, default=())
     heartbeat_s: float = _key(_at_least(0.01), "a worker silent for 3 heartbeats is dropped", default=5.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
     tls_cert: str = _key(None, "PEM files to serve HTTPS and WSS", default="")
@@ -137,7 +138,7 @@ class WorkerConfig:
     hub_url: tuple[str, ...] = _key(
         _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
         default=("ws://localhost:7197/gridhub",))
-    provider_token: str = _key(None, "presented to the hubs (env PROVIDER_TOKEN wins)", default="")
+    provider_token: str = _key(None, "presented to the hubs (env PROVIDER_TOKEN wins)", secret=True, default="")
     name: str = _key(None, "default: the host name", default="")
     ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
@@ -182,7 +183,7 @@ class ProxyConfig:
     hubs: tuple[str, ...] = _key(_urls("http", "https", allow_empty=True), "static hub addresses, used with or without a registry",
                                  default=())
     api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
-                                     default=())
+                                     secret=True, default=())
     max_attempts: int = _key(_at_least(1), "hubs tried for a request that has sent no byte yet", default=3)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)
     response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub before its answer is cut",
@@ -254,6 +255,8 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
         check = spec.metadata.get("check")
         if problem is None and check is not None:
             problem = check(value)
+        if problem and spec.metadata.get("secret"):
+            problem = problem.split(", got ")[0] + f", got {type(raw).__name__} (a secret: its value is not shown)"
         if problem:
             errors.append(f"{path}: {problem}")
         else:
@@ -284,6 +287,8 @@ def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> A
                 text = file.read()
         except OSError as error:
             raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+        except UnicodeDecodeError as error:
+            raise ConfigError([f"{path}: not UTF-8 (byte {error.start})"]) from None
         config = parse(role, text, path)
     env = os.environ if env is None else env
     if role == "worker":

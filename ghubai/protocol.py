@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import struct
 import uuid
 from typing import Any
@@ -51,8 +52,14 @@ _COUNT = lambda value: _is_int(value) and value >= 0  # noqa: E731
 
 # What a request carries along for logs and traces (W3C trace context), passed on to the engine.
 TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
+_TRACE_VALUE = re.compile(r"[\x20-\x7e]{1,512}")  # what any HTTP client can send on to the engine
 _TRACE = lambda value: isinstance(value, dict) and all(  # noqa: E731
-    key in TRACE_HEADERS and isinstance(item, str) and len(item) <= 512 for key, item in value.items())
+    key in TRACE_HEADERS and isinstance(item, str) and _TRACE_VALUE.fullmatch(item) for key, item in value.items())
+
+
+def clean_trace(headers: dict[str, str]) -> dict[str, str]:
+    """The trace headers a request frame may carry: a client's odd or oversized ones are dropped."""
+    return {key: value for key, value in headers.items() if key in TRACE_HEADERS and _TRACE_VALUE.fullmatch(value)}
 
 # Each frame type, with a check of every field it must carry: a frame that fails one is refused
 # as a whole, so a buggy or hostile peer cannot make the other side fail on a wrong type later.
@@ -77,11 +84,13 @@ OPTIONAL = {("request", "trace")}
 
 class ProtocolError(ValueError):
     """A frame that cannot be understood (not JSON, no type, a known type lacking fields).
-    ``frames``: those of the same message that were read before the fault."""
+    ``frames``: those of the same message that were read before the fault. ``request_id``: the id
+    of a refused ``request`` frame, when it had a readable one, so the refusal can be answered."""
 
-    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None) -> None:
+    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None, request_id: str | None = None) -> None:
         super().__init__(message)
         self.frames = frames or []
+        self.request_id = request_id
 
 
 def _encode(kind: str, **fields: Any) -> str:
@@ -177,20 +186,20 @@ def pong(inflight: int) -> str:
     return _encode("pong", inflight=inflight)
 
 
-def unpack(message: str | bytes) -> tuple[list[dict[str, Any]], list[str]]:
+def unpack(message: str | bytes) -> tuple[list[dict[str, Any]], list[ProtocolError]]:
     """The frames of one WebSocket message, and what was wrong with the parts that were refused:
     a bad line of a text message costs that line only; a bad binary record ends its message."""
     if isinstance(message, bytes):
         try:
             return unpack_chunks(message), []
         except ProtocolError as problem:
-            return problem.frames, [str(problem)]
+            return problem.frames, [problem]
     frames, problems = [], []
     for line in message.split("\n"):
         try:
             frames.append(decode(line))
         except ProtocolError as problem:
-            problems.append(str(problem))
+            problems.append(problem)
     return frames, problems
 
 
@@ -228,7 +237,10 @@ def decode(text: str | bytes) -> dict[str, Any]:
         if name not in frame:
             if (frame["type"], name) in OPTIONAL:
                 continue
-            raise ProtocolError(f"{frame['type']} frame lacks {name}")
+            answerable = frame["type"] == "request" and _ID(frame.get("id"))
+            raise ProtocolError(f"{frame['type']} frame lacks {name}", request_id=frame["id"] if answerable else None)
         if not valid(frame[name]):
-            raise ProtocolError(f"{frame['type']} frame has a bad {name}: {str(frame[name])[:80]}")
+            answerable = frame["type"] == "request" and _ID(frame.get("id"))
+            raise ProtocolError(f"{frame['type']} frame has a bad {name}: {str(frame[name])[:80]}",
+                                request_id=frame["id"] if answerable else None)
     return frame

@@ -13,7 +13,7 @@ from tests.conftest import chat
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WORKERS = "[...document.querySelectorAll('#workers tr[data-worker]')].map(r => r.dataset.worker).sort().join(',')"
 HUB_STATES = "[...document.querySelectorAll('#hubs tr[data-hub] .pill')].map(p => p.textContent).join(',')"
-CHARTED = "Number(document.getElementById('chart-rate').dataset.points || 0) > 0"
+CHARTED = "Number(document.getElementById('chart-rate').dataset.max || 0) > 0"
 
 
 async def test_hub_dashboard_follows_workers_live(grid: Any, tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
             given = await http.post(proxy + "/v1/chat/completions", json=chat(stream=True),
                                     headers={"X-Request-ID": "trace-me-42"})
             made = await http.post(proxy + "/api/chat", json=chat())
+            forged = await http.post(proxy + "/v1/chat/completions", json=chat("nope\nCRITICAL ghubai.hub: forged"))
+            unknown = await http.get(proxy + "/v2/models")
             refused = await http.post(proxy + "/v1/chat/completions", json=chat(), headers={
                 "Authorization": "Bearer wrong-key", "X-Request-ID": "bad id; forged=1"})
     finally:
@@ -62,7 +64,11 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
     assert made.status_code == 200 and len(made_id) == 32
     assert refused.status_code == 401 and refused.headers["x-request-id"] not in ("", "bad id; forged=1")
 
+    assert forged.status_code == 404 and unknown.status_code == 404
     logs = {role: (tmp_path / f"{role}.log").read_text() for role in ("sim", "hub", "worker", "proxy")}
+    assert not [line for line in logs["hub"].splitlines() if line.startswith("CRITICAL")]  # no forged line
+    assert any(entry.get("request_id") == unknown.headers["x-request-id"] and "/v2/models 404" in entry["msg"]
+               for entry in map(json.loads, logs["proxy"].splitlines()))
     for role, text in logs.items():
         assert API_KEY not in text and TOKEN not in text, f"a secret in the {role} log"
     lines = {role: [json.loads(line) for line in text.splitlines()] for role, text in logs.items() if role != "hub"}

@@ -55,6 +55,41 @@ async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engin
     assert (sim.stats.active, sim.stats.completed) == (0, 0)
 
 
+async def test_a_request_frame_the_worker_refuses_is_answered_not_dropped(grid: Grid) -> None:
+    sim_url, sim = await grid.sim()
+    answers: list[dict[str, Any]] = []
+
+    async def hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.welcome("fake-hub", 1.0))
+        frame = json.loads(protocol.request("f" * 32, "openai.chat", chat(), False, {}))
+        frame["trace"] = {"tracestate": "x" * 600}  # over what a frame may carry
+        await ws.send_message(json.dumps(frame))
+        while not answers:
+            frames, _ = protocol.unpack(await ws.get_message())
+            answers.extend(f for f in frames if f["type"] == "error")
+
+    server = await grid.nursery.start(trio_websocket.serve_websocket, hub, "127.0.0.1", 0, None)
+    await grid.worker(f"http://127.0.0.1:{server.port}", sim_url)
+
+    async def answered() -> bool:
+        return bool(answers)
+
+    await eventually(answered, "the worker's answer to a frame it refused")
+    assert answers[0]["id"] == "f" * 32 and answers[0]["status"] == 400 and not answers[0]["retryable"]
+    assert sim.stats.started == 0
+
+
+async def test_odd_trace_headers_from_a_client_never_cost_its_request(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    for headers in ({"tracestate": "x" * 600}, {"traceparent": b"00-zz", "tracestate": "café".encode()}):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(), headers=headers)
+        assert response.status_code == 200, response.text
+
+
 def _worker(name: str) -> RemoteWorker:
     send, _ = trio.open_memory_channel[Any](math.inf)
     return RemoteWorker(id=name, name=name, models=frozenset({"m"}), max_concurrency=1, engine="x", out=send)

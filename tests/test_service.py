@@ -14,7 +14,8 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import WAIT_S, chat, free_port, ghubai_command
+from ghubai.observability.service import Service
+from tests.conftest import WAIT_S, chat, eventually, free_port, ghubai_command
 
 WATCHDOG_USEC = 300_000  # a ping every 0.15 s
 
@@ -45,9 +46,11 @@ class NotifySocket:
 
 
 def start(role: str, config: Path, notify: NotifySocket, *extra: str) -> subprocess.Popen[bytes]:
+    """The daemon, its stderr in ``ROLE.log`` beside its config."""
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     env.pop("WATCHDOG_PID", None)
-    return subprocess.Popen(ghubai_command(role, "--config", str(config), "--log-level", "warning", *extra), env=env)
+    return subprocess.Popen(ghubai_command(role, "--config", str(config), "--log-level", "warning", *extra), env=env,
+                            stderr=config.with_suffix(".log").open("wb"))
 
 
 async def reload_and_stop(process: subprocess.Popen[bytes], notify: NotifySocket) -> None:
@@ -123,13 +126,17 @@ async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySoc
                                                                tmp_path: Path) -> None:
     hub, config, hub_url = hub_with_key("key", tmp_path, notify, processes)
     await notify.until("READY=1")
-    config.write_text("api_keys = 42\n")
-    hub.send_signal(signal.SIGHUP)
-    await notify.until("READY=1")
-    async with httpx.AsyncClient(timeout=WAIT_S) as http:
-        response = await http.get(hub_url + "/v1/models", headers={"Authorization": "Bearer key"})
-    assert response.status_code == 200
+    for broken in ('api_keys = "sk-typed-as-a-string"\n'.encode(), "# caf\u00e9\n".encode("latin-1")):
+        config.write_bytes(broken)
+        hub.send_signal(signal.SIGHUP)
+        await notify.until("READY=1")
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            response = await http.get(hub_url + "/v1/models", headers={"Authorization": "Bearer key"})
+        assert response.status_code == 200
     await reload_and_stop(hub, notify)
+    log = config.with_suffix(".log").read_text()
+    assert "api_keys: expected a list of strings, got str" in log and "not UTF-8" in log
+    assert "sk-typed-as-a-string" not in log
 
 
 async def test_worker_is_ready_once_a_hub_welcomed_it(grid: Any, notify: NotifySocket, processes: list[Any],
@@ -142,8 +149,10 @@ async def test_worker_is_ready_once_a_hub_welcomed_it(grid: Any, notify: NotifyS
     worker = start("worker", config, notify)
     processes.append(worker)
     await notify.until("WATCHDOG=1")
+    worker.send_signal(signal.SIGHUP)  # a reload must not announce readiness either
     await notify.until("WATCHDOG=1")
-    assert "READY=1" not in notify.said()  # no hub yet: alive, but not ready
+    await notify.until("WATCHDOG=1")
+    assert "READY=1" not in notify.said() and "RELOADING=1" not in notify.said()  # alive, but not ready
     await grid.hub(listen=f"127.0.0.1:{port}")
     ready = await notify.until("READY=1")
     assert status_of(ready) == "STATUS=linked to 1/1 hubs, 0/3 inflight, 1 models"
@@ -170,3 +179,50 @@ async def test_proxy_notifies(grid: Any, notify: NotifySocket, processes: list[A
     await notify.until("READY=1")
     await notify.until("STATUS=1/1 hubs up, 0 inflight")
     await reload_and_stop(proxy, notify)
+
+
+async def test_a_draining_daemon_never_says_ready_again(notify: NotifySocket) -> None:
+    service = Service({"NOTIFY_SOCKET": notify.path})
+
+    async def reload() -> None:
+        pass
+
+    service.reload = reload
+    service.ready()
+    service.stopping()
+    await service.reloaded()
+    service.notify("END=1")
+    await notify.until("END=1")
+    assert notify.said() == ["READY=1", "STATUS=", "STOPPING=1", "STATUS=draining", "END=1"]
+
+
+async def test_sighup_stops_a_role_with_nothing_to_reload() -> None:
+    """For ``ghubai sim`` and ``ghubai up`` a SIGHUP is a terminal hang-up: they end, freeing the port."""
+    sim = subprocess.Popen(ghubai_command("sim", "--listen", f"127.0.0.1:{free_port()}"), stderr=subprocess.PIPE)
+    try:
+        assert b"simulator serving" in sim.stderr.readline()  # type: ignore[union-attr]
+        sim.send_signal(signal.SIGHUP)
+        assert sim.wait(timeout=WAIT_S) == 0
+    finally:
+        sim.kill()
+        sim.wait()
+
+
+async def test_a_revoked_provider_token_ends_the_link(grid: Any, notify: NotifySocket, processes: list[Any],
+                                                     tmp_path: Path) -> None:
+    config, port = tmp_path / "hub.toml", free_port()
+    config.write_text(f'listen = "127.0.0.1:{port}"\nprovider_tokens = ["old-token", "new-token"]\n')
+    processes.append(start("hub", config, notify))
+    await notify.until("READY=1")
+    sim_url, _ = await grid.sim()
+    hub_url = f"http://127.0.0.1:{port}"
+    await grid.worker(hub_url, sim_url, name="old", provider_token="old-token")
+    await grid.worker(hub_url, sim_url, name="new", provider_token="new-token")
+    config.write_text(f'listen = "127.0.0.1:{port}"\nprovider_tokens = ["new-token"]\n')
+    processes[-1].send_signal(signal.SIGHUP)
+    await notify.until("READY=1")
+
+    async def only_new() -> bool:
+        return [worker["name"] for worker in await grid.workers(hub_url)] == ["new"]
+
+    await eventually(only_new, "the worker with the revoked token to be gone")

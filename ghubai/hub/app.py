@@ -214,7 +214,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
     async def forward(api: str, body: dict[str, Any], stream: bool) -> Response:
         key = request.scope["ghubai.key"]
         rate_limits.admit(key)
-        trace = {name: value for name in protocol.TRACE_HEADERS if (value := request.headers.get(name))}
+        trace = protocol.clean_trace({name: request.headers.get(name, "") for name in protocol.TRACE_HEADERS})
         trace = tracing.inject({**trace, "x-request-id": REQUEST_ID.get()})  # this hub's span, when it traces
         tracing.annotate(**{"gen_ai.request.model": str(body["model"])})
         exchange = Exchange(pool, config, api, body, stream, trace)
@@ -231,7 +231,7 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
             metrics.inflight.labels("hub").dec()
             took = trio.current_time() - started
             metrics.observe(exchange.model, outcome["status"], took)
-            history.request(first_token_s, (exchange.usage or {}).get("completion_tokens", 0))
+            history.request(first_token_s, (exchange.usage or {}).get("completion_tokens", 0), took)
             log.info("%s %d in %.3f s, model %s", what, outcome["status"], took, exchange.model)
 
         request.scope["ghubai.closers"].append(finished)
@@ -354,11 +354,14 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     def reload(fresh: HubConfig) -> str:
         secrets.replace(fresh)
         _warn_if_open(fresh)
+        for worker in list(pool.workers.values()):
+            if not secrets.provider_tokens.holds(worker.token):
+                log.warning("worker %s joined with a provider token that was revoked: ending its link", worker.name)
+                worker.link_scope.cancel()
         return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
 
     service.reloads_config("hub", path, reload)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(history.run)
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)

@@ -23,7 +23,8 @@ log = logging.getLogger("ghubai.hub")
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float,
                        hello_timeout_s: float) -> Response | None:
     peer = websocket.headers.get("Remote-Addr", "?")
-    if not tokens.allows(websocket.headers.get("Authorization")):
+    token = tokens.identify(websocket.headers.get("Authorization"))
+    if token is None:
         log.warning("refused a worker from %s: missing or wrong provider token", peer)
         return Response("missing or wrong provider token", 401, content_type="text/plain")
     await websocket.accept()
@@ -35,7 +36,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     send, receive = trio.open_memory_channel[str](math.inf)
     worker = RemoteWorker(id=hello["worker_id"], name=hello["name"], models=frozenset(hello["models"]),
                           max_concurrency=hello["max_concurrency"], engine=str(hello["engine"]),
-                          out=send, last_seen=trio.current_time())
+                          out=send, last_seen=trio.current_time(), token=token)
     try:
         async with trio.open_nursery() as nursery:
             worker.link_scope = nursery.cancel_scope

@@ -40,6 +40,7 @@ class RemoteWorker:
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
     usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub
+    token: bytes = b""  # digest of the provider token it joined with, so that revoking it ends the link
 
     @property
     def busy(self) -> int:

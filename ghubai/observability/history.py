@@ -2,46 +2,66 @@
 
 Prometheus keeps history for those who run it; the dashboard must work without it (one page, no
 other service), so each daemon keeps a few minutes itself: per step, requests per second, generated
-tokens per second and the median time to first token. A few hundred numbers, rolled in one task.
+tokens per second and the median time to first token. A stream's tokens are known when it ends (the
+engine reports them then), so they are spread evenly over the time it generated them: a long stream
+shows in the steps it ran in, not as a spike at its end.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
-
-import trio
 
 STEP_S = 2.0
 STEPS = 150  # five minutes
 
 
+@dataclass
+class _Step:
+    requests: int = 0
+    tokens: float = 0.0
+    first_tokens: list[float] = field(default_factory=list)
+
+
 class History:
-    def __init__(self, step_s: float = STEP_S, steps: int = STEPS) -> None:
+    def __init__(self, step_s: float = STEP_S, steps: int = STEPS, clock: Callable[[], float] = time.time) -> None:
         self.step_s = step_s
-        self.points: deque[dict[str, Any]] = deque(maxlen=steps)
-        self._requests = 0
-        self._tokens = 0
-        self._first_tokens: list[float] = []
+        self.steps = steps
+        self._clock = clock
+        self._first = self._index(clock())
+        self._steps: dict[int, _Step] = {}
 
-    def request(self, first_token_s: float | None, tokens: int = 0) -> None:
-        """One answered request: when its first byte left (None: it never did), and the tokens it generated."""
-        self._requests += 1
-        self._tokens += tokens
+    def _index(self, at: float) -> int:
+        return int(at // self.step_s)
+
+    def request(self, first_token_s: float | None, tokens: int = 0, duration_s: float = 0.0) -> None:
+        """A request that just ended after ``duration_s``: when its first byte left (None: it never
+        did), and the tokens it generated from then on."""
+        now = self._clock()
+        current = self._steps.setdefault(self._index(now), _Step())
+        current.requests += 1
         if first_token_s is not None:
-            self._first_tokens.append(first_token_s)
+            current.first_tokens.append(first_token_s)
+        start = now - max(0.0, duration_s - (first_token_s or 0.0))
+        oldest = self._index(now) - self.steps
+        for index in range(max(self._index(start), oldest), self._index(now) + 1):
+            begin, end = max(start, index * self.step_s), min(now, (index + 1) * self.step_s)
+            share = tokens * (end - begin) / (now - start) if now > start else tokens
+            self._steps.setdefault(index, _Step()).tokens += share
+        for index in [index for index in self._steps if index < oldest]:
+            del self._steps[index]
 
-    def roll(self, now: float) -> None:
-        """Close the current step at wall-clock time ``now``."""
-        ttft = statistics.median(self._first_tokens) if self._first_tokens else None
-        self.points.append({"t": round(now, 3), "requests_per_s": round(self._requests / self.step_s, 3),
-                            "tokens_per_s": round(self._tokens / self.step_s, 1),
-                            "ttft_ms": None if ttft is None else round(ttft * 1000, 1)})
-        self._requests, self._tokens, self._first_tokens = 0, 0, []
-
-    async def run(self) -> None:
-        while True:
-            await trio.sleep(self.step_s)
-            self.roll(time.time())
+    def points(self) -> list[dict[str, Any]]:
+        """One point per finished step of the window, oldest first (``t``: the step's end)."""
+        now = self._index(self._clock())
+        points = []
+        for index in range(max(self._first, now - self.steps), now):
+            step = self._steps.get(index) or _Step()
+            ttft = statistics.median(step.first_tokens) if step.first_tokens else None
+            points.append({"t": (index + 1) * self.step_s, "requests_per_s": round(step.requests / self.step_s, 3),
+                           "tokens_per_s": round(step.tokens / self.step_s, 1),
+                           "ttft_ms": None if ttft is None else round(ttft * 1000, 1)})
+        return points

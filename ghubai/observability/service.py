@@ -18,11 +18,12 @@ from typing import Any
 
 import trio
 
-from ghubai.config import load
+from ghubai.config import ConfigError, load
 
 log = logging.getLogger("ghubai.service")
 
 STATUS_INTERVAL_S = 2.0
+RELOAD_TIMEOUT_S = 30.0
 
 
 class Service:
@@ -38,6 +39,7 @@ class Service:
         self.summary: Callable[[], str] = lambda: ""
         self.reload: Callable[[], Awaitable[None]] | None = None  # what SIGHUP does; None: nothing to reload
         self._status = ""
+        self._ready = self._stopping = self._reloading = False
 
     def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str]) -> None:
         """On SIGHUP, read ``path`` again and hand the new configuration to ``apply``, which takes
@@ -60,21 +62,36 @@ class Service:
             log.debug("sd_notify %s failed: %s", lines, error)
 
     def ready(self) -> None:
+        self._ready = True
         self.notify("READY=1", f"STATUS={self._refresh()}")
 
     def stopping(self) -> None:
+        self._stopping = True
         self.notify("STOPPING=1", "STATUS=draining")
 
     async def reloaded(self) -> None:
-        """Run ``reload`` between RELOADING=1 and READY=1 (``Type=notify-reload`` wants the clock)."""
-        if self.reload is None:
-            log.info("SIGHUP: nothing to reload for this role")
+        """Run ``reload`` (at most RELOAD_TIMEOUT_S) between RELOADING=1 and READY=1 — those only
+        once the daemon is ready and until it stops, so a reload never announces readiness early.
+        A reload that fails keeps what runs; a SIGHUP during a reload is folded into it."""
+        if self.reload is None or self._reloading:
             return
-        self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
+        self._reloading = True
+        announce = self._ready and not self._stopping
+        if announce:  # Type=notify-reload (systemd 253) also wants the clock
+            self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            await self.reload()
+            with trio.move_on_after(RELOAD_TIMEOUT_S) as timer:
+                await self.reload()
+            if timer.cancelled_caught:
+                log.error("reload abandoned after %g s; the running configuration stays", RELOAD_TIMEOUT_S)
+        except ConfigError as error:
+            log.error("reload failed, the running configuration stays: %s", error)
+        except Exception:  # a reload must never take the daemon down
+            log.exception("reload failed, the running configuration stays")
         finally:
-            self.ready()
+            self._reloading = False
+            if announce and not self._stopping:
+                self.ready()
 
     def _refresh(self) -> str:
         self._status = self.summary()

@@ -86,15 +86,16 @@ class Proxy:
             if outcome.status:
                 took, model = trio.current_time() - started, model_of(request)
                 self.metrics.observe(model, outcome.status, took)
-                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
+                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started,
+                                     duration_s=took)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
             REQUEST_ID.set("")  # the connection's next request is another one
 
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
+        rid = request_id(request.header(b"x-request-id"))
         if not (request.path.startswith(FORWARDED_PREFIXES) or request.path == "/"):
             raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
-        rid = request_id(request.header(b"x-request-id"))
         if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
@@ -180,7 +181,6 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)
-        nursery.start_soon(proxy.history.run)
         log.info("proxy serving on %s (registry %s, %d static hubs)", url, config.registry_url or "none",
                  len(config.hubs))
         service.ready()

@@ -107,6 +107,10 @@ class Worker:
             for link in list(self.links):
                 link.send(protocol.models(found))
 
+    async def rediscover(self) -> None:
+        """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
+        self._rediscover.set()
+
     async def discovery_loop(self) -> None:
         while True:
             with trio.move_on_after(self.config.engine.discovery_interval_s):
@@ -206,6 +210,8 @@ class Worker:
             frames, problems = protocol.unpack(message)
             for problem in problems:
                 log.warning("bad frame from %s: %s", link.url, problem)
+                if problem.request_id:  # the hub waits for an answer: refuse it rather than drop it
+                    link.send(protocol.error(problem.request_id, 400, f"refused by the worker: {problem}", False))
             for frame in frames:
                 self._dispatch(link, nursery, frame)
 
@@ -325,7 +331,7 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
         service.summary = lambda: (f"linked to {len(worker.links)}/{len(config.hub_url)} hubs, "
                                    f"{worker.inflight}/{config.engine.max_concurrency} inflight, "
                                    f"{len(worker.models)} models{', draining' if worker.draining else ''}")
-        service.reload = worker.discover
+        service.reload = worker.rediscover
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.discovery_loop)
             for url in config.hub_url:
