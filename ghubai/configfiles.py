@@ -7,6 +7,7 @@ file never reads half of one. tomli-w writes every key back, but not the comment
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -99,15 +100,19 @@ def check(path: str, role: str) -> list[str]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` by a complete new file in one rename; keeps the old file's permissions."""
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    """Replace ``path`` by a complete new file in one rename; keeps the old file's permissions and,
+    where it may (as root), its owner and group: a service must still read its config after an edit."""
+    old = path.stat() if path.exists() else None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, mode)
+        os.chmod(temporary, old.st_mode & 0o7777 if old else 0o644)
+        if old is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(temporary, old.st_uid, old.st_gid)
         os.replace(temporary, path)
     except BaseException:
         os.unlink(temporary)

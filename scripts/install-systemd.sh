@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Install GhubAi roles as systemd services on this machine, or take them away again.
 #
-#   sudo scripts/install-systemd.sh ROLE...              install, enable and start (registry hub worker proxy)
-#   sudo scripts/install-systemd.sh --uninstall ROLE...  stop, disable, remove the units (configs stay)
-#   sudo scripts/install-systemd.sh --purge ROLE...      the same, and remove /etc/ghubai when no role is left
+#   sudo scripts/install-systemd.sh ROLE...              install or upgrade, enable, start (registry hub worker proxy)
+#   sudo scripts/install-systemd.sh --uninstall ROLE...  stop, disable, remove the units (configs and user stay)
+#   sudo scripts/install-systemd.sh --purge ROLE...      the same, and once no role is left /etc/ghubai and the user
 #
-# Installing creates the system user `ghubai`, a virtual environment in /opt/ghubai with GhubAi from this
-# checkout (or from GHUBAI_PACKAGE, e.g. "ghubai==0.1.0"), /etc/ghubai/ROLE.toml from `ghubai init` (an
-# existing file is never overwritten), and /etc/systemd/system/ghubai-ROLE.service.
-# Removing the last role also removes /opt/ghubai and the user.
+# Installing creates the system user and group `ghubai`, a virtual environment in /opt/ghubai with GhubAi from
+# this checkout (or from GHUBAI_PACKAGE, e.g. "ghubai==0.1.0"), /etc/ghubai/ROLE.toml from `ghubai init` (an
+# existing file is never overwritten; every config is made readable by the service and nobody else), and
+# /etc/systemd/system/ghubai-ROLE.service. Running it again upgrades the code and restarts the running
+# roles. Removing the last role also removes /opt/ghubai. Needs python3 >= 3.11 with venv (Debian:
+# python3-venv); PYTHON names another interpreter, which the ghubai user must be able to run.
 #
-# GHUBAI_ROOT stages everything under another directory (a package build, or the tests); with it the
-# script changes no user and runs no systemctl unless SYSTEMCTL is set.
+# GHUBAI_ROOT stages everything under another directory, for the tests (the venv's scripts then point
+# into it); it changes no user or group and runs no systemctl unless SYSTEMCTL is set.
 set -euo pipefail
+umask 022
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
 root="${GHUBAI_ROOT:-}"
@@ -20,10 +23,12 @@ prefix="$root/opt/ghubai"
 etc="$root/etc/ghubai"
 units="$root/etc/systemd/system"
 systemctl="${SYSTEMCTL:-$([ -z "$root" ] && echo systemctl || echo true)}"
-python="${PYTHON:-python3}"
+python="${PYTHON:-$([ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)}"
 roles_known=" registry hub worker proxy "
 
 usage() { sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+fail() { echo "install-systemd.sh: $*" >&2; exit 1; }
+real() { [ -z "$root" ]; }  # acting on this machine, not staging
 
 action=install
 case "${1:-}" in
@@ -35,39 +40,65 @@ esac
 for role in "$@"; do
     [[ "$roles_known" == *" $role "* ]] || { echo "unknown role: $role (registry, hub, worker, proxy)" >&2; exit 2; }
 done
-if [ -z "$root" ] && [ "$(id -u)" -ne 0 ]; then
-    echo "run as root (it creates a user, /opt/ghubai, /etc/ghubai and systemd units)" >&2
-    exit 1
+if real && [ "$(id -u)" -ne 0 ]; then
+    fail "run as root (it creates a user, /opt/ghubai, /etc/ghubai and systemd units)"
 fi
 
-as_root_only() { [ -z "$root" ] && "$@" || true; }
-
-install_roles() {
-    if [ -z "$root" ] && ! getent passwd ghubai >/dev/null; then
-        useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin ghubai
+create_user() {
+    getent group ghubai >/dev/null || groupadd --system ghubai
+    if ! getent passwd ghubai >/dev/null; then
+        useradd --system --gid ghubai --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin ghubai
         echo "created system user ghubai"
     fi
-    [ -x "$prefix/bin/python" ] || "$python" -m venv "$prefix"
-    "$prefix/bin/pip" install --quiet --upgrade "${GHUBAI_PACKAGE:-$here}"
-    install -m 0644 "$here/README.md" "$prefix/README.md"
-    echo "GhubAi $("$prefix/bin/ghubai" --version | cut -d' ' -f2) in $prefix"
+}
 
-    mkdir -p "$etc" "$units"
+install_code() {
+    # pip builds in a copy: nothing root-owned is left in the checkout, nothing stale from an old build ships
+    local source="${GHUBAI_PACKAGE:-}" build=""
+    if [ -z "$source" ]; then
+        build="$(mktemp -d)"
+        cp -r "$here/pyproject.toml" "$here/README.md" "$here/ghubai" "$build/"
+        source="$build"
+    fi
+    [ -x "$prefix/bin/pip" ] || "$python" -m venv --clear "$prefix" || fail "cannot make a venv with $python (Debian: apt install python3-venv)"
+    "$prefix/bin/pip" install --quiet --upgrade "$source"
+    [ -z "$build" ] || rm -rf "$build"
+    install -m 0644 "$here/README.md" "$prefix/README.md"
+    if real && ! runuser -u ghubai -- "$prefix/bin/ghubai" --version >/dev/null 2>&1; then
+        fail "user ghubai cannot run $prefix/bin/ghubai (its Python is $(readlink -f "$prefix/bin/python3")); use PYTHON=/usr/bin/python3"
+    fi
+    echo "GhubAi $("$prefix/bin/ghubai" --version | cut -d' ' -f2) in $prefix"
+}
+
+# /etc/ghubai: setgid group ghubai, so a file an editor or `ghubai registry add-hub` writes anew stays readable
+# by the service; configs hold tokens and keys: 0640, nobody else reads them.
+own_config() {
+    chmod 0640 "$1"
+    if real; then chgrp ghubai "$1"; fi
+}
+
+install_roles() {
+    if real; then create_user; fi
+    install_code
+    mkdir -p "$units"
+    install -d -m 2750 "$etc"
+    if real; then chgrp ghubai "$etc"; fi
+    local defaults
     defaults="$(mktemp -d)"
-    trap 'rm -rf "$defaults"' EXIT
     "$prefix/bin/ghubai" init --dir "$defaults" >/dev/null
     for role in "$@"; do
         if [ -e "$etc/$role.toml" ]; then
             echo "kept $etc/$role.toml"
         else
-            # Configs hold secrets (tokens, API keys): readable by root and the service only.
             install -m 0640 "$defaults/$role.toml" "$etc/$role.toml"
-            as_root_only chgrp ghubai "$etc/$role.toml"
             echo "wrote $etc/$role.toml"
         fi
+        own_config "$etc/$role.toml"
         install -m 0644 "$here/systemd/ghubai-$role.service" "$units/ghubai-$role.service"
     done
+    rm -rf "$defaults"
     "$systemctl" daemon-reload
+    "$systemctl" try-restart 'ghubai-*.service'  # those already running take the new code and units
     for role in "$@"; do
         "$systemctl" enable --now --no-block "ghubai-$role.service"
         echo "enabled ghubai-$role.service: edit $etc/$role.toml, then 'systemctl restart ghubai-$role'"
@@ -78,26 +109,27 @@ uninstall_roles() {
     for role in "$@"; do
         if [ -e "$units/ghubai-$role.service" ]; then
             "$systemctl" disable --now "ghubai-$role.service" || true
-            rm -f "$units/ghubai-$role.service"
+            rm -rf "$units/ghubai-$role.service" "$units/ghubai-$role.service.d"
             echo "removed ghubai-$role.service"
         fi
     done
     "$systemctl" daemon-reload
     if compgen -G "$units/ghubai-*.service" >/dev/null; then
-        echo "other GhubAi units remain: kept $prefix and the user ghubai"
+        echo "other GhubAi units remain: kept $prefix"
         return
     fi
     rm -rf "$prefix"
     echo "removed $prefix"
-    if [ -z "$root" ] && getent passwd ghubai >/dev/null; then
-        userdel ghubai
-        echo "removed system user ghubai"
+    if [ "$action" != purge ]; then
+        echo "kept $etc and the user ghubai, who owns it (use --purge to remove both)"
+        return
     fi
-    if [ "$action" = purge ]; then
-        rm -rf "$etc"
-        echo "removed $etc"
-    else
-        echo "kept $etc (use --purge to remove it)"
+    rm -rf "$etc"
+    echo "removed $etc"
+    if real && getent passwd ghubai >/dev/null; then
+        userdel ghubai
+        getent group ghubai >/dev/null && groupdel ghubai 2>/dev/null || true
+        echo "removed system user ghubai"
     fi
 }
 

@@ -134,6 +134,9 @@ async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> 
 def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_text('listen = "0.0.0.0:7009"\n')
+    path.chmod(0o640)
+    if os.geteuid() == 0:  # as under install-systemd.sh: root's file, the service's group
+        os.chown(path, 0, 4242)
     assert run_ghubai("registry", "add-hub", "one", "http://10.0.0.1:7197", "--config", str(path)).returncode == 0
     assert run_ghubai("registry", "--config", str(path), "add-hub", "two", "http://10.0.0.2:7197").returncode == 0
     duplicate = run_ghubai("registry", "add-hub", "one", "http://10.0.0.9:7197", "--config", str(path))
@@ -147,6 +150,8 @@ def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path)
     document = tomllib.loads(path.read_text())
     assert document == {"listen": "0.0.0.0:7009", "hubs": [{"name": "two", "address": "http://10.0.0.2:7197"}]}
     assert [p.name for p in tmp_path.iterdir()] == ["registry.toml"]  # no temporary file left behind
+    kept = path.stat()
+    assert (kept.st_mode & 0o777, kept.st_gid if os.geteuid() == 0 else 4242) == (0o640, 4242)
 
 
 def test_init_writes_every_role_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ def test_unit_is_a_hardened_notify_service(role: str) -> None:
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID" and unit["WatchdogSec"]
     assert {key: unit.get(key) for key in HARDENING} == HARDENING
     assert "ReadWritePaths" not in unit  # no role writes to disk
+    if role == "worker":  # ready once a hub welcomed it: waiting for hubs is no failed start
+        assert unit["TimeoutStartSec"] == "infinity"
 
 
 def test_systemd_analyze_verifies_every_unit(tmp_path: Path) -> None:
@@ -72,13 +74,16 @@ def test_install_script_stages_keeps_configs_and_uninstalls(tmp_path: Path) -> N
     out = script("hub", "worker")
     assert f"kept {etc}/hub.toml" in out and f"wrote {etc}/worker.toml" in out
     assert (etc / "hub.toml").read_text() == 'listen = "0.0.0.0:7197"\n'
-    assert oct((etc / "worker.toml").stat().st_mode & 0o777) == "0o640"
+    assert [oct(path.stat().st_mode & 0o7777) for path in (etc, etc / "hub.toml", etc / "worker.toml")] == \
+        ["0o2750", "0o640", "0o640"]  # the operator's own file too: it holds secrets
     assert run_ghubai("check", str(etc / "worker.toml")).returncode == 0
     assert subprocess.run([str(root / "opt/ghubai/bin/ghubai"), "--version"], capture_output=True).returncode == 0
     for role in ("hub", "worker"):
         assert (root / f"etc/systemd/system/ghubai-{role}.service").read_bytes() == \
             (UNITS / f"ghubai-{role}.service").read_bytes()
     assert "enable --now --no-block ghubai-worker.service" in calls.read_text()
+    script("hub")  # again: an upgrade, which restarts what runs
+    assert calls.read_text().count("try-restart ghubai-*.service") == 2
 
     script("--uninstall", "worker")
     assert not (root / "etc/systemd/system/ghubai-worker.service").exists()
