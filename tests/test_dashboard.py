@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.browser import chromium
-from tests.conftest import chat
+from browser import chromium
+from conftest import chat
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WORKERS = "[...document.querySelectorAll('#workers tr[data-worker]')].map(r => r.dataset.worker).sort().join(',')"

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import WAIT_S, chat, eventually, free_port, ghubai_command
+from conftest import WAIT_S, chat, eventually, free_port, ghubai_command
 
 API_KEY, TOKEN = "sk-client-secret-4242", "provider-secret-1717"
 

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ghubai.observability.service import Service
-from tests.conftest import WAIT_S, chat, eventually, free_port, ghubai_command
+from conftest import WAIT_S, chat, eventually, free_port, ghubai_command
 
 WATCHDOG_USEC = 300_000  # a ping every 0.15 s
 

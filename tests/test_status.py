@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 
-from tests.conftest import eventually, ghubai_command
+from conftest import eventually, ghubai_command
 
 
 async def status(*args: str) -> tuple[int, str, str]:

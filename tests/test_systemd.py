@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ghubai.config import ROLES
-from tests.conftest import run_ghubai
+from conftest import run_ghubai
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "systemd"
