@@ -18,15 +18,14 @@ from ghubai.observability.service import Service
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(nursery: trio.Nursery, drain: trio.Event, service: Service) -> None:
+async def _until_signal(scope: trio.CancelScope, drain: trio.Event, service: Service, reloads: bool) -> None:
     """SIGTERM asks for a graceful drain (the role finishes its work, then returns); SIGINT, or a
-    second SIGTERM, stops at once. SIGHUP reloads what the role can reload, in a task of its own so
-    that signals are still heard meanwhile; for a role with nothing to reload (``ghubai up``, the
-    simulator) it is a hang-up, and stops it."""
+    second SIGTERM, stops at once. SIGHUP reloads what a daemon can reload; for ``ghubai up`` and
+    the simulator (``reloads`` false) it is a terminal hang-up, and stops them."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
-            if signum == signal.SIGHUP and service.reload is not None:
-                nursery.start_soon(service.reloaded)
+            if signum == signal.SIGHUP and reloads:
+                service.reloaded()
                 continue
             if signum == signal.SIGTERM and not drain.is_set():
                 log.info("SIGTERM: draining (send it again to stop at once)")
@@ -35,20 +34,20 @@ async def _until_signal(nursery: trio.Nursery, drain: trio.Event, service: Servi
                 continue
             log.info("%s: stopping", signal.Signals(signum).name)
             service.stopping()
-            nursery.cancel_scope.cancel()
+            scope.cancel()
             return
 
 
 Main = Callable[[trio.Event, Service], Awaitable[object]]
 
 
-def _run(main: Main) -> int:
+def _run(main: Main, reloads: bool = True) -> int:
     """Run ``main(drain, service)`` until it returns or a signal stops it; a clean stop exits 0."""
 
     async def runner() -> None:
         drain, service = trio.Event(), Service()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery, drain, service)
+            nursery.start_soon(_until_signal, nursery.cancel_scope, drain, service, reloads)
             nursery.start_soon(service.run)
             await main(drain, service)
             nursery.cancel_scope.cancel()
@@ -152,13 +151,13 @@ def _sim(args: argparse.Namespace) -> int:
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
         fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim)
-    return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)))
+    return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)), reloads=False)
 
 
 def _up(args: argparse.Namespace) -> int:
     from ghubai.up import up
 
-    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend)))
+    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend)), reloads=False)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -277,19 +277,23 @@ def parse(role: str, text: str, source: str = "<config>") -> Any:
     return config
 
 
+def read_text(path: str) -> str:
+    """A config file's text; what stops it being read is a ConfigError."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError([f"{path}: not UTF-8 (byte {error.start})"]) from None
+
+
 def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> Any:
     """The config of ``role`` from ``path`` (defaults when None), with the role's env overrides."""
     if path is None:
         config = ROLES[role]()
     else:
-        try:
-            with open(path, encoding="utf-8") as file:
-                text = file.read()
-        except OSError as error:
-            raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
-        except UnicodeDecodeError as error:
-            raise ConfigError([f"{path}: not UTF-8 (byte {error.start})"]) from None
-        config = parse(role, text, path)
+        config = parse(role, read_text(path), path)
     env = os.environ if env is None else env
     if role == "worker":
         config = worker_env_overrides(config, env)

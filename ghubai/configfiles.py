@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from ghubai.config import ROLES, ConfigError, HubEntry, parse
+from ghubai.config import ROLES, ConfigError, HubEntry, parse, read_text
 
 _HEADERS = {
     "registry": "ghubai registry --config registry.toml\n# The list of hubs. Save an edit and every proxy follows "
@@ -89,11 +89,7 @@ def role_of(path: str) -> str | None:
 def check(path: str, role: str) -> list[str]:
     """Every problem in the file, key first; empty when it is valid."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as error:
-        return [f"{path}: cannot read: {error.strerror}"]
-    try:
-        parse(role, text, path)
+        parse(role, read_text(path), path)
     except ConfigError as error:
         return error.errors
     return []
@@ -122,7 +118,7 @@ def write_atomically(path: Path, text: str) -> None:
 def _edit_hubs(path: str, edit: typing.Callable[[list[dict[str, Any]]], None]) -> None:
     file = Path(path).resolve()  # through a symlink, edit the file it points to
     try:
-        document = tomllib.loads(file.read_text(encoding="utf-8")) if file.exists() else {}
+        document = tomllib.loads(read_text(str(file))) if file.exists() else {}
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     hubs = document.setdefault("hubs", [])

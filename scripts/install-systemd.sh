@@ -52,17 +52,25 @@ create_user() {
     fi
 }
 
+build="" defaults=""
+trap 'rm -rf ${build:+"$build"} ${defaults:+"$defaults"}' EXIT
+
 install_code() {
     # pip builds in a copy: nothing root-owned is left in the checkout, nothing stale from an old build ships
-    local source="${GHUBAI_PACKAGE:-}" build=""
+    local source="${GHUBAI_PACKAGE:-}" home wanted
     if [ -z "$source" ]; then
         build="$(mktemp -d)"
         cp -r "$here/pyproject.toml" "$here/README.md" "$here/ghubai" "$build/"
         source="$build"
     fi
-    [ -x "$prefix/bin/pip" ] || "$python" -m venv --clear "$prefix" || fail "cannot make a venv with $python (Debian: apt install python3-venv)"
+    # a venv made from another Python (or a half-made one) is made again from this one
+    wanted="$("$python" -c 'import os, sys; print(os.path.dirname(os.path.realpath(sys._base_executable)))')" ||
+        fail "cannot run $python"
+    home="$(sed -n 's/^home = //p' "$prefix/pyvenv.cfg" 2>/dev/null || true)"
+    if [ ! -x "$prefix/bin/pip" ] || [ "$(readlink -f "${home:-/nonexistent}")" != "$wanted" ]; then
+        "$python" -m venv --clear "$prefix" || fail "cannot make a venv with $python (Debian: apt install python3-venv)"
+    fi
     "$prefix/bin/pip" install --quiet --upgrade "$source"
-    [ -z "$build" ] || rm -rf "$build"
     install -m 0644 "$here/README.md" "$prefix/README.md"
     if real && ! runuser -u ghubai -- "$prefix/bin/ghubai" --version >/dev/null 2>&1; then
         fail "user ghubai cannot run $prefix/bin/ghubai (its Python is $(readlink -f "$prefix/bin/python3")); use PYTHON=/usr/bin/python3"
@@ -83,7 +91,6 @@ install_roles() {
     mkdir -p "$units"
     install -d -m 2750 "$etc"
     if real; then chgrp ghubai "$etc"; fi
-    local defaults
     defaults="$(mktemp -d)"
     "$prefix/bin/ghubai" init --dir "$defaults" >/dev/null
     for role in "$@"; do
@@ -96,9 +103,8 @@ install_roles() {
         own_config "$etc/$role.toml"
         install -m 0644 "$here/systemd/ghubai-$role.service" "$units/ghubai-$role.service"
     done
-    rm -rf "$defaults"
     "$systemctl" daemon-reload
-    "$systemctl" try-restart 'ghubai-*.service'  # those already running take the new code and units
+    "$systemctl" try-restart --no-block 'ghubai-*.service'  # those already running take the new code and units
     for role in "$@"; do
         "$systemctl" enable --now --no-block "ghubai-$role.service"
         echo "enabled ghubai-$role.service: edit $etc/$role.toml, then 'systemctl restart ghubai-$role'"

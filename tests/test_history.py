@@ -17,7 +17,7 @@ def test_a_stream_counts_its_tokens_over_the_steps_it_ran_in() -> None:
     clock = Clock(1000.0)
     history = History(step_s=2.0, steps=10, clock=clock)
     clock.now = 1008.0  # a stream of 200 tokens, first token 0.5 s after it began at 1000.0, ends now
-    history.request(0.5, tokens=200, duration_s=8.0)
+    history.request(0.5, tokens=200, generating_s=7.5)
     clock.now = 1010.0
     points = history.points()
     assert [point["t"] for point in points] == [1002.0, 1004.0, 1006.0, 1008.0, 1010.0]

@@ -49,7 +49,7 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
             given = await http.post(proxy + "/v1/chat/completions", json=chat(stream=True),
                                     headers={"X-Request-ID": "trace-me-42"})
             made = await http.post(proxy + "/api/chat", json=chat())
-            forged = await http.post(proxy + "/v1/chat/completions", json=chat("nope\nCRITICAL ghubai.hub: forged"))
+            forged = await http.post(proxy + "/v1/chat/completions", json=chat("nope\nCRITICAL ghubai.hub: forged\u2028CRITICAL x"))
             unknown = await http.get(proxy + "/v2/models")
             refused = await http.post(proxy + "/v1/chat/completions", json=chat(), headers={
                 "Authorization": "Bearer wrong-key", "X-Request-ID": "bad id; forged=1"})

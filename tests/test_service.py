@@ -184,13 +184,10 @@ async def test_proxy_notifies(grid: Any, notify: NotifySocket, processes: list[A
 async def test_a_draining_daemon_never_says_ready_again(notify: NotifySocket) -> None:
     service = Service({"NOTIFY_SOCKET": notify.path})
 
-    async def reload() -> None:
-        pass
-
-    service.reload = reload
+    service.reload = lambda: None
     service.ready()
     service.stopping()
-    await service.reloaded()
+    service.reloaded()
     service.notify("END=1")
     await notify.until("END=1")
     assert notify.said() == ["READY=1", "STATUS=", "STOPPING=1", "STATUS=draining", "END=1"]

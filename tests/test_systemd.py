@@ -83,7 +83,7 @@ def test_install_script_stages_keeps_configs_and_uninstalls(tmp_path: Path) -> N
             (UNITS / f"ghubai-{role}.service").read_bytes()
     assert "enable --now --no-block ghubai-worker.service" in calls.read_text()
     script("hub")  # again: an upgrade, which restarts what runs
-    assert calls.read_text().count("try-restart ghubai-*.service") == 2
+    assert calls.read_text().count("try-restart --no-block ghubai-*.service") == 2
 
     script("--uninstall", "worker")
     assert not (root / "etc/systemd/system/ghubai-worker.service").exists()

@@ -214,8 +214,9 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
     async def forward(api: str, body: dict[str, Any], stream: bool) -> Response:
         key = request.scope["ghubai.key"]
         rate_limits.admit(key)
-        trace = protocol.clean_trace({name: request.headers.get(name, "") for name in protocol.TRACE_HEADERS})
-        trace = tracing.inject({**trace, "x-request-id": REQUEST_ID.get()})  # this hub's span, when it traces
+        trace = {name: request.headers.get(name, "") for name in protocol.TRACE_HEADERS}
+        # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
+        trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": str(body["model"])})
         exchange = Exchange(pool, config, api, body, stream, trace)
         inflight.add(exchange)
@@ -231,7 +232,8 @@ def create_app(config: HubConfig, pool: Pool, inflight: InFlight, hub_id: str, s
             metrics.inflight.labels("hub").dec()
             took = trio.current_time() - started
             metrics.observe(exchange.model, outcome["status"], took)
-            history.request(first_token_s, (exchange.usage or {}).get("completion_tokens", 0), took)
+            history.request(first_token_s, (exchange.usage or {}).get("completion_tokens", 0),
+                            took - (first_token_s or 0.0) if stream else took)  # when the tokens were made
             log.info("%s %d in %.3f s, model %s", what, outcome["status"], took, exchange.model)
 
         request.scope["ghubai.closers"].append(finished)

@@ -33,6 +33,9 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
         hello = await _hello(peer)
     if hello is None:
         return None
+    if not tokens.holds(token):  # revoked by a reload during the handshake
+        log.warning("refused worker %s from %s: its provider token was revoked", hello["name"], peer)
+        return None
     send, receive = trio.open_memory_channel[str](math.inf)
     worker = RemoteWorker(id=hello["worker_id"], name=hello["name"], models=frozenset(hello["models"]),
                           max_concurrency=hello["max_concurrency"], engine=str(hello["engine"]),

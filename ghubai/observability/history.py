@@ -23,7 +23,8 @@ STEPS = 150  # five minutes
 class _Step:
     requests: int = 0
     tokens: float = 0.0
-    first_tokens: list[float] = field(default_factory=list)
+    first_tokens: list[float] = field(default_factory=list)  # while the step is the current one
+    ttft: float | None = None  # their median, once the step is over (memory stays per step, not per request)
 
 
 class History:
@@ -31,37 +32,46 @@ class History:
         self.step_s = step_s
         self.steps = steps
         self._clock = clock
-        self._first = self._index(clock())
+        self._first = self._open = self._index(clock())
         self._steps: dict[int, _Step] = {}
 
     def _index(self, at: float) -> int:
         return int(at // self.step_s)
 
-    def request(self, first_token_s: float | None, tokens: int = 0, duration_s: float = 0.0) -> None:
-        """A request that just ended after ``duration_s``: when its first byte left (None: it never
-        did), and the tokens it generated from then on."""
+    def request(self, first_token_s: float | None, tokens: int = 0, generating_s: float = 0.0) -> None:
+        """A request that just ended: when its first byte left (None: it never did), and the tokens it
+        generated over its last ``generating_s`` seconds."""
         now = self._clock()
-        current = self._steps.setdefault(self._index(now), _Step())
+        index = self._index(now)
+        self._close(index)
+        current = self._steps.setdefault(index, _Step())
         current.requests += 1
         if first_token_s is not None:
             current.first_tokens.append(first_token_s)
-        start = now - max(0.0, duration_s - (first_token_s or 0.0))
-        oldest = self._index(now) - self.steps
-        for index in range(max(self._index(start), oldest), self._index(now) + 1):
-            begin, end = max(start, index * self.step_s), min(now, (index + 1) * self.step_s)
+        start, oldest = now - max(0.0, generating_s), index - self.steps
+        for past in range(max(self._index(start), oldest), index + 1):
+            begin, end = max(start, past * self.step_s), min(now, (past + 1) * self.step_s)
             share = tokens * (end - begin) / (now - start) if now > start else tokens
-            self._steps.setdefault(index, _Step()).tokens += share
-        for index in [index for index in self._steps if index < oldest]:
-            del self._steps[index]
+            self._steps.setdefault(past, _Step()).tokens += share
+        for old in [old for old in self._steps if old < oldest]:
+            del self._steps[old]
+
+    def _close(self, current: int) -> None:
+        if current == self._open:
+            return
+        for index, step in self._steps.items():
+            if index < current and step.first_tokens:
+                step.ttft, step.first_tokens = statistics.median(step.first_tokens), []
+        self._open = current
 
     def points(self) -> list[dict[str, Any]]:
         """One point per finished step of the window, oldest first (``t``: the step's end)."""
         now = self._index(self._clock())
+        self._close(now)
         points = []
         for index in range(max(self._first, now - self.steps), now):
             step = self._steps.get(index) or _Step()
-            ttft = statistics.median(step.first_tokens) if step.first_tokens else None
             points.append({"t": (index + 1) * self.step_s, "requests_per_s": round(step.requests / self.step_s, 3),
                            "tokens_per_s": round(step.tokens / self.step_s, 1),
-                           "ttft_ms": None if ttft is None else round(ttft * 1000, 1)})
+                           "ttft_ms": None if step.ttft is None else round(step.ttft * 1000, 1)})
         return points

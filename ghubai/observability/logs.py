@@ -38,7 +38,9 @@ class _WithRequestId(logging.Filter):
 
 # A message may quote what a client sent (a model name ...): in text, no control character may split
 # or forge a line (JSON escapes them by itself).
-_ESCAPES = {code: f"\\x{code:02x}" for code in range(32)} | {ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_BREAKS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]  # C0, DEL, C1 (NEL, CSI ...), Unicode line breaks
+_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _BREAKS} | {
+    ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
 class TextFormatter(logging.Formatter):

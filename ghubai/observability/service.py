@@ -13,7 +13,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -23,7 +23,6 @@ from ghubai.config import ConfigError, load
 log = logging.getLogger("ghubai.service")
 
 STATUS_INTERVAL_S = 2.0
-RELOAD_TIMEOUT_S = 30.0
 
 
 class Service:
@@ -37,9 +36,11 @@ class Service:
             self._socket.setblocking(False)
         self.watchdog_s = _watchdog_interval(environ)
         self.summary: Callable[[], str] = lambda: ""
-        self.reload: Callable[[], Awaitable[None]] | None = None  # what SIGHUP does; None: nothing to reload
+        # What SIGHUP does: quick and synchronous (work that waits belongs to the role's own tasks,
+        # which a reload only wakes), so signals are handled in order. None: nothing to reload.
+        self.reload: Callable[[], None] | None = None
         self._status = ""
-        self._ready = self._stopping = self._reloading = False
+        self._ready = self._stopping = False
 
     def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str]) -> None:
         """On SIGHUP, read ``path`` again and hand the new configuration to ``apply``, which takes
@@ -47,7 +48,7 @@ class Service:
         if path is None:
             return
 
-        async def reload() -> None:
+        def reload() -> None:
             taken = apply(load(role, path))
             log.info("reloaded %s: %s (other keys take effect on restart)", path, taken)
 
@@ -69,27 +70,22 @@ class Service:
         self._stopping = True
         self.notify("STOPPING=1", "STATUS=draining")
 
-    async def reloaded(self) -> None:
-        """Run ``reload`` (at most RELOAD_TIMEOUT_S) between RELOADING=1 and READY=1 — those only
-        once the daemon is ready and until it stops, so a reload never announces readiness early.
-        A reload that fails keeps what runs; a SIGHUP during a reload is folded into it."""
-        if self.reload is None or self._reloading:
+    def reloaded(self) -> None:
+        """Run ``reload`` between RELOADING=1 and READY=1 — those only once the daemon is ready and
+        until it stops, so a reload never announces readiness early. A failed reload keeps what runs."""
+        if self.reload is None:
+            log.info("SIGHUP: nothing to reload for this role")
             return
-        self._reloading = True
         announce = self._ready and not self._stopping
         if announce:  # Type=notify-reload (systemd 253) also wants the clock
             self.notify("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
         try:
-            with trio.move_on_after(RELOAD_TIMEOUT_S) as timer:
-                await self.reload()
-            if timer.cancelled_caught:
-                log.error("reload abandoned after %g s; the running configuration stays", RELOAD_TIMEOUT_S)
+            self.reload()
         except ConfigError as error:
             log.error("reload failed, the running configuration stays: %s", error)
         except Exception:  # a reload must never take the daemon down
             log.exception("reload failed, the running configuration stays")
         finally:
-            self._reloading = False
             if announce and not self._stopping:
                 self.ready()
 

@@ -86,8 +86,7 @@ class Proxy:
             if outcome.status:
                 took, model = trio.current_time() - started, model_of(request)
                 self.metrics.observe(model, outcome.status, took)
-                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started,
-                                     duration_s=took)
+                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
             REQUEST_ID.set("")  # the connection's next request is another one

@@ -118,7 +118,7 @@ def create_app(hub_list: HubList) -> QuartTrio:
     return app
 
 
-async def _reload_async(hub_list: HubList, path: str) -> None:
+def _reload_on_signal(hub_list: HubList, path: str) -> None:
     log.info("SIGHUP: reloading %s", path)
     reload(hub_list, path)
 
@@ -132,9 +132,9 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
     service.summary = lambda: f"{len(hub_list.entries())} hubs" + (", config error" if hub_list.config_error else "")
     async with trio.open_nursery() as nursery:
         if path is not None:
+            service.reload = partial(_reload_on_signal, hub_list, path)
             await nursery.start(watch, path, lambda: reload(hub_list, path))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
-            service.reload = partial(_reload_async, hub_list, path)
         binds = await nursery.start(serve_app, create_app(hub_list), server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
         log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")

@@ -107,7 +107,7 @@ class Worker:
             for link in list(self.links):
                 link.send(protocol.models(found))
 
-    async def rediscover(self) -> None:
+    def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
         self._rediscover.set()
 
@@ -324,14 +324,14 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
     ready once a hub has welcomed it; a reload (SIGHUP) asks the engine for its models at once."""
     async with Engine.client_for(config.engine) as client:
         worker = Worker(config, Engine(config.engine, client))
-        await worker.discover()
-        log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",
-                 config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
         service = service or Service({})
         service.summary = lambda: (f"linked to {len(worker.links)}/{len(config.hub_url)} hubs, "
                                    f"{worker.inflight}/{config.engine.max_concurrency} inflight, "
                                    f"{len(worker.models)} models{', draining' if worker.draining else ''}")
         service.reload = worker.rediscover
+        await worker.discover()
+        log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",
+                 config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.discovery_loop)
             for url in config.hub_url:
