@@ -68,6 +68,7 @@ Models: {", ".join(worker.models) or "(none yet)"}
 Try:
   curl -N {proxy_url}/v1/chat/completions -H 'Content-Type: application/json' \\
     -d '{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
+Watch it: {proxy_url}/dashboard (or: ghubai status --proxy {proxy_url})
 Ctrl-C stops everything.
 """, flush=True)
         task_status.started(proxy_url)

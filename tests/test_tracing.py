@@ -1,17 +1,24 @@
 """OpenTelemetry across the grid, in one process so that the SDK's in-memory exporter sees every role:
-one trace from the client's context through proxy, hub, worker and the engine (the simulator)."""
+one trace from the client's context through proxy, hub, worker and the engine (the simulator); and
+a daemon exporting over OTLP/HTTP, as ``ghubai[otel]`` is used."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import chat, eventually
+from conftest import chat, eventually, free_port, ghubai_command
+from ghubai.httpio import Connection, Request, serve_connection
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -80,3 +87,39 @@ async def test_one_trace_from_client_to_engine(grid: Any, spans: InMemorySpanExp
     assert hub_span.attributes["gen_ai.request.model"] == "sim"
     assert hub_span.attributes["http.response.status_code"] == 200
     assert chain[2].attributes["gen_ai.usage.output_tokens"] > 0
+
+
+async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -> None:
+    """``ghubai[otel]`` as an operator uses it: a hub process with OTEL_EXPORTER_OTLP_ENDPOINT set sends
+    its spans to a collector (here a plain HTTP server that keeps what it is sent)."""
+    received: list[Request] = []
+
+    async def collector(conn: Connection, request: Request) -> None:
+        received.append(request)
+        await conn.respond(200, b"", "application/x-protobuf")
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=collector), 0,
+                                                 host="127.0.0.1"))
+    port = free_port()
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",
+           "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    hub = subprocess.Popen(ghubai_command("hub", "--listen", f"127.0.0.1:{port}", "--log-level", "warning"), env=env)
+    try:
+        sim_url, _ = await grid.sim()
+        await grid.worker(f"http://127.0.0.1:{port}", sim_url)
+        response = await grid.http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(model="sim"),
+                                        headers={"X-Request-ID": "exported-1"})
+        assert response.status_code == 200
+
+        async def exported() -> bool:
+            return any(b"exported-1" in request.body for request in received)
+
+        await eventually(exported, "the hub's span at the collector")
+    finally:
+        hub.terminate()
+        hub.wait(timeout=10)
+    [batch] = [request for request in received if b"exported-1" in request.body]
+    assert (batch.method, batch.path, batch.header(b"content-type")) == ("POST", "/v1/traces",
+                                                                         b"application/x-protobuf")
+    for field in (b"ghubai-hub", b"POST /v1/chat/completions", b"gen_ai.request.model"):
+        assert field in batch.body  # protobuf keeps strings as they are

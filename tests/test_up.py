@@ -1,4 +1,5 @@
-"""``ghubai up --backend sim`` as a user runs it: a real process, a curl-style SSE request, Ctrl-C."""
+"""``ghubai up --backend sim`` as a user runs it: a real process, a curl-style SSE request, ``ghubai
+status``, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -36,8 +37,11 @@ async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c() -> Non
         assert events[-1] == "[DONE]"
         tokens = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
         assert sum(1 for t in tokens if t) == 32
+        status = await trio.run_process(ghubai_command("status", "--proxy", url), capture_stdout=True, check=False)
+        assert status.returncode == 0 and b"local" in status.stdout  # the grid's one worker
     finally:
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=WAIT_S)
     assert process.returncode == 0, err
     assert "built-in simulator" in out and f"curl -N http://127.0.0.1:{port}/v1/chat/completions" in out
+    assert f"http://127.0.0.1:{port}/dashboard" in out
