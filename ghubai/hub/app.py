@@ -54,12 +54,12 @@ class RequestScope:
         if scope["type"] != "http":
             await self._run(scope, receive, send, closers)
             return
-        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
-        request_id(headers.get("x-request-id"))
+        request_id(next((value for key, value in scope["headers"] if key == b"x-request-id"), None))
         if scope["method"] != "POST":  # only inference is traced, not the proxies' health checks
             await self._run(scope, receive, send, closers)
             return
-        with tracing.span(f"POST {scope['path']}", headers, **{"ghubai.request_id": REQUEST_ID.get()}):
+        with tracing.span(f"POST {scope['path']}", tracing.carrier(scope["headers"]),
+                          **{"ghubai.request_id": REQUEST_ID.get()}):
             async def traced_send(message: dict[str, Any]) -> None:
                 if message["type"] == "http.response.start":
                     tracing.annotate(**{"http.response.status_code": message["status"]})

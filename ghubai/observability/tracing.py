@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,6 +24,13 @@ except ImportError:  # the extra is not installed
 log = logging.getLogger("ghubai.tracing")
 
 ENABLED = trace is not None
+
+
+def carrier(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """HTTP header pairs as ``span`` reads them; nothing to decode on each request when not tracing."""
+    if trace is None:
+        return {}
+    return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in raw}
 
 
 @contextmanager

@@ -97,8 +97,8 @@ class Proxy:
             raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
         if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
-        with tracing.span(f"{request.method} {request.path}", headers, **{"ghubai.request_id": rid}):
+        with tracing.span(f"{request.method} {request.path}", tracing.carrier(request.headers),
+                          **{"ghubai.request_id": rid}):
             try:
                 await self.forwarder.forward(conn, request, conn.peer, outcome, rid)
             finally:

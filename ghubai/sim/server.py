@@ -96,11 +96,11 @@ class SimServer:
         dialect = "openai" if request.path.startswith("/v1/") else "ollama"
         logs.request_id(request.header(b"x-request-id"))
         log.debug("%s %s", request.method, request.path)
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in request.headers}
         try:
             if route is None:
                 raise Reject(404, f"{request.method} {request.path} not found")
-            with tracing.span(f"sim {request.method} {request.path}", headers):  # an engine that traces
+            # an engine that traces, as the last link of a request's trace
+            with tracing.span(f"sim {request.method} {request.path}", tracing.carrier(request.headers)):
                 await route(conn, request)
         except Reject as error:
             body = _openai_error(str(error), error.status) if dialect == "openai" else {"error": str(error)}
