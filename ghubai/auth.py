@@ -17,6 +17,8 @@ def _digest(entry: str) -> bytes:
 
 
 class Secrets:
+    """API keys or provider tokens, kept only as SHA-256 digests. Invariant: a plain secret is
+    never stored, logged or compared except through its digest (in constant time)."""
     def __init__(self, entries: tuple[str, ...]) -> None:
         self._digests: list[bytes] = []
         self.replace(entries)

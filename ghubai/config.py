@@ -85,6 +85,7 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
 
 @dataclass(frozen=True)
 class HubLimits:
+    """``[limits]`` of ``hub.toml``: request size, queue and budgets."""
     max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
@@ -98,6 +99,7 @@ class HubLimits:
 
 @dataclass(frozen=True)
 class HubTimeouts:
+    """``[timeouts]`` of ``hub.toml``: every wait of a request is bounded by one of these."""
     connect_s: float = _key(_at_least(0.001), "a worker that connects must say hello within this", default=5.0)
     first_token_s: float = _key(_at_least(0.001), "a model may need minutes to load", default=300.0)
     idle_s: float = _key(_at_least(0.001), "longest silence between two chunks of a stream", default=120.0)
@@ -106,6 +108,7 @@ class HubTimeouts:
 
 @dataclass(frozen=True)
 class HubConfig:
+    """``hub.toml``: where to listen, who may join and call, limits and timeouts."""
     listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
                        default="127.0.0.1:7197")
     provider_tokens: tuple[str, ...] = _key(None, "tokens workers present; empty = ANY worker may join",
@@ -122,6 +125,7 @@ class HubConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """``[engine]`` of ``worker.toml``: the local engine and how much of it the grid may use."""
     kind: str = _key(_one_of("ollama", "openai"), "ollama, or openai (llama.cpp server, vLLM, LM Studio ...)",
                      default="ollama")
     url: str = _key(_urls("http", "https"), "the engine's root URL", default="http://localhost:11434")
@@ -135,6 +139,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """``worker.toml``: the hubs to dial, the provider token, the engine."""
     hub_url: tuple[str, ...] = _key(
         _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
         default=("ws://localhost:7197/gridhub",))
@@ -148,12 +153,14 @@ class WorkerConfig:
 
 @dataclass(frozen=True)
 class HubEntry:
+    """One ``[[hubs]]`` entry of the registry's list."""
     name: str = _key(lambda v: None if v else "must not be empty", required=True, default="")
     address: str = _key(_urls("http", "https"), required=True, default="")
 
 
 @dataclass(frozen=True)
 class RegistryConfig:
+    """``registry.toml``: where to listen, and the hubs it publishes."""
     listen: str = _key(_address, "where proxies ask for the hub list", default="127.0.0.1:7001")
     tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
     tls_key: str = ""
@@ -162,12 +169,15 @@ class RegistryConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    interval_s: float = _key(_at_least(0.05), "GET /health and /v1/models of every hub this often", default=2.0)
+    """``[health]`` of ``proxy.toml``: how often and how long hubs are checked."""
+    interval_s: float = _key(_at_least(0.05), "GET /api/registry of every hub this often (its health, workers and "
+                             "models)", default=2.0)
     timeout_s: float = _key(_at_least(0.01), "", default=1.0)
 
 
 @dataclass(frozen=True)
 class ProxyLimits:
+    """``[limits]`` of ``proxy.toml``: what a client request may be."""
     max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
@@ -176,6 +186,7 @@ class ProxyLimits:
 
 @dataclass(frozen=True)
 class ProxyConfig:
+    """``proxy.toml``: where to listen, where hubs come from, keys and timeouts."""
     listen: str = _key(_address, "the grid's front door", default="127.0.0.1:5000")
     registry_url: str = _key(lambda v: _urls("http", "https")(v) if v else None,
                              'the registry to follow (env REGISTRY_URL wins); "" = static hubs only',

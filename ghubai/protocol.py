@@ -1,28 +1,45 @@
-"""Frames between hub and worker over one WebSocket per worker.
+"""Frames between hub and worker: the whole contract of the link, and the only place that knows it.
 
-This module is the only place that knows frame shapes. Control frames are JSON text; each
-constructor returns the encoded text and ``decode`` checks that a frame has the fields its type needs.
+A worker dials the hub's ``/gridhub`` WebSocket (``Authorization: Bearer <provider token>`` when the
+hub has ``provider_tokens``) and each side then sends frames:
 
-Two deliberate changes to DESIGN.md, both to keep the per-token cost of the grid low (measured:
-decoding JSON chunk frames took a third of the hub's CPU at 64 streams):
-- ``chunk`` is binary: ``id`` (32 ASCII hex digits), 4-byte big-endian length, then ``data``, the bytes
-  exactly as the client will receive them (SSE events or NDJSON lines, rendered by the worker). The
-  hub forwards them without parsing, and several chunks can share one binary message;
-- one text message carries one or more JSON frames, one per line (JSON text has no raw newline).
-A link's writer sends everything already queued in as few messages as it can, and never holds a
-frame back to fill a batch.
+- **Text messages** carry one or more JSON frames, one per line (JSON text has no raw newline). Each
+  is an object whose ``type`` names one of the classes below; fields a peer does not know are
+  ignored, so a newer peer may add optional ones. ``decode`` returns one immutable, typed object
+  per frame and refuses anything else as a whole, so neither side meets a wrong type later.
+- **Binary messages** carry ``chunk`` records back to back: the request ``id`` (exactly 32 ASCII hex
+  digits, ``ID_BYTES``), a 4-byte big-endian length, then ``data``, the bytes exactly as the client
+  will receive them (SSE events or NDJSON lines, rendered by the worker). The hub forwards them
+  without parsing them.
+
+The conversation:
+
+1. worker → ``hello`` (``protocol`` first: a hub refuses another version with close code 4001,
+   whatever else the hello holds); hub → ``welcome`` (its id and the heartbeat period), or a close
+   with 4002 for a malformed hello. A second link with the same ``worker_id`` replaces the first
+   (close code 4003).
+2. hub → ``request``; worker → ``chunk``\\* then ``end`` (with the engine's usage) or ``error``. The
+   hub sends ``cancel`` when its client leaves, and ``credit`` as its client takes the bytes: a worker
+   keeps at most ``WINDOW_BYTES`` of one answer unacknowledged. A worker answers a request it cannot
+   take (full, draining, a duplicate or malformed id) with ``error``; ``busy`` says it was only full.
+3. worker → ``models`` when its engine's models change, ``load`` whenever its number of running
+   requests changes (a worker shared by several hubs is full for all of them at once), ``draining``
+   when it shuts down.
+4. both → ``ping`` every heartbeat, answered by ``pong``; both carry the sender's running count. A
+   side that hears nothing for three heartbeats drops the link, and the hub fails what ran on it.
+
+A link's writer sends everything already queued in as few messages as it can (``ghubai.link``), and
+never holds a frame back to fill a batch. Request ids are ``uuid4().hex``: 32 lowercase hex digits.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import re
 import struct
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from trio import EndOfChannel, WouldBlock
+import msgspec
 
 PROTOCOL = 1
 GRIDHUB_PATH = "/gridhub"
@@ -37,97 +54,205 @@ APIS = (
     "ollama.chat", "ollama.generate", "ollama.embed", "ollama.embeddings", "ollama.show",
 )
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# Flow control: a worker may have at most this many bytes of a request's answer that the hub has
+# not yet handed to its client. The hub returns ``credit`` as its client's socket takes the bytes,
+# so a slow client paces the worker (which stops reading the engine) instead of filling the hub.
+WINDOW_BYTES = 256 * 1024
+MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
+MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
 
-
-def _is_strings(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-_ID = lambda value: isinstance(value, str) and 0 < len(value) <= 64  # noqa: E731
-_STR = lambda value: isinstance(value, str)  # noqa: E731
-_BOOL = lambda value: isinstance(value, bool)  # noqa: E731
-_COUNT = lambda value: _is_int(value) and value >= 0  # noqa: E731
+ID_BYTES = 32
+_ID_PATTERN = "^[0-9a-f]{32}$"
+RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
+WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
 
 # What a request carries along for logs and traces (W3C trace context), passed on to the engine.
 TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
 _TRACE_VALUE = re.compile(r"[\x20-\x7e]{1,512}")  # what any HTTP client can send on to the engine
-_TRACE = lambda value: isinstance(value, dict) and all(  # noqa: E731
-    key in TRACE_HEADERS and isinstance(item, str) and _TRACE_VALUE.fullmatch(item) for key, item in value.items())
 
 
 def clean_trace(headers: dict[str, str]) -> dict[str, str]:
     """The trace headers a request frame may carry: a client's odd or oversized ones are dropped."""
     return {key: value for key, value in headers.items() if key in TRACE_HEADERS and _TRACE_VALUE.fullmatch(value)}
 
-# Each frame type, with a check of every field it must carry: a frame that fails one is refused
-# as a whole, so a buggy or hostile peer cannot make the other side fail on a wrong type later.
-# Fields in OPTIONAL may be missing (frames of an older peer); when present they are checked too.
-FIELDS: dict[str, dict[str, Any]] = {
-    "hello": {"protocol": _is_int, "worker_id": _ID, "name": _STR, "models": _is_strings,
-              "max_concurrency": lambda v: _is_int(v) and v >= 1, "engine": _STR, "version": _STR},
-    "welcome": {"hub_id": _STR, "heartbeat_s": lambda v: isinstance(v, int | float) and v > 0},
-    "models": {"models": _is_strings},
-    "request": {"id": _ID, "api": _STR, "body": lambda v: isinstance(v, dict), "stream": _BOOL, "trace": _TRACE},
-    "end": {"id": _ID, "usage": lambda v: v is None or (isinstance(v, dict) and all(map(_COUNT, v.values())))},
-    "error": {"id": _ID, "status": lambda v: _is_int(v) and 100 <= v <= 599, "message": _STR, "retryable": _BOOL},
-    "cancel": {"id": _ID},
-    "credit": {"id": _ID, "bytes": _COUNT},
-    "load": {"inflight": _COUNT},
-    "draining": {},
-    "ping": {"inflight": _COUNT},
-    "pong": {"inflight": _COUNT},
-}
-OPTIONAL = {("request", "trace")}
-
-
-class ProtocolError(ValueError):
-    """A frame that cannot be understood (not JSON, no type, a known type lacking fields).
-    ``frames``: those of the same message that were read before the fault. ``request_id``: the id
-    of a refused ``request`` frame, when it had a readable one, so the refusal can be answered."""
-
-    def __init__(self, message: str, frames: list[dict[str, Any]] | None = None, request_id: str | None = None) -> None:
-        super().__init__(message)
-        self.frames = frames or []
-        self.request_id = request_id
-
-
-def _encode(kind: str, **fields: Any) -> str:
-    return json.dumps({"type": kind, **fields}, separators=(",", ":"))
-
-
-def hello(worker_id: str, name: str, models: list[str], max_concurrency: int, engine: str, version: str) -> str:
-    return _encode("hello", protocol=PROTOCOL, worker_id=worker_id, name=name, models=models,
-                   max_concurrency=max_concurrency, engine=engine, version=version)
-
-
-def welcome(hub_id: str, heartbeat_s: float) -> str:
-    return _encode("welcome", hub_id=hub_id, heartbeat_s=heartbeat_s)
-
-
-def models(names: list[str]) -> str:
-    return _encode("models", models=names)
-
-
-def request(request_id: str, api: str, body: dict[str, Any], stream: bool, trace: dict[str, str]) -> str:
-    return _encode("request", id=request_id, api=api, body=body, stream=stream, trace=trace)
-
-
-ID_BYTES = 32
-_LENGTH = struct.Struct(">I")
-
 
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+class Frame(msgspec.Struct, frozen=True, tag_field="type"):
+    """Any frame. Invariant: every field has been checked against its type when the frame exists."""
+
+
+class Hello(Frame, tag="hello"):
+    """Worker → hub, first: who the worker is and what it offers."""
+    protocol: int
+    worker_id: WorkerId
+    name: str
+    models: tuple[str, ...]
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)]
+    engine: str
+    version: str
+
+
+class Welcome(Frame, tag="welcome"):
+    """Hub → worker: the link is up; ping every ``heartbeat_s``."""
+    hub_id: str
+    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Models(Frame, tag="models"):
+    """Worker → hub: the engine's models changed."""
+    models: tuple[str, ...]
+
+
+class Request(Frame, tag="request"):
+    """Hub → worker: run ``body`` on the engine's ``api`` (one of ``APIS``)."""
+    id: RequestId
+    api: str
+    body: dict[str, Any]
+    stream: bool
+    trace: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        if any(key not in TRACE_HEADERS or not _TRACE_VALUE.fullmatch(value) for key, value in self.trace.items()):
+            raise ValueError("trace holds a header that is not a clean trace header")
+
+
+class Chunk(Frame, tag="chunk"):
+    """Worker → hub, binary only: the next bytes of an answer, ready for the client."""
+    id: str
+    data: bytes
+
+
+class End(Frame, tag="end"):
+    """Worker → hub: the answer is complete; ``usage`` is the engine's token count, if it gave one."""
+    id: RequestId
+    usage: dict[str, Count] | None = None
+
+
+class Error(Frame, tag="error"):
+    """Worker → hub: the request failed. ``retryable``: another worker may succeed. ``busy``: the
+    worker had no free slot (other hubs filled it); the hub waits for its next ``load`` instead of
+    counting a failed attempt."""
+    id: RequestId
+    status: Annotated[int, msgspec.Meta(ge=100, le=599)]
+    message: str
+    retryable: bool
+    busy: bool = False
+
+
+class Cancel(Frame, tag="cancel"):
+    """Hub → worker: the client left; stop the engine."""
+    id: RequestId
+
+
+class Credit(Frame, tag="credit"):
+    """Hub → worker: ``bytes`` more bytes of this request's answer reached the client."""
+    id: RequestId
+    bytes: Count
+
+
+class Load(Frame, tag="load"):
+    """Worker → every hub, whenever its number of running requests changes."""
+    inflight: Count
+
+
+class Draining(Frame, tag="draining"):
+    """Worker → hub: shutting down; finishing what it runs, taking nothing new."""
+
+
+class Ping(Frame, tag="ping"):
+    """Either way, every heartbeat: the sender's count of running requests."""
+    inflight: Count
+
+
+class Pong(Frame, tag="pong"):
+    """The answer to ``ping``, with the same count."""
+    inflight: Count
+
+
+class Unknown(msgspec.Struct, frozen=True):
+    """A frame of a type this side does not know (a newer peer's): logged and ignored."""
+    type: str
+
+
+JSON_FRAMES = Hello | Welcome | Models | Request | End | Error | Cancel | Credit | Load | Draining | Ping | Pong
+_TYPES = {cls.__struct_config__.tag for cls in JSON_FRAMES.__args__}  # type: ignore[attr-defined]
+_decoder = msgspec.json.Decoder(JSON_FRAMES)
+_encoder = msgspec.json.Encoder()
+
+
+class _Head(msgspec.Struct):
+    """What can be read of a frame that failed to decode, to say why and to whom."""
+    type: Any = None
+    protocol: Any = None
+    id: Any = None
+
+
+class ProtocolError(ValueError):
+    """A frame that cannot be understood. ``frames``: those of the same message read before the
+    fault. ``request_id``: the id of a refused ``request`` frame, when it had a valid one, so the
+    refusal can be answered."""
+
+    def __init__(self, message: str, frames: list[Frame] | None = None, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.frames = frames or []
+        self.request_id = request_id
+
+
+class VersionMismatch(ProtocolError):
+    """A hello of another protocol version."""
+
+
+def type_of(frame: Frame | Unknown) -> str:
+    return frame.type if isinstance(frame, Unknown) else str(frame.__struct_config__.tag)
+
+
+def encode(frame: Frame) -> str:
+    return _encoder.encode(frame).decode()
+
+
+def decode(text: str | bytes) -> Frame | Unknown:
+    """Parse one JSON frame. Unknown types come back as ``Unknown``; anything else wrong raises."""
+    try:
+        frame = _decoder.decode(text)
+    except msgspec.DecodeError as error:
+        return _refuse(text, error)
+    if isinstance(frame, Hello) and frame.protocol != PROTOCOL:
+        raise VersionMismatch(f"protocol {frame.protocol} not supported; this side speaks {PROTOCOL}")
+    return frame
+
+
+def _refuse(text: str | bytes, error: msgspec.DecodeError) -> Unknown:
+    """Why a frame failed, with the protocol version compared first; an unknown type is no fault."""
+    try:
+        head = msgspec.json.decode(text, type=_Head)
+    except msgspec.DecodeError as not_json:
+        raise ProtocolError(f"frame is not a JSON object: {not_json}") from None
+    if not isinstance(head.type, str):
+        raise ProtocolError("frame has no type")
+    if head.type == "hello" and head.protocol != PROTOCOL:
+        raise VersionMismatch(f"protocol {str(head.protocol)[:20]} not supported; this side speaks {PROTOCOL}")
+    if head.type == "chunk":
+        raise ProtocolError("chunk frames are binary")
+    if head.type not in _TYPES:
+        return Unknown(head.type[:40])
+    answerable = head.type == "request" and isinstance(head.id, str) and re.fullmatch(_ID_PATTERN, head.id)
+    raise ProtocolError(f"bad {head.type} frame: {str(error)[:200]}", request_id=head.id if answerable else None)
+
+
+_LENGTH = struct.Struct(">I")
+
+
 def chunk(request_id: str, data: bytes) -> bytes:
+    """One binary chunk record (``request_id`` is a valid id: it came from a decoded request)."""
     return request_id.encode() + _LENGTH.pack(len(data)) + data
 
 
-def unpack_chunks(message: bytes) -> list[dict[str, Any]]:
-    """The chunk frames of one binary message."""
+def unpack_chunks(message: bytes) -> list[Chunk]:
+    """The chunk records of one binary message."""
     frames, offset, size = [], 0, len(message)
     while offset < size:
         start = offset + ID_BYTES + _LENGTH.size
@@ -136,65 +261,22 @@ def unpack_chunks(message: bytes) -> list[dict[str, Any]]:
         (length,) = _LENGTH.unpack_from(message, offset + ID_BYTES)
         if start + length > size:
             raise ProtocolError("truncated chunk data", frames)
-        frames.append({"type": "chunk", "id": message[offset:offset + ID_BYTES].decode("ascii", "replace"),
-                       "data": message[start:start + length]})
+        frames.append(Chunk(message[offset:offset + ID_BYTES].decode("ascii", "replace"),
+                            message[start:start + length]))
         offset = start + length
     return frames
 
 
-def end(request_id: str, usage: dict[str, int] | None) -> str:
-    return _encode("end", id=request_id, usage=usage)
-
-
-def error(request_id: str, status: int, message: str, retryable: bool, busy: bool = False) -> str:
-    """``busy``: the worker has no free slot right now (other hubs filled it); the hub waits for its
-    next ``load`` or another worker instead of counting a failed attempt."""
-    return _encode("error", id=request_id, status=status, message=message, retryable=retryable, busy=busy)
-
-
-def cancel(request_id: str) -> str:
-    return _encode("cancel", id=request_id)
-
-
-# Flow control: a worker may have at most this many bytes of a request's answer that the hub has
-# not yet handed to its client. The hub returns ``credit`` as its client's socket takes the bytes,
-# so a slow client paces the worker (which stops reading the engine) instead of filling the hub.
-WINDOW_BYTES = 256 * 1024
-
-
-def credit(request_id: str, size: int) -> str:
-    """Hub -> worker: ``size`` more bytes of this request's answer reached the client."""
-    return _encode("credit", id=request_id, bytes=size)
-
-
-def load(inflight: int) -> str:
-    """Worker -> every hub, whenever its number of running requests changes: a worker shared by
-    several hubs is full for all of them at once, and each hub must know when a slot frees."""
-    return _encode("load", inflight=inflight)
-
-
-def draining() -> str:
-    """Worker -> hub: shutting down; finishing what it runs, taking nothing new."""
-    return _encode("draining")
-
-
-def ping(inflight: int) -> str:
-    return _encode("ping", inflight=inflight)
-
-
-def pong(inflight: int) -> str:
-    return _encode("pong", inflight=inflight)
-
-
-def unpack(message: str | bytes) -> tuple[list[dict[str, Any]], list[ProtocolError]]:
+def unpack(message: str | bytes) -> tuple[list[Frame | Unknown], list[ProtocolError]]:
     """The frames of one WebSocket message, and what was wrong with the parts that were refused:
     a bad line of a text message costs that line only; a bad binary record ends its message."""
     if isinstance(message, bytes):
         try:
-            return unpack_chunks(message), []
+            return list(unpack_chunks(message)), []
         except ProtocolError as problem:
-            return problem.frames, [problem]
-    frames, problems = [], []
+            return list(problem.frames), [problem]
+    frames: list[Frame | Unknown] = []
+    problems = []
     for line in message.split("\n"):
         try:
             frames.append(decode(line))
@@ -202,45 +284,3 @@ def unpack(message: str | bytes) -> tuple[list[dict[str, Any]], list[ProtocolErr
             problems.append(problem)
     return frames, problems
 
-
-MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
-MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
-
-
-async def write_batched(frames: Any, send: Any) -> None:
-    """The one writer of a link: sends what is queued on the ``frames`` channel (JSON text frames and
-    binary chunks), everything already waiting in as few messages as order and size allow."""
-    async for frame in frames:
-        batch = [frame]
-        size = len(frame)
-        while size < MAX_BATCH_BYTES:
-            try:
-                batch.append(frames.receive_nowait())
-            except (WouldBlock, EndOfChannel):
-                break
-            size += len(batch[-1])
-        for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):
-            await send(b"".join(group) if binary else "\n".join(group))
-
-
-def decode(text: str | bytes) -> dict[str, Any]:
-    """Parse one frame. Unknown types pass through (the caller logs and ignores them)."""
-    try:
-        frame = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
-    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
-        raise ProtocolError("frame has no type")
-    if frame["type"] == "chunk":
-        raise ProtocolError("chunk frames are binary")
-    for name, valid in FIELDS.get(frame["type"], {}).items():
-        if name not in frame:
-            if (frame["type"], name) in OPTIONAL:
-                continue
-            answerable = frame["type"] == "request" and _ID(frame.get("id"))
-            raise ProtocolError(f"{frame['type']} frame lacks {name}", request_id=frame["id"] if answerable else None)
-        if not valid(frame[name]):
-            answerable = frame["type"] == "request" and _ID(frame.get("id"))
-            raise ProtocolError(f"{frame['type']} frame has a bad {name}: {str(frame[name])[:80]}",
-                                request_id=frame["id"] if answerable else None)
-    return frame

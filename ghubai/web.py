@@ -8,11 +8,17 @@ Carries two fixes to hypercorn 0.18's trio server:
   reading blocks its request (and the worker slot behind it) for ever, and a server with such a
   client can never stop. Here a write that makes no progress for ``write_timeout_s`` closes the
   connection, and when the server is cancelled every pending write is cut at once.
+
+Both patch private methods of ``hypercorn.trio.tcp_server.TCPServer``: ``pyproject.toml`` pins
+hypercorn to the minor version they were written for, and this module refuses to import when those
+methods are gone or have changed shape, rather than serve without the fixes.
 """
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
+from importlib.metadata import version
 from typing import Any
 
 import trio
@@ -23,6 +29,18 @@ from hypercorn.trio.tcp_server import TCPServer
 
 from ghubai.protocol import MAX_MESSAGE_BYTES
 
+_PATCHED = {"_close": ["self"], "protocol_send": ["self", "event"]}
+
+
+def _check_patchable() -> None:
+    for name, parameters in _PATCHED.items():
+        method = getattr(TCPServer, name, None)
+        if not callable(method) or list(inspect.signature(method).parameters) != parameters:
+            raise ImportError(f"ghubai.web patches TCPServer.{name}({', '.join(parameters)}) of hypercorn 0.18, "
+                              f"which hypercorn {version('hypercorn')} does not have: install hypercorn 0.18.x")
+
+
+_check_patchable()
 _unshielded_close = TCPServer._close
 
 

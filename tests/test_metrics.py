@@ -3,13 +3,16 @@ operators query, and values that move when requests run."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
+import trio
+import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-import trio
-
 from conftest import Grid, chat, eventually
+from ghubai import protocol
 
 
 async def scrape(grid: Grid, url: str) -> dict[str, float]:
@@ -92,3 +95,50 @@ async def test_gauges_follow_requests_in_flight_and_waiting(grid: Grid, tmp_path
 
     await eventually(refused, "the broken edit to be counted")
     assert value(await scrape(grid, registry.value), "ghubai_registry_hubs") == 1
+
+
+async def test_every_request_is_counted_and_logged_with_the_status_its_client_got(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: 400, 401 and 429 answers got no metric and no log line, and a non-streaming
+    request whose worker link dropped after the first chunk was answered 502 but counted as 200."""
+    hub = await grid.hub(api_keys=("k",), limits={"requests_per_minute": 1})
+    key = {"Authorization": "Bearer k"}
+    hub_ws = hub.value.replace("http", "ws") + protocol.GRIDHUB_PATH
+
+    async def worker_that_dies_after_one_chunk() -> None:
+        async with trio_websocket.open_websocket_url(hub_ws) as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "w-dies", "dies", ("sim",), 2,
+                                                                 "ollama", "test")))
+            await ws.get_message()  # welcome
+            while True:
+                frames, _ = protocol.unpack(await ws.get_message())
+                if requests := [frame for frame in frames if isinstance(frame, protocol.Request)]:
+                    await ws.send_message(protocol.chunk(requests[0].id, b'{"partial": '))
+                    return  # the link closes with the answer half sent
+
+    grid.nursery.start_soon(worker_that_dies_after_one_chunk)
+    await eventually(lambda: _has_workers(grid, hub.value, 1), "the dying worker to join")
+    caplog.set_level(logging.INFO, logger="ghubai.hub")
+    statuses = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat(), headers=key)).status_code,
+                (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code,
+                (await grid.http.post(hub.value + "/v1/chat/completions", json={"model": 1}, headers=key)
+                 ).status_code,
+                (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(), headers=key)).status_code]
+    assert statuses == [502, 401, 400, 429]
+
+    def logged() -> list[str]:
+        return [record.getMessage() for record in caplog.records if "POST /v1/chat/completions" in record.getMessage()]
+
+    async def all_finished() -> bool:  # a record is finished just after its answer went out
+        return len(logged()) == 4
+
+    await eventually(all_finished, "a log line for each of the 4 requests")
+    samples = await scrape(grid, hub.value)
+    for code, model in (("502", "sim"), ("401", ""), ("400", ""), ("429", "sim")):
+        assert value(samples, "ghubai_requests_total", role="hub", model=model, code=code) == 1, code
+    assert value(samples, "ghubai_requests_total", role="hub", model="sim", code="200") == 0
+    assert [line.split()[2] for line in logged()] == ["502", "401", "400", "429"]
+
+
+async def _has_workers(grid: Grid, hub_url: str, count: int) -> bool:
+    return len(await grid.workers(hub_url)) == count

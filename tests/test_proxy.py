@@ -273,14 +273,17 @@ async def test_a_worker_shared_by_two_hubs_keeps_its_max_concurrency(grid: Grid)
 
 
 def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
-    from ghubai.httpio import Request
+    from ghubai.http11.server import Request
     from ghubai.proxy.forward import upstream_headers
-    from ghubai.proxy.hubs import Hub
+    from ghubai.http11.client import tls_client_context
+    from ghubai.proxy.hubs import HubSet
 
+    hubs = HubSet(1.0, tls_client_context())
+    hubs.update([("h", "http://10.0.0.5:7197")])
     request = Request("POST", "/v1/x", [(b"connection", b"keep-alive, x-private"), (b"x-private", b"1"),
                                         (b"keep-alive", b"timeout=5"), (b"te", b"trailers"), (b"host", b"front"),
                                         (b"authorization", b"Bearer k"), (b"x-forwarded-for", b"10.1.1.1")], b"{}")
-    headers = dict(upstream_headers(request, Hub("h", "http://10.0.0.5:7197"), "192.0.2.7", "rid"))
+    headers = dict(upstream_headers(request, hubs.hubs["http://10.0.0.5:7197"], "192.0.2.7", "rid"))
     assert headers == {b"host": b"10.0.0.5:7197", b"authorization": b"Bearer k",
                        b"x-forwarded-for": b"10.1.1.1, 192.0.2.7", b"x-request-id": b"rid",
                        b"content-length": b"2"}

@@ -8,6 +8,7 @@ it, a failure is one final error for the client. Every wait is bounded by the hu
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -17,18 +18,17 @@ import trio
 
 from ghubai import protocol
 from ghubai.config import HubConfig
-from ghubai.hub.pool import Pool, RemoteWorker
-from ghubai.openai import ApiError
+from ghubai.errors import ApiError
+from ghubai.hub.pool import Answer, Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
 
-Frame = dict[str, Any]
 DRAIN_FLUSH_S = 2.0
 
 
-def client_error(frame: Frame) -> ApiError:
+def client_error(frame: protocol.Error) -> ApiError:
     """A worker's ``error`` frame as the client should see it."""
-    status, message = int(frame["status"]), str(frame["message"])
+    status, message = frame.status, frame.message
     if status == 404:
         return ApiError(404, message, param="model", code="model_not_found")
     if 400 <= status < 500 or status in (503, 504):
@@ -36,7 +36,21 @@ def client_error(frame: Frame) -> ApiError:
     return ApiError(502, f"Engine error: {message}")
 
 
+class State(enum.Enum):
+    """Where an exchange is; see ``Exchange``."""
+    QUEUED = "queued"  # no worker yet: waiting for a slot, or between two attempts
+    WAITING = "waiting"  # sent to ``worker``; nothing of the answer has arrived
+    STREAMING = "streaming"  # the first chunk arrived: the answer now belongs to the client
+    DONE = "done"  # ended (end, error, timeout or the client left); the slot is given back
+
+
 class Exchange:
+    """One request's way through the grid: QUEUED → WAITING (→ QUEUED again on a retry) → STREAMING
+    → DONE. Invariant: ``worker`` is set exactly in WAITING and STREAMING, while the request holds a
+    slot on it. Who gives the slot back: whoever takes the request out of ``worker.pending`` — the
+    pool, the moment the worker's ``end`` or ``error`` arrives (however slowly the client reads), or
+    ``close()`` when the client leaves or a wait times out, which also tells the worker to stop."""
+
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
                  trace: dict[str, str]) -> None:
         self.pool = pool
@@ -50,10 +64,14 @@ class Exchange:
         self.worker: RemoteWorker | None = None
         self.request_id = ""
         self.usage: dict[str, int] | None = None
-        self.done = False
-        self._frames: trio.MemoryReceiveChannel[Frame] | None = None
+        self.state = State.QUEUED
+        self._frames: trio.MemoryReceiveChannel[Answer] | None = None
 
-    async def open(self) -> Frame:
+    @property
+    def done(self) -> bool:
+        return self.state is State.DONE
+
+    async def open(self) -> Answer:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
         tried: set[str] = set()
         last_error: ApiError | None = None
@@ -62,48 +80,53 @@ class Exchange:
             try:
                 worker = await self.pool.acquire(self.model, tried, queue_deadline)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
+                self.state = State.DONE
                 raise (last_error or error) from None
             self._start(worker)
             frame = await self._next(self.config.timeouts.first_token_s, "the first token")
-            if frame["type"] != "error":
+            if not isinstance(frame, protocol.Error):
                 return frame
-            if frame.get("busy") is True:
+            self.state = State.QUEUED
+            if frame.busy:
                 self.pool.refused(worker)  # full because of other hubs: wait for a slot, not an attempt
                 continue
             last_error = client_error(frame)
-            if not frame["retryable"]:
+            if not frame.retryable:
+                self.state = State.DONE
                 raise last_error
             tried.add(worker.id)
             log.info("request %s failed on worker %s before its first byte (%s); trying another",
-                     self.request_id[:8], worker.name, frame["message"])
+                     self.request_id[:8], worker.name, frame.message)
+        self.state = State.DONE
         assert last_error is not None
         raise last_error
 
     def _start(self, worker: RemoteWorker) -> None:
-        self.worker = worker
-        self.done = False
+        self.worker, self.state = worker, State.WAITING
         self.request_id = protocol.new_request_id()
-        send, self._frames = trio.open_memory_channel[Frame](math.inf)
+        send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
-        worker.send(protocol.request(self.request_id, self.api, self.body, self.stream, self.trace))
+        worker.send(protocol.Request(self.request_id, self.api, self.body, self.stream, self.trace))
 
-    async def _next(self, timeout_s: float, what: str) -> Frame:
+    async def _next(self, timeout_s: float, what: str) -> Answer:
         assert self._frames is not None
         with trio.move_on_at(min(trio.current_time() + timeout_s, self.deadline)):
             return self._note(await self._frames.receive())
         self.close()
         raise ApiError(504, f"Timed out waiting for {what} from the worker")
 
-    def _note(self, frame: Frame) -> Frame:
-        if frame["type"] in ("end", "error"):  # the pool gave the slot back when the frame arrived
-            if frame["type"] == "end" and frame["usage"] and self.worker is not None:
-                self.usage = frame["usage"]
-                self.pool.count_usage(self.worker, self.model, frame["usage"])
-            self.done = True
-            self.worker = None
+    def _note(self, frame: Answer) -> Answer:
+        if isinstance(frame, protocol.Chunk):
+            self.state = State.STREAMING
+            return frame
+        # the pool gave the slot back when this end or error arrived
+        if isinstance(frame, protocol.End) and frame.usage and self.worker is not None:
+            self.usage = frame.usage
+            self.pool.count_usage(self.worker, self.model, frame.usage)
+        self.state, self.worker = State.DONE, None
         return frame
 
-    async def batches(self) -> AsyncIterator[list[Frame]]:
+    async def batches(self) -> AsyncIterator[list[Answer]]:
         """The frames after the first, each batch holding every frame that had already arrived,
         so a stream that falls behind catches up in few large writes instead of many small ones."""
         assert self._frames is not None
@@ -119,26 +142,27 @@ class Exchange:
     def passed_on(self, size: int) -> None:
         """``size`` bytes of the answer reached the client: the worker may send that much more."""
         if self.worker is not None and size:
-            self.worker.send(protocol.credit(self.request_id, size))
+            self.worker.send(protocol.Credit(self.request_id, size))
 
     def abort(self, message: str) -> None:
         """End the request now with an error its client will see (the hub is shutting down)."""
         worker = self.worker
         if worker is not None and not self.done and self.request_id in worker.pending:
-            worker.send(protocol.cancel(self.request_id))
+            worker.send(protocol.Cancel(self.request_id))
             self.pool.fail(worker, self.request_id, 503, message, retryable=False)
 
     def close(self) -> None:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still
         producing, tell it to stop and give the slot back."""
-        worker, self.worker, self.done = self.worker, None, True
+        worker, self.worker, self.state = self.worker, None, State.DONE
         if worker is not None and worker.pending.pop(self.request_id, None) is not None:
-            worker.send(protocol.cancel(self.request_id))
+            worker.send(protocol.Cancel(self.request_id))
             self.pool.release(worker)
 
 
 class InFlight:
-    """The hub's requests in flight, so that a drain can wait for them, then end the rest."""
+    """The hub's requests in flight, so that a drain can wait for them, then end the rest.
+    Invariant: ``idle`` is set exactly when ``exchanges`` is empty."""
 
     def __init__(self) -> None:
         self.exchanges: set[Exchange] = set()

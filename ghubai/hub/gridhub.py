@@ -1,24 +1,25 @@
 """The hub's end of a worker link: WebSocket ``/gridhub``.
 
-One handler per worker owns a reader (this task), a writer and a heartbeat. A worker silent for three
-heartbeats is dropped; when the link ends for any reason, every request on it gets a retryable error,
-which its exchange turns into a retry (before the first byte) or a final error event (after).
+One handler per worker owns a reader (this task), a writer and a heartbeat (``ghubai.link``). A
+worker silent for three heartbeats is dropped; when the link ends for any reason, every request on
+it gets a retryable error, which its exchange turns into a retry (before the first byte) or a final
+error event (after).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any
 
 import trio
 from quart import Response, websocket
 
-from ghubai import protocol
+from ghubai import link, protocol
 from ghubai.auth import Secrets
 from ghubai.hub.pool import Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
+
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float,
                        hello_timeout_s: float) -> Response | None:
@@ -34,83 +35,65 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     if hello is None:
         return None
     if not tokens.holds(token):  # revoked by a reload during the handshake
-        log.warning("refused worker %s from %s: its provider token was revoked", hello["name"], peer)
+        log.warning("refused worker %s from %s: its provider token was revoked", hello.name, peer)
         return None
-    send, receive = trio.open_memory_channel[str](math.inf)
-    worker = RemoteWorker(id=hello["worker_id"], name=hello["name"], models=frozenset(hello["models"]),
-                          max_concurrency=hello["max_concurrency"], engine=str(hello["engine"]),
+    send, receive = trio.open_memory_channel[str | bytes](math.inf)
+    worker = RemoteWorker(id=hello.worker_id, name=hello.name, models=frozenset(hello.models),
+                          max_concurrency=hello.max_concurrency, engine=hello.engine,
                           out=send, last_seen=trio.current_time(), token=token)
+    lost = f"lost the link to worker {worker.name}"
     try:
         async with trio.open_nursery() as nursery:
             worker.link_scope = nursery.cancel_scope
             if stale := pool.add(worker):
                 stale.link_scope.cancel()
-            await websocket.send(protocol.welcome(hub_id, heartbeat_s))
-            nursery.start_soon(protocol.write_batched, receive, websocket.send)
-            nursery.start_soon(_heartbeat, worker, heartbeat_s)
-            await _read(pool, worker, heartbeat_s)
+            await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
+            nursery.start_soon(link.write_batched, receive, websocket.send)
+            nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
+            silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame),
+                                              lambda problem: log.warning("bad frame from worker %s: %s",
+                                                                          worker.name, problem))
+            log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
             # Before anything that may wait: hypercorn's socket writes cannot be cancelled, so a
             # writer stuck on a peer that stopped reading must not hold up these requests.
-            pool.drop(worker, f"lost the link to worker {worker.name}")
+            pool.drop(worker, lost)
             nursery.cancel_scope.cancel()
     finally:
-        pool.drop(worker, f"lost the link to worker {worker.name}")
+        pool.drop(worker, lost)
         send.close()
     return None
 
 
-async def _hello(peer: str) -> dict[str, Any] | None:
+async def _hello(peer: str) -> protocol.Hello | None:
+    """The worker's hello, or None once the link was closed with the reason it was refused."""
     try:
         frame = protocol.decode(await websocket.receive())
-        if frame["type"] != "hello":
-            raise protocol.ProtocolError(f"expected hello, got {frame['type']}")
+        if not isinstance(frame, protocol.Hello):
+            raise protocol.ProtocolError(f"expected hello, got {protocol.type_of(frame)}")
+    except protocol.VersionMismatch as error:
+        log.warning("refused a worker from %s: %s", peer, error)
+        await websocket.close(protocol.CLOSE_PROTOCOL_MISMATCH, str(error)[:120])
+        return None
     except protocol.ProtocolError as error:
         log.warning("refused a worker from %s: %s", peer, error)
         await websocket.close(protocol.CLOSE_BAD_HELLO, str(error)[:120])
         return None
-    if frame["protocol"] != protocol.PROTOCOL:
-        reason = f"protocol {frame['protocol']} not supported; this hub speaks {protocol.PROTOCOL}"
-        log.warning("refused worker %s from %s: %s", frame["name"], peer, reason)
-        await websocket.close(protocol.CLOSE_PROTOCOL_MISMATCH, reason)
-        return None
-    well_formed = (isinstance(frame["worker_id"], str) and isinstance(frame["name"], str)
-                   and isinstance(frame["models"], list) and all(isinstance(m, str) for m in frame["models"])
-                   and isinstance(frame["max_concurrency"], int) and frame["max_concurrency"] >= 1)
-    if not well_formed:
-        log.warning("refused a worker from %s: malformed hello", peer)
-        await websocket.close(protocol.CLOSE_BAD_HELLO, "malformed hello")
-        return None
     return frame
 
 
-async def _heartbeat(worker: RemoteWorker, heartbeat_s: float) -> None:
-    while True:
-        await trio.sleep(heartbeat_s)
-        worker.send(protocol.ping(worker.inflight))
-
-
-async def _read(pool: Pool, worker: RemoteWorker, heartbeat_s: float) -> None:
-    while True:
-        with trio.move_on_after(3 * heartbeat_s) as silence:
-            message = await websocket.receive()
-        if silence.cancelled_caught:
-            log.warning("worker %s silent for %.1f s: dropping its link", worker.name, 3 * heartbeat_s)
-            return
-        worker.last_seen = trio.current_time()
-        frames, problems = protocol.unpack(message)
-        for problem in problems:
-            log.warning("bad frame from worker %s: %s", worker.name, problem)
-        for frame in frames:
-            kind = frame["type"]
-            if kind in ("chunk", "end", "error"):
-                pool.deliver(worker, frame)
-            elif kind == "models":
-                pool.set_models(worker, frame["models"])
-            elif kind == "draining":
-                pool.set_draining(worker)
-            elif kind in ("load", "ping", "pong"):
-                pool.report(worker, frame["inflight"])
-                if kind == "ping":
-                    worker.send(protocol.pong(worker.inflight))
-            else:
-                log.debug("ignoring %s frame from worker %s", kind, worker.name)
+def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.Unknown) -> None:
+    worker.last_seen = trio.current_time()
+    match frame:
+        case protocol.Chunk() | protocol.End() | protocol.Error():
+            pool.deliver(worker, frame)
+        case protocol.Load(inflight) | protocol.Pong(inflight):
+            pool.report(worker, inflight)
+        case protocol.Ping(inflight):
+            pool.report(worker, inflight)
+            worker.send(protocol.Pong(worker.inflight))
+        case protocol.Models(models):
+            pool.set_models(worker, models)
+        case protocol.Draining():
+            pool.set_draining(worker)
+        case _:
+            log.debug("ignoring a %s frame from worker %s", protocol.type_of(frame), worker.name)

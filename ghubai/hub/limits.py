@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from ghubai.config import HubLimits
-from ghubai.openai import ApiError
+from ghubai.errors import ApiError
 
 
 @dataclass
@@ -39,6 +39,8 @@ class _Bucket:
 
 
 class RateLimits:
+    """Each API key's request and token buckets. Invariant: a key's buckets exist only once it
+    made a request, and never hold more than a minute's worth."""
     def __init__(self, limits: HubLimits) -> None:
         self.limits = limits
         self._requests: dict[bytes, _Bucket] = {}

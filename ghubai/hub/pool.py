@@ -17,25 +17,31 @@ from typing import Any
 
 import trio
 
+from ghubai import protocol
 from ghubai.config import HubLimits
-from ghubai.openai import ApiError, model_not_found
+from ghubai.errors import ApiError, model_not_found
 
 log = logging.getLogger("ghubai.hub")
+
+
+Answer = protocol.Chunk | protocol.End | protocol.Error  # what a worker says about one request
 
 
 @dataclass(eq=False)
 class RemoteWorker:
     """A worker linked to this hub. Frames to it go through ``out`` (one writer task per link);
-    frames from it about a request go to that request's channel in ``pending``."""
+    frames from it about a request go to that request's channel in ``pending``. Invariant: a request
+    holds one of this hub's ``inflight`` slots exactly while its id is in ``pending``, and whoever
+    takes it out of ``pending`` gives the slot back (``Pool.release``)."""
     id: str
     name: str
     models: frozenset[str]
     max_concurrency: int
     engine: str
-    out: trio.MemorySendChannel[str]
+    out: trio.MemorySendChannel[str | bytes]
     inflight: int = 0  # requests this hub runs on the worker
     reported: int = 0  # requests the worker says it runs, for every hub it serves
-    pending: dict[str, trio.MemorySendChannel[dict[str, Any]]] = field(default_factory=dict)
+    pending: dict[str, trio.MemorySendChannel[Answer]] = field(default_factory=dict)
     last_seen: float = 0.0  # trio time of its last frame: the heartbeat an operator can check
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
@@ -51,25 +57,25 @@ class RemoteWorker:
     def load(self) -> float:
         return self.busy / self.max_concurrency
 
-    def send(self, frame: str) -> None:
+    def send(self, frame: protocol.Frame) -> None:
         try:
-            self.out.send_nowait(frame)
+            self.out.send_nowait(protocol.encode(frame))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # link closing: Pool.drop() answers every pending request
 
-    def deliver(self, frame: dict[str, Any]) -> bool:
+    def deliver(self, frame: Answer) -> bool:
         """Hand a chunk/end/error frame to the request it belongs to, if it still waits; True when the
-        frame ended that request. Whoever takes a request out of ``pending`` gives its slot back."""
-        channel = self.pending.get(frame["id"])
+        frame ended that request."""
+        channel = self.pending.get(frame.id)
         if channel is None:
             return False  # a request that was cancelled or already failed over
-        ended = frame["type"] != "chunk"
+        ended = not isinstance(frame, protocol.Chunk)
         try:
             channel.send_nowait(frame)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             ended = True  # nobody reads it any more
         if ended:
-            del self.pending[frame["id"]]
+            del self.pending[frame.id]
         return ended
 
     def describe(self) -> dict[str, Any]:
@@ -86,6 +92,9 @@ class _Waiter:
 
 
 class Pool:
+    """This hub's workers and its queue. Invariant: a queue exists only while it holds a waiter, and
+    ``queued`` is the sum of their lengths (at most ``limits.queue_size``)."""
+
     def __init__(self, limits: HubLimits) -> None:
         self.limits = limits
         self.workers: dict[str, RemoteWorker] = {}
@@ -111,7 +120,7 @@ class Pool:
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
         self._wake(self._queues)  # queued requests may now have no worker at all
 
-    def set_models(self, worker: RemoteWorker, models: list[str]) -> None:
+    def set_models(self, worker: RemoteWorker, models: tuple[str, ...]) -> None:
         worker.models = frozenset(models)
         log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(models) or "(none)")
         self._wake(self._queues)
@@ -204,7 +213,7 @@ class Pool:
         worker.usage.update(usage)
         self.usage.setdefault(model, Counter()).update(usage)
 
-    def deliver(self, worker: RemoteWorker, frame: dict[str, Any]) -> None:
+    def deliver(self, worker: RemoteWorker, frame: Answer) -> None:
         """A frame about a request; its end frees the slot at once, however slowly the client reads."""
         if worker.deliver(frame):
             self.release(worker)
@@ -217,8 +226,7 @@ class Pool:
 
     def fail(self, worker: RemoteWorker, request_id: str, status: int, message: str, retryable: bool) -> None:
         """End a request as if its worker had answered with this error (the hub decided it)."""
-        self.deliver(worker, {"type": "error", "id": request_id, "status": status, "message": message,
-                              "retryable": retryable, "busy": False})
+        self.deliver(worker, protocol.Error(request_id, status, message, retryable))
 
     def report(self, worker: RemoteWorker, inflight: int) -> None:
         """The worker's own count of running requests (``load``, ``ping``, ``pong`` frames)."""

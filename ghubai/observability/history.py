@@ -28,6 +28,8 @@ class _Step:
 
 
 class History:
+    """Per-step figures of the last ``steps`` steps (requests, first-token times, tokens) for the
+    dashboards' charts. Invariant: steps older than ``steps`` are forgotten, so memory is bounded."""
     def __init__(self, step_s: float = STEP_S, steps: int = STEPS, clock: Callable[[], float] = time.time) -> None:
         self.step_s = step_s
         self.steps = steps

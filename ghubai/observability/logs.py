@@ -44,6 +44,7 @@ _ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for cod
 
 
 class TextFormatter(logging.Formatter):
+    """One line per event: time, level, logger, request id when there is one, message."""
     def __init__(self) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
 
@@ -58,6 +59,7 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per event, with the same fields as the text lines."""
     def format(self, record: logging.LogRecord) -> str:
         line = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
         if rid := getattr(record, "request_id", ""):

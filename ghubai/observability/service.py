@@ -26,6 +26,8 @@ STATUS_INTERVAL_S = 2.0
 
 
 class Service:
+    """The daemon's side of systemd's notify protocol (READY, STATUS, WATCHDOG, RELOADING,
+    STOPPING). Invariant: without ``NOTIFY_SOCKET`` every call is a no-op."""
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         environ = os.environ if environ is None else environ
         address = environ.get("NOTIFY_SOCKET", "")

@@ -18,10 +18,11 @@ import h11
 import trio
 
 from ghubai.config import ProxyConfig
-from ghubai.httpio import Connection, Request
+from ghubai.errors import ApiError
+from ghubai.http11.client import ClientConnection
+from ghubai.http11.server import Connection, Request
 from ghubai.observability import tracing
-from ghubai.openai import ApiError
-from ghubai.proxy.hubs import Hub, HubSet, Upstream
+from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
 
@@ -39,6 +40,7 @@ class UpstreamFailed(Exception):
 
 @dataclass
 class Outcome:
+    """What became of one proxied request, for its log line and metrics (``status`` 0: none yet)."""
     status: int = 0
     hub: str = ""
     answered_at: float | None = None  # trio time the hub's answer began
@@ -68,21 +70,23 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
-    host, port = hub.host_port
-    return [(b"host", f"{host}:{port}".encode()), *kept, *trace, (b"x-forwarded-for", chain),
+    return [(b"host", f"{hub.pool.host}:{hub.pool.port}".encode()), *kept, *trace, (b"x-forwarded-for", chain),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode())]
 
 
 def _final_error(content_type: bytes, message: str) -> bytes:
+    """The error that ends a stream cut in the middle, in the stream's own framing (none for others)."""
+    error = ApiError(502, message)
     if content_type.startswith(b"text/event-stream"):
-        error = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-        return b"data: " + json.dumps(error).encode() + b"\n\n"
+        return error.stream_end(sse=True)
     if content_type.startswith(b"application/x-ndjson"):
-        return json.dumps({"error": message}).encode() + b"\n"
+        return error.stream_end(sse=False)
     return b""
 
 
 class Forwarder:
+    """Forwards one client request to a hub and relays the answer. Invariant: a request is retried
+    on another hub only before any byte of an answer reached the client."""
     def __init__(self, config: ProxyConfig, hubs: HubSet) -> None:
         self.config = config
         self.hubs = hubs
@@ -123,13 +127,13 @@ class Forwarder:
         raise ApiError(503, "No healthy hub could take this request" if tried else "No healthy hub", retry_after=1)
 
     async def _exchange(self, hub: Hub, request: Request, client_ip: str,
-                        request_id: str) -> tuple[Upstream | None, h11.Response | None]:
+                        request_id: str) -> tuple[ClientConnection | None, h11.Response | None]:
         """Send the request and read the answer's head; on a broken connection mark the hub down.
         A pooled connection the hub had already closed is retried once on a fresh one."""
         for _ in range(2):
-            upstream: Upstream | None = None
+            upstream: ClientConnection | None = None
             try:
-                upstream = await self.hubs.connection(hub)
+                upstream = await hub.pool.connection()
                 with trio.fail_after(self.config.response_timeout_s):
                     try:
                         await upstream.send(
@@ -157,7 +161,7 @@ class Forwarder:
                 raise
         return None, None
 
-    async def _discard(self, hub: Hub, upstream: Upstream) -> None:
+    async def _discard(self, hub: Hub, upstream: ClientConnection) -> None:
         """Read and drop an answer we will not use, keeping the connection when that is cheap."""
         drained = 0
         try:
@@ -175,14 +179,14 @@ class Forwarder:
             pass
         await upstream.aclose()
 
-    async def _next(self, upstream: Upstream) -> h11.Event:
+    async def _next(self, upstream: ClientConnection) -> h11.Event:
         try:
             with trio.fail_after(self.config.response_timeout_s):
                 return await upstream.next_event()
         except UPSTREAM_ERRORS as error:
             raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
 
-    async def _relay(self, conn: Connection, hub: Hub, upstream: Upstream, response: h11.Response,
+    async def _relay(self, conn: Connection, hub: Hub, upstream: ClientConnection, response: h11.Response,
                      request_id: str) -> None:
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))

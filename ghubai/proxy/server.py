@@ -13,20 +13,20 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 
-import h11
 import httpx
 import trio
 
+from ghubai import dialects
 from ghubai.auth import Secrets
-from ghubai import openai
 from ghubai.config import ProxyConfig, split_hostport
-from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.errors import ApiError
+from ghubai.http11.client import tls_client_context
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
-from ghubai.openai import ApiError
 from ghubai.proxy.follow import check_health, follow_registry
 from ghubai.proxy.forward import Forwarder, Outcome, model_of
 from ghubai.proxy.hubs import HubSet
@@ -36,18 +36,12 @@ log = logging.getLogger("ghubai.proxy")
 FORWARDED_PREFIXES = ("/v1/", "/api/")
 
 
-def ssl_client_context(config: ProxyConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=config.ca_file or None)
-    if config.allow_invalid_certs:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class Proxy:
+    """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``."""
+
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
-        self.hubs = HubSet(config.connect_timeout_s, ssl_client_context(config))
+        self.hubs = HubSet(config.connect_timeout_s, tls_client_context(config.ca_file, config.allow_invalid_certs))
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy")
@@ -106,11 +100,8 @@ class Proxy:
                                     "ghubai.hub": outcome.hub or None})
 
     async def _error(self, conn: Connection, request: Request, error: ApiError) -> None:
-        if conn.h11.our_state is not h11.SEND_RESPONSE:
-            return  # the answer had begun: the forwarder ended it its own way
-        body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
         tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
-        await conn.respond_json(error.status, body, headers={**error.headers(), **tag})
+        await conn.respond_error(error, request.path, tag)  # unless the forwarder had begun the answer
 
     async def health(self, conn: Connection, request: Request) -> None:
         hubs = [hub.describe() for hub in self.hubs.hubs.values()]
@@ -143,10 +134,10 @@ class Proxy:
         return self.hubs.models()
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, openai.model_list(self._models_or_503()))
+        await conn.respond_json(200, dialects.model_list(self._models_or_503()))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, openai.ollama_tags(self._models_or_503()))
+        await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
 
 
 async def run(config: ProxyConfig, *, path: str | None = None, service: Service | None = None,
@@ -176,7 +167,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
         listeners = await trio.open_tcp_listeners(port, host=host)
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
     url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{host}:{bound.getsockname()[1]}"
-    async with httpx.AsyncClient(verify=ssl_client_context(config)) as http, trio.open_nursery() as nursery:
+    tls = tls_client_context(config.ca_file, config.allow_invalid_certs)
+    async with httpx.AsyncClient(verify=tls) as http, trio.open_nursery() as nursery:
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)

@@ -22,6 +22,7 @@ WORDS = (
 
 @dataclass(frozen=True)
 class SimOptions:
+    """How the simulator behaves (``ghubai sim`` flags)."""
     models: tuple[str, ...] = ("sim",)
     ttft_ms: float = 20.0
     itl_ms: float = 10.0
@@ -34,6 +35,8 @@ class SimOptions:
 
 @dataclass
 class Stats:
+    """What the simulator did, for ``/sim/stats`` and the tests. Invariant: ``active`` counts the
+    generations producing tokens now; each started one ends as completed, cancelled or failed."""
     active: int = 0
     waiting: int = 0
     started: int = 0
@@ -91,6 +94,8 @@ class Generation:
 
 
 class Simulator:
+    """A deterministic engine: at most ``max_parallel`` generations at once (the others wait),
+    each on the ``ttft_ms`` / ``itl_ms`` timetable. Invariant: ``stats`` is updated as generations move."""
     def __init__(self, options: SimOptions) -> None:
         self.options = options
         self.stats = Stats()

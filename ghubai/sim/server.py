@@ -15,9 +15,10 @@ from typing import Any
 
 import trio
 
-from ghubai import __version__, openai
+from ghubai import __version__, dialects
 from ghubai.config import split_hostport
-from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.errors import ApiError
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import logs, tracing
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
 from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
@@ -25,26 +26,13 @@ from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAIComp
 log = logging.getLogger("ghubai.sim")
 
 
-class Reject(Exception):
-    """An answer other than success, in the dialect of the endpoint that was called."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _openai_error(message: str, status: int) -> dict[str, Any]:
-    kind = "api_error" if status >= 500 else "invalid_request_error"
-    return {"error": {"message": message, "type": kind, "param": None, "code": None}}
-
-
 def _body(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
     except ValueError:
-        raise Reject(400, "invalid JSON body") from None
+        raise ApiError(400, "invalid JSON body") from None
     if not isinstance(body, dict):
-        raise Reject(400, "body must be a JSON object")
+        raise ApiError(400, "body must be a JSON object")
     return body
 
 
@@ -73,6 +61,7 @@ def _limit(body: dict[str, Any]) -> int | None:
 
 
 class SimServer:
+    """The simulator's HTTP face: Ollama's native API and its OpenAI layer, on ``http11.server``."""
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.routes: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
@@ -93,29 +82,27 @@ class SimServer:
 
     async def handle(self, conn: Connection, request: Request) -> None:
         route = self.routes.get((request.method, request.path))
-        dialect = "openai" if request.path.startswith("/v1/") else "ollama"
         logs.request_id(request.header(b"x-request-id"))
         log.debug("%s %s", request.method, request.path)
         try:
             if route is None:
-                raise Reject(404, f"{request.method} {request.path} not found")
+                raise ApiError(404, f"{request.method} {request.path} not found")
             # an engine that traces, as the last link of a request's trace
             with tracing.span(f"sim {request.method} {request.path}", tracing.carrier(request.headers)):
                 await route(conn, request)
-        except Reject as error:
-            body = _openai_error(str(error), error.status) if dialect == "openai" else {"error": str(error)}
-            await conn.respond_json(error.status, body)
+        except ApiError as error:
+            await conn.respond_error(error, request.path)
 
     def _model(self, body: dict[str, Any]) -> str:
         model = body.get("model")
         if model not in self.sim.options.models:
-            raise Reject(404, f'model "{model}" not found, try pulling it first')
+            raise ApiError(404, f'model "{model}" not found, try pulling it first')
         return str(model)
 
     def _maybe_fail(self) -> None:
         if self.sim.should_fail():
             self.sim.stats.failed += 1
-            raise Reject(500, "simulated engine failure")
+            raise ApiError(500, "simulated engine failure")
 
     async def root(self, conn: Connection, request: Request) -> None:
         await conn.respond(200, b"Ollama is running", "text/plain; charset=utf-8")
@@ -146,7 +133,7 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body)
         stream = body.get("stream", dialect == "ollama") is True
-        include_usage = openai.wants_usage(body)
+        include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body))
         wants_json, schema = requested_json(body)
         if tool := requested_tool(body):
@@ -174,14 +161,14 @@ class SimServer:
             nursery.cancel_scope.cancel()
         if not stream:
             if failure:
-                raise Reject(500, str(failure))
+                raise ApiError(500, str(failure))
             await conn.respond_json(200, shape.whole())
 
     def _embed_inputs(self, body: dict[str, Any]) -> list[str]:
         raw = body.get("input", body.get("prompt"))
         items = raw if isinstance(raw, list) else [raw]
         if not items or not all(isinstance(item, str) for item in items):
-            raise Reject(400, "input must be a string or a list of strings")
+            raise ApiError(400, "input must be a string or a list of strings")
         return items
 
     async def ollama_embed(self, conn: Connection, request: Request) -> None:

@@ -12,6 +12,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+from ghubai.errors import ApiError
 from ghubai.sim.generator import Generation
 
 _HOLE = "\x00token\x00"
@@ -54,11 +55,15 @@ class Shape:
     def whole(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    sse = False
+
     def error(self, message: str) -> bytes:
-        raise NotImplementedError
+        """The event that ends a stream the engine could not finish (Ollama's and OpenAI's layer alike)."""
+        return ApiError(500, message).stream_end(self.sse)
 
 
 class OpenAIShape(Shape):
+    """Answers of OpenAI's layer: SSE events, ``[DONE]`` at the end."""
     content_type = "text/event-stream"
     prefix = "chatcmpl-"
 
@@ -81,8 +86,7 @@ class OpenAIShape(Shape):
             out += self.event(self.frame(choices=[], usage=_usage(self.gen)))
         return out + b"data: [DONE]\n\n"
 
-    def error(self, message: str) -> bytes:
-        return self.event({"error": {"message": message, "type": "server_error", "param": None, "code": None}})
+    sse = True
 
     chunk_object = ""
 
@@ -91,6 +95,7 @@ class OpenAIShape(Shape):
 
 
 class OpenAIChat(OpenAIShape):
+    """``/v1/chat/completions``."""
     chunk_object = "chat.completion.chunk"
 
     def token_value(self, token: str) -> dict[str, Any]:
@@ -130,6 +135,7 @@ class OpenAIChat(OpenAIShape):
 
 
 class OpenAICompletion(OpenAIShape):
+    """``/v1/completions``."""
     chunk_object = "text_completion"
     prefix = "cmpl-"
 
@@ -147,6 +153,7 @@ class OpenAICompletion(OpenAIShape):
 
 
 class OllamaShape(Shape):
+    """Answers of Ollama's native API: NDJSON lines, the last with ``done: true`` and the counts."""
     def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
         self.created_at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         super().__init__(model, gen, include_usage)
@@ -166,14 +173,12 @@ class OllamaShape(Shape):
     def whole(self) -> dict[str, Any]:
         return self.final(self.gen.text)
 
-    def error(self, message: str) -> bytes:
-        return json.dumps({"error": message}).encode() + b"\n"
-
     def final(self, text: str) -> dict[str, Any]:
         raise NotImplementedError
 
 
 class OllamaChat(OllamaShape):
+    """``/api/chat``."""
     def token_value(self, token: str) -> dict[str, Any]:
         return self.base(message={"role": "assistant", "content": token}, done=False)
 
@@ -186,6 +191,7 @@ class OllamaChat(OllamaShape):
 
 
 class OllamaGenerate(OllamaShape):
+    """``/api/generate``."""
     def token_value(self, token: str) -> dict[str, Any]:
         return self.base(response=token, done=False)
 

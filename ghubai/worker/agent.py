@@ -12,16 +12,17 @@ from __future__ import annotations
 import logging
 import math
 import random
-import ssl
 import uuid
-from typing import Any
+from functools import partial
 
 import httpx
 import trio
 import trio_websocket
 
 from ghubai import __version__, protocol
+from ghubai.link import heartbeat, read_frames, write_batched
 from ghubai.config import WorkerConfig
+from ghubai.http11.client import tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.worker.engine import Call, Engine, EngineError
@@ -34,14 +35,21 @@ WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 
 
-class Flow:
-    """A request's send window: bytes sent that the hub has not yet passed on to its client."""
+class RunningRequest:
+    """A request this worker runs for one hub, from its ``request`` frame to its last frame.
+    Invariant: it is in its link's ``running`` exactly while its task runs; ``scope`` cancels that
+    task (the hub's ``cancel``, a lost link, a drain that timed out); ``unacked`` is what was sent
+    of its answer that the hub has not yet passed on to its client (at most ``WINDOW_BYTES``,
+    unless one piece is larger alone)."""
 
-    def __init__(self) -> None:
+    def __init__(self, frame: protocol.Request) -> None:
+        self.frame = frame
+        self.scope = trio.CancelScope()
         self.unacked = 0
         self._granted = trio.Event()
 
     async def reserve(self, size: int) -> None:
+        """Wait until ``size`` more bytes fit in the window: a slow client stops us reading the engine."""
         while self.unacked and self.unacked + size > protocol.WINDOW_BYTES:
             await self._granted.wait()
             self._granted = trio.Event()
@@ -54,23 +62,26 @@ class Flow:
 
 class Link:
     """One live connection to one hub: frames out go through an unbounded channel to one writer,
-    so a request task or a sync ``finally`` can send without waiting."""
+    so a request task or a sync ``finally`` can send without waiting. Invariant: ``running`` holds
+    the requests of this hub that run now, by id."""
 
     def __init__(self, url: str, out: trio.MemorySendChannel[str | bytes]) -> None:
         self.url = url
         self.out = out
-        self.requests: dict[str, trio.CancelScope] = {}
-        self.flows: dict[str, Flow] = {}
+        self.running: dict[str, RunningRequest] = {}
         self.flushed = trio.Event()  # set once ``out`` is closed and everything in it was sent
 
-    def send(self, frame: str | bytes) -> None:
+    def send(self, frame: protocol.Frame | bytes) -> None:
         try:
-            self.out.send_nowait(frame)
+            self.out.send_nowait(frame if isinstance(frame, bytes) else protocol.encode(frame))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the link is gone; its requests are being cancelled with it
 
 
 class Worker:
+    """The worker daemon's state. Invariant: ``inflight`` is the number of requests running over all
+    links, never above ``max_concurrency``, and every hub hears it (``load``) whenever it changes."""
+
     def __init__(self, config: WorkerConfig, engine: Engine) -> None:
         self.config = config
         self.engine = engine
@@ -105,7 +116,7 @@ class Worker:
             log.info("models: %s", ", ".join(found) or "(none)")
             self.models = found
             for link in list(self.links):
-                link.send(protocol.models(found))
+                link.send(protocol.Models(tuple(found)))
 
     def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
@@ -120,24 +131,17 @@ class Worker:
 
     # -- links -----------------------------------------------------------------------------------
 
-    def _ssl_context(self, url: str) -> ssl.SSLContext | None:
-        if not url.startswith("wss://"):
-            return None
-        context = ssl.create_default_context(cafile=self.config.ca_file or None)
-        if self.config.allow_invalid_certs:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
     async def link_loop(self, url: str) -> None:
         """Keep one link to ``url`` up for ever: reconnect with exponential backoff and jitter."""
         backoff = BACKOFF_FIRST_S
         headers = [(b"authorization", f"Bearer {self.config.provider_token}".encode())] \
             if self.config.provider_token else []
+        tls = tls_client_context(self.config.ca_file, self.config.allow_invalid_certs) \
+            if url.startswith("wss://") else None
         while True:
             try:
                 async with trio_websocket.open_websocket_url(
-                        url, ssl_context=self._ssl_context(url), extra_headers=headers,
+                        url, ssl_context=tls, extra_headers=headers,
                         connect_timeout=self.config.engine.connect_timeout_s, disconnect_timeout=2,
                         max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
                     heartbeat_s = await self._handshake(ws, url)
@@ -161,28 +165,30 @@ class Worker:
             backoff = min(backoff * 2, BACKOFF_MAX_S)
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> float:
-        await ws.send_message(protocol.hello(self.id, self.config.name, self.models,
-                                             self.config.engine.max_concurrency, self.config.engine.kind,
-                                             __version__))
+        await ws.send_message(protocol.encode(protocol.Hello(
+            protocol.PROTOCOL, self.id, self.config.name, tuple(self.models), self.config.engine.max_concurrency,
+            self.config.engine.kind, __version__)))
         with trio.fail_after(WELCOME_TIMEOUT_S):
             frame = protocol.decode(await ws.get_message())
-        if frame["type"] != "welcome":
-            raise protocol.ProtocolError(f"expected welcome, got {frame['type']}")
-        log.info("linked to hub %s at %s", frame["hub_id"], url)
+        if not isinstance(frame, protocol.Welcome):
+            raise protocol.ProtocolError(f"expected welcome, got {protocol.type_of(frame)}")
+        log.info("linked to hub %s at %s", frame.hub_id, url)
         self.welcomed.set()
-        return float(frame["heartbeat_s"])
+        return frame.heartbeat_s
 
     async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float) -> None:
         out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
         link = Link(url, out_send)
         self.links.add(link)
         if self.draining:
-            link.send(protocol.draining())
+            link.send(protocol.Draining())
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write, link, out_receive, ws)
-                nursery.start_soon(self._heartbeat, link, heartbeat_s)
-                await self._read(ws, link, nursery, heartbeat_s)
+                nursery.start_soon(heartbeat, link.send, lambda: self.inflight, heartbeat_s)
+                silent_s = await read_frames(ws.get_message, heartbeat_s, partial(self._dispatch, link, nursery),
+                                             partial(self._refuse, link))
+                log.warning("hub at %s silent for %.1f s: dropping the link", link.url, silent_s)
                 nursery.cancel_scope.cancel()
         finally:
             self.links.discard(link)
@@ -190,57 +196,47 @@ class Worker:
 
     async def _write(self, link: Link, frames: trio.MemoryReceiveChannel[str | bytes],
                      ws: trio_websocket.WebSocketConnection) -> None:
-        await protocol.write_batched(frames, ws.send_message)
+        await write_batched(frames, ws.send_message)
         link.flushed.set()
 
-    async def _heartbeat(self, link: Link, heartbeat_s: float) -> None:
-        while True:
-            await trio.sleep(heartbeat_s)
-            link.send(protocol.ping(self.inflight))
+    def _refuse(self, link: Link, problem: protocol.ProtocolError) -> None:
+        log.warning("bad frame from %s: %s", link.url, problem)
+        if problem.request_id:  # the hub waits for an answer: refuse it rather than drop it
+            link.send(protocol.Error(problem.request_id, 400, f"refused by the worker: {problem}", False))
 
-    async def _read(self, ws: trio_websocket.WebSocketConnection, link: Link, nursery: trio.Nursery,
-                    heartbeat_s: float) -> None:
-        """The link's only reader: dispatches frames; a hub silent for 3 heartbeats is dead."""
-        while True:
-            with trio.move_on_after(3 * heartbeat_s) as silence:
-                message = await ws.get_message()
-            if silence.cancelled_caught:
-                log.warning("hub at %s silent for %.1f s: dropping the link", link.url, 3 * heartbeat_s)
-                return
-            frames, problems = protocol.unpack(message)
-            for problem in problems:
-                log.warning("bad frame from %s: %s", link.url, problem)
-                if problem.request_id:  # the hub waits for an answer: refuse it rather than drop it
-                    link.send(protocol.error(problem.request_id, 400, f"refused by the worker: {problem}", False))
-            for frame in frames:
-                self._dispatch(link, nursery, frame)
-
-    def _dispatch(self, link: Link, nursery: trio.Nursery, frame: dict[str, Any]) -> None:
+    def _dispatch(self, link: Link, nursery: trio.Nursery, frame: protocol.Frame | protocol.Unknown) -> None:
         """Synchronous, so that slots are counted and a cancel finds its request even when both
         arrive in one message, before the request's task has run at all."""
-        kind = frame["type"]
-        if kind == "request":
-            if self.draining:
-                link.send(protocol.error(frame["id"], 503, "worker is shutting down", retryable=True))
-                return
-            if self.inflight >= self.config.engine.max_concurrency:
-                link.send(protocol.error(frame["id"], 503, "worker is at max_concurrency", retryable=True,
-                                         busy=True))
-                return
+        match frame:
+            case protocol.Request():
+                self._admit(link, nursery, frame)
+            case protocol.Cancel(request_id):
+                if running := link.running.get(request_id):
+                    running.scope.cancel()
+            case protocol.Credit(request_id, size):
+                if running := link.running.get(request_id):
+                    running.grant(size)
+            case protocol.Ping():
+                link.send(protocol.Pong(self.inflight))
+            case protocol.Pong():
+                pass
+            case _:
+                log.debug("ignoring a %s frame from %s", protocol.type_of(frame), link.url)
+
+    def _admit(self, link: Link, nursery: trio.Nursery, frame: protocol.Request) -> None:
+        """Start the request, or refuse it with an ``error`` frame saying why."""
+        if frame.id in link.running:  # a hub's bug: both end, and the hub hears one error for the id
+            log.warning("hub at %s sent request %s twice: ending it", link.url, frame.id)
+            link.running[frame.id].scope.cancel()
+            link.send(protocol.Error(frame.id, 400, "duplicate request id", retryable=False))
+        elif self.draining:
+            link.send(protocol.Error(frame.id, 503, "worker is shutting down", retryable=True))
+        elif self.inflight >= self.config.engine.max_concurrency:
+            link.send(protocol.Error(frame.id, 503, "worker is at max_concurrency", retryable=True, busy=True))
+        else:
             self._count(+1)
-            link.requests[frame["id"]] = scope = trio.CancelScope()
-            link.flows[frame["id"]] = Flow()
-            nursery.start_soon(self._serve_request, link, frame, scope)
-        elif kind == "cancel":
-            if scope := link.requests.get(frame["id"]):
-                scope.cancel()
-        elif kind == "credit":
-            if flow := link.flows.get(frame["id"]):
-                flow.grant(frame["bytes"])
-        elif kind == "ping":
-            link.send(protocol.pong(self.inflight))
-        elif kind != "pong":
-            log.debug("ignoring %s frame from %s", kind, link.url)
+            link.running[frame.id] = running = RunningRequest(frame)
+            nursery.start_soon(self._serve_request, link, running)
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -251,22 +247,22 @@ class Worker:
         elif self.idle.is_set():
             self.idle = trio.Event()
         for each in list(self.links):
-            each.send(protocol.load(self.inflight))
+            each.send(protocol.Load(self.inflight))
 
     async def drain(self) -> None:
         """Tell every hub to send nothing new, then let the running requests finish."""
         self.draining = True
         for link in list(self.links):
-            link.send(protocol.draining())
+            link.send(protocol.Draining())
         log.info("draining: %d request(s) running, waiting up to %g s", self.inflight, self.config.drain_timeout_s)
         with trio.move_on_after(self.config.drain_timeout_s):
             await self.idle.wait()
         if not self.idle.is_set():
             log.warning("drain timeout: ending %d request(s) with an error", self.inflight)
             for link in list(self.links):
-                for request_id, scope in list(link.requests.items()):
-                    link.send(protocol.error(request_id, 503, "the worker is shutting down", retryable=False))
-                    scope.cancel()
+                for request_id, running in list(link.running.items()):
+                    link.send(protocol.Error(request_id, 503, "the worker is shutting down", retryable=False))
+                    running.scope.cancel()
             await self.idle.wait()  # cancelled requests end at once
         with trio.move_on_after(FLUSH_TIMEOUT_S):  # the last answers must reach the hubs before we go
             for link in list(self.links):
@@ -274,43 +270,46 @@ class Worker:
                 await link.flushed.wait()
         log.info("drained: every request finished")
 
-    async def _serve_request(self, link: Link, frame: dict[str, Any], scope: trio.CancelScope) -> None:
-        request_id = frame["id"]
-        trace = frame.get("trace") or {}
+    async def _serve_request(self, link: Link, running: RunningRequest) -> None:
+        frame, request_id = running.frame, running.frame.id
+        trace = dict(frame.trace)
         trace["x-request-id"] = logs.request_id(trace.get("x-request-id"))  # on every line of this task
-        call = Call(api=frame["api"], body=frame["body"], stream=frame["stream"], headers=trace)
-        started = trio.current_time()
+        call = Call(api=frame.api, body=frame.body, stream=frame.stream, headers=trace)
         try:
-            with scope, tracing.span(f"engine {call.api}", trace, kind="client",
-                                     **{"gen_ai.request.model": call.body.get("model")}):
+            with running.scope, tracing.span(f"engine {call.api}", trace, kind="client",
+                                             **{"gen_ai.request.model": call.body.get("model")}):
                 tracing.inject(call.headers)  # the engine's parent is this span
-                try:
-                    flow = link.flows[request_id]
-                    async for batch in self.engine.run(call):
-                        await flow.reserve(len(batch))  # a slow client stops us reading the engine
-                        link.send(protocol.chunk(request_id, batch))
-                    link.send(protocol.end(request_id, call.usage))
-                    tracing.annotate(**{f"gen_ai.usage.{kind}_tokens": count for kind, count in (
-                        ("input", (call.usage or {}).get("prompt_tokens")),
-                        ("output", (call.usage or {}).get("completion_tokens")))})
-                    log.info("%s for %s: done in %.3f s, usage %s", call.api, call.body.get("model"),
-                             trio.current_time() - started, call.usage)
-                except EngineError as error:
-                    log.info("%s for %s: engine error %d: %s", call.api, call.body.get("model"), error.status,
-                             error.message)
-                    link.send(protocol.error(request_id, error.status, error.message, error.retryable))
-                    tracing.annotate(**{"http.response.status_code": error.status})
-                    if error.model_missing:
-                        self._rediscover.set()
-                except Exception:  # a bug here must cost this request only, never the link and its others
-                    log.exception("request %s failed inside the worker", request_id)
-                    link.send(protocol.error(request_id, 500, "internal error in the worker", retryable=True))
+                await self._call_engine(link, running, call)
         finally:
-            del link.requests[request_id]
-            del link.flows[request_id]
+            if link.running.get(request_id) is running:
+                del link.running[request_id]
             self._count(-1)
-        if scope.cancelled_caught:
+        if running.scope.cancelled_caught:
             log.debug("request %s cancelled by the hub", request_id)
+
+    async def _call_engine(self, link: Link, running: RunningRequest, call: Call) -> None:
+        """Stream the engine's answer to the hub; whatever fails ends this request only, with an
+        ``error`` frame, never the link and the other requests on it."""
+        request_id, started = running.frame.id, trio.current_time()
+        model = call.body.get("model")
+        try:
+            async for batch in self.engine.run(call):
+                await running.reserve(len(batch))  # a slow client stops us reading the engine
+                link.send(protocol.chunk(request_id, batch))
+            link.send(protocol.End(request_id, call.usage))
+            tracing.annotate(**{f"gen_ai.usage.{kind}_tokens": count for kind, count in (
+                ("input", (call.usage or {}).get("prompt_tokens")),
+                ("output", (call.usage or {}).get("completion_tokens")))})
+            log.info("%s for %s: done in %.3f s, usage %s", call.api, model, trio.current_time() - started, call.usage)
+        except EngineError as error:
+            log.info("%s for %s: engine error %d: %s", call.api, model, error.status, error.message)
+            link.send(protocol.Error(request_id, error.status, error.message, error.retryable))
+            tracing.annotate(**{"http.response.status_code": error.status})
+            if error.model_missing:
+                self._rediscover.set()
+        except Exception:  # a bug here must cost this request only, never the link and its others
+            log.exception("request %s failed inside the worker", request_id)
+            link.send(protocol.Error(request_id, 500, "internal error in the worker", retryable=True))
 
 
 async def _ready_when_welcomed(worker: Worker, service: Service) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from ghubai import openai
+from ghubai import dialects
 from ghubai.config import EngineConfig
 from ghubai.worker.translate import Translator, translator_for
 
@@ -67,6 +67,23 @@ def _error_message(raw: bytes) -> str:
     return str(error if error is not None else value)
 
 
+def engine_error(payload: bytes) -> str | None:
+    """The message of a payload that is an engine's error object (``{"error": ...}`` however it is
+    spaced, or vLLM's ``{"object": "error", "message": ...}``), else None. Cheap for the others:
+    only a payload with a literal ``"error"`` string in it is parsed."""
+    if b'"error"' not in payload:
+        return None
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    if isinstance(value, dict) and "error" in value:
+        return _error_message(payload)
+    if isinstance(value, dict) and value.get("object") == "error":
+        return str(value.get("message") or "engine error")
+    return None
+
+
 def _usage_of(value: Any) -> dict[str, int] | None:
     if not isinstance(value, dict):
         return None
@@ -81,6 +98,8 @@ def _usage_of(value: Any) -> dict[str, int] | None:
 
 
 class Engine:
+    """The local engine as the worker calls it. Invariant: every call yields the answer as its
+    client will receive it, and ends with the engine's usage in its ``Call`` or an ``EngineError``."""
     def __init__(self, config: EngineConfig, client: httpx.AsyncClient) -> None:
         self.config = config
         self.client = client
@@ -107,7 +126,7 @@ class Engine:
         body = dict(call.body)
         if call.stream and call.api in ("openai.chat", "openai.completions"):
             # Always ask for usage so the grid can count tokens; strip it if the client did not ask.
-            call.client_wants_usage = openai.wants_usage(body)
+            call.client_wants_usage = dialects.wants_usage(body)
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
@@ -133,7 +152,7 @@ class Engine:
                     yield translator.whole(value, call.usage) if translator else raw
                     return
                 sse = path.startswith("/v1/")
-                split = _sse_payloads if sse else _ndjson_payloads
+                split = sse_payloads if sse else ndjson_payloads
                 async for batch in split(response.aiter_bytes()):
                     out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
                     if out:
@@ -162,8 +181,8 @@ class Engine:
             if payload == b"[DONE]":
                 call.finished = True
                 continue
-            if payload.startswith(b'{"error"'):
-                raise EngineError(502, _error_message(payload), retryable=True)
+            if (message := engine_error(payload)) is not None:
+                raise EngineError(502, message, retryable=True)
             if any(marker in payload for marker in _USAGE_MARKERS):
                 value = json.loads(payload)
                 value = value if isinstance(value, dict) else {}
@@ -183,8 +202,8 @@ class Engine:
                 call.finished = True
                 out.append(translator.final(call.usage))
                 continue
-            if payload.startswith(b'{"error"'):
-                raise EngineError(502, _error_message(payload), retryable=True)
+            if (message := engine_error(payload)) is not None:
+                raise EngineError(502, message, retryable=True)
             value = json.loads(payload)
             if isinstance(value, dict):
                 call.usage = _usage_of(value) or call.usage
@@ -196,22 +215,26 @@ class Engine:
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
 
 
-async def _sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """SSE ``data`` payloads, one list per network read."""
+def _sse_data(event: bytes) -> bytes | None:
+    lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
+
+
+async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """SSE ``data`` payloads, one list per network read. An event is complete at a blank line, or
+    at the end of the stream (an engine may end on ``data: [DONE]\n`` alone)."""
     pending = b""
     async for data in chunks:
         pending += data
         *events, pending = pending.replace(b"\r\n", b"\n").split(b"\n\n")
-        batch = []
-        for event in events:
-            lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
-            if lines:
-                batch.append(b"\n".join(lines))
-        if batch:
+        if batch := [payload for event in events if (payload := _sse_data(event)) is not None]:
             yield batch
+    if (payload := _sse_data(pending.strip(b"\r\n"))) is not None:
+        yield [payload]
 
 
-async def _ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """NDJSON lines, one list per network read; a last line without its newline counts too."""
     pending = b""
     async for data in chunks:
         pending += data

@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from ghubai import openai
+from ghubai import dialects
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
@@ -60,6 +60,8 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class OllamaOverOpenAI:
+    """An ``ollama.*`` request for an OpenAI-compatible engine, and its answer back in Ollama's
+    shapes. One per request: it keeps the stream's state (model, finish reason, tool calls so far)."""
     PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
              "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
@@ -204,7 +206,7 @@ class OpenAIOverOllama:
         if self.api == "openai.embeddings":
             self.base64 = body.get("encoding_format") == "base64"
             return {"model": self.model, "input": body.get("input", "")}
-        self.include_usage = openai.wants_usage(body)
+        self.include_usage = dialects.wants_usage(body)
         options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:

@@ -1,6 +1,8 @@
 """HTTP/1.1 server connections written directly on h11 and trio streams.
 
-Used where a framework would cost too much per byte (the simulator, the proxy). One ``Connection``
+Used where a framework would cost too much per byte (the simulator, the proxy). A request that
+cannot be read (bad framing, too many or too large headers, too large a body) is answered with
+its ``ApiError`` and the connection closed. One ``Connection``
 serves requests one after another on a keep-alive socket. While a response streams, ``watch()`` is
 the socket's only reader: it feeds pipelined bytes to h11 and reports EOF, so the caller can cancel
 the work done for a client that left.
@@ -16,7 +18,7 @@ from typing import Any
 import h11
 import trio
 
-from ghubai.openai import ApiError
+from ghubai.errors import ApiError
 
 log = logging.getLogger("ghubai.http")
 
@@ -24,16 +26,9 @@ RECEIVE_SIZE = 65536
 DRAIN_TIMEOUT_S = 0.5
 
 
-class HttpError(Exception):
-    """A request that cannot be served; answered with ``status`` and the connection closed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 @dataclass
 class Request:
+    """One request, read whole (its body bounded by ``max_body``)."""
     method: str
     target: str
     headers: list[tuple[bytes, bytes]]
@@ -48,6 +43,9 @@ class Request:
 
 
 class Connection:
+    """One client's keep-alive socket. Invariant: requests are served one after another, and
+    nobody but this class touches the h11 state machine; callers ask ``response_started``."""
+
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0) -> None:
         self.stream = stream
@@ -80,10 +78,10 @@ class Connection:
             if not isinstance(event, h11.Request):
                 return None  # closed, or paused on a connection that must close
             if len(event.headers) > self.max_headers:
-                raise HttpError(431, f"more than {self.max_headers} header lines")
+                raise ApiError(431, f"more than {self.max_headers} header lines")
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
-                raise HttpError(431, f"request head larger than {self.max_header_bytes} bytes")
+                raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = bytearray()
@@ -95,9 +93,9 @@ class Connection:
                     return None
                 body += part.data
                 if len(body) > self.max_body:
-                    raise HttpError(413, f"request body is larger than {self.max_body} bytes")
+                    raise ApiError(413, f"request body is larger than {self.max_body} bytes")
         except h11.RemoteProtocolError as error:
-            raise HttpError(error.error_status_hint, str(error)) from None
+            raise ApiError(error.error_status_hint, str(error)) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
@@ -144,6 +142,16 @@ class Connection:
         gone.cancel()
 
     @property
+    def response_started(self) -> bool:
+        """The head of the answer has gone out: an error can only end the answer, not replace it."""
+        return self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    async def respond_error(self, error: ApiError, path: str, headers: dict[str, str] | None = None) -> None:
+        """``error`` in the dialect of ``path``, unless an answer has already begun."""
+        if not self.response_started:
+            await self.respond(error.status, error.body_for(path), headers={**error.headers(), **(headers or {})})
+
+    @property
     def reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
@@ -168,10 +176,8 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, **limits: Any) 
         while True:
             try:
                 request = await conn.read_request()
-            except HttpError as error:
-                if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    body = ApiError(error.status, str(error)).openai_body()
-                    await conn.respond_json(error.status, body, headers={"connection": "close"})
+            except ApiError as error:
+                await conn.respond_error(error, "", headers={"connection": "close"})
                 break
             if request is None:
                 break

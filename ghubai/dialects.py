@@ -1,47 +1,12 @@
-"""OpenAI shapes: request validation, error objects, SSE encoding.
-
-Every role that answers clients builds its errors here, so a client sees one dialect:
-``{"error": {"message", "type", "param", "code"}}`` on ``/v1`` and ``{"error": "..."}`` on ``/api``.
-"""
+"""The client-facing shapes of the two APIs the grid speaks, OpenAI's (``/v1``) and Ollama's (``/api``):
+request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai.errors``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
-    429: "rate_limit_error", 431: "invalid_request_error",
-}
-
-
-class ApiError(Exception):
-    """An answer other than success, in terms both dialects can render."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.retry_after = retry_after
-
-    def openai_body(self) -> dict[str, Any]:
-        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def ollama_body(self) -> dict[str, Any]:
-        return {"error": self.message}
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
-
-
-def model_not_found(model: str) -> ApiError:
-    return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
-                    param="model", code="model_not_found")
+from ghubai.errors import ApiError
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""Errors as clients see them: the one error type of every role that answers HTTP, and its bodies.
+
+A client sees one dialect per path: ``{"error": {"message", "type", "param", "code"}}`` (OpenAI) on
+``/v1`` and everywhere else, ``{"error": "..."}`` (Ollama) on ``/api``. A stream that fails after
+its first byte ends with the same body as one last SSE event or NDJSON line.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+    429: "rate_limit_error", 431: "invalid_request_error",
+}
+
+
+def is_ollama_path(path: str) -> bool:
+    """Ollama's native API lives under ``/api/``; every other path answers in OpenAI's dialect."""
+    return path.startswith("/api/")
+
+
+class ApiError(Exception):
+    """An answer other than success, in terms both dialects can render. Invariant: ``status`` is
+    an HTTP error status (400-599); ``retry_after`` (seconds), when set, becomes ``Retry-After``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def openai_body(self) -> dict[str, Any]:
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+    def ollama_body(self) -> dict[str, Any]:
+        return {"error": self.message}
+
+    def body_for(self, path: str) -> bytes:
+        """The JSON body of the answer to a request for ``path``."""
+        return json.dumps(self.ollama_body() if is_ollama_path(path) else self.openai_body()).encode()
+
+    def stream_end(self, sse: bool) -> bytes:
+        """The last piece of a stream that fails after its first byte: an SSE event or an NDJSON line."""
+        if sse:
+            return b"data: " + json.dumps(self.openai_body()).encode() + b"\n\n"
+        return json.dumps(self.ollama_body()).encode() + b"\n"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
+                    param="model", code="model_not_found")

@@ -1,0 +1,61 @@
+"""What both ends of a hub↔worker link do alike: one writer that batches, a heartbeat, and a
+reader that dispatches frames and notices a silent peer. The frames themselves: ``ghubai.protocol``.
+
+Each end owns these three as tasks of one nursery per link; the reader returning (the peer fell
+silent) or raising (the socket closed) ends the link, and its owner cancels the other two.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from ghubai import protocol
+
+SILENT_HEARTBEATS = 3  # a peer silent for this many heartbeats is gone
+
+
+async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
+                        send: Callable[[str | bytes], Awaitable[Any]]) -> None:
+    """The one writer of a link: sends what is queued on ``frames`` (JSON text frames and binary
+    chunks), everything already waiting in as few messages as order and size allow."""
+    async for frame in frames:
+        batch = [frame]
+        size = len(frame)
+        while size < protocol.MAX_BATCH_BYTES:
+            try:
+                batch.append(frames.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            size += len(batch[-1])
+        for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):
+            await send(b"".join(group) if binary else "\n".join(group))  # type: ignore[arg-type]
+
+
+async def heartbeat(send: Callable[[protocol.Frame], None], inflight: Callable[[], int], every_s: float) -> None:
+    """A ``ping`` every ``every_s``, carrying this side's count of running requests."""
+    while True:
+        await trio.sleep(every_s)
+        send(protocol.Ping(inflight()))
+
+
+async def read_frames(receive: Callable[[], Awaitable[str | bytes]], heartbeat_s: float,
+                      handle: Callable[[protocol.Frame | protocol.Unknown], None],
+                      refuse: Callable[[protocol.ProtocolError], None]) -> float:
+    """Hand each frame of each message to ``handle`` and each refused part to ``refuse`` (both
+    synchronous, so that frames of one message act in order). Returns the seconds of silence once
+    the peer has said nothing for ``SILENT_HEARTBEATS`` heartbeats."""
+    silence_s = SILENT_HEARTBEATS * heartbeat_s
+    while True:
+        with trio.move_on_after(silence_s) as silence:
+            message = await receive()
+        if silence.cancelled_caught:
+            return silence_s
+        frames, problems = protocol.unpack(message)
+        for problem in problems:
+            refuse(problem)
+        for frame in frames:
+            handle(frame)

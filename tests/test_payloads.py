@@ -1,0 +1,67 @@
+"""The worker's splitters of an engine's stream (SSE and NDJSON) and its recognition of an engine's
+error object, without an engine: each network read is a list of byte strings here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ghubai.worker.engine import engine_error, ndjson_payloads, sse_payloads
+
+
+async def _reads(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def _split(splitter: object, *parts: bytes) -> list[list[bytes]]:
+    return [batch async for batch in splitter(_reads(*parts))]  # type: ignore[operator]
+
+
+async def test_sse_events_come_one_list_per_read() -> None:
+    batches = await _split(sse_payloads, b'data: {"a":1}\n\ndata: {"a":2}\n\n', b"data: [DONE]\n\n")
+    assert batches == [[b'{"a":1}', b'{"a":2}'], [b"[DONE]"]]
+
+
+async def test_an_sse_event_split_across_reads_and_crlf_line_ends() -> None:
+    batches = await _split(sse_payloads, b'data: {"a"', b":1}\r", b"\n\r\n", b"data:[DONE]\r\n\r\n")
+    assert batches == [[b'{"a":1}'], [b"[DONE]"]]
+
+
+async def test_a_final_sse_event_without_a_blank_line_is_not_dropped() -> None:
+    """Regression: an engine that ends on ``data: [DONE]\\n`` used to get a retryable 502."""
+    assert await _split(sse_payloads, b'data: {"a":1}\n\n', b"data: [DONE]\n") == [[b'{"a":1}'], [b"[DONE]"]]
+    assert await _split(sse_payloads, b"data: [DONE]") == [[b"[DONE]"]]
+
+
+async def test_sse_comments_and_other_fields_carry_no_payload() -> None:
+    batches = await _split(sse_payloads, b": keep-alive\n\nevent: x\nid: 1\ndata: a\ndata: b\n\nretry: 5\n\n")
+    assert batches == [[b"a\nb"]]
+
+
+async def test_ndjson_lines_blank_lines_and_a_last_line_without_newline() -> None:
+    batches = await _split(ndjson_payloads, b'{"a":1}\n\n{"a"', b':2}\n{"done":true}')
+    assert batches == [[b'{"a":1}'], [b'{"a":2}'], [b'{"done":true}']]
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b'{"error":"model not loaded"}', "model not loaded"),
+    (b'{ "error" : {"message": "out of memory", "type": "server_error"}}', "out of memory"),
+    (b'{\n  "error": "spaced"\n}', "spaced"),
+    (b'{"object":"error","message":"context too long","type":"BadRequestError","code":400}', "context too long"),
+])
+def test_engine_errors_are_recognised_however_they_are_spaced(payload: bytes, message: str) -> None:
+    """Regression: ``startswith(b'{"error"')`` missed ``{ "error"``."""
+    assert engine_error(payload) == message
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"choices":[{"delta":{"content":"an error occurred"}}]}',
+    b'{"message":{"content":"say \\"error\\" twice"},"done":false}',
+    b'{"finish_reason":"error-free"}',
+    b"[DONE]",
+    b'"error"',
+])
+def test_ordinary_payloads_are_not_errors(payload: bytes) -> None:
+    assert engine_error(payload) is None
