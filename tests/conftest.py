@@ -4,12 +4,17 @@ each in a cancel scope of its own so a test can stop one (a worker leaves, a hub
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -155,40 +160,103 @@ def chat(model: str = "sim", stream: bool = False, content: str = "hello grid", 
     return {"model": model, "messages": [{"role": "user", "content": content}], "stream": stream, **extra}
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+async def stalled_client(hub_url: str) -> trio.socket.SocketType:
+    """A client that sends a streaming request, sees it start, then reads nothing more."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", int(hub_url.rsplit(":", 1)[1])))
+    body = json.dumps(chat(stream=True)).encode()
+    await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    await sock.recv(100)
+    return sock
 
 
 def ghubai_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ghubai", *args]
 
 
-class HubProcess:
-    """A hub as a real process, for the tests that kill it."""
+# What each daemon logs at INFO once it has bound, e.g. "hub 1a2b serving on http://127.0.0.1:40123 (...)",
+# "simulator serving sim on 127.0.0.1:40123 (...)", in text or JSON logs.
+SERVING = re.compile(r"\bserving (?:\S+ )?on (https?://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\"]+):(\d+)")
 
-    def __init__(self, config: str | None = None, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = ["hub", "--listen", f"127.0.0.1:{self.port}", "--log-level", "warning"]
+
+class Daemon:
+    """A ``ghubai`` role as a real process, its stderr in ``folder/ROLE.log`` and its stdout in
+    ``folder/ROLE.out`` (a pipe nobody reads could fill up and block it). Give it port 0
+    (``--listen 127.0.0.1:0``) and learn the port it bound with :meth:`url`."""
+
+    def __init__(self, folder: Path, *args: str, env: Mapping[str, str] | None = None) -> None:
+        self.name = args[0]
+        for count in range(2, 1000):  # a second hub in the same folder writes hub-2.log
+            if not (folder / f"{self.name}.log").exists():
+                break
+            self.name = f"{args[0]}-{count}"
+        self.stderr, self.stdout = folder / f"{self.name}.log", folder / f"{self.name}.out"
+        with self.stderr.open("wb") as stderr, self.stdout.open("wb") as stdout:
+            self.process = subprocess.Popen(ghubai_command(*args), stdout=stdout, stderr=stderr, env=env)
+
+    def log(self) -> str:
+        """What it wrote to stderr so far."""
+        return self.stderr.read_text(errors="replace")
+
+    def printed(self) -> str:
+        """What it wrote to stdout so far."""
+        return self.stdout.read_text(errors="replace")
+
+    async def wrote(self, pattern: re.Pattern[str], *, stdout: bool = False,
+                    timeout_s: float = WAIT_S) -> re.Match[str]:
+        """The first match of ``pattern`` in its stderr (or stdout), once it is there; fails the test if
+        the process ends without writing it."""
+        found: list[re.Match[str]] = []
+
+        async def written() -> bool:
+            ended = self.process.poll() is not None  # before reading: what it wrote before ending counts
+            match = pattern.search(self.printed() if stdout else self.log())
+            if match is None and ended:
+                pytest.fail(f"{self.name} ended ({self.process.returncode}) before writing {pattern.pattern!r}:\n"
+                            + self.log()[-3000:])
+            found[:] = [match] if match else []
+            return bool(found)
+
+        await eventually(written, f"{self.name} to write {pattern.pattern!r}", timeout_s)
+        return found[0]
+
+    async def url(self) -> str:
+        """The base URL it serves on, from its first ``serving ... on ADDRESS`` line (needs INFO logs)."""
+        match = await self.wrote(SERVING)
+        return f"{match[1] or 'http://'}{match[2]}:{match[3]}"
+
+    def stop(self) -> int:
+        """SIGTERM, then its exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.wait(timeout=WAIT_S)
+
+
+class HubProcess:
+    """A hub as a real process, for the tests that kill it: on a port the OS picks, or on ``port``
+    (a hub restarted where its workers and proxies look for it)."""
+
+    def __init__(self, config: str | None = None, port: int = 0) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="ghubai-hub-"))
+        args = ["hub", "--listen", f"127.0.0.1:{port}"]
         if config is not None:
-            self.config = tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False)
-            self.config.write(config)
-            self.config.close()
-            args += ["--config", self.config.name]
-        self.process = subprocess.Popen(ghubai_command(*args))
+            (self.folder / "hub.toml").write_text(config)
+            args += ["--config", str(self.folder / "hub.toml")]
+        self.daemon = Daemon(self.folder, *args)
+        self.process = self.daemon.process
+        self.port, self.url = port, ""
 
     async def started(self, http: httpx.AsyncClient) -> HubProcess:
-        async def up() -> bool:
-            try:
-                return (await http.get(self.url + "/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await eventually(up, f"hub process on port {self.port}")
+        """Once it serves: its ``url`` and ``port`` are those it bound."""
+        try:
+            self.url = await self.daemon.url()
+        except BaseException:
+            self.kill()  # not yet in ``hub_processes``
+            raise
+        self.port = int(self.url.rsplit(":", 1)[1])
+        assert (await http.get(self.url + "/health")).status_code == 200
         return self
 
     def kill(self) -> None:
@@ -203,6 +271,7 @@ def hub_processes() -> Any:
     for hub in started:
         if hub.process.poll() is None:
             hub.kill()
+        shutil.rmtree(hub.folder, ignore_errors=True)
 
 
 def run_ghubai(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -136,6 +136,7 @@ async def test_workers_come_back_after_kill_9_of_their_hub(grid: Grid, hub_proce
     sim_url, _ = await grid.sim()
     await grid.worker(hub.url, sim_url)
     hub.kill()
+    # On purpose on the same port, the one the OS gave the first hub: where the worker looks for its hub.
     reborn = await HubProcess(port=hub.port).started(grid.http)
     hub_processes.append(reborn)
     await workers_linked(grid, reborn.url, 1)

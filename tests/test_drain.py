@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, workers_linked
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, stalled_client, workers_linked
 
 
 async def collect(http: httpx.AsyncClient, url: str, events: list[str], started: trio.Event) -> None:
@@ -107,8 +107,6 @@ async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(grid: Gr
 
 async def test_a_hub_with_a_client_that_reads_nothing_still_stops(
         grid: Grid, hub_processes: list[HubProcess]) -> None:
-    from test_robustness import stalled_client
-
     hub, _ = await hub_process_with_worker(grid, hub_processes, "drain_timeout_s = 0.5\n", tokens=1_000_000,
                                            itl_ms=0, ttft_ms=1)
     sock = await stalled_client(hub.url)
@@ -121,8 +119,6 @@ async def test_a_hub_with_a_client_that_reads_nothing_still_stops(
 
 
 async def test_a_draining_worker_gives_up_after_its_drain_timeout(grid: Grid, tmp_path: Any) -> None:
-    from test_robustness import stalled_client
-
     sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub()
     config = tmp_path / "worker.toml"

@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import subprocess
-import time
-
 import httpx
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import WAIT_S, eventually, free_port, ghubai_command
+from conftest import WAIT_S, Daemon, eventually
 
 SCALARS = st.none() | st.booleans() | st.integers(-10, 64) | st.floats(allow_nan=False, width=32) | st.text(max_size=12)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
@@ -35,32 +33,35 @@ REQUESTS = st.tuples(st.sampled_from(["POST", "GET", "PUT", "DELETE"]),
 
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """Simulator, hub, worker and proxy as real processes, shared by every example."""
+    """Simulator, hub, worker and proxy as real processes, shared by every example: their URLs."""
     folder = tmp_path_factory.mktemp("fuzz")
-    sim, hub, proxy = free_port(), free_port(), free_port()
-    (folder / "worker.toml").write_text(f'hub_url = "ws://127.0.0.1:{hub}/gridhub"\n'
-                                        f'[engine]\nurl = "http://127.0.0.1:{sim}"\nmax_concurrency = 8\n')
-    (folder / "proxy.toml").write_text(f'registry_url = ""\nhubs = ["http://127.0.0.1:{hub}"]\n'
-                                       f'[health]\ninterval_s = 0.2\n')
-    commands = [("sim", "--listen", f"127.0.0.1:{sim}", "--tokens", "4", "--ttft-ms", "0", "--itl-ms", "0"),
-                ("hub", "--listen", f"127.0.0.1:{hub}"), ("worker", "--config", str(folder / "worker.toml")),
-                ("proxy", "--config", str(folder / "proxy.toml"), "--listen", f"127.0.0.1:{proxy}")]
-    started = [subprocess.Popen(ghubai_command(*command, "--log-level", "error")) for command in commands]
-    urls = tuple(f"http://127.0.0.1:{port}" for port in (sim, hub, proxy))
+    started: list[Daemon] = []
+
+    async def start() -> tuple[str, str, str]:
+        started.append(Daemon(folder, "sim", "--listen", "127.0.0.1:0", "--tokens", "4", "--ttft-ms", "0",
+                              "--itl-ms", "0"))
+        started.append(Daemon(folder, "hub", "--listen", "127.0.0.1:0"))
+        sim, hub = await started[0].url(), await started[1].url()
+        (folder / "worker.toml").write_text(f'hub_url = "{hub.replace("http://", "ws://")}/gridhub"\n'
+                                            f'[engine]\nurl = "{sim}"\nmax_concurrency = 8\n')
+        (folder / "proxy.toml").write_text(f'registry_url = ""\nhubs = ["{hub}"]\n[health]\ninterval_s = 0.2\n')
+        started.append(Daemon(folder, "worker", "--config", str(folder / "worker.toml"), "--log-level", "error"))
+        started.append(Daemon(folder, "proxy", "--config", str(folder / "proxy.toml"), "--listen", "127.0.0.1:0"))
+        proxy = await started[-1].url()
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            async def listed() -> bool:
+                return "sim" in (await http.get(proxy + "/v1/models")).text
+
+            await eventually(listed, "the proxy to list the model sim")
+        return sim, hub, proxy
+
     try:
-        for _ in range(200):
-            try:
-                if "sim" in httpx.get(urls[2] + "/v1/models", timeout=1).text:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield urls
+        yield trio.run(start)
     finally:
-        for process in started:
-            process.terminate()
-        for process in started:
-            process.wait(timeout=WAIT_S)
+        for daemon in started:
+            daemon.process.terminate()
+        for daemon in started:
+            daemon.process.wait(timeout=WAIT_S)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

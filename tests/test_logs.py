@@ -4,39 +4,37 @@ on the lines about it in every role (proxy → hub → worker → engine), and n
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from conftest import WAIT_S, chat, eventually, free_port, ghubai_command
+from conftest import WAIT_S, Daemon, chat, eventually
 
 API_KEY, TOKEN = "sk-client-secret-4242", "provider-secret-1717"
 
 
-def daemon(tmp_path: Path, role: str, config: str | None, *args: str, fmt: str = "json") -> subprocess.Popen[bytes]:
-    command = ghubai_command(role, "--log-format", fmt, "--log-level", "debug", *args)
+def daemon(tmp_path: Path, role: str, config: str | None, *args: str, fmt: str = "json") -> Daemon:
+    """``role`` logging at debug level to ``ROLE.log``; its config, if any, in ``ROLE.toml``."""
+    command = [role, "--log-format", fmt, "--log-level", "debug", *args]
     if config is not None:
         (tmp_path / f"{role}.toml").write_text(config)
         command += ["--config", str(tmp_path / f"{role}.toml")]
-    return subprocess.Popen(command, stderr=(tmp_path / f"{role}.log").open("wb"))
+    return Daemon(tmp_path, *command)
 
 
 async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path: Path) -> None:
-    sim_port, hub_port, proxy_port = free_port(), free_port(), free_port()
-    processes = [
-        daemon(tmp_path, "sim", None, "--listen", f"127.0.0.1:{sim_port}", "--ttft-ms", "1", "--itl-ms", "1"),
-        daemon(tmp_path, "hub", f'listen = "127.0.0.1:{hub_port}"\napi_keys = ["{API_KEY}"]\n'
-                                f'provider_tokens = ["{TOKEN}"]\n', fmt="text"),
-        daemon(tmp_path, "worker", f'hub_url = ["ws://127.0.0.1:{hub_port}/gridhub"]\nprovider_token = "{TOKEN}"\n'
-                                   f'name = "w1"\n[engine]\nurl = "http://127.0.0.1:{sim_port}"\n'),
-        daemon(tmp_path, "proxy", f'listen = "127.0.0.1:{proxy_port}"\nregistry_url = ""\n'
-                                  f'hubs = ["http://127.0.0.1:{hub_port}"]\napi_keys = ["{API_KEY}"]\n'
-                                  '[health]\ninterval_s = 0.1\n'),
-    ]
-    proxy = f"http://127.0.0.1:{proxy_port}"
+    processes = [daemon(tmp_path, "sim", None, "--listen", "127.0.0.1:0", "--ttft-ms", "1", "--itl-ms", "1"),
+                 daemon(tmp_path, "hub", f'listen = "127.0.0.1:0"\napi_keys = ["{API_KEY}"]\n'
+                                         f'provider_tokens = ["{TOKEN}"]\n', fmt="text")]
     try:
+        sim, hub = [await role.url() for role in processes]
+        processes.append(daemon(tmp_path, "worker", f'hub_url = ["{hub.replace("http", "ws", 1)}/gridhub"]\n'
+                                                    f'provider_token = "{TOKEN}"\nname = "w1"\n'
+                                                    f'[engine]\nurl = "{sim}"\n'))
+        processes.append(daemon(tmp_path, "proxy", f'listen = "127.0.0.1:0"\nregistry_url = ""\nhubs = ["{hub}"]\n'
+                                                   f'api_keys = ["{API_KEY}"]\n[health]\ninterval_s = 0.1\n'))
+        proxy = await processes[-1].url()
         async with httpx.AsyncClient(timeout=WAIT_S, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
             async def serving() -> bool:
                 try:
@@ -54,10 +52,10 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
             refused = await http.post(proxy + "/v1/chat/completions", json=chat(), headers={
                 "Authorization": "Bearer wrong-key", "X-Request-ID": "bad id; forged=1"})
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=WAIT_S)
+        for role in processes:
+            role.process.terminate()
+        for role in processes:
+            role.process.wait(timeout=WAIT_S)
 
     assert given.status_code == 200 and given.headers["x-request-id"] == "trace-me-42"
     made_id = made.headers["x-request-id"]

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, eventually, free_port, ghubai_command, run_ghubai
+from conftest import WAIT_S, Daemon, Grid, eventually, run_ghubai
 
 TWO_HUBS = """listen = "127.0.0.1:7001"
 [[hubs]]
@@ -101,18 +100,11 @@ async def test_in_place_edits_count_too_and_a_broken_edit_keeps_the_last_list(gr
 async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_text(TWO_HUBS)
-    port = free_port()
-    process = subprocess.Popen(ghubai_command("registry", "--config", str(path), "--listen", f"127.0.0.1:{port}"))
-    url = f"http://127.0.0.1:{port}"
+    registry = Daemon(tmp_path, "registry", "--config", str(path), "--listen", "127.0.0.1:0")
     try:
+        url = await registry.url()
         async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            async def serving() -> bool:
-                try:
-                    return (await http.get(url + "/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(serving, "the registry process")
+            assert (await http.get(url + "/health")).status_code == 200
             # Same size, same inode, same mtime: invisible to the file watcher.
             before = os.stat(path)
             with open(path, "r+") as file:
@@ -120,15 +112,14 @@ async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> 
             os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
             await trio.sleep(0.5)
             assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
-            process.send_signal(signal.SIGHUP)
+            registry.process.send_signal(signal.SIGHUP)
 
             async def reloaded() -> bool:
                 return (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "z"
 
             await eventually(reloaded, "SIGHUP to reload the file")
     finally:
-        process.terminate()
-        assert process.wait(timeout=WAIT_S) == 0
+        assert registry.stop() == 0
 
 
 def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path) -> None:

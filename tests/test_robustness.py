@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -14,11 +13,12 @@ import pytest
 import trio
 import trio_websocket
 
-from conftest import WAIT_S, Grid, chat, eventually
+from conftest import WAIT_S, Grid, chat, eventually, stalled_client
 from ghubai import protocol
 from ghubai.config import HubLimits
-from ghubai.httpio import Connection, Request, serve_connection
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.pool import Pool, RemoteWorker
+from ghubai.worker.agent import Worker
 
 
 async def fake_engine(grid: Grid, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
@@ -41,10 +41,10 @@ async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engin
     async def hub(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         await ws.get_message()  # hello
-        await ws.send_message(protocol.welcome("fake-hub", 1.0))
+        await ws.send_message(protocol.encode(protocol.Welcome("fake-hub", 1.0)))
         request_id = protocol.new_request_id()
-        await ws.send_message(protocol.request(request_id, "openai.chat", chat(stream=True), True, {}) + "\n"
-                              + protocol.cancel(request_id))
+        await ws.send_message(protocol.encode(protocol.Request(request_id, "openai.chat", chat(stream=True), True))
+                              + "\n" + protocol.encode(protocol.Cancel(request_id)))
         while True:
             await ws.get_message()
 
@@ -57,18 +57,18 @@ async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engin
 
 async def test_a_request_frame_the_worker_refuses_is_answered_not_dropped(grid: Grid) -> None:
     sim_url, sim = await grid.sim()
-    answers: list[dict[str, Any]] = []
+    answers: list[protocol.Error] = []
 
     async def hub(request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
         await ws.get_message()  # hello
-        await ws.send_message(protocol.welcome("fake-hub", 1.0))
-        frame = json.loads(protocol.request("f" * 32, "openai.chat", chat(), False, {}))
+        await ws.send_message(protocol.encode(protocol.Welcome("fake-hub", 1.0)))
+        frame = json.loads(protocol.encode(protocol.Request("f" * 32, "openai.chat", chat(), False)))
         frame["trace"] = {"tracestate": "x" * 600}  # over what a frame may carry
         await ws.send_message(json.dumps(frame))
         while not answers:
             frames, _ = protocol.unpack(await ws.get_message())
-            answers.extend(f for f in frames if f["type"] == "error")
+            answers.extend(f for f in frames if isinstance(f, protocol.Error))
 
     server = await grid.nursery.start(trio_websocket.serve_websocket, hub, "127.0.0.1", 0, None)
     await grid.worker(f"http://127.0.0.1:{server.port}", sim_url)
@@ -77,7 +77,7 @@ async def test_a_request_frame_the_worker_refuses_is_answered_not_dropped(grid: 
         return bool(answers)
 
     await eventually(answered, "the worker's answer to a frame it refused")
-    assert answers[0]["id"] == "f" * 32 and answers[0]["status"] == 400 and not answers[0]["retryable"]
+    assert answers[0].id == "f" * 32 and answers[0].status == 400 and not answers[0].retryable
     assert sim.stats.started == 0
 
 
@@ -166,18 +166,6 @@ async def test_an_engine_429_reaches_the_client(grid: Grid) -> None:
     assert calls <= 3  # tried on at most max_attempts workers, never in a loop
 
 
-async def stalled_client(hub_url: str) -> trio.socket.SocketType:
-    """A client that sends a streaming request, sees it start, then reads nothing more."""
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", int(hub_url.rsplit(":", 1)[1])))
-    body = json.dumps(chat(stream=True)).encode()
-    await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    await sock.recv(100)
-    return sock
-
-
 async def test_an_answer_that_fits_the_window_frees_the_slot_however_slow_its_client(grid: Grid) -> None:
     sim_url, sim = await grid.sim(tokens=200, itl_ms=0, ttft_ms=1)  # ~40 KB: less than one window
     hub = await grid.hub()
@@ -221,14 +209,15 @@ async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: G
 
     async def fake_worker() -> None:
         async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + "/gridhub") as ws:
-            await ws.send_message(protocol.hello("w-1", "fake", ["sim"], 2, "ollama", "test"))
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "w-1", "fake", ("sim",), 2,
+                                                                 "ollama", "test")))
             await ws.get_message()  # welcome
             while True:
                 frames, _ = protocol.unpack(await ws.get_message())
                 for frame in frames:
-                    if frame["type"] != "request":
+                    if not isinstance(frame, protocol.Request):
                         continue
-                    request_id = frame["id"]
+                    request_id = frame.id
                     await ws.send_message("\n".join([
                         json.dumps({"type": "error", "id": request_id, "status": "boom", "message": 1,
                                     "retryable": True}),
@@ -237,7 +226,8 @@ async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: G
                         json.dumps({"type": "end", "id": [1], "usage": None}),
                         "not json at all"]))
                     await ws.send_message(protocol.chunk(request_id, b'{"answer": "fine"}'))
-                    await ws.send_message(protocol.end(request_id, {"prompt_tokens": 1, "completion_tokens": 1}))
+                    await ws.send_message(protocol.encode(protocol.End(request_id, {"prompt_tokens": 1,
+                                                                                    "completion_tokens": 1})))
 
     grid.nursery.start_soon(fake_worker)
 
@@ -294,3 +284,41 @@ async def test_a_client_that_reads_nothing_for_idle_s_is_dropped_and_its_slot_fr
         await eventually(released, "the stalled client to be dropped and its generation stopped")
     finally:
         sock.close()
+
+
+async def test_a_duplicate_request_id_is_refused_and_the_worker_lives_on(grid: Grid) -> None:
+    """Regression: a second ``request`` with the id of one still running overwrote its entry, and
+    the clean-up of the two raised KeyError, which killed the whole worker process."""
+    sim_url, sim = await grid.sim(tokens=400, itl_ms=10)
+    errors: list[protocol.Error] = []
+    pongs = trio.Event()
+
+    async def hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.encode(protocol.Welcome("fake-hub", 1.0)))
+        twice = protocol.encode(protocol.Request("a" * 32, "openai.chat", chat(stream=True), True))
+        await ws.send_message(twice + "\n" + twice)
+        while True:
+            frames, _ = protocol.unpack(await ws.get_message())
+            errors.extend(frame for frame in frames if isinstance(frame, protocol.Error))
+            if errors:  # both requests ended by now: is the link (and the process) still there?
+                await ws.send_message(protocol.encode(protocol.Ping(0)))
+            if any(isinstance(frame, protocol.Pong) for frame in frames):
+                pongs.set()
+
+    server = await grid.nursery.start(trio_websocket.serve_websocket, hub, "127.0.0.1", 0, None)
+    worker = await grid.worker(f"http://127.0.0.1:{server.port}", sim_url)
+    with trio.fail_after(WAIT_S):
+        await pongs.wait()
+    assert [(error.id, error.status, error.message) for error in errors] == [("a" * 32, 400, "duplicate request id")]
+    await eventually(lambda: _no_requests(worker.value), "the worker's slots to be free again")
+    await eventually(lambda: _sim_idle(grid, sim_url), "the engine to stop generating")
+
+
+async def _no_requests(worker: Worker) -> bool:
+    return worker.inflight == 0 and all(not link.running for link in worker.links)
+
+
+async def _sim_idle(grid: Grid, sim_url: str) -> bool:
+    return (await grid.stats(sim_url))["active"] == 0

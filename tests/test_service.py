@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from ghubai.observability.service import Service
-from conftest import WAIT_S, chat, eventually, free_port, ghubai_command
+from conftest import WAIT_S, Daemon, chat, eventually
 
 WATCHDOG_USEC = 300_000  # a ping every 0.15 s
 
@@ -45,12 +45,12 @@ class NotifySocket:
         return [line for message in self.heard for line in message]
 
 
-def start(role: str, config: Path, notify: NotifySocket, *extra: str) -> subprocess.Popen[bytes]:
-    """The daemon, its stderr in ``ROLE.log`` beside its config."""
+def start(role: str, config: Path, notify: NotifySocket, processes: list[Daemon], *extra: str) -> Daemon:
+    """The daemon, its stderr in ``ROLE.log`` beside its config ``ROLE.toml``, in ``processes``."""
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": str(WATCHDOG_USEC)}
     env.pop("WATCHDOG_PID", None)
-    return subprocess.Popen(ghubai_command(role, "--config", str(config), "--log-level", "warning", *extra), env=env,
-                            stderr=config.with_suffix(".log").open("wb"))
+    processes.append(Daemon(config.parent, role, "--config", str(config), "--log-level", "info", *extra, env=env))
+    return processes[-1]
 
 
 async def reload_and_stop(process: subprocess.Popen[bytes], notify: NotifySocket) -> None:
@@ -79,29 +79,30 @@ async def notify(tmp_path: Path) -> Any:
 
 @pytest.fixture
 def processes() -> Any:
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[Daemon] = []
     yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
 
 
 def status_of(message: list[str]) -> str:
     return next(line for line in message if line.startswith("STATUS="))
 
 
-def hub_with_key(key: str, tmp_path: Path, notify: NotifySocket,
-                 processes: list[Any]) -> tuple[subprocess.Popen[bytes], Path, str]:
-    config, port = tmp_path / "hub.toml", free_port()
-    config.write_text(f'listen = "127.0.0.1:{port}"\napi_keys = ["{key}"]\n')
-    processes.append(start("hub", config, notify))
-    return processes[-1], config, f"http://127.0.0.1:{port}"
+async def hub_with_key(key: str, tmp_path: Path, notify: NotifySocket,
+                       processes: list[Daemon]) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """A hub process that takes ``key``: the process, its config file, its URL."""
+    config = tmp_path / "hub.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\napi_keys = ["{key}"]\n')
+    hub = start("hub", config, notify, processes)
+    return hub.process, config, await hub.url()
 
 
-async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket, processes: list[Any],
+async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket, processes: list[Daemon],
                                                  tmp_path: Path) -> None:
-    hub, config, hub_url = hub_with_key("old-key", tmp_path, notify, processes)
+    hub, config, hub_url = await hub_with_key("old-key", tmp_path, notify, processes)
     ready = await notify.until("READY=1")
     assert status_of(ready) == "STATUS=0 workers, 0 inflight, 0 queued"
     sim_url, _ = await grid.sim()
@@ -122,9 +123,9 @@ async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket
         await reload_and_stop(hub, notify)
 
 
-async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySocket, processes: list[Any],
+async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySocket, processes: list[Daemon],
                                                                tmp_path: Path) -> None:
-    hub, config, hub_url = hub_with_key("key", tmp_path, notify, processes)
+    hub, config, hub_url = await hub_with_key("key", tmp_path, notify, processes)
     await notify.until("READY=1")
     for broken in ('api_keys = "sk-typed-as-a-string"\n'.encode(), "# caf\u00e9\n".encode("latin-1")):
         config.write_bytes(broken)
@@ -139,43 +140,47 @@ async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySoc
     assert "sk-typed-as-a-string" not in log
 
 
-async def test_worker_is_ready_once_a_hub_welcomed_it(grid: Any, notify: NotifySocket, processes: list[Any],
+async def test_worker_is_ready_once_a_hub_welcomed_it(grid: Any, notify: NotifySocket, processes: list[Daemon],
                                                       tmp_path: Path) -> None:
     sim_url, _ = await grid.sim()
-    port = free_port()
-    config = tmp_path / "worker.toml"
-    config.write_text(f'hub_url = ["ws://127.0.0.1:{port}/gridhub"]\nname = "w1"\n'
-                      f'[engine]\nurl = "{sim_url}"\nmax_concurrency = 3\n')
-    worker = start("worker", config, notify)
-    processes.append(worker)
-    await notify.until("WATCHDOG=1")
-    worker.send_signal(signal.SIGHUP)  # a reload must not announce readiness either
-    await notify.until("WATCHDOG=1")
-    await notify.until("WATCHDOG=1")
-    assert "READY=1" not in notify.said() and "RELOADING=1" not in notify.said()  # alive, but not ready
-    await grid.hub(listen=f"127.0.0.1:{port}")
+    # The worker names its hub before any hub is up. The OS picks the port for a socket that is bound but
+    # never listens: a connection to it is refused, as with no hub; no bind to port 0 and no outgoing
+    # connection is given that port meanwhile; yet the hub can bind it too (both set SO_REUSEADDR, which
+    # Linux allows while the other socket does not listen). It is closed once the hub listens there.
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        config = tmp_path / "worker.toml"
+        config.write_text(f'hub_url = ["ws://127.0.0.1:{port}/gridhub"]\nname = "w1"\n'
+                          f'[engine]\nurl = "{sim_url}"\nmax_concurrency = 3\n')
+        worker = start("worker", config, notify, processes).process
+        await notify.until("WATCHDOG=1")
+        worker.send_signal(signal.SIGHUP)  # a reload must not announce readiness either
+        await notify.until("WATCHDOG=1")
+        await notify.until("WATCHDOG=1")
+        assert "READY=1" not in notify.said() and "RELOADING=1" not in notify.said()  # alive, but not ready
+        await grid.hub(listen=f"127.0.0.1:{port}")
     ready = await notify.until("READY=1")
     assert status_of(ready) == "STATUS=linked to 1/1 hubs, 0/3 inflight, 1 models"
     await reload_and_stop(worker, notify)
 
 
-async def test_registry_notifies_and_reloads_its_file(notify: NotifySocket, processes: list[Any],
+async def test_registry_notifies_and_reloads_its_file(notify: NotifySocket, processes: list[Daemon],
                                                       tmp_path: Path) -> None:
     config = tmp_path / "registry.toml"
-    config.write_text(f'listen = "127.0.0.1:{free_port()}"\n[[hubs]]\nname = "a"\naddress = "http://10.0.0.1:7197"\n')
-    registry = start("registry", config, notify)
-    processes.append(registry)
+    config.write_text('listen = "127.0.0.1:0"\n[[hubs]]\nname = "a"\naddress = "http://10.0.0.1:7197"\n')
+    registry = start("registry", config, notify, processes).process
     assert status_of(await notify.until("READY=1")) == "STATUS=1 hubs"
     await reload_and_stop(registry, notify)
 
 
-async def test_proxy_notifies(grid: Any, notify: NotifySocket, processes: list[Any], tmp_path: Path) -> None:
+async def test_proxy_notifies(grid: Any, notify: NotifySocket, processes: list[Daemon], tmp_path: Path) -> None:
     hub = await grid.hub()
     config = tmp_path / "proxy.toml"
-    config.write_text(f'listen = "127.0.0.1:{free_port()}"\nregistry_url = ""\nhubs = ["{hub.value}"]\n'
+    config.write_text(f'listen = "127.0.0.1:0"\nregistry_url = ""\nhubs = ["{hub.value}"]\n'
                       '[health]\ninterval_s = 0.1\n')
-    proxy = start("proxy", config, notify)
-    processes.append(proxy)
+    proxy = start("proxy", config, notify, processes).process
     await notify.until("READY=1")
     await notify.until("STATUS=1/1 hubs up, 0 inflight")
     await reload_and_stop(proxy, notify)
@@ -193,30 +198,30 @@ async def test_a_draining_daemon_never_says_ready_again(notify: NotifySocket) ->
     assert notify.said() == ["READY=1", "STATUS=", "STOPPING=1", "STATUS=draining", "END=1"]
 
 
-async def test_sighup_stops_a_role_with_nothing_to_reload() -> None:
+async def test_sighup_stops_a_role_with_nothing_to_reload(tmp_path: Path) -> None:
     """For ``ghubai sim`` and ``ghubai up`` a SIGHUP is a terminal hang-up: they end, freeing the port."""
-    sim = subprocess.Popen(ghubai_command("sim", "--listen", f"127.0.0.1:{free_port()}"), stderr=subprocess.PIPE)
+    sim = Daemon(tmp_path, "sim", "--listen", "127.0.0.1:0")
     try:
-        assert b"simulator serving" in sim.stderr.readline()  # type: ignore[union-attr]
-        sim.send_signal(signal.SIGHUP)
-        assert sim.wait(timeout=WAIT_S) == 0
+        await sim.url()
+        sim.process.send_signal(signal.SIGHUP)
+        assert sim.process.wait(timeout=WAIT_S) == 0
     finally:
-        sim.kill()
-        sim.wait()
+        sim.process.kill()
+        sim.process.wait()
 
 
-async def test_a_revoked_provider_token_ends_the_link(grid: Any, notify: NotifySocket, processes: list[Any],
+async def test_a_revoked_provider_token_ends_the_link(grid: Any, notify: NotifySocket, processes: list[Daemon],
                                                      tmp_path: Path) -> None:
-    config, port = tmp_path / "hub.toml", free_port()
-    config.write_text(f'listen = "127.0.0.1:{port}"\nprovider_tokens = ["old-token", "new-token"]\n')
-    processes.append(start("hub", config, notify))
+    config = tmp_path / "hub.toml"
+    config.write_text('listen = "127.0.0.1:0"\nprovider_tokens = ["old-token", "new-token"]\n')
+    hub = start("hub", config, notify, processes)
     await notify.until("READY=1")
     sim_url, _ = await grid.sim()
-    hub_url = f"http://127.0.0.1:{port}"
+    hub_url = await hub.url()
     await grid.worker(hub_url, sim_url, name="old", provider_token="old-token")
     await grid.worker(hub_url, sim_url, name="new", provider_token="new-token")
-    config.write_text(f'listen = "127.0.0.1:{port}"\nprovider_tokens = ["new-token"]\n')
-    processes[-1].send_signal(signal.SIGHUP)
+    config.write_text('listen = "127.0.0.1:0"\nprovider_tokens = ["new-token"]\n')
+    hub.process.send_signal(signal.SIGHUP)
     await notify.until("READY=1")
 
     async def only_new() -> bool:

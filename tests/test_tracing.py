@@ -5,7 +5,6 @@ a daemon exporting over OTLP/HTTP, as ``ghubai[otel]`` is used."""
 from __future__ import annotations
 
 import os
-import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,8 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from conftest import chat, eventually, free_port, ghubai_command
-from ghubai.httpio import Connection, Request, serve_connection
+from conftest import Daemon, chat, eventually
+from ghubai.http11.server import Connection, Request, serve_connection
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
@@ -100,14 +99,14 @@ async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -
 
     listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=collector), 0,
                                                  host="127.0.0.1"))
-    port = free_port()
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",
            "OTEL_BSP_SCHEDULE_DELAY": "100"}
-    hub = subprocess.Popen(ghubai_command("hub", "--listen", f"127.0.0.1:{port}", "--log-level", "warning"), env=env)
+    hub = Daemon(tmp_path, "hub", "--listen", "127.0.0.1:0", env=env)
     try:
+        hub_url = await hub.url()
         sim_url, _ = await grid.sim()
-        await grid.worker(f"http://127.0.0.1:{port}", sim_url)
-        response = await grid.http.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(model="sim"),
+        await grid.worker(hub_url, sim_url)
+        response = await grid.http.post(hub_url + "/v1/chat/completions", json=chat(model="sim"),
                                         headers={"X-Request-ID": "exported-1"})
         assert response.status_code == 200
 
@@ -116,8 +115,7 @@ async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -
 
         await eventually(exported, "the hub's span at the collector")
     finally:
-        hub.terminate()
-        hub.wait(timeout=10)
+        hub.stop()
     [batch] = [request for request in received if b"exported-1" in request.body]
     assert (batch.method, batch.path, batch.header(b"content-type")) == ("POST", "/v1/traces",
                                                                          b"application/x-protobuf")
