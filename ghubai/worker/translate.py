@@ -86,8 +86,8 @@ class OllamaOverOpenAI:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: options[name] for name in _SAME_OPTIONS if name in options})
-        if "num_predict" in options:
-            request["max_tokens"] = options["num_predict"]
+        if isinstance(options.get("num_predict"), int) and options["num_predict"] >= 0:
+            request["max_tokens"] = options["num_predict"]  # -1 and -2 mean "no limit" to Ollama
         if stream:
             request["stream_options"] = {"include_usage": True}
         if body.get("format") == "json":
@@ -208,6 +208,8 @@ class OpenAIOverOllama:
             return {"model": self.model, "input": body.get("input", "")}
         self.include_usage = dialects.wants_usage(body)
         options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
+        if isinstance(options.get("stop"), str):
+            options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
         limit = body.get("max_completion_tokens", body.get("max_tokens"))
         if limit is not None:
             options["num_predict"] = limit

@@ -1,0 +1,596 @@
+"""The hub's scheduler on trio's fake clock: least-loaded choice, the bounded FIFO queue, its timeout,
+and what membership changes do to waiting requests; no sockets, no real sleeps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from ghubai.config import HubLimits
+from ghubai.hub.pool import Pool, RemoteWorker
+
+
+def make_worker(worker_id: str, models: Iterable[str] = ("m",), max_concurrency: int = 1) -> RemoteWorker:
+    out = trio.open_memory_channel[Any](math.inf)[0]
+    return RemoteWorker(id=worker_id, name=f"host-{worker_id}", models=frozenset(models),
+                        max_concurrency=max_concurrency, engine="ollama", out=out)
+
+
+def soon() -> float:
+    """A deadline no test reaches unless the pool is wrong: a waiter that should have been served or
+    failed then ends with a timeout at fake time +600 s, and the test fails instead of hanging."""
+    return trio.current_time() + 600
+
+
+def make_pool(*workers: RemoteWorker, queue_size: int = 256, queue_timeout_s: float = 30.0) -> Pool:
+    pool = Pool(HubLimits(queue_size=queue_size, queue_timeout_s=queue_timeout_s))
+    for worker in workers:
+        pool.add(worker)
+    return pool
+
+
+@dataclass
+class Attempt:
+    """One queued ``acquire``, run as a task: what it got, or the error it ended with."""
+    name: str
+    worker: RemoteWorker | None = None
+    error: Exception | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def waiting(self) -> bool:
+        return self.worker is None and self.error is None
+
+
+async def queue_attempt(nursery: trio.Nursery, pool: Pool, name: str, model: str = "m",
+                        exclude: set[str] | None = None, deadline: float | None = None,
+                        order: list[str] | None = None) -> Attempt:
+    """Start an ``acquire`` and return once every task is blocked (it is queued, or already done)."""
+    attempt = Attempt(name)
+    deadline = soon() if deadline is None else deadline
+
+    async def run() -> None:
+        with attempt.scope:
+            try:
+                attempt.worker = await pool.acquire(model, exclude or set(), deadline)
+            except Exception as error:  # the ApiError's module is moving; its attributes are what count
+                attempt.error = error
+                return
+            if order is not None:
+                order.append(name)
+
+    nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+    return attempt
+
+
+def finish(pool: Pool, worker: RemoteWorker) -> None:
+    """A request on ``worker`` ends as it does on a link: its end frame gives the slot back
+    (``release``), then the worker's ``load`` frame reports its new count."""
+    pool.release(worker)
+    pool.report(worker, worker.inflight)
+
+
+def answer(error: Any) -> tuple[int, str | None, int | None]:
+    """An API error's status, code and Retry-After, read by attribute (the class is not imported)."""
+    return error.status, error.code, error.retry_after
+
+
+def error_of(attempt: Attempt) -> tuple[int, str | None, int | None]:
+    assert attempt.error is not None, f"{attempt.name} did not fail"
+    return answer(attempt.error)
+
+
+# -- choosing a worker ---------------------------------------------------------------------------
+
+
+async def test_the_least_loaded_worker_is_chosen(autojump_clock: trio.testing.MockClock) -> None:
+    """Load is busy/max_concurrency, not busy alone: 1 of 4 loses to 0 of 1, then 1 of 1 is full."""
+    big, small = make_worker("big", max_concurrency=4), make_worker("small", max_concurrency=1)
+    big.inflight = 1
+    pool = make_pool(big, small)
+    assert await pool.acquire("m", set(), soon()) is small
+    assert (small.inflight, small.reported) == (1, 1)
+    assert await pool.acquire("m", set(), soon()) is big
+    assert (big.inflight, big.reported) == (2, 1)
+    assert await pool.acquire("m", set(), soon()) is big
+    assert (big.inflight, small.inflight) == (3, 1)
+    assert trio.current_time() == 0.0
+
+
+async def test_ties_go_to_the_first_worker_added(autojump_clock: trio.testing.MockClock) -> None:
+    """Between equal loads the earlier worker wins, so the choice is deterministic."""
+    first, second = make_worker("a", max_concurrency=2), make_worker("b", max_concurrency=2)
+    pool = make_pool(first, second)
+    assert [await pool.acquire("m", set(), soon()) for _ in range(4)] == [first, second, first, second]
+
+
+async def test_a_full_worker_is_skipped_and_workers_without_the_model_ignored(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A worker at max_concurrency is never picked, nor one that does not host the model."""
+    full, other_model = make_worker("full"), make_worker("other", models=("x",))
+    free = make_worker("free", max_concurrency=3)
+    full.inflight = 1
+    free.inflight = 2
+    pool = make_pool(full, other_model, free)
+    assert await pool.acquire("m", set(), soon()) is free
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        assert attempt.waiting and pool.queue_lengths() == {"m": 1}
+        assert (full.inflight, other_model.inflight, free.inflight) == (1, 0, 3)
+        attempt.scope.cancel()
+    assert pool.queue_lengths() == {} and pool.queued == 0
+
+
+async def test_an_excluded_worker_is_not_picked(autojump_clock: trio.testing.MockClock) -> None:
+    """A retry avoids the workers it already tried, even the least loaded."""
+    tried, other = make_worker("tried", max_concurrency=8), make_worker("other", max_concurrency=2)
+    other.inflight = 1
+    pool = make_pool(tried, other)
+    assert await pool.acquire("m", {"tried"}, soon()) is other
+    assert tried.inflight == 0
+
+
+async def test_busy_and_load_follow_the_larger_count(autojump_clock: trio.testing.MockClock) -> None:
+    """``report()`` sets ``reported``; ``busy`` is the larger of it and this hub's own count."""
+    worker = make_worker("w", max_concurrency=4)
+    pool = make_pool(worker)
+    pool.report(worker, 3)
+    assert (worker.reported, worker.inflight, worker.busy, worker.load) == (3, 0, 3, 0.75)
+    worker.inflight = 2
+    pool.report(worker, 1)
+    assert (worker.reported, worker.busy, worker.load) == (1, 2, 0.5)
+
+
+async def test_a_worker_full_by_its_report_is_skipped(autojump_clock: trio.testing.MockClock) -> None:
+    """Other hubs' requests count: a worker that reports max_concurrency running takes none of ours."""
+    shared, own = make_worker("shared", max_concurrency=2), make_worker("own", max_concurrency=10)
+    own.inflight = 9
+    pool = make_pool(shared, own)
+    pool.report(shared, 2)
+    assert await pool.acquire("m", set(), soon()) is own
+    assert shared.inflight == 0
+
+
+async def test_a_slot_counts_as_reported_until_the_next_report(autojump_clock: trio.testing.MockClock) -> None:
+    """A pick raises ``reported`` too, so a stale report cannot hide it; the next report replaces it."""
+    worker = make_worker("w", max_concurrency=2)
+    pool = make_pool(worker)
+    pool.report(worker, 1)  # one request from another hub
+    assert await pool.acquire("m", set(), soon()) is worker
+    assert (worker.inflight, worker.reported, worker.busy) == (1, 2, 2)
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        assert attempt.waiting  # full: 1 of ours + 1 of theirs
+        pool.report(worker, 1)  # the other hub's request ended
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is worker
+    assert (worker.inflight, worker.reported) == (2, 2)
+
+
+# -- the queue -----------------------------------------------------------------------------------
+
+
+async def test_a_queued_request_gets_the_slot_on_release(autojump_clock: trio.testing.MockClock) -> None:
+    """A full pool queues the request; once the worker has reported, ``release()`` hands over the slot."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    assert await pool.acquire("m", set(), soon()) is worker
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "second")
+        assert attempt.waiting and pool.queue_lengths() == {"m": 1} and pool.queued == 1
+        pool.report(worker, 0)  # the worker's load frame came first: this hub still holds the slot
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.waiting and worker.busy == 1
+        pool.release(worker)
+        assert worker.inflight == 0
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is worker
+    assert (worker.inflight, worker.reported, pool.queue_lengths(), pool.queued) == (1, 1, {}, 0)
+    assert trio.current_time() == 0.0
+
+
+async def test_a_release_waits_for_the_workers_report(autojump_clock: trio.testing.MockClock) -> None:
+    """A release frees no slot the worker's last report still counts; the report after it does."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "second")
+        pool.release(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.waiting and (worker.inflight, worker.reported, worker.busy) == (0, 1, 1)
+        pool.report(worker, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is worker
+    assert (worker.inflight, worker.reported, pool.queue_lengths()) == (1, 1, {})
+
+
+async def test_waiters_are_served_first_in_first_out(autojump_clock: trio.testing.MockClock) -> None:
+    """Queued requests for a model get slots in the order they arrived, one per release."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        attempts = [await queue_attempt(nursery, pool, name, order=order) for name in ("a", "b", "c", "d")]
+        assert pool.queue_lengths() == {"m": 4}
+        for served in range(1, 5):
+            finish(pool, worker)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == ["a", "b", "c", "d"][:served]
+            assert pool.queue_lengths() == ({"m": 4 - served} if served < 4 else {})
+    assert all(attempt.worker is worker for attempt in attempts)
+
+
+async def test_a_new_request_does_not_overtake_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    """A request arriving just after a release, before the head ran, queues behind it."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await queue_attempt(nursery, pool, "head", order=order)
+        finish(pool, worker)  # the slot is free, the head has been told but has not run yet
+        late = Attempt("late")
+
+        async def arrive() -> None:
+            try:
+                late.worker = await pool.acquire("m", set(), soon())
+                order.append("late")
+            except Exception as error:
+                late.error = error
+
+        nursery.start_soon(arrive)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["head"] and late.waiting and pool.queue_lengths() == {"m": 1}
+        finish(pool, worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["head", "late"]
+
+
+async def test_a_waiter_that_excludes_the_free_worker_passes_the_wake_up(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A retry at the head that cannot use the freed worker lets the next in line have it, and keeps its place."""
+    a, b = make_worker("a"), make_worker("b")
+    pool = make_pool(a, b)
+    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", set(), soon())
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        retry = await queue_attempt(nursery, pool, "retry", exclude={"a"}, order=order)
+        fresh = await queue_attempt(nursery, pool, "fresh", order=order)
+        third = await queue_attempt(nursery, pool, "third", order=order)
+        finish(pool, a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (order, fresh.worker, retry.waiting, third.waiting) == (["fresh"], a, True, True)
+        finish(pool, b)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (order, retry.worker, third.waiting) == (["fresh", "retry"], b, True)
+        third.scope.cancel()
+
+
+async def test_a_newcomer_behind_a_retry_takes_the_free_worker_it_cannot_use(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A free slot that the queue's only waiter must avoid goes, at once, to a request that arrives later."""
+    a, b = make_worker("a"), make_worker("b")
+    pool = make_pool(a, b)
+    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        retry = await queue_attempt(nursery, pool, "retry", exclude={"a"})
+        finish(pool, a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert retry.waiting and a.busy == 0  # the wake-up had nobody to pass to
+        newcomer = await queue_attempt(nursery, pool, "newcomer")
+        assert (newcomer.worker, retry.waiting, pool.queue_lengths()) == (a, True, {"m": 1})
+        retry.scope.cancel()
+    assert trio.current_time() == 0.0
+
+
+async def test_a_cancelled_waiter_leaves_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    """A client that goes away takes its place out of the queue; the next release serves the one behind."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        gone = await queue_attempt(nursery, pool, "gone")
+        kept = await queue_attempt(nursery, pool, "kept")
+        gone.scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert (pool.queue_lengths(), pool.queued) == ({"m": 1}, 1)
+        finish(pool, worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (gone.worker, gone.error, kept.worker) == (None, None, worker)
+    assert (pool.queue_lengths(), pool.queued) == ({}, 0)
+
+
+async def test_queue_lengths_are_per_model(autojump_clock: trio.testing.MockClock) -> None:
+    """Each model has its own queue; a release wakes only the queues of the worker's models."""
+    gpu, cpu = make_worker("gpu", models=("big",)), make_worker("cpu", models=("small",))
+    pool = make_pool(gpu, cpu)
+    await pool.acquire("big", set(), soon())
+    await pool.acquire("small", set(), soon())
+    async with trio.open_nursery() as nursery:
+        big = [await queue_attempt(nursery, pool, f"big{i}", model="big") for i in range(2)]
+        small = await queue_attempt(nursery, pool, "small", model="small")
+        assert (pool.queue_lengths(), pool.queued) == ({"big": 2, "small": 1}, 3)
+        finish(pool, cpu)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (small.worker, [attempt.waiting for attempt in big]) == (cpu, [True, True])
+        assert pool.queue_lengths() == {"big": 2}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_answers_429(autojump_clock: trio.testing.MockClock) -> None:
+    """Past ``queue_size`` waiting requests (for the whole hub) a request is refused with 429 queue_full."""
+    a, b = make_worker("a", models=("m",)), make_worker("b", models=("n",))
+    pool = make_pool(a, b, queue_size=2)
+    await pool.acquire("m", set(), soon())
+    await pool.acquire("n", set(), soon())
+    async with trio.open_nursery() as nursery:
+        first = await queue_attempt(nursery, pool, "first", model="m")
+        second = await queue_attempt(nursery, pool, "second", model="n")
+        refused = await queue_attempt(nursery, pool, "refused", model="m")
+        assert error_of(refused) == (429, "queue_full", 1)
+        assert (first.waiting, second.waiting, pool.queue_lengths(), pool.queued) == (True, True, {"m": 1, "n": 1}, 2)
+        nursery.cancel_scope.cancel()
+    assert trio.current_time() == 0.0
+
+
+async def test_a_zero_queue_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """``queue_size = 0`` means no waiting: a request that finds no free slot gets 429 immediately."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_size=0)
+    await pool.acquire("m", set(), soon())
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", set(), soon())
+    assert answer(caught.value) == (429, "queue_full", 1)
+    assert pool.queue_lengths() == {} and trio.current_time() == 0.0
+
+
+@pytest.mark.parametrize("timeout_s, retry_after", [(2.5, 1), (25.0, 3), (30.0, 3), (0.25, 1)])
+async def test_the_queue_timeout_answers_503_after_exactly_the_timeout(
+        autojump_clock: trio.testing.MockClock, timeout_s: float, retry_after: int) -> None:
+    """A queued request fails 503 exactly at its deadline, Retry-After a tenth of the timeout (>= 1 s)."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_timeout_s=timeout_s)
+    await pool.acquire("m", set(), soon())
+    start = trio.current_time()
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", set(), start + timeout_s)
+    assert trio.current_time() - start == timeout_s
+    assert answer(caught.value) == (503, None, retry_after)
+    assert f"{timeout_s:g} s" in str(caught.value)
+    assert (pool.queue_lengths(), pool.queued) == ({}, 0)
+
+
+async def test_a_timed_out_head_hands_the_wake_up_on(autojump_clock: trio.testing.MockClock) -> None:
+    """When the head of the queue times out, the one behind it still gets the next slot."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_timeout_s=5)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        head = await queue_attempt(nursery, pool, "head", deadline=trio.current_time() + 5)
+        behind = await queue_attempt(nursery, pool, "behind", deadline=trio.current_time() + 60)
+        await trio.sleep(5)
+        await trio.testing.wait_all_tasks_blocked()
+        assert error_of(head)[0] == 503 and behind.waiting and pool.queue_lengths() == {"m": 1}
+        await trio.sleep(1)
+        finish(pool, worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert behind.worker is worker
+    assert trio.current_time() == 6.0
+
+
+# -- requests no worker can take -----------------------------------------------------------------
+
+
+async def test_an_unknown_model_is_404(autojump_clock: trio.testing.MockClock) -> None:
+    """A model no worker hosts is model_not_found, without queueing."""
+    pool = make_pool(make_worker("w", models=("m",)))
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("nope", set(), soon())
+    error: Any = caught.value
+    assert (answer(error), error.param) == ((404, "model_not_found", None), "model")
+    assert "'nope'" in str(caught.value)
+    assert pool.queue_lengths() == {}
+
+
+async def test_no_worker_at_all_is_503(autojump_clock: trio.testing.MockClock) -> None:
+    """An empty hub answers 503 with Retry-After, whatever the model."""
+    pool = make_pool()
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", set(), soon())
+    assert answer(caught.value) == (503, None, 1)
+    assert str(caught.value) == "No worker is connected to this hub"
+
+
+async def test_a_draining_worker_takes_no_new_request(autojump_clock: trio.testing.MockClock) -> None:
+    """A draining worker is passed over for an idle one, and when it is the only host the answer is 503."""
+    draining, busy = make_worker("draining", max_concurrency=4), make_worker("busy", max_concurrency=4)
+    busy.inflight = 3
+    pool = make_pool(draining, busy)
+    pool.set_draining(draining)
+    assert await pool.acquire("m", set(), soon()) is busy
+    assert draining.inflight == 0 and pool.models() == ["m"]
+    pool.set_draining(busy)
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", set(), soon())
+    assert answer(caught.value) == (503, None, 1)
+    assert pool.models() == [] and pool.hosts("m") == []
+
+
+async def test_every_host_excluded_is_503(autojump_clock: trio.testing.MockClock) -> None:
+    """A retry that has tried every host of its model is refused at once rather than queued."""
+    pool = make_pool(make_worker("a"), make_worker("b"))
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", {"a", "b"}, soon())
+    assert answer(caught.value) == (503, None, 1)
+    assert pool.queue_lengths() == {}
+
+
+async def test_a_draining_hub_refuses_even_with_free_workers(autojump_clock: trio.testing.MockClock) -> None:
+    """After ``drain()`` no request gets a worker: 503 with Retry-After."""
+    worker = make_worker("w", max_concurrency=4)
+    pool = make_pool(worker)
+    pool.drain()
+    with pytest.raises(Exception) as caught:
+        await pool.acquire("m", set(), soon())
+    assert answer(caught.value) == (503, None, 1)
+    assert str(caught.value) == "This hub is shutting down; try another"
+    assert worker.inflight == 0
+
+
+async def test_drain_fails_every_queued_request(autojump_clock: trio.testing.MockClock) -> None:
+    """``drain()`` wakes every queue, and every waiter in it fails with 503."""
+    a, b = make_worker("a", models=("m",)), make_worker("b", models=("n",))
+    pool = make_pool(a, b)
+    await pool.acquire("m", set(), soon())
+    await pool.acquire("n", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempts = [await queue_attempt(nursery, pool, f"{model}{i}", model=model)
+                    for model in ("m", "n") for i in range(3)]
+        pool.drain()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [error_of(attempt) for attempt in attempts] == [(503, None, 1)] * 6
+    assert (pool.queue_lengths(), pool.queued, trio.current_time()) == ({}, 0, 0.0)
+
+
+async def test_removing_the_only_worker_fails_the_queue_with_503(autojump_clock: trio.testing.MockClock) -> None:
+    """A worker leaving wakes its queued requests; with no worker left they fail 503 at once."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempts = [await queue_attempt(nursery, pool, f"w{i}") for i in range(2)]
+        pool.remove(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [error_of(attempt) for attempt in attempts] == [(503, None, 1)] * 2
+        assert str(attempts[0].error) == "No worker is connected to this hub"
+    assert (pool.workers, pool.queue_lengths(), trio.current_time()) == ({}, {}, 0.0)
+
+
+async def test_removing_the_last_host_of_a_model_fails_its_queue_with_404(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """With other workers still there, a model nobody hosts any more is model_not_found."""
+    host, other = make_worker("host", models=("m",)), make_worker("other", models=("n",))
+    pool = make_pool(host, other)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        pool.remove(host)
+        await trio.testing.wait_all_tasks_blocked()
+    assert error_of(attempt) == (404, "model_not_found", None)
+    assert list(pool.workers) == ["other"] and trio.current_time() == 0.0
+
+
+async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.testing.MockClock) -> None:
+    """Re-adding a worker id returns the old link, and removing the old link keeps the new one."""
+    old, new = make_worker("w"), make_worker("w", max_concurrency=2)
+    pool = make_pool()
+    assert pool.add(old) is None
+    assert pool.add(new) is old
+    pool.remove(old)
+    assert pool.workers == {"w": new}
+    assert await pool.acquire("m", set(), soon()) is new
+
+
+async def test_a_draining_only_host_fails_its_queue_with_503(autojump_clock: trio.testing.MockClock) -> None:
+    """``set_draining()`` wakes the queue; requests only that worker could serve fail 503."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        pool.set_draining(worker)
+        await trio.testing.wait_all_tasks_blocked()
+    assert error_of(attempt) == (503, None, 1)
+    assert "No other worker serves 'm'" in str(attempt.error) and trio.current_time() == 0.0
+
+
+async def test_a_draining_host_leaves_the_queue_to_the_others(autojump_clock: trio.testing.MockClock) -> None:
+    """With another host left the queue waits; a draining worker's freed slot is not given out."""
+    draining, staying = make_worker("draining"), make_worker("staying")
+    pool = make_pool(draining, staying)
+    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        pool.set_draining(draining)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.waiting
+        finish(pool, draining)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.waiting and draining.inflight == 0
+        finish(pool, staying)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is staying
+    assert trio.current_time() == 0.0
+
+
+# -- workers joining, changing, refusing ---------------------------------------------------------
+
+
+async def test_a_joining_worker_serves_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    """``add()`` wakes the queues of the new worker's models."""
+    first = make_worker("first")
+    pool = make_pool(first)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        joined = make_worker("joined", models=("m", "x"))
+        assert pool.add(joined) is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is joined
+    assert trio.current_time() == 0.0
+
+
+async def test_a_worker_that_loads_the_model_serves_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    """``set_models()`` wakes the queues: a worker that now hosts the model takes the waiting request."""
+    host, idle = make_worker("host"), make_worker("idle", models=("x",))
+    pool = make_pool(host, idle)
+    await pool.acquire("m", set(), soon())
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "w")
+        pool.set_models(idle, ("x", "m"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is idle
+    assert idle.models == frozenset({"x", "m"}) and pool.models() == ["m", "x"] and trio.current_time() == 0.0
+
+
+async def test_a_refusing_worker_counts_as_full_until_it_reports(autojump_clock: trio.testing.MockClock) -> None:
+    """After ``refused()`` the worker is full whatever this hub counts, until a report frees a slot."""
+    worker = make_worker("w", max_concurrency=2)
+    pool = make_pool(worker)
+    assert await pool.acquire("m", set(), soon()) is worker
+    pool.refused(worker)
+    assert (worker.reported, worker.busy) == (2, 2)
+    pool.release(worker)  # the refused request gives its slot back
+    assert (worker.inflight, worker.busy) == (0, 2)
+    async with trio.open_nursery() as nursery:
+        attempt = await queue_attempt(nursery, pool, "retry")
+        assert attempt.waiting
+        pool.report(worker, 2)  # still full: nothing freed, nothing woken
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.waiting
+        pool.report(worker, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempt.worker is worker
+    assert (worker.inflight, worker.reported, trio.current_time()) == (1, 2, 0.0)
+
+
+async def test_a_refusing_worker_sends_requests_elsewhere(autojump_clock: trio.testing.MockClock) -> None:
+    """A worker marked full by ``refused()`` loses to a busier one that still has room."""
+    refusing, other = make_worker("refusing", max_concurrency=4), make_worker("other", max_concurrency=4)
+    other.inflight = 3
+    pool = make_pool(refusing, other)
+    pool.refused(refusing)
+    assert await pool.acquire("m", set(), soon()) is other
+    assert refusing.inflight == 0

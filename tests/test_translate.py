@@ -1,0 +1,683 @@
+"""The worker's API translation, unit by unit: Ollama requests over OpenAI-compatible engines and
+OpenAI requests over Ollama's native API, the answers back, streamed and whole; no engine, no socket."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, translator_for
+
+
+def ollama_over_openai(api: str) -> OllamaOverOpenAI:
+    translator = translator_for("openai", api)
+    assert isinstance(translator, OllamaOverOpenAI)
+    return translator
+
+
+def openai_over_ollama(api: str) -> OpenAIOverOllama:
+    translator = translator_for("ollama", api)
+    assert isinstance(translator, OpenAIOverOllama)
+    return translator
+
+
+def ndjson(line: bytes) -> dict[str, Any]:
+    """One NDJSON line: exactly one object, newline-terminated."""
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    value = json.loads(line)
+    assert isinstance(value, dict)
+    return value
+
+
+def sse(event: bytes) -> dict[str, Any]:
+    """One SSE event: ``data: <json>`` and a blank line."""
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and event.count(b"\n") == 2
+    value = json.loads(event[len(b"data: "):])
+    assert isinstance(value, dict)
+    return value
+
+
+def timestamp(value: dict[str, Any]) -> str:
+    """Pop and check Ollama's ``created_at``: ISO 8601 in UTC, written with a Z."""
+    created_at = value.pop("created_at")
+    assert created_at.endswith("Z")
+    assert datetime.fromisoformat(created_at).utcoffset() == timedelta(0)
+    return created_at
+
+
+# -- translator_for ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, api, translator_class, path", [
+    ("openai", "ollama.chat", OllamaOverOpenAI, "/v1/chat/completions"),
+    ("openai", "ollama.generate", OllamaOverOpenAI, "/v1/completions"),
+    ("openai", "ollama.embed", OllamaOverOpenAI, "/v1/embeddings"),
+    ("openai", "ollama.embeddings", OllamaOverOpenAI, "/v1/embeddings"),
+    ("openai", "ollama.show", OllamaOverOpenAI, "/v1/models"),
+    ("ollama", "openai.chat", OpenAIOverOllama, "/api/chat"),
+    ("ollama", "openai.completions", OpenAIOverOllama, "/api/generate"),
+    ("ollama", "openai.embeddings", OpenAIOverOllama, "/api/embed"),
+])
+def test_each_api_of_the_other_kind_is_translated_to_the_engines_own_path(
+        kind: str, api: str, translator_class: type, path: str) -> None:
+    """An openai-kind engine gets every Ollama API on its /v1 paths; an ollama-kind engine every
+    OpenAI API on its native /api paths."""
+    translator = translator_for(kind, api)
+    assert type(translator) is translator_class
+    assert (translator.api, translator.path) == (api, path)
+
+
+@pytest.mark.parametrize("kind, api", [
+    ("openai", "openai.chat"), ("openai", "openai.completions"), ("openai", "openai.embeddings"),
+    ("ollama", "ollama.chat"), ("ollama", "ollama.generate"), ("ollama", "ollama.show"),
+    ("openai", "ollama.tags"), ("ollama", "openai.models"), ("vllm", "ollama.chat"), ("", "openai.chat"),
+])
+def test_no_translator_when_the_engine_speaks_the_api_or_none_applies(kind: str, api: str) -> None:
+    """An engine's own dialect, an API with no translation and an unknown kind get no translator."""
+    assert translator_for(kind, api) is None
+
+
+@pytest.mark.parametrize("api, method", [
+    ("ollama.show", "GET"), ("ollama.chat", "POST"), ("ollama.generate", "POST"),
+    ("ollama.embed", "POST"), ("ollama.embeddings", "POST"),
+])
+def test_ollama_over_openai_method(api: str, method: str) -> None:
+    """Only ``ollama.show`` (answered from GET /v1/models) is not a POST."""
+    assert ollama_over_openai(api).method(api) == method
+
+
+@pytest.mark.parametrize("api", ["openai.chat", "openai.completions", "openai.embeddings"])
+def test_openai_over_ollama_method_is_always_post(api: str) -> None:
+    """Every native Ollama endpoint used is a POST."""
+    assert openai_over_ollama(api).method(api) == "POST"
+
+
+# -- OllamaOverOpenAI: requests ------------------------------------------------------------------
+
+
+def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
+    """Options are renamed or copied, images become content parts, tool-call arguments a JSON string."""
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    body = {
+        "model": "llama3",
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is this?", "images": ["QUJD", "REVG"]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                {"function": {"name": "clock"}}]},
+            {"role": "tool", "content": "sunny"},
+            {"content": "no role"},
+            "not a message",
+        ],
+        "options": {"temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n\n", "END"], "num_predict": 64,
+                    "frequency_penalty": 0.1, "presence_penalty": 0.3, "top_k": 40, "num_ctx": 8192},
+        "format": "json",
+        "tools": tools,
+        "keep_alive": "5m",
+    }
+    translator = ollama_over_openai("ollama.chat")
+    assert translator.request(body, stream=False) == {
+        "model": "llama3", "stream": False,
+        "temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n\n", "END"],
+        "frequency_penalty": 0.1, "presence_penalty": 0.3, "max_tokens": 64,
+        "response_format": {"type": "json_object"},
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,REVG"}}]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+            {"role": "tool", "content": "sunny"},
+            {"role": "user", "content": "no role"},
+        ],
+        "tools": tools,
+    }
+    assert translator.model == "llama3"
+
+
+def test_ollama_stream_asks_the_engine_for_usage() -> None:
+    """A streamed request asks for the usage chunk that the final record's counts come from."""
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": []}, stream=True)
+    assert request == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "messages": []}
+
+
+def test_ollama_format_schema_becomes_json_schema_response_format() -> None:
+    """A ``format`` object is a JSON schema, named as OpenAI requires."""
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "format": schema}, stream=False)
+    assert request["response_format"] == {"type": "json_schema",
+                                          "json_schema": {"name": "response", "schema": schema}}
+
+
+@pytest.mark.parametrize("body", [
+    {"model": "m", "options": "hot", "format": "yaml", "tools": []},
+    {"model": "m", "options": None, "format": ""},
+    {"model": "m"},
+])
+def test_ollama_request_ignores_missing_or_malformed_extras(body: dict[str, Any]) -> None:
+    """Options that are not an object, an unknown format and empty tools add nothing."""
+    assert ollama_over_openai("ollama.chat").request(body, stream=False) == {
+        "model": "m", "stream": False, "messages": []}
+
+
+def test_ollama_generate_request_puts_the_system_before_the_prompt() -> None:
+    """``/api/generate``'s system and prompt become one completion prompt, options mapped as for chat."""
+    body = {"model": "m", "system": "You are terse.", "prompt": "Say hi", "options": {"num_predict": 5, "seed": 1},
+            "format": "json"}
+    assert ollama_over_openai("ollama.generate").request(body, stream=True) == {
+        "model": "m", "stream": True, "seed": 1, "max_tokens": 5, "stream_options": {"include_usage": True},
+        "response_format": {"type": "json_object"}, "prompt": "You are terse.\n\nSay hi"}
+
+
+def test_ollama_generate_without_system_or_prompt() -> None:
+    """No system adds no blank lines; no prompt is an empty prompt."""
+    translator = ollama_over_openai("ollama.generate")
+    assert translator.request({"model": "m", "prompt": "x"}, stream=False)["prompt"] == "x"
+    assert translator.request({"model": "m", "system": ""}, stream=False)["prompt"] == ""
+
+
+def test_ollama_embed_requests_carry_only_model_and_input() -> None:
+    """``/api/embed`` passes its input through (a list stays a list); the legacy form's prompt is a string."""
+    embed = ollama_over_openai("ollama.embed").request(
+        {"model": "e", "input": ["a", "b"], "options": {"temperature": 1}, "truncate": True}, stream=False)
+    assert embed == {"model": "e", "input": ["a", "b"]}
+    legacy = ollama_over_openai("ollama.embeddings").request({"model": "e", "prompt": 42}, stream=True)
+    assert legacy == {"model": "e", "input": "42"}
+
+
+@pytest.mark.parametrize("num_predict", [-1, -2])
+def test_ollama_unlimited_num_predict_sets_no_max_tokens(num_predict: int) -> None:
+    """Ollama's 'no limit' values of num_predict leave max_tokens unset rather than negative."""
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "options": {"num_predict": num_predict}},
+                                                        stream=False)
+    assert "max_tokens" not in request
+
+
+# -- OllamaOverOpenAI: answers -------------------------------------------------------------------
+
+
+def test_ollama_chat_stream_text_chunks_become_ndjson_lines() -> None:
+    """A content delta is one done=false NDJSON line; role-only, empty and usage-only chunks give none."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "llama3", "messages": []}, stream=True)
+    assert translator.chunk({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]}) == []
+    assert translator.chunk({"choices": [{"index": 0, "delta": {"content": ""}}]}) == []
+    assert translator.chunk({"choices": [{"index": 0, "delta": {"content": None}}]}) == []
+    assert translator.chunk({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}) == []
+    assert translator.chunk({"choices": [None]}) == []
+    assert translator.chunk({}) == []
+    lines = translator.chunk({"choices": [{"index": 0, "delta": {"content": "Hé \"you\"\n"}}]})
+    assert len(lines) == 1
+    value = ndjson(lines[0])
+    timestamp(value)
+    assert value == {"model": "llama3", "message": {"role": "assistant", "content": "Hé \"you\"\n"}, "done": False}
+    assert translator.done is False
+
+
+def test_ollama_chat_final_line_has_counts_and_done_reason() -> None:
+    """The line after [DONE] is done=true with the usage as Ollama's counts and the finish reason mapped."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "llama3", "messages": []}, stream=True)
+    translator.chunk({"choices": [{"index": 0, "delta": {"content": "abc"}, "finish_reason": "length"}]})
+    value = ndjson(translator.final({"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}))
+    timestamp(value)
+    assert value == {"model": "llama3", "message": {"role": "assistant", "content": ""}, "done": True,
+                     "done_reason": "length", "prompt_eval_count": 11, "eval_count": 4}
+    assert translator.done is False  # the engine's own [DONE] ends these streams, not the translator
+
+
+@pytest.mark.parametrize("finish_reason, done_reason", [
+    ("stop", "stop"), ("length", "length"), ("tool_calls", "stop"), ("content_filter", "stop"), (None, "stop"),
+])
+def test_ollama_finish_reason_maps_to_done_reason(finish_reason: str | None, done_reason: str) -> None:
+    """Only ``length`` survives as itself; every other finish is Ollama's ``stop``."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=True)
+    translator.chunk({"choices": [{"delta": {}, "finish_reason": finish_reason}]})
+    assert ndjson(translator.final(None))["done_reason"] == done_reason
+
+
+def test_ollama_final_without_usage_counts_zero() -> None:
+    """An engine that never sent usage yields zero counts, not missing keys."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=True)
+    value = ndjson(translator.final(None))
+    assert (value["done"], value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == (
+        True, "stop", 0, 0)
+
+
+def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
+    """Tool-call fragments are joined and ordered by index; arguments parsed, or kept raw if not JSON."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m", "messages": []}, stream=True)
+    fragments = [
+        {"index": 1, "id": "b", "type": "function", "function": {"name": "clock", "arguments": ""}},
+        {"index": 0, "id": "a", "type": "function", "function": {"name": "wea", "arguments": '{"ci'}},
+        {"index": 0, "function": {"name": "ther", "arguments": 'ty": "Paris"}'}},
+        {"index": 2, "function": {"name": "broken", "arguments": '{"no'}},
+    ]
+    for fragment in fragments:
+        assert translator.chunk({"choices": [{"delta": {"tool_calls": [fragment]}}]}) == []
+    translator.chunk({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
+    value = ndjson(translator.final({"prompt_tokens": 9, "completion_tokens": 12}))
+    assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
+        {"function": {"name": "clock", "arguments": {}}},
+        {"function": {"name": "broken", "arguments": '{"no'}}]}
+    assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("stop", 9, 12)
+
+
+def test_ollama_tool_call_without_index_is_call_zero() -> None:
+    """A fragment without an index belongs to the first call."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=True)
+    translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]})
+    translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"arguments": None}}]}}]})
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {}}}]
+
+
+def test_ollama_generate_stream_uses_response_not_message() -> None:
+    """``/api/generate`` lines carry ``response``; its text comes from the choice's ``text``."""
+    translator = ollama_over_openai("ollama.generate")
+    translator.request({"model": "g", "prompt": "p"}, stream=True)
+    assert translator.chunk({"choices": [{"index": 0, "text": ""}]}) == []
+    value = ndjson(translator.chunk({"choices": [{"index": 0, "text": "Once", "finish_reason": None}]})[0])
+    timestamp(value)
+    assert value == {"model": "g", "response": "Once", "done": False}
+    last = ndjson(translator.final({"prompt_tokens": 1, "completion_tokens": 2}))
+    timestamp(last)
+    assert last == {"model": "g", "response": "", "done": True, "done_reason": "stop",
+                    "prompt_eval_count": 1, "eval_count": 2}
+
+
+def test_ollama_chat_whole_answer() -> None:
+    """A non-streamed chat answer is one done=true object with message, reason and counts."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "llama3", "messages": []}, stream=False)
+    raw = translator.whole({"id": "x", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"},
+                                                     "finish_reason": "stop"}]},
+                           {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+    assert not raw.endswith(b"\n")
+    value = json.loads(raw)
+    timestamp(value)
+    assert value == {"model": "llama3", "message": {"role": "assistant", "content": "Hi!"}, "done": True,
+                     "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}
+
+
+def test_ollama_chat_whole_answer_with_tool_calls_and_length() -> None:
+    """Whole-answer tool calls get object arguments; content None is empty; ``length`` is kept."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=False)
+    message = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_9", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": [2]}'}},
+        {"id": "call_10", "type": "function", "function": {"name": "noop"}}]}
+    value = json.loads(translator.whole({"choices": [{"message": message, "finish_reason": "length"}]}, None))
+    assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "add", "arguments": {"a": 1, "b": [2]}}},
+        {"function": {"name": "noop", "arguments": {}}}]}
+    assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("length", 0, 0)
+
+
+def test_ollama_whole_answer_without_choices() -> None:
+    """An answer with no choice is an empty, finished one, not an exception."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=False)
+    value = json.loads(translator.whole({"choices": []}, None))
+    assert (value["message"], value["done_reason"]) == ({"role": "assistant", "content": ""}, "stop")
+
+
+def test_ollama_generate_whole_answer() -> None:
+    """A non-streamed generate answer carries ``response`` from the choice's text."""
+    translator = ollama_over_openai("ollama.generate")
+    translator.request({"model": "g", "prompt": "p"}, stream=False)
+    value = json.loads(translator.whole({"choices": [{"text": "done.", "finish_reason": "length"}]},
+                                        {"prompt_tokens": 3, "completion_tokens": 8}))
+    timestamp(value)
+    assert value == {"model": "g", "response": "done.", "done": True, "done_reason": "length",
+                     "prompt_eval_count": 3, "eval_count": 8}
+
+
+def test_ollama_embed_whole_answer() -> None:
+    """``/api/embed`` returns every vector in order, with the prompt token count."""
+    translator = ollama_over_openai("ollama.embed")
+    translator.request({"model": "e", "input": ["a", "b"]}, stream=False)
+    value = {"object": "list", "data": [{"index": 0, "embedding": [0.5, -1.0]}, {"index": 1, "embedding": [2.0, 0.0]}]}
+    assert json.loads(translator.whole(value, {"prompt_tokens": 4, "total_tokens": 4})) == {
+        "model": "e", "embeddings": [[0.5, -1.0], [2.0, 0.0]], "prompt_eval_count": 4}
+    assert json.loads(translator.whole({"data": []}, None)) == {"model": "e", "embeddings": [], "prompt_eval_count": 0}
+
+
+def test_ollama_legacy_embeddings_whole_answer() -> None:
+    """``/api/embeddings`` returns the first vector alone, or an empty one."""
+    translator = ollama_over_openai("ollama.embeddings")
+    translator.request({"model": "e", "prompt": "a"}, stream=False)
+    assert json.loads(translator.whole({"data": [{"embedding": [0.25, 1.5]}, {"embedding": [9.0]}]}, None)) == {
+        "embedding": [0.25, 1.5]}
+    assert json.loads(translator.whole({"data": []}, None)) == {"embedding": []}
+    assert json.loads(translator.whole({}, None)) == {"embedding": []}
+
+
+def test_ollama_show_answer_is_the_empty_shape_clients_expect() -> None:
+    """``/api/show`` over an OpenAI engine answers the fields Ollama clients read, mostly empty."""
+    translator = ollama_over_openai("ollama.show")
+    translator.request({"model": "m"}, stream=False)
+    value = json.loads(translator.whole({"object": "list", "data": [{"id": "m"}]}, None))
+    modified_at = value.pop("modified_at")
+    assert modified_at.endswith("Z")
+    assert value == {"modelfile": "", "parameters": "", "template": "", "model_info": {},
+                     "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""},
+                     "capabilities": ["completion"]}
+
+
+# -- OpenAIOverOllama: requests ------------------------------------------------------------------
+
+
+def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
+    """Sampling fields become options, content parts text and images, tool-call arguments objects."""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    body = {
+        "model": "qwen",
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is "},
+                {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+                {"type": "text", "text": "this?"},
+                "junk"]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+                {"id": "call_2", "type": "function", "function": {"name": "raw", "arguments": "not json"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+            {"content": "roleless"},
+            7,
+        ],
+        "temperature": 0.5, "top_p": None, "seed": 3, "stop": ["END"], "frequency_penalty": 0.0,
+        "presence_penalty": 1.5, "max_tokens": 100, "max_completion_tokens": 50, "user": "u1",
+        "response_format": {"type": "json_object"}, "tools": tools, "tool_choice": "auto",
+    }
+    translator = openai_over_ollama("openai.chat")
+    assert translator.request(body, stream=False) == {
+        "model": "qwen", "stream": False,
+        "options": {"temperature": 0.5, "seed": 3, "stop": ["END"], "frequency_penalty": 0.0,
+                    "presence_penalty": 1.5, "num_predict": 50},
+        "format": "json",
+        "messages": [
+            {"role": "system", "content": "sys"},
+            {"role": "user", "content": "What is this?", "images": ["QUJD"]},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": "add", "arguments": {"a": 1}}},
+                {"function": {"name": "raw", "arguments": "not json"}}]},
+            {"role": "tool", "content": "2"},
+            {"role": "user", "content": "roleless"},
+        ],
+        "tools": tools, "tool_choice": "auto",
+    }
+    assert translator.model == "qwen"
+
+
+def test_openai_max_tokens_and_stream_flag() -> None:
+    """``max_tokens`` alone is num_predict; the stream flag is passed on as given."""
+    request = openai_over_ollama("openai.chat").request({"model": "m", "max_tokens": 0, "messages": []}, stream=True)
+    assert request == {"model": "m", "stream": True, "options": {"num_predict": 0}, "messages": []}
+
+
+def test_openai_tool_choice_without_tools_is_dropped() -> None:
+    """``tool_choice`` only goes with tools."""
+    request = openai_over_ollama("openai.chat").request({"model": "m", "tool_choice": "required", "tools": []},
+                                                        stream=False)
+    assert "tool_choice" not in request and "tools" not in request
+
+
+@pytest.mark.parametrize("response_format, expected", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}, {"type": "object"}),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "json"),
+    ({"type": "json_schema"}, "json"),
+    ({"type": "json_object"}, "json"),
+])
+def test_openai_response_format_becomes_ollama_format(response_format: dict[str, Any], expected: Any) -> None:
+    """A JSON schema is passed as the format; JSON mode (or a schema-less schema) is ``"json"``."""
+    request = openai_over_ollama("openai.chat").request({"model": "m", "response_format": response_format},
+                                                        stream=False)
+    assert request["format"] == expected
+
+
+@pytest.mark.parametrize("response_format", [None, {"type": "text"}, {}])
+def test_openai_text_response_format_sets_no_format(response_format: dict[str, Any] | None) -> None:
+    """Plain text output asks Ollama for no format at all."""
+    request = openai_over_ollama("openai.chat").request({"model": "m", "response_format": response_format},
+                                                        stream=False)
+    assert "format" not in request
+
+
+def test_openai_single_stop_string_becomes_a_list() -> None:
+    """A single stop string reaches Ollama as the list of strings its options require."""
+    request = openai_over_ollama("openai.chat").request({"model": "m", "stop": "\n"}, stream=False)
+    assert request["options"]["stop"] == ["\n"]
+
+
+@pytest.mark.parametrize("prompt, expected", [("Tell me", "Tell me"), (["first", "second"], "first"), (12, "12")])
+def test_openai_completions_request_takes_one_prompt(prompt: Any, expected: str) -> None:
+    """``/api/generate`` takes one prompt: a list gives its first."""
+    request = openai_over_ollama("openai.completions").request(
+        {"model": "m", "prompt": prompt, "max_tokens": 16, "stop": ["\n"]}, stream=True)
+    assert request == {"model": "m", "stream": True, "options": {"stop": ["\n"], "num_predict": 16},
+                       "prompt": expected}
+
+
+def test_openai_embeddings_request() -> None:
+    """Embeddings carry only model and input; other fields do not reach Ollama."""
+    translator = openai_over_ollama("openai.embeddings")
+    assert translator.request({"model": "e", "input": ["x", "y"], "encoding_format": "float", "user": "u"},
+                              stream=False) == {"model": "e", "input": ["x", "y"]}
+    assert translator.base64 is False
+
+
+# -- OpenAIOverOllama: streamed answers ----------------------------------------------------------
+
+
+def test_openai_chat_stream_first_chunk_carries_the_role() -> None:
+    """The first event's delta has role and content; later ones only content, same id and created."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "qwen", "messages": []}, stream=True)
+    [first] = translator.chunk({"model": "qwen", "message": {"role": "assistant", "content": "Hel"}, "done": False})
+    first_value = sse(first)
+    assert first_value["id"].startswith("chatcmpl-") and len(first_value["id"]) == len("chatcmpl-") + 24
+    assert isinstance(first_value["created"], int)
+    assert first_value == {"id": translator.id, "object": "chat.completion.chunk", "created": translator.created,
+                           "model": "qwen", "choices": [{"index": 0, "delta": {"content": "Hel", "role": "assistant"},
+                                                         "finish_reason": None}]}
+    [second] = translator.chunk({"message": {"role": "assistant", "content": "lo \"there\"\n\u00e9\u2603"},
+                                 "done": False})
+    assert sse(second) == {"id": translator.id, "object": "chat.completion.chunk", "created": translator.created,
+                           "model": "qwen", "choices": [{"index": 0, "delta": {"content": "lo \"there\"\n\u00e9\u2603"},
+                                                         "finish_reason": None}]}
+    assert translator.done is False
+
+
+def test_openai_chat_stream_empty_first_chunk_still_sends_the_role() -> None:
+    """An empty first line sends a role-only delta; later empty lines send nothing."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m"}, stream=True)
+    [first] = translator.chunk({"message": {"role": "assistant", "content": ""}, "done": False})
+    assert sse(first)["choices"] == [{"index": 0, "delta": {"content": "", "role": "assistant"},
+                                      "finish_reason": None}]
+    assert translator.chunk({"message": {"role": "assistant", "content": ""}, "done": False}) == []
+    assert translator.chunk({"message": {"role": "assistant", "thinking": "hmm"}, "done": False}) == []
+    assert translator.chunk({"done": False}) == []
+
+
+def test_openai_chat_stream_end_with_usage() -> None:
+    """The done line gives the finish event and, when asked for, a usage event with no choices."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "stream_options": {"include_usage": True}}, stream=True)
+    translator.chunk({"message": {"role": "assistant", "content": "a"}, "done": False})
+    events = translator.chunk({"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
+                               "prompt_eval_count": 12, "eval_count": 30})
+    assert [sse(event) for event in events] == [
+        {"id": translator.id, "object": "chat.completion.chunk", "created": translator.created, "model": "m",
+         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"id": translator.id, "object": "chat.completion.chunk", "created": translator.created, "model": "m",
+         "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}},
+    ]
+    assert translator.done is True
+
+
+def test_openai_chat_stream_end_without_usage_and_with_text() -> None:
+    """Text in the done line comes before the finish; no usage event unless asked; length is kept."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "stream_options": {"include_usage": False}}, stream=True)
+    translator.chunk({"message": {"content": "a"}, "done": False})
+    events = [sse(event) for event in translator.chunk({"message": {"content": "b"}, "done": True,
+                                                         "done_reason": "length", "eval_count": 2})]
+    assert [event["choices"] for event in events] == [
+        [{"index": 0, "delta": {"content": "b"}, "finish_reason": None}],
+        [{"index": 0, "delta": {}, "finish_reason": "length"}]]
+    assert translator.done is True
+
+
+def test_openai_chat_stream_tool_calls() -> None:
+    """Tool calls get running indexes, fresh ids and JSON-string arguments; the finish is tool_calls."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "tools": [{"type": "function"}]}, stream=True)
+    [first] = translator.chunk({"message": {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]}, "done": False})
+    [second] = translator.chunk({"message": {"content": "", "tool_calls": [
+        {"function": {"name": "now"}}, {"function": {"name": "sub", "arguments": {"x": "y"}}}]}, "done": False})
+    first_delta = sse(first)["choices"][0]["delta"]
+    second_delta = sse(second)["choices"][0]["delta"]
+    calls = first_delta["tool_calls"] + second_delta["tool_calls"]
+    assert [call["id"][:5] for call in calls] == ["call_"] * 3 and len({call["id"] for call in calls}) == 3
+    assert [{k: v for k, v in call.items() if k != "id"} for call in calls] == [
+        {"index": 0, "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+        {"index": 1, "type": "function", "function": {"name": "now", "arguments": "{}"}},
+        {"index": 2, "type": "function", "function": {"name": "sub", "arguments": '{"x": "y"}'}}]
+    assert (first_delta["role"], first_delta["content"], "role" in second_delta) == ("assistant", "", False)
+    [end] = translator.chunk({"message": {"content": ""}, "done": True, "done_reason": "stop"})
+    assert sse(end)["choices"] == [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+
+
+def test_openai_completions_stream() -> None:
+    """Completion chunks are text_completion events with text and null logprobs, then the finish."""
+    translator = openai_over_ollama("openai.completions")
+    translator.request({"model": "g", "prompt": "p", "stream_options": {"include_usage": True}}, stream=True)
+    assert translator.id.startswith("cmpl-") and len(translator.id) == len("cmpl-") + 24
+    head = {"id": translator.id, "object": "text_completion", "created": translator.created, "model": "g"}
+    assert translator.chunk({"response": "", "done": False}) == []
+    [first] = translator.chunk({"response": "Once", "done": False})
+    [second] = translator.chunk({"response": " upon", "done": False})
+    assert sse(first) == {**head, "choices": [{"index": 0, "text": "Once", "logprobs": None, "finish_reason": None}]}
+    assert sse(second) == {**head, "choices": [{"index": 0, "text": " upon", "logprobs": None,
+                                                "finish_reason": None}]}
+    end, usage = translator.chunk({"response": "", "done": True, "done_reason": "length",
+                                   "prompt_eval_count": 2, "eval_count": 5})
+    assert sse(end) == {**head, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]}
+    assert sse(usage) == {**head, "choices": [],
+                          "usage": {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}}
+    assert translator.done is True
+
+
+def test_openai_fast_path_matches_the_full_encoding() -> None:
+    """The per-token template gives byte-for-byte the event a full encode of the same chunk gives."""
+    for api, text_choice in (("openai.chat", lambda t: {"delta": {"content": t}}),
+                             ("openai.completions", lambda t: {"text": t, "logprobs": None})):
+        translator = openai_over_ollama(api)
+        translator.request({"model": "m"}, stream=True)
+        translator.chunk({"message": {"content": "x"}, "response": "x", "done": False})
+        text = "tab\there \\ \"q\" \u0000 \U0001f600"
+        [event] = translator.chunk({"message": {"content": text}, "response": text, "done": False})
+        expected = {"id": translator.id, "object": "chat.completion.chunk" if api == "openai.chat" else
+                    "text_completion", "created": translator.created, "model": "m",
+                    "choices": [{"index": 0, **text_choice(text), "finish_reason": None}]}
+        assert event == b"data: " + json.dumps(expected).encode() + b"\n\n"
+
+
+# -- OpenAIOverOllama: whole answers -------------------------------------------------------------
+
+
+def test_openai_chat_whole_answer() -> None:
+    """A non-streamed chat answer is a chat.completion with the message, the finish and exact usage."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "qwen", "messages": []}, stream=False)
+    value = json.loads(translator.whole({"model": "qwen", "message": {"role": "assistant", "content": "Hi"},
+                                         "done": True, "done_reason": "stop", "prompt_eval_count": 3,
+                                         "eval_count": 2}, None))
+    assert value == {"id": translator.id, "object": "chat.completion", "created": translator.created,
+                     "model": "qwen", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
+                                                   "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+    assert translator.done is False  # only a streamed done line sets it
+
+
+def test_openai_chat_whole_answer_with_tool_calls() -> None:
+    """Whole-answer tool calls have ids and string arguments but no index; the finish is tool_calls."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m"}, stream=False)
+    value = json.loads(translator.whole({"message": {"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "add", "arguments": {"a": 1}}}, {"function": {"name": "now"}}]},
+        "done_reason": "stop"}, None))
+    [choice] = value["choices"]
+    calls = choice["message"]["tool_calls"]
+    assert all(call["id"].startswith("call_") and len(call["id"]) == 17 for call in calls)
+    assert [{k: v for k, v in call.items() if k != "id"} for call in calls] == [
+        {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+        {"type": "function", "function": {"name": "now", "arguments": "{}"}}]
+    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "tool_calls")
+    assert value["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+@pytest.mark.parametrize("done_reason, finish_reason", [("stop", "stop"), ("length", "length"), (None, "stop"),
+                                                         ("load", "stop")])
+def test_openai_completions_whole_answer(done_reason: str | None, finish_reason: str) -> None:
+    """A non-streamed completion is a text_completion; only ``length`` is kept as a finish reason."""
+    translator = openai_over_ollama("openai.completions")
+    translator.request({"model": "g", "prompt": "p"}, stream=False)
+    value = json.loads(translator.whole({"response": "text", "done_reason": done_reason,
+                                         "prompt_eval_count": 4, "eval_count": None}, None))
+    assert value == {"id": translator.id, "object": "text_completion", "created": translator.created, "model": "g",
+                     "choices": [{"index": 0, "text": "text", "logprobs": None, "finish_reason": finish_reason}],
+                     "usage": {"prompt_tokens": 4, "completion_tokens": 0, "total_tokens": 4}}
+
+
+def test_openai_embeddings_whole_answer_as_floats() -> None:
+    """Each vector is an embedding object with its index; usage is the prompt count."""
+    translator = openai_over_ollama("openai.embeddings")
+    translator.request({"model": "e", "input": ["a", "b"]}, stream=False)
+    value = json.loads(translator.whole({"embeddings": [[0.5, -1.25], [3.0, 0.0]], "prompt_eval_count": 6}, None))
+    assert value == {"object": "list", "model": "e", "usage": {"prompt_tokens": 6, "total_tokens": 6},
+                     "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -1.25]},
+                              {"object": "embedding", "index": 1, "embedding": [3.0, 0.0]}]}
+
+
+def test_openai_embeddings_whole_answer_as_base64() -> None:
+    """``encoding_format: base64`` packs each vector as little-endian float32, as OpenAI does."""
+    translator = openai_over_ollama("openai.embeddings")
+    translator.request({"model": "e", "input": "a", "encoding_format": "base64"}, stream=False)
+    assert translator.base64 is True
+    value = json.loads(translator.whole({"embeddings": [[0.5, -1.25, 3.0]]}, None))
+    [item] = value["data"]
+    raw = base64.b64decode(item["embedding"])
+    assert raw == struct.pack("<3f", 0.5, -1.25, 3.0)
+    assert struct.unpack("<3f", raw) == (0.5, -1.25, 3.0)
+    assert (item["index"], value["usage"]) == (0, {"prompt_tokens": 0, "total_tokens": 0})
+
+
+def test_openai_embeddings_without_vectors() -> None:
+    """An answer with no embeddings is an empty list, not an error."""
+    translator = openai_over_ollama("openai.embeddings")
+    translator.request({"model": "e", "input": []}, stream=False)
+    assert json.loads(translator.whole({}, None))["data"] == []
+
+
+def test_each_translation_has_its_own_id() -> None:
+    """Two requests never share a completion id (Ollama's own OpenAI layer does not guarantee it)."""
+    ids = {openai_over_ollama("openai.chat").id for _ in range(50)}
+    assert len(ids) == 50
