@@ -681,3 +681,16 @@ def test_each_translation_has_its_own_id() -> None:
     """Two requests never share a completion id (Ollama's own OpenAI layer does not guarantee it)."""
     ids = {openai_over_ollama("openai.chat").id for _ in range(50)}
     assert len(ids) == 50
+
+
+@pytest.mark.parametrize("arguments, expected", [
+    ('{"city": "Paris"}', {"city": "Paris"}),
+    ({"city": "Paris"}, {"city": "Paris"}),  # some clients send an object: it used to raise TypeError (a 500)
+    ("not json", "not json"),
+    (None, {}),
+])
+def test_openai_tool_call_arguments_reach_ollama_as_an_object(arguments: Any, expected: Any) -> None:
+    message = {"role": "assistant", "content": "",
+               "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}
+    request = openai_over_ollama("openai.chat").request({"model": "m", "messages": [message]}, stream=False)
+    assert request["messages"][0]["tool_calls"] == [{"function": {"name": "f", "arguments": expected}}]

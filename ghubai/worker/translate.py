@@ -51,10 +51,12 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     converted = []
     for call in calls:
         function = call.get("function") or {}
-        try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            arguments = function.get("arguments")
+        arguments = function.get("arguments") or "{}"
+        if isinstance(arguments, str | bytes):  # an object (as some clients send) is already what Ollama wants
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                pass
         converted.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
     return converted
 
