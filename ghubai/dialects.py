@@ -3,23 +3,32 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import msgspec
+
 from ghubai.errors import ApiError
+
+_decode = msgspec.json.Decoder().decode
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ApiError(400, "Request body is not valid UTF-8") from None
-    except ValueError as error:
-        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
+    body = loads(raw, "Request body")
     if not isinstance(body, dict):
         raise ApiError(400, "Request body must be a JSON object")
     return body
+
+
+def loads(raw: bytes, what: str) -> Any:
+    """JSON at C speed (msgspec: see scripts/json_choice.py); malformed or hostile JSON — invalid
+    UTF-8, NaN, nesting a thousand levels deep — is a 400 naming ``what``, never a 500."""
+    try:
+        return _decode(raw)
+    except msgspec.DecodeError as error:
+        raise ApiError(400, f"{what} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ApiError(400, f"{what} is nested too deeply") from None
 
 
 def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:
@@ -114,10 +123,6 @@ def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:
     extra = {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} if running else {}
     return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
                         "details": {}, **extra} for m in models]}
-
-
-def sse_event(payload: str) -> bytes:
-    return b"data: " + payload.encode() + b"\n\n"
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -14,14 +14,15 @@ hub has ``provider_tokens``) and each side then sends frames:
 
 The conversation:
 
-1. worker → ``hello`` (``protocol`` first: a hub refuses another version with close code 4001,
-   whatever else the hello holds); hub → ``welcome`` (its id and the heartbeat period), or a close
-   with 4002 for a malformed hello. A second link with the same ``worker_id`` replaces the first
-   (close code 4003).
+1. worker → ``hello``, alone in its message (``protocol`` first: a hub refuses another version with
+   close code 4001, whatever else the hello holds); hub → ``welcome``, alone in its message (its id
+   and the heartbeat period), or a close with 4002 for a malformed hello. A second link with the
+   same ``worker_id`` replaces the first, which the hub closes.
 2. hub → ``request``; worker → ``chunk``\\* then ``end`` (with the engine's usage) or ``error``. The
    hub sends ``cancel`` when its client leaves, and ``credit`` as its client takes the bytes: a worker
    keeps at most ``WINDOW_BYTES`` of one answer unacknowledged. A worker answers a request it cannot
-   take (full, draining, a duplicate or malformed id) with ``error``; ``busy`` says it was only full.
+   take (full, draining, a duplicate id, a malformed frame with a valid id) with ``error``; ``busy``
+   says it was only full. A hub fails at once a request whose ``end`` or ``error`` it had to refuse.
 3. worker → ``models`` when its engine's models change, ``load`` whenever its number of running
    requests changes (a worker shared by several hubs is full for all of them at once), ``draining``
    when it shuts down.
@@ -63,7 +64,8 @@ MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request
 
 ID_BYTES = 32
 _ID_PATTERN = "^[0-9a-f]{32}$"
-RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN)]
+# min/max length too: msgspec matches with re.search, where "$" also matches before a final newline
+RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN, min_length=ID_BYTES, max_length=ID_BYTES)]
 WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -193,13 +195,15 @@ class _Head(msgspec.Struct):
 
 class ProtocolError(ValueError):
     """A frame that cannot be understood. ``frames``: those of the same message read before the
-    fault. ``request_id``: the id of a refused ``request`` frame, when it had a valid one, so the
-    refusal can be answered."""
+    fault. ``request_id`` and ``frame_type``: the valid id and the type of the refused frame, when it
+    had them, so that the request it was about can be answered or ended."""
 
-    def __init__(self, message: str, frames: list[Frame] | None = None, request_id: str | None = None) -> None:
+    def __init__(self, message: str, frames: list[Frame] | None = None, request_id: str | None = None,
+                 frame_type: str = "") -> None:
         super().__init__(message)
         self.frames = frames or []
         self.request_id = request_id
+        self.frame_type = frame_type
 
 
 class VersionMismatch(ProtocolError):
@@ -218,19 +222,19 @@ def decode(text: str | bytes) -> Frame | Unknown:
     """Parse one JSON frame. Unknown types come back as ``Unknown``; anything else wrong raises."""
     try:
         frame = _decoder.decode(text)
-    except msgspec.DecodeError as error:
+    except (msgspec.DecodeError, RecursionError) as error:  # RecursionError: nested ~1,000 levels deep
         return _refuse(text, error)
     if isinstance(frame, Hello) and frame.protocol != PROTOCOL:
         raise VersionMismatch(f"protocol {frame.protocol} not supported; this side speaks {PROTOCOL}")
     return frame
 
 
-def _refuse(text: str | bytes, error: msgspec.DecodeError) -> Unknown:
+def _refuse(text: str | bytes, error: Exception) -> Unknown:
     """Why a frame failed, with the protocol version compared first; an unknown type is no fault."""
     try:
         head = msgspec.json.decode(text, type=_Head)
-    except msgspec.DecodeError as not_json:
-        raise ProtocolError(f"frame is not a JSON object: {not_json}") from None
+    except (msgspec.DecodeError, RecursionError) as not_json:
+        raise ProtocolError(f"frame is not a JSON object: {str(not_json)[:200]}") from None
     if not isinstance(head.type, str):
         raise ProtocolError("frame has no type")
     if head.type == "hello" and head.protocol != PROTOCOL:
@@ -239,8 +243,9 @@ def _refuse(text: str | bytes, error: msgspec.DecodeError) -> Unknown:
         raise ProtocolError("chunk frames are binary")
     if head.type not in _TYPES:
         return Unknown(head.type[:40])
-    answerable = head.type == "request" and isinstance(head.id, str) and re.fullmatch(_ID_PATTERN, head.id)
-    raise ProtocolError(f"bad {head.type} frame: {str(error)[:200]}", request_id=head.id if answerable else None)
+    valid_id = isinstance(head.id, str) and re.fullmatch("[0-9a-f]{32}", head.id)
+    raise ProtocolError(f"bad {head.type} frame: {str(error)[:200]}", request_id=head.id if valid_id else None,
+                        frame_type=head.type)
 
 
 _LENGTH = struct.Struct(">I")

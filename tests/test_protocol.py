@@ -53,7 +53,7 @@ def test_a_newer_peers_hello_is_refused_as_a_version_mismatch_whatever_it_lacks(
         protocol.decode(json.dumps({**whole, "protocol": 2}))
 
 
-@pytest.mark.parametrize("bad_id", ["abc", "F" * 32, "0" * 31, "0" * 33, "g" * 32, "0" * 64, 7])
+@pytest.mark.parametrize("bad_id", ["abc", "F" * 32, "0" * 31, "0" * 33, "g" * 32, "0" * 64, "0" * 32 + "\n", 7])
 def test_request_ids_must_be_32_lowercase_hex_digits(bad_id: object) -> None:
     """Binary chunks carry the id in exactly 32 bytes: any other id is refused at decode."""
     for frame in ({"type": "cancel", "id": bad_id}, {"type": "end", "id": bad_id, "usage": None}):

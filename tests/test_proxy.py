@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
 from ghubai.configfiles import add_hub, remove_hub
 
 
@@ -332,3 +332,34 @@ async def test_a_hub_that_refuses_a_body_early_is_not_marked_down(grid: Grid) ->
     assert too_big.status_code == 413
     assert (await grid.http.get(proxy.value + "/health")).json()["hubs_up"] == 1
     assert (await grid.http.post(url, json=chat())).status_code == 200
+
+
+async def test_a_client_that_stops_reading_is_dropped_by_the_proxy_too(grid: Grid) -> None:
+    """Regression: the proxy wrote to a stalled client without a bound, holding its task, socket and
+    in-flight count for ever after the hub had given up."""
+    sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    proxy = await grid.proxy(hubs=(hub.value,), limits={"idle_timeout_s": 1.0})
+    await grid.wait_for_model(proxy.value, "sim")
+    sock = await stalled_client(proxy.value)
+    try:
+        async def proxy_let_go() -> bool:
+            metrics = (await grid.http.get(proxy.value + "/metrics")).text
+            return 'ghubai_inflight_requests{role="proxy"} 0.0' in metrics and sim.stats.active == 0
+
+        await eventually(proxy_let_go, "the proxy to drop the stalled client and the engine to stop")
+    finally:
+        sock.close()
+
+
+async def test_a_request_the_proxy_cannot_read_is_answered_in_its_dialect_and_counted(grid: Grid) -> None:
+    """Regression: a too large body on /api got OpenAI's error shape, and no log line or metric."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), limits={"max_body_bytes": 2048})
+    ollama = await grid.http.post(proxy.value + "/api/chat", content=b"{" + b" " * 5000 + b"}")
+    assert ollama.status_code == 413 and isinstance(ollama.json()["error"], str)
+    openai_style = await grid.http.post(proxy.value + "/v1/chat/completions", content=b"{" + b" " * 5000 + b"}")
+    assert openai_style.status_code == 413 and openai_style.json()["error"]["type"] == "invalid_request_error"
+    metrics = (await grid.http.get(proxy.value + "/metrics")).text
+    assert 'ghubai_requests_total{code="413",model="",role="proxy"} 2.0' in metrics

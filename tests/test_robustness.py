@@ -215,12 +215,19 @@ async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: G
             while True:
                 frames, _ = protocol.unpack(await ws.get_message())
                 for frame in frames:
+                    if isinstance(frame, protocol.Ping):
+                        await ws.send_message(protocol.encode(protocol.Pong(0)))
                     if not isinstance(frame, protocol.Request):
                         continue
                     request_id = frame.id
+                    if frame.body["messages"][0]["content"] == "bad end":
+                        await ws.send_message(json.dumps({"type": "end", "id": request_id,
+                                                          "usage": {"prompt_tokens": -1}}))
+                        continue
                     await ws.send_message("\n".join([
-                        json.dumps({"type": "error", "id": request_id, "status": "boom", "message": 1,
+                        json.dumps({"type": "error", "id": "0" * 32, "status": "boom", "message": 1,
                                     "retryable": True}),
+                        '{"type": "ping", "inflight": 0, "extra": ' + "[" * 3000 + "]" * 3000 + "}",
                         json.dumps({"type": "chunk", "id": request_id}),
                         json.dumps({"type": "models", "models": [1]}),
                         json.dumps({"type": "end", "id": [1], "usage": None}),
@@ -239,6 +246,21 @@ async def test_malformed_worker_frames_are_dropped_and_the_link_survives(grid: G
         response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
         assert response.status_code == 200 and response.json() == {"answer": "fine"}
     assert (await grid.workers(hub.value))[0]["models"] == ["sim"]
+    # an end the hub must refuse ends its request at once, rather than after first_token_s
+    with trio.fail_after(WAIT_S):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="bad end"))
+    assert response.status_code == 502 and "malformed end" in response.json()["error"]["message"]
+    assert len(await grid.workers(hub.value)) == 1
+
+
+async def test_json_nested_a_thousand_levels_deep_costs_a_frame_never_a_link() -> None:
+    """Regression: msgspec (as json before it) raises RecursionError, not a decode error, on deep
+    nesting, which escaped decode and killed the link — and the worker process with it."""
+    deep = '{"type": "ping", "inflight": 0, "x": ' + "[" * 5000 + "]" * 5000 + "}"
+    frames, problems = protocol.unpack(deep + "\n" + protocol.encode(protocol.Pong(1)))
+    assert frames == [protocol.Pong(1)] and "not a JSON object" in str(problems[0])
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode("[" * 5000)
 
 
 async def test_many_large_requests_at_once_all_complete(grid: Grid) -> None:

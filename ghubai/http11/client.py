@@ -1,19 +1,26 @@
 """HTTP/1.1 client connections on h11 and trio streams, kept alive in a small pool per server.
 
-Used on the hot path where httpx/httpcore cost too much per request (the proxy's hop to a hub). A
-``ClientConnection`` carries one request at a time; a ``ConnectionPool`` hands out idle ones that
-are surely still open and takes back only those whose exchange ended cleanly on both sides.
+Used on the hot path where httpx/httpcore cost too much per request: the proxy's hop to a hub and
+the worker's calls to its engine. A ``ClientConnection`` carries one request at a time; a
+``ConnectionPool`` hands out idle ones that are surely still open and takes back only those whose
+exchange ended cleanly on both sides — one that ends mid-answer, or that the server closed, is
+dropped, never reused. Leaving ``request()`` early (a cancel) closes the connection at once, which
+is how a server such as Ollama learns to stop generating.
 """
 
 from __future__ import annotations
 
 import select
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import h11
 import trio
 
 RECEIVE_SIZE = 65536
+# What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
+TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
 
 def tls_client_context(ca_file: str = "", allow_invalid_certs: bool = False) -> ssl.SSLContext:
@@ -111,7 +118,11 @@ class ConnectionPool:
             stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
             if self.ssl_context is not None:
                 stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.host, https_compatible=True)
-                await stream.do_handshake()
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
         return ClientConnection(stream)
 
     async def release(self, conn: ClientConnection, keep: bool = True) -> None:
@@ -124,7 +135,73 @@ class ConnectionPool:
         else:
             await conn.aclose()
 
+    @asynccontextmanager
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                      timeout_s: float) -> AsyncIterator[Response]:
+        """Send one request and yield its response once its head arrived; every wait for the server
+        is bounded by ``timeout_s``. A kept-alive connection the server had closed in the meantime
+        is replaced by a fresh one, once, before anything was read."""
+        fields = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(body))), *headers]
+        events = [h11.Request(method=method, target=target, headers=fields), h11.Data(data=body), h11.EndOfMessage()]
+        while True:
+            conn = await self.connection()
+            try:
+                with trio.fail_after(timeout_s):
+                    await conn.send(*events)
+                    head = await conn.next_event()
+                    while isinstance(head, h11.InformationalResponse):
+                        head = await conn.next_event()
+                if not isinstance(head, h11.Response):
+                    raise h11.RemoteProtocolError(f"server closed the connection ({type(head).__name__})")
+                break
+            except TRANSPORT_ERRORS:
+                await conn.aclose()
+                if not conn.reused:
+                    raise
+            except BaseException:
+                await conn.aclose()
+                raise
+        response = Response(conn, head, timeout_s)
+        try:
+            yield response
+        except BaseException:
+            await conn.aclose()
+            raise
+        await self.release(conn)
+
     def close_idle(self) -> None:
         for conn in self.idle:
             conn.close_now()
         self.idle.clear()
+
+
+class Response:
+    """The answer to one ``ConnectionPool.request``: its head, then its body as it arrives."""
+
+    def __init__(self, conn: ClientConnection, head: h11.Response, timeout_s: float) -> None:
+        self.conn = conn
+        self.status = head.status_code
+        self.headers = head.headers
+        self.timeout_s = timeout_s
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body, one piece per network read (however many chunks it held); each wait bounded by
+        ``timeout_s``."""
+        while True:
+            with trio.fail_after(self.timeout_s):
+                events = [await self.conn.next_event(), *self.conn.buffered_events()]
+            if data := b"".join(event.data for event in events if isinstance(event, h11.Data)):
+                yield data
+            if any(isinstance(event, h11.EndOfMessage) for event in events):
+                return
+            if not all(isinstance(event, h11.Data) for event in events):
+                raise h11.RemoteProtocolError("server closed the connection mid-answer")
+
+    async def read(self, limit: int) -> bytes:
+        """The whole body; h11.RemoteProtocolError past ``limit`` bytes."""
+        body = bytearray()
+        async for chunk in self.chunks():
+            body += chunk
+            if len(body) > limit:
+                raise h11.RemoteProtocolError(f"answer larger than {limit} bytes")
+        return bytes(body)

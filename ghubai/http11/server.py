@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -53,7 +54,8 @@ class Connection:
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
-        self.idle_timeout_s = idle_timeout_s
+        self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
+        self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
             self.peer = str(sock.getpeername()[0]) if sock is not None else ""
@@ -73,10 +75,12 @@ class Connection:
         """The next complete request, or None when the client closed or idled out."""
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
+        self.head = ""
         try:
             event = await self._next_event()
             if not isinstance(event, h11.Request):
                 return None  # closed, or paused on a connection that must close
+            self.head = f"{event.method.decode('latin-1')} {event.target.decode('latin-1').split('?', 1)[0]}"
             if len(event.headers) > self.max_headers:
                 raise ApiError(431, f"more than {self.max_headers} header lines")
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
@@ -101,10 +105,14 @@ class Connection:
         return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
 
     async def send(self, *events: Any) -> None:
-        """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data."""
+        """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data.
+        A client that takes none of it for ``idle_timeout_s`` is gone (BrokenResourceError)."""
         data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
-            await self.stream.send_all(data)
+            with trio.move_on_after(self.idle_timeout_s) as stalled:
+                await self.stream.send_all(data)
+            if stalled.cancelled_caught:
+                raise trio.BrokenResourceError("the client took no data in time")
 
     async def respond(self, status: int, body: bytes, content_type: str = "application/json",
                       headers: dict[str, str] | None = None) -> None:
@@ -169,15 +177,20 @@ class Connection:
             await self.stream.aclose()
 
 
-async def serve_connection(stream: trio.abc.Stream, handle: Any, **limits: Any) -> None:
-    """Serve requests on one socket until it closes: ``await handle(conn, request)`` each."""
+async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
+                           refused: Callable[[str, ApiError], None] | None = None, **limits: Any) -> None:
+    """Serve requests on one socket until it closes: ``await handle(conn, request)`` each. A request
+    that cannot be read is answered here, in the dialect of its path, and ``refused(head, error)``
+    hears of it (``head``: "METHOD /path", or "" when not even the head could be read)."""
     conn = Connection(stream, **limits)
     try:
         while True:
             try:
                 request = await conn.read_request()
             except ApiError as error:
-                await conn.respond_error(error, "", headers={"connection": "close"})
+                if refused is not None:
+                    refused(conn.head, error)
+                await conn.respond_error(error, conn.head.partition(" ")[2], headers={"connection": "close"})
                 break
             if request is None:
                 break

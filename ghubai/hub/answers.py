@@ -1,10 +1,11 @@
-"""How an exchange's frames reach its client: a stream paced by the client (SSE on ``/v1``, NDJSON on
-``/api``), or one whole body. The worker rendered the bytes; the hub adds only the stream's end."""
+"""How an exchange's frames reach its client, as plain ASGI messages: a stream paced by the client
+(SSE on ``/v1``, NDJSON on ``/api``), or one whole body. The worker rendered the bytes; the hub adds
+only the stream's end, and writes each batch of frames that had already arrived in one message."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ghubai import dialects, protocol
@@ -14,17 +15,24 @@ from ghubai.hub.pool import Answer
 
 log = logging.getLogger("ghubai.hub")
 
+SendBody = Callable[[bytes, bool], Awaitable[None]]  # (bytes, more to come)
+
 
 @dataclass(frozen=True)
 class Dialect:
     """How a stream ends and fails for the client: SSE with [DONE] on /v1, NDJSON on /api."""
-    headers: dict[str, str]
+    headers: list[tuple[bytes, bytes]]
     done: bytes
     sse: bool
 
 
-OPENAI = Dialect(dialects.SSE_HEADERS, dialects.SSE_DONE, sse=True)
-OLLAMA = Dialect(dialects.NDJSON_HEADERS, b"", sse=False)
+def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in fields.items()]
+
+
+OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True)
+OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False)
+JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def dialect_of(api: str) -> Dialect:
@@ -49,24 +57,24 @@ def _size(frames: list[Answer]) -> int:
     return sum(len(frame.data) for frame in frames if isinstance(frame, protocol.Chunk))
 
 
-async def stream(exchange: Exchange, first: Answer, dialect: Dialect,
-                 failed: Callable[[int], None]) -> AsyncIterator[bytes]:
-    """The stream, paced by the client: hypercorn returns from a yield once the socket took the
+async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dialect,
+                 failed: Callable[[int], None]) -> None:
+    """The stream, paced by the client: hypercorn returns from a send once the socket took the
     bytes, and only then does the worker get credit to send more. ``failed`` hears the status of
-    an error that ends the stream after its first byte."""
+    an error that ends the stream after its first byte; the last message carries the stream's end."""
     try:
-        yield _render([first], dialect, failed)
+        await send(_render([first], dialect, failed), not exchange.done)
         exchange.passed_on(_size([first]))
         async for batch in exchange.batches():
-            yield _render(batch, dialect, failed)
+            await send(_render(batch, dialect, failed), not exchange.done)
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
         failed(error.status)
-        yield error.stream_end(dialect.sse)
-    except Exception:  # hypercorn would only cut the stream, silently: the client must hear it ended
+        await send(error.stream_end(dialect.sse), False)
+    except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
         failed(500)
-        yield ApiError(500, "internal error in the hub").stream_end(dialect.sse)
+        await send(ApiError(500, "internal error in the hub").stream_end(dialect.sse), False)
     finally:
         exchange.close()
 

@@ -1,17 +1,18 @@
 """The hub's HTTP API (quart-trio on hypercorn): OpenAI and Ollama endpoints, status pages, ``/gridhub``.
 
-A request's work belongs to its quart-trio task: when the client leaves, that task is cancelled.
-``HubApi`` also wraps the whole ASGI call of each request, so that its record is finished, and its
-worker hears ``cancel``, however the request ends — even if the client leaves in the gap between
-the handler returning a streaming response and the first iteration of its body (where no
-``finally`` of the handler would run).
+The routes that carry inference are served as plain ASGI inside the same app (``HubApi._asgi``):
+quart's request and response objects cost more per request than the rest of the hub together, and
+those routes need none of them. Everything else (model lists, status pages, the workers' WebSocket)
+goes through quart. A request's work runs in a nursery of its ASGI call with a task that watches
+for the client leaving: then the nursery is cancelled, and with it the exchange, whose worker hears
+``cancel``. The call's ``finally`` finishes the request's record however the request ended.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,18 +41,29 @@ log = logging.getLogger("ghubai.hub")
 
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", *dashboard.PATHS)
 CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
+BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
 
-# path, API (as the worker knows it), validation, and whether it streams when the body does not say
-INFERENCE = (
-    ("/v1/chat/completions", "openai.chat", dialects.validate_chat, False),
-    ("/v1/completions", "openai.completions", dialects.validate_completion, False),
-    ("/v1/embeddings", "openai.embeddings", dialects.validate_inputs, False),
-    ("/api/chat", "ollama.chat", dialects.validate_ollama_chat, True),
-    ("/api/generate", "ollama.generate", dialects.validate_ollama_generate, True),
-    ("/api/embed", "ollama.embed", dialects.validate_inputs, False),
-    ("/api/embeddings", "ollama.embeddings", dialects.validate_ollama_embeddings, False),
-    ("/api/show", "ollama.show", dialects.validate_ollama_show, False),  # answered by a worker with the model
-)
+
+@dataclass(frozen=True)
+class Route:
+    """An inference route: the API as the worker knows it, its checks, and whether it streams when
+    the body does not say."""
+    api: str
+    validate: Callable[[dict[str, Any]], None]
+    streams: bool
+
+
+INFERENCE = {
+    "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
+    "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
+    "/v1/embeddings": Route("openai.embeddings", dialects.validate_inputs, False),
+    "/api/chat": Route("ollama.chat", dialects.validate_ollama_chat, True),
+    "/api/generate": Route("ollama.generate", dialects.validate_ollama_generate, True),
+    "/api/embed": Route("ollama.embed", dialects.validate_inputs, False),
+    "/api/embeddings": Route("ollama.embeddings", dialects.validate_ollama_embeddings, False),
+    "/api/show": Route("ollama.show", dialects.validate_ollama_show, False),  # answered by a worker with the model
+}
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Record:
@@ -104,6 +116,49 @@ class HubSecrets:
         self.provider_tokens.replace(config.provider_tokens)
 
 
+JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
+
+
+class ClientLeft(Exception):
+    """The client closed the connection before its request was whole: nobody to answer."""
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    return next((value.decode("latin-1") for key, value in headers if key == name), None)
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    """The whole request body: 413 past ``limit``, 408 when it does not come in time."""
+    body = bytearray()
+    with trio.move_on_after(BODY_TIMEOUT_S) as slow:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientLeft
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise ApiError(413, f"Request body is larger than {limit} bytes")
+            if not message.get("more_body", False):
+                return bytes(body)
+    assert slow.cancelled_caught
+    raise ApiError(408, "The request body did not arrive in time")
+
+
+async def _watch_for_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    """The request's only reader once its body is in: the client leaving cancels all done for it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]],
+                   extra: dict[str, str] | None = None) -> None:
+    fields = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", REQUEST_ID.get().encode()),
+              *((name.lower().encode(), value.encode()) for name, value in (extra or {}).items())]
+    await send({"type": "http.response.start", "status": status, "headers": fields})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 def _json_error(error: ApiError) -> Response:
     return Response(error.body_for(request.path), error.status, headers=error.headers(),
                     content_type="application/json")
@@ -126,10 +181,10 @@ class HubApi:
         app.asgi_app = self._asgi  # type: ignore[method-assign]
         app.register_error_handler(ApiError, self._api_error)
         app.register_error_handler(HTTPException, self._http_error)
-        app.before_request(self._check_head_and_key)
+        app.before_request(self._check_head_and_key)  # for the routes quart serves
         app.after_request(self._tag_response)
-        for path, api, validate, streams in INFERENCE:
-            app.add_url_rule(path, api, self._inference(api, validate, streams), methods=["POST"])
+        for path, route in INFERENCE.items():  # served in _asgi; here so quart answers other methods with 405
+            app.add_url_rule(path, route.api, self._not_here, methods=["POST"])
         for path, view in (("/v1/models", self.list_models), ("/v1/models/<path:model>", self.one_model),
                            ("/api/tags", self.ollama_tags), ("/api/ps", self.ollama_running),
                            ("/api/version", self.ollama_version), ("/", self.ollama_root),
@@ -141,9 +196,9 @@ class HubApi:
 
     # -- every request ---------------------------------------------------------------------------
 
-    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         """Around each whole request, in its outermost task: its request id and trace span begin here,
-        so every task quart-trio starts for it logs and traces with them, and its record ends here."""
+        so every task started for it logs and traces with them, and its record ends here."""
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return
@@ -151,7 +206,7 @@ class HubApi:
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)
             return
-        record = scope["ghubai.record"] = Record(f"{scope['method']} {scope['path']}")
+        record = Record(f"{scope['method']} {scope['path']}")
 
         async def tracked(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -160,12 +215,14 @@ class HubApi:
             await send(message)
 
         try:
-            if scope["method"] != "POST":  # only inference is traced
+            route = INFERENCE.get(scope["path"]) if scope["method"] == "POST" else None
+            if route is None:
+                scope["ghubai.record"] = record
                 await self._inner(scope, receive, tracked)
                 return
             with tracing.span(f"POST {scope['path']}", tracing.carrier(scope["headers"]),
                               **{"ghubai.request_id": REQUEST_ID.get()}):
-                await self._inner(scope, receive, tracked)
+                await self._inference(route, scope, receive, tracked, record)
         finally:
             self._finish(record)
 
@@ -194,11 +251,7 @@ class HubApi:
         return _json_error(ApiError(status, message))
 
     async def _check_head_and_key(self) -> None:
-        limits = self.config.limits
-        lines = list(request.headers.items())
-        if len(lines) > limits.max_headers or \
-                sum(len(name) + len(value) + 4 for name, value in lines) > limits.max_header_bytes:
-            raise ApiError(431, "Request headers too many or too large")
+        self._check_head([(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.items()])
         if request.path in OPEN_PATHS:
             return
         key = self.secrets.api_keys.identify(request.headers.get("Authorization"))
@@ -213,19 +266,56 @@ class HubApi:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def _inference(self, api: str, validate: Callable[[dict[str, Any]], None], streams: bool) -> Callable[..., Any]:
-        async def endpoint() -> Response:
-            body = dialects.parse_body(await request.get_data())
-            validate(body)
-            return await self._forward(api, body, body.get("stream", streams) is True)
+    async def _not_here(self) -> Response:
+        raise AssertionError("inference routes are served in HubApi._asgi")
 
-        return endpoint
+    async def _inference(self, route: Route, scope: dict[str, Any], receive: Any, send: Send, record: Record) -> None:
+        """Check, read and validate the request, then run it with a watcher that cancels it all
+        when the client leaves. Any refusal is answered in the dialect of the path."""
+        try:
+            headers = scope["headers"]
+            self._check_head(headers)
+            key = self.secrets.api_keys.identify(_header(headers, b"authorization"))
+            if key is None:
+                raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+            record.key = key
+            body = dialects.parse_body(await _read_body(receive, self.config.limits.max_body_bytes))
+            route.validate(body)
+            record.model = str(body["model"])
+            self.rate_limits.admit(key)
+            refusal: ApiError | None = None
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
+                try:
+                    await self._forward(route.api, body, body.get("stream", route.streams) is True, headers, send,
+                                        record)
+                except ApiError as error:  # answered below, once the watcher is gone (a nursery would wrap it)
+                    refusal = error
+                nursery.cancel_scope.cancel()
+            if refusal is not None:
+                raise refusal
+        except ClientLeft:
+            return
+        except ApiError as error:
+            if record.status is None:  # else the stream ended with its own error event
+                await _respond(send, error.status, error.body_for(scope["path"]), JSON_ERROR_HEADERS,
+                               error.headers())
+        except Exception:
+            log.exception("the hub failed to serve a request")
+            if record.status is None:
+                error = ApiError(500, "internal error in the hub")
+                await _respond(send, 500, error.body_for(scope["path"]), JSON_ERROR_HEADERS)
 
-    async def _forward(self, api: str, body: dict[str, Any], stream: bool) -> Response:
-        record: Record = request.scope["ghubai.record"]
-        record.model = str(body["model"])
-        self.rate_limits.admit(record.key)
-        trace = {name: request.headers.get(name, "") for name in protocol.TRACE_HEADERS}
+    def _check_head(self, headers: list[tuple[bytes, bytes]]) -> None:
+        limits = self.config.limits
+        if len(headers) > limits.max_headers or \
+                sum(len(name) + len(value) + 4 for name, value in headers) > limits.max_header_bytes:
+            raise ApiError(431, "Request headers too many or too large")
+
+    async def _forward(self, api: str, body: dict[str, Any], stream: bool, headers: list[tuple[bytes, bytes]],
+                       send: Send, record: Record) -> None:
+        trace = {name.decode(): value.decode("latin-1") for name, value in headers
+                 if name.decode("latin-1") in protocol.TRACE_HEADERS}
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
@@ -240,10 +330,17 @@ class HubApi:
             raise
         record.first_token_s = trio.current_time() - record.started
         self.metrics.first_token.labels("hub").observe(record.first_token_s)
-        if stream:
-            dialect = answers.dialect_of(api)
-            return Response(answers.stream(exchange, first, dialect, record.failed), 200, headers=dialect.headers)
-        return Response(await answers.whole(exchange, first), 200, content_type="application/json")
+        if not stream:
+            await _respond(send, 200, await answers.whole(exchange, first), answers.JSON_HEADERS)
+            return
+        dialect = answers.dialect_of(api)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*dialect.headers, (b"x-request-id", REQUEST_ID.get().encode())]})
+
+        async def send_body(data: bytes, more: bool) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await answers.stream(send_body, exchange, first, dialect, record.failed)
 
     async def gridhub(self) -> Response | None:
         return await serve_worker(self.pool, self.secrets.provider_tokens, self.hub_id, self.config.heartbeat_s,

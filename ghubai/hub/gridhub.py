@@ -51,8 +51,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             nursery.start_soon(link.write_batched, receive, websocket.send)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
             silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame),
-                                              lambda problem: log.warning("bad frame from worker %s: %s",
-                                                                          worker.name, problem))
+                                              lambda problem: _refuse(pool, worker, problem))
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
             # Before anything that may wait: hypercorn's socket writes cannot be cancelled, so a
             # writer stuck on a peer that stopped reading must not hold up these requests.
@@ -79,6 +78,13 @@ async def _hello(peer: str) -> protocol.Hello | None:
         await websocket.close(protocol.CLOSE_BAD_HELLO, str(error)[:120])
         return None
     return frame
+
+
+def _refuse(pool: Pool, worker: RemoteWorker, problem: protocol.ProtocolError) -> None:
+    log.warning("bad frame from worker %s: %s", worker.name, problem)
+    if problem.request_id and problem.frame_type in ("end", "error"):  # its request would wait for nothing
+        pool.fail(worker, problem.request_id, 502, f"the worker sent a malformed {problem.frame_type} frame",
+                  retryable=True)
 
 
 def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.Unknown) -> None:

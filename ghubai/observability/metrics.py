@@ -29,7 +29,8 @@ class _Live(Collector):
 
 
 class Metrics:
-    """What every role that answers requests counts."""
+    """What every role that answers requests counts, in a registry of its own (``ghubai up`` runs
+    several roles in one process). Invariant: the figures only grow, except the gauges."""
 
     def __init__(self, role: str) -> None:
         self.role = role

@@ -2,9 +2,9 @@
 
 The W3C trace context (``traceparent``, ``tracestate``) travels in HTTP headers from the client to the
 proxy and on to the hub, in the ``trace`` field of the request frame from the hub to the worker, and in
-HTTP headers again from the worker to the engine. Without opentelemetry installed every function here
-does nothing and headers pass through untouched; with it installed but no exporter configured, the
-API's spans record nothing. ``setup`` sends spans over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+HTTP headers again from the worker to the engine. Without opentelemetry installed, or with it installed
+but no tracer provider set (no exporter configured), every function here does nothing — not even a
+non-recording span per request — and the headers pass through untouched. ``setup`` sends spans over OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
 (or ``..._TRACES_ENDPOINT``) is set, named ``ghubai-ROLE`` unless ``OTEL_SERVICE_NAME`` says otherwise.
 """
 
@@ -23,12 +23,14 @@ except ImportError:  # the extra is not installed
 
 log = logging.getLogger("ghubai.tracing")
 
-ENABLED = trace is not None
+def active() -> bool:
+    """Spans are recorded: the extra is installed and a tracer provider was set (``setup``, or a test's)."""
+    return trace is not None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 def carrier(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
     """HTTP header pairs as ``span`` reads them; nothing to decode on each request when not tracing."""
-    if trace is None:
+    if not active():
         return {}
     return {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in raw}
 
@@ -36,7 +38,7 @@ def carrier(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 @contextmanager
 def span(name: str, carrier: Mapping[str, str], kind: str = "server", **attributes: Any) -> Iterator[Any]:
     """A span for the work in the ``with`` block, child of the context ``carrier``'s headers carry."""
-    if trace is None:
+    if not active():
         yield None
         return
     parent = propagate.extract(carrier)
@@ -48,7 +50,7 @@ def span(name: str, carrier: Mapping[str, str], kind: str = "server", **attribut
 
 def annotate(**attributes: Any) -> None:
     """Attributes for the current span, learnt after it began (the model, the status)."""
-    if trace is not None:
+    if active():
         current = trace.get_current_span()
         for key, value in attributes.items():
             if value is not None:
@@ -57,7 +59,7 @@ def annotate(**attributes: Any) -> None:
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current span's context to ``headers`` (nothing when there is no recording span)."""
-    if propagate is not None:
+    if active():
         propagate.inject(headers)
     return headers
 

@@ -10,13 +10,13 @@ connection at once, so the hub cancels the generation.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import h11
 import trio
 
+from ghubai import dialects
 from ghubai.config import ProxyConfig
 from ghubai.errors import ApiError
 from ghubai.http11.client import ClientConnection
@@ -51,8 +51,8 @@ def model_of(request: Request) -> str | None:
     if request.method != "POST" or not request.body.lstrip().startswith(b"{"):
         return None
     try:
-        model = json.loads(request.body).get("model")
-    except (ValueError, UnicodeDecodeError):
+        model = dialects.parse_body(request.body).get("model")
+    except ApiError:  # the hub will say what is wrong with it
         return None
     return model if isinstance(model, str) else None
 

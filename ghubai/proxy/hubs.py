@@ -40,7 +40,8 @@ class Hub:
 
 
 class HubSet:
-    """Every hub the proxy knows, keyed by address; each keeps its state across list updates."""
+    """Every hub the proxy knows, keyed by address; each keeps its state across list updates.
+    Invariant: a hub is picked only while its last health check passed (``up``)."""
 
     def __init__(self, connect_timeout_s: float, ssl_context: ssl.SSLContext) -> None:
         self.hubs: dict[str, Hub] = {}

@@ -37,7 +37,9 @@ FORWARDED_PREFIXES = ("/v1/", "/api/")
 
 
 class Proxy:
-    """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``."""
+    """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``.
+    Invariant: ``inflight`` counts the forwarded requests not yet answered in full; each of them is
+    counted and logged once when it ends (its own pages are not requests)."""
 
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
@@ -84,6 +86,11 @@ class Proxy:
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
             REQUEST_ID.set("")  # the connection's next request is another one
+
+    def refused(self, head: str, error: ApiError) -> None:
+        """A request that could not even be read (too large, malformed): counted and logged too."""
+        self.metrics.observe(None, error.status, 0.0)
+        log.info("%s %d, refused before forwarding: %s", head or "(no request line)", error.status, error.message)
 
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
         rid = request_id(request.header(b"x-request-id"))
@@ -156,7 +163,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
-    handler = partial(serve_connection, handle=proxy.handle, max_body=limits.max_body_bytes,
+    handler = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, max_body=limits.max_body_bytes,
                       max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
                       idle_timeout_s=limits.idle_timeout_s)
     if config.tls_cert:

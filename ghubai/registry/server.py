@@ -30,7 +30,8 @@ MAX_WAIT_S = 300.0
 
 
 class HubList:
-    """The list being served, its version and ETag, and an event set on every change."""
+    """The list being served, its version and ETag, and an event set on every change. Invariant: the
+    version and ETag change exactly when the list does, and long-polls wake on every change."""
 
     def __init__(self) -> None:
         self.version = 0

@@ -68,7 +68,7 @@ def embedding(text: str, dim: int) -> list[float]:
 
 @dataclass
 class Generation:
-    """One reply: its tokens, why it stopped, and its counts."""
+    """One reply: its tokens, why it stopped, and its counts. Invariant: at most ``limit`` tokens."""
     prompt_tokens: int
     limit: int
     finish_reason: str

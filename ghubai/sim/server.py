@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -27,13 +26,7 @@ log = logging.getLogger("ghubai.sim")
 
 
 def _body(request: Request) -> dict[str, Any]:
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError:
-        raise ApiError(400, "invalid JSON body") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body must be a JSON object")
-    return body
+    return dialects.parse_body(request.body or b"{}")
 
 
 def _text_of(content: Any) -> str:
@@ -61,7 +54,9 @@ def _limit(body: dict[str, Any]) -> int | None:
 
 
 class SimServer:
-    """The simulator's HTTP face: Ollama's native API and its OpenAI layer, on ``http11.server``."""
+    """The simulator's HTTP face: Ollama's native API and its OpenAI layer, on ``http11.server``.
+    Invariant: a generation runs only while its client is connected; one that leaves is cancelled."""
+
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.routes: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {

@@ -159,6 +159,8 @@ class Worker:
             except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError, protocol.ProtocolError) as group:
                 error = group.exceptions[0]
                 log.warning("link to %s failed: %s%s", url, type(error).__name__, f": {error}" if str(error) else "")
+            except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
+                log.error("link to %s failed inside the worker", url, exc_info=group.exceptions[0])
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
@@ -201,7 +203,7 @@ class Worker:
 
     def _refuse(self, link: Link, problem: protocol.ProtocolError) -> None:
         log.warning("bad frame from %s: %s", link.url, problem)
-        if problem.request_id:  # the hub waits for an answer: refuse it rather than drop it
+        if problem.request_id and problem.frame_type == "request":  # the hub waits: refuse it, don't drop it
             link.send(protocol.Error(problem.request_id, 400, f"refused by the worker: {problem}", False))
 
     def _dispatch(self, link: Link, nursery: trio.Nursery, frame: protocol.Frame | protocol.Unknown) -> None:

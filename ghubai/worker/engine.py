@@ -1,4 +1,7 @@
-"""The worker's side of the local engine: model discovery and streaming calls over httpx.
+"""The worker's side of the local engine: model discovery (httpx: a request every
+``discovery_interval_s``) and the calls themselves, on a keep-alive pool of h11 connections
+(``ghubai.http11.client``: at most ``max_concurrency`` kept, a connection reused only after a clean
+answer, closed at once when its request is cancelled, which is what stops the engine).
 
 A call yields the answer as the client will receive it (SSE events or NDJSON lines), one piece per
 network read, so a fast engine costs one hub frame per read and nothing waits to fill a batch. The
@@ -8,15 +11,19 @@ worker reports them in the ``end`` and ``error`` frames, and the hub ends the st
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+from urllib.parse import urlsplit
 
-from ghubai import dialects
+import httpx
+import msgspec
+import trio
+
+from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
+from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, tls_client_context
 from ghubai.worker.translate import Translator, translator_for
 
 # Where each API lives on an engine that speaks it: Ollama serves its native API and an OpenAI
@@ -46,7 +53,8 @@ class EngineError(Exception):
 
 @dataclass
 class Call:
-    """One request to the engine; ``usage`` is filled in as the engine reports it."""
+    """One request to the engine; ``usage`` is filled in as the engine reports it. Invariant: once
+    ``failure`` is set or ``finished`` is true, the engine's answer is over."""
     api: str
     body: dict[str, Any]
     stream: bool
@@ -54,12 +62,13 @@ class Call:
     client_wants_usage: bool = False
     usage: dict[str, int] | None = field(default=None)
     finished: bool = False  # the engine said its answer is complete ([DONE], or "done": true)
+    failure: EngineError | None = None  # the engine reported an error in the middle of its stream
 
 
 def _error_message(raw: bytes) -> str:
     try:
-        value = json.loads(raw)
-    except ValueError:
+        value = _decode(raw)
+    except (ValueError, RecursionError):
         return raw.decode(errors="replace").strip()[:500] or "no detail"
     error = value.get("error") if isinstance(value, dict) else None
     if isinstance(error, dict):
@@ -74,8 +83,8 @@ def engine_error(payload: bytes) -> str | None:
     if b'"error"' not in payload:
         return None
     try:
-        value = json.loads(payload)
-    except ValueError:
+        value = _decode(payload)
+    except (ValueError, RecursionError):
         return None
     if isinstance(value, dict) and "error" in value:
         return _error_message(payload)
@@ -97,12 +106,28 @@ def _usage_of(value: Any) -> dict[str, int] | None:
     return None
 
 
+IDLE_REUSE_S = 4.0  # reuse an idle connection only while the engine surely keeps it (uvicorn: 5 s)
+REFUSAL_LIMIT = 1 << 20  # what is read of an engine's error answer
+ANSWER_LIMIT = protocol.MAX_MESSAGE_BYTES - 4096  # a whole answer must fit one frame of the link
+_JSON = [("content-type", "application/json")]
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+
+
 class Engine:
     """The local engine as the worker calls it. Invariant: every call yields the answer as its
     client will receive it, and ends with the engine's usage in its ``Call`` or an ``EngineError``."""
+
     def __init__(self, config: EngineConfig, client: httpx.AsyncClient) -> None:
         self.config = config
-        self.client = client
+        self.client = client  # for discovery
+        parts = urlsplit(config.url)
+        tls = parts.scheme == "https"
+        self.prefix = parts.path.rstrip("/")  # an engine behind a path (a gateway's /ollama, say)
+        self.pool = ConnectionPool(parts.hostname or "localhost", parts.port or (443 if tls else 80),
+                                   ssl_context=tls_client_context() if tls else None,
+                                   connect_timeout_s=config.connect_timeout_s, max_idle=config.max_concurrency,
+                                   idle_reuse_s=IDLE_REUSE_S)
 
     @staticmethod
     def client_for(config: EngineConfig) -> httpx.AsyncClient:
@@ -139,30 +164,34 @@ class Engine:
             path, body = PATHS[call.api], self._prepare(call)
         else:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
+        method = translator.method(call.api) if translator else "POST"
+        raw_body = _encode(body) if method == "POST" else b""
+        headers = [*_JSON, *call.headers.items()] if raw_body else list(call.headers.items())
         try:
-            method = translator.method(call.api) if translator else "POST"
-            async with self.client.stream(method, path, json=body if method == "POST" else None,
-                                          headers=call.headers) as response:
-                if response.status_code != 200:
-                    raise self._refusal(response.status_code, await response.aread())
+            async with self.pool.request(method, self.prefix + path, headers, raw_body,
+                                         self.config.idle_timeout_s) as response:
+                if response.status != 200:
+                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT))
                 if not call.stream:
-                    raw = await response.aread()
-                    value = json.loads(raw)
+                    raw = await response.read(ANSWER_LIMIT)
+                    value = _decode(raw)
                     call.usage = _usage_of(value)
                     yield translator.whole(value, call.usage) if translator else raw
                     return
                 sse = path.startswith("/v1/")
                 split = sse_payloads if sse else ndjson_payloads
-                async for batch in split(response.aiter_bytes()):
+                async for batch in split(response.chunks()):
                     out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
                     if out:
                         yield out
+                    if call.failure:
+                        raise call.failure
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
                                       retryable=True)
-        except httpx.TimeoutException as error:
-            raise EngineError(504, f"engine timed out: {type(error).__name__}", retryable=True) from None
-        except (httpx.TransportError, ValueError) as error:
+        except trio.TooSlowError:
+            raise EngineError(504, "engine timed out", retryable=True) from None
+        except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
             raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
                               retryable=True) from None
 
@@ -174,17 +203,18 @@ class Engine:
 
     def _render(self, call: Call, batch: list[bytes], sse: bool) -> bytes:
         """The payloads as the client receives them. Usage is noted (and dropped if the client did
-        not ask for it); an error payload ends the call as an EngineError, so that the hub sends
-        its one final error event."""
+        not ask for it); an error payload ends the call (``call.failure``), so that the hub sends
+        its one final error event after what came before it."""
         out = []
         for payload in batch:
             if payload == b"[DONE]":
                 call.finished = True
                 continue
             if (message := engine_error(payload)) is not None:
-                raise EngineError(502, message, retryable=True)
+                call.failure = EngineError(502, message, retryable=True)  # after what came before it
+                break
             if any(marker in payload for marker in _USAGE_MARKERS):
-                value = json.loads(payload)
+                value = _decode(payload)
                 value = value if isinstance(value, dict) else {}
                 if usage := _usage_of(value):
                     call.usage = usage
@@ -203,8 +233,9 @@ class Engine:
                 out.append(translator.final(call.usage))
                 continue
             if (message := engine_error(payload)) is not None:
-                raise EngineError(502, message, retryable=True)
-            value = json.loads(payload)
+                call.failure = EngineError(502, message, retryable=True)  # after what came before it
+                break
+            value = _decode(payload)
             if isinstance(value, dict):
                 call.usage = _usage_of(value) or call.usage
                 out.extend(translator.chunk(value))

@@ -63,7 +63,8 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 class OllamaOverOpenAI:
     """An ``ollama.*`` request for an OpenAI-compatible engine, and its answer back in Ollama's
-    shapes. One per request: it keeps the stream's state (model, finish reason, tool calls so far)."""
+    shapes. One per request: it keeps the stream's state (model, finish reason, tool calls so far).
+    Invariant: ``request`` is called first and once."""
     PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
              "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
@@ -186,7 +187,8 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
 
 class OpenAIOverOllama:
     """OpenAI's API answered by Ollama's native one, so that ids are unique, usage is exact and an
-    error in the middle of a stream reaches the client (Ollama's own OpenAI layer drops it)."""
+    error in the middle of a stream reaches the client (Ollama's own OpenAI layer drops it). One per
+    request; invariant: ``request`` is called first and once, and ``done`` is set by the last line."""
 
     PATHS = {"openai.chat": "/api/chat", "openai.completions": "/api/generate", "openai.embeddings": "/api/embed"}
 
