@@ -286,8 +286,8 @@ def main() -> None:
         for url in (f"http://{HOST}:{sim_port}/api/version", f"http://{HOST}:{paced_port}/api/version",
                     f"http://{HOST}:{hub_port}/ready", f"http://{HOST}:{proxy_port}/v1/models"):
             wait_ready(url)
-        while "paced" not in httpx.get(f"http://{HOST}:{proxy_port}/v1/models").text:
-            time.sleep(0.05)
+        while {"sim", "paced"} - {m["id"] for m in httpx.get(f"http://{HOST}:{proxy_port}/v1/models").json()["data"]}:
+            time.sleep(0.05)  # both workers linked, and the proxy has seen them
         ports = {"direct": sim_port, "hub": hub_port, "proxy": proxy_port}
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ports}
         cpu_rounds = []

@@ -24,6 +24,7 @@ from ghubai.hub.pool import Answer, Pool, RemoteWorker
 log = logging.getLogger("ghubai.hub")
 
 DRAIN_FLUSH_S = 2.0
+CREDIT_BYTES = protocol.WINDOW_BYTES // 4
 
 
 def client_error(frame: protocol.Error) -> ApiError:
@@ -65,6 +66,7 @@ class Exchange:
         self.request_id = ""
         self.usage: dict[str, int] | None = None
         self.state = State.QUEUED
+        self._uncredited = 0  # bytes the client took that the worker has not been told of yet
         self._frames: trio.MemoryReceiveChannel[Answer] | None = None
 
     @property
@@ -140,9 +142,12 @@ class Exchange:
             yield batch
 
     def passed_on(self, size: int) -> None:
-        """``size`` bytes of the answer reached the client: the worker may send that much more."""
-        if self.worker is not None and size:
-            self.worker.send(protocol.Credit(self.request_id, size))
+        """``size`` bytes of the answer reached the client: the worker may send that much more. Credit
+        goes back in ``CREDIT_BYTES`` units, so a short answer costs no credit frame at all."""
+        self._uncredited += size
+        if self.worker is not None and self._uncredited >= CREDIT_BYTES:
+            self.worker.send(protocol.Credit(self.request_id, self._uncredited))
+            self._uncredited = 0
 
     def abort(self, message: str) -> None:
         """End the request now with an error its client will see (the hub is shutting down)."""

@@ -236,20 +236,23 @@ class Worker:
         elif self.inflight >= self.config.engine.max_concurrency:
             link.send(protocol.Error(frame.id, 503, "worker is at max_concurrency", retryable=True, busy=True))
         else:
-            self._count(+1)
+            self._count(+1, link)
             link.running[frame.id] = running = RunningRequest(frame)
             nursery.start_soon(self._serve_request, link, running)
 
     # -- requests --------------------------------------------------------------------------------
 
-    def _count(self, change: int) -> None:
+    def _count(self, change: int, by: Link) -> None:
+        """One request more or less. Every hub hears the new count, except the one that just sent a
+        request: it counted that slot itself when it chose this worker (one frame less per request)."""
         self.inflight += change
         if self.inflight == 0:
             self.idle.set()
         elif self.idle.is_set():
             self.idle = trio.Event()
         for each in list(self.links):
-            each.send(protocol.Load(self.inflight))
+            if change < 0 or each is not by:
+                each.send(protocol.Load(self.inflight))
 
     async def drain(self) -> None:
         """Tell every hub to send nothing new, then let the running requests finish."""
@@ -285,7 +288,7 @@ class Worker:
         finally:
             if link.running.get(request_id) is running:
                 del link.running[request_id]
-            self._count(-1)
+            self._count(-1, link)
         if running.scope.cancelled_caught:
             log.debug("request %s cancelled by the hub", request_id)
 
