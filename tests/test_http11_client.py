@@ -1,0 +1,118 @@
+"""The keep-alive h11 client pool the worker calls its engine with (and the proxy its hubs), against
+the simulator and against a raw server that misbehaves: connections are reused only after a clean
+answer, one cut mid-answer or closed by the server is dropped, and leaving early closes it at once."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import h11
+import pytest
+import trio
+
+from conftest import WAIT_S, Grid, chat, eventually
+from ghubai.http11.client import ConnectionPool
+
+
+def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:
+    host, port = url.removeprefix("http://").split(":")
+    return ConnectionPool(host, int(port), ssl_context=None, connect_timeout_s=WAIT_S, max_idle=max_idle,
+                          idle_reuse_s=idle_reuse_s)
+
+
+async def post(pool: ConnectionPool, body: dict, path: str = "/api/chat") -> tuple[int, bytes]:
+    async with pool.request("POST", path, [("content-type", "application/json")], json.dumps(body).encode(),
+                            WAIT_S) as response:
+        return response.status, await response.read(1 << 20)
+
+
+async def test_a_clean_answer_leaves_its_connection_for_the_next_request(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=3)
+    pool = pool_for(sim_url)
+    status, body = await post(pool, chat(stream=True))
+    assert status == 200 and body.count(b"\n") == 4 and len(pool.idle) == 1
+    first = pool.idle[0]
+    status, _ = await post(pool, chat(stream=False))
+    assert status == 200 and pool.idle == [first]  # the same connection, back again
+    assert sim.stats.completed == 2
+
+
+async def test_an_error_answer_read_whole_keeps_the_connection_too(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    pool = pool_for(sim_url)
+    status, body = await post(pool, chat(model="nope"))
+    assert status == 404 and b"not found" in body and len(pool.idle) == 1
+
+
+async def test_leaving_mid_answer_closes_the_connection_and_stops_the_engine(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=100_000, itl_ms=1)
+    pool = pool_for(sim_url)
+    with trio.move_on_after(0.3):
+        async with pool.request("POST", "/api/chat", [], json.dumps(chat(stream=True)).encode(), WAIT_S) as response:
+            async for _ in response.chunks():
+                pass
+    assert pool.idle == []
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(stopped, "the simulator to see the cancel")
+
+
+async def test_no_more_idle_connections_than_max_idle(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(tokens=2, itl_ms=20)
+    pool = pool_for(sim_url, max_idle=2)
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(post, pool, chat(stream=True))
+    assert sim.stats.completed == 5 and len(pool.idle) == 2
+
+
+async def _serve_once_then(close_after: bool, cut: bool, stream: trio.SocketStream) -> None:
+    """A server answering one request: whole, or cut in the middle; closing or keeping the socket."""
+    conn = h11.Connection(h11.SERVER)
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+    headers = [("content-length", "10")] + ([("connection", "close")] if close_after else [])
+    head = conn.send(h11.Response(status_code=200, headers=headers))
+    await stream.send_all(head + b"12345" + (b"" if cut else b"67890"))
+    if cut or close_after:
+        await stream.aclose()
+    else:
+        await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("close_after, cut", [(True, False), (False, True)])
+async def test_a_connection_the_server_closes_or_cuts_is_never_reused(nursery: trio.Nursery, close_after: bool,
+                                                                       cut: bool) -> None:
+    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_serve_once_then, close_after, cut), 0,
+                                             host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    if cut:
+        with pytest.raises(h11.RemoteProtocolError):
+            await post(pool, {})
+    else:
+        assert await post(pool, {}) == (200, b"1234567890")
+    assert pool.idle == []
+
+
+async def test_a_kept_connection_the_server_dropped_is_replaced_by_a_fresh_one(nursery: trio.Nursery) -> None:
+    """The server closes an idle connection (as uvicorn does after 5 s): the next request does not fail."""
+    closed = trio.Event()
+
+    async def answer_then_close(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", "2")])) + b"ok")
+        await stream.aclose()  # keep-alive was not refused: the client keeps the connection
+        closed.set()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answer_then_close, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert await post(pool, {}) == (200, b"ok") and len(pool.idle) == 1
+    await closed.wait()
+    assert await post(pool, {}) == (200, b"ok")
