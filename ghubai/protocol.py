@@ -68,6 +68,10 @@ _ID_PATTERN = "^[0-9a-f]{32}$"
 RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN, min_length=ID_BYTES, max_length=ID_BYTES)]
 WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+# What a worker says of itself becomes log text and label values: bounded, and never empty.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+ModelNames = Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...],
+                       msgspec.Meta(max_length=4096)]
 
 # What a request carries along for logs and traces (W3C trace context), passed on to the engine.
 TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
@@ -91,8 +95,8 @@ class Hello(Frame, tag="hello"):
     """Worker → hub, first: who the worker is and what it offers."""
     protocol: int
     worker_id: WorkerId
-    name: str
-    models: tuple[str, ...]
+    name: Name
+    models: ModelNames
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)]
     engine: str
     version: str
@@ -106,7 +110,7 @@ class Welcome(Frame, tag="welcome"):
 
 class Models(Frame, tag="models"):
     """Worker → hub: the engine's models changed."""
-    models: tuple[str, ...]
+    models: ModelNames
 
 
 class Request(Frame, tag="request"):

@@ -173,7 +173,7 @@ class HubApi:
         self.config, self.pool, self.inflight, self.hub_id = config, pool, inflight, hub_id
         self.secrets, self.history = secrets, history
         self.rate_limits = RateLimits(config.limits)
-        self.metrics = Metrics("hub")
+        self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
         app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)

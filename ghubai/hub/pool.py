@@ -128,6 +128,10 @@ class Pool:
     def models(self) -> list[str]:
         return sorted({model for worker in self.workers.values() if not worker.draining for model in worker.models})
 
+    def serves(self, model: str) -> bool:
+        """Some linked worker lists ``model`` (draining or not)."""
+        return any(model in worker.models for worker in self.workers.values())
+
     def hosts(self, model: str) -> list[RemoteWorker]:
         return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]
 

@@ -19,6 +19,7 @@ REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
 REQUEST_ID_HEADER = "X-Request-ID"
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # nothing that could forge or split a log line
 
+MAX_MESSAGE_CHARS = 2000
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id"}
 
 
@@ -31,8 +32,15 @@ def request_id(header: str | bytes | None) -> str:
 
 
 class _WithRequestId(logging.Filter):
+    """Adds the request id to each record, and cuts a message that quotes too much of what a client
+    or a worker sent (a model name of a megabyte) to ``MAX_MESSAGE_CHARS``."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = REQUEST_ID.get()
+        message = record.getMessage()
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}… ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+        record.msg, record.args = message, None
         return True
 
 

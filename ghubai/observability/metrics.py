@@ -30,10 +30,12 @@ class _Live(Collector):
 
 class Metrics:
     """What every role that answers requests counts, in a registry of its own (``ghubai up`` runs
-    several roles in one process). Invariant: the figures only grow, except the gauges."""
+    several roles in one process). Invariant: the figures only grow, except the gauges; label values
+    come from what the grid serves (models, workers, hubs), never from what a client names alone."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str, serves: Callable[[str], bool]) -> None:
         self.role = role
+        self.serves = serves  # whether some worker serves a model: only those become label values
         self.registry = CollectorRegistry()
         self.requests = Counter("ghubai_requests", "Requests answered, by model and HTTP status",
                                 ["role", "model", "code"], registry=self.registry)
@@ -52,7 +54,10 @@ class Metrics:
         return Gauge(name, help_text, labels, registry=self.registry)
 
     def observe(self, model: str | None, code: int, seconds: float) -> None:
-        self.requests.labels(self.role, model or "", str(code)).inc()
+        """A request ended. Its model is a label only when some worker serves it, so that clients
+        cannot grow the series without bound; any other name counts as ``other``."""
+        label = "" if not model else model if self.serves(model) else "other"
+        self.requests.labels(self.role, label, str(code)).inc()
         self.duration.labels(self.role).observe(seconds)
 
     def render(self) -> bytes:

@@ -79,6 +79,10 @@ class HubSet:
         candidates = self.candidates(model, exclude)
         return candidates[next(self._turn) % len(candidates)] if candidates else None
 
+    def serves(self, model: str) -> bool:
+        """Some known hub's last health check listed ``model``."""
+        return any(model in hub.models for hub in self.hubs.values())
+
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
 

@@ -46,7 +46,7 @@ class Proxy:
         self.hubs = HubSet(config.connect_timeout_s, tls_client_context(config.ca_file, config.allow_invalid_certs))
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
-        self.metrics = Metrics("proxy")
+        self.metrics = Metrics("proxy", self.hubs.serves)
         self.inflight = 0
         self.history = History()
         self.url = ""  # once it serves

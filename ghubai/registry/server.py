@@ -78,7 +78,7 @@ def _figures(hub_list: HubList) -> list[Metric]:
 
 def create_app(hub_list: HubList) -> QuartTrio:
     app = QuartTrio("ghubai.registry")
-    metrics = Metrics("registry")
+    metrics = Metrics("registry", lambda model: False)  # it answers no model
     metrics.watch(lambda: _figures(hub_list))
 
     @app.get("/metrics")

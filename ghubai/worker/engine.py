@@ -138,14 +138,21 @@ class Engine:
         return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits)
 
     async def discover(self) -> list[str]:
-        """The engine's model names; raises httpx.HTTPError or ValueError when it cannot say."""
-        if self.config.kind == "ollama":
-            response = await self.client.get("/api/tags")
-            response.raise_for_status()
-            return sorted({m["name"] for m in response.json().get("models", [])})
-        response = await self.client.get("/v1/models")
+        """The engine's model names; raises httpx.HTTPError or ValueError when it cannot say. Names a
+        hub would refuse (not text, empty, over 256 characters) are left out, and at most 4,096 kept."""
+        path, listing, key = ("/api/tags", "models", "name") if self.config.kind == "ollama" else \
+            ("/v1/models", "data", "id")
+        response = await self.client.get(path)
         response.raise_for_status()
-        return sorted({m["id"] for m in response.json().get("data", [])})
+        try:
+            answer = _decode(response.content)
+        except RecursionError:
+            raise ValueError(f"{path} answered JSON nested too deeply") from None
+        entries = answer.get(listing) if isinstance(answer, dict) else None
+        if not isinstance(entries, list):
+            raise ValueError(f"{path} answered no {listing!r} list")
+        names = {entry.get(key) for entry in entries if isinstance(entry, dict)}
+        return sorted(name for name in names if isinstance(name, str) and 0 < len(name) <= 256)[:4096]
 
     def _prepare(self, call: Call) -> dict[str, Any]:
         body = dict(call.body)

@@ -1,0 +1,108 @@
+"""Hostile input against running daemons: names that would grow /metrics or the logs without bound or
+break them, hostile engines, and what a worker may claim. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from functools import partial
+
+import pytest
+import trio
+
+from conftest import Grid, chat, eventually
+from ghubai.observability import logs
+
+
+async def _metrics(grid: Grid, url: str) -> str:
+    response = await grid.http.get(url + "/metrics")
+    assert response.status_code == 200
+    return response.text
+
+
+async def test_model_names_clients_invent_never_become_metric_labels(grid: Grid) -> None:
+    """Regression: every name a client sent became a label, at the proxy even for a 401 without a
+    key (10,000 names took its /metrics from 775 B to 751 KB), and at the hub for each 404."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    await grid.wait_for_model(proxy.value, "sim")
+    before = len(await _metrics(grid, proxy.value))
+    for number in range(200):
+        invented = chat(model=f"invented-{number}-" + "x" * 200)
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=invented)).status_code == 401
+        assert (await grid.http.post(hub.value + "/v1/chat/completions", json=invented)).status_code == 404
+    served = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert served.status_code == 200
+    for url in (proxy.value, hub.value):
+        text = await _metrics(grid, url)
+        assert "invented-" not in text and 'model="other"' in text
+    assert len(await _metrics(grid, proxy.value)) < before + 2000
+    assert 'ghubai_requests_total{code="200",model="sim",role="hub"} 1.0' in await _metrics(grid, hub.value)
+
+
+@pytest.mark.parametrize("name", ['"x\\udfff"', '"\\ud800"'])
+async def test_a_lone_surrogate_is_a_400_and_metrics_keep_answering(grid: Grid, name: str) -> None:
+    """Regression: a model name with a lone surrogate made the proxy's /metrics answer nothing and the
+    hub's answer 500 until restart."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    body = ('{"model": %s, "messages": [{"role": "user", "content": "x"}]}' % name).encode()
+    for url in (hub.value, proxy.value):
+        response = await grid.http.post(url + "/v1/chat/completions", content=body)
+        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        await _metrics(grid, url)
+
+
+def test_log_lines_cut_what_a_client_sent_and_never_split() -> None:
+    """Regression: names were logged whole (40 names of 1 MB grew the log by 41 MB)."""
+    stream, root = io.StringIO(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        logs.setup("info")
+        handler = root.handlers[0]
+        assert isinstance(handler, logging.StreamHandler)
+        handler.setStream(stream)
+        logging.getLogger("ghubai.test").info("model %s", "m\nforged line " + "y" * 1_000_000)
+    finally:
+        root.handlers[:], root.level = handlers, level
+    line = stream.getvalue()
+    assert line.count("\n") == 1 and "\\nforged line" in line
+    assert len(line) < logs.MAX_MESSAGE_CHARS + 200 and "more characters)" in line
+
+
+async def _hostile_engine(tags: bytes, stream: trio.SocketStream) -> None:
+    """An engine whose /api/tags answer is ``tags``; every other path is a 404."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    body = tags if data.startswith(b"GET /api/tags") else b"{}"
+    status = b"200 OK" if data.startswith(b"GET /api/tags") else b"404 Not Found"
+    await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                          + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    await stream.aclose()
+
+
+@pytest.mark.parametrize("tags", [b'{"models": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                                  b'{"models": [{"name": 1}, {"name": ""}, "x", {"name": "' + b"z" * 300 + b'"}]}',
+                                  b'{"models": {"name": "sim"}}', b"[]"])
+async def test_a_hostile_engine_listing_leaves_the_worker_linked_with_no_models(grid: Grid, tags: bytes) -> None:
+    """Regression: /api/tags nested 100,000 deep raised RecursionError out of discovery and the worker
+    process exited (a crash loop under systemd)."""
+    [listener] = await grid.nursery.start(partial(trio.serve_tcp, partial(_hostile_engine, tags), 0,
+                                                  host="127.0.0.1"))
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    worker.value.rediscover()  # once more, on the discovery loop
+
+    async def linked_with_nothing() -> bool:
+        workers = await grid.workers(hub.value)
+        return len(workers) == 1 and workers[0]["models"] == [] and worker.value.models == []
+
+    await eventually(linked_with_nothing, "the worker linked, serving nothing")
+    assert json.loads((await grid.http.get(hub.value + "/ready")).text)["workers"] == 1
