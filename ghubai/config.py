@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -47,12 +48,30 @@ def _address(value: str) -> str | None:
     return None
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unbracketed) IPv6 address
+
+
+def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+    """What is wrong with ``url`` as an address to dial, or None: its scheme, a host name or IP
+    address, and a port, if it has one, from 1 to 65535 — an address every client here can dial."""
+    parts = urlsplit(url)
+    expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
+    if parts.scheme not in schemes or not parts.hostname:
+        return expected
+    if not _HOST.fullmatch(parts.hostname):
+        return f"{expected}: {parts.hostname!r} is not a host name or IP address"
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    return f"{expected}: its port is not a number from 1 to 65535" if port == 0 else None
+
+
 def _urls(*schemes: str, allow_empty: bool = False) -> Check:
     def check(value: str | tuple[str, ...]) -> str | None:
         for url in (value,) if isinstance(value, str) else value:
-            parts = urlsplit(url)
-            if parts.scheme not in schemes or not parts.hostname:
-                return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
+            if problem := url_problem(url, schemes):
+                return problem
         if not value and not allow_empty:
             return "expected at least one URL"
         return None

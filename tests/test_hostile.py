@@ -7,12 +7,15 @@ import io
 import json
 import logging
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import Grid, chat, eventually
+from conftest import Grid, chat, eventually, run_ghubai
+from ghubai.http11.client import tls_client_context
 from ghubai.observability import logs
+from ghubai.proxy.hubs import HubSet
 
 
 async def _metrics(grid: Grid, url: str) -> str:
@@ -106,3 +109,43 @@ async def test_a_hostile_engine_listing_leaves_the_worker_linked_with_no_models(
 
     await eventually(linked_with_nothing, "the worker linked, serving nothing")
     assert json.loads((await grid.http.get(hub.value + "/ready")).text)["workers"] == 1
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:abc", "http://127.0.0.1:0", "http://127.0.0.1:70000",
+                                     "http://exa mple:7197"])
+def test_an_address_no_client_can_dial_is_refused_where_addresses_are_read(tmp_path: Path, address: str) -> None:
+    """Regression: ``add-hub badport 'http://127.0.0.1:abc'`` exited 0, ``check`` called the file
+    valid, the registry published it, and every proxy following it exited."""
+    path = tmp_path / "registry.toml"
+    path.write_text('listen = "127.0.0.1:0"\n')
+    added = run_ghubai("registry", "add-hub", "bad", address, "--config", str(path))
+    assert added.returncode != 0 and ("port" in added.stderr or "host name" in added.stderr)
+    path.write_text(f'listen = "127.0.0.1:0"\n[[hubs]]\nname = "bad"\naddress = "{address}"\n')
+    checked = run_ghubai("check", str(path))
+    assert checked.returncode != 0 and "hubs" in checked.stderr
+
+
+def test_the_proxy_leaves_out_an_address_it_cannot_dial_and_keeps_the_rest() -> None:
+    """A registry older than the check may still publish one: the proxy must serve on."""
+    hubs = HubSet(1.0, tls_client_context())
+    hubs.update([("bad", "http://127.0.0.1:abc"), ("good", "http://127.0.0.1:7197")])
+    assert list(hubs.hubs) == ["http://127.0.0.1:7197"]
+
+
+async def test_a_proxy_following_a_registry_survives_a_bad_edit(grid: Grid, tmp_path: Path) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    path = tmp_path / "registry.toml"
+    path.write_text(f'[[hubs]]\nname = "one"\naddress = "{hub.value}"\n')
+    registry = await grid.registry(str(path))
+    proxy = await grid.proxy(registry.value)
+    await grid.wait_for_model(proxy.value, "sim")
+    path.write_text(f'[[hubs]]\nname = "one"\naddress = "{hub.value}"\n[[hubs]]\nname = "bad"\n'
+                    f'address = "http://127.0.0.1:abc"\n')
+
+    async def refused() -> bool:
+        return "ghubai_registry_reload_errors_total 1.0" in await _metrics(grid, registry.value)
+
+    await eventually(refused, "the registry to refuse the edit")
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from ghubai.config import url_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
 
@@ -52,7 +53,12 @@ class HubSet:
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
-        wanted = {address.rstrip("/"): name for name, address in entries}
+        wanted = {}
+        for name, address in entries:
+            if problem := url_problem(address, ("http", "https")):  # a registry older than this check
+                log.warning("hub %s left out: %s", name, problem)
+                continue
+            wanted[address.rstrip("/")] = name
         for address in list(self.hubs):
             if address not in wanted:
                 hub = self.hubs.pop(address)
