@@ -61,6 +61,8 @@ APIS = (
 WINDOW_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
 MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
+MAX_CHUNK_BYTES = 64 << 10  # a worker cuts an answer into chunk records no larger than this
+MAX_ANSWER_BYTES = 64 << 20  # what one request may return whole (a stream has no such bound)
 
 ID_BYTES = 32
 _ID_PATTERN = "^[0-9a-f]{32}$"

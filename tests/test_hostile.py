@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio_websocket
 
 from conftest import Grid, chat, eventually, run_ghubai
+from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.observability import logs
 from ghubai.proxy.hubs import HubSet
@@ -149,3 +151,57 @@ async def test_a_proxy_following_a_registry_survives_a_bad_edit(grid: Grid, tmp_
 
     await eventually(refused, "the registry to refuse the edit")
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_a_huge_answer_travels_in_pieces_and_its_bound_costs_that_request_only(grid: Grid) -> None:
+    """Regression: an answer over 64 MiB went as one WebSocket message; the hub closed the link
+    (1009) and unrelated streams on that worker ended with "lost the link"."""
+    sim_url, sim = await grid.sim(embed_dim=1024, tokens=300, itl_ms=5)
+    hub = await grid.hub(limits={"max_answer_bytes": 2 * 1024 * 1024})
+    await grid.worker(hub.value, sim_url)
+    many = {"model": "sim", "input": [f"text {number}" for number in range(400)]}  # about 9 MB of vectors
+    few = {"model": "sim", "input": [f"text {number}" for number in range(40)]}  # about 0.9 MB: many chunks
+    streamed: list[int] = []
+
+    async def unrelated_stream() -> None:
+        async with grid.http.stream("POST", hub.value + "/v1/chat/completions", json=chat(stream=True)) as response:
+            streamed.append(response.status_code)
+            text = "".join([part async for part in response.aiter_text()])
+            assert text.endswith("data: [DONE]\n\n") and "error" not in text
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(unrelated_stream)
+        too_big = await grid.http.post(hub.value + "/v1/embeddings", json=many)
+        fits = await grid.http.post(hub.value + "/v1/embeddings", json=few)
+    assert too_big.status_code == 502 and "larger than 2097152 bytes" in too_big.json()["error"]["message"]
+    assert fits.status_code == 200 and len(fits.json()["data"]) == 40 and len(fits.content) > 512 * 1024
+    assert streamed == [200] and len(await grid.workers(hub.value)) == 1
+
+
+async def test_a_worker_sends_a_big_answer_as_records_of_at_most_64_kib(grid: Grid) -> None:
+    """What keeps any one answer from needing a WebSocket message larger than the link allows."""
+    sim_url, _ = await grid.sim(embed_dim=1024)
+    records: list[bytes] = []
+    ended = trio.Event()
+
+    async def hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # hello
+        await ws.send_message(protocol.encode(protocol.Welcome("fake-hub", 1.0)))
+        body = {"model": "sim", "input": [f"text {number}" for number in range(40)]}
+        await ws.send_message(protocol.encode(protocol.Request("c" * 32, "openai.embeddings", body, False)))
+        while not ended.is_set():
+            frames, _ = protocol.unpack(await ws.get_message())
+            for frame in frames:
+                if isinstance(frame, protocol.Chunk):
+                    records.append(frame.data)
+                    await ws.send_message(protocol.encode(protocol.Credit(frame.id, len(frame.data))))
+                elif isinstance(frame, (protocol.End, protocol.Error)):
+                    ended.set()
+
+    server = await grid.nursery.start(trio_websocket.serve_websocket, hub, "127.0.0.1", 0, None)
+    await grid.worker(f"http://127.0.0.1:{server.port}", sim_url)
+    with trio.fail_after(10):
+        await ended.wait()
+    assert len(records) > 8 and max(map(len, records)) <= protocol.MAX_CHUNK_BYTES
+    assert len(json.loads(b"".join(records))["data"]) == 40

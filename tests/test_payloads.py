@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ghubai.worker.engine import engine_error, ndjson_payloads, sse_payloads
+from ghubai.worker.engine import MAX_RECORD_BYTES, RecordTooLarge, engine_error, ndjson_payloads, sse_payloads
 
 
 async def _reads(*parts: bytes) -> AsyncIterator[bytes]:
@@ -65,3 +65,20 @@ def test_engine_errors_are_recognised_however_they_are_spaced(payload: bytes, me
 ])
 def test_ordinary_payloads_are_not_errors(payload: bytes) -> None:
     assert engine_error(payload) is None
+
+
+async def test_a_line_split_over_many_reads_comes_whole() -> None:
+    line = b'{"x": "' + b"y" * 300_000 + b'"}'
+    pieces = [line[start:start + 1000] for start in range(0, len(line), 1000)]
+    assert await _split(ndjson_payloads, *pieces, b"\n", b'{"z":1}\n') == [[line], [b'{"z":1}']]
+    event = b"data: " + line + b"\r\n\r\n"
+    pieces = [event[start:start + 777] for start in range(0, len(event), 777)]
+    assert await _split(sse_payloads, *pieces) == [[line]]
+
+
+@pytest.mark.parametrize("splitter", [ndjson_payloads, sse_payloads])
+async def test_an_engine_record_over_the_bound_ends_the_call(splitter: object) -> None:
+    """Regression: one 50 MB engine line was buffered without bound (311 MB peak, 50 s, quadratic)."""
+    piece = b"z" * 65536
+    with pytest.raises(RecordTooLarge):
+        await _split(splitter, *[piece] * (MAX_RECORD_BYTES // len(piece) + 2))

@@ -80,11 +80,19 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
 
 
 async def whole(exchange: Exchange, first: Answer) -> bytes:
-    """The whole answer; an error at any point is the answer instead."""
-    frames = [first]
+    """The whole answer; an error at any point is the answer instead. The worker gets credit as the
+    pieces arrive (the hub holds them), up to ``limits.max_answer_bytes``: past that, a 502 and a cancel."""
+    limit = exchange.config.limits.max_answer_bytes
+    frames, size = [first], _size([first])
+    exchange.passed_on(size)
     if not exchange.done:
         async for batch in exchange.batches():
             frames.extend(batch)
+            size += _size(batch)
+            if size > limit:
+                exchange.close()
+                raise ApiError(502, f"The answer is larger than {limit} bytes")
+            exchange.passed_on(_size(batch))
     for frame in frames:
         if isinstance(frame, protocol.Error):
             raise client_error(frame)

@@ -299,8 +299,11 @@ class Worker:
         model = call.body.get("model")
         try:
             async for batch in self.engine.run(call):
-                await running.reserve(len(batch))  # a slow client stops us reading the engine
-                link.send(protocol.chunk(request_id, batch))
+                for start in range(0, len(batch), protocol.MAX_CHUNK_BYTES):  # a big answer: many records
+                    piece = batch if len(batch) <= protocol.MAX_CHUNK_BYTES else \
+                        batch[start:start + protocol.MAX_CHUNK_BYTES]
+                    await running.reserve(len(piece))  # a slow client stops us reading the engine
+                    link.send(protocol.chunk(request_id, piece))
             link.send(protocol.End(request_id, call.usage))
             tracing.annotate(**{f"gen_ai.usage.{kind}_tokens": count for kind, count in (
                 ("input", (call.usage or {}).get("prompt_tokens")),

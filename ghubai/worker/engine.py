@@ -108,7 +108,8 @@ def _usage_of(value: Any) -> dict[str, int] | None:
 
 IDLE_REUSE_S = 4.0  # reuse an idle connection only while the engine surely keeps it (uvicorn: 5 s)
 REFUSAL_LIMIT = 1 << 20  # what is read of an engine's error answer
-ANSWER_LIMIT = protocol.MAX_MESSAGE_BYTES - 4096  # a whole answer must fit one frame of the link
+MAX_RECORD_BYTES = 16 << 20  # one NDJSON line or SSE event of an engine's stream
+ANSWER_LIMIT = protocol.MAX_ANSWER_BYTES
 _JSON = [("content-type", "application/json")]
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -198,6 +199,8 @@ class Engine:
                                       retryable=True)
         except trio.TooSlowError:
             raise EngineError(504, "engine timed out", retryable=True) from None
+        except RecordTooLarge as error:
+            raise EngineError(502, str(error), retryable=False) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
             raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
                               retryable=True) from None
@@ -258,26 +261,45 @@ def _sse_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
+class RecordTooLarge(ValueError):
+    """An engine's line or event longer than ``MAX_RECORD_BYTES``."""
+
+
+async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -> AsyncIterator[list[bytes]]:
+    """The records of a byte stream, one list per network read, in linear time however long a record
+    (each byte is searched about once), and none over ``MAX_RECORD_BYTES``. The last record needs no
+    separator. ``crlf``: CRLF line ends count as LF."""
+    buffer = bytearray()
+    async for data in chunks:
+        if crlf:
+            if buffer.endswith(b"\r") and data.startswith(b"\n"):
+                del buffer[-1:]
+            data = data.replace(b"\r\n", b"\n")
+        start = max(0, len(buffer) - len(separator) + 1)
+        buffer += data
+        records, taken = [], 0
+        while (end := buffer.find(separator, start)) != -1:
+            records.append(bytes(buffer[taken:end]))
+            taken = start = end + len(separator)
+        del buffer[:taken]
+        if len(buffer) > MAX_RECORD_BYTES:
+            raise RecordTooLarge(f"the engine sent a record larger than {MAX_RECORD_BYTES} bytes")
+        if records:
+            yield records
+    if buffer.strip():
+        yield [bytes(buffer)]
+
+
 async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """SSE ``data`` payloads, one list per network read. An event is complete at a blank line, or
     at the end of the stream (an engine may end on ``data: [DONE]\n`` alone)."""
-    pending = b""
-    async for data in chunks:
-        pending += data
-        *events, pending = pending.replace(b"\r\n", b"\n").split(b"\n\n")
-        if batch := [payload for event in events if (payload := _sse_data(event)) is not None]:
+    async for events in _records(chunks, b"\n\n", crlf=True):
+        if batch := [payload for event in events if (payload := _sse_data(event.strip(b"\n"))) is not None]:
             yield batch
-    if (payload := _sse_data(pending.strip(b"\r\n"))) is not None:
-        yield [payload]
 
 
 async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """NDJSON lines, one list per network read; a last line without its newline counts too."""
-    pending = b""
-    async for data in chunks:
-        pending += data
-        *lines, pending = pending.split(b"\n")
+    async for lines in _records(chunks, b"\n", crlf=False):
         if batch := [line for line in lines if line.strip()]:
             yield batch
-    if pending.strip():
-        yield [pending]
