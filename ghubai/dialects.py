@@ -51,13 +51,34 @@ def validate_chat(body: dict[str, Any]) -> None:
     if not body["messages"]:
         raise ApiError(400, "'messages' must contain at least one message", param="messages")
     for index, message in enumerate(body["messages"]):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise ApiError(400, f"messages[{index}] must be an object with a string 'role'",
-                           param=f"messages[{index}]")
+        _check_message(message, f"messages[{index}]")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")
+    _optional(body, "response_format", dict, "an object such as {\"type\": \"json_object\"}")
     for name in ("max_tokens", "max_completion_tokens"):
         _optional(body, name, int, "an integer")
+
+
+def _check_message(message: Any, where: str) -> None:
+    """The shapes the worker translates: a role, content as text or parts, tool calls as objects."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise ApiError(400, f"{where} must be an object with a string 'role'", param=where)
+    content = message.get("content")
+    if isinstance(content, list):
+        for number, part in enumerate(content):
+            image = part.get("image_url") if isinstance(part, dict) else None
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str) or \
+                    (part["type"] == "image_url" and not (isinstance(image, dict) and isinstance(image.get("url"), str))):
+                raise ApiError(400, f"{where}.content[{number}] must be a content part such as {{\"type\": \"text\", "
+                                    f"\"text\": ...}} or {{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}",
+                               param=f"{where}.content")
+    elif content is not None and not isinstance(content, str):
+        raise ApiError(400, f"{where}.content must be a string or an array of content parts", param=f"{where}.content")
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(
+            isinstance(call, dict) and isinstance(call.get("function"), dict) for call in calls)):
+        raise ApiError(400, f"{where}.tool_calls must be an array of objects with a 'function' object",
+                       param=f"{where}.tool_calls")
 
 
 def validate_model(body: dict[str, Any]) -> None:

@@ -42,8 +42,9 @@ async def test_model_names_clients_invent_never_become_metric_labels(grid: Grid)
     served = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
     assert served.status_code == 200
     for url in (proxy.value, hub.value):
-        text = await _metrics(grid, url)
-        assert "invented-" not in text and 'model="other"' in text
+        assert "invented-" not in await _metrics(grid, url)
+    assert 'ghubai_requests_total{code="404",model="other",role="hub"} 200.0' in await _metrics(grid, hub.value)
+    assert 'ghubai_requests_total{code="401",model="",role="proxy"} 200.0' in await _metrics(grid, proxy.value)
     assert len(await _metrics(grid, proxy.value)) < before + 2000
     assert 'ghubai_requests_total{code="200",model="sim",role="hub"} 1.0' in await _metrics(grid, hub.value)
 
@@ -205,3 +206,74 @@ async def test_a_worker_sends_a_big_answer_as_records_of_at_most_64_kib(grid: Gr
         await ended.wait()
     assert len(records) > 8 and max(map(len, records)) <= protocol.MAX_CHUNK_BYTES
     assert len(json.loads(b"".join(records))["data"]) == 40
+
+
+async def test_a_websocket_upgrade_anywhere_but_gridhub_is_a_404(grid: Grid) -> None:
+    """Regression: the hub answered 500 and logged a 25-line traceback."""
+    hub = await grid.hub()
+    stream = await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+                          b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
+    answer = b""
+    with trio.fail_after(5):
+        while b"Unknown endpoint" not in answer:
+            answer += await stream.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 404")
+    await stream.aclose()
+
+
+DEEP = b'{"model": "sim", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+HOSTILE_CHATS = [
+    DEEP,
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "\\ud800 alone"}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], "response_format": "json"}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y"}]}]}',
+    b'{"model": "sim", "messages": [{"role": "assistant", "content": "", "tool_calls": [1]}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": 5}]}',
+]
+
+
+async def test_hostile_bodies_get_a_400_at_hub_and_proxy_and_nothing_else_notices(grid: Grid) -> None:
+    """Regression: deep nesting dropped the proxy's connection or logged a traceback and the hub
+    answered 500; NaN, a lone surrogate, a string response_format or image_url, and tool_calls [1]
+    reached the worker and came back as retryable 502s with tracebacks."""
+    sim_url, sim = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    await grid.wait_for_model(proxy.value, "sim")
+    for body in HOSTILE_CHATS:
+        for url, headers in ((hub.value, {}), (proxy.value, {"authorization": "Bearer k"})):
+            response = await grid.http.post(url + "/v1/chat/completions", content=body, headers=headers)
+            assert response.status_code == 400, (body[:80], url, response.text)
+            assert response.json()["error"]["type"] == "invalid_request_error"
+    assert sim.stats.started == 0
+    fine = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers={"authorization": "Bearer k"})
+    assert fine.status_code == 200
+
+
+async def test_the_proxy_checks_the_key_first_and_never_echoes_a_header(grid: Grid) -> None:
+    """Regression: the model lists answered without a key, ``100 Continue`` came before the key check,
+    and a 400 quoted the offending header line (say, the client's own Authorization value)."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    for path in ("/v1/models", "/api/tags"):
+        assert (await grid.http.get(proxy.value + path)).status_code == 401
+        assert (await grid.http.get(proxy.value + path, headers={"authorization": "Bearer k"})).status_code in (200, 503)
+    assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+                          b"content-length: 10\r\n\r\n")
+    with trio.fail_after(5):
+        answer = await stream.receive_some(4096)
+    assert answer.startswith(b"HTTP/1.1 401") and b"100 Continue" not in answer
+    await stream.aclose()
+    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization Bearer sk-secret-1\r\n\r\n")
+    answer = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"sk-secret-1" not in answer

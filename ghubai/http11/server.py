@@ -20,6 +20,7 @@ import h11
 import trio
 
 from ghubai.errors import ApiError
+from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
 
 log = logging.getLogger("ghubai.http")
 
@@ -48,13 +49,15 @@ class Connection:
     nobody but this class touches the h11 state machine; callers ask ``response_started``."""
 
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
-                 max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0) -> None:
+                 max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
+                 admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
+        self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
@@ -86,6 +89,11 @@ class Connection:
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
+            if self.admit is not None:  # keys first, before a byte of the body is read or asked for
+                self.admit(event.method.decode("latin-1"), self.head.partition(" ")[2], event.headers)
+            length = next((value for key, value in event.headers if key == b"content-length"), b"0")
+            if int(length) > self.max_body:
+                raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = bytearray()
@@ -98,8 +106,8 @@ class Connection:
                 body += part.data
                 if len(body) > self.max_body:
                     raise ApiError(413, f"request body is larger than {self.max_body} bytes")
-        except h11.RemoteProtocolError as error:
-            raise ApiError(error.error_status_hint, str(error)) from None
+        except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
+            raise ApiError(error.error_status_hint, "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
@@ -185,12 +193,14 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
     conn = Connection(stream, **limits)
     try:
         while True:
+            REQUEST_ID.set("")  # the next request is another one; ``admit`` may name it
             try:
                 request = await conn.read_request()
             except ApiError as error:
                 if refused is not None:
                     refused(conn.head, error)
-                await conn.respond_error(error, conn.head.partition(" ")[2], headers={"connection": "close"})
+                tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
+                await conn.respond_error(error, conn.head.partition(" ")[2], headers={"connection": "close", **tag})
                 break
             if request is None:
                 break

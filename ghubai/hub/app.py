@@ -159,6 +159,14 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def _refuse_websocket(scope: dict[str, Any], send: Send) -> None:
+    """A WebSocket upgrade anywhere but ``/gridhub``: 404, as for any unknown path (quart answered 500)."""
+    body = ApiError(404, f"Unknown endpoint: {scope['path']}").body_for(scope["path"])
+    await send({"type": "websocket.http.response.start", "status": 404,
+                "headers": [*JSON_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "websocket.http.response.body", "body": body})
+
+
 def _json_error(error: ApiError) -> Response:
     return Response(error.body_for(request.path), error.status, headers=error.headers(),
                     content_type="application/json")
@@ -199,6 +207,9 @@ class HubApi:
     async def _asgi(self, scope: dict[str, Any], receive: Any, send: Send) -> None:
         """Around each whole request, in its outermost task: its request id and trace span begin here,
         so every task started for it logs and traces with them, and its record ends here."""
+        if scope["type"] == "websocket" and scope["path"] != protocol.GRIDHUB_PATH:
+            await _refuse_websocket(scope, send)
+            return
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return

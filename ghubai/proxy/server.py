@@ -34,6 +34,7 @@ from ghubai.proxy.hubs import HubSet
 log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
 class Proxy:
@@ -85,7 +86,17 @@ class Proxy:
                 self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
-            REQUEST_ID.set("")  # the connection's next request is another one
+
+    def admit(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
+        """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
+        the status pages are open; the model lists need a key, as at the hub."""
+        if (method, path) in self.own and path in OPEN_PATHS:
+            return
+        request_id(next((value for key, value in headers if key == b"x-request-id"), None))
+        if (method, path) in self.own or path.startswith(FORWARDED_PREFIXES) or path == "/":
+            authorization = next((value for key, value in headers if key == b"authorization"), b"")
+            if not self.keys.allows(authorization.decode("latin-1")):
+                raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
 
     def refused(self, head: str, error: ApiError) -> None:
         """A request that could not even be read (too large, malformed): counted and logged too."""
@@ -93,11 +104,9 @@ class Proxy:
         log.info("%s %d, refused before forwarding: %s", head or "(no request line)", error.status, error.message)
 
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
-        rid = request_id(request.header(b"x-request-id"))
+        rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))  # admit() named it
         if not (request.path.startswith(FORWARDED_PREFIXES) or request.path == "/"):
             raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
-        if not self.keys.allows((request.header(b"authorization") or b"").decode("latin-1")):
-            raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
         with tracing.span(f"{request.method} {request.path}", tracing.carrier(request.headers),
                           **{"ghubai.request_id": rid}):
             try:
@@ -163,7 +172,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
-    handler = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, max_body=limits.max_body_bytes,
+    handler = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
+                      max_body=limits.max_body_bytes,
                       max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
                       idle_timeout_s=limits.idle_timeout_s)
     if config.tls_cert:
