@@ -112,6 +112,8 @@ class HubLimits:
                            default=256)
     queue_timeout_s: float = _key(_at_least(0), "longest wait in the queue -> 503 with Retry-After", default=30.0)
     max_attempts: int = _key(_at_least(1), "workers tried for a request that has sent no byte yet", default=3)
+    max_worker_concurrency: int = _key(_at_least(1), "the most slots a worker's hello may claim; more is cut to this",
+                                       default=1024)
     max_answer_bytes: int = _key(_at_least(1024), "a larger non-streamed answer gets 502 (a stream has no bound)",
                                  default=64 * 1024 * 1024)
     requests_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)

@@ -277,3 +277,54 @@ async def test_the_proxy_checks_the_key_first_and_never_echoes_a_header(grid: Gr
         while chunk := await stream.receive_some(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and b"sk-secret-1" not in answer
+
+
+async def _fake_worker(hub_url: str, token: str, worker_id: str, max_concurrency: int = 2,
+                       usage: dict[str, int] | None = None, *, task_status: trio.TaskStatus[int]) -> None:
+    """A worker that answers every request with one chunk and ``usage``; reports how its link closed."""
+    headers = [("Authorization", f"Bearer {token}")] if token else []
+    async with trio_websocket.open_websocket_url(hub_url.replace("http", "ws") + "/gridhub",
+                                                 extra_headers=headers) as ws:
+        await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, worker_id, f"fake-{token}", ("sim",),
+                                                             max_concurrency, "ollama", "test")))
+        try:
+            await ws.get_message()  # welcome
+            task_status.started(0)
+            while True:
+                frames, _ = protocol.unpack(await ws.get_message())
+                for frame in frames:
+                    if isinstance(frame, protocol.Ping):
+                        await ws.send_message(protocol.encode(protocol.Pong(0)))
+                    elif isinstance(frame, protocol.Request):
+                        await ws.send_message(protocol.chunk(frame.id, b'{"answer": "x"}'))
+                        await ws.send_message(protocol.encode(protocol.End(frame.id, usage)))
+        except trio_websocket.ConnectionClosed as closed:
+            task_status.started(closed.reason.code)
+
+
+async def test_a_worker_id_cannot_be_taken_by_a_link_with_another_token(grid: Grid) -> None:
+    """Regression: anyone with a valid provider token who joined with another worker's id (shown by
+    the open /api/registry) evicted it, failing its requests, and the two flapped."""
+    hub = await grid.hub(provider_tokens=("alice", "mallory"))
+    await grid.nursery.start(_fake_worker, hub.value, "alice", "w" * 32)
+    code = await grid.nursery.start(_fake_worker, hub.value, "mallory", "w" * 32)
+    assert code == protocol.CLOSE_ID_TAKEN
+    [listed] = await grid.workers(hub.value)
+    assert listed["name"] == "fake-alice"
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_what_a_worker_claims_is_bounded(grid: Grid) -> None:
+    """Regression: a worker could claim max_concurrency 10⁹ and report 999,999,999 tokens, which
+    landed in ghubai_tokens_total and in per-key token budgets."""
+    hub = await grid.hub(limits={"max_worker_concurrency": 8})
+    await grid.nursery.start(partial(_fake_worker, hub.value, "", "v" * 32, max_concurrency=10 ** 9,
+                                     usage={"prompt_tokens": 999_999_999, "completion_tokens": 999_999_999}))
+    [listed] = await grid.workers(hub.value)
+    assert listed["max_concurrency"] == 8
+    body = json.dumps(chat()).encode()
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", content=body)).status_code == 200
+    text = await _metrics(grid, hub.value)
+    completion = float(text.split('ghubai_tokens_total{model="sim",type="completion"} ')[1].split()[0])
+    prompt = float(text.split('ghubai_tokens_total{model="sim",type="prompt"} ')[1].split()[0])
+    assert completion == len(b'{"answer": "x"}') and prompt == len(body) + 65536

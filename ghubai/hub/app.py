@@ -290,7 +290,8 @@ class HubApi:
             if key is None:
                 raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
             record.key = key
-            body = dialects.parse_body(await _read_body(receive, self.config.limits.max_body_bytes))
+            raw = await _read_body(receive, self.config.limits.max_body_bytes)
+            body = dialects.parse_body(raw)
             route.validate(body)
             record.model = str(body["model"])
             self.rate_limits.admit(key)
@@ -298,8 +299,8 @@ class HubApi:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
                 try:
-                    await self._forward(route.api, body, body.get("stream", route.streams) is True, headers, send,
-                                        record)
+                    await self._forward(route.api, body, body.get("stream", route.streams) is True, len(raw), headers,
+                                        send, record)
                 except ApiError as error:  # answered below, once the watcher is gone (a nursery would wrap it)
                     refusal = error
                 nursery.cancel_scope.cancel()
@@ -323,14 +324,14 @@ class HubApi:
                 sum(len(name) + len(value) + 4 for name, value in headers) > limits.max_header_bytes:
             raise ApiError(431, "Request headers too many or too large")
 
-    async def _forward(self, api: str, body: dict[str, Any], stream: bool, headers: list[tuple[bytes, bytes]],
-                       send: Send, record: Record) -> None:
+    async def _forward(self, api: str, body: dict[str, Any], stream: bool, size: int,
+                       headers: list[tuple[bytes, bytes]], send: Send, record: Record) -> None:
         trace = {name.decode(): value.decode("latin-1") for name, value in headers
                  if name.decode("latin-1") in protocol.TRACE_HEADERS}
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
-        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace)
+        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size)
         self.inflight.add(exchange)
         self.metrics.inflight.labels("hub").inc()
         try:
@@ -355,7 +356,7 @@ class HubApi:
 
     async def gridhub(self) -> Response | None:
         return await serve_worker(self.pool, self.secrets.provider_tokens, self.hub_id, self.config.heartbeat_s,
-                                  self.config.timeouts.connect_s)
+                                  self.config.timeouts.connect_s, self.config.limits.max_worker_concurrency)
 
     # -- what the hub answers itself -------------------------------------------------------------
 

@@ -25,6 +25,7 @@ log = logging.getLogger("ghubai.hub")
 
 DRAIN_FLUSH_S = 2.0
 CREDIT_BYTES = protocol.WINDOW_BYTES // 4
+TEMPLATE_TOKENS = 65536
 
 
 def client_error(frame: protocol.Error) -> ApiError:
@@ -53,8 +54,10 @@ class Exchange:
     ``close()`` when the client leaves or a wait times out, which also tells the worker to stop."""
 
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
-                 trace: dict[str, str]) -> None:
+                 trace: dict[str, str], body_bytes: int = 0) -> None:
         self.pool = pool
+        self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
+        self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
         self.config = config
         self.api = api
@@ -120,13 +123,21 @@ class Exchange:
     def _note(self, frame: Answer) -> Answer:
         if isinstance(frame, protocol.Chunk):
             self.state = State.STREAMING
+            self.received += len(frame.data)
             return frame
         # the pool gave the slot back when this end or error arrived
         if isinstance(frame, protocol.End) and frame.usage and self.worker is not None:
-            self.usage = frame.usage
-            self.pool.count_usage(self.worker, self.model, frame.usage)
+            self.usage = self._plausible(frame.usage)
+            self.pool.count_usage(self.worker, self.model, self.usage)
         self.state, self.worker = State.DONE, None
         return frame
+
+    def _plausible(self, usage: dict[str, int]) -> dict[str, int]:
+        """A worker's count of tokens, clamped to what this request could have carried: no more
+        completion tokens than bytes of answer, no more prompt tokens than bytes of request plus
+        ``TEMPLATE_TOKENS`` (a model's own template and system prompt). Budgets and metrics trust this."""
+        bounds = {"prompt_tokens": self.body_bytes + TEMPLATE_TOKENS, "completion_tokens": self.received}
+        return {kind: min(count, bounds[kind]) for kind, count in usage.items() if kind in bounds}
 
     async def batches(self) -> AsyncIterator[list[Answer]]:
         """The frames after the first, each batch holding every frame that had already arrived,
