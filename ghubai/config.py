@@ -206,6 +206,10 @@ class ProxyLimits:
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     idle_timeout_s: float = _key(_at_least(0.1), "an idle client connection is closed after this", default=75.0)
+    header_timeout_s: float = _key(_at_least(0.1), "a request head must arrive whole within this, from its "
+                                   "first byte", default=10.0)
+    max_connections: int = _key(_at_least(1), "open client connections; more are turned away with 503 (capped "
+                                "to what the process's file limit allows)", default=10000)
 
 
 @dataclass(frozen=True)

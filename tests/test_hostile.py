@@ -13,7 +13,7 @@ import pytest
 import trio
 import trio_websocket
 
-from conftest import Grid, chat, eventually, run_ghubai
+from conftest import WAIT_S, Grid, chat, eventually, run_ghubai
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.observability import logs
@@ -328,3 +328,47 @@ async def test_what_a_worker_claims_is_bounded(grid: Grid) -> None:
     completion = float(text.split('ghubai_tokens_total{model="sim",type="completion"} ')[1].split()[0])
     prompt = float(text.split('ghubai_tokens_total{model="sim",type="prompt"} ')[1].split()[0])
     assert completion == len(b'{"answer": "x"}') and prompt == len(body) + 65536
+
+
+async def test_a_head_trickled_in_is_cut_at_header_timeout_s_whatever_the_idle_timeout(grid: Grid) -> None:
+    """Regression: idle_timeout_s bounded each read only, so heads trickled a byte at a time stayed
+    open 15-20 s past a 3 s idle timeout."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), limits={"idle_timeout_s": 60.0, "header_timeout_s": 0.5})
+    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    head = b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 100
+
+    async def trickle() -> None:
+        for byte in head:
+            await stream.send_all(bytes([byte]))
+            await trio.sleep(0.05)  # the client's pace: always well within idle_timeout_s
+
+    with trio.fail_after(WAIT_S):  # well past 0.5 s, far before 60 s or the whole trickle (5 s)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            assert await stream.receive_some(4096) == b""  # closed
+            nursery.cancel_scope.cancel()
+
+
+async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid) -> None:
+    """Regression: with no connection cap, 150 trickling clients took a 128-file limit and new clients
+    timed out (400 EMFILE tracebacks in 20 s)."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), limits={"max_connections": 3})
+    port = int(proxy.value.rsplit(":", 1)[1])
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+    turned_away = await trio.open_tcp_stream("127.0.0.1", port)
+    await turned_away.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    answer = b""
+    with trio.fail_after(WAIT_S):
+        while chunk := await turned_away.receive_some(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer
+    await held[0].aclose()
+
+    async def served_again() -> bool:
+        return (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+    await eventually(served_again, "a slot for a new client once one left")
+    for stream in held[1:]:
+        await stream.aclose()

@@ -50,6 +50,7 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
+                 header_timeout_s: float = 10.0,
                  admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
@@ -57,6 +58,7 @@ class Connection:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
+        self.header_timeout_s = header_timeout_s  # bounds a whole request head, however it trickles in
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
@@ -80,9 +82,17 @@ class Connection:
             self.h11.start_next_cycle()
         self.head = ""
         try:
-            event = await self._next_event()
+            if not self.h11.trailing_data[0]:  # an idle keep-alive connection: wait for the next head
+                with trio.move_on_after(self.idle_timeout_s) as idle:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                if idle.cancelled_caught:
+                    return None
+                self.h11.receive_data(data)
+            event = None
+            with trio.move_on_after(self.header_timeout_s):  # from its first byte, a whole head in time
+                event = await self._next_event()
             if not isinstance(event, h11.Request):
-                return None  # closed, or paused on a connection that must close
+                return None  # closed, paused on a connection that must close, or too slow a head
             self.head = f"{event.method.decode('latin-1')} {event.target.decode('latin-1').split('?', 1)[0]}"
             if len(event.headers) > self.max_headers:
                 raise ApiError(431, f"more than {self.max_headers} header lines")

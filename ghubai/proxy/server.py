@@ -7,7 +7,9 @@ itself from what its health checks learnt.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import resource
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -37,6 +39,15 @@ FORWARDED_PREFIXES = ("/v1/", "/api/")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
+def connection_cap(wanted: int) -> int:
+    """``max_connections``, but no more than the file limit allows: each client connection may hold
+    one to a hub as well, and the proxy keeps some descriptors for itself."""
+    allowed = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
+    if wanted > allowed:
+        log.warning("limits.max_connections %d is more than the file limit allows: %d", wanted, allowed)
+    return min(wanted, allowed)
+
+
 class Proxy:
     """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``.
     Invariant: ``inflight`` counts the forwarded requests not yet answered in full; each of them is
@@ -49,6 +60,7 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.serves)
         self.inflight = 0
+        self.connections = 0  # client connections open now
         self.history = History()
         self.url = ""  # once it serves
         self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
@@ -86,6 +98,26 @@ class Proxy:
                 self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
+
+    async def connection(self, serve: Callable[[trio.abc.Stream], Awaitable[None]], cap: int,
+                         stream: trio.abc.Stream) -> None:
+        """One client connection, served unless ``cap`` are open already: then a 503 at once, so
+        that trickling clients cannot take every file descriptor and shut everyone else out."""
+        if self.connections >= cap:
+            error = ApiError(503, "The proxy has too many open connections; try again shortly", retry_after=1)
+            body = error.body_for("")
+            with trio.move_on_after(1):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                          b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                          % (len(body), body))
+            await Connection(stream).close()  # EOF, a short drain, then close: the answer is not lost to a reset
+            return
+        self.connections += 1
+        try:
+            await serve(stream)
+        finally:
+            self.connections -= 1
 
     def admit(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
@@ -172,10 +204,11 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
-    handler = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
-                      max_body=limits.max_body_bytes,
-                      max_header_bytes=limits.max_header_bytes, max_headers=limits.max_headers,
-                      idle_timeout_s=limits.idle_timeout_s)
+    serve = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
+                    max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
+                    max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
+                    header_timeout_s=limits.header_timeout_s)
+    handler = partial(proxy.connection, serve, connection_cap(limits.max_connections))
     if config.tls_cert:
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
