@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import socket
+import stat
 import tomllib
 import typing
 from collections.abc import Callable, Mapping
@@ -316,11 +317,20 @@ def parse(role: str, text: str, source: str = "<config>") -> Any:
     return config
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config or registry file is kilobytes
+
+
 def read_text(path: str) -> str:
-    """A config file's text; what stops it being read is a ConfigError."""
+    """A config file's text; what stops it being read is a ConfigError. Only a regular file of at
+    most ``MAX_CONFIG_BYTES`` is read (a link to /dev/zero or a huge file would stall the daemon)."""
     try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError([f"{path}: not a regular file"])
+        with open(path, "rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes"])
+        return raw.decode("utf-8")
     except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
     except UnicodeDecodeError as error:

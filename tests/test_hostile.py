@@ -4,6 +4,7 @@ break them, hostile engines, and what a worker may claim. Each test failed befor
 from __future__ import annotations
 
 import io
+import os
 import json
 import logging
 from functools import partial
@@ -372,3 +373,22 @@ async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid) -
     await eventually(served_again, "a slot for a new client once one left")
     for stream in held[1:]:
         await stream.aclose()
+
+
+async def test_a_registry_file_that_is_no_file_or_huge_is_refused_at_once(grid: Grid, tmp_path: Path) -> None:
+    """Regression: following a symlink to /dev/zero the registry reached 3.9 GB and ignored SIGTERM;
+    a 100 MB file stalled /health for 3.4 s."""
+    path = tmp_path / "registry.toml"
+    path.write_text('[[hubs]]\nname = "one"\naddress = "http://127.0.0.1:7197"\n')
+    registry = await grid.registry(str(path))
+    for number, make in enumerate((lambda: path.symlink_to("/dev/zero"),
+                                   lambda: os.truncate(path.write_bytes(b"# ") and path, 100 * 1024 * 1024)), 1):
+        path.unlink()
+        make()
+
+        async def refused() -> bool:
+            return f"ghubai_registry_reload_errors_total {number}.0" in await _metrics(grid, registry.value)
+
+        await eventually(refused, f"the registry to refuse edit {number}")
+        hubs = (await grid.http.get(registry.value + "/hubs")).json()["hubs"]
+        assert [hub["name"] for hub in hubs] == ["one"]  # the last good list stays
