@@ -392,3 +392,31 @@ async def test_a_registry_file_that_is_no_file_or_huge_is_refused_at_once(grid: 
         await eventually(refused, f"the registry to refuse edit {number}")
         hubs = (await grid.http.get(registry.value + "/hubs")).json()["hubs"]
         assert [hub["name"] for hub in hubs] == ["one"]  # the last good list stays
+
+
+async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
+    """The hub's hypercorn also serves HTTP/2 without TLS (prior knowledge and h2c upgrade): the README
+    says so, and inference, streams and errors behave the same there."""
+    import httpx
+
+    sim_url, sim = await grid.sim(tokens=5)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT_S) as h2:
+        whole = await h2.post(hub.value + "/v1/chat/completions", json=chat())
+        assert whole.http_version == "HTTP/2" and whole.status_code == 200
+        async with h2.stream("POST", hub.value + "/v1/chat/completions", json=chat(stream=True)) as streamed:
+            text = "".join([part async for part in streamed.aiter_text()])
+        assert streamed.http_version == "HTTP/2" and text.endswith("data: [DONE]\n\n")
+        refused = await h2.post(hub.value + "/api/chat", content=b"{")
+        assert refused.status_code == 400 and isinstance(refused.json()["error"], str)
+        long = chat(stream=True, max_tokens=100_000)
+        async with h2.stream("POST", hub.value + "/v1/chat/completions", json=long) as leaving:
+            async for _ in leaving.aiter_bytes():
+                break  # the client resets its stream after the first piece
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(stopped, "the engine to stop for a client that left its HTTP/2 stream")
+    assert sim.stats.completed == 2
