@@ -59,3 +59,14 @@ class ApiError(Exception):
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
                     param="model", code="model_not_found")
+
+
+def describe(error: BaseException) -> str:
+    """An exception for a log line: its type and text and, when it only wraps another (httpx's
+    ConnectError around a TLS refusal, trio's BrokenResourceError around an SSL error), the first
+    cause that says something, so an operator reads "certificate verify failed"."""
+    said = f"{type(error).__name__} {error}".strip()
+    cause = error.__cause__ or error.__context__
+    while cause is not None and not str(cause):
+        cause = cause.__cause__ or cause.__context__
+    return f"{said}: {cause}" if cause is not None and str(cause) not in said else said

@@ -112,9 +112,11 @@ class Grid:
                      **engine: Any) -> Running:
         urls = [hub_url] if isinstance(hub_url, str) else hub_url
         token = engine.pop("provider_token", "")
+        tls = {key: engine.pop(key) for key in ("ca_file", "allow_invalid_certs") if key in engine}
         config = WorkerConfig(
-            hub_url=tuple(u.replace("http://", "ws://") + "/gridhub" for u in urls), provider_token=token,
-            name=engine.pop("name", "w"), engine=EngineConfig(url=engine_url, **{"discovery_interval_s": 0.2, **engine}))
+            hub_url=tuple(u.replace("https://", "wss://").replace("http://", "ws://") + "/gridhub" for u in urls),
+            provider_token=token, name=engine.pop("name", "w"), **tls,
+            engine=EngineConfig(url=engine_url, **{"discovery_interval_s": 0.2, **engine}))
         running = await self.nursery.start(_scoped, run_worker, config)
         if wait:
             worker: Worker = running.value

@@ -33,6 +33,21 @@ def tls_client_context(ca_file: str = "", allow_invalid_certs: bool = False) -> 
     return context
 
 
+async def open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None, timeout_s: float) -> trio.abc.Stream:
+    """A TCP connection, with its TLS handshake done when ``ssl_context`` is given, within
+    ``timeout_s``: a refused certificate fails here, with its reason, not later as a timeout."""
+    with trio.fail_after(timeout_s):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname=host, https_compatible=True)
+            try:
+                await stream.do_handshake()
+            except BaseException:
+                await trio.aclose_forcefully(stream)
+                raise
+    return stream
+
+
 class ClientConnection:
     """One connection to a server, spoken with h11. Invariant: ``h11`` is the state of this very
     stream; the connection is reused only when ``reusable`` (both sides DONE, nothing unread)."""
@@ -114,16 +129,7 @@ class ConnectionPool:
                 conn.reused = True
                 return conn
             await conn.aclose()
-        with trio.fail_after(self.connect_timeout_s):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
-            if self.ssl_context is not None:
-                stream = trio.SSLStream(stream, self.ssl_context, server_hostname=self.host, https_compatible=True)
-                try:
-                    await stream.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-        return ClientConnection(stream)
+        return ClientConnection(await open_stream(self.host, self.port, self.ssl_context, self.connect_timeout_s))
 
     async def release(self, conn: ClientConnection, keep: bool = True) -> None:
         """Keep the connection for the next request if both sides finished cleanly, else close it."""

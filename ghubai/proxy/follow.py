@@ -9,6 +9,7 @@ import httpx
 import trio
 
 from ghubai.config import ProxyConfig
+from ghubai.errors import describe
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -58,7 +59,7 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
         state = registry.json()
         hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state)
     except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
-        hubs.set_health(hub, False, f"health check failed: {type(error).__name__} {error}".strip())
+        hubs.set_health(hub, False, f"health check failed: {describe(error)}")
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:

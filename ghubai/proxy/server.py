@@ -44,7 +44,7 @@ def connection_cap(wanted: int) -> int:
     one to a hub as well, and the proxy keeps some descriptors for itself."""
     allowed = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
     if wanted > allowed:
-        log.warning("limits.max_connections %d is more than the file limit allows: %d", wanted, allowed)
+        log.info("limits.max_connections %d is more than the file limit allows: %d", wanted, allowed)
     return min(wanted, allowed)
 
 

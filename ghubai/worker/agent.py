@@ -12,8 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -22,7 +26,8 @@ import trio_websocket
 from ghubai import __version__, protocol
 from ghubai.link import heartbeat, read_frames, write_batched
 from ghubai.config import WorkerConfig
-from ghubai.http11.client import tls_client_context
+from ghubai.errors import describe
+from ghubai.http11.client import open_stream, tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.worker.engine import Call, Engine, EngineError
@@ -33,6 +38,14 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
+DISCONNECT_TIMEOUT_S = 2.0
+
+
+def _first(group: BaseException) -> BaseException:
+    """The first exception a (possibly nested) group holds: the one a log line names."""
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
 
 
 class RunningRequest:
@@ -140,31 +153,49 @@ class Worker:
             if url.startswith("wss://") else None
         while True:
             try:
-                async with trio_websocket.open_websocket_url(
-                        url, ssl_context=tls, extra_headers=headers,
-                        connect_timeout=self.config.engine.connect_timeout_s, disconnect_timeout=2,
-                        max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64) as ws:
+                async with self._dial(url, tls, headers) as ws:
                     heartbeat_s = await self._handshake(ws, url)
                     backoff = BACKOFF_FIRST_S
                     await self._serve_link(ws, url, heartbeat_s)
             except* trio_websocket.ConnectionRejected as group:
-                rejected = group.exceptions[0]
+                rejected = _first(group)
                 assert isinstance(rejected, trio_websocket.ConnectionRejected)
                 reason = (rejected.body or b"").decode(errors="replace").strip()[:200]
                 log.error("hub %s refused this worker: HTTP %s %s", url, rejected.status_code, reason)
             except* trio_websocket.ConnectionClosed as group:
-                closed = group.exceptions[0]
+                closed = _first(group)
                 assert isinstance(closed, trio_websocket.ConnectionClosed)
                 log.warning("link to %s closed: %s", url, closed.reason)
-            except* (OSError, trio_websocket.HandshakeError, trio.TooSlowError, protocol.ProtocolError) as group:
-                error = group.exceptions[0]
-                log.warning("link to %s failed: %s%s", url, type(error).__name__, f": {error}" if str(error) else "")
+            except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError,
+                     protocol.ProtocolError) as group:
+                log.warning("link to %s failed: %s", url, describe(_first(group)))
             except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
-                log.error("link to %s failed inside the worker", url, exc_info=group.exceptions[0])
+                log.error("link to %s failed inside the worker", url, exc_info=_first(group))
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    @asynccontextmanager
+    async def _dial(self, url: str, tls: ssl.SSLContext | None,
+                    headers: list[tuple[bytes, bytes]]) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+        """A WebSocket to ``url`` on a stream whose TLS handshake we did ourselves (trio-websocket's
+        own turns a refused certificate into a bare timeout), all within ``connect_timeout_s``."""
+        parts = urlsplit(url)
+        host, port = parts.hostname or "localhost", parts.port or (443 if tls else 80)
+        timeout_s = self.config.engine.connect_timeout_s
+        stream = await open_stream(host, port, tls, timeout_s)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(timeout_s):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, host, parts.path or "/", extra_headers=headers,  # type: ignore[arg-type]
+                    max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64)
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # a closing handshake, unless we are cancelled
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> float:
         await ws.send_message(protocol.encode(protocol.Hello(

@@ -1,0 +1,88 @@
+"""TLS on every hop, with a CA made by the test: client → hub over https, worker → hub over wss, proxy →
+hub over https with ``ca_file``; a certificate from another CA is refused on each hop, and accepted
+only with ``allow_invalid_certs``."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+import trustme
+
+from conftest import WAIT_S, Grid, chat, eventually
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> dict[str, str]:
+    """A CA, a certificate it signed for 127.0.0.1, and another CA that signed nothing here."""
+    ca, stranger = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"cert": tmp_path / "hub.pem", "key": tmp_path / "hub.key", "ca": tmp_path / "ca.pem",
+             "stranger": tmp_path / "stranger.pem"}
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    stranger.cert_pem.write_to_path(str(files["stranger"]))
+    return {name: str(path) for name, path in files.items()}
+
+
+async def test_every_hop_speaks_tls_with_the_grids_own_ca(grid: Grid, tls: dict[str, str]) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
+    assert hub.value.startswith("https://")
+    await grid.worker(hub.value, sim_url, ca_file=tls["ca"])
+    proxy = await grid.proxy(hubs=(hub.value,), ca_file=tls["ca"])
+    await grid.wait_for_model(proxy.value, "sim")
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as client:
+        direct = await client.post(hub.value + "/v1/chat/completions", json=chat())
+    assert direct.status_code == 200
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_a_certificate_from_another_ca_is_refused_on_each_hop(grid: Grid, tls: dict[str, str],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
+    doubter = await grid.worker(hub.value, sim_url, ca_file=tls["stranger"], wait=False, name="doubter")
+    proxy = await grid.proxy(hubs=(hub.value,), ca_file=tls["stranger"])
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["stranger"]), timeout=WAIT_S) as client:
+        with pytest.raises(httpx.ConnectError) as refused:
+            await client.get(hub.value + "/health")
+    cause: BaseException | None = refused.value
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    assert cause is not None, "the refusal is the certificate's"
+
+    async def proxy_says_down() -> bool:
+        health = (await grid.http.get(proxy.value + "/health")).json()
+        return health["hubs"][0]["up"] is False and "CERTIFICATE_VERIFY_FAILED" in health["hubs"][0]["reason"]
+
+    await eventually(proxy_says_down, "the proxy to refuse the hub's certificate")
+
+    async def worker_refused() -> bool:
+        return any("link to wss://" in record.getMessage() and "CERTIFICATE_VERIFY_FAILED" in record.getMessage()
+                   for record in caplog.records)
+
+    await eventually(worker_refused, "the worker to refuse the hub's certificate")
+    assert not doubter.value.welcomed.is_set()
+
+
+async def test_allow_invalid_certs_accepts_a_certificate_from_another_ca(grid: Grid, tls: dict[str, str]) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
+    await grid.worker(hub.value, sim_url, ca_file=tls["stranger"], allow_invalid_certs=True)
+    proxy = await grid.proxy(hubs=(hub.value,), ca_file=tls["stranger"], allow_invalid_certs=True)
+    await grid.wait_for_model(proxy.value, "sim")
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as client:
+        await workers_linked_over(client, hub.value)
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def workers_linked_over(client: httpx.AsyncClient, hub_url: str) -> None:
+    async def linked() -> bool:
+        return len((await client.get(hub_url + "/api/registry")).json()["workers"]) == 1
+
+    await eventually(linked, "the worker linked over wss")
+
