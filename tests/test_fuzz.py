@@ -4,6 +4,7 @@ and nothing left behind (no slot taken, nothing queued, no generation running)."
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from conftest import WAIT_S, Daemon, eventually
 
-SCALARS = st.none() | st.booleans() | st.integers(-10, 64) | st.floats(allow_nan=False, width=32) | st.text(max_size=12)
+SCALARS = st.none() | st.booleans() | st.integers(-10, 64) | st.floats(width=32) | st.text(max_size=12)
 JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                           max_size=3), max_leaves=10)
 MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", ""]) | JSON},
@@ -22,8 +23,19 @@ MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "sys
 CHATS = st.fixed_dictionaries(
     {"model": st.sampled_from(["sim", "no-such-model", ""]) | JSON, "messages": MESSAGES | JSON},
     optional={"stream": st.booleans() | JSON, "stream_options": JSON, "max_tokens": st.integers(-3, 8) | JSON})
+# what issue 12 found: odd Unicode (lone surrogates too) in model names, deep nesting, NaN and
+# Infinity, huge arrays
+ODD_NAMES = st.text(max_size=40) | st.sampled_from(["x\\udfff", "\\ud800", "\\u0000", "a\\nb", "\\u2028"])
+HOSTILE = (ODD_NAMES.map(lambda name: ('{"model": "%s", "messages": [{"role": "user", "content": "x"}]}'
+                                       % name.replace('"', "")).encode("utf-8", "surrogatepass"))
+           | st.integers(200, 5000).map(lambda depth: b'{"model": "sim", "messages": ' + b"[" * depth
+                                        + b"]" * depth + b"}")
+           | st.sampled_from([b"NaN", b"Infinity", b"-Infinity"]).map(
+               lambda value: b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], "temperature": '
+               + value + b"}")
+           | st.integers(1000, 50_000).map(lambda size: json.dumps({"model": "sim", "messages": [1] * size}).encode()))
 BODIES = st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode()) | CHATS.map(
-    lambda v: json.dumps(v).encode())
+    lambda v: json.dumps(v).encode()) | HOSTILE
 RESERVED = {"host", "content-length", "transfer-encoding", "connection", "expect", "upgrade", "te", "keep-alive"}
 HEADERS = st.dictionaries(st.from_regex(r"[a-z][a-z0-9-]{0,15}", fullmatch=True).filter(lambda h: h not in RESERVED),
                           st.from_regex(r"[!-~]([ -~]{0,30}[!-~])?", fullmatch=True), max_size=5)
@@ -76,6 +88,10 @@ async def test_random_requests_get_no_5xx_and_leave_nothing_behind(processes: tu
             assert response.status_code < 500, (base, method, path, body, response.text)
             if response.status_code >= 400 and path.startswith("/v1/"):
                 assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+        for base in (hub_url, proxy_url):  # no label but the models some worker serves
+            labels = set(re.findall(r'model="([^"]*)"', (await http.get(base + "/metrics")).text))
+            assert labels <= {"sim", "", "other"}, labels
 
         async def nothing_left() -> bool:
             state = (await http.get(hub_url + "/api/registry")).json()
