@@ -139,3 +139,13 @@ def test_encoding_refuses_nothing_decode_would_accept() -> None:
     """Encoding is msgspec's: the bytes are compact JSON with no raw newline (one frame per line)."""
     text = protocol.encode(protocol.Request(RID, "openai.chat", {"messages": [{"content": "a\nb"}]}, False))
     assert "\n" not in text and msgspec.json.decode(text)["body"]["messages"][0]["content"] == "a\nb"
+
+
+@pytest.mark.parametrize("field, raw", [("name", r'"x\udfff"'), ("name", '""'), ("name", '"' + "n" * 129 + '"'),
+                                        ("models", '["' + "m" * 257 + '"]'), ("models", r'["\ud800"]')])
+def test_a_hello_is_refused_when_its_name_or_models_could_break_a_label_or_a_log(field: str, raw: str) -> None:
+    """Regression: a hello name with a lone surrogate broke /metrics until restart."""
+    hello = json.loads(protocol.encode(FRAMES[0]))
+    hello[field] = "PLACEHOLDER"
+    with pytest.raises(protocol.ProtocolError):
+        protocol.decode(json.dumps(hello).replace('"PLACEHOLDER"', raw))
