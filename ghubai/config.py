@@ -14,6 +14,7 @@ import socket
 import stat
 import tomllib
 import typing
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,8 +99,7 @@ def _key(check: Check | None = None, doc: str = "", *, one_or_many: bool = False
 
 
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
-    names = [hub.name for hub in hubs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    duplicates = sorted(name for name, count in Counter(hub.name for hub in hubs).items() if count > 1)
     return f"hub names must be unique: {', '.join(duplicates)} appears more than once" if duplicates else None
 
 

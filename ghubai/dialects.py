@@ -55,6 +55,8 @@ def validate_chat(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")
     _optional(body, "response_format", dict, "an object such as {\"type\": \"json_object\"}")
+    if isinstance(body.get("response_format"), dict):
+        _optional(body["response_format"], "json_schema", dict, "an object with a 'schema'")
     for name in ("max_tokens", "max_completion_tokens"):
         _optional(body, name, int, "an integer")
 
@@ -68,6 +70,7 @@ def _check_message(message: Any, where: str) -> None:
         for number, part in enumerate(content):
             image = part.get("image_url") if isinstance(part, dict) else None
             if not isinstance(part, dict) or not isinstance(part.get("type"), str) or \
+                    (part["type"] == "text" and not isinstance(part.get("text"), str)) or \
                     (part["type"] == "image_url" and not (isinstance(image, dict) and isinstance(image.get("url"), str))):
                 raise ApiError(400, f"{where}.content[{number}] must be a content part such as {{\"type\": \"text\", "
                                     f"\"text\": ...}} or {{\"type\": \"image_url\", \"image_url\": {{\"url\": ...}}}}",
@@ -76,9 +79,13 @@ def _check_message(message: Any, where: str) -> None:
         raise ApiError(400, f"{where}.content must be a string or an array of content parts", param=f"{where}.content")
     calls = message.get("tool_calls")
     if calls is not None and not (isinstance(calls, list) and all(
-            isinstance(call, dict) and isinstance(call.get("function"), dict) for call in calls)):
-        raise ApiError(400, f"{where}.tool_calls must be an array of objects with a 'function' object",
-                       param=f"{where}.tool_calls")
+            isinstance(call, dict) and isinstance(call.get("function"), dict)
+            and isinstance(call["function"].get("name"), str) for call in calls)):
+        raise ApiError(400, f"{where}.tool_calls must be an array of objects with a 'function' object that has "
+                            "a string 'name'", param=f"{where}.tool_calls")
+    images = message.get("images")  # Ollama's
+    if images is not None and not (isinstance(images, list) and all(isinstance(image, str) for image in images)):
+        raise ApiError(400, f"{where}.images must be an array of base64 strings", param=f"{where}.images")
 
 
 def validate_model(body: dict[str, Any]) -> None:
@@ -119,7 +126,10 @@ def validate_ollama_show(body: dict[str, Any]) -> None:
 def validate_ollama_chat(body: dict[str, Any]) -> None:
     validate_model(body)
     _require(body, "messages", list, "an array of messages")
+    for index, message in enumerate(body["messages"]):
+        _check_message(message, f"messages[{index}]")
     _optional(body, "stream", bool, "a boolean")
+    _optional(body, "format", (str, dict), "\"json\" or a JSON schema object")
 
 
 def validate_ollama_generate(body: dict[str, Any]) -> None:

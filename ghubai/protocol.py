@@ -17,8 +17,8 @@ The conversation:
 1. worker → ``hello``, alone in its message (``protocol`` first: a hub refuses another version with
    close code 4001, whatever else the hello holds); hub → ``welcome``, alone in its message (its id
    and the heartbeat period), or a close with 4002 for a malformed hello. A second link with the
-   same ``worker_id`` and provider token replaces the first, which the hub closes; with another
-   token it is refused (4004).
+   same ``worker_id`` and provider token replaces the first, which the hub closes; worker ids are
+   per provider token, so a link with another token is another worker, whatever id it names.
 2. hub → ``request``; worker → ``chunk``\\* then ``end`` (with the engine's usage) or ``error``. The
    hub sends ``cancel`` when its client leaves, and ``credit`` as its client takes the bytes: a worker
    keeps at most ``WINDOW_BYTES`` of one answer unacknowledged. A worker answers a request it cannot
@@ -49,7 +49,6 @@ GRIDHUB_PATH = "/gridhub"
 # WebSocket close codes the hub uses to tell a worker why it is refused.
 CLOSE_PROTOCOL_MISMATCH = 4001
 CLOSE_BAD_HELLO = 4002
-CLOSE_ID_TAKEN = 4004  # another provider token's worker holds this worker id
 
 APIS = (
     "openai.chat", "openai.completions", "openai.embeddings",

@@ -83,13 +83,13 @@ def test_log_lines_cut_what_a_client_sent_and_never_split() -> None:
     assert len(line) < logs.MAX_MESSAGE_CHARS + 200 and "more characters)" in line
 
 
-async def _hostile_engine(tags: bytes, stream: trio.SocketStream) -> None:
-    """An engine whose /api/tags answer is ``tags``; every other path is a 404."""
+async def _hostile_engine(tags: bytes, stream: trio.SocketStream, path: bytes = b"/api/tags") -> None:
+    """A server (an engine, a registry) whose answer to GET ``path`` is ``tags``; anything else, 404."""
     data = b""
     while b"\r\n\r\n" not in data:
         data += await stream.receive_some(65536)
-    body = tags if data.startswith(b"GET /api/tags") else b"{}"
-    status = b"200 OK" if data.startswith(b"GET /api/tags") else b"404 Not Found"
+    body = tags if data.startswith(b"GET " + path) else b"{}"
+    status = b"200 OK" if data.startswith(b"GET " + path) else b"404 Not Found"
     await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
                           + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
     await stream.aclose()
@@ -233,6 +233,16 @@ HOSTILE_CHATS = [
     b'{"model": "sim", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x/y"}]}]}',
     b'{"model": "sim", "messages": [{"role": "assistant", "content": "", "tool_calls": [1]}]}',
     b'{"model": "sim", "messages": [{"role": "user", "content": 5}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], '
+    b'"response_format": {"type": "json_schema", "json_schema": "x"}}',
+]
+HOSTILE_OLLAMA_CHATS = [  # what an openai-kind worker failed on, with a traceback, in translation
+    b'{"model": "sim", "messages": [{"role": "assistant", "content": "", "tool_calls": [1]}]}',
+    b'{"model": "sim", "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}',
+    b'{"model": "sim", "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": "f"}]}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x", "images": 5}]}',
+    b'{"model": "sim", "messages": [{"role": "user", "content": "x"}], "format": 5}',
 ]
 
 
@@ -250,6 +260,9 @@ async def test_hostile_bodies_get_a_400_at_hub_and_proxy_and_nothing_else_notice
             response = await grid.http.post(url + "/v1/chat/completions", content=body, headers=headers)
             assert response.status_code == 400, (body[:80], url, response.text)
             assert response.json()["error"]["type"] == "invalid_request_error"
+    for body in HOSTILE_OLLAMA_CHATS:
+        response = await grid.http.post(hub.value + "/api/chat", content=body)
+        assert response.status_code == 400 and isinstance(response.json()["error"], str), (body, response.text)
     assert sim.stats.started == 0
     fine = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers={"authorization": "Bearer k"})
     assert fine.status_code == 200
@@ -305,14 +318,26 @@ async def _fake_worker(hub_url: str, token: str, worker_id: str, max_concurrency
 
 async def test_a_worker_id_cannot_be_taken_by_a_link_with_another_token(grid: Grid) -> None:
     """Regression: anyone with a valid provider token who joined with another worker's id (shown by
-    the open /api/registry) evicted it, failing its requests, and the two flapped."""
+    the open /api/registry) evicted it, failing its requests, and the two flapped; and while the
+    worker's link was down, such a squatter could lock it out of its own id."""
     hub = await grid.hub(provider_tokens=("alice", "mallory"))
+    first = trio.CancelScope()
+
+    async def alice(*, task_status: trio.TaskStatus[int]) -> None:
+        with first:
+            await _fake_worker(hub.value, "alice", "w" * 32, task_status=task_status)
+
+    await grid.nursery.start(alice)
+    await grid.nursery.start(_fake_worker, hub.value, "mallory", "w" * 32)
+    assert sorted(worker["name"] for worker in await grid.workers(hub.value)) == ["fake-alice", "fake-mallory"]
+    first.cancel()  # alice's link drops; mallory holds the id meanwhile; alice comes back
+
+    async def alice_gone() -> bool:
+        return [worker["name"] for worker in await grid.workers(hub.value)] == ["fake-mallory"]
+
+    await eventually(alice_gone, "alice's link to drop")
     await grid.nursery.start(_fake_worker, hub.value, "alice", "w" * 32)
-    code = await grid.nursery.start(_fake_worker, hub.value, "mallory", "w" * 32)
-    assert code == protocol.CLOSE_ID_TAKEN
-    [listed] = await grid.workers(hub.value)
-    assert listed["name"] == "fake-alice"
-    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert sorted(worker["name"] for worker in await grid.workers(hub.value)) == ["fake-alice", "fake-mallory"]
 
 
 async def test_what_a_worker_claims_is_bounded(grid: Grid) -> None:
@@ -420,3 +445,18 @@ async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
 
     await eventually(stopped, "the engine to stop for a client that left its HTTP/2 stream")
     assert sim.stats.completed == 2
+
+
+async def test_a_hostile_registry_answer_never_stops_a_proxy(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: a registry answer nested 100,000 deep raised RecursionError out of the proxy."""
+    deep = b'{"hubs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    [listener] = await grid.nursery.start(partial(trio.serve_tcp, partial(_hostile_engine, deep, path=b"/hubs"), 0,
+                                                  host="127.0.0.1"))
+    proxy = await grid.proxy(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+
+    async def read_it() -> bool:
+        return any("unavailable" in record.getMessage() and "RecursionError" in record.getMessage()
+                   for record in caplog.records)
+
+    await eventually(read_it, "the proxy to read the registry's answer and refuse it")
+    assert (await grid.http.get(proxy.value + "/health")).status_code == 200

@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ghubai.worker.engine import MAX_RECORD_BYTES, RecordTooLarge, engine_error, ndjson_payloads, sse_payloads
+from ghubai.http11.client import TooLarge
+from ghubai.worker.engine import MAX_RECORD_BYTES, _usage_of, engine_error, ndjson_payloads, sse_payloads
 
 
 async def _reads(*parts: bytes) -> AsyncIterator[bytes]:
@@ -80,5 +81,12 @@ async def test_a_line_split_over_many_reads_comes_whole() -> None:
 async def test_an_engine_record_over_the_bound_ends_the_call(splitter: object) -> None:
     """Regression: one 50 MB engine line was buffered without bound (311 MB peak, 50 s, quadratic)."""
     piece = b"z" * 65536
-    with pytest.raises(RecordTooLarge):
+    with pytest.raises(TooLarge):
         await _split(splitter, *[piece] * (MAX_RECORD_BYTES // len(piece) + 2))
+
+
+@pytest.mark.parametrize("reported", [-1, "12", 1e30, None, "x", 1e400])
+def test_an_engines_odd_usage_count_is_taken_as_a_count(reported: object) -> None:
+    """Regression: prompt_eval_count -1 became a usage the hub refused, failing a finished answer."""
+    usage = _usage_of({"done": True, "prompt_eval_count": reported, "eval_count": 3})
+    assert usage is not None and usage["completion_tokens"] == 3 and usage["prompt_tokens"] >= 0

@@ -488,7 +488,7 @@ async def test_removing_the_last_host_of_a_model_fails_its_queue_with_404(
         pool.remove(host)
         await trio.testing.wait_all_tasks_blocked()
     assert error_of(attempt) == (404, "model_not_found", None)
-    assert list(pool.workers) == ["other"] and trio.current_time() == 0.0
+    assert [worker.id for worker in pool.workers.values()] == ["other"] and trio.current_time() == 0.0
 
 
 async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.testing.MockClock) -> None:
@@ -498,7 +498,7 @@ async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.
     assert pool.add(old) is None
     assert pool.add(new) is old
     pool.remove(old)
-    assert pool.workers == {"w": new}
+    assert list(pool.workers.values()) == [new]
     assert await pool.acquire("m", set(), soon()) is new
 
 
@@ -594,3 +594,13 @@ async def test_a_refusing_worker_sends_requests_elsewhere(autojump_clock: trio.t
     pool.refused(refusing)
     assert await pool.acquire("m", set(), soon()) is other
     assert refusing.inflight == 0
+
+
+async def test_worker_ids_are_per_provider_token(autojump_clock: trio.testing.MockClock) -> None:
+    """A link with another token that names the same worker id is another worker, never a replacement."""
+    alice, mallory = make_worker("w"), make_worker("w")
+    alice.token, mallory.token = b"alice", b"mallory"
+    pool = make_pool()
+    assert pool.add(alice) is None and pool.add(mallory) is None
+    pool.remove(mallory)
+    assert list(pool.workers.values()) == [alice]

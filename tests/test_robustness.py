@@ -15,10 +15,11 @@ import trio_websocket
 
 from conftest import WAIT_S, Grid, chat, eventually, stalled_client
 from ghubai import protocol
-from ghubai.config import HubLimits
+from ghubai.config import EngineConfig, HubLimits, WorkerConfig
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.pool import Pool, RemoteWorker
 from ghubai.worker.agent import Worker
+from ghubai.worker.agent import run as run_worker
 
 
 async def fake_engine(grid: Grid, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
@@ -344,3 +345,30 @@ async def _no_requests(worker: Worker) -> bool:
 
 async def _sim_idle(grid: Grid, sim_url: str) -> bool:
     return (await grid.stats(sim_url))["active"] == 0
+
+
+async def test_a_worker_dials_its_hub_with_the_urls_host_port_and_query(grid: Grid) -> None:
+    """Host-checking reverse proxies in front of a hub see what the URL says (the worker's own dial,
+    which does its TLS handshake itself, once dropped the port and the query)."""
+    sim_url, _ = await grid.sim()
+    heads: list[bytes] = []
+
+    async def hub(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head and (data := await stream.receive_some(4096)):
+            head += data
+        heads.append(head)
+        await stream.aclose()
+
+    [listener] = await grid.nursery.start(partial(trio.serve_tcp, hub, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    config = WorkerConfig(hub_url=(f"ws://127.0.0.1:{port}/gridhub?via=edge",), name="w",
+                          engine=EngineConfig(url=sim_url))
+    await grid.nursery.start(run_worker, config)
+
+    async def dialled() -> bool:
+        return bool(heads)
+
+    await eventually(dialled, "the worker to dial")
+    lines = heads[0].lower().split(b"\r\n")
+    assert lines[0] == b"get /gridhub?via=edge http/1.1" and f"host: 127.0.0.1:{port}".encode() in lines

@@ -204,10 +204,15 @@ class Response:
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
 
     async def read(self, limit: int) -> bytes:
-        """The whole body; h11.RemoteProtocolError past ``limit`` bytes."""
+        """The whole body; TooLarge past ``limit`` bytes."""
         body = bytearray()
         async for chunk in self.chunks():
             body += chunk
             if len(body) > limit:
-                raise h11.RemoteProtocolError(f"answer larger than {limit} bytes")
+                raise TooLarge(f"the answer is larger than {limit} bytes")
         return bytes(body)
+
+
+class TooLarge(ValueError):
+    """What a server sent is larger than its caller accepts: not a broken connection, and no other
+    server would do better with the same request."""

@@ -37,12 +37,6 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     if not tokens.holds(token):  # revoked by a reload during the handshake
         log.warning("refused worker %s from %s: its provider token was revoked", hello.name, peer)
         return None
-    known = pool.workers.get(hello.worker_id)
-    if known is not None and known.token != token:  # an impostor must not evict the worker it names
-        log.warning("refused worker %s from %s: worker id %s is linked with another provider token", hello.name,
-                    peer, hello.worker_id[:8])
-        await websocket.close(protocol.CLOSE_ID_TAKEN, "this worker id is linked with another provider token")
-        return None
     if hello.max_concurrency > max_concurrency:
         log.warning("worker %s claims max_concurrency %d: this hub gives it %d (limits.max_worker_concurrency)",
                     hello.name, hello.max_concurrency, max_concurrency)

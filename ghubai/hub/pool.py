@@ -49,6 +49,10 @@ class RemoteWorker:
     token: bytes = b""  # digest of the provider token it joined with, so that revoking it ends the link
 
     @property
+    def key(self) -> tuple[bytes, str]:
+        return self.token, self.id
+
+    @property
     def busy(self) -> int:
         """Slots taken: this hub's own count, or the worker's when other hubs use it too."""
         return max(self.inflight, self.reported)
@@ -97,7 +101,7 @@ class Pool:
 
     def __init__(self, limits: HubLimits) -> None:
         self.limits = limits
-        self.workers: dict[str, RemoteWorker] = {}
+        self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
         self.draining = False  # the hub is shutting down: no new request gets a worker
@@ -106,17 +110,19 @@ class Pool:
     # -- membership ------------------------------------------------------------------------------
 
     def add(self, worker: RemoteWorker) -> RemoteWorker | None:
-        """Register a worker; returns the stale link it replaces (same worker id), if any."""
-        stale = self.workers.get(worker.id)
-        self.workers[worker.id] = worker
+        """Register a worker; returns the stale link it replaces, if any: one with the same worker id
+        that joined with the same provider token. Ids are per token, so whoever holds another token
+        cannot evict a worker, nor squat its id while its link is down."""
+        stale = self.workers.get(worker.key)
+        self.workers[worker.key] = worker
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
                  ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
         self._wake(worker.models)
         return stale
 
     def remove(self, worker: RemoteWorker) -> None:
-        if self.workers.get(worker.id) is worker:
-            del self.workers[worker.id]
+        if self.workers.get(worker.key) is worker:
+            del self.workers[worker.key]
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
         self._wake(self._queues)  # queued requests may now have no worker at all
 

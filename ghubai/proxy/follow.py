@@ -39,10 +39,10 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
             if failing:
                 log.info("registry %s answers again", config.registry_url)
             failing = False
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
+        except Exception as error:  # a hostile or broken registry answer must never stop the proxy
             if not failing:
                 log.warning("registry %s unavailable (%s); keeping the last hub list", config.registry_url,
-                            error or type(error).__name__)
+                            describe(error))
             failing = True
             await trio.sleep(RETRY_S)
 

@@ -183,12 +183,15 @@ class Worker:
         own turns a refused certificate into a bare timeout), all within ``connect_timeout_s``."""
         parts = urlsplit(url)
         host, port = parts.hostname or "localhost", parts.port or (443 if tls else 80)
+        named = f"[{host}]" if ":" in host else host  # the Host header: the URL's, port and all
+        named += f":{parts.port}" if parts.port else ""
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         timeout_s = self.config.engine.connect_timeout_s
         stream = await open_stream(host, port, tls, timeout_s)
         async with trio.open_nursery() as nursery:
             with trio.fail_after(timeout_s):
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, parts.path or "/", extra_headers=headers,  # type: ignore[arg-type]
+                    nursery, stream, named, resource, extra_headers=headers,  # type: ignore[arg-type]
                     max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64)
             try:
                 yield ws

@@ -23,7 +23,7 @@ import trio
 
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
-from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, tls_client_context
+from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
 from ghubai.worker.translate import Translator, translator_for
 
 # Where each API lives on an engine that speaks it: Ollama serves its native API and an OpenAI
@@ -93,16 +93,24 @@ def engine_error(payload: bytes) -> str | None:
     return None
 
 
+def _count(value: Any) -> int:
+    """A token count as an engine reported it: a non-negative int, whatever it sent (an engine's
+    -1, a float, text or null must not fail an answer that otherwise arrived)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def _usage_of(value: Any) -> dict[str, int] | None:
     if not isinstance(value, dict):
         return None
     usage = value.get("usage")
     if isinstance(usage, dict):
-        return {"prompt_tokens": int(usage.get("prompt_tokens") or 0),
-                "completion_tokens": int(usage.get("completion_tokens") or 0)}
+        return {"prompt_tokens": _count(usage.get("prompt_tokens")),
+                "completion_tokens": _count(usage.get("completion_tokens"))}
     if value.get("done") is True or "prompt_eval_count" in value:
-        return {"prompt_tokens": int(value.get("prompt_eval_count") or 0),
-                "completion_tokens": int(value.get("eval_count") or 0)}
+        return {"prompt_tokens": _count(value.get("prompt_eval_count")), "completion_tokens": _count(value.get("eval_count"))}
     return None
 
 
@@ -199,7 +207,7 @@ class Engine:
                                       retryable=True)
         except trio.TooSlowError:
             raise EngineError(504, "engine timed out", retryable=True) from None
-        except RecordTooLarge as error:
+        except TooLarge as error:  # another worker's engine would send the same: no retry
             raise EngineError(502, str(error), retryable=False) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
             raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
@@ -261,10 +269,6 @@ def _sse_data(event: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-class RecordTooLarge(ValueError):
-    """An engine's line or event longer than ``MAX_RECORD_BYTES``."""
-
-
 async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -> AsyncIterator[list[bytes]]:
     """The records of a byte stream, one list per network read, in linear time however long a record
     (each byte is searched about once), and none over ``MAX_RECORD_BYTES``. The last record needs no
@@ -283,7 +287,7 @@ async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -
             taken = start = end + len(separator)
         del buffer[:taken]
         if len(buffer) > MAX_RECORD_BYTES:
-            raise RecordTooLarge(f"the engine sent a record larger than {MAX_RECORD_BYTES} bytes")
+            raise TooLarge(f"the engine sent a line or event larger than {MAX_RECORD_BYTES} bytes")
         if records:
             yield records
     if buffer.strip():
