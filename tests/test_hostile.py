@@ -460,3 +460,12 @@ async def test_a_hostile_registry_answer_never_stops_a_proxy(grid: Grid, caplog:
 
     await eventually(read_it, "the proxy to read the registry's answer and refuse it")
     assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
+async def test_without_a_key_an_unknown_path_is_a_401_before_any_body_is_read(grid: Grid) -> None:
+    """As at the hub: a client without a key gets nothing read on its behalf, whatever the path."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    assert (await grid.http.post(proxy.value + "/elsewhere", content=b"x" * 1000)).status_code == 401
+    known = await grid.http.post(proxy.value + "/elsewhere", content=b"x", headers={"authorization": "Bearer k"})
+    assert known.status_code == 404

@@ -121,14 +121,13 @@ class Proxy:
 
     def admit(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
-        the status pages are open; the model lists need a key, as at the hub."""
+        the status pages are open; the model lists and unknown paths need a key, as at the hub."""
         if (method, path) in self.own and path in OPEN_PATHS:
             return
         request_id(next((value for key, value in headers if key == b"x-request-id"), None))
-        if (method, path) in self.own or path.startswith(FORWARDED_PREFIXES) or path == "/":
-            authorization = next((value for key, value in headers if key == b"authorization"), b"")
-            if not self.keys.allows(authorization.decode("latin-1")):
-                raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+        authorization = next((value for key, value in headers if key == b"authorization"), b"")
+        if not self.keys.allows(authorization.decode("latin-1")):  # unknown paths too: no body read for them
+            raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
 
     def refused(self, head: str, error: ApiError) -> None:
         """A request that could not even be read (too large, malformed): counted and logged too."""
