@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_ghubai
-from ghubai.config import ConfigError, load, parse
+from ghubai.config import ConfigError, load, parse, url_problem
 from ghubai.configfiles import default_text
 
 
@@ -87,3 +87,14 @@ def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:
         text = (root / f"{role}.toml").read_text()
         assert text == default_text(role), f"config/{role}.toml is stale: run ghubai init --dir config --force"
         parse(role, text, f"{role}.toml")
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://127.0.0.1:7197", None), ("https://hub.example:443/x", None), ("http://[::1]:80", None),
+    ("ws://h/gridhub?via=edge", None), ("http://127.0.0.1:abc", "port"), ("http://h:0", "port"),
+    ("http://h:70000", "port"), ("http://exa mple:80", "not a host name"), ("ftp://h", "expected"),
+    ("http://:80", "expected"),
+])
+def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | None) -> None:
+    found = url_problem(url, ("http", "https", "ws"))
+    assert found is None if problem is None else problem in (found or "")

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from ghubai.errors import describe
 from ghubai.http11.client import TooLarge
 from ghubai.worker.engine import MAX_RECORD_BYTES, _usage_of, engine_error, ndjson_payloads, sse_payloads
 
@@ -90,3 +91,11 @@ def test_an_engines_odd_usage_count_is_taken_as_a_count(reported: object) -> Non
     """Regression: prompt_eval_count -1 became a usage the hub refused, failing a finished answer."""
     usage = _usage_of({"done": True, "prompt_eval_count": reported, "eval_count": 3})
     assert usage is not None and usage["completion_tokens"] == 3 and usage["prompt_tokens"] >= 0
+
+
+def test_describe_names_the_cause_a_wrapper_hides() -> None:
+    """An operator must read "certificate verify failed", not a bare ConnectError."""
+    outer, middle, cause = OSError(), RuntimeError(), ValueError("certificate verify failed")
+    outer.__cause__, middle.__context__ = middle, cause  # wrappers that say nothing, around one that does
+    assert describe(outer) == "OSError: certificate verify failed"
+    assert describe(KeyError("x")) == "KeyError 'x'"

@@ -42,6 +42,7 @@ log = logging.getLogger("ghubai.hub")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", *dashboard.PATHS)
 CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
+_TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ class HubApi:
         self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
-        app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes, BODY_TIMEOUT=60)
+        app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes,
+                          BODY_TIMEOUT=BODY_TIMEOUT_S)
         self._inner = app.asgi_app
         app.asgi_app = self._asgi  # type: ignore[method-assign]
         app.register_error_handler(ApiError, self._api_error)
@@ -213,7 +215,7 @@ class HubApi:
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return
-        request_id(next((value for key, value in scope["headers"] if key == b"x-request-id"), None))
+        request_id(_header(scope["headers"], b"x-request-id"))
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)
             return
@@ -326,8 +328,7 @@ class HubApi:
 
     async def _forward(self, api: str, body: dict[str, Any], stream: bool, size: int,
                        headers: list[tuple[bytes, bytes]], send: Send, record: Record) -> None:
-        trace = {name.decode(): value.decode("latin-1") for name, value in headers
-                 if name.decode("latin-1") in protocol.TRACE_HEADERS}
+        trace = {name.decode(): value.decode("latin-1") for name, value in headers if name in _TRACE_NAMES}
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})

@@ -334,8 +334,7 @@ class Worker:
         try:
             async for batch in self.engine.run(call):
                 for start in range(0, len(batch), protocol.MAX_CHUNK_BYTES):  # a big answer: many records
-                    piece = batch if len(batch) <= protocol.MAX_CHUNK_BYTES else \
-                        batch[start:start + protocol.MAX_CHUNK_BYTES]
+                    piece = batch[start:start + protocol.MAX_CHUNK_BYTES]  # the whole batch is no copy
                     await running.reserve(len(piece))  # a slow client stops us reading the engine
                     link.send(protocol.chunk(request_id, piece))
             link.send(protocol.End(request_id, call.usage))

@@ -160,8 +160,9 @@ class Engine:
         entries = answer.get(listing) if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{path} answered no {listing!r} list")
-        names = {entry.get(key) for entry in entries if isinstance(entry, dict)}
-        return sorted(name for name in names if isinstance(name, str) and 0 < len(name) <= 256)[:4096]
+        names = {name for entry in entries if isinstance(entry, dict)
+                 and isinstance(name := entry.get(key), str) and 0 < len(name) <= 256}  # a list as a name: left out
+        return sorted(names)[:4096]
 
     def _prepare(self, call: Call) -> dict[str, Any]:
         body = dict(call.body)
