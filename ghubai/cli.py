@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -11,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ghubai import __version__
-from ghubai.config import ConfigError, load, split_hostport, with_listen
+from ghubai.config import ConfigError, load, split_hostport, url_problem, with_listen
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 
@@ -150,14 +151,25 @@ def _sim(args: argparse.Namespace) -> int:
     options = SimOptions(
         models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
-        fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim)
+        fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim, api_key=args.api_key,
+        disabled=frozenset(path.strip() for path in args.disable.split(",") if path.strip()), slots=args.slots,
+        usage_with_choices=args.usage_with_choices)
     return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)), reloads=False)
 
 
 def _up(args: argparse.Namespace) -> int:
     from ghubai.up import up
 
-    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend)), reloads=False)
+    if args.backend == "openai" and not args.engine_url:
+        raise ConfigError(["--backend openai: give the engine's address with --engine-url"])
+    if args.engine_url and (problem := url_problem(args.engine_url, ("http", "https"))):
+        raise ConfigError([f"--engine-url: {problem}"])
+    key = ""
+    if args.engine_api_key_env:
+        if not (key := os.environ.get(args.engine_api_key_env, "")):
+            raise ConfigError([f"--engine-api-key-env: the variable {args.engine_api_key_env} is not set"])
+    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend, engine_url=args.engine_url,
+                                                engine_api_key=key)), reloads=False)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -186,8 +198,13 @@ def parser() -> argparse.ArgumentParser:
     roles = top.add_subparsers(dest="role", required=True, metavar="ROLE")
 
     up = roles.add_parser("up", help="the whole grid on this machine, in one command")
-    up.add_argument("--backend", choices=("auto", "ollama", "sim"), default="auto",
-                    help="auto: Ollama at OLLAMA_LOCAL_URL if it answers, else the built-in simulator")
+    up.add_argument("--backend", choices=("auto", "ollama", "sim", "openai"), default="auto",
+                    help="auto: Ollama at OLLAMA_LOCAL_URL if it answers, else the built-in simulator; "
+                    "openai: the OpenAI-compatible engine at --engine-url")
+    up.add_argument("--engine-url", metavar="URL", default="",
+                    help="the engine's root URL (for ollama: instead of OLLAMA_LOCAL_URL)")
+    up.add_argument("--engine-api-key-env", metavar="VAR", default="",
+                    help="the environment variable that holds the engine's API key")
     up.add_argument("--port", type=int, default=5000, help="port of the grid's API (default 5000)")
     _daemon_flags(up, config=False)
     up.set_defaults(func=_up)
@@ -248,6 +265,12 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     sim.add_argument("--fail-after-tokens", type=int, default=None, help="fail every reply after N tokens")
     sim.add_argument("--embed-dim", type=int, default=16)
+    sim.add_argument("--api-key", default="", help="answer 401 unless a request has 'Authorization: Bearer KEY'")
+    sim.add_argument("--disable", default="", metavar="PATHS",
+                     help="comma-separated paths to answer 404 on, as a partial shim does (e.g. /api/chat)")
+    sim.add_argument("--slots", type=int, default=None, help="report N slots on GET /props, as llama.cpp server")
+    sim.add_argument("--usage-with-choices", action="store_true",
+                     help="send the streamed usage chunk with a non-empty choices list, as LiteLLM does")
     _daemon_flags(sim, config=False)
     sim.set_defaults(func=_sim)
     return top

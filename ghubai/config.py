@@ -93,9 +93,25 @@ def _key(check: Check | None = None, doc: str = "", *, one_or_many: bool = False
          secret: bool = False, **kwargs: Any) -> Any:
     """A dataclass field with its check and the comment ``ghubai init`` writes above it;
     ``one_or_many`` lets a list key also be given as a single string; the value of a ``secret`` key
-    never appears in an error message (they reach logs)."""
+    never appears in an error message (they reach logs) nor in the config's repr."""
     return field(metadata={"check": check, "doc": doc, "one_or_many": one_or_many, "required": required,
-                           "secret": secret}, **kwargs)
+                           "secret": secret}, repr=not secret, **kwargs)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
+_OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-type", "authorization"}
+
+
+def _engine_headers(headers: dict[str, str]) -> str | None:
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            return f"{name!r} is not a header name"
+        if name.lower() in _OWN_HEADERS:
+            return f"{name!r} is set by the worker" + (" (use api_key)" if name.lower() == "authorization" else "")
+        if not _HEADER_VALUE.fullmatch(value):
+            return f"the value of {name!r} holds a line break or control character"
+    return None
 
 
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
@@ -159,6 +175,12 @@ class EngineConfig:
     connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of an answer",
                                  default=300.0)
+    api_key: str = _key(None, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
+                        "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
+    headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "
+                                   '{ "OpenAI-Organization" = "org-1" }', secret=True, default_factory=dict)
+    tools: bool = _key(None, "openai engines: /api/show advertises tool support (llama.cpp's /props overrides)",
+                       default=True)
 
 
 @dataclass(frozen=True)
@@ -252,6 +274,9 @@ def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:
         return (float(raw) if ok else raw), None if ok else f"expected a number, got {raw!r}"
     if hint is str:
         return raw, None if isinstance(raw, str) else f"expected a string, got {raw!r}"
+    if typing.get_origin(hint) is dict:
+        ok = isinstance(raw, dict) and all(isinstance(value, str) for value in raw.values())
+        return (dict(raw) if ok else raw), None if ok else f"expected a table of strings, got {raw!r}"
     if typing.get_origin(hint) is tuple:
         if one_or_many and isinstance(raw, str):
             raw = [raw]
@@ -296,7 +321,8 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
         if problem is None and check is not None:
             problem = check(value)
         if problem and spec.metadata.get("secret"):
-            problem = problem.split(", got ")[0] + f", got {type(raw).__name__} (a secret: its value is not shown)"
+            problem, got, _ = problem.partition(", got ")
+            problem += f", got {type(raw).__name__} (a secret: its value is not shown)" if got else ""
         if problem:
             errors.append(f"{path}: {problem}")
         else:
@@ -357,13 +383,15 @@ def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> A
 
 def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> WorkerConfig:
     """The seed's variables win over the file: HUB_URL (comma-separated), PROVIDER_TOKEN,
-    OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS. The result is validated like the file."""
+    OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS; and GHUBAI_ENGINE_API_KEY, so a key need not sit in the file. The result is validated like the file."""
     table: dict[str, Any] = {}
     engine: dict[str, Any] = {}
     if env.get("HUB_URL"):
         table["hub_url"] = [url.strip() for url in env["HUB_URL"].split(",") if url.strip()]
     if "PROVIDER_TOKEN" in env:
         table["provider_token"] = env["PROVIDER_TOKEN"]
+    if "GHUBAI_ENGINE_API_KEY" in env:
+        engine["api_key"] = env["GHUBAI_ENGINE_API_KEY"]
     if env.get("OLLAMA_LOCAL_URL"):
         engine["url"] = env["OLLAMA_LOCAL_URL"]
     if env.get("ALLOW_INVALID_CERTS"):

@@ -26,7 +26,7 @@ _HEADERS = {
                 "within a second;\n# a broken edit keeps the last good list (GET /health says why).",
     "hub": "ghubai hub --config hub.toml\n# The API clients call, and the WebSocket /gridhub that workers dial.",
     "worker": "ghubai worker --config worker.toml\n# Environment variables win over this file: HUB_URL "
-              "(comma-separated), PROVIDER_TOKEN,\n# OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS.",
+              "(comma-separated), PROVIDER_TOKEN,\n# OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS, GHUBAI_ENGINE_API_KEY.",
     "proxy": "ghubai proxy --config proxy.toml\n# The grid's front door: health-checked, model-aware round robin "
              "over the hubs.\n# Environment variable REGISTRY_URL wins over registry_url.",
 }
@@ -52,6 +52,9 @@ def _render(cls: type, defaults: Any, prefix: str) -> list[str]:
         if dataclasses.is_dataclass(item):  # [[hubs]]: an example, commented out
             example = tomli_w.dumps(dataclasses.asdict(_EXAMPLE_HUB)).strip().splitlines()
             lines.extend([f"# [[{spec.name}]]", *(f"# {line}" for line in example)])
+            continue
+        if isinstance(value, dict) and not value:  # tomli-w would open a table here, ending this section
+            lines.append(f"{spec.name} = {{}}")
             continue
         lines.append(tomli_w.dumps({spec.name: _toml_value(value)}).strip())
     for spec in tables:

@@ -149,12 +149,17 @@ def model_list(models: list[str]) -> dict[str, Any]:
 
 
 def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:
-    """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models a worker serves now), from model names
+    """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models engines hold in memory now), from model names
     alone: the grid does not see sizes or digests."""
     extra = {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} if running else {}
     return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
                         "details": {}, **extra} for m in models]}
 
+
+# What ``/api/version`` answers: the Ollama release whose API the hub serves (tools and streamed tool
+# calls, structured outputs, /api/embed, thinking passed through), so that clients which gate features
+# on Ollama's version use them. GhubAi's own version is on /health and in X-GhubAi-Version.
+OLLAMA_API_VERSION = "0.9.0"
 
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

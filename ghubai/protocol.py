@@ -24,9 +24,9 @@ The conversation:
    keeps at most ``WINDOW_BYTES`` of one answer unacknowledged. A worker answers a request it cannot
    take (full, draining, a duplicate id, a malformed frame with a valid id) with ``error``; ``busy``
    says it was only full. A hub fails at once a request whose ``end`` or ``error`` it had to refuse.
-3. worker → ``models`` when its engine's models change, ``load`` whenever its number of running
-   requests changes (a worker shared by several hubs is full for all of them at once), ``draining``
-   when it shuts down.
+3. worker → ``models`` when what its engine offers changes (its models, the APIs it serves, the
+   models it holds in memory, its slots), ``load`` whenever its number of running requests changes
+   (a worker shared by several hubs is full for all of them at once), ``draining`` when it shuts down.
 4. both → ``ping`` every heartbeat, answered by ``pong``; both carry the sender's running count. A
    side that hears nothing for three heartbeats drops the link, and the hub fails what ran on it.
 
@@ -50,10 +50,13 @@ GRIDHUB_PATH = "/gridhub"
 CLOSE_PROTOCOL_MISMATCH = 4001
 CLOSE_BAD_HELLO = 4002
 
-APIS = (
-    "openai.chat", "openai.completions", "openai.embeddings",
-    "ollama.chat", "ollama.generate", "ollama.embed", "ollama.embeddings", "ollama.show",
-)
+# The APIs a request can name, and the path where a client calls each (and where an engine that
+# speaks it natively serves it).
+API_PATHS = {
+    "openai.chat": "/v1/chat/completions", "openai.completions": "/v1/completions",
+    "openai.embeddings": "/v1/embeddings", "ollama.chat": "/api/chat", "ollama.generate": "/api/generate",
+    "ollama.embed": "/api/embed", "ollama.embeddings": "/api/embeddings", "ollama.show": "/api/show",
+}
 
 # Flow control: a worker may have at most this many bytes of a request's answer that the hub has
 # not yet handed to its client. The hub returns ``credit`` as its client's socket takes the bytes,
@@ -74,6 +77,8 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 ModelNames = Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...],
                        msgspec.Meta(max_length=4096)]
+ApiNames = Annotated[tuple[Annotated[str, msgspec.Meta(max_length=64)], ...], msgspec.Meta(max_length=64)]
+Problem = Annotated[str, msgspec.Meta(max_length=1000)]
 
 # What a request carries along for logs and traces (W3C trace context), passed on to the engine.
 TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
@@ -102,6 +107,9 @@ class Hello(Frame, tag="hello"):
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)]
     engine: str
     version: str
+    apis: ApiNames | None = None  # as in ``models``
+    loaded: ModelNames | None = None
+    problem: Problem = ""
 
 
 class Welcome(Frame, tag="welcome"):
@@ -111,12 +119,19 @@ class Welcome(Frame, tag="welcome"):
 
 
 class Models(Frame, tag="models"):
-    """Worker → hub: the engine's models changed."""
+    """Worker → hub: what its engine offers changed. ``apis``: the ``API_PATHS`` it serves (None: all);
+    ``loaded``: the models it holds in memory now (None: it cannot tell); ``problem``: why it lists
+    no models, in words for the client (its credentials were refused, say); ``max_concurrency``: the
+    slots it has now, when the engine says (llama.cpp's ``total_slots``; None: unchanged)."""
     models: ModelNames
+    apis: ApiNames | None = None
+    loaded: ModelNames | None = None
+    problem: Problem = ""
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Request(Frame, tag="request"):
-    """Hub → worker: run ``body`` on the engine's ``api`` (one of ``APIS``)."""
+    """Hub → worker: run ``body`` on the engine's ``api`` (one of ``API_PATHS``)."""
     id: RequestId
     api: str
     body: dict[str, Any]

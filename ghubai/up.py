@@ -2,11 +2,13 @@
 worker (and the simulator when no Ollama answers) behind the proxy on ``--port``.
 
 With ``--backend auto`` it uses the Ollama at ``OLLAMA_LOCAL_URL`` when that answers
-``/api/version``, otherwise it starts the built-in simulator, and its banner says which.
+``/api/version``, otherwise it starts the built-in simulator, and its banner says which;
+``--backend openai --engine-url URL`` fronts an OpenAI-compatible engine instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -27,6 +29,8 @@ log = logging.getLogger("ghubai.up")
 
 PROBE_TIMEOUT_S = 1.0
 SIM_CONCURRENCY = 16
+READY_TIMEOUT_S = 20.0  # for the proxy to route a model: its health check, every second, must see the hub
+READY_POLL_S = 0.05
 
 
 async def _ollama_answers(url: str) -> bool:
@@ -37,18 +41,39 @@ async def _ollama_answers(url: str) -> bool:
         return False
 
 
-async def up(port: int, backend: str, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    ollama_url = os.environ.get("OLLAMA_LOCAL_URL") or EngineConfig().url
+async def _serving(proxy_url: str, timeout_s: float) -> list[str]:
+    """The models the proxy routes, once it routes any (its hub healthy, with a worker that serves
+    them): from then on a request through it succeeds. Empty when that did not happen in time."""
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        with trio.move_on_after(timeout_s):
+            while True:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    response = await client.get(proxy_url + "/v1/models")
+                    if response.status_code == 200 and (models := [m["id"] for m in response.json()["data"]]):
+                        return models
+                await trio.sleep(READY_POLL_S)
+    return []
+
+
+async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: str = "",
+             task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the grid until cancelled. ``backend``: ``sim``, ``ollama`` or ``openai`` (an engine at
+    ``engine_url``, with ``engine_api_key`` if it needs one), or ``auto``: Ollama if it answers,
+    else the simulator. The banner is printed once a request through the proxy would succeed."""
+    ollama_url = engine_url or os.environ.get("OLLAMA_LOCAL_URL") or EngineConfig().url
     use_ollama = backend == "ollama" or (backend == "auto" and await _ollama_answers(ollama_url))
     async with trio.open_nursery() as nursery:
-        if use_ollama:
-            engine = EngineConfig(url=ollama_url)
+        if backend == "openai":
+            engine = EngineConfig(kind="openai", url=engine_url, api_key=engine_api_key)
+            source = f"the OpenAI-compatible engine at {engine_url}"
+        elif use_ollama:
+            engine = EngineConfig(url=ollama_url, api_key=engine_api_key)
             source = f"Ollama at {ollama_url}"
         else:
             sim_port = await nursery.start(serve_sim, Simulator(SimOptions(max_parallel=SIM_CONCURRENCY)),
                                            "127.0.0.1:0")
             engine = EngineConfig(url=f"http://127.0.0.1:{sim_port}", max_concurrency=SIM_CONCURRENCY)
-            source = "the built-in simulator (no Ollama answered at " + ollama_url + ")"
+            source = "the built-in simulator" + (f" (no Ollama answered at {ollama_url})" if backend == "auto" else "")
         token = secrets.token_urlsafe(24)  # only this worker may join the demo hub
         hub_url = await nursery.start(run_hub, HubConfig(listen="127.0.0.1:0", provider_tokens=(token,)))
         registry_url = await nursery.start(
@@ -58,16 +83,19 @@ async def up(port: int, backend: str, *, task_status: trio.TaskStatus[str] = tri
             engine=engine))
         proxy_url = await nursery.start(run_proxy, ProxyConfig(
             listen=f"127.0.0.1:{port}", registry_url=registry_url, health=HealthConfig(interval_s=1.0)))
-        with trio.move_on_after(10):
-            await worker.welcomed.wait()
-        model = worker.models[0] if worker.models else "MODEL"
-        print(f"""
+        models = await _serving(proxy_url, READY_TIMEOUT_S)
+        if not models:
+            problem = worker.offer.problem or "it lists no models"
+            print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: {problem}.\n"
+                  f"It keeps trying; watch {proxy_url}/dashboard. Ctrl-C stops everything.\n", flush=True)
+        else:
+            print(f"""
 GhubAi grid is up on {proxy_url}: proxy -> hub {hub_url} (from registry {registry_url})
   -> one worker on {source}.
-Models: {", ".join(worker.models) or "(none yet)"}
+Models: {", ".join(models)}
 Try:
   curl -N {proxy_url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
+    -d '{{"model":"{models[0]}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
 Watch it: {proxy_url}/dashboard (or: ghubai status --proxy {proxy_url})
 Ctrl-C stops everything.
 """, flush=True)

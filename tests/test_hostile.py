@@ -109,7 +109,7 @@ async def test_a_hostile_engine_listing_leaves_the_worker_linked_with_no_models(
 
     async def linked_with_nothing() -> bool:
         workers = await grid.workers(hub.value)
-        return len(workers) == 1 and workers[0]["models"] == [] and worker.value.models == []
+        return len(workers) == 1 and workers[0]["models"] == [] and not worker.value.models
 
     await eventually(linked_with_nothing, "the worker linked, serving nothing")
     assert json.loads((await grid.http.get(hub.value + "/ready")).text)["workers"] == 1

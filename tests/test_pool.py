@@ -12,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from ghubai import protocol
 from ghubai.config import HubLimits
 from ghubai.hub.pool import Pool, RemoteWorker
 
@@ -58,7 +59,7 @@ async def queue_attempt(nursery: trio.Nursery, pool: Pool, name: str, model: str
     async def run() -> None:
         with attempt.scope:
             try:
-                attempt.worker = await pool.acquire(model, exclude or set(), deadline)
+                attempt.worker = await pool.acquire(model, "openai.chat", exclude or set(), deadline)
             except Exception as error:  # the ApiError's module is moving; its attributes are what count
                 attempt.error = error
                 return
@@ -95,11 +96,11 @@ async def test_the_least_loaded_worker_is_chosen(autojump_clock: trio.testing.Mo
     big, small = make_worker("big", max_concurrency=4), make_worker("small", max_concurrency=1)
     big.inflight = 1
     pool = make_pool(big, small)
-    assert await pool.acquire("m", set(), soon()) is small
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is small
     assert (small.inflight, small.reported) == (1, 1)
-    assert await pool.acquire("m", set(), soon()) is big
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is big
     assert (big.inflight, big.reported) == (2, 1)
-    assert await pool.acquire("m", set(), soon()) is big
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is big
     assert (big.inflight, small.inflight) == (3, 1)
     assert trio.current_time() == 0.0
 
@@ -108,7 +109,7 @@ async def test_ties_go_to_the_first_worker_added(autojump_clock: trio.testing.Mo
     """Between equal loads the earlier worker wins, so the choice is deterministic."""
     first, second = make_worker("a", max_concurrency=2), make_worker("b", max_concurrency=2)
     pool = make_pool(first, second)
-    assert [await pool.acquire("m", set(), soon()) for _ in range(4)] == [first, second, first, second]
+    assert [await pool.acquire("m", "openai.chat", set(), soon()) for _ in range(4)] == [first, second, first, second]
 
 
 async def test_a_full_worker_is_skipped_and_workers_without_the_model_ignored(
@@ -119,7 +120,7 @@ async def test_a_full_worker_is_skipped_and_workers_without_the_model_ignored(
     full.inflight = 1
     free.inflight = 2
     pool = make_pool(full, other_model, free)
-    assert await pool.acquire("m", set(), soon()) is free
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is free
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
         assert attempt.waiting and pool.queue_lengths() == {"m": 1}
@@ -133,7 +134,7 @@ async def test_an_excluded_worker_is_not_picked(autojump_clock: trio.testing.Moc
     tried, other = make_worker("tried", max_concurrency=8), make_worker("other", max_concurrency=2)
     other.inflight = 1
     pool = make_pool(tried, other)
-    assert await pool.acquire("m", {"tried"}, soon()) is other
+    assert await pool.acquire("m", "openai.chat", {"tried"}, soon()) is other
     assert tried.inflight == 0
 
 
@@ -154,7 +155,7 @@ async def test_a_worker_full_by_its_report_is_skipped(autojump_clock: trio.testi
     own.inflight = 9
     pool = make_pool(shared, own)
     pool.report(shared, 2)
-    assert await pool.acquire("m", set(), soon()) is own
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is own
     assert shared.inflight == 0
 
 
@@ -163,7 +164,7 @@ async def test_a_slot_counts_as_reported_until_the_next_report(autojump_clock: t
     worker = make_worker("w", max_concurrency=2)
     pool = make_pool(worker)
     pool.report(worker, 1)  # one request from another hub
-    assert await pool.acquire("m", set(), soon()) is worker
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
     assert (worker.inflight, worker.reported, worker.busy) == (1, 2, 2)
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
@@ -181,7 +182,7 @@ async def test_a_queued_request_gets_the_slot_on_release(autojump_clock: trio.te
     """A full pool queues the request; once the worker has reported, ``release()`` hands over the slot."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    assert await pool.acquire("m", set(), soon()) is worker
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "second")
         assert attempt.waiting and pool.queue_lengths() == {"m": 1} and pool.queued == 1
@@ -200,7 +201,7 @@ async def test_a_release_waits_for_the_workers_report(autojump_clock: trio.testi
     """A release frees no slot the worker's last report still counts; the report after it does."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "second")
         pool.release(worker)
@@ -216,7 +217,7 @@ async def test_waiters_are_served_first_in_first_out(autojump_clock: trio.testin
     """Queued requests for a model get slots in the order they arrived, one per release."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     order: list[str] = []
     async with trio.open_nursery() as nursery:
         attempts = [await queue_attempt(nursery, pool, name, order=order) for name in ("a", "b", "c", "d")]
@@ -233,7 +234,7 @@ async def test_a_new_request_does_not_overtake_the_queue(autojump_clock: trio.te
     """A request arriving just after a release, before the head ran, queues behind it."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     order: list[str] = []
     async with trio.open_nursery() as nursery:
         await queue_attempt(nursery, pool, "head", order=order)
@@ -242,7 +243,7 @@ async def test_a_new_request_does_not_overtake_the_queue(autojump_clock: trio.te
 
         async def arrive() -> None:
             try:
-                late.worker = await pool.acquire("m", set(), soon())
+                late.worker = await pool.acquire("m", "openai.chat", set(), soon())
                 order.append("late")
             except Exception as error:
                 late.error = error
@@ -260,8 +261,8 @@ async def test_a_waiter_that_excludes_the_free_worker_passes_the_wake_up(
     """A retry at the head that cannot use the freed worker lets the next in line have it, and keeps its place."""
     a, b = make_worker("a"), make_worker("b")
     pool = make_pool(a, b)
-    await pool.acquire("m", set(), soon())
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     order: list[str] = []
     async with trio.open_nursery() as nursery:
         retry = await queue_attempt(nursery, pool, "retry", exclude={"a"}, order=order)
@@ -281,8 +282,8 @@ async def test_a_newcomer_behind_a_retry_takes_the_free_worker_it_cannot_use(
     """A free slot that the queue's only waiter must avoid goes, at once, to a request that arrives later."""
     a, b = make_worker("a"), make_worker("b")
     pool = make_pool(a, b)
-    await pool.acquire("m", set(), soon())
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         retry = await queue_attempt(nursery, pool, "retry", exclude={"a"})
         finish(pool, a)
@@ -298,7 +299,7 @@ async def test_a_cancelled_waiter_leaves_the_queue(autojump_clock: trio.testing.
     """A client that goes away takes its place out of the queue; the next release serves the one behind."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         gone = await queue_attempt(nursery, pool, "gone")
         kept = await queue_attempt(nursery, pool, "kept")
@@ -315,8 +316,8 @@ async def test_queue_lengths_are_per_model(autojump_clock: trio.testing.MockCloc
     """Each model has its own queue; a release wakes only the queues of the worker's models."""
     gpu, cpu = make_worker("gpu", models=("big",)), make_worker("cpu", models=("small",))
     pool = make_pool(gpu, cpu)
-    await pool.acquire("big", set(), soon())
-    await pool.acquire("small", set(), soon())
+    await pool.acquire("big", "openai.chat", set(), soon())
+    await pool.acquire("small", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         big = [await queue_attempt(nursery, pool, f"big{i}", model="big") for i in range(2)]
         small = await queue_attempt(nursery, pool, "small", model="small")
@@ -332,8 +333,8 @@ async def test_a_full_queue_answers_429(autojump_clock: trio.testing.MockClock) 
     """Past ``queue_size`` waiting requests (for the whole hub) a request is refused with 429 queue_full."""
     a, b = make_worker("a", models=("m",)), make_worker("b", models=("n",))
     pool = make_pool(a, b, queue_size=2)
-    await pool.acquire("m", set(), soon())
-    await pool.acquire("n", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("n", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         first = await queue_attempt(nursery, pool, "first", model="m")
         second = await queue_attempt(nursery, pool, "second", model="n")
@@ -348,9 +349,9 @@ async def test_a_zero_queue_refuses_at_once(autojump_clock: trio.testing.MockClo
     """``queue_size = 0`` means no waiting: a request that finds no free slot gets 429 immediately."""
     worker = make_worker("w")
     pool = make_pool(worker, queue_size=0)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", set(), soon())
+        await pool.acquire("m", "openai.chat", set(), soon())
     assert answer(caught.value) == (429, "queue_full", 1)
     assert pool.queue_lengths() == {} and trio.current_time() == 0.0
 
@@ -361,10 +362,10 @@ async def test_the_queue_timeout_answers_503_after_exactly_the_timeout(
     """A queued request fails 503 exactly at its deadline, Retry-After a tenth of the timeout (>= 1 s)."""
     worker = make_worker("w")
     pool = make_pool(worker, queue_timeout_s=timeout_s)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     start = trio.current_time()
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", set(), start + timeout_s)
+        await pool.acquire("m", "openai.chat", set(), start + timeout_s)
     assert trio.current_time() - start == timeout_s
     assert answer(caught.value) == (503, None, retry_after)
     assert f"{timeout_s:g} s" in str(caught.value)
@@ -375,7 +376,7 @@ async def test_a_timed_out_head_hands_the_wake_up_on(autojump_clock: trio.testin
     """When the head of the queue times out, the one behind it still gets the next slot."""
     worker = make_worker("w")
     pool = make_pool(worker, queue_timeout_s=5)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         head = await queue_attempt(nursery, pool, "head", deadline=trio.current_time() + 5)
         behind = await queue_attempt(nursery, pool, "behind", deadline=trio.current_time() + 60)
@@ -396,7 +397,7 @@ async def test_an_unknown_model_is_404(autojump_clock: trio.testing.MockClock) -
     """A model no worker hosts is model_not_found, without queueing."""
     pool = make_pool(make_worker("w", models=("m",)))
     with pytest.raises(Exception) as caught:
-        await pool.acquire("nope", set(), soon())
+        await pool.acquire("nope", "openai.chat", set(), soon())
     error: Any = caught.value
     assert (answer(error), error.param) == ((404, "model_not_found", None), "model")
     assert "'nope'" in str(caught.value)
@@ -407,7 +408,7 @@ async def test_no_worker_at_all_is_503(autojump_clock: trio.testing.MockClock) -
     """An empty hub answers 503 with Retry-After, whatever the model."""
     pool = make_pool()
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", set(), soon())
+        await pool.acquire("m", "openai.chat", set(), soon())
     assert answer(caught.value) == (503, None, 1)
     assert str(caught.value) == "No worker is connected to this hub"
 
@@ -418,11 +419,11 @@ async def test_a_draining_worker_takes_no_new_request(autojump_clock: trio.testi
     busy.inflight = 3
     pool = make_pool(draining, busy)
     pool.set_draining(draining)
-    assert await pool.acquire("m", set(), soon()) is busy
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is busy
     assert draining.inflight == 0 and pool.models() == ["m"]
     pool.set_draining(busy)
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", set(), soon())
+        await pool.acquire("m", "openai.chat", set(), soon())
     assert answer(caught.value) == (503, None, 1)
     assert pool.models() == [] and pool.hosts("m") == []
 
@@ -431,7 +432,7 @@ async def test_every_host_excluded_is_503(autojump_clock: trio.testing.MockClock
     """A retry that has tried every host of its model is refused at once rather than queued."""
     pool = make_pool(make_worker("a"), make_worker("b"))
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", {"a", "b"}, soon())
+        await pool.acquire("m", "openai.chat", {"a", "b"}, soon())
     assert answer(caught.value) == (503, None, 1)
     assert pool.queue_lengths() == {}
 
@@ -442,7 +443,7 @@ async def test_a_draining_hub_refuses_even_with_free_workers(autojump_clock: tri
     pool = make_pool(worker)
     pool.drain()
     with pytest.raises(Exception) as caught:
-        await pool.acquire("m", set(), soon())
+        await pool.acquire("m", "openai.chat", set(), soon())
     assert answer(caught.value) == (503, None, 1)
     assert str(caught.value) == "This hub is shutting down; try another"
     assert worker.inflight == 0
@@ -452,8 +453,8 @@ async def test_drain_fails_every_queued_request(autojump_clock: trio.testing.Moc
     """``drain()`` wakes every queue, and every waiter in it fails with 503."""
     a, b = make_worker("a", models=("m",)), make_worker("b", models=("n",))
     pool = make_pool(a, b)
-    await pool.acquire("m", set(), soon())
-    await pool.acquire("n", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("n", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempts = [await queue_attempt(nursery, pool, f"{model}{i}", model=model)
                     for model in ("m", "n") for i in range(3)]
@@ -467,7 +468,7 @@ async def test_removing_the_only_worker_fails_the_queue_with_503(autojump_clock:
     """A worker leaving wakes its queued requests; with no worker left they fail 503 at once."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempts = [await queue_attempt(nursery, pool, f"w{i}") for i in range(2)]
         pool.remove(worker)
@@ -482,7 +483,7 @@ async def test_removing_the_last_host_of_a_model_fails_its_queue_with_404(
     """With other workers still there, a model nobody hosts any more is model_not_found."""
     host, other = make_worker("host", models=("m",)), make_worker("other", models=("n",))
     pool = make_pool(host, other)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
         pool.remove(host)
@@ -499,14 +500,14 @@ async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.
     assert pool.add(new) is old
     pool.remove(old)
     assert list(pool.workers.values()) == [new]
-    assert await pool.acquire("m", set(), soon()) is new
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is new
 
 
 async def test_a_draining_only_host_fails_its_queue_with_503(autojump_clock: trio.testing.MockClock) -> None:
     """``set_draining()`` wakes the queue; requests only that worker could serve fail 503."""
     worker = make_worker("w")
     pool = make_pool(worker)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
         pool.set_draining(worker)
@@ -519,8 +520,8 @@ async def test_a_draining_host_leaves_the_queue_to_the_others(autojump_clock: tr
     """With another host left the queue waits; a draining worker's freed slot is not given out."""
     draining, staying = make_worker("draining"), make_worker("staying")
     pool = make_pool(draining, staying)
-    await pool.acquire("m", set(), soon())
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
         pool.set_draining(draining)
@@ -542,7 +543,7 @@ async def test_a_joining_worker_serves_the_queue(autojump_clock: trio.testing.Mo
     """``add()`` wakes the queues of the new worker's models."""
     first = make_worker("first")
     pool = make_pool(first)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
         joined = make_worker("joined", models=("m", "x"))
@@ -553,13 +554,13 @@ async def test_a_joining_worker_serves_the_queue(autojump_clock: trio.testing.Mo
 
 
 async def test_a_worker_that_loads_the_model_serves_the_queue(autojump_clock: trio.testing.MockClock) -> None:
-    """``set_models()`` wakes the queues: a worker that now hosts the model takes the waiting request."""
+    """``set_offer()`` wakes the queues: a worker that now hosts the model takes the waiting request."""
     host, idle = make_worker("host"), make_worker("idle", models=("x",))
     pool = make_pool(host, idle)
-    await pool.acquire("m", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "w")
-        pool.set_models(idle, ("x", "m"))
+        pool.set_offer(idle, protocol.Models(("x", "m")))
         await trio.testing.wait_all_tasks_blocked()
         assert attempt.worker is idle
     assert idle.models == frozenset({"x", "m"}) and pool.models() == ["m", "x"] and trio.current_time() == 0.0
@@ -569,7 +570,7 @@ async def test_a_refusing_worker_counts_as_full_until_it_reports(autojump_clock:
     """After ``refused()`` the worker is full whatever this hub counts, until a report frees a slot."""
     worker = make_worker("w", max_concurrency=2)
     pool = make_pool(worker)
-    assert await pool.acquire("m", set(), soon()) is worker
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
     pool.refused(worker)
     assert (worker.reported, worker.busy) == (2, 2)
     pool.release(worker)  # the refused request gives its slot back
@@ -592,7 +593,7 @@ async def test_a_refusing_worker_sends_requests_elsewhere(autojump_clock: trio.t
     other.inflight = 3
     pool = make_pool(refusing, other)
     pool.refused(refusing)
-    assert await pool.acquire("m", set(), soon()) is other
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is other
     assert refusing.inflight == 0
 
 

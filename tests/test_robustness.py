@@ -20,6 +20,7 @@ from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.pool import Pool, RemoteWorker
 from ghubai.worker.agent import Worker
 from ghubai.worker.agent import run as run_worker
+from ghubai.worker.engine import PROBE_MODEL
 
 
 async def fake_engine(grid: Grid, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
@@ -102,11 +103,11 @@ async def test_a_retry_waiting_at_the_head_does_not_block_a_free_slot() -> None:
     pool.add(a)
     pool.add(b)
     deadline = trio.current_time() + WAIT_S
-    assert {(await pool.acquire("m", set(), deadline)).id, (await pool.acquire("m", set(), deadline)).id} == {"A", "B"}
+    assert {(await pool.acquire("m", "openai.chat", set(), deadline)).id, (await pool.acquire("m", "openai.chat", set(), deadline)).id} == {"A", "B"}
     got: dict[str, str] = {}
 
     async def take(name: str, exclude: set[str]) -> None:
-        got[name] = (await pool.acquire("m", exclude, deadline)).id
+        got[name] = (await pool.acquire("m", "openai.chat", exclude, deadline)).id
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(take, "retry", {"A"})  # first in line, but must not use A
@@ -155,7 +156,7 @@ async def test_an_engine_429_reaches_the_client(grid: Grid) -> None:
 
     async def limited(conn: Connection, request: Request) -> None:
         nonlocal calls
-        calls += 1
+        calls += PROBE_MODEL.encode() not in (request.body or b"")  # the worker's probes of its APIs aside
         await conn.respond_json(429, {"error": "slow down"})
 
     engine = await fake_engine(grid, limited)

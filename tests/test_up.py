@@ -4,6 +4,7 @@ status``, Ctrl-C."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from conftest import WAIT_S, Daemon, eventually, ghubai_command
+from conftest import WAIT_S, Daemon, ghubai_command
 
 
 async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c(tmp_path: Path) -> None:
@@ -20,10 +21,8 @@ async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c(tmp_path
         url = (await up.wrote(re.compile(r"GhubAi grid is up on (http://127\.0\.0\.1:\d+)"), stdout=True,
                               timeout_s=30))[1]
         async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            async def listed() -> bool:  # the proxy lists a model once its hub has a worker that serves it
-                return "sim" in (await http.get(url + "/v1/models")).text
-
-            await eventually(listed, "the proxy to list the model sim")
+            # at once, as a user pastes the banner's curl line (regression: the banner came before the
+            # proxy had seen the hub healthy, and such a request got 503 No healthy hub);
             # what curl -N sends: no Content-Type beyond curl's form default, a JSON body
             body = '{"model":"sim","messages":[{"role":"user","content":"hi"}],"stream":true}'
             async with http.stream("POST", url + "/v1/chat/completions", content=body,
@@ -41,4 +40,33 @@ async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c(tmp_path
     assert up.process.returncode == 0, up.log()
     out = up.printed()
     assert "built-in simulator" in out and f"curl -N {url}/v1/chat/completions" in out
+    assert "Ollama" not in out  # --backend sim never asked one
     assert f"{url}/dashboard" in out
+
+
+async def test_up_fronts_a_key_protected_openai_engine(tmp_path: Path) -> None:
+    """``--backend openai --engine-url URL --engine-api-key-env VAR``: the grid in front of an
+    OpenAI-compatible engine that demands a key, which only the environment holds."""
+    sim = Daemon(tmp_path, "sim", "--listen", "127.0.0.1:0", "--models", "remote", "--api-key", "engine-secret",
+                 "--ttft-ms", "0", "--itl-ms", "0", "--tokens", "4")
+    up = None
+    try:
+        engine_url = await sim.url()
+        up = Daemon(tmp_path, "up", "--backend", "openai", "--engine-url", engine_url, "--engine-api-key-env",
+                    "ENGINE_KEY", "--port", "0", env={**os.environ, "ENGINE_KEY": "engine-secret"})
+        url = (await up.wrote(re.compile(r"GhubAi grid is up on (http://127\.0\.0\.1:\d+)"), stdout=True,
+                              timeout_s=30))[1]
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            openai = await http.post(url + "/v1/chat/completions", json={
+                "model": "remote", "messages": [{"role": "user", "content": "hi"}]})
+            ollama = await http.post(url + "/api/chat", json={
+                "model": "remote", "messages": [{"role": "user", "content": "hi"}], "stream": False})
+        assert openai.status_code == 200 and openai.json()["choices"][0]["message"]["content"]
+        assert ollama.status_code == 200 and ollama.json()["done"] is True  # translated for the OpenAI engine
+        assert "OpenAI-compatible engine at " + engine_url in up.printed()
+    finally:
+        if up is not None:
+            up.process.send_signal(signal.SIGINT)
+            up.process.wait(timeout=WAIT_S)
+        sim.stop()
+    assert "engine-secret" not in up.log() + up.printed()

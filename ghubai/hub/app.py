@@ -373,10 +373,10 @@ class HubApi:
         return dialects.ollama_tags(self.pool.models())
 
     async def ollama_running(self) -> dict[str, Any]:
-        return dialects.ollama_tags(self.pool.models(), running=True)
+        return dialects.ollama_tags(self.pool.loaded(), running=True)
 
-    async def ollama_version(self) -> dict[str, Any]:
-        return {"version": __version__}
+    async def ollama_version(self) -> tuple[dict[str, Any], int, dict[str, str]]:
+        return {"version": dialects.OLLAMA_API_VERSION}, 200, {"X-GhubAi-Version": __version__}
 
     async def ollama_root(self) -> Response:
         return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")
@@ -389,7 +389,7 @@ class HubApi:
                 "usage": {model: dict(count) for model, count in pool.usage.items()}}
 
     async def health(self) -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", "version": __version__}
 
     async def ready(self) -> tuple[dict[str, Any], int]:
         count = sum(1 for worker in self.pool.workers.values() if not worker.draining)

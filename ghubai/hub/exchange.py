@@ -33,6 +33,8 @@ def client_error(frame: protocol.Error) -> ApiError:
     status, message = frame.status, frame.message
     if status == 404:
         return ApiError(404, message, param="model", code="model_not_found")
+    if status == 501:  # the worker's engine lacks the API's path
+        return ApiError(501, message, code="api_not_served")
     if 400 <= status < 500 or status in (503, 504):
         return ApiError(status, message)
     return ApiError(502, f"Engine error: {message}")
@@ -83,7 +85,7 @@ class Exchange:
         queue_deadline = min(self.deadline, trio.current_time() + self.config.limits.queue_timeout_s)
         while len(tried) < self.config.limits.max_attempts:
             try:
-                worker = await self.pool.acquire(self.model, tried, queue_deadline)
+                worker = await self.pool.acquire(self.model, self.api, tried, queue_deadline)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None

@@ -43,7 +43,9 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     send, receive = trio.open_memory_channel[str | bytes](math.inf)
     worker = RemoteWorker(id=hello.worker_id, name=hello.name, models=frozenset(hello.models),
                           max_concurrency=min(hello.max_concurrency, max_concurrency), engine=hello.engine,
-                          out=send, last_seen=trio.current_time(), token=token)
+                          out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
+                          apis=None if hello.apis is None else frozenset(hello.apis),
+                          loaded=None if hello.loaded is None else frozenset(hello.loaded))
     lost = f"lost the link to worker {worker.name}"
     try:
         async with trio.open_nursery() as nursery:
@@ -100,8 +102,8 @@ def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.U
         case protocol.Ping(inflight):
             pool.report(worker, inflight)
             worker.send(protocol.Pong(worker.inflight))
-        case protocol.Models(models):
-            pool.set_models(worker, models)
+        case protocol.Models():
+            pool.set_offer(worker, frame)
         case protocol.Draining():
             pool.set_draining(worker)
         case _:

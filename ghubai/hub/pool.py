@@ -1,7 +1,7 @@
 """The hub's view of its workers and the scheduler that hands requests to them.
 
-A request takes a slot on the least-loaded worker that hosts its model (lowest
-inflight / max_concurrency). When every such worker is full it waits in a bounded queue: first in,
+A request takes a slot on the least-loaded worker that hosts its model and whose engine serves its
+API (lowest inflight / max_concurrency). When every such worker is full it waits in a bounded queue: first in,
 first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. When a slot may
 have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
 the one behind, so a release usually costs O(1) however long the queue.
@@ -47,6 +47,12 @@ class RemoteWorker:
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
     usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub
     token: bytes = b""  # digest of the provider token it joined with, so that revoking it ends the link
+    apis: frozenset[str] | None = None  # the APIs its engine serves; None: all (it did not say)
+    loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
+    problem: str = ""  # why its engine lists no model, as the worker put it
+
+    def serves(self, api: str) -> bool:
+        return self.apis is None or api in self.apis
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -85,7 +91,9 @@ class RemoteWorker:
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
                 "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining,
-                "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1)}
+                "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1),
+                "apis": sorted(self.apis) if self.apis is not None else list(protocol.API_PATHS),
+                "loaded": sorted(self.models if self.loaded is None else self.loaded), "problem": self.problem}
 
 
 class _Waiter:
@@ -126,10 +134,22 @@ class Pool:
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
         self._wake(self._queues)  # queued requests may now have no worker at all
 
-    def set_models(self, worker: RemoteWorker, models: tuple[str, ...]) -> None:
-        worker.models = frozenset(models)
-        log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(models) or "(none)")
+    def set_offer(self, worker: RemoteWorker, offer: protocol.Hello | protocol.Models) -> None:
+        """What the worker's engine offers, from its ``hello`` or a ``models`` frame."""
+        if frozenset(offer.models) != worker.models:
+            log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(offer.models) or "(none)")
+        worker.models = frozenset(offer.models)
+        worker.apis = None if offer.apis is None else frozenset(offer.apis)
+        worker.loaded = None if offer.loaded is None else frozenset(offer.loaded)
+        worker.problem = offer.problem
+        if offer.max_concurrency is not None:
+            worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
         self._wake(self._queues)
+
+    def loaded(self) -> list[str]:
+        """The models some worker's engine holds in memory (all it lists, when it cannot tell)."""
+        return sorted({model for worker in self.workers.values() if not worker.draining
+                       for model in (worker.models if worker.loaded is None else worker.loaded & worker.models)})
 
     def models(self) -> list[str]:
         return sorted({model for worker in self.workers.values() if not worker.draining for model in worker.models})
@@ -153,10 +173,10 @@ class Pool:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def _pick(self, model: str, exclude: set[str]) -> RemoteWorker | None:
+    def _pick(self, model: str, api: str, exclude: set[str]) -> RemoteWorker | None:
         best: RemoteWorker | None = None
         for worker in self.workers.values():
-            if (model in worker.models and worker.id not in exclude and not worker.draining
+            if (model in worker.models and worker.id not in exclude and not worker.draining and worker.serves(api)
                     and worker.busy < worker.max_concurrency and (best is None or worker.load < best.load)):
                 best = worker
         if best is not None:
@@ -164,7 +184,7 @@ class Pool:
             best.reported += 1  # until the worker's next load report says otherwise
         return best
 
-    def _check_hosted(self, model: str, exclude: set[str]) -> None:
+    def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
@@ -172,15 +192,24 @@ class Pool:
         if not hosting:
             if not self.workers:
                 raise ApiError(503, "No worker is connected to this hub", retry_after=1)
+            if troubled := [worker for worker in self.workers.values() if worker.problem]:
+                said = "; ".join(f"worker {worker.name}: {worker.problem}" for worker in troubled[:3])
+                raise ApiError(502, f"No worker serves '{model}', and {len(troubled)} cannot list their engine's "
+                               f"models ({said})", code="engine_unavailable")
             raise model_not_found(model)
-        if all(worker.draining or worker.id in exclude for worker in hosting):
+        serving = [worker for worker in hosting if worker.serves(api)]
+        if not serving:
+            raise ApiError(501, f"No worker serves POST {protocol.API_PATHS.get(api, api)} for model '{model}': "
+                           "its engines lack that API", code="api_not_served")
+        if all(worker.draining or worker.id in exclude for worker in serving):
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
-    async def acquire(self, model: str, exclude: set[str], deadline: float) -> RemoteWorker:
-        """A slot on the least-loaded worker hosting ``model``, waiting in the queue until ``deadline``."""
-        if not self.draining and not self._queues.get(model) and (worker := self._pick(model, exclude)):
+    async def acquire(self, model: str, api: str, exclude: set[str], deadline: float) -> RemoteWorker:
+        """A slot on the least-loaded worker that hosts ``model`` and serves ``api``, waiting in the
+        queue until ``deadline``."""
+        if not self.draining and not self._queues.get(model) and (worker := self._pick(model, api, exclude)):
             return worker
-        self._check_hosted(model, exclude)
+        self._check_hosted(model, api, exclude)
         if self.queued >= self.limits.queue_size:
             raise ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=1)
         queue = self._queues.setdefault(model, deque())
@@ -193,9 +222,9 @@ class Pool:
                 while True:
                     await waiter.event.wait()
                     waiter.event = trio.Event()
-                    if not self.draining and (worker := self._pick(model, exclude)):
+                    if not self.draining and (worker := self._pick(model, api, exclude)):
                         return worker
-                    self._check_hosted(model, exclude)
+                    self._check_hosted(model, api, exclude)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
                     position = queue.index(waiter)

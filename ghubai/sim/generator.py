@@ -31,6 +31,13 @@ class SimOptions:
     fail_rate: float = 0.0
     fail_after_tokens: int | None = None
     embed_dim: int = 16
+    # Engines unlike Ollama, for the worker's tests: a key the engine demands (``Bearer``), paths it
+    # does not serve (404, as from a partial shim), llama.cpp's slot count on ``/props``, and usage
+    # sent on a chunk whose ``choices`` is not empty (as LiteLLM does).
+    api_key: str = ""
+    disabled: frozenset[str] = frozenset()
+    slots: int | None = None
+    usage_with_choices: bool = False
 
 
 @dataclass

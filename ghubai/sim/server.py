@@ -63,7 +63,9 @@ class SimServer:
             ("GET", "/"): self.root,
             ("GET", "/api/version"): self.version,
             ("GET", "/api/tags"): self.tags,
+            ("GET", "/api/ps"): self.running,
             ("GET", "/v1/models"): self.openai_models,
+            ("GET", "/props"): self.props,
             ("GET", "/sim/stats"): self.stats,
             ("POST", "/api/chat"): partial(self.generate, OllamaChat, "ollama"),
             ("POST", "/api/generate"): partial(self.generate, OllamaGenerate, "ollama"),
@@ -76,12 +78,17 @@ class SimServer:
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
+        options = self.sim.options
         route = self.routes.get((request.method, request.path))
         logs.request_id(request.header(b"x-request-id"))
         log.debug("%s %s", request.method, request.path)
         try:
-            if route is None:
-                raise ApiError(404, f"{request.method} {request.path} not found")
+            if options.api_key and request.path != "/sim/stats" and \
+                    request.header(b"authorization") != f"Bearer {options.api_key}".encode():
+                raise ApiError(401, "Invalid API key", code="invalid_api_key")
+            if route is None or request.path in options.disabled or (request.path == "/props" and not options.slots):
+                await conn.respond(404, b'{"detail":"Not Found"}')  # as a FastAPI shim answers an unknown path
+                return
             # an engine that traces, as the last link of a request's trace
             with tracing.span(f"sim {request.method} {request.path}", tracing.carrier(request.headers)):
                 await route(conn, request)
@@ -105,17 +112,28 @@ class SimServer:
     async def version(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, {"version": f"0.0.0-ghubai-sim-{__version__}"})
 
+    async def props(self, conn: Connection, request: Request) -> None:
+        """As llama.cpp server tells its slots (``--slots``)."""
+        await conn.respond_json(200, {"total_slots": self.sim.options.slots, "model_path": self.sim.options.models[0],
+                                      "chat_template_caps": {"supports_tools": True}})
+
     async def stats(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, self.sim.stats.as_dict())
 
-    async def tags(self, conn: Connection, request: Request) -> None:
-        models = [{
+    def _listing(self, **extra: Any) -> dict[str, Any]:
+        return {"models": [{
             "name": name, "model": name, "modified_at": "2026-01-01T00:00:00Z", "size": 1_000_000,
             "digest": hashlib.sha256(name.encode()).hexdigest(),
             "details": {"parent_model": "", "format": "gguf", "family": "sim", "families": ["sim"],
-                        "parameter_size": "1B", "quantization_level": "Q4_0"},
-        } for name in self.sim.options.models]
-        await conn.respond_json(200, {"models": models})
+                        "parameter_size": "1B", "quantization_level": "Q4_0"}, **extra,
+        } for name in self.sim.options.models]}
+
+    async def tags(self, conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, self._listing())
+
+    async def running(self, conn: Connection, request: Request) -> None:
+        """``/api/ps``: every model counts as loaded in memory."""
+        await conn.respond_json(200, self._listing(expires_at="2999-01-01T00:00:00Z", size_vram=1_000_000))
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "library"}
@@ -136,6 +154,7 @@ class SimServer:
         elif wants_json:
             generation.answer_with_json(fit(schema))
         shape = shape_class(model, generation, include_usage)
+        shape.usage_with_choices = self.sim.options.usage_with_choices
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch, nursery.cancel_scope)

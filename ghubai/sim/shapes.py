@@ -32,6 +32,7 @@ class Shape:
     """How one request's reply looks on the wire; subclasses per API."""
 
     content_type = "application/x-ndjson"
+    usage_with_choices = False
 
     def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
         self.model = model
@@ -82,8 +83,9 @@ class OpenAIShape(Shape):
 
     def tail(self) -> bytes:
         out = self.event(self.frame(choices=[self.choice_end()]))
-        if self.include_usage:
-            out += self.event(self.frame(choices=[], usage=_usage(self.gen)))
+        if self.include_usage:  # LiteLLM sends it on an empty delta; OpenAI with no choice at all
+            choices = [{"index": 0, "delta": {}}] if self.usage_with_choices else []
+            out += self.event(self.frame(choices=choices, usage=_usage(self.gen)))
         return out + b"data: [DONE]\n\n"
 
     sse = True

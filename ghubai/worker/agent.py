@@ -9,6 +9,7 @@ with a retryable ``error`` and the hub tries another worker.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -19,7 +20,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 import trio_websocket
 
@@ -30,7 +30,7 @@ from ghubai.errors import describe
 from ghubai.http11.client import open_stream, tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
-from ghubai.worker.engine import Call, Engine, EngineError
+from ghubai.worker.engine import Call, Cause, Engine, EngineError, Offer
 
 log = logging.getLogger("ghubai.worker")
 
@@ -99,7 +99,7 @@ class Worker:
         self.config = config
         self.engine = engine
         self.id = uuid.uuid4().hex
-        self.models: list[str] = []
+        self.offer = Offer()  # until the first survey, before any link is dialled
         self.inflight = 0
         self.links: set[Link] = set()
         self.welcomed = trio.Event()
@@ -107,29 +107,42 @@ class Worker:
         self.idle = trio.Event()  # set while no request runs
         self.idle.set()
         self._rediscover = trio.Event()
-        self._engine_down = False
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return self.offer.models
+
+    @property
+    def capacity(self) -> int:
+        """Requests this worker runs at once: ``max_concurrency``, or fewer when the engine has fewer slots."""
+        return min(self.config.engine.max_concurrency, self.offer.slots or self.config.engine.max_concurrency)
 
     # -- discovery -------------------------------------------------------------------------------
 
     async def discover(self) -> None:
-        """Ask the engine for its models and tell every hub when the set changed. An engine that
-        does not answer hosts nothing: the hubs stop sending it requests until it is back."""
-        try:
-            found = await self.engine.discover()
-            if self._engine_down:
-                log.info("engine at %s answers again", self.config.engine.url)
-            self._engine_down = False
-        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as error:
-            if not self._engine_down:
-                log.warning("engine at %s does not list its models: %s", self.config.engine.url,
-                            error or type(error).__name__)
-            self._engine_down = True
-            found = []
-        if found != self.models:
-            log.info("models: %s", ", ".join(found) or "(none)")
-            self.models = found
-            for link in list(self.links):
-                link.send(protocol.Models(tuple(found)))
+        """Ask the engine what it offers and tell every hub when that changed. An engine that does
+        not answer hosts nothing: the hubs stop sending it requests until it is back, and a client
+        that asks for a model meanwhile hears why."""
+        offer = await self.engine.survey()
+        before, self.offer = self.offer, offer
+        if offer.problem and offer.problem != before.problem:
+            log.warning("engine at %s lists no models: %s", self.config.engine.url, offer.problem)
+        elif before.problem and not offer.problem:
+            log.info("engine at %s answers again", self.config.engine.url)
+        if offer.models != before.models:
+            log.info("models: %s", ", ".join(offer.models) or "(none)")
+        if offer.apis != before.apis and offer.apis is not None and len(offer.apis) < len(protocol.API_PATHS):
+            log.warning("the engine does not serve %s: the hubs send those requests to other workers",
+                        ", ".join(api for api in protocol.API_PATHS if api not in offer.apis))
+        if offer.slots != before.slots and offer.slots:
+            log.info("the engine has %d slots: running at most %d requests at once", offer.slots, self.capacity)
+        if offer != before:
+            self._announce()
+
+    def _announce(self) -> None:
+        offer = self.offer
+        for link in list(self.links):
+            link.send(protocol.Models(offer.models, offer.apis, offer.loaded, offer.problem, self.capacity))
 
     def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
@@ -201,9 +214,10 @@ class Worker:
                 nursery.cancel_scope.cancel()
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> float:
+        offer = self.offer
         await ws.send_message(protocol.encode(protocol.Hello(
-            protocol.PROTOCOL, self.id, self.config.name, tuple(self.models), self.config.engine.max_concurrency,
-            self.config.engine.kind, __version__)))
+            protocol.PROTOCOL, self.id, self.config.name, offer.models, self.capacity, self.config.engine.kind,
+            __version__, offer.apis, offer.loaded, offer.problem)))
         with trio.fail_after(WELCOME_TIMEOUT_S):
             frame = protocol.decode(await ws.get_message())
         if not isinstance(frame, protocol.Welcome):
@@ -267,7 +281,7 @@ class Worker:
             link.send(protocol.Error(frame.id, 400, "duplicate request id", retryable=False))
         elif self.draining:
             link.send(protocol.Error(frame.id, 503, "worker is shutting down", retryable=True))
-        elif self.inflight >= self.config.engine.max_concurrency:
+        elif self.inflight >= self.capacity:
             link.send(protocol.Error(frame.id, 503, "worker is at max_concurrency", retryable=True, busy=True))
         else:
             self._count(+1, link)
@@ -343,11 +357,15 @@ class Worker:
                 ("output", (call.usage or {}).get("completion_tokens")))})
             log.info("%s for %s: done in %.3f s, usage %s", call.api, model, trio.current_time() - started, call.usage)
         except EngineError as error:
-            log.info("%s for %s: engine error %d: %s", call.api, model, error.status, error.message)
+            log.log(logging.INFO if error.cause is None else logging.WARNING, "%s for %s: engine error %d: %s",
+                    call.api, model, error.status, error.message)
             link.send(protocol.Error(request_id, error.status, error.message, error.retryable))
             tracing.annotate(**{"http.response.status_code": error.status})
-            if error.model_missing:
+            if error.cause is Cause.MODEL_MISSING:
                 self._rediscover.set()
+            elif error.cause is Cause.UNSERVED and self.offer.apis != self.engine.apis():
+                self.offer = dataclasses.replace(self.offer, apis=self.engine.apis())
+                self._announce()
         except Exception:  # a bug here must cost this request only, never the link and its others
             log.exception("request %s failed inside the worker", request_id)
             link.send(protocol.Error(request_id, 500, "internal error in the worker", retryable=True))
@@ -366,7 +384,7 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
         worker = Worker(config, Engine(config.engine, client))
         service = service or Service({})
         service.summary = lambda: (f"linked to {len(worker.links)}/{len(config.hub_url)} hubs, "
-                                   f"{worker.inflight}/{config.engine.max_concurrency} inflight, "
+                                   f"{worker.inflight}/{worker.capacity} inflight, "
                                    f"{len(worker.models)} models{', draining' if worker.draining else ''}")
         service.reload = worker.rediscover
         await worker.discover()

@@ -11,6 +11,7 @@ worker reports them in the ``end`` and ``error`` frames, and the hub ends the st
 
 from __future__ import annotations
 
+import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,31 +25,66 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import Translator, translator_for
+from ghubai.worker.translate import Translator, engine_path, translator_for
 
-# Where each API lives on an engine that speaks it: Ollama serves its native API and an OpenAI
-# layer; an OpenAI-compatible engine gets Ollama-API requests translated (ghubai/worker/translate.py).
-PATHS = {
-    "openai.chat": "/v1/chat/completions",
-    "openai.completions": "/v1/completions",
-    "openai.embeddings": "/v1/embeddings",
-    "ollama.chat": "/api/chat",
-    "ollama.generate": "/api/generate",
-    "ollama.embed": "/api/embed",
-    "ollama.embeddings": "/api/embeddings",
-    "ollama.show": "/api/show",
-}
+CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
+PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
+DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError)
+
+
+class Cause(enum.Enum):
+    """Why an engine refused a call, where the worker acts on it."""
+    MODEL_MISSING = "model missing"  # ask for the model list again
+    UNSERVED = "unserved"  # the engine lacks the API's path: tell the hubs
+    CREDENTIALS = "credentials"  # the operator's key is missing or wrong: say so loudly
 
 
 class EngineError(Exception):
     """The engine could not serve the call. ``retryable``: another worker may succeed."""
 
-    def __init__(self, status: int, message: str, retryable: bool, model_missing: bool = False) -> None:
+    def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable
-        self.model_missing = model_missing
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What the engine offers, as the hubs hear it (``hello``, ``models``). ``apis``: the APIs it
+    serves (None until probed); ``loaded``: models in memory (None: the engine cannot tell);
+    ``problem``: why it offers no model; ``slots``: the parallel slots it reports (llama.cpp)."""
+    models: tuple[str, ...] = ()
+    apis: tuple[str, ...] | None = None
+    loaded: tuple[str, ...] | None = None
+    problem: str = ""
+    slots: int | None = None
+
+
+def unserved(status: int, message: str) -> bool:
+    """An engine's refusal that means "no such path here", not "no such model": 405 or 501, or a
+    404 that does not speak of a model (Ollama, vLLM and llama.cpp all name the model they lack)."""
+    return status in (405, 501) or (status == 404 and "model" not in message.lower())
+
+
+def discovery_problem(error: Exception, has_key: bool) -> str:
+    """Why the engine lists no model, in words for an operator and a client (never its URL)."""
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        if status in (401, 403):
+            return f"{CREDENTIALS_REFUSED} (HTTP {status})"
+        hint = "; if it needs a key, set [engine] api_key" if status >= 500 and not has_key else ""
+        return f"the engine answered HTTP {status} to GET {error.request.url.path}{hint}"
+    if isinstance(error, httpx.TransportError):  # the worker's log has the details; a client needs none
+        return f"the engine does not answer ({type(error).__name__})"
+    return f"the engine's model list is unreadable: {error or type(error).__name__}"
+
+
+def engine_headers(config: EngineConfig) -> list[tuple[str, str]]:
+    """What every call to the engine carries: its key and the operator's extra headers."""
+    key = [("authorization", f"Bearer {config.api_key}")] if config.api_key else []
+    return [*key, *config.headers.items()]
 
 
 @dataclass
@@ -59,21 +95,27 @@ class Call:
     body: dict[str, Any]
     stream: bool
     headers: dict[str, str] = field(default_factory=dict)  # X-Request-ID, W3C trace context
-    client_wants_usage: bool = False
+    strip_usage: bool = False  # the engine was asked for usage the client did not ask for
     usage: dict[str, int] | None = field(default=None)
     finished: bool = False  # the engine said its answer is complete ([DONE], or "done": true)
     failure: EngineError | None = None  # the engine reported an error in the middle of its stream
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else _encode(value).decode()
+
+
 def _error_message(raw: bytes) -> str:
+    """An engine's error answer as text (never a Python repr): the message of ``{"error": ...}``,
+    vLLM's ``{"message": ...}`` or FastAPI's ``{"detail": ...}``, else the answer itself."""
     try:
         value = _decode(raw)
     except (ValueError, RecursionError):
         return raw.decode(errors="replace").strip()[:500] or "no detail"
-    error = value.get("error") if isinstance(value, dict) else None
-    if isinstance(error, dict):
-        return str(error.get("message", error))
-    return str(error if error is not None else value)
+    if isinstance(value, dict):
+        error = next((value[key] for key in ("error", "message", "detail") if value.get(key) is not None), value)
+        value = error.get("message", error) if isinstance(error, dict) else error
+    return _text(value)[:500]
 
 
 def engine_error(payload: bytes) -> str | None:
@@ -129,7 +171,10 @@ class Engine:
 
     def __init__(self, config: EngineConfig, client: httpx.AsyncClient) -> None:
         self.config = config
-        self.client = client  # for discovery
+        self.client = client  # for discovery and probes
+        self.headers = engine_headers(config)
+        self.tools = config.tools
+        self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
         parts = urlsplit(config.url)
         tls = parts.scheme == "https"
         self.prefix = parts.path.rstrip("/")  # an engine behind a path (a gateway's /ollama, say)
@@ -144,7 +189,68 @@ class Engine:
                                 pool=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_concurrency + 4,
                               max_keepalive_connections=config.max_concurrency + 4)
-        return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits)
+        return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits, headers=engine_headers(config))
+
+    async def survey(self) -> Offer:
+        """What the engine offers now. Its APIs are probed on the first answer, and again after it
+        was down; what it holds in memory (Ollama) or its slots (llama.cpp) are asked each time."""
+        try:
+            models = await self.discover()
+        except DISCOVERY_ERRORS as error:
+            self.unserved = None
+            return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
+        if self.unserved is None:
+            self.unserved = await self._probe()
+        if self.config.kind == "ollama":
+            return Offer(tuple(models), self.apis(), await self._loaded())
+        return Offer(tuple(models), self.apis(), slots=await self._props())
+
+    def apis(self) -> tuple[str, ...] | None:
+        if self.unserved is None:
+            return None
+        return tuple(api for api in protocol.API_PATHS if engine_path(self.config.kind, api) not in self.unserved)
+
+    async def _probe(self) -> frozenset[str]:
+        """The engine paths that answer as missing, each asked once with a body that names no real
+        model and holds no prompt; a path that cannot be asked counts as served."""
+        paths = {engine_path(self.config.kind, api) for api in protocol.API_PATHS}
+        paths.discard("/v1/models")  # a GET, and the model list itself
+        missing = set()
+        for path in sorted(paths):
+            try:
+                response = await self.client.post(path, json={"model": PROBE_MODEL})
+            except httpx.HTTPError:
+                continue
+            if unserved(response.status_code, _error_message(response.content)):
+                missing.add(path)
+        return frozenset(missing)
+
+    async def _get(self, path: str) -> Any:
+        response = await self.client.get(path)
+        response.raise_for_status()
+        return _decode(response.content)
+
+    async def _loaded(self) -> tuple[str, ...] | None:
+        """The models Ollama holds in memory (``/api/ps``); None when it does not say."""
+        try:
+            entries = (await self._get("/api/ps")).get("models")
+        except (*DISCOVERY_ERRORS, RecursionError):
+            return None
+        return _names(entries, "name") if isinstance(entries, list) else None
+
+    async def _props(self) -> int | None:
+        """llama.cpp server's parallel slots (``/props``), and whether its template takes tools."""
+        try:
+            props = await self._get("/props")
+        except (*DISCOVERY_ERRORS, RecursionError):
+            return None
+        if not isinstance(props, dict):
+            return None
+        caps = props.get("chat_template_caps")
+        if isinstance(caps, dict) and isinstance(caps.get("supports_tools"), bool):
+            self.tools = caps["supports_tools"]
+        slots = props.get("total_slots")
+        return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1 else None
 
     async def discover(self) -> list[str]:
         """The engine's model names; raises httpx.HTTPError or ValueError when it cannot say. Names a
@@ -160,35 +266,34 @@ class Engine:
         entries = answer.get(listing) if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{path} answered no {listing!r} list")
-        names = {name for entry in entries if isinstance(entry, dict)
-                 and isinstance(name := entry.get(key), str) and 0 < len(name) <= 256}  # a list as a name: left out
-        return sorted(names)[:4096]
+        return list(_names(entries, key))
 
     def _prepare(self, call: Call) -> dict[str, Any]:
         body = dict(call.body)
         if call.stream and call.api in ("openai.chat", "openai.completions"):
             # Always ask for usage so the grid can count tokens; strip it if the client did not ask.
-            call.client_wants_usage = dialects.wants_usage(body)
+            call.strip_usage = not dialects.wants_usage(body)
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return body
 
     async def run(self, call: Call) -> AsyncIterator[bytes]:
         """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
-        translator = translator_for(self.config.kind, call.api)
+        translator = translator_for(self.config.kind, call.api, self.tools)
         if translator is not None:
             path, body = translator.path, translator.request(call.body, call.stream)
-        elif call.api in PATHS:
-            path, body = PATHS[call.api], self._prepare(call)
+        elif call.api in protocol.API_PATHS:
+            path, body = protocol.API_PATHS[call.api], self._prepare(call)
         else:
             raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
         method = translator.method(call.api) if translator else "POST"
         raw_body = _encode(body) if method == "POST" else b""
-        headers = [*_JSON, *call.headers.items()] if raw_body else list(call.headers.items())
+        headers = [*_JSON, *self.headers, *call.headers.items()] if raw_body else \
+            [*self.headers, *call.headers.items()]
         try:
             async with self.pool.request(method, self.prefix + path, headers, raw_body,
                                          self.config.idle_timeout_s) as response:
                 if response.status != 200:
-                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT))
+                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
                     raw = await response.read(ANSWER_LIMIT)
                     value = _decode(raw)
@@ -214,10 +319,17 @@ class Engine:
             raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
                               retryable=True) from None
 
-    def _refusal(self, status: int, raw: bytes) -> EngineError:
+    def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
         message = _error_message(raw)
+        if status in (401, 403):
+            return EngineError(502, f"{CREDENTIALS_REFUSED} (HTTP {status}: {message})", retryable=True,
+                               cause=Cause.CREDENTIALS)
+        if unserved(status, message):  # from now on the hubs send this API elsewhere
+            self.unserved = (self.unserved or frozenset()) | {path}
+            return EngineError(501, f"the engine does not serve {method} {path} (HTTP {status}: {message})",
+                               retryable=True, cause=Cause.UNSERVED)
         if status == 404:
-            return EngineError(404, message, retryable=True, model_missing=True)
+            return EngineError(404, message, retryable=True, cause=Cause.MODEL_MISSING)
         return EngineError(status, message, retryable=status >= 500 or status == 429)
 
     def _render(self, call: Call, batch: list[bytes], sse: bool) -> bytes:
@@ -238,8 +350,11 @@ class Engine:
                 if usage := _usage_of(value):
                     call.usage = usage
                 call.finished |= value.get("done") is True
-                if value.get("choices") == [] and not call.client_wants_usage:
-                    continue
+                if call.strip_usage and "usage" in value:  # whatever its choices (LiteLLM sends one)
+                    if not value.get("choices"):
+                        continue
+                    del value["usage"]
+                    payload = _encode(value)
             out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
         return b"".join(out)
 
@@ -260,6 +375,14 @@ class Engine:
                 out.extend(translator.chunk(value))
                 call.finished |= translator.done
         return b"".join(out)
+
+
+def _names(entries: list[Any], key: str) -> tuple[str, ...]:
+    """The model names of a listing's entries; names a hub would refuse (not text, empty, over 256
+    characters) are left out, and at most 4,096 kept."""
+    names = {name for entry in entries if isinstance(entry, dict)
+             and isinstance(name := entry.get(key), str) and 0 < len(name) <= 256}  # a list as a name: left out
+    return tuple(sorted(names)[:4096])
 
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')

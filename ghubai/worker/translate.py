@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
-from ghubai import dialects
+from ghubai import dialects, protocol
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
@@ -69,9 +69,10 @@ class OllamaOverOpenAI:
              "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
 
-    def __init__(self, api: str) -> None:
+    def __init__(self, api: str, tools: bool = False) -> None:
         self.api = api
         self.path = self.PATHS[api]
+        self.tools = tools  # the engine accepts tools: /api/show says so
         self.model = ""
         self.finish_reason = "stop"
         self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls, assembled by index
@@ -148,7 +149,8 @@ class OllamaOverOpenAI:
             return json.dumps({"modelfile": "", "parameters": "", "template": "", "model_info": {},
                                "details": {"format": "", "family": "", "parameter_size": "",
                                            "quantization_level": ""},
-                               "capabilities": ["completion"], "modified_at": _now()}).encode()
+                               "capabilities": ["completion", "tools"] if self.tools else ["completion"],
+                               "modified_at": _now()}).encode()
         if self.api == "ollama.embed":
             return json.dumps({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
                                "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)}).encode()
@@ -327,10 +329,16 @@ class OpenAIOverOllama:
 Translator = OllamaOverOpenAI | OpenAIOverOllama
 
 
-def translator_for(kind: str, api: str) -> Translator | None:
+def translator_for(kind: str, api: str, tools: bool = False) -> Translator | None:
     """The translation an engine of ``kind`` needs for ``api``; None when it speaks the API itself."""
     if kind == "openai" and api in OllamaOverOpenAI.PATHS:
-        return OllamaOverOpenAI(api)
+        return OllamaOverOpenAI(api, tools)
     if kind == "ollama" and api in OpenAIOverOllama.PATHS:
         return OpenAIOverOllama(api)
     return None
+
+
+def engine_path(kind: str, api: str) -> str:
+    """Where an engine of ``kind`` is called for ``api``: its own path, or the one translated to."""
+    translated = OllamaOverOpenAI.PATHS if kind == "openai" else OpenAIOverOllama.PATHS
+    return translated.get(api) or protocol.API_PATHS[api]
