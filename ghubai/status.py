@@ -15,6 +15,8 @@ TIMEOUT_S = 5.0
 def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
     if worker.get("draining"):
         return "draining"
+    if worker.get("problem"):
+        return "engine: " + worker["problem"]
     if heartbeat_s and worker["last_seen_s"] > 2 * heartbeat_s:
         return "late"
     return "full" if worker["inflight"] >= worker["max_concurrency"] else "ok"

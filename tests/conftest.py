@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import trio
 
 from ghubai.config import (EngineConfig, HealthConfig, HubConfig, HubLimits, HubTimeouts, ProxyConfig, ProxyLimits,
                            RegistryConfig, WorkerConfig, load)
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.app import run as run_hub
 from ghubai.proxy.server import run as run_proxy
 from ghubai.registry.server import run as run_registry
@@ -142,6 +144,19 @@ class Grid:
             return sum(1 for hub in health["hubs"] if hub["up"] and model in hub["models"]) >= hubs_up
 
         await eventually(listed, f"{hubs_up} hub(s) serving {model} behind the proxy")
+
+    async def fake_engine(self, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
+        """An engine that lists model ``sim`` and answers every other request with ``answer``."""
+
+        async def handle(conn: Connection, request: Request) -> None:
+            if request.path == "/api/tags":
+                await conn.respond_json(200, {"models": [{"name": "sim"}]})
+            else:
+                await answer(conn, request)
+
+        listeners = await self.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                     host="127.0.0.1"))
+        return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
     async def stats(self, sim_url: str) -> dict[str, int]:
         return (await self.http.get(sim_url + "/sim/stats")).json()

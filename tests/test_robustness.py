@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -21,20 +20,6 @@ from ghubai.hub.pool import Pool, RemoteWorker
 from ghubai.worker.agent import Worker
 from ghubai.worker.agent import run as run_worker
 from ghubai.worker.engine import PROBE_MODEL
-
-
-async def fake_engine(grid: Grid, answer: Callable[[Connection, Request], Awaitable[None]]) -> str:
-    """An engine that lists model ``sim`` and answers every other request with ``answer``."""
-
-    async def handle(conn: Connection, request: Request) -> None:
-        if request.path == "/api/tags":
-            await conn.respond_json(200, {"models": [{"name": "sim"}]})
-        else:
-            await answer(conn, request)
-
-    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
-                                                 host="127.0.0.1"))
-    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
 
 
 async def test_a_cancel_in_the_same_message_as_its_request_still_stops_the_engine(grid: Grid) -> None:
@@ -142,7 +127,7 @@ async def test_an_engine_stream_that_stops_without_finishing_is_an_error_not_don
         else:
             await half(conn, request)
 
-    engine = await fake_engine(grid, handle)
+    engine = await grid.fake_engine(handle)
     hub = await grid.hub()
     await grid.worker(hub.value, engine, kind=kind)
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
@@ -159,7 +144,7 @@ async def test_an_engine_429_reaches_the_client(grid: Grid) -> None:
         calls += PROBE_MODEL.encode() not in (request.body or b"")  # the worker's probes of its APIs aside
         await conn.respond_json(429, {"error": "slow down"})
 
-    engine = await fake_engine(grid, limited)
+    engine = await grid.fake_engine(limited)
     hub = await grid.hub(limits={"queue_timeout_s": 5})
     await grid.worker(hub.value, engine)
     with trio.fail_after(WAIT_S):

@@ -51,6 +51,7 @@ class Stats:
     cancelled: int = 0
     failed: int = 0
     tokens: int = 0  # generated so far, over all requests
+    refused: int = 0  # answered 401 (no key) or 404 (a path hidden with --disable)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)

@@ -85,8 +85,10 @@ class SimServer:
         try:
             if options.api_key and request.path != "/sim/stats" and \
                     request.header(b"authorization") != f"Bearer {options.api_key}".encode():
+                self.sim.stats.refused += 1
                 raise ApiError(401, "Invalid API key", code="invalid_api_key")
             if route is None or request.path in options.disabled or (request.path == "/props" and not options.slots):
+                self.sim.stats.refused += 1
                 await conn.respond(404, b'{"detail":"Not Found"}')  # as a FastAPI shim answers an unknown path
                 return
             # an engine that traces, as the last link of a request's trace

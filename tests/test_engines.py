@@ -1,0 +1,240 @@
+"""Engines nobody on this team wrote, stood in for by the simulator: one that demands a key, one that
+lacks an API, one that reports its slots (llama.cpp), one that sends usage on a non-empty
+``choices`` (LiteLLM) — and what the worker and the hub make of each."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+
+from conftest import WAIT_S, Grid, chat, eventually, run_ghubai
+from ghubai import __version__, dialects
+from ghubai.config import load
+from ghubai.http11.server import Connection, Request
+from ghubai.worker.engine import PROBE_MODEL
+
+KEY = "engine-secret-4f1c"
+
+
+def ollama_chat(model: str = "sim") -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+async def test_a_worker_with_the_engine_key_serves_a_key_protected_engine(grid: Grid,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    sim_url, sim = await grid.sim(api_key=KEY)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, api_key=KEY)
+    for path, body in (("/v1/chat/completions", chat()), ("/api/chat", ollama_chat())):
+        response = await grid.http.post(hub.value + path, json=body)
+        assert response.status_code == 200, response.text
+    assert sim.stats.completed == 2
+    assert KEY not in caplog.text
+
+
+async def test_without_the_key_the_operator_and_the_client_hear_that_the_engine_refused_it(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    sim_url, _ = await grid.sim(api_key=KEY)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    assert "engine at %s lists no models: the engine rejected the worker's credentials (HTTP 401)" % sim_url \
+        in caplog.text
+    for path in ("/v1/chat/completions", "/api/chat"):
+        response = await grid.http.post(hub.value + path, json=chat())
+        message = response.json()["error"]
+        message = message["message"] if isinstance(message, dict) else message
+        assert response.status_code == 502 and "rejected the worker's credentials" in message, response.text
+    [worker] = await grid.workers(hub.value)
+    assert "rejected the worker's credentials" in worker["problem"]
+
+
+async def test_a_key_refused_mid_life_is_named_in_the_clients_error(grid: Grid,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The engine took the key at discovery, then refuses it (a rotated key): the request's error and
+    the worker's log say so, instead of a bare 401 passed on as the client's own fault."""
+    sim_url, sim = await grid.sim(api_key=KEY)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, api_key=KEY)
+    sim.options = dataclasses.replace(sim.options, api_key="rotated")
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 502
+    assert "rejected the worker's credentials (HTTP 401" in response.json()["error"]["message"]
+    assert any(record.levelno == logging.WARNING and "rejected the worker's credentials" in record.getMessage()
+               for record in caplog.records)
+
+
+async def test_the_key_comes_from_the_environment_and_headers_reach_every_engine_call(grid: Grid,
+                                                                                      tmp_path: Path) -> None:
+    seen: list[tuple[str, str | None, str | None]] = []
+
+    async def engine(conn: Connection, request: Request) -> None:
+        seen.append((request.path, (request.header(b"authorization") or b"").decode() or None,
+                     (request.header(b"x-team") or b"").decode() or None))
+        if PROBE_MODEL.encode() in (request.body or b""):
+            await conn.respond_json(404, {"error": f'model "{PROBE_MODEL}" not found'})
+        elif request.path == "/api/ps":
+            await conn.respond_json(200, {"models": []})
+        else:
+            await conn.respond_json(200, {"model": "sim", "message": {"role": "assistant", "content": "ok"},
+                                          "done": True, "prompt_eval_count": 1, "eval_count": 1})
+
+    engine_url = await grid.fake_engine(engine)
+    path = tmp_path / "worker.toml"
+    path.write_text(f'[engine]\nurl = "{engine_url}"\nheaders = {{ X-Team = "gpu" }}\n')
+    config = load("worker", str(path), env={"GHUBAI_ENGINE_API_KEY": KEY})
+    assert config.engine.api_key == KEY and KEY not in repr(config)
+    hub = await grid.hub()
+    await grid.worker(hub.value, engine_url, api_key=config.engine.api_key, headers=config.engine.headers)
+    response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+    assert response.status_code == 200
+    assert {"/api/chat", "/api/ps"} <= {path for path, _, _ in seen}  # probes, discovery and the call
+    assert all(auth == f"Bearer {KEY}" and team == "gpu" for _, auth, team in seen), seen
+
+
+def test_check_names_a_bad_engine_key_never_its_value(tmp_path: Path) -> None:
+    path = tmp_path / "worker.toml"
+    path.write_text('[engine]\napi_key = ["sk-do-not-print"]\nheaders = { Authorization = "Bearer sk-other" }\n')
+    result = run_ghubai("check", str(path))
+    assert result.returncode == 1
+    assert "engine.api_key" in result.stdout + result.stderr and "engine.headers" in result.stdout + result.stderr
+    assert "sk-do-not-print" not in result.stdout + result.stderr and "sk-other" not in result.stdout + result.stderr
+
+
+async def test_an_ollama_api_goes_only_to_workers_whose_engine_serves_it(grid: Grid) -> None:
+    """Done means of issue 13: 100 of 100 chats succeed and none reaches the shim that lacks /api/chat."""
+    shim_url, shim = await grid.sim(disabled=frozenset({"/api/chat"}))
+    full_url, full = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, shim_url, name="shim")
+    await grid.worker(hub.value, full_url, name="full")
+    probed = shim.stats.refused  # the worker's probe of /api/chat
+    statuses = []
+    for _ in range(100):
+        statuses.append((await grid.http.post(hub.value + "/api/chat", json=ollama_chat())).status_code)
+    assert statuses == [200] * 100
+    assert shim.stats.refused == probed and full.stats.completed == 100
+    workers = {worker["name"]: worker for worker in await grid.workers(hub.value)}
+    assert "ollama.chat" not in workers["shim"]["apis"] and "openai.chat" not in workers["shim"]["apis"]
+    assert "ollama.generate" in workers["shim"]["apis"] and "ollama.chat" in workers["full"]["apis"]
+    # what the shim serves still goes to both
+    for _ in range(4):
+        assert (await grid.http.post(hub.value + "/api/generate", json={
+            "model": "sim", "prompt": "hi", "stream": False})).status_code == 200
+    assert shim.stats.completed > 0
+
+
+async def test_with_only_a_shim_the_client_hears_which_api_is_missing(grid: Grid) -> None:
+    shim_url, _ = await grid.sim(disabled=frozenset({"/api/chat"}))
+    hub = await grid.hub()
+    await grid.worker(hub.value, shim_url)
+    with trio.fail_after(WAIT_S):
+        response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+    assert response.status_code == 501, response.text
+    assert response.json() == {"error": "No worker serves POST /api/chat for model 'sim': its engines lack that API"}
+    openai = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())  # goes to /api/chat too
+    assert openai.status_code == 501 and openai.json()["error"]["code"] == "api_not_served"
+
+
+async def test_an_api_the_engine_drops_later_is_learned_from_its_404_and_routed_around(grid: Grid) -> None:
+    """The engine served /api/chat when probed, then stops (a shim swapped in): the request that hits
+    the 404 is retried on the other worker, the worker tells its hubs, and no later chat goes there.
+    The engine's 404 is never called a missing model, and its message is text, not a repr."""
+    first_url, first = await grid.sim()
+    second_url, second = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, first_url, name="first")
+    await grid.worker(hub.value, second_url, name="second")
+    first.options = dataclasses.replace(first.options, disabled=frozenset({"/api/chat"}))
+    for _ in range(6):
+        response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+        assert response.status_code == 200, response.text
+
+    async def learned() -> bool:
+        workers = {worker["name"]: worker for worker in await grid.workers(hub.value)}
+        return "ollama.chat" not in workers["first"]["apis"]
+
+    await eventually(learned, "the hub to hear that the first engine lacks /api/chat")
+    before, refused = second.stats.completed, first.stats.refused
+    for _ in range(6):
+        assert (await grid.http.post(hub.value + "/api/chat", json=ollama_chat())).status_code == 200
+    assert second.stats.completed == before + 6 and first.stats.refused == refused and refused >= 1
+    second.options = dataclasses.replace(second.options, disabled=frozenset({"/api/chat"}))
+    response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+    assert response.status_code == 501
+    assert response.json()["error"] == \
+        "the engine does not serve POST /api/chat (HTTP 404: Not Found)", response.text
+
+
+async def test_slots_reported_by_a_llama_cpp_engine_bound_the_workers_concurrency(grid: Grid) -> None:
+    sim_url, sim = await grid.sim(slots=2, ttft_ms=200)
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, sim_url, kind="openai", max_concurrency=8)
+    [linked] = await grid.workers(hub.value)
+    assert linked["max_concurrency"] == 2 and worker.value.capacity == 2
+    sim.options = dataclasses.replace(sim.options, slots=12)  # more than the config allows: config caps it
+
+    async def capped() -> bool:
+        return (await grid.workers(hub.value))[0]["max_concurrency"] == 8
+
+    await eventually(capped, "the worker to follow the engine's slots, up to max_concurrency")
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_usage_chunk_with_choices_reaches_only_clients_that_asked_for_usage(grid: Grid,
+                                                                                    include_usage: bool) -> None:
+    sim_url, _ = await grid.sim(usage_with_choices=True)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind="openai")
+    body = chat(stream=True, **({"stream_options": {"include_usage": True}} if include_usage else {}))
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=body)
+    events = [json.loads(line[6:]) for line in response.text.splitlines()
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    with_usage = [event for event in events if event.get("usage")]
+    assert len(with_usage) == (1 if include_usage else 0), events
+    assert all("usage" not in event for event in events) or include_usage
+    assert "".join(event["choices"][0]["delta"].get("content") or "" for event in events if event["choices"])
+
+
+async def test_versions_an_ollama_client_sees_and_ours(grid: Grid) -> None:
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    version = await grid.http.get(hub.value + "/api/version")
+    assert version.json() == {"version": dialects.OLLAMA_API_VERSION}
+    assert version.headers["x-ghubai-version"] == __version__
+    assert (await grid.http.get(hub.value + "/health")).json()["version"] == __version__
+
+
+@pytest.mark.parametrize(("tools", "slots", "expected"), [(True, None, True), (False, None, False),
+                                                          (True, 2, True)])
+async def test_show_over_an_openai_engine_advertises_tools_when_it_takes_them(
+        grid: Grid, tools: bool, slots: int | None, expected: bool) -> None:
+    sim_url, _ = await grid.sim(slots=slots)  # with slots, /props says supports_tools
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind="openai", tools=tools)
+    response = await grid.http.post(hub.value + "/api/show", json={"model": "sim"})
+    assert response.status_code == 200
+    assert ("tools" in response.json()["capabilities"]) is expected
+
+
+async def test_models_in_memory_reach_the_hub_and_its_api_ps(grid: Grid) -> None:
+    async def nothing_loaded(conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, {"models": []})  # /api/ps: its model "sim" is not in memory
+
+    cold_url = await grid.fake_engine(nothing_loaded)
+    warm_url, _ = await grid.sim(models=("a", "b"))
+    silent_url, _ = await grid.sim(models=("c",), disabled=frozenset({"/api/ps"}))
+    hub = await grid.hub()
+    for name, url in (("cold", cold_url), ("warm", warm_url), ("silent", silent_url)):
+        await grid.worker(hub.value, url, name=name)
+    workers = {worker["name"]: worker for worker in await grid.workers(hub.value)}
+    assert workers["cold"]["models"] == ["sim"] and workers["cold"]["loaded"] == []
+    assert workers["warm"]["loaded"] == ["a", "b"]
+    assert workers["silent"]["loaded"] == ["c"]  # an engine that cannot tell: all it lists counts as loaded
+    running = (await grid.http.get(hub.value + "/api/ps")).json()["models"]
+    assert sorted(model["name"] for model in running) == ["a", "b", "c"]
