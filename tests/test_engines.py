@@ -140,6 +140,20 @@ async def test_with_only_a_shim_the_client_hears_which_api_is_missing(grid: Grid
     assert openai.status_code == 501 and openai.json()["error"]["code"] == "api_not_served"
 
 
+async def test_through_the_proxy_a_hub_whose_workers_lack_the_api_is_passed_over(grid: Grid) -> None:
+    shim_url, shim = await grid.sim(disabled=frozenset({"/api/chat"}))
+    full_url, full = await grid.sim()
+    hubs = [await grid.hub(), await grid.hub()]
+    await grid.worker(hubs[0].value, shim_url, name="shim")
+    await grid.worker(hubs[1].value, full_url, name="full")
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    for _ in range(10):  # round robin sends half of them to the first hub first
+        response = await grid.http.post(proxy.value + "/api/chat", json=ollama_chat())
+        assert response.status_code == 200, response.text
+    assert full.stats.completed == 10 and shim.stats.started == 0
+
+
 async def test_an_api_the_engine_drops_later_is_learned_from_its_404_and_routed_around(grid: Grid) -> None:
     """The engine served /api/chat when probed, then stops (a shim swapped in): the request that hits
     the 404 is retried on the other worker, the worker tells its hubs, and no later chat goes there.

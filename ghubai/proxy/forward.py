@@ -2,7 +2,8 @@
 
 A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
 hub's connection breaks before it answers (the hub is marked down at once), or the hub answers 502
-or 503 — up to ``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
+or 503, or 501 (its workers' engines lack the API: another hub's may have it) — up to
+``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
 fails mid-stream, the client gets one final error event (SSE or NDJSON) and a cleanly ended stream.
 While the request runs, the client's socket is watched: a client that leaves closes the hub
 connection at once, so the hub cancels the generation.
@@ -28,7 +29,7 @@ log = logging.getLogger("ghubai.proxy")
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
               b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-RETRY_STATUSES = {502, 503}
+RETRY_STATUSES = {501, 502, 503}
 MAX_DRAIN_BYTES = 1 << 20
 UPSTREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                    trio.TooSlowError)
