@@ -153,7 +153,8 @@ def _sim(args: argparse.Namespace) -> int:
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
         fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim, api_key=args.api_key,
         disabled=frozenset(path.strip() for path in args.disable.split(",") if path.strip()), slots=args.slots,
-        usage_with_choices=args.usage_with_choices)
+        usage_with_choices=args.usage_with_choices, load_ms=args.load_ms, max_loaded=args.max_loaded,
+        prefill_us_per_token=args.prefill_us_per_token)
     return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)), reloads=False)
 
 
@@ -271,6 +272,11 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--slots", type=int, default=None, help="report N slots on GET /props, as llama.cpp server")
     sim.add_argument("--usage-with-choices", action="store_true",
                      help="send the streamed usage chunk with a non-empty choices list, as LiteLLM does")
+    sim.add_argument("--load-ms", type=float, default=0.0, help="time to load a model that is not in memory")
+    sim.add_argument("--max-loaded", type=int, default=0,
+                     help="models in memory at once, the least recently used evicted (0: no bound)")
+    sim.add_argument("--prefill-us-per-token", type=float, default=0.0,
+                     help="prompt processing per word that the slot's prompt cache does not hold")
     _daemon_flags(sim, config=False)
     sim.set_defaults(func=_sim)
     return top

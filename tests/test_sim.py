@@ -6,9 +6,12 @@ import base64
 import json
 import struct
 
+import pytest
 import trio
+import trio.testing
 
 from conftest import Grid, chat, eventually
+from ghubai.sim.generator import SimOptions, Simulator
 
 
 async def test_ollama_chat_streams_ndjson_and_respects_num_predict(grid: Grid) -> None:
@@ -94,3 +97,46 @@ async def test_disconnect_while_waiting_for_the_first_token_is_seen(grid: Grid) 
         return sim.stats.cancelled == 1 and sim.stats.active == 0
 
     await eventually(cancelled, "the simulator to notice the client left")
+
+
+async def _answer(sim: Simulator, model: str, prompt: str) -> float:
+    """Run one generation to its end; its time to first token."""
+    start = trio.current_time()
+    first = None
+    async for _ in sim.run(sim.plan(prompt, 2), prompt, model):
+        first = first if first is not None else trio.current_time() - start
+    assert first is not None
+    return first
+
+
+async def test_a_model_not_in_memory_is_loaded_and_the_least_recently_used_evicted(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sim = Simulator(SimOptions(models=("a", "b", "c"), ttft_ms=0, itl_ms=0, load_ms=500, max_loaded=2))
+    assert sim.loaded() == []
+    assert await _answer(sim, "a", "hi") == 0.5
+    assert await _answer(sim, "a", "hi") == 0.0  # resident now
+    await _answer(sim, "b", "hi")
+    await _answer(sim, "a", "hi")  # a is the most recently used: c evicts b
+    await _answer(sim, "c", "hi")
+    assert sim.loaded() == ["a", "c"] and sim.stats.loads == 3
+    assert await _answer(sim, "b", "hi") == 0.5 and sim.stats.loads == 4
+
+
+async def test_a_slot_computes_only_the_part_of_a_prompt_its_cache_lacks(
+        autojump_clock: trio.testing.MockClock) -> None:
+    sim = Simulator(SimOptions(ttft_ms=0, itl_ms=0, prefill_us_per_token=1000, max_parallel=2))
+    system = " ".join(["system"] * 100)
+    assert await _answer(sim, "sim", system + " first question") == pytest.approx(0.102)
+    assert await _answer(sim, "sim", system + " first question answer second question") == pytest.approx(0.003)
+    assert await _answer(sim, "sim", "another conversation") == pytest.approx(0.002)  # the other slot, empty
+    assert sim.stats.prefill_tokens_computed == 102 + 3 + 2
+    assert await _answer(sim, "sim", system + " other") == pytest.approx(0.001)  # the slot that holds the system prompt
+
+
+async def test_api_ps_lists_what_is_in_memory(grid: Grid) -> None:
+    url, sim = await grid.sim(models=("a", "b"), load_ms=1, max_loaded=1)
+    assert (await grid.http.get(url + "/api/ps")).json()["models"] == []
+    assert (await grid.http.post(url + "/api/generate", json={"model": "b", "prompt": "hi", "stream": False})
+            ).status_code == 200
+    assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["b"]
+    assert (await grid.http.get(url + "/sim/stats")).json()["loads"] == 1

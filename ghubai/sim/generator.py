@@ -8,6 +8,7 @@ import json
 import random
 import struct
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,17 @@ class SimOptions:
     disabled: frozenset[str] = frozenset()
     slots: int | None = None
     usage_with_choices: bool = False
+    # An engine with memory, as the scheduler meets one: loading a model that is not resident takes
+    # ``load_ms`` (one load at a time), at most ``max_loaded`` models stay resident (the least
+    # recently used is evicted; 0: no bound), and a prompt costs ``prefill_us_per_token`` per word
+    # not already in the cache of the slot that runs it (a slot keeps its last prompt).
+    load_ms: float = 0.0
+    max_loaded: int = 0
+    prefill_us_per_token: float = 0.0
+
+    @property
+    def has_memory(self) -> bool:
+        return self.load_ms > 0 or self.max_loaded > 0
 
 
 @dataclass
@@ -52,6 +64,8 @@ class Stats:
     failed: int = 0
     tokens: int = 0  # generated so far, over all requests
     refused: int = 0  # answered 401 (no key) or 404 (a path hidden with --disable)
+    loads: int = 0  # models loaded into memory
+    prefill_tokens_computed: int = 0  # prompt words not found in the running slot's cache
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -101,14 +115,72 @@ class Generation:
         return "".join(self.tokens)
 
 
+@dataclass(eq=False)
+class Slot:
+    """One parallel slot of the engine and its prompt cache: the words of the last prompt it ran."""
+    model: str = ""
+    words: list[str] = field(default_factory=list)
+
+    def shared(self, model: str, words: list[str]) -> int:
+        """How many leading words of this prompt the slot's cache holds."""
+        if model != self.model:
+            return 0
+        count = 0
+        for mine, theirs in zip(self.words, words):
+            if mine != theirs:
+                break
+            count += 1
+        return count
+
+
 class Simulator:
     """A deterministic engine: at most ``max_parallel`` generations at once (the others wait),
-    each on the ``ttft_ms`` / ``itl_ms`` timetable. Invariant: ``stats`` is updated as generations move."""
+    each on the ``ttft_ms`` / ``itl_ms`` timetable, after its model's load and its prompt's prefill
+    when the options ask for memory. Invariant: ``stats`` is updated as generations move, and
+    ``resident`` holds at most ``max_loaded`` models, least recently used first."""
     def __init__(self, options: SimOptions) -> None:
         self.options = options
         self.stats = Stats()
         self.slots = trio.Semaphore(options.max_parallel)
+        self.free: list[Slot] = [Slot() for _ in range(options.max_parallel)]
+        self.resident: OrderedDict[str, None] = OrderedDict()
+        self._loading = trio.Lock()
         self._random = random.Random(0)
+
+    def loaded(self) -> list[str]:
+        """The models in memory (``/api/ps``): all of them for an engine without memory."""
+        return list(self.resident) if self.options.has_memory else list(self.options.models)
+
+    async def _load(self, model: str) -> None:
+        """Make ``model`` resident: a load (one at a time) unless it is already, evicting the least
+        recently used beyond ``max_loaded``, and the slot caches of the evicted model with it."""
+        if not self.options.has_memory:
+            return
+        if model not in self.resident:
+            async with self._loading:
+                if model not in self.resident:
+                    await trio.sleep(self.options.load_ms / 1000)
+                    self.stats.loads += 1
+                    while self.options.max_loaded and len(self.resident) >= self.options.max_loaded:
+                        evicted, _ = self.resident.popitem(last=False)
+                        for slot in self.free:
+                            if slot.model == evicted:
+                                slot.model, slot.words = "", []
+                    self.resident[model] = None
+        self.resident.move_to_end(model)
+
+    def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
+        """A free slot, the one whose cache shares the most of this prompt (as llama.cpp picks),
+        and how many words of the prompt must be computed."""
+        if not self.options.prefill_us_per_token:
+            return self.free.pop(), 0
+        best = max(range(len(self.free)),  # on a tie, the slot whose cache is the least to lose
+                   key=lambda index: (self.free[index].shared(model, words), -len(self.free[index].words)))
+        slot = self.free.pop(best)
+        compute = len(words) - slot.shared(model, words)
+        slot.model, slot.words = model, words
+        self.stats.prefill_tokens_computed += compute
+        return slot, compute
 
     def should_fail(self) -> bool:
         return self._random.random() < self.options.fail_rate
@@ -119,21 +191,23 @@ class Simulator:
             return Generation(count_words(prompt), requested_limit, "length")
         return Generation(count_words(prompt), self.options.tokens, "stop")
 
-    async def run(self, generation: Generation, prompt: str) -> AsyncIterator[str]:
+    async def run(self, generation: Generation, prompt: str, model: str = "") -> AsyncIterator[str]:
         """Yield the tokens on the timetable, holding one parallel slot while generating.
 
         Counts the outcome: completed when the caller consumed every token, cancelled when it was
         cancelled or stopped early (the client left), failed on an injected failure."""
         self.stats.waiting += 1
         try:
+            await self._load(model)
             await self.slots.acquire()
         finally:
             self.stats.waiting -= 1
+        slot, compute = self._take_slot(model, prompt.split())
         self.stats.active += 1
         self.stats.started += 1
         outcome = "cancelled"
         try:
-            start = trio.current_time()
+            start = trio.current_time() + compute * self.options.prefill_us_per_token / 1e6
             ttft, itl = self.options.ttft_ms / 1000, self.options.itl_ms / 1000
             offset = zlib.crc32(prompt.encode())
             fail_after = self.options.fail_after_tokens
@@ -158,6 +232,9 @@ class Simulator:
         finally:
             self.stats.active -= 1
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
+            if slot.model and slot.model not in self.resident and self.options.has_memory:
+                slot.model, slot.words = "", []  # its model was evicted while it ran
+            self.free.append(slot)
             self.slots.release()
 
 

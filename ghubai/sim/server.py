@@ -122,20 +122,21 @@ class SimServer:
     async def stats(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, self.sim.stats.as_dict())
 
-    def _listing(self, **extra: Any) -> dict[str, Any]:
+    def _listing(self, models: list[str], **extra: Any) -> dict[str, Any]:
         return {"models": [{
             "name": name, "model": name, "modified_at": "2026-01-01T00:00:00Z", "size": 1_000_000,
             "digest": hashlib.sha256(name.encode()).hexdigest(),
             "details": {"parent_model": "", "format": "gguf", "family": "sim", "families": ["sim"],
                         "parameter_size": "1B", "quantization_level": "Q4_0"}, **extra,
-        } for name in self.sim.options.models]}
+        } for name in models]}
 
     async def tags(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, self._listing())
+        await conn.respond_json(200, self._listing(list(self.sim.options.models)))
 
     async def running(self, conn: Connection, request: Request) -> None:
-        """``/api/ps``: every model counts as loaded in memory."""
-        await conn.respond_json(200, self._listing(expires_at="2999-01-01T00:00:00Z", size_vram=1_000_000))
+        """``/api/ps``: the models in memory (every one, unless the simulator has memory)."""
+        await conn.respond_json(200, self._listing(self.sim.loaded(), expires_at="2999-01-01T00:00:00Z",
+                                                   size_vram=1_000_000))
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
         data = [{"id": name, "object": "model", "created": 0, "owned_by": "library"}
@@ -160,7 +161,7 @@ class SimServer:
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch, nursery.cancel_scope)
-            async with contextlib.aclosing(self.sim.run(shape.gen, prompt)) as tokens:
+            async with contextlib.aclosing(self.sim.run(shape.gen, prompt, model)) as tokens:
                 if stream:
                     await conn.start_stream(200, shape.content_type)
                     if head := shape.head():
