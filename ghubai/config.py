@@ -99,8 +99,17 @@ def _key(check: Check | None = None, doc: str = "", *, one_or_many: bool = False
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 9110 token)
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
-_OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-type", "authorization"}
+# What every HTTP client sends as is: visible ASCII, inner spaces, no space at either end.
+_HEADER_VALUE = re.compile(r"([\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?)?")
+_OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-type", "authorization",
+                "expect", "te", "upgrade", "keep-alive", "trailer", "proxy-connection", "accept-encoding",
+                "x-request-id", "traceparent", "tracestate"}
+
+
+def _api_key(key: str) -> str | None:
+    if re.fullmatch(r"[\x21-\x7e]*", key):
+        return None
+    return "must be visible ASCII without spaces or line breaks (a key read from a file keeps its line end)"
 
 
 def _engine_headers(headers: dict[str, str]) -> str | None:
@@ -110,7 +119,7 @@ def _engine_headers(headers: dict[str, str]) -> str | None:
         if name.lower() in _OWN_HEADERS:
             return f"{name!r} is set by the worker" + (" (use api_key)" if name.lower() == "authorization" else "")
         if not _HEADER_VALUE.fullmatch(value):
-            return f"the value of {name!r} holds a line break or control character"
+            return f"the value of {name!r} must be visible ASCII, with no space at either end"
     return None
 
 
@@ -147,6 +156,19 @@ class HubTimeouts:
 
 
 @dataclass(frozen=True)
+class SchedulerConfig:
+    """``[scheduler]`` of ``hub.toml``: how a worker is chosen for a request."""
+    policy: str = _key(_one_of("llm-aware", "least-loaded"),
+                       "llm-aware: a worker with the model in memory first, then the one that served the "
+                       "conversation, then the least loaded; least-loaded: only the last", default="llm-aware")
+    affinity_margin: float = _key(_at_least(0), "a conversation stays on its worker while that worker's load "
+                                  "(busy slots / max_concurrency / weight) is at most this above the least loaded",
+                                  default=0.5)
+    affinity_entries: int = _key(_at_least(0), "conversations remembered (the least recently used forgotten)",
+                                 default=100_000)
+
+
+@dataclass(frozen=True)
 class HubConfig:
     """``hub.toml``: where to listen, who may join and call, limits and timeouts."""
     listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
@@ -161,6 +183,7 @@ class HubConfig:
     tls_key: str = ""
     limits: HubLimits = HubLimits()
     timeouts: HubTimeouts = HubTimeouts()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
 
 @dataclass(frozen=True)
@@ -175,12 +198,14 @@ class EngineConfig:
     connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of an answer",
                                  default=300.0)
-    api_key: str = _key(None, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
+    api_key: str = _key(_api_key, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
                         "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
     headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "
                                    '{ "OpenAI-Organization" = "org-1" }', secret=True, default_factory=dict)
     tools: bool = _key(None, "openai engines: /api/show advertises tool support (llama.cpp's /props overrides)",
                        default=True)
+    residency_interval_s: float = _key(_at_least(0.1), "how often Ollama is asked which models it holds in memory "
+                                       "(/api/ps), besides right after a model was loaded", default=2.0)
 
 
 @dataclass(frozen=True)
@@ -195,6 +220,9 @@ class WorkerConfig:
     ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long running requests may finish", default=30.0)
+    weight: float = _key(lambda v: None if 0 < v <= 1000 else f"must be above 0 and at most 1000, got {v}",
+                         "hubs give a worker of weight 2 twice the load of one of weight 1 (a faster GPU)",
+                         default=1.0)
     engine: EngineConfig = EngineConfig()
 
 

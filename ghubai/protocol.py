@@ -110,6 +110,7 @@ class Hello(Frame, tag="hello"):
     apis: ApiNames | None = None  # as in ``models``
     loaded: ModelNames | None = None
     problem: Problem = ""
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # its share of load, against other workers
 
 
 class Welcome(Frame, tag="welcome"):

@@ -9,9 +9,12 @@ With ``--backend auto`` it uses the Ollama at ``OLLAMA_LOCAL_URL`` when that ans
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import secrets
+from functools import partial
 
 import httpx
 import trio
@@ -23,6 +26,7 @@ from ghubai.proxy.server import run as run_proxy
 from ghubai.registry.server import run as run_registry
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
+from ghubai.worker.agent import Worker
 from ghubai.worker.agent import run as run_worker
 
 log = logging.getLogger("ghubai.up")
@@ -31,6 +35,7 @@ PROBE_TIMEOUT_S = 1.0
 SIM_CONCURRENCY = 16
 READY_TIMEOUT_S = 20.0  # for the proxy to route a model: its health check, every second, must see the hub
 READY_POLL_S = 0.05
+DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after (a daemon's default: 30 s)
 
 
 async def _ollama_answers(url: str) -> bool:
@@ -64,10 +69,11 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
     use_ollama = backend == "ollama" or (backend == "auto" and await _ollama_answers(ollama_url))
     async with trio.open_nursery() as nursery:
         if backend == "openai":
-            engine = EngineConfig(kind="openai", url=engine_url, api_key=engine_api_key)
+            engine = EngineConfig(kind="openai", url=engine_url, api_key=engine_api_key,
+                                  discovery_interval_s=DISCOVERY_S)
             source = f"the OpenAI-compatible engine at {engine_url}"
         elif use_ollama:
-            engine = EngineConfig(url=ollama_url, api_key=engine_api_key)
+            engine = EngineConfig(url=ollama_url, api_key=engine_api_key, discovery_interval_s=DISCOVERY_S)
             source = f"Ollama at {ollama_url}"
         else:
             sim_port = await nursery.start(serve_sim, Simulator(SimOptions(max_parallel=SIM_CONCURRENCY)),
@@ -83,20 +89,37 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
             engine=engine))
         proxy_url = await nursery.start(run_proxy, ProxyConfig(
             listen=f"127.0.0.1:{port}", registry_url=registry_url, health=HealthConfig(interval_s=1.0)))
-        models = await _serving(proxy_url, READY_TIMEOUT_S)
-        if not models:
-            problem = worker.offer.problem or "it lists no models"
-            print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: {problem}.\n"
-                  f"It keeps trying; watch {proxy_url}/dashboard. Ctrl-C stops everything.\n", flush=True)
-        else:
-            print(f"""
-GhubAi grid is up on {proxy_url}: proxy -> hub {hub_url} (from registry {registry_url})
-  -> one worker on {source}.
+        banner = partial(_banner, proxy_url, f"proxy -> hub {hub_url} (from registry {registry_url})\n"
+                         f"  -> one worker on {source}", worker)
+        if models := await _serving(proxy_url, READY_TIMEOUT_S):
+            banner(models)
+            task_status.started(proxy_url)
+            return
+        print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: "
+              f"{worker.offer.problem or 'it lists no models'}.\nIt keeps trying, and says so here once a "
+              f"request would succeed; watch {proxy_url}/dashboard. Ctrl-C stops everything.\n", flush=True)
+        task_status.started(proxy_url)
+        banner(await _serving(proxy_url, math.inf))
+
+
+def _banner(proxy_url: str, route: str, worker: Worker, models: list[str]) -> None:
+    """What a user needs once the grid serves: where, what, and a request that works (the curl
+    line uses a chat API the worker's engine serves)."""
+    apis = worker.offer.apis
+    chat = {"model": models[0], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    if apis is None or "openai.chat" in apis:
+        path = "/v1/chat/completions"
+    elif "ollama.chat" in apis:
+        path = "/api/chat"
+    else:
+        path = ""
+    try_it = (f"Try:\n  curl -N {proxy_url}{path} -H 'Content-Type: application/json' \\\n"
+              f"    -d '{json.dumps(chat, separators=(',', ':'))}'") if path else \
+        "Its engine serves no chat API (see /api/registry)."
+    print(f"""
+GhubAi grid is up on {proxy_url}: {route}.
 Models: {", ".join(models)}
-Try:
-  curl -N {proxy_url}/v1/chat/completions -H 'Content-Type: application/json' \\
-    -d '{{"model":"{models[0]}","messages":[{{"role":"user","content":"hi"}}],"stream":true}}'
+{try_it}
 Watch it: {proxy_url}/dashboard (or: ghubai status --proxy {proxy_url})
 Ctrl-C stops everything.
 """, flush=True)
-        task_status.started(proxy_url)

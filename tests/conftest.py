@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from ghubai.config import (EngineConfig, HealthConfig, HubConfig, HubLimits, HubTimeouts, ProxyConfig, ProxyLimits,
-                           RegistryConfig, WorkerConfig, load)
+                           RegistryConfig, SchedulerConfig, WorkerConfig, load)
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.app import run as run_hub
 from ghubai.proxy.server import run as run_proxy
@@ -105,9 +105,11 @@ class Grid:
     async def hub(self, listen: str = "127.0.0.1:0", **config: Any) -> Running:
         limits = config.pop("limits", {})
         timeouts = config.pop("timeouts", {})
+        scheduler = config.pop("scheduler", {})
         hub_config = HubConfig(listen=listen, heartbeat_s=config.pop("heartbeat_s", 1.0),
                                limits=dataclasses.replace(HubLimits(), **limits),
-                               timeouts=dataclasses.replace(HubTimeouts(), **timeouts), **config)
+                               timeouts=dataclasses.replace(HubTimeouts(), **timeouts),
+                               scheduler=dataclasses.replace(SchedulerConfig(), **scheduler), **config)
         return await self.nursery.start(_scoped, run_hub, hub_config)
 
     async def worker(self, hub_url: str | list[str], engine_url: str, *, wait: bool = True,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,8 @@ from ghubai.worker.engine import PROBE_MODEL
 KEY = "engine-secret-4f1c"
 
 
-def ollama_chat(model: str = "sim") -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": False}
+def ollama_chat(model: str = "sim", content: str = "hi") -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "stream": False}
 
 
 async def test_a_worker_with_the_engine_key_serves_a_key_protected_engine(grid: Grid,
@@ -121,11 +122,11 @@ async def test_an_ollama_api_goes_only_to_workers_whose_engine_serves_it(grid: G
     workers = {worker["name"]: worker for worker in await grid.workers(hub.value)}
     assert "ollama.chat" not in workers["shim"]["apis"] and "openai.chat" not in workers["shim"]["apis"]
     assert "ollama.generate" in workers["shim"]["apis"] and "ollama.chat" in workers["full"]["apis"]
-    # what the shim serves still goes to both
-    for _ in range(4):
+    # what the shim serves still goes to both: 16 conversations spread over the two (by their hash)
+    for index in range(16):
         assert (await grid.http.post(hub.value + "/api/generate", json={
-            "model": "sim", "prompt": "hi", "stream": False})).status_code == 200
-    assert shim.stats.completed > 0
+            "model": "sim", "prompt": f"conversation {index}", "stream": False})).status_code == 200
+    assert shim.stats.completed > 0 and full.stats.completed > 100
 
 
 async def test_with_only_a_shim_the_client_hears_which_api_is_missing(grid: Grid) -> None:
@@ -164,8 +165,8 @@ async def test_an_api_the_engine_drops_later_is_learned_from_its_404_and_routed_
     await grid.worker(hub.value, first_url, name="first")
     await grid.worker(hub.value, second_url, name="second")
     first.options = dataclasses.replace(first.options, disabled=frozenset({"/api/chat"}))
-    for _ in range(6):
-        response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+    for index in range(16):  # 16 conversations: spread over both workers (by their hash)
+        response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat(content=f"chat {index}"))
         assert response.status_code == 200, response.text
 
     async def learned() -> bool:
@@ -252,3 +253,71 @@ async def test_models_in_memory_reach_the_hub_and_its_api_ps(grid: Grid) -> None
     assert workers["silent"]["loaded"] == ["c"]  # an engine that cannot tell: all it lists counts as loaded
     running = (await grid.http.get(hub.value + "/api/ps")).json()["models"]
     assert sorted(model["name"] for model in running) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("line", ['api_key = "sk-from-a-file\\n"', 'headers = { X-Tenant = "café" }',
+                                  'headers = { X-Tenant = " padded" }', 'headers = { Accept-Encoding = "gzip" }'])
+def test_a_key_or_header_no_http_client_would_send_is_refused_by_check(tmp_path: Path, line: str) -> None:
+    """Regression: these passed ``check``, then every engine call failed (or the worker crashed
+    at start with UnicodeEncodeError)."""
+    path = tmp_path / "worker.toml"
+    path.write_text(f"[engine]\n{line}\n")
+    result = run_ghubai("check", str(path))
+    assert result.returncode == 1 and "engine." in result.stdout + result.stderr
+    assert "sk-from-a-file" not in result.stdout + result.stderr
+
+
+async def test_an_engine_that_echoes_the_key_in_its_refusal_never_leaks_it(grid: Grid,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: the engine's 401 text went to the client and the log verbatim, key and all."""
+    async def echo(conn: Connection, request: Request) -> None:
+        if PROBE_MODEL.encode() in (request.body or b"") or request.path == "/api/ps":
+            await conn.respond_json(404, {"error": "model not found"})
+        else:
+            await conn.respond_json(401, {"error": f"invalid api key: {request.header(b'authorization')!r}"})
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(echo), api_key=KEY)
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 502 and "rejected the worker's credentials (HTTP 401)" in response.text
+    assert KEY not in response.text and KEY not in caplog.text
+
+
+async def test_a_mistyped_model_is_a_404_while_a_healthy_worker_is_linked(grid: Grid) -> None:
+    good_url, _ = await grid.sim()
+    locked_url, _ = await grid.sim(api_key=KEY)
+    hub = await grid.hub()
+    await grid.worker(hub.value, good_url, name="good")
+    await grid.worker(hub.value, locked_url, name="locked")
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat("gpt-4o-mini-typo"))
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert "locked" not in response.text
+
+
+async def test_up_says_it_serves_once_a_slow_engine_is_ready(grid: Grid, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: with an engine still loading after the banner's wait, ``ghubai up`` warned and
+    then never said that the grid serves."""
+    from ghubai import up
+    ready = False
+
+    async def loading(conn: Connection, request: Request) -> None:
+        if request.path == "/v1/models":
+            if ready:
+                await conn.respond_json(200, {"data": [{"id": "late"}]})
+            else:
+                await conn.respond_json(503, {"error": {"message": "Loading model"}})
+        else:
+            await conn.respond_json(400, {"error": "no"})
+
+    monkeypatch.setattr(up, "READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(up, "DISCOVERY_S", 0.1)
+    engine_url = await grid.fake_engine(loading)
+    await grid.nursery.start(partial(up.up, 0, "openai", engine_url=engine_url))
+    assert "is not serving yet" in capsys.readouterr().out
+    ready = True
+
+    async def banner() -> bool:
+        return "GhubAi grid is up on" in capsys.readouterr().out
+
+    await eventually(banner, "the banner once the engine serves")

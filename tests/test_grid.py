@@ -194,7 +194,7 @@ async def test_client_disconnect_mid_stream_stops_generation(grid: Grid) -> None
 async def test_engine_failure_before_first_byte_is_retried_on_another_worker(grid: Grid) -> None:
     broken_url, broken = await grid.sim(fail_rate=1.0)
     good_url, good = await grid.sim()
-    hub = await grid.hub()
+    hub = await grid.hub(scheduler={"policy": "least-loaded"})  # so that the same chat also meets the broken one
     await grid.worker(hub.value, broken_url)
     await grid.worker(hub.value, good_url)
     async with client(hub.value) as sdk:

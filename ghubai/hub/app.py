@@ -21,7 +21,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ghubai import __version__, dialects, protocol
+from ghubai import __version__, affinity, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
 from ghubai.errors import ApiError, model_not_found
@@ -332,7 +332,8 @@ class HubApi:
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
-        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size)
+        conversation = affinity.key_of(body, headers) if self.config.scheduler.policy == "llm-aware" else None
+        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation)
         self.inflight.add(exchange)
         self.metrics.inflight.labels("hub").inc()
         try:
@@ -343,12 +344,14 @@ class HubApi:
             raise
         record.first_token_s = trio.current_time() - record.started
         self.metrics.first_token.labels("hub").observe(record.first_token_s)
+        assert exchange.worker is not None
+        served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.worker.name.encode())]
         if not stream:
-            await _respond(send, 200, await answers.whole(exchange, first), answers.JSON_HEADERS)
+            await _respond(send, 200, await answers.whole(exchange, first), [*answers.JSON_HEADERS, *served_by])
             return
         dialect = answers.dialect_of(api)
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [*dialect.headers, (b"x-request-id", REQUEST_ID.get().encode())]})
+                    "headers": [*dialect.headers, (b"x-request-id", REQUEST_ID.get().encode()), *served_by]})
 
         async def send_body(data: bytes, more: bool) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": more})
@@ -420,7 +423,7 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     base URL. While it drains the port stays open: ``/ready`` and new requests answer 503, so
     proxies move on at once. A reload (SIGHUP) re-reads ``path`` for new api_keys and provider_tokens."""
     hub_id = uuid.uuid4().hex[:12]
-    pool = Pool(config.limits)
+    pool = Pool(config.limits, config.scheduler)
     inflight = InFlight()
     _warn_if_open(config)
     secrets = HubSecrets.of(config)

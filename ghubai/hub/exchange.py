@@ -56,8 +56,9 @@ class Exchange:
     ``close()`` when the client leaves or a wait times out, which also tells the worker to stop."""
 
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
-                 trace: dict[str, str], body_bytes: int = 0) -> None:
+                 trace: dict[str, str], body_bytes: int = 0, conversation: int | None = None) -> None:
         self.pool = pool
+        self.conversation = conversation  # the affinity key (``ghubai.affinity``), if the request has one
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
@@ -85,13 +86,14 @@ class Exchange:
         queue_deadline = min(self.deadline, trio.current_time() + self.config.limits.queue_timeout_s)
         while len(tried) < self.config.limits.max_attempts:
             try:
-                worker = await self.pool.acquire(self.model, self.api, tried, queue_deadline)
+                worker = await self.pool.acquire(self.model, self.api, tried, queue_deadline, self.conversation)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None
             self._start(worker)
             frame = await self._next(self.config.timeouts.first_token_s, "the first token")
             if not isinstance(frame, protocol.Error):
+                self.pool.served(worker, self.model)
                 return frame
             self.state = State.QUEUED
             if frame.busy:

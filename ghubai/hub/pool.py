@@ -1,7 +1,9 @@
 """The hub's view of its workers and the scheduler that hands requests to them.
 
-A request takes a slot on the least-loaded worker that hosts its model and whose engine serves its
-API (lowest inflight / max_concurrency). When every such worker is full it waits in a bounded queue: first in,
+A request takes a slot on a worker that hosts its model and whose engine serves its API: with the
+``llm-aware`` policy, one that holds the model in memory, then the one that last served its
+conversation (while not much busier than the rest), then the least loaded (lowest inflight /
+max_concurrency / weight); with ``least-loaded``, only the last. When every such worker is full it waits in a bounded queue: first in,
 first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. When a slot may
 have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
 the one behind, so a release usually costs O(1) however long the queue.
@@ -11,14 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from ghubai import protocol
-from ghubai.config import HubLimits
+from ghubai import affinity, protocol
+from ghubai.config import HubLimits, SchedulerConfig
 from ghubai.errors import ApiError, model_not_found
 
 log = logging.getLogger("ghubai.hub")
@@ -50,9 +52,15 @@ class RemoteWorker:
     apis: frozenset[str] | None = None  # the APIs its engine serves; None: all (it did not say)
     loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
     problem: str = ""  # why its engine lists no model, as the worker put it
+    weight: float = 1.0  # its share of load against the others (a faster GPU: more)
+    seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
+
+    def warm(self, model: str) -> bool:
+        """The engine holds ``model`` in memory (or cannot tell, and then every model counts)."""
+        return self.loaded is None or model in self.loaded
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -65,7 +73,8 @@ class RemoteWorker:
 
     @property
     def load(self) -> float:
-        return self.busy / self.max_concurrency
+        """Slots taken, as a share of its slots and over its weight: what the scheduler compares."""
+        return self.busy / (self.max_concurrency * self.weight)
 
     def send(self, frame: protocol.Frame) -> None:
         try:
@@ -93,7 +102,8 @@ class RemoteWorker:
                 "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining,
                 "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1),
                 "apis": sorted(self.apis) if self.apis is not None else list(protocol.API_PATHS),
-                "loaded": sorted(self.models if self.loaded is None else self.loaded), "problem": self.problem}
+                "loaded": sorted(self.models if self.loaded is None else self.loaded), "problem": self.problem,
+                "weight": self.weight}
 
 
 class _Waiter:
@@ -107,8 +117,11 @@ class Pool:
     """This hub's workers and its queue. Invariant: a queue exists only while it holds a waiter, and
     ``queued`` is the sum of their lengths (at most ``limits.queue_size``)."""
 
-    def __init__(self, limits: HubLimits) -> None:
+    def __init__(self, limits: HubLimits, scheduler: SchedulerConfig = SchedulerConfig()) -> None:
         self.limits = limits
+        self.scheduler = scheduler
+        # affinity key -> the worker that served it last (by key: a worker that links again keeps it)
+        self._conversations: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
@@ -173,16 +186,43 @@ class Pool:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def _pick(self, model: str, api: str, exclude: set[str]) -> RemoteWorker | None:
-        best: RemoteWorker | None = None
-        for worker in self.workers.values():
-            if (model in worker.models and worker.id not in exclude and not worker.draining and worker.serves(api)
-                    and worker.busy < worker.max_concurrency and (best is None or worker.load < best.load)):
-                best = worker
-        if best is not None:
-            best.inflight += 1
-            best.reported += 1  # until the worker's next load report says otherwise
+    def _pick(self, model: str, api: str, exclude: set[str], conversation: int | None) -> RemoteWorker | None:
+        """A worker with a free slot that hosts ``model`` and serves ``api``. ``least-loaded``: the
+        lowest ``load``. ``llm-aware``: among those with the model in memory if any has a free slot,
+        the worker that served the conversation last while it is at most ``affinity_margin`` above the
+        least loaded, else the one the conversation's key ranks first among those in that bound, else
+        (no key) the least loaded."""
+        free = [worker for worker in self.workers.values()
+                if model in worker.models and not worker.draining and worker.busy < worker.max_concurrency
+                and worker.serves(api) and worker.id not in exclude]
+        if not free:
+            return None
+        if self.scheduler.policy == "llm-aware":
+            free = [worker for worker in free if worker.warm(model)] or free
+        if self.scheduler.policy == "llm-aware" and conversation is not None:
+            best = self._for_conversation(free, conversation)
+        else:
+            best = min(free, key=lambda worker: worker.load)
+        best.inflight += 1
+        best.reported += 1  # until the worker's next load report says otherwise
         return best
+
+    def _for_conversation(self, free: list[RemoteWorker], conversation: int) -> RemoteWorker:
+        bound = min(worker.load for worker in free) + self.scheduler.affinity_margin
+        last = self.workers.get(self._conversations.get(conversation, (b"", "")))
+        if last is None or last not in free or last.load > bound:
+            last = max((worker for worker in free if worker.load <= bound),
+                       key=lambda worker: affinity.score(conversation, worker.seed))
+        self._conversations[conversation] = last.key
+        self._conversations.move_to_end(conversation)
+        while len(self._conversations) > self.scheduler.affinity_entries:
+            self._conversations.popitem(last=False)
+        return last
+
+    def served(self, worker: RemoteWorker, model: str) -> None:
+        """The worker answered for ``model``: its engine holds it now (until its next report says)."""
+        if worker.loaded is not None and model not in worker.loaded:
+            worker.loaded = worker.loaded | {model}
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""
@@ -192,10 +232,9 @@ class Pool:
         if not hosting:
             if not self.workers:
                 raise ApiError(503, "No worker is connected to this hub", retry_after=1)
-            if troubled := [worker for worker in self.workers.values() if worker.problem]:
-                said = "; ".join(f"worker {worker.name}: {worker.problem}" for worker in troubled[:3])
-                raise ApiError(502, f"No worker serves '{model}', and {len(troubled)} cannot list their engine's "
-                               f"models ({said})", code="engine_unavailable")
+            if all(worker.problem for worker in self.workers.values()):  # none could say: not the client's typo
+                said = "; ".join(f"worker {worker.name}: {worker.problem}" for worker in list(self.workers.values())[:3])
+                raise ApiError(502, f"No worker can list its engine's models ({said})", code="engine_unavailable")
             raise model_not_found(model)
         serving = [worker for worker in hosting if worker.serves(api)]
         if not serving:
@@ -204,10 +243,12 @@ class Pool:
         if all(worker.draining or worker.id in exclude for worker in serving):
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
-    async def acquire(self, model: str, api: str, exclude: set[str], deadline: float) -> RemoteWorker:
-        """A slot on the least-loaded worker that hosts ``model`` and serves ``api``, waiting in the
-        queue until ``deadline``."""
-        if not self.draining and not self._queues.get(model) and (worker := self._pick(model, api, exclude)):
+    async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
+                      conversation: int | None = None) -> RemoteWorker:
+        """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
+        queue until ``deadline``; ``conversation``: the request's affinity key, if it has one."""
+        if not self.draining and not self._queues.get(model) and \
+                (worker := self._pick(model, api, exclude, conversation)):
             return worker
         self._check_hosted(model, api, exclude)
         if self.queued >= self.limits.queue_size:
@@ -222,7 +263,7 @@ class Pool:
                 while True:
                     await waiter.event.wait()
                     waiter.event = trio.Event()
-                    if not self.draining and (worker := self._pick(model, api, exclude)):
+                    if not self.draining and (worker := self._pick(model, api, exclude, conversation)):
                         return worker
                     self._check_hosted(model, api, exclude)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):

@@ -107,6 +107,7 @@ class Worker:
         self.idle = trio.Event()  # set while no request runs
         self.idle.set()
         self._rediscover = trio.Event()
+        self._loaded_one = trio.Event()  # a request ran on a model that was not in memory
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -143,6 +144,19 @@ class Worker:
         offer = self.offer
         for link in list(self.links):
             link.send(protocol.Models(offer.models, offer.apis, offer.loaded, offer.problem, self.capacity))
+
+    async def residency_loop(self) -> None:
+        """Which models Ollama holds in memory, for the hubs' scheduling: every
+        ``residency_interval_s``, and at once after a request loaded a model (which may have
+        evicted another). Other engines cannot tell: every model they list counts as loaded."""
+        while True:
+            with trio.move_on_after(self.config.engine.residency_interval_s):
+                await self._loaded_one.wait()
+            self._loaded_one = trio.Event()
+            loaded = await self.engine.loaded()
+            if loaded is not None and not self.offer.problem and loaded != self.offer.loaded:
+                self.offer = dataclasses.replace(self.offer, loaded=loaded)
+                self._announce()
 
     def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
@@ -217,7 +231,7 @@ class Worker:
         offer = self.offer
         await ws.send_message(protocol.encode(protocol.Hello(
             protocol.PROTOCOL, self.id, self.config.name, offer.models, self.capacity, self.config.engine.kind,
-            __version__, offer.apis, offer.loaded, offer.problem)))
+            __version__, offer.apis, offer.loaded, offer.problem, self.config.weight)))
         with trio.fail_after(WELCOME_TIMEOUT_S):
             frame = protocol.decode(await ws.get_message())
         if not isinstance(frame, protocol.Welcome):
@@ -345,8 +359,12 @@ class Worker:
         ``error`` frame, never the link and the other requests on it."""
         request_id, started = running.frame.id, trio.current_time()
         model = call.body.get("model")
+        cold = self.offer.loaded is not None and model not in self.offer.loaded
         try:
             async for batch in self.engine.run(call):
+                if cold:  # the engine loaded it for this request: ask it what it holds now
+                    self._loaded_one.set()
+                    cold = False
                 for start in range(0, len(batch), protocol.MAX_CHUNK_BYTES):  # a big answer: many records
                     piece = batch[start:start + protocol.MAX_CHUNK_BYTES]  # the whole batch is no copy
                     await running.reserve(len(piece))  # a slow client stops us reading the engine
@@ -392,6 +410,8 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
                  config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.discovery_loop)
+            if config.engine.kind == "ollama":
+                nursery.start_soon(worker.residency_loop)
             for url in config.hub_url:
                 nursery.start_soon(worker.link_loop, url)
             nursery.start_soon(_ready_when_welcomed, worker, service)

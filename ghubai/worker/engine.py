@@ -74,7 +74,8 @@ def discovery_problem(error: Exception, has_key: bool) -> str:
         status = error.response.status_code
         if status in (401, 403):
             return f"{CREDENTIALS_REFUSED} (HTTP {status})"
-        hint = "; if it needs a key, set [engine] api_key" if status >= 500 and not has_key else ""
+        # LiteLLM answers a call without its key with a 500 (NOTES.md)
+        hint = "; if it needs a key, set [engine] api_key" if status == 500 and not has_key else ""
         return f"the engine answered HTTP {status} to GET {error.request.url.path}{hint}"
     if isinstance(error, httpx.TransportError):  # the worker's log has the details; a client needs none
         return f"the engine does not answer ({type(error).__name__})"
@@ -201,9 +202,9 @@ class Engine:
             return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
         if self.unserved is None:
             self.unserved = await self._probe()
-        if self.config.kind == "ollama":
-            return Offer(tuple(models), self.apis(), await self._loaded())
-        return Offer(tuple(models), self.apis(), slots=await self._props())
+        loaded, slots = (await self.loaded(), None) if self.config.kind == "ollama" else (None, await self._props())
+        # the APIs last: a request may have found one missing while this survey waited
+        return Offer(tuple(models), self.apis(), loaded, slots=slots)
 
     def apis(self) -> tuple[str, ...] | None:
         if self.unserved is None:
@@ -230,7 +231,7 @@ class Engine:
         response.raise_for_status()
         return _decode(response.content)
 
-    async def _loaded(self) -> tuple[str, ...] | None:
+    async def loaded(self) -> tuple[str, ...] | None:
         """The models Ollama holds in memory (``/api/ps``); None when it does not say."""
         try:
             entries = (await self._get("/api/ps")).get("models")
@@ -321,8 +322,8 @@ class Engine:
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
         message = _error_message(raw)
-        if status in (401, 403):
-            return EngineError(502, f"{CREDENTIALS_REFUSED} (HTTP {status}: {message})", retryable=True,
+        if status in (401, 403):  # without the engine's words: some echo the key they were given
+            return EngineError(502, f"{CREDENTIALS_REFUSED} (HTTP {status})", retryable=True,
                                cause=Cause.CREDENTIALS)
         if unserved(status, message):  # from now on the hubs send this API elsewhere
             self.unserved = (self.unserved or frozenset()) | {path}
