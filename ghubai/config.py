@@ -166,6 +166,8 @@ class SchedulerConfig:
                                   default=0.5)
     affinity_entries: int = _key(_at_least(0), "conversations remembered (the least recently used forgotten)",
                                  default=100_000)
+    warm_wait_s: float = _key(_at_least(0), "a request waits this long for a slot on a worker that holds its model "
+                              "in memory before it loads the model on another", default=1.0)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ async def two_hub_grid(grid: Grid, tmp_path: Path, **sim_options: object) -> tup
 
 
 async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_path: Path) -> None:
+    """Conversations spread over the hubs by their key; a conversation stays on its hub (where its
+    prompt is cached); requests without one (embeddings) go round robin."""
     proxy_url, _, sims = await two_hub_grid(grid, tmp_path)
     async with openai.AsyncOpenAI(base_url=proxy_url + "/v1", api_key="x", max_retries=0) as sdk:
         for _ in range(10):
@@ -44,7 +46,15 @@ async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_p
         stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "x"}],
                                                    stream=True)
         assert [c async for c in stream]
-    assert [(await grid.stats(url))["completed"] for url in sims] == [6, 5]
+        assert sorted([(await grid.stats(url))["completed"] for url in sims]) == [0, 11]
+        for index in range(40):  # 40 conversations: both hubs get some but by a 2 ** -39 chance
+            await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": f"chat {index}"}])
+        assert min([(await grid.stats(url))["completed"] for url in sims]) > 0
+        hubs = set()
+        for _ in range(4):
+            with_headers = await sdk.embeddings.with_raw_response.create(model="sim", input="no conversation")
+            hubs.add(with_headers.headers["x-ghubai-hub"])
+        assert len(hubs) == 2  # round robin
 
 
 async def test_the_proxy_answers_models_health_and_metrics_itself(grid: Grid, tmp_path: Path) -> None:
@@ -150,9 +160,11 @@ async def test_a_hub_added_with_the_tool_serves_and_a_removed_one_stops(grid: Gr
     added_at = trio.current_time()
     await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
     print(f"added hub serving through the proxy after {trio.current_time() - added_at:.2f} s")
-    for _ in range(4):
-        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
-    assert second.stats.completed == 2
+    for index in range(16):  # 16 conversations: the new hub gets some but by a 2 ** -16 chance
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content=f"chat {index}"))
+        assert response.status_code == 200
+    served = second.stats.completed
+    assert served > 0
 
     remove_hub(str(path), "first")
 
@@ -162,7 +174,7 @@ async def test_a_hub_added_with_the_tool_serves_and_a_removed_one_stops(grid: Gr
     await eventually(only_later, "the proxy to drop the removed hub")
     for _ in range(4):
         assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
-    assert second.stats.completed == 6
+    assert second.stats.completed == served + 4
 
     path.write_text("[[hubs]]\nname = \n")  # a broken edit changes nothing
 

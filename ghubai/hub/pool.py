@@ -25,6 +25,8 @@ from ghubai.errors import ApiError, model_not_found
 
 log = logging.getLogger("ghubai.hub")
 
+DEMAND_WINDOW_S = 60.0  # how fast the memory of a model's requests fades (an exponential decay)
+
 
 Answer = protocol.Chunk | protocol.End | protocol.Error  # what a worker says about one request
 
@@ -122,6 +124,7 @@ class Pool:
         self.scheduler = scheduler
         # affinity key -> the worker that served it last (by key: a worker that links again keeps it)
         self._conversations: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
+        self._demand: dict[str, tuple[float, float]] = {}  # model -> (requests, decayed; when last updated)
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
@@ -186,26 +189,78 @@ class Pool:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def _pick(self, model: str, api: str, exclude: set[str], conversation: int | None) -> RemoteWorker | None:
-        """A worker with a free slot that hosts ``model`` and serves ``api``. ``least-loaded``: the
-        lowest ``load``. ``llm-aware``: among those with the model in memory if any has a free slot,
-        the worker that served the conversation last while it is at most ``affinity_margin`` above the
-        least loaded, else the one the conversation's key ranks first among those in that bound, else
-        (no key) the least loaded."""
-        free = [worker for worker in self.workers.values()
-                if model in worker.models and not worker.draining and worker.busy < worker.max_concurrency
-                and worker.serves(api) and worker.id not in exclude]
+    def _pick(self, model: str, api: str, exclude: set[str], conversation: int | None,
+              cold_ok: bool = True) -> RemoteWorker | None:
+        """A worker with a free slot that hosts ``model`` and serves ``api``, or None.
+
+        ``least-loaded``: the lowest ``load``. ``llm-aware``: a worker that holds the model in memory
+        — the one that served the conversation last while it is at most ``affinity_margin`` above the
+        least loaded, else the one the conversation's key ranks first within that bound, else (no
+        key) the least loaded — unless even the least loaded of them is more than ``affinity_margin``
+        above a worker that would lose nothing by loading the model (``_spare``): then that one.
+        When no worker that holds the model has a free slot, one that must load it, if the load is
+        worth it (``_worth_loading``) or ``cold_ok`` (the request waited ``warm_wait_s``): the one
+        whose eviction costs least (``_coldest``)."""
+        able = [worker for worker in self.workers.values()
+                if model in worker.models and not worker.draining and worker.serves(api) and worker.id not in exclude]
+        free = [worker for worker in able if worker.busy < worker.max_concurrency]
         if not free:
             return None
-        if self.scheduler.policy == "llm-aware":
-            free = [worker for worker in free if worker.warm(model)] or free
-        if self.scheduler.policy == "llm-aware" and conversation is not None:
-            best = self._for_conversation(free, conversation)
-        else:
+        margin = self.scheduler.affinity_margin
+        if self.scheduler.policy == "least-loaded":
             best = min(free, key=lambda worker: worker.load)
+        elif (warm := [worker for worker in free if worker.warm(model)]) and not (
+                (least := min(worker.load for worker in warm)) > margin and (spare := self._spare(free, least - margin))):
+            best = self._for_conversation(warm, conversation) if conversation is not None else \
+                min(warm, key=lambda worker: worker.load)
+        else:
+            best, lost = (spare, 0.0) if warm else self._coldest(free)
+            if not cold_ok and not warm and not self._worth_loading(model, able, lost):
+                return None  # a slot where the model is in memory frees sooner than a load ends
+            if best.loaded is not None:  # it holds the model from now on: the requests for it that
+                best.loaded = best.loaded | {model}  # follow wait for this load instead of starting others
+            if conversation is not None:
+                self._remember(conversation, best)
         best.inflight += 1
         best.reported += 1  # until the worker's next load report says otherwise
         return best
+
+    def _coldest(self, free: list[RemoteWorker]) -> tuple[RemoteWorker, float]:
+        """The worker whose engine would lose the least by loading another model: the demand for the
+        models only it holds (it may evict them). With it, that loss."""
+        copies = Counter(held for worker in self.workers.values() if worker.loaded for held in worker.loaded)
+        now = trio.current_time()
+        costs = [(sum(self._demand_of(held, now) for held in worker.loaded or () if copies[held] == 1), worker.load,
+                  index) for index, worker in enumerate(free)]
+        lost, _, index = min(costs)
+        return free[index], lost
+
+    def _spare(self, free: list[RemoteWorker], below: float) -> RemoteWorker | None:
+        """A worker that would lose nothing by loading another model and whose load is below
+        ``below``: where the warm workers, busier than that by more than ``affinity_margin``,
+        spread to."""
+        cold = [worker for worker in free if worker.load < below]
+        if not cold:
+            return None
+        best, lost = self._coldest(cold)
+        return best if lost == 0 else None
+
+    def _worth_loading(self, model: str, able: list[RemoteWorker], lost: float) -> bool:
+        """Whether to load ``model`` on another engine now rather than wait for a slot on those that
+        hold it (all full): when none does; when its queue outgrows their slots; or when what the
+        load may evict is asked less than the model would be per copy with one more."""
+        warm = [worker for worker in able if worker.warm(model)]
+        if not warm or len(self._queues.get(model, ())) >= sum(worker.max_concurrency for worker in warm):
+            return True
+        return lost < self._demand_of(model, trio.current_time()) / (len(warm) + 1)
+
+    def _demand_of(self, model: str, now: float) -> float:
+        value, when = self._demand.get(model, (0.0, now))
+        return value * math.exp((when - now) / DEMAND_WINDOW_S)
+
+    def _note_demand(self, model: str) -> None:
+        now = trio.current_time()
+        self._demand[model] = (self._demand_of(model, now) + 1.0, now)
 
     def _for_conversation(self, free: list[RemoteWorker], conversation: int) -> RemoteWorker:
         bound = min(worker.load for worker in free) + self.scheduler.affinity_margin
@@ -213,11 +268,14 @@ class Pool:
         if last is None or last not in free or last.load > bound:
             last = max((worker for worker in free if worker.load <= bound),
                        key=lambda worker: affinity.score(conversation, worker.seed))
-        self._conversations[conversation] = last.key
+        self._remember(conversation, last)
+        return last
+
+    def _remember(self, conversation: int, worker: RemoteWorker) -> None:
+        self._conversations[conversation] = worker.key
         self._conversations.move_to_end(conversation)
         while len(self._conversations) > self.scheduler.affinity_entries:
             self._conversations.popitem(last=False)
-        return last
 
     def served(self, worker: RemoteWorker, model: str) -> None:
         """The worker answered for ``model``: its engine holds it now (until its next report says)."""
@@ -246,9 +304,13 @@ class Pool:
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
                       conversation: int | None = None) -> RemoteWorker:
         """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
-        queue until ``deadline``; ``conversation``: the request's affinity key, if it has one."""
+        queue until ``deadline``; ``conversation``: the request's affinity key, if it has one. A
+        request takes a worker that must load its model only when those that hold it have too few
+        slots for the queue, or after ``warm_wait_s`` in the queue."""
+        self._note_demand(model)
+        cold_at = trio.current_time() + self.scheduler.warm_wait_s
         if not self.draining and not self._queues.get(model) and \
-                (worker := self._pick(model, api, exclude, conversation)):
+                (worker := self._pick(model, api, exclude, conversation, cold_ok=False)):
             return worker
         self._check_hosted(model, api, exclude)
         if self.queued >= self.limits.queue_size:
@@ -259,11 +321,14 @@ class Pool:
         self.queued += 1
         queue[0].event.set()  # those ahead may be waiting for workers they cannot use: a free slot is ours
         try:
+            cold_ok = False
             with trio.fail_at(deadline):
                 while True:
-                    await waiter.event.wait()
+                    with trio.move_on_at(math.inf if cold_ok else cold_at):  # then a look at cold workers too
+                        await waiter.event.wait()
                     waiter.event = trio.Event()
-                    if not self.draining and (worker := self._pick(model, api, exclude, conversation)):
+                    cold_ok = trio.current_time() >= cold_at
+                    if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
                         return worker
                     self._check_hosted(model, api, exclude)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 import trio
 
-from ghubai import dialects
+from ghubai import affinity, dialects
 from ghubai.config import ProxyConfig
 from ghubai.errors import ApiError
 from ghubai.http11.client import ClientConnection
@@ -47,15 +48,27 @@ class Outcome:
     answered_at: float | None = None  # trio time the hub's answer began
 
 
-def model_of(request: Request) -> str | None:
-    """The ``model`` of a JSON POST body, for model-aware routing; None when there is none."""
+def _body_of(request: Request) -> dict[str, Any] | None:
     if request.method != "POST" or not request.body.lstrip().startswith(b"{"):
         return None
     try:
-        model = dialects.parse_body(request.body).get("model")
+        return dialects.parse_body(request.body)
     except ApiError:  # the hub will say what is wrong with it
         return None
+
+
+def model_of(request: Request) -> str | None:
+    """The ``model`` of a JSON POST body, for model-aware routing; None when there is none."""
+    model = (_body_of(request) or {}).get("model")
     return model if isinstance(model, str) else None
+
+
+def route_of(request: Request) -> tuple[str | None, int | None]:
+    """The model, and the conversation's key (``ghubai.affinity``): the same conversation goes to
+    the same hub while it is healthy, where the hub sends it to the engine that holds its prompt."""
+    body = _body_of(request) or {}
+    model = body.get("model")
+    return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
 
 
 def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -108,9 +121,9 @@ class Forwarder:
 
     async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                        request_id: str) -> None:
-        model = model_of(request)
+        model, conversation = route_of(request)
         tried: set[str] = set()
-        while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried)):
+        while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)
             outcome.hub = hub.name
             upstream, response = await self._exchange(hub, request, client_ip, request_id)

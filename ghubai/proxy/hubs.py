@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import trio
 
+from ghubai import affinity
 from ghubai.config import url_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
@@ -35,6 +36,7 @@ class Hub:
     workers: list[dict[str, Any]] = field(default_factory=list)  # as its last health check listed them
     queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
     heartbeat_s: float = 0.0
+    seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
 
     def describe(self) -> dict[str, Any]:
         return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers, self.heartbeat_s)
@@ -81,9 +83,15 @@ class HubSet:
         hosting = [hub for hub in healthy if model in hub.models] if model else []
         return hosting or healthy
 
-    def pick(self, model: str | None, exclude: set[str]) -> Hub | None:
+    def pick(self, model: str | None, exclude: set[str], conversation: int | None = None) -> Hub | None:
+        """Round robin over the candidates; a conversation's requests go to the hub its key ranks
+        first (``ghubai.affinity``), the next in rank when that one is gone or was tried."""
         candidates = self.candidates(model, exclude)
-        return candidates[next(self._turn) % len(candidates)] if candidates else None
+        if not candidates:
+            return None
+        if conversation is not None:
+            return max(candidates, key=lambda hub: affinity.score(conversation, hub.seed))
+        return candidates[next(self._turn) % len(candidates)]
 
     def serves(self, model: str) -> bool:
         """Some known hub's last health check listed ``model``."""
@@ -118,7 +126,8 @@ class HubSet:
         host, port = parts.hostname or "localhost", parts.port or (443 if tls else 80)
         context = self.ssl_context if tls else None
         return Hub(name, address, ConnectionPool(host, port, ssl_context=context, connect_timeout_s=self.connect_timeout_s,
-                                                 max_idle=MAX_IDLE_PER_HUB, idle_reuse_s=IDLE_REUSE_S))
+                                                 max_idle=MAX_IDLE_PER_HUB, idle_reuse_s=IDLE_REUSE_S),
+                   seed=affinity.seed_of(address))
 
     async def release(self, hub: Hub, conn: ClientConnection) -> None:
         """Keep the connection for the next request while the hub is up and still listed."""
