@@ -6,15 +6,14 @@ turn of a chat re-sends that prefix, and only the engine that holds it skips the
 names a conversation without reading all of it: an explicit session (header ``X-Session-ID``, or
 OpenAI's ``user`` field), else a hash of the model and the conversation's opening — the first
 system and the first user message, or the start of a completion's prompt — which every later turn
-repeats unchanged. ``rendezvous`` ranks places for a key (highest random weight): the same key
-gets the same place while it is there, and keys spread evenly over places.
+repeats unchanged. ``score`` ranks places for a key (rendezvous hashing: the place of highest score
+wins): the same key gets the same place while it is there, and keys spread evenly over places.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -22,8 +21,6 @@ SESSION_HEADER = b"x-session-id"
 PROMPT_OPENING_CHARS = 2048  # of a completion's prompt: a long shared preamble, not the whole prompt
 _MASK = (1 << 64) - 1
 _encode = msgspec.json.Encoder().encode
-
-T = TypeVar("T")
 
 
 def _digest(*parts: bytes) -> int:
@@ -73,8 +70,3 @@ def score(key: int, seed: int) -> int:
     value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
     value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK
     return value ^ (value >> 31)
-
-
-def rendezvous(key: int, places: Iterable[T], seed: Callable[[T], int]) -> list[T]:
-    """``places`` ranked for ``key``, the first the one the key belongs to."""
-    return sorted(places, key=lambda place: score(key, seed(place)), reverse=True)

@@ -105,7 +105,7 @@ async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid:
 async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(grid: Grid) -> None:
     stuck_url, stuck = await grid.sim(ttft_ms=60_000)
     good_url, good = await grid.sim()
-    hub = await grid.hub()
+    hub = await grid.hub(scheduler={"policy": "least-loaded"})  # both idle: the first linked, the doomed one
     doomed = worker_process(hub.value, stuck_url)
     try:
         await workers_linked(grid, hub.value, 1)

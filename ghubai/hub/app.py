@@ -11,11 +11,13 @@ for the client leaving: then the nursery is cancelled, and with it the exchange,
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
@@ -37,9 +39,12 @@ from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, Gaug
 from ghubai.observability.service import Service
 from ghubai.web import serve_app, server_config
 
+_encode = msgspec.json.Encoder().encode
+
 log = logging.getLogger("ghubai.hub")
 
-OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", *dashboard.PATHS)
+OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/api/summary", *dashboard.PATHS)
+REGISTRY_CACHE_S = 1.0  # /api/registry is built at most this often, however many poll it
 CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
 _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
@@ -182,6 +187,7 @@ class HubApi:
         self.config, self.pool, self.inflight, self.hub_id = config, pool, inflight, hub_id
         self.secrets, self.history = secrets, history
         self.rate_limits = RateLimits(config.limits)
+        self._registry: tuple[float, int, bytes] = (-math.inf, -1, b"")  # when built, from what, the body
         self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
@@ -198,7 +204,8 @@ class HubApi:
         for path, view in (("/v1/models", self.list_models), ("/v1/models/<path:model>", self.one_model),
                            ("/api/tags", self.ollama_tags), ("/api/ps", self.ollama_running),
                            ("/api/version", self.ollama_version), ("/", self.ollama_root),
-                           ("/api/registry", self.registry), ("/health", self.health), ("/ready", self.ready),
+                           ("/api/registry", self.registry), ("/api/summary", self.summary),
+                           ("/health", self.health), ("/ready", self.ready),
                            ("/dashboard", self.dashboard_page), ("/dashboard/data", self.dashboard_data),
                            ("/metrics", self.prometheus)):
             app.add_url_rule(path, view.__name__, view, methods=["GET"])
@@ -384,12 +391,27 @@ class HubApi:
     async def ollama_root(self) -> Response:
         return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")
 
-    async def registry(self) -> dict[str, Any]:
-        pool = self.pool
-        return {"hub_id": self.hub_id, "workers": [w.describe() for w in pool.workers.values()],
+    async def registry(self) -> Response:
+        """Every worker in detail: with a thousand workers, a few hundred kilobytes that take
+        milliseconds to build, so built again only when a worker joins, leaves or changes what it
+        offers, or its figures are ``REGISTRY_CACHE_S`` old, however many poll it (a proxy's health
+        check asks ``/api/summary`` instead)."""
+        now, pool = trio.current_time(), self.pool
+        if now - self._registry[0] >= REGISTRY_CACHE_S or self._registry[1] != pool.version:
+            self._registry = (now, pool.version, _encode({
+                "hub_id": self.hub_id, "workers": [w.describe() for w in pool.workers.values()],
                 "queued": pool.queued, "queue": pool.queue_lengths(), "draining": pool.draining,
                 "heartbeat_s": self.config.heartbeat_s,
-                "usage": {model: dict(count) for model, count in pool.usage.items()}}
+                "usage": {model: dict(count) for model, count in pool.usage.items()}}))
+        return Response(self._registry[2], 200, content_type="application/json")
+
+    async def summary(self) -> dict[str, Any]:
+        """What a proxy's health check needs, in a size and time that do not grow with the workers:
+        whether the hub takes requests, its models (kept between changes), its queue."""
+        pool = self.pool
+        return {"hub_id": self.hub_id, "draining": pool.draining, "heartbeat_s": self.config.heartbeat_s,
+                "models": pool.models(), "workers": len(pool.workers), "queued": pool.queued,
+                "queue": pool.queue_lengths()}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__}

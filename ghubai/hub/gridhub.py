@@ -14,7 +14,7 @@ import math
 import trio
 from quart import Response, websocket
 
-from ghubai import affinity, link, protocol
+from ghubai import link, protocol
 from ghubai.auth import Secrets
 from ghubai.hub.pool import Pool, RemoteWorker
 
@@ -44,7 +44,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     worker = RemoteWorker(id=hello.worker_id, name=hello.name, models=frozenset(hello.models),
                           max_concurrency=min(hello.max_concurrency, max_concurrency), engine=hello.engine,
                           out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
-                          weight=hello.weight, seed=affinity.seed_of(hello.worker_id),
+                          weight=hello.weight,
                           apis=None if hello.apis is None else frozenset(hello.apis),
                           loaded=None if hello.loaded is None else frozenset(hello.loaded))
     lost = f"lost the link to worker {worker.name}"

@@ -55,7 +55,6 @@ class RemoteWorker:
     loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
     problem: str = ""  # why its engine lists no model, as the worker put it
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
-    seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
@@ -76,7 +75,8 @@ class RemoteWorker:
     @property
     def load(self) -> float:
         """Slots taken, as a share of its slots and over its weight: what the scheduler compares."""
-        return self.busy / (self.max_concurrency * self.weight)
+        busy = self.inflight if self.inflight > self.reported else self.reported  # self.busy, inlined: hot
+        return busy / (self.max_concurrency * self.weight)
 
     def send(self, frame: protocol.Frame) -> None:
         try:
@@ -125,6 +125,10 @@ class Pool:
         # affinity key -> the worker that served it last (by key: a worker that links again keeps it)
         self._conversations: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._demand: dict[str, tuple[float, float]] = {}  # model -> (requests, decayed; when last updated)
+        self._able: dict[tuple[str, str], list[RemoteWorker]] = {}  # (model, api) -> who could serve it
+        self._models: list[str] | None = None
+        self.version = 0  # counts the changes of the workers and what they offer
+
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
@@ -139,6 +143,7 @@ class Pool:
         cannot evict a worker, nor squat its id while its link is down."""
         stale = self.workers.get(worker.key)
         self.workers[worker.key] = worker
+        self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
                  ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
         self._wake(worker.models)
@@ -147,6 +152,7 @@ class Pool:
     def remove(self, worker: RemoteWorker) -> None:
         if self.workers.get(worker.key) is worker:
             del self.workers[worker.key]
+            self._changed()
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
         self._wake(self._queues)  # queued requests may now have no worker at all
 
@@ -160,6 +166,7 @@ class Pool:
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
+        self._changed()
         self._wake(self._queues)
 
     def loaded(self) -> list[str]:
@@ -167,8 +174,18 @@ class Pool:
         return sorted({model for worker in self.workers.values() if not worker.draining
                        for model in (worker.models if worker.loaded is None else worker.loaded & worker.models)})
 
+    def _changed(self) -> None:
+        """The workers, or what one offers, changed: what was derived from them is stale."""
+        self._able.clear()
+        self._models = None
+        self.version += 1
+
     def models(self) -> list[str]:
-        return sorted({model for worker in self.workers.values() if not worker.draining for model in worker.models})
+        """Every model a worker that is not draining serves (kept until the workers change)."""
+        if self._models is None:
+            self._models = sorted({model for worker in self.workers.values() if not worker.draining
+                                   for model in worker.models})
+        return self._models
 
     def serves(self, model: str) -> bool:
         """Some linked worker lists ``model`` (draining or not)."""
@@ -179,6 +196,7 @@ class Pool:
 
     def set_draining(self, worker: RemoteWorker) -> None:
         worker.draining = True
+        self._changed()
         log.info("worker %s (%s) is draining", worker.name, worker.id[:8])
         self._wake(self._queues)  # requests waiting only for it must learn it is gone
 
@@ -201,9 +219,14 @@ class Pool:
         When no worker that holds the model has a free slot, one that must load it, if the load is
         worth it (``_worth_loading``) or ``cold_ok`` (the request waited ``warm_wait_s``): the one
         whose eviction costs least (``_coldest``)."""
-        able = [worker for worker in self.workers.values()
-                if model in worker.models and not worker.draining and worker.serves(api) and worker.id not in exclude]
-        free = [worker for worker in able if worker.busy < worker.max_concurrency]
+        able = self._able.get((model, api))
+        if able is None:  # kept until the workers or what they offer change: a pick is one pass over it
+            able = [worker for worker in self.workers.values()
+                    if model in worker.models and not worker.draining and worker.serves(api)]
+            if able:  # an unknown model's empty answer is not kept: clients choose those names
+                self._able[(model, api)] = able
+        free = [worker for worker in able if worker.inflight < worker.max_concurrency
+                and worker.reported < worker.max_concurrency and not (exclude and worker.id in exclude)]
         if not free:
             return None
         margin = self.scheduler.affinity_margin
@@ -263,11 +286,14 @@ class Pool:
         self._demand[model] = (self._demand_of(model, now) + 1.0, now)
 
     def _for_conversation(self, free: list[RemoteWorker], conversation: int) -> RemoteWorker:
-        bound = min(worker.load for worker in free) + self.scheduler.affinity_margin
+        """The conversation's last worker while within the bound; else, for a new conversation or
+        one that must move, the one its key picks among those within it (spread by the key)."""
+        loads = [worker.load for worker in free]
+        bound = min(loads) + self.scheduler.affinity_margin
         last = self.workers.get(self._conversations.get(conversation, (b"", "")))
         if last is None or last not in free or last.load > bound:
-            last = max((worker for worker in free if worker.load <= bound),
-                       key=lambda worker: affinity.score(conversation, worker.seed))
+            within = [worker for worker, load in zip(free, loads) if load <= bound]
+            last = within[affinity.score(conversation, 0) % len(within)]
         self._remember(conversation, last)
         return last
 

@@ -3,6 +3,7 @@ active health checks of every hub."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import httpx
@@ -47,27 +48,42 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
             await trio.sleep(RETRY_S)
 
 
-async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float) -> None:
-    """``/health`` says the hub serves; ``/api/registry`` (open even when the hub wants API keys)
-    what its workers host, and whether the hub is draining."""
+DETAILS_EVERY = 5  # health checks: each asks a hub's summary, every fifth its workers in detail too
+DETAILS_WANTED_S = 10.0  # after the proxy's dashboard or status was asked for, every check does
+
+
+async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float, details: bool) -> None:
+    """``/api/summary`` (open even when the hub wants API keys): that the hub serves, whether it
+    is draining, its models and queue, at a cost that does not grow with its workers; and, when
+    ``details``, ``/api/registry``: its workers, for the dashboard. A hub older than
+    ``/api/summary`` is read from ``/api/registry`` alone."""
     try:
         with trio.fail_after(timeout_s):
-            health = await http.get(hub.address + "/health")
-            registry = await http.get(hub.address + "/api/registry")
-        health.raise_for_status()
-        registry.raise_for_status()
-        state = registry.json()
-        hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state)
+            summary = await http.get(hub.address + "/api/summary")
+            registry = await http.get(hub.address + "/api/registry") if details or summary.status_code == 404 \
+                else None
+        workers = None
+        if registry is not None:
+            registry.raise_for_status()
+            workers = list(registry.json()["workers"])
+        if summary.status_code == 404 and workers is not None:
+            state = {**registry.json(), "models": sorted({model for worker in workers if not worker.get("draining")
+                                                          for model in worker["models"]})}
+        else:
+            summary.raise_for_status()
+            state = summary.json()
+        hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state, workers=workers)
     except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
         hubs.set_health(hub, False, f"health check failed: {describe(error)}")
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
     """Check every hub each ``interval_s``, and at once when the list gains a hub."""
-    while True:
+    for round_number in itertools.count():
         hubs.check_now = trio.Event()
+        wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
         async with trio.open_nursery() as nursery:
             for hub in list(hubs.hubs.values()):
-                nursery.start_soon(_check, hub, hubs, http, config.health.timeout_s)
+                nursery.start_soon(_check, hub, hubs, http, config.health.timeout_s, wanted or hub.workers is None)
         with trio.move_on_after(config.health.interval_s):
             await hubs.check_now.wait()

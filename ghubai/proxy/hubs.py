@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import ssl
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +34,14 @@ class Hub:
     up: bool = False
     models: frozenset[str] = frozenset()
     reason: str = "not checked yet"
-    workers: list[dict[str, Any]] = field(default_factory=list)  # as its last health check listed them
+    workers: list[dict[str, Any]] | None = None  # as a health check last listed them in detail; None: not yet
     queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
     heartbeat_s: float = 0.0
     seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
 
     def describe(self) -> dict[str, Any]:
-        return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers, self.heartbeat_s)
+        return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers or [], self.heartbeat_s,
+                        sorted(self.models))
 
 
 class HubSet:
@@ -52,6 +54,7 @@ class HubSet:
         self.ssl_context = ssl_context
         self._turn = itertools.count()
         self.check_now = trio.Event()
+        self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
@@ -100,15 +103,18 @@ class HubSet:
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
 
-    def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None) -> None:
-        """``state``: the hub's ``/api/registry`` answer, when the check read one."""
+    def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None,
+                   workers: list[dict[str, Any]] | None = None) -> None:
+        """``state``: the hub's ``/api/summary`` answer, when the check read one; ``workers``: its
+        ``/api/registry`` list, when the check read that too."""
         if state is not None:
-            hub.workers, hub.queue = list(state["workers"]), {str(k): int(v) for k, v in state.get("queue", {}).items()}
+            hub.queue = {str(k): int(v) for k, v in state.get("queue", {}).items()}
             hub.heartbeat_s = float(state.get("heartbeat_s", 0))
-            hub.models = frozenset(str(model) for worker in hub.workers if not worker.get("draining")
-                                   for model in worker["models"])
+            hub.models = frozenset(str(model) for model in state["models"])
+            if workers is not None:
+                hub.workers = workers
         elif not up:
-            hub.workers, hub.queue = [], {}  # unreachable: what it had is unknown now
+            hub.workers, hub.queue = None, {}  # unreachable: what it had is unknown now
         if up != hub.up:
             if up:
                 log.info("hub %s (%s) is up: %s", hub.name, hub.address, ", ".join(sorted(hub.models)) or "no models")

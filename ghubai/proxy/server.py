@@ -29,7 +29,7 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
-from ghubai.proxy.follow import check_health, follow_registry
+from ghubai.proxy.follow import DETAILS_WANTED_S, check_health, follow_registry
 from ghubai.proxy.forward import Forwarder, Outcome, model_of
 from ghubai.proxy.hubs import HubSet
 
@@ -151,6 +151,7 @@ class Proxy:
         await conn.respond_error(error, request.path, tag)  # unless the forwarder had begun the answer
 
     async def health(self, conn: Connection, request: Request) -> None:
+        self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S
         hubs = [hub.describe() for hub in self.hubs.hubs.values()]
         await conn.respond_json(200, {"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs})
 
@@ -158,6 +159,7 @@ class Proxy:
         await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
 
     async def dashboard_data(self, conn: Connection, request: Request) -> None:
+        self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S  # workers live while watched
         hubs = [hub.describe() for hub in self.hubs.hubs.values()]
         queue: Counter[str] = Counter()
         for hub in self.hubs.hubs.values():
