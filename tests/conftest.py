@@ -119,7 +119,7 @@ class Grid:
         tls = {key: engine.pop(key) for key in ("ca_file", "allow_invalid_certs") if key in engine}
         config = WorkerConfig(
             hub_url=tuple(u.replace("https://", "wss://").replace("http://", "ws://") + "/gridhub" for u in urls),
-            provider_token=token, name=engine.pop("name", "w"), **tls,
+            provider_token=token, name=engine.pop("name", "w"), weight=engine.pop("weight", 1.0), **tls,
             engine=EngineConfig(url=engine_url, **{"discovery_interval_s": 0.2, **engine}))
         running = await self.nursery.start(_scoped, run_worker, config)
         if wait:

@@ -13,14 +13,16 @@ import trio
 import trio.testing
 
 from ghubai import protocol
-from ghubai.config import HubLimits
+from ghubai.config import HubLimits, SchedulerConfig
 from ghubai.hub.pool import Pool, RemoteWorker
 
 
-def make_worker(worker_id: str, models: Iterable[str] = ("m",), max_concurrency: int = 1) -> RemoteWorker:
+def make_worker(worker_id: str, models: Iterable[str] = ("m",), max_concurrency: int = 1,
+                loaded: Iterable[str] | None = None, weight: float = 1.0) -> RemoteWorker:
     out = trio.open_memory_channel[Any](math.inf)[0]
     return RemoteWorker(id=worker_id, name=f"host-{worker_id}", models=frozenset(models),
-                        max_concurrency=max_concurrency, engine="ollama", out=out)
+                        max_concurrency=max_concurrency, engine="ollama", out=out, weight=weight,
+                        loaded=None if loaded is None else frozenset(loaded))
 
 
 def soon() -> float:
@@ -29,8 +31,9 @@ def soon() -> float:
     return trio.current_time() + 600
 
 
-def make_pool(*workers: RemoteWorker, queue_size: int = 256, queue_timeout_s: float = 30.0) -> Pool:
-    pool = Pool(HubLimits(queue_size=queue_size, queue_timeout_s=queue_timeout_s))
+def make_pool(*workers: RemoteWorker, queue_size: int = 256, queue_timeout_s: float = 30.0,
+              **scheduler: Any) -> Pool:
+    pool = Pool(HubLimits(queue_size=queue_size, queue_timeout_s=queue_timeout_s), SchedulerConfig(**scheduler))
     for worker in workers:
         pool.add(worker)
     return pool
@@ -605,3 +608,97 @@ async def test_worker_ids_are_per_provider_token(autojump_clock: trio.testing.Mo
     assert pool.add(alice) is None and pool.add(mallory) is None
     pool.remove(mallory)
     assert list(pool.workers.values()) == [alice]
+
+
+# -- choices of the llm-aware policy -------------------------------------------------------------
+
+
+async def test_a_worker_with_the_model_in_memory_wins_over_a_less_loaded_one_without(
+        autojump_clock: trio.testing.MockClock) -> None:
+    cold = make_worker("cold", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    warm = make_worker("warm", models=("m", "x"), max_concurrency=4, loaded=("m",))
+    pool = make_pool(cold, warm)
+    assert [await pool.acquire("m", "openai.chat", set(), soon()) for _ in range(2)] == [warm, warm]
+    least = make_pool(cold, warm, policy="least-loaded")
+    assert await least.acquire("m", "openai.chat", set(), soon()) is cold
+
+
+async def test_a_conversation_stays_on_its_worker_until_the_load_bound_moves_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Bounded-load affinity: the conversation's worker keeps it while it is at most
+    ``affinity_margin`` busier than the least loaded; past that it moves, and is remembered there."""
+    a, b = make_worker("a", max_concurrency=4), make_worker("b", max_concurrency=4)
+    pool = make_pool(a, b, affinity_margin=0.5)
+    first = await pool.acquire("m", "openai.chat", set(), soon(), conversation=7)
+    other = b if first is a else a
+    pool.release(first)
+    pool.report(first, 0)
+    for _ in range(3):  # up to 2 of 4 busy, 0.5 above the idle other: still within the bound
+        assert await pool.acquire("m", "openai.chat", set(), soon(), conversation=7) is first
+    assert await pool.acquire("m", "openai.chat", set(), soon(), conversation=7) is other  # 3 of 4: moved
+    finish(pool, other)
+    assert await pool.acquire("m", "openai.chat", set(), soon(), conversation=7) is other  # and stays
+
+
+async def test_new_conversations_spread_over_the_workers(autojump_clock: trio.testing.MockClock) -> None:
+    workers = [make_worker(name, max_concurrency=100) for name in "abcd"]
+    pool = make_pool(*workers)
+    chosen = set()
+    for conversation in range(40):
+        worker = await pool.acquire("m", "openai.chat", set(), soon(), conversation=conversation * 7919)
+        finish(pool, worker)
+        chosen.add(worker.id)
+    assert chosen == set("abcd")  # not all onto the first idle one
+
+
+async def test_weight_gives_a_worker_its_share_of_the_load(autojump_clock: trio.testing.MockClock) -> None:
+    fast, slow = make_worker("fast", max_concurrency=4, weight=3.0), make_worker("slow", max_concurrency=4)
+    pool = make_pool(fast, slow)
+    picks = [(await pool.acquire("m", "openai.chat", set(), soon())).id for _ in range(4)]
+    assert picks.count("fast") == 3 and picks.count("slow") == 1
+
+
+async def test_a_load_goes_where_it_evicts_the_least_asked_model(autojump_clock: trio.testing.MockClock) -> None:
+    """No worker holds ``new``: it is loaded where what may be evicted is held elsewhere too, or
+    asked least — not on the only holder of the popular model."""
+    only_popular = make_worker("only-popular", models=("popular", "rare", "new"), max_concurrency=4,
+                               loaded=("popular",))
+    only_rare = make_worker("only-rare", models=("popular", "rare", "new"), max_concurrency=4, loaded=("rare",))
+    pool = make_pool(only_popular, only_rare)
+    for model in ["popular"] * 5 + ["rare"]:
+        finish(pool, await pool.acquire(model, "openai.chat", set(), soon()))
+    assert await pool.acquire("new", "openai.chat", set(), soon()) is only_rare
+    assert only_rare.loaded is not None and "new" in only_rare.loaded  # the next ones wait for this load
+    assert await pool.acquire("new", "openai.chat", set(), soon()) is only_rare
+
+
+async def test_a_request_waits_for_a_warm_slot_then_after_warm_wait_s_loads_elsewhere(
+        autojump_clock: trio.testing.MockClock) -> None:
+    warm = make_worker("warm", models=("m", "x"), max_concurrency=1, loaded=("m",))
+    busy_elsewhere = make_worker("other", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(warm, busy_elsewhere, warm_wait_s=1.0)
+    for _ in range(5):  # "x" is asked more than "m": evicting it to load "m" is not worth it
+        finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
+    async with trio.open_nursery() as nursery:
+        freed = await queue_attempt(nursery, pool, "freed")
+        assert freed.waiting  # a warm slot frees sooner than a load ends
+        finish(pool, warm)
+        await trio.testing.wait_all_tasks_blocked()
+        assert freed.worker is warm
+        started = trio.current_time()
+        late = await queue_attempt(nursery, pool, "late")
+        while late.waiting:
+            await trio.sleep(0.1)
+        assert late.worker is busy_elsewhere and trio.current_time() - started == pytest.approx(1.0, abs=0.11)
+
+
+async def test_busy_warm_workers_spread_to_an_idle_empty_one(autojump_clock: trio.testing.MockClock) -> None:
+    """One model, one worker holding it: once it is more than ``affinity_margin`` busier than a
+    worker that would lose nothing by loading the model, requests go there (it then holds it too)."""
+    warm = make_worker("warm", max_concurrency=4, loaded=("m",))
+    empty = make_worker("empty", max_concurrency=4, loaded=())
+    pool = make_pool(warm, empty, affinity_margin=0.5)
+    assert [(await pool.acquire("m", "openai.chat", set(), soon())).id for _ in range(4)] == \
+        ["warm", "warm", "warm", "empty"]
+    assert empty.loaded == frozenset({"m"})

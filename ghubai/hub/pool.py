@@ -273,7 +273,7 @@ class Pool:
         hold it (all full): when none does; when its queue outgrows their slots; or when what the
         load may evict is asked less than the model would be per copy with one more."""
         warm = [worker for worker in able if worker.warm(model)]
-        if not warm or len(self._queues.get(model, ())) >= sum(worker.max_concurrency for worker in warm):
+        if not warm or len(self._queues.get(model, ())) > sum(worker.max_concurrency for worker in warm):
             return True
         return lost < self._demand_of(model, trio.current_time()) / (len(warm) + 1)
 
