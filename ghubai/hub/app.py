@@ -187,7 +187,8 @@ class HubApi:
         self.config, self.pool, self.inflight, self.hub_id = config, pool, inflight, hub_id
         self.secrets, self.history = secrets, history
         self.rate_limits = RateLimits(config.limits)
-        self._registry: tuple[float, int, bytes] = (-math.inf, -1, b"")  # when built, from what, the body
+        self._workers: tuple[float, int, list[dict[str, Any]]] = (-math.inf, -1, [])  # when, from what, what
+        self._registry = b""  # /api/registry's body, from those
         self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
@@ -391,19 +392,25 @@ class HubApi:
     async def ollama_root(self) -> Response:
         return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")
 
-    async def registry(self) -> Response:
-        """Every worker in detail: with a thousand workers, a few hundred kilobytes that take
-        milliseconds to build, so built again only when a worker joins, leaves or changes what it
-        offers, or its figures are ``REGISTRY_CACHE_S`` old, however many poll it (a proxy's health
-        check asks ``/api/summary`` instead)."""
+    def _described(self) -> list[dict[str, Any]]:
+        """Every worker in detail, for ``/api/registry`` and the dashboard: with a thousand workers,
+        a few hundred kilobytes that take milliseconds to build, so built again only when a worker
+        joins, leaves or changes what it offers, or its figures are ``REGISTRY_CACHE_S`` old,
+        however many poll them (a proxy's health check asks ``/api/summary`` instead)."""
         now, pool = trio.current_time(), self.pool
-        if now - self._registry[0] >= REGISTRY_CACHE_S or self._registry[1] != pool.version:
-            self._registry = (now, pool.version, _encode({
-                "hub_id": self.hub_id, "workers": [w.describe() for w in pool.workers.values()],
-                "queued": pool.queued, "queue": pool.queue_lengths(), "draining": pool.draining,
-                "heartbeat_s": self.config.heartbeat_s,
-                "usage": {model: dict(count) for model, count in pool.usage.items()}}))
-        return Response(self._registry[2], 200, content_type="application/json")
+        if now - self._workers[0] >= REGISTRY_CACHE_S or self._workers[1] != pool.version:
+            self._workers = (now, pool.version, [worker.describe() for worker in pool.workers.values()])
+            self._registry = b""
+        return self._workers[2]
+
+    async def registry(self) -> Response:
+        workers, pool = self._described(), self.pool
+        if not self._registry:
+            self._registry = _encode({
+                "hub_id": self.hub_id, "workers": workers, "queued": pool.queued, "queue": pool.queue_lengths(),
+                "draining": pool.draining, "heartbeat_s": self.config.heartbeat_s,
+                "usage": {model: dict(count) for model, count in pool.usage.items()}})
+        return Response(self._registry, 200, content_type="application/json")
 
     async def summary(self) -> dict[str, Any]:
         """What a proxy's health check needs, in a size and time that do not grow with the workers:
@@ -425,7 +432,7 @@ class HubApi:
         return Response(dashboard.PAGE, 200, content_type=dashboard.PAGE_TYPE)
 
     async def dashboard_data(self) -> dict[str, Any]:
-        workers, queue = [worker.describe() for worker in self.pool.workers.values()], self.pool.queue_lengths()
+        workers, queue = self._described(), self.pool.queue_lengths()
         me = dashboard.hub_view(f"hub {self.hub_id}", request.host_url.rstrip("/"), not self.pool.draining,
                                 "draining", queue, workers, self.config.heartbeat_s)
         return dashboard.data("hub", f"hub {self.hub_id}", [me], queue, self.history)
