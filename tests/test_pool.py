@@ -702,3 +702,11 @@ async def test_busy_warm_workers_spread_to_an_idle_empty_one(autojump_clock: tri
     assert [(await pool.acquire("m", "openai.chat", set(), soon())).id for _ in range(4)] == \
         ["warm", "warm", "warm", "empty"]
     assert empty.loaded == frozenset({"m"})
+
+
+async def test_model_names_a_client_makes_up_leave_nothing_behind(autojump_clock: trio.testing.MockClock) -> None:
+    pool = make_pool(make_worker("a", loaded=("m",)))
+    for index in range(100):
+        with pytest.raises(Exception, match="does not exist"):
+            await pool.acquire(f"made-up-{index}", "openai.chat", set(), soon(), conversation=index)
+    assert set(pool._demand) <= {"m"} and not pool._conversations and not pool._able

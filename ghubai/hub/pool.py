@@ -333,7 +333,8 @@ class Pool:
         queue until ``deadline``; ``conversation``: the request's affinity key, if it has one. A
         request takes a worker that must load its model only when those that hold it have too few
         slots for the queue, or after ``warm_wait_s`` in the queue."""
-        self._note_demand(model)
+        if model in self.models():  # a name a client made up is not remembered
+            self._note_demand(model)
         cold_at = trio.current_time() + self.scheduler.warm_wait_s
         if not self.draining and not self._queues.get(model) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=False)):
