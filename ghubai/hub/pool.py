@@ -229,21 +229,12 @@ class Pool:
                 and worker.reported < worker.max_concurrency and not (exclude and worker.id in exclude)]
         if not free:
             return None
-        margin = self.scheduler.affinity_margin
         if self.scheduler.policy == "least-loaded":
             best = min(free, key=lambda worker: worker.load)
-        elif (warm := [worker for worker in free if worker.warm(model)]) and not (
-                (least := min(worker.load for worker in warm)) > margin and (spare := self._spare(free, least - margin))):
-            best = self._for_conversation(warm, conversation) if conversation is not None else \
-                min(warm, key=lambda worker: worker.load)
+        elif (chosen := self._llm_aware(model, able, free, conversation, cold_ok)) is not None:
+            best = chosen
         else:
-            best, lost = (spare, 0.0) if warm else self._coldest(free)
-            if not cold_ok and not warm and not self._worth_loading(model, able, lost):
-                return None  # a slot where the model is in memory frees sooner than a load ends
-            if best.loaded is not None:  # it holds the model from now on: the requests for it that
-                best.loaded = best.loaded | {model}  # follow wait for this load instead of starting others
-            if conversation is not None:
-                self._remember(conversation, best)
+            return None
         best.inflight += 1
         best.reported += 1  # until the worker's next load report says otherwise
         return best
@@ -285,17 +276,40 @@ class Pool:
         now = trio.current_time()
         self._demand[model] = (self._demand_of(model, now) + 1.0, now)
 
+    def _llm_aware(self, model: str, able: list[RemoteWorker], free: list[RemoteWorker], conversation: int | None,
+                   cold_ok: bool) -> RemoteWorker | None:
+        warm = [worker for worker in free if worker.warm(model)]
+        margin = self.scheduler.affinity_margin
+        if warm:
+            least = min(worker.load for worker in warm)
+            spare = self._spare(free, least - margin) if least > margin else None
+            if spare is None:
+                return self._for_conversation(warm, conversation) if conversation is not None else \
+                    min(warm, key=lambda worker: worker.load)
+            best = spare
+        else:
+            best, lost = self._coldest(free)
+            if not cold_ok and not self._worth_loading(model, able, lost):
+                return None  # a slot where the model is in memory frees sooner than a load ends
+        if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
+            best.loaded = best.loaded | {model}  # wait for this load instead of starting others
+        if conversation is not None:
+            self._remember(conversation, best)
+        return best
+
     def _for_conversation(self, free: list[RemoteWorker], conversation: int) -> RemoteWorker:
         """The conversation's last worker while within the bound; else, for a new conversation or
         one that must move, the one its key picks among those within it (spread by the key)."""
         loads = [worker.load for worker in free]
         bound = min(loads) + self.scheduler.affinity_margin
         last = self.workers.get(self._conversations.get(conversation, (b"", "")))
-        if last is None or last not in free or last.load > bound:
+        if last is not None and last in free and last.load <= bound:
+            chosen = last
+        else:
             within = [worker for worker, load in zip(free, loads) if load <= bound]
-            last = within[affinity.score(conversation, 0) % len(within)]
-        self._remember(conversation, last)
-        return last
+            chosen = within[affinity.score(conversation, 0) % len(within)]
+        self._remember(conversation, chosen)
+        return chosen
 
     def _remember(self, conversation: int, worker: RemoteWorker) -> None:
         self._conversations[conversation] = worker.key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Any
 
 import httpx
 import trio
@@ -62,13 +63,14 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
             summary = await http.get(hub.address + "/api/summary")
             registry = await http.get(hub.address + "/api/registry") if details or summary.status_code == 404 \
                 else None
-        workers = None
+        listing: dict[str, Any] | None = None
         if registry is not None:
             registry.raise_for_status()
-            workers = list(registry.json()["workers"])
-        if summary.status_code == 404 and workers is not None:
-            state = {**registry.json(), "models": sorted({model for worker in workers if not worker.get("draining")
-                                                          for model in worker["models"]})}
+            listing = registry.json()
+        workers = list(listing["workers"]) if listing is not None else None
+        if summary.status_code == 404 and listing is not None and workers is not None:
+            state = {**listing, "models": sorted({model for worker in workers if not worker.get("draining")
+                                                  for model in worker["models"]})}
         else:
             summary.raise_for_status()
             state = summary.json()
