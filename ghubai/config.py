@@ -217,7 +217,8 @@ class WorkerConfig:
         _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
         default=("ws://localhost:7197/gridhub",))
     provider_token: str = _key(None, "presented to the hubs (env PROVIDER_TOKEN wins)", secret=True, default="")
-    name: str = _key(lambda v: None if len(v) <= 128 else "must be at most 128 characters", "default: the host name",
+    name: str = _key(lambda v: None if len(v) <= 128 and not re.search(r"[\x00-\x1f\x7f]", v)
+                     else "must be at most 128 characters, none of them a control character", "default: the host name",
                      default="")
     ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)

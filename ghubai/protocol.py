@@ -74,7 +74,7 @@ RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN, min_length=ID_BYTES
 WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 # What a worker says of itself becomes log text and label values: bounded, and never empty.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[^\x00-\x1f\x7f]+\Z")]  # a header value too
 ModelNames = Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...],
                        msgspec.Meta(max_length=4096)]
 ApiNames = Annotated[tuple[Annotated[str, msgspec.Meta(max_length=64)], ...], msgspec.Meta(max_length=64)]

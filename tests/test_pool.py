@@ -710,3 +710,37 @@ async def test_model_names_a_client_makes_up_leave_nothing_behind(autojump_clock
         with pytest.raises(Exception, match="does not exist"):
             await pool.acquire(f"made-up-{index}", "openai.chat", set(), soon(), conversation=index)
     assert set(pool._demand) <= {"m"} and not pool._conversations and not pool._able
+
+
+async def test_a_load_the_hub_supposed_is_forgotten_when_its_request_fails_first(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a worker picked to load a model counted as holding it for good, although its
+    request failed before the engine loaded anything."""
+    worker = make_worker("w", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(worker)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
+    assert worker.loaded == frozenset({"m", "x"})
+    pool.not_served(worker, "m")
+    assert worker.loaded == frozenset({"x"})
+
+
+async def test_a_retry_does_not_wait_for_the_warm_worker_it_excludes(autojump_clock: trio.testing.MockClock) -> None:
+    warm = make_worker("warm", max_concurrency=4, loaded=("m",))
+    other = make_worker("other", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(warm, other, warm_wait_s=1.0)
+    for _ in range(5):
+        finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
+    started = trio.current_time()
+    assert await pool.acquire("m", "openai.chat", {"warm"}, soon()) is other
+    assert trio.current_time() == started
+
+
+async def test_a_warm_wait_never_outlasts_the_queue_time(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: with ``queue_timeout_s`` under ``warm_wait_s``, a request got 503 beside an idle worker."""
+    warm = make_worker("warm", max_concurrency=1, loaded=("m",))
+    other = make_worker("other", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(warm, other, warm_wait_s=1.0)
+    for _ in range(5):
+        finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
+    assert await pool.acquire("m", "openai.chat", set(), trio.current_time() + 0.5) is other

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import openai
@@ -11,6 +13,8 @@ import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
 from ghubai.configfiles import add_hub, remove_hub
+from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.proxy.hubs import HubSet
 
 
 def registry_file(tmp_path: Path, hubs: dict[str, str]) -> Path:
@@ -375,3 +379,50 @@ async def test_a_request_the_proxy_cannot_read_is_answered_in_its_dialect_and_co
     assert openai_style.status_code == 413 and openai_style.json()["error"]["type"] == "invalid_request_error"
     metrics = (await grid.http.get(proxy.value + "/metrics")).text
     assert 'ghubai_requests_total{code="413",model="",role="proxy"} 2.0' in metrics
+
+
+async def _fake_hub(grid: Grid, summary_status: int, registry_status: int) -> str:
+    """A hub that answers /api/summary and /api/registry with these statuses (and a worker serving sim)."""
+    async def handle(conn: Connection, request: Request) -> None:
+        if request.path == "/api/summary":
+            await conn.respond_json(summary_status, {"hub_id": "fake", "draining": False, "heartbeat_s": 1,
+                                                     "models": ["sim"], "workers": 1, "capacity": 4, "queue": {}})
+        elif request.path == "/api/registry":
+            await conn.respond_json(registry_status, {"hub_id": "fake", "draining": False, "heartbeat_s": 1, "queue": {},
+                                                      "workers": [{"name": "w", "models": ["sim"], "inflight": 0,
+                                                                   "max_concurrency": 4, "last_seen_s": 0}]})
+        else:
+            await conn.respond_json(404, {})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_health_comes_from_the_summary_and_an_old_hub_from_its_registry(grid: Grid) -> None:
+    """Regressions: a hub whose /api/registry failed was held down for good although its summary
+    said it served; a hub older than /api/summary that wants API keys (401) was called down."""
+    failing_registry = await _fake_hub(grid, 200, 500)
+    old_with_keys = await _fake_hub(grid, 401, 200)
+    proxy = await grid.proxy(hubs=(failing_registry, old_with_keys))
+
+    async def both_up() -> bool:
+        health = (await grid.http.get(proxy.value + "/health")).json()
+        return health["hubs_up"] == 2 and all(hub["models"] == ["sim"] for hub in health["hubs"])
+
+    await eventually(both_up, "both hubs up")
+
+
+def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> None:
+    """Regression: identical conversations all went to one hub however busy, while the hub itself
+    bounds affinity by load."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
+    for hub in hubs.hubs.values():
+        hubs.set_health(hub, True, state={"models": ["m"], "capacity": 2, "queue": {}})
+    first = hubs.pick("m", set(), 42)
+    assert first is not None and all(hubs.pick("m", set(), 42) is first for _ in range(5))
+    first.inflight = 1  # half its slots: 0.5 above the other, still within the margin
+    assert hubs.pick("m", set(), 42) is first
+    first.inflight = 2
+    assert hubs.pick("m", set(), 42) is not first

@@ -140,3 +140,14 @@ async def test_api_ps_lists_what_is_in_memory(grid: Grid) -> None:
             ).status_code == 200
     assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["b"]
     assert (await grid.http.get(url + "/sim/stats")).json()["loads"] == 1
+
+
+async def test_a_model_is_never_evicted_under_a_running_generation(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a request that found its model in memory while waiting for a slot then ran on a
+    model evicted meanwhile, with no reload: swaps looked cheaper than an engine makes them."""
+    sim = Simulator(SimOptions(models=("a", "b"), ttft_ms=10, itl_ms=10, load_ms=100, max_loaded=1, max_parallel=1))
+    async with trio.open_nursery() as nursery:
+        for model in ("a", "b", "a"):
+            nursery.start_soon(_answer, sim, model, "hi")
+            await trio.testing.wait_all_tasks_blocked()
+    assert sim.stats.loads == 3 and sim.stats.completed == 3

@@ -417,8 +417,8 @@ class HubApi:
         whether the hub takes requests, its models (kept between changes), its queue."""
         pool = self.pool
         return {"hub_id": self.hub_id, "draining": pool.draining, "heartbeat_s": self.config.heartbeat_s,
-                "models": pool.models(), "workers": len(pool.workers), "queued": pool.queued,
-                "queue": pool.queue_lengths()}
+                "models": pool.models(), "workers": len(pool.workers), "capacity": pool.capacity(),
+                "queued": pool.queued, "queue": pool.queue_lengths()}
 
     async def health(self) -> dict[str, Any]:
         return {"status": "ok", "version": __version__}

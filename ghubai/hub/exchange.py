@@ -95,6 +95,7 @@ class Exchange:
             if not isinstance(frame, protocol.Error):
                 self.pool.served(worker, self.model)
                 return frame
+            self.pool.not_served(worker, self.model)
             self.state = State.QUEUED
             if frame.busy:
                 self.pool.refused(worker)  # full because of other hubs: wait for a slot, not an attempt

@@ -55,6 +55,7 @@ class RemoteWorker:
     loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
     problem: str = ""  # why its engine lists no model, as the worker put it
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
+    loading: set[str] = field(default_factory=set)  # in ``loaded`` because a request was sent to load it
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
@@ -127,6 +128,7 @@ class Pool:
         self._demand: dict[str, tuple[float, float]] = {}  # model -> (requests, decayed; when last updated)
         self._able: dict[tuple[str, str], list[RemoteWorker]] = {}  # (model, api) -> who could serve it
         self._models: list[str] | None = None
+        self._capacity: int | None = None
         self.version = 0  # counts the changes of the workers and what they offer
 
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
@@ -163,6 +165,7 @@ class Pool:
         worker.models = frozenset(offer.models)
         worker.apis = None if offer.apis is None else frozenset(offer.apis)
         worker.loaded = None if offer.loaded is None else frozenset(offer.loaded)
+        worker.loading.clear()  # the worker's word replaces what the hub supposed
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
@@ -178,6 +181,7 @@ class Pool:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
         self._models = None
+        self._capacity: int | None = None
         self.version += 1
 
     def models(self) -> list[str]:
@@ -186,6 +190,12 @@ class Pool:
             self._models = sorted({model for worker in self.workers.values() if not worker.draining
                                    for model in worker.models})
         return self._models
+
+    def capacity(self) -> int:
+        """The slots of the workers that take requests (kept until the workers change)."""
+        if self._capacity is None:
+            self._capacity = sum(worker.max_concurrency for worker in self.workers.values() if not worker.draining)
+        return self._capacity
 
     def serves(self, model: str) -> bool:
         """Some linked worker lists ``model`` (draining or not)."""
@@ -231,7 +241,8 @@ class Pool:
             return None
         if self.scheduler.policy == "least-loaded":
             best = min(free, key=lambda worker: worker.load)
-        elif (chosen := self._llm_aware(model, able, free, conversation, cold_ok)) is not None:
+        elif (chosen := self._llm_aware(model, [worker for worker in able if not (exclude and worker.id in exclude)],
+                                        free, conversation, cold_ok)) is not None:
             best = chosen
         else:
             return None
@@ -293,6 +304,7 @@ class Pool:
                 return None  # a slot where the model is in memory frees sooner than a load ends
         if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
             best.loaded = best.loaded | {model}  # wait for this load instead of starting others
+            best.loading.add(model)
         if conversation is not None:
             self._remember(conversation, best)
         return best
@@ -319,8 +331,15 @@ class Pool:
 
     def served(self, worker: RemoteWorker, model: str) -> None:
         """The worker answered for ``model``: its engine holds it now (until its next report says)."""
+        worker.loading.discard(model)
         if worker.loaded is not None and model not in worker.loaded:
             worker.loaded = worker.loaded | {model}
+
+    def not_served(self, worker: RemoteWorker, model: str) -> None:
+        """The worker failed a request before its first byte: a load the hub supposed did not happen."""
+        if model in worker.loading and worker.loaded is not None:
+            worker.loading.discard(model)
+            worker.loaded = worker.loaded - {model}
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""
@@ -349,7 +368,8 @@ class Pool:
         slots for the queue, or after ``warm_wait_s`` in the queue."""
         if model in self.models():  # a name a client made up is not remembered
             self._note_demand(model)
-        cold_at = trio.current_time() + self.scheduler.warm_wait_s
+        # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
+        cold_at = trio.current_time() + min(self.scheduler.warm_wait_s, (deadline - trio.current_time()) / 2)
         if not self.draining and not self._queues.get(model) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=False)):
             return worker

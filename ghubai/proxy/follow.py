@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any
 
 import httpx
 import trio
@@ -54,29 +53,35 @@ DETAILS_WANTED_S = 10.0  # after the proxy's dashboard or status was asked for, 
 
 
 async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float, details: bool) -> None:
-    """``/api/summary`` (open even when the hub wants API keys): that the hub serves, whether it
-    is draining, its models and queue, at a cost that does not grow with its workers; and, when
-    ``details``, ``/api/registry``: its workers, for the dashboard. A hub older than
-    ``/api/summary`` is read from ``/api/registry`` alone."""
+    """Health from ``/api/summary`` (open even when the hub wants API keys): that the hub serves,
+    whether it is draining, its models and queue, at a cost that does not grow with its workers. A
+    hub older than ``/api/summary`` (any 4xx: one that wants keys answers 401) is read from
+    ``/api/registry`` instead. When ``details``, the workers too, for the dashboard: if that fails,
+    the last list stays, and the hub's health does not depend on it."""
     try:
         with trio.fail_after(timeout_s):
-            summary = await http.get(hub.address + "/api/summary")
-            registry = await http.get(hub.address + "/api/registry") if details or summary.status_code == 404 \
-                else None
-        listing: dict[str, Any] | None = None
-        if registry is not None:
-            registry.raise_for_status()
-            listing = registry.json()
-        workers = list(listing["workers"]) if listing is not None else None
-        if summary.status_code == 404 and listing is not None and workers is not None:
-            state = {**listing, "models": sorted({model for worker in workers if not worker.get("draining")
-                                                  for model in worker["models"]})}
-        else:
-            summary.raise_for_status()
-            state = summary.json()
-        hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state, workers=workers)
+            response = await http.get(hub.address + "/api/summary")
+            old = 400 <= response.status_code < 500
+            if old:
+                response = await http.get(hub.address + "/api/registry")
+        response.raise_for_status()
+        state = response.json()
+        workers = list(state["workers"]) if old else None
+        if old:
+            state["models"] = sorted({model for worker in workers or () if not worker.get("draining")
+                                      for model in worker["models"]})
     except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
         hubs.set_health(hub, False, f"health check failed: {describe(error)}")
+        return
+    if details and workers is None:
+        try:
+            with trio.fail_after(timeout_s):
+                registry = await http.get(hub.address + "/api/registry")
+            registry.raise_for_status()
+            workers = list(registry.json()["workers"])
+        except Exception as error:  # the summary said it serves: only the dashboard's detail is stale
+            log.debug("hub %s: no worker list (%s)", hub.name, describe(error))
+    hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state, workers=workers)
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:

@@ -126,17 +126,21 @@ class Forwarder:
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)
             outcome.hub = hub.name
-            upstream, response = await self._exchange(hub, request, client_ip, request_id)
-            if upstream is None or response is None:
-                continue
-            another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
-            if response.status_code in RETRY_STATUSES and another:
-                log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
-                await self._discard(hub, upstream)
-                continue
-            outcome.status, outcome.answered_at = response.status_code, trio.current_time()
-            await self._relay(conn, hub, upstream, response, request_id)
-            return
+            hub.inflight += 1  # what the proxy has outstanding there: the bound of a conversation's affinity
+            try:
+                upstream, response = await self._exchange(hub, request, client_ip, request_id)
+                if upstream is None or response is None:
+                    continue
+                another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
+                if response.status_code in RETRY_STATUSES and another:
+                    log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
+                    await self._discard(hub, upstream)
+                    continue
+                outcome.status, outcome.answered_at = response.status_code, trio.current_time()
+                await self._relay(conn, hub, upstream, response, request_id)
+                return
+            finally:
+                hub.inflight -= 1
         outcome.status = 503
         raise ApiError(503, "No healthy hub could take this request" if tried else "No healthy hub", retry_after=1)
 

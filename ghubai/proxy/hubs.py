@@ -21,6 +21,7 @@ from ghubai.observability.dashboard import hub_view
 log = logging.getLogger("ghubai.proxy")
 
 MAX_IDLE_PER_HUB = 64
+AFFINITY_MARGIN = 0.5  # as the hub's default scheduler.affinity_margin, over a hub's slots
 # Reuse an idle connection only while the hub surely still keeps it (hypercorn closes after 5 s).
 IDLE_REUSE_S = 4.0
 
@@ -38,6 +39,12 @@ class Hub:
     queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
     heartbeat_s: float = 0.0
     seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
+    inflight: int = 0  # requests this proxy has there now
+    capacity: int = 0  # its workers' slots, as its last health check said
+
+    @property
+    def load(self) -> float:
+        return self.inflight / max(self.capacity, 1)
 
     def describe(self) -> dict[str, Any]:
         return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers or [], self.heartbeat_s,
@@ -88,12 +95,16 @@ class HubSet:
 
     def pick(self, model: str | None, exclude: set[str], conversation: int | None = None) -> Hub | None:
         """Round robin over the candidates; a conversation's requests go to the hub its key ranks
-        first (``ghubai.affinity``), the next in rank when that one is gone or was tried."""
+        first (``ghubai.affinity``) while that hub is at most ``AFFINITY_MARGIN`` busier than the
+        least busy (requests this proxy has there over its workers' slots), else the next in rank
+        within that bound."""
         candidates = self.candidates(model, exclude)
         if not candidates:
             return None
         if conversation is not None:
-            return max(candidates, key=lambda hub: affinity.score(conversation, hub.seed))
+            bound = min(hub.load for hub in candidates) + AFFINITY_MARGIN
+            return max((hub for hub in candidates if hub.load <= bound),
+                       key=lambda hub: affinity.score(conversation, hub.seed))
         return candidates[next(self._turn) % len(candidates)]
 
     def serves(self, model: str) -> bool:
@@ -111,6 +122,7 @@ class HubSet:
             hub.queue = {str(k): int(v) for k, v in state.get("queue", {}).items()}
             hub.heartbeat_s = float(state.get("heartbeat_s", 0))
             hub.models = frozenset(str(model) for model in state["models"])
+            hub.capacity = int(state.get("capacity") or 0)
             if workers is not None:
                 hub.workers = workers
         elif not up:

@@ -8,7 +8,7 @@ import json
 import random
 import struct
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -144,7 +144,9 @@ class Simulator:
         self.slots = trio.Semaphore(options.max_parallel)
         self.free: list[Slot] = [Slot() for _ in range(options.max_parallel)]
         self.resident: OrderedDict[str, None] = OrderedDict()
+        self.running: Counter[str] = Counter()  # generations running, by model: such a model is not evicted
         self._loading = trio.Lock()
+        self._ended = trio.Event()  # set (and replaced) whenever a generation ends
         self._random = random.Random(0)
 
     def loaded(self) -> list[str]:
@@ -152,21 +154,24 @@ class Simulator:
         return list(self.resident) if self.options.has_memory else list(self.options.models)
 
     async def _load(self, model: str) -> None:
-        """Make ``model`` resident: a load (one at a time) unless it is already, evicting the least
-        recently used beyond ``max_loaded``, and the slot caches of the evicted model with it."""
+        """Make ``model`` resident, as Ollama does: a load (one at a time) unless it is already;
+        beyond ``max_loaded``, first evict the least recently used model that runs no generation
+        (waiting for one to end when all do), and the slot caches of the evicted model with it."""
         if not self.options.has_memory:
             return
-        if model not in self.resident:
-            async with self._loading:
-                if model not in self.resident:
+        async with self._loading:
+            while model not in self.resident:
+                if not self.options.max_loaded or len(self.resident) < self.options.max_loaded:
                     await trio.sleep(self.options.load_ms / 1000)
                     self.stats.loads += 1
-                    while self.options.max_loaded and len(self.resident) >= self.options.max_loaded:
-                        evicted, _ = self.resident.popitem(last=False)
-                        for slot in self.free:
-                            if slot.model == evicted:
-                                slot.model, slot.words = "", []
                     self.resident[model] = None
+                elif (idle := next((held for held in self.resident if not self.running[held]), None)) is None:
+                    await self._ended.wait()
+                else:
+                    del self.resident[idle]
+                    for slot in self.free:
+                        if slot.model == idle:
+                            slot.model, slot.words = "", []
         self.resident.move_to_end(model)
 
     def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
@@ -198,10 +203,15 @@ class Simulator:
         cancelled or stopped early (the client left), failed on an injected failure."""
         self.stats.waiting += 1
         try:
-            await self._load(model)
             await self.slots.acquire()
         finally:
             self.stats.waiting -= 1
+        try:
+            await self._load(model)  # in its slot, as a request waits for its model's load
+        except BaseException:
+            self.slots.release()
+            raise
+        self.running[model] += 1  # no checkpoint since the load: it cannot be evicted in between
         slot, compute = self._take_slot(model, prompt.split())
         self.stats.active += 1
         self.stats.started += 1
@@ -232,8 +242,9 @@ class Simulator:
         finally:
             self.stats.active -= 1
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
-            if slot.model and slot.model not in self.resident and self.options.has_memory:
-                slot.model, slot.words = "", []  # its model was evicted while it ran
+            self.running[model] -= 1
+            self._ended.set()
+            self._ended = trio.Event()
             self.free.append(slot)
             self.slots.release()
 

@@ -150,11 +150,14 @@ class Worker:
         ``residency_interval_s``, and at once after a request loaded a model (which may have
         evicted another). Other engines cannot tell: every model they list counts as loaded."""
         while True:
-            with trio.move_on_after(self.config.engine.residency_interval_s):
+            with trio.move_on_after(self.config.engine.residency_interval_s) as timer:
                 await self._loaded_one.wait()
             self._loaded_one = trio.Event()
             loaded = await self.engine.loaded()
-            if loaded is not None and not self.offer.problem and loaded != self.offer.loaded:
+            # after a request for a model not in memory, the hubs hear it even unchanged: the hub
+            # that sent it counted the model loaded here, and must learn so if the load never came
+            if loaded is not None and not self.offer.problem and (loaded != self.offer.loaded
+                                                                 or not timer.cancelled_caught):
                 self.offer = dataclasses.replace(self.offer, loaded=loaded)
                 self._announce()
 
@@ -387,6 +390,9 @@ class Worker:
         except Exception:  # a bug here must cost this request only, never the link and its others
             log.exception("request %s failed inside the worker", request_id)
             link.send(protocol.Error(request_id, 500, "internal error in the worker", retryable=True))
+        finally:
+            if cold:  # it failed before a byte: whether the engine loaded the model or not, say what it holds
+                self._loaded_one.set()
 
 
 async def _ready_when_welcomed(worker: Worker, service: Service) -> None:
