@@ -241,8 +241,8 @@ class Pool:
             return None
         if self.scheduler.policy == "least-loaded":
             best = min(free, key=lambda worker: worker.load)
-        elif (chosen := self._llm_aware(model, [worker for worker in able if not (exclude and worker.id in exclude)],
-                                        free, conversation, cold_ok)) is not None:
+        elif (chosen := self._llm_aware(model, [worker for worker in able if worker.id not in exclude] if exclude
+                                        else able, free, conversation, cold_ok)) is not None:
             best = chosen
         else:
             return None
@@ -289,14 +289,15 @@ class Pool:
 
     def _llm_aware(self, model: str, able: list[RemoteWorker], free: list[RemoteWorker], conversation: int | None,
                    cold_ok: bool) -> RemoteWorker | None:
-        warm = [worker for worker in free if worker.warm(model)]
+        warm = [worker for worker in free if worker.loaded is None or model in worker.loaded]  # warm(), inlined
         margin = self.scheduler.affinity_margin
         if warm:
-            least = min(worker.load for worker in warm)
+            loads = [worker.load for worker in warm]  # once: this is the hot loop with a thousand workers
+            least = min(loads)
             spare = self._spare(free, least - margin) if least > margin else None
             if spare is None:
-                return self._for_conversation(warm, conversation) if conversation is not None else \
-                    min(warm, key=lambda worker: worker.load)
+                return self._for_conversation(warm, loads, least, conversation) if conversation is not None else \
+                    warm[loads.index(least)]
             best = spare
         else:
             best, lost = self._coldest(free)
@@ -309,11 +310,11 @@ class Pool:
             self._remember(conversation, best)
         return best
 
-    def _for_conversation(self, free: list[RemoteWorker], conversation: int) -> RemoteWorker:
+    def _for_conversation(self, free: list[RemoteWorker], loads: list[float], least: float,
+                          conversation: int) -> RemoteWorker:
         """The conversation's last worker while within the bound; else, for a new conversation or
         one that must move, the one its key picks among those within it (spread by the key)."""
-        loads = [worker.load for worker in free]
-        bound = min(loads) + self.scheduler.affinity_margin
+        bound = least + self.scheduler.affinity_margin
         last = self.workers.get(self._conversations.get(conversation, (b"", "")))
         if last is not None and last in free and last.load <= bound:
             chosen = last
