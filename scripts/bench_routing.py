@@ -17,7 +17,7 @@ and prints one table: time to first token (mean, p50, p99), requests completed, 
 prompt tokens computed (from the simulators' ``/sim/stats``), and requests per second.
 
     python scripts/bench_routing.py [--workers 4] [--slots 4] [--max-loaded 2] [--load-ms 500]
-                                    [--prefill-us 200] [--seconds 12]
+                                    [--prefill-us 200] [--seconds 12] [--only mixed|multi-turn|one]
 """
 
 from __future__ import annotations
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--load-ms", type=float, default=500.0)
     parser.add_argument("--max-loaded", type=int, default=2, help="models each engine holds in memory at once")
     parser.add_argument("--prefill-us", type=float, default=200.0, help="per prompt word not in the slot's cache")
+    parser.add_argument("--only", choices=("mixed", "multi-turn", "one"), help="run one workload")
     args = parser.parse_args()
     workloads = {
         "mixed models": lambda http, url: mixed_models(http, url, requests=240, clients=8),
@@ -191,6 +192,8 @@ def main() -> None:
           "| prompt tokens computed | requests/s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, workload in workloads.items():
+        if args.only and not name.startswith(args.only):
+            continue
         for policy in POLICIES:
             r = run(policy, workload, args)
             print(f"| {name} | {policy} | {r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['done']:.0f} "
