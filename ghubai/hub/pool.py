@@ -3,8 +3,9 @@
 A request takes a slot on a worker that hosts its model and whose engine serves its API: with the
 ``llm-aware`` policy, one that holds the model in memory, then the one that last served its
 conversation (while not much busier than the rest), then the least loaded (lowest inflight /
-max_concurrency / weight); with ``least-loaded``, only the last. When every such worker is full it waits in a bounded queue: first in,
-first out per model, ``queue_size`` for the whole hub, ``queue_timeout_s`` at most. When a slot may
+max_concurrency / weight); with ``least-loaded``, only the last (see ``_pick``). When every such
+worker is full it waits in a bounded queue: first in, first out per model, ``queue_size`` for the
+whole hub, ``queue_timeout_s`` at most. When a slot may
 have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
 the one behind, so a release usually costs O(1) however long the queue.
 """
@@ -223,8 +224,8 @@ class Pool:
 
         ``least-loaded``: the lowest ``load``. ``llm-aware``: a worker that holds the model in memory
         — the one that served the conversation last while it is at most ``affinity_margin`` above the
-        least loaded, else the one the conversation's key ranks first within that bound, else (no
-        key) the least loaded — unless even the least loaded of them is more than ``affinity_margin``
+        least loaded, else one the conversation's key picks within that bound, else (no key) the
+        least loaded — unless even the least loaded of them is more than ``affinity_margin``
         above a worker that would lose nothing by loading the model (``_spare``): then that one.
         When no worker that holds the model has a free slot, one that must load it, if the load is
         worth it (``_worth_loading``) or ``cold_ok`` (the request waited ``warm_wait_s``): the one
