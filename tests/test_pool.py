@@ -744,3 +744,28 @@ async def test_a_warm_wait_never_outlasts_the_queue_time(autojump_clock: trio.te
         finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
     assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
     assert await pool.acquire("m", "openai.chat", set(), trio.current_time() + 0.5) is other
+
+
+async def test_a_failure_undoes_a_supposed_load_only_once_every_request_awaiting_it_failed(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: one request's error (say, a 400 for its body) dropped a load another request
+    still awaited, and the next request started a second load of the model elsewhere."""
+    w = make_worker("w", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(w)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is w  # starts the load
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is w  # waits for it
+    pool.not_served(w, "m")
+    assert w.loaded is not None and "m" in w.loaded
+    pool.not_served(w, "m")
+    assert w.loaded == frozenset({"x"})
+
+
+async def test_a_request_past_its_queue_time_still_takes_an_idle_worker(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a retry whose queue time had run out got 503 beside an idle worker."""
+    warm = make_worker("warm", max_concurrency=1, loaded=("m",))
+    other = make_worker("other", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    pool = make_pool(warm, other, warm_wait_s=1.0)
+    for _ in range(5):
+        finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
+    assert await pool.acquire("m", "openai.chat", set(), trio.current_time() - 1) is other

@@ -419,10 +419,30 @@ def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> N
     hubs = HubSet(1.0, ssl.create_default_context())
     hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
     for hub in hubs.hubs.values():
-        hubs.set_health(hub, True, state={"models": ["m"], "capacity": 2, "queue": {}})
+        hubs.set_health(hub, True, state={"models": ["m"], "capacity": 2, "queue": {}, "heartbeat_s": 1.0, "draining": False})
     first = hubs.pick("m", set(), 42)
     assert first is not None and all(hubs.pick("m", set(), 42) is first for _ in range(5))
     first.inflight = 1  # half its slots: 0.5 above the other, still within the margin
     assert hubs.pick("m", set(), 42) is first
     first.inflight = 2
     assert hubs.pick("m", set(), 42) is not first
+
+
+async def test_a_hub_address_that_answers_something_else_is_down_and_the_proxy_lives_on(grid: Grid) -> None:
+    """Regression: a 200 that was not a hub's summary ({}, [], odd figures) ended the health checks
+    and with them the proxy."""
+    async def handle(conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, {"models": None} if request.path == "/api/summary" else [])
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    other = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(other, hub.value))
+    await grid.wait_for_model(proxy.value, "sim")
+    health = (await grid.http.get(proxy.value + "/health")).json()
+    assert [h["up"] for h in health["hubs"]] == [False, True]
+    assert "the answer lists no models" in health["hubs"][0]["reason"]
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200

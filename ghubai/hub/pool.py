@@ -56,7 +56,8 @@ class RemoteWorker:
     loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
     problem: str = ""  # why its engine lists no model, as the worker put it
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
-    loading: set[str] = field(default_factory=set)  # in ``loaded`` because a request was sent to load it
+    # models in ``loaded`` only because requests were sent here to load them: how many still await a first byte
+    loading: Counter[str] = field(default_factory=Counter)
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
@@ -247,6 +248,8 @@ class Pool:
             best = chosen
         else:
             return None
+        if model in best.loading:
+            best.loading[model] += 1
         best.inflight += 1
         best.reported += 1  # until the worker's next load report says otherwise
         return best
@@ -306,7 +309,7 @@ class Pool:
                 return None  # a slot where the model is in memory frees sooner than a load ends
         if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
             best.loaded = best.loaded | {model}  # wait for this load instead of starting others
-            best.loading.add(model)
+            best.loading[model] += 0  # counted with the others that wait for it, in _pick
         if conversation is not None:
             self._remember(conversation, best)
         return best
@@ -333,15 +336,19 @@ class Pool:
 
     def served(self, worker: RemoteWorker, model: str) -> None:
         """The worker answered for ``model``: its engine holds it now (until its next report says)."""
-        worker.loading.discard(model)
+        worker.loading.pop(model, None)
         if worker.loaded is not None and model not in worker.loaded:
             worker.loaded = worker.loaded | {model}
 
     def not_served(self, worker: RemoteWorker, model: str) -> None:
-        """The worker failed a request before its first byte: a load the hub supposed did not happen."""
-        if model in worker.loading and worker.loaded is not None:
-            worker.loading.discard(model)
-            worker.loaded = worker.loaded - {model}
+        """The worker failed a request before its first byte: once every request sent to await a
+        load the hub supposed has failed so, the load did not happen."""
+        if model in worker.loading:
+            worker.loading[model] -= 1
+            if worker.loading[model] <= 0:
+                del worker.loading[model]
+                if worker.loaded is not None:
+                    worker.loaded = worker.loaded - {model}
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""
@@ -373,7 +380,7 @@ class Pool:
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
         cold_at = trio.current_time() + min(self.scheduler.warm_wait_s, (deadline - trio.current_time()) / 2)
         if not self.draining and not self._queues.get(model) and \
-                (worker := self._pick(model, api, exclude, conversation, cold_ok=False)):
+                (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= trio.current_time())):
             return worker
         self._check_hosted(model, api, exclude)
         if self.queued >= self.limits.queue_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from typing import Any
 
 import httpx
 import trio
@@ -52,12 +53,33 @@ DETAILS_EVERY = 5  # health checks: each asks a hub's summary, every fifth its w
 DETAILS_WANTED_S = 10.0  # after the proxy's dashboard or status was asked for, every check does
 
 
+def _state_of(summary: Any, workers: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A hub's summary as the proxy keeps it; ValueError (or a KeyError, TypeError) when it is not one."""
+    if not isinstance(summary, dict):
+        raise ValueError("the answer is not a hub's summary")
+    models = summary["models"] if workers is None else \
+        [model for worker in workers if not worker.get("draining") for model in worker["models"]]
+    if not isinstance(models, list):
+        raise ValueError("the answer lists no models")
+    return {"models": sorted({str(model) for model in models}), "draining": bool(summary.get("draining")),
+            "queue": {str(model): int(count) for model, count in (summary.get("queue") or {}).items()},
+            "heartbeat_s": float(summary.get("heartbeat_s") or 0), "capacity": int(summary.get("capacity") or 0)}
+
+
+def _workers_of(listing: Any) -> list[dict[str, Any]]:
+    workers = listing["workers"] if isinstance(listing, dict) else None
+    if not isinstance(workers, list) or not all(isinstance(worker, dict) for worker in workers):
+        raise ValueError("the answer lists no workers")
+    return workers
+
+
 async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float, details: bool) -> None:
     """Health from ``/api/summary`` (open even when the hub wants API keys): that the hub serves,
     whether it is draining, its models and queue, at a cost that does not grow with its workers. A
     hub older than ``/api/summary`` (any 4xx: one that wants keys answers 401) is read from
     ``/api/registry`` instead. When ``details``, the workers too, for the dashboard: if that fails,
-    the last list stays, and the hub's health does not depend on it."""
+    the last list stays, and the hub's health does not depend on it. An answer that is not what a
+    hub says marks it down, like no answer: it never stops the checks."""
     try:
         with trio.fail_after(timeout_s):
             response = await http.get(hub.address + "/api/summary")
@@ -65,11 +87,8 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
             if old:
                 response = await http.get(hub.address + "/api/registry")
         response.raise_for_status()
-        state = response.json()
-        workers = list(state["workers"]) if old else None
-        if old:
-            state["models"] = sorted({model for worker in workers or () if not worker.get("draining")
-                                      for model in worker["models"]})
+        workers = _workers_of(response.json()) if old else None
+        state = _state_of(response.json(), workers)
     except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
         hubs.set_health(hub, False, f"health check failed: {describe(error)}")
         return
@@ -78,10 +97,10 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
             with trio.fail_after(timeout_s):
                 registry = await http.get(hub.address + "/api/registry")
             registry.raise_for_status()
-            workers = list(registry.json()["workers"])
+            workers = _workers_of(registry.json())
         except Exception as error:  # the summary said it serves: only the dashboard's detail is stale
             log.debug("hub %s: no worker list (%s)", hub.name, describe(error))
-    hubs.set_health(hub, not state.get("draining"), "the hub is draining", state=state, workers=workers)
+    hubs.set_health(hub, not state["draining"], "the hub is draining", state=state, workers=workers)
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:

@@ -116,13 +116,11 @@ class HubSet:
 
     def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None,
                    workers: list[dict[str, Any]] | None = None) -> None:
-        """``state``: the hub's ``/api/summary`` answer, when the check read one; ``workers``: its
-        ``/api/registry`` list, when the check read that too."""
-        if state is not None:
-            hub.queue = {str(k): int(v) for k, v in state.get("queue", {}).items()}
-            hub.heartbeat_s = float(state.get("heartbeat_s", 0))
-            hub.models = frozenset(str(model) for model in state["models"])
-            hub.capacity = int(state.get("capacity") or 0)
+        """``state``: the hub's ``/api/summary`` answer as ``follow._state_of`` checked it, when the
+        check read one; ``workers``: its ``/api/registry`` list, when the check read that too."""
+        if state is not None:  # as follow._state_of made it
+            hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
+            hub.models = frozenset(state["models"])
             if workers is not None:
                 hub.workers = workers
         elif not up:
