@@ -677,7 +677,7 @@ async def test_a_request_waits_for_a_warm_slot_then_after_warm_wait_s_loads_else
     warm = make_worker("warm", models=("m", "x"), max_concurrency=1, loaded=("m",))
     busy_elsewhere = make_worker("other", models=("m", "x"), max_concurrency=4, loaded=("x",))
     pool = make_pool(warm, busy_elsewhere, warm_wait_s=1.0)
-    for _ in range(5):  # "x" is asked more than "m": evicting it to load "m" is not worth it
+    for _ in range(5):
         finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
     assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
     async with trio.open_nursery() as nursery:
@@ -769,3 +769,20 @@ async def test_a_request_past_its_queue_time_still_takes_an_idle_worker(autojump
         finish(pool, await pool.acquire("x", "openai.chat", set(), soon()))
     assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
     assert await pool.acquire("m", "openai.chat", set(), trio.current_time() - 1) is other
+
+
+async def test_a_load_goes_where_the_engine_has_room_rather_than_where_it_evicts(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """An engine once seen holding two models has room for a second while it holds one; a full
+    engine would evict the model it was sent least recently ("a", asked three times, held nowhere else)."""
+    models = ("a", "b", "c", "new")
+    full = make_worker("full", models=models, max_concurrency=4)
+    roomy = make_worker("roomy", models=models, max_concurrency=4)
+    pool = make_pool(full, roomy)
+    pool.set_offer(full, protocol.Models(models, loaded=("a", "b")))
+    pool.set_offer(roomy, protocol.Models(models, loaded=("c", "b")))
+    pool.set_offer(roomy, protocol.Models(models, loaded=("c",)))  # it held two: room for one more
+    for model in ["a", "a", "a", "b"]:
+        assert await pool.acquire(model, "openai.chat", set(), soon()) is full
+        finish(pool, full)
+    assert await pool.acquire("new", "openai.chat", set(), soon()) is roomy
