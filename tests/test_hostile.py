@@ -3,6 +3,7 @@ break them, hostile engines, and what a worker may claim. Each test failed befor
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import json
@@ -19,6 +20,7 @@ from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.observability import logs
 from ghubai.proxy.hubs import HubSet
+from ghubai.worker.engine import LISTING_LIMIT
 
 
 async def _metrics(grid: Grid, url: str) -> str:
@@ -90,8 +92,9 @@ async def _hostile_engine(tags: bytes, stream: trio.SocketStream, path: bytes = 
         data += await stream.receive_some(65536)
     body = tags if data.startswith(b"GET " + path) else b"{}"
     status = b"200 OK" if data.startswith(b"GET " + path) else b"404 Not Found"
-    await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
-                          + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    with contextlib.suppress(trio.BrokenResourceError):  # a worker that read enough hangs up
+        await stream.send_all(b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
     await stream.aclose()
 
 
@@ -113,6 +116,16 @@ async def test_a_hostile_engine_listing_leaves_the_worker_linked_with_no_models(
 
     await eventually(linked_with_nothing, "the worker linked, serving nothing")
     assert json.loads((await grid.http.get(hub.value + "/ready")).text)["workers"] == 1
+
+
+async def test_an_engine_listing_larger_than_the_limit_is_not_read_whole(grid: Grid) -> None:
+    """Regression: a model list (or /api/ps, /props, a probe's answer) was read whole into memory."""
+    tags = b'{"models": [' + b" " * (LISTING_LIMIT + 1) + b"]}"
+    [listener] = await grid.nursery.start(partial(trio.serve_tcp, partial(_hostile_engine, tags), 0,
+                                                  host="127.0.0.1"))
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert not worker.value.models and f"answered more than {LISTING_LIMIT} bytes" in worker.value.offer.problem
 
 
 @pytest.mark.parametrize("address", ["http://127.0.0.1:abc", "http://127.0.0.1:0", "http://127.0.0.1:70000",

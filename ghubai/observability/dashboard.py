@@ -14,12 +14,17 @@ PAGE_TYPE = "text/html; charset=utf-8"
 PATHS = ("/dashboard", "/dashboard/data")
 
 
+def served_models(workers: list[dict[str, Any]]) -> list[str]:
+    """The models that the workers not draining serve, from ``/api/registry``'s list."""
+    return sorted({str(model) for worker in workers if not worker.get("draining") for model in worker["models"]})
+
+
 def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[str, int],
              workers: list[dict[str, Any]], heartbeat_s: float, models: list[str] | None = None) -> dict[str, Any]:
     """One hub as the page shows it; ``workers`` as the hub's ``/api/registry`` lists them, and its
     ``models`` as its ``/api/summary`` does (by default: those its workers that are not draining serve)."""
     if models is None:
-        models = sorted({model for worker in workers if not worker.get("draining") for model in worker["models"]})
+        models = served_models(workers)
     return {"name": name, "address": address, "up": up, "reason": None if up else reason,
             "queued": sum(queue.values()), "models": models, "workers": workers, "heartbeat_s": heartbeat_s}
 

@@ -12,6 +12,7 @@ import trio
 
 from ghubai.config import ProxyConfig
 from ghubai.errors import describe
+from ghubai.observability.dashboard import served_models
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -57,8 +58,7 @@ def _state_of(summary: Any, workers: list[dict[str, Any]] | None) -> dict[str, A
     """A hub's summary as the proxy keeps it; ValueError (or a KeyError, TypeError) when it is not one."""
     if not isinstance(summary, dict):
         raise ValueError("the answer is not a hub's summary")
-    models = summary["models"] if workers is None else \
-        [model for worker in workers if not worker.get("draining") for model in worker["models"]]
+    models = summary["models"] if workers is None else served_models(workers)
     if not isinstance(models, list):
         raise ValueError("the answer lists no models")
     return {"models": sorted({str(model) for model in models}), "draining": bool(summary.get("draining")),

@@ -46,6 +46,7 @@ class Outcome:
     status: int = 0
     hub: str = ""
     answered_at: float | None = None  # trio time the hub's answer began
+    model: str | None = None  # as the body names it, read once for routing and kept for the metrics
 
 
 def _body_of(request: Request) -> dict[str, Any] | None:
@@ -55,12 +56,6 @@ def _body_of(request: Request) -> dict[str, Any] | None:
         return dialects.parse_body(request.body)
     except ApiError:  # the hub will say what is wrong with it
         return None
-
-
-def model_of(request: Request) -> str | None:
-    """The ``model`` of a JSON POST body, for model-aware routing; None when there is none."""
-    model = (_body_of(request) or {}).get("model")
-    return model if isinstance(model, str) else None
 
 
 def route_of(request: Request) -> tuple[str | None, int | None]:
@@ -122,6 +117,7 @@ class Forwarder:
     async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                        request_id: str) -> None:
         model, conversation = route_of(request)
+        outcome.model = model
         tried: set[str] = set()
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)

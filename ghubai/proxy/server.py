@@ -30,7 +30,7 @@ from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
 from ghubai.proxy.follow import DETAILS_WANTED_S, check_health, follow_registry
-from ghubai.proxy.forward import Forwarder, Outcome, model_of
+from ghubai.proxy.forward import Forwarder, Outcome
 from ghubai.proxy.hubs import HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -93,7 +93,7 @@ class Proxy:
         finally:
             self.inflight -= 1
             if outcome.status:
-                took, model = trio.current_time() - started, model_of(request)
+                took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
                 self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,

@@ -159,6 +159,7 @@ def _usage_of(value: Any) -> dict[str, int] | None:
 
 IDLE_REUSE_S = 4.0  # reuse an idle connection only while the engine surely keeps it (uvicorn: 5 s)
 REFUSAL_LIMIT = 1 << 20  # what is read of an engine's error answer
+LISTING_LIMIT = 16 << 20  # what is read of an engine's model list, /api/ps, /props or a probe's answer
 MAX_RECORD_BYTES = 16 << 20  # one NDJSON line or SSE event of an engine's stream
 ANSWER_LIMIT = protocol.MAX_ANSWER_BYTES
 _JSON = [("content-type", "application/json")]
@@ -219,23 +220,39 @@ class Engine:
         missing = set()
         for path in sorted(paths):
             try:
-                response = await self.client.post(path, json={"model": PROBE_MODEL})
-            except httpx.HTTPError:
+                status, body = await self._ask("POST", path, json={"model": PROBE_MODEL})
+            except (httpx.HTTPError, ValueError):
                 continue
-            if unserved(response.status_code, _error_message(response.content)):
+            if unserved(status, _error_message(body)):
                 missing.add(path)
         return frozenset(missing)
 
+    async def _ask(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+        """The status and body of a discovery call or a probe (a GET's error status raises). A body
+        over ``LISTING_LIMIT`` is refused (ValueError): an engine's listing is kilobytes, and a
+        runaway one must not fill the worker's memory."""
+        async with self.client.stream(method, path, **kwargs) as response:
+            if method == "GET":
+                response.raise_for_status()
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > LISTING_LIMIT:
+                    raise ValueError(f"{path} answered more than {LISTING_LIMIT} bytes")
+            return response.status_code, bytes(body)
+
     async def _get(self, path: str) -> Any:
-        response = await self.client.get(path)
-        response.raise_for_status()
-        return _decode(response.content)
+        """A GET's JSON answer; ValueError when it is not JSON, or nested too deeply."""
+        try:
+            return _decode((await self._ask("GET", path))[1])
+        except RecursionError:
+            raise ValueError(f"{path} answered JSON nested too deeply") from None
 
     async def loaded(self) -> tuple[str, ...] | None:
         """The models Ollama holds in memory (``/api/ps``); None when it does not say."""
         try:
             entries = (await self._get("/api/ps")).get("models")
-        except (*DISCOVERY_ERRORS, RecursionError):
+        except DISCOVERY_ERRORS:
             return None
         return _names(entries, "name") if isinstance(entries, list) else None
 
@@ -243,7 +260,7 @@ class Engine:
         """llama.cpp server's parallel slots (``/props``), and whether its template takes tools."""
         try:
             props = await self._get("/props")
-        except (*DISCOVERY_ERRORS, RecursionError):
+        except DISCOVERY_ERRORS:
             return None
         if not isinstance(props, dict):
             return None
@@ -258,12 +275,7 @@ class Engine:
         hub would refuse (not text, empty, over 256 characters) are left out, and at most 4,096 kept."""
         path, listing, key = ("/api/tags", "models", "name") if self.config.kind == "ollama" else \
             ("/v1/models", "data", "id")
-        response = await self.client.get(path)
-        response.raise_for_status()
-        try:
-            answer = _decode(response.content)
-        except RecursionError:
-            raise ValueError(f"{path} answered JSON nested too deeply") from None
+        answer = await self._get(path)
         entries = answer.get(listing) if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{path} answered no {listing!r} list")
