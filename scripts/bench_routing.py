@@ -18,6 +18,7 @@ prompt tokens computed (from the simulators' ``/sim/stats``), and requests per s
 
     python scripts/bench_routing.py [--workers 4] [--slots 4] [--max-loaded 2] [--load-ms 500]
                                     [--prefill-us 200] [--seconds 12] [--only mixed|multi-turn|one]
+                                    [--policy least-loaded|llm-aware] [--runs 1]
 """
 
 from __future__ import annotations
@@ -180,6 +181,8 @@ def main() -> None:
     parser.add_argument("--max-loaded", type=int, default=2, help="models each engine holds in memory at once")
     parser.add_argument("--prefill-us", type=float, default=200.0, help="per prompt word not in the slot's cache")
     parser.add_argument("--only", choices=("mixed", "multi-turn", "one"), help="run one workload")
+    parser.add_argument("--policy", choices=POLICIES, help="run one policy")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each, a row each: the spread between runs")
     args = parser.parse_args()
     workloads = {
         "mixed models": lambda http, url: mixed_models(http, url, requests=240, clients=8),
@@ -194,10 +197,11 @@ def main() -> None:
     for name, workload in workloads.items():
         if args.only and not name.startswith(args.only):
             continue
-        for policy in POLICIES:
-            r = run(policy, workload, args)
-            print(f"| {name} | {policy} | {r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['done']:.0f} "
-                  f"| {r['loads']:.0f} | {r['prefill']:.0f} | {r['rps']:.1f} |", flush=True)
+        for policy in [args.policy] if args.policy else POLICIES:
+            for _ in range(args.runs):
+                r = run(policy, workload, args)
+                print(f"| {name} | {policy} | {r['mean']:.0f} | {r['p50']:.0f} | {r['p99']:.0f} | {r['done']:.0f} "
+                      f"| {r['loads']:.0f} | {r['prefill']:.0f} | {r['rps']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

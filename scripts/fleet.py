@@ -17,7 +17,6 @@ to every request, and a pong to every ping). All of them serve model ``all``; th
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

@@ -91,7 +91,11 @@ class Exchange:
                 self.state = State.DONE
                 raise (last_error or error) from None
             self._start(worker)
-            frame = await self._next(self.config.timeouts.first_token_s, "the first token")
+            try:
+                frame = await self._next(self.config.timeouts.first_token_s, "the first token")
+            except BaseException:  # timed out, or the client left: whatever the hub supposed of it
+                self.pool.not_served(worker, self.model)
+                raise
             if not isinstance(frame, protocol.Error):
                 self.pool.served(worker, self.model)
                 return frame

@@ -58,7 +58,9 @@ class RemoteWorker:
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
     # models in ``loaded`` only because requests were sent here to load them: how many still await a first byte
     loading: Counter[str] = field(default_factory=Counter)
-    room: int = 0  # the most models its engine was seen to hold at once: a load beyond it evicts one
+    room: int = 0  # the most models its engine was seen to hold at once
+    full: int = 0  # how many it held when it was seen to evict one for a load: its limit (0: never seen)
+    said: frozenset[str] = frozenset()  # the models its engine said it held, in its last report
     used: dict[str, float] = field(default_factory=dict)  # model -> trio time the hub last sent it a request for it
 
     def serves(self, api: str) -> bool:
@@ -168,9 +170,18 @@ class Pool:
             log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(offer.models) or "(none)")
         worker.models = frozenset(offer.models)
         worker.apis = None if offer.apis is None else frozenset(offer.apis)
-        worker.loaded = None if offer.loaded is None else frozenset(offer.loaded)
-        worker.room = max(worker.room, len(worker.loaded or ()))
-        worker.loading.clear()  # the worker's word replaces what the hub supposed
+        if offer.loaded is None:
+            worker.loaded = None
+        else:
+            said = frozenset(offer.loaded)
+            if said - worker.said and worker.said - said:  # one loaded, one gone: the engine made room
+                worker.full = max(len(said), len(worker.said))  # (it may be seen halfway, one gone, one loading)
+            elif len(said) > worker.full:
+                worker.full = 0  # it holds more than that now (say, its operator raised the limit)
+            worker.room, worker.said = max(worker.room, len(said)), said
+            # the worker's word, and the loads the hub sent that no request has seen end yet (a
+            # report read from the engine while it was still loading one does not show it)
+            worker.loaded = said | worker.loading.keys()
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
@@ -186,7 +197,7 @@ class Pool:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
         self._models = None
-        self._capacity: int | None = None
+        self._capacity = None
         self.version += 1
 
     def models(self) -> list[str]:
@@ -258,34 +269,39 @@ class Pool:
         best.reported += 1  # until the worker's next load report says otherwise
         return best
 
-    def _coldest(self, free: list[RemoteWorker]) -> tuple[RemoteWorker, float]:
-        """The worker whose engine would lose the least by loading another model, and that loss:
-        nothing while it holds fewer models than it was seen to hold (``room``); else the demand for
-        the model it would evict — as Ollama does, the one used least recently (here: sent a request
-        least recently) — if no other engine holds it."""
+    def _coldest(self, free: list[RemoteWorker]) -> tuple[RemoteWorker, float, str | None]:
+        """The worker whose engine would lose the least by loading another model, that loss, and
+        the model it would evict. It evicts none while it holds fewer models than it can: as many
+        as it held when it was seen to evict one (``full``), or until then as many as any engine
+        here was seen to hold (``room``: the engines of a grid tend to be alike, and one that is not
+        shows it with one eviction). Else it evicts, as Ollama does, the model used least recently
+        (here: sent a request least recently), and loses the demand for it if no other engine
+        holds it."""
         copies = Counter(held for worker in self.workers.values() if worker.loaded for held in worker.loaded)
+        fleet = max(worker.room for worker in self.workers.values())
         now = trio.current_time()
 
-        def loss(worker: RemoteWorker) -> float:
+        def loss(worker: RemoteWorker) -> tuple[float, str | None]:
             held = worker.loaded or frozenset()
-            if not held or len(held) < worker.room:
-                return 0.0  # room for one more: the engine evicts nothing
+            if not held or len(held) < (worker.full or max(worker.room, fleet)):
+                return 0.0, None  # room for one more: the engine evicts nothing
             evicted = min(held, key=lambda model: worker.used.get(model, -math.inf))
-            return self._demand_of(evicted, now) if copies[evicted] == 1 else 0.0
+            return (self._demand_of(evicted, now) if copies[evicted] == 1 else 0.0), evicted
 
-        costs = [(loss(worker), worker.load, index) for index, worker in enumerate(free)]
-        lost, _, index = min(costs)
-        return free[index], lost
+        costs = [(*loss(worker), worker.load, index) for index, worker in enumerate(free)]
+        lost, evicted, _, index = min(costs, key=lambda cost: (cost[0], cost[1] is not None, cost[2], cost[3]))
+        return free[index], lost, evicted
 
     def _spare(self, free: list[RemoteWorker], below: float) -> RemoteWorker | None:
-        """A worker that would lose nothing by loading another model and whose load is below
-        ``below``: where the warm workers, busier than that by more than ``affinity_margin``,
-        spread to."""
+        """A worker whose engine has room for another model and whose load is below ``below``:
+        where the warm workers, busier than that by more than ``affinity_margin``, spread to. (Not
+        one that would evict a model, even one held elsewhere too: that copy was serving, and the
+        bursts of a few clients would make models chase each other round the engines — measured.)"""
         cold = [worker for worker in free if worker.load < below]
         if not cold:
             return None
-        best, lost = self._coldest(cold)
-        return best if lost == 0 else None
+        best, _, evicted = self._coldest(cold)
+        return best if evicted is None else None
 
     def _worth_loading(self, model: str, able: list[RemoteWorker]) -> bool:
         """Whether to load ``model`` on another engine now rather than wait for a slot on those that
@@ -315,13 +331,19 @@ class Pool:
             if spare is None:
                 return self._for_conversation(warm, loads, least, conversation) if conversation is not None else \
                     warm[loads.index(least)]
-            best = spare
+            best, evicted = spare, None
         else:
-            best, _ = self._coldest(free)
+            best, _, evicted = self._coldest(free)
             if not cold_ok and not self._worth_loading(model, able):
                 return None  # a slot where the model is in memory frees sooner than a load ends
         if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
-            best.loaded = best.loaded | {model}  # wait for this load instead of starting others
+            # wait for this load instead of starting others), and not the one it evicts: when the
+            # engine is known to be full, or when another holds that model too (a wrong guess then
+            # costs nothing; one that sent a model's requests to load it anew elsewhere would)
+            if evicted is not None and (best.full and len(best.loaded) >= best.full or any(
+                    evicted in (worker.loaded or ()) for worker in self.workers.values() if worker is not best)):
+                best.loaded = best.loaded - {evicted}
+            best.loaded = best.loaded | {model}
             best.loading[model] += 0  # counted with the others that wait for it, in _pick
         if conversation is not None:
             self._remember(conversation, best)
