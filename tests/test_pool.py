@@ -812,3 +812,65 @@ async def test_an_engine_has_room_for_as_many_models_as_any_seen_until_it_evicts
     assert small.full == 1
     pool.release(small)
     assert await pool.acquire("c", "openai.chat", set(), soon()) is big  # would evict "d" on small, "a" (asked never) on big
+
+
+async def test_requests_that_fail_leave_a_model_the_engine_said_it_holds(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: once a report kept the loads in progress, two requests that failed before their
+    first byte (their clients left) made the hub forget a model the engine had reported holding."""
+    models = ("m", "x")
+    w = make_worker("w", models=models, max_concurrency=4)
+    pool = make_pool(w)
+    pool.set_offer(w, protocol.Models(models, loaded=("x",)))
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is w  # the load
+    pool.set_offer(w, protocol.Models(models, loaded=("x", "m")))  # done, says the engine
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is w
+    for _ in range(2):
+        pool.not_served(w, "m")
+        pool.release(w)
+    assert w.loaded == {"m", "x"}
+
+
+async def test_an_engines_limit_is_learned_from_a_report_that_sees_its_eviction_halfway(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: Ollama evicts, then loads; a report in between shows a model gone and none
+    come in, the next one the new model; the hub never learned the limit, and counted on room
+    that this engine did not have because another engine held more."""
+    models = ("a", "b", "c", "d")
+    big, small = make_worker("big", models=models, max_concurrency=4), make_worker("small", models=models, max_concurrency=4)
+    pool = make_pool(big, small)
+    pool.set_offer(big, protocol.Models(models, loaded=("a", "b", "c")))
+    for loaded in (("a", "b"), ("b",), ("b", "c")):
+        pool.set_offer(small, protocol.Models(models, loaded=loaded))
+    assert small.full == 2 and not pool._has_room(small)
+
+
+async def test_a_report_read_before_the_engine_evicts_does_not_bring_the_evicted_model_back(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: the hub took the model a load evicts out of its view, but a report read before
+    the engine had evicted it put it back, and its next request was sent there to load it again."""
+    models = ("a", "b", "c")
+    w, other = make_worker("w", models=models, max_concurrency=4), make_worker("other", models=models, max_concurrency=4)
+    pool = make_pool(w, other)
+    pool.set_offer(other, protocol.Models(models, loaded=("a",)))
+    for loaded in (("a", "b"), ("b", "c"), ("a", "b")):  # w was seen to evict: it holds two
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))  # "a" is w's least recently used
+    other.inflight = other.reported = 4
+    assert await pool.acquire("c", "openai.chat", set(), soon()) is w
+    pool.set_offer(w, protocol.Models(models, loaded=("a", "b")))  # read while "c" waits to load
+    assert w.loaded == {"b", "c"}
+    other.inflight = other.reported = 0
+    assert await pool.acquire("a", "openai.chat", set(), soon()) is other
+
+
+async def test_what_a_worker_says_in_its_hello_counts_as_seen(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a hello's models in memory did not count towards what engines can hold, so after
+    a hub restart (workers say it only in their hello) no busy worker spread to an engine with room."""
+    models = ("m", "a", "b", "x")
+    warm = make_worker("warm", models=models, max_concurrency=4, loaded=("m",))
+    two = make_worker("two", models=models, max_concurrency=4, loaded=("a", "b"))
+    idle = make_worker("idle", models=models, max_concurrency=4, loaded=("x",))
+    pool = make_pool(warm, two, idle, affinity_margin=0.5)
+    two.inflight = two.reported = 4
+    assert [(await pool.acquire("m", "openai.chat", set(), soon())).id for _ in range(4)] == \
+        ["warm", "warm", "warm", "idle"]

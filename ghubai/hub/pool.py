@@ -58,9 +58,11 @@ class RemoteWorker:
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
     # models in ``loaded`` only because requests were sent here to load them: how many still await a first byte
     loading: Counter[str] = field(default_factory=Counter)
+    evicting: dict[str, str] = field(default_factory=dict)  # a model in ``loading`` -> the one its load evicts
     room: int = 0  # the most models its engine was seen to hold at once
     full: int = 0  # how many it held when it was seen to evict one for a load: its limit (0: never seen)
     said: frozenset[str] = frozenset()  # the models its engine said it held, in its last report
+    peak: frozenset[str] = frozenset()  # what it held when a report last showed a model come in
     used: dict[str, float] = field(default_factory=dict)  # model -> trio time the hub last sent it a request for it
 
     def serves(self, api: str) -> bool:
@@ -133,6 +135,7 @@ class Pool:
         self._conversations: OrderedDict[int, tuple[bytes, str]] = OrderedDict()
         self._demand: dict[str, tuple[float, float]] = {}  # model -> (requests, decayed; when last updated)
         self._able: dict[tuple[str, str], list[RemoteWorker]] = {}  # (model, api) -> who could serve it
+        self._room = 0  # the most models any engine here was seen to hold at once (those gone too)
         self._models: list[str] | None = None
         self._capacity: int | None = None
         self.version = 0  # counts the changes of the workers and what they offer
@@ -151,6 +154,7 @@ class Pool:
         cannot evict a worker, nor squat its id while its link is down."""
         stale = self.workers.get(worker.key)
         self.workers[worker.key] = worker
+        self._residency(worker, worker.loaded)
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
                  ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
@@ -170,23 +174,40 @@ class Pool:
             log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(offer.models) or "(none)")
         worker.models = frozenset(offer.models)
         worker.apis = None if offer.apis is None else frozenset(offer.apis)
-        if offer.loaded is None:
-            worker.loaded = None
-        else:
-            said = frozenset(offer.loaded)
-            if said - worker.said and worker.said - said:  # one loaded, one gone: the engine made room
-                worker.full = max(len(said), len(worker.said))  # (it may be seen halfway, one gone, one loading)
-            elif len(said) > worker.full:
-                worker.full = 0  # it holds more than that now (say, its operator raised the limit)
-            worker.room, worker.said = max(worker.room, len(said)), said
-            # the worker's word, and the loads the hub sent that no request has seen end yet (a
-            # report read from the engine while it was still loading one does not show it)
-            worker.loaded = said | worker.loading.keys()
+        self._residency(worker, offer.loaded)
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
         self._changed()
         self._wake(self._queues)
+
+    def _residency(self, worker: RemoteWorker, loaded: Any) -> None:
+        """What the worker's engine said it holds in memory (None: it cannot tell), and what that
+        teaches of how many models it can hold."""
+        if loaded is None:
+            worker.loaded, worker.said, worker.peak = None, frozenset(), frozenset()
+            return
+        said, before = frozenset(loaded), worker.said
+        limits = []  # what this report tells of how many it can hold, when it saw the engine make room
+        if (before - said) and (coming := worker.loading.keys() - said):  # gone while this hub's load
+            limits.append(max(len(before), len(said) + len(coming)))  # is under way (Ollama evicts first)
+        if said - before:  # one came in, and one held then is gone: the engine made room for it (one
+            if worker.peak - said:  # unloaded when idle, then one loaded, looks the same: the next
+                limits.append(max(len(worker.peak), len(said)))  # time it holds more undoes it)
+            worker.peak = said
+        if limits:
+            worker.full = max(limits)
+        elif len(said) > worker.full:
+            worker.full = 0  # it holds more than that now (say, its operator raised the limit)
+        worker.said, worker.room = said, max(worker.room, len(said))
+        self._room = max(self._room, worker.room)
+        for model in said:  # loads that ended: the engine's word is the truth about them now
+            worker.loading.pop(model, None)
+            worker.evicting.pop(model, None)
+        # the engine's word, with the loads the hub sent that no request has seen end yet (a report
+        # read while the engine was still loading one, or had not yet started, shows neither the
+        # model loaded nor the one that load evicts)
+        worker.loaded = said - set(worker.evicting.values()) | worker.loading.keys()
 
     def loaded(self) -> list[str]:
         """The models some worker's engine holds in memory (all it lists, when it cannot tell)."""
@@ -241,7 +262,7 @@ class Pool:
         — the one that served the conversation last while it is at most ``affinity_margin`` above the
         least loaded, else one the conversation's key picks within that bound, else (no key) the
         least loaded — unless even the least loaded of them is more than ``affinity_margin``
-        above a worker that would lose nothing by loading the model (``_spare``): then that one.
+        above a worker whose engine has room for the model (``_spare``): then that one.
         When no worker that holds the model has a free slot, one that must load it, if the load is
         worth it (``_worth_loading``) or ``cold_ok`` (the request waited ``warm_wait_s``): the one
         whose eviction costs least (``_coldest``)."""
@@ -271,20 +292,16 @@ class Pool:
 
     def _coldest(self, free: list[RemoteWorker]) -> tuple[RemoteWorker, float, str | None]:
         """The worker whose engine would lose the least by loading another model, that loss, and
-        the model it would evict. It evicts none while it holds fewer models than it can: as many
-        as it held when it was seen to evict one (``full``), or until then as many as any engine
-        here was seen to hold (``room``: the engines of a grid tend to be alike, and one that is not
-        shows it with one eviction). Else it evicts, as Ollama does, the model used least recently
-        (here: sent a request least recently), and loses the demand for it if no other engine
-        holds it."""
+        the model it would evict: none while it has room (``_has_room``); else, as Ollama does,
+        the model used least recently (here: sent a request least recently), and it loses the
+        demand for that model if no other engine holds it."""
         copies = Counter(held for worker in self.workers.values() if worker.loaded for held in worker.loaded)
-        fleet = max(worker.room for worker in self.workers.values())
         now = trio.current_time()
 
         def loss(worker: RemoteWorker) -> tuple[float, str | None]:
             held = worker.loaded or frozenset()
-            if not held or len(held) < (worker.full or max(worker.room, fleet)):
-                return 0.0, None  # room for one more: the engine evicts nothing
+            if self._has_room(worker):
+                return 0.0, None  # the engine evicts nothing
             evicted = min(held, key=lambda model: worker.used.get(model, -math.inf))
             return (self._demand_of(evicted, now) if copies[evicted] == 1 else 0.0), evicted
 
@@ -297,11 +314,15 @@ class Pool:
         where the warm workers, busier than that by more than ``affinity_margin``, spread to. (Not
         one that would evict a model, even one held elsewhere too: that copy was serving, and the
         bursts of a few clients would make models chase each other round the engines — measured.)"""
-        cold = [worker for worker in free if worker.load < below]
-        if not cold:
-            return None
-        best, _, evicted = self._coldest(cold)
-        return best if evicted is None else None
+        roomy = [worker for worker in free if worker.load < below and self._has_room(worker)]
+        return min(roomy, key=lambda worker: worker.load) if roomy else None
+
+    def _has_room(self, worker: RemoteWorker) -> bool:
+        """Its engine can load another model without evicting one: it holds fewer than it held when
+        it was seen to evict one (``full``), or, until it has been, than any engine here was seen to
+        hold (the engines of a grid tend to be alike; one that is not shows it with one eviction)."""
+        held = len(worker.loaded or ())
+        return held == 0 or held < (worker.full or max(worker.room, self._room))
 
     def _worth_loading(self, model: str, able: list[RemoteWorker]) -> bool:
         """Whether to load ``model`` on another engine now rather than wait for a slot on those that
@@ -333,9 +354,9 @@ class Pool:
                     warm[loads.index(least)]
             best, evicted = spare, None
         else:
-            best, _, evicted = self._coldest(free)
             if not cold_ok and not self._worth_loading(model, able):
                 return None  # a slot where the model is in memory frees sooner than a load ends
+            best, _, evicted = self._coldest(free)
         if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
             # wait for this load instead of starting others), and not the one it evicts: when the
             # engine is known to be full, or when another holds that model too (a wrong guess then
@@ -343,6 +364,7 @@ class Pool:
             if evicted is not None and (best.full and len(best.loaded) >= best.full or any(
                     evicted in (worker.loaded or ()) for worker in self.workers.values() if worker is not best)):
                 best.loaded = best.loaded - {evicted}
+                best.evicting[model] = evicted
             best.loaded = best.loaded | {model}
             best.loading[model] += 0  # counted with the others that wait for it, in _pick
         if conversation is not None:
@@ -372,6 +394,7 @@ class Pool:
     def served(self, worker: RemoteWorker, model: str) -> None:
         """The worker answered for ``model``: its engine holds it now (until its next report says)."""
         worker.loading.pop(model, None)
+        worker.evicting.pop(model, None)
         if worker.loaded is not None and model not in worker.loaded:
             worker.loaded = worker.loaded | {model}
 
@@ -382,8 +405,11 @@ class Pool:
             worker.loading[model] -= 1
             if worker.loading[model] <= 0:
                 del worker.loading[model]
-                if worker.loaded is not None:
-                    worker.loaded = worker.loaded - {model}
+                evicted = worker.evicting.pop(model, None)
+                if worker.loaded is not None:  # back to what its engine last said of these two
+                    worker.loaded = worker.loaded - ({model} - worker.said)
+                    if evicted in worker.said:
+                        worker.loaded = worker.loaded | {evicted}
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""
