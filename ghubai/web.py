@@ -74,14 +74,14 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
         return
     async with self.send_lock:
         try:
-            with trio.CancelScope(shield=True):  # as hypercorn: a request's cancel must not cut a write ...
-                with trio.CancelScope() as write:  # ... but a stalled client or a stopping server may
-                    write.deadline = trio.current_time() + self.config.write_timeout_s
-                    self.config.pending_writes.add(write)
-                    try:
-                        await self.stream.send_all(event.data)
-                    finally:
-                        self.config.pending_writes.discard(write)
+            # shielded as hypercorn's: a request's cancel must not cut a write; but its own deadline
+            # (a stalled client) or a stopping server may
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s) as write:
+                self.config.pending_writes.add(write)
+                try:
+                    await self.stream.send_all(event.data)
+                finally:
+                    self.config.pending_writes.discard(write)
             if write.cancelled_caught:
                 raise trio.BrokenResourceError("the client took no data in time")
         except (trio.BrokenResourceError, trio.ClosedResourceError):

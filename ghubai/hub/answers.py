@@ -63,8 +63,9 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
     bytes, and only then does the worker get credit to send more. ``failed`` hears the status of
     an error that ends the stream after its first byte; the last message carries the stream's end."""
     try:
-        await send(_render([first], dialect, failed), not exchange.done)
-        exchange.passed_on(_size([first]))
+        frames = [first, *exchange.arrived()]  # a short answer often has its end here too: one write
+        await send(_render(frames, dialect, failed), not exchange.done)
+        exchange.passed_on(_size(frames))
         async for batch in exchange.batches():
             await send(_render(batch, dialect, failed), not exchange.done)
             exchange.passed_on(_size(batch))

@@ -151,15 +151,19 @@ class Exchange:
     async def batches(self) -> AsyncIterator[list[Answer]]:
         """The frames after the first, each batch holding every frame that had already arrived,
         so a stream that falls behind catches up in few large writes instead of many small ones."""
-        assert self._frames is not None
         while not self.done:
-            batch = [await self._next(self.config.timeouts.idle_s, "the next token")]
-            while not self.done:
-                try:
-                    batch.append(self._note(self._frames.receive_nowait()))
-                except trio.WouldBlock:
-                    break
-            yield batch
+            yield [await self._next(self.config.timeouts.idle_s, "the next token"), *self.arrived()]
+
+    def arrived(self) -> list[Answer]:
+        """The frames that have already arrived, without waiting."""
+        assert self._frames is not None
+        frames = []
+        while not self.done:
+            try:
+                frames.append(self._note(self._frames.receive_nowait()))
+            except trio.WouldBlock:
+                break
+        return frames
 
     def passed_on(self, size: int) -> None:
         """``size`` bytes of the answer reached the client: the worker may send that much more. Credit
