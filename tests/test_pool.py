@@ -839,9 +839,44 @@ async def test_an_engines_limit_is_learned_from_a_report_that_sees_its_eviction_
     big, small = make_worker("big", models=models, max_concurrency=4), make_worker("small", models=models, max_concurrency=4)
     pool = make_pool(big, small)
     pool.set_offer(big, protocol.Models(models, loaded=("a", "b", "c")))
-    for loaded in (("a", "b"), ("b",), ("b", "c")):
+    pool.set_offer(small, protocol.Models(models, loaded=("a", "b")))
+    small.reported = 1  # the request it loads "c" for
+    for loaded in (("b",), ("b", "c")):
         pool.set_offer(small, protocol.Models(models, loaded=loaded))
     assert small.full == 2 and not pool._has_room(small)
+
+
+async def test_models_unloaded_while_an_engine_runs_nothing_teach_no_limit(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: models that an engine unloads when their keep-alive ends, then a load, looked
+    like an eviction, and the hub took a limit below what the engine had been seen to hold."""
+    models = ("a", "b", "c", "d")
+    w = make_worker("w", models=models, max_concurrency=4)
+    pool = make_pool(w)
+    for loaded in (("a", "b", "c"), ("b", "c"), ("c",), ("a", "c"), ("a",), ("a", "b")):
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    assert w.room == 3 and w.full in (0, 3) and pool._has_room(w)
+
+
+async def test_a_guessed_victim_the_engine_kept_is_not_hidden(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: the hub guessed which model a load would evict; when the engine's report showed
+    it had evicted another (an idle one), the guessed one stayed out of the hub's view, and its
+    requests were sent elsewhere to load it again."""
+    models = ("a", "b", "c", "d")
+    w, other = make_worker("w", models=models, max_concurrency=4), make_worker("other", models=models, max_concurrency=4)
+    pool = make_pool(w, other)
+    pool.set_offer(other, protocol.Models(models, loaded=("d",)))
+    for loaded in (("a", "b"), ("b", "c"), ("a", "b")):  # w was seen to evict: it holds two
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    assert await pool.acquire("a", "openai.chat", set(), soon()) is w  # still running: the engine keeps "a"
+    await trio.sleep(1)
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))
+    other.inflight = other.reported = 4
+    assert await pool.acquire("c", "openai.chat", set(), soon()) is w  # the hub guesses "a" goes
+    pool.set_offer(w, protocol.Models(models, loaded=("a",)))  # the engine evicted idle "b" instead
+    assert w.loaded == {"a", "c"}
+    other.inflight = other.reported = 0
+    assert await pool.acquire("a", "openai.chat", set(), soon()) is w
 
 
 async def test_a_report_read_before_the_engine_evicts_does_not_bring_the_evicted_model_back(

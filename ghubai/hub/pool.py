@@ -188,18 +188,24 @@ class Pool:
             worker.loaded, worker.said, worker.peak = None, frozenset(), frozenset()
             return
         said, before = frozenset(loaded), worker.said
+        gone = before - said
+        if gone and not (said - before) and not worker.loading and not worker.busy:
+            worker.peak = said  # unloaded while it ran nothing (its keep-alive ended): not to make room
         limits = []  # what this report tells of how many it can hold, when it saw the engine make room
-        if (before - said) and (coming := worker.loading.keys() - said):  # gone while this hub's load
-            limits.append(max(len(before), len(said) + len(coming)))  # is under way (Ollama evicts first)
-        if said - before:  # one came in, and one held then is gone: the engine made room for it (one
-            if worker.peak - said:  # unloaded when idle, then one loaded, looks the same: the next
-                limits.append(max(len(worker.peak), len(said)))  # time it holds more undoes it)
+        if gone and (coming := worker.loading.keys() - said):  # gone while this hub's load is under
+            limits.append(max(len(before), len(said) + len(coming)))  # way (Ollama evicts first)
+        if said - before:  # one came in, and one held then is gone: the engine made room for it
+            if worker.peak - said:
+                limits.append(max(len(worker.peak), len(said)))
             worker.peak = said
-        if limits:
-            worker.full = max(limits)
+        worker.room = max(worker.room, len(said))
+        if limits:  # (never below what it was seen to hold: a guess from two reports can be too low)
+            worker.full = max(*limits, worker.room)
         elif len(said) > worker.full:
             worker.full = 0  # it holds more than that now (say, its operator raised the limit)
-        worker.said, worker.room = said, max(worker.room, len(said))
+        worker.said = said
+        if gone:  # it made its room: a load's victim the hub guessed but the engine kept is held still
+            worker.evicting = {model: victim for model, victim in worker.evicting.items() if victim not in said}
         self._room = max(self._room, worker.room)
         for model in said:  # loads that ended: the engine's word is the truth about them now
             worker.loading.pop(model, None)
@@ -292,9 +298,10 @@ class Pool:
 
     def _coldest(self, free: list[RemoteWorker]) -> tuple[RemoteWorker, float, str | None]:
         """The worker whose engine would lose the least by loading another model, that loss, and
-        the model it would evict: none while it has room (``_has_room``); else, as Ollama does,
-        the model used least recently (here: sent a request least recently), and it loses the
-        demand for that model if no other engine holds it."""
+        the model it would evict: none while it has room (``_has_room``); else one it holds, which
+        the hub guesses is the one it sent a request least recently (Ollama evicts an idle model; a
+        report that shows another gone corrects the guess), and it loses the demand for that model
+        if no other engine holds it."""
         copies = Counter(held for worker in self.workers.values() if worker.loaded for held in worker.loaded)
         now = trio.current_time()
 
