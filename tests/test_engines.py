@@ -321,3 +321,26 @@ async def test_up_says_it_serves_once_a_slow_engine_is_ready(grid: Grid, capsys:
         return "GhubAi grid is up on" in capsys.readouterr().out
 
     await eventually(banner, "the banner once the engine serves")
+
+
+async def test_an_answer_with_no_content_at_all_is_a_stream_that_just_ends(grid: Grid) -> None:
+    """Regression: an engine whose stream held nothing but its end (``data: [DONE]``) made the
+    worker's end the first frame the hub saw, and the hub answered 500 instead of an empty stream."""
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if PROBE_MODEL.encode() in (request.body or b""):
+            await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
+        elif request.path == "/v1/models":
+            await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+        else:
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(b"data: [DONE]\n\n")
+            await conn.finish()
+
+    engine_url = await grid.fake_engine(engine)
+    hub = await grid.hub()
+    await grid.worker(hub.value, engine_url, kind="openai")
+    response = await grid.http.post(hub.value + "/v1/chat/completions",
+                                    json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+    assert response.status_code == 200, response.text
+    assert response.text.strip().endswith("data: [DONE]") and response.headers["x-ghubai-worker"] == "w"

@@ -352,8 +352,7 @@ class HubApi:
             raise
         record.first_token_s = trio.current_time() - record.started
         self.metrics.first_token.labels("hub").observe(record.first_token_s)
-        assert exchange.worker is not None
-        served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.worker.name.encode())]
+        served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.served_by.encode())]
         if not stream:
             await _respond(send, 200, await answers.whole(exchange, first), [*answers.JSON_HEADERS, *served_by])
             return

@@ -69,6 +69,7 @@ class Exchange:
         self.model = str(body["model"])
         self.deadline = trio.current_time() + config.timeouts.total_s
         self.worker: RemoteWorker | None = None
+        self.served_by = ""  # the name of the worker it was sent to last (kept after it ended)
         self.request_id = ""
         self.usage: dict[str, int] | None = None
         self.state = State.QUEUED
@@ -116,7 +117,7 @@ class Exchange:
         raise last_error
 
     def _start(self, worker: RemoteWorker) -> None:
-        self.worker, self.state = worker, State.WAITING
+        self.worker, self.served_by, self.state = worker, worker.name, State.WAITING
         self.request_id = protocol.new_request_id()
         send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
