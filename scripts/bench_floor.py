@@ -3,9 +3,9 @@
 grid) that answers every POST with the simulator's own bytes, against the simulator itself.
 
 Captures one non-streamed and one streamed 16-token answer from the simulator, serves them from
-the bare app (the stream in one write, as the hub sends a short answer), and prints for each server
-the non-streamed requests/s (16 clients) and streamed tokens/s (64 clients), each with the CPU the
-server spent per request (medians of ``--repeat`` interleaved rounds). What the hub spends above the
+the bare app (the stream in one ASGI message), and prints for each server the non-streamed
+requests/s (16 clients) and streamed tokens/s (64 clients), each with the CPU the server spent per
+request (medians of ``--repeat`` interleaved rounds). What the hub spends above the
 bare app is the grid's own work and quart's; what the bare app spends, no hub on hypercorn can save.
 
     python scripts/bench_floor.py [--seconds 2] [--repeat 3]
