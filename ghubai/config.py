@@ -262,6 +262,8 @@ class ProxyLimits:
     idle_timeout_s: float = _key(_at_least(0.1), "an idle client connection is closed after this", default=75.0)
     header_timeout_s: float = _key(_at_least(0.1), "a request head must arrive whole within this, from its "
                                    "first byte", default=10.0)
+    body_timeout_s: float = _key(_at_least(0.1), "a request body must arrive whole within this, after its "
+                                 "head -> 408", default=60.0)
     max_connections: int = _key(_at_least(1), "open client connections; more are turned away with 503 (capped "
                                 "to what the process's file limit allows)", default=10000)
 

@@ -389,6 +389,30 @@ async def test_a_head_trickled_in_is_cut_at_header_timeout_s_whatever_the_idle_t
             nursery.cancel_scope.cancel()
 
 
+async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_timeout(grid: Grid) -> None:
+    """Regression: only the head had a deadline; a body sent a byte at a time, each well within
+    idle_timeout_s, held the connection (and a slot of max_connections) for as long as it went on."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), limits={"idle_timeout_s": 60.0, "body_timeout_s": 0.5})
+    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                          b"content-length: 1000\r\n\r\n")
+
+    async def trickle() -> None:
+        for _ in range(1000):
+            await stream.send_all(b" ")
+            await trio.sleep(0.05)  # the client's pace: always well within idle_timeout_s
+
+    with trio.fail_after(WAIT_S):  # well past 0.5 s, far before 60 s or the whole trickle (50 s)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some(4096)
+            nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+
+
 async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid) -> None:
     """Regression: with no connection cap, 150 trickling clients took a 128-file limit and new clients
     timed out (400 EMFILE tracebacks in 20 s)."""

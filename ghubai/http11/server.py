@@ -50,7 +50,7 @@ class Connection:
 
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
-                 header_timeout_s: float = 10.0,
+                 header_timeout_s: float = 10.0, body_timeout_s: float = 60.0,
                  admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
@@ -59,6 +59,7 @@ class Connection:
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
         self.header_timeout_s = header_timeout_s  # bounds a whole request head, however it trickles in
+        self.body_timeout_s = body_timeout_s  # and a whole body
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
@@ -107,15 +108,18 @@ class Connection:
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = bytearray()
-            while True:
-                part = await self._next_event()
-                if isinstance(part, h11.EndOfMessage):
-                    break
-                if isinstance(part, h11.ConnectionClosed):
-                    return None
-                body += part.data
-                if len(body) > self.max_body:
-                    raise ApiError(413, f"request body is larger than {self.max_body} bytes")
+            with trio.move_on_after(self.body_timeout_s) as slow:
+                while True:
+                    part = await self._next_event()
+                    if isinstance(part, h11.EndOfMessage):
+                        break
+                    if isinstance(part, h11.ConnectionClosed):
+                        return None
+                    body += part.data
+                    if len(body) > self.max_body:
+                        raise ApiError(413, f"request body is larger than {self.max_body} bytes")
+            if slow.cancelled_caught:
+                raise ApiError(408, "the request body did not arrive in time")
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
             raise ApiError(error.error_status_hint, "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):

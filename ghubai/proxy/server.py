@@ -208,7 +208,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
     serve = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
                     max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
-                    header_timeout_s=limits.header_timeout_s)
+                    header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
     handler = partial(proxy.connection, serve, connection_cap(limits.max_connections))
     if config.tls_cert:
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
