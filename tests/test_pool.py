@@ -850,12 +850,13 @@ async def test_models_unloaded_while_an_engine_runs_nothing_teach_no_limit(
         autojump_clock: trio.testing.MockClock) -> None:
     """Regression: models that an engine unloads when their keep-alive ends, then a load, looked
     like an eviction, and the hub took a limit below what the engine had been seen to hold."""
-    models = ("a", "b", "c", "d")
-    w = make_worker("w", models=models, max_concurrency=4)
-    pool = make_pool(w)
-    for loaded in (("a", "b", "c"), ("b", "c"), ("c",), ("a", "c"), ("a",), ("a", "b")):
+    models = ("a", "b", "c", "d", "e", "f", "g", "h")
+    w, other = make_worker("w", models=models, max_concurrency=4), make_worker("other", models=models, max_concurrency=4)
+    pool = make_pool(w, other)
+    pool.set_offer(other, protocol.Models(models, loaded=("e", "f", "g", "h")))  # engines here hold four
+    for loaded in (("a", "b", "c"), ("b", "c"), ("c",), ("a", "c"), ("a", "b", "c")):
         pool.set_offer(w, protocol.Models(models, loaded=loaded))
-    assert w.room == 3 and w.full in (0, 3) and pool._has_room(w)
+    assert w.full == 0 and pool._has_room(w)  # room for a fourth, as the other engine showed
 
 
 async def test_a_guessed_victim_the_engine_kept_is_not_hidden(autojump_clock: trio.testing.MockClock) -> None:
@@ -909,3 +910,61 @@ async def test_what_a_worker_says_in_its_hello_counts_as_seen(autojump_clock: tr
     two.inflight = two.reported = 4
     assert [(await pool.acquire("m", "openai.chat", set(), soon())).id for _ in range(4)] == \
         ["warm", "warm", "warm", "idle"]
+
+
+async def test_a_limit_seen_during_a_load_may_be_lower_than_what_the_engine_held_before(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a limit was never set below the most models an engine had held, so an engine
+    that holds fewer once a big model is in (or whose operator lowered the limit) was counted as
+    having room, and each load there evicted a model the hub still counted as loaded."""
+    models = ("a", "b", "c", "d", "big")
+    w = make_worker("w", models=models, max_concurrency=4)
+    pool = make_pool(w)
+    for loaded in (("a", "b", "c"), ("big",), ("big", "a")):
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    assert await pool.acquire("c", "openai.chat", set(), soon()) is w
+    pool.set_offer(w, protocol.Models(models, loaded=("big",)))  # "a" went for "c": two at most now
+    assert w.full == 2
+
+
+async def test_a_guess_stands_while_the_eviction_seen_is_another_guess(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: with two loads under way, a report showing the first one's victim gone dropped
+    the second one's guess too, and its victim, about to go, was counted as held."""
+    models = ("a", "b", "c", "d")
+    w, other = make_worker("w", models=models, max_concurrency=4), make_worker("other", models=models, max_concurrency=4)
+    pool = make_pool(w, other)
+    pool.set_offer(other, protocol.Models(models, loaded=("d",)))
+    for loaded in (("a", "b"), ("b", "c"), ("a", "b")):
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    other.inflight = other.reported = 4
+    finish(pool, await pool.acquire("a", "openai.chat", set(), soon()))
+    await trio.sleep(1)
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))
+    await trio.sleep(1)
+    assert await pool.acquire("c", "openai.chat", set(), soon()) is w  # "a" goes
+    await trio.sleep(1)
+    assert await pool.acquire("d", "openai.chat", set(), soon()) is w  # then "b"
+    assert w.evicting == {"c": "a", "d": "b"}
+    pool.set_offer(w, protocol.Models(models, loaded=("b",)))  # "a" went for "c"; "b" is next
+    assert w.evicting == {"c": "a", "d": "b"} and w.loaded == {"c", "d"}
+
+
+async def test_a_wrong_guess_is_dropped_when_the_model_evicted_was_never_reported(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: the engine evicted a model the hub had loaded there but no report had listed
+    yet; the hub's guess of another victim stood, and that model, in memory, was loaded elsewhere."""
+    models = ("a", "b", "c", "d")
+    w, other = make_worker("w", models=models, max_concurrency=4), make_worker("other", models=models, max_concurrency=4)
+    pool = make_pool(w, other)
+    pool.set_offer(other, protocol.Models(models, loaded=("d",)))
+    for loaded in (("a", "b"), ("b", "c"), ("a", "b"), ("a",)):
+        pool.set_offer(w, protocol.Models(models, loaded=loaded))
+    other.inflight = other.reported = 4
+    assert await pool.acquire("b", "openai.chat", set(), soon()) is w
+    pool.served(w, "b")
+    finish(pool, w)
+    await trio.sleep(1)
+    assert await pool.acquire("c", "openai.chat", set(), soon()) is w  # the hub guesses "a" goes
+    pool.set_offer(w, protocol.Models(models, loaded=("a",)))  # the engine evicted "b" instead
+    other.inflight = other.reported = 0
+    assert await pool.acquire("a", "openai.chat", set(), soon()) is w

@@ -191,21 +191,22 @@ class Pool:
         gone = before - said
         if gone and not (said - before) and not worker.loading and not worker.busy:
             worker.peak = said  # unloaded while it ran nothing (its keep-alive ended): not to make room
-        limits = []  # what this report tells of how many it can hold, when it saw the engine make room
-        if gone and (coming := worker.loading.keys() - said):  # gone while this hub's load is under
-            limits.append(max(len(before), len(said) + len(coming)))  # way (Ollama evicts first)
-        if said - before:  # one came in, and one held then is gone: the engine made room for it
-            if worker.peak - said:
-                limits.append(max(len(worker.peak), len(said)))
-            worker.peak = said
         worker.room = max(worker.room, len(said))
-        if limits:  # (never below what it was seen to hold: a guess from two reports can be too low)
-            worker.full = max(*limits, worker.room)
+        if gone and worker.loading.keys() - said:  # gone while this hub's load is under way (Ollama
+            worker.full = max(len(before), len(said) + 1)  # evicts first): its limit, seen (if lower now)
+        elif said - before and worker.peak - said:  # one came in, one held then is gone: it made room
+            worker.full = worker.room  # for it, at the most it was seen to hold (a guess from reports)
         elif len(said) > worker.full:
             worker.full = 0  # it holds more than that now (say, its operator raised the limit)
+        if said - before:
+            worker.peak = said
         worker.said = said
-        if gone:  # it made its room: a load's victim the hub guessed but the engine kept is held still
-            worker.evicting = {model: victim for model, victim in worker.evicting.items() if victim not in said}
+        # a load's victim the hub guessed, where the engine evicted another, is held still: as many
+        # guesses are wrong as models went that no guess named (the oldest loads' first)
+        unexplained = len(((worker.loaded or frozenset()) | before) - said - worker.loading.keys()
+                          - set(worker.evicting.values()))
+        for model in [model for model, victim in worker.evicting.items() if victim in said][:unexplained]:
+            del worker.evicting[model]
         self._room = max(self._room, worker.room)
         for model in said:  # loads that ended: the engine's word is the truth about them now
             worker.loading.pop(model, None)
