@@ -365,7 +365,7 @@ class Pool:
             if not cold_ok and not self._worth_loading(model, able):
                 return None  # a slot where the model is in memory frees sooner than a load ends
             best, _, evicted = self._coldest(free)
-        if best.loaded is not None:  # it holds the model from now on: the requests for it that follow
+        if best.loaded is not None:  # it holds the model from now on (the requests for it that follow
             # wait for this load instead of starting others), and not the one it evicts: when the
             # engine is known to be full, or when another holds that model too (a wrong guess then
             # costs nothing; one that sent a model's requests to load it anew elsewhere would)
