@@ -37,7 +37,7 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
-from ghubai.web import serve_app, server_config
+from ghubai.web import CLIENT_GONE, serve_app, server_config
 
 _encode = msgspec.json.Encoder().encode
 
@@ -148,13 +148,6 @@ async def _read_body(receive: Any, limit: int) -> bytes:
                 return bytes(body)
     assert slow.cancelled_caught
     raise ApiError(408, "The request body did not arrive in time")
-
-
-async def _watch_for_disconnect(receive: Any, scope: trio.CancelScope) -> None:
-    """The request's only reader once its body is in: the client leaving cancels all done for it."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]],
@@ -291,8 +284,11 @@ class HubApi:
         raise AssertionError("inference routes are served in HubApi._asgi")
 
     async def _inference(self, route: Route, scope: dict[str, Any], receive: Any, send: Send, record: Record) -> None:
-        """Check, read and validate the request, then run it with a watcher that cancels it all
-        when the client leaves. Any refusal is answered in the dialect of the path."""
+        """Check, read and validate the request, then run it in a cancel scope that hypercorn's
+        stream cancels when the client leaves (``web.CLIENT_GONE``). Any refusal is answered in the
+        dialect of the path."""
+        gone = trio.CancelScope()  # (cancelled before it is entered, it is cancelled when entered)
+        scope[CLIENT_GONE] = gone.cancel
         try:
             headers = scope["headers"]
             self._check_head(headers)
@@ -305,17 +301,9 @@ class HubApi:
             route.validate(body)
             record.model = str(body["model"])
             self.rate_limits.admit(key)
-            refusal: ApiError | None = None
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_for_disconnect, receive, nursery.cancel_scope)
-                try:
-                    await self._forward(route.api, body, body.get("stream", route.streams) is True, len(raw), headers,
-                                        send, record)
-                except ApiError as error:  # answered below, once the watcher is gone (a nursery would wrap it)
-                    refusal = error
-                nursery.cancel_scope.cancel()
-            if refusal is not None:
-                raise refusal
+            with gone:
+                await self._forward(route.api, body, body.get("stream", route.streams) is True, len(raw), headers,
+                                    send, record)
         except ClientLeft:
             return
         except ApiError as error:
