@@ -11,7 +11,8 @@ Carries two fixes to hypercorn 0.18's trio server, and one shortcut:
 - an ASGI app hears that its client left only from ``receive()``, so a request that must stop when
   its client leaves needs a task of its own waiting on it (measured: 11 % of the hub's CPU for a
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
-  the moment its client's connection closes.
+  the moment hypercorn sees its client's connection close (not before the response ends when the
+  client has already sent a next, pipelined request: hypercorn then stops reading that connection).
 
 They patch private methods of hypercorn's ``TCPServer`` and ``HTTPStream``: ``pyproject.toml`` pins
 hypercorn to the minor version they were written for, and this module refuses to import when those
@@ -94,7 +95,8 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
             if write.cancelled_caught:
                 raise trio.BrokenResourceError("the client took no data in time")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await self.protocol.handle(Closed())
+            with trio.CancelScope(shield=True):  # may cancel this very task (CLIENT_GONE): finish closing every stream
+                await self.protocol.handle(Closed())
 
 
 TCPServer.protocol_send = _bounded_protocol_send  # type: ignore[method-assign]

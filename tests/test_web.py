@@ -1,16 +1,70 @@
-"""ghubai.web patches two private methods of hypercorn's trio server: it must refuse to import
-when they are gone, rather than serve without its fixes."""
+"""ghubai.web patches three private methods of hypercorn: it must refuse to import when they are
+gone, rather than serve without its fixes; and what the patches do, over real sockets."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from typing import Any
+
+import h2.config
+import h2.connection
+import pytest
+import trio
+
+from tests.conftest import Grid, chat, eventually
 
 
-def test_web_refuses_a_hypercorn_without_the_methods_it_patches() -> None:
-    script = ("from hypercorn.trio.tcp_server import TCPServer\n"
-              "del TCPServer.protocol_send\n"
-              "import ghubai.web\n")
+@pytest.mark.parametrize("owner, module, method", [
+    ("TCPServer", "hypercorn.trio.tcp_server", "protocol_send"),
+    ("HTTPStream", "hypercorn.protocol.http_stream", "handle"),
+])
+def test_web_refuses_a_hypercorn_without_the_methods_it_patches(owner: str, module: str, method: str) -> None:
+    script = f"from {module} import {owner}\ndel {owner}.{method}\nimport ghubai.web\n"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
-    assert "ImportError: ghubai.web patches TCPServer.protocol_send(self, event)" in result.stderr
+    assert f"ImportError: ghubai.web patches {owner}.{method}(self, event)" in result.stderr
+
+
+async def test_a_failed_write_on_an_h2_connection_cancels_every_request_on_it(grid: Grid, monkeypatch: Any) -> None:
+    """Regression: a request whose own write found the connection broken handled its close in its
+    own task, which that close cancels (the client is gone): the close stopped half-way, and the
+    other requests on the connection ran on, their engines generating for nobody."""
+    broken: set[int] = set()
+    send_all = trio.SocketStream.send_all
+
+    async def failing(self: trio.SocketStream, data: Any) -> None:
+        if self.socket.getpeername()[1] in broken:
+            raise trio.BrokenResourceError("the peer is gone")
+        await send_all(self, data)
+
+    monkeypatch.setattr(trio.SocketStream, "send_all", failing)
+    first_url, first = await grid.sim(models=("a",), ttft_ms=1500, itl_ms=20, tokens=100_000)
+    other_url, other = await grid.sim(models=("b",), ttft_ms=60_000, itl_ms=20, tokens=100_000)
+    hub = await grid.hub()
+    await grid.worker(hub.value, first_url, name="wa")
+    await grid.worker(hub.value, other_url, name="wb")
+    stream = await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1]))
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    for model in ("a", "b"):  # two requests on one connection (cleartext h2, prior knowledge)
+        body = json.dumps(chat(model=model, stream=True)).encode()
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                                  (":authority", "x"), ("content-type", "application/json"),
+                                  ("content-length", str(len(body)))])
+        client.send_data(sid, body, end_stream=True)
+    await stream.send_all(client.data_to_send())
+
+    async def both_running() -> bool:
+        return first.stats.active == 1 and other.stats.active == 1
+
+    await eventually(both_running, "both requests at their engines")
+    broken.add(stream.socket.getsockname()[1])  # every write of the hub's end of this connection fails now
+
+    async def both_cancelled() -> bool:  # the first at its first token (its write fails), the other with it
+        return first.stats.cancelled == 1 and other.stats.cancelled == 1
+
+    await eventually(both_cancelled, "both engines told to stop")
+    await stream.aclose()
