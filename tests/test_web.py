@@ -13,7 +13,7 @@ import h2.connection
 import pytest
 import trio
 
-from tests.conftest import Grid, chat, eventually
+from conftest import Grid, chat, eventually
 
 
 @pytest.mark.parametrize("owner, module, method", [
