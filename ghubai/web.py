@@ -95,7 +95,8 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
             if write.cancelled_caught:
                 raise trio.BrokenResourceError("the client took no data in time")
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            with trio.CancelScope(shield=True):  # may cancel this very task (CLIENT_GONE): finish closing every stream
+            # closing may cancel this very task (CLIENT_GONE): shielded, so that every stream hears of it
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s):
                 await self.protocol.handle(Closed())
 
 

@@ -33,6 +33,7 @@ class Engine:
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.running: Counter[str] = Counter()
         self.loading = trio.Lock()
+        self.ended = trio.Event()  # set (and replaced) whenever a generation ends
         self.loads = 0
 
     async def make_resident(self, model: str) -> None:
@@ -43,7 +44,7 @@ class Engine:
                     self.resident[model] = None
                     self.loads += 1
                 elif (idle := next((held for held in self.resident if not self.running[held]), None)) is None:
-                    await trio.sleep(0.01)  # every model it holds is generating: wait for one to end
+                    await self.ended.wait()  # every model it holds is generating: wait for one to end
                 else:
                     del self.resident[idle]
         self.resident.move_to_end(model)
@@ -84,6 +85,8 @@ class Grid:
             self.cold[worker.id].set()
         await trio.sleep(ANSWER_S)
         engine.running[model] -= 1
+        engine.ended.set()
+        engine.ended = trio.Event()
         self.pool.release(worker)
         self.pool.report(worker, worker.inflight)
 

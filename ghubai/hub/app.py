@@ -3,9 +3,10 @@
 The routes that carry inference are served as plain ASGI inside the same app (``HubApi._asgi``):
 quart's request and response objects cost more per request than the rest of the hub together, and
 those routes need none of them. Everything else (model lists, status pages, the workers' WebSocket)
-goes through quart. A request's work runs in a nursery of its ASGI call with a task that watches
-for the client leaving: then the nursery is cancelled, and with it the exchange, whose worker hears
-``cancel``. The call's ``finally`` finishes the request's record however the request ended.
+goes through quart. A request's work runs in a cancel scope that hypercorn's stream cancels when the
+client leaves (``web.CLIENT_GONE``: no task per request waits on ``receive()`` for it), and with it
+the exchange, whose worker hears ``cancel``. The call's ``finally`` finishes the request's record
+however the request ended.
 """
 
 from __future__ import annotations
