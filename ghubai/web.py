@@ -7,7 +7,8 @@ Carries two fixes to hypercorn 0.18's trio server, and one shortcut:
 - every socket write is shielded from cancellation and has no timeout, so a client that stops
   reading blocks its request (and the worker slot behind it) for ever, and a server with such a
   client can never stop. Here a write that makes no progress for ``write_timeout_s`` closes the
-  connection, and when the server is cancelled every pending write is cut at once.
+  connection, and when the server is cancelled every pending write is cut at once. A write the
+  socket takes whole at once skips all that (``ghubai.sockets.write_now``).
 - an ASGI app hears that its client left only from ``receive()``, so a request that must stop when
   its client leaves needs a task of its own waiting on it (measured: 11 % of the hub's CPU for a
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
@@ -36,6 +37,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 from ghubai.protocol import MAX_MESSAGE_BYTES
+from ghubai.sockets import write_now
 
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]}, HTTPStream: {"handle": ["self", "event"]}}
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
@@ -82,6 +84,9 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
     if not isinstance(event, RawData) or not isinstance(self.config, GhubConfig):
         await _hypercorn_protocol_send(self, event)
         return
+    data = event.data if self.send_lock.locked() else await write_now(self.stream, event.data)
+    if not data:
+        return
     async with self.send_lock:
         try:
             # shielded as hypercorn's: a request's cancel must not cut a write; but its own deadline
@@ -89,7 +94,7 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s) as write:
                 self.config.pending_writes.add(write)
                 try:
-                    await self.stream.send_all(event.data)
+                    await self.stream.send_all(data)
                 finally:
                     self.config.pending_writes.discard(write)
             if write.cancelled_caught:

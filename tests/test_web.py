@@ -4,6 +4,8 @@ gone, rather than serve without its fixes; and what the patches do, over real so
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -32,14 +34,25 @@ async def test_a_failed_write_on_an_h2_connection_cancels_every_request_on_it(gr
     own task, which that close cancels (the client is gone): the close stopped half-way, and the
     other requests on the connection ran on, their engines generating for nobody."""
     broken: set[int] = set()
-    send_all = trio.SocketStream.send_all
+    send_all, write = trio.SocketStream.send_all, os.write
 
     async def failing(self: trio.SocketStream, data: Any) -> None:
         if self.socket.getpeername()[1] in broken:
             raise trio.BrokenResourceError("the peer is gone")
         await send_all(self, data)
 
+    def failing_write(fd: int, data: Any) -> int:  # the write a socket takes at once (ghubai.web)
+        try:
+            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+                peer = sock.getpeername()[1]
+        except OSError:
+            peer = None
+        if peer in broken:
+            raise BrokenPipeError("the peer is gone")
+        return write(fd, data)
+
     monkeypatch.setattr(trio.SocketStream, "send_all", failing)
+    monkeypatch.setattr(os, "write", failing_write)
     first_url, first = await grid.sim(models=("a",), ttft_ms=1500, itl_ms=20, tokens=100_000)
     other_url, other = await grid.sim(models=("b",), ttft_ms=60_000, itl_ms=20, tokens=100_000)
     hub = await grid.hub()

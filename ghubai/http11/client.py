@@ -18,6 +18,8 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 
+from ghubai.sockets import write_now
+
 RECEIVE_SIZE = 65536
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
@@ -70,7 +72,8 @@ class ClientConnection:
 
     async def send(self, *events: h11.Event) -> None:
         """The events in one write: a request's head leaves with its body."""
-        await self.stream.send_all(b"".join(self.h11.send(event) or b"" for event in events))
+        if data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events)):
+            await self.stream.send_all(data)
 
     async def next_event(self) -> h11.Event:
         while True:

@@ -21,6 +21,7 @@ import trio
 
 from ghubai.errors import ApiError
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
+from ghubai.sockets import write_now
 
 log = logging.getLogger("ghubai.http")
 
@@ -129,7 +130,7 @@ class Connection:
     async def send(self, *events: Any) -> None:
         """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data.
         A client that takes none of it for ``idle_timeout_s`` is gone (BrokenResourceError)."""
-        data = b"".join(self.h11.send(event) or b"" for event in events)
+        data = await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events))
         if data:
             with trio.move_on_after(self.idle_timeout_s) as stalled:
                 await self.stream.send_all(data)
