@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, chat, eventually, run_ghubai
+from conftest import WAIT_S, Grid, _scoped, chat, eventually, run_ghubai
 from ghubai import __version__, dialects
 from ghubai.config import load
 from ghubai.http11.server import Connection, Request
+from ghubai.sim.generator import SimOptions, Simulator
+from ghubai.sim.server import serve as serve_sim
 from ghubai.worker.engine import PROBE_MODEL
 
 KEY = "engine-secret-4f1c"
@@ -344,3 +346,22 @@ async def test_an_answer_with_no_content_at_all_is_a_stream_that_just_ends(grid:
                                     json={"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     assert response.status_code == 200, response.text
     assert response.text.strip().endswith("data: [DONE]") and response.headers["x-ghubai-worker"] == "w"
+
+
+async def test_an_engine_that_starts_after_its_worker_serves_within_seconds(grid: Grid) -> None:
+    """A worker and its engine boot together; the engine is not up at the worker's first look. The
+    worker asks again after 1 s, 2 s, ..., not only at the next ``discovery_interval_s``."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.close()  # a port nothing listens on, yet
+    hub = await grid.hub()
+    await grid.worker(hub.value, f"http://127.0.0.1:{port}", discovery_interval_s=3600)
+    assert (await grid.http.get(hub.value + "/v1/models")).json()["data"] == []
+    await grid.nursery.start(_scoped, serve_sim, Simulator(SimOptions(ttft_ms=5, itl_ms=1)), f"127.0.0.1:{port}")
+
+    async def listed() -> bool:
+        return [m["id"] for m in (await grid.http.get(hub.value + "/v1/models")).json()["data"]] == ["sim"]
+
+    await eventually(listed, "the worker to find its engine's model")
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200

@@ -35,6 +35,7 @@ from ghubai.worker.engine import Call, Cause, Engine, EngineError, Offer
 log = logging.getLogger("ghubai.worker")
 
 BACKOFF_FIRST_S = 0.5
+DISCOVERY_RETRY_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
@@ -166,8 +167,17 @@ class Worker:
         self._rediscover.set()
 
     async def discovery_loop(self) -> None:
+        """Every ``discovery_interval_s``; sooner while the engine lists nothing because of a problem
+        (after 1 s, then twice as long each time): an engine that boots with its worker, or comes
+        back, serves its models in seconds, not at the next interval."""
+        retry_s = DISCOVERY_RETRY_FIRST_S
         while True:
-            with trio.move_on_after(self.config.engine.discovery_interval_s):
+            wait_s = self.config.engine.discovery_interval_s
+            if self.offer.problem:
+                wait_s, retry_s = min(wait_s, retry_s), retry_s * 2
+            else:
+                retry_s = DISCOVERY_RETRY_FIRST_S
+            with trio.move_on_after(wait_s):
                 await self._rediscover.wait()
             self._rediscover = trio.Event()
             await self.discover()
