@@ -116,3 +116,48 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_by_a_fresh_one(n
     assert await post(pool, {}) == (200, b"ok") and len(pool.idle) == 1
     await closed.wait()
     assert await post(pool, {}) == (200, b"ok")
+
+
+async def _answer_with(answer: bytes, stream: trio.SocketStream) -> None:
+    """A server sending ``answer`` verbatim to each request, keeping the socket until the client goes."""
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                if not (data := await stream.receive_some(65536)):
+                    return
+                conn.receive_data(data)
+        await stream.send_all(answer)
+        conn = h11.Connection(h11.SERVER)  # what it sent may not be HTTP: a fresh state for the next
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n"
+
+
+@pytest.mark.parametrize("answer, body, kept", [
+    (CHUNKED + b"\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\ntrailer: 1\r\n\r\n", b"abcde", True),
+    (CHUNKED + b"connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n", b"abc", False),  # refused keep-alive
+    (CHUNKED + b"\r\n3\r\nabc\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n", b"abc", False),  # an answer nobody asked for
+])
+async def test_a_chunked_answer_is_decoded_and_kept_only_when_it_ended_cleanly(
+        nursery: trio.Nursery, answer: bytes, body: bytes, kept: bool) -> None:
+    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_answer_with, answer), 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert await post(pool, {}) == (200, body)
+    assert len(pool.idle) == (1 if kept else 0)
+    if kept:  # and the connection serves the next request as well as the first
+        first = pool.idle[0]
+        assert await post(pool, {}) == (200, body) and pool.idle == [first]
+
+
+async def test_a_chunked_answer_cut_mid_chunk_fails_and_is_not_reused(nursery: trio.Nursery) -> None:
+    async def cut(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(CHUNKED + b"\r\n5\r\nab")
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, cut, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    with pytest.raises(h11.RemoteProtocolError, match="mid-answer"):
+        await post(pool, {})
+    assert pool.idle == []

@@ -156,12 +156,7 @@ class Forwarder:
                             h11.Data(data=request.body), h11.EndOfMessage())
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # a hub may answer (413 ...) and close before reading all: look for its answer
-                    event = await upstream.next_event()
-                    while isinstance(event, h11.InformationalResponse):  # 100, 103: the answer follows
-                        event = await upstream.next_event()
-                if isinstance(event, h11.Response):
-                    return upstream, event
-                raise h11.RemoteProtocolError(f"hub closed the connection ({type(event).__name__})")
+                    return upstream, await upstream.read_head()
             except UPSTREAM_ERRORS as error:
                 if upstream is not None:
                     await upstream.aclose()
@@ -181,22 +176,19 @@ class Forwarder:
         try:
             with trio.fail_after(self.config.connect_timeout_s):
                 while drained <= MAX_DRAIN_BYTES:
-                    event = await upstream.next_event()
-                    if isinstance(event, h11.Data):
-                        drained += len(event.data)
-                    elif isinstance(event, h11.EndOfMessage):
+                    data, ended = await upstream.body_part()
+                    drained += len(data)
+                    if ended:
                         await self.hubs.release(hub, upstream)
                         return
-                    else:
-                        break
         except UPSTREAM_ERRORS:
             pass
         await upstream.aclose()
 
-    async def _next(self, upstream: ClientConnection) -> h11.Event:
+    async def _next(self, upstream: ClientConnection) -> tuple[bytes, bool]:
         try:
             with trio.fail_after(self.config.response_timeout_s):
-                return await upstream.next_event()
+                return await upstream.body_part()
         except UPSTREAM_ERRORS as error:
             raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
 
@@ -209,25 +201,15 @@ class Forwarder:
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
-            while True:
-                # what has already arrived goes out in one write; nothing waits for more
-                try:
-                    events = upstream.buffered_events() or [await self._next(upstream)]
-                except h11.ProtocolError as error:
-                    raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
-                ended = False
-                for event in events:
-                    if isinstance(event, h11.Data):
-                        pending.append(h11.Data(data=bytes(event.data)))
-                    elif isinstance(event, h11.EndOfMessage):
-                        pending.append(h11.EndOfMessage())
-                        ended = True
-                    else:
-                        raise UpstreamFailed("hub closed the connection mid-answer")
+            ended = False
+            while not ended:  # what has already arrived goes out in one write; nothing waits for more
+                data, ended = await self._next(upstream)
+                if data:
+                    pending.append(h11.Data(data=data))
+                if ended:
+                    pending.append(h11.EndOfMessage())
                 await conn.send(*pending)
                 pending = []
-                if ended:
-                    break
         except UpstreamFailed as error:
             await upstream.aclose()
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
