@@ -197,8 +197,8 @@ class EngineConfig:
     max_concurrency: int = _key(_at_least(1), "requests run at once, across all hubs; match OLLAMA_NUM_PARALLEL",
                                 default=4)
     discovery_interval_s: float = _key(
-        _at_least(0.01), "how often the model list is refreshed (while the engine does not answer: after 1 s, "
-                         "2 s, 4 s ... up to this)", default=30.0)
+        _at_least(0.01), "how often the model list is refreshed (while the engine lists none because of a "
+                         "problem, such as no answer: after 1 s, 2 s, 4 s ... up to this)", default=30.0)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of an answer",
                                  default=300.0)

@@ -1,12 +1,14 @@
 """A socket write the kernel takes at once, without trio's machinery around it.
 
-trio's ``send_all`` costs a conflict check, a memoryview and a cancel check on every write, and the
-callers here wrap it in a cancel scope with a deadline (the hub also in a lock); on loopback and
-LAN sockets the kernel's buffer nearly always has room, so all that is for nothing. ``write_now``
-tries one ``os.write`` first; only what the socket did not take goes the slow way, with its
-timeout. It still yields once, as every trio I/O does: a task that only writes (a simulator's
-burst, a relay) must not starve the others, and hypercorn may close the connection next (with a
-request body unread, that close is a RST that can destroy the answer before its client reads it).
+trio's ``send_all`` costs a conflict check, a memoryview and two scheduler calls on every write,
+and the callers here wrap it in a cancel scope with a deadline (the hub also in a lock); on loopback
+and LAN sockets the kernel's buffer nearly always has room, so all that is for nothing.
+``write_now`` tries one ``os.write`` first; only what the socket did not take goes the slow way,
+with its timeout. It is still a checkpoint, as every trio I/O is: it raises ``Cancelled`` before
+writing when the caller is cancelled (unless ``shielded``), and yields after, so that a task that
+only writes (a simulator's burst, a relay) neither ignores a cancel nor starves the others — and
+hypercorn, which may close the connection next, does not turn the answer into a RST that the
+client never reads (a request body left unread makes a close a RST).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import os
 import trio
 
 
-async def write_now(stream: trio.abc.Stream, data: bytes) -> bytes:
-    """Write what the socket takes without waiting; what is left (all of it for a TLS stream, a
-    full buffer or a broken socket, whose error the caller's slow path then raises)."""
+async def write_now(stream: trio.abc.Stream, data: bytes, *, shielded: bool = False) -> bytes:
+    """Write what the socket takes without waiting; return what is left (all of it for a TLS
+    stream, a full buffer or a broken socket, whose error the caller's slow path then raises).
+    ``shielded``: the caller's own scope decides cancellation (the hub's writes are never cut)."""
     if not data or type(stream) is not trio.SocketStream:
         return data
+    if not shielded:
+        await trio.lowlevel.checkpoint_if_cancelled()
     try:
         data = data[os.write(stream.socket.fileno(), data):]
     except OSError:  # would block, or broken

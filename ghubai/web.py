@@ -84,25 +84,25 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
     if not isinstance(event, RawData) or not isinstance(self.config, GhubConfig):
         await _hypercorn_protocol_send(self, event)
         return
-    data = event.data if self.send_lock.locked() else await write_now(self.stream, event.data)
+    # shielded as hypercorn's: a request's cancel must not cut a write, nor the rest of one the
+    # socket took in part; but its own deadline (a stalled client) or a stopping server may
+    data = event.data if self.send_lock.locked() else await write_now(self.stream, event.data, shielded=True)
     if not data:
         return
-    async with self.send_lock:
-        try:
-            # shielded as hypercorn's: a request's cancel must not cut a write; but its own deadline
-            # (a stalled client) or a stopping server may
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s) as write:
-                self.config.pending_writes.add(write)
-                try:
+    try:
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s) as write:
+            self.config.pending_writes.add(write)
+            try:
+                async with self.send_lock:
                     await self.stream.send_all(data)
-                finally:
-                    self.config.pending_writes.discard(write)
-            if write.cancelled_caught:
-                raise trio.BrokenResourceError("the client took no data in time")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # closing may cancel this very task (CLIENT_GONE): shielded, so that every stream hears of it
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s):
-                await self.protocol.handle(Closed())
+            finally:
+                self.config.pending_writes.discard(write)
+        if write.cancelled_caught:
+            raise trio.BrokenResourceError("the client took no data in time")
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        # closing may cancel this very task (CLIENT_GONE): shielded, so that every stream hears of it
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s):
+            await self.protocol.handle(Closed())
 
 
 TCPServer.protocol_send = _bounded_protocol_send  # type: ignore[method-assign]

@@ -161,3 +161,34 @@ async def test_a_chunked_answer_cut_mid_chunk_fails_and_is_not_reused(nursery: t
     with pytest.raises(h11.RemoteProtocolError, match="mid-answer"):
         await post(pool, {})
     assert pool.idle == []
+
+
+async def test_a_body_broken_in_the_head_s_packet_fails_the_body_and_is_never_sent_again(
+        nursery: trio.Nursery) -> None:
+    """Regression: the decoder ran inside read_head, so a framing error that came with the head
+    looked like a connection lost before any answer: the pool sent the request again (a second
+    generation), and the proxy marked its hub down."""
+    seen: list[bytes] = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+                if event is h11.NEED_DATA:
+                    if not (data := await stream.receive_some(65536)):
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    seen.append(event.target)
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" if len(seen) == 1
+                                  else CHUNKED + b"\r\n5\r\nhelloXX")
+            conn = h11.Connection(h11.SERVER)
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert await post(pool, {}, path="/first") == (200, b"ok") and len(pool.idle) == 1  # a kept connection
+    async with pool.request("POST", "/generate", [], b"{}", WAIT_S) as response:
+        assert response.status == 200
+        with pytest.raises(h11.RemoteProtocolError, match="CRLF"):
+            await response.read(1 << 20)
+    assert seen == [b"/first", b"/generate"] and pool.idle == []

@@ -48,3 +48,18 @@ async def test_a_task_that_only_writes_still_lets_the_others_run() -> None:
         for _ in range(3):  # (trio runs the tasks of one batch in random order: two yields suffice)
             assert await write_now(ours, b"token") == b""
         assert ran
+
+
+async def test_a_cancelled_writer_writes_nothing_unless_shielded() -> None:
+    """As trio's send_all: a cancel point before the write (a simulator stopping mid-burst stops);
+    the hub's writes, which a request's cancel must not cut, pass ``shielded``."""
+    left, right = trio.socket.socketpair()
+    ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await write_now(ours, b"lost")
+    assert scope.cancelled_caught
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        assert await write_now(ours, b"kept", shielded=True) == b""
+    assert await theirs.receive_some(100) == b"kept"

@@ -15,7 +15,7 @@ import h2.connection
 import pytest
 import trio
 
-from conftest import Grid, chat, eventually
+from conftest import WAIT_S, Grid, chat, eventually
 
 
 @pytest.mark.parametrize("owner, module, method", [
@@ -81,3 +81,30 @@ async def test_a_failed_write_on_an_h2_connection_cancels_every_request_on_it(gr
 
     await eventually(both_cancelled, "both engines told to stop")
     await stream.aclose()
+
+
+async def test_a_write_the_socket_takes_in_part_is_finished_even_when_its_request_is_cancelled() -> None:
+    """Regression: the rest of a frame the socket took in part waited for the send lock outside
+    the shield, so a request's cancel dropped it, and the client got a truncated frame."""
+    from types import SimpleNamespace
+
+    from hypercorn.events import RawData
+
+    from ghubai import web
+
+    left, right = trio.socket.socketpair()
+    ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+    server = SimpleNamespace(config=web.server_config("127.0.0.1:0"), send_lock=trio.Lock(), stream=ours)
+    frame, received = b"F" * (8 << 20), bytearray()  # more than a socket buffer holds
+
+    async def read() -> None:
+        while len(received) < len(frame):
+            received.extend(await theirs.receive_some(1 << 20))
+
+    with trio.move_on_after(WAIT_S):  # a frame cut short never arrives whole: fail, not hang
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            with trio.CancelScope() as request:
+                request.cancel()  # the client went away: the request's scope is cancelled
+                await web._bounded_protocol_send(server, RawData(data=frame))  # type: ignore[arg-type]
+    assert len(received) == len(frame)

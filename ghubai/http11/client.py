@@ -64,7 +64,6 @@ class ClientConnection:
         self.h11 = h11.Connection(h11.CLIENT)
         self.method = b""  # of the request being sent
         self.chunked: ChunkedDecoder | None = None  # the answer's chunked body, once its head is read
-        self.early = b""  # payload the decoder took from what arrived with the head
         self.idle_since = 0.0
         self.reused = False  # came from the pool: a failure may be the server's keep-alive close, not a fault
 
@@ -96,7 +95,8 @@ class ClientConnection:
             await self.stream.send_all(data)
 
     async def read_head(self) -> h11.Response:
-        """The answer's head (1xx skipped); h11.RemoteProtocolError if the server closed instead."""
+        """The answer's head (1xx skipped); h11.RemoteProtocolError if the server closed or sent no
+        valid head. Nothing of the body is read: a broken body fails in ``body_part``."""
         event = await self.next_event()
         while isinstance(event, h11.InformationalResponse):  # 100, 103: the answer follows
             event = await self.next_event()
@@ -105,7 +105,7 @@ class ClientConnection:
         bodiless = self.method == b"HEAD" or event.status_code in (204, 304)
         if not bodiless and any(key == b"transfer-encoding" for key, _ in event.headers):
             self.chunked = ChunkedDecoder()  # h11 accepts no transfer coding but chunked
-            self.early = self.chunked.feed(self.h11.trailing_data[0])
+            self.chunked.buffer += self.h11.trailing_data[0]  # decoded by body_part: its errors are the body's
         return event
 
     async def body_part(self) -> tuple[bytes, bool]:
@@ -119,7 +119,7 @@ class ClientConnection:
             if not all(isinstance(event, h11.Data) for event in events):
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             return data, False
-        data, self.early = self.early, b""
+        data = chunked.feed(b"")  # what came with the head, the first time
         while not data and not chunked.done:
             received = await self.stream.receive_some(RECEIVE_SIZE)
             if not received:

@@ -168,8 +168,8 @@ class Worker:
 
     async def discovery_loop(self) -> None:
         """Every ``discovery_interval_s``; sooner while the engine lists nothing because of a problem
-        (after 1 s, then twice as long each time): an engine that boots with its worker, or comes
-        back, serves its models in seconds, not at the next interval."""
+        (it does not answer, refuses the key, sends no list): after 1 s, then twice as long each
+        time. An engine that boots with its worker, or comes back, serves in seconds."""
         retry_s = DISCOVERY_RETRY_FIRST_S
         while True:
             wait_s = self.config.engine.discovery_interval_s
