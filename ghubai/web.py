@@ -6,7 +6,7 @@ Carries two fixes to hypercorn 0.18's trio server, and one shortcut:
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
 - every socket write is shielded from cancellation and has no timeout, so a client that stops
   reading blocks its request (and the worker slot behind it) for ever, and a server with such a
-  client can never stop. Here a write that makes no progress for ``write_timeout_s`` closes the
+  client can never stop. Here a write not done ``write_timeout_s`` after its turn came closes the
   connection, and when the server is cancelled every pending write is cut at once. A write the
   socket takes whole at once skips all that (``ghubai.sockets.write_now``).
 - an ASGI app hears that its client left only from ``receive()``, so a request that must stop when
@@ -90,10 +90,11 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
     if not data:
         return
     try:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s) as write:
+        with trio.CancelScope(shield=True) as write:
             self.config.pending_writes.add(write)
             try:
-                async with self.send_lock:
+                async with self.send_lock:  # a write ahead of this one has its own deadline
+                    write.deadline = trio.current_time() + self.config.write_timeout_s
                     await self.stream.send_all(data)
             finally:
                 self.config.pending_writes.discard(write)

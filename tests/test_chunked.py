@@ -59,7 +59,9 @@ def h11_verdict(body: bytes) -> tuple[bytes, bool] | str:
     b"5\r\nhel", b"5\r\nhello\r\n", b"5\r\nhello\r\n0\r\n", b"5\r\nhello\r\n0\r\nx: 1\r\n",  # not ended yet
     b"x\r\n", b"-5\r\n", b"\r\n", b" 5\r\n", b"0x5\r\n", b"1" * 21 + b"\r\n",  # sizes h11 refuses
     b"5 ;x=1\r\nhello\r\n0\r\n\r\n", b"5;a\nb\r\nhello\r\n0\r\n\r\n",  # and size lines
-    b"2\r\nokXX", b"2\r\nok\n0\r\n\r\n",  # a chunk not ended by CRLF
+    b"2\r\nokXX", b"2\r\nok\n0\r\n\r\n", b"2\r\nokX", b"2\r\nok\n", b"2\r\nok\r",  # a chunk's CRLF, byte by byte
+    b"2\r\nok\r\n0\r\nContent-Length: x\r\n\r\n", b"2\r\nok\r\n0\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"2\r\nok\r\n0\r\nContent-Length: 5\r\n\r\n",  # trailer fields as h11 checks them
     b"5\r\nhello\r\n0\r\nthis is not a header\r\n\r\n", b"5\r\nhello\r\n0\r\nHTTP/1.1 200 OK\r\n\r\n",
     b"5\r\nhello\r\n0\r\nX\x00: y\r\n\r\n", b"5\r\nhello\r\n0\r\n folded\r\n\r\n",  # trailers h11 refuses
 ])

@@ -14,6 +14,7 @@ import h2.config
 import h2.connection
 import pytest
 import trio
+import trio.testing
 
 from conftest import WAIT_S, Grid, chat, eventually
 
@@ -108,3 +109,42 @@ async def test_a_write_the_socket_takes_in_part_is_finished_even_when_its_reques
                 request.cancel()  # the client went away: the request's scope is cancelled
                 await web._bounded_protocol_send(server, RawData(data=frame))  # type: ignore[arg-type]
     assert len(received) == len(frame)
+
+
+async def test_a_write_queued_behind_another_has_its_own_deadline(mock_clock: Any) -> None:
+    """Regression: the deadline of a write ran while it waited for the send lock, so a frame queued
+    behind a long one to a client that kept reading timed out, and the connection was closed."""
+    from types import SimpleNamespace
+
+    from hypercorn.events import RawData
+
+    from ghubai import web
+
+    released = [trio.Event(), trio.Event()]
+    stream = trio.testing.MemorySendStream()
+
+    async def slow_client() -> None:  # takes each write's bytes, but only when the test says so
+        await released[0].wait()
+        released.pop(0)
+
+    stream.send_all_hook = slow_client
+    events: list[object] = []
+
+    class Protocol:
+        async def handle(self, event: object) -> None:
+            events.append(event)
+
+    config = web.server_config("127.0.0.1:0", write_timeout_s=1.0)
+    server = SimpleNamespace(config=config, send_lock=trio.Lock(), stream=stream, protocol=Protocol())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(web._bounded_protocol_send, server, RawData(data=b"first "))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(web._bounded_protocol_send, server, RawData(data=b"second"))
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.8)  # the first write takes 0.8 s: within its deadline
+        released[0].set()
+        await trio.testing.wait_all_tasks_blocked()
+        mock_clock.jump(0.4)  # 1.2 s after the second was queued, 0.4 s into its own write
+        await trio.testing.wait_all_tasks_blocked()
+        released[0].set()
+    assert events == [] and stream.get_data_nowait() == b"first second"

@@ -5,8 +5,10 @@ into an event that passes its state machine: 6-7 µs a chunk, a third of the wor
 with an engine that sends a chunk per token. This decoder takes what one network read brought in a
 few slices: 1.3 µs a chunk (a 256-chunk NDJSON answer, read 4 KiB at a time). It accepts and refuses
 what h11 does, with h11's own grammar: a chunk-size line of 1 to 20 hex digits, extensions after
-``;`` (ignored), optional whitespace; chunks ended by CRLF; trailer lines checked as header lines,
-the section ended by a blank line (LF or CRLF) and bounded.
+``;`` (ignored), optional whitespace; chunks ended by CRLF, checked byte by byte; trailer lines
+checked as header lines and their fields as h11 checks an ``EndOfMessage``'s; the section ended by
+a blank line (LF or CRLF). Two bounds are its own: a chunk-size line over 4 KiB and a trailer
+section over 16 KiB are refused even when they arrive whole (h11 bounds what is still incomplete).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ MAX_LINE = 4096  # a chunk-size line, with its extensions
 MAX_TRAILERS = 16384
 # h11's grammar (h11._abnf): the size, extensions it ignores, optional whitespace
 _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
-_TRAILER = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+:[ \t]*(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?[ \t]*")
+_TRAILER = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # the trailer section ends as h11 ends a head: LF or CRLF lines
 
 
@@ -57,10 +59,10 @@ class ChunkedDecoder:
                     break
                 self.crlf = True
             if self.crlf:
+                if not b"\r\n".startswith(buf[pos:pos + 2]):  # byte by byte, as h11: a wrong one fails at once
+                    raise h11.RemoteProtocolError("a chunk did not end in CRLF")
                 if end - pos < 2:
                     break
-                if buf[pos:pos + 2] != b"\r\n":
-                    raise h11.RemoteProtocolError("a chunk did not end in CRLF")
                 pos += 2
                 self.crlf = False
                 continue
@@ -99,7 +101,12 @@ class ChunkedDecoder:
                 lines[-1] += b" " + line.strip(b" \t")
             else:
                 lines.append(line)
-        if not all(_TRAILER.fullmatch(line) for line in lines):
+        fields = [_TRAILER.fullmatch(line) for line in lines]
+        try:  # the fields themselves as h11 checks them (a Content-Length or Transfer-Encoding there)
+            h11.EndOfMessage(headers=[(field[1], field[2]) for field in fields if field])
+        except h11.LocalProtocolError:
+            fields.append(None)
+        if not all(fields):
             raise h11.RemoteProtocolError("malformed trailer line")
         self.done = True
         return end
