@@ -5,6 +5,7 @@ answer, one cut mid-answer or closed by the server is dropped, and leaving early
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import partial
 
 import h11
@@ -118,16 +119,20 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_by_a_fresh_one(n
     assert await post(pool, {}) == (200, b"ok")
 
 
-async def _answer_with(answer: bytes, stream: trio.SocketStream) -> None:
-    """A server sending ``answer`` verbatim to each request, keeping the socket until the client goes."""
+async def _answer_with(answer: bytes | Callable[[bytes], bytes], stream: trio.SocketStream) -> None:
+    """A server sending ``answer`` verbatim to each request (or what it gives for the request's
+    target), keeping the socket until the client goes."""
     conn = h11.Connection(h11.SERVER)
     while True:
+        target = b""
         while not isinstance(event := conn.next_event(), h11.EndOfMessage):
             if event is h11.NEED_DATA:
                 if not (data := await stream.receive_some(65536)):
                     return
                 conn.receive_data(data)
-        await stream.send_all(answer)
+            elif isinstance(event, h11.Request):
+                target = event.target
+        await stream.send_all(answer(target) if callable(answer) else answer)
         conn = h11.Connection(h11.SERVER)  # what it sent may not be HTTP: a fresh state for the next
 
 
@@ -170,21 +175,11 @@ async def test_a_body_broken_in_the_head_s_packet_fails_the_body_and_is_never_se
     generation), and the proxy marked its hub down."""
     seen: list[bytes] = []
 
-    async def answer(stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        while True:
-            while not isinstance(event := conn.next_event(), h11.EndOfMessage):
-                if event is h11.NEED_DATA:
-                    if not (data := await stream.receive_some(65536)):
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    seen.append(event.target)
-            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" if len(seen) == 1
-                                  else CHUNKED + b"\r\n5\r\nhelloXX")
-            conn = h11.Connection(h11.SERVER)
+    def answer(target: bytes) -> bytes:
+        seen.append(target)
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" if len(seen) == 1 else CHUNKED + b"\r\n5\r\nhelloXX"
 
-    [listener] = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_answer_with, answer), 0, host="127.0.0.1"))
     pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
     assert await post(pool, {}, path="/first") == (200, b"ok") and len(pool.idle) == 1  # a kept connection
     async with pool.request("POST", "/generate", [], b"{}", WAIT_S) as response:

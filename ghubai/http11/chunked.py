@@ -40,7 +40,7 @@ class ChunkedDecoder:
     def leftover(self) -> bytes:
         return bytes(self.buffer) if self.done else b""
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | bytearray) -> bytes:
         """The payload that ``data`` (with what was fed before) completes; h11.RemoteProtocolError
         when the framing is wrong."""
         buf = self.buffer
