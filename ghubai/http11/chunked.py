@@ -102,11 +102,11 @@ class ChunkedDecoder:
             else:
                 lines.append(line)
         fields = [_TRAILER.fullmatch(line) for line in lines]
+        if not all(fields):
+            raise h11.RemoteProtocolError("malformed trailer line")
         try:  # the fields themselves as h11 checks them (a Content-Length or Transfer-Encoding there)
             h11.EndOfMessage(headers=[(field[1], field[2]) for field in fields if field])
         except h11.LocalProtocolError:
-            fields.append(None)
-        if not all(fields):
-            raise h11.RemoteProtocolError("malformed trailer line")
+            raise h11.RemoteProtocolError("malformed trailer field") from None
         self.done = True
         return end

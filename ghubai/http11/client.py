@@ -20,9 +20,8 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 
-from ghubai.sockets import write_now
-
 from ghubai.http11.chunked import ChunkedDecoder
+from ghubai.sockets import write_now
 
 RECEIVE_SIZE = 65536
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
@@ -119,7 +118,7 @@ class ClientConnection:
             if not all(isinstance(event, h11.Data) for event in events):
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             return data, False
-        data = chunked.feed(b"")  # what came with the head, the first time
+        data = chunked.feed(b"") if chunked.buffer else b""  # what came with the head, the first time
         while not data and not chunked.done:
             received = await self.stream.receive_some(RECEIVE_SIZE)
             if not received:

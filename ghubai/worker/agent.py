@@ -174,7 +174,7 @@ class Worker:
         while True:
             wait_s = self.config.engine.discovery_interval_s
             if self.offer.problem:
-                wait_s, retry_s = min(wait_s, retry_s), retry_s * 2
+                wait_s, retry_s = min(wait_s, retry_s), min(wait_s, retry_s * 2)
             else:
                 retry_s = DISCOVERY_RETRY_FIRST_S
             with trio.move_on_after(wait_s):
