@@ -1,12 +1,17 @@
 #!/usr/bin/env python3
-"""The least a hub on hypercorn can cost: a bare ASGI app on hypercorn's trio worker (no quart, no
-grid) that answers every POST with the simulator's own bytes, against the simulator itself.
+"""The least a grid on hypercorn can cost, and so the best ratio to the direct simulator it can reach.
 
-Captures one non-streamed and one streamed 16-token answer from the simulator, serves them from
-the bare app (the stream in one ASGI message), and prints for each server the non-streamed
-requests/s (16 clients) and streamed tokens/s (64 clients), each with the CPU the server spent per
-request (medians of ``--repeat`` interleaved rounds). What the hub spends above the
-bare app is the grid's own work and quart's; what the bare app spends, no hub on hypercorn can save.
+- **bare hypercorn**: an ASGI app on hypercorn's trio worker (no quart, no grid) that answers every
+  POST with the simulator's own bytes (captured once; the stream in one ASGI message). What the hub
+  spends above it is the grid's own work and quart's; what it spends, no hub on hypercorn can save.
+- **relay**: the same bare app, but every request goes to the simulator through the grid's h11
+  client (``ghubai.http11.client``), one ASGI message per read: hub and worker fused into one
+  process with no WebSocket hop, no scheduling, no translation. The real hub + worker do all of that
+  and more, so their rate is below the relay's; ``proxy → relay`` bounds the whole chain alike.
+
+Prints each server's non-streamed requests/s (16 clients) and streamed 16-token tokens/s (64
+clients), with the CPU the server spent per request and the ratio to the direct simulator (medians
+of ``--repeat`` interleaved rounds).
 
     python scripts/bench_floor.py [--seconds 2] [--repeat 3]
 """
@@ -14,10 +19,13 @@ bare app is the grid's own work and quart's; what the bare app spends, no hub on
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -29,7 +37,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench import HOST, chat, cpu_s, drive, free_port, start, wait_ready  # noqa: E402
 
 
-def bare_app(plain: bytes, stream: bytes) -> Any:
+Handler = Callable[[dict[str, Any], bytes, Any], Awaitable[None]]
+
+
+def asgi(handle: Handler) -> Any:
+    """A bare ASGI app: lifespan, then ``handle(scope, body, send)`` for each request."""
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while (await receive())["type"] != "lifespan.shutdown":
@@ -42,32 +54,67 @@ def bare_app(plain: bytes, stream: bytes) -> Any:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        await handle(scope, body, send)
+    return app
+
+
+def bare_app(folder: Path) -> Any:
+    plain, stream, long = ((folder / name).read_bytes() for name in ("plain", "stream", "long"))
+
+    async def handle(scope: dict[str, Any], body: bytes, send: Any) -> None:
         streamed = b'"stream": true' in body
-        payload = stream if streamed else plain
+        payload = (long if b'"max_tokens": 256' in body else stream) if streamed else plain
         headers = [(b"content-type", b"text/event-stream")] if streamed else \
             [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-    return app
+    return asgi(handle)
 
 
-def serve_bare(port: int, plain_path: str, stream_path: str) -> None:
+def relay_app(engine_port: int) -> Any:
+    from ghubai.http11.client import ConnectionPool
+    pool = ConnectionPool(HOST, engine_port, ssl_context=None, connect_timeout_s=5, max_idle=128, idle_reuse_s=60)
+    summary = json.dumps({"models": ["sim"], "draining": False}).encode()  # what a proxy checks
+
+    async def handle(scope: dict[str, Any], body: bytes, send: Any) -> None:
+        if scope["path"] == "/api/summary":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": summary})
+            return
+        async with pool.request(scope["method"], scope["path"], [("content-type", "application/json")], body,
+                                30.0) as response:
+            headers = [(name, value) for name, value in response.headers if name in (b"content-type", b"content-length")]
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            if any(name == b"content-length" for name, _ in headers):  # whole, as the hub sends it
+                await send({"type": "http.response.body", "body": await response.read(1 << 24)})
+                return
+            async for data in response.chunks():
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    return asgi(handle)
+
+
+def serve(port: int, app: Any) -> None:
     from hypercorn.config import Config
-    from hypercorn.trio import serve
+    from hypercorn.trio import serve as serve_app
     config = Config()
     config.bind = [f"{HOST}:{port}"]
     config.accesslog = config.errorlog = None
-    trio.run(serve, bare_app(Path(plain_path).read_bytes(), Path(stream_path).read_bytes()), config)
+    trio.run(serve_app, app, config)
 
 
-def measure(port: int, pid: int, seconds: float) -> tuple[float, float, float, float]:
-    """(non-streamed requests/s, CPU ms per request; streamed tokens/s, CPU ms per request)."""
-    before = cpu_s(pid)
-    answered, _, took = trio.run(drive, port, 16, seconds, chat("sim", 16, False))
-    plain_cpu = (cpu_s(pid) - before) * 1000 / answered
-    before = cpu_s(pid)
-    streams, tokens, took_streams = trio.run(drive, port, 64, seconds, chat("sim", 16, True))
-    return answered / took, plain_cpu, tokens / took_streams, (cpu_s(pid) - before) * 1000 / streams
+MEASURES = ("non-streamed req/s", "64 × 16 tokens, tokens/s", "64 × 256 tokens, tokens/s")
+
+
+def measure(port: int, pids: list[int], seconds: float) -> list[float]:
+    """Each of ``MEASURES``, then the CPU ms the server spent per request in the first two."""
+    figures, cpu = [], []
+    for clients, tokens, stream in ((16, 16, False), (64, 16, True), (64, 256, True)):
+        before = sum(map(cpu_s, pids))
+        answered, counted, took = trio.run(drive, port, clients, seconds, chat("sim", tokens, stream))
+        figures.append(counted / took if stream else answered / took)
+        cpu.append((sum(map(cpu_s, pids)) - before) * 1000 / max(1, answered))
+    return figures + cpu[:2]
 
 
 def main() -> None:
@@ -75,34 +122,61 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    sim_port, bare_port = free_port(), free_port()
+    ports = {name: free_port() for name in ("sim", "bare", "relay", "proxy", "hub", "grid proxy")}
     with ExitStack() as stack, tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        sim_pid = start(stack, "sim", "--listen", f"{HOST}:{sim_port}", "--ttft-ms", "0", "--itl-ms", "0",
+        sim_pid = start(stack, "sim", "--listen", f"{HOST}:{ports['sim']}", "--ttft-ms", "0", "--itl-ms", "0",
                         "--max-parallel", "128")
-        wait_ready(f"http://{HOST}:{sim_port}/api/version")
-        url = f"http://{HOST}:{sim_port}/v1/chat/completions"
-        (folder / "plain").write_bytes(httpx.post(url, json=chat("sim", 16, False)).content)
-        (folder / "stream").write_bytes(httpx.post(url, json=chat("sim", 16, True)).content)
-        bare = subprocess.Popen([sys.executable, __file__, "--serve", str(bare_port), str(folder / "plain"),
-                                 str(folder / "stream")])
-        stack.callback(bare.wait, 10)
-        stack.callback(bare.terminate)
-        wait_ready(f"http://{HOST}:{bare_port}/")
-        rounds: dict[str, list[tuple[float, float, float, float]]] = {"simulator": [], "bare hypercorn": []}
+        wait_ready(f"http://{HOST}:{ports['sim']}/api/version")
+        url = f"http://{HOST}:{ports['sim']}/v1/chat/completions"
+        for tokens, stream, file in ((16, False, "plain"), (16, True, "stream"), (256, True, "long")):
+            (folder / file).write_bytes(httpx.post(url, json=chat("sim", tokens, stream)).content)
+        hub_pid = start(stack, "hub", "--listen", f"{HOST}:{ports['hub']}")
+        (folder / "worker.toml").write_text(f'hub_url = "ws://{HOST}:{ports["hub"]}/gridhub"\nname = "w"\n[engine]\n'
+                                            f'url = "http://{HOST}:{ports["sim"]}"\nmax_concurrency = 128\n')
+        worker_pid = start(stack, "worker", "--config", str(folder / "worker.toml"))
+        servers = {"bare hypercorn": (ports["bare"], [spawn(stack, "--bare", str(ports["bare"]), str(folder))]),
+                   "relay": (ports["relay"], [spawn(stack, "--relay", str(ports["relay"]), str(ports["sim"]))]),
+                   "proxy → relay": (ports["proxy"], [proxy(stack, folder, ports["proxy"], ports["relay"])]),
+                   "hub + worker": (ports["hub"], [hub_pid, worker_pid]),
+                   "proxy → hub + worker": (ports["grid proxy"], [proxy(stack, folder, ports["grid proxy"], ports["hub"])])}
+        for port, _ in servers.values():
+            wait_ready(f"http://{HOST}:{port}/v1/models")
+            while not httpx.get(f"http://{HOST}:{port}/v1/models").json().get("data", True):
+                time.sleep(0.05)  # the worker has linked, the proxy has checked its hub
+        rounds: dict[str, list[list[float]]] = {"simulator": [], **{name: [] for name in servers}}
         for _ in range(args.repeat):
-            rounds["simulator"].append(measure(sim_port, sim_pid, args.seconds))
-            rounds["bare hypercorn"].append(measure(bare_port, bare.pid, args.seconds))
-    print("| server | non-streamed req/s | CPU per request (ms) "
-          "| 64 streams of 16 tokens, tokens/s | CPU per request (ms) |")
-    print("|---|---|---|---|---|")
+            rounds["simulator"].append(measure(ports["sim"], [sim_pid], args.seconds))
+            for name, (port, pids) in servers.items():
+                rounds[name].append(measure(port, pids, args.seconds))
+    print("| server | " + " | ".join(f"{what} (of direct)" for what in MEASURES) +
+          " | CPU per request, non-streamed / 16-token stream (ms) |")
+    print("|---|" + "---|" * (len(MEASURES) + 1))
+    direct = [statistics.median(round_[i] for round_ in rounds["simulator"]) for i in range(len(MEASURES))]
     for name, figures in rounds.items():
-        rate, plain_cpu, tokens, stream_cpu = (statistics.median(round_[i] for round_ in figures) for i in range(4))
-        print(f"| {name} | {rate:,.0f} | {plain_cpu:.2f} | {tokens:,.0f} | {stream_cpu:.2f} |")
+        medians = [statistics.median(round_[i] for round_ in figures) for i in range(len(MEASURES) + 2)]
+        print(f"| {name} | " + " | ".join(f"{value:,.0f} ({value / direct[i]:.2f})" for i, value in
+                                          enumerate(medians[:len(MEASURES)])) +
+              f" | {medians[-2]:.2f} / {medians[-1]:.2f} |")
+
+
+def proxy(stack: ExitStack, folder: Path, port: int, hub_port: int) -> int:
+    config = folder / f"proxy-{port}.toml"
+    config.write_text(f'listen = "{HOST}:{port}"\nregistry_url = ""\nhubs = ["http://{HOST}:{hub_port}"]\n')
+    return start(stack, "proxy", "--config", str(config))
+
+
+def spawn(stack: ExitStack, *args: str) -> int:
+    process = subprocess.Popen([sys.executable, __file__, *args])
+    stack.callback(process.wait, 10)
+    stack.callback(process.terminate)
+    return process.pid
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--serve":
-        serve_bare(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    if sys.argv[1:2] == ["--bare"]:
+        serve(int(sys.argv[2]), bare_app(Path(sys.argv[3])))
+    elif sys.argv[1:2] == ["--relay"]:
+        serve(int(sys.argv[2]), relay_app(int(sys.argv[3])))
     else:
         main()
