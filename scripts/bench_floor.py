@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""The least a grid on hypercorn can cost, and so the best ratio to the direct simulator it can reach.
+"""What a grid on this stack could reach at best, next to what the grid reaches: how much of the gap
+to the direct simulator is hypercorn's and the h11 client's, and how much the grid's own.
 
-- **bare hypercorn**: an ASGI app on hypercorn's trio worker (no quart, no grid) that answers every
-  POST with the simulator's own bytes (captured once; the stream in one ASGI message). What the hub
-  spends above it is the grid's own work and quart's; what it spends, no hub on hypercorn can save.
+- **bare hypercorn**: an ASGI app served as the hub is (``ghubai.web``: hypercorn with the hub's
+  cheap writes; no quart, no grid) that answers every POST with the simulator's own bytes (captured
+  once; a stream in one ASGI message): the least a hub on hypercorn spends on a request.
 - **relay**: the same bare app, but every request goes to the simulator through the grid's h11
-  client (``ghubai.http11.client``), one ASGI message per read: hub and worker fused into one
-  process with no WebSocket hop, no scheduling, no translation. The real hub + worker do all of that
-  and more, so their rate is below the relay's; ``proxy → relay`` bounds the whole chain alike.
+  client (``ghubai.http11.client``), each message carrying all that has arrived, as the hub's do:
+  hub and worker fused into one process with no WebSocket hop, no scheduling, no checks and no
+  translation. ``proxy → relay`` stands for the whole chain alike.
+- **hub + worker**, **proxy → hub + worker**: the real grid.
 
-Prints each server's non-streamed requests/s (16 clients) and streamed 16-token tokens/s (64
-clients), with the CPU the server spent per request and the ratio to the direct simulator (medians
-of ``--repeat`` interleaved rounds).
+Prints, for each, the non-streamed requests/s (16 clients) and the tokens/s of 64 streams of 16 and
+of 256 tokens, each with its ratio to the direct simulator, and the CPU per request of the row's
+processes (all but the simulator), medians of ``--repeat`` interleaved rounds.
 
     python scripts/bench_floor.py [--seconds 2] [--repeat 3]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import statistics
 import subprocess
 import sys
@@ -88,26 +91,34 @@ def relay_app(engine_port: int) -> Any:
             if any(name == b"content-length" for name, _ in headers):  # whole, as the hub sends it
                 await send({"type": "http.response.body", "body": await response.read(1 << 24)})
                 return
-            async for data in response.chunks():
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b""})
+            with trio.fail_after(30.0):
+                ended = False
+                while not ended:  # like the hub, one message for all that has arrived
+                    data, ended = await response.conn.body_part()
+                    while not ended and readable(response.conn.socket):
+                        more, ended = await response.conn.body_part()
+                        data += more
+                    await send({"type": "http.response.body", "body": data, "more_body": not ended})
     return asgi(handle)
 
 
+def readable(sock: Any) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def serve(port: int, app: Any) -> None:
-    from hypercorn.config import Config
-    from hypercorn.trio import serve as serve_app
-    config = Config()
-    config.bind = [f"{HOST}:{port}"]
-    config.accesslog = config.errorlog = None
-    trio.run(serve_app, app, config)
+    """On hypercorn as the hub serves (``ghubai.web``: its cheap writes and the rest)."""
+    from ghubai.web import serve_app, server_config
+    trio.run(serve_app, app, server_config(f"{HOST}:{port}"))
 
 
 MEASURES = ("non-streamed req/s", "64 × 16 tokens, tokens/s", "64 × 256 tokens, tokens/s")
 
 
 def measure(port: int, pids: list[int], seconds: float) -> list[float]:
-    """Each of ``MEASURES``, then the CPU ms the server spent per request in the first two."""
+    """Each of ``MEASURES``, then the CPU ms ``pids`` spent per request in the first two."""
     figures, cpu = [], []
     for clients, tokens, stream in ((16, 16, False), (64, 16, True), (64, 256, True)):
         before = sum(map(cpu_s, pids))
@@ -135,11 +146,13 @@ def main() -> None:
         (folder / "worker.toml").write_text(f'hub_url = "ws://{HOST}:{ports["hub"]}/gridhub"\nname = "w"\n[engine]\n'
                                             f'url = "http://{HOST}:{ports["sim"]}"\nmax_concurrency = 128\n')
         worker_pid = start(stack, "worker", "--config", str(folder / "worker.toml"))
+        relay_pid = spawn(stack, "--relay", str(ports["relay"]), str(ports["sim"]))
         servers = {"bare hypercorn": (ports["bare"], [spawn(stack, "--bare", str(ports["bare"]), str(folder))]),
-                   "relay": (ports["relay"], [spawn(stack, "--relay", str(ports["relay"]), str(ports["sim"]))]),
-                   "proxy → relay": (ports["proxy"], [proxy(stack, folder, ports["proxy"], ports["relay"])]),
+                   "relay": (ports["relay"], [relay_pid]),
+                   "proxy → relay": (ports["proxy"], [proxy(stack, folder, ports["proxy"], ports["relay"]), relay_pid]),
                    "hub + worker": (ports["hub"], [hub_pid, worker_pid]),
-                   "proxy → hub + worker": (ports["grid proxy"], [proxy(stack, folder, ports["grid proxy"], ports["hub"])])}
+                   "proxy → hub + worker": (ports["grid proxy"], [proxy(stack, folder, ports["grid proxy"], ports["hub"]),
+                                                                  hub_pid, worker_pid])}
         for port, _ in servers.values():
             wait_ready(f"http://{HOST}:{port}/v1/models")
             while not httpx.get(f"http://{HOST}:{port}/v1/models").json().get("data", True):
