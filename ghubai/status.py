@@ -12,16 +12,6 @@ import trio
 TIMEOUT_S = 5.0
 
 
-def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
-    if worker.get("draining"):
-        return "draining"
-    if worker.get("problem"):
-        return "engine: " + worker["problem"]
-    if heartbeat_s and worker["last_seen_s"] > 2 * heartbeat_s:
-        return "late"
-    return "full" if worker["inflight"] >= worker["max_concurrency"] else "ok"
-
-
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
@@ -53,7 +43,7 @@ def render(data: dict[str, Any]) -> str:
         for hub, worker in workers:
             worker_rows.append([worker["name"], hub["name"], ", ".join(worker["models"]) or "-",
                                 f"{worker['inflight']}/{worker['max_concurrency']}",
-                                worker_health(worker, hub["heartbeat_s"]), f"{worker['last_seen_s']:.1f} s ago"])
+                                worker.get("health", "?"), f"{worker['last_seen_s']:.1f} s ago"])
         lines += _table(worker_rows)
     else:
         lines.append("no worker connected")

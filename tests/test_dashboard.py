@@ -23,6 +23,8 @@ async def test_hub_dashboard_follows_workers_live(grid: Any, tmp_path: Path) -> 
     async with chromium(tmp_path / "profile") as page:
         await page.open(hub.value + "/dashboard")
         await page.until(WORKERS, "gpu-a", "the first worker")
+        await page.until("document.querySelector('#workers tr[data-worker] .pill').textContent", "ok",
+                         "its health, in the hub's word")
         await page.until("document.querySelectorAll('#workers .model.warm').length", 2,
                          "its two models shown as in memory (the engine's /api/ps)")
         await grid.worker(hub.value, sim_url, name="gpu-b")

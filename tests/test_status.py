@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import trio
 
 from conftest import eventually, ghubai_command
+from ghubai.observability.dashboard import worker_health
 
 
 async def status(*args: str) -> tuple[int, str, str]:
@@ -45,3 +47,12 @@ async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
 
     code, _, err = await status("--hub", hubs[1].value)
     assert code == 1 and err.startswith(f"ghubai status: cannot read {hubs[1].value}")
+
+
+@pytest.mark.parametrize("changes, health", [
+    ({}, "ok"), ({"inflight": 4}, "full"), ({"last_seen_s": 21.0}, "late"),
+    ({"problem": "credentials refused"}, "engine: credentials refused"), ({"draining": True, "inflight": 4}, "draining"),
+])
+def test_a_workers_health_is_one_word_for_page_and_terminal(changes: dict[str, Any], health: str) -> None:
+    worker = {"inflight": 0, "max_concurrency": 4, "last_seen_s": 1.0, "draining": False, "problem": ""} | changes
+    assert worker_health(worker, heartbeat_s=10.0) == health

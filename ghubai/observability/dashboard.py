@@ -19,12 +19,26 @@ def served_models(workers: list[dict[str, Any]]) -> list[str]:
     return sorted({str(model) for worker in workers if not worker.get("draining") for model in worker["models"]})
 
 
+def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
+    """A worker's state in a word, for the page and for ``ghubai status`` alike (the engine's
+    problem follows ``engine:``); ``worker`` as the hub's ``/api/registry`` lists it."""
+    if worker.get("draining"):
+        return "draining"
+    if worker.get("problem"):
+        return "engine: " + worker["problem"]
+    if heartbeat_s and worker["last_seen_s"] > 2 * heartbeat_s:
+        return "late"
+    return "full" if worker["inflight"] >= worker["max_concurrency"] else "ok"
+
+
 def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[str, int],
              workers: list[dict[str, Any]], heartbeat_s: float, models: list[str] | None = None) -> dict[str, Any]:
-    """One hub as the page shows it; ``workers`` as the hub's ``/api/registry`` lists them, and its
-    ``models`` as its ``/api/summary`` does (by default: those its workers that are not draining serve)."""
+    """One hub as the page shows it; ``workers`` as the hub's ``/api/registry`` lists them (each
+    with its ``health``), and its ``models`` as its ``/api/summary`` does (by default: those its
+    workers that are not draining serve)."""
     if models is None:
         models = served_models(workers)
+    workers = [{**worker, "health": worker_health(worker, heartbeat_s)} for worker in workers]
     return {"name": name, "address": address, "up": up, "reason": None if up else reason,
             "queued": sum(queue.values()), "models": models, "workers": workers, "heartbeat_s": heartbeat_s}
 
