@@ -365,3 +365,21 @@ async def test_an_engine_that_starts_after_its_worker_serves_within_seconds(grid
 
     await eventually(listed, "the worker to find its engine's model")
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_an_error_an_engine_answers_with_200_reaches_the_client_as_an_error(grid: Grid) -> None:
+    """LM Studio answers some errors with status 200 and an error object: a whole answer like that
+    is the engine's error, not an answer (for /v1 it became an empty completion)."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path == "/api/ps":
+            await conn.respond_json(200, {"models": []})
+        else:
+            await conn.respond_json(200, {"error": "Model is unloaded."})
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine))
+    for path in ("/api/chat", "/v1/chat/completions"):
+        response = await grid.http.post(hub.value + path, json=chat())
+        assert response.status_code == 502, (path, response.text)
+        error = response.json()["error"]
+        assert "Model is unloaded." in (error if isinstance(error, str) else error["message"])

@@ -309,6 +309,8 @@ class Engine:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
                     raw = await response.read(ANSWER_LIMIT)
+                    if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
+                        raise EngineError(502, message, retryable=True)
                     value = _decode(raw)
                     call.usage = _usage_of(value)
                     yield translator.whole(value, call.usage) if translator else raw
