@@ -39,7 +39,7 @@ import h11
 import httpx
 import trio
 
-TOKEN = b'{"content": '  # one per streamed token, in the simulator's and hence the grid's SSE events
+TOKEN = b'{"content":'  # one per streamed token, in the simulator's SSE events and in the grid's (compact JSON)
 HOST = "127.0.0.1"
 PATH = "/v1/chat/completions"
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -9,6 +9,7 @@ import struct
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
 import pytest
 
 from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, translator_for
@@ -134,7 +135,7 @@ def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,REVG"}}]},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}},
+                {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
                 {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
             {"role": "tool", "content": "sunny"},
             {"role": "user", "content": "no role"},
@@ -557,9 +558,9 @@ def test_openai_chat_stream_tool_calls() -> None:
     calls = first_delta["tool_calls"] + second_delta["tool_calls"]
     assert [call["id"][:5] for call in calls] == ["call_"] * 3 and len({call["id"] for call in calls}) == 3
     assert [{k: v for k, v in call.items() if k != "id"} for call in calls] == [
-        {"index": 0, "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}},
+        {"index": 0, "type": "function", "function": {"name": "add", "arguments": '{"a":1,"b":2}'}},
         {"index": 1, "type": "function", "function": {"name": "now", "arguments": "{}"}},
-        {"index": 2, "type": "function", "function": {"name": "sub", "arguments": '{"x": "y"}'}}]
+        {"index": 2, "type": "function", "function": {"name": "sub", "arguments": '{"x":"y"}'}}]
     assert (first_delta["role"], first_delta["content"], "role" in second_delta) == ("assistant", "", False)
     [end] = translator.chunk({"message": {"content": ""}, "done": True, "done_reason": "stop"})
     assert sse(end)["choices"] == [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
@@ -597,7 +598,7 @@ def test_openai_fast_path_matches_the_full_encoding() -> None:
         expected = {"id": translator.id, "object": "chat.completion.chunk" if api == "openai.chat" else
                     "text_completion", "created": translator.created, "model": "m",
                     "choices": [{"index": 0, **text_choice(text), "finish_reason": None}]}
-        assert event == b"data: " + json.dumps(expected).encode() + b"\n\n"
+        assert event == b"data: " + msgspec.json.encode(expected) + b"\n\n"
 
 
 # -- OpenAIOverOllama: whole answers -------------------------------------------------------------
@@ -628,7 +629,7 @@ def test_openai_chat_whole_answer_with_tool_calls() -> None:
     calls = choice["message"]["tool_calls"]
     assert all(call["id"].startswith("call_") and len(call["id"]) == 17 for call in calls)
     assert [{k: v for k, v in call.items() if k != "id"} for call in calls] == [
-        {"type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
+        {"type": "function", "function": {"name": "add", "arguments": '{"a":1}'}},
         {"type": "function", "function": {"name": "now", "arguments": "{}"}}]
     assert (choice["message"]["content"], choice["finish_reason"]) == ("", "tool_calls")
     assert value["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}

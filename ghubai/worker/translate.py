@@ -10,14 +10,18 @@ both ways; tool-call arguments are a JSON string on OpenAI's side and an object 
 from __future__ import annotations
 
 import base64
-import json
 import struct
 import time
 import uuid
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
+import msgspec
+
 from ghubai import dialects, protocol
+
+_encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspec, so no lone surrogates
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 
@@ -27,7 +31,7 @@ def _now() -> str:
 
 
 def _line(value: dict[str, Any]) -> bytes:
-    return json.dumps(value).encode() + b"\n"
+    return _encode(value) + b"\n"
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
@@ -41,7 +45,7 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
         converted["tool_calls"] = [
             {"id": f"call_{index}", "type": "function",
              "function": {"name": call["function"]["name"],
-                          "arguments": json.dumps(call["function"].get("arguments", {}))}}
+                          "arguments": _encode(call["function"].get("arguments", {})).decode()}}
             for index, call in enumerate(message["tool_calls"])]
     return converted
 
@@ -54,8 +58,8 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
         arguments = function.get("arguments") or "{}"
         if isinstance(arguments, str | bytes):  # an object (as some clients send) is already what Ollama wants
             try:
-                arguments = json.loads(arguments)
-            except ValueError:
+                arguments = msgspec.json.decode(arguments)
+            except (msgspec.DecodeError, RecursionError):  # (a lone surrogate too: it could not be sent on)
                 pass
         converted.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
     return converted
@@ -144,16 +148,16 @@ class OllamaOverOpenAI:
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
         """A non-streamed answer."""
         if self.api == "ollama.embeddings":
-            return json.dumps({"embedding": (value.get("data") or [{}])[0].get("embedding", [])}).encode()
+            return _encode({"embedding": (value.get("data") or [{}])[0].get("embedding", [])})
         if self.api == "ollama.show":  # an OpenAI engine tells little: what Ollama clients need, mostly empty
-            return json.dumps({"modelfile": "", "parameters": "", "template": "", "model_info": {},
+            return _encode({"modelfile": "", "parameters": "", "template": "", "model_info": {},
                                "details": {"format": "", "family": "", "parameter_size": "",
                                            "quantization_level": ""},
                                "capabilities": ["completion", "tools"] if self.tools else ["completion"],
-                               "modified_at": _now()}).encode()
+                               "modified_at": _now()})
         if self.api == "ollama.embed":
-            return json.dumps({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
-                               "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)}).encode()
+            return _encode({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
+                               "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason") or "stop"
         if self.api == "ollama.chat":
@@ -162,11 +166,11 @@ class OllamaOverOpenAI:
             answer = self._text(message.get("content") or "", **extra)
         else:
             answer = self._text(choice.get("text") or "")
-        return json.dumps({**answer, **self._counts(usage)}).encode()
+        return _encode({**answer, **self._counts(usage)})
 
 
 def _sse(value: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(value).encode() + b"\n\n"
+    return b"data: " + _encode(value) + b"\n\n"
 
 
 def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +212,6 @@ class OpenAIOverOllama:
 
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
-        self.text_event = self._template()
         if self.api == "openai.embeddings":
             self.base64 = body.get("encoding_format") == "base64"
             return {"model": self.model, "input": body.get("input", "")}
@@ -257,7 +260,7 @@ class OpenAIOverOllama:
             function = call.get("function") or {}
             converted.append({"index": self.index, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
                               "function": {"name": function.get("name", ""),
-                                           "arguments": json.dumps(function.get("arguments", {}))}})
+                                           "arguments": _encode(function.get("arguments", {})).decode()}})
             self.index += 1
         return converted
 
@@ -265,12 +268,14 @@ class OpenAIOverOllama:
     def method(api: str) -> str:
         return "POST"
 
-    def _template(self) -> tuple[bytes, bytes]:
+    @cached_property
+    def _text_event(self) -> tuple[bytes, bytes]:
         """The SSE event of a plain text delta, split around the text: a token then costs one small
-        JSON encode instead of building and encoding the whole chunk (this is the per-token path)."""
+        JSON encode instead of building and encoding the whole chunk (this is the per-token path).
+        Built at a stream's first token, after ``request``: a whole answer never needs it."""
         hole = "\x00text\x00"
         choice = {"delta": {"content": hole}} if self.api == "openai.chat" else {"text": hole, "logprobs": None}
-        before, after = _sse(self._chunk({**choice, "finish_reason": None})).split(json.dumps(hole).encode())
+        before, after = _sse(self._chunk({**choice, "finish_reason": None})).split(_encode(hole))
         return before, after
 
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
@@ -279,8 +284,8 @@ class OpenAIOverOllama:
         message = value.get("message") or {}
         text = message.get("content") if self.api == "openai.chat" else value.get("response")
         if self.started and text and value.get("done") is False and not message.get("tool_calls"):
-            before, after = self.text_event
-            return [before + json.dumps(text).encode() + after]
+            before, after = self._text_event
+            return [before + _encode(text) + after]
         out = []
         if self.api == "openai.chat":
             message = value.get("message") or {}
@@ -309,8 +314,8 @@ class OpenAIOverOllama:
                      "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if self.base64 else v}
                     for index, v in enumerate(vectors)]
             tokens = int(value.get("prompt_eval_count") or 0)
-            return json.dumps({"object": "list", "data": data, "model": self.model,
-                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode()
+            return _encode({"object": "list", "data": data, "model": self.model,
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         if self.api == "openai.chat":
             message = value.get("message") or {}
             answer: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
@@ -321,9 +326,9 @@ class OpenAIOverOllama:
         else:
             choice = {"text": value.get("response") or "", "logprobs": None}
         kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
-        return json.dumps({"id": self.id, "object": kind, "created": self.created, "model": self.model,
+        return _encode({"id": self.id, "object": kind, "created": self.created, "model": self.model,
                            "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
-                           "usage": self._usage(value)}).encode()
+                           "usage": self._usage(value)})
 
 
 Translator = OllamaOverOpenAI | OpenAIOverOllama
