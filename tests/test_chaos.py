@@ -192,7 +192,7 @@ async def test_one_hub_holds_1000_concurrent_slow_streams(grid: Grid, hub_proces
                 data = await stream.receive_some(65536)
                 assert data, "the hub closed a stream early"
                 received += data
-        completed += b"data: [DONE]" in received and received.count(b'"content": "') >= tokens
+        completed += b"data: [DONE]" in received and received.count(b'"content":') >= tokens
 
     async def watch_memory() -> None:
         nonlocal peak
