@@ -9,6 +9,8 @@ from typing import Any, TextIO
 import httpx
 import trio
 
+from ghubai.observability.dashboard import worker_health
+
 TIMEOUT_S = 5.0
 
 
@@ -43,7 +45,7 @@ def render(data: dict[str, Any]) -> str:
         for hub, worker in workers:
             worker_rows.append([worker["name"], hub["name"], ", ".join(worker["models"]) or "-",
                                 f"{worker['inflight']}/{worker['max_concurrency']}",
-                                worker.get("health", "?"), f"{worker['last_seen_s']:.1f} s ago"])
+                                worker.get("health") or worker_health(worker, hub.get("heartbeat_s") or 0.0), f"{worker['last_seen_s']:.1f} s ago"])
         lines += _table(worker_rows)
     else:
         lines.append("no worker connected")

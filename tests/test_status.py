@@ -8,7 +8,8 @@ import pytest
 import trio
 
 from conftest import eventually, ghubai_command
-from ghubai.observability.dashboard import worker_health
+from ghubai.observability.dashboard import hub_view, worker_health
+from ghubai.status import render
 
 
 async def status(*args: str) -> tuple[int, str, str]:
@@ -56,3 +57,23 @@ async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
 def test_a_workers_health_is_one_word_for_page_and_terminal(changes: dict[str, Any], health: str) -> None:
     worker = {"inflight": 0, "max_concurrency": 4, "last_seen_s": 1.0, "draining": False, "problem": ""} | changes
     assert worker_health(worker, heartbeat_s=10.0) == health
+
+
+@pytest.mark.parametrize("worker", [{"name": "w", "models": ["sim"]}, {"inflight": None, "max_concurrency": 2,
+                                     "last_seen_s": 1.0}, {"problem": ["x"]}, {"inflight": True, "max_concurrency": 1,
+                                                                               "last_seen_s": "1"}])
+def test_a_hubs_odd_worker_entry_costs_its_health_word_only(worker: dict[str, Any]) -> None:
+    """A proxy shows what any hub sent: an entry without the fields it needs must not stop its
+    /health and /dashboard/data from answering (the view of every hub is built with this word)."""
+    [shown] = hub_view("h", "http://h", True, None, {}, [worker], 1.0, models=["sim"])["workers"]  # as the proxy
+    assert shown["health"] in ("?", "engine: ['x']")
+
+
+def test_status_of_an_older_server_still_shows_each_workers_health() -> None:
+    """A hub or proxy from before the health word was in its data: ``ghubai status`` computes it."""
+    worker = {"name": "w", "models": ["sim"], "inflight": 2, "max_concurrency": 2, "last_seen_s": 0.5}
+    hub = {"name": "h", "address": "http://h", "up": True, "reason": None, "queued": 0, "models": ["sim"],
+           "workers": [worker], "heartbeat_s": 1.0}
+    text = render({"role": "hub", "name": "h", "version": "0", "hubs": [hub], "queue": {}, "history": [],
+                   "step_s": 5, "window_s": 300})
+    assert "full" in text

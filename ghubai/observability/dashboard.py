@@ -21,14 +21,18 @@ def served_models(workers: list[dict[str, Any]]) -> list[str]:
 
 def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
     """A worker's state in a word, for the page and for ``ghubai status`` alike (the engine's
-    problem follows ``engine:``); ``worker`` as the hub's ``/api/registry`` lists it."""
+    problem follows ``engine:``); ``worker`` as a hub's ``/api/registry`` lists it. Total: a proxy
+    shows what any hub sent, so an entry without the fields it needs is ``?``, never an error."""
     if worker.get("draining"):
         return "draining"
-    if worker.get("problem"):
-        return "engine: " + worker["problem"]
-    if heartbeat_s and worker["last_seen_s"] > 2 * heartbeat_s:
+    if problem := worker.get("problem"):
+        return f"engine: {problem}"
+    seen, inflight, slots = worker.get("last_seen_s"), worker.get("inflight"), worker.get("max_concurrency")
+    if not all(isinstance(number, int | float) and not isinstance(number, bool) for number in (seen, inflight, slots)):
+        return "?"
+    if heartbeat_s and seen > 2 * heartbeat_s:
         return "late"
-    return "full" if worker["inflight"] >= worker["max_concurrency"] else "ok"
+    return "full" if inflight >= slots else "ok"
 
 
 def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[str, int],
