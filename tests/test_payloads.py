@@ -64,6 +64,8 @@ def test_engine_errors_are_recognised_however_they_are_spaced(payload: bytes, me
     b'{"finish_reason":"error-free"}',
     b"[DONE]",
     b'"error"',
+    b'{"choices":[{"message":{"content":"fine"}}],"error":null}',  # an answer with an empty error field
+    b'{"message":{"role":"assistant","content":"fine"},"done":true,"error":""}',
 ])
 def test_ordinary_payloads_are_not_errors(payload: bytes) -> None:
     assert engine_error(payload) is None

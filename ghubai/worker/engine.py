@@ -121,7 +121,7 @@ def _error_message(raw: bytes) -> str:
 
 def engine_error(payload: bytes) -> str | None:
     """The message of a payload that is an engine's error object (``{"error": ...}`` however it is
-    spaced, or vLLM's ``{"object": "error", "message": ...}``), else None. Cheap for the others:
+    spaced, with an error in it, or vLLM's ``{"object": "error", "message": ...}``), else None. Cheap for the others:
     only a payload with a literal ``"error"`` string in it is parsed."""
     if b'"error"' not in payload:
         return None
@@ -129,7 +129,7 @@ def engine_error(payload: bytes) -> str | None:
         value = _decode(payload)
     except (ValueError, RecursionError):
         return None
-    if isinstance(value, dict) and "error" in value:
+    if isinstance(value, dict) and value.get("error"):  # ({"error": null} beside an answer is no error)
         return _error_message(payload)
     if isinstance(value, dict) and value.get("object") == "error":
         return str(value.get("message") or "engine error")
