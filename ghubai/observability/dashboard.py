@@ -28,7 +28,7 @@ def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
     if problem := worker.get("problem"):
         return f"engine: {problem}"
     seen, inflight, slots = worker.get("last_seen_s"), worker.get("inflight"), worker.get("max_concurrency")
-    if not all(isinstance(number, int | float) and not isinstance(number, bool) for number in (seen, inflight, slots)):
+    if not (isinstance(seen, int | float) and isinstance(inflight, int | float) and isinstance(slots, int | float)):
         return "?"
     if heartbeat_s and seen > 2 * heartbeat_s:
         return "late"
