@@ -43,9 +43,11 @@ def render(data: dict[str, Any]) -> str:
     if workers:
         worker_rows = [["WORKER", "HUB", "MODELS", "INFLIGHT", "HEALTH", "HEARTBEAT"]]
         for hub, worker in workers:
+            # an older server's data has no health word: the same rule, here
+            health = worker.get("health") or worker_health(worker, hub.get("heartbeat_s") or 0.0)
             worker_rows.append([worker["name"], hub["name"], ", ".join(worker["models"]) or "-",
-                                f"{worker['inflight']}/{worker['max_concurrency']}",
-                                worker.get("health") or worker_health(worker, hub.get("heartbeat_s") or 0.0), f"{worker['last_seen_s']:.1f} s ago"])
+                                f"{worker['inflight']}/{worker['max_concurrency']}", health,
+                                f"{worker['last_seen_s']:.1f} s ago"])
         lines += _table(worker_rows)
     else:
         lines.append("no worker connected")

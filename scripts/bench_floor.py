@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import select
 import statistics
 import subprocess
 import sys
@@ -95,17 +94,11 @@ def relay_app(engine_port: int) -> Any:
                 ended = False
                 while not ended:  # like the hub, one message for all that has arrived
                     data, ended = await response.conn.body_part()
-                    while not ended and readable(response.conn.socket):
+                    while not ended and response.conn.readable():
                         more, ended = await response.conn.body_part()
                         data += more
                     await send({"type": "http.response.body", "body": data, "more_body": not ended})
     return asgi(handle)
-
-
-def readable(sock: Any) -> bool:
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def serve(port: int, app: Any) -> None:
@@ -155,8 +148,12 @@ def main() -> None:
                                                                   hub_pid, worker_pid])}
         for port, _ in servers.values():
             wait_ready(f"http://{HOST}:{port}/v1/models")
-            while not httpx.get(f"http://{HOST}:{port}/v1/models").json().get("data", True):
-                time.sleep(0.05)  # the worker has linked, the proxy has checked its hub
+            for _ in range(200):  # the worker has linked, the proxy has checked its hub
+                if httpx.get(f"http://{HOST}:{port}/v1/models").json().get("data", True):
+                    break
+                time.sleep(0.05)
+            else:
+                raise SystemExit(f"no model listed on port {port}")
         rounds: dict[str, list[list[float]]] = {"simulator": [], **{name: [] for name in servers}}
         for _ in range(args.repeat):
             rounds["simulator"].append(measure(ports["sim"], [sim_pid], args.seconds))

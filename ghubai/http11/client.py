@@ -144,13 +144,17 @@ class ClientConnection:
             events.append(event)
         return events  # type: ignore[return-value]
 
-    def closed_by_peer(self) -> bool:
-        """An idle connection that is readable (with nothing asked) was closed by the server."""
+    def readable(self) -> bool:
+        """Something waits to be read (bytes, or the server's close), without waiting for it."""
         if self.socket is None:
             return True
         poller = select.poll()  # not select.select: it fails on descriptors above 1023
         poller.register(self.socket.fileno(), select.POLLIN)
         return bool(poller.poll(0))
+
+    def closed_by_peer(self) -> bool:
+        """An idle connection that is readable (with nothing asked) was closed by the server."""
+        return self.readable()
 
     def close_now(self) -> None:
         """Close synchronously, for an idle connection (nothing is in flight on it)."""

@@ -121,8 +121,8 @@ def _error_message(raw: bytes) -> str:
 
 def engine_error(payload: bytes) -> str | None:
     """The message of a payload that is an engine's error object (``{"error": ...}`` however it is
-    spaced, with an error in it, or vLLM's ``{"object": "error", "message": ...}``), else None. Cheap for the others:
-    only a payload with a literal ``"error"`` string in it is parsed."""
+    spaced, with an error in it, or vLLM's ``{"object": "error", "message": ...}``), else None.
+    Cheap for the others: only a payload with a literal ``"error"`` string in it is parsed."""
     if b'"error"' not in payload:
         return None
     try:
