@@ -1,4 +1,4 @@
-"""A socket write the kernel takes at once, without trio's machinery around it.
+"""Socket reads and writes the kernel serves at once, without trio's machinery around them.
 
 trio's ``send_all`` costs a conflict check, a memoryview and two scheduler calls on every write,
 and the callers here wrap it in a cancel scope with a deadline (the hub also in a lock); on loopback
@@ -9,6 +9,10 @@ writing when the caller is cancelled (unless ``shielded``), and yields after, so
 only writes (a simulator's burst, a relay) neither ignores a cancel nor starves the others — and
 hypercorn, which may close the connection next, does not turn the answer into a RST that the
 client never reads (a request body left unread makes a close a RST).
+
+``read_now`` is the same for a read: a stream's reader that is behind (a worker under load reading
+its engine) finds bytes waiting, and then needs no deadline and none of ``receive_some``'s
+wrappers; only a read that must wait pays for them.
 """
 
 from __future__ import annotations
@@ -32,4 +36,19 @@ async def write_now(stream: trio.abc.Stream, data: bytes, *, shielded: bool = Fa
         return data
     if not data:
         await trio.lowlevel.cancel_shielded_checkpoint()
+    return data
+
+
+async def read_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
+    """What has arrived on the socket (b"" once the peer closed), without waiting; None when nothing
+    has (or for a TLS stream, or a broken socket): then the caller waits the slow way, with its
+    timeout. A checkpoint, as ``write_now``."""
+    if type(stream) is not trio.SocketStream:
+        return None
+    await trio.lowlevel.checkpoint_if_cancelled()
+    try:
+        data = os.read(stream.socket.fileno(), max_bytes)
+    except OSError:  # nothing yet, or broken
+        return None
+    await trio.lowlevel.cancel_shielded_checkpoint()
     return data

@@ -187,3 +187,18 @@ async def test_a_body_broken_in_the_head_s_packet_fails_the_body_and_is_never_se
         with pytest.raises(h11.RemoteProtocolError, match="CRLF"):
             await response.read(1 << 20)
     assert seen == [b"/first", b"/generate"] and pool.idle == []
+
+
+@pytest.mark.parametrize("answer", [CHUNKED + b"\r\n3\r\nabc\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc"])
+async def test_a_body_that_stalls_fails_after_the_timeout_with_what_came_before_it(
+        nursery: trio.Nursery, answer: bytes) -> None:
+    """Each wait for the next part of a body is bounded (an engine that hangs mid-answer is a 504),
+    even though a read that finds bytes already there sets no deadline at all."""
+    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_answer_with, answer), 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    received = []
+    async with pool.request("POST", "/api/chat", [], b"{}", 0.2) as response:
+        with pytest.raises(trio.TooSlowError):
+            async for data in response.chunks():
+                received.append(data)
+    assert received == [b"abc"] and pool.idle == []

@@ -1,12 +1,13 @@
 """``write_now``: what the socket takes at once leaves at once; the rest is left for trio's slow
-path (a full buffer, a TLS stream, a broken socket), so no byte is lost or sent twice."""
+path (a full buffer, a TLS stream, a broken socket), so no byte is lost or sent twice.
+``read_now``: what has arrived is read at once; with nothing there the caller waits the slow way."""
 
 from __future__ import annotations
 
 import trio
 import trio.testing
 
-from ghubai.sockets import write_now
+from ghubai.sockets import read_now, write_now
 
 
 async def test_a_write_with_room_leaves_whole_and_a_full_buffer_leaves_the_rest_in_order() -> None:
@@ -63,3 +64,37 @@ async def test_a_cancelled_writer_writes_nothing_unless_shielded() -> None:
         scope.cancel()
         assert await write_now(ours, b"kept", shielded=True) == b""
     assert await theirs.receive_some(100) == b"kept"
+
+
+async def test_a_read_takes_what_has_arrived_and_leaves_a_wait_to_the_slow_path() -> None:
+    left, right = trio.socket.socketpair()
+    ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+    assert await read_now(ours, 100) is None  # nothing yet: the caller waits, with its timeout
+    await theirs.send_all(b"hello")
+    await theirs.send_all(b" you")
+    assert await read_now(ours, 100) == b"hello you" and await read_now(ours, 100) is None
+    assert await read_now(trio.testing.MemoryReceiveStream(), 100) is None  # not a socket: not ours to read
+    await theirs.aclose()
+    assert await read_now(ours, 100) == b""  # the peer closed, as receive_some says it
+    await ours.aclose()
+    assert await read_now(ours, 100) is None  # closed here: the slow path raises
+
+
+async def test_a_cancelled_reader_reads_nothing_and_a_reader_lets_the_others_run() -> None:
+    left, right = trio.socket.socketpair()
+    ours, theirs = trio.SocketStream(left), trio.SocketStream(right)
+    await theirs.send_all(b"kept")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await read_now(ours, 100)
+    assert scope.cancelled_caught
+    ran = []
+
+    async def other() -> None:
+        ran.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        assert await read_now(ours, 2) == b"ke"  # the bytes the cancelled read left
+        assert await read_now(ours, 2) == b"pt"
+        assert ran

@@ -12,6 +12,7 @@ is how a server such as Ollama learns to stop generating.
 
 from __future__ import annotations
 
+import math
 import select
 import ssl
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import h11
 import trio
 
 from ghubai.http11.chunked import ChunkedDecoder
-from ghubai.sockets import write_now
+from ghubai.sockets import read_now, write_now
 
 RECEIVE_SIZE = 65536
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
@@ -107,11 +108,12 @@ class ClientConnection:
             self.chunked.buffer += self.h11.trailing_data[0]  # decoded by body_part: its errors are the body's
         return event
 
-    async def body_part(self) -> tuple[bytes, bool]:
-        """The body's payload that has arrived, waiting for one network read if none has, and whether
-        the body has ended; h11.RemoteProtocolError if the server breaks its framing or closes mid-body."""
+    async def body_part(self, timeout_s: float = math.inf) -> tuple[bytes, bool]:
+        """The body's payload that has arrived, waiting for one network read if none has (trio.TooSlowError
+        after ``timeout_s``), and whether the body has ended; h11.RemoteProtocolError if the server
+        breaks its framing or closes mid-body."""
         if (chunked := self.chunked) is None:  # a length, or to the close: h11 frames it
-            events = [await self.next_event(), *self.buffered_events()]
+            events = [await self.next_event(timeout_s), *self.buffered_events()]
             data = b"".join(event.data for event in events if isinstance(event, h11.Data))
             if any(isinstance(event, h11.EndOfMessage) for event in events):
                 return data, True
@@ -120,18 +122,26 @@ class ClientConnection:
             return data, False
         data = chunked.feed(b"") if chunked.buffer else b""  # what came with the head, the first time
         while not data and not chunked.done:
-            received = await self.stream.receive_some(RECEIVE_SIZE)
+            received = await self.receive(timeout_s)
             if not received:
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             data = chunked.feed(received)
         return data, chunked.done
 
-    async def next_event(self) -> h11.Event:
+    async def next_event(self, timeout_s: float = math.inf) -> h11.Event:
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            self.h11.receive_data(await self.stream.receive_some(RECEIVE_SIZE))
+            self.h11.receive_data(await self.receive(timeout_s))
+
+    async def receive(self, timeout_s: float) -> bytes:
+        """What has arrived, else the next network read, waiting at most ``timeout_s``
+        (trio.TooSlowError): only a wait pays for a deadline."""
+        if (data := await read_now(self.stream, RECEIVE_SIZE)) is not None:
+            return data
+        with trio.fail_after(timeout_s):
+            return await self.stream.receive_some(RECEIVE_SIZE)
 
     def buffered_events(self) -> list[h11.Event]:
         """The events h11 can parse from what has already been received, without waiting;
@@ -249,8 +259,7 @@ class Response:
         ``timeout_s``."""
         ended = False
         while not ended:
-            with trio.fail_after(self.timeout_s):
-                data, ended = await self.conn.body_part()
+            data, ended = await self.conn.body_part(self.timeout_s)
             if data:
                 yield data
 

@@ -187,8 +187,7 @@ class Forwarder:
 
     async def _next(self, upstream: ClientConnection) -> tuple[bytes, bool]:
         try:
-            with trio.fail_after(self.config.response_timeout_s):
-                return await upstream.body_part()
+            return await upstream.body_part(self.config.response_timeout_s)
         except UPSTREAM_ERRORS as error:
             raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
 
