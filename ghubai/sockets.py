@@ -17,6 +17,7 @@ wrappers; only a read that must wait pays for them.
 
 from __future__ import annotations
 
+import errno
 import os
 
 import trio
@@ -41,14 +42,20 @@ async def write_now(stream: trio.abc.Stream, data: bytes, *, shielded: bool = Fa
 
 async def read_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:
     """What has arrived on the socket (b"" once the peer closed), without waiting; None when nothing
-    has (or for a TLS stream, or a broken socket): then the caller waits the slow way, with its
-    timeout. A checkpoint, as ``write_now``."""
+    has (or for a TLS stream, or a socket closed here): then the caller waits the slow way, with
+    its timeout. A broken connection raises trio.BrokenResourceError at once, as ``receive_some``
+    would: the kernel reports a reset to one read only. A checkpoint, as ``write_now``."""
     if type(stream) is not trio.SocketStream:
         return None
     await trio.lowlevel.checkpoint_if_cancelled()
     try:
         data = os.read(stream.socket.fileno(), max_bytes)
-    except OSError:  # nothing yet, or broken
+    except BlockingIOError:  # nothing yet
         return None
+    except OSError as error:
+        if error.errno == errno.EBADF:  # closed here: the slow path says so (trio.ClosedResourceError)
+            return None
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        raise trio.BrokenResourceError(f"socket connection broken: {error}") from error
     await trio.lowlevel.cancel_shielded_checkpoint()
     return data

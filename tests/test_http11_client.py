@@ -189,16 +189,47 @@ async def test_a_body_broken_in_the_head_s_packet_fails_the_body_and_is_never_se
     assert seen == [b"/first", b"/generate"] and pool.idle == []
 
 
-@pytest.mark.parametrize("answer", [CHUNKED + b"\r\n3\r\nabc\r\n", b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc"])
+async def _stall_after(first: bytes, trickle: bool, stream: trio.SocketStream) -> None:
+    """A server that sends ``first`` and then nothing, or for 5 s a byte every 50 ms that completes
+    nothing, and then closes (a client that waited that long fails mid-answer, not with a timeout)."""
+    await stream.receive_some(65536)
+    await stream.send_all(first)
+    if not trickle:
+        await trio.sleep_forever()
+    for _ in range(100):
+        await trio.sleep(0.05)
+        await stream.send_all(b"x")
+
+
+@pytest.mark.parametrize("first, trickle", [
+    (CHUNKED + b"\r\n3\r\nabc\r\n", False),
+    (b"HTTP/1.1 200 OK\r\ncontent-length: 9\r\n\r\nabc", False),
+    (CHUNKED + b"\r\n3\r\nabc\r\n1;", True),  # a chunk-size line's extension, a byte at a time
+])
 async def test_a_body_that_stalls_fails_after_the_timeout_with_what_came_before_it(
-        nursery: trio.Nursery, answer: bytes) -> None:
+        nursery: trio.Nursery, first: bytes, trickle: bool) -> None:
     """Each wait for the next part of a body is bounded (an engine that hangs mid-answer is a 504),
-    even though a read that finds bytes already there sets no deadline at all."""
-    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_answer_with, answer), 0, host="127.0.0.1"))
+    even though a read that finds bytes already there sets no deadline at all; and the bound is
+    the part's, however many reads bring bytes that complete nothing."""
+    [listener] = await nursery.start(partial(trio.serve_tcp, partial(_stall_after, first, trickle), 0,
+                                             host="127.0.0.1"))
     pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
     received = []
-    async with pool.request("POST", "/api/chat", [], b"{}", 0.2) as response:
+    async with pool.request("POST", "/api/chat", [], b"{}", 0.3) as response:
         with pytest.raises(trio.TooSlowError):
             async for data in response.chunks():
                 received.append(data)
     assert received == [b"abc"] and pool.idle == []
+
+
+async def test_an_answer_that_ends_at_the_close_is_read_whole_and_not_kept(nursery: trio.Nursery) -> None:
+    """Regression: after an answer without a length or chunks, h11 says ConnectionClosed for ever,
+    and the loop that gathered the events already received never ended, freezing the process."""
+    async def answer_then_close(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nwhole")
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answer_then_close, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert await post(pool, {}) == (200, b"whole") and pool.idle == []

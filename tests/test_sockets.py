@@ -4,6 +4,10 @@ path (a full buffer, a TLS stream, a broken socket), so no byte is lost or sent 
 
 from __future__ import annotations
 
+import socket
+import struct
+
+import pytest
 import trio
 import trio.testing
 
@@ -98,3 +102,28 @@ async def test_a_cancelled_reader_reads_nothing_and_a_reader_lets_the_others_run
         assert await read_now(ours, 2) == b"ke"  # the bytes the cancelled read left
         assert await read_now(ours, 2) == b"pt"
         assert ran
+
+
+async def test_a_reset_connection_raises_once_read_not_a_quiet_end() -> None:
+    """The kernel reports a reset to one read only: read_now must raise it, not leave the slow path
+    a clean end of stream (a truncated answer taken for a whole one)."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = trio.socket.socket()
+    await client.connect(listener.getsockname())
+    server, _ = await listener.accept()
+    await server.send(b"partial")
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    server.close()  # a RST
+    ours, received = trio.SocketStream(client), b""
+    with pytest.raises(trio.BrokenResourceError, match="reset"):
+        for _ in range(100):  # (what was sent before the reset may be read first)
+            data = await read_now(ours, 100)
+            assert data != b""
+            if data is None:
+                await trio.lowlevel.wait_readable(client)
+            else:
+                received += data
+    assert received in (b"", b"partial")
+    listener.close()

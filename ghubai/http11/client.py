@@ -25,6 +25,9 @@ from ghubai.http11.chunked import ChunkedDecoder
 from ghubai.sockets import read_now, write_now
 
 RECEIVE_SIZE = 65536
+# The server's states once its answer has ended: after one that ends at the close (no length, not
+# chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
+_ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
@@ -109,11 +112,12 @@ class ClientConnection:
         return event
 
     async def body_part(self, timeout_s: float = math.inf) -> tuple[bytes, bool]:
-        """The body's payload that has arrived, waiting for one network read if none has (trio.TooSlowError
-        after ``timeout_s``), and whether the body has ended; h11.RemoteProtocolError if the server
-        breaks its framing or closes mid-body."""
+        """The body's payload that has arrived, waiting for it if none has (trio.TooSlowError after
+        ``timeout_s``, however many reads it takes), and whether the body has ended;
+        h11.RemoteProtocolError if the server breaks its framing or closes mid-body."""
+        deadline = trio.current_time() + timeout_s
         if (chunked := self.chunked) is None:  # a length, or to the close: h11 frames it
-            events = [await self.next_event(timeout_s), *self.buffered_events()]
+            events = [await self.next_event(deadline), *self.buffered_events()]
             data = b"".join(event.data for event in events if isinstance(event, h11.Data))
             if any(isinstance(event, h11.EndOfMessage) for event in events):
                 return data, True
@@ -122,37 +126,37 @@ class ClientConnection:
             return data, False
         data = chunked.feed(b"") if chunked.buffer else b""  # what came with the head, the first time
         while not data and not chunked.done:
-            received = await self.receive(timeout_s)
+            received = await self.receive(deadline)
             if not received:
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             data = chunked.feed(received)
         return data, chunked.done
 
-    async def next_event(self, timeout_s: float = math.inf) -> h11.Event:
+    async def next_event(self, deadline: float = math.inf) -> h11.Event:
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            self.h11.receive_data(await self.receive(timeout_s))
+            self.h11.receive_data(await self.receive(deadline))
 
-    async def receive(self, timeout_s: float) -> bytes:
-        """What has arrived, else the next network read, waiting at most ``timeout_s``
-        (trio.TooSlowError): only a wait pays for a deadline."""
+    async def receive(self, deadline: float) -> bytes:
+        """What has arrived, else the next network read, waiting until ``deadline`` at most
+        (trio.TooSlowError): only a wait pays for a cancel scope."""
         if (data := await read_now(self.stream, RECEIVE_SIZE)) is not None:
             return data
-        with trio.fail_after(timeout_s):
+        with trio.fail_at(deadline):
             return await self.stream.receive_some(RECEIVE_SIZE)
 
     def buffered_events(self) -> list[h11.Event]:
-        """The events h11 can parse from what has already been received, without waiting;
-        h11.RemoteProtocolError if that is malformed."""
-        events = []
-        while self.h11.their_state is not h11.DONE:
+        """The events h11 can parse from what has already been received, without waiting, up to
+        the answer's end; h11.RemoteProtocolError if that is malformed."""
+        events: list[h11.Event] = []
+        while self.h11.their_state not in _ANSWERED:
             event = self.h11.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
-            events.append(event)
-        return events  # type: ignore[return-value]
+            events.append(event)  # type: ignore[arg-type]
+        return events
 
     def readable(self) -> bool:
         """Something waits to be read (bytes, or the server's close), without waiting for it."""
