@@ -258,7 +258,8 @@ class HealthConfig:
 @dataclass(frozen=True)
 class ProxyLimits:
     """``[limits]`` of ``proxy.toml``: what a client request may be."""
-    max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413", default=4 * 1024 * 1024)
+    max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413, and so do bodies sent in more "
+                               "than max(1024, this / 1024) chunks", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     idle_timeout_s: float = _key(_at_least(0.1), "an idle client connection is closed after this", default=75.0)

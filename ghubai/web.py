@@ -36,6 +36,7 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
+import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 

@@ -8,16 +8,20 @@ import io
 import os
 import json
 import logging
+import random
+import re
 from functools import partial
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 import trio_websocket
 
-from conftest import WAIT_S, Grid, chat, eventually, run_ghubai
+from conftest import WAIT_S, Daemon, Grid, chat, eventually, run_ghubai
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
+from ghubai.http11.headers import HEADER_FIELD
 from ghubai.observability import logs
 from ghubai.proxy.hubs import HubSet
 from ghubai.worker.engine import LISTING_LIMIT
@@ -506,3 +510,55 @@ async def test_without_a_key_an_unknown_path_is_a_401_before_any_body_is_read(gr
     assert (await grid.http.post(proxy.value + "/elsewhere", content=b"x" * 1000)).status_code == 401
     known = await grid.http.post(proxy.value + "/elsewhere", content=b"x", headers={"authorization": "Bearer k"})
     assert known.status_code == 404
+
+
+def test_h11_reads_header_lines_with_a_linear_grammar_that_agrees_with_its_own() -> None:
+    """h11 0.16's header-line grammar backtracks in N² on ``a:``, spaces and a byte it refuses;
+    ours, installed in its place (the hub's hypercorn reads with h11 too), must judge every line
+    as h11's would, with the same name and value."""
+    import ghubai.web  # noqa: F401  (the hub's server)
+    assert h11._readers.header_field_re is HEADER_FIELD  # type: ignore[attr-defined]
+    h11_grammar = re.compile(h11._abnf.header_field.encode("ascii"))  # type: ignore[attr-defined]
+    rng = random.Random(11)
+    for _ in range(30_000):
+        line = bytes(rng.choice(b"ab: \t\x00\x0b\r\x7f\x80-") for _ in range(rng.randint(0, 12)))
+        theirs, ours = h11_grammar.fullmatch(line), HEADER_FIELD.fullmatch(line)
+        assert (theirs and theirs.groupdict()) == (ours and ours.groupdict()), line
+
+
+async def test_a_head_built_to_backtrack_is_a_400_at_once_at_proxy_hub_and_simulator(tmp_path: Path) -> None:
+    """Regression: with h11's own grammar this one head froze a daemon for 11 s, every stream on it
+    included, before any key was checked. (Real processes: a frozen loop in this one would also
+    freeze the test's clock.)"""
+    daemons = [Daemon(tmp_path, role, "--listen", "127.0.0.1:0") for role in ("sim", "hub", "proxy")]
+    try:
+        attack = b"GET /health HTTP/1.1\r\nhost: x\r\na:" + b" " * 65_462 + b"\x0b\r\n\r\n"  # 65,500 B: one read
+        for daemon in daemons:
+            stream = await trio.open_tcp_stream("127.0.0.1", int((await daemon.url()).rsplit(":", 1)[1]))
+            await stream.send_all(attack)
+            with trio.fail_after(WAIT_S):  # (h11's grammar alone takes 11 s here, a fixed one 1 ms)
+                answer = await stream.receive_some(4096)
+            assert answer.startswith(b"HTTP/1.1 400"), (daemon.name, answer[:100])
+            await stream.aclose()
+    finally:
+        for daemon in daemons:
+            daemon.stop()
+
+
+async def test_a_body_in_tiny_chunks_is_a_413_before_it_costs_the_proxy_seconds(grid: Grid) -> None:
+    """Regression: h11 takes 5-6 µs a chunk, so 4 MB sent in 1-byte chunks cost the proxy 23 s of
+    CPU, with no key (an open page's body is read too). Past max(1024, max_body_bytes / 1024)
+    chunks a body is refused; fewer are fine."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    port = int(proxy.value.rsplit(":", 1)[1])
+    for chunks, status in ((4000, b"200"), (5000, b"413")):  # (4 MiB by default: 4,096 chunks)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                              + b"1\r\nx\r\n" * chunks + b"0\r\n\r\n")
+        answer = b""
+        with trio.fail_after(WAIT_S):
+            while b"\r\n" not in answer:
+                answer += await stream.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 " + status), (chunks, answer[:100])
+        await stream.aclose()

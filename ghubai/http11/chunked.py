@@ -17,11 +17,13 @@ import re
 
 import h11
 
+from ghubai.http11.headers import HEADER_FIELD
+
 MAX_LINE = 4096  # a chunk-size line, with its extensions
 MAX_TRAILERS = 16384
-# h11's grammar (h11._abnf): the size, extensions it ignores, optional whitespace
+# h11's grammar (h11._abnf): the size, extensions it ignores, optional whitespace (the trailer lines:
+# ``HEADER_FIELD``)
 _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
-_TRAILER = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # the trailer section ends as h11 ends a head: LF or CRLF lines
 
 
@@ -101,11 +103,11 @@ class ChunkedDecoder:
                 lines[-1] += b" " + line.strip(b" \t")
             else:
                 lines.append(line)
-        fields = [_TRAILER.fullmatch(line) for line in lines]
+        fields = [HEADER_FIELD.fullmatch(line) for line in lines]
         if not all(fields):
             raise h11.RemoteProtocolError("malformed trailer line")
         try:  # the fields themselves as h11 checks them (a Content-Length or Transfer-Encoding there)
-            h11.EndOfMessage(headers=[(field[1], field[2]) for field in fields if field])
+            h11.EndOfMessage(headers=[(field["field_name"], field["field_value"]) for field in fields if field])
         except h11.LocalProtocolError:
             raise h11.RemoteProtocolError("malformed trailer field") from None
         self.done = True
