@@ -20,6 +20,7 @@ import h11
 import trio
 
 import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
+from ghubai.config import max_body_parts
 from ghubai.errors import ApiError
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
 from ghubai.sockets import write_now
@@ -57,7 +58,7 @@ class Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
-        self.max_body_parts = max(1024, max_body // 1024)  # chunks (or reads) of a body: a bound on its CPU
+        self.max_body_parts = max_body_parts(max_body)
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
@@ -122,7 +123,7 @@ class Connection:
                     parts += 1
                     if len(body) > self.max_body:
                         raise ApiError(413, f"request body is larger than {self.max_body} bytes")
-                    if parts > self.max_body_parts:  # h11 takes 5-6 µs a chunk: 1-byte chunks cost 1 s a MB
+                    if parts > self.max_body_parts:  # (h11 takes 5-6 µs a chunk)
                         raise ApiError(413, f"request body sent in more than {self.max_body_parts} pieces")
             if slow.cancelled_caught:
                 raise ApiError(408, "the request body did not arrive in time")
