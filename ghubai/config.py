@@ -128,9 +128,10 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
     return f"hub names must be unique: {', '.join(duplicates)} appears more than once" if duplicates else None
 
 
-def max_body_parts(max_body_bytes: int) -> int:
-    """How many pieces (chunks, or reads) a request body may arrive in: each costs an HTTP server's
-    parser 5-15 µs, so a body in 1-byte chunks would cost seconds of CPU a megabyte."""
+def max_body_chunks(max_body_bytes: int) -> int:
+    """How many chunks a chunked request body may come in: each costs an HTTP server's parser
+    5-15 µs, so a body in 1-byte chunks would cost seconds of CPU a megabyte. (A body with a length
+    is not counted: its pieces are network reads, each a packet the client pays for too.)"""
     return max(1024, max_body_bytes // 1024)
 
 

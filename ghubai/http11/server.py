@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ import h11
 import trio
 
 import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
-from ghubai.config import max_body_parts
+from ghubai.config import max_body_chunks
 from ghubai.errors import ApiError
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
 from ghubai.sockets import write_now
@@ -58,7 +59,7 @@ class Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
-        self.max_body_parts = max_body_parts(max_body)
+        self.max_body_chunks = max_body_chunks(max_body)
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
@@ -111,7 +112,8 @@ class Connection:
                 raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-            body, parts = bytearray(), 0
+            chunked = any(key == b"transfer-encoding" for key, _ in event.headers)  # (h11 takes no other coding)
+            body, chunks, max_chunks = bytearray(), 0, self.max_body_chunks if chunked else math.inf
             with trio.move_on_after(self.body_timeout_s) as slow:
                 while True:
                     part = await self._next_event()
@@ -120,11 +122,11 @@ class Connection:
                     if isinstance(part, h11.ConnectionClosed):
                         return None
                     body += part.data
-                    parts += 1
+                    chunks += 1
                     if len(body) > self.max_body:
                         raise ApiError(413, f"request body is larger than {self.max_body} bytes")
-                    if parts > self.max_body_parts:  # (h11 takes 5-6 µs a chunk)
-                        raise ApiError(413, f"request body sent in more than {self.max_body_parts} pieces")
+                    if chunks > max_chunks:  # (h11 takes 5-6 µs a chunk)
+                        raise ApiError(413, f"request body sent in more than {max_chunks} chunks")
             if slow.cancelled_caught:
                 raise ApiError(408, "the request body did not arrive in time")
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
