@@ -128,10 +128,13 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
     return f"hub names must be unique: {', '.join(duplicates)} appears more than once" if duplicates else None
 
 
-def max_body_chunks(max_body_bytes: int) -> int:
-    """How many chunks a chunked request body may come in: each costs an HTTP server's parser
-    5-15 µs, so a body in 1-byte chunks would cost seconds of CPU a megabyte. (A body with a length
-    is not counted: its pieces are network reads, each a packet the client pays for too.)"""
+SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
+
+
+def max_small_pieces(max_body_bytes: int) -> int:
+    """How many pieces under ``SMALL_PIECE_BYTES`` (chunks, HTTP/2 frames, the reads a body arrives
+    in) a request body may come in: each costs an HTTP server's parser 5-18 µs, so a body in
+    1-byte chunks would cost seconds of CPU a megabyte."""
     return max(1024, max_body_bytes // 1024)
 
 
@@ -139,7 +142,7 @@ def max_body_chunks(max_body_bytes: int) -> int:
 class HubLimits:
     """``[limits]`` of ``hub.toml``: request size, queue and budgets."""
     max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413, and so do bodies sent in more "
-                               "than max(1024, this / 1024) chunks", default=4 * 1024 * 1024)
+                               "than max(1024, this / 1024) pieces under 1 KiB", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
@@ -267,7 +270,7 @@ class HealthConfig:
 class ProxyLimits:
     """``[limits]`` of ``proxy.toml``: what a client request may be."""
     max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413, and so do bodies sent in more "
-                               "than max(1024, this / 1024) chunks", default=4 * 1024 * 1024)
+                               "than max(1024, this / 1024) pieces under 1 KiB", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     idle_timeout_s: float = _key(_at_least(0.1), "an idle client connection is closed after this", default=75.0)

@@ -9,6 +9,7 @@ from typing import Any, TextIO
 import httpx
 import trio
 
+import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
 from ghubai.observability.dashboard import worker_health
 
 TIMEOUT_S = 5.0

@@ -1,6 +1,6 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Carries two fixes to hypercorn 0.18's trio server, and one shortcut:
+Carries three fixes to hypercorn 0.18's trio server, and one shortcut:
 - quart-trio runs a connection's close inside the request's already-cancelled scope, so
   ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
@@ -15,7 +15,11 @@ Carries two fixes to hypercorn 0.18's trio server, and one shortcut:
   the moment hypercorn sees its client's connection close (not before the response ends when the
   client has already sent a next, pipelined request: hypercorn then stops reading that connection).
 
-They patch private methods of hypercorn's ``TCPServer`` and ``HTTPStream``: ``pyproject.toml`` pins
+- over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
+  the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
+  its streams. Such frames are dropped here, their bytes given back to the flow-control windows.
+
+They patch private methods of hypercorn's ``TCPServer``, ``HTTPStream`` and ``H2Protocol``: ``pyproject.toml`` pins
 hypercorn to the minor version they were written for, and this module refuses to import when those
 methods are gone or have changed shape, rather than serve without them.
 """
@@ -27,20 +31,23 @@ from functools import partial
 from importlib.metadata import version
 from typing import Any
 
+import h2.events
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
-import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
+import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
-_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]}, HTTPStream: {"handle": ["self", "event"]}}
+_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]}, HTTPStream: {"handle": ["self", "event"]},
+            H2Protocol: {"_handle_events": ["self", "events"]}}
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
 
@@ -120,6 +127,21 @@ async def _stream_handle(self: HTTPStream, event: StreamEvent) -> None:
 
 
 HTTPStream.handle = _stream_handle  # type: ignore[method-assign]
+
+_hypercorn_h2_events = H2Protocol._handle_events
+
+
+async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
+    for event in events:  # one at a time: passing one on may yield, and a request's answer end its stream
+        if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+            # (not reset: a RST_STREAM would overtake the answer, which hypercorn sends from a queue)
+            self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        else:
+            await _hypercorn_h2_events(self, [event])
+    await self._flush()
+
+
+H2Protocol._handle_events = _h2_events  # type: ignore[method-assign]
 
 
 def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0,

@@ -10,10 +10,12 @@ import json
 import logging
 import random
 import re
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
 import h11
+import httpx
 import pytest
 import trio
 import trio_websocket
@@ -21,7 +23,7 @@ import trio_websocket
 from conftest import WAIT_S, Daemon, Grid, chat, eventually, run_ghubai
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
-from ghubai.http11.headers import HEADER_FIELD
+from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
 from ghubai.observability import logs
 from ghubai.proxy.hubs import HubSet
 from ghubai.worker.engine import LISTING_LIMIT
@@ -512,31 +514,47 @@ async def test_without_a_key_an_unknown_path_is_a_401_before_any_body_is_read(gr
     assert known.status_code == 404
 
 
-def test_h11_reads_header_lines_with_a_linear_grammar_that_agrees_with_its_own() -> None:
-    """h11 0.16's header-line grammar backtracks in N² on ``a:``, spaces and a byte it refuses;
-    ours, installed in its place (the hub's hypercorn reads with h11 too), must judge every line
-    as h11's would, with the same name and value."""
+def test_h11_reads_lines_with_linear_grammars_that_agree_with_its_own() -> None:
+    """h11 0.16's header-line and chunk-size-line grammars backtrack in N² on crafted lines; ours,
+    installed in their place (the hub's hypercorn and httpx read with h11 too), must judge every
+    line as h11's would, with the same groups, and so must the chunked decoder's size line."""
     import ghubai.web  # noqa: F401  (the hub's server)
     assert h11._readers.header_field_re is HEADER_FIELD  # type: ignore[attr-defined]
-    h11_grammar = re.compile(h11._abnf.header_field.encode("ascii"))  # type: ignore[attr-defined]
+    assert h11._readers.chunk_header_re is CHUNK_HEADER  # type: ignore[attr-defined]
+    h11_header = re.compile(h11._abnf.header_field.encode("ascii"))  # type: ignore[attr-defined]
+    h11_chunk = re.compile(h11._abnf.chunk_header.encode("ascii"))  # type: ignore[attr-defined]
+    h11_size_line = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")  # the same, without its CRLF
     rng = random.Random(11)
     for _ in range(30_000):
-        line = bytes(rng.choice(b"ab: \t\x00\x0b\r\x7f\x80-") for _ in range(rng.randint(0, 12)))
-        theirs, ours = h11_grammar.fullmatch(line), HEADER_FIELD.fullmatch(line)
+        line = bytes(rng.choice(b"ab: \t\x00\x0b\r\n\x7f\x80-") for _ in range(rng.randint(0, 12)))
+        theirs, ours = h11_header.fullmatch(line), HEADER_FIELD.fullmatch(line)
         assert (theirs and theirs.groupdict()) == (ours and ours.groupdict()), line
+        line = bytes(rng.choice(b"1aF;= \t\r\n\x00x") for _ in range(rng.randint(0, 12)))
+        theirs, ours = h11_chunk.fullmatch(line + b"\r\n"), CHUNK_HEADER.fullmatch(line + b"\r\n")
+        assert (theirs and theirs.groupdict()) == (ours and ours.groupdict()), line
+        theirs, ours = h11_size_line.fullmatch(line), CHUNK_SIZE_LINE.fullmatch(line)
+        assert (theirs and theirs.groups()) == (ours and ours.groups()), line
 
 
-async def test_a_head_built_to_backtrack_is_a_400_at_once_at_proxy_hub_and_simulator(tmp_path: Path) -> None:
-    """Regression: with h11's own grammar this one head froze a daemon for 11 s, every stream on it
-    included, before any key was checked. (Real processes: a frozen loop in this one would also
-    freeze the test's clock.)"""
+ATTACKS = {  # 65,500 bytes each, so that it arrives in one read
+    "a header line": b"GET /health HTTP/1.1\r\nhost: x\r\na:" + b" " * 65_462 + b"\x0b\r\n\r\n",
+    "a chunk-size line": b"GET /health HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n1;"
+                         + b" " * 65_429 + b"\n\r\n",
+}
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+async def test_a_line_built_to_backtrack_is_a_400_at_once_at_proxy_hub_and_simulator(tmp_path: Path,
+                                                                                      attack: str) -> None:
+    """Regression: with h11's own grammars this one request froze a daemon, every stream on it
+    included, before any key was checked: 11 s for the header line, 3 s for the chunk-size line.
+    (Real processes: a frozen loop in this one would also freeze the test's clock.)"""
     daemons = [Daemon(tmp_path, role, "--listen", "127.0.0.1:0") for role in ("sim", "hub", "proxy")]
     try:
-        attack = b"GET /health HTTP/1.1\r\nhost: x\r\na:" + b" " * 65_462 + b"\x0b\r\n\r\n"  # 65,500 B: one read
         for daemon in daemons:
             stream = await trio.open_tcp_stream("127.0.0.1", int((await daemon.url()).rsplit(":", 1)[1]))
-            await stream.send_all(attack)
-            with trio.fail_after(WAIT_S):  # (h11's grammar alone takes 11 s here, a fixed one 1 ms)
+            await stream.send_all(ATTACKS[attack])
+            with trio.fail_after(2):  # a fixed grammar takes a millisecond, h11's 3 to 11 s
                 answer = await stream.receive_some(4096)
             assert answer.startswith(b"HTTP/1.1 400"), (daemon.name, answer[:100])
             await stream.aclose()
@@ -548,12 +566,22 @@ async def test_a_head_built_to_backtrack_is_a_400_at_once_at_proxy_hub_and_simul
 async def test_a_body_in_tiny_chunks_is_a_413_before_it_costs_proxy_or_hub_seconds(grid: Grid) -> None:
     """Regression: h11 takes 5-6 µs a chunk, so 4 MB sent in 1-byte chunks cost the proxy 23 s of
     CPU, with no key (an open page's body is read too); hypercorn 15 µs, so a hub without keys spent
-    16 s on 1 MB. Past max(1024, max_body_bytes / 1024) chunks a body is refused; fewer are read."""
+    16 s on 1 MB, and as much on HTTP/2 frames. Past max(1024, max_body_bytes / 1024) pieces
+    under 1 KiB a body is refused; fewer, or bigger ones, are read."""
     hub = await grid.hub()
     proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
     for url, path, read in ((proxy.value, "GET /health", b"200"), (hub.value, "POST /v1/chat/completions", b"400")):
         for chunks, status in ((4000, read), (5000, b"413")):  # (4 MiB by default: 4,096 chunks)
             await _send_in_tiny_chunks(url, path, chunks, status)
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT_S) as h2:  # frames, not chunks
+
+        async def pieces(count: int, size: int) -> AsyncIterator[bytes]:
+            for _ in range(count):
+                yield b"x" * size
+
+        for count, size, status in ((4000, 1, 400), (5000, 1, 413), (4000, 1024, 400)):  # (httpx sends no empty frame)
+            refused = await h2.post(hub.value + "/v1/chat/completions", content=pieces(count, size))
+            assert (refused.http_version, refused.status_code) == ("HTTP/2", status), (count, size, refused.text)
 
 
 async def _send_in_tiny_chunks(url: str, path: str, chunks: int, status: bytes) -> None:
@@ -567,6 +595,7 @@ async def _send_in_tiny_chunks(url: str, path: str, chunks: int, status: bytes) 
     answer = b""
     with trio.fail_after(WAIT_S):
         while b"\r\n" not in answer:
-            answer += await stream.receive_some(4096)
+            assert (data := await stream.receive_some(4096)), f"{url} closed without an answer"
+            answer += data
     assert answer.startswith(b"HTTP/1.1 " + status), (url, chunks, answer[:100])
     await stream.aclose()

@@ -4,11 +4,12 @@ h11 reads a response's head; its body, when chunked, is decoded here instead. h1
 into an event that passes its state machine: 6-7 µs a chunk, a third of the worker's cost per token
 with an engine that sends a chunk per token. This decoder takes what one network read brought in a
 few slices: 1.3 µs a chunk (a 256-chunk NDJSON answer, read 4 KiB at a time). It accepts and refuses
-what h11 does, with h11's own grammar: a chunk-size line of 1 to 20 hex digits, extensions after
-``;`` (ignored), optional whitespace; chunks ended by CRLF, checked byte by byte; trailer lines
-checked as header lines and their fields as h11 checks an ``EndOfMessage``'s; the section ended by
-a blank line (LF or CRLF). Two bounds are its own: a chunk-size line over 4 KiB and a trailer
-section over 16 KiB are refused even when they arrive whole (h11 bounds what is still incomplete).
+what h11 does, with h11's grammar (made linear in ``ghubai.http11.grammar``): a chunk-size line of
+1 to 20 hex digits, extensions after ``;`` (ignored), optional whitespace; chunks ended by CRLF,
+checked byte by byte; trailer lines checked as header lines and their fields as h11 checks an
+``EndOfMessage``'s; the section ended by a blank line (LF or CRLF). Two bounds are its own: a
+chunk-size line over 4 KiB and a trailer section over 16 KiB are refused even when they arrive whole
+(h11 bounds what is still incomplete).
 """
 
 from __future__ import annotations
@@ -17,13 +18,10 @@ import re
 
 import h11
 
-from ghubai.http11.headers import HEADER_FIELD
+from ghubai.http11.grammar import CHUNK_SIZE_LINE, HEADER_FIELD
 
 MAX_LINE = 4096  # a chunk-size line, with its extensions
 MAX_TRAILERS = 16384
-# h11's grammar (h11._abnf): the size, extensions it ignores, optional whitespace (the trailer lines:
-# ``HEADER_FIELD``)
-_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # the trailer section ends as h11 ends a head: LF or CRLF lines
 
 
@@ -76,7 +74,7 @@ class ChunkedDecoder:
                 if end - pos >= MAX_LINE:
                     raise h11.RemoteProtocolError("chunk-size line too long")
                 break
-            header = _CHUNK_HEADER.fullmatch(buf, pos, stop)
+            header = CHUNK_SIZE_LINE.fullmatch(buf, pos, stop)
             if header is None:
                 raise h11.RemoteProtocolError("malformed chunk-size line")
             pos = stop + 2

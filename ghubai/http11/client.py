@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 import h11
 import trio
 
-import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
+import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
 from ghubai.http11.chunked import ChunkedDecoder
 from ghubai.sockets import read_now, write_now
 

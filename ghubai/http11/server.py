@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +19,8 @@ from typing import Any
 import h11
 import trio
 
-import ghubai.http11.headers  # noqa: F401  (h11's header grammar, linear: see the module)
-from ghubai.config import max_body_chunks
+import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
+from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
 from ghubai.errors import ApiError
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
 from ghubai.sockets import write_now
@@ -59,7 +58,7 @@ class Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
-        self.max_body_chunks = max_body_chunks(max_body)
+        self.max_small_pieces = max_small_pieces(max_body)
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
@@ -112,8 +111,7 @@ class Connection:
                 raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-            chunked = any(key == b"transfer-encoding" for key, _ in event.headers)  # (h11 takes no other coding)
-            body, chunks, max_chunks = bytearray(), 0, self.max_body_chunks if chunked else math.inf
+            body, small = bytearray(), 0
             with trio.move_on_after(self.body_timeout_s) as slow:
                 while True:
                     part = await self._next_event()
@@ -122,11 +120,11 @@ class Connection:
                     if isinstance(part, h11.ConnectionClosed):
                         return None
                     body += part.data
-                    chunks += 1
+                    small += len(part.data) < SMALL_PIECE_BYTES
                     if len(body) > self.max_body:
                         raise ApiError(413, f"request body is larger than {self.max_body} bytes")
-                    if chunks > max_chunks:  # (h11 takes 5-6 µs a chunk)
-                        raise ApiError(413, f"request body sent in more than {max_chunks} chunks")
+                    if small > self.max_small_pieces:  # (h11 takes 5-6 µs a chunk)
+                        raise ApiError(413, f"request body sent in more than {self.max_small_pieces} small pieces")
             if slow.cancelled_caught:
                 raise ApiError(408, "the request body did not arrive in time")
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
