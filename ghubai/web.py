@@ -17,7 +17,9 @@ Carries three fixes to hypercorn 0.18's trio server, and one shortcut:
 
 - over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
   the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
-  its streams. Such frames are dropped here, their bytes given back to the flow-control windows.
+  its streams. Such frames are dropped here, their bytes given back to the flow-control windows,
+  and each restarts the keep-alive countdown (hypercorn counts the connection idle once the answer
+  is sent: a client still uploading after 5 s lost its answer to the close).
 
 They patch private methods of hypercorn's ``TCPServer``, ``HTTPStream`` and ``H2Protocol``: ``pyproject.toml`` pins
 hypercorn to the minor version they were written for, and this module refuses to import when those
@@ -35,7 +37,7 @@ import h2.events
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
@@ -136,6 +138,8 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
         if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
             # (not reset: a RST_STREAM would overtake the answer, which hypercorn sends from a queue)
             self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            if all(stream.idle for stream in self.streams.values()):  # hypercorn's own test of idleness
+                await self.send(Updated(idle=True))  # its keep-alive countdown starts again: the body is not done
         else:
             await _hypercorn_h2_events(self, [event])
     await self._flush()

@@ -490,6 +490,23 @@ async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
     assert sim.stats.completed == 2
 
 
+async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:
+    """Regression: over HTTP/2 the rest of a body sent after the hub had answered (a 401) raised
+    KeyError in hypercorn and killed the connection; once that was fixed, hypercorn's keep-alive
+    close (5 s, the answered connection counting as idle) still cut an upload that went on longer."""
+    hub = await grid.hub(api_keys=["k"])
+
+    async def slowly() -> AsyncIterator[bytes]:
+        for _ in range(60):  # 6 s, at the client's pace
+            yield b"x" * 16384
+            await trio.sleep(0.1)
+
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT_S) as h2:
+        refused = await h2.post(hub.value + "/v1/chat/completions", content=slowly())
+        assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
+        assert (await h2.get(hub.value + "/health")).status_code == 200  # the same connection serves on
+
+
 async def test_a_hostile_registry_answer_never_stops_a_proxy(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression: a registry answer nested 100,000 deep raised RecursionError out of the proxy."""
     deep = b'{"hubs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
