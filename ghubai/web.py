@@ -48,8 +48,8 @@ import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the mod
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
-_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]}, HTTPStream: {"handle": ["self", "event"]},
-            H2Protocol: {"_handle_events": ["self", "events"]}}
+_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]},
+            HTTPStream: {"handle": ["self", "event"]}, H2Protocol: {"_handle_events": ["self", "events"]}}
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
 

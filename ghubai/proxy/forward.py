@@ -40,6 +40,11 @@ class UpstreamFailed(Exception):
     """The hub's side of an exchange broke (as opposed to the client's)."""
 
 
+class NothingRelayed(UpstreamFailed):
+    """The hub broke after its answer's head but before any of it reached the client (a hub killed
+    between the two writes of a whole answer): another hub may still take the request."""
+
+
 @dataclass
 class Outcome:
     """What became of one proxied request, for its log line and metrics (``status`` 0: none yet)."""
@@ -133,7 +138,13 @@ class Forwarder:
                     await self._discard(hub, upstream)
                     continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
-                await self._relay(conn, hub, upstream, response, request_id)
+                try:
+                    await self._relay(conn, hub, upstream, response, request_id)
+                except NothingRelayed as error:
+                    log.warning("hub %s failed before its answer began: %s", hub.name, error)
+                    self.hubs.set_health(hub, False, str(error))
+                    outcome.answered_at = None
+                    continue
                 return
             finally:
                 hub.inflight -= 1
@@ -211,6 +222,8 @@ class Forwarder:
                 pending = []
         except UpstreamFailed as error:
             await upstream.aclose()
+            if pending and isinstance(pending[0], h11.Response):  # not a byte sent yet
+                raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
             if final := _final_error(content_type, f"Hub {hub.name} failed in the middle of the answer"):
                 pending += [h11.Data(data=final), h11.EndOfMessage()]
