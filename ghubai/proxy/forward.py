@@ -1,9 +1,9 @@
 """Forwarding one request to a hub and its answer back, byte for byte as it arrives.
 
 A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
-hub's connection breaks before it answers (the hub is marked down at once), or the hub answers 502
-or 503, or 501 (its workers' engines lack the API: another hub's may have it) — up to
-``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
+hub's connection breaks before it answers or after its answer's head but before any of the answer
+was sent on (the hub is marked down at once), or the hub answers 502 or 503, or 501 (its workers'
+engines lack the API: another hub's may have it) — up to ``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
 fails mid-stream, the client gets one final error event (SSE or NDJSON) and a cleanly ended stream.
 While the request runs, the client's socket is watched: a client that leaves closes the hub
 connection at once, so the hub cancels the generation.
@@ -143,7 +143,7 @@ class Forwarder:
                 except NothingRelayed as error:
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
                     self.hubs.set_health(hub, False, str(error))
-                    outcome.answered_at = None
+                    outcome.status, outcome.answered_at = 0, None  # nothing answered yet
                     continue
                 return
             finally:
@@ -200,7 +200,7 @@ class Forwarder:
         try:
             return await upstream.body_part(self.config.response_timeout_s)
         except UPSTREAM_ERRORS as error:
-            raise UpstreamFailed(f"{type(error).__name__}: {error}") from error
+            raise UpstreamFailed(f"{type(error).__name__}: {error}".rstrip(": ")) from error
 
     async def _relay(self, conn: Connection, hub: Hub, upstream: ClientConnection, response: h11.Response,
                      request_id: str) -> None:
