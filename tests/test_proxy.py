@@ -8,7 +8,9 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
+import httpx
 import openai
+import pytest
 import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
@@ -381,12 +383,16 @@ async def test_a_request_the_proxy_cannot_read_is_answered_in_its_dialect_and_co
     assert 'ghubai_requests_total{code="413",model="",role="proxy"} 2.0' in metrics
 
 
-async def _fake_hub(grid: Grid, summary_status: int, registry_status: int, killed: list[str] | None = None) -> str:
+async def _fake_hub(grid: Grid, summary_status: int, registry_status: int, chats: list[str] | None = None,
+                    hang: bool = False) -> str:
     """A hub that answers /api/summary and /api/registry with these statuses (and a worker serving sim);
-    with ``killed``, one whose chats end after the answer's head, as a hub killed between its writes."""
+    with ``chats`` (where each chat is noted), one whose chats end after the answer's head, as a hub
+    killed between its writes, or (``hang``) never answer."""
     async def handle(conn: Connection, request: Request) -> None:
-        if killed is not None and request.path == "/v1/chat/completions":
-            killed.append(request.path)
+        if chats is not None and request.path == "/v1/chat/completions":
+            chats.append(request.path)
+            if hang:
+                await trio.sleep_forever()
             await conn.stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
                                        b"content-length: 309\r\n\r\n")
             await conn.stream.aclose()
@@ -427,6 +433,24 @@ async def test_a_hub_that_dies_after_its_answer_s_head_is_retried_not_relayed_cu
         if killed:
             break
     assert killed
+
+
+async def test_a_client_that_leaves_during_the_retry_is_not_counted_with_the_broken_hub_s_status(
+        grid: Grid) -> None:
+    """Regression (review): the retried request kept the broken hub's 200, so a client that left
+    while the next hub worked was counted and logged with an answer it never got."""
+    killed: list[str] = []
+    dying, hanging = await _fake_hub(grid, 200, 200, killed), await _fake_hub(grid, 200, 200, [], hang=True)
+    proxy = await grid.proxy(hubs=(dying, hanging), max_attempts=2)
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    for turn in range(40):  # new conversations, until one went to the dying hub first, then to the hanging one
+        with pytest.raises(httpx.TimeoutException):
+            await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content=f"leave {turn}"),
+                                 timeout=0.5)
+        if killed:
+            break
+    assert killed
+    assert 'code="200"' not in (await grid.http.get(proxy.value + "/metrics")).text
 
 
 async def test_health_comes_from_the_summary_and_an_old_hub_from_its_registry(grid: Grid) -> None:
