@@ -1,6 +1,6 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Carries three fixes to hypercorn 0.18's trio server, and one shortcut:
+Carries three fixes to hypercorn 0.18 (two to its trio server, one to its HTTP/2), and one shortcut:
 - quart-trio runs a connection's close inside the request's already-cancelled scope, so
   ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
@@ -14,16 +14,15 @@ Carries three fixes to hypercorn 0.18's trio server, and one shortcut:
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
   the moment hypercorn sees its client's connection close (not before the response ends when the
   client has already sent a next, pipelined request: hypercorn then stops reading that connection).
-
 - over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
   the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
   its streams. Such frames are dropped here, their bytes given back to the flow-control windows,
   and each restarts the keep-alive countdown (hypercorn counts the connection idle once the answer
   is sent: a client still uploading after 5 s lost its answer to the close).
 
-They patch private methods of hypercorn's ``TCPServer``, ``HTTPStream`` and ``H2Protocol``: ``pyproject.toml`` pins
-hypercorn to the minor version they were written for, and this module refuses to import when those
-methods are gone or have changed shape, rather than serve without them.
+They patch private methods of hypercorn's ``TCPServer``, ``HTTPStream`` and ``H2Protocol``:
+``pyproject.toml`` pins hypercorn to the minor version they were written for, and this module
+refuses to import when those methods are gone or have changed shape, rather than serve without them.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
             # (not reset: a RST_STREAM would overtake the answer, which hypercorn sends from a queue)
             self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if all(stream.idle for stream in self.streams.values()):  # hypercorn's own test of idleness
-                await self.send(Updated(idle=True))  # its keep-alive countdown starts again: the body is not done
+                await self.send(Updated(idle=True))  # the keep-alive countdown restarts: the body goes on
         else:
             await _hypercorn_h2_events(self, [event])
     await self._flush()

@@ -3,8 +3,9 @@
 A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
 hub's connection breaks before it answers or after its answer's head but before any of the answer
 was sent on (the hub is marked down at once), or the hub answers 502 or 503, or 501 (its workers'
-engines lack the API: another hub's may have it) — up to ``max_attempts`` hubs. Once the answer has started, it is never retried: if the hub
-fails mid-stream, the client gets one final error event (SSE or NDJSON) and a cleanly ended stream.
+engines lack the API: another hub's may have it) — up to ``max_attempts`` hubs. Once the answer has
+started, it is never retried: if the hub fails mid-stream, the client gets one final error event
+(SSE or NDJSON) and a cleanly ended stream.
 While the request runs, the client's socket is watched: a client that leaves closes the hub
 connection at once, so the hub cancels the generation.
 """

@@ -151,13 +151,13 @@ class OllamaOverOpenAI:
             return _encode({"embedding": (value.get("data") or [{}])[0].get("embedding", [])})
         if self.api == "ollama.show":  # an OpenAI engine tells little: what Ollama clients need, mostly empty
             return _encode({"modelfile": "", "parameters": "", "template": "", "model_info": {},
-                               "details": {"format": "", "family": "", "parameter_size": "",
-                                           "quantization_level": ""},
-                               "capabilities": ["completion", "tools"] if self.tools else ["completion"],
-                               "modified_at": _now()})
+                            "details": {"format": "", "family": "", "parameter_size": "",
+                                        "quantization_level": ""},
+                            "capabilities": ["completion", "tools"] if self.tools else ["completion"],
+                            "modified_at": _now()})
         if self.api == "ollama.embed":
             return _encode({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
-                               "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
+                            "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason") or "stop"
         if self.api == "ollama.chat":
@@ -315,7 +315,7 @@ class OpenAIOverOllama:
                     for index, v in enumerate(vectors)]
             tokens = int(value.get("prompt_eval_count") or 0)
             return _encode({"object": "list", "data": data, "model": self.model,
-                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         if self.api == "openai.chat":
             message = value.get("message") or {}
             answer: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
@@ -327,8 +327,8 @@ class OpenAIOverOllama:
             choice = {"text": value.get("response") or "", "logprobs": None}
         kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
         return _encode({"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                           "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
-                           "usage": self._usage(value)})
+                        "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
+                        "usage": self._usage(value)})
 
 
 Translator = OllamaOverOpenAI | OpenAIOverOllama
