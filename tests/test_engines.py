@@ -383,3 +383,87 @@ async def test_an_error_an_engine_answers_with_200_reaches_the_client_as_an_erro
         assert response.status_code == 502, (path, response.text)
         error = response.json()["error"]
         assert "Model is unloaded." in (error if isinstance(error, str) else error["message"])
+
+
+async def _openai_engine(conn: Connection, request: Request) -> bool:
+    """Answers what a worker asks an OpenAI-compatible engine before any call; False for a call."""
+    if PROBE_MODEL.encode() in (request.body or b""):
+        await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
+    elif request.path == "/v1/models":
+        await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+    else:
+        return False
+    return True
+
+
+async def test_a_llama_cpp_error_event_mid_stream_reaches_the_client_as_the_error(grid: Grid) -> None:
+    """Regression: llama.cpp server sends a streamed error as an ``error:`` SSE field, then
+    ``data: [DONE]``; the worker read only ``data:`` fields, so the client got a 200 with an empty
+    answer (``/v1``) or ``done: true`` with no content (``/api``)."""
+    message = "the request exceeds the available context size, try increasing it"
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if not await _openai_engine(conn, request):
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(b'error: {"code":400,"message":"' + message.encode() +
+                             b'","type":"exceed_context_size_error"}\n\ndata: [DONE]\n\n')
+            await conn.finish()
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    for path in ("/v1/chat/completions", "/api/chat"):
+        response = await grid.http.post(hub.value + path, json=chat(stream=True))
+        assert response.status_code == 502, (path, response.text)
+        error = response.json()["error"]
+        assert message in (error if isinstance(error, str) else error["message"]), path
+
+
+async def test_an_answer_is_over_at_its_end_even_if_the_engine_keeps_its_body_open(grid: Grid) -> None:
+    """Regression: after ``data: [DONE]`` (or ``"done": true``) the worker waited for the body's
+    end: an engine that kept it open with keep-alive comments held the client's complete answer
+    for ever, and one that went silent turned it into a 504 after ``idle_timeout_s``. What an
+    engine sends after its end does not reach the client; its connection is not reused."""
+    calls = 0
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal calls
+        if await _openai_engine(conn, request):
+            return
+        if request.path != "/v1/chat/completions":
+            await conn.respond_json(404, {"error": {"message": "not here"}})
+            return
+        calls += 1
+        await conn.start_stream(200, "text/event-stream")
+        await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"all of it"},"finish_reason":"stop"}]}\n\n'
+                         b'data: [DONE]\n\ndata: {"choices":[{"index":0,"delta":{"content":"after the end"}}]}\n\n')
+        while True:
+            await trio.sleep(0.2)
+            await conn.write(b": keep-alive\n\n")
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai", idle_timeout_s=600)
+    with trio.fail_after(WAIT_S):
+        for _ in range(2):
+            response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+            assert response.status_code == 200 and "all of it" in response.text, response.text
+            assert "after the end" not in response.text and response.text.rstrip().endswith("data: [DONE]")
+    assert calls == 2
+
+
+async def test_an_ollama_answer_is_over_at_done_even_if_the_body_stays_open(grid: Grid) -> None:
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path != "/api/chat" or PROBE_MODEL.encode() in (request.body or b""):
+            await conn.respond_json(200 if request.path == "/api/ps" else 404, {"models": [], "error": "model not found"})
+            return
+        await conn.start_stream(200, "application/x-ndjson")
+        await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"whole"},"done":false}\n'
+                         b'{"model":"sim","message":{"role":"assistant","content":""},"done":true,'
+                         b'"done_reason":"stop","prompt_eval_count":3,"eval_count":1}\n')
+        await trio.sleep_forever()
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), idle_timeout_s=600)
+    with trio.fail_after(WAIT_S):
+        for path in ("/api/chat", "/v1/chat/completions"):
+            response = await grid.http.post(hub.value + path, json=chat(stream=True))
+            assert response.status_code == 200 and "whole" in response.text, (path, response.text)

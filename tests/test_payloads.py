@@ -101,3 +101,22 @@ def test_describe_names_the_cause_a_wrapper_hides() -> None:
     outer.__cause__, middle.__context__ = middle, cause  # wrappers that say nothing, around one that does
     assert describe(outer) == "OSError: certificate verify failed"
     assert describe(KeyError("x")) == "KeyError 'x'"
+
+
+@pytest.mark.parametrize("event, message", [
+    (b'error: {"code":400,"message":"the request exceeds the available context size","type":"invalid_request_error"}',
+     "the request exceeds the available context size"),  # llama.cpp server
+    (b'event: error\ndata: {"message":"out of memory"}', "out of memory"),
+    (b"event: error\ndata: the engine broke", "the engine broke"),
+    (b"error: ", "engine error"),
+])
+async def test_an_sse_error_event_is_the_engines_error(event: bytes, message: str) -> None:
+    """Regression: llama.cpp's ``error:`` field was dropped, and its ``data: [DONE]`` after it made
+    the failed answer a successful empty one."""
+    [[payload, done]] = await _split(sse_payloads, event + b"\n\ndata: [DONE]\n\n")
+    assert engine_error(payload) == message and done == b"[DONE]"
+
+
+async def test_data_that_mentions_an_error_is_data() -> None:
+    event = b'event: message\ndata: {"choices":[{"delta":{"content":"error: none"}}]}\n\n'
+    assert await _split(sse_payloads, event) == [[b'{"choices":[{"delta":{"content":"error: none"}}]}']]

@@ -161,6 +161,7 @@ IDLE_REUSE_S = 4.0  # reuse an idle connection only while the engine surely keep
 REFUSAL_LIMIT = 1 << 20  # what is read of an engine's error answer
 LISTING_LIMIT = 16 << 20  # what is read of an engine's model list, /api/ps, /props or a probe's answer
 MAX_RECORD_BYTES = 16 << 20  # one NDJSON line or SSE event of an engine's stream
+AFTER_END_S = 1.0  # for the body's end after the answer's ([DONE]); an engine that keeps it open loses the connection
 ANSWER_LIMIT = protocol.MAX_ANSWER_BYTES
 _JSON = [("content-type", "application/json")]
 _encode = msgspec.json.Encoder().encode
@@ -323,9 +324,12 @@ class Engine:
                         yield out
                     if call.failure:
                         raise call.failure
+                    if call.finished:  # nothing after the end reaches the client, nor waits for it
+                        break
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
                                       retryable=True)
+                await response.skip_rest(AFTER_END_S)
         except trio.TooSlowError:
             raise EngineError(504, "engine timed out", retryable=True) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
@@ -355,7 +359,7 @@ class Engine:
         for payload in batch:
             if payload == b"[DONE]":
                 call.finished = True
-                continue
+                break
             if (message := engine_error(payload)) is not None:
                 call.failure = EngineError(502, message, retryable=True)  # after what came before it
                 break
@@ -371,6 +375,8 @@ class Engine:
                     del value["usage"]
                     payload = _encode(value)
             out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
+            if call.finished:  # Ollama's "done": true
+                break
         return b"".join(out)
 
 
@@ -380,7 +386,7 @@ class Engine:
             if payload == b"[DONE]":
                 call.finished = True
                 out.append(translator.final(call.usage))
-                continue
+                break
             if (message := engine_error(payload)) is not None:
                 call.failure = EngineError(502, message, retryable=True)  # after what came before it
                 break
@@ -388,7 +394,9 @@ class Engine:
             if isinstance(value, dict):
                 call.usage = _usage_of(value) or call.usage
                 out.extend(translator.chunk(value))
-                call.finished |= translator.done
+                if translator.done:
+                    call.finished = True
+                    break
         return b"".join(out)
 
 
@@ -404,8 +412,28 @@ _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
 
 
 def _sse_data(event: bytes) -> bytes | None:
+    """An event's ``data``. An error event comes back as ``{"error": ...}``, which ``engine_error``
+    reads as the engine's error: llama.cpp server sends a mid-stream error as an ``error:`` field
+    (and its ``data: [DONE]`` after it), other servers as ``event: error`` with the error as data."""
+    if b"error" in event and (error := _sse_error(event)) is not None:
+        return error
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
+
+
+def _sse_error(event: bytes) -> bytes | None:
+    fields = [line.partition(b":") for line in event.split(b"\n")]
+    if any(name == b"event" and value.strip() == b"error" for name, _, value in fields):
+        fields = [(b"error" if name == b"data" else name, _, value) for name, _, value in fields]
+    errors = [value.lstrip(b" ") for name, _, value in fields if name == b"error"]
+    if not errors:
+        return None
+    text = b"\n".join(errors)
+    try:
+        value = _decode(text)
+    except (ValueError, RecursionError):
+        value = text.decode(errors="replace")
+    return _encode({"error": value or "engine error"})
 
 
 async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -> AsyncIterator[list[bytes]]:
