@@ -188,3 +188,16 @@ async def test_legacy_embeddings_and_running_models(grid: Grid, kind: str) -> No
     assert len(legacy["embedding"]) == 8
     assert (await grid.http.post(url + "/api/embeddings", json={"model": "sim"})).status_code == 400
     assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["sim"]
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_a_stray_stream_flag_on_an_api_that_never_streams_is_ignored(grid: Grid, kind: str) -> None:
+    """Regression: ``"stream": true`` on an embedding or ``/api/show`` made the worker wait for a
+    stream: ``/v1/embeddings`` got a retryable 502 (the engine asked again by every worker and
+    hub), the ``/api`` ones a 200 with an error line after the answer."""
+    url = await proxied_grid(grid, kind)
+    for path, body in (("/v1/embeddings", {"input": "hi"}), ("/api/embed", {"input": "hi"}),
+                       ("/api/embeddings", {"prompt": "hi"}), ("/api/show", {})):
+        response = await grid.http.post(url + path, json={"model": "sim", "stream": True, **body})
+        assert response.status_code == 200, (path, response.text)
+        assert "error" not in response.json() and response.headers["content-type"].startswith("application/json")

@@ -54,21 +54,25 @@ _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 @dataclass(frozen=True)
 class Route:
     """An inference route: the API as the worker knows it, its checks, and whether it streams when
-    the body does not say."""
+    the body does not say; None for an API that never streams, whatever the body says (a stray
+    ``"stream": true`` on an embedding made the worker wait for a stream that never came)."""
     api: str
     validate: Callable[[dict[str, Any]], None]
-    streams: bool
+    streams: bool | None
+
+    def stream(self, body: dict[str, Any]) -> bool:
+        return self.streams is not None and body.get("stream", self.streams) is True
 
 
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
-    "/v1/embeddings": Route("openai.embeddings", dialects.validate_inputs, False),
+    "/v1/embeddings": Route("openai.embeddings", dialects.validate_inputs, None),
     "/api/chat": Route("ollama.chat", dialects.validate_ollama_chat, True),
     "/api/generate": Route("ollama.generate", dialects.validate_ollama_generate, True),
-    "/api/embed": Route("ollama.embed", dialects.validate_inputs, False),
-    "/api/embeddings": Route("ollama.embeddings", dialects.validate_ollama_embeddings, False),
-    "/api/show": Route("ollama.show", dialects.validate_ollama_show, False),  # answered by a worker with the model
+    "/api/embed": Route("ollama.embed", dialects.validate_inputs, None),
+    "/api/embeddings": Route("ollama.embeddings", dialects.validate_ollama_embeddings, None),
+    "/api/show": Route("ollama.show", dialects.validate_ollama_show, None),  # answered by a worker with the model
 }
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -308,7 +312,7 @@ class HubApi:
             record.model = str(body["model"])
             self.rate_limits.admit(key)
             with gone:
-                await self._forward(route.api, body, body.get("stream", route.streams) is True, len(raw), headers,
+                await self._forward(route.api, body, route.stream(body), len(raw), headers,
                                     send, record)
         except ClientLeft:
             return
