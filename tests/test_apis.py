@@ -201,3 +201,15 @@ async def test_a_stray_stream_flag_on_an_api_that_never_streams_is_ignored(grid:
         response = await grid.http.post(url + path, json={"model": "sim", "stream": True, **body})
         assert response.status_code == 200, (path, response.text)
         assert "error" not in response.json() and response.headers["content-type"].startswith("application/json")
+
+
+async def test_a_batch_of_prompts_is_refused_by_an_ollama_engine_not_cut_to_its_first(grid: Grid) -> None:
+    """Regression: ``/v1/completions`` with a list of prompts on an Ollama engine answered the first
+    prompt alone, with a 200; Ollama takes one text prompt per request."""
+    url = await proxied_grid(grid, "ollama")
+    for prompt in (["Say A", "Say B"], [1, 2, 3]):
+        response = await grid.http.post(url + "/v1/completions", json={"model": "sim", "prompt": prompt})
+        assert response.status_code == 400, response.text
+        assert "one text prompt" in response.json()["error"]["message"]
+    one = await grid.http.post(url + "/v1/completions", json={"model": "sim", "prompt": ["Say A"], "max_tokens": 2})
+    assert one.status_code == 200 and len(one.json()["choices"]) == 1

@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, translator_for
+from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, Untranslatable, translator_for
 
 
 def ollama_over_openai(api: str) -> OllamaOverOpenAI:
@@ -465,13 +465,19 @@ def test_openai_single_stop_string_becomes_a_list() -> None:
     assert request["options"]["stop"] == ["\n"]
 
 
-@pytest.mark.parametrize("prompt, expected", [("Tell me", "Tell me"), (["first", "second"], "first"), (12, "12")])
+@pytest.mark.parametrize("prompt, expected", [("Tell me", "Tell me"), (["only"], "only"), (12, "12")])
 def test_openai_completions_request_takes_one_prompt(prompt: Any, expected: str) -> None:
-    """``/api/generate`` takes one prompt: a list gives its first."""
+    """``/api/generate`` takes one prompt: a list of one gives it (a longer list: the next test)."""
     request = openai_over_ollama("openai.completions").request(
         {"model": "m", "prompt": prompt, "max_tokens": 16, "stop": ["\n"]}, stream=True)
     assert request == {"model": "m", "stream": True, "options": {"stop": ["\n"], "num_predict": 16},
                        "prompt": expected}
+
+
+@pytest.mark.parametrize("prompt", [["first", "second"], [], [[1, 2]], [7]])
+def test_a_batch_of_prompts_or_token_ids_cannot_be_said_to_ollama(prompt: Any) -> None:
+    with pytest.raises(Untranslatable, match="one text prompt"):
+        openai_over_ollama("openai.completions").request({"model": "m", "prompt": prompt}, stream=False)
 
 
 def test_openai_embeddings_request() -> None:

@@ -25,7 +25,7 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import Translator, engine_path, translator_for
+from ghubai.worker.translate import Translator, Untranslatable, engine_path, translator_for
 
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
@@ -294,7 +294,10 @@ class Engine:
         """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
         translator = translator_for(self.config.kind, call.api, self.tools)
         if translator is not None:
-            path, body = translator.path, translator.request(call.body, call.stream)
+            try:
+                path, body = translator.path, translator.request(call.body, call.stream)
+            except Untranslatable as error:
+                raise EngineError(400, str(error), retryable=True) from None
         elif call.api in protocol.API_PATHS:
             path, body = protocol.API_PATHS[call.api], self._prepare(call)
         else:

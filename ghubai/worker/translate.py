@@ -191,6 +191,10 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+class Untranslatable(ValueError):
+    """A request the other API cannot say (a 400 from the worker, which another engine kind may serve)."""
+
+
 class OpenAIOverOllama:
     """OpenAI's API answered by Ollama's native one, so that ids are unique, usage is exact and an
     error in the middle of a stream reaches the client (Ollama's own OpenAI layer drops it). One per
@@ -236,7 +240,12 @@ class OpenAIOverOllama:
                     request["tool_choice"] = body["tool_choice"]
         else:
             prompt = body.get("prompt", "")
-            request["prompt"] = prompt[0] if isinstance(prompt, list) and prompt else str(prompt)
+            if isinstance(prompt, list):  # OpenAI's batch of prompts, or token ids: Ollama has neither
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise Untranslatable("an Ollama engine takes one text prompt per request, not a list of "
+                                         f"{len(prompt)} prompts or token ids: send them one by one")
+                prompt = prompt[0]
+            request["prompt"] = str(prompt)
         return request
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
