@@ -304,6 +304,27 @@ async def test_per_key_request_and_token_budgets(grid: Grid) -> None:
     assert (await grid.http.post(url, json=chat())).status_code == 429  # 24 spent: in debt until it refills
 
 
+async def test_a_client_that_leaves_before_the_end_still_spends_its_token_budget(grid: Grid) -> None:
+    """Regression: tokens were charged from the engine's count only, which comes with the answer's
+    end: a client that closed just before it was never charged, and never refused."""
+    sim_url, sim = await grid.sim(tokens=40, itl_ms=20)
+    hub = await grid.hub(limits={"tokens_per_minute": 30})
+    await grid.worker(hub.value, sim_url)
+    url = hub.value + "/v1/chat/completions"
+    async with grid.http.stream("POST", url, json=chat(stream=True)) as response:
+        events = 0
+        async for line in response.aiter_lines():
+            events += line.startswith("data: ")
+            if events == 15:
+                break  # 15 tokens and a prompt: over the budget of 30
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1
+
+    await eventually(stopped, "the engine to be told to stop")
+    assert (await grid.http.post(url, json=chat())).status_code == 429
+
+
 async def test_first_token_and_idle_timeouts(grid: Grid) -> None:
     slow_start_url, slow_start = await grid.sim(ttft_ms=60_000)
     hub = await grid.hub(timeouts={"first_token_s": 0.3})

@@ -255,7 +255,7 @@ class HubApi:
         if exchange := record.exchange:
             exchange.close()
             self.inflight.discard(exchange)
-            self.rate_limits.spend(record.key, exchange.usage)
+            self.rate_limits.spend(record.key, exchange.spent())
             self.metrics.inflight.labels("hub").dec()
             first = record.first_token_s
             self.history.request(first, (exchange.usage or {}).get("completion_tokens", 0),

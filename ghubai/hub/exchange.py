@@ -61,6 +61,7 @@ class Exchange:
         self.conversation = conversation  # the affinity key (``ghubai.affinity``), if the request has one
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
+        self.lines = 0  # line ends in the answer: a stream's events (two per SSE event, one per NDJSON line)
         self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
         self.config = config
         self.api = api
@@ -134,6 +135,7 @@ class Exchange:
         if isinstance(frame, protocol.Chunk):
             self.state = State.STREAMING
             self.received += len(frame.data)
+            self.lines += frame.data.count(b"\n")
             return frame
         # the pool gave the slot back when this end or error arrived
         if isinstance(frame, protocol.End) and frame.usage and self.worker is not None:
@@ -148,6 +150,17 @@ class Exchange:
         ``TEMPLATE_TOKENS`` (a model's own template and system prompt). Budgets and metrics trust this."""
         bounds = {"prompt_tokens": self.body_bytes + TEMPLATE_TOKENS, "completion_tokens": self.received}
         return {kind: min(count, bounds[kind]) for kind, count in usage.items() if kind in bounds}
+
+    def spent(self) -> dict[str, int] | None:
+        """The tokens this request costs its key: the worker's count, else (the client left, a
+        timeout, an error mid-answer, an engine that does not count) once an answer has started, an
+        estimate: a prompt token per 4 bytes of request, a completion token per streamed event (a
+        stream's events carry a token or so each) or per 4 bytes of a whole answer."""
+        if self.usage is not None or not self.received:
+            return self.usage
+        events = self.lines // 2 if self.api.startswith("openai.") else self.lines
+        return {"prompt_tokens": self.body_bytes // 4,
+                "completion_tokens": events if self.stream else self.received // 4}
 
     async def batches(self) -> AsyncIterator[list[Answer]]:
         """The frames after the first, each batch holding every frame that had already arrived,

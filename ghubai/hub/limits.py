@@ -2,9 +2,10 @@
 
 Each key has a bucket per budget that refills continuously at its per-minute rate and holds at most
 one minute's worth. A request needs one request-token and a non-negative token bucket; the tokens it
-used (prompt + completion, from the engine's counts) are taken afterwards, so a long answer can drive
-the bucket below zero and the next request waits until it refills. Over budget → 429 with
-Retry-After. Keys are known by their digests only.
+used (prompt + completion, from the engine's counts, or estimated when an answer ended without them:
+``Exchange.spent``) are taken afterwards, so a long answer can drive the bucket below zero and the
+next request waits until it refills. Over budget → 429 with Retry-After. Keys are known by their
+digests only.
 """
 
 from __future__ import annotations
