@@ -19,16 +19,17 @@ from ghubai.observability.service import Service
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(scope: trio.CancelScope, drain: trio.Event, service: Service, reloads: bool) -> None:
-    """SIGTERM asks for a graceful drain (the role finishes its work, then returns); SIGINT, or a
-    second SIGTERM, stops at once. SIGHUP reloads what a daemon can reload; for ``ghubai up`` and
-    the simulator (``reloads`` false) it is a terminal hang-up, and stops them."""
+async def _until_signal(scope: trio.CancelScope, drain: trio.Event | None, service: Service, reloads: bool) -> None:
+    """SIGTERM asks a role that drains (``drain`` given) to finish its work, then return; SIGINT, a
+    second SIGTERM, or SIGTERM to a role with nothing to drain stops at once. SIGHUP reloads what a
+    daemon can reload; for ``ghubai up`` and the simulator (``reloads`` false) it is a terminal
+    hang-up, and stops them."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP and reloads:
                 service.reloaded()
                 continue
-            if signum == signal.SIGTERM and not drain.is_set():
+            if signum == signal.SIGTERM and drain is not None and not drain.is_set():
                 log.info("SIGTERM: draining (send it again to stop at once)")
                 service.stopping()
                 drain.set()
@@ -44,29 +45,25 @@ Main = Callable[[trio.Event, Service], Awaitable[object]]
 
 def _run(main: Main, reloads: bool = True) -> int:
     """Run ``main(drain, service)`` until it returns or a signal stops it; a clean stop exits 0."""
+    return _serve(main, reloads, drains=True)
 
+
+def _stopping_on(main: Callable[[Service], Awaitable[object]], reloads: bool = True) -> int:
+    """Run a role with nothing to drain: SIGTERM simply stops it."""
+    return _serve(lambda drain, service: main(service), reloads, drains=False)
+
+
+def _serve(main: Main, reloads: bool, drains: bool) -> int:
     async def runner() -> None:
         drain, service = trio.Event(), Service()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery.cancel_scope, drain, service, reloads)
+            nursery.start_soon(_until_signal, nursery.cancel_scope, drain if drains else None, service, reloads)
             nursery.start_soon(service.run)
             await main(drain, service)
             nursery.cancel_scope.cancel()
 
     trio.run(runner)
     return 0
-
-
-def _stopping_on(main: Callable[[Service], Awaitable[object]]) -> Main:
-    """For a role with nothing to drain: SIGTERM simply stops it."""
-
-    async def run(drain: trio.Event, service: Service) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(main, service)
-            await drain.wait()
-            nursery.cancel_scope.cancel()
-
-    return run
 
 
 def _hub(args: argparse.Namespace) -> int:
@@ -90,7 +87,7 @@ def _registry(args: argparse.Namespace) -> int:
     from ghubai.registry.server import run
 
     config = with_listen(load("registry", args.config), args.listen)
-    return _run(_stopping_on(lambda service: run(config, args.config, service=service)))
+    return _stopping_on(lambda service: run(config, args.config, service=service))
 
 
 def _required_config(args: argparse.Namespace) -> str:
@@ -103,7 +100,7 @@ def _proxy(args: argparse.Namespace) -> int:
     from ghubai.proxy.server import run
 
     config = with_listen(load("proxy", args.config), args.listen)
-    return _run(_stopping_on(lambda service: run(config, path=args.config, service=service)))
+    return _run(lambda drain, service: run(config, path=args.config, drain=drain, service=service))
 
 
 def _init(args: argparse.Namespace) -> int:
@@ -155,7 +152,7 @@ def _sim(args: argparse.Namespace) -> int:
         disabled=frozenset(path.strip() for path in args.disable.split(",") if path.strip()), slots=args.slots,
         usage_with_choices=args.usage_with_choices, load_ms=args.load_ms, max_loaded=args.max_loaded,
         prefill_us_per_token=args.prefill_us_per_token)
-    return _run(_stopping_on(lambda service: serve(Simulator(options), args.listen)), reloads=False)
+    return _stopping_on(lambda service: serve(Simulator(options), args.listen), reloads=False)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -169,8 +166,8 @@ def _up(args: argparse.Namespace) -> int:
     if args.engine_api_key_env:
         if not (key := os.environ.get(args.engine_api_key_env, "")):
             raise ConfigError([f"--engine-api-key-env: the variable {args.engine_api_key_env} is not set"])
-    return _run(_stopping_on(lambda service: up(port=args.port, backend=args.backend, engine_url=args.engine_url,
-                                                engine_api_key=key)), reloads=False)
+    return _stopping_on(lambda service: up(port=args.port, backend=args.backend, engine_url=args.engine_url,
+                                           engine_api_key=key), reloads=False)
 
 
 def _status(args: argparse.Namespace) -> int:

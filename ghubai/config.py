@@ -297,6 +297,8 @@ class ProxyConfig:
     connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)
     response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub before its answer is cut",
                                      default=3600.0)
+    drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long forwarded answers may finish "
+                                  "(new requests get 503 meanwhile)", default=30.0)
     tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
     tls_key: str = ""
     ca_file: str = _key(None, "CA bundle for https:// hubs and registry", default="")

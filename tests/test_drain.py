@@ -1,10 +1,11 @@
-"""SIGTERM drains: a hub keeps its port, answers 503 to new work and lets streams finish (up to
-drain_timeout_s, then ends them with an error event); a worker takes nothing new, finishes, exits 0."""
+"""SIGTERM drains: a hub or a proxy keeps its port, answers 503 to new work and lets streams finish
+(up to drain_timeout_s, then ends them with an error event); a worker takes nothing new, finishes, exits 0."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from typing import Any
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, stalled_client, workers_linked
+from conftest import WAIT_S, Daemon, Grid, HubProcess, chat, eventually, ghubai_command, stalled_client, workers_linked
 
 
 async def collect(http: httpx.AsyncClient, url: str, events: list[str], started: trio.Event) -> None:
@@ -141,3 +142,52 @@ async def test_a_draining_worker_gives_up_after_its_drain_timeout(grid: Grid, tm
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+async def proxy_process(grid: Grid, tmp_path: Any, config: str = "", **sim_options: Any) -> tuple[Daemon, Any]:
+    """A proxy as a real process in front of an in-process hub and worker."""
+    sim_url, sim = await grid.sim(**sim_options)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    (tmp_path / "proxy.toml").write_text(f'registry_url = ""\nhubs = ["{hub.value}"]\n{config}')
+    proxy = Daemon(tmp_path, "proxy", "--config", str(tmp_path / "proxy.toml"), "--listen", "127.0.0.1:0")
+    await grid.wait_for_model(await proxy.url(), "sim")
+    return proxy, sim
+
+
+async def test_a_draining_proxy_refuses_new_work_and_finishes_its_streams(grid: Grid, tmp_path: Any) -> None:
+    """Regression: SIGTERM (``systemctl restart``) stopped the proxy at once although it logged
+    "draining": every stream through it was cut, and logged as a 200."""
+    proxy, _ = await proxy_process(grid, tmp_path, itl_ms=20, tokens=60)
+    url = await proxy.url()
+    try:
+        async def refuses() -> None:
+            async def not_ready() -> bool:
+                return (await grid.http.get(url + "/ready")).status_code == 503
+
+            await eventually(not_ready, "/ready to turn 503")
+            refused = await grid.http.post(url + "/v1/chat/completions", json=chat())
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+
+        events = await sigterm_mid_stream(grid, url, proxy.process, refuses)
+        assert events[-1] == "[DONE]" and len(events) >= 61
+        assert proxy.process.wait(timeout=WAIT_S) == 0
+    finally:
+        proxy.stop()
+
+
+async def test_streams_through_a_proxy_at_its_drain_timeout_end_with_an_error_event(grid: Grid,
+                                                                                   tmp_path: Any) -> None:
+    proxy, sim = await proxy_process(grid, tmp_path, "drain_timeout_s = 0.5\n", itl_ms=20, tokens=100_000)
+    try:
+        events = await sigterm_mid_stream(grid, await proxy.url(), proxy.process)
+        assert "shutting down" in json.loads(events[-1])["error"]["message"]
+        assert proxy.process.wait(timeout=WAIT_S) == 0
+        assert re.search(r"POST /v1/chat/completions 503 in", proxy.log()), proxy.log()
+
+        async def stopped() -> bool:
+            return sim.stats.active == 0 and sim.stats.cancelled == 1
+
+        await eventually(stopped, "the engine to stop the aborted stream")
+    finally:
+        proxy.stop()

@@ -383,18 +383,20 @@ async def test_a_request_the_proxy_cannot_read_is_answered_in_its_dialect_and_co
     assert 'ghubai_requests_total{code="413",model="",role="proxy"} 2.0' in metrics
 
 
+HEAD_ONLY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 309\r\n\r\n"
+
+
 async def _fake_hub(grid: Grid, summary_status: int, registry_status: int, chats: list[str] | None = None,
-                    hang: bool = False) -> str:
+                    hang: bool = False, answer: bytes = HEAD_ONLY) -> str:
     """A hub that answers /api/summary and /api/registry with these statuses (and a worker serving sim);
-    with ``chats`` (where each chat is noted), one whose chats end after the answer's head, as a hub
-    killed between its writes, or (``hang``) never answer."""
+    with ``chats`` (where each chat is noted), one whose chats get ``answer`` and a close (by default
+    the answer's head alone, as a hub killed between its writes), or (``hang``) never answer."""
     async def handle(conn: Connection, request: Request) -> None:
         if chats is not None and request.path == "/v1/chat/completions":
             chats.append(request.path)
             if hang:
                 await trio.sleep_forever()
-            await conn.stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                       b"content-length: 309\r\n\r\n")
+            await conn.stream.send_all(answer)
             await conn.stream.aclose()
         elif request.path == "/api/summary":
             await conn.respond_json(summary_status, {"hub_id": "fake", "draining": False, "heartbeat_s": 1,
@@ -451,6 +453,29 @@ async def test_a_client_that_leaves_during_the_retry_is_not_counted_with_the_bro
             break
     assert killed
     assert 'code="200"' not in (await grid.http.get(proxy.value + "/metrics")).text
+
+
+@pytest.mark.parametrize("content_type, events, half", [
+    (b"text/event-stream", b'data: {"choices":[{"index":0,"delta":{"content":"one"}}]}\n\n',
+     b'data: {"choices":[{"delta":{"cont'),
+    (b"application/x-ndjson", b'{"message":{"role":"assistant","content":"one"},"done":false}\n', b'{"message":{"cont'),
+])
+async def test_a_hub_cut_mid_event_leaves_the_client_whole_events_and_a_clean_error(
+        grid: Grid, content_type: bytes, events: bytes, half: bytes) -> None:
+    """Regression (review): the proxy passed on half an event from a hub that died, then its error
+    event right after it, so the client read broken JSON (the openai SDK: JSONDecodeError, not an
+    APIError) instead of the error."""
+    body = events + half
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ntransfer-encoding: chunked\r\n\r\n"
+              + b"%x\r\n" % len(body) + body + b"\r\n")
+    proxy = await grid.proxy(hubs=(await _fake_hub(grid, 200, 200, [], answer=answer),), max_attempts=1)
+    await grid.wait_for_model(proxy.value, "sim")
+    response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(stream=True))
+    sse = content_type == b"text/event-stream"
+    lines = [line.removeprefix("data: ") for line in response.text.splitlines() if line]
+    assert [json.loads(line) for line in lines][:1] == [json.loads(events.removeprefix(b"data: "))]
+    error = json.loads(lines[-1])["error"]
+    assert len(lines) == 2 and "failed in the middle" in (error["message"] if sse else error), response.text
 
 
 async def test_health_comes_from_the_summary_and_an_old_hub_from_its_registry(grid: Grid) -> None:

@@ -12,6 +12,7 @@ connection at once, so the hub cancels the generation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -99,24 +100,60 @@ def _final_error(content_type: bytes, message: str) -> bytes:
     return b""
 
 
+def _boundary(content_type: bytes) -> bytes | None:
+    """What ends an event of a streamed answer: the proxy passes on whole events only, so that an
+    error it adds after a hub failed never lands in the middle of one."""
+    if content_type.startswith(b"text/event-stream"):
+        return b"\n\n"
+    return b"\n" if content_type.startswith(b"application/x-ndjson") else None
+
+
+def _whole_events(data: bytes, boundary: bytes) -> tuple[bytes, bytes]:
+    """``data`` split after its last ``boundary``: the whole events, and the start of the next."""
+    end = data.rfind(boundary)
+    return (b"", data) if end < 0 else (data[:end + len(boundary)], data[end + len(boundary):])
+
+
+STOPPING = "The proxy is shutting down"
+STOP_WRITE_S = 1.0  # for the final event of an answer a stopping proxy cuts
+
+
 class Forwarder:
     """Forwards one client request to a hub and relays the answer. Invariant: a request is retried
-    on another hub only before any byte of an answer reached the client."""
+    on another hub only before any byte of an answer reached the client; ``running`` holds the cancel
+    scope of every request being forwarded, so that a drain that timed out can end them."""
     def __init__(self, config: ProxyConfig, hubs: HubSet) -> None:
         self.config = config
         self.hubs = hubs
+        self.running: set[trio.CancelScope] = set()
+        self.stopping = False  # the drain timed out: requests still running end with an error
+
+    def stop(self) -> None:
+        """End every request still running: an answer begun gets a final error event, one not begun a 503."""
+        self.stopping = True
+        for scope in self.running:
+            scope.cancel()
 
     async def forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                       request_id: str) -> None:
         """Answer ``request`` through a hub, watching the client for the whole exchange."""
         refusal: ApiError | None = None
         async with trio.open_nursery() as nursery:
+            self.running.add(nursery.cancel_scope)
             nursery.start_soon(conn.watch, nursery.cancel_scope)
             try:
                 await self._forward(conn, request, client_ip, outcome, request_id)
             except ApiError as error:  # answered by the caller, once the watcher is gone
                 refusal = error
+            finally:
+                self.running.discard(nursery.cancel_scope)
             nursery.cancel_scope.cancel()
+        if self.stopping and nursery.cancel_scope.cancelled_caught and refusal is None:
+            if outcome.status:  # the answer had begun: it ended with an error event (_relay)
+                outcome.status = 503
+            else:
+                outcome.status = 503
+                refusal = ApiError(503, STOPPING, retry_after=1)
         if refusal is not None:
             raise refusal
 
@@ -209,28 +246,42 @@ class Forwarder:
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
                    if k != b"x-request-id" and not (chunked and k == b"content-length")]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
+        boundary, held = _boundary(content_type), b""  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
             ended = False
             while not ended:  # what has already arrived goes out in one write; nothing waits for more
                 data, ended = await self._next(upstream)
+                if boundary is not None:
+                    data, held = (held + data, b"") if ended else _whole_events(held + data, boundary)
                 if data:
                     pending.append(h11.Data(data=data))
                 if ended:
                     pending.append(h11.EndOfMessage())
-                await conn.send(*pending)
+                if pending:
+                    await conn.send(*pending)
                 pending = []
         except UpstreamFailed as error:
             await upstream.aclose()
             if pending and isinstance(pending[0], h11.Response):  # not a byte sent yet
                 raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
-            if final := _final_error(content_type, f"Hub {hub.name} failed in the middle of the answer"):
-                pending += [h11.Data(data=final), h11.EndOfMessage()]
-            await conn.send(*pending)  # without a final event the answer stays unfinished: the client sees it cut
+            await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")
             return
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
+            if self.stopping and not (pending and isinstance(pending[0], h11.Response)):
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
+                    await self._end_cut(conn, [], content_type, STOPPING)  # (pending: cut mid-write, if any)
             raise
         await self.hubs.release(hub, upstream)
+
+    @staticmethod
+    async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:
+        """End an answer cut after its first byte with a final error event in its own framing;
+        without one the answer stays unfinished and the client sees it cut."""
+        if final := _final_error(content_type, message):
+            pending = [*pending, h11.Data(data=final), h11.EndOfMessage()]
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            await conn.send(*pending)

@@ -30,7 +30,7 @@ from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
 from ghubai.proxy.follow import DETAILS_WANTED_S, check_health, follow_registry
-from ghubai.proxy.forward import Forwarder, Outcome
+from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome
 from ghubai.proxy.hubs import HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -60,6 +60,8 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.serves)
         self.inflight = 0
+        self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
+        self.draining = False  # SIGTERM: new requests get 503 while those running finish
         self.connections = 0  # client connections open now
         self.history = History()
         self.url = ""  # once it serves
@@ -86,12 +88,15 @@ class Proxy:
         started, outcome = trio.current_time(), Outcome()
         self.inflight += 1
         try:
+            if self.draining:
+                raise ApiError(503, STOPPING, retry_after=1)
             await self._forward(conn, request, outcome)
         except ApiError as error:
             outcome.status = error.status
             await self._error(conn, request, error)
         finally:
             self.inflight -= 1
+            self.ended.set()
             if outcome.status:
                 took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
@@ -168,8 +173,26 @@ class Proxy:
                                                     self.history))
 
     async def ready(self, conn: Connection, request: Request) -> None:
-        up = len(self.hubs.healthy())
-        await conn.respond_json(200 if up else 503, {"status": "ready" if up else "no healthy hub", "hubs_up": up})
+        up = 0 if self.draining else len(self.hubs.healthy())
+        status = "draining" if self.draining else "ready" if up else "no healthy hub"
+        await conn.respond_json(200 if up else 503, {"status": status, "hubs_up": up})
+
+    async def drain(self) -> None:
+        """SIGTERM: new requests get 503; those running get ``drain_timeout_s`` to finish, then end
+        with an error (a final event for an answer that had begun)."""
+        self.draining = True
+        log.info("draining: %d request(s) in flight, waiting up to %g s", self.inflight, self.config.drain_timeout_s)
+        with trio.move_on_after(self.config.drain_timeout_s):
+            while self.inflight:
+                self.ended = trio.Event()
+                await self.ended.wait()
+        if self.inflight:
+            log.warning("drain timeout: ending %d request(s) with an error", self.inflight)
+            self.forwarder.stop()
+            with trio.move_on_after(STOP_WRITE_S + 1):  # their final events, then the 503s
+                while self.inflight:
+                    self.ended = trio.Event()
+                    await self.ended.wait()
 
     async def prometheus(self, conn: Connection, request: Request) -> None:
         self.hub_up.clear()
@@ -189,9 +212,10 @@ class Proxy:
         await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
 
 
-async def run(config: ProxyConfig, *, path: str | None = None, service: Service | None = None,
-              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; reports the base URL. A reload (SIGHUP) re-reads ``path`` for new api_keys."""
+async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,
+              service: Service | None = None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled, or until ``drain`` is set and the drain is over (``Proxy.drain``);
+    reports the base URL. A reload (SIGHUP) re-reads ``path`` for new api_keys."""
     proxy = Proxy(config)
     service = service or Service({})
     service.summary = lambda: (f"{len(proxy.hubs.healthy())}/{len(proxy.hubs.hubs)} hubs up, "
@@ -227,4 +251,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, service: Service 
                  len(config.hubs))
         service.ready()
         task_status.started(url)
-        await trio.serve_listeners(handler, listeners)
+        nursery.start_soon(trio.serve_listeners, handler, listeners)
+        if drain is not None:
+            await drain.wait()
+            await proxy.drain()
+            nursery.cancel_scope.cancel()
