@@ -100,7 +100,8 @@ def check(path: str, role: str) -> list[str]:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by a complete new file in one rename; keeps the old file's permissions and,
-    where it may (as root), its owner and group: a service must still read its config after an edit."""
+    where it may (as root), its owner and group: a service must still read its config after an edit.
+    A new file is 0640, never readable by every user: configs come to hold tokens and keys."""
     old = path.stat() if path.exists() else None
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -108,7 +109,7 @@ def write_atomically(path: Path, text: str) -> None:
             file.write(text)
             file.flush()
             os.fsync(file.fileno())
-        os.chmod(temporary, old.st_mode & 0o7777 if old else 0o644)
+        os.chmod(temporary, old.st_mode & 0o7777 if old else 0o640)
         if old is not None:
             with contextlib.suppress(PermissionError):
                 os.chown(temporary, old.st_uid, old.st_gid)

@@ -97,6 +97,28 @@ async def test_in_place_edits_count_too_and_a_broken_edit_keeps_the_last_list(gr
     await eventually(healed, "the fixed file to be served")
 
 
+async def test_an_empty_file_keeps_the_last_list_and_hubs_equals_nothing_empties_it(grid: Grid,
+                                                                                    tmp_path: Path) -> None:
+    """Regression (review): an empty file (a save on a full disk) parsed as valid with no hubs, and
+    the registry served an empty list: every proxy then answered 503."""
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+    path.write_text("")
+
+    async def degraded() -> bool:
+        return "no hubs key" in (await grid.http.get(registry.value + "/health")).json().get("config_error", "")
+
+    await eventually(degraded, "the registry to refuse the empty file")
+    assert len((await grid.http.get(registry.value + "/hubs")).json()["hubs"]) == 2
+    save_atomically(path, "hubs = []\n")
+
+    async def emptied() -> bool:
+        return (await grid.http.get(registry.value + "/hubs")).json()["hubs"] == []
+
+    await eventually(emptied, "an explicit empty list to be served")
+
+
 async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_text(TWO_HUBS)
@@ -148,6 +170,7 @@ def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path)
 def test_init_writes_every_role_and_refuses_to_overwrite(tmp_path: Path) -> None:
     assert run_ghubai("init", "--dir", str(tmp_path)).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.toml", "proxy.toml", "registry.toml", "worker.toml"]
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o640}  # they come to hold tokens and keys
     (tmp_path / "hub.toml").write_text("kept")
     again = run_ghubai("init", "--dir", str(tmp_path))
     assert again.returncode == 1 and "hub.toml" in again.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tomllib
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ghubai.config import ConfigError, HubEntry, RegistryConfig, load
+from ghubai.config import ConfigError, HubEntry, RegistryConfig, load, read_text
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.registry.watch import watch
@@ -58,9 +59,17 @@ class HubList:
 
 
 def reload(hub_list: HubList, path: str) -> None:
-    """Read the file again; on any problem keep the last good list and say why."""
+    """Read the file again; on any problem keep the last good list and say why. A file that names
+    no ``hubs`` at all while hubs are served is a problem too: an empty or half-written file (a
+    full disk, a save caught midway) must not empty the grid; ``hubs = []`` does, on purpose."""
     try:
         config: RegistryConfig = load("registry", path)
+        if hub_list.hubs and "hubs" not in tomllib.loads(read_text(path)):
+            raise ConfigError([f"{path}: no hubs key (an empty or half-written file?); "
+                               "to serve no hub, write hubs = []"])
+    except tomllib.TOMLDecodeError as error:  # changed again since it was loaded: the next look sees it
+        hub_list.config_error = f"{path}: not valid TOML: {error}"
+        return
     except ConfigError as error:
         hub_list.config_error = "; ".join(error.errors)
         hub_list.reload_errors += 1
