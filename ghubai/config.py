@@ -57,6 +57,9 @@ def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     """What is wrong with ``url`` as an address to dial, or None: its scheme, a host name or IP
     address, and a port, if it has one, from 1 to 65535 — an address every client here can dial."""
     parts = urlsplit(url)
+    if "@" in parts.netloc:  # not echoed: it may hold a password
+        return ("a user name or password in the URL is not sent, and would reach the logs: give an engine's "
+                "key as [engine] api_key or headers")
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
@@ -76,6 +79,8 @@ def _urls(*schemes: str, allow_empty: bool = False) -> Check:
                 return problem
         if not value and not allow_empty:
             return "expected at least one URL"
+        if not isinstance(value, str) and (twice := next((url for url in value if value.count(url) > 1), None)):
+            return f"{twice!r} is listed twice"
         return None
 
     return check

@@ -53,6 +53,17 @@ def test_worker_file_and_environment_overrides() -> None:
         parse("worker", '[engine]\nkind = "tgi"')
     with pytest.raises(ConfigError, match="hub_url: expected a ws:// or wss:// URL"):
         parse("worker", 'hub_url = "http://hub"')
+    with pytest.raises(ConfigError, match="hub_url: 'ws://hub:7197/gridhub' is listed twice"):
+        parse("worker", 'hub_url = ["ws://hub:7197/gridhub", "ws://hub:7197/gridhub"]')
+
+
+def test_a_password_in_a_url_is_refused_and_never_echoed() -> None:
+    """Regression (review): ``http://user:pass@host`` was accepted; the worker logged it whole, and
+    its engine calls went out without it (the h11 pool keeps the host alone)."""
+    with pytest.raises(ConfigError, match="engine.url: a user name or password") as caught:
+        parse("worker", '[engine]\nurl = "http://admin:s3cretPW@127.0.0.1:11434"')
+    assert "s3cretPW" not in str(caught.value)
+    assert url_problem("ws://u:p@hub:7197/gridhub", ("ws",)) is not None
 
 
 def test_seed_environment_variables_win(tmp_path: Path) -> None:

@@ -254,6 +254,24 @@ async def test_worker_with_a_wrong_token_is_refused(grid: Grid, caplog: pytest.L
     assert len(await grid.workers(hub.value)) == 1
 
 
+async def test_a_hub_listed_twice_under_two_names_gets_one_link(grid: Grid,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (review): a worker given one hub by two addresses (its name and its IP) made two
+    links, and the hub, which takes one link per worker, kept dropping each for the other: every
+    stream failed with "lost the link"."""
+    sim_url, _ = await grid.sim(tokens=20, itl_ms=5)
+    hub = await grid.hub()
+    running = await grid.worker([hub.value, hub.value.replace("127.0.0.1", "localhost")], sim_url)
+
+    async def one_link() -> bool:
+        return "not linking to it twice" in caplog.text and len(running.value.linked) == 1
+
+    await eventually(one_link, "the worker to keep one link to the hub")
+    for _ in range(4):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+        assert response.text.rstrip().endswith("data: [DONE]"), response.text
+
+
 async def test_api_keys_guard_the_inference_endpoints(grid: Grid) -> None:
     import hashlib
 

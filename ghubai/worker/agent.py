@@ -103,6 +103,7 @@ class Worker:
         self.offer = Offer()  # until the first survey, before any link is dialled
         self.inflight = 0
         self.links: set[Link] = set()
+        self.linked: dict[str, str] = {}  # hub id → the hub_url its link was made to
         self.welcomed = trio.Event()
         self.draining = False
         self.idle = trio.Event()  # set while no request runs
@@ -194,9 +195,17 @@ class Worker:
         while True:
             try:
                 async with self._dial(url, tls, headers) as ws:
-                    heartbeat_s = await self._handshake(ws, url)
+                    welcome = await self._handshake(ws, url)
+                    if (other := self.linked.setdefault(welcome.hub_id, url)) != url:
+                        log.error("hub %s at %s is the hub this worker links to at %s: not linking to it twice "
+                                  "(a hub takes one link per worker; list each hub once in hub_url)",
+                                  welcome.hub_id, url, other)
+                        return
                     backoff = BACKOFF_FIRST_S
-                    await self._serve_link(ws, url, heartbeat_s)
+                    try:
+                        await self._serve_link(ws, url, welcome.heartbeat_s)
+                    finally:
+                        del self.linked[welcome.hub_id]
             except* trio_websocket.ConnectionRejected as group:
                 rejected = _first(group)
                 assert isinstance(rejected, trio_websocket.ConnectionRejected)
@@ -240,7 +249,7 @@ class Worker:
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> float:
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> protocol.Welcome:
         offer = self.offer
         await ws.send_message(protocol.encode(protocol.Hello(
             protocol.PROTOCOL, self.id, self.config.name, offer.models, self.capacity, self.config.engine.kind,
@@ -251,7 +260,7 @@ class Worker:
             raise protocol.ProtocolError(f"expected welcome, got {protocol.type_of(frame)}")
         log.info("linked to hub %s at %s", frame.hub_id, url)
         self.welcomed.set()
-        return frame.heartbeat_s
+        return frame
 
     async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float) -> None:
         out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
