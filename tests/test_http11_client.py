@@ -233,3 +233,11 @@ async def test_an_answer_that_ends_at_the_close_is_read_whole_and_not_kept(nurse
     [listener] = await nursery.start(partial(trio.serve_tcp, answer_then_close, 0, host="127.0.0.1"))
     pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
     assert await post(pool, {}) == (200, b"whole") and pool.idle == []
+
+
+def test_the_host_header_of_an_ipv6_address_is_bracketed() -> None:
+    """Regression (review): ``host: ::1:11434`` (discovery, on httpx, sent ``[::1]:11434``): Ollama
+    answers an unbracketed IPv6 host 403, which read as the engine refusing the worker's key."""
+    assert pool_for("http://127.0.0.1:11434").authority == "127.0.0.1:11434"
+    ipv6 = ConnectionPool("::1", 11434, ssl_context=None, connect_timeout_s=1, max_idle=1, idle_reuse_s=1)
+    assert ipv6.authority == "[::1]:11434"

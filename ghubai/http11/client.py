@@ -188,6 +188,7 @@ class ConnectionPool:
     def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None, connect_timeout_s: float,
                  max_idle: int, idle_reuse_s: float) -> None:
         self.host, self.port = host, port
+        self.authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # the Host header (IPv6 bracketed)
         self.ssl_context = ssl_context
         self.connect_timeout_s = connect_timeout_s
         self.max_idle = max_idle
@@ -220,7 +221,7 @@ class ConnectionPool:
         """Send one request and yield its response once its head arrived; every wait for the server
         is bounded by ``timeout_s``. A kept-alive connection the server had closed in the meantime
         is replaced by a fresh one, once, before anything was read."""
-        fields = [("host", f"{self.host}:{self.port}"), ("content-length", str(len(body))), *headers]
+        fields = [("host", self.authority), ("content-length", str(len(body))), *headers]
         events = [h11.Request(method=method, target=target, headers=fields), h11.Data(data=body), h11.EndOfMessage()]
         while True:
             conn = await self.connection()

@@ -86,7 +86,7 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
-    return [(b"host", f"{hub.pool.host}:{hub.pool.port}".encode()), *kept, *trace, (b"x-forwarded-for", chain),
+    return [(b"host", hub.pool.authority.encode()), *kept, *trace, (b"x-forwarded-for", chain),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode())]
 
 
