@@ -16,7 +16,7 @@ import trio
 from conftest import WAIT_S, Grid, _scoped, chat, eventually, run_ghubai
 from ghubai import __version__, dialects
 from ghubai.config import load
-from ghubai.http11.server import Connection, Request
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
 from ghubai.worker.engine import PROBE_MODEL
@@ -467,3 +467,21 @@ async def test_an_ollama_answer_is_over_at_done_even_if_the_body_stays_open(grid
         for path in ("/api/chat", "/v1/chat/completions"):
             response = await grid.http.post(hub.value + path, json=chat(stream=True))
             assert response.status_code == 200 and "whole" in response.text, (path, response.text)
+
+
+async def test_an_engine_that_never_finishes_its_model_list_does_not_keep_the_worker_off_its_hub(
+        grid: Grid) -> None:
+    """Regression (review): discovery was bounded per read only, so an engine that trickled its
+    answer (or a probe's) held a starting worker off every hub, silently, for ever."""
+    async def engine(conn: Connection, request: Request) -> None:
+        await conn.start_stream(200, "application/json")
+        while True:
+            await conn.write(b" ")
+            await trio.sleep(0.1)
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=engine), 0,
+                                                 host="127.0.0.1"))
+    hub = await grid.hub()
+    await grid.worker(hub.value, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", idle_timeout_s=1)
+    [worker] = await grid.workers(hub.value)
+    assert "does not answer" in worker["problem"], worker

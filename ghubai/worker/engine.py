@@ -159,6 +159,7 @@ def _usage_of(value: Any) -> dict[str, int] | None:
 
 IDLE_REUSE_S = 4.0  # reuse an idle connection only while the engine surely keeps it (uvicorn: 5 s)
 REFUSAL_LIMIT = 1 << 20  # what is read of an engine's error answer
+DISCOVERY_TIMEOUT_S = 30.0  # for a whole discovery call or probe (or idle_timeout_s, when shorter)
 LISTING_LIMIT = 16 << 20  # what is read of an engine's model list, /api/ps, /props or a probe's answer
 MAX_RECORD_BYTES = 16 << 20  # one NDJSON line or SSE event of an engine's stream
 AFTER_END_S = 1.0  # for the body's end after the answer's ([DONE]); an engine that keeps it open loses the connection
@@ -229,18 +230,23 @@ class Engine:
         return frozenset(missing)
 
     async def _ask(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
-        """The status and body of a discovery call or a probe (a GET's error status raises). A body
-        over ``LISTING_LIMIT`` is refused (ValueError): an engine's listing is kilobytes, and a
-        runaway one must not fill the worker's memory."""
-        async with self.client.stream(method, path, **kwargs) as response:
-            if method == "GET":
-                response.raise_for_status()
-            body = bytearray()
-            async for piece in response.aiter_bytes():
-                body += piece
-                if len(body) > LISTING_LIMIT:
-                    raise ValueError(f"{path} answered more than {LISTING_LIMIT} bytes")
-            return response.status_code, bytes(body)
+        """The status and body of a discovery call or a probe (a GET's error status raises), within
+        ``DISCOVERY_TIMEOUT_S`` in all (httpx bounds each read only: an engine that trickles, or
+        streams, would hold a starting worker off its hubs for ever). A body over ``LISTING_LIMIT``
+        is refused (ValueError): an engine's listing is kilobytes, and a runaway one must not fill
+        the worker's memory."""
+        limit_s = min(DISCOVERY_TIMEOUT_S, self.config.idle_timeout_s)
+        with trio.move_on_after(limit_s):
+            async with self.client.stream(method, path, **kwargs) as response:
+                if method == "GET":
+                    response.raise_for_status()
+                body = bytearray()
+                async for piece in response.aiter_bytes():
+                    body += piece
+                    if len(body) > LISTING_LIMIT:
+                        raise ValueError(f"{path} answered more than {LISTING_LIMIT} bytes")
+                return response.status_code, bytes(body)
+        raise httpx.ReadTimeout(f"{method} {path} took longer than {limit_s:g} s")
 
     async def _get(self, path: str) -> Any:
         """A GET's JSON answer; ValueError when it is not JSON, or nested too deeply."""
