@@ -620,3 +620,55 @@ async def _send_in_tiny_chunks(url: str, path: str, chunks: int, status: bytes) 
             answer += data
     assert answer.startswith(b"HTTP/1.1 " + status), (url, chunks, answer[:100])
     await stream.aclose()
+
+
+async def _raw(url: str, request: bytes) -> bytes:
+    """What a server answers ``request`` on one connection, to its close or 2 s of silence."""
+    stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    await stream.send_all(request)
+    answer = b""
+    with trio.move_on_after(2):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    await stream.aclose()
+    return answer
+
+
+async def test_head_requests_get_a_head_at_the_proxy_not_a_dropped_connection(grid: Grid) -> None:
+    """Regression (review): the proxy sent a body after the head of a HEAD answer, which h11 refuses:
+    the client got EOF and no status (monitors probing with HEAD saw a dead proxy), and the proxy
+    logged a traceback each time; its own pages answered HEAD with 401 or 404."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k",))
+    await grid.wait_for_model(proxy.value, "sim")
+    for path, status in (("/health", 200), ("/ready", 200), ("/nope", 401), ("/v1/models", 401)):
+        answer = await _raw(proxy.value, f"HEAD {path} HTTP/1.1\r\nhost: x\r\n\r\n".encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d" % status) and body == b"", (path, answer)
+    assert (await grid.http.head(proxy.value + "/", headers={"authorization": "Bearer k"})).status_code == 200
+
+
+async def test_an_absolute_form_target_is_served_as_its_path_by_proxy_and_hub(grid: Grid) -> None:
+    """Regression (review): ``POST http://host/v1/chat/completions`` (absolute form, which a server
+    must accept) was a 500 with a traceback at the hub and a 404 at the proxy."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    body = json.dumps(chat()).encode()
+    for url in (hub.value, proxy.value):
+        answer = await _raw(url, b"POST http://elsewhere/v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+                                 b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+        assert answer.startswith(b"HTTP/1.1 200") and b'"choices"' in answer, (url, answer[:300])
+
+
+async def test_a_request_with_both_lengths_is_refused_by_the_proxy_and_the_connection_closed(grid: Grid) -> None:
+    """RFC 9112 §6.1: Content-Length beside Transfer-Encoding is a smuggling attempt; h11 framed it
+    by the chunks and kept the connection for the next request."""
+    proxy = await grid.proxy(hubs=())
+    answer = await _raw(proxy.value, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+                                     b"transfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1, answer

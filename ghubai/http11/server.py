@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import h11
 import trio
@@ -45,6 +46,15 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         return next((value for key, value in self.headers if key == name), None)
+
+
+def origin_form(target: str) -> str:
+    """A request target as its path and query: an absolute-form target (``http://host/path``,
+    which RFC 9112 §3.2.2 says a server must accept) names its host too."""
+    if target.startswith("/") or "://" not in target:
+        return target
+    parts = urlsplit(target)
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
 class Connection:
@@ -98,7 +108,8 @@ class Connection:
                 event = await self._next_event()
             if not isinstance(event, h11.Request):
                 return None  # closed, paused on a connection that must close, or too slow a head
-            self.head = f"{event.method.decode('latin-1')} {event.target.decode('latin-1').split('?', 1)[0]}"
+            target = origin_form(event.target.decode("latin-1"))
+            self.head = f"{event.method.decode('latin-1')} {target.split('?', 1)[0]}"
             if len(event.headers) > self.max_headers:
                 raise ApiError(431, f"more than {self.max_headers} header lines")
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
@@ -107,6 +118,8 @@ class Connection:
             if self.admit is not None:  # keys first, before a byte of the body is read or asked for
                 self.admit(event.method.decode("latin-1"), self.head.partition(" ")[2], event.headers)
             length = next((value for key, value in event.headers if key == b"content-length"), b"0")
+            if length != b"0" and any(key == b"transfer-encoding" for key, _ in event.headers):
+                raise ApiError(400, "a request with both Content-Length and Transfer-Encoding")  # RFC 9112 §6.1
             if int(length) > self.max_body:
                 raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
@@ -131,7 +144,7 @@ class Connection:
             raise ApiError(error.error_status_hint, "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
-        return Request(event.method.decode(), event.target.decode("latin-1"), list(event.headers), bytes(body))
+        return Request(event.method.decode(), target, list(event.headers), bytes(body))
 
     async def send(self, *events: Any) -> None:
         """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data.
@@ -145,9 +158,11 @@ class Connection:
 
     async def respond(self, status: int, body: bytes, content_type: str = "application/json",
                       headers: dict[str, str] | None = None) -> None:
+        """A whole answer; to a HEAD request, its head alone (h11 refuses a body there)."""
         fields = [("content-type", content_type), ("content-length", str(len(body)))]
         fields += list((headers or {}).items())
-        await self.send(h11.Response(status_code=status, headers=fields), h11.Data(data=body), h11.EndOfMessage())
+        data = [] if self.head.startswith("HEAD ") else [h11.Data(data=body)]
+        await self.send(h11.Response(status_code=status, headers=fields), *data, h11.EndOfMessage())
 
     async def respond_json(self, status: int, value: Any, headers: dict[str, str] | None = None) -> None:
         await self.respond(status, json.dumps(value).encode(), headers=headers)

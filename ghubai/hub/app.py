@@ -33,6 +33,7 @@ from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
+from ghubai.http11.server import origin_form
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
@@ -226,6 +227,8 @@ class HubApi:
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return
+        if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
+            scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
         request_id(_header(scope["headers"], b"x-request-id"))
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)

@@ -39,6 +39,11 @@ FORWARDED_PREFIXES = ("/v1/", "/api/")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
+def _as_get(method: str) -> str:
+    """HEAD asks for what GET would answer, without its body (monitors probe with it)."""
+    return "GET" if method == "HEAD" else method
+
+
 def connection_cap(wanted: int) -> int:
     """``max_connections``, but no more than the file limit allows: each client connection may hold
     one to a hub as well, and the proxy keeps some descriptors for itself."""
@@ -78,7 +83,7 @@ class Proxy:
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
-        own = self.own.get((request.method, request.path))
+        own = self.own.get((_as_get(request.method), request.path))
         if own is not None:  # the proxy's own pages are not counted as requests
             try:
                 await own(conn, request)
@@ -127,7 +132,7 @@ class Proxy:
     def admit(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
         the status pages are open; the model lists and unknown paths need a key, as at the hub."""
-        if (method, path) in self.own and path in OPEN_PATHS:
+        if (_as_get(method), path) in self.own and path in OPEN_PATHS:
             return
         request_id(next((value for key, value in headers if key == b"x-request-id"), None))
         authorization = next((value for key, value in headers if key == b"authorization"), b"")
