@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -288,6 +290,27 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"ghubai {args.role}: {error}", file=sys.stderr)
         return 2
+    except (OSError, BaseExceptionGroup) as error:  # a port in use, a TLS file it cannot read: one line
+        if (cause := _startup_error(error)) is None:
+            raise
+        print(f"ghubai {args.role}: {cause}", file=sys.stderr)
+        return 1
+
+
+_STARTUP_ERRNOS = {errno.EADDRINUSE: "cannot listen: the address is in use (another process serves that port?)",
+                   errno.EADDRNOTAVAIL: "cannot listen: no such address on this machine",
+                   errno.EACCES: "permission denied", errno.ENOENT: "no such file"}
+
+
+def _startup_error(error: BaseException) -> str | None:
+    """What stopped a daemon from starting, in one line; None for anything else (a traceback then)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    if isinstance(error, ssl.SSLError):
+        return f"TLS certificate or key refused: {error.reason or error}"
+    if not isinstance(error, OSError) or error.errno not in _STARTUP_ERRNOS:
+        return None
+    return _STARTUP_ERRNOS[error.errno] + (f": {error.filename}" if error.filename else "")
 
 
 if __name__ == "__main__":

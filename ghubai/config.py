@@ -111,6 +111,14 @@ _OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "co
                 "x-request-id", "traceparent", "tracestate"}
 
 
+def _readable(path: str) -> str | None:
+    """A TLS file the daemon will read: checked here, so that a wrong path is a one-line error that
+    names its key (and ``ghubai check`` finds it), not a traceback at startup."""
+    if not path or os.access(path, os.R_OK):
+        return None
+    return f"cannot read {path!r}" + ("" if os.path.exists(path) else " (no such file)")
+
+
 def _api_key(key: str) -> str | None:
     if re.fullmatch(r"[\x21-\x7e]*", key):
         return None
@@ -197,8 +205,8 @@ class HubConfig:
                                      secret=True, default=())
     heartbeat_s: float = _key(_at_least(0.01), "a worker silent for 3 heartbeats is dropped", default=5.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
-    tls_cert: str = _key(None, "PEM files to serve HTTPS and WSS", default="")
-    tls_key: str = ""
+    tls_cert: str = _key(_readable, "PEM files to serve HTTPS and WSS", default="")
+    tls_key: str = _key(_readable, default="")
     limits: HubLimits = HubLimits()
     timeouts: HubTimeouts = HubTimeouts()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -238,7 +246,7 @@ class WorkerConfig:
     name: str = _key(lambda v: None if len(v) <= 128 and not re.search(r"[\x00-\x1f\x7f]", v)
                      else "must be at most 128 characters, none of them a control character", "default: the host name",
                      default="")
-    ca_file: str = _key(None, "CA bundle for wss:// hubs", default="")
+    ca_file: str = _key(_readable, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long running requests may finish", default=30.0)
     weight: float = _key(lambda v: None if 0 < v <= 1000 else f"must be above 0 and at most 1000, got {v}",
@@ -258,8 +266,8 @@ class HubEntry:
 class RegistryConfig:
     """``registry.toml``: where to listen, and the hubs it publishes."""
     listen: str = _key(_address, "where proxies ask for the hub list", default="127.0.0.1:7001")
-    tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
-    tls_key: str = ""
+    tls_cert: str = _key(_readable, "PEM files to serve HTTPS", default="")
+    tls_key: str = _key(_readable, default="")
     hubs: tuple[HubEntry, ...] = _key(_unique_names, "edit and save: proxies follow within a second", default=())
 
 
@@ -304,9 +312,9 @@ class ProxyConfig:
                                      default=3600.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long forwarded answers may finish "
                                   "(new requests get 503 meanwhile)", default=30.0)
-    tls_cert: str = _key(None, "PEM files to serve HTTPS", default="")
-    tls_key: str = ""
-    ca_file: str = _key(None, "CA bundle for https:// hubs and registry", default="")
+    tls_cert: str = _key(_readable, "PEM files to serve HTTPS", default="")
+    tls_key: str = _key(_readable, default="")
+    ca_file: str = _key(_readable, "CA bundle for https:// hubs and registry", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
     health: HealthConfig = HealthConfig()
     limits: ProxyLimits = ProxyLimits()

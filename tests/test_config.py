@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,23 @@ def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:
 def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | None) -> None:
     found = url_problem(url, ("http", "https", "ws"))
     assert found is None if problem is None else problem in (found or "")
+
+
+def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """Regression (review): both stopped a daemon with a 40-80 line traceback (a missing certificate
+    without its file's name), looping every few seconds under Restart=on-failure."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for role in ("hub", "proxy", "registry"):
+            result = run_ghubai(role, "--listen", f"127.0.0.1:{taken.getsockname()[1]}")
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert result.stderr.strip().splitlines()[-1] == f"ghubai {role}: cannot listen: the address is in use " \
+                                                             "(another process serves that port?)"
+    finally:
+        taken.close()
+    (tmp_path / "hub.toml").write_text(f'tls_cert = "{tmp_path}/missing.pem"\n')
+    result = run_ghubai("hub", "--config", str(tmp_path / "hub.toml"))
+    assert result.returncode == 2 and "tls_cert: cannot read" in result.stderr and "missing.pem" in result.stderr
+    assert "Traceback" not in result.stderr
