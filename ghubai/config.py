@@ -42,6 +42,12 @@ def split_hostport(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listen_host(host: str) -> str | None:
+    """The host to bind for ``listen``'s: ``::`` means every address, IPv4 too, as hypercorn serves
+    it (trio would bind IPv6 alone); None is trio's "every address"."""
+    return None if host == "::" else host
+
+
 def _address(value: str) -> str | None:
     try:
         split_hostport(value)

@@ -136,8 +136,8 @@ class Grid:
     async def proxy(self, registry_url: str = "", hubs: tuple[str, ...] = (), **config: Any) -> Running:
         health = dataclasses.replace(HealthConfig(interval_s=0.2, timeout_s=1.0), **config.pop("health", {}))
         limits = dataclasses.replace(ProxyLimits(), **config.pop("limits", {}))
-        proxy_config = ProxyConfig(listen="127.0.0.1:0", registry_url=registry_url, hubs=hubs, health=health,
-                                   limits=limits, **config)
+        proxy_config = ProxyConfig(**{"listen": "127.0.0.1:0", **config}, registry_url=registry_url, hubs=hubs,
+                                   health=health, limits=limits)
         return await self.nursery.start(_scoped, run_proxy, proxy_config)
 
     async def wait_for_model(self, proxy_url: str, model: str, hubs_up: int = 1) -> None:

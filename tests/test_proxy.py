@@ -525,3 +525,15 @@ async def test_a_hub_address_that_answers_something_else_is_down_and_the_proxy_l
     assert [h["up"] for h in health["hubs"]] == [False, True]
     assert "the answer lists no models" in health["hubs"][0]["reason"]
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+
+async def test_a_proxy_listening_on_every_ipv6_address_serves_ipv4_too(grid: Grid) -> None:
+    """Regression (review): ``listen = "[::]:PORT"`` made the proxy IPv6-only (trio binds :: with
+    IPV6_V6ONLY), while hub and registry on the same address serve both."""
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    proxy = await grid.proxy(hubs=(), listen=f"[::]:{port}")
+    assert proxy.value.startswith("http://[::]:")
+    assert (await grid.http.get(f"http://127.0.0.1:{port}/health")).status_code == 200

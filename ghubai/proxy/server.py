@@ -20,7 +20,7 @@ import trio
 
 from ghubai import dialects
 from ghubai.auth import Secrets
-from ghubai.config import ProxyConfig, split_hostport
+from ghubai.config import ProxyConfig, listen_host, split_hostport
 from ghubai.errors import ApiError
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.server import Connection, Request, serve_connection
@@ -242,11 +242,12 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     if config.tls_cert:
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
-        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=host)
+        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host))
     else:
-        listeners = await trio.open_tcp_listeners(port, host=host)
+        listeners = await trio.open_tcp_listeners(port, host=listen_host(host))
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
-    url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{host}:{bound.getsockname()[1]}"
+    named = f"[{host}]" if ":" in host else host
+    url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{named}:{bound.getsockname()[1]}"
     tls = tls_client_context(config.ca_file, config.allow_invalid_certs)
     async with httpx.AsyncClient(verify=tls) as http, trio.open_nursery() as nursery:
         if config.registry_url:

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from ghubai import __version__, dialects
-from ghubai.config import split_hostport
+from ghubai.config import listen_host, split_hostport
 from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import logs, tracing
@@ -235,7 +235,7 @@ async def serve(sim: Simulator, listen: str, *, task_status: trio.TaskStatus[int
     """Serve until cancelled; reports the bound port through ``task_status``."""
     host, port = split_hostport(listen)
     server = SimServer(sim)
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    listeners = await trio.open_tcp_listeners(port, host=listen_host(host))
     bound = listeners[0].socket.getsockname()[1]
     log.info("simulator serving %s on %s:%d (ttft %s ms, itl %s ms, %d tokens)",
              ",".join(sim.options.models), host, bound, sim.options.ttft_ms, sim.options.itl_ms, sim.options.tokens)
