@@ -135,14 +135,28 @@ def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}},
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,REVG"}}]},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"id": "call_0", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
-                {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
-            {"role": "tool", "content": "sunny"},
+                {"id": "c00020000", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
+                {"id": "c00020001", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "c00020000"},
             {"role": "user", "content": "no role"},
         ],
         "tools": tools,
     }
     assert translator.model == "llama3"
+
+
+def test_each_ollama_tool_result_names_the_call_it_answers() -> None:
+    """Regression (review): tool results reached an OpenAI engine without ``tool_call_id``, which
+    OpenAI's API requires, and every assistant's calls were numbered from call_0 again."""
+    calls = [{"function": {"name": "weather", "arguments": {}}}, {"function": {"name": "clock", "arguments": {}}}]
+    messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": calls},
+                {"role": "tool", "content": "12:00", "tool_name": "clock"}, {"role": "tool", "content": "sunny"},
+                {"role": "assistant", "content": "", "tool_calls": calls[:1]},
+                {"role": "tool", "content": "rain", "tool_call_id": "theirs"}, {"role": "tool", "content": "snow"}]
+    sent = ollama_over_openai("ollama.chat").request({"model": "m", "messages": messages}, stream=False)["messages"]
+    assert [call["id"] for call in sent[1]["tool_calls"]] == ["c00010000", "c00010001"]
+    assert [m.get("tool_call_id") for m in sent[2:]] == ["c00010001", "c00010000", None, "theirs", "c00040000"]
+    assert all(len(call["id"]) == 9 and call["id"].isalnum() for m in sent for call in m.get("tool_calls", []))
 
 
 def test_ollama_stream_asks_the_engine_for_usage() -> None:

@@ -34,8 +34,10 @@ def _line(value: dict[str, Any]) -> bytes:
     return _encode(value) + b"\n"
 
 
-def _message(message: dict[str, Any]) -> dict[str, Any]:
-    """An Ollama message as OpenAI's: images become content parts, tool-call arguments a string."""
+def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
+    """An Ollama message (the ``number``-th) as OpenAI's: images become content parts, tool-call
+    arguments a string, and each tool call gets an id unique in the conversation: 9 letters and
+    digits, the form Mistral's templates demand (vLLM refuses others for those models)."""
     converted: dict[str, Any] = {"role": message.get("role", "user"), "content": message.get("content", "")}
     if message.get("images"):
         converted["content"] = [{"type": "text", "text": converted["content"]}] + [
@@ -43,10 +45,29 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
             for image in message["images"]]
     if message.get("tool_calls"):
         converted["tool_calls"] = [
-            {"id": f"call_{index}", "type": "function",
+            {"id": f"c{number:04d}{index:04d}", "type": "function",
              "function": {"name": call["function"]["name"],
                           "arguments": _encode(call["function"].get("arguments", {})).decode()}}
             for index, call in enumerate(message["tool_calls"])]
+    if isinstance(message.get("tool_call_id"), str):
+        converted["tool_call_id"] = message["tool_call_id"]
+    return converted
+
+
+def _messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """Ollama's messages as OpenAI's. An Ollama tool result names no call (at most its tool, as
+    ``tool_name``); OpenAI's must (``tool_call_id``): each gets the id of the call it answers, the
+    one with its tool's name, else the next unanswered one."""
+    converted: list[dict[str, Any]] = []
+    unanswered: list[tuple[str, str]] = []  # (id, tool name) of the last assistant's calls
+    for number, message in enumerate(m for m in messages if isinstance(m, dict)):
+        out = _message(message, number)
+        if out.get("tool_calls"):
+            unanswered = [(call["id"], call["function"]["name"]) for call in out["tool_calls"]]
+        elif out["role"] == "tool" and "tool_call_id" not in out and unanswered:
+            named = [at for at, (_, name) in enumerate(unanswered) if name == message.get("tool_name")]
+            out["tool_call_id"] = unanswered.pop(named[0] if named else 0)[0]
+        converted.append(out)
     return converted
 
 
@@ -104,7 +125,7 @@ class OllamaOverOpenAI:
             request["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "response", "schema": body["format"]}}
         if self.api == "ollama.chat":
-            request["messages"] = [_message(m) for m in body.get("messages", []) if isinstance(m, dict)]
+            request["messages"] = _messages(body.get("messages", []))
             if body.get("tools"):
                 request["tools"] = body["tools"]
         else:
