@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Grid, chat, eventually
+from conftest import Grid, chat, eventually, workers_linked
 from ghubai import protocol
 
 
@@ -143,3 +143,15 @@ async def test_every_request_is_counted_and_logged_with_the_status_its_client_go
 
 async def _has_workers(grid: Grid, hub_url: str, count: int) -> bool:
     return len(await grid.workers(hub_url)) == count
+
+
+async def test_two_workers_with_one_name_make_one_series(grid: Grid) -> None:
+    """Regression (review): two workers named alike (the default, the host name, for a host's two
+    GPUs) gave two samples of one series, which Prometheus refuses as duplicates."""
+    sim_url, _ = await grid.sim(tokens=5)
+    hub = await grid.hub()
+    for _ in range(2):
+        await grid.worker(hub.value, sim_url, name="gpu-host")
+    await workers_linked(grid, hub.value, 2)
+    text = (await grid.http.get(hub.value + "/metrics")).text
+    assert text.count('ghubai_worker_inflight{worker="gpu-host"}') == 1, text

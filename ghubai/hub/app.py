@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,8 +109,11 @@ def pool_figures(pool: Pool) -> list[Metric]:
         depth.add_metric([model], queue)
     workers = GaugeMetricFamily("ghubai_workers", "Workers linked to this hub", value=len(pool.workers))
     busy = GaugeMetricFamily("ghubai_worker_inflight", "Requests this hub runs on each worker", labels=["worker"])
+    by_name: Counter[str] = Counter()  # one series per name: two workers named alike (a host's two GPUs) add up
     for worker in pool.workers.values():
-        busy.add_metric([worker.name], worker.inflight)
+        by_name[worker.name] += worker.inflight
+    for name, inflight in by_name.items():
+        busy.add_metric([name], inflight)
     return [tokens, depth, workers, busy]
 
 
