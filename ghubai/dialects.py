@@ -142,10 +142,14 @@ def wants_usage(body: dict[str, Any]) -> bool:
     return bool((body.get("stream_options") or {}).get("include_usage"))
 
 
+def model_entry(model: str) -> dict[str, Any]:
+    """``GET /v1/models/{model}``, and each entry of the list."""
+    return {"id": model, "object": "model", "created": 0, "owned_by": "ghubai"}
+
+
 def model_list(models: list[str]) -> dict[str, Any]:
     """``GET /v1/models``."""
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "ghubai"}
-                                       for m in models]}
+    return {"object": "list", "data": [model_entry(m) for m in models]}
 
 
 def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:

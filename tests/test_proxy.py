@@ -537,3 +537,23 @@ async def test_a_proxy_listening_on_every_ipv6_address_serves_ipv4_too(grid: Gri
     proxy = await grid.proxy(hubs=(), listen=f"[::]:{port}")
     assert proxy.value.startswith("http://[::]:")
     assert (await grid.http.get(f"http://127.0.0.1:{port}/health")).status_code == 200
+
+
+async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: Grid) -> None:
+    """Regression (review): with two hubs serving different models, ``GET /v1/models/{id}`` (the
+    openai SDK's models.retrieve) and ``/api/show {"name": ...}`` went to any hub: 200 and 404 by turns."""
+    hubs = []
+    for model in ("sim", "other"):
+        sim_url, _ = await grid.sim(models=[model])
+        hub = await grid.hub()
+        await grid.worker(hub.value, sim_url)
+        hubs.append(hub.value)
+    proxy = await grid.proxy(hubs=tuple(hubs))
+    await grid.wait_for_model(proxy.value, "sim")
+    await grid.wait_for_model(proxy.value, "other")
+    for _ in range(4):
+        assert (await grid.http.get(proxy.value + "/v1/models/sim")).json()["id"] == "sim"
+        assert (await grid.http.head(proxy.value + "/v1/models/other")).status_code == 200
+        assert (await grid.http.post(proxy.value + "/api/show", json={"name": "sim"})).status_code == 200
+    missing = await grid.http.get(proxy.value + "/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"

@@ -379,7 +379,7 @@ class HubApi:
     async def one_model(self, model: str) -> dict[str, Any]:
         if not self.pool.hosts(model):
             raise model_not_found(model)
-        return {"id": model, "object": "model", "created": 0, "owned_by": "ghubai"}
+        return dialects.model_entry(model)
 
     async def list_models(self) -> dict[str, Any]:
         return dialects.model_list(self.pool.models())

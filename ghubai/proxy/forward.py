@@ -69,7 +69,7 @@ def route_of(request: Request) -> tuple[str | None, int | None]:
     """The model, and the conversation's key (``ghubai.affinity``): the same conversation goes to
     the same hub while it is healthy, where the hub sends it to the engine that holds its prompt."""
     body = _body_of(request) or {}
-    model = body.get("model")
+    model = body.get("model", body.get("name"))  # (older Ollama clients name /api/show's model "name")
     return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
 
 

@@ -14,6 +14,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
+from urllib.parse import unquote
 
 import httpx
 import trio
@@ -21,7 +22,7 @@ import trio
 from ghubai import dialects
 from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, split_hostport
-from ghubai.errors import ApiError
+from ghubai.errors import ApiError, model_not_found
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import dashboard, tracing
@@ -36,6 +37,7 @@ from ghubai.proxy.hubs import HubSet
 log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
+MODEL_PATH = "/v1/models/"  # + a model's name
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
@@ -84,6 +86,8 @@ class Proxy:
 
     async def handle(self, conn: Connection, request: Request) -> None:
         own = self.own.get((_as_get(request.method), request.path))
+        if own is None and _as_get(request.method) == "GET" and request.path.startswith(MODEL_PATH):
+            own = self.openai_model  # from what every hub serves: one hub alone may not serve it
         if own is not None:  # the proxy's own pages are not counted as requests
             try:
                 await own(conn, request)
@@ -212,6 +216,12 @@ class Proxy:
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, dialects.model_list(self._models_or_503()))
+
+    async def openai_model(self, conn: Connection, request: Request) -> None:
+        model = unquote(request.path.removeprefix(MODEL_PATH))
+        if model not in self._models_or_503():
+            raise model_not_found(model)
+        await conn.respond_json(200, dialects.model_entry(model))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
