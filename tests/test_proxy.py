@@ -476,6 +476,8 @@ async def test_a_hub_cut_mid_event_leaves_the_client_whole_events_and_a_clean_er
     assert [json.loads(line) for line in lines][:1] == [json.loads(events.removeprefix(b"data: "))]
     error = json.loads(lines[-1])["error"]
     assert len(lines) == 2 and "failed in the middle" in (error["message"] if sse else error), response.text
+    metrics = (await grid.http.get(proxy.value + "/metrics")).text
+    assert 'code="502"' in metrics and 'code="200"' not in metrics  # counted as what the client got
 
 
 async def test_health_comes_from_the_summary_and_an_old_hub_from_its_registry(grid: Grid) -> None:

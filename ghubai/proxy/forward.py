@@ -177,7 +177,8 @@ class Forwarder:
                     continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 try:
-                    await self._relay(conn, hub, upstream, response, request_id)
+                    if not await self._relay(conn, hub, upstream, response, request_id):
+                        outcome.status = 502  # the client got the hub's head, then an error event: logged as such
                 except NothingRelayed as error:
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
                     self.hubs.set_health(hub, False, str(error))
@@ -232,6 +233,9 @@ class Forwarder:
                         return
         except UPSTREAM_ERRORS:
             pass
+        except BaseException:  # the client left meanwhile: the connection must not wait for the collector
+            await upstream.aclose()
+            raise
         await upstream.aclose()
 
     async def _next(self, upstream: ClientConnection) -> tuple[bytes, bool]:
@@ -241,7 +245,9 @@ class Forwarder:
             raise UpstreamFailed(f"{type(error).__name__}: {error}".rstrip(": ")) from error
 
     async def _relay(self, conn: Connection, hub: Hub, upstream: ClientConnection, response: h11.Response,
-                     request_id: str) -> None:
+                     request_id: str) -> bool:
+        """Pass the answer on as it arrives; False when the hub failed in the middle of it (the
+        client then got a final error event)."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
                    if k != b"x-request-id" and not (chunked and k == b"content-length")]
@@ -268,7 +274,7 @@ class Forwarder:
                 raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
             await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")
-            return
+            return False
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
             if self.stopping and not (pending and isinstance(pending[0], h11.Response)):
@@ -276,6 +282,7 @@ class Forwarder:
                     await self._end_cut(conn, [], content_type, STOPPING)  # (pending: cut mid-write, if any)
             raise
         await self.hubs.release(hub, upstream)
+        return True
 
     @staticmethod
     async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:
