@@ -325,16 +325,23 @@ async def test_up_says_it_serves_once_a_slow_engine_is_ready(grid: Grid, capsys:
     await eventually(banner, "the banner once the engine serves")
 
 
+async def _openai_engine(conn: Connection, request: Request) -> bool:
+    """Answers what a worker asks an OpenAI-compatible engine before any call; False for a call."""
+    if PROBE_MODEL.encode() in (request.body or b""):
+        await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
+    elif request.path == "/v1/models":
+        await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+    else:
+        return False
+    return True
+
+
 async def test_an_answer_with_no_content_at_all_is_a_stream_that_just_ends(grid: Grid) -> None:
     """Regression: an engine whose stream held nothing but its end (``data: [DONE]``) made the
     worker's end the first frame the hub saw, and the hub answered 500 instead of an empty stream."""
 
     async def engine(conn: Connection, request: Request) -> None:
-        if PROBE_MODEL.encode() in (request.body or b""):
-            await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
-        elif request.path == "/v1/models":
-            await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
-        else:
+        if not await _openai_engine(conn, request):
             await conn.start_stream(200, "text/event-stream")
             await conn.write(b"data: [DONE]\n\n")
             await conn.finish()
@@ -383,17 +390,6 @@ async def test_an_error_an_engine_answers_with_200_reaches_the_client_as_an_erro
         assert response.status_code == 502, (path, response.text)
         error = response.json()["error"]
         assert "Model is unloaded." in (error if isinstance(error, str) else error["message"])
-
-
-async def _openai_engine(conn: Connection, request: Request) -> bool:
-    """Answers what a worker asks an OpenAI-compatible engine before any call; False for a call."""
-    if PROBE_MODEL.encode() in (request.body or b""):
-        await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
-    elif request.path == "/v1/models":
-        await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
-    else:
-        return False
-    return True
 
 
 async def test_a_llama_cpp_error_event_mid_stream_reaches_the_client_as_the_error(grid: Grid) -> None:
