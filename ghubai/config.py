@@ -59,13 +59,16 @@ def _address(value: str) -> str | None:
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unbracketed) IPv6 address
 
 
-def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
+def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False) -> str | None:
     """What is wrong with ``url`` as an address to dial, or None: its scheme, a host name or IP
-    address, and a port, if it has one, from 1 to 65535 — an address every client here can dial."""
+    address, and a port, if it has one, from 1 to 65535 — an address every client here can dial.
+    ``credentials``: it may carry ``user:password@`` (httpx sends them; logs show ``redacted``)."""
+    if "@" in url.partition("?")[0]:  # not echoed: it may hold a password (which may hold "/")
+        if not credentials:
+            return ("a user name or password in this URL would not be sent, and would reach the logs "
+                    "(an engine's key goes in [engine] api_key or headers)")
+        url = redacted(url)
     parts = urlsplit(url)
-    if "@" in parts.netloc:  # not echoed: it may hold a password
-        return ("a user name or password in the URL is not sent, and would reach the logs: give an engine's "
-                "key as [engine] api_key or headers")
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
@@ -78,10 +81,17 @@ def url_problem(url: str, schemes: tuple[str, ...]) -> str | None:
     return f"{expected}: its port is not a number from 1 to 65535" if port == 0 else None
 
 
-def _urls(*schemes: str, allow_empty: bool = False) -> Check:
+def redacted(url: str) -> str:
+    """``url`` without the password it may carry, for a log."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}" if at else url
+
+
+def _urls(*schemes: str, allow_empty: bool = False, credentials: bool = False) -> Check:
     def check(value: str | tuple[str, ...]) -> str | None:
         for url in (value,) if isinstance(value, str) else value:
-            if problem := url_problem(url, schemes):
+            if problem := url_problem(url, schemes, credentials=credentials):
                 return problem
         if not value and not allow_empty:
             return "expected at least one URL"
@@ -305,7 +315,7 @@ class ProxyLimits:
 class ProxyConfig:
     """``proxy.toml``: where to listen, where hubs come from, keys and timeouts."""
     listen: str = _key(_address, "the grid's front door", default="127.0.0.1:5000")
-    registry_url: str = _key(lambda v: _urls("http", "https")(v) if v else None,
+    registry_url: str = _key(lambda v: _urls("http", "https", credentials=True)(v) if v else None,
                              'the registry to follow (env REGISTRY_URL wins); "" = static hubs only',
                              default="http://localhost:7001")
     hubs: tuple[str, ...] = _key(_urls("http", "https", allow_empty=True), "static hub addresses, used with or without a registry",

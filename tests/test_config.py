@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_ghubai
-from ghubai.config import ConfigError, load, parse, url_problem
+from ghubai.config import ConfigError, load, parse, redacted, url_problem
 from ghubai.configfiles import default_text
 
 
@@ -65,6 +65,19 @@ def test_a_password_in_a_url_is_refused_and_never_echoed() -> None:
         parse("worker", '[engine]\nurl = "http://admin:s3cretPW@127.0.0.1:11434"')
     assert "s3cretPW" not in str(caught.value)
     assert url_problem("ws://u:p@hub:7197/gridhub", ("ws",)) is not None
+    with pytest.raises(ConfigError) as caught:  # a "/" in the password: still never echoed
+        parse("worker", '[engine]\nurl = "https://key:sk-abc/def@api.example.com/v1"')
+    assert "sk-abc" not in str(caught.value)
+
+
+def test_a_registry_url_may_carry_credentials_which_never_reach_a_message() -> None:
+    """Review: the registry may sit behind Basic auth, which httpx sends from the URL (it worked
+    before the check above); a log shows the URL without its password."""
+    assert parse("proxy", 'registry_url = "https://ops:s3cret@registry:7001"').registry_url == "https://ops:s3cret@registry:7001"
+    assert redacted("https://ops:s3cret@registry:7001") == "https://ops:***@registry:7001"
+    with pytest.raises(ConfigError) as caught:
+        parse("proxy", 'registry_url = "ftp://ops:s3cret@registry:7001"')
+    assert "s3cret" not in str(caught.value)
 
 
 def test_seed_environment_variables_win(tmp_path: Path) -> None:

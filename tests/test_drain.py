@@ -191,3 +191,4 @@ async def test_streams_through_a_proxy_at_its_drain_timeout_end_with_an_error_ev
         await eventually(stopped, "the engine to stop the aborted stream")
     finally:
         proxy.stop()
+

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, peak_active
+from ghubai.hub.exchange import _text_bytes
 from ghubai.sim.generator import WORDS
 
 
@@ -325,7 +326,7 @@ async def test_per_key_request_and_token_budgets(grid: Grid) -> None:
 async def test_a_client_that_leaves_before_the_end_still_spends_its_token_budget(grid: Grid) -> None:
     """Regression: tokens were charged from the engine's count only, which comes with the answer's
     end: a client that closed just before it was never charged, and never refused."""
-    sim_url, sim = await grid.sim(tokens=40, itl_ms=20)
+    sim_url, sim = await grid.sim(tokens=60, itl_ms=20)
     hub = await grid.hub(limits={"tokens_per_minute": 30})
     await grid.worker(hub.value, sim_url)
     url = hub.value + "/v1/chat/completions"
@@ -333,14 +334,41 @@ async def test_a_client_that_leaves_before_the_end_still_spends_its_token_budget
         events = 0
         async for line in response.aiter_lines():
             events += line.startswith("data: ")
-            if events == 15:
-                break  # 15 tokens and a prompt: over the budget of 30
+            if events == 30:
+                break  # 30 tokens and a prompt: over the budget of 30
 
     async def stopped() -> bool:
         return sim.stats.cancelled == 1
 
     await eventually(stopped, "the engine to be told to stop")
     assert (await grid.http.post(url, json=chat())).status_code == 429
+
+
+async def test_a_client_that_leaves_before_any_answer_pays_its_prompt_and_an_uncounted_answer_nothing(
+        grid: Grid) -> None:
+    """Review: a client that left before the first byte (a long prefill, a whole answer) escaped the
+    budget, while an answer that ended without a count (an embedding) was charged a guess per byte."""
+    sim_url, sim = await grid.sim(ttft_ms=60_000, embed_dim=1024)
+    hub = await grid.hub(limits={"tokens_per_minute": 30})
+    await grid.worker(hub.value, sim_url)
+    for _ in range(4):  # 1,024 numbers each, no count: free, as before
+        assert (await grid.http.post(hub.value + "/api/embeddings", json={"model": "sim", "prompt": "hi"})).status_code \
+            == 200
+    with pytest.raises(httpx.TimeoutException):  # 200 bytes of prompt, then gone before the answer
+        await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="x" * 200), timeout=0.5)
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1
+
+    await eventually(stopped, "the engine to be told to stop")
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 429
+
+
+def test_the_prompt_estimate_counts_text_not_images() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]},
+        {"role": "user", "content": "and this", "images": ["B" * 400_000]}], "nested": [[["deep"]]] * 3}
+    assert _text_bytes(body) == len("m" "user" "text" "what is it" "image_url" "user" "and this") + 3 * len("deep")
 
 
 async def test_first_token_and_idle_timeouts(grid: Grid) -> None:

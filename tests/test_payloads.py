@@ -108,6 +108,8 @@ def test_describe_names_the_cause_a_wrapper_hides() -> None:
      "the request exceeds the available context size"),  # llama.cpp server
     (b'event: error\ndata: {"message":"out of memory"}', "out of memory"),
     (b"event: error\ndata: the engine broke", "the engine broke"),
+    (b'event: error\ndata: {"error": {"message": "context too long", "type": "invalid_request_error"}}',
+     "context too long"),
     (b"error: ", "engine error"),
 ])
 async def test_an_sse_error_event_is_the_engines_error(event: bytes, message: str) -> None:

@@ -117,10 +117,10 @@ class Connection:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             if self.admit is not None:  # keys first, before a byte of the body is read or asked for
                 self.admit(event.method.decode("latin-1"), self.head.partition(" ")[2], event.headers)
-            length = next((value for key, value in event.headers if key == b"content-length"), b"0")
-            if length != b"0" and any(key == b"transfer-encoding" for key, _ in event.headers):
+            length = next((value for key, value in event.headers if key == b"content-length"), None)
+            if length is not None and any(key == b"transfer-encoding" for key, _ in event.headers):
                 raise ApiError(400, "a request with both Content-Length and Transfer-Encoding")  # RFC 9112 §6.1
-            if int(length) > self.max_body:
+            if int(length or b"0") > self.max_body:
                 raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))

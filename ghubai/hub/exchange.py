@@ -48,6 +48,21 @@ class State(enum.Enum):
     DONE = "done"  # ended (end, error, timeout or the client left); the slot is given back
 
 
+def _text_bytes(body: dict[str, Any]) -> int:
+    """The bytes of text in a request body, leaving out images (base64, or data: URLs), which
+    would count a photo as a hundred thousand tokens. Without recursion: a body may nest deeply."""
+    size, todo = 0, [body]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            size += 0 if value.startswith("data:") else len(value)
+        elif isinstance(value, dict):
+            todo.extend(item for key, item in value.items() if key not in ("images", "image_url"))
+        elif isinstance(value, list):
+            todo.extend(value)
+    return size
+
+
 class Exchange:
     """One request's way through the grid: QUEUED → WAITING (→ QUEUED again on a retry) → STREAMING
     → DONE. Invariant: ``worker`` is set exactly in WAITING and STREAMING, while the request holds a
@@ -62,6 +77,7 @@ class Exchange:
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.lines = 0  # line ends in the answer: a stream's events (two per SSE event, one per NDJSON line)
+        self.ended = False  # its worker's end or error frame arrived (else it was cut, or never sent)
         self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
         self.config = config
         self.api = api
@@ -119,7 +135,7 @@ class Exchange:
 
     def _start(self, worker: RemoteWorker) -> None:
         self.worker, self.served_by, self.state = worker, worker.name, State.WAITING
-        self.request_id = protocol.new_request_id()
+        self.request_id, self.ended = protocol.new_request_id(), False
         send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
         worker.send(protocol.Request(self.request_id, self.api, self.body, self.stream, self.trace))
@@ -138,6 +154,7 @@ class Exchange:
             self.lines += frame.data.count(b"\n")
             return frame
         # the pool gave the slot back when this end or error arrived
+        self.ended = True
         if isinstance(frame, protocol.End) and frame.usage and self.worker is not None:
             self.usage = self._plausible(frame.usage)
             self.pool.count_usage(self.worker, self.model, self.usage)
@@ -152,14 +169,14 @@ class Exchange:
         return {kind: min(count, bounds[kind]) for kind, count in usage.items() if kind in bounds}
 
     def spent(self) -> dict[str, int] | None:
-        """The tokens this request costs its key: the worker's count, else (the client left, a
-        timeout, an error mid-answer, an engine that does not count) once an answer has started, an
-        estimate: a prompt token per 4 bytes of request, a completion token per streamed event (a
-        stream's events carry a token or so each) or per 4 bytes of a whole answer."""
-        if self.usage is not None or not self.received:
-            return self.usage
+        """The tokens this request costs its key: the worker's count; for a request cut before its
+        end once a worker had it (the client left, a timeout), an estimate, since the engine worked
+        for it: a prompt token per 4 bytes of the request's text (not of its images), a completion
+        token per streamed event (a token or so each) or per 4 bytes of a whole answer received."""
+        if self.usage is not None or self.ended or not self.request_id:
+            return self.usage  # (an answer that ended without a count, e.g. an embedding: none)
         events = self.lines // 2 if self.api.startswith("openai.") else self.lines
-        return {"prompt_tokens": self.body_bytes // 4,
+        return {"prompt_tokens": _text_bytes(self.body) // 4,
                 "completion_tokens": events if self.stream else self.received // 4}
 
     async def batches(self) -> AsyncIterator[list[Answer]]:

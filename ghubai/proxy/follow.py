@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from ghubai.config import ProxyConfig
+from ghubai.config import ProxyConfig, redacted
 from ghubai.errors import describe
 from ghubai.observability.dashboard import served_models
 from ghubai.proxy.hubs import Hub, HubSet
@@ -40,11 +40,11 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                     await trio.sleep(RETRY_S)  # a registry that does not hold the poll must not make us spin
                 etag = response.headers.get("etag")
             if failing:
-                log.info("registry %s answers again", config.registry_url)
+                log.info("registry %s answers again", redacted(config.registry_url))
             failing = False
         except Exception as error:  # a hostile or broken registry answer must never stop the proxy
             if not failing:
-                log.warning("registry %s unavailable (%s); keeping the last hub list", config.registry_url,
+                log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url),
                             describe(error))
             failing = True
             await trio.sleep(RETRY_S)

@@ -253,6 +253,7 @@ class Forwarder:
                    if k != b"x-request-id" and not (chunked and k == b"content-length")]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), b""  # held: the start of an event not yet whole
+        writing = False  # a write to the client is under way (one cut there may have left half a chunk)
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
@@ -266,7 +267,9 @@ class Forwarder:
                 if ended:
                     pending.append(h11.EndOfMessage())
                 if pending:
+                    writing = True
                     await conn.send(*pending)
+                    writing = False
                 pending = []
         except UpstreamFailed as error:
             await upstream.aclose()
@@ -277,9 +280,9 @@ class Forwarder:
             return False
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
-            if self.stopping and not (pending and isinstance(pending[0], h11.Response)):
+            if self.stopping and not writing:  # (cut mid-write, the connection just closes)
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
-                    await self._end_cut(conn, [], content_type, STOPPING)  # (pending: cut mid-write, if any)
+                    await self._end_cut(conn, [], content_type, STOPPING)
             raise
         await self.hubs.release(hub, upstream)
         return True

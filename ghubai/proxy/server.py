@@ -21,7 +21,7 @@ import trio
 
 from ghubai import dialects
 from ghubai.auth import Secrets
-from ghubai.config import ProxyConfig, listen_host, split_hostport
+from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
 from ghubai.errors import ApiError, model_not_found
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.server import Connection, Request, serve_connection
@@ -190,13 +190,14 @@ class Proxy:
         """SIGTERM: new requests get 503; those running get ``drain_timeout_s`` to finish, then end
         with an error (a final event for an answer that had begun)."""
         self.draining = True
-        log.info("draining: %d request(s) in flight, waiting up to %g s", self.inflight, self.config.drain_timeout_s)
+        running = self.forwarder.running  # (not ``inflight``: that counts the 503s of the drain too)
+        log.info("draining: %d request(s) in flight, waiting up to %g s", len(running), self.config.drain_timeout_s)
         with trio.move_on_after(self.config.drain_timeout_s):
-            while self.inflight:
+            while running:
                 self.ended = trio.Event()
                 await self.ended.wait()
-        if self.inflight:
-            log.warning("drain timeout: ending %d request(s) with an error", self.inflight)
+        if running:
+            log.warning("drain timeout: ending %d request(s) with an error", len(running))
             self.forwarder.stop()
             with trio.move_on_after(STOP_WRITE_S + 1):  # their final events, then the 503s
                 while self.inflight:
@@ -263,7 +264,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)
-        log.info("proxy serving on %s (registry %s, %d static hubs)", url, config.registry_url or "none",
+        log.info("proxy serving on %s (registry %s, %d static hubs)", url, redacted(config.registry_url) or "none",
                  len(config.hubs))
         service.ready()
         task_status.started(url)

@@ -442,6 +442,8 @@ def _sse_error(event: bytes) -> bytes | None:
         value = _decode(text)
     except (ValueError, RecursionError):
         value = text.decode(errors="replace")
+    if isinstance(value, dict) and value.get("error"):  # already an error object: {"error": {...}}
+        return text
     return _encode({"error": value or "engine error"})
 
 
