@@ -260,21 +260,16 @@ class Response:
         self.headers = head.headers
         self.timeout_s = timeout_s
         self.ended = False  # the body has been read to its end
+        self.until: float | None = None  # when set, the rest of the body must come by then (trio.TooSlowError)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, one piece per network read (however many chunks it held); each wait bounded by
-        ``timeout_s``."""
+        ``timeout_s``, and all of them by ``until`` once it is set."""
         while not self.ended:
-            data, self.ended = await self.conn.body_part(self.timeout_s)
+            timeout_s = self.timeout_s if self.until is None else self.until - trio.current_time()
+            data, self.ended = await self.conn.body_part(timeout_s)
             if data:
                 yield data
-
-    async def skip_rest(self, within_s: float) -> None:
-        """Read and drop what is left of the body, for ``within_s`` at most: a body that has not
-        ended by then leaves its connection unreusable (closed when the request ends)."""
-        with trio.move_on_after(within_s):
-            async for _ in self.chunks():
-                pass
 
     async def read(self, limit: int) -> bytes:
         """The whole body; TooLarge past ``limit`` bytes."""

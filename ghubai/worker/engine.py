@@ -327,18 +327,24 @@ class Engine:
                     return
                 sse = path.startswith("/v1/")
                 split = sse_payloads if sse else ndjson_payloads
-                async for batch in split(response.chunks()):
-                    out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
-                    if out:
-                        yield out
-                    if call.failure:
-                        raise call.failure
-                    if call.finished:  # nothing after the end reaches the client, nor waits for it
-                        break
+                try:
+                    async for batch in split(response.chunks()):
+                        if call.finished:  # after the answer's end: read (the connection is kept), not passed on
+                            continue
+                        out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
+                        if out:
+                            yield out
+                        if call.failure:
+                            raise call.failure
+                        if call.finished:  # the body's own end may come late, or never: not waited for long
+                            response.until = trio.current_time() + AFTER_END_S
+                except trio.TooSlowError:
+                    if not call.finished:
+                        raise
+                    return  # an engine that keeps its body open after the end loses the connection
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
                                       retryable=True)
-                await response.skip_rest(AFTER_END_S)
         except trio.TooSlowError:
             raise EngineError(504, "engine timed out", retryable=True) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
