@@ -63,10 +63,12 @@ def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False
     """What is wrong with ``url`` as an address to dial, or None: its scheme, a host name or IP
     address, and a port, if it has one, from 1 to 65535 — an address every client here can dial.
     ``credentials``: it may carry ``user:password@`` (httpx sends them; logs show ``redacted``)."""
-    if "@" in url.partition("?")[0]:  # not echoed: it may hold a password (which may hold "/")
+    if "@" in url:  # never echoed: it may hold a password
         if not credentials:
             return ("a user name or password in this URL would not be sent, and would reach the logs "
                     "(an engine's key goes in [engine] api_key or headers)")
+        if urlsplit(url).hostname != urlsplit(redacted(url)).hostname:
+            return "a password in a URL must have its / ? # percent-encoded (%2F %3F %23)"
         url = redacted(url)
     parts = urlsplit(url)
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"

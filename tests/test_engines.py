@@ -481,3 +481,25 @@ async def test_an_engine_that_never_finishes_its_model_list_does_not_keep_the_wo
     await grid.worker(hub.value, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", idle_timeout_s=1)
     [worker] = await grid.workers(hub.value)
     assert "does not answer" in worker["problem"], worker
+
+
+async def test_an_answer_whose_body_is_cut_after_its_end_is_whole(grid: Grid) -> None:
+    """Review: an engine that closed its connection after ``data: [DONE]`` without the chunked
+    body's end turned a complete answer into an error event, and its usage was lost."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if await _openai_engine(conn, request):
+            return
+        if request.path != "/v1/chat/completions":
+            await conn.respond_json(404, {"error": {"message": "not here"}})
+            return
+        await conn.start_stream(200, "text/event-stream")
+        await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"all"},"finish_reason":"stop"}]}\n\n'
+                         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+        await conn.stream.aclose()
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    response = await grid.http.post(hub.value + "/v1/chat/completions",
+                                    json=chat(stream=True, stream_options={"include_usage": True}))
+    assert response.status_code == 200 and '"error"' not in response.text, response.text
+    assert '"completion_tokens":1' in response.text and response.text.rstrip().endswith("data: [DONE]")

@@ -364,6 +364,18 @@ async def test_a_client_that_leaves_before_any_answer_pays_its_prompt_and_an_unc
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 429
 
 
+async def test_an_answer_an_engine_failure_cuts_is_charged_what_streamed(grid: Grid) -> None:
+    """Review: an error frame after the answer had begun counted as the answer's end, so an engine
+    failing mid-stream (or a lost link, or a drain) made the request free."""
+    sim_url, _ = await grid.sim(tokens=60, fail_after_tokens=40)
+    hub = await grid.hub(limits={"tokens_per_minute": 30})
+    await grid.worker(hub.value, sim_url)
+    url = hub.value + "/v1/chat/completions"
+    cut = await grid.http.post(url, json=chat(stream=True))
+    assert "after 40 tokens" in cut.text
+    assert (await grid.http.post(url, json=chat())).status_code == 429
+
+
 def test_the_prompt_estimate_counts_text_not_images() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]},

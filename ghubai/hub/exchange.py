@@ -77,7 +77,7 @@ class Exchange:
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.lines = 0  # line ends in the answer: a stream's events (two per SSE event, one per NDJSON line)
-        self.ended = False  # its worker's end or error frame arrived (else it was cut, or never sent)
+        self.ended = False  # its end arrived, or an error before any answer (else it was cut, or never sent)
         self.trace = trace  # headers for logs and traces, passed on to the worker and its engine
         self.config = config
         self.api = api
@@ -154,7 +154,7 @@ class Exchange:
             self.lines += frame.data.count(b"\n")
             return frame
         # the pool gave the slot back when this end or error arrived
-        self.ended = True
+        self.ended = isinstance(frame, protocol.End) or not self.received  # (an error mid-answer: cut)
         if isinstance(frame, protocol.End) and frame.usage and self.worker is not None:
             self.usage = self._plausible(frame.usage)
             self.pool.count_usage(self.worker, self.model, self.usage)

@@ -149,10 +149,8 @@ class Forwarder:
                 self.running.discard(nursery.cancel_scope)
             nursery.cancel_scope.cancel()
         if self.stopping and nursery.cancel_scope.cancelled_caught and refusal is None:
-            if outcome.status:  # the answer had begun: it ended with an error event (_relay)
-                outcome.status = 503
-            else:
-                outcome.status = 503
+            outcome.status = 503
+            if not conn.response_started:  # else the answer ended with an error event (_relay)
                 refusal = ApiError(503, STOPPING, retry_after=1)
         if refusal is not None:
             raise refusal
@@ -280,7 +278,7 @@ class Forwarder:
             return False
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
-            if self.stopping and not writing:  # (cut mid-write, the connection just closes)
+            if self.stopping and not writing and conn.response_started:  # (cut mid-write: it just closes)
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
                     await self._end_cut(conn, [], content_type, STOPPING)
             raise

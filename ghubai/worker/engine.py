@@ -338,10 +338,10 @@ class Engine:
                             raise call.failure
                         if call.finished:  # the body's own end may come late, or never: not waited for long
                             response.until = trio.current_time() + AFTER_END_S
-                except trio.TooSlowError:
+                except (trio.TooSlowError, TooLarge, *TRANSPORT_ERRORS):
                     if not call.finished:
                         raise
-                    return  # an engine that keeps its body open after the end loses the connection
+                    return  # after the end, whatever the body does (stays open, is cut) costs the connection only
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
                                       retryable=True)
