@@ -15,7 +15,8 @@ import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
 from ghubai.configfiles import add_hub, remove_hub
-from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.http11.server import Connection, Request, origin_form, serve_connection
+from ghubai.proxy.forward import _whole_events
 from ghubai.proxy.hubs import HubSet
 
 
@@ -559,3 +560,22 @@ async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: 
         assert (await grid.http.post(proxy.value + "/api/show", json={"name": "sim"})).status_code == 200
     missing = await grid.http.get(proxy.value + "/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_whole_events_hold_back_the_start_of_the_next_and_search_each_byte_once() -> None:
+    held = bytearray()
+    assert _whole_events(held, b"data: a\n\n", b"\n\n") == b"data: a\n\n" and not held  # the usual read
+    assert _whole_events(held, b"data: b\n\ndata: c", b"\n\n") == b"data: b\n\n" and held == b"data: c"
+    assert _whole_events(held, b"\n", b"\n\n") == b"" and held == b"data: c\n"
+    assert _whole_events(held, b"\ndata: d", b"\n\n") == b"data: c\n\n" and held == b"data: d"  # across the seam
+    for _ in range(1000):  # one huge event over many reads: held grows, nothing is passed on
+        assert _whole_events(held, b"x" * 1000, b"\n\n") == b""
+    assert len(held) == 1_000_007 and _whole_events(held, b"\n", b"\n") == b"data: d" + b"x" * 1_000_000 + b"\n"
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("/v1/chat/completions?x=1", "/v1/chat/completions?x=1"), ("http://elsewhere/v1/models?a=b", "/v1/models?a=b"),
+    ("https://h:1", "/"), ("*", "*"),
+])
+def test_an_absolute_form_target_becomes_its_path_and_query(target: str, expected: str) -> None:
+    assert origin_form(target) == expected

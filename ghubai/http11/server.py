@@ -76,6 +76,7 @@ class Connection:
         self.body_timeout_s = body_timeout_s  # and a whole body
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
+        self.cut_mid_write = False  # a write was cut with part of it sent: nothing more may follow
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
             self.peer = str(sock.getpeername()[0]) if sock is not None else ""
@@ -151,8 +152,10 @@ class Connection:
         A client that takes none of it for ``idle_timeout_s`` is gone (BrokenResourceError)."""
         data = await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events))
         if data:
+            self.cut_mid_write = True  # until the rest is out: cancelled now, part of an event may have gone
             with trio.move_on_after(self.idle_timeout_s) as stalled:
                 await self.stream.send_all(data)
+            self.cut_mid_write = False
             if stalled.cancelled_caught:
                 raise trio.BrokenResourceError("the client took no data in time")
 

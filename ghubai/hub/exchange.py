@@ -170,7 +170,7 @@ class Exchange:
 
     def spent(self) -> dict[str, int] | None:
         """The tokens this request costs its key: the worker's count; for a request cut before its
-        end once a worker had it (the client left, a timeout), an estimate, since the engine worked
+        end once a worker had it (the client left, a timeout, an engine error mid-answer), an estimate, since the engine worked
         for it: a prompt token per 4 bytes of the request's text (not of its images), a completion
         token per streamed event (a token or so each) or per 4 bytes of a whole answer received."""
         if self.usage is not None or self.ended or not self.request_id:

@@ -108,10 +108,20 @@ def _boundary(content_type: bytes) -> bytes | None:
     return b"\n" if content_type.startswith(b"application/x-ndjson") else None
 
 
-def _whole_events(data: bytes, boundary: bytes) -> tuple[bytes, bytes]:
-    """``data`` split after its last ``boundary``: the whole events, and the start of the next."""
-    end = data.rfind(boundary)
-    return (b"", data) if end < 0 else (data[:end + len(boundary)], data[end + len(boundary):])
+def _whole_events(held: bytearray, data: bytes, boundary: bytes) -> bytes:
+    """The whole events of ``held`` + ``data``, up to the last ``boundary``; the start of the next
+    stays in ``held``. Each byte is searched once, however many reads one huge event takes."""
+    if not held and data.endswith(boundary):
+        return data  # the usual read: whole events, nothing held, nothing copied
+    seam = max(0, len(held) - len(boundary) + 1)  # a boundary may straddle the old and the new bytes
+    held += data
+    end = held.rfind(boundary, seam)
+    if end < 0:
+        return b""
+    end += len(boundary)
+    whole = bytes(held[:end])
+    del held[:end]
+    return whole
 
 
 STOPPING = "The proxy is shutting down"
@@ -250,8 +260,7 @@ class Forwarder:
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
                    if k != b"x-request-id" and not (chunked and k == b"content-length")]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
-        boundary, held = _boundary(content_type), b""  # held: the start of an event not yet whole
-        writing = False  # a write to the client is under way (one cut there may have left half a chunk)
+        boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode())])]
         try:
@@ -259,15 +268,13 @@ class Forwarder:
             while not ended:  # what has already arrived goes out in one write; nothing waits for more
                 data, ended = await self._next(upstream)
                 if boundary is not None:
-                    data, held = (held + data, b"") if ended else _whole_events(held + data, boundary)
+                    data = bytes(held) + data if ended else _whole_events(held, data, boundary)
                 if data:
                     pending.append(h11.Data(data=data))
                 if ended:
                     pending.append(h11.EndOfMessage())
                 if pending:
-                    writing = True
                     await conn.send(*pending)
-                    writing = False
                 pending = []
         except UpstreamFailed as error:
             await upstream.aclose()
@@ -278,7 +285,7 @@ class Forwarder:
             return False
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
-            if self.stopping and not writing and conn.response_started:  # (cut mid-write: it just closes)
+            if self.stopping and conn.response_started and not conn.cut_mid_write:  # (else it just closes)
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
                     await self._end_cut(conn, [], content_type, STOPPING)
             raise

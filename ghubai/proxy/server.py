@@ -85,8 +85,9 @@ class Proxy:
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
-        own = self.own.get((_as_get(request.method), request.path))
-        if own is None and _as_get(request.method) == "GET" and request.path.startswith(MODEL_PATH):
+        method = _as_get(request.method)
+        own = self.own.get((method, request.path))
+        if own is None and method == "GET" and request.path.startswith(MODEL_PATH):
             own = self.openai_model  # from what every hub serves: one hub alone may not serve it
         if own is not None:  # the proxy's own pages are not counted as requests
             try:
@@ -193,16 +194,18 @@ class Proxy:
         running = self.forwarder.running  # (not ``inflight``: that counts the 503s of the drain too)
         log.info("draining: %d request(s) in flight, waiting up to %g s", len(running), self.config.drain_timeout_s)
         with trio.move_on_after(self.config.drain_timeout_s):
-            while running:
-                self.ended = trio.Event()
-                await self.ended.wait()
+            await self._while(lambda: bool(running))
         if running:
             log.warning("drain timeout: ending %d request(s) with an error", len(running))
             self.forwarder.stop()
             with trio.move_on_after(STOP_WRITE_S + 1):  # their final events, then the 503s
-                while self.inflight:
-                    self.ended = trio.Event()
-                    await self.ended.wait()
+                await self._while(lambda: bool(self.inflight))
+
+    async def _while(self, busy: Callable[[], bool]) -> None:
+        """Wait until ``busy()`` is false, looking again each time a request ends."""
+        while busy():
+            self.ended = trio.Event()
+            await self.ended.wait()
 
     async def prometheus(self, conn: Connection, request: Request) -> None:
         self.hub_up.clear()
