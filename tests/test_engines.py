@@ -503,3 +503,63 @@ async def test_an_answer_whose_body_is_cut_after_its_end_is_whole(grid: Grid) ->
                                     json=chat(stream=True, stream_options={"include_usage": True}))
     assert response.status_code == 200 and '"error"' not in response.text, response.text
     assert '"completion_tokens":1' in response.text and response.text.rstrip().endswith("data: [DONE]")
+
+
+@pytest.mark.parametrize("kind, answer, paths", [
+    ("ollama", b'{"model": "sim", "message": "hi", "done": true}', ("/v1/chat/completions",)),
+    ("ollama", b'{"model": "sim", "message": {"content": 5}, "response": 5, "done": true}',
+     ("/v1/chat/completions", "/v1/completions")),
+    ("ollama", b'[]', ("/v1/chat/completions", "/v1/completions")),
+    ("openai", b'{"choices": [{"message": {"content": ["hi"]}, "delta": {"content": ["hi"]}, "text": 7}]}',
+     ("/api/chat", "/api/generate")),
+    ("openai", b'{"choices": {"0": "hi"}}', ("/api/chat",)),
+])
+async def test_an_engine_answer_of_another_shape_is_a_502_that_names_it_not_a_traceback(
+        grid: Grid, caplog: pytest.LogCaptureFixture, kind: str, answer: bytes, paths: tuple[str, ...]) -> None:
+    """Regression: valid JSON of a shape the translation cannot read (an object that is text, a
+    number as the answer's text) was a 500 "internal error in the worker" with a traceback in the
+    worker's log per request, or a 200 whose text was a number, which clients choke on. It is the
+    engine's error: a 502 that says so, a line in the log, and the worker serves on."""
+    sse = b"data: " + answer + b"\n\ndata: [DONE]\n\n"
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if kind == "openai" and await _openai_engine(conn, request):
+            return
+        if b'"stream":true' in request.body:
+            await conn.start_stream(200, "text/event-stream" if kind == "openai" else "application/x-ndjson")
+            await conn.write(sse if kind == "openai" else answer + b"\n")
+            await conn.finish()
+        else:
+            await conn.respond(200, answer)
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind=kind)
+    for path in paths:
+        for stream in (False, True):
+            body = {**chat(stream=stream), "prompt": "hi"}
+            response = await grid.http.post(hub.value + path, json=body)
+            assert response.status_code == 502, (path, stream, response.text)
+            error = response.json()["error"]
+            assert "does not fit its API" in (error if isinstance(error, str) else error["message"]), error
+    assert "inside the worker" not in caplog.text
+    assert len(await grid.workers(hub.value)) == 1
+
+
+async def test_an_image_link_for_an_ollama_engine_is_a_400_not_garbage_base64(grid: Grid) -> None:
+    """Regression: an image part's ``https://`` URL went to Ollama as if it were the image's base64.
+    Ollama takes images as bytes, and the worker fetches no address a client names: a 400 that
+    says what to send. A ``data:`` URL still reaches the engine."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+
+    def with_image(url: str) -> dict[str, object]:
+        return chat(content=[{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": url}}])
+
+    for url in ("https://example.com/cat.png", "data:image/png,not-base64"):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=with_image(url))
+        assert response.status_code == 400, response.text
+        assert "base64 data: URL" in response.json()["error"]["message"]
+    assert (await grid.stats(sim_url))["started"] == 0
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=with_image("data:image/png;base64,iVBORw0KGgo="))
+    assert response.status_code == 200, response.text

@@ -715,3 +715,36 @@ def test_openai_tool_call_arguments_reach_ollama_as_an_object(arguments: Any, ex
                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}
     request = openai_over_ollama("openai.chat").request({"model": "m", "messages": [message]}, stream=False)
     assert request["messages"][0]["tool_calls"] == [{"function": {"name": "f", "arguments": expected}}]
+
+
+@pytest.mark.parametrize("url", ["https://example.com/cat.png", "http://10.0.0.5/x.png", "data:image/png,QUJD",
+                                 "QUJD", "data:image/png;base64"])
+def test_an_image_that_is_no_base64_data_url_is_untranslatable_for_ollama(url: str) -> None:
+    """Ollama takes images as bytes; a link is refused (400), never fetched nor sent as base64."""
+    body = {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    with pytest.raises(Untranslatable, match="base64 data: URL"):
+        openai_over_ollama("openai.chat").request(body, stream=False)
+
+
+@pytest.mark.parametrize("line", [{"message": {"content": 5}, "done": False}, {"message": {"content": ["a"]}},
+                                  {"message": "hi", "done": True}])
+def test_an_ollama_line_whose_text_is_no_text_raises_rather_than_passes_it_on(line: dict[str, Any]) -> None:
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "messages": []}, stream=True)
+    with pytest.raises((TypeError, AttributeError)):
+        translator.chunk(line)
+
+
+def test_an_openai_chunk_whose_text_is_no_text_raises_rather_than_passes_it_on() -> None:
+    translator = ollama_over_openai("ollama.generate")
+    translator.request({"model": "m", "prompt": "p"}, stream=True)
+    with pytest.raises(TypeError):
+        translator.chunk({"choices": [{"text": 7}]})
+
+
+def test_counts_an_engine_mangles_are_zero_not_an_error() -> None:
+    translator = openai_over_ollama("openai.completions")
+    translator.request({"model": "m", "prompt": "p"}, stream=False)
+    value = json.loads(translator.whole({"response": "ok", "done": True, "eval_count": "x", "prompt_eval_count": -3}, None))
+    assert value["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert value["choices"][0]["text"] == "ok"

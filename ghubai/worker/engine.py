@@ -25,7 +25,7 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import Translator, Untranslatable, engine_path, translator_for
+from ghubai.worker.translate import Translator, Untranslatable, count, engine_path, translator_for
 
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
@@ -37,6 +37,7 @@ class Cause(enum.Enum):
     MODEL_MISSING = "model missing"  # ask for the model list again
     UNSERVED = "unserved"  # the engine lacks the API's path: tell the hubs
     CREDENTIALS = "credentials"  # the operator's key is missing or wrong: say so loudly
+    UNFIT = "unfit"  # the engine's answer does not fit its API: say so loudly (no traceback per request)
 
 
 class EngineError(Exception):
@@ -136,13 +137,14 @@ def engine_error(payload: bytes) -> str | None:
     return None
 
 
-def _count(value: Any) -> int:
-    """A token count as an engine reported it: a non-negative int, whatever it sent (an engine's
-    -1, a float, text or null must not fail an answer that otherwise arrived)."""
-    try:
-        return max(0, int(value or 0))
-    except (TypeError, ValueError, OverflowError):
-        return 0
+_SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)  # JSON of another shape
+
+
+def _unfit(path: str, error: Exception) -> EngineError:
+    """An engine's answer the translation cannot read (a list where an object belongs, a number as
+    text): the engine's fault, said in one line rather than as the worker's traceback."""
+    return EngineError(502, f"the engine's answer to {path} does not fit its API: {error}", retryable=True,
+                       cause=Cause.UNFIT)
 
 
 def _usage_of(value: Any) -> dict[str, int] | None:
@@ -150,10 +152,10 @@ def _usage_of(value: Any) -> dict[str, int] | None:
         return None
     usage = value.get("usage")
     if isinstance(usage, dict):
-        return {"prompt_tokens": _count(usage.get("prompt_tokens")),
-                "completion_tokens": _count(usage.get("completion_tokens"))}
+        return {"prompt_tokens": count(usage.get("prompt_tokens")),
+                "completion_tokens": count(usage.get("completion_tokens"))}
     if value.get("done") is True or "prompt_eval_count" in value:
-        return {"prompt_tokens": _count(value.get("prompt_eval_count")), "completion_tokens": _count(value.get("eval_count"))}
+        return {"prompt_tokens": count(value.get("prompt_eval_count")), "completion_tokens": count(value.get("eval_count"))}
     return None
 
 
@@ -323,7 +325,11 @@ class Engine:
                         raise EngineError(502, message, retryable=True)
                     value = _decode(raw)
                     call.usage = _usage_of(value)
-                    yield translator.whole(value, call.usage) if translator else raw
+                    try:
+                        answer = translator.whole(value, call.usage) if translator else raw
+                    except _SHAPE_ERRORS as error:
+                        raise _unfit(path, error) from None
+                    yield answer
                     return
                 sse = path.startswith("/v1/")
                 split = sse_payloads if sse else ndjson_payloads
@@ -406,12 +412,17 @@ class Engine:
                 call.failure = EngineError(502, message, retryable=True)  # after what came before it
                 break
             value = _decode(payload)
-            if isinstance(value, dict):
-                call.usage = _usage_of(value) or call.usage
+            try:
+                if not isinstance(value, dict):
+                    raise TypeError(f"a JSON {type(value).__name__} where an object belongs")
                 out.extend(translator.chunk(value))
-                if translator.done:
-                    call.finished = True
-                    break
+            except _SHAPE_ERRORS as error:
+                call.failure = _unfit(translator.path, error)
+                break
+            call.usage = _usage_of(value) or call.usage
+            if translator.done:
+                call.finished = True
+                break
         return b"".join(out)
 
 

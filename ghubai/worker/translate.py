@@ -34,6 +34,23 @@ def _line(value: dict[str, Any]) -> bytes:
     return _encode(value) + b"\n"
 
 
+def count(value: Any) -> int:
+    """A token count as an engine reported it: a non-negative int, whatever it sent (an engine's
+    -1, a float, text or null must not fail an answer that otherwise arrived)."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _text(value: Any) -> str:
+    """An engine's answer text ("" for none); TypeError for anything else, which the worker reports
+    as an answer that does not fit the engine's API rather than pass it on to a client."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    raise TypeError(f"answer text of type {type(value).__name__}")
+
+
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
     """An Ollama message (the ``number``-th) as OpenAI's: images become content parts, tool-call
     arguments a string, and each tool call gets an id unique in the conversation: 9 letters and
@@ -138,7 +155,7 @@ class OllamaOverOpenAI:
                 "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
                 "eval_count": (usage or {}).get("completion_tokens", 0)}
 
-    def _text(self, text: str, **extra: Any) -> dict[str, Any]:
+    def _answer(self, text: str, **extra: Any) -> dict[str, Any]:
         base: dict[str, Any] = {"model": self.model, "created_at": _now()}
         if self.api == "ollama.chat":
             return {**base, "message": {"role": "assistant", "content": text, **extra}}
@@ -156,15 +173,15 @@ class OllamaOverOpenAI:
             function = call.get("function") or {}
             assembled["name"] += function.get("name") or ""
             assembled["arguments"] += function.get("arguments") or ""
-        text = delta.get("content") if self.api == "ollama.chat" else choice.get("text")
-        return [_line({**self._text(text), "done": False})] if text else []
+        text = _text(delta.get("content") if self.api == "ollama.chat" else choice.get("text"))
+        return [_line({**self._answer(text), "done": False})] if text else []
 
     def final(self, usage: dict[str, int] | None) -> bytes:
         """The last line, when the engine said [DONE]."""
         extra = {}
         if self.calls:
             extra["tool_calls"] = _tool_calls([{"function": self.calls[i]} for i in sorted(self.calls)])
-        return _line({**self._text("", **extra), **self._counts(usage)})
+        return _line({**self._answer("", **extra), **self._counts(usage)})
 
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
         """A non-streamed answer."""
@@ -184,14 +201,30 @@ class OllamaOverOpenAI:
         if self.api == "ollama.chat":
             message = choice.get("message") or {}
             extra = {"tool_calls": _tool_calls(message["tool_calls"])} if message.get("tool_calls") else {}
-            answer = self._text(message.get("content") or "", **extra)
+            answer = self._answer(_text(message.get("content")), **extra)
         else:
-            answer = self._text(choice.get("text") or "")
+            answer = self._answer(_text(choice.get("text")))
         return _encode({**answer, **self._counts(usage)})
 
 
 def _sse(value: dict[str, Any]) -> bytes:
     return b"data: " + _encode(value) + b"\n\n"
+
+
+class Untranslatable(ValueError):
+    """A request the other API cannot say (a 400 from the worker, which another engine kind may serve)."""
+
+
+def _base64_image(url: str) -> str:
+    """An image part's URL as Ollama's ``images`` take it: the base64 of a ``data:`` URL. A link is
+    refused, not fetched: a worker on a GPU machine fetching whatever address a client names would
+    be a way into the operator's network (an OpenAI-compatible engine may fetch it: the 400 is
+    retryable, so a hub tries such a worker next)."""
+    head, comma, data = url.partition(",")
+    if not (url.startswith("data:") and comma and head.endswith(";base64")):
+        raise Untranslatable("an Ollama engine takes an image as a base64 data: URL "
+                             "(data:image/png;base64,...), not a link: send the image's bytes")
+    return data
 
 
 def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +234,7 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     if isinstance(content, list):
         converted["content"] = "".join(part.get("text", "") for part in content
                                        if isinstance(part, dict) and part.get("type") == "text")
-        images = [part["image_url"]["url"].split(",", 1)[-1] for part in content
+        images = [_base64_image(part["image_url"]["url"]) for part in content
                   if isinstance(part, dict) and part.get("type") == "image_url"]
         if images:
             converted["images"] = images
@@ -212,8 +245,6 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
-class Untranslatable(ValueError):
-    """A request the other API cannot say (a 400 from the worker, which another engine kind may serve)."""
 
 
 class OpenAIOverOllama:
@@ -281,7 +312,7 @@ class OpenAIOverOllama:
 
     @staticmethod
     def _usage(value: dict[str, Any]) -> dict[str, int]:
-        prompt, completion = int(value.get("prompt_eval_count") or 0), int(value.get("eval_count") or 0)
+        prompt, completion = count(value.get("prompt_eval_count")), count(value.get("eval_count"))
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _openai_calls(self, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -312,22 +343,21 @@ class OpenAIOverOllama:
         """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
         finish reason, then the usage if the client asked for it."""
         message = value.get("message") or {}
-        text = message.get("content") if self.api == "openai.chat" else value.get("response")
+        text = _text(message.get("content") if self.api == "openai.chat" else value.get("response"))
         if self.started and text and value.get("done") is False and not message.get("tool_calls"):
             before, after = self._text_event
             return [before + _encode(text) + after]
         out = []
         if self.api == "openai.chat":
-            message = value.get("message") or {}
-            delta: dict[str, Any] = {"content": message.get("content") or ""}
+            delta: dict[str, Any] = {"content": text}
             if not self.started:
                 delta["role"] = "assistant"
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
             if delta.get("content") or len(delta) > 1:
                 out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
-        elif value.get("response"):
-            out.append(_sse(self._chunk({"text": value["response"], "logprobs": None, "finish_reason": None})))
+        elif text:
+            out.append(_sse(self._chunk({"text": text, "logprobs": None, "finish_reason": None})))
         self.started = True
         if value.get("done") is True:
             self.done = True
@@ -348,13 +378,13 @@ class OpenAIOverOllama:
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         if self.api == "openai.chat":
             message = value.get("message") or {}
-            answer: dict[str, Any] = {"role": "assistant", "content": message.get("content") or ""}
+            answer: dict[str, Any] = {"role": "assistant", "content": _text(message.get("content"))}
             if message.get("tool_calls"):
                 answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
                                         for call in self._openai_calls(message["tool_calls"])]
             choice: dict[str, Any] = {"message": answer}
         else:
-            choice = {"text": value.get("response") or "", "logprobs": None}
+            choice = {"text": _text(value.get("response")), "logprobs": None}
         kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
         return _encode({"id": self.id, "object": kind, "created": self.created, "model": self.model,
                         "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
