@@ -10,8 +10,10 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, peak_active
+from ghubai.http11.server import Connection, Request
 from ghubai.hub.exchange import _text_bytes
 from ghubai.sim.generator import WORDS
+from ghubai.worker.engine import PROBE_MODEL
 
 
 def client(hub_url: str, **kwargs: object) -> openai.AsyncOpenAI:
@@ -347,11 +349,12 @@ async def test_a_client_that_leaves_before_the_end_still_spends_its_token_budget
 async def test_a_client_that_leaves_before_any_answer_pays_its_prompt_and_an_uncounted_answer_nothing(
         grid: Grid) -> None:
     """Review: a client that left before the first byte (a long prefill, a whole answer) escaped the
-    budget, while an answer that ended without a count (an embedding) was charged a guess per byte."""
+    budget, while an answer that ended without a count (an embedding) was charged a guess per byte
+    of its answer: now only its prompt's estimate, a token for "sim" and "hi"."""
     sim_url, sim = await grid.sim(ttft_ms=60_000, embed_dim=1024)
     hub = await grid.hub(limits={"tokens_per_minute": 30})
     await grid.worker(hub.value, sim_url)
-    for _ in range(4):  # 1,024 numbers each, no count: free, as before
+    for _ in range(4):  # 1,024 numbers each and no count: a token each, not 1,000
         assert (await grid.http.post(hub.value + "/api/embeddings", json={"model": "sim", "prompt": "hi"})).status_code \
             == 200
     with pytest.raises(httpx.TimeoutException):  # 200 bytes of prompt, then gone before the answer
@@ -373,6 +376,29 @@ async def test_an_answer_an_engine_failure_cuts_is_charged_what_streamed(grid: G
     url = hub.value + "/v1/chat/completions"
     cut = await grid.http.post(url, json=chat(stream=True))
     assert "after 40 tokens" in cut.text
+    assert (await grid.http.post(url, json=chat())).status_code == 429
+
+
+async def test_an_engine_that_reports_no_counts_is_charged_an_estimate(grid: Grid) -> None:
+    """Regression: an answer that ended without the engine's count (an OpenAI-compatible engine
+    that ignores ``stream_options``) was free, so a key's token budget never ran out."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path == "/v1/models":
+            await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+        elif PROBE_MODEL.encode() in request.body:
+            await conn.respond_json(404, {"error": {"message": "no such model"}})
+        else:
+            await conn.start_stream(200, "text/event-stream")
+            for _ in range(40):
+                await conn.write(b'data: {"choices":[{"index":0,"delta":{"content":"tok "}}]}\n\n')
+            await conn.write(b"data: [DONE]\n\n")
+            await conn.finish()
+
+    hub = await grid.hub(limits={"tokens_per_minute": 30})
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    url = hub.value + "/v1/chat/completions"
+    answer = await grid.http.post(url, json=chat(stream=True))
+    assert answer.status_code == 200 and answer.text.count("tok ") == 40
     assert (await grid.http.post(url, json=chat())).status_code == 429
 
 

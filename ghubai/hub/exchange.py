@@ -40,6 +40,10 @@ def client_error(frame: protocol.Error) -> ApiError:
     return ApiError(502, f"Engine error: {message}")
 
 
+_GENERATING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "ollama.generate"})
+_COUNTED = _GENERATING | {"openai.embeddings", "ollama.embed", "ollama.embeddings"}  # the APIs that spend tokens
+
+
 class State(enum.Enum):
     """Where an exchange is; see ``Exchange``."""
     QUEUED = "queued"  # no worker yet: waiting for a slot, or between two attempts
@@ -169,15 +173,20 @@ class Exchange:
         return {kind: min(count, bounds[kind]) for kind, count in usage.items() if kind in bounds}
 
     def spent(self) -> dict[str, int] | None:
-        """The tokens this request costs its key: the worker's count; for a request cut before its
-        end once a worker had it (the client left, a timeout, an engine error mid-answer), an estimate, since the engine worked
-        for it: a prompt token per 4 bytes of the request's text (not of its images), a completion
-        token per streamed event (a token or so each) or per 4 bytes of a whole answer received."""
-        if self.usage is not None or self.ended or not self.request_id:
-            return self.usage  # (an answer that ended without a count, e.g. an embedding: none)
+        """The tokens this request costs its key: the worker's count. Without one, for a request
+        the engine worked on — cut once a worker had it (the client left, a timeout, an engine error
+        mid-answer), or answered by an engine that reports no counts — an estimate: a prompt token
+        per 4 bytes of the request's text (not of its images) and, for a generation, a completion
+        token per streamed event (a token or so each) or per 4 bytes of a whole answer received.
+        An error before the answer's first byte, and calls that generate nothing (``/api/show``), are free."""
+        if self.usage is not None or not self.request_id or self.api not in _COUNTED:
+            return self.usage
+        if self.ended and not self.received:
+            return None
         events = self.lines // 2 if self.api.startswith("openai.") else self.lines
+        completion = events if self.stream else self.received // 4
         return {"prompt_tokens": _text_bytes(self.body) // 4,
-                "completion_tokens": events if self.stream else self.received // 4}
+                "completion_tokens": completion if self.api in _GENERATING else 0}
 
     async def batches(self) -> AsyncIterator[list[Answer]]:
         """The frames after the first, each batch holding every frame that had already arrived,
