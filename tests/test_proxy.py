@@ -501,7 +501,7 @@ def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> N
     hubs = HubSet(1.0, ssl.create_default_context())
     hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
     for hub in hubs.hubs.values():
-        hubs.set_health(hub, True, state={"models": ["m"], "capacity": 2, "queue": {}, "heartbeat_s": 1.0, "draining": False})
+        hubs.set_health(hub, True, state={"models": ["m"], "loaded": [], "capacity": 2, "queue": {}, "heartbeat_s": 1.0, "draining": False})
     first = hubs.pick("m", set(), 42)
     assert first is not None and all(hubs.pick("m", set(), 42) is first for _ in range(5))
     first.inflight = 1  # half its slots: 0.5 above the other, still within the margin
@@ -544,7 +544,8 @@ async def test_a_proxy_listening_on_every_ipv6_address_serves_ipv4_too(grid: Gri
 
 async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: Grid) -> None:
     """Regression (review): with two hubs serving different models, ``GET /v1/models/{id}`` (the
-    openai SDK's models.retrieve) and ``/api/show {"name": ...}`` went to any hub: 200 and 404 by turns."""
+    openai SDK's models.retrieve) and ``/api/show {"name": ...}`` went to any hub: 200 and 404 by turns;
+    ``/api/ps`` (``ollama ps``) answered one hub's models in memory by turns, not every hub's."""
     hubs = []
     for model in ("sim", "other"):
         sim_url, _ = await grid.sim(models=[model])
@@ -558,6 +559,8 @@ async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: 
         assert (await grid.http.get(proxy.value + "/v1/models/sim")).json()["id"] == "sim"
         assert (await grid.http.head(proxy.value + "/v1/models/other")).status_code == 200
         assert (await grid.http.post(proxy.value + "/api/show", json={"name": "sim"})).status_code == 200
+        running = (await grid.http.get(proxy.value + "/api/ps")).json()["models"]
+        assert sorted(model["name"] for model in running) == ["other", "sim"]
     missing = await grid.http.get(proxy.value + "/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 

@@ -418,10 +418,11 @@ class HubApi:
 
     async def summary(self) -> dict[str, Any]:
         """What a proxy's health check needs, in a size and time that do not grow with the workers:
-        whether the hub takes requests, its models (kept between changes), its queue."""
+        whether the hub takes requests, its models (kept between changes) and those in memory, its queue."""
         pool = self.pool
         return {"hub_id": self.hub_id, "draining": pool.draining, "heartbeat_s": self.config.heartbeat_s,
-                "models": pool.models(), "workers": len(pool.workers), "capacity": pool.capacity(),
+                "models": pool.models(), "loaded": pool.loaded(), "workers": len(pool.workers),
+                "capacity": pool.capacity(),
                 "queued": pool.queued, "queue": pool.queue_lengths()}
 
     async def health(self) -> dict[str, Any]:

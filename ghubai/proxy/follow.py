@@ -59,9 +59,11 @@ def _state_of(summary: Any, workers: list[dict[str, Any]] | None) -> dict[str, A
     if not isinstance(summary, dict):
         raise ValueError("the answer is not a hub's summary")
     models = summary["models"] if workers is None else served_models(workers)
-    if not isinstance(models, list):
+    loaded = summary.get("loaded", models) if workers is None else models  # a hub that cannot tell: all it serves
+    if not isinstance(models, list) or not isinstance(loaded, list):
         raise ValueError("the answer lists no models")
-    return {"models": sorted({str(model) for model in models}), "draining": bool(summary.get("draining")),
+    return {"models": sorted({str(model) for model in models}), "loaded": sorted({str(model) for model in loaded}),
+            "draining": bool(summary.get("draining")),
             "queue": {str(model): int(count) for model, count in (summary.get("queue") or {}).items()},
             "heartbeat_s": float(summary.get("heartbeat_s") or 0), "capacity": int(summary.get("capacity") or 0)}
 

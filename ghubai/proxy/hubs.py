@@ -34,6 +34,7 @@ class Hub:
     pool: ConnectionPool
     up: bool = False
     models: frozenset[str] = frozenset()
+    loaded: frozenset[str] = frozenset()  # the models some worker's engine holds in memory
     reason: str = "not checked yet"
     workers: list[dict[str, Any]] | None = None  # as a health check last listed them in detail; None: not yet
     queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
@@ -114,13 +115,16 @@ class HubSet:
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
 
+    def loaded(self) -> list[str]:
+        return sorted({model for hub in self.healthy() for model in hub.loaded})
+
     def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None,
                    workers: list[dict[str, Any]] | None = None) -> None:
         """``state``: the hub's ``/api/summary`` answer as ``follow._state_of`` checked it, when the
         check read one; ``workers``: its ``/api/registry`` list, when the check read that too."""
         if state is not None:  # as follow._state_of made it
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
-            hub.models = frozenset(state["models"])
+            hub.models, hub.loaded = frozenset(state["models"]), frozenset(state["loaded"])
             if workers is not None:
                 hub.workers = workers
         elif not up:

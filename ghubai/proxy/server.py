@@ -1,8 +1,8 @@
 """The proxy daemon: the grid's front door, on h11 and trio sockets.
 
 It forwards ``/v1/*`` and ``/api/*`` (and Ollama's ``GET /``) to a healthy hub that hosts the
-requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/models`` and ``/api/tags``
-itself from what its health checks learnt.
+requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/models``, ``/api/tags`` and
+``/api/ps`` itself from what its health checks learnt: every hub's models, not one hub's.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class Proxy:
             ("GET", "/dashboard/data"): self.dashboard_data,
             ("GET", "/v1/models"): self.openai_models,
             ("GET", "/api/tags"): self.ollama_tags,
+            ("GET", "/api/ps"): self.ollama_running,
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
@@ -229,6 +230,10 @@ class Proxy:
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
+
+    async def ollama_running(self, conn: Connection, request: Request) -> None:
+        self._models_or_503()
+        await conn.respond_json(200, dialects.ollama_tags(self.hubs.loaded(), running=True))
 
 
 async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,
