@@ -397,7 +397,8 @@ def test_ollama_show_answer_is_the_empty_shape_clients_expect() -> None:
 
 
 def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
-    """Sampling fields become options, content parts text and images, tool-call arguments objects."""
+    """Sampling fields become options, content parts text and images, tool-call arguments objects,
+    and a tool result names the tool of the call it answers (Ollama's ``tool_name``)."""
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     body = {
         "model": "qwen",
@@ -412,6 +413,7 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
                 {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
                 {"id": "call_2", "type": "function", "function": {"name": "raw", "arguments": "not json"}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "2"},
+            {"role": "tool", "tool_call_id": "call_9", "content": "?"},
             {"content": "roleless"},
             7,
         ],
@@ -431,7 +433,8 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
             {"role": "assistant", "content": "", "tool_calls": [
                 {"function": {"name": "add", "arguments": {"a": 1}}},
                 {"function": {"name": "raw", "arguments": "not json"}}]},
-            {"role": "tool", "content": "2"},
+            {"role": "tool", "content": "2", "tool_name": "add"},
+            {"role": "tool", "content": "?"},
             {"role": "user", "content": "roleless"},
         ],
         "tools": tools, "tool_choice": "auto",

@@ -245,6 +245,22 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
+def _ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's messages as Ollama's. An OpenAI tool result names the call it answers
+    (``tool_call_id``); Ollama's names the tool (``tool_name``), so it gets the name of that call."""
+    converted: list[dict[str, Any]] = []
+    names: dict[str, Any] = {}  # tool-call id → its tool
+    for message in (m for m in messages if isinstance(m, dict)):
+        out = _ollama_message(message)
+        for call in message.get("tool_calls") or ():
+            if isinstance(call, dict) and isinstance(call.get("id"), str):
+                names[call["id"]] = (call.get("function") or {}).get("name")
+        if out["role"] == "tool" and isinstance(name := names.get(message.get("tool_call_id")), str):
+            out["tool_name"] = name
+        converted.append(out)
+    return converted
+
+
 
 
 class OpenAIOverOllama:
@@ -285,7 +301,7 @@ class OpenAIOverOllama:
         elif response_format.get("type") == "json_schema":
             request["format"] = (response_format.get("json_schema") or {}).get("schema", "json")
         if self.api == "openai.chat":
-            request["messages"] = [_ollama_message(m) for m in body.get("messages", []) if isinstance(m, dict)]
+            request["messages"] = _ollama_messages(body.get("messages", []))
             if body.get("tools"):
                 request["tools"] = body["tools"]
                 if body.get("tool_choice") is not None:  # Ollama ignores it; engines that know it use it
