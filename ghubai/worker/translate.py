@@ -249,7 +249,7 @@ def _ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI's messages as Ollama's. An OpenAI tool result names the call it answers
     (``tool_call_id``); Ollama's names the tool (``tool_name``), so it gets the name of that call."""
     converted: list[dict[str, Any]] = []
-    names: dict[str, Any] = {}  # tool-call id → its tool
+    names: dict[Any, Any] = {}  # tool-call id → its tool
     for message in (m for m in messages if isinstance(m, dict)):
         out = _ollama_message(message)
         for call in message.get("tool_calls") or ():
