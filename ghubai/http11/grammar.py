@@ -1,4 +1,5 @@
-"""h11's line grammars without their quadratic backtracking (h11 0.16), installed into h11.
+"""h11's line grammars without their quadratic backtracking (h11 0.16), installed into h11, and the
+framing rule h11 leaves to its callers (``both_framings``).
 
 Two of h11's patterns let two repeats compete for the same bytes, so a crafted line takes time in
 N², with no checkpoint, in whichever process parses it:
@@ -31,3 +32,18 @@ CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\n]*+)?[ \t]*+")  # the
 
 h11._readers.header_field_re = HEADER_FIELD
 h11._readers.chunk_header_re = CHUNK_HEADER
+
+
+BOTH_FRAMINGS = "a request with both Content-Length and Transfer-Encoding"
+
+
+def both_framings(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a request names its body's length twice. h11 frames such a body by Transfer-Encoding
+    and keeps the connection; RFC 9112 §6.1 wants it closed, since a server in front that read the
+    length instead would see another request in the same bytes (request smuggling): the proxy and
+    the hub answer 400 and close."""
+    length = chunked = False
+    for key, _ in headers:
+        length |= key == b"content-length"
+        chunked |= key == b"transfer-encoding"
+    return length and chunked

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
 from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
 from ghubai.errors import ApiError
+from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
 from ghubai.sockets import write_now
 
@@ -118,9 +118,9 @@ class Connection:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             if self.admit is not None:  # keys first, before a byte of the body is read or asked for
                 self.admit(event.method.decode("latin-1"), self.head.partition(" ")[2], event.headers)
+            if both_framings(event.headers):
+                raise ApiError(400, BOTH_FRAMINGS)
             length = next((value for key, value in event.headers if key == b"content-length"), None)
-            if length is not None and any(key == b"transfer-encoding" for key, _ in event.headers):
-                raise ApiError(400, "a request with both Content-Length and Transfer-Encoding")  # RFC 9112 §6.1
             if int(length or b"0") > self.max_body:
                 raise ApiError(413, f"request body is larger than {self.max_body} bytes")
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):

@@ -34,6 +34,7 @@ from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
+from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings
 from ghubai.http11.server import origin_form
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
@@ -234,6 +235,10 @@ class HubApi:
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
             scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
         request_id(_header(scope["headers"], b"x-request-id"))
+        if both_framings(scope["headers"]):  # and close: h11 would keep the connection
+            await _respond(send, 400, ApiError(400, BOTH_FRAMINGS).body_for(scope["path"]),
+                           [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+            return
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)
             return
