@@ -513,6 +513,8 @@ async def test_an_answer_whose_body_is_cut_after_its_end_is_whole(grid: Grid) ->
     ("openai", b'{"choices": [{"message": {"content": ["hi"]}, "delta": {"content": ["hi"]}, "text": 7}]}',
      ("/api/chat", "/api/generate")),
     ("openai", b'{"choices": {"0": "hi"}}', ("/api/chat",)),
+    ("ollama", b'{"embeddings": [[0.5, null]], "prompt_eval_count": "x"}', ("/v1/embeddings",)),
+    ("ollama", b'{"embeddings": [[1e39]]}', ("/v1/embeddings",)),
 ])
 async def test_an_engine_answer_of_another_shape_is_a_502_that_names_it_not_a_traceback(
         grid: Grid, caplog: pytest.LogCaptureFixture, kind: str, answer: bytes, paths: tuple[str, ...]) -> None:
@@ -536,7 +538,7 @@ async def test_an_engine_answer_of_another_shape_is_a_502_that_names_it_not_a_tr
     await grid.worker(hub.value, await grid.fake_engine(engine), kind=kind)
     for path in paths:
         for stream in (False, True):
-            body = {**chat(stream=stream), "prompt": "hi"}
+            body = {**chat(stream=stream), "prompt": "hi", "input": "hi", "encoding_format": "base64"}
             response = await grid.http.post(hub.value + path, json=body)
             assert response.status_code == 502, (path, stream, response.text)
             error = response.json()["error"]

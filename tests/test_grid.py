@@ -346,7 +346,7 @@ async def test_a_client_that_leaves_before_the_end_still_spends_its_token_budget
     assert (await grid.http.post(url, json=chat())).status_code == 429
 
 
-async def test_a_client_that_leaves_before_any_answer_pays_its_prompt_and_an_uncounted_answer_nothing(
+async def test_a_client_that_leaves_before_any_answer_and_an_uncounted_answer_pay_their_prompts(
         grid: Grid) -> None:
     """Review: a client that left before the first byte (a long prefill, a whole answer) escaped the
     budget, while an answer that ended without a count (an embedding) was charged a guess per byte

@@ -678,8 +678,10 @@ async def test_a_load_goes_where_it_evicts_the_least_asked_model(autojump_clock:
     pool = make_pool(only_popular, only_rare)
     for model in ["popular"] * 5 + ["rare"]:
         finish(pool, await pool.acquire(model, "openai.chat", set(), soon()))
+    assert pool.loaded() == ["popular", "rare"]
     assert await pool.acquire("new", "openai.chat", set(), soon()) is only_rare
     assert only_rare.loaded is not None and "new" in only_rare.loaded  # the next ones wait for this load
+    assert "new" in pool.loaded()  # (kept between changes: this one must not be missed)
     assert await pool.acquire("new", "openai.chat", set(), soon()) is only_rare
 
 

@@ -16,6 +16,7 @@ import trio
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
+from ghubai.proxy.follow import _state_of
 from ghubai.proxy.forward import _whole_events
 from ghubai.proxy.hubs import HubSet
 
@@ -582,3 +583,13 @@ def test_whole_events_hold_back_the_start_of_the_next_and_search_each_byte_once(
 ])
 def test_an_absolute_form_target_becomes_its_path_and_query(target: str, expected: str) -> None:
     assert origin_form(target) == expected
+
+
+def test_models_in_memory_come_from_the_summary_or_an_old_hub_s_workers() -> None:
+    """Review: a hub read from /api/registry (older than /api/summary) had all it served counted as
+    in memory, and a summary's ``loaded`` that was no list would have called the hub down."""
+    assert _state_of({"models": ["a", "b"], "loaded": ["a"]}, None)["loaded"] == ["a"]
+    assert _state_of({"models": ["a", "b"]}, None)["loaded"] == ["a", "b"]  # a hub that cannot tell
+    assert _state_of({"models": ["a"], "loaded": 5}, None)["loaded"] == ["a"]
+    workers = [{"models": ["a", "b"], "loaded": ["a"]}, {"models": ["c"]}, {"models": ["d"], "loaded": ["d"], "draining": True}]
+    assert _state_of({}, workers)["loaded"] == ["a", "c"]

@@ -751,3 +751,11 @@ def test_counts_an_engine_mangles_are_zero_not_an_error() -> None:
     value = json.loads(translator.whole({"response": "ok", "done": True, "eval_count": "x", "prompt_eval_count": -3}, None))
     assert value["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     assert value["choices"][0]["text"] == "ok"
+
+
+def test_a_tool_result_names_its_tool_by_its_own_name_or_not_at_all_whatever_its_id() -> None:
+    """Review: a ``tool_call_id`` that is no string (a list) made the lookup raise: a 500 per request."""
+    body = {"model": "m", "messages": [{"role": "tool", "tool_call_id": ["a"], "content": "1", "name": "clock"},
+                                       {"role": "tool", "tool_call_id": {"b": 1}, "content": "2"}]}
+    messages = openai_over_ollama("openai.chat").request(body, stream=False)["messages"]
+    assert messages == [{"role": "tool", "content": "1", "tool_name": "clock"}, {"role": "tool", "content": "2"}]

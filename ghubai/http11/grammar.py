@@ -17,6 +17,7 @@ every module that parses HTTP/1.1 (ours, hypercorn's, httpx's) imports it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 import h11._readers
 
@@ -37,7 +38,7 @@ h11._readers.chunk_header_re = CHUNK_HEADER
 BOTH_FRAMINGS = "a request with both Content-Length and Transfer-Encoding"
 
 
-def both_framings(headers: list[tuple[bytes, bytes]]) -> bool:
+def both_framings(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a request names its body's length twice. h11 frames such a body by Transfer-Encoding
     and keeps the connection; RFC 9112 §6.1 wants it closed, since a server in front that read the
     length instead would see another request in the same bytes (request smuggling): the proxy and

@@ -137,6 +137,7 @@ class Pool:
         self._able: dict[tuple[str, str], list[RemoteWorker]] = {}  # (model, api) -> who could serve it
         self._room = 0  # the most models any engine here was seen to hold at once (those gone too)
         self._models: list[str] | None = None
+        self._loaded: list[str] | None = None
         self._capacity: int | None = None
         self.version = 0  # counts the changes of the workers and what they offer
 
@@ -214,17 +215,24 @@ class Pool:
         # the engine's word, with the loads the hub sent that no request has seen end yet (a report
         # read while the engine was still loading one, or had not yet started, shows neither the
         # model loaded nor the one that load evicts)
-        worker.loaded = said - set(worker.evicting.values()) | worker.loading.keys()
+        self._hold(worker, said - set(worker.evicting.values()) | worker.loading.keys())
 
     def loaded(self) -> list[str]:
-        """The models some worker's engine holds in memory (all it lists, when it cannot tell)."""
-        return sorted({model for worker in self.workers.values() if not worker.draining
-                       for model in (worker.models if worker.loaded is None else worker.loaded & worker.models)})
+        """The models some worker's engine holds in memory (all it lists, when it cannot tell); kept
+        until the workers or what one holds change (a proxy's every health check asks)."""
+        if self._loaded is None:
+            self._loaded = sorted({model for worker in self.workers.values() if not worker.draining
+                                   for model in (worker.models if worker.loaded is None else worker.loaded & worker.models)})
+        return self._loaded
+
+    def _hold(self, worker: RemoteWorker, loaded: frozenset[str] | set[str]) -> None:
+        worker.loaded = frozenset(loaded)
+        self._loaded = None
 
     def _changed(self) -> None:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
-        self._models = None
+        self._models = self._loaded = None
         self._capacity = None
         self.version += 1
 
@@ -371,9 +379,9 @@ class Pool:
             # costs nothing; one that sent a model's requests to load it anew elsewhere would)
             if evicted is not None and (best.full and len(best.loaded) >= best.full or any(
                     evicted in (worker.loaded or ()) for worker in self.workers.values() if worker is not best)):
-                best.loaded = best.loaded - {evicted}
+                self._hold(best, best.loaded - {evicted})
                 best.evicting[model] = evicted
-            best.loaded = best.loaded | {model}
+            self._hold(best, best.loaded | {model})
             best.loading[model] += 0  # counted with the others that wait for it, in _pick
         if conversation is not None:
             self._remember(conversation, best)
@@ -404,7 +412,7 @@ class Pool:
         worker.loading.pop(model, None)
         worker.evicting.pop(model, None)
         if worker.loaded is not None and model not in worker.loaded:
-            worker.loaded = worker.loaded | {model}
+            self._hold(worker, worker.loaded | {model})
 
     def not_served(self, worker: RemoteWorker, model: str) -> None:
         """The worker failed a request before its first byte: once every request sent to await a
@@ -415,9 +423,9 @@ class Pool:
                 del worker.loading[model]
                 evicted = worker.evicting.pop(model, None)
                 if worker.loaded is not None:  # back to what its engine last said of these two
-                    worker.loaded = worker.loaded - ({model} - worker.said)
+                    self._hold(worker, worker.loaded - ({model} - worker.said))
                     if evicted in worker.said:
-                        worker.loaded = worker.loaded | {evicted}
+                        self._hold(worker, worker.loaded | {evicted})
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it."""

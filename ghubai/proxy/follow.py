@@ -59,13 +59,21 @@ def _state_of(summary: Any, workers: list[dict[str, Any]] | None) -> dict[str, A
     if not isinstance(summary, dict):
         raise ValueError("the answer is not a hub's summary")
     models = summary["models"] if workers is None else served_models(workers)
-    loaded = summary.get("loaded", models) if workers is None else models  # a hub that cannot tell: all it serves
-    if not isinstance(models, list) or not isinstance(loaded, list):
+    if not isinstance(models, list):
         raise ValueError("the answer lists no models")
+    loaded = summary.get("loaded") if workers is None else _loaded_of(workers)
+    loaded = loaded if isinstance(loaded, list) else models  # a hub that cannot tell: all it serves
     return {"models": sorted({str(model) for model in models}), "loaded": sorted({str(model) for model in loaded}),
             "draining": bool(summary.get("draining")),
             "queue": {str(model): int(count) for model, count in (summary.get("queue") or {}).items()},
             "heartbeat_s": float(summary.get("heartbeat_s") or 0), "capacity": int(summary.get("capacity") or 0)}
+
+
+def _loaded_of(workers: list[dict[str, Any]]) -> list[str]:
+    """The models in memory by ``/api/registry``'s list (a hub too old for ``/api/summary``): each
+    worker's ``loaded``, or all it serves when it cannot tell, as the hub itself counts them."""
+    return [model for worker in workers if not worker.get("draining")
+            for model in (worker["loaded"] if isinstance(worker.get("loaded"), list) else worker["models"])]
 
 
 def _workers_of(listing: Any) -> list[dict[str, Any]]:

@@ -12,10 +12,11 @@ worker reports them in the ``end`` and ``error`` frames, and the hub ends the st
 from __future__ import annotations
 
 import enum
+import logging
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-
 from urllib.parse import urlsplit
 
 import httpx
@@ -27,6 +28,7 @@ from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
 from ghubai.worker.translate import Translator, Untranslatable, count, engine_path, translator_for
 
+log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
 DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError)
@@ -137,12 +139,15 @@ def engine_error(payload: bytes) -> str | None:
     return None
 
 
-_SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)  # JSON of another shape
+# JSON of another shape (struct.error, OverflowError: an embedding's vector of nulls or of 1e39 to pack as float32)
+_SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError, struct.error)
 
 
 def _unfit(path: str, error: Exception) -> EngineError:
     """An engine's answer the translation cannot read (a list where an object belongs, a number as
-    text): the engine's fault, said in one line rather than as the worker's traceback."""
+    text): the engine's fault, said in one line rather than as the worker's traceback (which is
+    logged at debug, should the fault be the translation's)."""
+    log.debug("an answer to %s that does not fit", path, exc_info=error)
     return EngineError(502, f"the engine's answer to {path} does not fit its API: {error}", retryable=True,
                        cause=Cause.UNFIT)
 

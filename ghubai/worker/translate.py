@@ -247,16 +247,20 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
 
 def _ollama_messages(messages: list[Any]) -> list[dict[str, Any]]:
     """OpenAI's messages as Ollama's. An OpenAI tool result names the call it answers
-    (``tool_call_id``); Ollama's names the tool (``tool_name``), so it gets the name of that call."""
+    (``tool_call_id``); Ollama's names the tool (``tool_name``), so it gets the name of that call,
+    else the result's own ``name`` (LangChain sends one)."""
     converted: list[dict[str, Any]] = []
-    names: dict[Any, Any] = {}  # tool-call id → its tool
+    names: dict[str, Any] = {}  # tool-call id → its tool
     for message in (m for m in messages if isinstance(m, dict)):
         out = _ollama_message(message)
         for call in message.get("tool_calls") or ():
             if isinstance(call, dict) and isinstance(call.get("id"), str):
                 names[call["id"]] = (call.get("function") or {}).get("name")
-        if out["role"] == "tool" and isinstance(name := names.get(message.get("tool_call_id")), str):
-            out["tool_name"] = name
+        if out["role"] == "tool":
+            call_id = message.get("tool_call_id")
+            name = names.get(call_id) if isinstance(call_id, str) else None
+            if isinstance(name := name or message.get("name"), str):
+                out["tool_name"] = name
         converted.append(out)
     return converted
 
@@ -359,7 +363,9 @@ class OpenAIOverOllama:
         """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
         finish reason, then the usage if the client asked for it."""
         message = value.get("message") or {}
-        text = _text(message.get("content") if self.api == "openai.chat" else value.get("response"))
+        text = message.get("content") if self.api == "openai.chat" else value.get("response")
+        if type(text) is not str:  # (the check costs a call only off the per-token path)
+            text = _text(text)
         if self.started and text and value.get("done") is False and not message.get("tool_calls"):
             before, after = self._text_event
             return [before + _encode(text) + after]
@@ -389,7 +395,7 @@ class OpenAIOverOllama:
             data = [{"object": "embedding", "index": index,
                      "embedding": base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if self.base64 else v}
                     for index, v in enumerate(vectors)]
-            tokens = int(value.get("prompt_eval_count") or 0)
+            tokens = count(value.get("prompt_eval_count"))
             return _encode({"object": "list", "data": data, "model": self.model,
                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
         if self.api == "openai.chat":
