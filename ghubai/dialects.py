@@ -3,6 +3,7 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -86,6 +87,15 @@ def _check_message(message: Any, where: str) -> None:
     images = message.get("images")  # Ollama's
     if images is not None and not (isinstance(images, list) and all(isinstance(image, str) for image in images)):
         raise ApiError(400, f"{where}.images must be an array of base64 strings", param=f"{where}.images")
+
+
+def tagged(model: str, serves: Callable[[str], bool]) -> str:
+    """The name the grid serves ``model`` under. Ollama lists every model with its tag and takes a
+    name without one for ``:latest`` (``llama3.2`` is ``llama3.2:latest``), so clients send the
+    short name; it means the tagged one when that is served and the short one itself is not."""
+    if ":" in model.rpartition("/")[2] or serves(model) or not serves(latest := model + ":latest"):
+        return model
+    return latest
 
 
 def validate_model(body: dict[str, Any]) -> None:

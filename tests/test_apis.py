@@ -213,3 +213,22 @@ async def test_a_batch_of_prompts_is_refused_by_an_ollama_engine_not_cut_to_its_
         assert "one text prompt" in response.json()["error"]["message"]
     one = await grid.http.post(url + "/v1/completions", json={"model": "sim", "prompt": ["Say A"], "max_tokens": 2})
     assert one.status_code == 200 and len(one.json()["choices"]) == 1
+
+
+async def test_an_ollama_name_without_its_tag_means_latest_at_hub_and_proxy(grid: Grid) -> None:
+    """Regression: Ollama lists ``llama3.2:latest`` and takes ``llama3.2`` for it, the name people
+    type; the grid matched names exactly, so every API answered 404 to the short name."""
+    sim_url, _ = await grid.sim(models=("llama3.2:latest", "qwen3:8b", "library/phi:latest"))
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "llama3.2:latest")
+    for url in (hub.value, proxy.value):
+        for name in ("llama3.2", "llama3.2:latest", "library/phi"):
+            for path in ("/api/chat", "/v1/chat/completions"):
+                response = await grid.http.post(url + path, json=chat(model=name))
+                assert response.status_code == 200, (url, path, name, response.text)
+            assert (await grid.http.post(url + "/api/show", json={"name": name})).status_code == 200
+            assert (await grid.http.get(url + "/v1/models/" + name)).status_code == 200
+        for name in ("qwen3", "llama3.2:8b", "llama3"):  # a tag other than latest is never guessed
+            assert (await grid.http.post(url + "/api/chat", json=chat(model=name))).status_code == 404, name

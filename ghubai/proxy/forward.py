@@ -168,7 +168,7 @@ class Forwarder:
     async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                        request_id: str) -> None:
         model, conversation = route_of(request)
-        outcome.model = model
+        model = outcome.model = model and dialects.tagged(model, self.hubs.serves)
         tried: set[str] = set()
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)
