@@ -112,12 +112,26 @@ def validate_completion(body: dict[str, Any]) -> None:
 
 
 def validate_inputs(body: dict[str, Any]) -> None:
-    """Embeddings: ``model`` and a non-empty string or array of strings as ``input``."""
+    """Ollama's embeddings: ``model`` and a non-empty string or array of strings as ``input``."""
     validate_model(body)
     _require(body, "input", (str, list), "a string or an array of strings")
     inputs = body["input"]
     if not inputs or isinstance(inputs, list) and not all(isinstance(item, str) for item in inputs):
         raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
+
+
+def validate_openai_inputs(body: dict[str, Any]) -> None:
+    """OpenAI's embeddings: ``input`` as Ollama's, or token ids (an array of integers, or of such
+    arrays), which OpenAI-compatible engines take (and LangChain sends)."""
+    inputs = body.get("input")
+    if isinstance(inputs, list) and inputs and (all(_token_ids(item) for item in inputs) or _token_ids(inputs)):
+        validate_model(body)
+        return
+    validate_inputs(body)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
 
 
 def validate_ollama_embeddings(body: dict[str, Any]) -> None:
@@ -134,9 +148,10 @@ def validate_ollama_show(body: dict[str, Any]) -> None:
 
 
 def validate_ollama_chat(body: dict[str, Any]) -> None:
+    """``messages`` may be left out: a chat with none loads the model (or, ``keep_alive: 0``, unloads it)."""
     validate_model(body)
-    _require(body, "messages", list, "an array of messages")
-    for index, message in enumerate(body["messages"]):
+    _optional(body, "messages", list, "an array of messages")
+    for index, message in enumerate(body.get("messages") or ()):
         _check_message(message, f"messages[{index}]")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "format", (str, dict), "\"json\" or a JSON schema object")

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from conftest import Grid, chat
+from ghubai.http11.server import Connection, Request
 
 
 async def proxied_grid(grid: Grid, kind: str = "ollama") -> str:
@@ -232,3 +233,55 @@ async def test_an_ollama_name_without_its_tag_means_latest_at_hub_and_proxy(grid
             assert (await grid.http.get(url + "/v1/models/" + name)).status_code == 200
         for name in ("qwen3", "llama3.2:8b", "llama3"):  # a tag other than latest is never guessed
             assert (await grid.http.post(url + "/api/chat", json=chat(model=name))).status_code == 404, name
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_a_load_an_unload_and_token_id_embeddings_as_their_clients_expect(grid: Grid, kind: str) -> None:
+    """Regressions: ``/api/chat`` with no messages (``ollama run``'s and Open WebUI's preload) was a
+    400, and with an OpenAI-compatible engine a load was a generation from nothing; token ids as
+    embedding input (LangChain's default) were a 400 even for engines that take them."""
+    sim_url, sim = await grid.sim(embed_dim=4)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind=kind)
+    for path, body, reason in (("/api/chat", {"model": "sim", "stream": False}, "load"),
+                               ("/api/generate", {"model": "sim", "keep_alive": 0, "stream": False}, "unload"),
+                               ("/api/generate", {"model": "sim"}, "load")):
+        response = await grid.http.post(hub.value + path, json=body)
+        assert response.status_code == 200, response.text
+        assert json.loads(response.text.splitlines()[-1])["done_reason"] == reason
+    assert sim.stats.started == 0  # nothing generated
+    ids = await grid.http.post(hub.value + "/v1/embeddings", json={"model": "sim", "input": [[1, 2, 3], [4]]})
+    if kind == "openai":
+        assert ids.status_code == 200 and len(ids.json()["data"]) == 2
+    else:  # Ollama embeds text only: a 400 that says so
+        assert ids.status_code == 400 and "token ids" in ids.json()["error"]["message"]
+
+
+async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_not_cut_while_it_thinks(
+        grid: Grid) -> None:
+    """Regression: an Ollama thinking model's ``thinking`` lines were dropped, so an OpenAI client got
+    nothing while the model thought, and a thought longer than ``idle_s`` ended in a timeout."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path != "/api/chat":
+            await conn.respond_json(404, {"error": "not here"})
+            return
+        await conn.start_stream(200, "application/x-ndjson")
+        for _ in range(6):  # 0.6 s of thinking: longer than the hub's idle_s
+            await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"","thinking":"hm "},"done":false}\n')
+            await trio.sleep(0.1)
+        await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"4"},"done":false}\n'
+                         b'{"model":"sim","message":{"role":"assistant","content":""},"done":true,"done_reason":"stop",'
+                         b'"prompt_eval_count":3,"eval_count":7}\n')
+        await conn.finish()
+
+    hub = await grid.hub(timeouts={"idle_s": 0.25})
+    await grid.worker(hub.value, await grid.fake_engine(engine))
+    async with openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "2+2?"}],
+                                                   stream=True, reasoning_effort="low")
+        reasoning, content = "", ""
+        async for chunk in stream:
+            if chunk.choices:
+                reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning") or ""
+                content += chunk.choices[0].delta.content or ""
+    assert (reasoning, content) == ("hm " * 6, "4")

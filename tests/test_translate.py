@@ -27,6 +27,9 @@ def openai_over_ollama(api: str) -> OpenAIOverOllama:
     return translator
 
 
+HI = {"role": "user", "content": "hi"}
+
+
 def ndjson(line: bytes) -> dict[str, Any]:
     """One NDJSON line: exactly one object, newline-terminated."""
     assert line.endswith(b"\n") and line.count(b"\n") == 1
@@ -102,7 +105,8 @@ def test_openai_over_ollama_method_is_always_post(api: str) -> None:
 
 
 def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
-    """Options are renamed or copied, images become content parts, tool-call arguments a JSON string."""
+    """Options are renamed or copied, images become content parts, tool-call arguments a JSON string,
+    a tool call keeps its id (or gets one), a thinking level is a reasoning effort."""
     tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
     body = {
         "model": "llama3",
@@ -111,23 +115,24 @@ def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
             {"role": "user", "content": "what is this?", "images": ["QUJD", "REVG"]},
             {"role": "assistant", "content": "", "tool_calls": [
                 {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
-                {"function": {"name": "clock"}}]},
+                {"function": {"name": "clock"}, "id": "call_clock"}]},
             {"role": "tool", "content": "sunny"},
             {"content": "no role"},
             "not a message",
         ],
         "options": {"temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n\n", "END"], "num_predict": 64,
-                    "frequency_penalty": 0.1, "presence_penalty": 0.3, "top_k": 40, "num_ctx": 8192},
+                    "frequency_penalty": 0.1, "presence_penalty": 0.3, "top_k": 40, "min_p": 0.05, "num_ctx": 8192},
         "format": "json",
         "tools": tools,
         "keep_alive": "5m",
+        "think": "high",
     }
     translator = ollama_over_openai("ollama.chat")
     assert translator.request(body, stream=False) == {
         "model": "llama3", "stream": False,
         "temperature": 0.2, "top_p": 0.9, "seed": 7, "stop": ["\n\n", "END"],
-        "frequency_penalty": 0.1, "presence_penalty": 0.3, "max_tokens": 64,
-        "response_format": {"type": "json_object"},
+        "frequency_penalty": 0.1, "presence_penalty": 0.3, "top_k": 40, "min_p": 0.05, "max_tokens": 64,
+        "reasoning_effort": "high", "response_format": {"type": "json_object"},
         "messages": [
             {"role": "system", "content": "be brief"},
             {"role": "user", "content": [
@@ -136,7 +141,7 @@ def test_ollama_chat_request_maps_messages_options_format_and_tools() -> None:
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,REVG"}}]},
             {"role": "assistant", "content": "", "tool_calls": [
                 {"id": "c00020000", "type": "function", "function": {"name": "weather", "arguments": '{"city":"Paris"}'}},
-                {"id": "c00020001", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
+                {"id": "call_clock", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
             {"role": "tool", "content": "sunny", "tool_call_id": "c00020000"},
             {"role": "user", "content": "no role"},
         ],
@@ -161,8 +166,8 @@ def test_each_ollama_tool_result_names_the_call_it_answers() -> None:
 
 def test_ollama_stream_asks_the_engine_for_usage() -> None:
     """A streamed request asks for the usage chunk that the final record's counts come from."""
-    request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": []}, stream=True)
-    assert request == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "messages": []}
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": [HI]}, stream=True)
+    assert request == {"model": "m", "stream": True, "stream_options": {"include_usage": True}, "messages": [HI]}
 
 
 def test_ollama_format_schema_becomes_json_schema_response_format() -> None:
@@ -174,14 +179,14 @@ def test_ollama_format_schema_becomes_json_schema_response_format() -> None:
 
 
 @pytest.mark.parametrize("body", [
-    {"model": "m", "options": "hot", "format": "yaml", "tools": []},
-    {"model": "m", "options": None, "format": ""},
-    {"model": "m"},
+    {"model": "m", "options": "hot", "format": "yaml", "tools": [], "messages": [HI]},
+    {"model": "m", "options": None, "format": "", "messages": [HI]},
+    {"model": "m", "messages": [HI]},
 ])
 def test_ollama_request_ignores_missing_or_malformed_extras(body: dict[str, Any]) -> None:
     """Options that are not an object, an unknown format and empty tools add nothing."""
     assert ollama_over_openai("ollama.chat").request(body, stream=False) == {
-        "model": "m", "stream": False, "messages": []}
+        "model": "m", "stream": False, "messages": [HI]}
 
 
 def test_ollama_generate_request_puts_the_system_before_the_prompt() -> None:
@@ -194,10 +199,11 @@ def test_ollama_generate_request_puts_the_system_before_the_prompt() -> None:
 
 
 def test_ollama_generate_without_system_or_prompt() -> None:
-    """No system adds no blank lines; no prompt is an empty prompt."""
+    """No system adds no blank lines; no prompt is a load, not a generation (as Ollama answers it)."""
+    assert ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "x"}, stream=False)["prompt"] == "x"
     translator = ollama_over_openai("ollama.generate")
-    assert translator.request({"model": "m", "prompt": "x"}, stream=False)["prompt"] == "x"
-    assert translator.request({"model": "m", "system": ""}, stream=False)["prompt"] == ""
+    translator.request({"model": "m", "system": "terse"}, stream=False)
+    assert translator.preload == "load"
 
 
 def test_ollama_embed_requests_carry_only_model_and_input() -> None:
@@ -284,9 +290,9 @@ def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
         assert translator.chunk({"choices": [{"delta": {"tool_calls": [fragment]}}]}) == []
     translator.chunk({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
     value = ndjson(translator.final({"prompt_tokens": 9, "completion_tokens": 12}))
-    assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "weather", "arguments": {"city": "Paris"}}},
-        {"function": {"name": "clock", "arguments": {}}},
+    assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [  # ids kept (Ollama has them)
+        {"id": "a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+        {"id": "b", "function": {"name": "clock", "arguments": {}}},
         {"function": {"name": "broken", "arguments": '{"no'}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("stop", 9, 12)
 
@@ -337,8 +343,8 @@ def test_ollama_chat_whole_answer_with_tool_calls_and_length() -> None:
         {"id": "call_10", "type": "function", "function": {"name": "noop"}}]}
     value = json.loads(translator.whole({"choices": [{"message": message, "finish_reason": "length"}]}, None))
     assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "add", "arguments": {"a": 1, "b": [2]}}},
-        {"function": {"name": "noop", "arguments": {}}}]}
+        {"id": "call_9", "function": {"name": "add", "arguments": {"a": 1, "b": [2]}}},
+        {"id": "call_10", "function": {"name": "noop", "arguments": {}}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("length", 0, 0)
 
 
@@ -431,10 +437,10 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
             {"role": "system", "content": "sys"},
             {"role": "user", "content": "What is this?", "images": ["QUJD"]},
             {"role": "assistant", "content": "", "tool_calls": [
-                {"function": {"name": "add", "arguments": {"a": 1}}},
-                {"function": {"name": "raw", "arguments": "not json"}}]},
-            {"role": "tool", "content": "2", "tool_name": "add"},
-            {"role": "tool", "content": "?"},
+                {"id": "call_1", "function": {"name": "add", "arguments": {"a": 1}}},
+                {"id": "call_2", "function": {"name": "raw", "arguments": "not json"}}]},
+            {"role": "tool", "content": "2", "tool_call_id": "call_1", "tool_name": "add"},
+            {"role": "tool", "content": "?", "tool_call_id": "call_9"},
             {"role": "user", "content": "roleless"},
         ],
         "tools": tools, "tool_choice": "auto",
@@ -535,7 +541,6 @@ def test_openai_chat_stream_empty_first_chunk_still_sends_the_role() -> None:
     assert sse(first)["choices"] == [{"index": 0, "delta": {"content": "", "role": "assistant"},
                                       "finish_reason": None}]
     assert translator.chunk({"message": {"role": "assistant", "content": ""}, "done": False}) == []
-    assert translator.chunk({"message": {"role": "assistant", "thinking": "hmm"}, "done": False}) == []
     assert translator.chunk({"done": False}) == []
 
 
@@ -717,7 +722,7 @@ def test_openai_tool_call_arguments_reach_ollama_as_an_object(arguments: Any, ex
     message = {"role": "assistant", "content": "",
                "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}]}
     request = openai_over_ollama("openai.chat").request({"model": "m", "messages": [message]}, stream=False)
-    assert request["messages"][0]["tool_calls"] == [{"function": {"name": "f", "arguments": expected}}]
+    assert request["messages"][0]["tool_calls"] == [{"id": "c", "function": {"name": "f", "arguments": expected}}]
 
 
 @pytest.mark.parametrize("url", ["https://example.com/cat.png", "http://10.0.0.5/x.png", "data:image/png,QUJD",
@@ -759,3 +764,100 @@ def test_a_tool_result_names_its_tool_by_its_own_name_or_not_at_all_whatever_its
                                        {"role": "tool", "tool_call_id": {"b": 1}, "content": "2"}]}
     messages = openai_over_ollama("openai.chat").request(body, stream=False)["messages"]
     assert messages == [{"role": "tool", "content": "1", "tool_name": "clock"}, {"role": "tool", "content": "2"}]
+
+
+# -- what real clients send and get (a hunt through the openai and ollama clients) ------------------
+
+
+@pytest.mark.parametrize("field, expected", [
+    ({"reasoning_effort": "low"}, "low"), ({"reasoning_effort": "none"}, False),
+    ({"reasoning_effort": "minimal"}, "low"), ({"reasoning": {"effort": "xhigh"}}, "max"), ({}, None)])
+def test_a_reasoning_effort_is_ollama_s_think_as_its_own_openai_layer_maps_it(field: dict[str, Any], expected: Any) -> None:
+    request = openai_over_ollama("openai.chat").request({"model": "m", "messages": [HI], **field}, stream=False)
+    assert request.get("think") == expected
+
+
+def test_an_unknown_reasoning_effort_is_untranslatable() -> None:
+    with pytest.raises(Untranslatable, match="reasoning effort"):
+        openai_over_ollama("openai.chat").request({"model": "m", "messages": [HI], "reasoning_effort": "huge"}, stream=False)
+
+
+def test_openai_request_details_ollama_would_lose_or_misread() -> None:
+    """``developer`` is ``system`` (Ollama's templates know no other), an earlier turn's reasoning is
+    its ``thinking``, a null ``max_completion_tokens`` leaves ``max_tokens`` in force, ``tool_choice:
+    "none"`` sends no tools (Ollama ignores tool_choice), and ``suffix`` and ``dimensions`` pass."""
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    request = openai_over_ollama("openai.chat").request({
+        "model": "m", "max_tokens": 3, "max_completion_tokens": None, "tools": tools, "tool_choice": "none",
+        "messages": [{"role": "developer", "content": "be terse"}, HI,
+                     {"role": "assistant", "content": "4", "reasoning_content": "2+2"}]}, stream=False)
+    assert request["messages"] == [{"role": "system", "content": "be terse"}, HI,
+                                   {"role": "assistant", "content": "4", "thinking": "2+2"}]
+    assert request["options"] == {"num_predict": 3} and "tools" not in request
+    completion = openai_over_ollama("openai.completions").request({"model": "m", "prompt": "def f(", "suffix": ")"}, False)
+    assert completion["suffix"] == ")"
+    embedding = openai_over_ollama("openai.embeddings").request({"model": "m", "input": "x", "dimensions": 256}, False)
+    assert embedding == {"model": "m", "input": "x", "dimensions": 256}
+    with pytest.raises(Untranslatable, match="token ids"):
+        openai_over_ollama("openai.embeddings").request({"model": "m", "input": [[1, 2, 3]]}, False)
+
+
+def test_a_thinking_model_s_thinking_is_the_openai_deltas_reasoning() -> None:
+    """Regression: thinking lines were dropped: the client saw nothing while the model thought
+    (long enough, and the hub's idle timeout cut the stream) and never saw the reasoning."""
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "messages": [HI]}, stream=True)
+    deltas = [sse(event)["choices"][0]["delta"] for line in (
+        {"message": {"role": "assistant", "content": "", "thinking": "Let"}, "done": False},
+        {"message": {"role": "assistant", "content": "", "thinking": " me see"}, "done": False},
+        {"message": {"role": "assistant", "content": "Four", "thinking": "."}, "done": False},
+        {"message": {"role": "assistant", "content": "."}, "done": False}) for event in translator.chunk(line)]
+    assert deltas == [{"content": "", "role": "assistant", "reasoning": "Let"}, {"content": "", "reasoning": " me see"},
+                      {"content": "Four", "reasoning": "."}, {"content": "."}]
+    whole = openai_over_ollama("openai.chat")
+    whole.request({"model": "m", "messages": [HI]}, stream=False)
+    message = json.loads(whole.whole({"message": {"content": "4", "thinking": "2+2"}, "done": True}, None))
+    assert message["choices"][0]["message"] == {"role": "assistant", "content": "4", "reasoning": "2+2"}
+
+
+def test_an_ollama_tool_call_keeps_the_id_ollama_gave_it() -> None:
+    translator = openai_over_ollama("openai.chat")
+    translator.request({"model": "m", "messages": [HI]}, stream=False)
+    answer = json.loads(translator.whole({"message": {"content": "", "tool_calls": [
+        {"id": "call_abc", "function": {"name": "f", "arguments": {}}}, {"function": {"name": "g", "arguments": {}}}]},
+        "done": True}, None))
+    ids = [call["id"] for call in answer["choices"][0]["message"]["tool_calls"]]
+    assert ids[0] == "call_abc" and ids[1].startswith("call_") and ids[1] != "call_abc"
+
+
+def test_an_openai_engine_s_reasoning_is_ollama_s_thinking() -> None:
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m", "messages": [HI]}, stream=True)
+    lines = [translator.chunk({"choices": [{"delta": delta}]}) for delta in (
+        {"reasoning_content": "hmm"}, {"reasoning": "so"}, {"content": "4"})]
+    assert [ndjson(line)["message"] for [line] in lines] == [
+        {"role": "assistant", "content": "", "thinking": "hmm"}, {"role": "assistant", "content": "", "thinking": "so"},
+        {"role": "assistant", "content": "4"}]
+    whole = ollama_over_openai("ollama.chat")
+    whole.request({"model": "m", "messages": [HI]}, stream=False)
+    value = json.loads(whole.whole({"choices": [{"message": {"content": "4", "reasoning_content": "2+2"}}]}, None))
+    assert value["message"] == {"role": "assistant", "content": "4", "thinking": "2+2"}
+
+
+@pytest.mark.parametrize("api, body, reason", [
+    ("ollama.generate", {"model": "m"}, "load"), ("ollama.generate", {"model": "m", "prompt": "", "keep_alive": 0}, "unload"),
+    ("ollama.chat", {"model": "m"}, "load"), ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload")])
+def test_a_load_or_unload_is_answered_as_ollama_answers_it_not_generated(api: str, body: dict[str, Any], reason: str) -> None:
+    """Regression: ``ollama run``'s and Open WebUI's preload (no prompt, no messages) made an
+    OpenAI-compatible engine generate from nothing (or refuse empty messages)."""
+    translator = ollama_over_openai(api)
+    translator.request(body, stream=True)
+    value = ndjson(translator.preloaded(stream=True))
+    assert (value["done"], value["done_reason"], value["model"]) == (True, reason, "m")
+
+
+def test_images_on_generate_for_an_openai_engine_are_untranslatable_not_dropped() -> None:
+    with pytest.raises(Untranslatable, match="/api/chat"):
+        ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "what?", "images": ["QUJD"]}, False)
+    embed = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": 64}, stream=False)
+    assert embed == {"model": "e", "input": "x", "dimensions": 64}

@@ -70,7 +70,7 @@ class Route:
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
-    "/v1/embeddings": Route("openai.embeddings", dialects.validate_inputs, None),
+    "/v1/embeddings": Route("openai.embeddings", dialects.validate_openai_inputs, None),
     "/api/chat": Route("ollama.chat", dialects.validate_ollama_chat, True),
     "/api/generate": Route("ollama.generate", dialects.validate_ollama_generate, True),
     "/api/embed": Route("ollama.embed", dialects.validate_inputs, None),

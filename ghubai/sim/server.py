@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -149,6 +150,9 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body)
         stream = body.get("stream", dialect == "ollama") is True
+        if dialect == "ollama" and not body.get("messages" if shape_class is OllamaChat else "prompt"):
+            await self._preload(conn, body, model, shape_class, stream)  # Ollama loads (or unloads); no generation
+            return
         include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body))
         wants_json, schema = requested_json(body)
@@ -181,11 +185,33 @@ class SimServer:
                 raise ApiError(500, str(failure))
             await conn.respond_json(200, shape.whole())
 
-    def _embed_inputs(self, body: dict[str, Any]) -> list[str]:
+    @staticmethod
+    async def _preload(conn: Connection, body: dict[str, Any], model: str, shape_class: type[Shape],
+                       stream: bool) -> None:
+        """What Ollama answers a request with no prompt (no messages): the model loaded, or, with
+        ``keep_alive`` 0, unloaded; nothing generated."""
+        reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+        answer: dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": reason}
+        answer.update({"message": {"role": "assistant", "content": ""}} if shape_class is OllamaChat else {"response": ""})
+        if stream:
+            await conn.start_stream(200, "application/x-ndjson")
+            await conn.write(json.dumps(answer).encode() + b"\n")
+            await conn.finish()
+        else:
+            await conn.respond_json(200, answer)
+
+    def _embed_inputs(self, body: dict[str, Any], token_ids: bool = False) -> list[str]:
+        """The texts to embed; with ``token_ids`` (an OpenAI-compatible engine's), a list of integer
+        token ids (or a list of such lists) counts as a text of those numbers."""
         raw = body.get("input", body.get("prompt"))
         items = raw if isinstance(raw, list) else [raw]
+        if token_ids and items and all(type(item) is int for item in items):
+            items = [items]
+        if token_ids:
+            items = [" ".join(map(str, item)) if isinstance(item, list) and item and all(type(i) is int for i in item)
+                     else item for item in items]
         if not items or not all(isinstance(item, str) for item in items):
-            raise ApiError(400, "input must be a string or a list of strings")
+            raise ApiError(400, "input must be a string or a list of strings" + (" or of token ids" if token_ids else ""))
         return items
 
     async def ollama_embed(self, conn: Connection, request: Request) -> None:
@@ -218,7 +244,7 @@ class SimServer:
         body = _body(request)
         model = self._model(body)
         self._maybe_fail()
-        inputs = self._embed_inputs(body)
+        inputs = self._embed_inputs(body, token_ids=True)
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, text in enumerate(inputs):

@@ -26,7 +26,7 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import Translator, Untranslatable, count, engine_path, translator_for
+from ghubai.worker.translate import OllamaOverOpenAI, Translator, Untranslatable, count, engine_path, translator_for
 
 log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
@@ -311,6 +311,10 @@ class Engine:
                 path, body = translator.path, translator.request(call.body, call.stream)
             except Untranslatable as error:
                 raise EngineError(400, str(error), retryable=True) from None
+            if isinstance(translator, OllamaOverOpenAI) and translator.preload:
+                call.finished = True
+                yield translator.preloaded(call.stream)
+                return
         elif call.api in protocol.API_PATHS:
             path, body = protocol.API_PATHS[call.api], self._prepare(call)
         else:

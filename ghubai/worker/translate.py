@@ -24,6 +24,13 @@ from ghubai import dialects, protocol
 _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspec, so no lone surrogates
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
+_ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options an OpenAI-compatible engine (llama.cpp, vLLM) takes too
+# OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
+_THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                                 "max": "max", "xhigh": "max", "ultra": "max"}
+
+
+_HOLE = "\x00text\x00"  # where a template's text goes (no answer holds a NUL between two words "text")
 
 
 def _now() -> str:
@@ -51,10 +58,16 @@ def _text(value: Any) -> str:
     raise TypeError(f"answer text of type {type(value).__name__}")
 
 
+def _reasoning(message: dict[str, Any]) -> Any:
+    """The reasoning an OpenAI message or delta carries: ``reasoning`` (Ollama's and OpenRouter's
+    name) or ``reasoning_content`` (vLLM's, llama.cpp's, DeepSeek's)."""
+    return message.get("reasoning") or message.get("reasoning_content")
+
+
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
     """An Ollama message (the ``number``-th) as OpenAI's: images become content parts, tool-call
-    arguments a string, and each tool call gets an id unique in the conversation: 9 letters and
-    digits, the form Mistral's templates demand (vLLM refuses others for those models)."""
+    arguments a string, and each tool call keeps its id, or gets one unique in the conversation: 9
+    letters and digits, the form Mistral's templates demand (vLLM refuses others for those models)."""
     converted: dict[str, Any] = {"role": message.get("role", "user"), "content": message.get("content", "")}
     if message.get("images"):
         converted["content"] = [{"type": "text", "text": converted["content"]}] + [
@@ -62,7 +75,8 @@ def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
             for image in message["images"]]
     if message.get("tool_calls"):
         converted["tool_calls"] = [
-            {"id": f"c{number:04d}{index:04d}", "type": "function",
+            {"id": call["id"] if isinstance(call.get("id"), str) and call["id"] else f"c{number:04d}{index:04d}",
+             "type": "function",
              "function": {"name": call["function"]["name"],
                           "arguments": _encode(call["function"].get("arguments", {})).decode()}}
             for index, call in enumerate(message["tool_calls"])]
@@ -89,7 +103,7 @@ def _messages(messages: list[Any]) -> list[dict[str, Any]]:
 
 
 def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI's tool calls as Ollama's: the arguments string becomes an object."""
+    """OpenAI's tool calls as Ollama's: the arguments string becomes an object; ids are kept."""
     converted = []
     for call in calls:
         function = call.get("function") or {}
@@ -99,7 +113,10 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 arguments = msgspec.json.decode(arguments)
             except (msgspec.DecodeError, RecursionError):  # (a lone surrogate too: it could not be sent on)
                 pass
-        converted.append({"function": {"name": function.get("name", ""), "arguments": arguments}})
+        out: dict[str, Any] = {"function": {"name": function.get("name", ""), "arguments": arguments}}
+        if isinstance(call.get("id"), str) and call["id"]:
+            out["id"] = call["id"]
+        converted.append(out)
     return converted
 
 
@@ -118,6 +135,7 @@ class OllamaOverOpenAI:
         self.model = ""
         self.finish_reason = "stop"
         self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls, assembled by index
+        self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
 
     @staticmethod
     def method(api: str) -> str:
@@ -126,12 +144,15 @@ class OllamaOverOpenAI:
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
         if self.api == "ollama.embed":
-            return {"model": self.model, "input": body.get("input", "")}
+            dimensions = {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
+            return {"model": self.model, "input": body.get("input", ""), **dimensions}
         if self.api == "ollama.embeddings":  # the legacy form: one prompt, one vector
             return {"model": self.model, "input": str(body.get("prompt", ""))}
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
-        request.update({name: options[name] for name in _SAME_OPTIONS if name in options})
+        request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if name in options})
+        if isinstance(body.get("think"), str):  # a level (gpt-oss); true and false have no OpenAI word
+            request["reasoning_effort"] = body["think"]
         if isinstance(options.get("num_predict"), int) and options["num_predict"] >= 0:
             request["max_tokens"] = options["num_predict"]  # -1 and -2 mean "no limit" to Ollama
         if stream:
@@ -141,14 +162,27 @@ class OllamaOverOpenAI:
         elif isinstance(body.get("format"), dict):
             request["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "response", "schema": body["format"]}}
+        if self.api != "ollama.show" and not body.get("messages" if self.api == "ollama.chat" else "prompt"):
+            # Ollama's way to load a model, or (keep_alive 0) to unload it: nothing to generate
+            self.preload = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+            return request
         if self.api == "ollama.chat":
-            request["messages"] = _messages(body.get("messages", []))
+            request["messages"] = _messages(body.get("messages") or [])
             if body.get("tools"):
                 request["tools"] = body["tools"]
         else:
+            if body.get("images"):
+                raise Untranslatable("images on /api/generate need an Ollama engine (an OpenAI-compatible "
+                                     "engine's /v1/completions takes none): send them to /api/chat")
             system = f"{body['system']}\n\n" if body.get("system") else ""
             request["prompt"] = system + str(body.get("prompt", ""))
         return request
+
+    def preloaded(self, stream: bool) -> bytes:
+        """The answer to a load or unload (``preload``), as Ollama gives it: an engine behind its
+        OpenAI API loads on demand, and would generate from an empty prompt."""
+        answer = {**self._answer(""), "done": True, "done_reason": self.preload}
+        return _line(answer) if stream else _encode(answer)
 
     def _counts(self, usage: dict[str, int] | None) -> dict[str, Any]:
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
@@ -173,14 +207,22 @@ class OllamaOverOpenAI:
             function = call.get("function") or {}
             assembled["name"] += function.get("name") or ""
             assembled["arguments"] += function.get("arguments") or ""
-        text = _text(delta.get("content") if self.api == "ollama.chat" else choice.get("text"))
-        return [_line({**self._answer(text), "done": False})] if text else []
+            if isinstance(call.get("id"), str) and call["id"]:
+                assembled["id"] = call["id"]
+        if self.api != "ollama.chat":
+            text = _text(choice.get("text"))
+            return [_line({**self._answer(text), "done": False})] if text else []
+        text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
+        if not (text or thinking):
+            return []
+        return [_line({**self._answer(text, **({"thinking": thinking} if thinking else {})), "done": False})]
 
     def final(self, usage: dict[str, int] | None) -> bytes:
         """The last line, when the engine said [DONE]."""
         extra = {}
         if self.calls:
-            extra["tool_calls"] = _tool_calls([{"function": self.calls[i]} for i in sorted(self.calls)])
+            extra["tool_calls"] = _tool_calls([{"id": self.calls[i].pop("id", None), "function": self.calls[i]}
+                                               for i in sorted(self.calls)])
         return _line({**self._answer("", **extra), **self._counts(usage)})
 
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
@@ -200,7 +242,9 @@ class OllamaOverOpenAI:
         self.finish_reason = choice.get("finish_reason") or "stop"
         if self.api == "ollama.chat":
             message = choice.get("message") or {}
-            extra = {"tool_calls": _tool_calls(message["tool_calls"])} if message.get("tool_calls") else {}
+            extra: dict[str, Any] = {"tool_calls": _tool_calls(message["tool_calls"])} if message.get("tool_calls") else {}
+            if thinking := _text(_reasoning(message)):
+                extra["thinking"] = thinking
             answer = self._answer(_text(message.get("content")), **extra)
         else:
             answer = self._answer(_text(choice.get("text")))
@@ -228,8 +272,11 @@ def _base64_image(url: str) -> str:
 
 
 def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI message as Ollama's: content parts become text and base64 images, arguments an object."""
-    converted: dict[str, Any] = {"role": message.get("role", "user")}
+    """An OpenAI message as Ollama's: content parts become text and base64 images, arguments an
+    object, reasoning ``thinking``; ``developer`` (OpenAI's newer name for ``system``) is
+    ``system``, the only one Ollama's templates know."""
+    role = message.get("role", "user")
+    converted: dict[str, Any] = {"role": "system" if role == "developer" else role}
     content = message.get("content")
     if isinstance(content, list):
         converted["content"] = "".join(part.get("text", "") for part in content
@@ -242,6 +289,10 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
         converted["content"] = content or ""
     if message.get("tool_calls"):
         converted["tool_calls"] = _tool_calls(message["tool_calls"])
+    if isinstance(message.get("tool_call_id"), str):
+        converted["tool_call_id"] = message["tool_call_id"]
+    if isinstance(thinking := _reasoning(message), str) and thinking:
+        converted["thinking"] = thinking
     return converted
 
 
@@ -290,15 +341,27 @@ class OpenAIOverOllama:
         self.model = str(body.get("model", ""))
         if self.api == "openai.embeddings":
             self.base64 = body.get("encoding_format") == "base64"
-            return {"model": self.model, "input": body.get("input", "")}
+            inputs = body.get("input", "")
+            if isinstance(inputs, list) and inputs and not isinstance(inputs[0], str):
+                raise Untranslatable("an Ollama engine embeds text, not token ids: send the text")
+            dimensions = {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
+            return {"model": self.model, "input": inputs, **dimensions}
         self.include_usage = dialects.wants_usage(body)
         options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
-        limit = body.get("max_completion_tokens", body.get("max_tokens"))
+        limit = body.get("max_completion_tokens")
+        if limit is None:
+            limit = body.get("max_tokens")
         if limit is not None:
             options["num_predict"] = limit
         request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
+        reasoning = body.get("reasoning")
+        effort = reasoning.get("effort") if isinstance(reasoning, dict) else body.get("reasoning_effort")
+        if effort is not None:
+            if effort not in _THINK:
+                raise Untranslatable(f"reasoning effort {effort!r} is none of {', '.join(_THINK)}")
+            request["think"] = _THINK[effort]
         response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_object":
             request["format"] = "json"
@@ -306,7 +369,7 @@ class OpenAIOverOllama:
             request["format"] = (response_format.get("json_schema") or {}).get("schema", "json")
         if self.api == "openai.chat":
             request["messages"] = _ollama_messages(body.get("messages", []))
-            if body.get("tools"):
+            if body.get("tools") and body.get("tool_choice") != "none":  # Ollama knows no tool_choice: "none" is no tools
                 request["tools"] = body["tools"]
                 if body.get("tool_choice") is not None:  # Ollama ignores it; engines that know it use it
                     request["tool_choice"] = body["tool_choice"]
@@ -318,6 +381,8 @@ class OpenAIOverOllama:
                                          f"{len(prompt)} prompts or token ids: send them one by one")
                 prompt = prompt[0]
             request["prompt"] = str(prompt)
+            if isinstance(body.get("suffix"), str):
+                request["suffix"] = body["suffix"]
         return request
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -339,7 +404,8 @@ class OpenAIOverOllama:
         converted = []
         for call in calls:
             function = call.get("function") or {}
-            converted.append({"index": self.index, "id": f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+            known = call.get("id") if isinstance(call.get("id"), str) and call["id"] else None
+            converted.append({"index": self.index, "id": known or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
                               "function": {"name": function.get("name", ""),
                                            "arguments": _encode(function.get("arguments", {})).decode()}})
             self.index += 1
@@ -349,31 +415,48 @@ class OpenAIOverOllama:
     def method(api: str) -> str:
         return "POST"
 
+    def _template(self, choice: dict[str, Any]) -> tuple[bytes, bytes]:
+        """The SSE event of a delta, split around its text: a token then costs one small JSON
+        encode instead of building and encoding the whole chunk (this is the per-token path)."""
+        before, after = _sse(self._chunk({**choice, "finish_reason": None})).split(_encode(_HOLE))
+        return before, after
+
     @cached_property
     def _text_event(self) -> tuple[bytes, bytes]:
-        """The SSE event of a plain text delta, split around the text: a token then costs one small
-        JSON encode instead of building and encoding the whole chunk (this is the per-token path).
-        Built at a stream's first token, after ``request``: a whole answer never needs it."""
-        hole = "\x00text\x00"
-        choice = {"delta": {"content": hole}} if self.api == "openai.chat" else {"text": hole, "logprobs": None}
-        before, after = _sse(self._chunk({**choice, "finish_reason": None})).split(_encode(hole))
-        return before, after
+        """A text delta's event. Built at a stream's first token, after ``request``: a whole answer
+        never needs it."""
+        return self._template({"delta": {"content": _HOLE}} if self.api == "openai.chat" else
+                              {"text": _HOLE, "logprobs": None})
+
+    @cached_property
+    def _reasoning_event(self) -> tuple[bytes, bytes]:
+        """A reasoning delta's event: ``reasoning``, as Ollama's own OpenAI layer says a thinking
+        model's thinking (with ``content`` empty)."""
+        return self._template({"delta": {"content": "", "reasoning": _HOLE}})
 
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
         """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
-        finish reason, then the usage if the client asked for it."""
+        finish reason, then the usage if the client asked for it; a thinking model's thinking is
+        the deltas' ``reasoning``."""
         message = value.get("message") or {}
         text = message.get("content") if self.api == "openai.chat" else value.get("response")
         if type(text) is not str:  # (the check costs a call only off the per-token path)
             text = _text(text)
-        if self.started and text and value.get("done") is False and not message.get("tool_calls"):
-            before, after = self._text_event
-            return [before + _encode(text) + after]
+        thinking = message.get("thinking")  # (only /api/chat's message has it)
+        if self.started and value.get("done") is False and not message.get("tool_calls"):
+            if text and not thinking:
+                before, after = self._text_event
+                return [before + _encode(text) + after]
+            if thinking and not text and type(thinking) is str:
+                before, after = self._reasoning_event
+                return [before + _encode(thinking) + after]
         out = []
         if self.api == "openai.chat":
             delta: dict[str, Any] = {"content": text}
             if not self.started:
                 delta["role"] = "assistant"
+            if thinking := _text(thinking):
+                delta["reasoning"] = thinking
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
             if delta.get("content") or len(delta) > 1:
@@ -401,6 +484,8 @@ class OpenAIOverOllama:
         if self.api == "openai.chat":
             message = value.get("message") or {}
             answer: dict[str, Any] = {"role": "assistant", "content": _text(message.get("content"))}
+            if thinking := _text(message.get("thinking")):
+                answer["reasoning"] = thinking
             if message.get("tool_calls"):
                 answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
                                         for call in self._openai_calls(message["tool_calls"])]
