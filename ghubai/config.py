@@ -192,7 +192,8 @@ class HubLimits:
 class HubTimeouts:
     """``[timeouts]`` of ``hub.toml``: every wait of a request is bounded by one of these."""
     connect_s: float = _key(_at_least(0.001), "a worker that connects must say hello within this", default=5.0)
-    first_token_s: float = _key(_at_least(0.001), "a model may need minutes to load", default=300.0)
+    first_token_s: float = _key(_at_least(0.001), "a model may need minutes to load; for a request that does not "
+                                "stream, its whole answer", default=300.0)
     idle_s: float = _key(_at_least(0.001), "longest silence between two chunks of a stream", default=120.0)
     total_s: float = _key(_at_least(0.001), "", default=3600.0)
 
@@ -242,8 +243,8 @@ class EngineConfig:
         _at_least(0.01), "how often the model list is refreshed (while the engine lists none because of a "
                          "problem, such as no answer: after 1 s, 2 s, 4 s ... up to this)", default=30.0)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
-    idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of an answer",
-                                 default=300.0)
+    idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of a streamed answer "
+                                 "(a whole answer: the hub's first_token_s)", default=300.0)
     api_key: str = _key(_api_key, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
                         "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
     headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "

@@ -193,3 +193,21 @@ OLLAMA_API_VERSION = "0.9.0"
 SSE_DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def whole_events(held: bytearray, data: bytes, boundary: bytes) -> bytes:
+    """The whole events (SSE, NDJSON lines) of ``held`` + ``data``, up to the last ``boundary``; the
+    start of the next stays in ``held``, so that an error event after an answer cut mid-event is
+    never glued onto half an event (a client could parse neither). Each byte is searched once,
+    however many pieces one huge event takes."""
+    if not held and data.endswith(boundary):
+        return data  # the usual read: whole events, nothing held, nothing copied
+    seam = max(0, len(held) - len(boundary) + 1)  # a boundary may straddle the old and the new bytes
+    held += data
+    end = held.rfind(boundary, seam)
+    if end < 0:
+        return b""
+    end += len(boundary)
+    whole = bytes(held[:end])
+    del held[:end]
+    return whole

@@ -11,6 +11,7 @@ import trio
 
 from conftest import Grid, chat
 from ghubai.http11.server import Connection, Request
+from ghubai.worker.engine import PROBE_MODEL
 
 
 async def proxied_grid(grid: Grid, kind: str = "ollama") -> str:
@@ -262,8 +263,8 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
     """Regression: an Ollama thinking model's ``thinking`` lines were dropped, so an OpenAI client got
     nothing while the model thought, and a thought longer than ``idle_s`` ended in a timeout."""
     async def engine(conn: Connection, request: Request) -> None:
-        if request.path != "/api/chat":
-            await conn.respond_json(404, {"error": "not here"})
+        if request.path != "/api/chat" or PROBE_MODEL.encode() in request.body:  # (the worker's probe: no such model)
+            await conn.respond_json(404, {"error": f"model '{PROBE_MODEL}' not found"})
             return
         await conn.start_stream(200, "application/x-ndjson")
         for _ in range(6):  # 0.6 s of thinking: longer than the hub's idle_s

@@ -192,3 +192,39 @@ async def test_streams_through_a_proxy_at_its_drain_timeout_end_with_an_error_ev
     finally:
         proxy.stop()
 
+
+
+async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_retried_elsewhere(
+        grid: Grid, tmp_path: Any) -> None:
+    """Review: a worker's drain timeout ended its requests with a 503 that could not be retried, so
+    a graceful stop served a client worse than a crash (a kill -9 is retried on another worker)."""
+    slow_url, slow = await grid.sim(ttft_ms=60_000)
+    fast_url, fast = await grid.sim()
+    hub = await grid.hub(scheduler={"policy": "least-loaded"})
+    config = tmp_path / "worker.toml"
+    config.write_text(f'hub_url = "{hub.value.replace("http", "ws")}/gridhub"\nname = "slow"\ndrain_timeout_s = 0.3\n'
+                      f'[engine]\nurl = "{slow_url}"\n')
+    worker = subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
+                              env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+    try:
+        await workers_linked(grid, hub.value, 1)
+        await grid.worker(hub.value, fast_url, name="fast")  # added second: a tie goes to the slow one
+        answer: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answer.append(await grid.http.post(hub.value + "/v1/chat/completions", json=chat()))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+
+            async def generating() -> bool:
+                return slow.stats.active == 1
+
+            await eventually(generating, "the slow engine to take the request")
+            worker.send_signal(signal.SIGTERM)
+        assert answer[0].status_code == 200, answer[0].text
+        assert answer[0].headers["x-ghubai-worker"] == "fast" and fast.stats.completed == 1
+        assert worker.wait(timeout=WAIT_S) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()

@@ -565,3 +565,17 @@ async def test_an_image_link_for_an_ollama_engine_is_a_400_not_garbage_base64(gr
     assert (await grid.stats(sim_url))["started"] == 0
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=with_image("data:image/png;base64,iVBORw0KGgo="))
     assert response.status_code == 200, response.text
+
+
+async def test_a_whole_answer_longer_than_the_engine_idle_timeout_is_not_cut(grid: Grid) -> None:
+    """Review: a request that does not stream is silent until its answer is done, and the worker
+    bounded that by ``idle_timeout_s`` (silence mid-answer): a long answer was a retryable 504, run
+    again on every worker. The hub's ``first_token_s`` bounds it."""
+    sim_url, sim = await grid.sim(ttft_ms=0, itl_ms=40, tokens=10)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, idle_timeout_s=0.15)
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200, response.text
+    assert sim.stats.started == 1
+    streamed = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text  # a token every 40 ms: never silent for long

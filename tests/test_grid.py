@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import httpx
 import openai
@@ -433,6 +434,26 @@ async def test_requests_the_grid_cannot_take_cost_no_budget(grid: Grid) -> None:
     hub = await grid.hub(limits={"requests_per_minute": 2})
     codes = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code for _ in range(4)]
     assert codes == [503] * 4  # no worker: refused, but never counted against the client
+
+
+async def test_a_request_refused_for_a_full_queue_costs_no_budget(grid: Grid) -> None:
+    """Review: a 429 queue_full still took a request from the key's requests_per_minute."""
+    sim_url, sim = await grid.sim(ttft_ms=60_000)
+    hub = await grid.hub(limits={"requests_per_minute": 3, "queue_size": 1})
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+    url = hub.value + "/v1/chat/completions"
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):  # one runs, one waits in the queue: 2 of 3
+            nursery.start_soon(partial(grid.http.post, url, json=chat()))
+
+        async def queued() -> bool:
+            return (await grid.http.get(hub.value + "/api/summary")).json()["queued"] == 1
+
+        await eventually(queued, "a request running and one queued")
+        for _ in range(3):
+            full = await grid.http.post(url, json=chat())
+            assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full", full.text
+        nursery.cancel_scope.cancel()
 
 
 async def test_too_many_or_too_long_headers_get_431(grid: Grid) -> None:

@@ -569,15 +569,19 @@ async def test_a_worker_that_loads_the_model_serves_the_queue(autojump_clock: tr
     assert idle.models == frozenset({"x", "m"}) and pool.models() == ["m", "x"] and trio.current_time() == 0.0
 
 
+def refuse(pool: Pool, worker: RemoteWorker, request_id: str = "r") -> None:
+    """The worker refuses a request of this hub for want of a slot (other hubs filled it)."""
+    worker.pending[request_id] = trio.open_memory_channel[Any](math.inf)[0]
+    pool.deliver(worker, protocol.Error(request_id, 503, "no free slot", True, busy=True))
+
+
 async def test_a_refusing_worker_counts_as_full_until_it_reports(autojump_clock: trio.testing.MockClock) -> None:
-    """After ``refused()`` the worker is full whatever this hub counts, until a report frees a slot."""
+    """After a busy refusal the worker is full whatever this hub counts, until a report frees a slot."""
     worker = make_worker("w", max_concurrency=2)
     pool = make_pool(worker)
     assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
-    pool.refused(worker)
-    assert (worker.reported, worker.busy) == (2, 2)
-    pool.release(worker)  # the refused request gives its slot back
-    assert (worker.inflight, worker.busy) == (0, 2)
+    refuse(pool, worker)  # the refused request gives its slot back
+    assert (worker.reported, worker.inflight, worker.busy) == (2, 0, 2)
     async with trio.open_nursery() as nursery:
         attempt = await queue_attempt(nursery, pool, "retry")
         assert attempt.waiting
@@ -591,13 +595,26 @@ async def test_a_refusing_worker_counts_as_full_until_it_reports(autojump_clock:
 
 
 async def test_a_refusing_worker_sends_requests_elsewhere(autojump_clock: trio.testing.MockClock) -> None:
-    """A worker marked full by ``refused()`` loses to a busier one that still has room."""
+    """A worker marked full by a busy refusal loses to a busier one that still has room."""
     refusing, other = make_worker("refusing", max_concurrency=4), make_worker("other", max_concurrency=4)
-    other.inflight = 3
+    refusing.inflight, other.inflight = 1, 3
     pool = make_pool(refusing, other)
-    pool.refused(refusing)
+    refuse(pool, refusing)
     assert await pool.acquire("m", "openai.chat", set(), soon()) is other
     assert refusing.inflight == 0
+
+
+async def test_a_load_report_after_a_refusal_frees_the_worker(autojump_clock: trio.testing.MockClock) -> None:
+    """Review: the refusal was noted by the request's task, after the worker's next ``load`` frame
+    had been read, and undid it: an idle worker went unused until its next heartbeat. Frames now
+    count in the order the worker sent them."""
+    worker = make_worker("w", max_concurrency=1)
+    worker.inflight = 1
+    pool = make_pool(worker)
+    refuse(pool, worker)
+    pool.report(worker, 0)  # the other hub's request ended: the worker is free
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
+    assert trio.current_time() == 0.0
 
 
 async def test_worker_ids_are_per_provider_token(autojump_clock: trio.testing.MockClock) -> None:

@@ -14,10 +14,10 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
+from ghubai import dialects
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
 from ghubai.proxy.follow import _state_of
-from ghubai.proxy.forward import _whole_events
 from ghubai.proxy.hubs import HubSet
 
 
@@ -568,13 +568,13 @@ async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: 
 
 def test_whole_events_hold_back_the_start_of_the_next_and_search_each_byte_once() -> None:
     held = bytearray()
-    assert _whole_events(held, b"data: a\n\n", b"\n\n") == b"data: a\n\n" and not held  # the usual read
-    assert _whole_events(held, b"data: b\n\ndata: c", b"\n\n") == b"data: b\n\n" and held == b"data: c"
-    assert _whole_events(held, b"\n", b"\n\n") == b"" and held == b"data: c\n"
-    assert _whole_events(held, b"\ndata: d", b"\n\n") == b"data: c\n\n" and held == b"data: d"  # across the seam
+    assert dialects.whole_events(held, b"data: a\n\n", b"\n\n") == b"data: a\n\n" and not held  # the usual read
+    assert dialects.whole_events(held, b"data: b\n\ndata: c", b"\n\n") == b"data: b\n\n" and held == b"data: c"
+    assert dialects.whole_events(held, b"\n", b"\n\n") == b"" and held == b"data: c\n"
+    assert dialects.whole_events(held, b"\ndata: d", b"\n\n") == b"data: c\n\n" and held == b"data: d"  # across the seam
     for _ in range(1000):  # one huge event over many reads: held grows, nothing is passed on
-        assert _whole_events(held, b"x" * 1000, b"\n\n") == b""
-    assert len(held) == 1_000_007 and _whole_events(held, b"\n", b"\n") == b"data: d" + b"x" * 1_000_000 + b"\n"
+        assert dialects.whole_events(held, b"x" * 1000, b"\n\n") == b""
+    assert len(held) == 1_000_007 and dialects.whole_events(held, b"\n", b"\n") == b"data: d" + b"x" * 1_000_000 + b"\n"
 
 
 @pytest.mark.parametrize("target, expected", [

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from functools import partial
 from typing import Any
 
+import h11
 import pytest
 import trio
 import trio_websocket
@@ -358,3 +360,45 @@ async def test_a_worker_dials_its_hub_with_the_urls_host_port_and_query(grid: Gr
     await eventually(dialled, "the worker to dial")
     lines = heads[0].lower().split(b"\r\n")
     assert lines[0] == b"get /gridhub?via=edge http/1.1" and f"host: 127.0.0.1:{port}".encode() in lines
+
+
+async def test_an_answer_cut_mid_event_reaches_its_client_as_whole_events_and_a_clean_error(grid: Grid) -> None:
+    """Review: the worker sends a huge event as 64 KiB records, and a slow client can hold it
+    between two; when the answer failed there (the worker stopped), the hub's error event was glued
+    onto half an event, and the client could parse neither. The half is dropped now."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path != "/api/chat" or PROBE_MODEL.encode() in request.body:  # (the worker's probe: no such model)
+            await conn.respond_json(404, {"error": f"model '{PROBE_MODEL}' not found"})
+            return
+        await conn.start_stream(200, "application/x-ndjson")
+        for digit in "0123":
+            await conn.write(json.dumps({"model": "sim", "message": {"role": "assistant", "content": digit * 90_000},
+                                         "done": False}).encode() + b"\n")
+        await trio.sleep_forever()
+
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, await grid.fake_engine(engine))
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", int(hub.value.rsplit(":", 1)[1])))
+    client = h11.Connection(h11.CLIENT)
+    body = json.dumps(chat(stream=True)).encode()
+    await sock.send(client.send(h11.Request(method="POST", target="/v1/chat/completions", headers=[
+        ("host", "x"), ("content-type", "application/json"), ("content-length", str(len(body)))]))
+        + client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage()))
+
+    async def window_nearly_full() -> bool:  # two events and a part of the third sent, the rest waits for credit
+        return any(running.unacked > 180_000 for link in worker.value.links for running in link.running.values())
+
+    await eventually(window_nearly_full, "the worker waiting for credit in the middle of an event")
+    worker.stop()
+    received = bytearray()
+    with trio.fail_after(WAIT_S):
+        while not isinstance(event := client.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                client.receive_data(await sock.recv(65536))
+            elif isinstance(event, h11.Data):
+                received += event.data
+    sock.close()
+    events = [json.loads(event.removeprefix(b"data: ")) for event in bytes(received).split(b"\n\n") if event]
+    assert "error" in events[-1] and all("choices" in event for event in events[:-1]), events[-1]

@@ -7,8 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import trio
+import trio_websocket
 
-from conftest import Grid, eventually
+from conftest import WAIT_S, Grid, chat, eventually
+from ghubai import protocol
 
 SYSTEM = " ".join(f"rule{i}" for i in range(200))
 
@@ -88,3 +91,34 @@ async def test_a_workers_weight_reaches_the_hub(grid: Grid) -> None:
     await grid.worker(hub.value, url, name="big", weight=3.0)
     [worker] = await grid.workers(hub.value)
     assert worker["weight"] == 3.0
+
+
+async def test_a_refusal_then_a_load_report_in_one_message_leaves_the_worker_free(grid: Grid) -> None:
+    """Review: a worker shared with another hub refuses a request (no free slot), and in the same
+    message reports its load back to 0 (the other hub's request just ended). The refusal was noted
+    after the report and undid it: the free worker got the retry only at its next heartbeat (30 s
+    by default), or the client a 503. The retry must be the next frame it sees, before any ping."""
+    hub = await grid.hub(heartbeat_s=30.0)
+    seen: list[str] = []
+
+    async def worker(*, task_status: trio.TaskStatus[None]) -> None:
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + "/gridhub") as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "w1", "shared", ("sim",), 1,
+                                                                 "ollama", "test")))
+            await ws.get_message()  # welcome
+            task_status.started()
+            while True:
+                frames, _ = protocol.unpack(await ws.get_message())
+                for frame in frames:
+                    seen.append(type(frame).__name__)
+                    if isinstance(frame, protocol.Request) and seen.count("Request") == 1:
+                        await ws.send_message(protocol.encode(protocol.Error(frame.id, 503, "no free slot", True, busy=True))
+                                              + "\n" + protocol.encode(protocol.Load(0)))
+                    elif isinstance(frame, protocol.Request):
+                        await ws.send_message(protocol.chunk(frame.id, b'{"answer": "x"}'))
+                        await ws.send_message(protocol.encode(protocol.End(frame.id, None)))
+
+    await grid.nursery.start(worker)
+    with trio.fail_after(WAIT_S):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200 and seen[:2] == ["Request", "Request"], (seen, response.text)

@@ -24,14 +24,15 @@ class Dialect:
     headers: list[tuple[bytes, bytes]]
     done: bytes
     sse: bool
+    boundary: bytes  # where one event ends
 
 
 def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode(), value.encode()) for name, value in fields.items()]
 
 
-OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True)
-OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False)
+OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True, boundary=b"\n\n")
+OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False, boundary=b"\n")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -39,14 +40,19 @@ def dialect_of(api: str) -> Dialect:
     return OPENAI if api.startswith("openai.") else OLLAMA
 
 
-def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[int], None]) -> bytes:
+def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[int], None], held: bytearray) -> bytes:
+    """The frames as the client's bytes: whole events only (a worker cuts a huge event into
+    records, and the answer may fail between two), the start of the next held back in ``held``,
+    and dropped when an error ends the stream: its error event then follows whole events."""
     out = []
     for frame in frames:
         if isinstance(frame, protocol.Chunk):
-            out.append(frame.data)
+            out.append(dialects.whole_events(held, frame.data, dialect.boundary))
         elif isinstance(frame, protocol.End):
-            out.append(dialect.done)
+            out += [bytes(held), dialect.done]  # (a worker's answer ends whole: nothing is held)
+            held.clear()
         else:
+            held.clear()
             error = client_error(frame)
             failed(error.status)
             out.append(error.stream_end(dialect.sse))
@@ -62,12 +68,13 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
     """The stream, paced by the client: hypercorn returns from a send once the socket took the
     bytes, and only then does the worker get credit to send more. ``failed`` hears the status of
     an error that ends the stream after its first byte; the last message carries the stream's end."""
+    held = bytearray()  # the start of an event whose end has not arrived
     try:
         frames = [first, *exchange.arrived()]  # a short answer often has its end here too: one write
-        await send(_render(frames, dialect, failed), not exchange.done)
-        exchange.passed_on(_size(frames))
+        await send(_render(frames, dialect, failed, held), not exchange.done)
+        exchange.passed_on(_size(frames))  # (held bytes too: the worker needs credit to send the rest)
         async for batch in exchange.batches():
-            await send(_render(batch, dialect, failed), not exchange.done)
+            await send(_render(batch, dialect, failed, held), not exchange.done)
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
         failed(error.status)

@@ -357,7 +357,7 @@ class HubApi:
         try:
             first = await exchange.open()
         except ApiError as error:
-            if error.status == 503:
+            if error.status == 503 or error.code == "queue_full":  # the grid could not take it
                 self.rate_limits.refund(record.key)
             raise
         record.first_token_s = trio.current_time() - record.started

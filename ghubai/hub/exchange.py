@@ -123,8 +123,7 @@ class Exchange:
                 return frame
             self.pool.not_served(worker, self.model)
             self.state = State.QUEUED
-            if frame.busy:
-                self.pool.refused(worker)  # full because of other hubs: wait for a slot, not an attempt
+            if frame.busy:  # full because of other hubs (the pool noted it): wait for a slot, not an attempt
                 continue
             last_error = client_error(frame)
             if not frame.retryable:

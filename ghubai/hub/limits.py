@@ -62,7 +62,7 @@ class RateLimits:
             requests.level -= 1
 
     def refund(self, key: bytes) -> None:
-        """A request the grid could not take (503) costs its client nothing."""
+        """A request the grid could not take (503, or 429 for a full queue) costs its client nothing."""
         if key in self._requests:
             self._requests[key].level += 1
 

@@ -506,7 +506,12 @@ class Pool:
         self.usage.setdefault(model, Counter()).update(usage)
 
     def deliver(self, worker: RemoteWorker, frame: Answer) -> None:
-        """A frame about a request; its end frees the slot at once, however slowly the client reads."""
+        """A frame about a request; its end frees the slot at once, however slowly the client reads.
+        A refusal for want of a slot (other hubs filled it) marks the worker full until it reports,
+        here, in the order of the worker's frames: noted later by the request's task, it would undo
+        a ``load`` that came after it and leave a free worker unused until its next heartbeat."""
+        if isinstance(frame, protocol.Error) and frame.busy and frame.id in worker.pending:
+            worker.reported = worker.max_concurrency
         if worker.deliver(frame):
             self.release(worker)
 
@@ -526,10 +531,6 @@ class Pool:
         worker.reported = inflight
         if freed:
             self._wake(worker.models)
-
-    def refused(self, worker: RemoteWorker) -> None:
-        """The worker had no free slot (other hubs filled it): treat it as full until it reports."""
-        worker.reported = worker.max_concurrency
 
     def _wake(self, models: Any) -> None:
         """Tell the head of each of these models' queues to look again."""

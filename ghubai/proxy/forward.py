@@ -108,22 +108,6 @@ def _boundary(content_type: bytes) -> bytes | None:
     return b"\n" if content_type.startswith(b"application/x-ndjson") else None
 
 
-def _whole_events(held: bytearray, data: bytes, boundary: bytes) -> bytes:
-    """The whole events of ``held`` + ``data``, up to the last ``boundary``; the start of the next
-    stays in ``held``. Each byte is searched once, however many reads one huge event takes."""
-    if not held and data.endswith(boundary):
-        return data  # the usual read: whole events, nothing held, nothing copied
-    seam = max(0, len(held) - len(boundary) + 1)  # a boundary may straddle the old and the new bytes
-    held += data
-    end = held.rfind(boundary, seam)
-    if end < 0:
-        return b""
-    end += len(boundary)
-    whole = bytes(held[:end])
-    del held[:end]
-    return whole
-
-
 STOPPING = "The proxy is shutting down"
 STOP_WRITE_S = 1.0  # for the final event of an answer a stopping proxy cuts
 
@@ -268,7 +252,7 @@ class Forwarder:
             while not ended:  # what has already arrived goes out in one write; nothing waits for more
                 data, ended = await self._next(upstream)
                 if boundary is not None:
-                    data = bytes(held) + data if ended else _whole_events(held, data, boundary)
+                    data = bytes(held) + data if ended else dialects.whole_events(held, data, boundary)
                 if data:
                     pending.append(h11.Data(data=data))
                 if ended:

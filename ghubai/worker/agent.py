@@ -350,7 +350,8 @@ class Worker:
             log.warning("drain timeout: ending %d request(s) with an error", self.inflight)
             for link in list(self.links):
                 for request_id, running in list(link.running.items()):
-                    link.send(protocol.Error(request_id, 503, "the worker is shutting down", retryable=False))
+                    # retryable: before its first byte a request goes to another worker, as after a crash
+                    link.send(protocol.Error(request_id, 503, "the worker is shutting down", retryable=True))
                     running.scope.cancel()
             await self.idle.wait()  # cancelled requests end at once
         with trio.move_on_after(FLUSH_TIMEOUT_S):  # the last answers must reach the hubs before we go

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -323,9 +324,11 @@ class Engine:
         raw_body = _encode(body) if method == "POST" else b""
         headers = [*_JSON, *self.headers, *call.headers.items()] if raw_body else \
             [*self.headers, *call.headers.items()]
+        # a whole answer is silence until it is done: the hub's first_token_s bounds it (and cancels
+        # this call), not idle_timeout_s, which would cut every long one, then try it on every worker
+        silence_s = self.config.idle_timeout_s if call.stream else math.inf
         try:
-            async with self.pool.request(method, self.prefix + path, headers, raw_body,
-                                         self.config.idle_timeout_s) as response:
+            async with self.pool.request(method, self.prefix + path, headers, raw_body, silence_s) as response:
                 if response.status != 200:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
