@@ -673,7 +673,11 @@ async def test_a_request_with_both_lengths_is_refused_and_the_connection_closed(
     hub = await grid.hub()
     for url in (proxy.value, hub.value):
         for length in (b"5", b"0"):
-            answer = await _raw(url, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: " + length +
-                                b"\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\nGET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: " + length + \
+                b"\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+            answer = await _raw(url, head)
+            assert answer.startswith(b"HTTP/1.1 400") and b"both Content-Length and Transfer-Encoding" in answer, answer
+            # the request smuggled behind it is never served (hypercorn may then cut the 400's body: a
+            # close with the client's bytes unread is a reset)
+            answer = await _raw(url, head + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1, (url, answer)
-            assert b"both Content-Length and Transfer-Encoding" in answer
