@@ -119,14 +119,20 @@ async def test_a_hub_with_a_client_that_reads_nothing_still_stops(
         sock.close()
 
 
+def worker_process(tmp_path: Any, hub_url: str, engine_url: str, drain_timeout_s: float,
+                   name: str = "w") -> subprocess.Popen[bytes]:
+    """A worker as a real process (it drains on SIGTERM, as systemd stops it)."""
+    config = tmp_path / "worker.toml"
+    config.write_text(f'hub_url = "{hub_url.replace("http", "ws")}/gridhub"\nname = "{name}"\n'
+                      f'drain_timeout_s = {drain_timeout_s}\n[engine]\nurl = "{engine_url}"\n')
+    return subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
+                            env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+
+
 async def test_a_draining_worker_gives_up_after_its_drain_timeout(grid: Grid, tmp_path: Any) -> None:
     sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub()
-    config = tmp_path / "worker.toml"
-    config.write_text(f'hub_url = "{hub.value.replace("http", "ws")}/gridhub"\ndrain_timeout_s = 0.5\n'
-                      f'[engine]\nurl = "{sim_url}"\n')
-    worker = subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
-                              env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+    worker = worker_process(tmp_path, hub.value, sim_url, 0.5)
     try:
         await workers_linked(grid, hub.value, 1)
         sock = await stalled_client(hub.value)
@@ -201,11 +207,7 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
     slow_url, slow = await grid.sim(ttft_ms=60_000)
     fast_url, fast = await grid.sim()
     hub = await grid.hub(scheduler={"policy": "least-loaded"})
-    config = tmp_path / "worker.toml"
-    config.write_text(f'hub_url = "{hub.value.replace("http", "ws")}/gridhub"\nname = "slow"\ndrain_timeout_s = 0.3\n'
-                      f'[engine]\nurl = "{slow_url}"\n')
-    worker = subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
-                              env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+    worker = worker_process(tmp_path, hub.value, slow_url, 0.3, name="slow")
     try:
         await workers_linked(grid, hub.value, 1)
         await grid.worker(hub.value, fast_url, name="fast")  # added second: a tie goes to the slow one
