@@ -60,6 +60,10 @@ def validate_chat(body: dict[str, Any]) -> None:
         _optional(body["response_format"], "json_schema", dict, "an object with a 'schema'")
     for name in ("max_tokens", "max_completion_tokens"):
         _optional(body, name, int, "an integer")
+    _optional(body, "reasoning_effort", str, "a string such as \"low\"")
+    _optional(body, "reasoning", dict, "an object such as {\"effort\": \"low\"}")
+    if isinstance(body.get("reasoning"), dict):
+        _optional(body["reasoning"], "effort", str, "a string such as \"low\"")
 
 
 def _check_message(message: Any, where: str) -> None:

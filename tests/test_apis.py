@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from conftest import Grid, chat
+from ghubai import dialects
 from ghubai.http11.server import Connection, Request
 from ghubai.worker.engine import PROBE_MODEL
 
@@ -286,3 +287,12 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
                 reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning") or ""
                 content += chunk.choices[0].delta.content or ""
     assert (reasoning, content) == ("hm " * 6, "4")
+
+
+def test_a_name_without_a_tag_is_its_latest_only_when_it_is_not_served_itself() -> None:
+    served = {"llama3.2:latest", "foo", "foo:latest", "ns/m:latest", "registry:5000/ns/x:latest"}.__contains__
+    assert dialects.tagged("llama3.2", served) == "llama3.2:latest"
+    assert dialects.tagged("foo", served) == "foo"  # a model literally named so keeps its name
+    assert dialects.tagged("ns/m", served) == "ns/m:latest"
+    assert dialects.tagged("registry:5000/ns/x", served) == "registry:5000/ns/x:latest"  # a port is no tag
+    assert dialects.tagged("llama3.2:1b", served) == "llama3.2:1b" and dialects.tagged("qwen3", served) == "qwen3"

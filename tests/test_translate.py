@@ -777,9 +777,23 @@ def test_a_reasoning_effort_is_ollama_s_think_as_its_own_openai_layer_maps_it(fi
     assert request.get("think") == expected
 
 
-def test_an_unknown_reasoning_effort_is_untranslatable() -> None:
+def test_an_unknown_reasoning_effort_is_untranslatable_and_an_empty_one_unset() -> None:
     with pytest.raises(Untranslatable, match="reasoning effort"):
         openai_over_ollama("openai.chat").request({"model": "m", "messages": [HI], "reasoning_effort": "huge"}, stream=False)
+    assert "think" not in openai_over_ollama("openai.chat").request(
+        {"model": "m", "messages": [HI], "reasoning_effort": ""}, stream=False)
+    assert "think" not in openai_over_ollama("openai.completions").request(  # (Ollama's own completions ignore it)
+        {"model": "m", "prompt": "p", "reasoning_effort": "low", "top_k": 5}, stream=False)
+
+
+def test_think_levels_reach_an_openai_engine_as_efforts_it_takes_and_sampling_extras_reach_ollama() -> None:
+    """Review: vLLM takes low, medium and high; Ollama's ``max`` is ``high`` there, as Ollama maps it
+    for gpt-oss. ``top_k`` and ``min_p``, which vLLM and llama.cpp take on /v1, are Ollama options."""
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": [HI], "think": "max"}, stream=False)
+    assert request["reasoning_effort"] == "high"
+    options = openai_over_ollama("openai.completions").request({"model": "m", "prompt": "p", "top_k": 5, "min_p": 0.1},
+                                                              stream=False)["options"]
+    assert options == {"top_k": 5, "min_p": 0.1}
 
 
 def test_openai_request_details_ollama_would_lose_or_misread() -> None:

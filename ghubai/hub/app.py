@@ -321,7 +321,7 @@ class HubApi:
             raw = await _read_body(receive, self.config.limits.max_body_bytes)
             body = dialects.parse_body(raw)
             route.validate(body)
-            record.model = body["model"] = dialects.tagged(body["model"], self.pool.serves)
+            record.model = body["model"] = dialects.tagged(body["model"], self.pool.offers)
             self.rate_limits.admit(key)
             with gone:
                 await self._forward(route.api, body, route.stream(body), len(raw), headers,
@@ -382,7 +382,7 @@ class HubApi:
     # -- what the hub answers itself -------------------------------------------------------------
 
     async def one_model(self, model: str) -> dict[str, Any]:
-        if not self.pool.hosts(dialects.tagged(model, self.pool.serves)):
+        if not self.pool.hosts(dialects.tagged(model, self.pool.offers)):
             raise model_not_found(model)
         return dialects.model_entry(model)
 

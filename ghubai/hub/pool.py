@@ -137,6 +137,7 @@ class Pool:
         self._able: dict[tuple[str, str], list[RemoteWorker]] = {}  # (model, api) -> who could serve it
         self._room = 0  # the most models any engine here was seen to hold at once (those gone too)
         self._models: list[str] | None = None
+        self._offered: frozenset[str] | None = None
         self._loaded: list[str] | None = None
         self._capacity: int | None = None
         self.version = 0  # counts the changes of the workers and what they offer
@@ -232,7 +233,7 @@ class Pool:
     def _changed(self) -> None:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
-        self._models = self._loaded = None
+        self._models = self._loaded = self._offered = None
         self._capacity = None
         self.version += 1
 
@@ -242,6 +243,12 @@ class Pool:
             self._models = sorted({model for worker in self.workers.values() if not worker.draining
                                    for model in worker.models})
         return self._models
+
+    def offers(self, model: str) -> bool:
+        """A worker that is not draining serves ``model``: ``models()`` as a set, for a lookup per request."""
+        if self._offered is None:
+            self._offered = frozenset(self.models())
+        return model in self._offered
 
     def capacity(self) -> int:
         """The slots of the workers that take requests (kept until the workers change)."""

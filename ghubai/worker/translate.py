@@ -24,10 +24,11 @@ from ghubai import dialects, protocol
 _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspec, so no lone surrogates
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
-_ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options an OpenAI-compatible engine (llama.cpp, vLLM) takes too
+_ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options that llama.cpp's and vLLM's OpenAI APIs take too
 # OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
 _THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                                  "max": "max", "xhigh": "max", "ultra": "max"}
+_EFFORT = {"max": "high"}  # Ollama's think levels past OpenAI's (vLLM takes low, medium and high), as Ollama maps it
 
 
 _HOLE = "\x00text\x00"  # where a template's text goes (no answer holds a NUL between two words "text")
@@ -151,8 +152,8 @@ class OllamaOverOpenAI:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if name in options})
-        if isinstance(body.get("think"), str):  # a level (gpt-oss); true and false have no OpenAI word
-            request["reasoning_effort"] = body["think"]
+        if self.api == "ollama.chat" and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
+            request["reasoning_effort"] = _EFFORT.get(think, think)  # (true and false have no OpenAI word)
         if isinstance(options.get("num_predict"), int) and options["num_predict"] >= 0:
             request["max_tokens"] = options["num_predict"]  # -1 and -2 mean "no limit" to Ollama
         if stream:
@@ -347,7 +348,7 @@ class OpenAIOverOllama:
             dimensions = {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
             return {"model": self.model, "input": inputs, **dimensions}
         self.include_usage = dialects.wants_usage(body)
-        options = {name: body[name] for name in _SAME_OPTIONS if body.get(name) is not None}
+        options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
         limit = body.get("max_completion_tokens")
@@ -358,8 +359,8 @@ class OpenAIOverOllama:
         request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
         reasoning = body.get("reasoning")
         effort = reasoning.get("effort") if isinstance(reasoning, dict) else body.get("reasoning_effort")
-        if effort is not None:
-            if effort not in _THINK:
+        if effort and self.api == "openai.chat":  # ("" is unset, as Ollama reads it; completions think not)
+            if not isinstance(effort, str) or effort not in _THINK:
                 raise Untranslatable(f"reasoning effort {effort!r} is none of {', '.join(_THINK)}")
             request["think"] = _THINK[effort]
         response_format = body.get("response_format") or {}
