@@ -90,6 +90,13 @@ def redacted(url: str) -> str:
     return f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}" if at else url
 
 
+def scrubbed(text: str, url: str) -> str:
+    """``text`` (an error's, which may quote the URL whole, as httpx's do) without ``url``'s password."""
+    userinfo, at, _ = url.partition("://")[2].rpartition("@")
+    password = userinfo.partition(":")[2] if at else ""
+    return text.replace(password, "***") if password else text
+
+
 def _urls(*schemes: str, allow_empty: bool = False, credentials: bool = False) -> Check:
     def check(value: str | tuple[str, ...]) -> str | None:
         for url in (value,) if isinstance(value, str) else value:

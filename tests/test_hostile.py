@@ -522,6 +522,25 @@ async def test_a_hostile_registry_answer_never_stops_a_proxy(grid: Grid, caplog:
     assert (await grid.http.get(proxy.value + "/health")).status_code == 200
 
 
+@pytest.mark.parametrize("status", [401, 500])
+async def test_a_registry_that_refuses_the_proxy_never_gets_its_password_into_the_log(
+        grid: Grid, caplog: pytest.LogCaptureFixture, status: int) -> None:
+    """Regression (operator's path): httpx's error for a 4xx/5xx quotes the URL whole, password
+    included, and the proxy logged it."""
+    async def refuse(conn: Connection, request: Request) -> None:
+        await conn.respond_json(status, {"detail": "no"})
+
+    registry = await grid.fake_engine(refuse)
+    proxy = await grid.proxy(registry.replace("http://", "http://ops:s3cretPW@"))
+
+    async def said() -> bool:
+        return any("unavailable" in record.getMessage() for record in caplog.records)
+
+    await eventually(said, "the proxy to log the registry's refusal")
+    assert "s3cretPW" not in caplog.text and f"HTTP {status}" in caplog.text
+    assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
 async def test_without_a_key_an_unknown_path_is_a_401_before_any_body_is_read(grid: Grid) -> None:
     """As at the hub: a client without a key gets nothing read on its behalf, whatever the path."""
     hub = await grid.hub()

@@ -119,6 +119,27 @@ async def test_an_empty_file_keeps_the_last_list_and_hubs_equals_nothing_empties
     await eventually(emptied, "an explicit empty list to be served")
 
 
+async def test_a_registry_started_on_a_file_that_names_no_hubs_serves_no_list_until_one_does(
+        grid: Grid, tmp_path: Path) -> None:
+    """Regression (operator's path): the guard above held only while the registry ran: one
+    restarted (a reboot) on the empty file published an empty list, and every proxy dropped every
+    hub. Now /hubs answers 503 (a proxy keeps its last list) until the file names its hubs."""
+    path = tmp_path / "registry.toml"
+    path.write_text('listen = "127.0.0.1:0"\n')
+    registry = await grid.registry(str(path))
+    refused = await grid.http.get(registry.value + "/hubs")
+    assert refused.status_code == 503 and "no hubs key" in refused.json()["error"]
+    assert (await grid.http.get(registry.value + "/health")).json()["status"] == "degraded"
+    save_atomically(path, TWO_HUBS)
+
+    async def served() -> bool:
+        return (await grid.http.get(registry.value + "/hubs")).status_code == 200
+
+    await eventually(served, "the hubs to be served once the file names them")
+    assert len((await grid.http.get(registry.value + "/hubs")).json()["hubs"]) == 2
+    assert (await grid.http.get(registry.value + "/health")).json() == {"status": "ok"}
+
+
 async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_text(TWO_HUBS)

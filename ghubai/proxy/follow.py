@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import trio
 
-from ghubai.config import ProxyConfig, redacted
+from ghubai.config import ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.observability.dashboard import served_models
 from ghubai.proxy.hubs import Hub, HubSet
@@ -44,8 +44,9 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
             failing = False
         except Exception as error:  # a hostile or broken registry answer must never stop the proxy
             if not failing:
-                log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url),
-                            describe(error))
+                said = f"HTTP {error.response.status_code}" if isinstance(error, httpx.HTTPStatusError) else \
+                    scrubbed(describe(error), config.registry_url)  # (httpx quotes the URL, password and all)
+                log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url), said)
             failing = True
             await trio.sleep(RETRY_S)
 

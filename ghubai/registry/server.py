@@ -60,20 +60,22 @@ class HubList:
 
 def reload(hub_list: HubList, path: str) -> None:
     """Read the file again; on any problem keep the last good list and say why. A file that names
-    no ``hubs`` at all while hubs are served is a problem too: an empty or half-written file (a
-    full disk, a save caught midway) must not empty the grid; ``hubs = []`` does, on purpose."""
+    no ``hubs`` at all is a problem too: an empty or half-written file (a full disk, a save caught
+    midway, then a reboot) must not empty the grid; ``hubs = []`` does, on purpose. Until a file
+    has named its hubs, there is no list: ``/hubs`` answers 503, and proxies keep what they had."""
     try:
         config: RegistryConfig = load("registry", path)
-        if hub_list.hubs and "hubs" not in tomllib.loads(read_text(path)):
-            raise ConfigError([f"{path}: no hubs key (an empty or half-written file?); "
-                               "to serve no hub, write hubs = []"])
+        if "hubs" not in tomllib.loads(read_text(path)):
+            raise ConfigError([f"{path}: no hubs key (an empty or half-written file?); list [[hubs]] "
+                               "entries, or write hubs = [] to serve no hub"])
     except tomllib.TOMLDecodeError as error:  # changed again since it was loaded: the next look sees it
         hub_list.config_error = f"{path}: not valid TOML: {error}"
         return
     except ConfigError as error:
         hub_list.config_error = "; ".join(error.errors)
         hub_list.reload_errors += 1
-        log.error("kept the last good hub list: %s", hub_list.config_error)
+        log.error("%s: %s", "kept the last good hub list" if hub_list.version else "no hub list to serve",
+                  hub_list.config_error)
         return
     hub_list.config_error = None
     hub_list.publish(config.hubs)
@@ -109,6 +111,8 @@ def create_app(hub_list: HubList) -> QuartTrio:
             changed = hub_list.changed
             with trio.move_on_after(wait):
                 await changed.wait()
+        if not hub_list.version:  # no file has named its hubs yet: no list to give (a proxy keeps its own)
+            return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
         if matches():
             # An explicit empty length: without it hypercorn closes the connection after a 304.
             return Response(b"", 304, headers={"ETag": hub_list.etag, "Content-Length": "0"})
@@ -137,7 +141,8 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
               task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; with a ``path``, follow its edits (and SIGHUP). Reports the base URL."""
     hub_list = HubList()
-    hub_list.publish(config.hubs)
+    if path is None:
+        hub_list.publish(config.hubs)
     service = service or Service({})
     service.summary = lambda: f"{len(hub_list.entries())} hubs" + (", config error" if hub_list.config_error else "")
     async with trio.open_nursery() as nursery:
