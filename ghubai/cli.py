@@ -164,6 +164,8 @@ def _up(args: argparse.Namespace) -> int:
         raise ConfigError(["--backend openai: give the engine's address with --engine-url"])
     if args.engine_url and (problem := url_problem(args.engine_url, ("http", "https"))):
         raise ConfigError([f"--engine-url: {problem}"])
+    if (env_url := os.environ.get("OLLAMA_LOCAL_URL")) and (problem := url_problem(env_url, ("http", "https"))):
+        raise ConfigError([f"environment: OLLAMA_LOCAL_URL: {problem}"])  # as the worker checks it
     key = ""
     if args.engine_api_key_env:
         if not (key := os.environ.get(args.engine_api_key_env, "")):
@@ -310,6 +312,8 @@ def _startup_error(error: BaseException) -> str | None:
         return f"TLS certificate or key refused: {error.reason or error}"
     if not isinstance(error, OSError) or error.errno not in _STARTUP_ERRNOS:
         return None
+    if error.errno == errno.EACCES and not error.filename:  # a bind: no file is named
+        return "cannot listen: permission denied (a port below 1024 needs CAP_NET_BIND_SERVICE or root)"
     return _STARTUP_ERRNOS[error.errno] + (f": {error.filename}" if error.filename else "")
 
 

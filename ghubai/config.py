@@ -162,8 +162,13 @@ def _engine_headers(headers: dict[str, str]) -> str | None:
 
 
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
+    """Names and addresses each once: a proxy knows a hub by its address (a trailing "/" aside), so a
+    second name for one would be merged into it, under one of the two names."""
     duplicates = sorted(name for name, count in Counter(hub.name for hub in hubs).items() if count > 1)
-    return f"hub names must be unique: {', '.join(duplicates)} appears more than once" if duplicates else None
+    if duplicates:
+        return f"hub names must be unique: {', '.join(duplicates)} appears more than once"
+    twice = sorted(address for address, count in Counter(hub.address.rstrip("/") for hub in hubs).items() if count > 1)
+    return f"hub addresses must be unique: {', '.join(twice)} is listed more than once" if twice else None
 
 
 SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
@@ -300,8 +305,8 @@ class RegistryConfig:
 @dataclass(frozen=True)
 class HealthConfig:
     """``[health]`` of ``proxy.toml``: how often and how long hubs are checked."""
-    interval_s: float = _key(_at_least(0.05), "GET /api/registry of every hub this often (its health, workers and "
-                             "models)", default=2.0)
+    interval_s: float = _key(_at_least(0.05), "GET /api/summary of every hub this often (its health, models and "
+                             "queue; every fifth check /api/registry, its workers)", default=2.0)
     timeout_s: float = _key(_at_least(0.01), "", default=1.0)
 
 
@@ -426,6 +431,8 @@ def parse(role: str, text: str, source: str = "<config>") -> Any:
         raise ConfigError([f"{source}: not valid TOML: {error}"]) from None
     errors: list[str] = []
     config = _build(ROLES[role], table, "", errors)
+    if getattr(config, "tls_key", "") and not getattr(config, "tls_cert", ""):  # it would serve plain HTTP
+        errors.append("tls_key: given without tls_cert (a key alone serves no HTTPS)")
     if errors:
         raise ConfigError([f"{source}: {line}" for line in errors])
     return config
@@ -471,14 +478,16 @@ def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> A
 
 def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> WorkerConfig:
     """The seed's variables win over the file: HUB_URL (comma-separated), PROVIDER_TOKEN,
-    OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS; and GHUBAI_ENGINE_API_KEY, so a key need not sit in the file. The result is validated like the file."""
+    OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS; and GHUBAI_ENGINE_API_KEY, so a key need not sit in the
+    file. An empty one counts as unset (a unit's ``Environment=PROVIDER_TOKEN=`` placeholder must not
+    wipe the file's token). The result is validated like the file."""
     table: dict[str, Any] = {}
     engine: dict[str, Any] = {}
     if env.get("HUB_URL"):
         table["hub_url"] = [url.strip() for url in env["HUB_URL"].split(",") if url.strip()]
-    if "PROVIDER_TOKEN" in env:
+    if env.get("PROVIDER_TOKEN"):
         table["provider_token"] = env["PROVIDER_TOKEN"]
-    if "GHUBAI_ENGINE_API_KEY" in env:
+    if env.get("GHUBAI_ENGINE_API_KEY"):
         engine["api_key"] = env["GHUBAI_ENGINE_API_KEY"]
     if env.get("OLLAMA_LOCAL_URL"):
         engine["url"] = env["OLLAMA_LOCAL_URL"]

@@ -157,8 +157,8 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     config.accesslog = None
     config.errorlog = None
     config.websocket_max_message_size = MAX_MESSAGE_BYTES
-    if tls_cert:
-        config.certfile, config.keyfile = tls_cert, tls_key
+    if tls_cert:  # no key file: the key is in the certificate's file (as the proxy reads it too)
+        config.certfile, config.keyfile = tls_cert, tls_key or tls_cert
     return config
 
 

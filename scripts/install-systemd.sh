@@ -8,7 +8,7 @@
 # Installing creates the system user and group `ghubai`, a virtual environment in /opt/ghubai with GhubAi from
 # this checkout (or from GHUBAI_PACKAGE, e.g. "ghubai==0.1.0"), /etc/ghubai/ROLE.toml from `ghubai init` (an
 # existing file is never overwritten; every config is made readable by the service and nobody else), and
-# /etc/systemd/system/ghubai-ROLE.service. Running it again upgrades the code and restarts the running
+# /etc/systemd/system/ghubai-ROLE.service, and links /usr/local/bin/ghubai to the venv's. Running it again upgrades the code and restarts the running
 # roles. Removing the last role also removes /opt/ghubai. Needs python3 >= 3.11 with venv (Debian:
 # python3-venv); PYTHON names another interpreter, which the ghubai user must be able to run.
 #
@@ -22,6 +22,7 @@ root="${GHUBAI_ROOT:-}"
 prefix="$root/opt/ghubai"
 etc="$root/etc/ghubai"
 units="$root/etc/systemd/system"
+bindir="$root/usr/local/bin"  # `ghubai` on the PATH, for the README's commands (check, registry add-hub, status)
 systemctl="${SYSTEMCTL:-$([ -z "$root" ] && echo systemctl || echo true)}"
 python="${PYTHON:-$([ -x /usr/bin/python3 ] && echo /usr/bin/python3 || echo python3)}"
 roles_known=" registry hub worker proxy "
@@ -76,6 +77,12 @@ install_code() {
         fail "user ghubai cannot run $prefix/bin/ghubai (its Python is $(readlink -f "$prefix/bin/python3")); use PYTHON=/usr/bin/python3"
     fi
     echo "GhubAi $("$prefix/bin/ghubai" --version | cut -d' ' -f2) in $prefix"
+    mkdir -p "$bindir"
+    if [ ! -e "$bindir/ghubai" ] || [ -L "$bindir/ghubai" ]; then
+        ln -sfn "$prefix/bin/ghubai" "$bindir/ghubai"
+    else
+        echo "kept $bindir/ghubai (not a link of ours): run $prefix/bin/ghubai"
+    fi
 }
 
 # /etc/ghubai: setgid group ghubai, so a file an editor or `ghubai registry add-hub` writes anew stays readable
@@ -126,6 +133,7 @@ uninstall_roles() {
     fi
     rm -rf "$prefix"
     echo "removed $prefix"
+    if [ "$(readlink "$bindir/ghubai" 2>/dev/null)" = "$prefix/bin/ghubai" ]; then rm -f "$bindir/ghubai"; fi
     if [ "$action" != purge ]; then
         echo "kept $etc and the user ghubai, who owns it (use --purge to remove both)"
         return

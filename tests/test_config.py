@@ -83,6 +83,15 @@ def test_a_registry_url_may_carry_credentials_which_never_reach_a_message() -> N
         assert "s3cret" not in str(caught.value)
 
 
+def test_an_empty_environment_variable_leaves_the_file_s_value(tmp_path: Path) -> None:
+    """Regression (operator's path): ``PROVIDER_TOKEN=`` (a unit's placeholder) wiped the file's
+    token, and the worker looped on the hub's 401."""
+    path = tmp_path / "worker.toml"
+    path.write_text('provider_token = "from-file"\n[engine]\napi_key = "key-from-file"\n')
+    config = load("worker", str(path), env={"PROVIDER_TOKEN": "", "GHUBAI_ENGINE_API_KEY": ""})
+    assert (config.provider_token, config.engine.api_key) == ("from-file", "key-from-file")
+
+
 def test_seed_environment_variables_win(tmp_path: Path) -> None:
     path = tmp_path / "worker.toml"
     path.write_text('hub_url = "ws://file:1/gridhub"\nprovider_token = "from-file"\n')
@@ -107,6 +116,14 @@ def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> N
     assert missing.returncode == 2 and "cannot read" in missing.stderr
     bad_listen = run_ghubai("hub", "--listen", "nowhere")
     assert bad_listen.returncode == 2 and "--listen" in bad_listen.stderr
+
+
+@pytest.mark.parametrize("url", ["localhost:11434", "http://admin:Pw0rdX@127.0.0.1:11434"])
+def test_up_checks_ollama_local_url_as_the_worker_does_and_never_echoes_a_password(url: str) -> None:
+    """Regression (operator's path): ``ghubai up`` used OLLAMA_LOCAL_URL unchecked: without a scheme
+    it waited for ever, and with a password it printed it in its log and banner."""
+    result = run_ghubai("up", "--backend", "ollama", env={"OLLAMA_LOCAL_URL": url})
+    assert result.returncode == 2 and "OLLAMA_LOCAL_URL" in result.stderr and "Pw0rdX" not in result.stderr
 
 
 def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import httpx
@@ -226,6 +227,28 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
             worker.send_signal(signal.SIGTERM)
         assert answer[0].status_code == 200, answer[0].text
         assert answer[0].headers["x-ghubai-worker"] == "fast" and fast.stats.completed == 1
+        assert worker.wait(timeout=WAIT_S) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+async def test_a_worker_whose_engine_never_answers_stops_at_its_first_sigterm(grid: Grid, tmp_path: Any) -> None:
+    """Regression (operator's path): the first ask of the engine for its models ran before anything
+    could hear the drain, so a SIGTERM while a hung engine held it waited out the 30 s bound."""
+    asked = trio.Event()
+
+    async def hang(stream: trio.SocketStream) -> None:
+        asked.set()
+        await trio.sleep_forever()
+
+    [listener] = await grid.nursery.start(partial(trio.serve_tcp, hang, 0, host="127.0.0.1"))
+    hub = await grid.hub()
+    worker = worker_process(tmp_path, hub.value, f"http://127.0.0.1:{listener.socket.getsockname()[1]}", 5.0)
+    try:
+        with trio.fail_after(WAIT_S):
+            await asked.wait()
+        worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=WAIT_S) == 0
     finally:
         if worker.poll() is None:

@@ -24,6 +24,7 @@ from conftest import WAIT_S, Daemon, Grid, chat, eventually, run_ghubai
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
+from ghubai.http11.server import Connection, Request
 from ghubai.observability import logs
 from ghubai.proxy.hubs import HubSet
 from ghubai.worker.engine import LISTING_LIMIT
@@ -84,11 +85,16 @@ def test_log_lines_cut_what_a_client_sent_and_never_split() -> None:
         assert isinstance(handler, logging.StreamHandler)
         handler.setStream(stream)
         logging.getLogger("ghubai.test").info("model %s", "m\nforged line " + "y" * 1_000_000)
+        try:
+            raise ValueError("a traceback of many lines")
+        except ValueError:  # (operator's path: a logged traceback took a line per frame)
+            logging.getLogger("ghubai.test").exception("it failed")
     finally:
         root.handlers[:], root.level = handlers, level
-    line = stream.getvalue()
-    assert line.count("\n") == 1 and "\\nforged line" in line
+    line, traceback = stream.getvalue().splitlines()
+    assert "\\nforged line" in line
     assert len(line) < logs.MAX_MESSAGE_CHARS + 200 and "more characters)" in line
+    assert traceback.startswith("ERROR ghubai.test: it failed\\nTraceback") and "a traceback of many lines" in traceback
 
 
 async def _hostile_engine(tags: bytes, stream: trio.SocketStream, path: bytes = b"/api/tags") -> None:

@@ -78,6 +78,7 @@ def test_install_script_stages_keeps_configs_and_uninstalls(tmp_path: Path) -> N
         ["0o2750", "0o640", "0o640"]  # the operator's own file too: it holds secrets
     assert run_ghubai("check", str(etc / "worker.toml")).returncode == 0
     assert subprocess.run([str(root / "opt/ghubai/bin/ghubai"), "--version"], capture_output=True).returncode == 0
+    assert os.readlink(root / "usr/local/bin/ghubai") == str(root / "opt/ghubai/bin/ghubai")  # on the PATH
     for role in ("hub", "worker"):
         assert (root / f"etc/systemd/system/ghubai-{role}.service").read_bytes() == \
             (UNITS / f"ghubai-{role}.service").read_bytes()
@@ -90,6 +91,7 @@ def test_install_script_stages_keeps_configs_and_uninstalls(tmp_path: Path) -> N
     assert (root / "opt/ghubai/bin/ghubai").exists()  # the hub still needs it
     script("--uninstall", "hub")
     assert not (root / "opt/ghubai").exists() and (etc / "hub.toml").exists()
+    assert not (root / "usr/local/bin/ghubai").is_symlink()
     assert "disable --now ghubai-hub.service" in calls.read_text()
     script("--purge", "hub")
     assert not etc.exists()

@@ -12,6 +12,7 @@ import pytest
 import trustme
 
 from conftest import WAIT_S, Grid, chat, eventually
+from ghubai.config import ConfigError, parse
 
 
 @pytest.fixture
@@ -86,3 +87,21 @@ async def workers_linked_over(client: httpx.AsyncClient, hub_url: str) -> None:
 
     await eventually(linked, "the worker linked over wss")
 
+
+
+async def test_a_certificate_file_that_holds_its_key_serves_every_role_and_a_key_alone_is_refused(
+        grid: Grid, tls: dict[str, str], tmp_path: Path) -> None:
+    """Regression (operator's path): with tls_cert a file holding the key too and no tls_key, the
+    proxy served HTTPS but hub and registry died with "no such file"; and tls_key without tls_cert
+    passed ``check`` while every role served plain HTTP."""
+    combined = tmp_path / "combined.pem"
+    combined.write_text(Path(tls["cert"]).read_text() + Path(tls["key"]).read_text())
+    hub = await grid.hub(tls_cert=str(combined))
+    registry = await grid.registry(tls_cert=str(combined), hubs=())
+    proxy = await grid.proxy(hubs=(hub.value,), ca_file=tls["ca"], tls_cert=str(combined))
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as client:
+        for url in (hub.value, registry.value, proxy.value):
+            assert url.startswith("https://") and (await client.get(url + "/health")).status_code == 200, url
+    for role in ("hub", "registry", "proxy"):
+        with pytest.raises(ConfigError, match="tls_key: given without tls_cert"):
+            parse(role, f'tls_key = "{tls["key"]}"')

@@ -77,6 +77,8 @@ def reload(hub_list: HubList, path: str) -> None:
         log.error("%s: %s", "kept the last good hub list" if hub_list.version else "no hub list to serve",
                   hub_list.config_error)
         return
+    if hub_list.config_error:
+        log.info("%s is valid again", path)
     hub_list.config_error = None
     hub_list.publish(config.hubs)
 

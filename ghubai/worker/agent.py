@@ -15,7 +15,7 @@ import math
 import random
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit
@@ -165,6 +165,7 @@ class Worker:
 
     def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
+        log.info("asking the engine for its models again")
         self._rediscover.set()
 
     async def discovery_loop(self) -> None:
@@ -415,6 +416,22 @@ class Worker:
                 self._loaded_one.set()
 
 
+async def _unless_set(event: trio.Event | None, work: Callable[[], Awaitable[object]]) -> bool:
+    """Run ``work`` to its end, unless ``event`` is set first: then cancel it and say False."""
+    if event is None:
+        await work()
+        return True
+    async with trio.open_nursery() as nursery:
+        async def cancel_when_set() -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(cancel_when_set)
+        await work()
+        nursery.cancel_scope.cancel()
+    return not event.is_set()
+
+
 async def _ready_when_welcomed(worker: Worker, service: Service) -> None:
     await worker.welcomed.wait()
     service.ready()
@@ -431,7 +448,9 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
                                    f"{worker.inflight}/{worker.capacity} inflight, "
                                    f"{len(worker.models)} models{', draining' if worker.draining else ''}")
         service.reload = worker.rediscover
-        await worker.discover()
+        if not await _unless_set(drain, worker.discover):  # a SIGTERM while the engine keeps it waiting
+            log.info("stopped before the engine answered")
+            return
         log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",
                  config.name, worker.id[:8], config.engine.kind, config.engine.url, config.engine.max_concurrency)
         async with trio.open_nursery() as nursery:
