@@ -65,6 +65,7 @@ WINDOW_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
 MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
 MAX_CHUNK_BYTES = 64 << 10  # a worker cuts an answer into chunk records no larger than this
+MAX_EVENT_BYTES = 16 << 20  # one SSE event or NDJSON line of an answer (an engine's, a worker's)
 MAX_ANSWER_BYTES = 64 << 20  # what one request may return whole (a stream has no such bound)
 
 ID_BYTES = 32
@@ -294,6 +295,10 @@ def unpack_chunks(message: bytes) -> list[Chunk]:
     return frames
 
 
+_LINE = re.compile(r"[^\n]+")
+MAX_BAD_FRAMES = 8  # in one message; past it the rest is dropped (each one costs an exception and a log line)
+
+
 def unpack(message: str | bytes) -> tuple[list[Frame | Unknown], list[ProtocolError]]:
     """The frames of one WebSocket message, and what was wrong with the parts that were refused:
     a bad line of a text message costs that line only; a bad binary record ends its message."""
@@ -304,10 +309,13 @@ def unpack(message: str | bytes) -> tuple[list[Frame | Unknown], list[ProtocolEr
             return list(problem.frames), [problem]
     frames: list[Frame | Unknown] = []
     problems = []
-    for line in message.split("\n"):
+    for line in _LINE.finditer(message):  # (in C: a message of blank lines costs next to nothing)
         try:
-            frames.append(decode(line))
+            frames.append(decode(line.group()))
         except ProtocolError as problem:
             problems.append(problem)
+            if len(problems) == MAX_BAD_FRAMES:  # a peer that sends that much garbage sends no more frames
+                problems.append(ProtocolError(f"the rest of the message is dropped after {MAX_BAD_FRAMES} bad frames"))
+                break
     return frames, problems
 

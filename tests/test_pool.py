@@ -14,6 +14,7 @@ import trio.testing
 
 from ghubai import protocol
 from ghubai.config import HubLimits, SchedulerConfig
+from ghubai.hub.gridhub import _handle
 from ghubai.hub.pool import Pool, RemoteWorker
 
 
@@ -987,3 +988,33 @@ async def test_a_wrong_guess_is_dropped_when_the_model_evicted_was_never_reporte
     pool.set_offer(w, protocol.Models(models, loaded=("a",)))  # the engine evicted "b" instead
     other.inflight = other.reported = 0
     assert await pool.acquire("a", "openai.chat", set(), soon()) is w
+
+
+def test_a_worker_that_ignores_flow_control_ends_its_request_not_the_hub_s_memory() -> None:
+    """Regression (hunt): the hub took whatever a worker sent; one that ignored its credit filled the
+    hub with 189 MB for one request whose client read nothing."""
+    out, sent = trio.open_memory_channel[Any](math.inf)
+    worker = RemoteWorker(id="w", name="w", models=frozenset({"m"}), max_concurrency=1, engine="ollama", out=out)
+    answers, received = trio.open_memory_channel[Any](math.inf)
+    worker.pending["r"] = answers
+    piece = b"x" * protocol.MAX_CHUNK_BYTES
+    for _ in range(protocol.WINDOW_BYTES // len(piece) + 1):  # the window and one record: allowed
+        assert not worker.deliver(protocol.Chunk("r", piece))
+    worker.credit("r", len(piece))  # the client took one: one more may come
+    assert not worker.deliver(protocol.Chunk("r", piece))
+    assert worker.deliver(protocol.Chunk("r", piece))  # past the window: the request ends
+    frames = [received.receive_nowait() for _ in range(protocol.WINDOW_BYTES // len(piece) + 3)]
+    assert isinstance(frames[-1], protocol.Error) and "flow-control" in frames[-1].message
+    assert [sent.receive_nowait() for _ in range(2)] == [protocol.encode(protocol.Credit("r", len(piece))),
+                                                         protocol.encode(protocol.Cancel("r"))]
+
+
+async def test_a_ping_flood_gets_no_pong_flood() -> None:
+    """Regression (hunt): every ping got a pong into an unbounded queue: a worker that pinged and
+    never read grew the hub's memory without end."""
+    out, sent = trio.open_memory_channel[Any](math.inf)
+    worker = RemoteWorker(id="w", name="w", models=frozenset({"m"}), max_concurrency=1, engine="ollama", out=out)
+    pool = make_pool(worker)
+    for _ in range(1000):
+        _handle(pool, worker, protocol.Ping(0), heartbeat_s=30.0)
+    assert sent.statistics().current_buffer_used == 1  # one pong waits to be written

@@ -875,3 +875,15 @@ def test_images_on_generate_for_an_openai_engine_are_untranslatable_not_dropped(
         ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "what?", "images": ["QUJD"]}, False)
     embed = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": 64}, stream=False)
     assert embed == {"model": "e", "input": "x", "dimensions": 64}
+
+
+def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> None:
+    """Regression (hunt): each piece of a streamed argument was added to the whole so far (quadratic:
+    800 KB in 4-byte pieces took 16 s), and an index that was no integer failed the end of the answer."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m", "messages": [HI]}, stream=True)
+    for piece in ('{"a":', ' 1', "}"):
+        translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "", "arguments": piece}}]}}]})
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "", "arguments": {"a": 1}}}]
+    with pytest.raises(TypeError):
+        translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": "1"}]}}]})

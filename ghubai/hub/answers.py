@@ -48,6 +48,8 @@ def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[int], None
     for frame in frames:
         if isinstance(frame, protocol.Chunk):
             out.append(dialects.whole_events(held, frame.data, dialect.boundary))
+            if len(held) > protocol.MAX_EVENT_BYTES:  # no event is that large: the answer is broken
+                raise ApiError(502, f"The worker sent an event larger than {protocol.MAX_EVENT_BYTES} bytes")
         elif isinstance(frame, protocol.End):
             out += [bytes(held), dialect.done]  # (a worker's answer ends whole: nothing is held)
             held.clear()

@@ -209,7 +209,7 @@ class Exchange:
         goes back in ``CREDIT_BYTES`` units, so a short answer costs no credit frame at all."""
         self._uncredited += size
         if self.worker is not None and self._uncredited >= CREDIT_BYTES:
-            self.worker.send(protocol.Credit(self.request_id, self._uncredited))
+            self.worker.credit(self.request_id, self._uncredited)
             self._uncredited = 0
 
     def abort(self, message: str) -> None:

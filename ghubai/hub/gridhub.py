@@ -56,7 +56,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
             nursery.start_soon(link.write_batched, receive, websocket.send)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
-            silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame),
+            silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame, heartbeat_s),
                                               lambda problem: _refuse(pool, worker, problem))
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
             # Before anything that may wait: hypercorn's socket writes cannot be cancelled, so a
@@ -93,7 +93,7 @@ def _refuse(pool: Pool, worker: RemoteWorker, problem: protocol.ProtocolError) -
                   retryable=True)
 
 
-def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.Unknown) -> None:
+def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.Unknown, heartbeat_s: float) -> None:
     worker.last_seen = trio.current_time()
     match frame:
         case protocol.Chunk() | protocol.End() | protocol.Error():
@@ -102,7 +102,9 @@ def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.U
             pool.report(worker, inflight)
         case protocol.Ping(inflight):
             pool.report(worker, inflight)
-            worker.send(protocol.Pong(worker.inflight))
+            if worker.last_seen - worker.last_pong >= heartbeat_s / 4:  # a ping flood gets no pong flood
+                worker.last_pong = worker.last_seen
+                worker.send(protocol.Pong(worker.inflight))
         case protocol.Models():
             pool.set_offer(worker, frame)
         case protocol.Draining():

@@ -47,7 +47,9 @@ class RemoteWorker:
     inflight: int = 0  # requests this hub runs on the worker
     reported: int = 0  # requests the worker says it runs, for every hub it serves
     pending: dict[str, trio.MemorySendChannel[Answer]] = field(default_factory=dict)
+    unacked: dict[str, int] = field(default_factory=dict)  # bytes of each answer sent past the credit given
     last_seen: float = 0.0  # trio time of its last frame: the heartbeat an operator can check
+    last_pong: float = -math.inf  # when this hub last answered its ping (a pong per quarter heartbeat at most)
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
     usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub
@@ -95,10 +97,18 @@ class RemoteWorker:
 
     def deliver(self, frame: Answer) -> bool:
         """Hand a chunk/end/error frame to the request it belongs to, if it still waits; True when the
-        frame ended that request."""
+        frame ended that request. A worker that sends past its flow-control window (a slow client
+        holds the answer here) ends that request: the hub's memory is not its to fill."""
         channel = self.pending.get(frame.id)
         if channel is None:
             return False  # a request that was cancelled or already failed over
+        if isinstance(frame, protocol.Chunk):
+            unacked = self.unacked.get(frame.id, 0) + len(frame.data)
+            if unacked > protocol.WINDOW_BYTES + protocol.MAX_CHUNK_BYTES:
+                self.send(protocol.Cancel(frame.id))
+                frame = protocol.Error(frame.id, 502, "the worker sent more than its flow-control window", False)
+            else:
+                self.unacked[frame.id] = unacked
         ended = not isinstance(frame, protocol.Chunk)
         try:
             channel.send_nowait(frame)
@@ -106,7 +116,14 @@ class RemoteWorker:
             ended = True  # nobody reads it any more
         if ended:
             del self.pending[frame.id]
+            self.unacked.pop(frame.id, None)
         return ended
+
+    def credit(self, request_id: str, size: int) -> None:
+        """``size`` more bytes of the request's answer reached its client: the worker may send as many."""
+        self.send(protocol.Credit(request_id, size))
+        if request_id in self.unacked:
+            self.unacked[request_id] -= size
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
@@ -540,7 +557,11 @@ class Pool:
             self._wake(worker.models)
 
     def _wake(self, models: Any) -> None:
-        """Tell the head of each of these models' queues to look again."""
-        for model in list(models):
-            if queue := self._queues.get(model):
+        """Tell the head of each of these models' queues to look again: a walk of the shorter of the
+        two (a worker may list 4,096 models, and report its load as often as it likes)."""
+        queues = self._queues
+        if not queues:
+            return
+        for model in list(models) if len(models) <= len(queues) else [model for model in queues if model in models]:
+            if queue := queues.get(model):
                 queue[0].event.set()

@@ -13,6 +13,7 @@ import base64
 import struct
 import time
 import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
@@ -121,6 +122,15 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+@dataclass
+class _StreamedCall:
+    """A tool call an engine streams in pieces, joined once at its end (joining each piece as it
+    comes copies the whole so far each time: a long argument took seconds)."""
+    id: str | None = None
+    name: list[str] = field(default_factory=list)
+    arguments: list[str] = field(default_factory=list)
+
+
 class OllamaOverOpenAI:
     """An ``ollama.*`` request for an OpenAI-compatible engine, and its answer back in Ollama's
     shapes. One per request: it keeps the stream's state (model, finish reason, tool calls so far).
@@ -135,7 +145,8 @@ class OllamaOverOpenAI:
         self.tools = tools  # the engine accepts tools: /api/show says so
         self.model = ""
         self.finish_reason = "stop"
-        self.calls: dict[int, dict[str, str]] = {}  # streamed tool calls, assembled by index
+        self.calls: dict[int, _StreamedCall] = {}  # streamed tool calls, assembled by index
+        self.calls_size = 0
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
 
     @staticmethod
@@ -204,12 +215,18 @@ class OllamaOverOpenAI:
             self.finish_reason = choice["finish_reason"]
         delta = choice.get("delta") or {}
         for call in delta.get("tool_calls") or []:
-            assembled = self.calls.setdefault(call.get("index", 0), {"name": "", "arguments": ""})
+            if type(index := call.get("index", 0)) is not int:
+                raise TypeError(f"a tool call's index of type {type(index).__name__}")
+            assembled = self.calls.setdefault(index, _StreamedCall())
             function = call.get("function") or {}
-            assembled["name"] += function.get("name") or ""
-            assembled["arguments"] += function.get("arguments") or ""
+            name, arguments = _text(function.get("name")), _text(function.get("arguments"))
+            assembled.name.append(name)
+            assembled.arguments.append(arguments)
+            self.calls_size += len(name) + len(arguments)
+            if self.calls_size > protocol.MAX_EVENT_BYTES:
+                raise ValueError(f"tool calls larger than {protocol.MAX_EVENT_BYTES} bytes")
             if isinstance(call.get("id"), str) and call["id"]:
-                assembled["id"] = call["id"]
+                assembled.id = call["id"]
         if self.api != "ollama.chat":
             text = _text(choice.get("text"))
             return [_line({**self._answer(text), "done": False})] if text else []
@@ -222,8 +239,9 @@ class OllamaOverOpenAI:
         """The last line, when the engine said [DONE]."""
         extra = {}
         if self.calls:
-            extra["tool_calls"] = _tool_calls([{"id": self.calls[i].pop("id", None), "function": self.calls[i]}
-                                               for i in sorted(self.calls)])
+            extra["tool_calls"] = _tool_calls([
+                {"id": call.id, "function": {"name": "".join(call.name), "arguments": "".join(call.arguments)}}
+                for _, call in sorted(self.calls.items())])
         return _line({**self._answer("", **extra), **self._counts(usage)})
 
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
