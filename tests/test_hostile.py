@@ -26,6 +26,7 @@ from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import logs
+from ghubai.proxy.follow import REGISTRY_ANSWER_LIMIT
 from ghubai.proxy.hubs import HubSet
 from ghubai.worker.engine import LISTING_LIMIT
 
@@ -525,6 +526,24 @@ async def test_a_hostile_registry_answer_never_stops_a_proxy(grid: Grid, caplog:
                    for record in caplog.records)
 
     await eventually(read_it, "the proxy to read the registry's answer and refuse it")
+    assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
+async def test_a_registry_answer_that_never_ends_is_cut_at_its_limit(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): the proxy read a registry's answer whole, however long: one that streamed
+    for ever grew it by gigabytes (httpx's timeout bounds each read, not the answer)."""
+    async def endless(conn: Connection, request: Request) -> None:
+        await conn.start_stream(200, "application/json")
+        for _ in range(2 * REGISTRY_ANSWER_LIMIT // 65536 + 1):  # twice the limit, then silence
+            await conn.write(b" " * 65536)
+        await trio.sleep_forever()
+
+    proxy = await grid.proxy(await grid.fake_engine(endless))
+
+    async def cut() -> bool:
+        return "larger than" in caplog.text
+
+    await eventually(cut, "the proxy to stop reading at the limit")
     assert (await grid.http.get(proxy.value + "/health")).status_code == 200
 
 

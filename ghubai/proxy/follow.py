@@ -4,6 +4,7 @@ active health checks of every hub."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from typing import Any
 
@@ -19,6 +20,8 @@ log = logging.getLogger("ghubai.proxy")
 
 LONG_POLL_S = 30.0
 RETRY_S = 1.0
+REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred KB
+CHECKS_AT_ONCE = 32  # health checks in flight (under httpx's 100 connections: a queue there costs quadratic time)
 
 
 async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
@@ -30,25 +33,40 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
         headers = {"If-None-Match": etag} if etag else {}
         params = {"wait": str(LONG_POLL_S)} if etag else {}
         try:
-            response = await http.get(config.registry_url.rstrip("/") + "/hubs", params=params, headers=headers,
-                                      timeout=httpx.Timeout(config.health.timeout_s, read=LONG_POLL_S + 5))
-            if response.status_code != 304:
-                response.raise_for_status()
-                entries = [(str(hub["name"]), str(hub["address"])) for hub in response.json()["hubs"]]
+            with trio.fail_after(LONG_POLL_S + 10):  # the whole answer, not each read
+                status, answer_etag, body = await _bounded_get(
+                    http, config.registry_url.rstrip("/") + "/hubs", params, headers,
+                    httpx.Timeout(config.health.timeout_s, read=LONG_POLL_S + 5))
+            if status != 304:
+                if status != 200:
+                    raise ValueError(f"HTTP {status}")
+                entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]
                 hubs.update(static + entries)
-                if response.headers.get("etag") in (None, etag):
+                if answer_etag in (None, etag):
                     await trio.sleep(RETRY_S)  # a registry that does not hold the poll must not make us spin
-                etag = response.headers.get("etag")
+                etag = answer_etag
             if failing:
                 log.info("registry %s answers again", redacted(config.registry_url))
             failing = False
         except Exception as error:  # a hostile or broken registry answer must never stop the proxy
             if not failing:
-                said = f"HTTP {error.response.status_code}" if isinstance(error, httpx.HTTPStatusError) else \
-                    scrubbed(describe(error), config.registry_url)  # (httpx quotes the URL, password and all)
+                said = scrubbed(describe(error), config.registry_url)  # (httpx may quote the URL, password and all)
                 log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url), said)
             failing = True
             await trio.sleep(RETRY_S)
+
+
+async def _bounded_get(http: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str],
+                       timeout: httpx.Timeout) -> tuple[int, str | None, bytes]:
+    """A registry's answer (status, ETag, body), read to at most ``REGISTRY_ANSWER_LIMIT`` bytes (one
+    that streamed for ever grew the proxy by gigabytes); ValueError past it."""
+    async with http.stream("GET", url, params=params, headers=headers, timeout=timeout) as response:
+        body = bytearray()
+        async for piece in response.aiter_bytes():
+            body += piece
+            if len(body) > REGISTRY_ANSWER_LIMIT:
+                raise ValueError(f"the registry's answer is larger than {REGISTRY_ANSWER_LIMIT} bytes")
+    return response.status_code, response.headers.get("etag"), bytes(body)
 
 
 DETAILS_EVERY = 5  # health checks: each asks a hub's summary, every fifth its workers in detail too
@@ -119,8 +137,14 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
     for round_number in itertools.count():
         hubs.check_now = trio.Event()
         wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
+        at_once = trio.Semaphore(CHECKS_AT_ONCE)
+
+        async def check(hub: Hub, details: bool) -> None:
+            async with at_once:
+                await _check(hub, hubs, http, config.health.timeout_s, details)
+
         async with trio.open_nursery() as nursery:
             for hub in list(hubs.hubs.values()):
-                nursery.start_soon(_check, hub, hubs, http, config.health.timeout_s, wanted or hub.workers is None)
+                nursery.start_soon(check, hub, wanted or hub.workers is None)
         with trio.move_on_after(config.health.interval_s):
             await hubs.check_now.wait()
