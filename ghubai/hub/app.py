@@ -198,6 +198,7 @@ class HubApi:
         self.rate_limits = RateLimits(config.limits)
         self._workers: tuple[float, int, list[dict[str, Any]]] = (-math.inf, -1, [])  # when, from what, what
         self._registry = b""  # /api/registry's body, from those
+        self._dashboard: tuple[tuple[Any, ...], bytes] = ((), b"")  # /dashboard/data's body, and from what
         self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
@@ -441,11 +442,16 @@ class HubApi:
     async def dashboard_page(self) -> Response:
         return Response(dashboard.PAGE, 200, content_type=dashboard.PAGE_TYPE)
 
-    async def dashboard_data(self) -> dict[str, Any]:
-        workers, queue = self._described(), self.pool.queue_lengths()
-        me = dashboard.hub_view(f"hub {self.hub_id}", request.host_url.rstrip("/"), not self.pool.draining,
-                                "draining", queue, workers, self.config.heartbeat_s)
-        return dashboard.data("hub", f"hub {self.hub_id}", [me], queue, self.history)
+    async def dashboard_data(self) -> Response:
+        """Built at most once a second (the page polls that often; it is open, and with a thousand
+        workers a build is milliseconds), and again when the workers change."""
+        key = (self.pool.version, int(trio.current_time()), request.host_url)
+        if self._dashboard[0] != key:
+            workers, queue = self._described(), self.pool.queue_lengths()
+            me = dashboard.hub_view(f"hub {self.hub_id}", request.host_url.rstrip("/"), not self.pool.draining,
+                                    "draining", queue, workers, self.config.heartbeat_s)
+            self._dashboard = (key, _encode(dashboard.data("hub", f"hub {self.hub_id}", [me], queue, self.history)))
+        return Response(self._dashboard[1], 200, content_type="application/json")
 
     async def prometheus(self) -> Response:
         return Response(self.metrics.render(), 200, content_type=CONTENT_TYPE)
