@@ -164,8 +164,9 @@ def _up(args: argparse.Namespace) -> int:
         raise ConfigError(["--backend openai: give the engine's address with --engine-url"])
     if args.engine_url and (problem := url_problem(args.engine_url, ("http", "https"))):
         raise ConfigError([f"--engine-url: {problem}"])
-    if (env_url := os.environ.get("OLLAMA_LOCAL_URL")) and (problem := url_problem(env_url, ("http", "https"))):
-        raise ConfigError([f"environment: OLLAMA_LOCAL_URL: {problem}"])  # as the worker checks it
+    env_url = os.environ.get("OLLAMA_LOCAL_URL") if args.backend in ("auto", "ollama") and not args.engine_url else ""
+    if env_url and (problem := url_problem(env_url, ("http", "https"))):  # (as the worker checks it)
+        raise ConfigError([f"environment: OLLAMA_LOCAL_URL: {problem}"])
     key = ""
     if args.engine_api_key_env:
         if not (key := os.environ.get(args.engine_api_key_env, "")):

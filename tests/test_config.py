@@ -124,6 +124,9 @@ def test_up_checks_ollama_local_url_as_the_worker_does_and_never_echoes_a_passwo
     it waited for ever, and with a password it printed it in its log and banner."""
     result = run_ghubai("up", "--backend", "ollama", env={"OLLAMA_LOCAL_URL": url})
     assert result.returncode == 2 and "OLLAMA_LOCAL_URL" in result.stderr and "Pw0rdX" not in result.stderr
+    unused = run_ghubai("up", "--backend", "openai", "--engine-url", "http://127.0.0.1:9", "--engine-api-key-env",
+                        "UNSET_FOR_THIS_TEST", env={"OLLAMA_LOCAL_URL": url})
+    assert "OLLAMA_LOCAL_URL" not in unused.stderr  # (review) a variable up does not use is not judged
 
 
 def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:

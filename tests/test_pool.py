@@ -13,7 +13,8 @@ import trio
 import trio.testing
 
 from ghubai import protocol
-from ghubai.config import HubLimits, SchedulerConfig
+from ghubai.config import HubConfig, HubLimits, SchedulerConfig
+from ghubai.hub.exchange import Exchange
 from ghubai.hub.gridhub import _handle
 from ghubai.hub.pool import Pool, RemoteWorker
 
@@ -1018,3 +1019,23 @@ async def test_a_ping_flood_gets_no_pong_flood() -> None:
     for _ in range(1000):
         _handle(pool, worker, protocol.Ping(0), heartbeat_s=30.0)
     assert sent.statistics().current_buffer_used == 1  # one pong waits to be written
+
+
+async def test_a_request_its_client_leaves_mid_answer_leaves_no_flow_control_count_behind(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: the hub dropped a request's count of unacknowledged bytes only when the worker ended
+    it, not when the client left (a stop button) or a timeout closed it: a few hundred bytes per
+    abandoned stream, for the life of the link."""
+    out, sent = trio.open_memory_channel[Any](math.inf)
+    worker = RemoteWorker(id="w", name="w", models=frozenset({"m"}), max_concurrency=1, engine="ollama", out=out)
+    pool = make_pool(worker)
+    exchange = Exchange(pool, HubConfig(), "openai.chat", {"model": "m", "messages": []}, True, {})
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(exchange.open)
+        await trio.testing.wait_all_tasks_blocked()
+        [request_id] = worker.pending
+        pool.deliver(worker, protocol.Chunk(request_id, b"data: {}\n\n"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert worker.unacked == {request_id: 10}
+        exchange.close()  # the client left
+    assert worker.pending == {} and worker.unacked == {} and worker.inflight == 0

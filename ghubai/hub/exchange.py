@@ -223,7 +223,7 @@ class Exchange:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still
         producing, tell it to stop and give the slot back."""
         worker, self.worker, self.state = self.worker, None, State.DONE
-        if worker is not None and worker.pending.pop(self.request_id, None) is not None:
+        if worker is not None and worker.forget(self.request_id):
             worker.send(protocol.Cancel(self.request_id))
             self.pool.release(worker)
 

@@ -115,9 +115,13 @@ class RemoteWorker:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             ended = True  # nobody reads it any more
         if ended:
-            del self.pending[frame.id]
-            self.unacked.pop(frame.id, None)
+            self.forget(frame.id)
         return ended
+
+    def forget(self, request_id: str) -> bool:
+        """The request is over for this hub: whether it was still pending."""
+        self.unacked.pop(request_id, None)
+        return self.pending.pop(request_id, None) is not None
 
     def credit(self, request_id: str, size: int) -> None:
         """``size`` more bytes of the request's answer reached its client: the worker may send as many."""

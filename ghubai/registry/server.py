@@ -123,6 +123,8 @@ def create_app(hub_list: HubList) -> QuartTrio:
 
     @app.get("/Registry")
     async def seed_shape() -> Response:
+        if not hub_list.version:  # as /hubs: no list to give
+            return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
         return Response(json.dumps(hub_list.entries()), 200, content_type="application/json")
 
     @app.get("/health")
