@@ -63,9 +63,11 @@ class HubSet:
         self._turn = itertools.count()
         self.check_now = trio.Event()
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
+        self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
+        self.version += 1
         wanted = {}
         for name, address in entries:
             if problem := url_problem(address, ("http", "https")):  # a registry older than this check
@@ -122,6 +124,7 @@ class HubSet:
                    workers: list[dict[str, Any]] | None = None) -> None:
         """``state``: the hub's ``/api/summary`` answer as ``follow._state_of`` checked it, when the
         check read one; ``workers``: its ``/api/registry`` list, when the check read that too."""
+        self.version += 1
         if state is not None:  # as follow._state_of made it
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
             hub.models, hub.loaded = frozenset(state["models"]), frozenset(state["loaded"])

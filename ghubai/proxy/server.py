@@ -8,6 +8,7 @@ requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/model
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import resource
 import ssl
@@ -71,6 +72,7 @@ class Proxy:
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
         self.connections = 0  # client connections open now
         self.history = History()
+        self._health: tuple[int, bytes] = (-1, b"")  # /health's body, and the hubs' version it shows
         self.url = ""  # once it serves
         self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
         self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
@@ -167,9 +169,14 @@ class Proxy:
         await conn.respond_error(error, request.path, tag)  # unless the forwarder had begun the answer
 
     async def health(self, conn: Connection, request: Request) -> None:
+        """Built again only when a health check or the hub list changed it: it is open, and with a
+        thousand workers behind the hubs a build took 5.8 ms."""
         self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S
-        hubs = [hub.describe() for hub in self.hubs.hubs.values()]
-        await conn.respond_json(200, {"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs})
+        if self._health[0] != self.hubs.version:
+            hubs = [hub.describe() for hub in self.hubs.hubs.values()]
+            body = json.dumps({"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs}).encode()
+            self._health = (self.hubs.version, body)
+        await conn.respond(200, self._health[1])
 
     async def dashboard_page(self, conn: Connection, request: Request) -> None:
         await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
