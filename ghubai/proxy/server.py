@@ -73,6 +73,7 @@ class Proxy:
         self.connections = 0  # client connections open now
         self.history = History()
         self._health: tuple[int, bytes] = (-1, b"")  # /health's body, and the hubs' version it shows
+        self._dashboard: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # /dashboard/data's, and from when
         self.url = ""  # once it serves
         self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
         self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
@@ -182,13 +183,17 @@ class Proxy:
         await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
 
     async def dashboard_data(self, conn: Connection, request: Request) -> None:
+        """Built at most once a second (the page polls that often), and when the hubs change."""
         self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S  # workers live while watched
-        hubs = [hub.describe() for hub in self.hubs.hubs.values()]
-        queue: Counter[str] = Counter()
-        for hub in self.hubs.hubs.values():
-            queue.update(hub.queue)
-        await conn.respond_json(200, dashboard.data("proxy", f"proxy {self.url}", hubs, dict(queue),
-                                                    self.history))
+        key = (self.hubs.version, int(trio.current_time()))
+        if self._dashboard[0] != key:
+            hubs = [hub.describe() for hub in self.hubs.hubs.values()]
+            queue: Counter[str] = Counter()
+            for hub in self.hubs.hubs.values():
+                queue.update(hub.queue)
+            body = dashboard.data("proxy", f"proxy {self.url}", hubs, dict(queue), self.history)
+            self._dashboard = (key, json.dumps(body).encode())
+        await conn.respond(200, self._dashboard[1])
 
     async def ready(self, conn: Connection, request: Request) -> None:
         up = 0 if self.draining else len(self.hubs.healthy())
