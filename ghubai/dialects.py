@@ -128,14 +128,23 @@ def validate_openai_inputs(body: dict[str, Any]) -> None:
     """OpenAI's embeddings: ``input`` as Ollama's, or token ids (an array of integers, or of such
     arrays), which OpenAI-compatible engines take (and LangChain sends)."""
     inputs = body.get("input")
-    if isinstance(inputs, list) and inputs and (all(_token_ids(item) for item in inputs) or _token_ids(inputs)):
+    if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
         validate_model(body)
         return
     validate_inputs(body)
 
 
-def _token_ids(value: Any) -> bool:
+def token_ids(value: Any) -> bool:
+    """Whether ``value`` is token ids: a non-empty array of integers."""
     return isinstance(value, list) and bool(value) and all(type(item) is int for item in value)
+
+
+def preload(body: dict[str, Any], chat: bool) -> str:
+    """What an Ollama request with nothing to generate asks (no messages for a chat, no prompt
+    for a generation): "load" a model, or with ``keep_alive`` 0 "unload" it; "" for a real request."""
+    if body.get("messages" if chat else "prompt"):
+        return ""
+    return "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
 
 
 def validate_ollama_embeddings(body: dict[str, Any]) -> None:

@@ -98,6 +98,9 @@ def create_app(hub_list: HubList) -> QuartTrio:
     async def prometheus() -> Response:
         return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
+    def no_list() -> Response:
+        return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
+
     @app.get("/hubs")
     async def hubs() -> Response:
         try:
@@ -114,7 +117,7 @@ def create_app(hub_list: HubList) -> QuartTrio:
             with trio.move_on_after(wait):
                 await changed.wait()
         if not hub_list.version:  # no file has named its hubs yet: no list to give (a proxy keeps its own)
-            return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
+            return no_list()
         if matches():
             # An explicit empty length: without it hypercorn closes the connection after a 304.
             return Response(b"", 304, headers={"ETag": hub_list.etag, "Content-Length": "0"})
@@ -123,8 +126,8 @@ def create_app(hub_list: HubList) -> QuartTrio:
 
     @app.get("/Registry")
     async def seed_shape() -> Response:
-        if not hub_list.version:  # as /hubs: no list to give
-            return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
+        if not hub_list.version:  # as /hubs
+            return no_list()
         return Response(json.dumps(hub_list.entries()), 200, content_type="application/json")
 
     @app.get("/health")

@@ -150,8 +150,8 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body)
         stream = body.get("stream", dialect == "ollama") is True
-        if dialect == "ollama" and not body.get("messages" if shape_class is OllamaChat else "prompt"):
-            await self._preload(conn, body, model, shape_class, stream)  # Ollama loads (or unloads); no generation
+        if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
+            await self._preload(conn, reason, model, shape_class, stream)  # Ollama loads (or unloads); no generation
             return
         include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body))
@@ -186,11 +186,9 @@ class SimServer:
             await conn.respond_json(200, shape.whole())
 
     @staticmethod
-    async def _preload(conn: Connection, body: dict[str, Any], model: str, shape_class: type[Shape],
-                       stream: bool) -> None:
-        """What Ollama answers a request with no prompt (no messages): the model loaded, or, with
-        ``keep_alive`` 0, unloaded; nothing generated."""
-        reason = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+    async def _preload(conn: Connection, reason: str, model: str, shape_class: type[Shape], stream: bool) -> None:
+        """What Ollama answers a request with no prompt (no messages): the model loaded, or
+        unloaded (``reason``); nothing generated."""
         answer: dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": reason}
         answer.update({"message": {"role": "assistant", "content": ""}} if shape_class is OllamaChat else {"response": ""})
         if stream:
@@ -204,12 +202,10 @@ class SimServer:
         """The texts to embed; with ``token_ids`` (an OpenAI-compatible engine's), a list of integer
         token ids (or a list of such lists) counts as a text of those numbers."""
         raw = body.get("input", body.get("prompt"))
-        items = raw if isinstance(raw, list) else [raw]
-        if token_ids and items and all(type(item) is int for item in items):
-            items = [items]
+        items: list[Any] = raw if isinstance(raw, list) else [raw]
         if token_ids:
-            items = [" ".join(map(str, item)) if isinstance(item, list) and item and all(type(i) is int for i in item)
-                     else item for item in items]
+            items = [" ".join(map(str, item)) if dialects.token_ids(item) else item
+                     for item in ([items] if dialects.token_ids(items) else items)]
         if not items or not all(isinstance(item, str) for item in items):
             raise ApiError(400, "input must be a string or a list of strings" + (" or of token ids" if token_ids else ""))
         return items

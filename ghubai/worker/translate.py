@@ -60,6 +60,16 @@ def _text(value: Any) -> str:
     raise TypeError(f"answer text of type {type(value).__name__}")
 
 
+def _call_id(call: dict[str, Any]) -> str | None:
+    """A tool call's id, when it has one that is text."""
+    return call["id"] if isinstance(call.get("id"), str) and call["id"] else None
+
+
+def _dimensions(body: dict[str, Any]) -> dict[str, int]:
+    """An embedding request's ``dimensions``, which both APIs take, when it names them."""
+    return {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
+
+
 def _reasoning(message: dict[str, Any]) -> Any:
     """The reasoning an OpenAI message or delta carries: ``reasoning`` (Ollama's and OpenRouter's
     name) or ``reasoning_content`` (vLLM's, llama.cpp's, DeepSeek's)."""
@@ -77,7 +87,7 @@ def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
             for image in message["images"]]
     if message.get("tool_calls"):
         converted["tool_calls"] = [
-            {"id": call["id"] if isinstance(call.get("id"), str) and call["id"] else f"c{number:04d}{index:04d}",
+            {"id": _call_id(call) or f"c{number:04d}{index:04d}",
              "type": "function",
              "function": {"name": call["function"]["name"],
                           "arguments": _encode(call["function"].get("arguments", {})).decode()}}
@@ -116,8 +126,8 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             except (msgspec.DecodeError, RecursionError):  # (a lone surrogate too: it could not be sent on)
                 pass
         out: dict[str, Any] = {"function": {"name": function.get("name", ""), "arguments": arguments}}
-        if isinstance(call.get("id"), str) and call["id"]:
-            out["id"] = call["id"]
+        if call_id := _call_id(call):
+            out["id"] = call_id
         converted.append(out)
     return converted
 
@@ -156,8 +166,7 @@ class OllamaOverOpenAI:
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
         if self.api == "ollama.embed":
-            dimensions = {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
-            return {"model": self.model, "input": body.get("input", ""), **dimensions}
+            return {"model": self.model, "input": body.get("input", ""), **_dimensions(body)}
         if self.api == "ollama.embeddings":  # the legacy form: one prompt, one vector
             return {"model": self.model, "input": str(body.get("prompt", ""))}
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
@@ -174,9 +183,8 @@ class OllamaOverOpenAI:
         elif isinstance(body.get("format"), dict):
             request["response_format"] = {"type": "json_schema",
                                           "json_schema": {"name": "response", "schema": body["format"]}}
-        if self.api != "ollama.show" and not body.get("messages" if self.api == "ollama.chat" else "prompt"):
-            # Ollama's way to load a model, or (keep_alive 0) to unload it: nothing to generate
-            self.preload = "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+        if self.api != "ollama.show" and (preload := dialects.preload(body, self.api == "ollama.chat")):
+            self.preload = preload  # Ollama's way to load a model, or to unload it: nothing to generate
             return request
         if self.api == "ollama.chat":
             request["messages"] = _messages(body.get("messages") or [])
@@ -225,8 +233,7 @@ class OllamaOverOpenAI:
             self.calls_size += len(name) + len(arguments)
             if self.calls_size > protocol.MAX_EVENT_BYTES:
                 raise ValueError(f"tool calls larger than {protocol.MAX_EVENT_BYTES} bytes")
-            if isinstance(call.get("id"), str) and call["id"]:
-                assembled.id = call["id"]
+            assembled.id = _call_id(call) or assembled.id
         if self.api != "ollama.chat":
             text = _text(choice.get("text"))
             return [_line({**self._answer(text), "done": False})] if text else []
@@ -363,8 +370,7 @@ class OpenAIOverOllama:
             inputs = body.get("input", "")
             if isinstance(inputs, list) and inputs and not isinstance(inputs[0], str):
                 raise Untranslatable("an Ollama engine embeds text, not token ids: send the text")
-            dimensions = {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
-            return {"model": self.model, "input": inputs, **dimensions}
+            return {"model": self.model, "input": inputs, **_dimensions(body)}
         self.include_usage = dialects.wants_usage(body)
         options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
@@ -423,8 +429,7 @@ class OpenAIOverOllama:
         converted = []
         for call in calls:
             function = call.get("function") or {}
-            known = call.get("id") if isinstance(call.get("id"), str) and call["id"] else None
-            converted.append({"index": self.index, "id": known or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
+            converted.append({"index": self.index, "id": _call_id(call) or f"call_{uuid.uuid4().hex[:12]}", "type": "function",
                               "function": {"name": function.get("name", ""),
                                            "arguments": _encode(function.get("arguments", {})).decode()}})
             self.index += 1
