@@ -198,6 +198,9 @@ class HubLimits:
                                  default=64 * 1024 * 1024)
     requests_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
     tokens_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
+    max_connections: int = _key(_at_least(1), "open connections, clients' and workers' links together; more are "
+                                "turned away with 503 (capped to what the process's file limit allows)",
+                                default=10000)
 
 
 @dataclass(frozen=True)

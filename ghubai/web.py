@@ -1,6 +1,7 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Carries three fixes to hypercorn 0.18 (two to its trio server, one to its HTTP/2), and one shortcut:
+Carries three fixes to hypercorn 0.18 (two to its trio server, one to its HTTP/2), a cap, and one
+shortcut:
 - quart-trio runs a connection's close inside the request's already-cancelled scope, so
   ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
@@ -14,6 +15,10 @@ Carries three fixes to hypercorn 0.18 (two to its trio server, one to its HTTP/2
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
   the moment hypercorn sees its client's connection close (not before the response ends when the
   client has already sent a next, pipelined request: hypercorn then stops reading that connection).
+- hypercorn takes every connection it is offered, so clients that open connections and idle or
+  trickle (each may hold a request body of up to ``max_body_bytes``) can take every file descriptor
+  and the memory behind them. Past ``max_connections`` open at once, a new connection gets a 503
+  with ``Retry-After`` and is closed, as the proxy turns them away.
 - over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
   the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
   its streams. Such frames are dropped here, their bytes given back to the flow-control windows,
@@ -44,10 +49,11 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
+from ghubai.http11.server import turn_away
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
-_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"]},
+_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
             HTTPStream: {"handle": ["self", "event"]}, H2Protocol: {"_handle_events": ["self", "events"]}}
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
@@ -72,6 +78,25 @@ async def _shielded_close(self: TCPServer) -> None:
 
 TCPServer._close = _shielded_close  # type: ignore[method-assign]
 
+_hypercorn_run = TCPServer.run
+
+
+async def _capped_run(self: TCPServer) -> None:
+    config = self.config
+    if not isinstance(config, GhubConfig) or not config.max_connections:
+        await _hypercorn_run(self)
+    elif config.connections >= config.max_connections:
+        await turn_away(self.stream, config.who)
+    else:
+        config.connections += 1
+        try:
+            await _hypercorn_run(self)
+        finally:
+            config.connections -= 1
+
+
+TCPServer.run = _capped_run  # type: ignore[method-assign]
+
 _hypercorn_protocol_send = TCPServer.protocol_send
 
 
@@ -79,10 +104,13 @@ class GhubConfig(Config):
     """hypercorn's Config, plus what the patched writes need."""
 
     write_timeout_s: float = 120.0
+    max_connections: int = 0  # open at once; 0: no cap
+    who: str = "server"  # names the server in the 503 past the cap
 
     def __init__(self) -> None:
         super().__init__()
         self.pending_writes: set[trio.CancelScope] = set()
+        self.connections = 0
 
     def cut_pending_writes(self) -> None:
         for write in list(self.pending_writes):
@@ -148,9 +176,10 @@ H2Protocol._handle_events = _h2_events  # type: ignore[method-assign]
 
 
 def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0,
-                  write_timeout_s: float = 120.0) -> GhubConfig:
+                  write_timeout_s: float = 120.0, max_connections: int = 0, who: str = "server") -> GhubConfig:
     config = GhubConfig()
     config.write_timeout_s = write_timeout_s
+    config.max_connections, config.who = max_connections, who
     config.bind = [listen]
     config.graceful_timeout = graceful_timeout_s
     config.include_server_header = False

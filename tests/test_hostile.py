@@ -426,13 +426,18 @@ async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_t
     assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
 
 
-async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid) -> None:
+@pytest.mark.parametrize("role", ["proxy", "hub"])
+async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, role: str) -> None:
     """Regression: with no connection cap, 150 trickling clients took a 128-file limit and new clients
-    timed out (400 EMFILE tracebacks in 20 s)."""
-    hub = await grid.hub()
-    proxy = await grid.proxy(hubs=(hub.value,), limits={"max_connections": 3})
-    port = int(proxy.value.rsplit(":", 1)[1])
-    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+    timed out (400 EMFILE tracebacks in 20 s); the hub, on hypercorn, had no cap at all. At the hub a
+    worker's link takes a slot too."""
+    hub = await grid.hub(limits={"max_connections": 3} if role == "hub" else {})
+    if role == "hub":
+        sim_url, _ = await grid.sim()
+        await grid.worker(hub.value, sim_url)
+    server = hub.value if role == "hub" else (await grid.proxy(hubs=(hub.value,), limits={"max_connections": 3})).value
+    port = int(server.rsplit(":", 1)[1])
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2 if role == "hub" else 3)]
     turned_away = await trio.open_tcp_stream("127.0.0.1", port)
     await turned_away.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
     answer = b""
@@ -440,12 +445,15 @@ async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid) -
         while chunk := await turned_away.receive_some(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer
+    assert f"The {role} has too many open connections".encode() in answer
     await held[0].aclose()
 
     async def served_again() -> bool:
-        return (await grid.http.get(proxy.value + "/health")).status_code == 200
+        return (await grid.http.get(server + "/health")).status_code == 200
 
     await eventually(served_again, "a slot for a new client once one left")
+    if role == "hub":  # the worker's link still serves
+        assert (await grid.http.post(server + "/v1/chat/completions", json=chat())).status_code == 200
     for stream in held[1:]:
         await stream.aclose()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
@@ -222,6 +223,29 @@ class Connection:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError, trio.BusyResourceError):
                     pass
             await self.stream.aclose()
+
+
+def connection_cap(wanted: int, descriptors_each: int, key: str) -> int:
+    """``wanted`` open client connections, but no more than the file limit allows when each takes
+    ``descriptors_each`` file descriptors, with some kept for the process itself."""
+    allowed = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // descriptors_each)
+    if wanted > allowed:
+        log.info("%s %d is more than the file limit allows: %d", key, wanted, allowed)
+    return min(wanted, allowed)
+
+
+async def turn_away(stream: trio.abc.Stream, who: str) -> None:
+    """A connection past the cap: a 503 with ``Retry-After`` at once, then close, so that clients
+    that trickle or idle cannot take every file descriptor and shut everyone else out."""
+    body = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1).body_for("")
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+                                  b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+                                  % (len(body), body))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    await Connection(stream).close()  # EOF, a short drain, then close: the answer is not lost to a reset
 
 
 async def serve_connection(stream: trio.abc.Stream, handle: Any, *,

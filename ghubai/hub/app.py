@@ -41,6 +41,7 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
+from ghubai.http11.server import connection_cap
 from ghubai.web import CLIENT_GONE, serve_app, server_config
 
 _encode = msgspec.json.Encoder().encode
@@ -490,7 +491,8 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     service.reloads_config("hub", path, reload)
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
-            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s))
+            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,
+            max_connections=connection_cap(config.limits.max_connections, 1, "limits.max_connections"), who="hub"))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
         service.ready()
         task_status.started(binds[0])

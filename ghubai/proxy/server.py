@@ -7,10 +7,8 @@ requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/model
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import resource
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -25,7 +23,7 @@ from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
 from ghubai.errors import ApiError, model_not_found
 from ghubai.http11.client import tls_client_context
-from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
@@ -45,15 +43,6 @@ OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data") 
 def _as_get(method: str) -> str:
     """HEAD asks for what GET would answer, without its body (monitors probe with it)."""
     return "GET" if method == "HEAD" else method
-
-
-def connection_cap(wanted: int) -> int:
-    """``max_connections``, but no more than the file limit allows: each client connection may hold
-    one to a hub as well, and the proxy keeps some descriptors for itself."""
-    allowed = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // 2)
-    if wanted > allowed:
-        log.info("limits.max_connections %d is more than the file limit allows: %d", wanted, allowed)
-    return min(wanted, allowed)
 
 
 class Proxy:
@@ -120,17 +109,9 @@ class Proxy:
 
     async def connection(self, serve: Callable[[trio.abc.Stream], Awaitable[None]], cap: int,
                          stream: trio.abc.Stream) -> None:
-        """One client connection, served unless ``cap`` are open already: then a 503 at once, so
-        that trickling clients cannot take every file descriptor and shut everyone else out."""
+        """One client connection, served unless ``cap`` are open already (``turn_away``)."""
         if self.connections >= cap:
-            error = ApiError(503, "The proxy has too many open connections; try again shortly", retry_after=1)
-            body = error.body_for("")
-            with trio.move_on_after(1):
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                                          b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-                                          % (len(body), body))
-            await Connection(stream).close()  # EOF, a short drain, then close: the answer is not lost to a reset
+            await turn_away(stream, "proxy")
             return
         self.connections += 1
         try:
@@ -269,7 +250,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                     max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
                     header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
-    handler = partial(proxy.connection, serve, connection_cap(limits.max_connections))
+    handler = partial(proxy.connection, serve, connection_cap(limits.max_connections, 2, "limits.max_connections"))
     if config.tls_cert:
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
