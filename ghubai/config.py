@@ -161,6 +161,16 @@ def _engine_headers(headers: dict[str, str]) -> str | None:
     return None
 
 
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+", re.IGNORECASE)  # scheme://host[:port], no path
+
+
+def _origins(origins: tuple[str, ...]) -> str | None:
+    for origin in origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            return f"{origin!r} is not an origin: scheme://host[:port] as a browser names a page's, or \"*\""
+    return None
+
+
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
     """Names and addresses each once: a proxy knows a hub by its address (a trailing "/" aside), so a
     second name for one would be merged into it, under one of the two names."""
@@ -237,6 +247,9 @@ class HubConfig:
                                             secret=True, default=())
     api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
+    cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
+                                         'or "*" for any; empty = none (browsers block other origins)',
+                                         one_or_many=True, default=())
     heartbeat_s: float = _key(_at_least(0.01), "a worker silent for 3 heartbeats is dropped", default=5.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
     tls_cert: str = _key(_readable, "PEM files to serve HTTPS and WSS", default="")
@@ -340,6 +353,9 @@ class ProxyConfig:
                                  default=())
     api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
+    cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
+                                         'or "*" for any; empty = none (browsers block other origins)',
+                                         one_or_many=True, default=())
     max_attempts: int = _key(_at_least(1), "hubs tried for a request that has sent no byte yet", default=3)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)
     response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub before its answer is cut",

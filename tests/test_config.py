@@ -40,6 +40,8 @@ queue_timeout_s = 2
     ("[limits]\nmax_attempts = true", "hub.toml: limits.max_attempts: expected an integer"),
     ("limits = 3", "hub.toml: limits: expected a table"),
     ("listen = ", "hub.toml: not valid TOML"),
+    ('cors_origins = ["https://chat.example.com/app"]', "hub.toml: cors_origins: 'https://chat.example.com/app' is "
+                                                        "not an origin"),
 ])
 def test_each_problem_names_its_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from ghubai import cors
 from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
 from ghubai.errors import ApiError
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
@@ -65,7 +66,8 @@ class Connection:
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
                  header_timeout_s: float = 10.0, body_timeout_s: float = 60.0,
-                 admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None) -> None:
+                 admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None,
+                 origins: cors.Origins | None = None) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
@@ -77,6 +79,9 @@ class Connection:
         self.body_timeout_s = body_timeout_s  # and a whole body
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
+        self.origins = origins  # web pages that may call (``ghubai.cors``)
+        self.cors: cors.Headers = []  # what every answer to this request adds for the page that sent it
+        self.preflight: cors.Headers | None = None  # the request is a preflight: what its 204 adds
         self.cut_mid_write = False  # a write was cut with part of it sent: nothing more may follow
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
@@ -97,7 +102,7 @@ class Connection:
         """The next complete request, or None when the client closed or idled out."""
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-        self.head = ""
+        self.head, self.cors, self.preflight = "", [], None
         try:
             if not self.h11.trailing_data[0]:  # an idle keep-alive connection: wait for the next head
                 with trio.move_on_after(self.idle_timeout_s) as idle:
@@ -117,8 +122,11 @@ class Connection:
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
-            if self.admit is not None:  # keys first, before a byte of the body is read or asked for
-                self.admit(event.method.decode("latin-1"), self.head.partition(" ")[2], event.headers)
+            method = event.method.decode("latin-1")
+            if self.origins and (cors_fields := self.origins.allow(event.headers)):
+                self.cors, self.preflight = cors_fields, cors.preflight(method, event.headers)
+            if self.admit is not None and self.preflight is None:  # keys first, before the body (a preflight has none)
+                self.admit(method, self.head.partition(" ")[2], event.headers)
             if both_framings(event.headers):
                 raise ApiError(400, BOTH_FRAMINGS)
             length = next((value for key, value in event.headers if key == b"content-length"), None)
@@ -163,7 +171,7 @@ class Connection:
     async def respond(self, status: int, body: bytes, content_type: str = "application/json",
                       headers: dict[str, str] | None = None) -> None:
         """A whole answer; to a HEAD request, its head alone (h11 refuses a body there)."""
-        fields = [("content-type", content_type), ("content-length", str(len(body)))]
+        fields: list[Any] = [("content-type", content_type), ("content-length", str(len(body))), *self.cors]
         fields += list((headers or {}).items())
         data = [] if self.head.startswith("HEAD ") else [h11.Data(data=body)]
         await self.send(h11.Response(status_code=status, headers=fields), *data, h11.EndOfMessage())
@@ -173,8 +181,9 @@ class Connection:
 
     async def start_stream(self, status: int, content_type: str) -> None:
         """Headers of a chunked response; then ``write`` each piece and ``finish``."""
-        await self.send(h11.Response(status_code=status, headers=[
-            ("content-type", content_type), ("cache-control", "no-cache"), ("transfer-encoding", "chunked")]))
+        fields: list[Any] = [("content-type", content_type), ("cache-control", "no-cache"),
+                             ("transfer-encoding", "chunked"), *self.cors]
+        await self.send(h11.Response(status_code=status, headers=fields))
 
     async def write(self, data: bytes) -> None:
         await self.send(h11.Data(data=data))
@@ -267,7 +276,10 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
                 break
             if request is None:
                 break
-            await handle(conn, request)
+            if conn.preflight is not None:  # answered here, before any key check
+                await conn.send(h11.Response(status_code=204, headers=[*conn.cors, *conn.preflight]), h11.EndOfMessage())
+            else:
+                await handle(conn, request)
             if not conn.reusable:
                 break
     except* (trio.BrokenResourceError, trio.ClosedResourceError):

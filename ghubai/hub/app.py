@@ -25,7 +25,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from ghubai import __version__, affinity, dialects, protocol
+from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import SMALL_PIECE_BYTES, HubConfig, max_small_pieces
 from ghubai.errors import ApiError, model_not_found
@@ -167,6 +167,15 @@ async def _read_body(receive: Any, limit: int) -> bytes:
     raise ApiError(408, "The request body did not arrive in time")
 
 
+def _adding(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, with ``headers`` added to the answer's head."""
+    async def adding(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), *headers]
+        await send(message)
+    return adding
+
+
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]],
                    extra: dict[str, str] | None = None) -> None:
     fields = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", REQUEST_ID.get().encode()),
@@ -197,6 +206,7 @@ class HubApi:
         self.config, self.pool, self.inflight, self.hub_id = config, pool, inflight, hub_id
         self.secrets, self.history = secrets, history
         self.rate_limits = RateLimits(config.limits)
+        self.origins = cors.Origins(config.cors_origins)
         self._workers: tuple[float, int, list[dict[str, Any]]] = (-math.inf, -1, [])  # when, from what, what
         self._registry = b""  # /api/registry's body, from those
         self._dashboard: tuple[tuple[Any, ...], bytes] = ((), b"")  # /dashboard/data's body, and from what
@@ -237,6 +247,12 @@ class HubApi:
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
             scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
         request_id(_header(scope["headers"], b"x-request-id"))
+        if self.origins and (allowed := self.origins.allow(scope["headers"])):
+            if (asked := cors.preflight(scope["method"], scope["headers"])) is not None:  # before any key check
+                await send({"type": "http.response.start", "status": 204, "headers": [*allowed, *asked]})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            send = _adding(send, allowed)
         if both_framings(scope["headers"]):  # and close: h11 would keep the connection
             await _respond(send, 400, ApiError(400, BOTH_FRAMINGS).body_for(scope["path"]),
                            [*JSON_ERROR_HEADERS, (b"connection", b"close")])

@@ -241,12 +241,14 @@ class Forwarder:
         """Pass the answer on as it arrives; False when the hub failed in the middle of it (the
         client then got a final error event)."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
-                   if k != b"x-request-id" and not (chunked and k == b"content-length")]
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, not a hub's
+                   if k != b"x-request-id" and not (chunked and k == b"content-length")
+                   and not (conn.cors and k.startswith(b"access-control-"))]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
-                                                 headers=[*headers, (b"x-request-id", request_id.encode())])]
+                                                 headers=[*headers, (b"x-request-id", request_id.encode()),
+                                                          *conn.cors])]
         try:
             ended = False
             while not ended:  # what has already arrived goes out in one write; nothing waits for more

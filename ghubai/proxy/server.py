@@ -18,7 +18,7 @@ from urllib.parse import unquote
 import httpx
 import trio
 
-from ghubai import dialects
+from ghubai import cors, dialects
 from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
 from ghubai.errors import ApiError, model_not_found
@@ -247,6 +247,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     host, port = split_hostport(config.listen)
     limits = config.limits
     serve = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
+                    origins=cors.Origins(config.cors_origins),
                     max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
                     header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)

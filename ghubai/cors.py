@@ -1,0 +1,59 @@
+"""Calls from web pages of other origins (CORS), for the hub and the proxy alike.
+
+A browser lets a page of one origin read an answer from another only when the answer names the
+page's origin; before a request with an ``Authorization`` header or a JSON body it first asks, with
+an ``OPTIONS`` preflight that carries no key. A server with ``cors_origins`` answers that preflight
+itself, before any key check, and tags every answer to an allowed origin, errors and streams
+included (a page must be able to read a 401 or a 429 too). With no ``cors_origins`` (the default)
+nothing changes and browsers keep other origins' pages out, as they do for Ollama without
+``OLLAMA_ORIGINS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+Headers = list[tuple[bytes, bytes]]
+
+ANY = "*"
+_EXPOSED = b"x-request-id, retry-after"  # headers a page may read beyond the few every page may
+_METHODS = b"GET, POST, DELETE, OPTIONS"
+_MAX_AGE_S = b"600"  # how long a browser may keep a preflight's answer
+
+
+class Origins:
+    """The origins (``scheme://host[:port]``, or ``*`` for any) whose pages may call."""
+
+    def __init__(self, origins: Iterable[str]) -> None:
+        self.names = frozenset(origin.lower().encode() for origin in origins)
+        self.any = ANY.encode() in self.names
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def allow(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
+        """The headers that let the requesting page read the answer; none when it may not, or when
+        the request comes from no page (no ``Origin``). The origin is named, not ``*``, so that it
+        holds for requests with credentials too."""
+        origin = next((value for key, value in headers if key == b"origin"), None)
+        if origin is None or not (self.any or origin.lower() in self.names):
+            return []
+        return [(b"access-control-allow-origin", origin), (b"vary", b"origin"),
+                (b"access-control-expose-headers", _EXPOSED)]
+
+
+def preflight(method: str, headers: Sequence[tuple[bytes, bytes]]) -> Headers | None:
+    """What a preflight of a request adds to its answer (a 204), or None when the request is no
+    preflight. The headers the page asked to send are allowed as asked (``Authorization`` must be
+    named: a ``*`` does not cover it); a public page asking to reach this private address is let."""
+    if method != "OPTIONS":
+        return None
+    asked = {key: value for key, value in headers if key.startswith(b"access-control-request-")}
+    if b"access-control-request-method" not in asked:
+        return None
+    extra = [(b"access-control-allow-methods", _METHODS), (b"access-control-max-age", _MAX_AGE_S)]
+    if wanted := asked.get(b"access-control-request-headers"):
+        extra.append((b"access-control-allow-headers", wanted))
+    if asked.get(b"access-control-request-private-network", b"").lower() == b"true":
+        extra.append((b"access-control-allow-private-network", b"true"))
+    return extra

@@ -1,0 +1,122 @@
+"""Calls from web pages of other origins (CORS): the preflight answered before any key check, every
+answer to an allowed page tagged (errors and streams too), others left as they were."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from browser import chromium
+from conftest import Grid, chat
+from ghubai import cors
+
+PAGE = "https://chat.example.com"
+KEY = {"authorization": "Bearer k1"}
+
+
+def test_an_allowed_origin_is_named_back_and_others_get_nothing() -> None:
+    origins = cors.Origins([PAGE.upper()])  # origins compare without case
+    assert origins.allow([(b"origin", PAGE.encode())])[0] == (b"access-control-allow-origin", PAGE.encode())
+    assert origins.allow([(b"origin", b"https://evil.example.com")]) == []
+    assert origins.allow([]) == []  # not from a page
+    assert cors.Origins(["*"]).allow([(b"origin", b"null")])[0][1] == b"null"  # named, not "*"
+    assert not cors.Origins([])
+
+
+def test_a_preflight_allows_what_the_page_asked_for() -> None:
+    asked = [(b"access-control-request-method", b"POST"),
+             (b"access-control-request-headers", b"authorization, content-type"),
+             (b"access-control-request-private-network", b"true")]
+    answer = dict(cors.preflight("OPTIONS", asked) or [])
+    assert answer[b"access-control-allow-headers"] == b"authorization, content-type"
+    assert answer[b"access-control-allow-private-network"] == b"true"
+    assert b"POST" in answer[b"access-control-allow-methods"]
+    assert cors.preflight("OPTIONS", []) is None  # a plain OPTIONS is no preflight
+    assert cors.preflight("POST", asked) is None
+
+
+async def _front(grid: Grid, role: str, origins: tuple[str, ...]) -> str:
+    """A hub with a worker, or a proxy before it (both with the origins, as an operator may set them)."""
+    hub = await grid.hub(api_keys=("k1",), cors_origins=origins)
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.value, sim_url)
+    if role == "hub":
+        return hub.value
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k1",), cors_origins=origins)
+    await grid.wait_for_model(proxy.value, "sim")
+    return proxy.value
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_page_of_an_allowed_origin_can_call_and_read_every_answer(grid: Grid, role: str) -> None:
+    url = await _front(grid, role, (PAGE,))
+    preflight = await grid.http.options(url + "/v1/chat/completions", headers={
+        "origin": PAGE, "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization, content-type"})  # no key: browsers send none
+    assert preflight.status_code == 204
+    assert preflight.headers.get_list("access-control-allow-origin") == [PAGE]
+    assert preflight.headers["access-control-allow-headers"] == "authorization, content-type"
+
+    page = {"origin": PAGE}
+    for stream in (False, True):
+        async with grid.http.stream("POST", url + "/v1/chat/completions", json=chat(stream=stream),
+                                    headers={**page, **KEY}) as answer:
+            body = await answer.aread()
+        assert answer.status_code == 200 and b"content" in body
+        assert answer.headers.get_list("access-control-allow-origin") == [PAGE]  # once, though the hub tags too
+        assert "x-request-id" in answer.headers["access-control-expose-headers"]
+    refused = await grid.http.post(url + "/v1/chat/completions", json=chat(), headers=page)
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == PAGE
+    listed = await grid.http.get(url + "/api/tags", headers={**page, **KEY})
+    assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == PAGE
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_other_origins_and_servers_without_origins_tag_nothing(grid: Grid, role: str) -> None:
+    url = await _front(grid, role, ())
+    other = await _front(grid, role, (PAGE,))
+    for server, origin in ((url, PAGE), (other, "https://evil.example.com")):
+        preflight = await grid.http.options(server + "/v1/chat/completions", headers={
+            "origin": origin, "access-control-request-method": "POST"})
+        assert preflight.status_code != 204 and "access-control-allow-origin" not in preflight.headers
+        answer = await grid.http.post(server + "/v1/chat/completions", json=chat(), headers={"origin": origin, **KEY})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
+async def test_a_preflight_is_not_forwarded_nor_counted(grid: Grid) -> None:
+    url = await _front(grid, "proxy", (PAGE,))
+    before = (await grid.http.get(url + "/metrics")).text.count("ghubai_requests_total{")
+    await grid.http.options(url + "/v1/chat/completions", headers={"origin": PAGE,
+                                                                   "access-control-request-method": "POST"})
+    assert (await grid.http.get(url + "/metrics")).text.count("ghubai_requests_total{") == before
+
+
+
+FETCH = """window.seen = 'pending';
+fetch(%r + '/v1/chat/completions', {method: 'POST', body: JSON.stringify(%s),
+      headers: {'authorization': 'Bearer k1', 'content-type': 'application/json'}})
+  .then(async answer => { window.seen = answer.status + ' ' + answer.headers.get('x-request-id').length + ' ' +
+                                        (await answer.text()).includes('[DONE]'); })
+  .catch(error => { window.seen = 'blocked: ' + error.name; });"""
+
+
+async def test_a_real_browser_streams_through_the_proxy_from_an_allowed_page_only(grid: Grid, tmp_path: Path) -> None:
+    """Chromium, its preflight and its reading of a stream: from a page of the hub's origin (its
+    dashboard) to the proxy, another origin; allowed by one proxy, not by the other."""
+    hub = await grid.hub(api_keys=("k1",))
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.value, sim_url)
+    proxies = {}
+    for origins in ((hub.value,), ()):
+        proxy = await grid.proxy(hubs=(hub.value,), api_keys=("k1",), cors_origins=origins)
+        await grid.wait_for_model(proxy.value, "sim")
+        proxies[origins] = proxy.value
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(hub.value + "/dashboard")
+        await page.until("document.readyState", "complete", "the page loaded")
+        await page.evaluate(FETCH % (proxies[(hub.value,)], json.dumps(chat(stream=True))))
+        await page.until("window.seen", "200 32 true", "the whole stream, and its request id, read by the page")
+        await page.evaluate(FETCH % (proxies[()], json.dumps(chat(stream=True))))
+        await page.until("window.seen", "blocked: TypeError", "the browser keeping the page out")
