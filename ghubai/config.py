@@ -200,7 +200,8 @@ class HubLimits:
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
                            default=256)
-    queue_timeout_s: float = _key(_at_least(0), "longest wait in the queue -> 503 with Retry-After", default=30.0)
+    queue_timeout_s: float = _key(_at_least(0), "longest wait for a worker slot, over all of a request's attempts "
+                                  "-> 503 with Retry-After", default=30.0)
     max_attempts: int = _key(_at_least(1), "workers tried for a request that has sent no byte yet", default=3)
     max_worker_concurrency: int = _key(_at_least(1), "the most slots a worker's hello may claim; more is cut to this",
                                        default=1024)

@@ -4,6 +4,7 @@ and what membership changes do to waiting requests; no sockets, no real sleeps."
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ import trio.testing
 
 from ghubai import protocol
 from ghubai.config import HubConfig, HubLimits, SchedulerConfig
+from ghubai.errors import ApiError
 from ghubai.hub.exchange import Exchange
 from ghubai.hub.gridhub import _handle
 from ghubai.hub.pool import Pool, RemoteWorker
@@ -1039,3 +1041,136 @@ async def test_a_request_its_client_leaves_mid_answer_leaves_no_flow_control_cou
         assert worker.unacked == {request_id: 10}
         exchange.close()  # the client left
     assert worker.pending == {} and worker.unacked == {} and worker.inflight == 0
+
+
+def exchange_of(pool: Pool, queue_timeout_s: float = 30.0) -> Exchange:
+    return Exchange(pool, HubConfig(limits=HubLimits(queue_timeout_s=queue_timeout_s)), "openai.chat",
+                    {"model": "m", "messages": []}, False, {})
+
+
+async def open_into(exchange: Exchange, result: list[Any]) -> None:
+    """``exchange.open()``, its first frame or its error into ``result``."""
+    try:
+        result.append(await exchange.open())
+    except ApiError as error:
+        result.append(error)
+
+
+async def test_a_retry_after_a_slow_failure_still_gets_its_queue_time(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: the queue's time ran from the request's arrival, so the 6 s worker a took to fail
+    (a model load that failed) left its retry none: a 502 at once, though b was free 0.5 s later."""
+    a, b = make_worker("a"), make_worker("b")
+    pool = make_pool(a, b, queue_timeout_s=5.0)
+    assert await pool.acquire("m", "openai.chat", {"a"}, soon()) is b  # b busy with another request
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_into, exchange_of(pool, queue_timeout_s=5.0), result)
+        await trio.testing.wait_all_tasks_blocked()
+        [request_id] = a.pending
+        await trio.sleep(6)
+        pool.deliver(a, protocol.Error(request_id, 500, "engine crashed", True))  # retryable, before a byte
+        await trio.sleep(0.5)
+        finish(pool, b)
+        await trio.testing.wait_all_tasks_blocked()
+        [retry_id] = b.pending
+        pool.deliver(b, protocol.End(retry_id, None))
+    assert isinstance(result[0], protocol.End), result
+
+
+async def test_a_request_out_of_queue_time_takes_an_idle_worker_even_behind_a_waiter(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: with another request queued (waiting ``warm_wait_s`` for the warm worker), one
+    whose queue time was spent got its 503 beside an idle worker."""
+    pool, warm, other = await warm_and_other(warm_slots=1)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
+    async with trio.open_nursery() as nursery:
+        head = await queue_attempt(nursery, pool, "head")  # waits up to warm_wait_s for 'warm'
+        assert head.waiting and other.inflight == 0
+        late = await queue_attempt(nursery, pool, "late", deadline=trio.current_time() - 1)
+        assert late.worker is other, late.error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_a_shared_worker_refused_keeps_its_place_in_the_queue(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a request the worker refused as full (another hub took the slot first) went to
+    the back of the queue, behind requests that came after it."""
+    shared = make_worker("shared")
+    pool = make_pool(shared)
+    pool.report(shared, 1)  # another hub's request runs there
+    order: list[str] = []
+
+    async def request(name: str) -> None:
+        await exchange_of(pool).open()
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("first", "second"):
+            nursery.start_soon(request, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert pool.queue_lengths() == {"m": 2}
+        pool.report(shared, 0)  # free: the head of the line gets it...
+        await trio.testing.wait_all_tasks_blocked()
+        [refused] = shared.pending
+        pool.deliver(shared, protocol.Error(refused, 503, "worker is at max_concurrency", True, busy=True))
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(2):  # ...but another hub was quicker; then the slot frees twice
+            pool.report(shared, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            [request_id] = shared.pending
+            pool.deliver(shared, protocol.End(request_id, None))
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == ["first", "second"]
+
+
+async def test_busy_refusals_end_when_the_queue_time_is_spent(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: a worker that refused as full and reported itself free in the same breath bounced
+    a request between hub and worker until ``total_s`` (an hour), past ``queue_timeout_s``."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_timeout_s=1.0)
+    result: list[Any] = []
+    bounces = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_into, exchange_of(pool, queue_timeout_s=1.0), result)
+        while not result and bounces < 100:
+            await trio.testing.wait_all_tasks_blocked()
+            if worker.pending:
+                [request_id] = worker.pending
+                await trio.sleep(0.1)
+                pool.deliver(worker, protocol.Error(request_id, 503, "worker is at max_concurrency", True, busy=True))
+                pool.report(worker, 0)
+                bounces += 1
+    assert isinstance(result[0], ApiError) and result[0].status == 503 and bounces <= 11, (result, bounces)
+
+
+async def test_a_shared_worker_this_hub_gives_fewer_slots_is_full_only_when_it_is(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: the worker's report counts every hub's requests against the 8 slots it claimed,
+    and this hub compared it with the 4 it gives it (``max_worker_concurrency``): full at 4 of 8."""
+    pool = Pool(HubLimits(max_worker_concurrency=4), SchedulerConfig())
+    worker = make_worker("w", max_concurrency=4)
+    pool.add(worker)
+    pool.set_offer(worker, protocol.Models(("m",), max_concurrency=8))
+    assert (worker.max_concurrency, worker.slots) == (4, 8)
+    _handle(pool, worker, protocol.Load(4), heartbeat_s=5.0)  # another hub runs 4 of its 8
+    assert await pool.acquire("m", "openai.chat", set(), trio.current_time() + 1) is worker
+    _handle(pool, worker, protocol.Load(8), heartbeat_s=5.0)
+    with pytest.raises(ApiError):
+        await pool.acquire("m", "openai.chat", set(), trio.current_time() + 1)
+
+
+@pytest.mark.parametrize("policy", ["llm-aware", "least-loaded"])
+async def test_new_conversations_spread_by_weight(policy: str) -> None:
+    """Regression: llm-aware spread new conversations evenly over the workers within the margin,
+    whatever their weights: a weight-3 worker took half, not three quarters."""
+    big, small = make_worker("big", max_concurrency=8, weight=3.0), make_worker("small", max_concurrency=8)
+    pool = make_pool(big, small, policy=policy)
+    taken = Counter[str]()
+    for round_number in range(50):  # eight new conversations at once, then all end
+        for index in range(8):
+            worker = await pool.acquire("m", "openai.chat", set(), soon(), conversation=round_number * 8 + index)
+            taken[worker.id] += 1
+        for worker in (big, small):
+            while worker.inflight:
+                finish(pool, worker)
+    assert 0.65 < taken["big"] / 400 < 0.85, taken

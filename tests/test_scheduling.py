@@ -4,6 +4,7 @@ and every answer says who served it."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import httpx
@@ -122,3 +123,77 @@ async def test_a_refusal_then_a_load_report_in_one_message_leaves_the_worker_fre
     with trio.fail_after(WAIT_S):
         response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
     assert response.status_code == 200 and seen[:2] == ["Request", "Request"], (seen, response.text)
+
+
+async def _fake_worker(url: str, worker_id: str, models: tuple[str, ...] = ("sim",), *, answer: bool = True,
+                       read: bool = True, draining: bool = False,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """A worker on a raw link: it answers each request with one chunk, or reads nothing after its
+    welcome (a half-open link), or says at once that it drains."""
+    async with trio_websocket.open_websocket_url(url.replace("http", "ws") + "/gridhub", message_queue_size=1,
+                                                 max_message_size=protocol.MAX_MESSAGE_BYTES) as ws:
+        await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, worker_id, worker_id, models, 16,
+                                                             "ollama", "test")))
+        await ws.get_message()  # welcome
+        if draining:
+            await ws.send_message(protocol.encode(protocol.Draining()))
+        task_status.started()
+        if not read:
+            await trio.sleep_forever()
+        while True:
+            frames, _ = protocol.unpack(await ws.get_message())
+            for frame in frames:
+                if isinstance(frame, protocol.Request) and answer:
+                    await ws.send_message(protocol.chunk(frame.id, b'{"answer": "x"}'))
+                    await ws.send_message(protocol.encode(protocol.End(frame.id, None)))
+
+
+async def test_the_requests_of_a_link_replaced_by_its_worker_go_elsewhere_at_once(grid: Grid) -> None:
+    """Regression (hunt): a worker linked again while the hub's writer sat in a write to its old,
+    half-open link (bodies filled the socket); the old link's requests failed over only when that
+    write timed out, after ``idle_s`` (120 s by default; 300 here)."""
+    hub = await grid.hub(heartbeat_s=30.0, timeouts={"idle_s": 300.0}, scheduler={"policy": "least-loaded"})
+    old = trio.CancelScope()
+
+    async def old_link(*, task_status: trio.TaskStatus[None]) -> None:
+        with old:
+            await _fake_worker(hub.value, "w1", read=False, task_status=task_status)
+
+    await grid.nursery.start(old_link)
+    statuses: list[int] = []
+
+    async def client(index: int) -> None:
+        response = await grid.http.post(hub.value + "/v1/chat/completions", timeout=300,
+                                        json=chat(content="x" * (3 << 20) + str(index)))
+        statuses.append(response.status_code)
+
+    for index in range(8):  # 24 MiB of requests to a link that reads nothing
+        grid.nursery.start_soon(client, index)
+
+    async def all_sent() -> bool:
+        return (await grid.workers(hub.value))[0]["inflight"] == 8
+
+    await eventually(all_sent, "8 requests on the link")
+    await grid.nursery.start(_fake_worker, hub.value, "w2")  # another worker, for the retries
+    await grid.nursery.start(_fake_worker, hub.value, "w1")  # the same worker, linked again
+    with trio.fail_after(WAIT_S):
+        while len(statuses) < 8:
+            await trio.sleep(0.05)
+    old.cancel()
+    assert statuses == [200] * 8
+
+
+async def test_a_short_name_while_its_workers_drain_is_a_503_as_the_full_name(grid: Grid) -> None:
+    """Regression (hunt): ``llama3.2`` means ``llama3.2:latest`` only by the workers that take
+    requests, so while the one that serves it drained, the short name was a 404 model_not_found (a
+    client gives up) where the full name was a 503 to retry."""
+    hub = await grid.hub()
+    await grid.nursery.start(partial(_fake_worker, hub.value, "w1", ("llama3.2:latest",), draining=True))
+
+    async def draining() -> bool:
+        return [worker["draining"] for worker in await grid.workers(hub.value)] == [True]
+
+    await eventually(draining, "the worker to drain")
+    for name in ("llama3.2:latest", "llama3.2"):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(name))
+        assert response.status_code == 503 and "retry-after" in response.headers, (name, response.text)

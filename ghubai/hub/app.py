@@ -339,7 +339,7 @@ class HubApi:
             raw = await _read_body(receive, self.config.limits.max_body_bytes)
             body = dialects.parse_body(raw)
             route.validate(body)
-            record.model = body["model"] = dialects.tagged(body["model"], self.pool.offers)
+            record.model = body["model"] = self.pool.named(body["model"])
             self.rate_limits.admit(key)
             with gone:
                 await self._forward(route.api, body, route.stream(body), len(raw), headers,
@@ -501,7 +501,7 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
         for worker in list(pool.workers.values()):
             if not secrets.provider_tokens.holds(worker.token):
                 log.warning("worker %s joined with a provider token that was revoked: ending its link", worker.name)
-                worker.link_scope.cancel()
+                pool.cut(worker, f"the provider token of worker {worker.name} was revoked")
         return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
 
     service.reloads_config("hub", path, reload)

@@ -105,13 +105,17 @@ class Exchange:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
         tried: set[str] = set()
         last_error: ApiError | None = None
-        queue_deadline = min(self.deadline, trio.current_time() + self.config.limits.queue_timeout_s)
+        queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt
+        again = False
         while len(tried) < self.config.limits.max_attempts:
+            asked = trio.current_time()
             try:
-                worker = await self.pool.acquire(self.model, self.api, tried, queue_deadline, self.conversation)
+                worker = await self.pool.acquire(self.model, self.api, tried, min(self.deadline, asked + queue_left),
+                                                 self.conversation, again)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None
+            granted, again = trio.current_time(), True
             self._start(worker)
             try:
                 frame = await self._next(self.config.timeouts.first_token_s, "the first token")
@@ -123,8 +127,13 @@ class Exchange:
                 return frame
             self.pool.not_served(worker, self.model)
             self.state = State.QUEUED
-            if frame.busy:  # full because of other hubs (the pool noted it): wait for a slot, not an attempt
-                continue
+            if frame.busy:  # full because of other hubs (the pool noted it): waiting for a slot, not an attempt
+                queue_left -= trio.current_time() - asked
+                if queue_left > 0:
+                    continue
+                self.state = State.DONE
+                raise self.pool.no_slot(self.model)
+            queue_left -= granted - asked  # (not the time the failed worker took)
             last_error = client_error(frame)
             if not frame.retryable:
                 self.state = State.DONE

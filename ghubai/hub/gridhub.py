@@ -42,7 +42,8 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
                     hello.name, hello.max_concurrency, max_concurrency)
     send, receive = trio.open_memory_channel[str | bytes](math.inf)
     worker = RemoteWorker(id=hello.worker_id, name=hello.name, models=frozenset(hello.models),
-                          max_concurrency=min(hello.max_concurrency, max_concurrency), engine=hello.engine,
+                          max_concurrency=min(hello.max_concurrency, max_concurrency), slots=hello.max_concurrency,
+                          engine=hello.engine,
                           out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
                           weight=hello.weight,
                           apis=None if hello.apis is None else frozenset(hello.apis),
@@ -51,18 +52,15 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     try:
         async with trio.open_nursery() as nursery:
             worker.link_scope = nursery.cancel_scope
-            if stale := pool.add(worker):
-                stale.link_scope.cancel()
+            if stale := pool.add(worker):  # the same worker, linked again: the old link is dead
+                pool.cut(stale, f"lost the link to worker {stale.name}: it linked again")
             await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
             nursery.start_soon(link.write_batched, receive, websocket.send)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
             silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame, heartbeat_s),
                                               lambda problem: _refuse(pool, worker, problem))
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
-            # Before anything that may wait: hypercorn's socket writes cannot be cancelled, so a
-            # writer stuck on a peer that stopped reading must not hold up these requests.
-            pool.drop(worker, lost)
-            nursery.cancel_scope.cancel()
+            pool.cut(worker, lost)
     finally:
         pool.drop(worker, lost)
         send.close()

@@ -4,14 +4,17 @@ A request takes a slot on a worker that hosts its model and whose engine serves 
 ``llm-aware`` policy, one that holds the model in memory, then the one that last served its
 conversation (while not much busier than the rest), then the least loaded (lowest inflight /
 max_concurrency / weight); with ``least-loaded``, only the last (see ``_pick``). When every such
-worker is full it waits in a bounded queue: first in, first out per model, ``queue_size`` for the
-whole hub, ``queue_timeout_s`` at most. When a slot may
+worker is full it waits in a bounded queue: first in, first out per model (a request back from a
+refusal or a failed attempt at the head), ``queue_size`` for the whole hub, ``queue_timeout_s`` at
+most. When a slot may
 have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
 the one behind, so a release usually costs O(1) however long the queue.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import math
 from collections import Counter, OrderedDict, deque
@@ -20,7 +23,7 @@ from typing import Any
 
 import trio
 
-from ghubai import affinity, protocol
+from ghubai import affinity, dialects, protocol
 from ghubai.config import HubLimits, SchedulerConfig
 from ghubai.errors import ApiError, model_not_found
 
@@ -41,7 +44,7 @@ class RemoteWorker:
     id: str
     name: str
     models: frozenset[str]
-    max_concurrency: int
+    max_concurrency: int  # its slots for this hub: what it claimed, or less (limits.max_worker_concurrency)
     engine: str
     out: trio.MemorySendChannel[str | bytes]
     inflight: int = 0  # requests this hub runs on the worker
@@ -66,6 +69,10 @@ class RemoteWorker:
     said: frozenset[str] = frozenset()  # the models its engine said it held, in its last report
     peak: frozenset[str] = frozenset()  # what it held when a report last showed a model come in
     used: dict[str, float] = field(default_factory=dict)  # model -> trio time the hub last sent it a request for it
+    slots: int = 0  # the slots it claimed, which ``reported`` counts against (0: max_concurrency)
+
+    def __post_init__(self) -> None:
+        self.slots = self.slots or self.max_concurrency
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
@@ -200,6 +207,7 @@ class Pool:
         self._residency(worker, offer.loaded)
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
+            worker.slots = offer.max_concurrency
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
         self._changed()
         self._wake(self._queues)
@@ -277,6 +285,12 @@ class Pool:
             self._capacity = sum(worker.max_concurrency for worker in self.workers.values() if not worker.draining)
         return self._capacity
 
+    def named(self, model: str) -> str:
+        """The name the grid serves ``model`` under (``dialects.tagged``): as the workers that take
+        requests serve it, else as any does (the model of a worker that drains is a 503, not a 404)."""
+        name = dialects.tagged(model, self.offers)
+        return name if self.offers(name) else dialects.tagged(model, self.serves)
+
     def serves(self, model: str) -> bool:
         """Some linked worker lists ``model`` (draining or not)."""
         return any(model in worker.models for worker in self.workers.values())
@@ -316,7 +330,7 @@ class Pool:
             if able:  # an unknown model's empty answer is not kept: clients choose those names
                 self._able[(model, api)] = able
         free = [worker for worker in able if worker.inflight < worker.max_concurrency
-                and worker.reported < worker.max_concurrency and not (exclude and worker.id in exclude)]
+                and worker.reported < worker.slots and not (exclude and worker.id in exclude)]
         if not free:
             return None
         if self.scheduler.policy == "least-loaded":
@@ -423,9 +437,11 @@ class Pool:
         last = self.workers.get(self._conversations.get(conversation, (b"", "")))
         if last is not None and last in free and last.load <= bound:
             chosen = last
-        else:
+        else:  # by the key, each worker as likely as its share of the slots (by weight) within the bound
             within = [worker for worker, load in zip(free, loads) if load <= bound]
-            chosen = within[affinity.score(conversation, 0) % len(within)]
+            shares = list(itertools.accumulate(worker.max_concurrency * worker.weight for worker in within))
+            point = affinity.score(conversation, 0) / 2 ** 64 * shares[-1]
+            chosen = within[min(bisect.bisect_right(shares, point), len(within) - 1)]
         self._remember(conversation, chosen)
         return chosen
 
@@ -475,24 +491,33 @@ class Pool:
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
-                      conversation: int | None = None) -> RemoteWorker:
+                      conversation: int | None = None, again: bool = False) -> RemoteWorker:
         """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
         queue until ``deadline``; ``conversation``: the request's affinity key, if it has one. A
         request takes a worker that must load its model only when those that hold it have too few
-        slots for the queue, or after ``warm_wait_s`` in the queue."""
+        slots for the queue, or after ``warm_wait_s`` in the queue. A request back ``again`` (a
+        refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free
+        slot if there is one, cold or not, and else its 503 without queueing."""
         if model in self.models():  # a name a client made up is not remembered
             self._note_demand(model)
+        now = trio.current_time()
+        late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
-        cold_at = trio.current_time() + min(self.scheduler.warm_wait_s, (deadline - trio.current_time()) / 2)
-        if not self.draining and not self._queues.get(model) and \
-                (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= trio.current_time())):
+        cold_at = now + min(self.scheduler.warm_wait_s, (deadline - now) / 2)
+        if not self.draining and (again or late or not self._queues.get(model)) and \
+                (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
             return worker
         self._check_hosted(model, api, exclude)
+        if late:
+            raise self.no_slot(model)
         if self.queued >= self.limits.queue_size:
             raise ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=1)
         queue = self._queues.setdefault(model, deque())
         waiter = _Waiter()
-        queue.append(waiter)
+        if again:
+            queue.appendleft(waiter)
+        else:
+            queue.append(waiter)
         self.queued += 1
         queue[0].event.set()  # those ahead may be waiting for workers they cannot use: a free slot is ours
         try:
@@ -512,8 +537,7 @@ class Pool:
                     if position + 1 < len(queue):
                         queue[position + 1].event.set()
         except trio.TooSlowError:
-            raise ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
-                           retry_after=max(1, math.ceil(self.limits.queue_timeout_s / 10))) from None
+            raise self.no_slot(model) from None
         finally:
             queue.remove(waiter)
             self.queued -= 1
@@ -521,6 +545,10 @@ class Pool:
                 del self._queues[model]
             else:
                 queue[0].event.set()
+
+    def no_slot(self, model: str) -> ApiError:
+        return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
+                        retry_after=max(1, math.ceil(self.limits.queue_timeout_s / 10)))
 
     def release(self, worker: RemoteWorker) -> None:
         worker.inflight -= 1
@@ -539,7 +567,7 @@ class Pool:
         here, in the order of the worker's frames: noted later by the request's task, it would undo
         a ``load`` that came after it and leave a free worker unused until its next heartbeat."""
         if isinstance(frame, protocol.Error) and frame.busy and frame.id in worker.pending:
-            worker.reported = worker.max_concurrency
+            worker.reported = worker.slots
         if worker.deliver(frame):
             self.release(worker)
 
@@ -548,6 +576,13 @@ class Pool:
         self.remove(worker)
         for request_id in list(worker.pending):
             self.fail(worker, request_id, 502, message, retryable=True)
+
+    def cut(self, worker: RemoteWorker, message: str) -> None:
+        """End the worker's link, its requests failed over first: the link's writer may sit in a
+        socket write that cannot be cancelled (hypercorn's), to a peer that stopped reading, and its
+        handler waits for it before it could drop the worker itself."""
+        self.drop(worker, message)
+        worker.link_scope.cancel()
 
     def fail(self, worker: RemoteWorker, request_id: str, status: int, message: str, retryable: bool) -> None:
         """End a request as if its worker had answered with this error (the hub decided it)."""
