@@ -184,6 +184,16 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
 SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
 
 
+MAX_HUB_BODY_BYTES = 48 << 20  # a request frame, and a batch of frames before it, stay under protocol.MAX_MESSAGE_BYTES
+
+
+def _hub_body_limit(value: int) -> str | None:
+    if value > MAX_HUB_BODY_BYTES:
+        return (f"must be at most {MAX_HUB_BODY_BYTES} (48 MiB): a request goes to its worker in one "
+                f"WebSocket message of at most 64 MiB, got {value}")
+    return _at_least(1024)(value)
+
+
 def max_small_pieces(max_body_bytes: int) -> int:
     """How many pieces under ``SMALL_PIECE_BYTES`` (chunks, HTTP/2 frames, the reads a body arrives
     in) a request body may come in: each costs an HTTP server's parser 5-18 µs, so a body in
@@ -194,7 +204,8 @@ def max_small_pieces(max_body_bytes: int) -> int:
 @dataclass(frozen=True)
 class HubLimits:
     """``[limits]`` of ``hub.toml``: request size, queue and budgets."""
-    max_body_bytes: int = _key(_at_least(1024), "larger request bodies get 413, and so do bodies sent in more "
+    max_body_bytes: int = _key(_hub_body_limit,
+                               "larger request bodies get 413, and so do bodies sent in more "
                                "than max(1024, this / 1024) pieces under 1 KiB", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)

@@ -37,6 +37,7 @@ queue_timeout_s = 2
     ("listen = 7197", "hub.toml: listen: expected a string"),
     ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
     ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
+    ("[limits]\nmax_body_bytes = 100_000_000", "hub.toml: limits.max_body_bytes: must be at most 50331648 (48 MiB)"),
     ("[limits]\nmax_attempts = true", "hub.toml: limits.max_attempts: expected an integer"),
     ("limits = 3", "hub.toml: limits: expected a table"),
     ("listen = ", "hub.toml: not valid TOML"),
