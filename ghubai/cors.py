@@ -19,27 +19,46 @@ ANY = "*"
 _EXPOSED = b"x-request-id, retry-after"  # headers a page may read beyond the few every page may
 _METHODS = b"GET, POST, DELETE, OPTIONS"
 _MAX_AGE_S = b"600"  # how long a browser may keep a preflight's answer
+_VARY = (b"vary", b"origin")
+
+
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}  # a browser names an origin without them
+
+
+def _origin(name: str) -> bytes:
+    name = name.lower()
+    scheme = name.partition("://")[0]
+    return name.removesuffix(_DEFAULT_PORTS.get(scheme, "\0")).encode()
 
 
 class Origins:
     """The origins (``scheme://host[:port]``, or ``*`` for any) whose pages may call."""
 
     def __init__(self, origins: Iterable[str]) -> None:
-        self.names = frozenset(origin.lower().encode() for origin in origins)
+        self.names = frozenset(_origin(origin) for origin in origins)
         self.any = ANY.encode() in self.names
 
     def __bool__(self) -> bool:
         return bool(self.names)
 
     def allow(self, headers: Sequence[tuple[bytes, bytes]]) -> Headers:
-        """The headers that let the requesting page read the answer; none when it may not, or when
-        the request comes from no page (no ``Origin``). The origin is named, not ``*``, so that it
-        holds for requests with credentials too."""
+        """What every answer to this request adds: ``Vary: Origin`` (a shared cache must not give
+        one page's answer to another), and, for a page that may read the answer, its origin, named
+        rather than ``*`` so that it holds for requests with credentials too."""
         origin = next((value for key, value in headers if key == b"origin"), None)
         if origin is None or not (self.any or origin.lower() in self.names):
-            return []
-        return [(b"access-control-allow-origin", origin), (b"vary", b"origin"),
-                (b"access-control-expose-headers", _EXPOSED)]
+            return [_VARY]
+        return [(b"access-control-allow-origin", origin), _VARY, (b"access-control-expose-headers", _EXPOSED)]
+
+
+def allowed(fields: Headers) -> bool:
+    """``Origins.allow`` let the page read the answer."""
+    return len(fields) > 1
+
+
+def foreign(key: bytes, value: bytes) -> bool:
+    """A header of another server's CORS answer, which a server that answers for itself drops."""
+    return key.startswith(b"access-control-") or (key == b"vary" and value.lower() == b"origin")
 
 
 def preflight(method: str, headers: Sequence[tuple[bytes, bytes]]) -> Headers | None:

@@ -7,21 +7,24 @@ import json
 from pathlib import Path
 
 import pytest
+import trio
 
 from browser import chromium
-from conftest import Grid, chat
+from conftest import WAIT_S, Grid, chat
 from ghubai import cors
 
 PAGE = "https://chat.example.com"
 KEY = {"authorization": "Bearer k1"}
 
 
-def test_an_allowed_origin_is_named_back_and_others_get_nothing() -> None:
-    origins = cors.Origins([PAGE.upper()])  # origins compare without case
+def test_an_allowed_origin_is_named_back_and_others_get_only_vary() -> None:
+    origins = cors.Origins([PAGE.upper() + ":443"])  # compared without case, and as browsers name them
     assert origins.allow([(b"origin", PAGE.encode())])[0] == (b"access-control-allow-origin", PAGE.encode())
-    assert origins.allow([(b"origin", b"https://evil.example.com")]) == []
-    assert origins.allow([]) == []  # not from a page
+    assert origins.allow([(b"origin", b"https://evil.example.com")]) == [(b"vary", b"origin")]
+    assert origins.allow([]) == [(b"vary", b"origin")]  # not from a page: a cache must still tell them apart
     assert cors.Origins(["*"]).allow([(b"origin", b"null")])[0][1] == b"null"  # named, not "*"
+    assert cors.Origins(["http://localhost:8080"]).allow([(b"origin", b"http://localhost:8080")])[0][1] == \
+        b"http://localhost:8080"
     assert not cors.Origins([])
 
 
@@ -83,6 +86,45 @@ async def test_other_origins_and_servers_without_origins_tag_nothing(grid: Grid,
         assert preflight.status_code != 204 and "access-control-allow-origin" not in preflight.headers
         answer = await grid.http.post(server + "/v1/chat/completions", json=chat(), headers={"origin": origin, **KEY})
         assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        assert answer.headers.get_list("vary") == ([] if server == url else ["origin"])
+
+
+async def test_the_proxy_s_origins_hold_whatever_its_hubs_allow(grid: Grid) -> None:
+    """Review: with a hub that allows any page, a page the proxy allows not (or a proxy that allows
+    none) read the hub's answers through the proxy, which passed the hub's CORS headers on."""
+    hub = await grid.hub(cors_origins=("*",))
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.value, sim_url)
+    for origins in ((PAGE,), ()):
+        proxy = await grid.proxy(hubs=(hub.value,), cors_origins=origins)
+        await grid.wait_for_model(proxy.value, "sim")
+        evil = {"origin": "https://evil.example.com"}
+        preflight = await grid.http.options(proxy.value + "/v1/chat/completions",
+                                            headers={**evil, "access-control-request-method": "POST"})
+        answer = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers=evil)
+        for seen in (preflight, answer):
+            assert not [key for key in seen.headers if key.startswith("access-control-")], (origins, seen.headers)
+        assert answer.status_code == 200 and answer.headers.get_list("vary") == (["origin"] if origins else [])
+
+
+SMUGGLED = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: " + PAGE.encode() + b"\r\n"
+            b"Access-Control-Request-Method: POST\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"0\r\n\r\nGET /api/version HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_preflight_with_two_framings_is_refused_as_any_request(grid: Grid, role: str) -> None:
+    """Review: the hub answered a preflight before its check of Content-Length beside
+    Transfer-Encoding, and then served the request smuggled in its body."""
+    url = await _front(grid, role, (PAGE,))
+    stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    await stream.send_all(SMUGGLED)
+    answer = b""
+    with trio.fail_after(WAIT_S):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    await stream.aclose()
+    assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1 ") == 1, answer
 
 
 async def test_a_preflight_is_not_forwarded_nor_counted(grid: Grid) -> None:

@@ -123,8 +123,9 @@ class Connection:
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             method = event.method.decode("latin-1")
-            if self.origins and (cors_fields := self.origins.allow(event.headers)):
-                self.cors, self.preflight = cors_fields, cors.preflight(method, event.headers)
+            if self.origins:
+                self.cors = self.origins.allow(event.headers)
+                self.preflight = cors.preflight(method, event.headers) if cors.allowed(self.cors) else None
             if self.admit is not None and self.preflight is None:  # keys first, before the body (a preflight has none)
                 self.admit(method, self.head.partition(" ")[2], event.headers)
             if both_framings(event.headers):

@@ -247,12 +247,13 @@ class HubApi:
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
             scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
         request_id(_header(scope["headers"], b"x-request-id"))
-        if self.origins and (allowed := self.origins.allow(scope["headers"])):
-            if (asked := cors.preflight(scope["method"], scope["headers"])) is not None:  # before any key check
-                await send({"type": "http.response.start", "status": 204, "headers": [*allowed, *asked]})
+        if self.origins:
+            send = _adding(send, fields := self.origins.allow(scope["headers"]))
+            if cors.allowed(fields) and (asked := cors.preflight(scope["method"], scope["headers"])) is not None \
+                    and not both_framings(scope["headers"]):  # before any key check, not before that one
+                await send({"type": "http.response.start", "status": 204, "headers": asked})
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            send = _adding(send, allowed)
         if both_framings(scope["headers"]):  # and close: h11 would keep the connection
             await _respond(send, 400, ApiError(400, BOTH_FRAMINGS).body_for(scope["path"]),
                            [*JSON_ERROR_HEADERS, (b"connection", b"close")])

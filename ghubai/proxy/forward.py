@@ -20,7 +20,7 @@ from typing import Any
 import h11
 import trio
 
-from ghubai import affinity, dialects
+from ghubai import affinity, cors, dialects
 from ghubai.config import ProxyConfig
 from ghubai.errors import ApiError
 from ghubai.http11.client import ClientConnection
@@ -241,9 +241,8 @@ class Forwarder:
         """Pass the answer on as it arrives; False when the hub failed in the middle of it (the
         client then got a final error event)."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, not a hub's
-                   if k != b"x-request-id" and not (chunked and k == b"content-length")
-                   and not (conn.cors and k.startswith(b"access-control-"))]
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
+                   if k != b"x-request-id" and not (chunked and k == b"content-length") and not cors.foreign(k, v)]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
