@@ -206,7 +206,7 @@ class HubLimits:
     """``[limits]`` of ``hub.toml``: request size, queue and budgets."""
     max_body_bytes: int = _key(_hub_body_limit,
                                "larger request bodies get 413, and so do bodies sent in more "
-                               "than max(1024, this / 1024) pieces under 1 KiB", default=4 * 1024 * 1024)
+                               "than max(1024, this / 1024) pieces under 1 KiB (at most 48 MiB)", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",

@@ -64,6 +64,7 @@ API_PATHS = {
 WINDOW_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
 MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
+MAX_FRAME_BYTES = MAX_MESSAGE_BYTES - 2 * MAX_BATCH_BYTES  # one frame, with a batch of others before it
 MAX_CHUNK_BYTES = 64 << 10  # a worker cuts an answer into chunk records no larger than this
 MAX_EVENT_BYTES = 16 << 20  # one SSE event or NDJSON line of an answer (an engine's, a worker's)
 MAX_ANSWER_BYTES = 64 << 20  # what one request may return whole (a stream has no such bound)

@@ -733,3 +733,19 @@ async def test_a_request_with_both_lengths_is_refused_and_the_connection_closed(
             # close with the client's bytes unread is a reset)
             answer = await _raw(url, head + b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 400") and answer.count(b"HTTP/1.1") == 1, (url, answer)
+
+
+async def test_a_body_that_grows_past_what_a_link_carries_is_a_413_not_a_dead_link(grid: Grid) -> None:
+    """Review: the hub re-encodes a body for its worker, and ``1e15`` (4 bytes) becomes
+    ``1000000000000000.0`` (18): an 18 MiB body made a frame over the link's 64 MiB and closed
+    both workers' links (the request retried on the second). Now a 413, and the links live."""
+    hub = await grid.hub(limits={"max_body_bytes": 48 << 20})
+    sim_url, _ = await grid.sim()
+    for name in ("a", "b"):
+        await grid.worker(hub.value, sim_url, name=name)
+    body = b'{"model":"sim","messages":[{"role":"user","content":"hi"}],"x":[' + b"1e15," * ((18 << 20) // 5) + b'1]}'
+    response = await grid.http.post(hub.value + "/v1/chat/completions", content=body, timeout=60,
+                                    headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than a worker takes" in response.text
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert sorted(worker["name"] for worker in await grid.workers(hub.value)) == ["a", "b"]

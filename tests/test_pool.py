@@ -1174,3 +1174,58 @@ async def test_new_conversations_spread_by_weight(policy: str) -> None:
             while worker.inflight:
                 finish(pool, worker)
     assert 0.65 < taken["big"] / 400 < 0.85, taken
+
+
+async def test_a_refused_request_keeps_its_place_when_the_queue_filled_behind_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: a request back from a refusal was refused again, 429 queue_full, because the one-place
+    queue had filled behind it with a request that came later."""
+    shared = make_worker("shared")
+    pool = make_pool(shared, queue_size=1)
+    results: dict[str, Any] = {}
+
+    async def request(name: str) -> None:
+        try:
+            results[name] = await Exchange(pool, HubConfig(limits=HubLimits(queue_size=1)), "openai.chat",
+                                           {"model": "m", "messages": []}, False, {}).open()
+        except ApiError as error:
+            results[name] = error
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(request, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        [refused] = shared.pending
+        nursery.start_soon(request, "second")
+        await trio.testing.wait_all_tasks_blocked()
+        pool.deliver(shared, protocol.Error(refused, 503, "worker is at max_concurrency", True, busy=True))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not results and pool.queue_lengths() == {"m": 2}
+        pool.report(shared, 0)
+        await trio.testing.wait_all_tasks_blocked()
+        [request_id] = shared.pending
+        pool.deliver(shared, protocol.End(request_id, None))
+        await trio.testing.wait_all_tasks_blocked()
+        assert list(results) == ["first"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_requests_back_in_line_keep_their_order(autojump_clock: trio.testing.MockClock) -> None:
+    """Review: each request back in line went to its head, so the last back was served first."""
+    pool = make_pool(make_worker("w"))
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is not None  # the one slot, taken
+    order: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await queue_attempt(nursery, pool, "new", order=order)
+        for name in ("back first", "back second"):
+            nursery.start_soon(lambda name=name: _acquire_again(pool, name, order))
+            await trio.testing.wait_all_tasks_blocked()
+        for _ in range(3):
+            [worker] = pool.workers.values()
+            finish(pool, worker)
+            await trio.testing.wait_all_tasks_blocked()
+    assert order == ["back first", "back second", "new"]
+
+
+async def _acquire_again(pool: Pool, name: str, order: list[str]) -> None:
+    await pool.acquire("m", "openai.chat", set(), soon(), again=True)
+    order.append(name)

@@ -116,7 +116,13 @@ class Exchange:
                 self.state = State.DONE
                 raise (last_error or error) from None
             granted, again = trio.current_time(), True
-            self._start(worker)
+            try:
+                self._start(worker)
+            except ApiError:
+                self.pool.not_served(worker, self.model)
+                self.pool.release(worker)
+                self.state = State.DONE
+                raise
             try:
                 frame = await self._next(self.config.timeouts.first_token_s, "the first token")
             except BaseException:  # timed out, or the client left: whatever the hub supposed of it
@@ -146,11 +152,18 @@ class Exchange:
         raise last_error
 
     def _start(self, worker: RemoteWorker) -> None:
+        """Send the request to ``worker``, whose slot it holds; a 413 when its frame would be larger
+        than the link carries (the hub re-encodes a body: ``1e15`` is ``1000000000000000.0`` then)."""
+        request_id = protocol.new_request_id()
+        frame = protocol.encode(protocol.Request(request_id, self.api, self.body, self.stream, self.trace))
+        if len(frame) > protocol.MAX_FRAME_BYTES // 4 and len(frame.encode()) > protocol.MAX_FRAME_BYTES:
+            raise ApiError(413, f"The request is larger than a worker takes ({protocol.MAX_FRAME_BYTES} bytes "
+                           "as the hub sends it)")
         self.worker, self.served_by, self.state = worker, worker.name, State.WAITING
-        self.request_id, self.ended = protocol.new_request_id(), False
+        self.request_id, self.ended = request_id, False
         send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
-        worker.send(protocol.Request(self.request_id, self.api, self.body, self.stream, self.trace))
+        worker.send(frame)
 
     async def _next(self, timeout_s: float, what: str) -> Answer:
         assert self._frames is not None

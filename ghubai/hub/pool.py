@@ -13,8 +13,6 @@ the one behind, so a release usually costs O(1) however long the queue.
 
 from __future__ import annotations
 
-import bisect
-import itertools
 import logging
 import math
 from collections import Counter, OrderedDict, deque
@@ -91,14 +89,20 @@ class RemoteWorker:
         return max(self.inflight, self.reported)
 
     @property
+    def share(self) -> float:
+        """What it takes of the load, against the others: its slots by its weight."""
+        return self.max_concurrency * self.weight
+
+    @property
     def load(self) -> float:
         """Slots taken, as a share of its slots and over its weight: what the scheduler compares."""
         busy = self.inflight if self.inflight > self.reported else self.reported  # self.busy, inlined: hot
         return busy / (self.max_concurrency * self.weight)
 
-    def send(self, frame: protocol.Frame) -> None:
+    def send(self, frame: protocol.Frame | str) -> None:
+        """A frame, or one already encoded."""
         try:
-            self.out.send_nowait(protocol.encode(frame))
+            self.out.send_nowait(frame if isinstance(frame, str) else protocol.encode(frame))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # link closing: Pool.drop() answers every pending request
 
@@ -146,10 +150,11 @@ class RemoteWorker:
 
 
 class _Waiter:
-    __slots__ = ("event",)
+    __slots__ = ("event", "back")
 
-    def __init__(self) -> None:
+    def __init__(self, back: bool) -> None:
         self.event = trio.Event()
+        self.back = back  # a request back in line (refused, or retried): ahead of those that never left it
 
 
 class Pool:
@@ -168,6 +173,7 @@ class Pool:
         self._offered: frozenset[str] | None = None
         self._loaded: list[str] | None = None
         self._capacity: int | None = None
+        self._top: float | None = None  # the largest share of a worker (``_top_share``)
         self.version = 0  # counts the changes of the workers and what they offer
 
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
@@ -263,7 +269,7 @@ class Pool:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
         self._models = self._loaded = self._offered = None
-        self._capacity = None
+        self._capacity = self._top = None
         self.version += 1
 
     def models(self) -> list[str]:
@@ -437,13 +443,21 @@ class Pool:
         last = self.workers.get(self._conversations.get(conversation, (b"", "")))
         if last is not None and last in free and last.load <= bound:
             chosen = last
-        else:  # by the key, each worker as likely as its share of the slots (by weight) within the bound
+        else:  # one the key picks within the bound, each as likely as its share (slots by weight)
             within = [worker for worker, load in zip(free, loads) if load <= bound]
-            shares = list(itertools.accumulate(worker.max_concurrency * worker.weight for worker in within))
-            point = affinity.score(conversation, 0) / 2 ** 64 * shares[-1]
-            chosen = within[min(bisect.bisect_right(shares, point), len(within) - 1)]
+            top = self._top_share()
+            for draw in range(0, 64, 2):  # kept with probability share / top, else drawn again: O(1) for alike workers
+                chosen = within[affinity.score(conversation, draw) % len(within)]
+                if affinity.score(conversation, draw + 1) * top < chosen.share * 2 ** 64:
+                    break
         self._remember(conversation, chosen)
         return chosen
+
+    def _top_share(self) -> float:
+        """The largest share of any worker (kept until the workers change)."""
+        if self._top is None:
+            self._top = max((worker.share for worker in self.workers.values()), default=1.0)
+        return self._top
 
     def _remember(self, conversation: int, worker: RemoteWorker) -> None:
         self._conversations[conversation] = worker.key
@@ -510,12 +524,12 @@ class Pool:
         self._check_hosted(model, api, exclude)
         if late:
             raise self.no_slot(model)
-        if self.queued >= self.limits.queue_size:
+        if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
             raise ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=1)
         queue = self._queues.setdefault(model, deque())
-        waiter = _Waiter()
-        if again:
-            queue.appendleft(waiter)
+        waiter = _Waiter(again)
+        if again:  # behind those back before it: they came first
+            queue.insert(next((place for place, ahead in enumerate(queue) if not ahead.back), len(queue)), waiter)
         else:
             queue.append(waiter)
         self.queued += 1
