@@ -80,7 +80,7 @@ class Grid:
         cold = model not in engine.resident
         await engine.make_resident(model)
         engine.running[model] += 1
-        self.pool.served(worker, model)  # the first token
+        self.pool.served(worker, model, "openai.chat")  # the first token
         if cold:
             self.cold[worker.id].set()
         await trio.sleep(ANSWER_S)

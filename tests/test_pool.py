@@ -748,7 +748,7 @@ async def test_a_load_the_hub_supposed_is_forgotten_when_its_request_fails_first
     pool = make_pool(worker)
     assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
     assert worker.loaded is not None and "m" in worker.loaded
-    pool.not_served(worker, "m")
+    pool.not_served(worker, "m", "openai.chat")
     assert worker.loaded is not None and "m" not in worker.loaded  # (what it evicted, if anything: its next report)
 
 
@@ -774,9 +774,9 @@ async def test_a_failure_undoes_a_supposed_load_only_once_every_request_awaiting
     pool = make_pool(w)
     assert await pool.acquire("m", "openai.chat", set(), soon()) is w  # starts the load
     assert await pool.acquire("m", "openai.chat", set(), soon()) is w  # waits for it
-    pool.not_served(w, "m")
+    pool.not_served(w, "m", "openai.chat")
     assert w.loaded is not None and "m" in w.loaded
-    pool.not_served(w, "m")
+    pool.not_served(w, "m", "openai.chat")
     assert w.loaded is not None and "m" not in w.loaded
 
 
@@ -848,7 +848,7 @@ async def test_requests_that_fail_leave_a_model_the_engine_said_it_holds(autojum
     pool.set_offer(w, protocol.Models(models, loaded=("x", "m")))  # done, says the engine
     assert await pool.acquire("m", "openai.chat", set(), soon()) is w
     for _ in range(2):
-        pool.not_served(w, "m")
+        pool.not_served(w, "m", "openai.chat")
         pool.release(w)
     assert w.loaded == {"m", "x"}
 
@@ -984,7 +984,7 @@ async def test_a_wrong_guess_is_dropped_when_the_model_evicted_was_never_reporte
         pool.set_offer(w, protocol.Models(models, loaded=loaded))
     other.inflight = other.reported = 4
     assert await pool.acquire("b", "openai.chat", set(), soon()) is w
-    pool.served(w, "b")
+    pool.served(w, "b", "openai.chat")
     finish(pool, w)
     await trio.sleep(1)
     assert await pool.acquire("c", "openai.chat", set(), soon()) is w  # the hub guesses "a" goes
@@ -1229,3 +1229,20 @@ async def test_requests_back_in_line_keep_their_order(autojump_clock: trio.testi
 async def _acquire_again(pool: Pool, name: str, order: list[str]) -> None:
     await pool.acquire("m", "openai.chat", set(), soon(), again=True)
     order.append(name)
+
+
+async def test_a_model_s_details_teach_the_scheduler_nothing_of_memory(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression: ``/api/show`` (Open WebUI asks it before chats) was scheduled as a load. On a full
+    engine the hub then took the model for loaded and another for evicted, until the next residency
+    report, and sent that other model's requests to load it anew elsewhere."""
+    full = make_worker("full", models=("m", "x"), max_concurrency=4, loaded=("x",))
+    full.full = 1  # its engine holds one model at most, and holds "x"
+    spare = make_worker("spare", models=("m", "x"), max_concurrency=4, loaded=("y",))
+    spare.full = 1
+    pool = make_pool(full, spare)
+    shown = await pool.acquire("m", "ollama.show", set(), soon())
+    pool.served(shown, "m", "ollama.show")
+    finish(pool, shown)
+    assert (full.loaded, spare.loaded) == (frozenset({"x"}), frozenset({"y"}))
+    assert not full.loading and not spare.loading and not full.evicting and not spare.evicting
+    assert await pool.acquire("x", "openai.chat", set(), soon()) is full  # still where it is in memory

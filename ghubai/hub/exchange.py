@@ -119,19 +119,19 @@ class Exchange:
             try:
                 self._start(worker)
             except ApiError:
-                self.pool.not_served(worker, self.model)
+                self.pool.not_served(worker, self.model, self.api)
                 self.pool.release(worker)
                 self.state = State.DONE
                 raise
             try:
                 frame = await self._next(self.config.timeouts.first_token_s, "the first token")
             except BaseException:  # timed out, or the client left: whatever the hub supposed of it
-                self.pool.not_served(worker, self.model)
+                self.pool.not_served(worker, self.model, self.api)
                 raise
             if not isinstance(frame, protocol.Error):
-                self.pool.served(worker, self.model)
+                self.pool.served(worker, self.model, self.api)
                 return frame
-            self.pool.not_served(worker, self.model)
+            self.pool.not_served(worker, self.model, self.api)
             self.state = State.QUEUED
             if frame.busy:  # full because of other hubs (the pool noted it): waiting for a slot, not an attempt
                 queue_left -= trio.current_time() - asked

@@ -149,6 +149,11 @@ class RemoteWorker:
                 "weight": self.weight}
 
 
+# APIs that need no model in memory (a model's details): they go to the least loaded worker that
+# hosts the model, and teach the scheduler nothing of what engines hold (Open WebUI asks before chats)
+LOADS_NOTHING = frozenset({"ollama.show"})
+
+
 class _Waiter:
     __slots__ = ("event", "back")
 
@@ -339,16 +344,17 @@ class Pool:
                 and worker.reported < worker.slots and not (exclude and worker.id in exclude)]
         if not free:
             return None
-        if self.scheduler.policy == "least-loaded":
+        if self.scheduler.policy == "least-loaded" or api in LOADS_NOTHING:
             best = min(free, key=lambda worker: worker.load)
         elif (chosen := self._llm_aware(model, [worker for worker in able if worker.id not in exclude] if exclude
                                         else able, free, conversation, cold_ok)) is not None:
             best = chosen
         else:
             return None
-        if model in best.loading:
-            best.loading[model] += 1
-        best.used[model] = trio.current_time()
+        if api not in LOADS_NOTHING:
+            if model in best.loading:
+                best.loading[model] += 1
+            best.used[model] = trio.current_time()
         best.inflight += 1
         best.reported += 1  # until the worker's next load report says otherwise
         return best
@@ -465,17 +471,19 @@ class Pool:
         while len(self._conversations) > self.scheduler.affinity_entries:
             self._conversations.popitem(last=False)
 
-    def served(self, worker: RemoteWorker, model: str) -> None:
+    def served(self, worker: RemoteWorker, model: str, api: str) -> None:
         """The worker answered for ``model``: its engine holds it now (until its next report says)."""
+        if api in LOADS_NOTHING:
+            return
         worker.loading.pop(model, None)
         worker.evicting.pop(model, None)
         if worker.loaded is not None and model not in worker.loaded:
             self._hold(worker, worker.loaded | {model})
 
-    def not_served(self, worker: RemoteWorker, model: str) -> None:
+    def not_served(self, worker: RemoteWorker, model: str, api: str) -> None:
         """The worker failed a request before its first byte: once every request sent to await a
         load the hub supposed has failed so, the load did not happen."""
-        if model in worker.loading:
+        if model in worker.loading and api not in LOADS_NOTHING:
             worker.loading[model] -= 1
             if worker.loading[model] <= 0:
                 del worker.loading[model]
@@ -512,7 +520,7 @@ class Pool:
         slots for the queue, or after ``warm_wait_s`` in the queue. A request back ``again`` (a
         refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free
         slot if there is one, cold or not, and else its 503 without queueing."""
-        if model in self.models():  # a name a client made up is not remembered
+        if model in self.models() and api not in LOADS_NOTHING:  # a name a client made up is not remembered
             self._note_demand(model)
         now = trio.current_time()
         late = deadline <= now
