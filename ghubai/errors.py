@@ -21,6 +21,8 @@ def is_ollama_path(path: str) -> bool:
     """Ollama's native API lives under ``/api/``; every other path answers in OpenAI's dialect."""
     return path.startswith("/api/")
 
+CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
+
 
 class ApiError(Exception):
     """An answer other than success, in terms both dialects can render. Invariant: ``status`` is

@@ -4,11 +4,14 @@ on the lines about it in every role (proxy → hub → worker → engine), and n
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import httpx
+import pytest
+import trio
 
-from conftest import WAIT_S, Daemon, chat, eventually
+from conftest import WAIT_S, Daemon, Grid, chat, eventually
 
 API_KEY, TOKEN = "sk-client-secret-4242", "provider-secret-1717"
 
@@ -77,3 +80,32 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
     for rid in ("trace-me-42", made_id):
         assert any(line.startswith("INFO ghubai.hub: POST ") and line.endswith(f" request_id={rid}")
                    for line in hub_lines), f"{rid} not in the hub log"
+
+
+async def test_the_proxy_logs_and_counts_a_client_that_left_before_its_answer(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): the hub logged its 499, but the proxy wrote no line and counted nothing
+    for a client that left before the answer began."""
+    sim_url, _ = await grid.sim(ttft_ms=3000)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    caplog.set_level(logging.INFO)
+    body = json.dumps(chat()).encode()
+    client = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    await client.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def started() -> bool:
+        return (await grid.stats(sim_url))["started"] >= 1
+
+    await eventually(started, "the engine to start")
+    await client.aclose()
+
+    async def logged() -> bool:
+        return any(record.name == "ghubai.proxy" and "POST /v1/chat/completions 499" in record.getMessage()
+                   for record in caplog.records)
+
+    await eventually(logged, "the proxy's line for the client that left")
+    assert 'code="499",model="sim",role="proxy"' in (await grid.http.get(proxy.value + "/metrics")).text

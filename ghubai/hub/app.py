@@ -28,7 +28,7 @@ from werkzeug.exceptions import HTTPException
 from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import SMALL_PIECE_BYTES, HubConfig, max_small_pieces
-from ghubai.errors import ApiError, model_not_found
+from ghubai.errors import CLIENT_CLOSED, ApiError, model_not_found
 from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import serve_worker
@@ -50,7 +50,6 @@ log = logging.getLogger("ghubai.hub")
 
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/api/summary", *dashboard.PATHS)
 REGISTRY_CACHE_S = 1.0  # /api/registry is built at most this often, however many poll it
-CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
 _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 

@@ -22,7 +22,7 @@ import trio
 
 from ghubai import affinity, cors, dialects
 from ghubai.config import ProxyConfig
-from ghubai.errors import ApiError
+from ghubai.errors import CLIENT_CLOSED, ApiError
 from ghubai.http11.client import ClientConnection
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import tracing
@@ -146,6 +146,8 @@ class Forwarder:
             outcome.status = 503
             if not conn.response_started:  # else the answer ended with an error event (_relay)
                 refusal = ApiError(503, STOPPING, retry_after=1)
+        elif refusal is None and not outcome.status:  # the client left before its answer began
+            outcome.status = CLIENT_CLOSED
         if refusal is not None:
             raise refusal
 
