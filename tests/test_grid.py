@@ -132,6 +132,32 @@ async def test_worker_joins_and_leaves(grid: Grid) -> None:
     assert (await grid.http.get(hub.value + "/v1/models")).json()["data"] == []
 
 
+async def test_ready_means_something_could_serve_a_request(grid: Grid) -> None:
+    """Regression (hunt): a hub with one worker whose engine is down, and a proxy before a hub with
+    no worker, said ready (200) while every request got 502 or 503: a load balancer sent them traffic."""
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,))
+
+    async def checked() -> bool:
+        return (await grid.http.get(proxy.value + "/health")).json()["hubs"][0]["up"]
+
+    await eventually(checked, "the proxy to find its hub up")
+    await grid.worker(hub.value, "http://127.0.0.1:9")  # nothing listens there: its engine is down
+
+    async def problem() -> bool:
+        return any(worker["problem"] for worker in await grid.workers(hub.value))
+
+    await eventually(problem, "the worker to report its engine's problem")
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 502
+    hub_ready, proxy_ready = [await grid.http.get(url + "/ready") for url in (hub.value, proxy.value)]
+    assert (hub_ready.status_code, hub_ready.json()["status"]) == (503, "no worker offers a model")
+    assert (proxy_ready.status_code, proxy_ready.json()["hubs_up"]) == (503, 1), proxy_ready.text
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.value, sim_url, name="w2")
+    await grid.wait_for_model(proxy.value, "sim")
+    assert [(await grid.http.get(url + "/ready")).status_code for url in (hub.value, proxy.value)] == [200, 200]
+
+
 async def test_unknown_model_is_a_404_model_not_found(grid: Grid) -> None:
     hub_url, _ = await one_worker_grid(grid)
     async with client(hub_url) as sdk:

@@ -452,8 +452,10 @@ class HubApi:
         return {"status": "ok", "version": __version__}
 
     async def ready(self) -> tuple[dict[str, Any], int]:
+        """Ready while a worker that takes requests offers a model (one whose engine is down lists none)."""
         count = sum(1 for worker in self.pool.workers.values() if not worker.draining)
-        status = "draining" if self.pool.draining else "ready" if count else "no workers"
+        status = "draining" if self.pool.draining else "ready" if self.pool.models() else \
+            "no worker offers a model" if count else "no workers"
         return {"status": status, "workers": count}, 200 if status == "ready" else 503
 
     async def dashboard_page(self) -> Response:

@@ -177,9 +177,13 @@ class Proxy:
         await conn.respond(200, self._dashboard[1])
 
     async def ready(self, conn: Connection, request: Request) -> None:
-        up = 0 if self.draining else len(self.hubs.healthy())
-        status = "draining" if self.draining else "ready" if up else "no healthy hub"
-        await conn.respond_json(200 if up else 503, {"status": status, "hubs_up": up})
+        """Ready while some healthy hub has a worker that offers a model: what could serve a request."""
+        healthy = [] if self.draining else self.hubs.healthy()
+        serving = sum(1 for hub in healthy if hub.models)
+        status = "draining" if self.draining else "ready" if serving else \
+            "no hub has a worker with a model" if healthy else "no healthy hub"
+        await conn.respond_json(200 if serving else 503, {"status": status, "hubs_up": len(healthy),
+                                                          "hubs_serving": serving})
 
     async def drain(self) -> None:
         """SIGTERM: new requests get 503; those running get ``drain_timeout_s`` to finish, then end
