@@ -20,6 +20,16 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
+def _number(worker: dict[str, Any], key: str) -> float | None:
+    """A worker's figure, or None: a proxy passes on what any hub sent, of any version."""
+    value = worker.get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _figure(value: float | None, form: str = "g") -> str:
+    return "?" if value is None else format(value, form)
+
+
 def render(data: dict[str, Any]) -> str:
     hubs = data["hubs"]
     workers = [(hub, worker) for hub in hubs for worker in hub["workers"]]
@@ -29,7 +39,8 @@ def render(data: dict[str, Any]) -> str:
     lines = [
         f"GhubAi {data['name']} · v{data['version']}",
         f"hubs {sum(hub['up'] for hub in hubs)}/{len(hubs)} up · workers {len(workers)} · inflight "
-        f"{sum(w['inflight'] for _, w in workers)}/{sum(w['max_concurrency'] for _, w in workers)} · queued "
+        f"{sum(_number(w, 'inflight') or 0 for _, w in workers):g}/"
+        f"{sum(_number(w, 'max_concurrency') or 0 for _, w in workers):g} · queued "
         f"{sum(hub['queued'] for hub in hubs)}",
         f"last {data['step_s']:g} s: {last.get(rate[0], 0)} {rate[1]}, time to first token "
         f"{'-' if ttft is None else f'{ttft:g} ms'} (median)",
@@ -46,9 +57,11 @@ def render(data: dict[str, Any]) -> str:
         for hub, worker in workers:
             # an older server's data has no health word: the same rule, here
             health = worker.get("health") or worker_health(worker, hub.get("heartbeat_s") or 0.0)
-            worker_rows.append([worker["name"], hub["name"], ", ".join(worker["models"]) or "-",
-                                f"{worker['inflight']}/{worker['max_concurrency']}", health,
-                                f"{worker['last_seen_s']:.1f} s ago"])
+            models = worker.get("models")
+            worker_rows.append([str(worker.get("name", "?")), hub["name"],
+                                ", ".join(map(str, models)) if isinstance(models, list) and models else "-",
+                                f"{_figure(_number(worker, 'inflight'))}/{_figure(_number(worker, 'max_concurrency'))}",
+                                health, f"{_figure(_number(worker, 'last_seen_s'), '.1f')} s ago"])
         lines += _table(worker_rows)
     else:
         lines.append("no worker connected")

@@ -4,11 +4,18 @@ follow a worker that joins or leaves, or a hub that goes down, without a reload.
 
 from __future__ import annotations
 
+import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from browser import chromium
 from conftest import chat
+from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.observability import dashboard
+from test_status import odd_view
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 WORKERS = "[...document.querySelectorAll('#workers tr[data-worker]')].map(r => r.dataset.worker).sort().join(',')"
@@ -55,3 +62,32 @@ async def test_proxy_dashboard_shows_the_grid_and_a_hub_going_down(grid: Any, tm
         await page.until(WORKERS, "rack1-gpu0", "only the workers of the hub still up")
         await page.until("[...document.querySelectorAll('#hubs .pill')].filter(p => p.textContent == 'down').length",
                          1, "the hub that went down")
+
+
+async def test_the_page_shows_what_it_can_of_odd_data_and_no_old_figure_as_now(grid: Any, tmp_path: Path) -> None:
+    """Regression (hunt): a worker entry from a hub of another version (no ``last_seen_s``) stopped the
+    proxy's page ("connection lost", in a loop); and the first-token chart drew its last median,
+    minutes old, at the right edge as "now"."""
+    steps = [{"t": 1000.0 + 2 * i, "requests_per_s": 0.0, "tokens_per_s": 0.0,
+              "ttft_ms": 250.0 if i < 30 else None} for i in range(150)]  # no request for the last 4 minutes
+    body = json.dumps(odd_view(steps)).encode()
+
+    async def handle(conn: Connection, request: Request) -> None:
+        if request.path == "/dashboard":
+            await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
+        else:
+            await conn.respond(200, body)
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/dashboard")
+        await page.until(WORKERS, "v,w", "both workers")
+        await page.until("document.getElementById('chart-ttft').dataset.points", "30", "the chart drawn")
+        assert (await page.evaluate("document.getElementById('state').textContent")).startswith("live")
+        texts = await page.evaluate("[...document.querySelectorAll('#chart-ttft text')].map(t => t.textContent)")
+        right = await page.evaluate("Math.max(...document.querySelector('#chart-ttft polyline').getAttribute('points')"
+                                    ".split(' ').map(p => Number(p.split(',')[0])))")
+        shown = await page.evaluate("document.getElementById('workers').innerText")
+    assert not [text for text in texts if text.startswith("now")] and right < 100, (texts, right)
+    assert "0 / 1" in shown and "? / ?" in shown

@@ -77,3 +77,22 @@ def test_status_of_an_older_server_still_shows_each_workers_health() -> None:
     text = render({"role": "hub", "name": "h", "version": "0", "hubs": [hub], "queue": {}, "history": [],
                    "step_s": 5, "window_s": 300})
     assert "full" in text
+
+
+ODD_WORKERS = [{"name": "w", "models": ["sim"], "inflight": 0, "max_concurrency": 1},  # before last_seen_s
+               {"name": "v", "inflight": "x", "max_concurrency": None, "last_seen_s": True}]
+
+
+def odd_view(history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The data of a proxy before a hub of another version, whose worker entries lack fields."""
+    hub = {"name": "h", "address": "http://h", "up": True, "reason": None, "queued": 0, "models": ["sim"],
+           "workers": ODD_WORKERS, "heartbeat_s": 1.0}
+    return {"role": "proxy", "name": "p", "version": "0", "hubs": [hub], "queue": {}, "history": history or [],
+            "step_s": 2.0, "window_s": 300.0}
+
+
+def test_status_shows_what_it_can_of_odd_worker_entries() -> None:
+    """Regression (hunt): ``ghubai status --proxy`` died with a KeyError on a worker entry from a hub
+    of an older version (no ``last_seen_s``), and so for every hub of the grid."""
+    text = render(odd_view())
+    assert "0/1" in text and "? s ago" in text and "?/?" in text
