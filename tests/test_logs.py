@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Daemon, Grid, chat, eventually
+from ghubai.observability import logs
 
 API_KEY, TOKEN = "sk-client-secret-4242", "provider-secret-1717"
 
@@ -109,3 +110,31 @@ async def test_the_proxy_logs_and_counts_a_client_that_left_before_its_answer(
 
     await eventually(logged, "the proxy's line for the client that left")
     assert 'code="499",model="sim",role="proxy"' in (await grid.http.get(proxy.value + "/metrics")).text
+
+
+async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worker(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): the hub's line for a failed request gave its status alone (a 504 and a 400
+    looked alike whatever the cause), and the worker wrote nothing for a request the hub cancelled,
+    though the engine stopped it."""
+    sim_url, _ = await grid.sim(ttft_ms=2000)
+    hub = await grid.hub(timeouts={"first_token_s": 0.3}, limits={"max_attempts": 1})
+    await grid.worker(hub.value, sim_url)
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(logs._WithRequestId())  # as logs.setup does: each record gets its request's id
+    timed_out = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(),
+                                     headers={"X-Request-ID": "cut-short"})
+    bad = await grid.http.post(hub.value + "/v1/chat/completions", json={"model": "sim", "messages": "x"})
+    assert (timed_out.status_code, bad.status_code) == (504, 400)
+
+    def lines(role: str, request_id: str | None = None) -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == f"ghubai.{role}"
+                and request_id in (None, getattr(record, "request_id", ""))]
+
+    async def written() -> bool:
+        return any(" 400 " in line for line in lines("hub")) and \
+            any("stopped after" in line for line in lines("worker", "cut-short"))
+
+    await eventually(written, "the hub's lines, and the worker's for the request the hub cancelled")
+    assert [line for line in lines("hub", "cut-short") if " 504 " in line and "Timed out" in line]
+    assert [line for line in lines("hub") if " 400 " in line and bad.json()["error"]["message"] in line]

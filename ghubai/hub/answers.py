@@ -40,7 +40,7 @@ def dialect_of(api: str) -> Dialect:
     return OPENAI if api.startswith("openai.") else OLLAMA
 
 
-def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[int], None], held: bytearray) -> bytes:
+def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError], None], held: bytearray) -> bytes:
     """The frames as the client's bytes: whole events only (a worker cuts a huge event into
     records, and the answer may fail between two), the start of the next held back in ``held``,
     and dropped when an error ends the stream: its error event then follows whole events."""
@@ -56,7 +56,7 @@ def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[int], None
         else:
             held.clear()
             error = client_error(frame)
-            failed(error.status)
+            failed(error)
             out.append(error.stream_end(dialect.sse))
     return b"".join(out)
 
@@ -66,9 +66,9 @@ def _size(frames: list[Answer]) -> int:
 
 
 async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dialect,
-                 failed: Callable[[int], None]) -> None:
+                 failed: Callable[[ApiError], None]) -> None:
     """The stream, paced by the client: hypercorn returns from a send once the socket took the
-    bytes, and only then does the worker get credit to send more. ``failed`` hears the status of
+    bytes, and only then does the worker get credit to send more. ``failed`` hears of
     an error that ends the stream after its first byte; the last message carries the stream's end."""
     held = bytearray()  # the start of an event whose end has not arrived
     try:
@@ -79,12 +79,12 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
             await send(_render(batch, dialect, failed, held), not exchange.done)
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
-        failed(error.status)
+        failed(error)
         await send(error.stream_end(dialect.sse), False)
     except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
-        failed(500)
-        await send(ApiError(500, "internal error in the hub").stream_end(dialect.sse), False)
+        failed(error := ApiError(500, "internal error in the hub"))
+        await send(error.stream_end(dialect.sse), False)
     finally:
         exchange.close()
 

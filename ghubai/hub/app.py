@@ -93,10 +93,11 @@ class Record:
         self.key = b""
         self.exchange: Exchange | None = None
         self.first_token_s: float | None = None
+        self.reason = ""  # why it failed, for the log line
 
-    def failed(self, status: int) -> None:
+    def failed(self, error: ApiError) -> None:
         """An error event ended the stream: the client got this instead of a whole answer."""
-        self.status = status
+        self.status, self.reason = error.status, error.message
 
 
 def pool_figures(pool: Pool) -> list[Metric]:
@@ -192,6 +193,8 @@ async def _refuse_websocket(scope: dict[str, Any], send: Send) -> None:
 
 
 def _json_error(error: ApiError) -> Response:
+    if record := request.scope.get("ghubai.record"):
+        record.reason = error.message
     return Response(error.body_for(request.path), error.status, headers=error.headers(),
                     content_type="application/json")
 
@@ -291,7 +294,8 @@ class HubApi:
             self.history.request(first, (exchange.usage or {}).get("completion_tokens", 0),
                                  took - (first or 0.0) if exchange.stream else took)  # when the tokens were made
         self.metrics.observe(record.model, status, took)
-        log.info("%s %d in %.3f s, model %s", record.what, status, took, record.model or "-")
+        log.info("%s %d in %.3f s, model %s%s", record.what, status, took, record.model or "-",
+                 f": {record.reason}" if record.reason else "")
 
     async def _api_error(self, error: ApiError) -> Response:
         return _json_error(error)
@@ -348,6 +352,7 @@ class HubApi:
             return
         except ApiError as error:
             if record.status is None:  # else the stream ended with its own error event
+                record.reason = error.message
                 await _respond(send, error.status, error.body_for(scope["path"]), JSON_ERROR_HEADERS,
                                error.headers())
         except Exception:

@@ -60,6 +60,7 @@ class RunningRequest:
         self.frame = frame
         self.scope = trio.CancelScope()
         self.unacked = 0
+        self.logged = False  # its line is written (done, or an error): else it was cut off
         self._granted = trio.Event()
 
     async def reserve(self, size: int) -> None:
@@ -317,8 +318,12 @@ class Worker:
             link.running[frame.id].scope.cancel()
             link.send(protocol.Error(frame.id, 400, "duplicate request id", retryable=False))
         elif self.draining:
+            log.info("%s for %s: refused (request %s), the worker is draining", frame.api, frame.body.get("model"),
+                     frame.trace.get("x-request-id", frame.id))
             link.send(protocol.Error(frame.id, 503, "worker is shutting down", retryable=True))
-        elif self.inflight >= self.capacity:
+        elif self.inflight >= self.capacity:  # (often, when hubs share it: the hub sends it elsewhere)
+            log.debug("%s for %s: refused (request %s), every slot is taken", frame.api, frame.body.get("model"),
+                      frame.trace.get("x-request-id", frame.id))
             link.send(protocol.Error(frame.id, 503, "worker is at max_concurrency", retryable=True, busy=True))
         else:
             self._count(+1, link)
@@ -366,6 +371,7 @@ class Worker:
         trace = dict(frame.trace)
         trace["x-request-id"] = logs.request_id(trace.get("x-request-id"))  # on every line of this task
         call = Call(api=frame.api, body=frame.body, stream=frame.stream, headers=trace)
+        started = trio.current_time()
         try:
             with running.scope, tracing.span(f"engine {call.api}", trace, kind="client",
                                              **{"gen_ai.request.model": call.body.get("model")}):
@@ -375,8 +381,11 @@ class Worker:
             if link.running.get(request_id) is running:
                 del link.running[request_id]
             self._count(-1, link)
-        if running.scope.cancelled_caught:
-            log.debug("request %s cancelled by the hub", request_id)
+            if not running.logged:  # a line for every request, however it ended
+                log.info("%s for %s: stopped after %.3f s, %s", call.api, call.body.get("model"),
+                         trio.current_time() - started,
+                         "cancelled (the client left, a timeout, a drain)" if running.scope.cancel_called
+                         else "its link to the hub ended")
 
     async def _call_engine(self, link: Link, running: RunningRequest, call: Call) -> None:
         """Stream the engine's answer to the hub; whatever fails ends this request only, with an
@@ -398,7 +407,9 @@ class Worker:
                 ("input", (call.usage or {}).get("prompt_tokens")),
                 ("output", (call.usage or {}).get("completion_tokens")))})
             log.info("%s for %s: done in %.3f s, usage %s", call.api, model, trio.current_time() - started, call.usage)
+            running.logged = True
         except EngineError as error:
+            running.logged = True
             log.log(logging.INFO if error.cause is None else logging.WARNING, "%s for %s: engine error %d: %s",
                     call.api, model, error.status, error.message)
             link.send(protocol.Error(request_id, error.status, error.message, error.retryable))
@@ -409,6 +420,7 @@ class Worker:
                 self.offer = dataclasses.replace(self.offer, apis=self.engine.apis())
                 self._announce()
         except Exception:  # a bug here must cost this request only, never the link and its others
+            running.logged = True
             log.exception("request %s failed inside the worker", request_id)
             link.send(protocol.Error(request_id, 500, "internal error in the worker", retryable=True))
         finally:
