@@ -469,6 +469,17 @@ def parse(role: str, text: str, source: str = "<config>") -> Any:
     return config
 
 
+def unlisted_hubs(text: str, source: str) -> str | None:
+    """Why a registry file (valid for ``parse``) gives no hub list: it has no ``hubs`` key at all,
+    as an empty or half-written file (a full disk, a save caught midway) has; such a file must not
+    empty the grid, while ``hubs = []`` does, on purpose. The registry serves no list on it, and
+    ``ghubai check`` says so."""
+    if "hubs" in tomllib.loads(text):
+        return None
+    return (f"{source}: no hubs key (an empty or half-written file?); list [[hubs]] entries, "
+            "or write hubs = [] to serve no hub")
+
+
 MAX_CONFIG_BYTES = 1 << 20  # a config or registry file is kilobytes
 
 

@@ -19,7 +19,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ghubai.config import ConfigError, HubEntry, RegistryConfig, load, read_text
+from ghubai.config import ConfigError, HubEntry, RegistryConfig, load, read_text, unlisted_hubs
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.registry.watch import watch
@@ -65,9 +65,8 @@ def reload(hub_list: HubList, path: str) -> None:
     has named its hubs, there is no list: ``/hubs`` answers 503, and proxies keep what they had."""
     try:
         config: RegistryConfig = load("registry", path)
-        if "hubs" not in tomllib.loads(read_text(path)):
-            raise ConfigError([f"{path}: no hubs key (an empty or half-written file?); list [[hubs]] "
-                               "entries, or write hubs = [] to serve no hub"])
+        if problem := unlisted_hubs(read_text(path), path):
+            raise ConfigError([problem])
     except tomllib.TOMLDecodeError as error:  # changed again since it was loaded: the next look sees it
         hub_list.config_error = f"{path}: not valid TOML: {error}"
         return
