@@ -150,6 +150,19 @@ def _api_key(key: str) -> str | None:
     return "must be visible ASCII without spaces or line breaks (a key read from a file keeps its line end)"
 
 
+def _secrets(value: str | tuple[str, ...]) -> str | None:
+    """Keys and tokens as a client or worker can present them: a header value has no line end and
+    no space at either end (a key read from a file keeps its line end, and would never match)."""
+    for secret in (value,) if isinstance(value, str) else value:
+        if problem := _api_key(secret):
+            return problem
+        if not isinstance(value, str) and not secret:
+            return "an entry must not be empty"
+        if secret.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", secret):
+            return 'a "sha256:" entry must hold the 64 hex digits of the key\'s SHA-256 digest'
+    return None
+
+
 def _engine_headers(headers: dict[str, str]) -> str | None:
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
@@ -255,9 +268,9 @@ class HubConfig:
     """``hub.toml``: where to listen, who may join and call, limits and timeouts."""
     listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
                        default="127.0.0.1:7197")
-    provider_tokens: tuple[str, ...] = _key(None, "tokens workers present; empty = ANY worker may join",
+    provider_tokens: tuple[str, ...] = _key(_secrets, "tokens workers present; empty = ANY worker may join",
                                             secret=True, default=())
-    api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
+    api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
     cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
                                          'or "*" for any; empty = none (browsers block other origins)',
@@ -301,7 +314,7 @@ class WorkerConfig:
     hub_url: tuple[str, ...] = _key(
         _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
         default=("ws://localhost:7197/gridhub",))
-    provider_token: str = _key(None, "presented to the hubs (env PROVIDER_TOKEN wins)", secret=True, default="")
+    provider_token: str = _key(_secrets, "presented to the hubs (env PROVIDER_TOKEN wins)", secret=True, default="")
     name: str = _key(lambda v: None if len(v) <= 128 and not re.search(r"[\x00-\x1f\x7f]", v)
                      else "must be at most 128 characters, none of them a control character", "default: the host name",
                      default="")
@@ -363,7 +376,7 @@ class ProxyConfig:
                              default="http://localhost:7001")
     hubs: tuple[str, ...] = _key(_urls("http", "https", allow_empty=True), "static hub addresses, used with or without a registry",
                                  default=())
-    api_keys: tuple[str, ...] = _key(None, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
+    api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
     cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
                                          'or "*" for any; empty = none (browsers block other origins)',
