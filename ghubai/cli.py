@@ -178,7 +178,7 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from ghubai.status import status
 
-    return status(args.hub or args.proxy, args.watch)
+    return status(args.hub or args.proxy, args.watch, ca_file=args.ca_file, insecure=args.allow_invalid_certs)
 
 
 def _positive(text: str) -> float:
@@ -256,6 +256,9 @@ def parser() -> argparse.ArgumentParser:
                        help="the whole grid, as a proxy sees it (default: %(default)s, as 'ghubai up' runs it)")
     where.add_argument("--hub", metavar="URL", help="one hub, e.g. http://127.0.0.1:7197")
     status.add_argument("--watch", metavar="SECONDS", type=_positive, help="refresh every SECONDS until Ctrl-C")
+    status.add_argument("--ca-file", metavar="PEM", default="", help="CA bundle for an https:// hub or proxy "
+                        "(the grid's own CA, as the daemons' ca_file)")
+    status.add_argument("--allow-invalid-certs", action="store_true", help="development only: no certificate checks")
     status.set_defaults(func=_status, log_level="warning", log_format="text")
 
     sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")

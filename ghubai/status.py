@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ssl
 import sys
 from typing import Any, TextIO
 
@@ -10,6 +11,7 @@ import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
+from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import worker_health
 
 TIMEOUT_S = 5.0
@@ -76,21 +78,23 @@ def healthy(data: dict[str, Any]) -> bool:
     return all(hub["up"] for hub in data["hubs"]) and any(hub["workers"] for hub in data["hubs"])
 
 
-async def fetch(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls) as http:
         response = await http.get(url.rstrip("/") + "/dashboard/data")
         response.raise_for_status()
         return dict(response.json())
 
 
-def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout) -> int:
+def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, ca_file: str = "",
+           insecure: bool = False) -> int:
     """Print the picture once (exit status 0 when healthy, 1 when not or unreachable), or every
-    ``watch_s`` seconds until interrupted."""
+    ``watch_s`` seconds until interrupted. TLS is checked as the daemons check it (``ca_file``)."""
+    tls = tls_client_context(ca_file, insecure)
 
     async def main() -> int:
         while True:
             try:
-                data = await fetch(url)
+                data = await fetch(url, tls)
             except (httpx.HTTPError, ValueError) as error:
                 print(f"ghubai status: cannot read {url}: {type(error).__name__} {error}".rstrip(), file=sys.stderr)
                 if watch_s is None:

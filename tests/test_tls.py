@@ -9,9 +9,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+import trio
 import trustme
 
-from conftest import WAIT_S, Grid, chat, eventually
+from conftest import WAIT_S, Grid, chat, eventually, ghubai_command
 from ghubai.config import ConfigError, parse
 
 
@@ -105,3 +106,15 @@ async def test_a_certificate_file_that_holds_its_key_serves_every_role_and_a_key
     for role in ("hub", "registry", "proxy"):
         with pytest.raises(ConfigError, match="tls_key: given without tls_cert"):
             parse(role, f'tls_key = "{tls["key"]}"')
+
+
+async def test_status_reads_a_tls_hub_with_the_grids_ca(grid: Grid, tls: dict[str, str]) -> None:
+    """Regression (hunt): every daemon takes ``ca_file``, but ``ghubai status`` could not read a hub
+    served with the grid's own CA (CERTIFICATE_VERIFY_FAILED, and no flag to fix it)."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
+    await grid.worker(hub.value, sim_url, ca_file=tls["ca"])
+    for trust in (["--ca-file", tls["ca"]], ["--allow-invalid-certs"], []):
+        done = await trio.run_process(ghubai_command("status", "--hub", hub.value, *trust), capture_stdout=True,
+                                      capture_stderr=True, check=False)
+        assert done.returncode == (0 if trust else 1), (trust, done.stderr.decode()[-400:])
