@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import httpx
@@ -138,3 +139,15 @@ async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worke
     await eventually(written, "the hub's lines, and the worker's for the request the hub cancelled")
     assert [line for line in lines("hub", "cut-short") if " 504 " in line and "Timed out" in line]
     assert [line for line in lines("hub") if " 400 " in line and bad.json()["error"]["message"] in line]
+
+
+def test_a_text_line_escapes_control_characters_in_a_traceback_too() -> None:
+    """Regression (hunt): the message was escaped but an exception's text kept its carriage returns
+    and escape sequences, with which a peer's words in an error could forge or hide log lines."""
+    try:
+        raise ValueError("bad\r\x1b[2Kforged line")
+    except ValueError:
+        record = logging.LogRecord("ghubai.hub", logging.ERROR, __file__, 1, "failed: %s", ("x\ry",), sys.exc_info())
+    line = logs.TextFormatter().format(record)
+    assert "\r" not in line and "\x1b" not in line and "\n" not in line
+    assert "x\\ry" in line and "bad\\r\\x1b[2Kforged line" in line

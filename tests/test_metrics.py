@@ -51,6 +51,7 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
 
     proxied = await scrape(grid, proxy.value)
     assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="200") == 3
+    assert value(proxied, "ghubai_time_to_first_token_seconds_count", role="proxy") == 3  # (hunt: was never filled)
     assert value(proxied, "ghubai_proxy_hub_up", hub="one") == 1
 
     listed = await scrape(grid, registry.value)

@@ -64,7 +64,7 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record).replace("\n", "\\n")  # a traceback too stays on its event's line
+        line = super().format(record).translate(_ESCAPES)  # a traceback too stays on its event's line, unforged
         rid = getattr(record, "request_id", "")
         return f"{line} request_id={rid}" if rid else line
 

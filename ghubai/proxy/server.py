@@ -103,7 +103,10 @@ class Proxy:
             if outcome.status:
                 took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
-                self.history.request(None if outcome.answered_at is None else outcome.answered_at - started)
+                first = None if outcome.answered_at is None else outcome.answered_at - started
+                if first is not None:
+                    self.metrics.first_token.labels("proxy").observe(first)
+                self.history.request(first)
                 log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none")
 
