@@ -19,7 +19,7 @@ from typing import Any
 
 import tomli_w
 
-from ghubai.config import ROLES, ConfigError, HubConfig, HubEntry, parse, read_text, unlisted_hubs
+from ghubai.config import ROLES, ConfigError, HubEntry, parse, read_text, unlisted_hubs
 
 _HEADERS = {
     "registry": "ghubai registry --config registry.toml\n# The list of hubs. Save an edit and every proxy follows "
@@ -30,7 +30,6 @@ _HEADERS = {
     "proxy": "ghubai proxy --config proxy.toml\n# The grid's front door: health-checked, model-aware round robin "
              "over the hubs.\n# Environment variable REGISTRY_URL wins over registry_url.",
 }
-_LOCAL_HUB = HubEntry(name="local", address=f"http://{HubConfig().listen}")  # the hub hub.toml sets up
 _EXAMPLE_HUB = HubEntry(name="hub1", address="http://10.0.0.5:7197")
 
 
@@ -50,10 +49,9 @@ def _render(cls: type, defaults: Any, prefix: str) -> list[str]:
         if doc:
             lines.append(f"# {doc}")
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
-        if dataclasses.is_dataclass(item):  # [[hubs]]: the hub of this machine, and an example
-            local, example = (tomli_w.dumps(dataclasses.asdict(hub)).strip().splitlines()
-                              for hub in (_LOCAL_HUB, _EXAMPLE_HUB))
-            lines.extend([f"[[{spec.name}]]", *local, f"# [[{spec.name}]]", *(f"# {line}" for line in example)])
+        if dataclasses.is_dataclass(item):  # [[hubs]]: an example, commented out (``ghubai check`` says so)
+            example = tomli_w.dumps(dataclasses.asdict(_EXAMPLE_HUB)).strip().splitlines()
+            lines.extend([f"# [[{spec.name}]]", *(f"# {line}" for line in example)])
             continue
         if isinstance(value, dict) and not value:  # tomli-w would open a table here, ending this section
             lines.append(f"{spec.name} = {{}}")

@@ -50,12 +50,17 @@ class Page:
         return result["result"].get("value")
 
     async def until(self, expression: str, expected: Any, what: str) -> None:
-        """Poll ``expression`` in the page until it equals ``expected``."""
+        """Poll ``expression`` in the page until it equals ``expected`` (one that throws, say before
+        the page has loaded the element it reads, has not yet)."""
         seen: Any = None
         with trio.move_on_after(WAIT_S):
-            while (seen := await self.evaluate(expression)) != expected:
+            while True:
+                try:
+                    if (seen := await self.evaluate(expression)) == expected:
+                        return
+                except RuntimeError as error:
+                    seen = error
                 await trio.sleep(0.1)
-            return
         raise AssertionError(f"the page never showed {what}: {expression} is {seen!r}, not {expected!r}")
 
     async def screenshot(self, path: Path) -> None:

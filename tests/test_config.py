@@ -38,8 +38,8 @@ queue_timeout_s = 2
     ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
     ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
     ("[limits]\nmax_body_bytes = 100_000_000", "hub.toml: limits.max_body_bytes: must be at most 50331648 (48 MiB)"),
-    ('api_keys = ["s3cret\\n"]', "hub.toml: api_keys: must be visible ASCII without spaces or line breaks"),
-    ('provider_tokens = [" t"]', "hub.toml: provider_tokens: must be visible ASCII"),
+    ('api_keys = ["s3cret\\n"]', "hub.toml: api_keys: must have no line break, control character or space at"),
+    ('provider_tokens = [" t"]', "hub.toml: provider_tokens: must have no line break"),
     ('api_keys = ["sha256:abc"]', 'hub.toml: api_keys: a "sha256:" entry must hold the 64 hex digits'),
     ("[limits]\nmax_attempts = true", "hub.toml: limits.max_attempts: expected an integer"),
     ("limits = 3", "hub.toml: limits: expected a table"),
@@ -51,6 +51,15 @@ def test_each_problem_names_its_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse("hub", text, "hub.toml")
     assert str(caught.value).startswith(expected)
+
+
+@pytest.mark.parametrize("role, text", [("hub", 'api_keys = ["correct horse battery staple"]'),
+                                        ("proxy", 'api_keys = ["correct horse battery staple"]'),
+                                        ("hub", 'provider_tokens = ["grid token 1"]'),
+                                        ("worker", 'provider_token = "grid token 1"')])
+def test_a_key_with_an_inner_space_is_accepted(role: str, text: str) -> None:
+    """Review: the check of keys refused inner spaces, which a Bearer header carries and the hub matches."""
+    parse(role, text, f"{role}.toml")
 
 
 def test_worker_file_and_environment_overrides() -> None:

@@ -91,3 +91,24 @@ async def test_the_page_shows_what_it_can_of_odd_data_and_no_old_figure_as_now(g
         shown = await page.evaluate("document.getElementById('workers').innerText")
     assert not [text for text in texts if text.startswith("now")] and right < 100, (texts, right)
     assert "0 / 1" in shown and "? / ?" in shown
+
+
+async def test_a_first_token_time_between_steps_without_one_is_drawn(grid: Any, tmp_path: Path) -> None:
+    """Review: with a request every 10 s (light traffic), every first-token time sat alone between
+    steps without one, and a line of one point draws nothing: the chart was blank."""
+    steps = [{"t": 1000.0 + 2 * i, "requests_per_s": 0.5 if i % 5 == 4 else 0.0, "tokens_per_s": 0.0,
+              "ttft_ms": 250.0 if i % 5 == 4 else None} for i in range(150)]
+    body = json.dumps({**odd_view(steps), "hubs": []}).encode()
+
+    async def handle(conn: Connection, request: Request) -> None:
+        if request.path == "/dashboard":
+            await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
+        else:
+            await conn.respond(200, body)
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
+                                                 host="127.0.0.1"))
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/dashboard")
+        await page.until("document.getElementById('chart-ttft').dataset.points", "30", "the chart drawn")
+        assert await page.evaluate("document.querySelectorAll('#chart-ttft circle').length") == 30

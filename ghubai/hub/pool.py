@@ -526,7 +526,7 @@ class Pool:
         late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
         cold_at = now + min(self.scheduler.warm_wait_s, (deadline - now) / 2)
-        if not self.draining and (again or late or not self._queues.get(model)) and \
+        if not self.draining and (again or late or api in LOADS_NOTHING or not self._queues.get(model)) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
             return worker
         self._check_hosted(model, api, exclude)

@@ -64,7 +64,9 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record).translate(_ESCAPES)  # a traceback too stays on its event's line, unforged
+        line = super().format(record)  # (its message is escaped already)
+        if record.exc_info or record.stack_info:  # a traceback too stays on its event's line, unforged
+            line = line.translate(_ESCAPES)
         rid = getattr(record, "request_id", "")
         return f"{line} request_id={rid}" if rid else line
 

@@ -54,6 +54,7 @@ class Outcome:
     hub: str = ""
     answered_at: float | None = None  # trio time the hub's answer began
     model: str | None = None  # as the body names it, read once for routing and kept for the metrics
+    reason: str = ""  # why the proxy failed it, for the log line (a hub's own answer says why in the hub's)
 
 
 def _body_of(request: Request) -> dict[str, Any] | None:
@@ -143,11 +144,11 @@ class Forwarder:
                 self.running.discard(nursery.cancel_scope)
             nursery.cancel_scope.cancel()
         if self.stopping and nursery.cancel_scope.cancelled_caught and refusal is None:
-            outcome.status = 503
+            outcome.status, outcome.reason = 503, STOPPING
             if not conn.response_started:  # else the answer ended with an error event (_relay)
                 refusal = ApiError(503, STOPPING, retry_after=1)
-        elif refusal is None and not outcome.status:  # the client left before its answer began
-            outcome.status = CLIENT_CLOSED
+        elif refusal is None and not outcome.status:
+            outcome.status, outcome.reason = CLIENT_CLOSED, "the client left before its answer began"
         if refusal is not None:
             raise refusal
 
@@ -172,7 +173,8 @@ class Forwarder:
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 try:
                     if not await self._relay(conn, hub, upstream, response, request_id):
-                        outcome.status = 502  # the client got the hub's head, then an error event: logged as such
+                        # the client got the hub's head, then an error event: logged as such
+                        outcome.status, outcome.reason = 502, "the hub's answer broke off"
                 except NothingRelayed as error:
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
                     self.hubs.set_health(hub, False, str(error))

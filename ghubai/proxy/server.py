@@ -56,6 +56,7 @@ class Proxy:
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.serves)
+        self._first_token = self.metrics.first_token.labels("proxy")
         self.inflight = 0
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
@@ -95,7 +96,7 @@ class Proxy:
                 raise ApiError(503, STOPPING, retry_after=1)
             await self._forward(conn, request, outcome)
         except ApiError as error:
-            outcome.status = error.status
+            outcome.status, outcome.reason = error.status, error.message
             await self._error(conn, request, error)
         finally:
             self.inflight -= 1
@@ -104,11 +105,11 @@ class Proxy:
                 took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
                 first = None if outcome.answered_at is None else outcome.answered_at - started
-                if first is not None:
-                    self.metrics.first_token.labels("proxy").observe(first)
+                if first is not None and outcome.status < 300:  # (an error's head brings no token)
+                    self._first_token.observe(first)
                 self.history.request(first)
-                log.info("%s %s %d in %.3f s, model %s, hub %s", request.method, request.path, outcome.status,
-                         took, model, outcome.hub or "none")
+                log.info("%s %s %d in %.3f s, model %s, hub %s%s", request.method, request.path, outcome.status,
+                         took, model, outcome.hub or "none", f": {outcome.reason}" if outcome.reason else "")
 
     async def connection(self, serve: Callable[[trio.abc.Stream], Awaitable[None]], cap: int,
                          stream: trio.abc.Stream) -> None:
