@@ -64,13 +64,9 @@ async def test_proxy_dashboard_shows_the_grid_and_a_hub_going_down(grid: Any, tm
                          1, "the hub that went down")
 
 
-async def test_the_page_shows_what_it_can_of_odd_data_and_no_old_figure_as_now(grid: Any, tmp_path: Path) -> None:
-    """Regression (hunt): a worker entry from a hub of another version (no ``last_seen_s``) stopped the
-    proxy's page ("connection lost", in a loop); and the first-token chart drew its last median,
-    minutes old, at the right edge as "now"."""
-    steps = [{"t": 1000.0 + 2 * i, "requests_per_s": 0.0, "tokens_per_s": 0.0,
-              "ttft_ms": 250.0 if i < 30 else None} for i in range(150)]  # no request for the last 4 minutes
-    body = json.dumps(odd_view(steps)).encode()
+async def _page_of(grid: Any, data: dict[str, Any]) -> str:
+    """The dashboard page, served with ``data`` as its data: what a server of any version might send."""
+    body = json.dumps(data).encode()
 
     async def handle(conn: Connection, request: Request) -> None:
         if request.path == "/dashboard":
@@ -80,8 +76,17 @@ async def test_the_page_shows_what_it_can_of_odd_data_and_no_old_figure_as_now(g
 
     listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
                                                  host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/dashboard"
+
+
+async def test_the_page_shows_what_it_can_of_odd_data_and_no_old_figure_as_now(grid: Any, tmp_path: Path) -> None:
+    """Regression (hunt): a worker entry from a hub of another version (no ``last_seen_s``) stopped the
+    proxy's page ("connection lost", in a loop); and the first-token chart drew its last median,
+    minutes old, at the right edge as "now"."""
+    steps = [{"t": 1000.0 + 2 * i, "requests_per_s": 0.0, "tokens_per_s": 0.0,
+              "ttft_ms": 250.0 if i < 30 else None} for i in range(150)]  # no request for the last 4 minutes
     async with chromium(tmp_path / "profile") as page:
-        await page.open(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/dashboard")
+        await page.open(await _page_of(grid, odd_view(steps)))
         await page.until(WORKERS, "v,w", "both workers")
         await page.until("document.getElementById('chart-ttft').dataset.points", "30", "the chart drawn")
         assert (await page.evaluate("document.getElementById('state').textContent")).startswith("live")
@@ -98,17 +103,7 @@ async def test_a_first_token_time_between_steps_without_one_is_drawn(grid: Any, 
     steps without one, and a line of one point draws nothing: the chart was blank."""
     steps = [{"t": 1000.0 + 2 * i, "requests_per_s": 0.5 if i % 5 == 4 else 0.0, "tokens_per_s": 0.0,
               "ttft_ms": 250.0 if i % 5 == 4 else None} for i in range(150)]
-    body = json.dumps({**odd_view(steps), "hubs": []}).encode()
-
-    async def handle(conn: Connection, request: Request) -> None:
-        if request.path == "/dashboard":
-            await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
-        else:
-            await conn.respond(200, body)
-
-    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
-                                                 host="127.0.0.1"))
     async with chromium(tmp_path / "profile") as page:
-        await page.open(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}/dashboard")
+        await page.open(await _page_of(grid, {**odd_view(steps), "hubs": []}))
         await page.until("document.getElementById('chart-ttft').dataset.points", "30", "the chart drawn")
         assert await page.evaluate("document.querySelectorAll('#chart-ttft circle').length") == 30
