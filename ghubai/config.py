@@ -83,6 +83,23 @@ def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False
     return f"{expected}: its port is not a number from 1 to 65535" if port == 0 else None
 
 
+def hub_address_problem(address: str) -> str | None:
+    """What is wrong with ``address`` as a hub's: ``url_problem``'s, or a path (a proxy checks a hub
+    at ``address``/api/summary but forwards to its host and port: a hub behind a path-routing
+    gateway would look up and answer nothing), or a query."""
+    if problem := url_problem(address, ("http", "https")):
+        return problem
+    parts = urlsplit(address)
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return f"a hub's address is scheme://host:port, with no path or query, got {address!r}"
+    return None
+
+
+def _hub_addresses(value: str | tuple[str, ...]) -> str | None:
+    addresses = (value,) if isinstance(value, str) else value
+    return next(filter(None, map(hub_address_problem, addresses)), None) or _urls("http", "https", allow_empty=True)(value)
+
+
 def redacted(url: str) -> str:
     """``url`` without the password it may carry, for a log."""
     scheme, sep, rest = url.partition("://")
@@ -332,7 +349,7 @@ class WorkerConfig:
 class HubEntry:
     """One ``[[hubs]]`` entry of the registry's list."""
     name: str = _key(lambda v: None if v else "must not be empty", required=True, default="")
-    address: str = _key(_urls("http", "https"), required=True, default="")
+    address: str = _key(_hub_addresses, required=True, default="")
 
 
 @dataclass(frozen=True)
@@ -375,7 +392,7 @@ class ProxyConfig:
     registry_url: str = _key(lambda v: _urls("http", "https", credentials=True)(v) if v else None,
                              'the registry to follow (env REGISTRY_URL wins); "" = static hubs only',
                              default="http://localhost:7001")
-    hubs: tuple[str, ...] = _key(_urls("http", "https", allow_empty=True), "static hub addresses, used with or without a registry",
+    hubs: tuple[str, ...] = _key(_hub_addresses, "static hub addresses, used with or without a registry",
                                  default=())
     api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())

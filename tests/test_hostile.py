@@ -749,3 +749,18 @@ async def test_a_body_that_grows_past_what_a_link_carries_is_a_413_not_a_dead_li
     assert response.status_code == 413 and "larger than a worker takes" in response.text
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
     assert sorted(worker["name"] for worker in await grid.workers(hub.value)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_malformed_absolute_target_is_a_400(grid: Grid, role: str) -> None:
+    """Regression (hunt): ``http://[bad/`` as a request target raised in URL parsing: the proxy
+    dropped the connection with a logged traceback, the hub answered an empty 500."""
+    hub = await grid.hub()
+    url = hub.value if role == "hub" else (await grid.proxy(hubs=(hub.value,))).value
+    stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    await stream.send_all(b"GET http://[bad/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = b""
+    with trio.fail_after(WAIT_S):
+        while chunk := await stream.receive_some(4096):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400") and b"malformed request target" in answer, answer

@@ -55,7 +55,10 @@ def origin_form(target: str) -> str:
     which RFC 9112 §3.2.2 says a server must accept) names its host too."""
     if target.startswith("/") or "://" not in target:
         return target
-    parts = urlsplit(target)
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # http://[bad/ ...: a 400, not a dropped connection
+        raise ApiError(400, "malformed request target") from None
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 

@@ -247,7 +247,11 @@ class HubApi:
             await self._inner(scope, receive, send)
             return
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
-            scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
+            try:
+                scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
+            except ApiError as error:
+                await _respond(send, error.status, error.body_for(""), [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+                return
         request_id(_header(scope["headers"], b"x-request-id"))
         if self.origins:
             send = _adding(send, fields := self.origins.allow(scope["headers"]))

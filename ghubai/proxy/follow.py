@@ -32,12 +32,15 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
     while True:
         headers = {"If-None-Match": etag} if etag else {}
         params = {"wait": str(LONG_POLL_S)} if etag else {}
+        asked = trio.current_time()
         try:
             with trio.fail_after(LONG_POLL_S + 10):  # the whole answer, not each read
                 status, answer_etag, body = await _bounded_get(
                     http, config.registry_url.rstrip("/") + "/hubs", params, headers,
                     httpx.Timeout(config.health.timeout_s, read=LONG_POLL_S + 5))
-            if status != 304:
+            if status == 304 and trio.current_time() - asked < RETRY_S:  # a poll not held (a cache, a gateway)
+                await trio.sleep(RETRY_S)
+            elif status != 304:
                 if status != 200:
                     raise ValueError(f"HTTP {status}")
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]

@@ -170,6 +170,12 @@ class Forwarder:
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                     await self._discard(hub, upstream)
                     continue
+                if response.status_code == 404 and model and another:  # it has not the model: another may
+                    log.info("hub %s has no %s; trying another hub", hub.name, model)
+                    if model in hub.models:  # it lost it since its last check: check again now
+                        self.hubs.check_now.set()
+                    await self._discard(hub, upstream)
+                    continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 try:
                     if not await self._relay(conn, hub, upstream, response, request_id):
@@ -206,8 +212,10 @@ class Forwarder:
             except UPSTREAM_ERRORS as error:
                 if upstream is not None:
                     await upstream.aclose()
-                if upstream is not None and upstream.reused and not isinstance(error, trio.TooSlowError):
-                    continue
+                    if isinstance(error, trio.TooSlowError):  # connected, and slow to answer: not down
+                        raise self._too_slow(hub) from None
+                    if upstream.reused:
+                        continue
                 self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
                 return None, None
             except BaseException:
@@ -233,6 +241,13 @@ class Forwarder:
             await upstream.aclose()
             raise
         await upstream.aclose()
+
+    def _too_slow(self, hub: Hub) -> ApiError:
+        """A hub that answers nothing for ``response_timeout_s`` is slow with this request, not down:
+        its answer is cut (the hub hears it and cancels), and neither it nor another hub is asked
+        again, where the same wait, and the same work, would follow."""
+        return ApiError(504, f"Hub {hub.name} sent nothing for {self.config.response_timeout_s:g} s "
+                        "(response_timeout_s)")
 
     async def _next(self, upstream: ClientConnection) -> tuple[bytes, bool]:
         try:
@@ -268,6 +283,8 @@ class Forwarder:
         except UpstreamFailed as error:
             await upstream.aclose()
             if pending and isinstance(pending[0], h11.Response):  # not a byte sent yet
+                if isinstance(error.__cause__, trio.TooSlowError):
+                    raise self._too_slow(hub) from None
                 raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
             await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")

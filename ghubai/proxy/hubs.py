@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ghubai import affinity
-from ghubai.config import url_problem
+from ghubai.config import hub_address_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
 
@@ -64,13 +64,14 @@ class HubSet:
         self.check_now = trio.Event()
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
+        self._served: tuple[int, frozenset[str]] = (-1, frozenset())  # (version, every known hub's models)
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
         self.version += 1
         wanted = {}
         for name, address in entries:
-            if problem := url_problem(address, ("http", "https")):  # a registry older than this check
+            if problem := hub_address_problem(address):  # a registry older than this check
                 log.warning("hub %s left out: %s", name, problem)
                 continue
             wanted[address.rstrip("/")] = name
@@ -91,10 +92,13 @@ class HubSet:
         return [hub for hub in self.hubs.values() if hub.up]
 
     def candidates(self, model: str | None, exclude: set[str]) -> list[Hub]:
-        """Healthy hubs that host ``model``; when none advertises it, every healthy hub."""
+        """Healthy hubs that host ``model``; when no hub advertises it (a model a hub gained since
+        its last check, or a name no hub knows), every healthy hub. Not when those that host it are
+        down or busy: another hub would answer a 404, which a client takes for good, not a 503."""
         healthy = [hub for hub in self.healthy() if hub.address not in exclude]
-        hosting = [hub for hub in healthy if model in hub.models] if model else []
-        return hosting or healthy
+        if not model or not self.serves(model):
+            return healthy
+        return [hub for hub in healthy if model in hub.models]
 
     def pick(self, model: str | None, exclude: set[str], conversation: int | None = None) -> Hub | None:
         """Round robin over the candidates; a conversation's requests go to the hub its key ranks
@@ -111,8 +115,10 @@ class HubSet:
         return candidates[next(self._turn) % len(candidates)]
 
     def serves(self, model: str) -> bool:
-        """Some known hub's last health check listed ``model``."""
-        return any(model in hub.models for hub in self.hubs.values())
+        """Some known hub's last health check listed ``model`` (kept until a check or the list changes)."""
+        if self._served[0] != self.version:
+            self._served = (self.version, frozenset().union(*(hub.models for hub in self.hubs.values())))
+        return model in self._served[1]
 
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})

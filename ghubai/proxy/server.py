@@ -270,7 +270,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     named = f"[{host}]" if ":" in host else host
     url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{named}:{bound.getsockname()[1]}"
     tls = tls_client_context(config.ca_file, config.allow_invalid_certs)
-    async with httpx.AsyncClient(verify=tls) as http, trio.open_nursery() as nursery:
+    # no HTTP_PROXY: health checks must reach the hubs as forwarding does (on h11, direct)
+    async with httpx.AsyncClient(verify=tls, trust_env=False) as http, trio.open_nursery() as nursery:
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)

@@ -201,7 +201,9 @@ class Engine:
                                 pool=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_concurrency + 4,
                               max_keepalive_connections=config.max_concurrency + 4)
-        return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits, headers=engine_headers(config))
+        # no HTTP_PROXY: discovery must reach the engine as the calls do (on h11, direct)
+        return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits, headers=engine_headers(config),
+                                 trust_env=False)
 
     async def survey(self) -> Offer:
         """What the engine offers now. Its APIs are probed on the first answer, and again after it

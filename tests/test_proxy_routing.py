@@ -1,0 +1,145 @@
+"""The proxy's routing as hubs change under it: a model's hubs busy, down, losing or gaining it; a
+slow answer; addresses and environments that would send checks and requests different ways; a
+registry that does not hold its long-poll. Real hubs, workers and simulators on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+
+import pytest
+import trio
+
+from conftest import Grid, chat, eventually, workers_linked
+from ghubai.config import ConfigError, hub_address_problem, parse
+from ghubai.http11.server import Connection, Request, serve_connection
+
+
+async def test_a_model_s_busy_hub_is_a_503_not_another_hub_s_404(grid: Grid) -> None:
+    """Regression (hunt): the only hub with a model answered 503 (no slot in time), the proxy
+    retried on a hub without the model, and the client got 404 model_not_found, which SDKs take
+    for good, where a 503 they retry."""
+    alpha_url, alpha = await grid.sim(models=["alpha"], tokens=100_000, itl_ms=10)
+    hub_a = await grid.hub(limits={"queue_timeout_s": 0.3})
+    await grid.worker(hub_a.value, alpha_url, max_concurrency=1)
+    beta_url, _ = await grid.sim(models=["beta"])
+    hub_b = await grid.hub()
+    await grid.worker(hub_b.value, beta_url)
+    proxy = await grid.proxy(hubs=(hub_a.value, hub_b.value))
+    for model in ("alpha", "beta"):
+        await grid.wait_for_model(proxy.value, model)
+    url = proxy.value + "/v1/chat/completions"
+    async with grid.http.stream("POST", url, json=chat("alpha", stream=True)) as busy:  # alpha's only slot
+        assert busy.status_code == 200
+
+        async def running() -> bool:
+            return alpha.stats.active == 1
+
+        await eventually(running, "the first request to hold the slot")
+        second = await grid.http.post(url, json=chat("alpha", content="another"))
+    assert second.status_code == 503 and "retry-after" in second.headers, second.text
+
+
+async def test_a_model_s_hub_down_is_a_503_not_another_hub_s_404(grid: Grid) -> None:
+    """Regression (hunt): the same, with the model's only hub down (restarting)."""
+    hubs = []
+    for model in ("alpha", "beta"):
+        sim_url, _ = await grid.sim(models=[model])
+        hubs.append(await grid.hub())
+        await grid.worker(hubs[-1].value, sim_url)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    for model in ("alpha", "beta"):
+        await grid.wait_for_model(proxy.value, model)
+    hubs[0].stop()
+
+    async def a_down() -> bool:
+        return [hub["up"] for hub in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == [False, True]
+
+    await eventually(a_down, "hub A down")
+    response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat("alpha"))
+    assert response.status_code == 503, response.text
+
+
+@pytest.mark.parametrize("change", ["lost", "gained"])
+async def test_a_hub_whose_models_changed_since_its_check_does_not_404_while_another_has_it(
+        grid: Grid, change: str) -> None:
+    """Regression (hunt): between two health checks the proxy sent a model's requests to a hub that
+    had just lost it, or (nobody advertising a model just gained) to any hub, and the hub's 404
+    reached the client: [404, 200, 404, 200]. A 404 at one hub is now tried at another."""
+    hub_a, hub_b = await grid.hub(), await grid.hub()
+    leaving = await grid.worker(hub_a.value, (await grid.sim(models=["alpha"]))[0], name="a-alpha")
+    await grid.worker(hub_a.value, (await grid.sim(models=["beta"]))[0], name="a-beta")
+    await grid.worker(hub_b.value, (await grid.sim(models=["alpha"]))[0], name="b-alpha")
+    proxy = await grid.proxy(hubs=(hub_a.value, hub_b.value), health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "alpha", hubs_up=2)
+    if change == "lost":  # hub A loses alpha; hub B still has it
+        leaving.stop()
+        await workers_linked(grid, hub_a.value, 1)
+    else:  # hub B gains gamma, which no hub advertises yet
+        await grid.worker(hub_b.value, (await grid.sim(models=["gamma"]))[0], name="b-gamma")
+        await workers_linked(grid, hub_b.value, 2)
+    model = "alpha" if change == "lost" else "gamma"
+    statuses = [(await grid.http.post(proxy.value + "/v1/embeddings", json={"model": model, "input": "x"})).status_code
+                for _ in range(4)]
+    assert statuses == [200] * 4
+
+
+async def test_one_slow_answer_is_a_504_and_takes_no_hub_down(grid: Grid) -> None:
+    """Regression (hunt): an answer slower than response_timeout_s marked its hub down and was run
+    again on the next hub, marking it down too: that client got 503 after every hub's wait, and
+    every other client 503 until the next check."""
+    hubs = []
+    for _ in range(2):
+        sim_url, _ = await grid.sim(ttft_ms=1500)
+        hub = await grid.hub()
+        await grid.worker(hub.value, sim_url)
+        hubs.append(hub.value)
+    proxy = await grid.proxy(hubs=tuple(hubs), response_timeout_s=1.0, health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    slow = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+    assert slow.status_code == 504 and "response_timeout_s" in slow.text
+    assert (await grid.http.get(proxy.value + "/health")).json()["hubs_up"] == 2
+    assert (await grid.http.post(proxy.value + "/v1/embeddings", json={"model": "sim", "input": "x"})).status_code == 200
+
+
+def test_a_hub_address_with_a_path_is_refused() -> None:
+    """Regression (hunt): ``http://gw:8080/hub1`` passed; health checks asked the gateway under the
+    path and found the hub up, while forwarding kept only host and port and reached nothing."""
+    assert hub_address_problem("http://gw:8080/hub1") and not hub_address_problem("http://gw:8080/")
+    for role, text in (("proxy", 'hubs = ["http://gw:8080/hub1"]'),
+                       ("registry", '[[hubs]]\nname = "a"\naddress = "http://gw:8080/hub1?x=1"')):
+        with pytest.raises(ConfigError, match="no path or query"):
+            parse(role, text, f"{role}.toml")
+
+
+async def test_health_checks_reach_hubs_as_forwarding_does_whatever_http_proxy_says(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): with HTTP_PROXY set (a corporate container), health checks went through
+    that proxy and called reachable hubs down, while forwarding dials hubs directly."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # a proxy that reaches nothing
+    proxy = await grid.proxy(hubs=(hub.value,))
+    monkeypatch.delenv("HTTP_PROXY")
+    await grid.wait_for_model(proxy.value, "sim")
+
+
+async def test_a_registry_answer_not_held_does_not_make_the_proxy_spin(grid: Grid) -> None:
+    """Regression (hunt): a 304 that came back at once (a cache or gateway before the registry) was
+    asked again at once: 1,267 polls a second."""
+    polls = 0
+
+    async def registry(conn: Connection, request: Request) -> None:
+        nonlocal polls
+        polls += 1
+        if request.header(b"if-none-match") == b'"v1"':
+            await conn.respond(304, b"", headers={"etag": '"v1"'})
+        else:
+            await conn.respond(200, json.dumps({"version": 1, "hubs": []}).encode(), headers={"etag": '"v1"'})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=registry), 0,
+                                                 host="127.0.0.1"))
+    await grid.proxy(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    await trio.sleep(1.0)  # (what is measured is the count of polls in this time)
+    assert 1 <= polls <= 5, polls
