@@ -83,8 +83,8 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
         await send(error.stream_end(dialect.sse), False)
     except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
-        failed(error := ApiError(500, "internal error in the hub"))
-        await send(error.stream_end(dialect.sse), False)
+        failed(internal := ApiError(500, "internal error in the hub"))
+        await send(internal.stream_end(dialect.sse), False)
     finally:
         exchange.close()
 

@@ -193,7 +193,7 @@ async def _refuse_websocket(scope: dict[str, Any], send: Send) -> None:
 
 
 def _json_error(error: ApiError) -> Response:
-    if record := request.scope.get("ghubai.record"):
+    if isinstance(record := request.scope.get("ghubai.record"), Record):
         record.reason = error.message
     return Response(error.body_for(request.path), error.status, headers=error.headers(),
                     content_type="application/json")
