@@ -5,6 +5,7 @@ answer, one cut mid-answer or closed by the server is dropped, and leaving early
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Callable
 from functools import partial
 
@@ -13,7 +14,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually
-from ghubai.http11.client import ConnectionPool
+from ghubai.http11.client import KEEPALIVE_IDLE_S, ConnectionPool, open_stream
 
 
 def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:
@@ -241,3 +242,19 @@ def test_the_host_header_of_an_ipv6_address_is_bracketed() -> None:
     assert pool_for("http://127.0.0.1:11434").authority == "127.0.0.1:11434"
     ipv6 = ConnectionPool("::1", 11434, ssl_context=None, connect_timeout_s=1, max_idle=1, idle_reuse_s=1)
     assert ipv6.authority == "[::1]:11434"
+
+
+async def test_a_connection_probes_a_peer_that_vanished() -> None:
+    """Regression (hunt): without TCP keepalive a hub powered off mid-answer sends no reset, and the
+    proxy's read waited for it for response_timeout_s (an hour); probes now find it in about a minute."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    stream = await open_stream("127.0.0.1", port, None, 5.0)
+    sock = stream.socket  # type: ignore[attr-defined]
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) * \
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) <= 60
+    await stream.aclose()
+    for listener in listeners:
+        await listener.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import select
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -43,11 +44,27 @@ def tls_client_context(ca_file: str = "", allow_invalid_certs: bool = False) -> 
     return context
 
 
+# TCP keepalive: a peer that vanished (powered off, cut from the network) sends no reset, and an
+# answer waits for it for the whole response timeout (an hour at the proxy); probes find it in about
+# KEEPALIVE_IDLE_S + 3 * KEEPALIVE_INTERVAL_S instead, and the wait fails with a broken connection.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+
+def _keep_alive(sock: trio.socket.SocketType) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
+        if hasattr(socket, option):  # (Linux; elsewhere the system's keepalive times)
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
 async def open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None, timeout_s: float) -> trio.abc.Stream:
     """A TCP connection, with its TLS handshake done when ``ssl_context`` is given, within
     ``timeout_s``: a refused certificate fails here, with its reason, not later as a timeout."""
     with trio.fail_after(timeout_s):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        tcp = await trio.open_tcp_stream(host, port)
+        _keep_alive(tcp.socket)
+        stream: trio.abc.Stream = tcp
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname=host, https_compatible=True)
             try:
