@@ -244,6 +244,7 @@ def test_the_host_header_of_an_ipv6_address_is_bracketed() -> None:
     assert ipv6.authority == "[::1]:11434"
 
 
+@pytest.mark.skipif(not hasattr(socket, "TCP_KEEPIDLE"), reason="Linux's keepalive options")
 async def test_a_connection_probes_a_peer_that_vanished() -> None:
     """Regression (hunt): without TCP keepalive a hub powered off mid-answer sends no reset, and the
     proxy's read waited for it for response_timeout_s (an hour); probes now find it in about a minute."""

@@ -143,3 +143,61 @@ async def test_a_registry_answer_not_held_does_not_make_the_proxy_spin(grid: Gri
     await grid.proxy(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
     await trio.sleep(1.0)  # (what is measured is the count of polls in this time)
     assert 1 <= polls <= 5, polls
+
+
+async def test_a_404_is_tried_elsewhere_on_model_routes_only_and_rechecks_at_most_once_a_second(grid: Grid) -> None:
+    """Review: every 404 of a request naming a model was retried, and each set off a round of health
+    checks of every hub: twenty POSTs to an endpoint no hub serves (``/api/pull``, a typo) made
+    thirty-two rounds. Now only a model route's 404 goes on to another hub, and a hub found without
+    a model it listed is checked again at most once a second."""
+    summaries = 0
+
+    async def hub(conn: Connection, request: Request) -> None:  # lists "sim", and has nothing
+        nonlocal summaries
+        if request.path == "/api/summary":
+            summaries += 1
+            await conn.respond_json(200, {"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+        else:
+            await conn.respond_json(404, {"error": {"message": "no", "code": "model_not_found"}})
+
+    addresses = []
+    for _ in range(2):
+        listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=hub), 0,
+                                                     host="127.0.0.1"))
+        addresses.append(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    proxy = await grid.proxy(hubs=tuple(addresses), health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    before = summaries
+    for path in ("/api/pull", "/v1/no-such-endpoint") * 10:
+        assert (await grid.http.post(proxy.value + path, json={"model": "sim"})).status_code == 404
+    assert summaries == before  # not model routes: no retry, no check
+    for _ in range(10):
+        assert (await grid.http.post(proxy.value + "/v1/embeddings", json={"model": "sim", "input": "x"})).status_code == 404
+
+    async def rechecked() -> bool:
+        return summaries > before
+
+    await eventually(rechecked, "a round of checks for the hubs found without their model")
+    assert summaries - before <= 2 * 2  # a round or two (both hubs each), not one per request
+
+
+async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: Grid) -> None:
+    """Review: a down hub's old list (``llama3``) renamed a request for what a healthy hub serves as
+    ``llama3:latest``, and no healthy hub served that name: 503 for ever."""
+    hubs = []
+    for model in ("llama3", "llama3:latest"):
+        sim_url, _ = await grid.sim(models=[model])
+        hubs.append(await grid.hub())
+        await grid.worker(hubs[-1].value, sim_url)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    for model in ("llama3", "llama3:latest"):
+        await grid.wait_for_model(proxy.value, model)
+    hubs[0].stop()
+
+    async def a_down() -> bool:
+        return [hub["up"] for hub in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == [False, True]
+
+    await eventually(a_down, "the hub that listed llama3 down")
+    answer = await grid.http.post(proxy.value + "/v1/embeddings", json={"model": "llama3", "input": "x"})
+    assert answer.status_code == 200, answer.text

@@ -12,6 +12,7 @@ is how a server such as Ollama learns to stop generating.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import select
 import socket
@@ -51,11 +52,16 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
 
 
 def _keep_alive(sock: trio.socket.SocketType) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for option, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
-                          ("TCP_KEEPCNT", KEEPALIVE_PROBES)):
-        if hasattr(socket, option):  # (Linux; elsewhere the system's keepalive times)
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    """Keepalive with these times where the system lets us set them (Linux; macOS names the idle
+    time TCP_KEEPALIVE); a system that refuses one keeps its own, and the connection is made anyway."""
+    idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+    for level, option, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+                                 (socket.IPPROTO_TCP, idle, KEEPALIVE_IDLE_S),
+                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
+                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES)):
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 async def open_stream(host: str, port: int, ssl_context: ssl.SSLContext | None, timeout_s: float) -> trio.abc.Stream:

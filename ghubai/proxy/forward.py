@@ -3,7 +3,9 @@
 A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
 hub's connection breaks before it answers or after its answer's head but before any of the answer
 was sent on (the hub is marked down at once), or the hub answers 502 or 503, or 501 (its workers'
-engines lack the API: another hub's may have it) — up to ``max_attempts`` hubs. Once the answer has
+engines lack the API: another hub's may have it), or 404 to a request for a model (it lost the model,
+or gained none yet, since its last health check) — up to ``max_attempts`` hubs. A hub that sends
+nothing for ``response_timeout_s`` is slow, not down: a 504, and no other hub asked. Once the answer has
 started, it is never retried: if the hub fails mid-stream, the client gets one final error event
 (SSE or NDJSON) and a cleanly ended stream.
 While the request runs, the client's socket is watched: a client that leaves closes the hub
@@ -20,7 +22,7 @@ from typing import Any
 import h11
 import trio
 
-from ghubai import affinity, cors, dialects
+from ghubai import affinity, cors, dialects, protocol
 from ghubai.config import ProxyConfig
 from ghubai.errors import CLIENT_CLOSED, ApiError
 from ghubai.http11.client import ClientConnection
@@ -33,6 +35,7 @@ log = logging.getLogger("ghubai.proxy")
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
               b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 RETRY_STATUSES = {501, 502, 503}
+MODEL_PATHS = frozenset(protocol.API_PATHS.values())  # where a hub's 404 means it has not the model
 MAX_DRAIN_BYTES = 1 << 20
 UPSTREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                    trio.TooSlowError)
@@ -155,7 +158,7 @@ class Forwarder:
     async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                        request_id: str) -> None:
         model, conversation = route_of(request)
-        model = outcome.model = model and dialects.tagged(model, self.hubs.serves)
+        model = outcome.model = model and self.hubs.named(model)
         tried: set[str] = set()
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)
@@ -170,17 +173,21 @@ class Forwarder:
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                     await self._discard(hub, upstream)
                     continue
-                if response.status_code == 404 and model and another:  # it has not the model: another may
-                    log.info("hub %s has no %s; trying another hub", hub.name, model)
-                    if model in hub.models:  # it lost it since its last check: check again now
-                        self.hubs.check_now.set()
-                    await self._discard(hub, upstream)
-                    continue
+                if response.status_code == 404 and model and request.path in MODEL_PATHS:
+                    if model in hub.models:  # it lost the model since its last check: check again soon
+                        self.hubs.recheck()
+                    if another:  # another hub may have it
+                        log.info("hub %s has no %s; trying another hub", hub.name, model)
+                        await self._discard(hub, upstream)
+                        continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 try:
                     if not await self._relay(conn, hub, upstream, response, request_id):
                         # the client got the hub's head, then an error event: logged as such
                         outcome.status, outcome.reason = 502, "the hub's answer broke off"
+                except ApiError:  # too slow before its first byte: a 504, and no answer began
+                    outcome.answered_at = None
+                    raise
                 except NothingRelayed as error:
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
                     self.hubs.set_health(hub, False, str(error))
@@ -190,7 +197,9 @@ class Forwarder:
             finally:
                 hub.inflight -= 1
         outcome.status = 503
-        raise ApiError(503, "No healthy hub could take this request" if tried else "No healthy hub", retry_after=1)
+        said = "No healthy hub could take this request" if tried else \
+            f"No healthy hub serves '{model}' now" if model and self.hubs.serves(model) else "No healthy hub"
+        raise ApiError(503, said, retry_after=1)
 
     async def _exchange(self, hub: Hub, request: Request, client_ip: str,
                         request_id: str) -> tuple[ClientConnection | None, h11.Response | None]:

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ghubai import affinity
+from ghubai import affinity, dialects
 from ghubai.config import hub_address_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
@@ -24,6 +24,7 @@ MAX_IDLE_PER_HUB = 64
 AFFINITY_MARGIN = 0.5  # as the hub's default scheduler.affinity_margin, over a hub's slots
 # Reuse an idle connection only while the hub surely still keeps it (hypercorn closes after 5 s).
 IDLE_REUSE_S = 4.0
+RECHECK_GAP_S = 1.0  # the least time between two rounds of checks a request asked for
 
 
 @dataclass(eq=False)
@@ -64,7 +65,8 @@ class HubSet:
         self.check_now = trio.Event()
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
-        self._served: tuple[int, frozenset[str]] = (-1, frozenset())  # (version, every known hub's models)
+        self._served: tuple[int, frozenset[str], frozenset[str]] = (-1, frozenset(), frozenset())
+        self._rechecked = -math.inf  # trio time ``recheck`` last asked for a round of checks
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
@@ -114,11 +116,31 @@ class HubSet:
                        key=lambda hub: affinity.score(conversation, hub.seed))
         return candidates[next(self._turn) % len(candidates)]
 
-    def serves(self, model: str) -> bool:
-        """Some known hub's last health check listed ``model`` (kept until a check or the list changes)."""
+    def _models_known(self) -> tuple[frozenset[str], frozenset[str]]:
+        """The models of every known hub and of the healthy ones, as their last checks listed them
+        (kept until a check or the list changes)."""
         if self._served[0] != self.version:
-            self._served = (self.version, frozenset().union(*(hub.models for hub in self.hubs.values())))
-        return model in self._served[1]
+            self._served = (self.version, frozenset().union(*(hub.models for hub in self.hubs.values())),
+                            frozenset().union(*(hub.models for hub in self.hubs.values() if hub.up)))
+        return self._served[1], self._served[2]
+
+    def serves(self, model: str) -> bool:
+        """Some known hub's last health check listed ``model``, up or down."""
+        return model in self._models_known()[0]
+
+    def named(self, model: str) -> str:
+        """The name the grid serves ``model`` under (``dialects.tagged``): as the healthy hubs serve
+        it, else as any known hub did (a down hub's old list must not rename what a healthy one serves)."""
+        healthy = self._models_known()[1]
+        name = dialects.tagged(model, healthy.__contains__)
+        return name if name in healthy else dialects.tagged(model, self.serves)
+
+    def recheck(self) -> None:
+        """Check every hub now, not at the next interval (a hub's models changed since its check),
+        at most once a second however many requests find it."""
+        if trio.current_time() - self._rechecked >= RECHECK_GAP_S:
+            self._rechecked = trio.current_time()
+            self.check_now.set()
 
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})

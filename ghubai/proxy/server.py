@@ -225,7 +225,7 @@ class Proxy:
 
     async def openai_model(self, conn: Connection, request: Request) -> None:
         model = unquote(request.path.removeprefix(MODEL_PATH))
-        if dialects.tagged(model, self.hubs.serves) not in self._models_or_503():
+        if self.hubs.named(model) not in self._models_or_503():
             raise model_not_found(model)
         await conn.respond_json(200, dialects.model_entry(model))
 

@@ -201,9 +201,10 @@ class Engine:
                                 pool=config.connect_timeout_s)
         limits = httpx.Limits(max_connections=config.max_concurrency + 4,
                               max_keepalive_connections=config.max_concurrency + 4)
-        # no HTTP_PROXY: discovery must reach the engine as the calls do (on h11, direct)
+        # discovery reaches the engine as the calls do (on h11): direct, whatever HTTP_PROXY says, and
+        # trusting the same CAs (the system's, SSL_CERT_FILE's)
         return httpx.AsyncClient(base_url=config.url, timeout=timeout, limits=limits, headers=engine_headers(config),
-                                 trust_env=False)
+                                 trust_env=False, verify=tls_client_context())
 
     async def survey(self) -> Offer:
         """What the engine offers now. Its APIs are probed on the first answer, and again after it
