@@ -15,6 +15,25 @@ from ghubai.config import ConfigError, hub_address_problem, parse
 from ghubai.http11.server import Connection, Request, serve_connection
 
 
+async def _first_of_two_hubs_down(grid: Grid, first: str, second: str) -> str:
+    """Two hubs, one model each, behind a proxy; then the first hub down, as the proxy sees it."""
+    hubs = []
+    for model in (first, second):
+        sim_url, _ = await grid.sim(models=[model])
+        hubs.append(await grid.hub())
+        await grid.worker(hubs[-1].value, sim_url)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    for model in (first, second):
+        await grid.wait_for_model(proxy.value, model)
+    hubs[0].stop()
+
+    async def first_down() -> bool:
+        return [hub["up"] for hub in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == [False, True]
+
+    await eventually(first_down, "the first hub down")
+    return proxy.value
+
+
 async def test_a_model_s_busy_hub_is_a_503_not_another_hub_s_404(grid: Grid) -> None:
     """Regression (hunt): the only hub with a model answered 503 (no slot in time), the proxy
     retried on a hub without the model, and the client got 404 model_not_found, which SDKs take
@@ -42,21 +61,8 @@ async def test_a_model_s_busy_hub_is_a_503_not_another_hub_s_404(grid: Grid) -> 
 
 async def test_a_model_s_hub_down_is_a_503_not_another_hub_s_404(grid: Grid) -> None:
     """Regression (hunt): the same, with the model's only hub down (restarting)."""
-    hubs = []
-    for model in ("alpha", "beta"):
-        sim_url, _ = await grid.sim(models=[model])
-        hubs.append(await grid.hub())
-        await grid.worker(hubs[-1].value, sim_url)
-    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
-    for model in ("alpha", "beta"):
-        await grid.wait_for_model(proxy.value, model)
-    hubs[0].stop()
-
-    async def a_down() -> bool:
-        return [hub["up"] for hub in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == [False, True]
-
-    await eventually(a_down, "hub A down")
-    response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat("alpha"))
+    proxy = await _first_of_two_hubs_down(grid, "alpha", "beta")
+    response = await grid.http.post(proxy + "/v1/chat/completions", json=chat("alpha"))
     assert response.status_code == 503, response.text
 
 
@@ -185,19 +191,6 @@ async def test_a_404_is_tried_elsewhere_on_model_routes_only_and_rechecks_at_mos
 async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: Grid) -> None:
     """Review: a down hub's old list (``llama3``) renamed a request for what a healthy hub serves as
     ``llama3:latest``, and no healthy hub served that name: 503 for ever."""
-    hubs = []
-    for model in ("llama3", "llama3:latest"):
-        sim_url, _ = await grid.sim(models=[model])
-        hubs.append(await grid.hub())
-        await grid.worker(hubs[-1].value, sim_url)
-    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
-    for model in ("llama3", "llama3:latest"):
-        await grid.wait_for_model(proxy.value, model)
-    hubs[0].stop()
-
-    async def a_down() -> bool:
-        return [hub["up"] for hub in (await grid.http.get(proxy.value + "/health")).json()["hubs"]] == [False, True]
-
-    await eventually(a_down, "the hub that listed llama3 down")
-    answer = await grid.http.post(proxy.value + "/v1/embeddings", json={"model": "llama3", "input": "x"})
+    proxy = await _first_of_two_hubs_down(grid, "llama3", "llama3:latest")
+    answer = await grid.http.post(proxy + "/v1/embeddings", json={"model": "llama3", "input": "x"})
     assert answer.status_code == 200, answer.text
