@@ -44,15 +44,20 @@ async def heartbeat(send: Callable[[protocol.Frame], None], inflight: Callable[[
 
 async def read_frames(receive: Callable[[], Awaitable[str | bytes]], heartbeat_s: float,
                       handle: Callable[[protocol.Frame | protocol.Unknown], None],
-                      refuse: Callable[[protocol.ProtocolError], None]) -> float:
+                      refuse: Callable[[protocol.ProtocolError], None],
+                      heard: Callable[[], float] | None = None) -> float:
     """Hand each frame of each message to ``handle`` and each refused part to ``refuse`` (both
     synchronous, so that frames of one message act in order). Returns the seconds of silence once
-    the peer has said nothing for ``SILENT_HEARTBEATS`` heartbeats."""
+    the peer has said nothing for ``SILENT_HEARTBEATS`` heartbeats. ``heard``: when the peer last
+    sent any bytes, where the socket tells: a large message still arriving (a big request on a slow
+    link) keeps the peer alive, though no whole message has come for that long."""
     silence_s = SILENT_HEARTBEATS * heartbeat_s
     while True:
         with trio.move_on_after(silence_s) as silence:
             message = await receive()
         if silence.cancelled_caught:
+            if heard is not None and trio.current_time() - heard() < silence_s:
+                continue
             return silence_s
         frames, problems = protocol.unpack(message)
         for problem in problems:

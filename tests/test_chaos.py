@@ -14,35 +14,7 @@ import httpx
 import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, workers_linked
-
-
-class Relay:
-    """A TCP relay that can freeze: it then forwards nothing more but closes nothing either,
-    as a network partition looks to both ends."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.frozen = False
-
-    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(self._relay, listeners)
-
-    async def _relay(self, client: trio.SocketStream) -> None:
-        async with await trio.open_tcp_stream("127.0.0.1", self.target_port) as upstream, client:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pump, client, upstream)
-                nursery.start_soon(self._pump, upstream, client)
-
-    async def _pump(self, source: trio.SocketStream, target: trio.SocketStream) -> None:
-        try:
-            while data := await source.receive_some(65536):
-                if self.frozen:
-                    await trio.sleep_forever()
-                await target.send_all(data)
-        except trio.BrokenResourceError:
-            pass
+from relay import Relay
 
 
 def worker_process(hub_url: str, sim_url: str, max_concurrency: int = 4) -> subprocess.Popen[bytes]:

@@ -106,8 +106,8 @@ class Exchange:
         tried: set[str] = set()
         last_error: ApiError | None = None
         queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt
-        again = False
-        while len(tried) < self.config.limits.max_attempts:
+        again, attempts = False, 0
+        while attempts < self.config.limits.max_attempts:
             asked = trio.current_time()
             try:
                 worker = await self.pool.acquire(self.model, self.api, tried, min(self.deadline, asked + queue_left),
@@ -120,7 +120,7 @@ class Exchange:
                 self._start(worker)
             except ApiError:
                 self.pool.not_served(worker, self.model, self.api)
-                self.pool.release(worker)
+                self.pool.release(worker, sent=False)
                 self.state = State.DONE
                 raise
             try:
@@ -144,8 +144,10 @@ class Exchange:
             if not frame.retryable:
                 self.state = State.DONE
                 raise last_error
-            tried.add(worker.id)
-            log.info("request %s failed on worker %s before its first byte (%s); trying another",
+            attempts += 1
+            if not worker.gone:  # (a link that broke says nothing of the worker: it may take it when back)
+                tried.add(worker.id)
+            log.info("request %s failed on worker %s before its first byte (%s); trying again",
                      self.request_id[:8], worker.name, frame.message)
         self.state = State.DONE
         assert last_error is not None

@@ -68,6 +68,7 @@ class RemoteWorker:
     peak: frozenset[str] = frozenset()  # what it held when a report last showed a model come in
     used: dict[str, float] = field(default_factory=dict)  # model -> trio time the hub last sent it a request for it
     slots: int = 0  # the slots it claimed, which ``reported`` counts against (0: max_concurrency)
+    gone: bool = False  # its link is gone (``Pool.drop``)
 
     def __post_init__(self) -> None:
         self.slots = self.slots or self.max_concurrency
@@ -493,11 +494,15 @@ class Pool:
                     if evicted in worker.said:
                         self._hold(worker, worker.loaded | {evicted})
 
-    def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
-        """Raise the answer a request gets when no worker could ever take it."""
+    def _check_hosted(self, model: str, api: str, exclude: set[str], queued: bool = False) -> None:
+        """Raise the answer a request gets when no worker could ever take it. A ``queued`` one, whose
+        model's workers all left, waits on: a link that broke and came back (a worker restarted, a
+        network blip) must not turn a queue into 404s; its deadline bounds the wait."""
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
         hosting = [worker for worker in self.workers.values() if model in worker.models]
+        if queued and not any(worker.serves(api) for worker in hosting):
+            return
         if not hosting:
             if not self.workers:
                 raise ApiError(503, "No worker is connected to this hub", retry_after=1)
@@ -529,7 +534,7 @@ class Pool:
         if not self.draining and (again or late or api in LOADS_NOTHING or not self._queues.get(model)) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
             return worker
-        self._check_hosted(model, api, exclude)
+        self._check_hosted(model, api, exclude, queued=again)  # (one back in line was queued already)
         if late:
             raise self.no_slot(model)
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
@@ -552,7 +557,7 @@ class Pool:
                     cold_ok = trio.current_time() >= cold_at
                     if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
                         return worker
-                    self._check_hosted(model, api, exclude)
+                    self._check_hosted(model, api, exclude, queued=True)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
                     position = queue.index(waiter)
@@ -572,8 +577,12 @@ class Pool:
         return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
                         retry_after=max(1, math.ceil(self.limits.queue_timeout_s / 10)))
 
-    def release(self, worker: RemoteWorker) -> None:
+    def release(self, worker: RemoteWorker, sent: bool = True) -> None:
+        """A slot back; one a request took but never sent (refused before it left) is no load the
+        worker will report back either."""
         worker.inflight -= 1
+        if not sent:
+            worker.reported = max(0, worker.reported - 1)
         self._wake(worker.models)
 
     def queue_lengths(self) -> dict[str, int]:
@@ -594,7 +603,9 @@ class Pool:
             self.release(worker)
 
     def drop(self, worker: RemoteWorker, message: str) -> None:
-        """The worker's link is gone: out of the pool, and every request on it gets a retryable error."""
+        """The worker's link is gone: out of the pool, and every request on it gets a retryable error
+        (one it may retry on this very worker, should it link again: the link failed, not its engine)."""
+        worker.gone = True
         self.remove(worker)
         for request_id in list(worker.pending):
             self.fail(worker, request_id, 502, message, retryable=True)

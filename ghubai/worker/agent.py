@@ -49,6 +49,28 @@ def _first(group: BaseException) -> BaseException:
     return group
 
 
+class Heard(trio.abc.Stream):
+    """A link's stream that notes when bytes last came (``read_frames``'s ``heard``)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.heard = trio.current_time()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        self.heard = trio.current_time()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class RunningRequest:
     """A request this worker runs for one hub, from its ``request`` frame to its last frame.
     Invariant: it is in its link's ``running`` exactly while its task runs; ``scope`` cancels that
@@ -143,9 +165,9 @@ class Worker:
         if offer != before:
             self._announce()
 
-    def _announce(self) -> None:
+    def _announce(self, links: list[Link] | None = None) -> None:
         offer = self.offer
-        for link in list(self.links):
+        for link in list(self.links) if links is None else links:
             link.send(protocol.Models(offer.models, offer.apis, offer.loaded, offer.problem, self.capacity))
 
     async def residency_loop(self) -> None:
@@ -196,8 +218,8 @@ class Worker:
             if url.startswith("wss://") else None
         while True:
             try:
-                async with self._dial(url, tls, headers) as ws:
-                    welcome = await self._handshake(ws, url)
+                async with self._dial(url, tls, headers) as (ws, stream):
+                    welcome, said = await self._handshake(ws, url)
                     if (other := self.linked.setdefault(welcome.hub_id, url)) != url:
                         log.error("hub %s at %s is the hub this worker links to at %s: not linking to it twice "
                                   "(a hub takes one link per worker; list each hub once in hub_url)",
@@ -205,7 +227,7 @@ class Worker:
                         return
                     backoff = BACKOFF_FIRST_S
                     try:
-                        await self._serve_link(ws, url, welcome.heartbeat_s)
+                        await self._serve_link(ws, url, welcome.heartbeat_s, stream, said)
                     finally:
                         del self.linked[welcome.hub_id]
             except* trio_websocket.ConnectionRejected as group:
@@ -229,7 +251,7 @@ class Worker:
 
     @asynccontextmanager
     async def _dial(self, url: str, tls: ssl.SSLContext | None,
-                    headers: list[tuple[bytes, bytes]]) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+                    headers: list[tuple[bytes, bytes]]) -> AsyncIterator[tuple[trio_websocket.WebSocketConnection, Heard]]:
         """A WebSocket to ``url`` on a stream whose TLS handshake we did ourselves (trio-websocket's
         own turns a refused certificate into a bare timeout), all within ``connect_timeout_s``."""
         parts = urlsplit(url)
@@ -238,20 +260,21 @@ class Worker:
         named += f":{parts.port}" if parts.port else ""
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         timeout_s = self.config.engine.connect_timeout_s
-        stream = await open_stream(host, port, tls, timeout_s)
+        stream = Heard(await open_stream(host, port, tls, timeout_s))
         async with trio.open_nursery() as nursery:
             with trio.fail_after(timeout_s):
                 ws = await trio_websocket.wrap_client_stream(
                     nursery, stream, named, resource, extra_headers=headers,  # type: ignore[arg-type]
                     max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64)
             try:
-                yield ws
+                yield ws, stream
             finally:
                 with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # a closing handshake, unless we are cancelled
                     await ws.aclose()
                 nursery.cancel_scope.cancel()
 
-    async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> protocol.Welcome:
+    async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> tuple[protocol.Welcome, Offer]:
+        """The hub's welcome, and the offer (and slots) the hello told it."""
         offer = self.offer
         await ws.send_message(protocol.encode(protocol.Hello(
             protocol.PROTOCOL, self.id, self.config.name, offer.models, self.capacity, self.config.engine.kind,
@@ -262,12 +285,18 @@ class Worker:
             raise protocol.ProtocolError(f"expected welcome, got {protocol.type_of(frame)}")
         log.info("linked to hub %s at %s", frame.hub_id, url)
         self.welcomed.set()
-        return frame
+        return frame, offer
 
-    async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float) -> None:
+    async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float,
+                          stream: Heard, said: Offer) -> None:
         out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
         link = Link(url, out_send)
         self.links.add(link)
+        # what changed while the hello waited for its welcome (the link was not yet told of it)
+        if self.offer != said:
+            self._announce([link])
+        if self.inflight:
+            link.send(protocol.Load(self.inflight))
         if self.draining:
             link.send(protocol.Draining())
         try:
@@ -275,7 +304,7 @@ class Worker:
                 nursery.start_soon(self._write, link, out_receive, ws)
                 nursery.start_soon(heartbeat, link.send, lambda: self.inflight, heartbeat_s)
                 silent_s = await read_frames(ws.get_message, heartbeat_s, partial(self._dispatch, link, nursery),
-                                             partial(self._refuse, link))
+                                             partial(self._refuse, link), lambda: stream.heard)
                 log.warning("hub at %s silent for %.1f s: dropping the link", link.url, silent_s)
                 nursery.cancel_scope.cancel()
         finally:

@@ -1,0 +1,117 @@
+"""The hub↔worker link as networks treat it: slow, cut and laggy, through a TCP relay between the
+worker and its hub (real hub, worker and simulator on 127.0.0.1)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import trio
+
+from conftest import WAIT_S, Grid, chat, eventually, workers_linked
+from ghubai.http11.server import Connection, Request, serve_connection
+from relay import Relay
+
+
+async def _through(grid: Grid, hub_url: str, **relay: Any) -> tuple[Relay, str]:
+    """A relay before the hub, and the URL a worker dials to reach the hub through it."""
+    relayed = Relay(int(hub_url.rsplit(":", 1)[1]), **relay)
+    return relayed, f"http://127.0.0.1:{await grid.nursery.start(relayed.serve)}"
+
+
+async def test_a_large_request_on_a_slow_link_ends_no_link(grid: Grid) -> None:
+    """Regression (hunt): a request frame that took longer than three heartbeats to reach the worker
+    (1.5 MB at 400 kB/s here; 4 MiB under 2.2 Mbit/s at the default 5 s) made the worker take its
+    hub for silent: it dropped the link and every stream on it, and the request, retried, took down
+    each worker's link in turn. Bytes arriving now count as a hub that speaks."""
+    hub = await grid.hub(heartbeat_s=0.3, scheduler={"policy": "least-loaded"})
+    sims = []
+    for name in ("a", "b"):
+        _, url = await _through(grid, hub.value, rate=400_000)
+        sim_url, sim = await grid.sim(itl_ms=20, tokens=300)
+        sims.append(sim)
+        await grid.worker(url, sim_url, name=name, max_concurrency=2)
+    endings: list[str] = []
+    big: list[Any] = []
+
+    async def stream() -> None:
+        last = ""
+        async with grid.http.stream("POST", hub.value + "/v1/chat/completions", json=chat(stream=True)) as answer:
+            async for line in answer.aiter_lines():
+                last = line[6:] if line.startswith("data: ") else last
+        endings.append(last)
+
+    async def large() -> None:
+        big.append(await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="x " * 750_000),
+                                        timeout=30))
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stream)
+            nursery.start_soon(stream)  # least-loaded: one on each worker
+
+            async def both_run() -> bool:
+                return [sim.stats.active for sim in sims] == [1, 1]
+
+            await eventually(both_run, "a stream on each worker")
+            nursery.start_soon(large)
+    assert endings == ["[DONE]", "[DONE]"] and big[0].status_code == 200, (endings, big[0].text)
+
+
+async def test_a_queue_waits_through_its_worker_s_link_blip(grid: Grid) -> None:
+    """Regression (hunt): a worker whose link broke and came back within half a second: its running
+    request got a 502 (the retry could not go to the same worker), and the one queued for it a 404
+    model_not_found, since another worker (of another model) was still linked."""
+    hub = await grid.hub()
+    relay, url = await _through(grid, hub.value)
+    sim_url, sim = await grid.sim(itl_ms=2, tokens=1000)  # a 2 s answer
+    await grid.worker(url, sim_url, max_concurrency=1, name="a")
+    await grid.worker(hub.value, (await grid.sim(models=["other"]))[0], name="b")
+    await workers_linked(grid, hub.value, 2)
+    results: list[Any] = []
+
+    async def ask() -> None:
+        results.append(await grid.http.post(hub.value + "/v1/chat/completions", json=chat(), timeout=30))
+
+    async def running() -> bool:
+        return sim.stats.active == 1
+
+    async def queued() -> bool:
+        return (await grid.http.get(hub.value + "/api/registry")).json()["queued"] == 1
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)  # takes the only slot
+            await eventually(running, "the first request to run")
+            nursery.start_soon(ask)  # waits in the hub's queue
+            await eventually(queued, "the second request to queue")
+            await relay.cut()  # the worker links again within half a second, as the same worker
+    assert [answer.status_code for answer in results] == [200, 200], [answer.text for answer in results]
+
+
+async def test_what_the_engine_offers_while_the_hello_awaits_its_welcome_reaches_the_hub(grid: Grid) -> None:
+    """Regression (hunt): a change of the engine's models between the worker's hello and the hub's
+    welcome (the engine starting with the worker, a pull ending, a slow hub) never reached that hub:
+    it kept the hello's list, and clients got 404 for a model the worker served."""
+    serving: list[str] = []
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path == "/api/tags":
+            await conn.respond_json(200, {"models": [{"name": name} for name in serving]})
+        else:
+            await conn.respond_json(404, {"error": "model 'x' not found"})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=engine), 0,
+                                                 host="127.0.0.1"))
+    hub = await grid.hub()
+    relay, url = await _through(grid, hub.value, delay=1.5)  # the hub's words reach the worker late
+    await grid.worker(url, f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", wait=False)
+    with trio.fail_after(WAIT_S):
+        await relay.hello.wait()
+    serving.append("sim")  # the worker finds it within 0.2 s, while its welcome is 1.5 s away
+
+    async def hub_sees_the_model() -> bool:
+        workers = (await grid.http.get(hub.value + "/api/registry")).json()["workers"]
+        return bool(workers) and "sim" in workers[0]["models"]
+
+    await eventually(hub_sees_the_model, "the hub to learn the worker's new model")
