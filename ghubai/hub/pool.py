@@ -501,7 +501,7 @@ class Pool:
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
         hosting = [worker for worker in self.workers.values() if model in worker.models]
-        if queued and not any(worker.serves(api) for worker in hosting):
+        if queued and not hosting:
             return
         if not hosting:
             if not self.workers:
