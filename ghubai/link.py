@@ -52,13 +52,16 @@ async def read_frames(receive: Callable[[], Awaitable[str | bytes]], heartbeat_s
     sent any bytes, where the socket tells: a large message still arriving (a big request on a slow
     link) keeps the peer alive, though no whole message has come for that long."""
     silence_s = SILENT_HEARTBEATS * heartbeat_s
+    spoke = trio.current_time()  # when the peer last said anything: a message, or bytes of one
     while True:
-        with trio.move_on_after(silence_s) as silence:
+        with trio.move_on_at(spoke + silence_s) as silence:
             message = await receive()
         if silence.cancelled_caught:
-            if heard is not None and trio.current_time() - heard() < silence_s:
+            if heard is not None and heard() > spoke:
+                spoke = heard()
                 continue
-            return silence_s
+            return trio.current_time() - spoke
+        spoke = trio.current_time()
         frames, problems = protocol.unpack(message)
         for problem in problems:
             refuse(problem)

@@ -12,10 +12,11 @@ class Relay:
     """A TCP relay between a worker and its hub at ``port``, as networks treat a link: hub → worker
     bytes at ``rate`` bytes/s (0: at once) and ``delay`` s late; ``frozen``: nothing more goes either
     way and nothing closes (a partition, as both ends see it); ``cut()`` closes every relayed
-    connection (a reset); ``hello`` is set at the worker's second write (its hello, after the upgrade)."""
+    connection (a reset), as a request carrying ``cut_on`` does; ``hello`` is set at the worker's second write (its hello, after the upgrade)."""
 
-    def __init__(self, port: int, rate: int = 0, delay: float = 0.0) -> None:
-        self.port, self.rate, self.delay = port, rate, delay
+    def __init__(self, port: int, rate: int = 0, delay: float = 0.0, cut_on: bytes = b"") -> None:
+        self.port, self.rate, self.delay, self.cut_on = port, rate, delay, cut_on
+        self.cuts = 0  # how often ``cut_on``, seen on its way to the worker, cut the link
         self.streams: list[trio.SocketStream] = []
         self.frozen = False
         self.worker_sent = 0
@@ -59,6 +60,10 @@ class Relay:
                 await trio.sleep_until(at)
                 if self.frozen:
                     await trio.sleep_forever()
+                if self.cut_on and self.cut_on in data:  # a request that breaks the link (a poison)
+                    self.cuts += 1
+                    await self.cut()
+                    return
                 await worker.send_all(data)
                 if self.rate:
                     await trio.sleep(len(data) / self.rate)

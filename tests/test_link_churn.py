@@ -115,3 +115,21 @@ async def test_what_the_engine_offers_while_the_hello_awaits_its_welcome_reaches
         return bool(workers) and "sim" in workers[0]["models"]
 
     await eventually(hub_sees_the_model, "the hub to learn the worker's new model")
+
+
+async def test_a_request_that_breaks_the_link_each_time_is_sent_back_once(grid: Grid) -> None:
+    """Review: a request whose link broke may go back to the same worker once it links again (the
+    link failed, not its engine), but only once: a request that breaks the link each time (a poison)
+    took it down max_attempts times, and every stream on it each time."""
+    hub = await grid.hub()
+    relay, url = await _through(grid, hub.value, cut_on=b"POISON")
+    sim_url, _ = await grid.sim()
+    await grid.worker(url, sim_url, name="a")
+    with trio.fail_after(WAIT_S):
+        poisoned = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="POISON"))
+    assert poisoned.status_code == 502 and "lost the link" in poisoned.text and relay.cuts == 2
+
+    async def fine() -> bool:
+        return (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
+
+    await eventually(fine, "the worker to link again and serve")

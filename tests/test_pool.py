@@ -18,7 +18,7 @@ from ghubai.config import HubConfig, HubLimits, SchedulerConfig
 from ghubai.errors import ApiError
 from ghubai.hub.exchange import Exchange
 from ghubai.hub.gridhub import _handle
-from ghubai.hub.pool import Pool, RemoteWorker
+from ghubai.hub.pool import RELINK_GRACE_S, Pool, RemoteWorker
 
 
 def make_worker(worker_id: str, models: Iterable[str] = ("m",), max_concurrency: int = 1,
@@ -471,38 +471,45 @@ async def test_drain_fails_every_queued_request(autojump_clock: trio.testing.Moc
     assert (pool.queue_lengths(), pool.queued, trio.current_time()) == ({}, 0, 0.0)
 
 
-async def test_a_queue_whose_workers_left_waits_for_them_to_link_again(autojump_clock: trio.testing.MockClock) -> None:
+async def test_requests_wait_a_while_for_a_worker_whose_link_broke(autojump_clock: trio.testing.MockClock) -> None:
     """Regression (hunt): a worker's link that broke and came back 0.3 s later (a restart, a network
     blip) failed every request queued for its models at once: 503 "no worker", or, with other workers
-    linked, 404 model_not_found, which clients take for good. They wait on now, within their time."""
-    worker = make_worker("w")
-    pool = make_pool(worker)
+    linked, 404 model_not_found, which clients take for good; so did a request that came meanwhile.
+    They wait for it now, up to RELINK_GRACE_S."""
+    worker, other = make_worker("w"), make_worker("o", models=("n",))
+    pool = make_pool(worker, other)
     await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
-        attempts = [await queue_attempt(nursery, pool, f"w{i}") for i in range(2)]
-        pool.remove(worker)
+        queued = [await queue_attempt(nursery, pool, f"w{i}") for i in range(2)]
+        pool.drop(worker, "lost the link")
         await trio.testing.wait_all_tasks_blocked()
-        assert [attempt.waiting for attempt in attempts] == [True, True]
-        back = make_worker("w", max_concurrency=2)
+        meanwhile = await queue_attempt(nursery, pool, "new")
+        assert [attempt.waiting for attempt in (*queued, meanwhile)] == [True] * 3
+        await trio.sleep(0.3)
+        back = make_worker("w", max_concurrency=3)
         pool.add(back)
         await trio.testing.wait_all_tasks_blocked()
-        assert [attempt.worker for attempt in attempts] == [back, back]
+        assert [attempt.worker for attempt in (*queued, meanwhile)] == [back] * 3
 
 
-async def test_a_queue_whose_model_s_workers_are_gone_for_good_ends_at_its_deadline_with_503(
+async def test_a_model_whose_workers_do_not_come_back_is_a_404_after_the_grace(
         autojump_clock: trio.testing.MockClock) -> None:
-    """With other workers still there, a model nobody hosts any more: a 503 to retry when the queue
-    time is spent, not a 404 (the model may be back: a worker that restarts)."""
+    """Review: the grace must be short: queued requests for a model gone for good held their queue
+    places (a 429 for others) for the whole queue time. A worker removed otherwise (its engine
+    dropped the model) gives no grace at all."""
     host, other = make_worker("host", models=("m",)), make_worker("other", models=("n",))
-    pool = make_pool(host, other, queue_timeout_s=5.0)
+    pool = make_pool(host, other)
     await pool.acquire("m", "openai.chat", set(), soon())
     async with trio.open_nursery() as nursery:
-        attempt = await queue_attempt(nursery, pool, "w", deadline=trio.current_time() + 5.0)
-        pool.remove(host)
+        attempt = await queue_attempt(nursery, pool, "w")
+        pool.drop(host, "lost the link")
         await trio.testing.wait_all_tasks_blocked()
         assert attempt.waiting
-    assert error_of(attempt)[0] == 503 and trio.current_time() == 5.0
-    assert (await pool.acquire("n", "openai.chat", set(), soon())) is other
+    assert error_of(attempt) == (404, "model_not_found", None) and trio.current_time() == RELINK_GRACE_S
+    pool.set_offer(other, protocol.Models(()))
+    with pytest.raises(ApiError) as refused:
+        await pool.acquire("n", "openai.chat", set(), soon())
+    assert refused.value.status == 404 and trio.current_time() == RELINK_GRACE_S
 
 
 async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.testing.MockClock) -> None:

@@ -8,8 +8,10 @@ import json
 
 import msgspec
 import pytest
+import trio
+import trio.testing
 
-from ghubai import protocol
+from ghubai import link, protocol
 
 RID = "0123456789abcdef0123456789abcdef"
 
@@ -162,3 +164,24 @@ def test_blank_lines_cost_nothing_and_garbage_is_refused_a_few_frames_at_a_time(
     frames, problems = protocol.unpack("\n\n" + ping + "\n\n" + "junk\n" * 10_000 + ping)
     assert frames == [protocol.Ping(3)]  # what came after the garbage is dropped with it
     assert len(problems) == protocol.MAX_BAD_FRAMES + 1 and "dropped" in str(problems[-1])
+
+
+async def test_a_link_is_silent_from_the_last_byte_its_peer_sent(autojump_clock: trio.testing.MockClock) -> None:
+    """Review: bytes of a message still arriving keep a peer alive, but the silence after them was
+    counted from the next full window, up to twice three heartbeats, and reported as three."""
+    last_bytes = 0.0
+
+    async def never() -> str:
+        await trio.sleep_forever()
+        return ""
+
+    async def trickle() -> None:
+        nonlocal last_bytes
+        for _ in range(17):  # bytes every 0.05 s until 0.85 s, then none
+            await trio.sleep(0.05)
+            last_bytes = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        silent_s = await link.read_frames(never, 0.3, lambda frame: None, lambda problem: None, lambda: last_bytes)
+    assert trio.current_time() == pytest.approx(0.85 + 0.9) and silent_s == pytest.approx(0.9)

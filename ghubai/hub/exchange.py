@@ -106,7 +106,7 @@ class Exchange:
         tried: set[str] = set()
         last_error: ApiError | None = None
         queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt
-        again, attempts = False, 0
+        again, attempts, pardoned = False, 0, set()  # pardoned: workers whose link broke (once each)
         while attempts < self.config.limits.max_attempts:
             asked = trio.current_time()
             try:
@@ -145,10 +145,13 @@ class Exchange:
                 self.state = State.DONE
                 raise last_error
             attempts += 1
-            if not worker.gone:  # (a link that broke says nothing of the worker: it may take it when back)
+            if worker.gone and worker.id not in pardoned:  # a link that broke may say nothing of the
+                pardoned.add(worker.id)  # worker: it may take the request when back, once (not a
+            else:  # request that breaks it each time)
                 tried.add(worker.id)
-            log.info("request %s failed on worker %s before its first byte (%s); trying again",
-                     self.request_id[:8], worker.name, frame.message)
+            if attempts < self.config.limits.max_attempts:
+                log.info("request %s failed on worker %s before its first byte (%s); trying again",
+                         self.request_id[:8], worker.name, frame.message)
         self.state = State.DONE
         assert last_error is not None
         raise last_error

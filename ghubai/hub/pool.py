@@ -150,6 +150,8 @@ class RemoteWorker:
                 "weight": self.weight}
 
 
+RELINK_GRACE_S = 5.0  # a worker whose link broke dials again within 0.25-0.5 s, then 0.5-1 s, 1-2 s ...
+
 # APIs that need no model in memory (a model's details): they go to the least loaded worker that
 # hosts the model, and teach the scheduler nothing of what engines hold (Open WebUI asks before chats)
 LOADS_NOTHING = frozenset({"ollama.show"})
@@ -185,6 +187,7 @@ class Pool:
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
+        self._left: dict[str, float] = {}  # model -> when a worker of it last lost its link (``_returning``)
         self.draining = False  # the hub is shutting down: no new request gets a worker
         self.usage: dict[str, Counter[str]] = {}  # tokens per model, from the engines' own counts
 
@@ -494,14 +497,22 @@ class Pool:
                     if evicted in worker.said:
                         self._hold(worker, worker.loaded | {evicted})
 
-    def _check_hosted(self, model: str, api: str, exclude: set[str], queued: bool = False) -> None:
-        """Raise the answer a request gets when no worker could ever take it. A ``queued`` one, whose
-        model's workers all left, waits on: a link that broke and came back (a worker restarted, a
-        network blip) must not turn a queue into 404s; its deadline bounds the wait."""
+    def _returning(self, model: str) -> float | None:
+        """Until when the workers of ``model`` whose links broke may link again (``RELINK_GRACE_S``
+        after the last left), or None."""
+        left = self._left.get(model)
+        if left is None or trio.current_time() >= left + RELINK_GRACE_S:
+            return None
+        return left + RELINK_GRACE_S
+
+    def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
+        """Raise the answer a request gets when no worker could ever take it. While a worker of the
+        model whose link broke may link again (a restart, a network blip), it waits, queued, rather
+        than get a 404 its client takes for good."""
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
         hosting = [worker for worker in self.workers.values() if model in worker.models]
-        if queued and not hosting:
+        if not hosting and self._returning(model) is not None:
             return
         if not hosting:
             if not self.workers:
@@ -534,7 +545,7 @@ class Pool:
         if not self.draining and (again or late or api in LOADS_NOTHING or not self._queues.get(model)) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
             return worker
-        self._check_hosted(model, api, exclude, queued=again)  # (one back in line was queued already)
+        self._check_hosted(model, api, exclude)
         if late:
             raise self.no_slot(model)
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
@@ -551,13 +562,15 @@ class Pool:
             cold_ok = False
             with trio.fail_at(deadline):
                 while True:
-                    with trio.move_on_at(math.inf if cold_ok else cold_at):  # then a look at cold workers too
+                    # a look at cold workers too once the warm wait is over, and at the end of a grace
+                    # for workers that may link again
+                    with trio.move_on_at(min(math.inf if cold_ok else cold_at, self._returning(model) or math.inf)):
                         await waiter.event.wait()
                     waiter.event = trio.Event()
                     cold_ok = trio.current_time() >= cold_at
                     if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
                         return worker
-                    self._check_hosted(model, api, exclude, queued=True)
+                    self._check_hosted(model, api, exclude)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
                     position = queue.index(waiter)
@@ -604,8 +617,12 @@ class Pool:
 
     def drop(self, worker: RemoteWorker, message: str) -> None:
         """The worker's link is gone: out of the pool, and every request on it gets a retryable error
-        (one it may retry on this very worker, should it link again: the link failed, not its engine)."""
+        (one it may retry on this very worker, should it link again: the link failed, not its engine).
+        Requests for its models wait ``RELINK_GRACE_S`` for it, should it be their last host."""
         worker.gone = True
+        now = trio.current_time()
+        self._left = {model: left for model, left in self._left.items() if now < left + RELINK_GRACE_S}
+        self._left.update(dict.fromkeys(worker.models, now))
         self.remove(worker)
         for request_id in list(worker.pending):
             self.fail(worker, request_id, 502, message, retryable=True)

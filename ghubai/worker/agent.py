@@ -55,6 +55,7 @@ class Heard(trio.abc.Stream):
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
         self.heard = trio.current_time()
+        self.send_all = stream.send_all  # type: ignore[method-assign]  # no layer on each message sent
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.stream.receive_some(max_bytes)
