@@ -5,6 +5,7 @@ registry that does not hold its long-poll. Real hubs, workers and simulators on 
 from __future__ import annotations
 
 import json
+import ssl
 from functools import partial
 
 import pytest
@@ -13,6 +14,7 @@ import trio
 from conftest import Grid, chat, eventually, workers_linked
 from ghubai.config import ConfigError, hub_address_problem, parse
 from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.proxy.hubs import Hub, HubSet
 
 
 async def _first_of_two_hubs_down(grid: Grid, first: str, second: str) -> str:
@@ -194,3 +196,27 @@ async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: 
     proxy = await _first_of_two_hubs_down(grid, "llama3", "llama3:latest")
     answer = await grid.http.post(proxy + "/v1/embeddings", json={"model": "llama3", "input": "x"})
     assert answer.status_code == 200, answer.text
+
+
+def test_routing_by_model_as_the_hubs_come_and_go() -> None:
+    """The proxy's choice of hubs alone, no sockets: a model's healthy hubs; every healthy hub for a
+    model no hub lists; none when its hubs are down (their 503, not another's 404); a short name as
+    the healthy hubs serve it, and the lists learnt again when a check changes them."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
+    a, b = hubs.hubs.values()
+
+    def check(hub: Hub, up: bool, *models: str) -> None:
+        hubs.set_health(hub, up, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": list(models),
+                                        "loaded": []})
+
+    check(a, True, "llama3")
+    check(b, True, "qwen:latest")
+    assert [hub.name for hub in hubs.candidates("llama3", set())] == ["a"]
+    assert [hub.name for hub in hubs.candidates("unknown", set())] == ["a", "b"]
+    assert hubs.named("qwen") == "qwen:latest" and hubs.named("llama3") == "llama3"
+    check(a, False, "llama3")
+    assert hubs.candidates("llama3", set()) == [] and hubs.serves("llama3")
+    check(b, True, "qwen:latest", "llama3:latest")  # a down hub's old "llama3" does not rename it
+    assert hubs.named("llama3") == "llama3:latest"
+    assert [hub.name for hub in hubs.candidates("llama3:latest", set())] == ["b"]

@@ -179,6 +179,7 @@ class Pool:
         self._room = 0  # the most models any engine here was seen to hold at once (those gone too)
         self._models: list[str] | None = None
         self._offered: frozenset[str] | None = None
+        self._served: frozenset[str] | None = None  # every linked worker's models (``serves``)
         self._loaded: list[str] | None = None
         self._capacity: int | None = None
         self._top: float | None = None  # the largest share of a worker (``_top_share``)
@@ -277,7 +278,7 @@ class Pool:
     def _changed(self) -> None:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
-        self._models = self._loaded = self._offered = None
+        self._models = self._loaded = self._offered = self._served = None
         self._capacity = self._top = None
         self.version += 1
 
@@ -307,8 +308,11 @@ class Pool:
         return name if self.offers(name) else dialects.tagged(model, self.serves)
 
     def serves(self, model: str) -> bool:
-        """Some linked worker lists ``model`` (draining or not)."""
-        return any(model in worker.models for worker in self.workers.values())
+        """Some linked worker lists ``model``, draining or not (kept until the workers change: every
+        request's metrics ask, and a hub may have a thousand workers)."""
+        if self._served is None:
+            self._served = frozenset().union(*(worker.models for worker in self.workers.values()))
+        return model in self._served
 
     def hosts(self, model: str) -> list[RemoteWorker]:
         return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]

@@ -65,12 +65,13 @@ class HubSet:
         self.check_now = trio.Event()
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
-        self._served: tuple[int, frozenset[str], frozenset[str]] = (-1, frozenset(), frozenset())
+        self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
         self._rechecked = -math.inf  # trio time ``recheck`` last asked for a round of checks
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
         self.version += 1
+        self._served = None
         wanted = {}
         for name, address in entries:
             if problem := hub_address_problem(address):  # a registry older than this check
@@ -118,11 +119,11 @@ class HubSet:
 
     def _models_known(self) -> tuple[frozenset[str], frozenset[str]]:
         """The models of every known hub and of the healthy ones, as their last checks listed them
-        (kept until a check or the list changes)."""
-        if self._served[0] != self.version:
-            self._served = (self.version, frozenset().union(*(hub.models for hub in self.hubs.values())),
+        (kept until a hub's models or health, or the list, change: asked per request)."""
+        if self._served is None:
+            self._served = (frozenset().union(*(hub.models for hub in self.hubs.values())),
                             frozenset().union(*(hub.models for hub in self.hubs.values() if hub.up)))
-        return self._served[1], self._served[2]
+        return self._served
 
     def serves(self, model: str) -> bool:
         """Some known hub's last health check listed ``model``, up or down."""
@@ -153,6 +154,7 @@ class HubSet:
         """``state``: the hub's ``/api/summary`` answer as ``follow._state_of`` checked it, when the
         check read one; ``workers``: its ``/api/registry`` list, when the check read that too."""
         self.version += 1
+        before = (hub.up, hub.models)
         if state is not None:  # as follow._state_of made it
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
             hub.models, hub.loaded = frozenset(state["models"]), frozenset(state["loaded"])
@@ -166,6 +168,8 @@ class HubSet:
             else:
                 log.warning("hub %s (%s) is down: %s", hub.name, hub.address, reason)
         hub.up, hub.reason = up, reason
+        if (up, hub.models) != before:
+            self._served = None
         if not up:
             hub.pool.close_idle()
 
