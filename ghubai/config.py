@@ -367,6 +367,9 @@ class HealthConfig:
     interval_s: float = _key(_at_least(0.05), "GET /api/summary of every hub this often (its health, models and "
                              "queue; every fifth check /api/registry, its workers)", default=2.0)
     timeout_s: float = _key(_at_least(0.01), "", default=1.0)
+    down_after: int = _key(_at_least(1), "a hub that is up goes down when this many checks in a row fail (one "
+                           "slow answer under load is not an outage; a refused connection takes it down at once)",
+                           default=2)
 
 
 @dataclass(frozen=True)

@@ -220,3 +220,33 @@ def test_routing_by_model_as_the_hubs_come_and_go() -> None:
     check(b, True, "qwen:latest", "llama3:latest")  # a down hub's old "llama3" does not rename it
     assert hubs.named("llama3") == "llama3:latest"
     assert [hub.name for hub in hubs.candidates("llama3:latest", set())] == ["b"]
+
+
+async def test_one_failed_health_check_does_not_take_a_hub_down_but_failures_in_a_row_do(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (review of the proxy's health checks): one check that failed (a hub too busy to
+    answer within ``timeout_s``, a lost packet) took the grid's only hub out: every request got 503
+    until the next check. Now a hub goes down at ``down_after`` failures in a row."""
+    from relay import Relay
+
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    relay = Relay(int(hub.value.rsplit(":", 1)[1]))
+    relay_port = await grid.nursery.start(relay.serve)
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{relay_port}",), health={"interval_s": 0.3, "timeout_s": 0.2})
+    await grid.wait_for_model(proxy.value, "sim")
+
+    async def logged(text: str) -> bool:
+        return text in caplog.text
+
+    relay.frozen = True  # a check that gets no answer in time
+    await eventually(partial(logged, "health check failed"), "a failed health check")
+    relay.frozen = False
+    response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 200, response.text
+    assert "is down" not in caplog.text
+
+    relay.frozen = True
+    await eventually(partial(logged, "is down"), "the hub down after failures in a row")
+    assert "(1 in a row" in caplog.text and "(2 in a row" not in caplog.text

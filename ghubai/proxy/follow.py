@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import trio
 
-from ghubai.config import ProxyConfig, redacted, scrubbed
+from ghubai.config import HealthConfig, ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.observability.dashboard import served_models
 from ghubai.proxy.hubs import Hub, HubSet
@@ -105,15 +105,15 @@ def _workers_of(listing: Any) -> list[dict[str, Any]]:
     return workers
 
 
-async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: float, details: bool) -> None:
+async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: HealthConfig, details: bool) -> None:
     """Health from ``/api/summary`` (open even when the hub wants API keys): that the hub serves,
     whether it is draining, its models and queue, at a cost that does not grow with its workers. A
     hub older than ``/api/summary`` (any 4xx: one that wants keys answers 401) is read from
-    ``/api/registry`` instead. When ``details``, the workers too, for the dashboard: if that fails,
+    ``/api/registry`` instead. A hub that is up goes down after ``health.down_after`` failures in a row. When ``details``, the workers too, for the dashboard: if that fails,
     the last list stays, and the hub's health does not depend on it. An answer that is not what a
     hub says marks it down, like no answer: it never stops the checks."""
     try:
-        with trio.fail_after(timeout_s):
+        with trio.fail_after(health.timeout_s):
             response = await http.get(hub.address + "/api/summary")
             old = 400 <= response.status_code < 500
             if old:
@@ -122,11 +122,11 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, timeout_s: flo
         workers = _workers_of(response.json()) if old else None
         state = _state_of(response.json(), workers)
     except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
-        hubs.set_health(hub, False, f"health check failed: {describe(error)}")
+        hubs.check_failed(hub, f"health check failed: {describe(error)}", health.down_after)
         return
     if details and workers is None:
         try:
-            with trio.fail_after(timeout_s):
+            with trio.fail_after(health.timeout_s):
                 registry = await http.get(hub.address + "/api/registry")
             registry.raise_for_status()
             workers = _workers_of(registry.json())
@@ -144,7 +144,7 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
 
         async def check(hub: Hub, details: bool) -> None:
             async with at_once:
-                await _check(hub, hubs, http, config.health.timeout_s, details)
+                await _check(hub, hubs, http, config.health, details)
 
         async with trio.open_nursery() as nursery:
             for hub in list(hubs.hubs.values()):

@@ -43,6 +43,7 @@ class Hub:
     seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
     inflight: int = 0  # requests this proxy has there now
     capacity: int = 0  # its workers' slots, as its last health check said
+    failed_checks: int = 0  # health checks failed in a row
 
     @property
     def load(self) -> float:
@@ -149,6 +150,16 @@ class HubSet:
     def loaded(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.loaded})
 
+    def check_failed(self, hub: Hub, reason: str, down_after: int) -> None:
+        """A health check of ``hub`` failed: it goes down at the ``down_after``-th failure in a row
+        (a hub never seen up is down already)."""
+        hub.failed_checks += 1
+        if hub.up and hub.failed_checks < down_after:
+            log.warning("hub %s (%s) failed a health check (%d in a row; down at %d): %s", hub.name, hub.address,
+                        hub.failed_checks, down_after, reason)
+        else:
+            self.set_health(hub, False, reason)
+
     def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None,
                    workers: list[dict[str, Any]] | None = None) -> None:
         """``state``: the hub's ``/api/summary`` answer as ``follow._state_of`` checked it, when the
@@ -156,6 +167,7 @@ class HubSet:
         self.version += 1
         before = (hub.up, hub.models)
         if state is not None:  # as follow._state_of made it
+            hub.failed_checks = 0
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
             hub.models, hub.loaded = frozenset(state["models"]), frozenset(state["loaded"])
             if workers is not None:
