@@ -547,6 +547,27 @@ async def test_an_engine_answer_of_another_shape_is_a_502_that_names_it_not_a_tr
     assert len(await grid.workers(hub.value)) == 1
 
 
+async def test_a_whole_answer_that_is_not_json_is_a_502_that_says_so_and_is_not_generated_again(grid: Grid) -> None:
+    """Regression (hunt): an engine that streamed where a whole answer was asked (as Ollama did for
+    ``"stream": null``) gave "engine connection failed: JSON is malformed", and the hub had every
+    worker generate the answer again."""
+    asked = 0
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal asked
+        if await _openai_engine(conn, request):
+            return
+        asked += request.path == "/v1/chat/completions"
+        await conn.respond(200, b'{"choices": []}\n{"choices": []}\n')
+
+    hub = await grid.hub()
+    for _ in range(2):
+        await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 502 and "not JSON" in response.json()["error"]["message"], response.text
+    assert asked == 1
+
+
 async def test_an_image_link_for_an_ollama_engine_is_a_400_not_garbage_base64(grid: Grid) -> None:
     """Regression: an image part's ``https://`` URL went to Ollama as if it were the image's base64.
     Ollama takes images as bytes, and the worker fetches no address a client names: a 400 that

@@ -338,7 +338,10 @@ class Engine:
                     raw = await response.read(ANSWER_LIMIT)
                     if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
                         raise EngineError(502, message, retryable=True)
-                    value = _decode(raw)
+                    try:
+                        value = _decode(raw)
+                    except (ValueError, RecursionError) as error:  # a whole generation, wasted: not done again elsewhere
+                        raise EngineError(502, f"the engine's answer is not JSON ({error})", retryable=False) from None
                     call.usage = _usage_of(value)
                     try:
                         answer = translator.whole(value, call.usage) if translator else raw
