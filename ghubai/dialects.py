@@ -115,13 +115,14 @@ def validate_completion(body: dict[str, Any]) -> None:
     _optional(body, "max_tokens", int, "an integer")
 
 
-def validate_inputs(body: dict[str, Any]) -> None:
-    """Ollama's embeddings: ``model`` and a non-empty string or array of strings as ``input``."""
+def validate_ollama_embed(body: dict[str, Any]) -> None:
+    """Ollama's ``/api/embed``: ``model``, and a string or array of strings as ``input``. No input
+    (missing, "" or []) is valid there: Ollama loads the model and answers no embeddings."""
     validate_model(body)
-    _require(body, "input", (str, list), "a string or an array of strings")
-    inputs = body["input"]
-    if not inputs or isinstance(inputs, list) and not all(isinstance(item, str) for item in inputs):
-        raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
+    inputs = body.get("input")
+    if not isinstance(inputs, (str, list, type(None))) or \
+            isinstance(inputs, list) and not all(isinstance(item, str) for item in inputs):
+        raise ApiError(400, "'input' must be a string or an array of strings", param="input")
 
 
 def validate_openai_inputs(body: dict[str, Any]) -> None:
@@ -131,7 +132,9 @@ def validate_openai_inputs(body: dict[str, Any]) -> None:
     if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
         validate_model(body)
         return
-    validate_inputs(body)
+    validate_ollama_embed(body)
+    if not inputs:
+        raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
 
 
 def token_ids(value: Any) -> bool:
@@ -148,9 +151,10 @@ def preload(body: dict[str, Any], chat: bool) -> str:
 
 
 def validate_ollama_embeddings(body: dict[str, Any]) -> None:
-    """The legacy ``/api/embeddings``: ``model`` and one ``prompt``."""
+    """The legacy ``/api/embeddings``: ``model`` and one ``prompt`` (none, or "": Ollama loads the
+    model and answers an empty embedding)."""
     validate_model(body)
-    _require(body, "prompt", str, "a string")
+    _optional(body, "prompt", str, "a string")
 
 
 def validate_ollama_show(body: dict[str, Any]) -> None:

@@ -189,7 +189,10 @@ async def test_legacy_embeddings_and_running_models(grid: Grid, kind: str) -> No
     url = await proxied_grid(grid, kind)
     legacy = (await grid.http.post(url + "/api/embeddings", json={"model": "sim", "prompt": "x"})).json()
     assert len(legacy["embedding"]) == 8
-    assert (await grid.http.post(url + "/api/embeddings", json={"model": "sim"})).status_code == 400
+    for body in ({}, {"prompt": ""}):  # as Ollama: the model loads, the embedding is empty
+        nothing = await grid.http.post(url + "/api/embeddings", json={"model": "sim", **body})
+        assert nothing.status_code == 200 and nothing.json() == {"embedding": []}, nothing.text
+    assert (await grid.http.post(url + "/api/embeddings", json={"model": "sim", "prompt": 1})).status_code == 400
     assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["sim"]
 
 
@@ -204,6 +207,45 @@ async def test_a_stray_stream_flag_on_an_api_that_never_streams_is_ignored(grid:
         response = await grid.http.post(url + path, json={"model": "sim", "stream": True, **body})
         assert response.status_code == 200, (path, response.text)
         assert "error" not in response.json() and response.headers["content-type"].startswith("application/json")
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_nothing_to_embed_a_null_stream_and_a_suffix_are_read_as_ollama_reads_them(grid: Grid, kind: str) -> None:
+    """Regressions (hunt): ``"stream": null`` on ``/api/chat`` is Ollama's default, a stream, but the
+    hub took it for a whole answer (over an Ollama engine, which streamed: a 502 after a generation
+    on every worker tried); ``/api/embed`` with nothing to embed (the ollama SDK's default input, an
+    empty batch) was a 400 where Ollama loads the model and answers no embeddings; a ``suffix`` (fill
+    in the middle) was silently dropped on the way to an OpenAI-compatible engine."""
+    url = await proxied_grid(grid, kind)
+    for path in ("/api/chat", "/api/generate"):
+        response = await grid.http.post(url + path, json={**chat(model="sim", stream=None), "prompt": "hi"})
+        assert response.status_code == 200 and response.headers["content-type"] == "application/x-ndjson", response.text
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        assert len(lines) > 1 and lines[-1]["done"] is True
+    for body in ({}, {"input": ""}, {"input": []}):
+        response = await grid.http.post(url + "/api/embed", json={"model": "sim", **body})
+        assert response.status_code == 200 and response.json()["embeddings"] == [], response.text
+    for body in ({}, {"input": []}, {"input": 1}):  # OpenAI's API wants some input
+        response = await grid.http.post(url + "/v1/embeddings", json={"model": "sim", **body})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "input", response.text
+    infill = await grid.http.post(url + "/api/generate", json={"model": "sim", "prompt": "def f(", "suffix": "):",
+                                                               "stream": False})
+    if kind == "openai":  # no engine here fills in the middle: a 400 that says why, not an answer without it
+        assert infill.status_code == 400 and "suffix" in infill.json()["error"], infill.text
+    else:
+        assert infill.status_code == 200, infill.text
+
+
+async def test_what_an_ollama_engine_cannot_give_an_openai_client_is_a_400_not_a_200_without_it(grid: Grid) -> None:
+    """Regression (hunt): over an Ollama engine ``n`` > 1, ``logprobs`` and ``echo`` were dropped: a
+    200 with one choice (the SDK's ``choices[1]`` an IndexError), no logprobs, no echoed prompt."""
+    url = await proxied_grid(grid, "ollama")
+    for path, extra in (("/v1/chat/completions", {"n": 2}), ("/v1/chat/completions", {"logprobs": True}),
+                        ("/v1/completions", {"logprobs": 0}), ("/v1/completions", {"echo": True})):
+        response = await grid.http.post(url + path, json={**chat(), "prompt": "hi", **extra})
+        assert response.status_code == 400 and "Ollama engine" in response.json()["error"]["message"], response.text
+    for path, extra in (("/v1/chat/completions", {"n": 1, "logprobs": False}), ("/v1/completions", {"echo": False})):
+        assert (await grid.http.post(url + path, json={**chat(), "prompt": "hi", **extra})).status_code == 200
 
 
 async def test_a_batch_of_prompts_is_refused_by_an_ollama_engine_not_cut_to_its_first(grid: Grid) -> None:

@@ -57,14 +57,16 @@ _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 @dataclass(frozen=True)
 class Route:
     """An inference route: the API as the worker knows it, its checks, and whether it streams when
-    the body does not say; None for an API that never streams, whatever the body says (a stray
-    ``"stream": true`` on an embedding made the worker wait for a stream that never came)."""
+    the body does not say (no ``stream``, or ``null``: Ollama streams then, OpenAI does not); None for
+    an API that never streams, whatever the body says (a stray ``"stream": true`` on an embedding
+    made the worker wait for a stream that never came)."""
     api: str
     validate: Callable[[dict[str, Any]], None]
     streams: bool | None
 
     def stream(self, body: dict[str, Any]) -> bool:
-        return self.streams is not None and body.get("stream", self.streams) is True
+        said = body.get("stream")  # (validated: a boolean or null)
+        return self.streams is not None and (self.streams if said is None else said is True)
 
 
 INFERENCE = {
@@ -73,7 +75,7 @@ INFERENCE = {
     "/v1/embeddings": Route("openai.embeddings", dialects.validate_openai_inputs, None),
     "/api/chat": Route("ollama.chat", dialects.validate_ollama_chat, True),
     "/api/generate": Route("ollama.generate", dialects.validate_ollama_generate, True),
-    "/api/embed": Route("ollama.embed", dialects.validate_inputs, None),
+    "/api/embed": Route("ollama.embed", dialects.validate_ollama_embed, None),
     "/api/embeddings": Route("ollama.embeddings", dialects.validate_ollama_embeddings, None),
     "/api/show": Route("ollama.show", dialects.validate_ollama_show, None),  # answered by a worker with the model
 }
@@ -349,9 +351,11 @@ class HubApi:
             route.validate(body)
             record.model = body["model"] = self.pool.named(body["model"])
             self.rate_limits.admit(key)
+            stream = route.stream(body)
+            if route.streams is not None:
+                body["stream"] = stream  # said, so that no engine reads a null or a default another way
             with gone:
-                await self._forward(route.api, body, route.stream(body), len(raw), headers,
-                                    send, record)
+                await self._forward(route.api, body, stream, len(raw), headers, send, record)
         except ClientLeft:
             return
         except ApiError as error:

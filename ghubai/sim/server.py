@@ -149,7 +149,7 @@ class SimServer:
         model = self._model(body)
         self._maybe_fail()
         prompt = _prompt(body)
-        stream = body.get("stream", dialect == "ollama") is True
+        stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
             await self._preload(conn, reason, model, shape_class, stream)  # Ollama loads (or unloads); no generation
             return
@@ -214,7 +214,7 @@ class SimServer:
         body = _body(request)
         model = self._model(body)
         self._maybe_fail()
-        inputs = self._embed_inputs(body)
+        inputs = self._embed_inputs(body) if body.get("input") else []  # none: Ollama loads the model, embeds nothing
         vectors = [embedding(text, self.sim.options.embed_dim) for text in inputs]
         await conn.respond_json(200, {"model": model, "embeddings": vectors,
                                       "prompt_eval_count": sum(len(t.split()) for t in inputs)})
@@ -233,7 +233,10 @@ class SimServer:
         body = _body(request)
         self._model(body)
         self._maybe_fail()
-        [text] = self._embed_inputs({"input": body.get("prompt")})
+        if not body.get("prompt"):  # as Ollama: the model loads, and the embedding is empty
+            await conn.respond_json(200, {"embedding": []})
+            return
+        [text] = self._embed_inputs({"input": body["prompt"]})
         await conn.respond_json(200, {"embedding": embedding(text, self.sim.options.embed_dim)})
 
     async def openai_embed(self, conn: Connection, request: Request) -> None:

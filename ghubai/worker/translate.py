@@ -165,6 +165,9 @@ class OllamaOverOpenAI:
 
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
+        if self.api in ("ollama.embed", "ollama.embeddings") and not (body.get("input") or body.get("prompt")):
+            self.preload = "load"  # nothing to embed: Ollama loads the model and answers no embeddings
+            return {}
         if self.api == "ollama.embed":
             return {"model": self.model, "input": body.get("input", ""), **_dimensions(body)}
         if self.api == "ollama.embeddings":  # the legacy form: one prompt, one vector
@@ -191,6 +194,8 @@ class OllamaOverOpenAI:
             if body.get("tools"):
                 request["tools"] = body["tools"]
         else:
+            if body.get("suffix"):
+                raise Untranslatable("suffix (fill in the middle) on /api/generate needs an Ollama engine")
             if body.get("images"):
                 raise Untranslatable("images on /api/generate need an Ollama engine (an OpenAI-compatible "
                                      "engine's /v1/completions takes none): send them to /api/chat")
@@ -200,7 +205,11 @@ class OllamaOverOpenAI:
 
     def preloaded(self, stream: bool) -> bytes:
         """The answer to a load or unload (``preload``), as Ollama gives it: an engine behind its
-        OpenAI API loads on demand, and would generate from an empty prompt."""
+        OpenAI API loads on demand, and would generate from an empty prompt (or refuse to embed nothing)."""
+        if self.api == "ollama.embed":
+            return _encode({"model": self.model, "embeddings": []})
+        if self.api == "ollama.embeddings":
+            return _encode({"embedding": []})
         answer = {**self._answer(""), "done": True, "done_reason": self.preload}
         return _line(answer) if stream else _encode(answer)
 
@@ -372,6 +381,10 @@ class OpenAIOverOllama:
                 raise Untranslatable("an Ollama engine embeds text, not token ids: send the text")
             return {"model": self.model, "input": inputs, **_dimensions(body)}
         self.include_usage = dialects.wants_usage(body)
+        if type(choices := body.get("n")) is int and choices > 1:  # (what it cannot give, it says: not a 200 without it)
+            raise Untranslatable(f"an Ollama engine makes one choice per request, not n = {choices}: send {choices} requests")
+        if (logprobs := body.get("logprobs")) is True or type(logprobs) is int or body.get("echo") is True:  # (completions': a count)
+            raise Untranslatable("an Ollama engine's OpenAI answers carry no logprobs and do not echo the prompt")
         options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
