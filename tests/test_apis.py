@@ -279,6 +279,24 @@ async def test_an_ollama_name_without_its_tag_means_latest_at_hub_and_proxy(grid
             assert (await grid.http.post(url + "/api/chat", json=chat(model=name))).status_code == 404, name
 
 
+async def test_a_model_named_by_its_file_path_is_found_by_its_id(grid: Grid) -> None:
+    """Regression (hunt): llama.cpp server names its model by its file (``/models/x.gguf``); the
+    hub's ``GET /v1/models/{id}`` took no id that begins with a slash, and redirected (308) to
+    another, so the SDK's ``models.retrieve`` said 404 for a model it lists and serves."""
+    name = "/models/llama-3-8b.Q4_K_M.gguf"
+    sim_url, _ = await grid.sim(models=[name])
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, kind="openai")
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, name)
+    for url in (hub.value, proxy.value):
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+            assert (await sdk.models.retrieve(name)).id == name
+        raw = await grid.http.get(url + "/v1/models/" + name)
+        assert raw.status_code == 200 and raw.json()["id"] == name, raw.text
+        assert (await grid.http.get(url + "/v1/models//models/other.gguf")).status_code == 404
+
+
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
 async def test_a_load_an_unload_and_token_id_embeddings_as_their_clients_expect(grid: Grid, kind: str) -> None:
     """Regressions: ``/api/chat`` with no messages (``ollama run``'s and Open WebUI's preload) was a

@@ -24,6 +24,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import PathConverter
 
 from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
@@ -80,6 +81,14 @@ INFERENCE = {
     "/api/show": Route("ollama.show", dialects.validate_ollama_show, None),  # answered by a worker with the model
 }
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ModelName(PathConverter):
+    """A model's name in a path, which may begin with a slash (llama.cpp server names its model by
+    its file: ``/models/llama-3-8b.Q4_K_M.gguf``); werkzeug's ``path`` takes none, and merged it."""
+    regex = ".+"
+    part_isolating = False  # (werkzeug takes a regex without "/" for one that matches none)
+
 
 
 class Record:
@@ -227,7 +236,9 @@ class HubApi:
         app.after_request(self._tag_response)
         for path, route in INFERENCE.items():  # served in _asgi; here so quart answers other methods with 405
             app.add_url_rule(path, route.api, self._not_here, methods=["POST"])
-        for path, view in (("/v1/models", self.list_models), ("/v1/models/<path:model>", self.one_model),
+        app.url_map.converters["name"] = ModelName
+        app.add_url_rule("/v1/models/<name:model>", "one_model", self.one_model, methods=["GET"], merge_slashes=False)
+        for path, view in (("/v1/models", self.list_models),
                            ("/api/tags", self.ollama_tags), ("/api/ps", self.ollama_running),
                            ("/api/version", self.ollama_version), ("/", self.ollama_root),
                            ("/api/registry", self.registry), ("/api/summary", self.summary),
