@@ -315,7 +315,7 @@ class EngineConfig:
                          "problem, such as no answer: after 1 s, 2 s, 4 s ... up to this)", default=30.0)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of a streamed answer "
-                                 "(a whole answer: the hub's first_token_s)", default=300.0)
+                                 "(before it begins, and a whole answer: the hub's first_token_s)", default=300.0)
     api_key: str = _key(_api_key, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
                         "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
     headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "

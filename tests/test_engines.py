@@ -113,7 +113,7 @@ async def test_an_ollama_api_goes_only_to_workers_whose_engine_serves_it(grid: G
     shim_url, shim = await grid.sim(disabled=frozenset({"/api/chat"}))
     full_url, full = await grid.sim()
     hub = await grid.hub()
-    await grid.worker(hub.value, shim_url, name="shim")
+    await grid.worker(hub.value, shim_url, name="shim", discovery_interval_s=60)  # (each survey asks it again)
     await grid.worker(hub.value, full_url, name="full")
     probed = shim.stats.refused  # the worker's probe of /api/chat
     statuses = []
@@ -164,8 +164,8 @@ async def test_an_api_the_engine_drops_later_is_learned_from_its_404_and_routed_
     first_url, first = await grid.sim()
     second_url, second = await grid.sim()
     hub = await grid.hub()
-    await grid.worker(hub.value, first_url, name="first")
-    await grid.worker(hub.value, second_url, name="second")
+    await grid.worker(hub.value, first_url, name="first", discovery_interval_s=60)  # (each survey asks it again)
+    await grid.worker(hub.value, second_url, name="second", discovery_interval_s=60)
     first.options = dataclasses.replace(first.options, disabled=frozenset({"/api/chat"}))
     for index in range(16):  # 16 conversations: spread over both workers (by their hash)
         response = await grid.http.post(hub.value + "/api/chat", json=ollama_chat(content=f"chat {index}"))
@@ -185,6 +185,36 @@ async def test_an_api_the_engine_drops_later_is_learned_from_its_404_and_routed_
     assert response.status_code == 501
     assert response.json()["error"] == \
         "the engine does not serve POST /api/chat (HTTP 404: Not Found)", response.text
+
+
+async def test_an_api_the_engine_lacked_is_served_again_once_the_engine_serves_it(grid: Grid) -> None:
+    """Regression (hunt): one 404 for a path (a gateway's while the engine restarted, llama.cpp
+    started without --embeddings) took that API off the worker for good, discovery after discovery,
+    until the worker restarted. Each survey now asks the engine again about what it lacked."""
+    sim_url, sim = await grid.sim(disabled=frozenset({"/api/chat"}))
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    assert (await grid.http.post(hub.value + "/api/chat", json=ollama_chat())).status_code == 501
+    sim.options = dataclasses.replace(sim.options, disabled=frozenset())
+
+    async def served() -> bool:
+        return "ollama.chat" in (await grid.workers(hub.value))[0]["apis"]
+
+    await eventually(served, "the worker to find /api/chat served again")
+    assert (await grid.http.post(hub.value + "/api/chat", json=ollama_chat())).status_code == 200
+
+
+async def test_an_engine_slow_to_begin_a_stream_is_bounded_by_the_hub_s_first_token_s_not_idle_timeout_s(
+        grid: Grid) -> None:
+    """Regression (hunt): a model load longer than the worker's ``idle_timeout_s`` (silence in the
+    middle of a stream) cut every streamed request with a 504, retried on every other worker, however
+    long the hub's ``first_token_s`` allowed; a whole answer waited."""
+    sim_url, _ = await grid.sim(ttft_ms=600)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, idle_timeout_s=0.2)
+    for stream in (True, False):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=stream))
+        assert response.status_code == 200 and '"error"' not in response.text, (stream, response.text)
 
 
 async def test_slots_reported_by_a_llama_cpp_engine_bound_the_workers_concurrency(grid: Grid) -> None:

@@ -216,6 +216,8 @@ class Engine:
             return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
         if self.unserved is None:
             self.unserved = await self._probe()
+        elif self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
+            self.unserved = await self._probe(self.unserved)
         loaded, slots = (await self.loaded(), None) if self.config.kind == "ollama" else (None, await self._props())
         # the APIs last: a request may have found one missing while this survey waited
         return Offer(tuple(models), self.apis(), loaded, slots=slots)
@@ -225,10 +227,10 @@ class Engine:
             return None
         return tuple(api for api in protocol.API_PATHS if engine_path(self.config.kind, api) not in self.unserved)
 
-    async def _probe(self) -> frozenset[str]:
-        """The engine paths that answer as missing, each asked once with a body that names no real
-        model and holds no prompt; a path that cannot be asked counts as served."""
-        paths = {engine_path(self.config.kind, api) for api in protocol.API_PATHS}
+    async def _probe(self, paths: frozenset[str] | None = None) -> frozenset[str]:
+        """The engine paths (of ``paths``, else all) that answer as missing, each asked once with a
+        body that names no real model and holds no prompt; a path that cannot be asked counts as served."""
+        paths = set(paths) if paths is not None else {engine_path(self.config.kind, api) for api in protocol.API_PATHS}
         paths.discard("/v1/models")  # a GET, and the model list itself
         missing = set()
         for path in sorted(paths):
@@ -327,11 +329,12 @@ class Engine:
         raw_body = _encode(body) if method == "POST" else b""
         headers = [*_JSON, *self.headers, *call.headers.items()] if raw_body else \
             [*self.headers, *call.headers.items()]
-        # a whole answer is silence until it is done: the hub's first_token_s bounds it (and cancels
-        # this call), not idle_timeout_s, which would cut every long one, then try it on every worker
+        # until an answer begins (a model load, a long prompt), and a whole answer until it is done,
+        # the hub's first_token_s bounds the wait (and cancels this call), not idle_timeout_s, which
+        # would cut every long one, then try it on every worker
         silence_s = self.config.idle_timeout_s if call.stream else math.inf
         try:
-            async with self.pool.request(method, self.prefix + path, headers, raw_body, silence_s) as response:
+            async with self.pool.request(method, self.prefix + path, headers, raw_body, math.inf) as response:
                 if response.status != 200:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
@@ -353,6 +356,7 @@ class Engine:
                 split = sse_payloads if sse else ndjson_payloads
                 try:
                     async for batch in split(response.chunks()):
+                        response.timeout_s = silence_s  # the answer began: silence now is the engine's
                         if call.finished:  # after the answer's end: read (the connection is kept), not passed on
                             continue
                         out = self._translate(call, batch, translator) if translator else self._render(call, batch, sse)
