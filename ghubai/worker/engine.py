@@ -140,6 +140,18 @@ def engine_error(payload: bytes) -> str | None:
     return None
 
 
+def engine_failure(payload: bytes, message: str) -> EngineError:
+    """An engine's error object (``engine_error``'s ``message``) as the hub should tell it: with the
+    error's own 4xx ``code`` when it gives one (llama.cpp and vLLM say so of a prompt longer than the
+    context: the client's 400, not a 502), else a 502. Retryable: before the answer's first byte
+    another worker may serve it (a larger context); an engine's 401 or 403 is the worker's key's fault."""
+    value = _decode(payload)
+    error = value.get("error") if isinstance(value.get("error"), dict) else value
+    code = error.get("code")
+    status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403) else 502
+    return EngineError(status, message, retryable=True)
+
+
 # JSON of another shape (struct.error, OverflowError: an embedding's vector of nulls or of 1e39 to pack as float32)
 _SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError, struct.error)
 
@@ -340,7 +352,7 @@ class Engine:
                 if not call.stream:
                     raw = await response.read(ANSWER_LIMIT)
                     if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
-                        raise EngineError(502, message, retryable=True)
+                        raise engine_failure(raw, message)
                     try:
                         value = _decode(raw)
                     except (ValueError, RecursionError) as error:  # a whole generation, wasted: not done again elsewhere
@@ -404,7 +416,7 @@ class Engine:
                 call.finished = True
                 break
             if (message := engine_error(payload)) is not None:
-                call.failure = EngineError(502, message, retryable=True)  # after what came before it
+                call.failure = engine_failure(payload, message)  # after what came before it
                 break
             if any(marker in payload for marker in _USAGE_MARKERS):
                 value = _decode(payload)
@@ -431,7 +443,7 @@ class Engine:
                 out.append(translator.final(call.usage))
                 break
             if (message := engine_error(payload)) is not None:
-                call.failure = EngineError(502, message, retryable=True)  # after what came before it
+                call.failure = engine_failure(payload, message)  # after what came before it
                 break
             value = _decode(payload)
             try:
