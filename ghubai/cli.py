@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
                     help="the engine's root URL (for ollama: instead of OLLAMA_LOCAL_URL)")
     up.add_argument("--engine-api-key-env", metavar="VAR", default="",
                     help="the environment variable that holds the engine's API key")
-    up.add_argument("--port", type=int, default=5000, help="port of the grid's API (default 5000)")
+    up.add_argument("--port", type=_port, default=5000, help="port of the grid's API (default 5000)")
     _daemon_flags(up, config=False)
     up.set_defaults(func=_up)
 
@@ -301,6 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ghubai {args.role}: {cause}", file=sys.stderr)
         return 1
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 _STARTUP_ERRNOS = {errno.EADDRINUSE: "cannot listen: the address is in use (another process serves that port?)",

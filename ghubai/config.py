@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import socket
+import ssl
 import stat
 import tomllib
 import typing
@@ -488,16 +489,55 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
     return cls(**values)
 
 
-def parse(role: str, text: str, source: str = "<config>") -> Any:
+NO_FILE = "<config>"
+_FILE_KEYS = ("tls_cert", "tls_key", "ca_file")  # files a daemon reads: relative to its config file's folder
+
+
+def _beside(table: dict[str, Any], folder: str) -> None:
+    """Relative paths of files a daemon reads are read from its config file's folder, wherever the
+    daemon runs from (a systemd unit runs in /), as ``ghubai check`` sees them from anywhere."""
+    for key in _FILE_KEYS:
+        if isinstance(path := table.get(key), str) and path and not os.path.isabs(path):
+            table[key] = os.path.join(folder, path)
+
+
+def _tls_problems(config: Any) -> list[str]:
+    """What a daemon would refuse of its TLS files only when it starts (with a line that names no
+    key): a certificate without its key, or with another pair's, an encrypted key (no one is
+    there to type its password), a CA bundle that holds no certificate."""
+    problems = []
+    if cert := getattr(config, "tls_cert", ""):
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                cert, getattr(config, "tls_key", "") or None, password=lambda: b"")
+        except (ssl.SSLError, OSError, ValueError) as error:
+            problems.append(f"tls_cert, tls_key: not a certificate and its private key, unencrypted ({_why(error)})")
+    if ca_file := getattr(config, "ca_file", ""):
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, OSError, ValueError) as error:
+            problems.append(f"ca_file: not a bundle of PEM certificates ({_why(error)})")
+    return problems
+
+
+def _why(error: Exception) -> str:
+    return str(getattr(error, "reason", None) or getattr(error, "strerror", None) or error)
+
+
+def parse(role: str, text: str, source: str = NO_FILE) -> Any:
     """Validate TOML text for ``role``; raises ConfigError with every problem found."""
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError([f"{source}: not valid TOML: {error}"]) from None
     errors: list[str] = []
+    if source != NO_FILE:
+        _beside(table, os.path.dirname(os.path.abspath(source)))
     config = _build(ROLES[role], table, "", errors)
     if getattr(config, "tls_key", "") and not getattr(config, "tls_cert", ""):  # it would serve plain HTTP
         errors.append("tls_key: given without tls_cert (a key alone serves no HTTPS)")
+    if not errors:
+        errors += _tls_problems(config)
     if errors:
         raise ConfigError([f"{source}: {line}" for line in errors])
     return config

@@ -79,7 +79,7 @@ def healthy(data: dict[str, Any]) -> bool:
 
 
 async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls) as http:
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=False) as http:  # as the proxy reaches hubs
         response = await http.get(url.rstrip("/") + "/dashboard/data")
         response.raise_for_status()
         return dict(response.json())
@@ -95,7 +95,7 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
         while True:
             try:
                 data = await fetch(url, tls)
-            except (httpx.HTTPError, ValueError) as error:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
                 print(f"ghubai status: cannot read {url}: {type(error).__name__} {error}".rstrip(), file=sys.stderr)
                 if watch_s is None:
                     return 1

@@ -40,7 +40,7 @@ DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after 
 
 async def _ollama_answers(url: str) -> bool:
     try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # (as the worker calls it)
             return (await client.get(url.rstrip("/") + "/api/version")).status_code == 200
     except httpx.HTTPError:
         return False
@@ -49,7 +49,7 @@ async def _ollama_answers(url: str) -> bool:
 async def _serving(proxy_url: str, timeout_s: float) -> list[str]:
     """The models the proxy routes, once it routes any (its hub healthy, with a worker that serves
     them): from then on a request through it succeeds. Empty when that did not happen in time."""
-    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S) as client:
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # a loopback grid: no HTTP_PROXY
         with trio.move_on_after(timeout_s):
             while True:
                 with contextlib.suppress(httpx.HTTPError, ValueError):

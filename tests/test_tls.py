@@ -5,6 +5,7 @@ only with ``allow_invalid_certs``."""
 from __future__ import annotations
 
 import ssl
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -118,3 +119,45 @@ async def test_status_reads_a_tls_hub_with_the_grids_ca(grid: Grid, tls: dict[st
         done = await trio.run_process(ghubai_command("status", "--hub", hub.value, *trust), capture_stdout=True,
                                       capture_stderr=True, check=False)
         assert done.returncode == (0 if trust else 1), (trust, done.stderr.decode()[-400:])
+
+
+@pytest.mark.parametrize("role", ["hub", "registry", "proxy"])
+def test_check_refuses_tls_files_the_daemon_would_refuse_and_names_the_keys(tls: dict[str, str], tmp_path: Path,
+                                                                             role: str) -> None:
+    """Regression (hunt): a forgotten ``tls_key``, another pair's key, cert and key swapped, an
+    encrypted key passed ``ghubai check``; the daemon then died with "TLS certificate or key
+    refused: [SSL] PEM lib (_ssl.c:3926)", a line that names no key."""
+    other = tmp_path / "other.key"
+    trustme.CA().issue_cert("127.0.0.1").private_key_pem.write_to_path(str(other))
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_text(_encrypted_key(tls["key"]))
+    for cert, key in ((tls["cert"], ""), (tls["cert"], str(other)), (tls["key"], tls["cert"]),
+                      (tls["cert"], str(encrypted))):
+        text = f'tls_cert = "{cert}"\n' + (f'tls_key = "{key}"\n' if key else "")
+        with pytest.raises(ConfigError, match=r"tls_cert, tls_key: not a certificate and its private key"):
+            parse(role, text, str(tmp_path / f"{role}.toml"))
+    parse(role, f'tls_cert = "{tls["cert"]}"\ntls_key = "{tls["key"]}"\n', str(tmp_path / f"{role}.toml"))
+    if role == "proxy":
+        with pytest.raises(ConfigError, match=r"ca_file: not a bundle of PEM certificates"):
+            parse(role, f'ca_file = "{tmp_path / "other.key"}"\n', str(tmp_path / "proxy.toml"))
+
+
+def _encrypted_key(path: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.BestAvailableEncryption(b"secret")).decode()
+
+
+def test_relative_tls_paths_are_read_beside_the_config_file_wherever_the_daemon_runs(
+        tls: dict[str, str], tmp_path: Path) -> None:
+    """Regression (hunt): ``tls_cert = "hub.pem"`` passed ``ghubai check`` run in /etc/ghubai, and
+    the daemon, which systemd runs in /, found no such file. Relative paths are now the config
+    file's folder's, for ``check`` and daemon alike."""
+    config = Path(tls["cert"]).parent / "hub.toml"
+    config.write_text('listen = "127.0.0.1:0"\ntls_cert = "hub.pem"\ntls_key = "hub.key"\n')
+    check = subprocess.run(ghubai_command("check", str(config)), capture_output=True, text=True, timeout=60, cwd="/")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert parse("hub", config.read_text(), str(config)).tls_cert == tls["cert"]
+    assert parse("proxy", 'ca_file = "ca.pem"', str(config)).ca_file == tls["ca"]

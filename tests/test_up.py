@@ -12,11 +12,16 @@ from pathlib import Path
 import httpx
 import trio
 
-from conftest import WAIT_S, Daemon, ghubai_command
+from conftest import WAIT_S, Daemon, ghubai_command, run_ghubai
+
+
+# a user's HTTP proxy, which no loopback call of the grid's may go through (regression, hunt: up's
+# own checks went through it, and the banner never came; nor did ghubai status read the grid)
+USERS_PROXY = {"http_proxy": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "no_proxy": "localhost"}
 
 
 async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    up = Daemon(tmp_path, "up", "--backend", "sim", "--port", "0")
+    up = Daemon(tmp_path, "up", "--backend", "sim", "--port", "0", env={**os.environ, **USERS_PROXY})
     try:  # the banner, on stdout once the grid is up, names the port the OS gave the proxy
         url = (await up.wrote(re.compile(r"GhubAi grid is up on (http://127\.0\.0\.1:\d+)"), stdout=True,
                               timeout_s=30))[1]
@@ -32,7 +37,8 @@ async def test_up_with_the_simulator_streams_tokens_and_stops_on_ctrl_c(tmp_path
         assert events[-1] == "[DONE]"
         tokens = [json.loads(e)["choices"][0]["delta"].get("content") for e in events[:-1]]
         assert sum(1 for t in tokens if t) == 32
-        status = await trio.run_process(ghubai_command("status", "--proxy", url), capture_stdout=True, check=False)
+        status = await trio.run_process(ghubai_command("status", "--proxy", url), capture_stdout=True, check=False,
+                                        env={**os.environ, **USERS_PROXY})
         assert status.returncode == 0 and b"local" in status.stdout  # the grid's one worker
     finally:
         up.process.send_signal(signal.SIGINT)
@@ -70,3 +76,11 @@ async def test_up_fronts_a_key_protected_openai_engine(tmp_path: Path) -> None:
             up.process.wait(timeout=WAIT_S)
         sim.stop()
     assert "engine-secret" not in up.log() + up.printed()
+
+
+def test_a_port_out_of_range_is_one_line_not_a_traceback() -> None:
+    """Regression (hunt): ``--port 70000`` started every role, then died with a traceback."""
+    for port in ("70000", "-1"):
+        done = run_ghubai("up", "--backend", "sim", f"--port={port}")
+        assert done.returncode == 2 and "expected a port from 0 to 65535" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
