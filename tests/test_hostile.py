@@ -496,13 +496,68 @@ async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
         long = chat(stream=True, max_tokens=100_000)
         async with h2.stream("POST", hub.value + "/v1/chat/completions", json=long) as leaving:
             async for _ in leaving.aiter_bytes():
-                break  # the client resets its stream after the first piece
+                break  # the client leaves (httpcore sends no RST_STREAM: the connection's close says it)
 
     async def stopped() -> bool:
         return sim.stats.cancelled == 1 and sim.stats.active == 0
 
     await eventually(stopped, "the engine to stop for a client that left its HTTP/2 stream")
     assert sim.stats.completed == 2
+
+
+async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_the_connection(grid: Grid) -> None:
+    """A client that leaves one HTTP/2 stream (RST_STREAM, the connection kept, as browsers and
+    gRPC-style clients do) stops that stream's generation only; its neighbour finishes."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    sim_url, sim = await grid.sim(tokens=100_000, itl_ms=5)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    received: dict[int, bytearray] = {}
+    ended: set[int] = set()
+
+    def post(body: dict[str, object]) -> int:
+        stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()
+        conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                                      (":authority", "127.0.0.1"), ("content-length", str(len(raw)))])
+        conn.send_data(stream_id, raw, end_stream=True)
+        received[stream_id] = bytearray()
+        return stream_id
+
+    async def read(stream: trio.SocketStream) -> None:
+        while data := await stream.receive_some(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    received[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    ended.add(event.stream_id)
+            await stream.send_all(conn.data_to_send())
+
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
+            trio.open_nursery() as nursery:
+        leaving, staying = post(chat(stream=True)), post(chat(stream=True, max_tokens=50))
+        await stream.send_all(conn.data_to_send())
+        nursery.start_soon(read, stream)
+
+        async def began() -> bool:
+            return bool(received[leaving])
+
+        await eventually(began, "the first bytes of the stream to leave")
+        conn.reset_stream(leaving, h2.errors.ErrorCodes.CANCEL)
+        await stream.send_all(conn.data_to_send())
+
+        async def stopped() -> bool:
+            return sim.stats.cancelled == 1 and sim.stats.active == 0 and staying in ended
+
+        await eventually(stopped, "the engine to stop for the reset stream, and the other to end")
+        assert received[staying].endswith(b"data: [DONE]\n\n") and leaving not in ended
+        nursery.cancel_scope.cancel()
 
 
 async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:
