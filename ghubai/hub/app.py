@@ -90,7 +90,6 @@ class ModelName(PathConverter):
     part_isolating = False  # (werkzeug takes a regex without "/" for one that matches none)
 
 
-
 class Record:
     """One client request as the hub logs and counts it. Invariant: finished once, after its answer
     ended however it ended, with the status its client got: that of the response that went out, or

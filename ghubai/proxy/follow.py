@@ -109,9 +109,10 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
     """Health from ``/api/summary`` (open even when the hub wants API keys): that the hub serves,
     whether it is draining, its models and queue, at a cost that does not grow with its workers. A
     hub older than ``/api/summary`` (any 4xx: one that wants keys answers 401) is read from
-    ``/api/registry`` instead. A hub that is up goes down after ``health.down_after`` failures in a row. When ``details``, the workers too, for the dashboard: if that fails,
+    ``/api/registry`` instead. When ``details``, the workers too, for the dashboard: if that fails,
     the last list stays, and the hub's health does not depend on it. An answer that is not what a
-    hub says marks it down, like no answer: it never stops the checks."""
+    hub says is a failed check, like no answer: it never stops the checks, and a hub that is up goes
+    down after ``health.down_after`` of them in a row."""
     try:
         with trio.fail_after(health.timeout_s):
             response = await http.get(hub.address + "/api/summary")
@@ -121,7 +122,7 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
         response.raise_for_status()
         workers = _workers_of(response.json()) if old else None
         state = _state_of(response.json(), workers)
-    except Exception as error:  # whatever goes wrong, the hub is down and the proxy serves on
+    except Exception as error:  # whatever goes wrong, the check failed and the proxy serves on
         hubs.check_failed(hub, f"health check failed: {describe(error)}", health.down_after)
         return
     if details and workers is None:

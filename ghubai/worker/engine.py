@@ -242,10 +242,10 @@ class Engine:
     async def _probe(self, paths: frozenset[str] | None = None) -> frozenset[str]:
         """The engine paths (of ``paths``, else all) that answer as missing, each asked once with a
         body that names no real model and holds no prompt; a path that cannot be asked counts as served."""
-        paths = set(paths) if paths is not None else {engine_path(self.config.kind, api) for api in protocol.API_PATHS}
-        paths.discard("/v1/models")  # a GET, and the model list itself
+        asked = set(paths) if paths is not None else {engine_path(self.config.kind, api) for api in protocol.API_PATHS}
+        asked.discard("/v1/models")  # a GET, and the model list itself
         missing = set()
-        for path in sorted(paths):
+        for path in sorted(asked):
             try:
                 status, body = await self._ask("POST", path, json={"model": PROBE_MODEL})
             except (httpx.HTTPError, ValueError):
