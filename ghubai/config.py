@@ -64,6 +64,13 @@ def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False
     """What is wrong with ``url`` as an address to dial, or None: its scheme, a host name or IP
     address, and a port, if it has one, from 1 to 65535 — an address every client here can dial.
     ``credentials``: it may carry ``user:password@`` (httpx sends them; logs show ``redacted``)."""
+    try:
+        return _url_problem(url, schemes, credentials)
+    except ValueError as error:  # urlsplit's own refusal: "http://[::1:7197" (a bracket missing), "http://[zz]"
+        return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {redacted(url)!r}: {error}"
+
+
+def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str | None:
     if "@" in url:  # never echoed: it may hold a password
         if not credentials:
             return ("a user name or password in this URL would not be sent, and would reach the logs "
@@ -94,6 +101,15 @@ def hub_address_problem(address: str) -> str | None:
     if parts.path.strip("/") or parts.query or parts.fragment:
         return f"a hub's address is scheme://host:port, with no path or query, got {address!r}"
     return None
+
+
+def hub_address(address: str) -> str:
+    """The one spelling of a valid hub address (``hub_address_problem``): scheme and host in lower
+    case, no default port, no trailing "/". ``HTTP://Hub1:80/`` and ``http://hub1`` are one hub."""
+    parts = urlsplit(address)
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    port = "" if parts.port in (None, {"http": 80, "https": 443}.get(scheme)) else f":{parts.port}"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 def _hub_addresses(value: str | tuple[str, ...]) -> str | None:
@@ -204,12 +220,12 @@ def _origins(origins: tuple[str, ...]) -> str | None:
 
 
 def _unique_names(hubs: tuple[Any, ...]) -> str | None:
-    """Names and addresses each once: a proxy knows a hub by its address (a trailing "/" aside), so a
+    """Names and addresses each once: a proxy knows a hub by its address (``hub_address``), so a
     second name for one would be merged into it, under one of the two names."""
     duplicates = sorted(name for name, count in Counter(hub.name for hub in hubs).items() if count > 1)
     if duplicates:
         return f"hub names must be unique: {', '.join(duplicates)} appears more than once"
-    twice = sorted(address for address, count in Counter(hub.address.rstrip("/") for hub in hubs).items() if count > 1)
+    twice = sorted(address for address, count in Counter(hub_address(hub.address) for hub in hubs).items() if count > 1)
     return f"hub addresses must be unique: {', '.join(twice)} is listed more than once" if twice else None
 
 
@@ -528,7 +544,7 @@ def parse(role: str, text: str, source: str = NO_FILE) -> Any:
     """Validate TOML text for ``role``; raises ConfigError with every problem found."""
     try:
         table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as error:
+    except (ValueError, RecursionError) as error:  # (tomllib's, and its limits: 3,000 nested [, 5,000 digits)
         raise ConfigError([f"{source}: not valid TOML: {error}"]) from None
     errors: list[str] = []
     if source != NO_FILE:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import re
 import tempfile
@@ -123,10 +124,25 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def _edit_hubs(path: str, edit: typing.Callable[[list[dict[str, Any]]], None]) -> None:
+    """Read, edit and write the file under a lock on its folder (the file itself is replaced by
+    each edit): two ``add-hub`` at once each wrote the list with its own hub alone. A hand edit
+    made at the same moment can still be lost; none of ours can."""
     file = Path(path).resolve()  # through a symlink, edit the file it points to
     try:
+        folder = os.open(file.parent, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot edit: {error.strerror}"]) from None
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        _edit_locked(path, file, edit)
+    finally:
+        os.close(folder)  # (and the lock with it)
+
+
+def _edit_locked(path: str, file: Path, edit: typing.Callable[[list[dict[str, Any]]], None]) -> None:
+    try:
         document = tomllib.loads(read_text(str(file))) if file.exists() else {}
-    except tomllib.TOMLDecodeError as error:
+    except (ValueError, RecursionError) as error:  # (as config.parse reads it)
         raise ConfigError([f"{path}: not valid TOML: {error}"]) from None
     hubs = document.setdefault("hubs", [])
     if not isinstance(hubs, list) or not all(isinstance(hub, dict) for hub in hubs):

@@ -3,6 +3,7 @@ worker and its hub (real hub, worker and simulator on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 from typing import Any
 
@@ -133,3 +134,34 @@ async def test_a_request_that_breaks_the_link_each_time_is_sent_back_once(grid: 
         return (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
 
     await eventually(fine, "the worker to link again and serve")
+
+
+async def test_a_hub_that_never_answers_the_handshake_leaves_no_socket_open(grid: Grid) -> None:
+    """Regression (hunt): a dial whose WebSocket handshake timed out (a hung hub, accepting and
+    saying nothing) left its socket to the garbage collector: one more open socket per retry."""
+    ended: list[bool] = []
+    accepted = trio.Event()
+
+    async def mute_hub(stream: trio.SocketStream) -> None:
+        index = len(ended)
+        ended.append(False)
+        accepted.set()
+        while await stream.receive_some(4096):  # the upgrade request, never answered
+            pass
+        ended[index] = True
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    grid.nursery.start_soon(trio.serve_listeners, mute_hub, listeners)
+    port = listeners[0].socket.getsockname()[1]
+    sim_url, _ = await grid.sim()
+    gc.disable()  # what the socket's garbage would do, it must not be left to
+    try:
+        await grid.worker(f"http://127.0.0.1:{port}", sim_url, wait=False, connect_timeout_s=0.2)
+        await accepted.wait()
+
+        async def closed() -> bool:
+            return bool(ended) and ended[0]
+
+        await eventually(closed, "the worker to close the socket of its failed handshake")
+    finally:
+        gc.enable()

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
+from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
-from conftest import WAIT_S, Daemon, Grid, eventually, run_ghubai
+from conftest import WAIT_S, Daemon, Grid, eventually, ghubai_command, run_ghubai
+from ghubai.config import ConfigError, hub_address, parse
+from ghubai.proxy.hubs import HubSet
+from ghubai.registry.watch import watch
 
 TWO_HUBS = """listen = "127.0.0.1:7001"
 [[hubs]]
@@ -141,27 +147,24 @@ async def test_a_registry_started_on_a_file_that_names_no_hubs_serves_no_list_un
     assert (await grid.http.get(registry.value + "/health")).json() == {"status": "ok"}
 
 
-async def test_sighup_reloads_an_edit_the_watcher_cannot_see(tmp_path: Path) -> None:
+async def test_sighup_reads_the_file_again(tmp_path: Path) -> None:
+    """SIGHUP reads the file whatever the watcher saw (an edit its ``stat`` cannot show: a network
+    file system's cached attributes, two same-size edits within one timestamp tick): a file that
+    nothing changed is read again, and its error counted again."""
     path = tmp_path / "registry.toml"
     path.write_text(TWO_HUBS)
     registry = Daemon(tmp_path, "registry", "--config", str(path), "--listen", "127.0.0.1:0")
     try:
         url = await registry.url()
         async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            assert (await http.get(url + "/health")).status_code == 200
-            # Same size, same inode, same mtime: invisible to the file watcher.
-            before = os.stat(path)
-            with open(path, "r+") as file:
-                file.write(TWO_HUBS.replace('name = "a"', 'name = "z"'))
-            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-            await trio.sleep(0.5)
-            assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
+            async def refused(count: int) -> bool:
+                return f"ghubai_registry_reload_errors_total {count}.0" in (await http.get(url + "/metrics")).text
+
+            path.write_text(TWO_HUBS + "oops")
+            await eventually(partial(refused, 1), "the watcher to see the broken edit")
             registry.process.send_signal(signal.SIGHUP)
-
-            async def reloaded() -> bool:
-                return (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "z"
-
-            await eventually(reloaded, "SIGHUP to reload the file")
+            await eventually(partial(refused, 2), "SIGHUP to read the file again")
+            assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
     finally:
         assert registry.stop() == 0
 
@@ -245,3 +248,70 @@ async def test_check_sees_a_registry_file_as_the_registry_does(grid: Grid, tmp_p
         return answer.status_code == 200 and len(answer.json()["hubs"]) == 1
 
     await eventually(served, "the registry to serve the hub added")
+
+
+async def test_a_broken_ipv6_address_or_a_toml_bomb_keeps_the_registry_serving_the_last_list(
+        grid: Grid, tmp_path: Path) -> None:
+    """Regressions (hunt): ``http://[fd00::2:7197`` (a bracket forgotten) made urlsplit raise inside
+    the check, and the registry died, and died again at each restart on that file; ``ghubai check``
+    and ``add-hub`` printed a traceback. So did 3,000 nested ``[`` (tomllib's recursion)."""
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = await grid.registry(str(path))
+    for broken, said in ((TWO_HUBS.replace("http://10.0.0.2:7197", "http://[fd00::2:7197"), "Invalid IPv6 URL"),
+                         (TWO_HUBS.replace("http://10.0.0.2:7197", "http://[zz]:1"), "IPv4 or IPv6"),
+                         ("x = " + "[" * 3000, "not valid TOML")):
+        save_atomically(path, broken)
+
+        async def degraded() -> bool:
+            health = (await grid.http.get(registry.value + "/health")).json()
+            return health["status"] == "degraded" and said in health["config_error"]
+
+        await eventually(degraded, f"the registry to refuse {broken[-60:]!r} and serve on")
+        assert len((await grid.http.get(registry.value + "/hubs")).json()["hubs"]) == 2
+        check = run_ghubai("check", str(path))
+        assert check.returncode == 1 and said in check.stdout + check.stderr and "Traceback" not in check.stderr
+        save_atomically(path, TWO_HUBS)
+
+
+async def test_a_file_made_readable_by_chmod_is_seen(tmp_path: Path) -> None:
+    """Regression (hunt): a list saved with a mode the service cannot read (``mktemp``'s 0600, then
+    ``mv``) and fixed with ``chmod`` or ``chown`` was never read again: those change the ctime only,
+    which the watcher did not look at."""
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    changed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(watch, str(path), changed.set, 0.01))
+        path.chmod(0o600)
+        with trio.fail_after(WAIT_S):
+            await changed.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_add_hub_run_several_times_at_once_loses_no_hub(tmp_path: Path) -> None:
+    """Regression (hunt): each of four ``add-hub`` at once said "added", and the file kept one to
+    three of them: each read the file, added its hub and replaced the file."""
+    path = tmp_path / "registry.toml"
+    path.write_text("hubs = []\n")
+    names = [f"h{index}" for index in range(6)]
+    async with trio.open_nursery() as nursery:
+        for index, name in enumerate(names):
+            nursery.start_soon(partial(trio.run_process, ghubai_command(
+                "registry", "add-hub", name, f"http://10.0.1.{index}:7197", "--config", str(path)),
+                capture_stdout=True))
+    assert sorted(hub.name for hub in parse("registry", path.read_text()).hubs) == names
+
+
+def test_one_hub_however_its_address_is_spelled() -> None:
+    """Regression (hunt): ``http://hub1:7197``, ``http://HUB1:7197/`` and ``HTTP://hub1:7197`` were
+    three hubs to the registry's check and to the proxy: three health checks, three turns in the
+    round robin, three rows in /health for one hub."""
+    spellings = ["http://hub1:7197", "http://HUB1:7197/", "HTTP://hub1:7197", "http://[FD00::1]:80/"]
+    assert {hub_address(spelling) for spelling in spellings} == {"http://hub1:7197", "http://[fd00::1]"}
+    text = "".join(f'[[hubs]]\nname = "n{index}"\naddress = "{address}"\n' for index, address in enumerate(spellings))
+    with pytest.raises(ConfigError, match="hub addresses must be unique: http://hub1:7197"):
+        parse("registry", text)
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([(f"n{index}", address) for index, address in enumerate(spellings)])
+    assert sorted(hubs.hubs) == ["http://[fd00::1]", "http://hub1:7197"]

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import trio
 
 from ghubai import affinity, dialects
-from ghubai.config import hub_address_problem
+from ghubai.config import hub_address, hub_address_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
 
@@ -78,7 +78,7 @@ class HubSet:
             if problem := hub_address_problem(address):  # a registry older than this check
                 log.warning("hub %s left out: %s", name, problem)
                 continue
-            wanted[address.rstrip("/")] = name
+            wanted[hub_address(address)] = name  # one hub, however its address is spelled
         for address in list(self.hubs):
             if address not in wanted:
                 hub = self.hubs.pop(address)

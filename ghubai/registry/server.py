@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import tomllib
 from functools import partial
 from typing import Any
 
@@ -19,7 +18,7 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from ghubai.config import ConfigError, HubEntry, RegistryConfig, load, read_text, unlisted_hubs
+from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_text, unlisted_hubs
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.registry.watch import watch
@@ -64,12 +63,16 @@ def reload(hub_list: HubList, path: str) -> None:
     midway, then a reboot) must not empty the grid; ``hubs = []`` does, on purpose. Until a file
     has named its hubs, there is no list: ``/hubs`` answers 503, and proxies keep what they had."""
     try:
-        config: RegistryConfig = load("registry", path)
-        if problem := unlisted_hubs(read_text(path), path):
+        try:
+            text = read_text(path)  # (read once: what is checked is what is served)
+            config: RegistryConfig = parse("registry", text, path)
+        except ConfigError:
+            raise
+        except Exception as error:  # a fault of ours in reading a file must never stop the registry
+            log.exception("reading %s failed", path)
+            raise ConfigError([f"{path}: cannot be read: {type(error).__name__}: {error}"]) from None
+        if problem := unlisted_hubs(text, path):
             raise ConfigError([problem])
-    except tomllib.TOMLDecodeError as error:  # changed again since it was loaded: the next look sees it
-        hub_list.config_error = f"{path}: not valid TOML: {error}"
-        return
     except ConfigError as error:
         hub_list.config_error = "; ".join(error.errors)
         hub_list.reload_errors += 1

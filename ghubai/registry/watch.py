@@ -1,7 +1,8 @@
-"""Noticing that a file changed, by polling ``(st_dev, st_ino, st_size, st_mtime_ns)``.
+"""Noticing that a file changed, by polling ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``.
 
 Polling sees both ways editors save: an atomic rename (new inode) and an in-place write (new size
-or mtime), needs no platform API, and costs one ``stat`` per period. A change is acted on once two
+or mtime), and a change of owner or mode (new ctime: a file the daemon could not read becomes
+readable), needs no platform API, and costs one ``stat`` per period. A change is acted on once two
 polls in a row agree, so a file caught half-written is not read.
 """
 
@@ -14,7 +15,7 @@ import trio
 
 POLL_S = 0.1
 
-Signature = tuple[int, int, int, int] | None
+Signature = tuple[int, int, int, int, int] | None
 
 
 def signature(path: str) -> Signature:
@@ -22,7 +23,7 @@ def signature(path: str) -> Signature:
         stat = os.stat(path)
     except OSError:
         return None
-    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
 async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S, *,

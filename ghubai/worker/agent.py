@@ -262,17 +262,20 @@ class Worker:
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         timeout_s = self.config.engine.connect_timeout_s
         stream = Heard(await open_stream(host, port, tls, timeout_s))
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(timeout_s):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, named, resource, extra_headers=headers,  # type: ignore[arg-type]
-                    max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64)
-            try:
-                yield ws, stream
-            finally:
-                with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # a closing handshake, unless we are cancelled
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(timeout_s):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery, stream, named, resource, extra_headers=headers,  # type: ignore[arg-type]
+                        max_message_size=protocol.MAX_MESSAGE_BYTES, message_queue_size=64)
+                try:
+                    yield ws, stream
+                finally:
+                    with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # a closing handshake, unless we are cancelled
+                        await ws.aclose()
+                    nursery.cancel_scope.cancel()
+        finally:  # a handshake that failed leaves the socket to us (else it waits for the garbage collector)
+            await trio.aclose_forcefully(stream)
 
     async def _handshake(self, ws: trio_websocket.WebSocketConnection, url: str) -> tuple[protocol.Welcome, Offer]:
         """The hub's welcome, and the offer (and slots) the hello told it."""
