@@ -520,6 +520,11 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
     conn.initiate_connection()
     received: dict[int, bytearray] = {}
     ended: set[int] = set()
+    sending = trio.Lock()  # the reader's acknowledgements and the test's frames share the socket
+
+    async def flush(stream: trio.SocketStream) -> None:
+        async with sending:
+            await stream.send_all(conn.data_to_send())
 
     def post(body: dict[str, object]) -> int:
         stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()
@@ -537,12 +542,12 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
                     conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 elif isinstance(event, h2.events.StreamEnded):
                     ended.add(event.stream_id)
-            await stream.send_all(conn.data_to_send())
+            await flush(stream)
 
     async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
             trio.open_nursery() as nursery:
         leaving, staying = post(chat(stream=True)), post(chat(stream=True, max_tokens=50))
-        await stream.send_all(conn.data_to_send())
+        await flush(stream)
         nursery.start_soon(read, stream)
 
         async def began() -> bool:
@@ -550,7 +555,7 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
 
         await eventually(began, "the first bytes of the stream to leave")
         conn.reset_stream(leaving, h2.errors.ErrorCodes.CANCEL)
-        await stream.send_all(conn.data_to_send())
+        await flush(stream)
 
         async def stopped() -> bool:
             return sim.stats.cancelled == 1 and sim.stats.active == 0 and staying in ended

@@ -151,3 +151,18 @@ def test_a_text_line_escapes_control_characters_in_a_traceback_too() -> None:
     line = logs.TextFormatter().format(record)
     assert "\r" not in line and "\x1b" not in line and "\n" not in line
     assert "x\\ry" in line and "bad\\r\\x1b[2Kforged line" in line
+
+
+async def test_an_http2_client_s_key_never_reaches_the_debug_log(tmp_path: Path) -> None:
+    """Regression (hunt): over HTTP/2 the hpack library logged every header it decoded at debug,
+    the client's ``Authorization`` among them."""
+    hub = daemon(tmp_path, "hub", f'listen = "127.0.0.1:0"\napi_keys = ["{API_KEY}"]\n')
+    try:
+        url = await hub.url()
+        async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT_S) as http:
+            response = await http.post(url + "/v1/chat/completions", json=chat(),
+                                       headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.http_version == "HTTP/2" and response.status_code == 503  # (no worker: what is logged is the point)
+    finally:
+        assert hub.stop() == 0
+    assert API_KEY not in hub.log() and "POST /v1/chat/completions 503" in hub.log()

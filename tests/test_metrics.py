@@ -158,3 +158,52 @@ async def test_two_workers_with_one_name_make_one_series(grid: Grid) -> None:
     await workers_linked(grid, hub.value, 2)
     text = (await grid.http.get(hub.value + "/metrics")).text
     assert text.count('ghubai_worker_inflight{worker="gpu-host"}') == 1, text
+
+
+async def test_a_stream_that_fails_mid_way_is_a_failure_at_hub_and_proxy_alike(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regressions (hunt): a stream that ended with the hub's error event after its 200 head was
+    counted 502 at the hub and 200 at the proxy (and its trace said 200); the proxy's dashboard
+    took error answers for fast first tokens."""
+    sim_url, _ = await grid.sim(tokens=10, fail_after_tokens=3)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    caplog.set_level(logging.INFO)
+    for path, body in (("/v1/chat/completions", chat(stream=True)), ("/api/chat", chat(stream=True))):
+        response = await grid.http.post(proxy.value + path, json=body)
+        assert response.status_code == 200 and '"error"' in response.text.rstrip().splitlines()[-1], response.text
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", content=b"{")).status_code == 400
+
+    async def counted() -> bool:
+        return value(await scrape(grid, proxy.value), "ghubai_requests_total", role="proxy", model="", code="400") == 1
+
+    await eventually(counted, "the proxy to count the 400")
+    for url, role in ((hub.value, "hub"), (proxy.value, "proxy")):
+        samples = await scrape(grid, url)
+        assert value(samples, "ghubai_requests_total", role=role, model="sim", code="200") == 0, role
+        assert value(samples, "ghubai_requests_total", role=role, model="sim", code="502") == 2, role
+    assert sum(1 for record in caplog.records if "the hub's answer ended with its error event" in record.getMessage()) == 2
+    chart = (await grid.http.get(proxy.value + "/dashboard/data")).json()["history"]
+    assert all(step["ttft_ms"] is None for step in chart), chart
+
+
+async def test_a_request_the_hub_refuses_before_reading_it_is_logged_and_counted(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): both Content-Length and Transfer-Encoding (a smuggling attempt), or an
+    absolute target the hub cannot read, got their 400 with no log line and no count."""
+    hub = await grid.hub()
+    caplog.set_level(logging.INFO, logger="ghubai.hub")
+    for head in (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+                 b"GET http://[bad/v1/models HTTP/1.1\r\nhost: x\r\n\r\n"):
+        port = int(hub.value.rsplit(":", 1)[1])
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(head)
+            answer = await stream.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+    samples = await scrape(grid, hub.value)
+    assert value(samples, "ghubai_requests_total", role="hub", model="", code="400") == 2
+    lines = [record.getMessage() for record in caplog.records if " 400 in " in record.getMessage()]
+    assert len(lines) == 2 and "Transfer-Encoding" in lines[0], lines

@@ -121,3 +121,22 @@ async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -
                                                                          b"application/x-protobuf")
     for field in (b"ghubai-hub", b"POST /v1/chat/completions", b"gen_ai.request.model"):
         assert field in batch.body  # protobuf keeps strings as they are
+
+
+async def test_a_stream_that_fails_after_its_head_is_a_failure_in_its_trace(
+        grid: Any, spans: InMemorySpanExporter) -> None:
+    """Regression (hunt): the hub's span said 200, the status of the head, for a stream that ended
+    with an error event (502 in the hub's log and metrics)."""
+    sim_url, _ = await grid.sim(tokens=10, fail_after_tokens=3)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    spans.clear()
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    assert response.status_code == 200 and '"error"' in response.text
+
+    async def ended() -> bool:
+        return any(span.name == "POST /v1/chat/completions" for span in spans.get_finished_spans())
+
+    await eventually(ended, "the hub's span to end")
+    [span] = [span for span in spans.get_finished_spans() if span.name == "POST /v1/chat/completions"]
+    assert span.attributes["http.response.status_code"] == 502

@@ -106,8 +106,10 @@ class Record:
         self.reason = ""  # why it failed, for the log line
 
     def failed(self, error: ApiError) -> None:
-        """An error event ended the stream: the client got this instead of a whole answer."""
+        """An error event ended the stream: the client got this instead of a whole answer (and
+        its trace says so, not the 200 of the head; this runs in the request's span)."""
         self.status, self.reason = error.status, error.message
+        tracing.annotate(**{"http.response.status_code": error.status})
 
 
 def pool_figures(pool: Pool) -> list[Metric]:
@@ -262,7 +264,7 @@ class HubApi:
             try:
                 scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
             except ApiError as error:
-                await _respond(send, error.status, error.body_for(""), [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+                await self._refuse(scope, send, error, "")
                 return
         request_id(_header(scope["headers"], b"x-request-id"))
         if self.origins:
@@ -273,8 +275,7 @@ class HubApi:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
         if both_framings(scope["headers"]):  # and close: h11 would keep the connection
-            await _respond(send, 400, ApiError(400, BOTH_FRAMINGS).body_for(scope["path"]),
-                           [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+            await self._refuse(scope, send, ApiError(400, BOTH_FRAMINGS), scope["path"])
             return
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)
@@ -298,6 +299,14 @@ class HubApi:
                 await self._inference(route, scope, receive, tracked, record)
         finally:
             self._finish(record)
+
+    async def _refuse(self, scope: dict[str, Any], send: Send, error: ApiError, path: str) -> None:
+        """Answer a request refused before it is read (its target, its framing) in the dialect of
+        ``path``, close its connection, and log and count it as any other."""
+        record = Record(f"{scope['method']} {scope['path']}")
+        record.status, record.reason = error.status, error.message
+        await _respond(send, error.status, error.body_for(path), [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+        self._finish(record)
 
     def _finish(self, record: Record) -> None:
         status, took = record.status or CLIENT_CLOSED, trio.current_time() - record.started

@@ -90,5 +90,6 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "hypercorn.access", "trio-websocket"):
+    # (hpack logs every header an HTTP/2 client sends at debug, its API key too)
+    for noisy in ("httpx", "httpcore", "hypercorn.access", "trio-websocket", "hpack", "h2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -112,6 +112,12 @@ def _boundary(content_type: bytes) -> bytes | None:
     return b"\n" if content_type.startswith(b"application/x-ndjson") else None
 
 
+def _ends_in_error(data: bytes, boundary: bytes) -> bool:
+    """Whether the last event in ``data`` is a hub's error event (``ApiError.stream_end``), which
+    ends a stream that failed after its 200 head."""
+    return data.rstrip(b"\n").rpartition(boundary)[2].startswith(b'data: {"error"' if boundary == b"\n\n" else b'{"error"')
+
+
 STOPPING = "The proxy is shutting down"
 STOP_WRITE_S = 1.0  # for the final event of an answer a stopping proxy cuts
 
@@ -182,9 +188,9 @@ class Forwarder:
                         continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 try:
-                    if not await self._relay(conn, hub, upstream, response, request_id):
+                    if failed := await self._relay(conn, hub, upstream, response, request_id):
                         # the client got the hub's head, then an error event: logged as such
-                        outcome.status, outcome.reason = 502, "the hub's answer broke off"
+                        outcome.status, outcome.reason = 502, failed
                 except ApiError:  # too slow before its first byte: a 504, and no answer began
                     outcome.answered_at = None
                     raise
@@ -265,9 +271,9 @@ class Forwarder:
             raise UpstreamFailed(f"{type(error).__name__}: {error}".rstrip(": ")) from error
 
     async def _relay(self, conn: Connection, hub: Hub, upstream: ClientConnection, response: h11.Response,
-                     request_id: str) -> bool:
-        """Pass the answer on as it arrives; False when the hub failed in the middle of it (the
-        client then got a final error event)."""
+                     request_id: str) -> str:
+        """Pass the answer on as it arrives; why it failed after its head (the client then got a
+        final error event, the hub's or ours), or "" when it did not."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
                    if k != b"x-request-id" and not (chunked and k == b"content-length") and not cors.foreign(k, v)]
@@ -276,6 +282,7 @@ class Forwarder:
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode()),
                                                           *conn.cors])]
+        last = b""  # the last piece passed on: it holds the last event
         try:
             ended = False
             while not ended:  # what has already arrived goes out in one write; nothing waits for more
@@ -283,6 +290,7 @@ class Forwarder:
                 if boundary is not None:
                     data = bytes(held) + data if ended else dialects.whole_events(held, data, boundary)
                 if data:
+                    last = data
                     pending.append(h11.Data(data=data))
                 if ended:
                     pending.append(h11.EndOfMessage())
@@ -297,7 +305,7 @@ class Forwarder:
                 raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
             await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")
-            return False
+            return "the hub's answer broke off"
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
             if self.stopping and conn.response_started and not conn.cut_mid_write:  # (else it just closes)
@@ -305,7 +313,7 @@ class Forwarder:
                     await self._end_cut(conn, [], content_type, STOPPING)
             raise
         await self.hubs.release(hub, upstream)
-        return True
+        return "the hub's answer ended with its error event" if boundary and _ends_in_error(last, boundary) else ""
 
     @staticmethod
     async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:

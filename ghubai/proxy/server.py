@@ -104,8 +104,9 @@ class Proxy:
             if outcome.status:
                 took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
-                first = None if outcome.answered_at is None else outcome.answered_at - started
-                if first is not None and outcome.status < 300:  # (an error's head brings no token)
+                # (an error's head brings no token: in neither the histogram nor the dashboard's chart)
+                first = None if outcome.answered_at is None or outcome.status >= 300 else outcome.answered_at - started
+                if first is not None:
                     self._first_token.observe(first)
                 self.history.request(first)
                 log.info("%s %s %d in %.3f s, model %s, hub %s%s", request.method, request.path, outcome.status,
