@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 import sys
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -78,8 +80,18 @@ def healthy(data: dict[str, Any]) -> bool:
     return all(hub["up"] for hub in data["hubs"]) and any(hub["workers"] for hub in data["hubs"])
 
 
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=False) as http:  # as the proxy reaches hubs
+    # a grid on this machine is reached directly, whatever HTTP_PROXY says (no_proxy names localhost,
+    # rarely 127.0.0.1); a remote one as the operator's environment says
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not _loopback(url)) as http:
         response = await http.get(url.rstrip("/") + "/dashboard/data")
         response.raise_for_status()
         return dict(response.json())

@@ -631,3 +631,41 @@ async def test_a_whole_answer_longer_than_the_engine_idle_timeout_is_not_cut(gri
     assert sim.stats.started == 1
     streamed = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
     assert streamed.status_code == 200 and "[DONE]" in streamed.text  # a token every 40 ms: never silent for long
+
+
+async def test_a_path_found_missing_while_a_survey_asks_again_is_not_forgotten(grid: Grid) -> None:
+    """Regression (review): a survey asking again about the paths the engine lacked replaced that
+    set with its answer, losing a path a request had found missing meanwhile: the hub was told the
+    engine served it again, and sent it the next such request to fail."""
+    gone, asked_again = False, [trio.Event(), trio.Event()]
+    completions_asked = 0
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal completions_asked
+        probe = PROBE_MODEL.encode() in (request.body or b"")
+        if request.path == "/v1/models":
+            await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+        elif request.path == "/v1/embeddings":  # llama.cpp without --embeddings: asked again at each survey
+            if gone and probe:
+                first = not asked_again[0].is_set()
+                asked_again[0 if first else 1].set()
+                if first:
+                    await trio.sleep(0.5)  # while a request finds /v1/completions gone
+            await conn.respond_json(501, {"error": {"message": "This server does not support embeddings"}})
+        elif request.path == "/v1/completions" and gone:
+            completions_asked += not probe
+            await conn.respond_json(404, {"error": "Not Found"})
+        elif probe:
+            await conn.respond_json(404, {"error": {"message": f"model {PROBE_MODEL} not found"}})
+        else:
+            await conn.respond_json(200, {"choices": [{"text": "ok", "index": 0, "finish_reason": "stop"}]})
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    gone = True
+    await asked_again[0].wait()
+    completion = {"model": "sim", "prompt": "hi"}
+    assert (await grid.http.post(hub.value + "/v1/completions", json=completion)).status_code == 501
+    await asked_again[1].wait()  # the survey that was asking has told the hub what it found
+    assert (await grid.http.post(hub.value + "/v1/completions", json=completion)).status_code == 501
+    assert completions_asked == 1

@@ -200,9 +200,9 @@ async def test_a_request_the_hub_refuses_before_reading_it_is_logged_and_counted
                  b"GET http://[bad/v1/models HTTP/1.1\r\nhost: x\r\n\r\n"):
         port = int(hub.value.rsplit(":", 1)[1])
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(head)
+            await stream.send_all(head.replace(b"host: x\r\n", b"host: x\r\nx-request-id: refused-1\r\n"))
             answer = await stream.receive_some(4096)
-        assert answer.startswith(b"HTTP/1.1 400"), answer
+        assert answer.startswith(b"HTTP/1.1 400") and b"x-request-id: refused-1" in answer, answer
     samples = await scrape(grid, hub.value)
     assert value(samples, "ghubai_requests_total", role="hub", model="", code="400") == 2
     lines = [record.getMessage() for record in caplog.records if " 400 in " in record.getMessage()]

@@ -9,7 +9,8 @@ import pytest
 
 from ghubai.errors import describe
 from ghubai.http11.client import TooLarge
-from ghubai.worker.engine import MAX_RECORD_BYTES, _usage_of, engine_error, ndjson_payloads, sse_payloads
+from ghubai.worker.engine import (MAX_RECORD_BYTES, _usage_of, engine_error, engine_failure, ndjson_payloads,
+                                  sse_payloads)
 
 
 async def _reads(*parts: bytes) -> AsyncIterator[bytes]:
@@ -122,3 +123,17 @@ async def test_an_sse_error_event_is_the_engines_error(event: bytes, message: st
 async def test_data_that_mentions_an_error_is_data() -> None:
     event = b'event: message\ndata: {"choices":[{"delta":{"content":"error: none"}}]}\n\n'
     assert await _split(sse_payloads, event) == [[b'{"choices":[{"delta":{"content":"error: none"}}]}']]
+
+
+@pytest.mark.parametrize("payload, status", [
+    (b'{"error": {"code": 400, "message": "too long", "type": "exceed_context_size_error"}}', 400),  # llama.cpp
+    (b'{"object": "error", "message": "too long", "type": "BadRequestError", "code": 400}', 400),  # vLLM
+    (b'{"error": {"code": 429, "message": "slow down"}}', 429),
+    (b'{"error": {"code": 401, "message": "bad key"}}', 502),  # the worker's key: not the client's fault
+    (b'{"error": {"code": 404, "message": "no such model"}}', 502),  # a model the worker listed
+    (b'{"error": {"code": "400", "message": "text"}}', 502),
+    (b'{"error": "Ollama says no"}', 502),
+])
+def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: int) -> None:
+    message = engine_error(payload)
+    assert message is not None and engine_failure(payload, message).status == status

@@ -250,3 +250,21 @@ async def test_one_failed_health_check_does_not_take_a_hub_down_but_failures_in_
     relay.frozen = True
     await eventually(partial(logged, "is down"), "the hub down after failures in a row")
     assert "(1 in a row" in caplog.text and "(2 in a row" not in caplog.text
+
+
+async def test_a_hub_whose_port_is_refused_goes_down_at_the_first_check(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (review): a check that found the hub's port refused counted as one slow answer of
+    ``down_after``: a dead hub of an idle grid stayed up in /health, the dashboard and status."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,), health={"down_after": 5})
+    await grid.wait_for_model(proxy.value, "sim")
+    hub.stop()
+
+    async def down() -> bool:
+        return not (await grid.http.get(proxy.value + "/health")).json()["hubs"][0]["up"]
+
+    await eventually(down, "the proxy to see the hub down")
+    assert "in a row" not in caplog.text

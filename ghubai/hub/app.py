@@ -260,13 +260,13 @@ class HubApi:
         if scope["type"] != "http":
             await self._inner(scope, receive, send)
             return
+        request_id(_header(scope["headers"], b"x-request-id"))
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
             try:
                 scope["path"] = origin_form(scope["path"]).split("?", 1)[0]
             except ApiError as error:
                 await self._refuse(scope, send, error, "")
                 return
-        request_id(_header(scope["headers"], b"x-request-id"))
         if self.origins:
             send = _adding(send, fields := self.origins.allow(scope["headers"]))
             if cors.allowed(fields) and (asked := cors.preflight(scope["method"], scope["headers"])) is not None \

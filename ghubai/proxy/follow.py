@@ -123,7 +123,9 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
         workers = _workers_of(response.json()) if old else None
         state = _state_of(response.json(), workers)
     except Exception as error:  # whatever goes wrong, the check failed and the proxy serves on
-        hubs.check_failed(hub, f"health check failed: {describe(error)}", health.down_after)
+        # a refused connection is no slow answer: nothing listens there (as the forwarder judges it)
+        hubs.check_failed(hub, f"health check failed: {describe(error)}",
+                          1 if isinstance(error, httpx.ConnectError) else health.down_after)
         return
     if details and workers is None:
         try:

@@ -144,11 +144,12 @@ def engine_failure(payload: bytes, message: str) -> EngineError:
     """An engine's error object (``engine_error``'s ``message``) as the hub should tell it: with the
     error's own 4xx ``code`` when it gives one (llama.cpp and vLLM say so of a prompt longer than the
     context: the client's 400, not a 502), else a 502. Retryable: before the answer's first byte
-    another worker may serve it (a larger context); an engine's 401 or 403 is the worker's key's fault."""
+    another worker may serve it (a larger context); an engine's 401 or 403 is the worker's key's
+    fault, and its 404 no client's missing model (the worker listed it)."""
     value = _decode(payload)
     error = value.get("error") if isinstance(value.get("error"), dict) else value
     code = error.get("code")
-    status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403) else 502
+    status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403, 404) else 502
     return EngineError(status, message, retryable=True)
 
 
@@ -220,7 +221,8 @@ class Engine:
 
     async def survey(self) -> Offer:
         """What the engine offers now. Its APIs are probed on the first answer, and again after it
-        was down; what it holds in memory (Ollama) or its slots (llama.cpp) are asked each time."""
+        was down; the paths it lacked, and what it holds in memory (Ollama) or its slots
+        (llama.cpp), are asked each time."""
         try:
             models = await self.discover()
         except DISCOVERY_ERRORS as error:
@@ -228,8 +230,9 @@ class Engine:
             return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
         if self.unserved is None:
             self.unserved = await self._probe()
-        elif self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
-            self.unserved = await self._probe(self.unserved)
+        elif asked := self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
+            back = asked - await self._probe(asked)
+            self.unserved = (self.unserved or frozenset()) - back  # (what a request found missing meanwhile stays)
         loaded, slots = (await self.loaded(), None) if self.config.kind == "ollama" else (None, await self._props())
         # the APIs last: a request may have found one missing while this survey waited
         return Offer(tuple(models), self.apis(), loaded, slots=slots)
