@@ -185,12 +185,13 @@ def _api_key(key: str) -> str | None:
 
 
 def _secrets(value: str | tuple[str, ...]) -> str | None:
-    """Keys and tokens as a client or worker can present them: a header value has no line end and
-    no space at either end (a key read from a file keeps its line end, and would never match)."""
+    """Keys and tokens as a client or worker can present them: a header value is visible ASCII (a
+    server reads others as Latin-1, and they would never match) with no space at either end (a key
+    read from a file keeps its line end, and would never match)."""
     for secret in (value,) if isinstance(value, str) else value:
-        if secret != secret.strip() or re.search(r"[\x00-\x1f\x7f]", secret):
-            return "must have no line break, control character or space at either end (a key read from a file " \
-                   "keeps its line end)"
+        if not _HEADER_VALUE.fullmatch(secret):
+            return "must be visible ASCII (spaces inside allowed), with no line break, control character or space " \
+                   "at either end (a key read from a file keeps its line end)"
         if not isinstance(value, str) and not secret:
             return "an entry must not be empty"
         if secret.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", secret):

@@ -4,9 +4,11 @@ A browser lets a page of one origin read an answer from another only when the an
 page's origin; before a request with an ``Authorization`` header or a JSON body it first asks, with
 an ``OPTIONS`` preflight that carries no key. A server with ``cors_origins`` answers that preflight
 itself, before any key check, and tags every answer to an allowed origin, errors and streams
-included (a page must be able to read a 401 or a 429 too). With no ``cors_origins`` (the default)
-nothing changes and browsers keep other origins' pages out, as they do for Ollama without
-``OLLAMA_ORIGINS``.
+included (a page must be able to read a 401 or a 429 too). A request from a page of any other
+origin (not listed, and not the server's own) is refused with 403, as Ollama refuses it: a browser
+sends some such requests with no preflight (a form's POST, a ``fetch`` in ``no-cors`` mode), which
+would otherwise run, any page a user opens spending the grid's GPUs, though it could not read the
+answer. Clients that are no browser send no ``Origin``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,20 @@ class Origins:
         if origin is None or not (self.any or origin.lower() in self.names):
             return [_VARY]
         return [(b"access-control-allow-origin", origin), _VARY, (b"access-control-expose-headers", _EXPOSED)]
+
+
+def stranger(origins: Origins, headers: Sequence[tuple[bytes, bytes]], scheme: str) -> str | None:
+    """The origin of a page that may not call this server (neither listed nor the server's own, by
+    its ``Host``), or None: the request's answer is a 403."""
+    origin = next((value for key, value in headers if key == b"origin"), None)
+    if origin is None or origins.any or (origin := origin.lower()) in origins.names:
+        return None
+    host = next((value for key, value in headers if key == b"host"), b"").decode("latin-1")
+    return None if _origin(f"{scheme}://{host}") == origin else origin.decode("latin-1")
+
+
+def refusal(origin: str) -> str:
+    return f"Pages of {origin} may not call this server: its cors_origins does not name that origin"
 
 
 def allowed(fields: Headers) -> bool:

@@ -84,9 +84,49 @@ async def test_other_origins_and_servers_without_origins_tag_nothing(grid: Grid,
         preflight = await grid.http.options(server + "/v1/chat/completions", headers={
             "origin": origin, "access-control-request-method": "POST"})
         assert preflight.status_code != 204 and "access-control-allow-origin" not in preflight.headers
-        answer = await grid.http.post(server + "/v1/chat/completions", json=chat(), headers={"origin": origin, **KEY})
+        answer = await grid.http.post(server + "/v1/chat/completions", json=chat(), headers=KEY)  # not a page
         assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
         assert answer.headers.get_list("vary") == ([] if server == url else ["origin"])
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_page_of_another_origin_runs_nothing_even_without_a_preflight(grid: Grid, role: str) -> None:
+    """Regression (hunt): a page of any origin could POST a chat with no preflight (a form, a
+    ``fetch`` in ``no-cors`` mode: ``text/plain``, no key needed without api_keys) and the grid ran
+    it, though the page could not read the answer: any page a user opened could spend its GPUs.
+    It is a 403 now, as Ollama answers it; the server's own pages (same origin) still call."""
+    hub = await grid.hub(cors_origins=(PAGE,))
+    sim_url, sim = await grid.sim()
+    await grid.worker(hub.value, sim_url)
+    url = hub.value
+    if role == "proxy":
+        url = (await grid.proxy(hubs=(hub.value,))).value  # (no cors_origins: its own judgement)
+        await grid.wait_for_model(url, "sim")
+    for origin in ("https://evil.example.com", "null", PAGE if role == "proxy" else "http://127.0.0.2:1"):
+        for path, body in (("/v1/chat/completions", json.dumps(chat())), ("/api/chat", json.dumps(chat()))):
+            answer = await grid.http.post(url + path, content=body, headers={"origin": origin, "content-type": "text/plain"})
+            assert answer.status_code == 403 and "cors_origins" in answer.text, (origin, path, answer.text)
+    assert sim.stats.started == 0
+    own = await grid.http.post(url + "/v1/chat/completions", json=chat(), headers={"origin": url})
+    assert own.status_code == 200, own.text
+    if role == "hub":  # the proxy passes no page's origin on: its hubs judge none it let through
+        assert (await grid.http.post(url + "/v1/chat/completions", json=chat(), headers={"origin": PAGE})).status_code == 200
+
+
+async def test_a_web_page_cannot_link_to_a_hub_as_a_worker(grid: Grid) -> None:
+    """Regression (hunt): no CORS guards a WebSocket, so with no provider_tokens (the default) any
+    page a user opened could link to the hub as a worker of a model, and read its prompts."""
+    import trio_websocket
+
+    from ghubai import protocol
+
+    hub = await grid.hub()
+    with pytest.raises(trio_websocket.ConnectionRejected) as refused:
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + protocol.GRIDHUB_PATH,
+                                                     extra_headers=[("Origin", "https://evil.example.com")]):
+            pass
+    assert refused.value.status_code == 403
+    assert await grid.workers(hub.value) == []
 
 
 async def test_the_proxy_s_origins_hold_whatever_its_hubs_allow(grid: Grid) -> None:
@@ -104,7 +144,10 @@ async def test_the_proxy_s_origins_hold_whatever_its_hubs_allow(grid: Grid) -> N
         answer = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers=evil)
         for seen in (preflight, answer):
             assert not [key for key in seen.headers if key.startswith("access-control-")], (origins, seen.headers)
-        assert answer.status_code == 200 and answer.headers.get_list("vary") == (["origin"] if origins else [])
+        assert answer.status_code == 403
+        if origins:
+            allowed = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(), headers={"origin": PAGE})
+            assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == PAGE
 
 
 SMUGGLED = (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: " + PAGE.encode() + b"\r\n"

@@ -669,3 +669,18 @@ async def test_a_path_found_missing_while_a_survey_asks_again_is_not_forgotten(g
     await asked_again[1].wait()  # the survey that was asking has told the hub what it found
     assert (await grid.http.post(hub.value + "/v1/completions", json=completion)).status_code == 501
     assert completions_asked == 1
+
+
+async def test_a_client_never_reads_the_engine_s_address(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): an engine that went away after discovery gave clients "engine connection
+    failed: all attempts to connect to 10.0.0.5:11434 failed": the engine's address, which only the
+    worker's log may hold."""
+    sim = await grid.nursery.start(_scoped, serve_sim, Simulator(SimOptions()), "127.0.0.1:0")
+    hub = await grid.hub(limits={"max_attempts": 1})
+    await grid.worker(hub.value, f"http://127.0.0.1:{sim.value}", discovery_interval_s=60)
+    sim.stop()
+    caplog.set_level(logging.INFO, logger="ghubai.worker")
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert response.status_code == 502 and "engine connection failed" in response.text, response.text
+    assert str(sim.value) not in response.text
+    assert any(str(sim.value) in record.getMessage() for record in caplog.records)

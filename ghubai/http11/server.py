@@ -82,7 +82,8 @@ class Connection:
         self.body_timeout_s = body_timeout_s  # and a whole body
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
-        self.origins = origins  # web pages that may call (``ghubai.cors``)
+        self.origins = origins  # web pages that may call (``ghubai.cors``); None: no page is judged
+        self.scheme = "https" if isinstance(stream, trio.SSLStream) else "http"  # (a page's own origin)
         self.cors: cors.Headers = []  # what every answer to this request adds for the page that sent it
         self.preflight: cors.Headers | None = None  # the request is a preflight: what its 204 adds
         self.cut_mid_write = False  # a write was cut with part of it sent: nothing more may follow
@@ -126,6 +127,8 @@ class Connection:
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             method = event.method.decode("latin-1")
+            if self.origins is not None and (page := cors.stranger(self.origins, event.headers, self.scheme)):
+                raise ApiError(403, cors.refusal(page))
             if self.origins:
                 self.cors = self.origins.allow(event.headers)
                 self.preflight = cors.preflight(method, event.headers) if cors.allowed(self.cors) else None

@@ -261,6 +261,9 @@ class HubApi:
             await self._inner(scope, receive, send)
             return
         request_id(_header(scope["headers"], b"x-request-id"))
+        if page := cors.stranger(self.origins, scope["headers"], scope["scheme"]):
+            await self._refuse(scope, send, ApiError(403, cors.refusal(page)), scope["path"])
+            return
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path
             try:
                 scope["path"] = origin_form(scope["path"]).split("?", 1)[0]

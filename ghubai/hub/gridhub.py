@@ -24,6 +24,9 @@ log = logging.getLogger("ghubai.hub")
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,
                        max_concurrency: int) -> Response | None:
     peer = websocket.headers.get("Remote-Addr", "?")
+    if origin := websocket.headers.get("Origin"):  # a browser's: no CORS guards a WebSocket, and a worker sends none
+        log.warning("refused a worker link from a web page of %s (from %s)", origin, peer)
+        return Response("workers do not link from web pages", 403, content_type="text/plain")
     token = tokens.identify(websocket.headers.get("Authorization"))
     if token is None:
         log.warning("refused a worker from %s: missing or wrong provider token", peer)

@@ -86,7 +86,9 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
     """The client's headers as the hub should see them: ours for the hop, the request id, and the
     proxy's span as the trace parent when the proxy traces (else the client's context passes through)."""
     trace = [(name.encode(), value.encode()) for name, value in tracing.inject({}).items()]
-    replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", *(k for k, _ in trace)}
+    # (not the page's origin, which the proxy judged: a hub of other cors_origins would refuse it)
+    replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", b"origin",
+                *(k for k, _ in trace)}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()

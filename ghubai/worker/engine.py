@@ -44,14 +44,16 @@ class Cause(enum.Enum):
 
 
 class EngineError(Exception):
-    """The engine could not serve the call. ``retryable``: another worker may succeed."""
+    """The engine could not serve the call. ``retryable``: another worker may succeed. ``detail``:
+    more for the worker's log, which the client must not read (the engine's address)."""
 
-    def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None) -> None:
+    def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None, detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable
         self.cause = cause
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -393,8 +395,9 @@ class Engine:
         except TooLarge as error:  # another worker's engine would send the same: no retry
             raise EngineError(502, str(error), retryable=False) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
-            raise EngineError(502, f"engine connection failed: {error or type(error).__name__}",
-                              retryable=True) from None
+            # (the client hears what failed, not the engine's address, which the error's text holds)
+            raise EngineError(502, f"engine connection failed ({type(error).__name__})", retryable=True,
+                              detail=str(error)) from None
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
         message = _error_message(raw)
