@@ -215,6 +215,8 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s@]+", re.IGNORECASE)  # scheme
 
 def _origins(origins: tuple[str, ...]) -> str | None:
     for origin in origins:
+        if origin != "*" and "*" in origin:  # (OLLAMA_ORIGINS takes them; a browser names one origin exactly)
+            return f"{origin!r}: a wildcard is \"*\" alone, for any origin; list each origin in full"
         if origin != "*" and not _ORIGIN.fullmatch(origin):
             return f"{origin!r} is not an origin: scheme://host[:port] as a browser names a page's, or \"*\""
     return None
@@ -309,7 +311,7 @@ class HubConfig:
     api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
     cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
-                                         'or "*" for any; empty = none (browsers block other origins)',
+                                         'or "*" for any; other pages than the server\'s own get 403',
                                          one_or_many=True, default=())
     heartbeat_s: float = _key(_at_least(0.01), "a worker silent for 3 heartbeats is dropped", default=5.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
@@ -418,7 +420,7 @@ class ProxyConfig:
     api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
                                      secret=True, default=())
     cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
-                                         'or "*" for any; empty = none (browsers block other origins)',
+                                         'or "*" for any; other pages than the server\'s own get 403',
                                          one_or_many=True, default=())
     max_attempts: int = _key(_at_least(1), "hubs tried for a request that has sent no byte yet", default=3)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)

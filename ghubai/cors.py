@@ -8,12 +8,18 @@ included (a page must be able to read a 401 or a 429 too). A request from a page
 origin (not listed, and not the server's own) is refused with 403, as Ollama refuses it: a browser
 sends some such requests with no preflight (a form's POST, a ``fetch`` in ``no-cors`` mode), which
 would otherwise run, any page a user opens spending the grid's GPUs, though it could not read the
-answer. Clients that are no browser send no ``Origin``.
+answer. Clients that are no browser send no ``Origin``. A page is the server's own when its origin
+is the server's ``Host`` (either scheme: behind a front that ends TLS the server hears http), and,
+on a server that listens on loopback only, that ``Host`` names this machine: a page of a DNS name an
+attacker pointed at 127.0.0.1 (DNS rebinding) is no page of the server's, as Ollama refuses it too.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Iterable, Sequence
+from urllib.parse import urlsplit
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -34,11 +40,13 @@ def _origin(name: str) -> bytes:
 
 
 class Origins:
-    """The origins (``scheme://host[:port]``, or ``*`` for any) whose pages may call."""
+    """The origins (``scheme://host[:port]``, or ``*`` for any) whose pages may call a server that
+    listens on ``listen`` (HOST:PORT)."""
 
-    def __init__(self, origins: Iterable[str]) -> None:
+    def __init__(self, origins: Iterable[str], listen: str = "") -> None:
         self.names = frozenset(_origin(origin) for origin in origins)
         self.any = ANY.encode() in self.names
+        self.local = _loopback(listen.rpartition(":")[0].strip("[]"))  # reached from this machine only
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -53,14 +61,31 @@ class Origins:
         return [(b"access-control-allow-origin", origin), _VARY, (b"access-control-expose-headers", _EXPOSED)]
 
 
-def stranger(origins: Origins, headers: Sequence[tuple[bytes, bytes]], scheme: str) -> str | None:
-    """The origin of a page that may not call this server (neither listed nor the server's own, by
-    its ``Host``), or None: the request's answer is a 403."""
+def stranger(origins: Origins, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The origin of a page that may not call this server (neither listed nor the server's own),
+    or None: the request's answer is a 403."""
     origin = next((value for key, value in headers if key == b"origin"), None)
     if origin is None or origins.any or (origin := origin.lower()) in origins.names:
         return None
     host = next((value for key, value in headers if key == b"host"), b"").decode("latin-1")
-    return None if _origin(f"{scheme}://{host}") == origin else origin.decode("latin-1")
+    own = origin in {_origin(f"{scheme}://{host}") for scheme in ("http", "https")}
+    return None if own and (not origins.local or _this_machine(host)) else origin.decode("latin-1")
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _this_machine(host: str) -> bool:
+    """A ``Host`` that names this machine (its loopback addresses, ``localhost``, its own name)."""
+    try:
+        name = urlsplit(f"//{host}").hostname or ""
+    except ValueError:
+        return False
+    return _loopback(name) or name.endswith(".localhost") or name == socket.gethostname().lower()
 
 
 def refusal(origin: str) -> str:

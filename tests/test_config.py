@@ -45,6 +45,7 @@ queue_timeout_s = 2
     ("[limits]\nmax_attempts = true", "hub.toml: limits.max_attempts: expected an integer"),
     ("limits = 3", "hub.toml: limits: expected a table"),
     ("listen = ", "hub.toml: not valid TOML"),
+    ('cors_origins = ["http://localhost:*"]', "hub.toml: cors_origins: 'http://localhost:*': a wildcard is"),
     ('cors_origins = ["https://chat.example.com/app"]', "hub.toml: cors_origins: 'https://chat.example.com/app' is "
                                                         "not an origin"),
 ])

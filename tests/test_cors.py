@@ -4,6 +4,7 @@ answer to an allowed page tagged (errors and streams too), others left as they w
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,34 @@ async def test_a_real_browser_streams_through_the_proxy_from_an_allowed_page_onl
         await page.until("window.seen", "200 32 true", "the whole stream, and its request id, read by the page")
         await page.evaluate(FETCH % (proxies[()], json.dumps(chat(stream=True))))
         await page.until("window.seen", "blocked: TypeError", "the browser keeping the page out")
+
+
+def test_a_page_is_the_server_s_own_by_its_host_whatever_the_scheme_and_on_loopback_only_by_a_local_name() -> None:
+    """Regressions (review): a page behind a front that ends TLS (``https://grid.example``, the
+    server hearing http) was refused its own server; and on a loopback server, a page of any DNS
+    name an attacker points at 127.0.0.1 (DNS rebinding) passed for the server's own."""
+    def judged(listen: str, origin: str, host: str) -> str | None:
+        return cors.stranger(cors.Origins([], listen), [(b"origin", origin.encode()), (b"host", host.encode())])
+
+    assert judged("0.0.0.0:5000", "https://grid.example", "grid.example") is None
+    assert judged("0.0.0.0:5000", "http://Grid.example:5000", "grid.example:5000") is None
+    assert judged("0.0.0.0:5000", "https://evil.example", "grid.example") == "https://evil.example"
+    for host in ("localhost:5000", "127.0.0.1:5000", "[::1]:5000", "ui.localhost:5000", f"{socket.gethostname()}:5000"):
+        assert judged("127.0.0.1:5000", f"http://{host}", host) is None, host
+    assert judged("127.0.0.1:5000", "http://evil.example:5000", "evil.example:5000") == "http://evil.example:5000"
+    assert judged("[::1]:5000", "http://evil.example:5000", "evil.example:5000") == "http://evil.example:5000"
+    assert judged("10.0.0.5:5000", "http://grid.lan:5000", "grid.lan:5000") is None
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_rebound_name_on_a_loopback_server_is_refused_and_the_refusal_keeps_its_request_id(
+        grid: Grid, role: str) -> None:
+    """The same through a real hub and proxy (both on 127.0.0.1, as under ``ghubai up``), and the
+    proxy's 403 carries the client's request id, as its other refusals do (review)."""
+    url = await _front(grid, role, ())
+    port = url.rsplit(":", 1)[1]
+    answer = await grid.http.post(url + "/v1/chat/completions", json=chat(), headers={
+        **KEY, "host": f"evil.example:{port}", "origin": f"http://evil.example:{port}", "x-request-id": "rebound-1"})
+    assert answer.status_code == 403 and answer.headers["x-request-id"] == "rebound-1", answer.text
+    own = await grid.http.post(url + "/v1/chat/completions", json=chat(), headers={**KEY, "origin": url})
+    assert own.status_code == 200

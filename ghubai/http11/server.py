@@ -25,7 +25,7 @@ from ghubai import cors
 from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
 from ghubai.errors import ApiError
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
-from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER
+from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.sockets import write_now
 
 log = logging.getLogger("ghubai.http")
@@ -83,7 +83,6 @@ class Connection:
         self.admit = admit  # (method, path, headers): raises the ApiError that refuses a request by its head
         self.head = ""  # "METHOD /path" of the request being read, once its head has arrived
         self.origins = origins  # web pages that may call (``ghubai.cors``); None: no page is judged
-        self.scheme = "https" if isinstance(stream, trio.SSLStream) else "http"  # (a page's own origin)
         self.cors: cors.Headers = []  # what every answer to this request adds for the page that sent it
         self.preflight: cors.Headers | None = None  # the request is a preflight: what its 204 adds
         self.cut_mid_write = False  # a write was cut with part of it sent: nothing more may follow
@@ -127,7 +126,8 @@ class Connection:
             if sum(len(key) + len(value) + 4 for key, value in event.headers) > self.max_header_bytes:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             method = event.method.decode("latin-1")
-            if self.origins is not None and (page := cors.stranger(self.origins, event.headers, self.scheme)):
+            if self.origins is not None and (page := cors.stranger(self.origins, event.headers)):
+                request_id(next((value for key, value in event.headers if key == b"x-request-id"), None))
                 raise ApiError(403, cors.refusal(page))
             if self.origins:
                 self.cors = self.origins.allow(event.headers)

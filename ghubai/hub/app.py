@@ -220,7 +220,7 @@ class HubApi:
         self.config, self.pool, self.inflight, self.hub_id = config, pool, inflight, hub_id
         self.secrets, self.history = secrets, history
         self.rate_limits = RateLimits(config.limits)
-        self.origins = cors.Origins(config.cors_origins)
+        self.origins = cors.Origins(config.cors_origins, config.listen)
         self._workers: tuple[float, int, list[dict[str, Any]]] = (-math.inf, -1, [])  # when, from what, what
         self._registry = b""  # /api/registry's body, from those
         self._dashboard: tuple[tuple[Any, ...], bytes] = ((), b"")  # /dashboard/data's body, and from what
@@ -261,7 +261,7 @@ class HubApi:
             await self._inner(scope, receive, send)
             return
         request_id(_header(scope["headers"], b"x-request-id"))
-        if page := cors.stranger(self.origins, scope["headers"], scope["scheme"]):
+        if page := cors.stranger(self.origins, scope["headers"]):
             await self._refuse(scope, send, ApiError(403, cors.refusal(page)), scope["path"])
             return
         if not scope["path"].startswith("/"):  # an absolute-form target (http://host/path): its path

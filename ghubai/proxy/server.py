@@ -256,7 +256,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     host, port = split_hostport(config.listen)
     limits = config.limits
     serve = partial(serve_connection, handle=proxy.handle, refused=proxy.refused, admit=proxy.admit,
-                    origins=cors.Origins(config.cors_origins),
+                    origins=cors.Origins(config.cors_origins, config.listen),
                     max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
                     header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
