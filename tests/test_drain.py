@@ -233,6 +233,40 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
             worker.kill()
 
 
+async def test_requests_of_a_worker_restarted_by_systemd_wait_for_it_as_after_a_crash(
+        grid: Grid, tmp_path: Any) -> None:
+    """Regression (hunt): ``systemctl restart`` of a model's only worker (SIGTERM: a drain) failed the
+    requests it handed back, and those queued for it, with 503 "No other worker serves", where a
+    kill -9 has them wait for the worker to link again. They wait for it now."""
+    sim_url, sim = await grid.sim(ttft_ms=1500)
+    hub = await grid.hub()
+    old = worker_process(tmp_path, hub.value, sim_url, 0.3)
+    new = None
+    try:
+        await workers_linked(grid, hub.value, 1)
+        answers: list[httpx.Response] = []
+
+        async def ask() -> None:
+            answers.append(await grid.http.post(hub.value + "/v1/chat/completions", json=chat()))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(ask)
+
+            async def generating() -> bool:
+                return sim.stats.active == 2
+
+            await eventually(generating, "the engine to take both requests")
+            old.send_signal(signal.SIGTERM)
+            assert await trio.to_thread.run_sync(old.wait, WAIT_S) == 0
+            new = worker_process(tmp_path, hub.value, sim_url, 0.3)  # as systemd starts it again
+        assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
+    finally:
+        for process in (old, new):
+            if process is not None and process.poll() is None:
+                process.kill()
+
+
 async def test_a_worker_whose_engine_never_answers_stops_at_its_first_sigterm(grid: Grid, tmp_path: Any) -> None:
     """Regression (operator's path): the first ask of the engine for its models ran before anything
     could hear the drain, so a SIGTERM while a hung engine held it waited out the 30 s bound."""

@@ -186,8 +186,9 @@ async def test_the_requests_of_a_link_replaced_by_its_worker_go_elsewhere_at_onc
 async def test_a_short_name_while_its_workers_drain_is_a_503_as_the_full_name(grid: Grid) -> None:
     """Regression (hunt): ``llama3.2`` means ``llama3.2:latest`` only by the workers that take
     requests, so while the one that serves it drained, the short name was a 404 model_not_found (a
-    client gives up) where the full name was a 503 to retry."""
-    hub = await grid.hub()
+    client gives up) where the full name was a 503 to retry. (Both wait for the worker, which may be
+    restarting, for their queue time.)"""
+    hub = await grid.hub(limits={"queue_timeout_s": 0.3})
     await grid.nursery.start(partial(_fake_worker, hub.value, "w1", ("llama3.2:latest",), draining=True))
 
     async def draining() -> bool:

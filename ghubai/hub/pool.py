@@ -321,7 +321,7 @@ class Pool:
         worker.draining = True
         self._changed()
         log.info("worker %s (%s) is draining", worker.name, worker.id[:8])
-        self._wake(self._queues)  # requests waiting only for it must learn it is gone
+        self._wake(self._queues)  # (requests waiting for it wait on: for its return, as after a crash)
 
     def drain(self) -> None:
         """The hub is shutting down: every queued request, and any later one, is refused with 503."""
@@ -511,8 +511,9 @@ class Pool:
 
     def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
         """Raise the answer a request gets when no worker could ever take it. While a worker of the
-        model whose link broke may link again (a restart, a network blip), it waits, queued, rather
-        than get a 404 its client takes for good."""
+        model whose link broke may link again (a restart, a network blip), or one drains (most often
+        a restart: ``systemctl restart``), it waits, queued, rather than get a 404 its client takes
+        for good or a 503 a crash would have spared it."""
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
         hosting = [worker for worker in self.workers.values() if model in worker.models]
@@ -529,7 +530,7 @@ class Pool:
         if not serving:
             raise ApiError(501, f"No worker serves POST {protocol.API_PATHS.get(api, api)} for model '{model}': "
                            "its engines lack that API", code="api_not_served")
-        if all(worker.draining or worker.id in exclude for worker in serving):
+        if not any(worker.draining for worker in serving) and all(worker.id in exclude for worker in serving):
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
