@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from conftest import Grid, chat, eventually, workers_linked
-from ghubai.config import ConfigError, hub_address_problem, parse
+from ghubai.config import ConfigError, HubEntry, hub_address_problem, parse
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.proxy.hubs import Hub, HubSet
 
@@ -268,3 +268,17 @@ async def test_a_hub_whose_port_is_refused_goes_down_at_the_first_check(
 
     await eventually(down, "the proxy to see the hub down")
     assert "in a row" not in caplog.text
+
+
+async def test_a_proxy_just_started_serves_its_first_request(grid: Grid) -> None:
+    """Regression (hunt): a proxy said it was ready (systemd's READY=1) and took requests before its
+    first health checks, while every hub counted as down: after ``systemctl restart``, clients got
+    503 "No healthy hub" beside healthy hubs. It serves once the first checks are in."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    registry = await grid.registry(hubs=(HubEntry(name="h", address=hub.value),))
+    for proxy in (await grid.proxy(hubs=(hub.value,)), await grid.proxy(registry.value)):
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+        assert response.status_code == 200, response.text
+        assert (await grid.http.get(proxy.value + "/ready")).status_code == 200

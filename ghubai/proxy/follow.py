@@ -45,6 +45,8 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                     raise ValueError(f"HTTP {status}")
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]
                 hubs.update(static + entries)
+                if not hubs.hubs:  # nothing to check: the proxy serves (its 503s) at once
+                    hubs.checked.set()
                 if answer_etag in (None, etag):
                     await trio.sleep(RETRY_S)  # a registry that does not hold the poll must not make us spin
                 etag = answer_etag
@@ -152,5 +154,7 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
         async with trio.open_nursery() as nursery:
             for hub in list(hubs.hubs.values()):
                 nursery.start_soon(check, hub, wanted or hub.workers is None)
+        if hubs.hubs:
+            hubs.checked.set()
         with trio.move_on_after(config.health.interval_s):
             await hubs.check_now.wait()

@@ -37,6 +37,7 @@ log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
 MODEL_PATH = "/v1/models/"  # + a model's name
+FIRST_CHECKS_S = 1.0  # beyond the registry's answer and a round of checks, each health.timeout_s at most
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
@@ -276,6 +277,10 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)
+        # the port is bound: clients of a proxy just (re)started wait in its backlog for the first
+        # checks (every hub starts down) rather than get 503 "No healthy hub"
+        with trio.move_on_after(FIRST_CHECKS_S + 2 * config.health.timeout_s if config.registry_url or config.hubs else 0):
+            await proxy.hubs.checked.wait()
         log.info("proxy serving on %s (registry %s, %d static hubs)", url, redacted(config.registry_url) or "none",
                  len(config.hubs))
         service.ready()
