@@ -282,3 +282,22 @@ async def test_a_proxy_just_started_serves_its_first_request(grid: Grid) -> None
         response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
         assert response.status_code == 200, response.text
         assert (await grid.http.get(proxy.value + "/ready")).status_code == 200
+
+
+async def test_a_proxy_with_static_hubs_and_a_registry_is_ready_once_the_registry_s_hubs_are_checked(
+        grid: Grid) -> None:
+    """Review: the first round of checks held the static hubs only, and ended the wait: a model
+    only a registry's hub served was a 404 (another hub's) for the first requests, which clients
+    take for good."""
+    hubs = []
+    for model in ("a", "b"):
+        sim_url, _ = await grid.sim(models=[model])
+        hubs.append(await grid.hub())
+        await grid.worker(hubs[-1].value, sim_url)
+    registry = await grid.registry(hubs=(HubEntry(name="listed", address=hubs[1].value),))
+    for _ in range(3):  # (the next round of checks is 2 s away: only the first can have let it in)
+        proxy = await grid.proxy(registry.value, hubs=(hubs[0].value,), health={"interval_s": 2.0})
+        for model in ("b", "a"):
+            response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(model))
+            assert response.status_code == 200, (model, response.text)
+        proxy.stop()

@@ -45,6 +45,7 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                     raise ValueError(f"HTTP {status}")
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]
                 hubs.update(static + entries)
+                _listed(hubs)
                 if not hubs.hubs:  # nothing to check: the proxy serves (its 503s) at once
                     hubs.checked.set()
                 if answer_etag in (None, etag):
@@ -58,7 +59,15 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                 said = scrubbed(describe(error), config.registry_url)  # (httpx may quote the URL, password and all)
                 log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url), said)
             failing = True
+            _listed(hubs)
             await trio.sleep(RETRY_S)
+
+
+def _listed(hubs: HubSet) -> None:
+    """The registry's first answer (or failure) is in: its hubs are checked at once."""
+    if not hubs.listed.is_set():
+        hubs.listed.set()
+        hubs.check_now.set()
 
 
 async def _bounded_get(http: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str],
@@ -144,6 +153,7 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
     """Check every hub each ``interval_s``, and at once when the list gains a hub."""
     for round_number in itertools.count():
         hubs.check_now = trio.Event()
+        listed = not config.registry_url or hubs.listed.is_set()  # (else the round may miss its hubs)
         wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
         at_once = trio.Semaphore(CHECKS_AT_ONCE)
 
@@ -154,7 +164,7 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
         async with trio.open_nursery() as nursery:
             for hub in list(hubs.hubs.values()):
                 nursery.start_soon(check, hub, wanted or hub.workers is None)
-        if hubs.hubs:
+        if hubs.hubs and listed:
             hubs.checked.set()
         with trio.move_on_after(config.health.interval_s):
             await hubs.check_now.wait()

@@ -64,7 +64,8 @@ class HubSet:
         self.ssl_context = ssl_context
         self._turn = itertools.count()
         self.check_now = trio.Event()
-        self.checked = trio.Event()  # a first round of checks of a list with hubs in it is done
+        self.listed = trio.Event()  # the registry answered once, or failed to (``follow_registry``)
+        self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
         self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
