@@ -102,6 +102,11 @@ def tagged(model: str, serves: Callable[[str], bool]) -> str:
     return latest
 
 
+# Proxy → hub: another hub could take this request. A hub whose workers of its model all drain then
+# answers 503 at once, for the proxy to move on, rather than keep it for their return (a restart).
+ELSEWHERE_HEADER = b"x-ghubai-elsewhere"
+
+
 def validate_model(body: dict[str, Any]) -> None:
     _require(body, "model", str, "a string")
     if not body["model"]:

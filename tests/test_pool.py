@@ -432,6 +432,9 @@ async def test_a_draining_worker_takes_no_new_request(autojump_clock: trio.testi
     assert draining.inflight == 0 and pool.models() == ["m"]
     pool.set_draining(busy)
     assert pool.models() == [] and pool.hosts("m") == []
+    with pytest.raises(Exception) as sent_on:  # unless another hub could take it (its proxy says): 503 at once
+        await pool.acquire("m", "openai.chat", set(), soon(), elsewhere=True)
+    assert answer(sent_on.value) == (503, None, 1) and trio.current_time() == 0.0
     async with trio.open_nursery() as nursery:
         waiting = await queue_attempt(nursery, pool, "new")
         handed_back = await queue_attempt(nursery, pool, "back", exclude={"busy"})  # tried there before its drain
@@ -520,6 +523,12 @@ async def test_a_model_whose_workers_do_not_come_back_is_a_404_after_the_grace(
         await trio.testing.wait_all_tasks_blocked()
         assert attempt.waiting
     assert error_of(attempt) == (404, "model_not_found", None) and trio.current_time() == RELINK_GRACE_S
+    back = make_worker("host", models=("m",))
+    pool.add(back)
+    pool.drop(back, "lost the link")
+    with pytest.raises(ApiError) as sent_on:  # another hub could take it: no grace, a 503 to go there
+        await pool.acquire("m", "openai.chat", set(), soon(), elsewhere=True)
+    assert sent_on.value.status == 503 and trio.current_time() == RELINK_GRACE_S
     pool.set_offer(other, protocol.Models(()))
     with pytest.raises(ApiError) as refused:
         await pool.acquire("n", "openai.chat", set(), soon())

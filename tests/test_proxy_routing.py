@@ -301,3 +301,44 @@ async def test_a_proxy_with_static_hubs_and_a_registry_is_ready_once_the_registr
             response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(model))
             assert response.status_code == 200, (model, response.text)
         proxy.stop()
+
+
+async def test_behind_a_proxy_a_hub_whose_workers_drain_sends_requests_on_at_once(grid: Grid) -> None:
+    """Review: a hub keeps requests for a model whose only workers drain, for their return (a
+    restart); behind a proxy that had another hub for them, they waited there (up to the drain and
+    the relink grace, 11 s in the review's run) instead of going on. The proxy now tells the hub
+    when another hub could take a request, and the hub answers it 503 at once."""
+    busy_url, busy = await grid.sim(tokens=100_000, itl_ms=5)
+    other_url, other = await grid.sim()
+    draining_hub = await grid.hub(limits={"queue_timeout_s": 60})
+    other_hub = await grid.hub()
+    draining = await grid.worker(draining_hub.value, busy_url)
+    await grid.worker(other_hub.value, other_url)
+    proxy = await grid.proxy(hubs=(draining_hub.value, other_hub.value), health={"interval_s": 60})
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    async with trio.open_nursery() as nursery:
+        async def hold() -> None:  # a stream the drain waits for
+            async with grid.http.stream("POST", draining_hub.value + "/v1/chat/completions",
+                                        json=chat(stream=True)) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        nursery.start_soon(hold)
+
+        async def generating() -> bool:
+            return busy.stats.active == 1
+
+        await eventually(generating, "the stream the drain waits for")
+        nursery.start_soon(draining.value.drain)
+
+        async def drains() -> bool:
+            return [worker["draining"] for worker in await grid.workers(draining_hub.value)] == [True]
+
+        await eventually(drains, "the worker to drain")
+        for index in range(16):  # 16 conversations: about half go to the draining hub first
+            response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content=f"q{index}"))
+            assert response.status_code == 200, response.text
+        assert other.stats.completed == 16
+        metrics = (await grid.http.get(draining_hub.value + "/metrics")).text
+        assert 'code="503"' in metrics  # (some did go there first: the path under test)
+        nursery.cancel_scope.cancel()

@@ -404,7 +404,8 @@ class HubApi:
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
         conversation = affinity.key_of(body, headers) if self.config.scheduler.policy == "llm-aware" else None
-        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation)
+        exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation,
+                                              elsewhere=_header(headers, dialects.ELSEWHERE_HEADER) == "1")
         self.inflight.add(exchange)
         self.metrics.inflight.labels("hub").inc()
         try:

@@ -75,8 +75,10 @@ class Exchange:
     ``close()`` when the client leaves or a wait times out, which also tells the worker to stop."""
 
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
-                 trace: dict[str, str], body_bytes: int = 0, conversation: int | None = None) -> None:
+                 trace: dict[str, str], body_bytes: int = 0, conversation: int | None = None,
+                 elsewhere: bool = False) -> None:
         self.pool = pool
+        self.elsewhere = elsewhere  # another hub could take it (``dialects.ELSEWHERE_HEADER``)
         self.conversation = conversation  # the affinity key (``ghubai.affinity``), if the request has one
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
@@ -111,7 +113,7 @@ class Exchange:
             asked = trio.current_time()
             try:
                 worker = await self.pool.acquire(self.model, self.api, tried, min(self.deadline, asked + queue_left),
-                                                 self.conversation, again)
+                                                 self.conversation, again, self.elsewhere)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None

@@ -509,15 +509,18 @@ class Pool:
             return None
         return left + RELINK_GRACE_S
 
-    def _check_hosted(self, model: str, api: str, exclude: set[str]) -> None:
+    def _check_hosted(self, model: str, api: str, exclude: set[str], elsewhere: bool = False) -> None:
         """Raise the answer a request gets when no worker could ever take it. While a worker of the
         model whose link broke may link again (a restart, a network blip), or one drains (most often
         a restart: ``systemctl restart``), it waits, queued, rather than get a 404 its client takes
-        for good or a 503 a crash would have spared it."""
+        for good or a 503 a crash would have spared it; unless it could go ``elsewhere`` (another
+        hub, its proxy says), where it goes at once with a 503."""
         if self.draining:
             raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
         hosting = [worker for worker in self.workers.values() if model in worker.models]
         if not hosting and self._returning(model) is not None:
+            if elsewhere:
+                raise ApiError(503, f"No worker serves '{model}' right now", retry_after=1)
             return
         if not hosting:
             if not self.workers:
@@ -530,11 +533,12 @@ class Pool:
         if not serving:
             raise ApiError(501, f"No worker serves POST {protocol.API_PATHS.get(api, api)} for model '{model}': "
                            "its engines lack that API", code="api_not_served")
-        if not any(worker.draining for worker in serving) and all(worker.id in exclude for worker in serving):
+        if (elsewhere or not any(worker.draining for worker in serving)) and \
+                all(worker.draining or worker.id in exclude for worker in serving):
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
-                      conversation: int | None = None, again: bool = False) -> RemoteWorker:
+                      conversation: int | None = None, again: bool = False, elsewhere: bool = False) -> RemoteWorker:
         """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
         queue until ``deadline``; ``conversation``: the request's affinity key, if it has one. A
         request takes a worker that must load its model only when those that hold it have too few
@@ -550,7 +554,7 @@ class Pool:
         if not self.draining and (again or late or api in LOADS_NOTHING or not self._queues.get(model)) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
             return worker
-        self._check_hosted(model, api, exclude)
+        self._check_hosted(model, api, exclude, elsewhere)
         if late:
             raise self.no_slot(model)
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
@@ -575,7 +579,7 @@ class Pool:
                     cold_ok = trio.current_time() >= cold_at
                     if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
                         return worker
-                    self._check_hosted(model, api, exclude)
+                    self._check_hosted(model, api, exclude, elsewhere)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
                     position = queue.index(waiter)

@@ -82,18 +82,21 @@ def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     return [(key, value) for key, value in headers if key not in HOP_BY_HOP and key not in named]
 
 
-def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str) -> list[tuple[bytes, bytes]]:
+def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str,
+                     elsewhere: bool = False) -> list[tuple[bytes, bytes]]:
     """The client's headers as the hub should see them: ours for the hop, the request id, and the
-    proxy's span as the trace parent when the proxy traces (else the client's context passes through)."""
+    proxy's span as the trace parent when the proxy traces (else the client's context passes through);
+    ``elsewhere``: another hub could take the request (``dialects.ELSEWHERE_HEADER``)."""
     trace = [(name.encode(), value.encode()) for name, value in tracing.inject({}).items()]
     # (not the page's origin, which the proxy judged: a hub of other cors_origins would refuse it)
     replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", b"origin",
-                *(k for k, _ in trace)}
+                dialects.ELSEWHERE_HEADER, *(k for k, _ in trace)}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
     return [(b"host", hub.pool.authority.encode()), *kept, *trace, (b"x-forwarded-for", chain),
-            (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode())]
+            (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode()),
+            *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 
 
 def _final_error(content_type: bytes, message: str) -> bytes:
@@ -173,7 +176,8 @@ class Forwarder:
             outcome.hub = hub.name
             hub.inflight += 1  # what the proxy has outstanding there: the bound of a conversation's affinity
             try:
-                upstream, response = await self._exchange(hub, request, client_ip, request_id)
+                elsewhere = len(tried) < self.config.max_attempts and bool(self.hubs.candidates(model, tried))
+                upstream, response = await self._exchange(hub, request, client_ip, request_id, elsewhere)
                 if upstream is None or response is None:
                     continue
                 another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
@@ -209,8 +213,8 @@ class Forwarder:
             f"No healthy hub serves '{model}' now" if model and self.hubs.serves(model) else "No healthy hub"
         raise ApiError(503, said, retry_after=1)
 
-    async def _exchange(self, hub: Hub, request: Request, client_ip: str,
-                        request_id: str) -> tuple[ClientConnection | None, h11.Response | None]:
+    async def _exchange(self, hub: Hub, request: Request, client_ip: str, request_id: str,
+                        elsewhere: bool) -> tuple[ClientConnection | None, h11.Response | None]:
         """Send the request and read the answer's head; on a broken connection mark the hub down.
         A pooled connection the hub had already closed is retried once on a fresh one."""
         for _ in range(2):
@@ -221,7 +225,7 @@ class Forwarder:
                     try:
                         await upstream.send(
                             h11.Request(method=request.method, target=request.target,
-                                        headers=upstream_headers(request, hub, client_ip, request_id)),
+                                        headers=upstream_headers(request, hub, client_ip, request_id, elsewhere)),
                             h11.Data(data=request.body), h11.EndOfMessage())
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         pass  # a hub may answer (413 ...) and close before reading all: look for its answer
