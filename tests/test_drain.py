@@ -61,6 +61,7 @@ async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
         await eventually(not_ready, "/ready to turn 503")
         refused = await grid.http.post(hub.url + "/v1/chat/completions", json=chat())
         assert refused.status_code == 503 and refused.headers["retry-after"]
+        assert refused.headers["connection"] == "close"  # (a hunt: a next request on it met the exit)
 
     events = await sigterm_mid_stream(grid, hub.url, hub.process, refuses)
     assert events[-1] == "[DONE]"
@@ -175,6 +176,7 @@ async def test_a_draining_proxy_refuses_new_work_and_finishes_its_streams(grid: 
             await eventually(not_ready, "/ready to turn 503")
             refused = await grid.http.post(url + "/v1/chat/completions", json=chat())
             assert refused.status_code == 503 and refused.headers["retry-after"]
+            assert refused.headers["connection"] == "close"  # (a hunt: a next request on it met the exit)
 
         events = await sigterm_mid_stream(grid, url, proxy.process, refuses)
         assert events[-1] == "[DONE]" and len(events) >= 61

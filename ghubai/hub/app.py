@@ -383,7 +383,9 @@ class HubApi:
         except ApiError as error:
             if record.status is None:  # else the stream ended with its own error event
                 record.reason = error.message
-                await _respond(send, error.status, error.body_for(scope["path"]), JSON_ERROR_HEADERS,
+                # (draining, the process goes soon: a kept-alive connection's next request would meet its exit)
+                closing = [(b"connection", b"close")] if self.pool.draining else []
+                await _respond(send, error.status, error.body_for(scope["path"]), [*JSON_ERROR_HEADERS, *closing],
                                error.headers())
         except Exception:
             log.exception("the hub failed to serve a request")

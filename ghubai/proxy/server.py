@@ -154,6 +154,8 @@ class Proxy:
 
     async def _error(self, conn: Connection, request: Request, error: ApiError) -> None:
         tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
+        if self.draining:  # the process goes soon: a kept-alive connection's next request would meet its exit
+            tag["connection"] = "close"
         await conn.respond_error(error, request.path, tag)  # unless the forwarder had begun the answer
 
     async def health(self, conn: Connection, request: Request) -> None:
