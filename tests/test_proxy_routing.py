@@ -342,3 +342,56 @@ async def test_behind_a_proxy_a_hub_whose_workers_drain_sends_requests_on_at_onc
         metrics = (await grid.http.get(draining_hub.value + "/metrics")).text
         assert 'code="503"' in metrics  # (some did go there first: the path under test)
         nursery.cancel_scope.cancel()
+
+
+async def test_behind_a_proxy_a_model_of_one_hub_waits_for_its_draining_worker(grid: Grid) -> None:
+    """Review: while the only worker of a model of one hub drained, no hub listed the model, so the
+    proxy took every healthy hub for a candidate and told that hub another could take the request:
+    it answered 503 at once, and the next hub a 404 ``model_not_found``, which clients take for good.
+    Requests wait for the worker back (a restart), as without a proxy."""
+    a_url, a_sim = await grid.sim(models=["a"], tokens=100_000, itl_ms=5)
+    b_url, _ = await grid.sim(models=["b"])
+    a_hub, b_hub = await grid.hub(), await grid.hub()
+    draining = await grid.worker(a_hub.value, a_url)
+    await grid.worker(b_hub.value, b_url)
+    proxy = await grid.proxy(hubs=(a_hub.value, b_hub.value))
+    for model in ("a", "b"):
+        await grid.wait_for_model(proxy.value, model)
+    statuses: list[int] = []
+    async with trio.open_nursery() as nursery:
+        async def hold() -> None:  # a stream the drain waits for
+            async with grid.http.stream("POST", a_hub.value + "/v1/chat/completions",
+                                        json=chat("a", stream=True)) as response:
+                async for _ in response.aiter_bytes():
+                    pass
+
+        nursery.start_soon(hold)
+
+        async def generating() -> bool:
+            return a_sim.stats.active == 1
+
+        await eventually(generating, "the stream the drain waits for")
+        nursery.start_soon(draining.value.drain)
+
+        async def unlisted() -> bool:
+            hubs = (await grid.http.get(proxy.value + "/health")).json()["hubs"]
+            return not any("a" in hub["models"] for hub in hubs)
+
+        await eventually(unlisted, "the proxy to see no hub list the model")
+
+        async def ask(index: int) -> None:
+            response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat("a", content=f"q{index}"))
+            statuses.append(response.status_code)
+
+        async with trio.open_nursery() as asking:
+            for index in range(6):
+                asking.start_soon(ask, index)
+            async def settled() -> bool:  # each request queued at the model's hub, or answered already
+                queued = (await grid.http.get(a_hub.value + "/api/registry")).json()["queued"]
+                return queued + len(statuses) == 6
+
+            await eventually(settled, "every request to wait at the model's hub, or be answered")
+            back_url, _ = await grid.sim(models=["a"])
+            await grid.worker(a_hub.value, back_url, name="back")  # the worker, restarted
+        nursery.cancel_scope.cancel()
+    assert statuses == [200] * 6, statuses

@@ -176,7 +176,9 @@ class Forwarder:
             outcome.hub = hub.name
             hub.inflight += 1  # what the proxy has outstanding there: the bound of a conversation's affinity
             try:
-                elsewhere = len(tried) < self.config.max_attempts and bool(self.hubs.candidates(model, tried))
+                # another hub that lists the model (not merely one tried for a model no hub lists)
+                elsewhere = bool(model) and len(tried) < self.config.max_attempts and \
+                    any(model in other.models for other in self.hubs.candidates(model, tried))
                 upstream, response = await self._exchange(hub, request, client_ip, request_id, elsewhere)
                 if upstream is None or response is None:
                     continue
