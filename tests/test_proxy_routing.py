@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 from functools import partial
+from typing import Any
 
 import pytest
 import trio
@@ -303,6 +304,23 @@ async def test_a_proxy_with_static_hubs_and_a_registry_is_ready_once_the_registr
         proxy.stop()
 
 
+async def _drain_while_streaming(grid: Grid, nursery: trio.Nursery, hub_url: str, model: str, sim: Any,
+                                 worker: Any) -> None:
+    """``worker`` draining, held up by a stream of ``model`` (from ``sim``) that the nursery keeps."""
+    async def hold() -> None:
+        async with grid.http.stream("POST", hub_url + "/v1/chat/completions", json=chat(model, stream=True)) as answer:
+            async for _ in answer.aiter_bytes():
+                pass
+
+    nursery.start_soon(hold)
+
+    async def generating() -> bool:
+        return sim.stats.active == 1
+
+    await eventually(generating, "the stream the drain waits for")
+    nursery.start_soon(worker.drain)
+
+
 async def test_behind_a_proxy_a_hub_whose_workers_drain_sends_requests_on_at_once(grid: Grid) -> None:
     """Review: a hub keeps requests for a model whose only workers drain, for their return (a
     restart); behind a proxy that had another hub for them, they waited there (up to the drain and
@@ -317,19 +335,7 @@ async def test_behind_a_proxy_a_hub_whose_workers_drain_sends_requests_on_at_onc
     proxy = await grid.proxy(hubs=(draining_hub.value, other_hub.value), health={"interval_s": 60})
     await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
     async with trio.open_nursery() as nursery:
-        async def hold() -> None:  # a stream the drain waits for
-            async with grid.http.stream("POST", draining_hub.value + "/v1/chat/completions",
-                                        json=chat(stream=True)) as response:
-                async for _ in response.aiter_bytes():
-                    pass
-
-        nursery.start_soon(hold)
-
-        async def generating() -> bool:
-            return busy.stats.active == 1
-
-        await eventually(generating, "the stream the drain waits for")
-        nursery.start_soon(draining.value.drain)
+        await _drain_while_streaming(grid, nursery, draining_hub.value, "sim", busy, draining.value)
 
         async def drains() -> bool:
             return [worker["draining"] for worker in await grid.workers(draining_hub.value)] == [True]
@@ -359,19 +365,7 @@ async def test_behind_a_proxy_a_model_of_one_hub_waits_for_its_draining_worker(g
         await grid.wait_for_model(proxy.value, model)
     statuses: list[int] = []
     async with trio.open_nursery() as nursery:
-        async def hold() -> None:  # a stream the drain waits for
-            async with grid.http.stream("POST", a_hub.value + "/v1/chat/completions",
-                                        json=chat("a", stream=True)) as response:
-                async for _ in response.aiter_bytes():
-                    pass
-
-        nursery.start_soon(hold)
-
-        async def generating() -> bool:
-            return a_sim.stats.active == 1
-
-        await eventually(generating, "the stream the drain waits for")
-        nursery.start_soon(draining.value.drain)
+        await _drain_while_streaming(grid, nursery, a_hub.value, "a", a_sim, draining.value)
 
         async def unlisted() -> bool:
             hubs = (await grid.http.get(proxy.value + "/health")).json()["hubs"]
