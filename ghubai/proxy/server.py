@@ -281,8 +281,9 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
         nursery.start_soon(check_health, config, proxy.hubs, http)
         # the port is bound: clients of a proxy just (re)started wait in its backlog for the first
         # checks (every hub starts down) rather than get 503 "No healthy hub"
-        with trio.move_on_after(FIRST_CHECKS_S + 2 * config.health.timeout_s if config.registry_url or config.hubs else 0):
-            await proxy.hubs.checked.wait()
+        if config.registry_url or config.hubs:
+            with trio.move_on_after(FIRST_CHECKS_S + 2 * config.health.timeout_s):
+                await proxy.hubs.checked.wait()
         log.info("proxy serving on %s (registry %s, %d static hubs)", url, redacted(config.registry_url) or "none",
                  len(config.hubs))
         service.ready()

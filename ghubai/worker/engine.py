@@ -47,7 +47,8 @@ class EngineError(Exception):
     """The engine could not serve the call. ``retryable``: another worker may succeed. ``detail``:
     more for the worker's log, which the client must not read (the engine's address)."""
 
-    def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None, detail: str = "") -> None:
+    def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None,
+                 detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -360,7 +361,7 @@ class Engine:
                         raise engine_failure(raw, message)
                     try:
                         value = _decode(raw)
-                    except (ValueError, RecursionError) as error:  # a whole generation, wasted: not done again elsewhere
+                    except (ValueError, RecursionError) as error:  # a whole generation wasted: not done elsewhere
                         raise EngineError(502, f"the engine's answer is not JSON ({error})", retryable=False) from None
                     call.usage = _usage_of(value)
                     try:

@@ -381,9 +381,11 @@ class OpenAIOverOllama:
                 raise Untranslatable("an Ollama engine embeds text, not token ids: send the text")
             return {"model": self.model, "input": inputs, **_dimensions(body)}
         self.include_usage = dialects.wants_usage(body)
-        if type(choices := body.get("n")) is int and choices > 1:  # (what it cannot give, it says: not a 200 without it)
-            raise Untranslatable(f"an Ollama engine makes one choice per request, not n = {choices}: send {choices} requests")
-        if (logprobs := body.get("logprobs")) is True or type(logprobs) is int or body.get("echo") is True:  # (completions': a count)
+        # what it cannot give, it says (not a 200 without it); completions' logprobs is a count
+        if type(choices := body.get("n")) is int and choices > 1:
+            raise Untranslatable(f"an Ollama engine makes one choice per request, not n = {choices}: "
+                                 f"send {choices} requests")
+        if (logprobs := body.get("logprobs")) is True or type(logprobs) is int or body.get("echo") is True:
             raise Untranslatable("an Ollama engine's OpenAI answers carry no logprobs and do not echo the prompt")
         options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
