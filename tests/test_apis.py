@@ -349,6 +349,49 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
     assert (reasoning, content) == ("hm " * 6, "4")
 
 
+async def test_the_ollama_client_gets_a_long_tool_call_an_openai_engine_streams_and_is_not_cut(grid: Grid) -> None:
+    """Regression (hunt): an Ollama client gets a tool call whole in the last line, so while an
+    OpenAI-compatible engine streamed a long one (a coding agent's whole file) the worker sent
+    nothing, and the hub took the silence for a stalled engine: a 504 at first_token_s (idle_s
+    after some text), on every try."""
+    import ollama
+
+    def event(delta: dict[str, object], finish: str | None = None) -> bytes:
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "sim",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+    def piece(arguments: str, name: str = "") -> bytes:
+        return event({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": name, "arguments": arguments}}]})
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path == "/v1/models":
+            await conn.respond_json(200, {"object": "list", "data": [{"id": "sim", "object": "model"}]})
+        elif PROBE_MODEL.encode() in request.body:  # (the worker's probe: no such model)
+            await conn.respond_json(404, {"error": {"message": f"model '{PROBE_MODEL}' not found"}})
+        else:
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(event({"role": "assistant", "content": ""}) + piece('{"text": "', "write_file"))
+            for _ in range(16):  # 1.6 s of arguments: longer than the hub's first_token_s
+                await trio.sleep(0.1)
+                await conn.write(piece("line "))
+            await conn.write(piece('"}') + event({}, "tool_calls") + b"data: [DONE]\n\n")
+            await conn.finish()
+
+    hub = await grid.hub(timeouts={"first_token_s": 1.2, "idle_s": 1.2})
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+
+    def session() -> list[ollama.ChatResponse]:
+        return list(ollama.Client(host=hub.value).chat(
+            model="sim", messages=[{"role": "user", "content": "write it"}], stream=True,
+            tools=[{"type": "function", "function": {"name": "write_file", "parameters": {"type": "object"}}}]))
+
+    parts = await trio.to_thread.run_sync(session)
+    assert parts[-1].done and parts[-1].done_reason == "stop"
+    calls = [call for part in parts for call in part.message.tool_calls or []]
+    assert [(call.function.name, call.function.arguments) for call in calls] == [("write_file", {"text": "line " * 16})]
+
+
 def test_a_name_without_a_tag_is_its_latest_only_when_it_is_not_served_itself() -> None:
     served = {"llama3.2:latest", "foo", "foo:latest", "ns/m:latest", "registry:5000/ns/x:latest"}.__contains__
     assert dialects.tagged("llama3.2", served) == "llama3.2:latest"

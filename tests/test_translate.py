@@ -277,7 +277,8 @@ def test_ollama_final_without_usage_counts_zero() -> None:
 
 
 def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
-    """Tool-call fragments are joined and ordered by index; arguments parsed, or kept raw if not JSON."""
+    """Tool-call fragments are joined and ordered by index, their arguments parsed; a call whose
+    arguments are no JSON object is the text the model wrote (the ollama SDK takes only objects)."""
     translator = ollama_over_openai("ollama.chat")
     translator.request({"model": "m", "messages": []}, stream=True)
     fragments = [
@@ -286,14 +287,14 @@ def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
         {"index": 0, "function": {"name": "ther", "arguments": 'ty": "Paris"}'}},
         {"index": 2, "function": {"name": "broken", "arguments": '{"no'}},
     ]
-    for fragment in fragments:
-        assert translator.chunk({"choices": [{"delta": {"tool_calls": [fragment]}}]}) == []
+    lines = [translator.chunk({"choices": [{"delta": {"tool_calls": [fragment]}}]}) for fragment in fragments]
+    assert [len(found) for found in lines] == [1, 0, 0, 0]  # one empty line: see the test below
     translator.chunk({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
     value = ndjson(translator.final({"prompt_tokens": 9, "completion_tokens": 12}))
-    assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [  # ids kept (Ollama has them)
-        {"id": "a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
-        {"id": "b", "function": {"name": "clock", "arguments": {}}},
-        {"function": {"name": "broken", "arguments": '{"no'}}]}
+    assert value["message"] == {"role": "assistant", "content": '{"name": "broken", "arguments": {"no}',
+                                "tool_calls": [  # ids kept (Ollama has them)
+                                    {"id": "a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
+                                    {"id": "b", "function": {"name": "clock", "arguments": {}}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("stop", 9, 12)
 
 
@@ -411,9 +412,9 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
         "messages": [
             {"role": "system", "content": "sys"},
             {"role": "user", "content": [
-                {"type": "text", "text": "What is "},
+                {"type": "text", "text": "What is this?"},
                 {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
-                {"type": "text", "text": "this?"},
+                {"type": "text", "text": "Answer briefly."},
                 "junk"]},
             {"role": "assistant", "content": None, "tool_calls": [
                 {"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}},
@@ -435,7 +436,7 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
         "format": "json",
         "messages": [
             {"role": "system", "content": "sys"},
-            {"role": "user", "content": "What is this?", "images": ["QUJD"]},
+            {"role": "user", "content": "What is this?\nAnswer briefly.", "images": ["QUJD"]},
             {"role": "assistant", "content": "", "tool_calls": [
                 {"id": "call_1", "function": {"name": "add", "arguments": {"a": 1}}},
                 {"id": "call_2", "function": {"name": "raw", "arguments": "not json"}}]},
@@ -887,3 +888,61 @@ def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> Non
     assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "", "arguments": {"a": 1}}}]
     with pytest.raises(TypeError):
         translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": "1"}]}}]})
+
+
+def test_an_engine_streaming_a_long_tool_call_sends_an_ollama_client_an_empty_line_each_second(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): an Ollama client gets a tool call whole in the last line, so while an
+    OpenAI-compatible engine streamed a long one (a coding agent's whole file) the worker sent
+    nothing, and the hub cut the answer at its idle_s (first_token_s before any text)."""
+    clock = [100.0]
+    monkeypatch.setattr("ghubai.worker.translate.time.monotonic", lambda: clock[0])
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m", "messages": [HI]}, stream=True)
+    piece = {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "line "}}]}}]}
+    sent = []
+    for step in range(30):  # three seconds of arguments, a piece every 0.1 s
+        clock[0] = 100 + step / 10
+        sent.append(translator.chunk(piece))
+    assert [at for at, lines in enumerate(sent) if lines] == [0, 10, 20]
+    assert ndjson(sent[10][0])["message"] == {"role": "assistant", "content": ""}
+    assert ndjson(sent[10][0])["done"] is False
+    assert translator.chunk({"choices": [{"delta": {}}]}) == []  # a role-only or empty chunk stays unsent
+
+
+def test_a_tool_call_cut_or_garbled_reaches_an_ollama_client_as_text_whole_and_streamed() -> None:
+    """Regression (hunt): arguments that are no JSON object (a call cut by max_tokens) reached the
+    client as a string, which Ollama never sends: the ollama SDK raised, and lost the whole stream."""
+    whole = ollama_over_openai("ollama.chat")
+    whole.request({"model": "m", "messages": [HI]}, stream=False)
+    message = {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Pa'}},
+        {"id": "c2", "type": "function", "function": {"name": "list", "arguments": "[1, 2]"}}]}
+    value = json.loads(whole.whole({"choices": [{"message": message, "finish_reason": "length"}]}, None))
+    assert value["message"] == {"role": "assistant", "content": 'Checking.\n{"name": "weather", "arguments": '
+                                '{"city": "Pa}\n{"name": "list", "arguments": [1,2]}'}
+    assert value["done_reason"] == "length"
+    streamed = ollama_over_openai("ollama.chat")
+    streamed.request({"model": "m", "messages": [HI]}, stream=True)
+    streamed.chunk({"choices": [{"delta": {"tool_calls": [
+        {"index": 0, "id": "c1", "function": {"name": "weather", "arguments": '{"city": "Pa'}}]}, "finish_reason": "length"}]})
+    value = ndjson(streamed.final(None))
+    assert value["message"] == {"role": "assistant", "content": '{"name": "weather", "arguments": {"city": "Pa}'}
+    assert value["done_reason"] == "length"
+
+
+def test_content_parts_reach_ollama_apart_and_a_part_ollama_cannot_take_is_untranslatable() -> None:
+    """Regression (hunt): text parts were glued ("...file.Answer in French."), and audio or file
+    parts dropped, the model answering without them."""
+    translator = openai_over_ollama("openai.chat")
+    parts = [{"type": "text", "text": "Summarize the file."}, {"type": "text", "text": "Answer in French."}]
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]}
+    body = {"model": "m", "messages": [{"role": "user", "content": parts}, refused]}
+    assert translator.request(body, stream=False)["messages"] == [
+        {"role": "user", "content": "Summarize the file.\nAnswer in French."},
+        {"role": "assistant", "content": "I cannot."}]
+    for part in ({"type": "input_audio", "input_audio": {"data": "QUJD", "format": "wav"}},
+                 {"type": "file", "file": {"file_data": "QUJD"}}):
+        with pytest.raises(Untranslatable, match=part["type"]):
+            openai_over_ollama("openai.chat").request(
+                {"model": "m", "messages": [{"role": "user", "content": [*parts, part]}]}, stream=False)

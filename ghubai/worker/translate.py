@@ -26,6 +26,7 @@ _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspe
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 _ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options that llama.cpp's and vLLM's OpenAI APIs take too
+PROGRESS_S = 1.0  # at most one empty line a second while an engine streams a tool call (see _progress)
 # OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
 _THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                                  "max": "max", "xhigh": "max", "ultra": "max"}
@@ -132,6 +133,22 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
+    """An engine's tool calls for an Ollama client, and the text of those it cannot take. Ollama's
+    arguments are always an object (the ``ollama`` SDK refuses anything else, and loses a whole
+    stream for it); a call cut by ``max_tokens`` or garbled by a small model is not a call, so it
+    reaches the client as the text the model wrote."""
+    good, text = [], []
+    for call in _tool_calls(calls):
+        function = call["function"]
+        if isinstance(arguments := function["arguments"], dict):
+            good.append(call)
+        else:
+            raw = arguments if isinstance(arguments, str) else _encode(arguments).decode()
+            text.append(f'{{"name": {_encode(function["name"]).decode()}, "arguments": {raw}}}')
+    return good, "\n".join(text)
+
+
 @dataclass
 class _StreamedCall:
     """A tool call an engine streams in pieces, joined once at its end (joining each piece as it
@@ -157,6 +174,7 @@ class OllamaOverOpenAI:
         self.finish_reason = "stop"
         self.calls: dict[int, _StreamedCall] = {}  # streamed tool calls, assembled by index
         self.calls_size = 0
+        self.progress_at = -PROGRESS_S  # when the last line went out while the engine wrote a tool call
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
 
     @staticmethod
@@ -248,17 +266,26 @@ class OllamaOverOpenAI:
             return [_line({**self._answer(text), "done": False})] if text else []
         text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
         if not (text or thinking):
-            return []
+            return self._progress() if delta.get("tool_calls") else []
         return [_line({**self._answer(text, **({"thinking": thinking} if thinking else {})), "done": False})]
+
+    def _progress(self) -> list[bytes]:
+        """An empty line while the engine writes a tool call, which an Ollama client gets whole in the
+        last line. A call's arguments can be a whole file that takes minutes to write: without these
+        lines the hub would take the worker's silence for a stalled engine and cut the answer at its
+        ``idle_s`` (``first_token_s`` before any text). Ollama's clients read such a line as nothing new."""
+        now = time.monotonic()
+        if now - self.progress_at < PROGRESS_S:
+            return []
+        self.progress_at = now
+        return [_line({**self._answer(""), "done": False})]
 
     def final(self, usage: dict[str, int] | None) -> bytes:
         """The last line, when the engine said [DONE]."""
-        extra = {}
-        if self.calls:
-            extra["tool_calls"] = _tool_calls([
-                {"id": call.id, "function": {"name": "".join(call.name), "arguments": "".join(call.arguments)}}
-                for _, call in sorted(self.calls.items())])
-        return _line({**self._answer("", **extra), **self._counts(usage)})
+        calls, text = _answered_calls([
+            {"id": call.id, "function": {"name": "".join(call.name), "arguments": "".join(call.arguments)}}
+            for _, call in sorted(self.calls.items())])
+        return _line({**self._answer(text, **({"tool_calls": calls} if calls else {})), **self._counts(usage)})
 
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
         """A non-streamed answer."""
@@ -277,10 +304,12 @@ class OllamaOverOpenAI:
         self.finish_reason = choice.get("finish_reason") or "stop"
         if self.api == "ollama.chat":
             message = choice.get("message") or {}
-            extra: dict[str, Any] = {"tool_calls": _tool_calls(message["tool_calls"])} if message.get("tool_calls") else {}
+            calls, unparsed = _answered_calls(message.get("tool_calls") or [])
+            extra: dict[str, Any] = {"tool_calls": calls} if calls else {}
             if thinking := _text(_reasoning(message)):
                 extra["thinking"] = thinking
-            answer = self._answer(_text(message.get("content")), **extra)
+            text = _text(message.get("content"))
+            answer = self._answer("\n".join(filter(None, (text, unparsed))), **extra)
         else:
             answer = self._answer(_text(choice.get("text")))
         return _encode({**answer, **self._counts(usage)})
@@ -314,10 +343,14 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     converted: dict[str, Any] = {"role": "system" if role == "developer" else role}
     content = message.get("content")
     if isinstance(content, list):
-        converted["content"] = "".join(part.get("text", "") for part in content
-                                       if isinstance(part, dict) and part.get("type") == "text")
-        images = [_base64_image(part["image_url"]["url"]) for part in content
-                  if isinstance(part, dict) and part.get("type") == "image_url"]
+        parts = [part for part in content if isinstance(part, dict)]
+        if unsaid := {str(part.get("type")) for part in parts} - {"text", "refusal", "image_url"}:
+            raise Untranslatable(f"an Ollama engine takes text and images, not content parts of type "
+                                 f"{', '.join(sorted(unsaid))}")
+        # parts apart, as the client wrote them (Ollama makes each part a message, vLLM joins with a line end)
+        texts = (part.get("refusal" if part.get("type") == "refusal" else "text") for part in parts)
+        converted["content"] = "\n".join(text for text in texts if isinstance(text, str))
+        images = [_base64_image(part["image_url"]["url"]) for part in parts if part.get("type") == "image_url"]
         if images:
             converted["images"] = images
     else:
