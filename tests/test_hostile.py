@@ -10,6 +10,8 @@ import json
 import logging
 import random
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -456,6 +458,21 @@ async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, r
         assert (await grid.http.post(server + "/v1/chat/completions", json=chat())).status_code == 200
     for stream in held[1:]:
         await stream.aclose()
+
+
+def test_the_connection_cap_raises_the_soft_file_limit_as_far_as_the_hard_one_allows() -> None:
+    """Regression (hunt): under a unit's or a shell's default soft limit of 1024 the proxy took 480
+    clients, not its max_connections of 10000, though the hard limit allowed them all. (In a child
+    process: a hard limit once lowered cannot be raised again.)"""
+    code = """if True:
+        import resource
+        from ghubai.http11.server import connection_cap
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1000))
+        print(connection_cap(400, 2, "k"), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        print(connection_cap(800, 2, "k"), resource.getrlimit(resource.RLIMIT_NOFILE)[0])  # the hard limit bounds it
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.split() == ["400", "864", str((1000 - 64) // 2), "1000"]
 
 
 async def test_a_registry_file_that_is_no_file_or_huge_is_refused_at_once(grid: Grid, tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ def test_unit_is_a_hardened_notify_service(role: str) -> None:
     assert unit["ExecReload"] == "/bin/kill -HUP $MAINPID" and unit["WatchdogSec"]
     assert {key: unit.get(key) for key in HARDENING} == HARDENING
     assert "ReadWritePaths" not in unit  # no role writes to disk
+    if role != "registry":  # a connection per client, or two per request at a worker of 1024 slots
+        assert unit["LimitNOFILE"] == "65536"
     if role == "worker":  # ready once a hub welcomed it: waiting for hubs is no failed start
         assert unit["TimeoutStartSec"] == "infinity"
 

@@ -243,8 +243,17 @@ class Connection:
 
 def connection_cap(wanted: int, descriptors_each: int, key: str) -> int:
     """``wanted`` open client connections, but no more than the file limit allows when each takes
-    ``descriptors_each`` file descriptors, with some kept for the process itself."""
-    allowed = max(1, (resource.getrlimit(resource.RLIMIT_NOFILE)[0] - 64) // descriptors_each)
+    ``descriptors_each`` file descriptors, with some kept for the process itself. The soft limit is
+    raised first as far as the hard one allows: a shell's or a unit's default soft limit is 1024,
+    which would cap a proxy at 480 clients while the hard limit (524288 under systemd) allows all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # (Linux allows no infinite one)
+    if soft < (raised := min(wanted * descriptors_each + 64, hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):  # (a sandbox may refuse)
+            pass
+    allowed = max(1, (soft - 64) // descriptors_each)
     if wanted > allowed:
         log.info("%s %d is more than the file limit allows: %d", key, wanted, allowed)
     return min(wanted, allowed)
