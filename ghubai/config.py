@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from ghubai.protocol import MAX_ANSWER_BYTES
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; ``errors`` holds one line per problem, key first."""
@@ -235,14 +237,10 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
 SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
 
 
-MAX_HUB_BODY_BYTES = 48 << 20  # a request frame, and a batch of frames before it, stay under protocol.MAX_MESSAGE_BYTES
-
-
-def _hub_body_limit(value: int) -> str | None:
-    if value > MAX_HUB_BODY_BYTES:
-        return (f"must be at most {MAX_HUB_BODY_BYTES} (48 MiB): a request goes to its worker in one "
-                f"WebSocket message of at most 64 MiB, got {value}")
-    return _at_least(1024)(value)
+def _bytes_up_to(high: int, why: str) -> Check:
+    """At least 1 KiB, at most ``high`` bytes (a size the grid's protocol cannot go past, ``why``)."""
+    return lambda value: (f"must be at most {high} ({high >> 20} MiB): {why}, got {value}" if value > high
+                          else _at_least(1024)(value))
 
 
 def max_small_pieces(max_body_bytes: int) -> int:
@@ -255,7 +253,8 @@ def max_small_pieces(max_body_bytes: int) -> int:
 @dataclass(frozen=True)
 class HubLimits:
     """``[limits]`` of ``hub.toml``: request size, queue and budgets."""
-    max_body_bytes: int = _key(_hub_body_limit,
+    max_body_bytes: int = _key(_bytes_up_to(48 << 20, "a request goes to its worker in one WebSocket message "
+                                            "of at most 64 MiB"),
                                "larger request bodies get 413, and so do bodies sent in more "
                                "than max(1024, this / 1024) pieces under 1 KiB (at most 48 MiB)", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
@@ -267,8 +266,9 @@ class HubLimits:
     max_attempts: int = _key(_at_least(1), "workers tried for a request that has sent no byte yet", default=3)
     max_worker_concurrency: int = _key(_at_least(1), "the most slots a worker's hello may claim; more is cut to this",
                                        default=1024)
-    max_answer_bytes: int = _key(_at_least(1024), "a larger non-streamed answer gets 502 (a stream has no bound)",
-                                 default=64 * 1024 * 1024)
+    max_answer_bytes: int = _key(_bytes_up_to(MAX_ANSWER_BYTES, "a worker returns no larger whole answer"),
+                                 "a larger non-streamed answer gets 502 (a stream has no bound; at most 64 MiB)",
+                                 default=MAX_ANSWER_BYTES)
     requests_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
     tokens_per_minute: int = _key(_at_least(0), "per client key; 0 = off", default=0)
     max_connections: int = _key(_at_least(1), "open connections, clients' and workers' links together; more are "

@@ -38,6 +38,7 @@ queue_timeout_s = 2
     ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
     ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
     ("[limits]\nmax_body_bytes = 100_000_000", "hub.toml: limits.max_body_bytes: must be at most 50331648 (48 MiB)"),
+    ("[limits]\nmax_answer_bytes = 268435456", "hub.toml: limits.max_answer_bytes: must be at most 67108864 (64 MiB)"),
     ('api_keys = ["s3cret\\n"]', "hub.toml: api_keys: must be visible ASCII (spaces inside allowed), with no line"),
     ('provider_tokens = [" t"]', "hub.toml: provider_tokens: must be visible ASCII"),
     ('api_keys = ["clé"]', "hub.toml: api_keys: must be visible ASCII"),  # (regression, hunt: passed, never matched)
