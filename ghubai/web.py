@@ -1,15 +1,22 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Carries three fixes to hypercorn 0.18 (two to its trio server, one to its HTTP/2), a cap, and one
+Carries four fixes to hypercorn 0.18 (two to its trio server, two to its HTTP/2), a cap, and one
 shortcut:
 - quart-trio runs a connection's close inside the request's already-cancelled scope, so
   ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
 - every socket write is shielded from cancellation and has no timeout, so a client that stops
   reading blocks its request (and the worker slot behind it) for ever, and a server with such a
-  client can never stop. Here a write not done ``write_timeout_s`` after its turn came closes the
+  client can never stop. Here a write that makes no progress for ``write_timeout_s`` (it goes in
+  pieces of 64 KiB, so a slow but steady reader of a large answer is not cut) closes the
   connection, and when the server is cancelled every pending write is cut at once. A write the
   socket takes whole at once skips all that (``ghubai.sockets.write_now``).
+- over HTTP/2 a stream's answer waits for the client's flow-control window, but a window that
+  stays shut did not hold the app back: a stream's buffer grew without bound (an app that stopped
+  reading one stream, or ``SETTINGS_INITIAL_WINDOW_SIZE`` 0, made the hub hold the whole answer
+  while the worker generated on). Here the buffer holds the app back, and a stream whose window
+  lets no piece of 64 KiB through for ``write_timeout_s`` is reset, its request cancelled as when
+  its client leaves.
 - an ASGI app hears that its client left only from ``receive()``, so a request that must stop when
   its client leaves needs a task of its own waiting on it (measured: 11 % of the hub's CPU for a
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
@@ -32,19 +39,23 @@ refuses to import when those methods are gone or have changed shape, rather than
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from functools import partial
 from importlib.metadata import version
 from typing import Any
 
+import h2.errors
 import h2.events
+import h2.exceptions
+import priority
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
-from hypercorn.protocol.events import StreamClosed
-from hypercorn.protocol.h2 import H2Protocol
+from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -54,7 +65,9 @@ from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
-            HTTPStream: {"handle": ["self", "event"]}, H2Protocol: {"_handle_events": ["self", "events"]}}
+            HTTPStream: {"handle": ["self", "event"]}, StreamBuffer: {"pop": ["self", "max_length"]},
+            H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
+WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
 
@@ -131,8 +144,10 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
             self.config.pending_writes.add(write)
             try:
                 async with self.send_lock:  # a write ahead of this one has its own deadline
-                    write.deadline = trio.current_time() + self.config.write_timeout_s
-                    await self.stream.send_all(data)
+                    view = memoryview(data)
+                    for start in range(0, len(view), WRITE_PIECE_BYTES):
+                        write.deadline = trio.current_time() + self.config.write_timeout_s
+                        await self.stream.send_all(view[start:start + WRITE_PIECE_BYTES])
             finally:
                 self.config.pending_writes.discard(write)
         if write.cancelled_caught:
@@ -141,6 +156,9 @@ async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
         # closing may cancel this very task (CLIENT_GONE): shielded, so that every stream hears of it
         with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout_s):
             await self.protocol.handle(Closed())
+        # and the socket closed: hypercorn would go on reading a client that sends nothing, which
+        # then waits for the rest of its answer (through a proxy, for response_timeout_s)
+        await trio.aclose_forcefully(self.stream)
 
 
 TCPServer.protocol_send = _bounded_protocol_send  # type: ignore[method-assign]
@@ -173,6 +191,48 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
 
 
 H2Protocol._handle_events = _h2_events  # type: ignore[method-assign]
+
+
+async def _pop(self: StreamBuffer, max_length: int) -> bytes:
+    """hypercorn's, but the app is let go on only once the buffer is low, not whenever a pop took
+    little: with a shut window every pop takes nothing, and so let every push through."""
+    data = bytes(self.buffer[:max_length])
+    del self.buffer[:max_length]
+    if len(self.buffer) < BUFFER_LOW_WATER:
+        await self._paused.set()
+    if not self.buffer:
+        await self._is_empty.set()
+    return data
+
+
+StreamBuffer.pop = _pop  # type: ignore[method-assign]
+
+_hypercorn_stream_send = H2Protocol.stream_send
+
+
+async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
+    if not isinstance(event, Body | Data | EndBody | EndData | Trailers) or not isinstance(self.config, GhubConfig):
+        await _hypercorn_stream_send(self, event)
+        return
+    if isinstance(event, Body | Data) and len(event.data) > WRITE_PIECE_BYTES:
+        for start in range(0, len(event.data), WRITE_PIECE_BYTES):  # a deadline for each
+            await _bounded_stream_send(self, type(event)(event.stream_id, event.data[start:start + WRITE_PIECE_BYTES]))
+        return
+    with trio.move_on_after(self.config.write_timeout_s) as wait:  # for the client's window
+        await _hypercorn_stream_send(self, event)
+    if wait.cancelled_caught:
+        stream_id = event.stream_id
+        with contextlib.suppress(h2.exceptions.ProtocolError):  # (closed meanwhile)
+            self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+        if (buffer := self.stream_buffers.pop(stream_id, None)) is not None:
+            await buffer.close()
+            with contextlib.suppress(priority.MissingStreamError):
+                self.priority.remove_stream(stream_id)
+        await self._flush()
+        await self._close_stream(stream_id)  # its request hears its client is gone (CLIENT_GONE)
+
+
+H2Protocol.stream_send = _bounded_stream_send  # type: ignore[method-assign]
 
 
 def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0,

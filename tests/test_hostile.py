@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import h11
 import httpx
@@ -522,6 +523,16 @@ async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
     assert sim.stats.completed == 2
 
 
+def h2_post(conn: Any, body: dict[str, object], received: dict[int, bytearray]) -> int:
+    """A chat request on a new stream of a client's ``h2`` connection; its answer's bytes go to ``received``."""
+    stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()
+    conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                                  (":authority", "127.0.0.1"), ("content-length", str(len(raw)))])
+    conn.send_data(stream_id, raw, end_stream=True)
+    received[stream_id] = bytearray()
+    return stream_id
+
+
 async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_the_connection(grid: Grid) -> None:
     """A client that leaves one HTTP/2 stream (RST_STREAM, the connection kept, as browsers and
     gRPC-style clients do) stops that stream's generation only; its neighbour finishes."""
@@ -543,14 +554,6 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
         async with sending:
             await stream.send_all(conn.data_to_send())
 
-    def post(body: dict[str, object]) -> int:
-        stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()
-        conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
-                                      (":authority", "127.0.0.1"), ("content-length", str(len(raw)))])
-        conn.send_data(stream_id, raw, end_stream=True)
-        received[stream_id] = bytearray()
-        return stream_id
-
     async def read(stream: trio.SocketStream) -> None:
         while data := await stream.receive_some(65536):
             for event in conn.receive_data(data):
@@ -563,7 +566,8 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
 
     async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
             trio.open_nursery() as nursery:
-        leaving, staying = post(chat(stream=True)), post(chat(stream=True, max_tokens=50))
+        leaving = h2_post(conn, chat(stream=True), received)
+        staying = h2_post(conn, chat(stream=True, max_tokens=50), received)
         await flush(stream)
         nursery.start_soon(read, stream)
 
@@ -580,6 +584,49 @@ async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_t
         await eventually(stopped, "the engine to stop for the reset stream, and the other to end")
         assert received[staying].endswith(b"data: [DONE]\n\n") and leaving not in ended
         nursery.cancel_scope.cancel()
+
+
+async def test_an_http2_stream_whose_window_stays_shut_is_reset_at_idle_s_and_spares_its_neighbour(
+        grid: Grid) -> None:
+    """Regression (hunt): a client that reads its connection but grants one stream no window (an app
+    that stopped reading it) was never cut: the hub buffered the whole answer (+19 MB in 8 s) while
+    the engine generated on, and held the worker's slot for total_s. Over HTTP/1.1 the same client
+    is cut at idle_s."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
+    await grid.worker(hub.value, sim_url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    received: dict[int, bytearray] = {}
+    ended: dict[int, str] = {}
+
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
+        shut = h2_post(conn, chat(stream=True), received)
+        open_ = h2_post(conn, chat(stream=True, max_tokens=50), received)
+        await stream.send_all(conn.data_to_send())
+        with trio.fail_after(WAIT_S):
+            while len(ended) < 2:
+                for event in conn.receive_data(await stream.receive_some(65536)):
+                    if isinstance(event, h2.events.DataReceived):
+                        received[event.stream_id] += event.data
+                        if event.stream_id == open_:
+                            conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        else:  # the connection's window only: the stream's stays shut
+                            conn.increment_flow_control_window(event.flow_controlled_length)
+                    elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                        ended[event.stream_id] = type(event).__name__
+                await stream.send_all(conn.data_to_send())
+    assert ended == {shut: "StreamReset", open_: "StreamEnded"} and received[open_].endswith(b"data: [DONE]\n\n")
+    assert len(received[shut]) < 1 << 20  # its window's worth, no more
+
+    async def stopped() -> bool:
+        return sim.stats.cancelled == 1 and sim.stats.active == 0
+
+    await eventually(stopped, "the engine to stop for the reset stream")
 
 
 async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:

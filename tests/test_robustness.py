@@ -293,8 +293,33 @@ async def test_a_client_that_reads_nothing_for_idle_s_is_dropped_and_its_slot_fr
             return worker["inflight"] == 0 and sim.stats.active == 0 and sim.stats.cancelled == 1
 
         await eventually(released, "the stalled client to be dropped and its generation stopped")
+        with trio.fail_after(WAIT_S):  # regression (hunt): the hub stopped writing but kept the connection
+            while await sock.recv(65536):  # open, and the client waited for the rest (through a proxy, for
+                pass  # response_timeout_s): what was sent, then the end
     finally:
         sock.close()
+
+
+async def test_a_slow_but_steady_reader_of_a_large_whole_answer_gets_all_of_it(grid: Grid) -> None:
+    """Regression (hunt): idle_s bounded a whole write, not its progress, so a client that read a
+    1.6 MB answer steadily at 1.3 MB/s lost its end (with the defaults: any answer that took more
+    than 120 s to deliver, a large batch of embeddings to a distant client)."""
+    sim_url, _ = await grid.sim(tokens=300_000, itl_ms=0, ttft_ms=1)  # about 1.6 MB whole
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
+    await grid.worker(hub.value, sim_url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    await sock.connect(("127.0.0.1", int(hub.value.rsplit(":", 1)[1])))
+    body = json.dumps(chat()).encode()
+    await sock.send(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    answer = bytearray()
+    with trio.fail_after(WAIT_S * 2), sock:
+        while data := await sock.recv(16384):  # about 800 KB/s: two seconds for the answer
+            answer += data
+            await trio.sleep(0.02)
+    head, _, rest = bytes(answer).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and json.loads(rest)["usage"]["completion_tokens"] == 300_000
 
 
 async def test_a_duplicate_request_id_is_refused_and_the_worker_lives_on(grid: Grid) -> None:

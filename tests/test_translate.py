@@ -924,8 +924,8 @@ def test_a_tool_call_cut_or_garbled_reaches_an_ollama_client_as_text_whole_and_s
     assert value["done_reason"] == "length"
     streamed = ollama_over_openai("ollama.chat")
     streamed.request({"model": "m", "messages": [HI]}, stream=True)
-    streamed.chunk({"choices": [{"delta": {"tool_calls": [
-        {"index": 0, "id": "c1", "function": {"name": "weather", "arguments": '{"city": "Pa'}}]}, "finish_reason": "length"}]})
+    call = {"index": 0, "id": "c1", "function": {"name": "weather", "arguments": '{"city": "Pa'}}
+    streamed.chunk({"choices": [{"delta": {"tool_calls": [call]}, "finish_reason": "length"}]})
     value = ndjson(streamed.final(None))
     assert value["message"] == {"role": "assistant", "content": '{"name": "weather", "arguments": {"city": "Pa}'}
     assert value["done_reason"] == "length"
