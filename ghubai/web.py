@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from functools import partial
 from importlib.metadata import version
 from typing import Any
@@ -242,6 +243,10 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     config.max_connections, config.who = max_connections, who
     config.bind = [listen]
     config.graceful_timeout = graceful_timeout_s
+    # hypercorn ends a connection after 1,000 requests; over HTTP/2 with a GOAWAY that fails the
+    # request that came past it (httpx raises RemoteProtocolError): one request in a thousand of a
+    # long-lived client. A connection's requests cost nothing that grows, so there is no such end.
+    config.keep_alive_max_requests = sys.maxsize
     config.include_server_header = False
     config.accesslog = None
     config.errorlog = None

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import h11
+import httpx
 import pytest
 import trio
 import trio_websocket
@@ -320,6 +321,15 @@ async def test_a_slow_but_steady_reader_of_a_large_whole_answer_gets_all_of_it(g
             await trio.sleep(0.02)
     head, _, rest = bytes(answer).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and json.loads(rest)["usage"]["completion_tokens"] == 300_000
+
+
+async def test_an_http2_client_s_thousand_and_first_request_on_one_connection_is_answered(grid: Grid) -> None:
+    """Regression (hunt): hypercorn ended an HTTP/2 connection after 1,000 requests with a GOAWAY
+    that failed the request past it: httpx raised RemoteProtocolError, one call in a thousand."""
+    hub = await grid.hub()
+    async with httpx.AsyncClient(http1=False, http2=True, timeout=WAIT_S) as client:
+        for _ in range(1005):
+            assert (await client.get(hub.value + "/health")).status_code == 200
 
 
 async def test_a_duplicate_request_id_is_refused_and_the_worker_lives_on(grid: Grid) -> None:
