@@ -110,6 +110,9 @@ async def test_the_least_loaded_worker_is_chosen(autojump_clock: trio.testing.Mo
     assert await pool.acquire("m", "openai.chat", set(), soon()) is big
     assert (big.inflight, small.inflight) == (3, 1)
     assert trio.current_time() == 0.0
+    small.reported = 0  # the worker's report: this hub's request is done ...
+    big.reported = 4  # ... and another hub fills the big one
+    assert [(w.describe()["inflight"], w.describe()["busy"]) for w in (small, big)] == [(1, 1), (3, 4)]
 
 
 async def test_ties_go_to_the_first_worker_added(autojump_clock: trio.testing.MockClock) -> None:

@@ -52,6 +52,7 @@ async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
 
 @pytest.mark.parametrize("changes, health", [
     ({}, "ok"), ({"inflight": 4}, "full"), ({"last_seen_s": 21.0}, "late"),
+    ({"busy": 4}, "full"),  # regression (hunt): filled by another hub's requests, it was "ok" beside a queue
     ({"problem": "credentials refused"}, "engine: credentials refused"), ({"draining": True, "inflight": 4}, "draining"),
 ])
 def test_a_workers_health_is_one_word_for_page_and_terminal(changes: dict[str, Any], health: str) -> None:

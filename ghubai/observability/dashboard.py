@@ -32,7 +32,8 @@ def worker_health(worker: dict[str, Any], heartbeat_s: float) -> str:
         return "?"
     if heartbeat_s and seen > 2 * heartbeat_s:
         return "late"
-    return "full" if inflight >= slots else "ok"
+    busy = worker.get("busy", inflight)  # its slots other hubs use too (an older hub does not say)
+    return "full" if isinstance(busy, int | float) and busy >= slots else "ok"
 
 
 def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[str, int],
