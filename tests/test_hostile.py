@@ -523,6 +523,25 @@ async def test_the_hub_speaks_http2_too(grid: Grid) -> None:
     assert sim.stats.completed == 2
 
 
+async def test_a_path_with_a_doubled_slash_is_an_unknown_endpoint_at_hub_and_proxy_never_a_redirect(
+        grid: Grid) -> None:
+    """Regression (hunt): //v1/chat/completions was a 500 and a traceback at the hub, and
+    /v1//chat/completions through the proxy a 308 to the hub's own address, which the openai SDK
+    follows past the proxy (a base URL and a path joined by hand make such paths)."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    for server in (hub.value, proxy.value):
+        for method, path in (("POST", "//v1/chat/completions"), ("POST", "/v1//chat/completions"),
+                             ("POST", "/api//chat"), ("GET", "/v1//models"), ("GET", "/api//registry")):
+            answer = await grid.http.request(method, server + path, json=chat())
+            assert (answer.status_code, "location" in answer.headers) == (404, False), (server, path)
+            error = answer.json()["error"]
+            assert "Unknown endpoint" in (error if path.startswith("/api") else error["message"]), (server, path)
+
+
 def h2_post(conn: Any, body: dict[str, object], received: dict[int, bytearray]) -> int:
     """A chat request on a new stream of a client's ``h2`` connection; its answer's bytes go to ``received``."""
     stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()

@@ -44,6 +44,15 @@ async def test_every_hop_speaks_tls_with_the_grids_own_ca(grid: Grid, tls: dict[
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
 
 
+async def test_a_hub_url_whose_scheme_is_upper_case_is_dialled_over_tls_too(grid: Grid, tls: dict[str, str]) -> None:
+    """Regression (hunt): WSS:// passed ``ghubai check`` and was dialled in the clear, the provider
+    token with it."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
+    linked = await grid.worker("WSS://" + hub.value.removeprefix("https://"), sim_url, ca_file=tls["ca"])
+    assert linked.value.welcomed.is_set()  # (it waits for the hub's welcome, which only TLS gets)
+
+
 async def test_a_certificate_from_another_ca_is_refused_on_each_hop(grid: Grid, tls: dict[str, str],
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     sim_url, _ = await grid.sim()

@@ -23,7 +23,7 @@ import msgspec
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import PathConverter
 
 from ghubai import __version__, affinity, cors, dialects, protocol
@@ -227,6 +227,9 @@ class HubApi:
         self.metrics = Metrics("hub", pool.serves)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
+        # a path with "//" is an unknown endpoint, as at the proxy: werkzeug would redirect it with a
+        # 308 to the hub's own address (past the proxy, and the SDKs follow redirects)
+        app.url_map.merge_slashes = False
         app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes,
                           BODY_TIMEOUT=BODY_TIMEOUT_S)
         self._inner = app.asgi_app
@@ -238,7 +241,7 @@ class HubApi:
         for path, route in INFERENCE.items():  # served in _asgi; here so quart answers other methods with 405
             app.add_url_rule(path, route.api, self._not_here, methods=["POST"])
         app.url_map.converters["name"] = ModelName
-        app.add_url_rule("/v1/models/<name:model>", "one_model", self.one_model, methods=["GET"], merge_slashes=False)
+        app.add_url_rule("/v1/models/<name:model>", "one_model", self.one_model, methods=["GET"])
         for path, view in (("/v1/models", self.list_models),
                            ("/api/tags", self.ollama_tags), ("/api/ps", self.ollama_running),
                            ("/api/version", self.ollama_version), ("/", self.ollama_root),
@@ -353,7 +356,9 @@ class HubApi:
     # -- inference -------------------------------------------------------------------------------
 
     async def _not_here(self) -> Response:
-        raise AssertionError("inference routes are served in HubApi._asgi")
+        """Inference routes are served in ``_asgi``; only a path werkzeug reads as one comes here
+        (it strips leading slashes: ``//v1/chat/completions``)."""
+        raise NotFound()
 
     async def _inference(self, route: Route, scope: dict[str, Any], receive: Any, send: Send, record: Record) -> None:
         """Check, read and validate the request, then run it in a cancel scope that hypercorn's

@@ -216,7 +216,7 @@ class Worker:
         headers = [(b"authorization", f"Bearer {self.config.provider_token}".encode())] \
             if self.config.provider_token else []
         tls = tls_client_context(self.config.ca_file, self.config.allow_invalid_certs) \
-            if url.startswith("wss://") else None
+            if urlsplit(url).scheme == "wss" else None  # (any case: WSS:// passes the check)
         while True:
             try:
                 async with self._dial(url, tls, headers) as (ws, stream):
