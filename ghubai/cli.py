@@ -7,6 +7,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Awaitable, Callable
@@ -320,6 +321,8 @@ def _startup_error(error: BaseException) -> str | None:
         error = error.exceptions[0]
     if isinstance(error, ssl.SSLError):
         return f"TLS certificate or key refused: {error.reason or error}"
+    if isinstance(error, socket.gaierror):
+        return f"cannot listen: the host name does not resolve ({error.strerror})"
     if not isinstance(error, OSError) or error.errno not in _STARTUP_ERRNOS:
         return None
     if error.errno == errno.EACCES and not error.filename:  # a bind: no file is named

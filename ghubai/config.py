@@ -7,7 +7,9 @@ a file is collected (``ghubai check`` prints them all); a daemon reports the fir
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import os
 import re
 import socket
@@ -42,6 +44,8 @@ def split_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    elif ":" in host:  # "::1" would be host ":" and port 1
+        raise ValueError(f"expected HOST:PORT, with an IPv6 address in brackets ([::1]:7197), got {text!r}")
     return host, int(port)
 
 
@@ -107,9 +111,12 @@ def hub_address_problem(address: str) -> str | None:
 
 def hub_address(address: str) -> str:
     """The one spelling of a valid hub address (``hub_address_problem``): scheme and host in lower
-    case, no default port, no trailing "/". ``HTTP://Hub1:80/`` and ``http://hub1`` are one hub."""
+    case, an IP address in its shortest form, no default port, no trailing "/". ``HTTP://Hub1:80/``
+    and ``http://hub1`` are one hub, and so are ``http://[::1]`` and ``http://[0:0::1]``."""
     parts = urlsplit(address)
     scheme, host = parts.scheme.lower(), parts.hostname or ""
+    with contextlib.suppress(ValueError):  # (a name)
+        host = str(ipaddress.ip_address(host))
     port = "" if parts.port in (None, {"http": 80, "https": 443}.get(scheme)) else f":{parts.port}"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}{port}"
 

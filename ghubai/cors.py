@@ -16,6 +16,7 @@ attacker pointed at 127.0.0.1 (DNS rebinding) is no page of the server's, as Oll
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
@@ -35,6 +36,10 @@ _DEFAULT_PORTS = {"http": ":80", "https": ":443"}  # a browser names an origin w
 
 def _origin(name: str) -> bytes:
     name = name.lower()
+    if not name.isascii():  # an international host as configured: a browser names it in punycode
+        with contextlib.suppress(UnicodeError, ValueError):
+            host = urlsplit(name).hostname or ""
+            name = name.replace(host, host.encode("idna").decode(), 1)
     scheme = name.partition("://")[0]
     return name.removesuffix(_DEFAULT_PORTS.get(scheme, "\0")).encode()
 

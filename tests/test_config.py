@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_ghubai
+from ghubai.cli import _startup_error
 from ghubai.config import ConfigError, load, parse, redacted, url_problem
 from ghubai.configfiles import default_text
 
@@ -36,6 +37,7 @@ queue_timeout_s = 2
     ("colour = 1", "hub.toml: colour: unknown key"),
     ("listen = 7197", "hub.toml: listen: expected a string"),
     ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
+    ('listen = "::1"', "hub.toml: listen: expected HOST:PORT, with an IPv6 address in brackets"),  # (hunt: port 1)
     ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
     ("[limits]\nmax_body_bytes = 100_000_000", "hub.toml: limits.max_body_bytes: must be at most 50331648 (48 MiB)"),
     ("[limits]\nmax_answer_bytes = 268435456", "hub.toml: limits.max_answer_bytes: must be at most 67108864 (64 MiB)"),
@@ -180,6 +182,9 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
                                                              "(another process serves that port?)"
     finally:
         taken.close()
+    unresolved = socket.gaierror(socket.EAI_NONAME, "Name or service not known")  # (no lookup here: loopback only)
+    assert _startup_error(ExceptionGroup("start", [unresolved])) == \
+        "cannot listen: the host name does not resolve (Name or service not known)"
     (tmp_path / "hub.toml").write_text(f'tls_cert = "{tmp_path}/missing.pem"\n')
     result = run_ghubai("hub", "--config", str(tmp_path / "hub.toml"))
     assert result.returncode == 2 and "tls_cert: cannot read" in result.stderr and "missing.pem" in result.stderr

@@ -307,10 +307,11 @@ def test_one_hub_however_its_address_is_spelled() -> None:
     """Regression (hunt): ``http://hub1:7197``, ``http://HUB1:7197/`` and ``HTTP://hub1:7197`` were
     three hubs to the registry's check and to the proxy: three health checks, three turns in the
     round robin, three rows in /health for one hub."""
-    spellings = ["http://hub1:7197", "http://HUB1:7197/", "HTTP://hub1:7197", "http://[FD00::1]:80/"]
+    spellings = ["http://hub1:7197", "http://HUB1:7197/", "HTTP://hub1:7197", "http://[FD00::1]:80/",
+                 "http://[fd00:0::0:1]"]  # (hunt: an IPv6 address spelled two ways was two hubs)
     assert {hub_address(spelling) for spelling in spellings} == {"http://hub1:7197", "http://[fd00::1]"}
     text = "".join(f'[[hubs]]\nname = "n{index}"\naddress = "{address}"\n' for index, address in enumerate(spellings))
-    with pytest.raises(ConfigError, match="hub addresses must be unique: http://hub1:7197"):
+    with pytest.raises(ConfigError, match=r"hub addresses must be unique: http://\[fd00::1\], http://hub1:7197"):
         parse("registry", text)
     hubs = HubSet(1.0, ssl.create_default_context())
     hubs.update([(f"n{index}", address) for index, address in enumerate(spellings)])
