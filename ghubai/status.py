@@ -14,7 +14,7 @@ import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
 from ghubai.http11.client import tls_client_context
-from ghubai.observability.dashboard import worker_health
+from ghubai.observability.dashboard import capacity, number, worker_health
 
 TIMEOUT_S = 5.0
 
@@ -22,12 +22,6 @@ TIMEOUT_S = 5.0
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-
-
-def _number(worker: dict[str, Any], key: str) -> float | None:
-    """A worker's figure, or None: a proxy passes on what any hub sent, of any version."""
-    value = worker.get(key)
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _figure(value: float | None, form: str = "g") -> str:
@@ -40,12 +34,11 @@ def render(data: dict[str, Any]) -> str:
     last = data["history"][-1] if data["history"] else {}
     rate = ("tokens_per_s", "tokens/s") if data["role"] == "hub" else ("requests_per_s", "requests/s")
     ttft = last.get("ttft_ms")
+    total = capacity(hubs)  # (not the server's: an older one's counts a worker of two hubs twice)
     lines = [
         f"GhubAi {data['name']} · v{data['version']}",
-        f"hubs {sum(hub['up'] for hub in hubs)}/{len(hubs)} up · workers {len(workers)} · inflight "
-        f"{sum(_number(w, 'inflight') or 0 for _, w in workers):g}/"
-        f"{sum(_number(w, 'max_concurrency') or 0 for _, w in workers):g} · queued "
-        f"{sum(hub['queued'] for hub in hubs)}",
+        f"hubs {sum(hub['up'] for hub in hubs)}/{len(hubs)} up · workers {total['workers']:g} · inflight "
+        f"{total['busy']:g}/{total['slots']:g} · queued {sum(hub['queued'] for hub in hubs)}",
         f"last {data['step_s']:g} s: {last.get(rate[0], 0)} {rate[1]}, time to first token "
         f"{'-' if ttft is None else f'{ttft:g} ms'} (median)",
         "",
@@ -64,8 +57,8 @@ def render(data: dict[str, Any]) -> str:
             models = worker.get("models")
             worker_rows.append([str(worker.get("name", "?")), hub["name"],
                                 ", ".join(map(str, models)) if isinstance(models, list) and models else "-",
-                                f"{_figure(_number(worker, 'inflight'))}/{_figure(_number(worker, 'max_concurrency'))}",
-                                health, f"{_figure(_number(worker, 'last_seen_s'), '.1f')} s ago"])
+                                f"{_figure(number(worker, 'inflight'))}/{_figure(number(worker, 'max_concurrency'))}",
+                                health, f"{_figure(number(worker, 'last_seen_s'), '.1f')} s ago"])
         lines += _table(worker_rows)
     else:
         lines.append("no worker connected")

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from conftest import eventually, ghubai_command
-from ghubai.observability.dashboard import hub_view, worker_health
+from ghubai.observability.dashboard import capacity, hub_view, worker_health
 from ghubai.status import render
 
 
@@ -80,6 +80,22 @@ def test_status_of_an_older_server_still_shows_each_workers_health() -> None:
     assert "full" in text
 
 
+def test_a_worker_two_hubs_share_counts_once_with_the_slots_every_hub_s_requests_take() -> None:
+    """Regression (hunt): behind a proxy, one worker of 2 slots linked to two hubs showed as
+    "workers 2 · inflight 2/4" while another hub's requests filled it."""
+    def hub(name: str, inflight: int) -> dict[str, Any]:
+        worker = {"id": "w1", "name": "gpu0", "models": ["sim"], "inflight": inflight, "busy": 2,
+                  "max_concurrency": 2, "last_seen_s": 0.5}
+        return {"name": name, "address": f"http://{name}", "up": True, "reason": None, "queued": 2 - inflight,
+                "models": ["sim"], "workers": [worker], "heartbeat_s": 1.0}
+
+    hubs = [hub("a", 0), hub("b", 2)]
+    text = render({"role": "proxy", "name": "p", "version": "0", "hubs": hubs, "queue": {}, "history": [],
+                   "step_s": 5, "window_s": 300})
+    assert "workers 1 · inflight 2/2 · queued 2" in text
+    assert [line.split()[-4] for line in text.splitlines() if line.startswith("gpu0")] == ["full", "full"]
+
+
 ODD_WORKERS = [{"name": "w", "models": ["sim"], "inflight": 0, "max_concurrency": 1},  # before last_seen_s
                {"name": "v", "inflight": "x", "max_concurrency": None, "last_seen_s": True}]
 
@@ -88,8 +104,8 @@ def odd_view(history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The data of a proxy before a hub of another version, whose worker entries lack fields."""
     hub = {"name": "h", "address": "http://h", "up": True, "reason": None, "queued": 0, "models": ["sim"],
            "workers": ODD_WORKERS, "heartbeat_s": 1.0}
-    return {"role": "proxy", "name": "p", "version": "0", "hubs": [hub], "queue": {}, "history": history or [],
-            "step_s": 2.0, "window_s": 300.0}
+    return {"role": "proxy", "name": "p", "version": "0", "hubs": [hub], "capacity": capacity([hub]), "queue": {},
+            "history": history or [], "step_s": 2.0, "window_s": 300.0}
 
 
 def test_status_shows_what_it_can_of_odd_worker_entries() -> None:

@@ -14,6 +14,24 @@ PAGE_TYPE = "text/html; charset=utf-8"
 PATHS = ("/dashboard", "/dashboard/data")
 
 
+def number(worker: dict[str, Any], key: str) -> float | None:
+    """A worker's figure, or None: a proxy passes on what any hub sent, of any version."""
+    value = worker.get(key)
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def capacity(hubs: list[dict[str, Any]]) -> dict[str, float]:
+    """Workers, busy slots and slots over all ``hubs``: a worker that serves several hubs counts
+    once, busy as it last reported to any of them (a hub older than ``busy`` says its own count)."""
+    seen: dict[Any, tuple[float, float]] = {}
+    for worker in (worker for hub in hubs for worker in hub["workers"]):
+        busy, slots = number(worker, "busy") or number(worker, "inflight") or 0, number(worker, "max_concurrency") or 0
+        before = seen.get(worker.get("id") or id(worker), (0, 0))
+        seen[worker.get("id") or id(worker)] = (max(before[0], busy), max(before[1], slots))
+    return {"workers": len(seen), "busy": sum(busy for busy, _ in seen.values()),
+            "slots": sum(slots for _, slots in seen.values())}
+
+
 def served_models(workers: list[dict[str, Any]]) -> list[str]:
     """The models that the workers not draining serve, from ``/api/registry``'s list."""
     return sorted({str(model) for worker in workers if not worker.get("draining") for model in worker["models"]})
@@ -49,5 +67,5 @@ def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[
 
 
 def data(role: str, name: str, hubs: list[dict[str, Any]], queue: dict[str, int], history: History) -> dict[str, Any]:
-    return {"role": role, "name": name, "version": __version__, "hubs": hubs, "queue": queue,
-            "step_s": history.step_s, "window_s": history.step_s * history.steps, "history": history.points()}
+    return {"role": role, "name": name, "version": __version__, "hubs": hubs, "capacity": capacity(hubs),
+            "queue": queue, "step_s": history.step_s, "window_s": history.step_s * history.steps, "history": history.points()}
