@@ -49,7 +49,6 @@ from typing import Any
 import h2.errors
 import h2.events
 import h2.exceptions
-import priority
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
@@ -221,16 +220,18 @@ async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
         return
     with trio.move_on_after(self.config.write_timeout_s) as wait:  # for the client's window
         await _hypercorn_stream_send(self, event)
-    if wait.cancelled_caught:
-        stream_id = event.stream_id
+    if wait.cancelled_caught:  # reset as hypercorn handles a client's reset: its send_task, which may be
+        stream_id = event.stream_id  # inside a write for this stream, is the one that drops its buffer
         with contextlib.suppress(h2.exceptions.ProtocolError):  # (closed meanwhile)
             self.connection.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-        if (buffer := self.stream_buffers.pop(stream_id, None)) is not None:
+        if (buffer := self.stream_buffers.get(stream_id)) is not None:
             await buffer.close()
-            with contextlib.suppress(priority.MissingStreamError):
-                self.priority.remove_stream(stream_id)
+        await self._window_updated(stream_id)  # send_task visits it, finds it closed, and drops it
         await self._flush()
-        await self._close_stream(stream_id)  # its request hears its client is gone (CLIENT_GONE)
+        # before the close: that cancels this very task (CLIENT_GONE), and the keep-alive countdown
+        # would never restart on a connection left without a stream
+        await self.send(Updated(idle=all(stream.idle for key, stream in self.streams.items() if key != stream_id)))
+        await self._close_stream(stream_id)  # its request hears its client is gone
 
 
 H2Protocol.stream_send = _bounded_stream_send  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ import json
 import logging
 import random
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -646,6 +647,40 @@ async def test_an_http2_stream_whose_window_stays_shut_is_reset_at_idle_s_and_sp
         return sim.stats.cancelled == 1 and sim.stats.active == 0
 
     await eventually(stopped, "the engine to stop for the reset stream")
+
+
+async def test_an_http2_client_that_reads_its_socket_too_slowly_is_reset_and_the_hub_lives_on(grid: Grid) -> None:
+    """Regression (review): a stream reset at idle_s while the connection's sender was inside a write
+    for it killed the whole hub (a KeyError out of hypercorn's send task): a window wide open, and a
+    socket read a little at a time."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    sim_url, _ = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
+    await grid.worker(hub.value, sim_url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
+    conn.increment_flow_control_window(2**30)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", int(hub.value.rsplit(":", 1)[1])))
+    received: dict[int, bytearray] = {}
+    h2_post(conn, chat(stream=True), received)
+    async with trio.SocketStream(sock) as stream:
+        await stream.send_all(conn.data_to_send())
+        ended = None
+        with trio.fail_after(WAIT_S):
+            while ended is None and (data := await stream.receive_some(2048)):
+                ended = next((type(event).__name__ for event in conn.receive_data(data)
+                              if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset)), None)
+                await stream.send_all(conn.data_to_send())
+                await trio.sleep(0.1)  # 20 KB/s
+    assert ended == "StreamReset"
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
 
 
 async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:
