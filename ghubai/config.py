@@ -44,8 +44,12 @@ def split_hostport(text: str) -> tuple[str, int]:
         raise ValueError(f"expected HOST:PORT, got {text!r}")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
-    elif ":" in host:  # "::1" would be host ":" and port 1
-        raise ValueError(f"expected HOST:PORT, with an IPv6 address in brackets ([::1]:7197), got {text!r}")
+    elif ":" in host:  # ":::7197" is [::]:7197 as it always was; but "::1" would be host ":" on port 1
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"expected HOST:PORT, with an IPv6 address in brackets ([::1]:7197), "
+                             f"got {text!r}") from None
     return host, int(port)
 
 

@@ -22,6 +22,8 @@ import socket
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
+import idna
+
 Headers = list[tuple[bytes, bytes]]
 
 ANY = "*"
@@ -36,10 +38,10 @@ _DEFAULT_PORTS = {"http": ":80", "https": ":443"}  # a browser names an origin w
 
 def _origin(name: str) -> bytes:
     name = name.lower()
-    if not name.isascii():  # an international host as configured: a browser names it in punycode
-        with contextlib.suppress(UnicodeError, ValueError):
+    if not name.isascii():  # an international host as configured: a browser names it in punycode (UTS 46)
+        with contextlib.suppress(idna.IDNAError, UnicodeError, ValueError):
             host = urlsplit(name).hostname or ""
-            name = name.replace(host, host.encode("idna").decode(), 1)
+            name = name.replace(host, idna.encode(host, uts46=True).decode(), 1)
     scheme = name.partition("://")[0]
     return name.removesuffix(_DEFAULT_PORTS.get(scheme, "\0")).encode()
 

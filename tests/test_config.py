@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_ghubai
 from ghubai.cli import _startup_error
-from ghubai.config import ConfigError, load, parse, redacted, url_problem
+from ghubai.config import ConfigError, load, parse, redacted, split_hostport, url_problem
 from ghubai.configfiles import default_text
 
 
@@ -56,6 +56,11 @@ def test_each_problem_names_its_key(text: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse("hub", text, "hub.toml")
     assert str(caught.value).startswith(expected)
+
+
+def test_an_ipv6_listen_address_is_read_in_brackets_or_whole_without() -> None:
+    assert [split_hostport(text) for text in ("[::1]:7197", "::1:7197", ":::0")] == [("::1", 7197), ("::1", 7197),
+                                                                                     ("::", 0)]
 
 
 @pytest.mark.parametrize("role, text", [("hub", 'api_keys = ["correct horse battery staple"]'),

@@ -27,8 +27,9 @@ def test_an_allowed_origin_is_named_back_and_others_get_only_vary() -> None:
     assert cors.Origins(["http://localhost:8080"]).allow([(b"origin", b"http://localhost:8080")])[0][1] == \
         b"http://localhost:8080"
     assert not cors.Origins([])
-    idn = cors.Origins(["https://Bücher.example:8443"])  # (hunt: passed check, never matched)
+    idn = cors.Origins(["https://Bücher.example:8443", "https://straße.example"])  # (hunt: never matched)
     assert cors.allowed(idn.allow([(b"origin", b"https://xn--bcher-kva.example:8443")]))
+    assert cors.allowed(idn.allow([(b"origin", b"https://xn--strae-oqa.example")]))  # UTS 46, as browsers
 
 
 def test_a_preflight_allows_what_the_page_asked_for() -> None:

@@ -276,7 +276,7 @@ def test_ollama_final_without_usage_counts_zero() -> None:
         True, "stop", 0, 0)
 
 
-def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
+def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tool-call fragments are joined and ordered by index, their arguments parsed; a call whose
     arguments are no JSON object is the text the model wrote (the ollama SDK takes only objects)."""
     translator = ollama_over_openai("ollama.chat")
@@ -287,6 +287,7 @@ def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line() -> None:
         {"index": 0, "function": {"name": "ther", "arguments": 'ty": "Paris"}'}},
         {"index": 2, "function": {"name": "broken", "arguments": '{"no'}},
     ]
+    monkeypatch.setattr("ghubai.worker.translate.time.monotonic", lambda: 100.0)  # (a stalled runner: no flake)
     lines = [translator.chunk({"choices": [{"delta": {"tool_calls": [fragment]}}]}) for fragment in fragments]
     assert [len(found) for found in lines] == [1, 0, 0, 0]  # one empty line: see the test below
     translator.chunk({"choices": [{"delta": {}, "finish_reason": "tool_calls"}]})
@@ -917,10 +918,11 @@ def test_a_tool_call_cut_or_garbled_reaches_an_ollama_client_as_text_whole_and_s
     whole.request({"model": "m", "messages": [HI]}, stream=False)
     message = {"role": "assistant", "content": "Checking.", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Pa'}},
-        {"id": "c2", "type": "function", "function": {"name": "list", "arguments": "[1, 2]"}}]}
+        {"id": "c2", "type": "function", "function": {"name": "list", "arguments": "[1, 2]"}},
+        {"id": "c3", "type": "function", "function": {"name": "say", "arguments": '"hi"'}}]}
     value = json.loads(whole.whole({"choices": [{"message": message, "finish_reason": "length"}]}, None))
     assert value["message"] == {"role": "assistant", "content": 'Checking.\n{"name": "weather", "arguments": '
-                                '{"city": "Pa}\n{"name": "list", "arguments": [1,2]}'}
+                                '{"city": "Pa}\n{"name": "list", "arguments": [1, 2]}\n{"name": "say", "arguments": "hi"}'}
     assert value["done_reason"] == "length"
     streamed = ollama_over_openai("ollama.chat")
     streamed.request({"model": "m", "messages": [HI]}, stream=True)

@@ -139,13 +139,13 @@ def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     stream for it); a call cut by ``max_tokens`` or garbled by a small model is not a call, so it
     reaches the client as the text the model wrote."""
     good, text = [], []
-    for call in _tool_calls(calls):
-        function = call["function"]
-        if isinstance(arguments := function["arguments"], dict):
-            good.append(call)
-        else:
-            raw = arguments if isinstance(arguments, str) else _encode(arguments).decode()
-            text.append(f'{{"name": {_encode(function["name"]).decode()}, "arguments": {raw}}}')
+    for call, converted in zip(calls, _tool_calls(calls)):
+        if isinstance(converted["function"]["arguments"], dict):
+            good.append(converted)
+        else:  # as the engine gave them, not as they decoded ('"x"' is no object either)
+            raw = (call.get("function") or {}).get("arguments")
+            raw = raw if isinstance(raw, str) else _encode(raw).decode()
+            text.append(f'{{"name": {_encode(converted["function"]["name"]).decode()}, "arguments": {raw}}}')
     return good, "\n".join(text)
 
 
