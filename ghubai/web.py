@@ -1,7 +1,6 @@
 """Serving a quart-trio app with hypercorn's trio worker, inside the caller's nursery.
 
-Carries four fixes to hypercorn 0.18 (two to its trio server, two to its HTTP/2), a cap, and one
-shortcut:
+Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcut:
 - quart-trio runs a connection's close inside the request's already-cancelled scope, so
   ``send_eof`` is skipped and a client that sent ``Connection: close`` (or speaks HTTP/1.0) never
   sees EOF (hypercorn issues #330, #106). The close is run shielded here.
@@ -17,6 +16,12 @@ shortcut:
   while the worker generated on). Here the buffer holds the app back, and a stream whose window
   lets no piece of 64 KiB through for ``write_timeout_s`` is reset, its request cancelled as when
   its client leaves.
+- over HTTP/2, each stream a client reset before its answer began (a client that leaves, one
+  request at a time), and each stream a PRIORITY frame named, kept a node in hypercorn's priority
+  tree for the connection's life; at 1,000 the tree raised out of the server and the whole process
+  ended. A reset stream's buffer is closed here, so that hypercorn drops it, and PRIORITY frames
+  (deprecated by RFC 9113) are ignored. And any fault inside hypercorn or h2 now costs its one
+  connection (logged with its traceback), never the server.
 - an ASGI app hears that its client left only from ``receive()``, so a request that must stop when
   its client leaves needs a task of its own waiting on it (measured: 11 % of the hub's CPU for a
   short answer). Here a request's stream calls ``scope[CLIENT_GONE]``, when the app put one there,
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import sys
 from functools import partial
 from importlib.metadata import version
@@ -68,6 +74,7 @@ _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], 
             HTTPStream: {"handle": ["self", "event"]}, StreamBuffer: {"pop": ["self", "max_length"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
+log = logging.getLogger("ghubai.web")
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
 
@@ -94,16 +101,23 @@ TCPServer._close = _shielded_close  # type: ignore[method-assign]
 _hypercorn_run = TCPServer.run
 
 
+async def _guarded_run(self: TCPServer) -> None:
+    try:
+        await _hypercorn_run(self)
+    except Exception:  # (hypercorn closed the connection on its way out)
+        log.exception("a connection failed inside the HTTP server; it is closed, the server serves on")
+
+
 async def _capped_run(self: TCPServer) -> None:
     config = self.config
     if not isinstance(config, GhubConfig) or not config.max_connections:
-        await _hypercorn_run(self)
+        await _guarded_run(self)
     elif config.connections >= config.max_connections:
         await turn_away(self.stream, config.who)
     else:
         config.connections += 1
         try:
-            await _hypercorn_run(self)
+            await _guarded_run(self)
         finally:
             config.connections -= 1
 
@@ -185,7 +199,9 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
             self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if all(stream.idle for stream in self.streams.values()):  # hypercorn's own test of idleness
                 await self.send(Updated(idle=True))  # the keep-alive countdown restarts: the body goes on
-        else:
+        elif not isinstance(event, h2.events.PriorityUpdated):  # (deprecated by RFC 9113, ignored here)
+            if isinstance(event, h2.events.StreamReset) and (buffer := self.stream_buffers.get(event.stream_id)):
+                await buffer.close()  # so that the send task's visit drops it (h2 keeps a closed stream a while)
             await _hypercorn_h2_events(self, [event])
     await self._flush()
 

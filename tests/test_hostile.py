@@ -683,6 +683,59 @@ async def test_an_http2_client_that_reads_its_socket_too_slowly_is_reset_and_the
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
 
 
+@pytest.mark.parametrize("how", ["left one by one", "named by PRIORITY frames"])
+async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the_hub_nothing(
+        grid: Grid, how: str) -> None:
+    """Regression (hunt): each stream a client reset before its answer (a client that leaves, one
+    request at a time: a browser's AbortController), and each a PRIORITY frame named (11 KB, no key,
+    no request), kept a node in hypercorn's priority tree; at 1,001 it raised and the hub died."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    from hyperframe.frame import PriorityFrame
+
+    hub = await grid.hub()
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    answered = trio.Event()
+    sending = trio.Lock()
+
+    async def send(stream: trio.SocketStream) -> None:
+        async with sending:
+            await stream.send_all(conn.data_to_send())
+
+    async def read(stream: trio.SocketStream) -> None:  # (and acknowledge, as a live client does)
+        while data := await stream.receive_some(65536):
+            if any(type(event).__name__ == "PingAckReceived" for event in conn.receive_data(data)):
+                answered.set()
+            await send(stream)
+
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
+            trio.open_nursery() as nursery:
+        await send(stream)
+        nursery.start_soon(read, stream)
+        with trio.fail_after(WAIT_S * 3):
+            if how == "named by PRIORITY frames":
+                async with sending:
+                    await stream.send_all(b"".join(PriorityFrame(stream_id, depends_on=0, stream_weight=16)
+                                                   .serialize() for stream_id in range(1, 2 * 1100, 2)))
+            else:
+                for _ in range(1005):  # each waits for its body, then leaves
+                    stream_id = conn.get_next_available_stream_id()
+                    conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"),
+                                                  (":scheme", "http"), (":authority", "127.0.0.1")])
+                    await send(stream)
+                    await trio.sleep(0.002)  # (its request begun: the hub waits for the body)
+                    conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                    await send(stream)
+                    await trio.sleep(0.002)  # (the hub's send task visits the reset stream alone)
+            conn.ping(b"12345678")  # the connection still answers, and the hub too
+            await send(stream)
+            await answered.wait()
+        nursery.cancel_scope.cancel()
+    assert (await grid.http.get(hub.value + "/health")).status_code == 200
+
+
 async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:
     """Regression: over HTTP/2 the rest of a body sent after the hub had answered (a 401) raised
     KeyError in hypercorn and killed the connection; once that was fixed, hypercorn's keep-alive
