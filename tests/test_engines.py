@@ -10,6 +10,7 @@ import logging
 from functools import partial
 from pathlib import Path
 
+import openai
 import pytest
 import trio
 
@@ -443,6 +444,28 @@ async def test_a_llama_cpp_error_event_mid_stream_reaches_the_client_as_the_erro
         assert response.status_code == 400, (path, response.text)
         error = response.json()["error"]
         assert message in (error if isinstance(error, str) else error["message"]), path
+
+
+async def test_an_event_of_several_data_lines_reaches_an_openai_client_as_one_it_can_read(grid: Grid) -> None:
+    """Regression (hunt): an event whose JSON spans several ``data:`` lines (legal SSE; sse-starlette
+    sends pretty-printed JSON so) was passed on with bare line ends inside, and the openai SDK raised
+    JSONDecodeError on the first event."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "sim",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hello"}, "finish_reason": "stop"}]}
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if not await _openai_engine(conn, request):
+            await conn.start_stream(200, "text/event-stream")
+            lines = json.dumps(chunk, indent=1).encode().split(b"\n")
+            await conn.write(b"".join(b"data: " + line + b"\n" for line in lines) + b"\ndata: [DONE]\n\n")
+            await conn.finish()
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    async with openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}],
+                                                   stream=True)
+        assert [part.choices[0].delta.content async for part in stream if part.choices] == ["hello"]
 
 
 async def test_an_answer_is_over_at_its_end_even_if_the_engine_keeps_its_body_open(grid: Grid) -> None:

@@ -38,6 +38,17 @@ async def test_a_final_sse_event_without_a_blank_line_is_not_dropped() -> None:
     assert await _split(sse_payloads, b"data: [DONE]") == [[b"[DONE]"]]
 
 
+async def test_an_sse_stream_cut_inside_an_event_drops_it_and_a_bom_or_a_bare_error_is_read() -> None:
+    """Regression (hunt): a stream that ended cleanly inside an event passed half an event on (the
+    openai SDK raised JSONDecodeError, not the engine's error); an error object sent bare in a 200
+    stream (Lemonade, LM Studio) was dropped, so the client got 502 "ended without finishing"; and
+    a byte order mark hid the first event."""
+    assert await _split(sse_payloads, b'data: {"a":1}\n\n', b'data: {"choices":[{"fini') == [[b'{"a":1}']]
+    error = b'{"error": {"message": "the context is 4096 tokens", "code": 400}}'
+    assert await _split(sse_payloads, error) == [[error]]
+    assert await _split(sse_payloads, b'\xef\xbb\xbfdata: {"a":1}\n\n') == [[b'{"a":1}']]
+
+
 async def test_sse_comments_and_other_fields_carry_no_payload() -> None:
     batches = await _split(sse_payloads, b": keep-alive\n\nevent: x\nid: 1\ndata: a\ndata: b\n\nretry: 5\n\n")
     assert batches == [[b"a\nb"]]
@@ -131,7 +142,8 @@ async def test_data_that_mentions_an_error_is_data() -> None:
     (b'{"error": {"code": 429, "message": "slow down"}}', 429),
     (b'{"error": {"code": 401, "message": "bad key"}}', 502),  # the worker's key: not the client's fault
     (b'{"error": {"code": 404, "message": "no such model"}}', 502),  # a model the worker listed
-    (b'{"error": {"code": "400", "message": "text"}}', 502),
+    (b'{"error": {"code": "400", "message": "text"}}', 400),  # LiteLLM's code is text
+    (b'{"error": {"code": "context_length_exceeded", "message": "text"}}', 502),
     (b'{"error": "Ollama says no"}', 502),
 ])
 def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: int) -> None:

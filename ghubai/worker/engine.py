@@ -15,7 +15,7 @@ import enum
 import logging
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -152,6 +152,7 @@ def engine_failure(payload: bytes, message: str) -> EngineError:
     value = _decode(payload)
     error = value.get("error") if isinstance(value.get("error"), dict) else value
     code = error.get("code")
+    code = int(code) if isinstance(code, str) and code.isdigit() and len(code) == 3 else code  # (LiteLLM's: text)
     status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403, 404) else 502
     return EngineError(status, message, retryable=True)
 
@@ -436,6 +437,8 @@ class Engine:
                         continue
                     del value["usage"]
                     payload = _encode(value)
+            if sse and b"\n" in payload:  # an event of several data lines: each line its own again
+                payload = payload.replace(b"\n", b"\ndata: ")
             out.append(b"data: " + payload + b"\n\n" if sse else payload + b"\n")
             if call.finished:  # Ollama's "done": true
                 break
@@ -485,6 +488,8 @@ def _sse_data(event: bytes) -> bytes | None:
     if b"error" in event and (error := _sse_error(event)) is not None:
         return error
     lines = [line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:")]
+    if not lines and event.startswith(b"{") and engine_error(event) is not None:
+        return event  # an error object sent bare, not as an event (a gateway's refusal in a 200 stream)
     return b"\n".join(lines) if lines else None
 
 
@@ -505,10 +510,11 @@ def _sse_error(event: bytes) -> bytes | None:
     return _encode({"error": value or "engine error"})
 
 
-async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -> AsyncIterator[list[bytes]]:
+async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool,
+                   whole: Callable[[bytes], bool] | None = None) -> AsyncIterator[list[bytes]]:
     """The records of a byte stream, one list per network read, in linear time however long a record
     (each byte is searched about once), and none over ``MAX_RECORD_BYTES``. The last record needs no
-    separator. ``crlf``: CRLF line ends count as LF."""
+    separator, when ``whole`` says it is one. ``crlf``: CRLF line ends count as LF."""
     buffer = bytearray()
     async for data in chunks:
         if crlf:
@@ -526,16 +532,34 @@ async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool) -
             raise TooLarge(f"the engine sent a line or event larger than {MAX_RECORD_BYTES} bytes")
         if records:
             yield records
-    if buffer.strip():
+    if buffer.strip() and (whole is None or whole(bytes(buffer))):
         yield [bytes(buffer)]
 
 
 async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """SSE ``data`` payloads, one list per network read. An event is complete at a blank line, or
-    at the end of the stream (an engine may end on ``data: [DONE]\n`` alone)."""
-    async for events in _records(chunks, b"\n\n", crlf=True):
+    at the end of the stream (an engine may end on ``data: [DONE]\n`` alone) when it is whole: one
+    cut in the middle is dropped, as the SSE standard says, and the stream's end without a finish is
+    the error. A byte order mark before the first event is no part of it."""
+    first = True
+    async for events in _records(chunks, b"\n\n", crlf=True, whole=_whole_event):
+        if first:
+            events[0], first = events[0].removeprefix(b"\xef\xbb\xbf"), False
         if batch := [payload for event in events if (payload := _sse_data(event.strip(b"\n"))) is not None]:
             yield batch
+
+
+def _whole_event(event: bytes) -> bool:
+    """Whether an event the stream ended in without its blank line is whole (``data: [DONE]\n``),
+    not one cut in the middle, which no client could parse."""
+    payload = _sse_data(event.strip(b"\n"))
+    if payload is None or payload == b"[DONE]":
+        return True
+    try:
+        _decode(payload)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
