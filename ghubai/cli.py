@@ -312,6 +312,9 @@ def _port(text: str) -> int:
 
 _STARTUP_ERRNOS = {errno.EADDRINUSE: "cannot listen: the address is in use (another process serves that port?)",
                    errno.EADDRNOTAVAIL: "cannot listen: no such address on this machine",
+                   errno.EINVAL: "cannot listen: this machine cannot bind that address (an IPv6 link-local "
+                                 "address, fe80::, needs its interface)",
+                   errno.EAFNOSUPPORT: "cannot listen: this machine has no IPv6",
                    errno.EACCES: "permission denied", errno.ENOENT: "no such file"}
 
 

@@ -75,6 +75,8 @@ _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], 
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 log = logging.getLogger("ghubai.web")
+SERVER_LOG = logging.getLogger("ghubai.web.server")
+SERVER_LOG.setLevel(logging.WARNING)
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 
 
@@ -266,7 +268,7 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", gracefu
     config.keep_alive_max_requests = sys.maxsize
     config.include_server_header = False
     config.accesslog = None
-    config.errorlog = None
+    config.errorlog = SERVER_LOG  # a fault that escapes the app: logged, not dropped (not its "Running on" lines)
     config.websocket_max_message_size = MAX_MESSAGE_BYTES
     if tls_cert:  # no key file: the key is in the certificate's file (as the proxy reads it too)
         config.certfile, config.keyfile = tls_cert, tls_key or tls_cert

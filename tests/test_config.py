@@ -187,6 +187,9 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
                                                              "(another process serves that port?)"
     finally:
         taken.close()
+    result = run_ghubai("hub", "--listen", "[fe80::1]:0")  # (hunt: an 82-line traceback)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("ghubai hub: cannot listen: this machine ")  # (or no IPv6)
     unresolved = socket.gaierror(socket.EAI_NONAME, "Name or service not known")  # (no lookup here: loopback only)
     assert _startup_error(ExceptionGroup("start", [unresolved])) == \
         "cannot listen: the host name does not resolve (Name or service not known)"

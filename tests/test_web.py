@@ -30,6 +30,28 @@ def test_web_refuses_a_hypercorn_without_the_methods_it_patches(owner: str, modu
     assert f"ImportError: ghubai.web patches {owner}.{method}(self, event)" in result.stderr
 
 
+async def test_a_fault_that_escapes_the_app_is_logged_and_the_server_serves_on(caplog: pytest.LogCaptureFixture) -> None:
+    """Review (hunt): hypercorn's error log was off, so a fault that escaped the app left no line."""
+    from ghubai.web import serve_app, server_config
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            raise RuntimeError("a bug in the app")
+        while (await receive())["type"] != "lifespan.shutdown":  # lifespan: started, then stopped
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(serve_app, app, server_config("127.0.0.1:0"))
+        for _ in range(2):  # (and the server answers the next one too)
+            async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as stream:
+                await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                with trio.fail_after(WAIT_S):
+                    assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 500")
+        nursery.cancel_scope.cancel()
+    assert [record.exc_info[1].args for record in caplog.records if record.exc_info] == [("a bug in the app",)] * 2
+
+
 async def test_a_failed_write_on_an_h2_connection_cancels_every_request_on_it(grid: Grid, monkeypatch: Any) -> None:
     """Regression: a request whose own write found the connection broken handled its close in its
     own task, which that close cancels (the client is gone): the close stopped half-way, and the

@@ -23,7 +23,7 @@ import trio
 
 from ghubai import cors
 from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
-from ghubai.errors import ApiError
+from ghubai.errors import CLIENT_CLOSED, ApiError
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.sockets import write_now
@@ -85,6 +85,7 @@ class Connection:
         self.origins = origins  # web pages that may call (``ghubai.cors``); None: no page is judged
         self.cors: cors.Headers = []  # what every answer to this request adds for the page that sent it
         self.preflight: cors.Headers | None = None  # the request is a preflight: what its 204 adds
+        self.peer_closed = False  # the client's end of the connection closed (EOF)
         self.cut_mid_write = False  # a write was cut with part of it sent: nothing more may follow
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         try:
@@ -99,6 +100,7 @@ class Connection:
                 return event
             with trio.move_on_after(self.idle_timeout_s) as idle:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
+            self.peer_closed = not idle.cancelled_caught and not data
             self.h11.receive_data(b"" if idle.cancelled_caught else data)
 
     async def read_request(self) -> Request | None:
@@ -120,6 +122,8 @@ class Connection:
                 return None  # closed, paused on a connection that must close, or too slow a head
             target = origin_form(event.target.decode("latin-1"))
             self.head = f"{event.method.decode('latin-1')} {target.split('?', 1)[0]}"
+            # every line about it carries its id, a refusal's too (a 431 had none)
+            request_id(next((value for key, value in event.headers if key == b"x-request-id"), None))
             if len(event.headers) > self.max_headers:
                 raise ApiError(431, f"more than {self.max_headers} header lines")
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here
@@ -127,7 +131,6 @@ class Connection:
                 raise ApiError(431, f"request head larger than {self.max_header_bytes} bytes")
             method = event.method.decode("latin-1")
             if self.origins is not None and (page := cors.stranger(self.origins, event.headers)):
-                request_id(next((value for key, value in event.headers if key == b"x-request-id"), None))
                 raise ApiError(403, cors.refusal(page))
             if self.origins:
                 self.cors = self.origins.allow(event.headers)
@@ -158,6 +161,8 @@ class Connection:
             if slow.cancelled_caught:
                 raise ApiError(408, "the request body did not arrive in time")
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
+            if self.peer_closed and self.head:  # not malformed: its client left in the middle of it
+                raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
             raise ApiError(error.error_status_hint, "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None

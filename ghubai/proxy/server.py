@@ -130,7 +130,6 @@ class Proxy:
         the status pages are open; the model lists and unknown paths need a key, as at the hub."""
         if (_as_get(method), path) in self.own and path in OPEN_PATHS:
             return
-        request_id(next((value for key, value in headers if key == b"x-request-id"), None))
         authorization = next((value for key, value in headers if key == b"authorization"), b"")
         if not self.keys.allows(authorization.decode("latin-1")):  # unknown paths too: no body read for them
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
@@ -141,7 +140,7 @@ class Proxy:
         log.info("%s %d, refused before forwarding: %s", head or "(no request line)", error.status, error.message)
 
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
-        rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))  # admit() named it
+        rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))  # (named as its head was read)
         if not (request.path.startswith(FORWARDED_PREFIXES) or request.path == "/"):
             raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
         with tracing.span(f"{request.method} {request.path}", tracing.carrier(request.headers),
