@@ -106,8 +106,9 @@ _hypercorn_run = TCPServer.run
 async def _guarded_run(self: TCPServer) -> None:
     try:
         await _hypercorn_run(self)
-    except Exception:  # (hypercorn closed the connection on its way out)
-        log.exception("a connection failed inside the HTTP server; it is closed, the server serves on")
+    except* Exception as faults:  # (hypercorn closed the connection on its way out; a cancel goes on)
+        log.error("a connection failed inside the HTTP server; it is closed, the server serves on",
+                  exc_info=faults)
 
 
 async def _capped_run(self: TCPServer) -> None:

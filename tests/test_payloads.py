@@ -47,6 +47,9 @@ async def test_an_sse_stream_cut_inside_an_event_drops_it_and_a_bom_or_a_bare_er
     error = b'{"error": {"message": "the context is 4096 tokens", "code": 400}}'
     assert await _split(sse_payloads, error) == [[error]]
     assert await _split(sse_payloads, b'\xef\xbb\xbfdata: {"a":1}\n\n') == [[b'{"a":1}']]
+    assert await _split(sse_payloads, b'\xef\xbb\xbfdata: {"choices":[{"fini') == []  # (review)
+    assert await _split(ndjson_payloads, b'{"a":1}\n', b'{"message":{"cont') == [[b'{"a":1}']]  # (review)
+    assert await _split(ndjson_payloads, b'{"a":1}\n{"done":true}') == [[b'{"a":1}'], [b'{"done":true}']]
 
 
 async def test_sse_comments_and_other_fields_carry_no_payload() -> None:
@@ -144,6 +147,7 @@ async def test_data_that_mentions_an_error_is_data() -> None:
     (b'{"error": {"code": 404, "message": "no such model"}}', 502),  # a model the worker listed
     (b'{"error": {"code": "400", "message": "text"}}', 400),  # LiteLLM's code is text
     (b'{"error": {"code": "context_length_exceeded", "message": "text"}}', 502),
+    (b'{"error": {"code": "40\xc2\xb2", "message": "text"}}', 502),  # (review: int() of it raised)
     (b'{"error": "Ollama says no"}', 502),
 ])
 def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: int) -> None:

@@ -286,7 +286,7 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
     conn = Connection(stream, **limits)
     try:
         while True:
-            REQUEST_ID.set("")  # the next request is another one; ``admit`` may name it
+            REQUEST_ID.set("")  # the next request is another one, named as its head is read
             try:
                 request = await conn.read_request()
             except ApiError as error:

@@ -21,6 +21,13 @@ try:
 except ImportError:  # the extra is not installed
     propagate = trace = None  # type: ignore[assignment]
 
+def _unquoted(record: logging.LogRecord) -> bool:
+    """The SDK's warning of an OTEL_EXPORTER_OTLP_HEADERS entry it cannot read, without the entry,
+    which quotes a collector's token whole (``Authorization:Bearer ...``, a colon for the "=")."""
+    record.args = ("(the entry is not shown: it may hold a token)",)
+    return True
+
+
 log = logging.getLogger("ghubai.tracing")
 
 def active() -> bool:
@@ -77,11 +84,7 @@ def setup(role: str) -> None:
     except ImportError as error:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but %s is missing: pip install 'ghubai[otel]'", error.name)
         return
-    # the SDK quotes an entry of these that is not name=value, a collector's token with it
-    logging.getLogger("opentelemetry.util.re").setLevel(logging.ERROR)
-    for name in ("OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"):
-        if any("=" not in entry for entry in os.environ.get(name, "").split(",") if entry.strip()):
-            log.warning("%s: an entry is not name=value, and is not sent (its value is not shown)", name)
+    logging.getLogger("opentelemetry.util.re").addFilter(_unquoted)
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
                                                         or f"ghubai-{role}"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # exports from the SDK's own thread

@@ -152,7 +152,7 @@ def engine_failure(payload: bytes, message: str) -> EngineError:
     value = _decode(payload)
     error = value.get("error") if isinstance(value.get("error"), dict) else value
     code = error.get("code")
-    code = int(code) if isinstance(code, str) and code.isdigit() and len(code) == 3 else code  # (LiteLLM's: text)
+    code = int(code) if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) == 3 else code  # (LiteLLM's: text)
     status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403, 404) else 502
     return EngineError(status, message, retryable=True)
 
@@ -552,18 +552,22 @@ async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
 def _whole_event(event: bytes) -> bool:
     """Whether an event the stream ended in without its blank line is whole (``data: [DONE]\n``),
     not one cut in the middle, which no client could parse."""
-    payload = _sse_data(event.strip(b"\n"))
-    if payload is None or payload == b"[DONE]":
-        return True
+    payload = _sse_data(event.removeprefix(b"\xef\xbb\xbf").strip(b"\n"))
+    return payload is None or payload == b"[DONE]" or _whole_line(payload)
+
+
+def _whole_line(line: bytes) -> bool:
+    """Whether a record the stream ended in is whole JSON, not one cut in the middle."""
     try:
-        _decode(payload)
+        _decode(line)
     except (ValueError, RecursionError):
         return False
     return True
 
 
 async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """NDJSON lines, one list per network read; a last line without its newline counts too."""
-    async for lines in _records(chunks, b"\n", crlf=False):
+    """NDJSON lines, one list per network read; a last line without its newline counts too, when it
+    is whole (one cut in the middle is dropped: the stream's end without ``done`` is the error)."""
+    async for lines in _records(chunks, b"\n", crlf=False, whole=_whole_line):
         if batch := [line for line in lines if line.strip()]:
             yield batch
