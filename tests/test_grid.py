@@ -436,6 +436,7 @@ def test_the_prompt_estimate_counts_text_not_images() -> None:
         {"type": "text", "text": "what is it"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400_000}}]},
         {"role": "user", "content": "and this", "images": ["B" * 400_000]}], "nested": [[["deep"]]] * 3}
     assert _text_bytes(body) == len("m" "user" "text" "what is it" "image_url" "user" "and this") + 3 * len("deep")
+    assert _text_bytes({"content": "写" * 4000}) == 12_000  # bytes, as the README says (hunt: 4,000)
 
 
 async def test_first_token_and_idle_timeouts(grid: Grid) -> None:

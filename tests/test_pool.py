@@ -18,6 +18,7 @@ from ghubai.config import HubConfig, HubLimits, SchedulerConfig
 from ghubai.errors import ApiError
 from ghubai.hub.exchange import Exchange
 from ghubai.hub.gridhub import _handle
+from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import RELINK_GRACE_S, Pool, RemoteWorker
 
 
@@ -1304,3 +1305,31 @@ async def test_a_slot_given_back_unsent_is_no_load_to_wait_for(autojump_clock: t
         assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
         return
     raise AssertionError("the worker looked full")
+
+
+async def test_a_key_that_spent_both_budgets_is_told_to_come_back_when_both_allow_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a key out of requests and tokens got the wait for its tokens alone (6 s),
+    and its retry then a second 429 (54 s more)."""
+    limits = RateLimits(HubLimits(requests_per_minute=1, tokens_per_minute=600))
+    limits.admit(b"k")
+    limits.spend(b"k", {"prompt_tokens": 0, "completion_tokens": 660})
+    with pytest.raises(ApiError) as refused:
+        limits.admit(b"k")
+    assert refused.value.retry_after == 60
+    await trio.sleep(59)
+    with pytest.raises(ApiError):
+        limits.admit(b"k")
+    await trio.sleep(1)
+    limits.admit(b"k")
+
+
+async def test_a_worker_s_token_counts_outlive_its_link(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): after a network blip the same worker's tokens in /api/registry began again
+    at nothing, while the model's went on."""
+    pool = make_pool(first := make_worker("w"))
+    pool.count_usage(first, "m", {"prompt_tokens": 6, "completion_tokens": 15})
+    pool.remove(first)
+    pool.add(again := make_worker("w"))
+    pool.count_usage(again, "m", {"completion_tokens": 1})
+    assert again.describe()["usage"] == {"prompt_tokens": 6, "completion_tokens": 16} == dict(pool.usage["m"])

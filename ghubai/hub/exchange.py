@@ -59,7 +59,7 @@ def _text_bytes(body: dict[str, Any]) -> int:
     while todo:
         value = todo.pop()
         if isinstance(value, str):
-            size += 0 if value.startswith("data:") else len(value)
+            size += 0 if value.startswith("data:") else len(value.encode(errors="replace"))  # (CJK: 3 a character)
         elif isinstance(value, dict):
             todo.extend(item for key, item in value.items() if key not in ("images", "image_url"))
         elif isinstance(value, list):

@@ -48,17 +48,20 @@ class RateLimits:
         self._tokens: dict[bytes, _Bucket] = {}
 
     def admit(self, key: bytes) -> None:
-        """Take one request from ``key``'s budget, or raise 429 saying when to come back."""
+        """Take one request from ``key``'s budget, or raise 429 saying when both budgets allow it."""
+        refusal, wait, requests = "", 0, None
         if self.limits.tokens_per_minute:
             tokens = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))
             if tokens.refill() < 0:
-                raise ApiError(429, "Token budget of this API key exceeded", code="rate_limit_exceeded",
-                               retry_after=tokens.seconds_until(0))
+                refusal, wait = "Token budget of this API key exceeded", tokens.seconds_until(0)
         if self.limits.requests_per_minute:
             requests = self._requests.setdefault(key, _Bucket(self.limits.requests_per_minute))
             if requests.refill() < 1:
-                raise ApiError(429, "Request rate of this API key exceeded", code="rate_limit_exceeded",
-                               retry_after=requests.seconds_until(1))
+                refusal = refusal or "Request rate of this API key exceeded"
+                wait = max(wait, requests.seconds_until(1))
+        if refusal:
+            raise ApiError(429, refusal, code="rate_limit_exceeded", retry_after=wait)
+        if requests is not None:
             requests.level -= 1
 
     def refund(self, key: bytes) -> None:

@@ -150,6 +150,7 @@ class RemoteWorker:
                 "weight": self.weight}
 
 
+WORKERS_REMEMBERED = 4096  # workers whose token counts outlive their link (least recently linked forgotten)
 RELINK_GRACE_S = 5.0  # a worker whose link broke dials again within 0.25-0.5 s, then 0.5-1 s, 1-2 s ...
 
 # APIs that need no model in memory (a model's details): they go to the least loaded worker that
@@ -191,6 +192,7 @@ class Pool:
         self._left: dict[str, float] = {}  # model -> when a worker of it last lost its link (``_returning``)
         self.draining = False  # the hub is shutting down: no new request gets a worker
         self.usage: dict[str, Counter[str]] = {}  # tokens per model, from the engines' own counts
+        self._worker_usage: OrderedDict[tuple[bytes, str], Counter[str]] = OrderedDict()  # per worker, ever
 
     # -- membership ------------------------------------------------------------------------------
 
@@ -200,6 +202,11 @@ class Pool:
         cannot evict a worker, nor squat its id while its link is down."""
         stale = self.workers.get(worker.key)
         self.workers[worker.key] = worker
+        # its tokens so far, across its links (a network blip must not start them again at nothing)
+        worker.usage = self._worker_usage.setdefault(worker.key, worker.usage)
+        self._worker_usage.move_to_end(worker.key)
+        while len(self._worker_usage) > WORKERS_REMEMBERED:
+            self._worker_usage.popitem(last=False)
         self._residency(worker, worker.loaded)
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
