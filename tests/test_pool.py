@@ -1045,6 +1045,10 @@ def test_a_worker_that_ignores_flow_control_ends_its_request_not_the_hub_s_memor
     worker = RemoteWorker(id="w", name="w", models=frozenset({"m"}), max_concurrency=1, engine="ollama", out=out)
     answers, received = trio.open_memory_channel[Any](math.inf)
     worker.pending["r"] = answers
+    whole = protocol.Chunk("r", b"x" * (4 * protocol.WINDOW_BYTES))  # (a worker of before MAX_CHUNK_BYTES:
+    assert not worker.deliver(whole)  # a whole answer in one record, sent while none was unacknowledged)
+    worker.credit("r", len(whole.data))
+    assert received.receive_nowait() is whole and sent.receive_nowait()
     piece = b"x" * protocol.MAX_CHUNK_BYTES
     for _ in range(protocol.WINDOW_BYTES // len(piece) + 1):  # the window and one record: allowed
         assert not worker.deliver(protocol.Chunk("r", piece))

@@ -115,8 +115,11 @@ class RemoteWorker:
         if channel is None:
             return False  # a request that was cancelled or already failed over
         if isinstance(frame, protocol.Chunk):
-            unacked = self.unacked.get(frame.id, 0) + len(frame.data)
-            if unacked > protocol.WINDOW_BYTES + protocol.MAX_CHUNK_BYTES:
+            before = self.unacked.get(frame.id, 0)
+            unacked = before + len(frame.data)
+            # a record sent while none was unacknowledged is in the window at any size, as the worker
+            # counts it (a worker of before MAX_CHUNK_BYTES sends a whole answer so: a batch of embeddings)
+            if before and unacked > protocol.WINDOW_BYTES + protocol.MAX_CHUNK_BYTES:
                 self.send(protocol.Cancel(frame.id))
                 frame = protocol.Error(frame.id, 502, "the worker sent more than its flow-control window", False)
             else:
