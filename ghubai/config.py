@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -61,13 +62,24 @@ def listen_host(host: str) -> str | None:
 
 def _address(value: str) -> str | None:
     try:
-        split_hostport(value)
+        host, _ = split_hostport(value)
     except ValueError as error:
         return str(error)
-    return None
+    return None if not host or _is_host(host) else f"{host!r} is not a host name or IP address"
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unbracketed) IPv6 address
+
+
+def _is_host(host: str) -> bool:
+    """A name the resolver takes (labels of 1-63 characters, 253 in all: ``gpu..lan`` made it raise
+    UnicodeError, not the OSError every caller handles), or an IP address."""
+    if not _HOST.fullmatch(host):
+        return False
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(host))
+    name = host.removesuffix(".")
+    return len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
 
 
 def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False) -> str | None:
@@ -92,7 +104,7 @@ def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str |
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
-    if not _HOST.fullmatch(parts.hostname):
+    if not _is_host(parts.hostname):
         return f"{expected}: {parts.hostname!r} is not a host name or IP address"
     try:
         port = parts.port
@@ -344,7 +356,8 @@ class EngineConfig:
     discovery_interval_s: float = _key(
         _at_least(0.01), "how often the model list is refreshed (while the engine lists none because of a "
                          "problem, such as no answer: after 1 s, 2 s, 4 s ... up to this)", default=30.0)
-    connect_timeout_s: float = _key(_at_least(0.001), "", default=5.0)
+    connect_timeout_s: float = _key(_at_least(0.001), "a connection to the engine, and the worker's to each hub "
+                                    "(TCP, TLS and the WebSocket handshake)", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of a streamed answer "
                                  "(before it begins, and a whole answer: the hub's first_token_s)", default=300.0)
     api_key: str = _key(_api_key, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
@@ -455,12 +468,15 @@ def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:
     """TOML value to the field's type, or a reason why it is not one."""
     if hint is bool:
         return raw, None if isinstance(raw, bool) else f"expected true or false, got {raw!r}"
-    if hint is int:
-        ok = isinstance(raw, int) and not isinstance(raw, bool)
-        return raw, None if ok else f"expected an integer, got {raw!r}"
-    if hint is float:
-        ok = isinstance(raw, int | float) and not isinstance(raw, bool)
-        return (float(raw) if ok else raw), None if ok else f"expected a number, got {raw!r}"
+    if hint is int:  # (TOML's: 64 bits; Python's tomllib reads more)
+        if not isinstance(raw, int) or isinstance(raw, bool):
+            return raw, f"expected an integer, got {raw!r}"
+        return raw, None if abs(raw) < 1 << 63 else f"expected an integer of at most 2**63 - 1, got {str(raw)[:40]}"
+    if hint is float:  # finite: inf went out in JSON as null (a hub's heartbeat_s: no worker could link)
+        if not isinstance(raw, int | float) or isinstance(raw, bool):
+            return raw, f"expected a number, got {raw!r}"
+        ok = abs(raw) <= 1e308 and math.isfinite(raw)  # (an int past a float's range too)
+        return (float(raw) if ok else raw), None if ok else f"expected a finite number, got {str(raw)[:40]}"
     if hint is str:
         return raw, None if isinstance(raw, str) else f"expected a string, got {raw!r}"
     if typing.get_origin(hint) is dict:

@@ -38,6 +38,9 @@ queue_timeout_s = 2
     ("listen = 7197", "hub.toml: listen: expected a string"),
     ('listen = "nowhere"', "hub.toml: listen: expected HOST:PORT"),
     ('listen = "::1"', "hub.toml: listen: expected HOST:PORT, with an IPv6 address in brackets"),  # (hunt: port 1)
+    ('listen = "gpu..lan:7197"', "hub.toml: listen: 'gpu..lan' is not a host name"),  # (hunt: a traceback)
+    ("heartbeat_s = inf", "hub.toml: heartbeat_s: expected a finite number, got inf"),  # (hunt: no worker linked)
+    ("[limits]\nrequests_per_minute = 1" + "0" * 309, "hub.toml: limits.requests_per_minute: expected an integer of"),
     ("[limits]\nqueue_size = -1", "hub.toml: limits.queue_size: must be at least 0"),
     ("[limits]\nmax_body_bytes = 100_000_000", "hub.toml: limits.max_body_bytes: must be at most 50331648 (48 MiB)"),
     ("[limits]\nmax_answer_bytes = 268435456", "hub.toml: limits.max_answer_bytes: must be at most 67108864 (64 MiB)"),
@@ -166,6 +169,7 @@ def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:
     ("http://127.0.0.1:7197", None), ("https://hub.example:443/x", None), ("http://[::1]:80", None),
     ("ws://h/gridhub?via=edge", None), ("http://127.0.0.1:abc", "port"), ("http://h:0", "port"),
     ("http://h:70000", "port"), ("http://exa mple:80", "not a host name"), ("ftp://h", "expected"),
+    ("ws://gpu..lan:7197/gridhub", "not a host name"), ("http://" + "a" * 64 + ".lan", "not a host name"),
     ("http://:80", "expected"),
 ])
 def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | None) -> None:

@@ -1311,6 +1311,11 @@ async def test_a_slot_given_back_unsent_is_no_load_to_wait_for(autojump_clock: t
     raise AssertionError("the worker looked full")
 
 
+def test_a_wait_for_a_slot_never_asks_a_client_to_come_back_after_more_than_a_minute() -> None:
+    """Regression (hunt): queue_timeout_s = 1e308 made a Retry-After of 308 digits."""
+    assert make_pool(queue_timeout_s=1e308).no_slot("m").retry_after == 60
+
+
 async def test_a_key_that_spent_both_budgets_is_told_to_come_back_when_both_allow_it(
         autojump_clock: trio.testing.MockClock) -> None:
     """Regression (hunt): a key out of requests and tokens got the wait for its tokens alone (6 s),
