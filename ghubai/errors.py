@@ -69,6 +69,7 @@ def describe(error: BaseException) -> str:
     cause that says something, so an operator reads "certificate verify failed"."""
     said = f"{type(error).__name__} {error}".strip()
     cause = error.__cause__ or error.__context__
-    while cause is not None and not str(cause):
-        cause = cause.__cause__ or cause.__context__
+    while cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(cause)):
+        # (trio's connect raises one error over a group of its attempts': the first attempt's says why)
+        cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__ or cause.__context__
     return f"{said}: {cause}" if cause is not None and str(cause) not in said else said

@@ -116,6 +116,11 @@ def test_describe_names_the_cause_a_wrapper_hides() -> None:
     outer.__cause__, middle.__context__ = middle, cause  # wrappers that say nothing, around one that does
     assert describe(outer) == "OSError: certificate verify failed"
     assert describe(KeyError("x")) == "KeyError 'x'"
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")  # trio's open_tcp_stream:
+    connect = OSError("all attempts to connect to 127.0.0.1:9 failed")  # an error over a group of its
+    connect.__cause__ = ExceptionGroup("all attempts to connect to 127.0.0.1:9 failed", [refused])  # attempts'
+    assert describe(connect) == "OSError all attempts to connect to 127.0.0.1:9 failed: " \
+                                "[Errno 111] Connect call failed ('127.0.0.1', 9)"  # (hunt: the group's text, twice)
 
 
 @pytest.mark.parametrize("event, message", [

@@ -513,6 +513,16 @@ async def test_requests_wait_a_while_for_a_worker_whose_link_broke(autojump_cloc
         assert [attempt.worker for attempt in (*queued, meanwhile)] == [back] * 3
 
 
+async def test_a_model_named_without_its_tag_waits_for_its_worker_too(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): "llama3.2" for "llama3.2:latest" was a 404 at once while its only worker
+    linked again, since no linked worker listed the tagged name (the wait is kept under it)."""
+    pool = make_pool(worker := make_worker("w", models=("llama3.2:latest",)))
+    pool.drop(worker, "lost the link")
+    assert pool.named("llama3.2") == "llama3.2:latest"
+    await trio.sleep(RELINK_GRACE_S)
+    assert pool.named("llama3.2") == "llama3.2"
+
+
 async def test_a_model_whose_workers_do_not_come_back_is_a_404_after_the_grace(
         autojump_clock: trio.testing.MockClock) -> None:
     """Review: the grace must be short: queued requests for a model gone for good held their queue

@@ -313,9 +313,12 @@ class Pool:
 
     def named(self, model: str) -> str:
         """The name the grid serves ``model`` under (``dialects.tagged``): as the workers that take
-        requests serve it, else as any does (the model of a worker that drains is a 503, not a 404)."""
+        requests serve it, else as any does (the model of a worker that drains is a 503, not a 404),
+        else as a worker whose link broke did: its requests wait for it under that name."""
         name = dialects.tagged(model, self.offers)
-        return name if self.offers(name) else dialects.tagged(model, self.serves)
+        if self.offers(name) or self.serves(name := dialects.tagged(model, self.serves)):
+            return name
+        return dialects.tagged(model, lambda tagged: self._returning(tagged) is not None)
 
     def serves(self, model: str) -> bool:
         """Some linked worker lists ``model``, draining or not (kept until the workers change: every
