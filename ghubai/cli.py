@@ -326,8 +326,6 @@ def _startup_error(error: BaseException) -> str | None:
         return f"TLS certificate or key refused: {error.reason or error}"
     if isinstance(error, socket.gaierror):
         return f"cannot listen: the host name does not resolve ({error.strerror})"
-    if isinstance(error, UnicodeError):  # (the resolver's word for a name it cannot encode)
-        return "cannot listen: not a valid host name"
     if not isinstance(error, OSError) or error.errno not in _STARTUP_ERRNOS:
         return None
     if error.errno == errno.EACCES and not error.filename:  # a bind: no file is named

@@ -74,10 +74,10 @@ _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unb
 def _is_host(host: str) -> bool:
     """A name the resolver takes (labels of 1-63 characters, 253 in all: ``gpu..lan`` made it raise
     UnicodeError, not the OSError every caller handles), or an IP address."""
+    with contextlib.suppress(ValueError):
+        return bool(ipaddress.ip_address(host))  # (an IPv6 address with its scope too: fe80::1%eth0)
     if not _HOST.fullmatch(host):
         return False
-    with contextlib.suppress(ValueError):
-        return bool(ipaddress.ip_address(host))
     name = host.removesuffix(".")
     return len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
 

@@ -64,6 +64,7 @@ def test_each_problem_names_its_key(text: str, expected: str) -> None:
 def test_an_ipv6_listen_address_is_read_in_brackets_or_whole_without() -> None:
     assert [split_hostport(text) for text in ("[::1]:7197", "::1:7197", ":::0")] == [("::1", 7197), ("::1", 7197),
                                                                                      ("::", 0)]
+    assert parse("hub", 'listen = "[fe80::1%eth0]:7197"').listen == "[fe80::1%eth0]:7197"  # (review: scoped)
 
 
 @pytest.mark.parametrize("role, text", [("hub", 'api_keys = ["correct horse battery staple"]'),

@@ -208,8 +208,8 @@ class Pool:
         # its tokens so far, across its links (a network blip must not start them again at nothing)
         worker.usage = self._worker_usage.setdefault(worker.key, worker.usage)
         self._worker_usage.move_to_end(worker.key)
-        while len(self._worker_usage) > WORKERS_REMEMBERED:
-            self._worker_usage.popitem(last=False)
+        if len(self._worker_usage) > WORKERS_REMEMBERED:  # the longest gone (a linked one is never forgotten)
+            del self._worker_usage[next(key for key in self._worker_usage if key not in self.workers)]
         self._residency(worker, worker.loaded)
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],

@@ -24,7 +24,8 @@ except ImportError:  # the extra is not installed
 def _unquoted(record: logging.LogRecord) -> bool:
     """The SDK's warning of an OTEL_EXPORTER_OTLP_HEADERS entry it cannot read, without the entry,
     which quotes a collector's token whole (``Authorization:Bearer ...``, a colon for the "=")."""
-    record.args = ("(the entry is not shown: it may hold a token)",)
+    record.msg, record.args = ("OTEL_EXPORTER_OTLP_HEADERS: an entry is not name=value, or holds a character a "
+                               "header cannot (the entry is not shown: it may hold a token)"), ()
     return True
 
 
