@@ -1352,3 +1352,15 @@ async def test_a_worker_s_token_counts_outlive_its_link(autojump_clock: trio.tes
     pool.add(again := make_worker("w"))
     pool.count_usage(again, "m", {"completion_tokens": 1})
     assert again.describe()["usage"] == {"prompt_tokens": 6, "completion_tokens": 16} == dict(pool.usage["m"])
+
+
+
+async def test_the_token_counts_forgotten_first_are_those_of_workers_gone_longest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("ghubai.hub.pool.WORKERS_REMEMBERED", 1)
+    pool = make_pool(first := make_worker("a"), make_worker("b"))  # both linked: none forgotten
+    pool.count_usage(first, "m", {"completion_tokens": 3})
+    pool.remove(first)
+    pool.add(make_worker("c"))  # "a" is the one gone
+    pool.add(again := make_worker("a"))
+    assert again.describe()["usage"] == {}

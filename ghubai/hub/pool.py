@@ -209,7 +209,9 @@ class Pool:
         worker.usage = self._worker_usage.setdefault(worker.key, worker.usage)
         self._worker_usage.move_to_end(worker.key)
         if len(self._worker_usage) > WORKERS_REMEMBERED:  # the longest gone (a linked one is never forgotten)
-            del self._worker_usage[next(key for key in self._worker_usage if key not in self.workers)]
+            for key in (key for key in self._worker_usage if key not in self.workers):
+                del self._worker_usage[key]
+                break
         self._residency(worker, worker.loaded)
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
