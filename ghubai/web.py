@@ -37,7 +37,11 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   and each restarts the keep-alive countdown (hypercorn counts the connection idle once the answer
   is sent: a client still uploading after 5 s lost its answer to the close).
 
-They patch private methods of hypercorn's ``TCPServer``, ``HTTPStream`` and ``H2Protocol``:
+Besides, ``server_config`` lifts hypercorn's end of a connection after 1,000 requests (over
+HTTP/2 a GOAWAY that failed the request past it) and logs what escapes the app at WARNING.
+
+The fixes patch private methods of hypercorn's ``TCPServer``, ``HTTPStream``, ``H2Protocol`` and
+``StreamBuffer``:
 ``pyproject.toml`` pins hypercorn to the minor version they were written for, and this module
 refuses to import when those methods are gone or have changed shape, rather than serve without them.
 """
