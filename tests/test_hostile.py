@@ -30,7 +30,7 @@ from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import logs
-from ghubai.proxy.follow import REGISTRY_ANSWER_LIMIT
+from ghubai.proxy.follow import REGISTRY_ANSWER_LIMIT, SUMMARY_LIMIT
 from ghubai.proxy.hubs import HubSet
 from ghubai.worker.engine import LISTING_LIMIT
 
@@ -788,6 +788,41 @@ async def test_a_registry_answer_that_never_ends_is_cut_at_its_limit(grid: Grid,
 
     await eventually(cut, "the proxy to stop reading at the limit")
     assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
+async def test_a_hub_whose_summary_or_event_never_ends_is_cut_at_a_bound(grid: Grid) -> None:
+    """Regression (hunt): the proxy read a hub's health answer whole (one that streamed for ever took
+    it from 67 to 688 MiB at each check), and held an event that never ended (+513 MiB, the client
+    waiting): the hub and the worker bound both, the proxy did not."""
+    async def endless(conn: Connection, request: Request) -> None:
+        if request.path == "/api/summary":
+            await conn.start_stream(200, "application/json")
+            for _ in range(2 * SUMMARY_LIMIT // 65536 + 1):  # twice the limit, then silence
+                await conn.write(b" " * 65536)
+        else:
+            await conn.start_stream(200, "application/x-ndjson")
+            for _ in range(protocol.MAX_EVENT_BYTES // 65536 + 2):  # an event past the bound, no line end
+                await conn.write(b"x" * 65536)
+        await trio.sleep_forever()
+
+    async def healthy(conn: Connection, request: Request) -> None:  # ... but whose answers never end
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"models": ["sim"], "loaded": ["sim"], "queue": {}, "draining": False})
+        else:
+            await endless(conn, request)
+
+    bad, fine = await grid.fake_engine(endless), await grid.fake_engine(healthy)
+    proxy = await grid.proxy(hubs=(bad, fine), health={"down_after": 1})
+
+    async def judged() -> bool:
+        hubs = (await grid.http.get(proxy.value + "/health")).json()["hubs"]
+        return sorted((hub["up"], "larger than" in (hub.get("reason") or "")) for hub in hubs) == [(False, True),
+                                                                                                 (True, False)]
+
+    await eventually(judged, "the proxy to cut the endless summary and serve the other hub")
+    with trio.fail_after(WAIT_S):
+        answer = await grid.http.post(proxy.value + "/api/chat", json=chat(stream=True))
+    assert answer.status_code == 200 and "failed in the middle of the answer" in answer.text.splitlines()[-1]
 
 
 @pytest.mark.parametrize("status", [401, 500])

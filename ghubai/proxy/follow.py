@@ -21,6 +21,8 @@ log = logging.getLogger("ghubai.proxy")
 LONG_POLL_S = 30.0
 RETRY_S = 1.0
 REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred KB
+SUMMARY_LIMIT = 4 << 20  # a hub's /api/summary (its models and queue)
+WORKERS_LIMIT = 16 << 20  # a hub's /api/registry (its workers in detail: about 400 bytes each)
 CHECKS_AT_ONCE = 32  # health checks in flight (under httpx's 100 connections: a queue there costs quadratic time)
 
 
@@ -36,8 +38,9 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
         try:
             with trio.fail_after(LONG_POLL_S + 10):  # the whole answer, not each read
                 status, answer_etag, body = await _bounded_get(
-                    http, config.registry_url.rstrip("/") + "/hubs", params, headers,
-                    httpx.Timeout(config.health.timeout_s, read=LONG_POLL_S + 5))
+                    http, config.registry_url.rstrip("/") + "/hubs", httpx.Timeout(config.health.timeout_s,
+                                                                                   read=LONG_POLL_S + 5),
+                    REGISTRY_ANSWER_LIMIT, params, headers)
             if status == 304 and trio.current_time() - asked < RETRY_S:  # a poll not held (a cache, a gateway)
                 await trio.sleep(RETRY_S)
             elif status != 304:
@@ -70,17 +73,24 @@ def _listed(hubs: HubSet) -> None:
         hubs.check_now.set()
 
 
-async def _bounded_get(http: httpx.AsyncClient, url: str, params: dict[str, str], headers: dict[str, str],
-                       timeout: httpx.Timeout) -> tuple[int, str | None, bytes]:
-    """A registry's answer (status, ETag, body), read to at most ``REGISTRY_ANSWER_LIMIT`` bytes (one
-    that streamed for ever grew the proxy by gigabytes); ValueError past it."""
+async def _bounded_get(http: httpx.AsyncClient, url: str, timeout: httpx.Timeout | float, limit: int,
+                       params: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+                       ) -> tuple[int, str | None, bytes]:
+    """A registry's or a hub's answer (status, ETag, body), read to at most ``limit`` bytes, counted
+    decoded (one that streamed for ever, or a gzip bomb, grew the proxy by gigabytes); ValueError past it."""
     async with http.stream("GET", url, params=params, headers=headers, timeout=timeout) as response:
         body = bytearray()
         async for piece in response.aiter_bytes():
             body += piece
-            if len(body) > REGISTRY_ANSWER_LIMIT:
-                raise ValueError(f"the registry's answer is larger than {REGISTRY_ANSWER_LIMIT} bytes")
+            if len(body) > limit:
+                raise ValueError(f"the answer is larger than {limit} bytes")
     return response.status_code, response.headers.get("etag"), bytes(body)
+
+
+async def _hub_json(http: httpx.AsyncClient, url: str, health: HealthConfig, limit: int) -> tuple[int, Any]:
+    """A hub's answer for its check: its status, and its JSON when it is a 2xx."""
+    status, _, body = await _bounded_get(http, url, health.timeout_s, limit)
+    return status, json.loads(body) if 200 <= status < 300 else None
 
 
 DETAILS_EVERY = 5  # health checks: each asks a hub's summary, every fifth its workers in detail too
@@ -126,13 +136,14 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
     down after ``health.down_after`` of them in a row."""
     try:
         with trio.fail_after(health.timeout_s):
-            response = await http.get(hub.address + "/api/summary")
-            old = 400 <= response.status_code < 500
+            status, answer = await _hub_json(http, hub.address + "/api/summary", health, SUMMARY_LIMIT)
+            old = 400 <= status < 500
             if old:
-                response = await http.get(hub.address + "/api/registry")
-        response.raise_for_status()
-        workers = _workers_of(response.json()) if old else None
-        state = _state_of(response.json(), workers)
+                status, answer = await _hub_json(http, hub.address + "/api/registry", health, WORKERS_LIMIT)
+        if answer is None:
+            raise ValueError(f"HTTP {status}")
+        workers = _workers_of(answer) if old else None
+        state = _state_of(answer, workers)
     except Exception as error:  # whatever goes wrong, the check failed and the proxy serves on
         # a refused connection is no slow answer: nothing listens there (as the forwarder judges it)
         hubs.check_failed(hub, f"health check failed: {describe(error)}",
@@ -141,9 +152,10 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
     if details and workers is None:
         try:
             with trio.fail_after(health.timeout_s):
-                registry = await http.get(hub.address + "/api/registry")
-            registry.raise_for_status()
-            workers = _workers_of(registry.json())
+                status, answer = await _hub_json(http, hub.address + "/api/registry", health, WORKERS_LIMIT)
+            if answer is None:
+                raise ValueError(f"HTTP {status}")
+            workers = _workers_of(answer)
         except Exception as error:  # the summary said it serves: only the dashboard's detail is stale
             log.debug("hub %s: no worker list (%s)", hub.name, describe(error))
     hubs.set_health(hub, not state["draining"], "the hub is draining", state=state, workers=workers)

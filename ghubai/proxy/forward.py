@@ -298,6 +298,8 @@ class Forwarder:
                 data, ended = await self._next(upstream)
                 if boundary is not None:
                     data = bytes(held) + data if ended else dialects.whole_events(held, data, boundary)
+                    if len(held) > protocol.MAX_EVENT_BYTES:  # no event is that large: the answer is broken
+                        raise UpstreamFailed(f"an event larger than {protocol.MAX_EVENT_BYTES} bytes")
                 if data:
                     last = data
                     pending.append(h11.Data(data=data))
