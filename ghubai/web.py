@@ -31,6 +31,9 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   trickle (each may hold a request body of up to ``max_body_bytes``) can take every file descriptor
   and the memory behind them. Past ``max_connections`` open at once, a new connection gets a 503
   with ``Retry-After`` and is closed, as the proxy turns them away.
+- a request answered before its body ended (a 401, a 413) reads no more of it, so the rest of the
+  body is dropped here: over HTTP/2 its DATA frames filled the request's queue, and the reader of
+  the whole connection waited on it for good.
 - over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
   the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
   its streams. Such frames are dropped here, their bytes given back to the flow-control windows,
@@ -75,7 +78,8 @@ from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
-            HTTPStream: {"handle": ["self", "event"]}, StreamBuffer: {"pop": ["self", "max_length"]},
+            HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
+            StreamBuffer: {"pop": ["self", "max_length"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 log = logging.getLogger("ghubai.web")
@@ -188,13 +192,41 @@ _hypercorn_stream_handle = HTTPStream.handle
 
 
 async def _stream_handle(self: HTTPStream, event: StreamEvent) -> None:
-    if isinstance(event, StreamClosed) and not self.closed and self.state is not ASGIHTTPState.CLOSED and \
+    if isinstance(event, Body):  # (see _app_send)
+        if self.state is ASGIHTTPState.REQUEST:
+            with trio.CancelScope() as self.ghubai_body_put:
+                await _hypercorn_stream_handle(self, event)
+        return
+    if isinstance(event, StreamClosed):  # its app hears it by CLIENT_GONE: a full queue must not hold the reader
+        with trio.move_on_after(1):
+            await _stream_closed(self, event)
+        return
+    await _hypercorn_stream_handle(self, event)
+
+
+async def _stream_closed(self: HTTPStream, event: StreamEvent) -> None:
+    if not self.closed and self.state is not ASGIHTTPState.CLOSED and \
             (gone := getattr(self, "scope", {}).get(CLIENT_GONE)):
         gone()  # the connection closed before the response ended (after it, this is the stream's recycling)
     await _hypercorn_stream_handle(self, event)
 
 
 HTTPStream.handle = _stream_handle  # type: ignore[method-assign]
+
+_hypercorn_app_send = HTTPStream.app_send
+
+
+async def _app_send(self: HTTPStream, message: Any) -> None:
+    """An answer that begins before its request's body ended (a 401, a 413) drops the rest of the
+    body: the app reads no more of it, and over HTTP/2 a put into its full queue held the reader of
+    the whole connection (every stream's answers and window updates) for good."""
+    if message is not None and message["type"] == "http.response.start" and \
+            (put := getattr(self, "ghubai_body_put", None)) is not None:
+        put.cancel()
+    await _hypercorn_app_send(self, message)
+
+
+HTTPStream.app_send = _app_send  # type: ignore[method-assign]
 
 _hypercorn_h2_events = H2Protocol._handle_events
 

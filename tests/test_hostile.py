@@ -740,6 +740,80 @@ async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the
     assert (await grid.http.get(hub.value + "/health")).status_code == 200
 
 
+@pytest.mark.parametrize("case", ["401", "413"])
+async def test_an_http2_request_answered_before_its_body_ended_never_holds_its_connection(
+        grid: Grid, case: str) -> None:
+    """Regression (hunt): a request answered early (a wrong key, a body too large) while the
+    connection's window was shut by another stream's answer: its next DATA frames filled its
+    request's queue, which nobody read, and the connection's only reader waited on it for good.
+    Every stream on the connection lost its answer."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    sim_url, _ = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub(api_keys=["k"], limits={"max_body_bytes": 1024})
+    await grid.worker(hub.value, sim_url)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    status: dict[int, str] = {}
+    got: dict[int, int] = {}
+    held: list[tuple[int, int]] = []  # what the client read but did not yet acknowledge
+    acknowledging, health_ended = trio.Event(), trio.Event()
+    sending = trio.Lock()
+
+    async def flush(stream: trio.SocketStream) -> None:
+        async with sending:
+            await stream.send_all(conn.data_to_send())
+
+    async def read(stream: trio.SocketStream) -> None:
+        while data := await stream.receive_some(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status[event.stream_id] = dict(event.headers)[b":status"].decode()
+                elif isinstance(event, h2.events.DataReceived):
+                    got[event.stream_id] = got.get(event.stream_id, 0) + len(event.data)
+                    held.append((event.flow_controlled_length, event.stream_id))
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == 5:
+                    health_ended.set()
+            if acknowledging.is_set():
+                for length, stream_id in held:
+                    with contextlib.suppress(Exception):  # (a stream reset meanwhile)
+                        conn.acknowledge_received_data(length, stream_id)
+                held.clear()
+            await flush(stream)
+
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
+            trio.open_nursery() as nursery:
+        await flush(stream)
+        nursery.start_soon(read, stream)
+        conn.send_headers(1, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                              (":authority", "127.0.0.1"), ("authorization", "Bearer k")])
+        conn.send_data(1, json.dumps(chat(stream=True)).encode(), end_stream=True)
+        await flush(stream)
+        with trio.fail_after(WAIT_S):
+            while got.get(1, 0) < 65535 - 100:  # the connection's window all taken by stream 1's answer
+                await trio.sleep(0.01)
+        conn.send_headers(3, [(":method", "POST"), (":path", "/v1/chat/completions"), (":scheme", "http"),
+                              (":authority", "127.0.0.1"),
+                              ("authorization", "Bearer nope" if case == "401" else "Bearer k")])
+        for _ in range(30):
+            conn.send_data(3, b"x" * 1000)
+        await flush(stream)
+        await trio.sleep(0.5)
+        acknowledging.set()  # the client reads on
+        for length, stream_id in held:
+            conn.acknowledge_received_data(length, stream_id)
+        held.clear()
+        conn.send_headers(5, [(":method", "GET"), (":path", "/health"), (":scheme", "http"),
+                              (":authority", "127.0.0.1")], end_stream=True)
+        await flush(stream)
+        with trio.fail_after(WAIT_S):
+            await health_ended.wait()
+        nursery.cancel_scope.cancel()
+    assert (status[3], status[5]) == (case, "200")
+
+
 async def test_an_http2_upload_refused_at_its_head_gets_its_answer_however_long_it_lasts(grid: Grid) -> None:
     """Regression: over HTTP/2 the rest of a body sent after the hub had answered (a 401) raised
     KeyError in hypercorn and killed the connection; once that was fixed, hypercorn's keep-alive
