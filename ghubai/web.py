@@ -194,7 +194,7 @@ _hypercorn_stream_handle = HTTPStream.handle
 async def _stream_handle(self: HTTPStream, event: StreamEvent) -> None:
     if isinstance(event, Body):  # (see _app_send)
         if self.state is ASGIHTTPState.REQUEST:
-            with trio.CancelScope() as self.ghubai_body_put:
+            with trio.CancelScope() as self.ghubai_body_put:  # type: ignore[attr-defined]
                 await _hypercorn_stream_handle(self, event)
         return
     if isinstance(event, StreamClosed):  # its app hears it by CLIENT_GONE: a full queue must not hold the reader
