@@ -21,9 +21,10 @@ The conversation:
    per provider token, so a link with another token is another worker, whatever id it names.
 2. hub → ``request``; worker → ``chunk``\\* then ``end`` (with the engine's usage) or ``error``. The
    hub sends ``cancel`` when its client leaves, and ``credit`` as its client takes the bytes: a worker
-   keeps at most ``WINDOW_BYTES`` of one answer unacknowledged, beyond a record sent while none was. A worker answers a request it cannot
-   take (full, draining, a duplicate id, a malformed frame with a valid id) with ``error``; ``busy``
-   says it was only full. A hub fails at once a request whose ``end`` or ``error`` it had to refuse.
+   keeps at most ``WINDOW_BYTES`` of one answer unacknowledged, beyond a record sent while none was.
+   A worker answers a request it cannot take (full, draining, a duplicate id, a malformed frame
+   with a valid id) with ``error``; ``busy`` says it was only full. A hub fails at once a request
+   whose ``end`` or ``error`` it had to refuse.
 3. worker → ``models`` when what its engine offers changes (its models, the APIs it serves, the
    models it holds in memory, its slots), ``load`` whenever its number of running requests changes
    (a worker shared by several hubs is full for all of them at once), ``draining`` when it shuts down.

@@ -31,14 +31,12 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   trickle (each may hold a request body of up to ``max_body_bytes``) can take every file descriptor
   and the memory behind them. Past ``max_connections`` open at once, a new connection gets a 503
   with ``Retry-After`` and is closed, as the proxy turns them away.
-- a request answered before its body ended (a 401, a 413) reads no more of it, so the rest of the
-  body is dropped here: over HTTP/2 its DATA frames filled the request's queue, and the reader of
-  the whole connection waited on it for good.
-- over HTTP/2, a request answered before its body ended (a 401, a 413) has its stream closed, and
-  the next DATA frame of that body raised KeyError in hypercorn and killed the connection with all
-  its streams. Such frames are dropped here, their bytes given back to the flow-control windows,
-  and each restarts the keep-alive countdown (hypercorn counts the connection idle once the answer
-  is sent: a client still uploading after 5 s lost its answer to the close).
+- a request answered before its body ended (a 401, a 413) reads no more of it. Over HTTP/2 the
+  rest of its DATA frames filled the request's queue, and the reader of the whole connection waited
+  on it for good; once its stream closed, the next frame raised KeyError in hypercorn and killed the
+  connection with all its streams. The rest of such a body is dropped here, its bytes given back to
+  the flow-control windows, and each frame restarts the keep-alive countdown (hypercorn counts the
+  connection idle once the answer is sent: a client still uploading after 5 s lost its answer).
 
 Besides, ``server_config`` lifts hypercorn's end of a connection after 1,000 requests (over
 HTTP/2 a GOAWAY that failed the request past it) and logs what escapes the app at WARNING.
@@ -198,6 +196,7 @@ async def _stream_handle(self: HTTPStream, event: StreamEvent) -> None:
                 await _hypercorn_stream_handle(self, event)
         return
     if isinstance(event, StreamClosed):  # its app hears it by CLIENT_GONE: a full queue must not hold the reader
+        # (a bounded wait, not none: a queue with room takes the disconnect at once)
         with trio.move_on_after(1):
             await _stream_closed(self, event)
         return
@@ -239,7 +238,8 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
             if all(stream.idle for stream in self.streams.values()):  # hypercorn's own test of idleness
                 await self.send(Updated(idle=True))  # the keep-alive countdown restarts: the body goes on
         elif not isinstance(event, h2.events.PriorityUpdated):  # (deprecated by RFC 9113, ignored here)
-            if isinstance(event, h2.events.StreamReset) and (buffer := self.stream_buffers.get(event.stream_id)):
+            if isinstance(event, h2.events.StreamReset) and \
+                    (buffer := self.stream_buffers.get(event.stream_id)) is not None:
                 await buffer.close()  # so that the send task's visit drops it (h2 keeps a closed stream a while)
             await _hypercorn_h2_events(self, [event])
     await self._flush()
@@ -266,12 +266,14 @@ _hypercorn_stream_send = H2Protocol.stream_send
 
 
 async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
-    if not isinstance(event, Body | Data | EndBody | EndData | Trailers) or not isinstance(self.config, GhubConfig):
+    if not isinstance(event, Body | Data | EndBody | EndData | Trailers) or \
+            not isinstance(self.config, GhubConfig):
         await _hypercorn_stream_send(self, event)
         return
     if isinstance(event, Body | Data) and len(event.data) > WRITE_PIECE_BYTES:
         for start in range(0, len(event.data), WRITE_PIECE_BYTES):  # a deadline for each
-            await _bounded_stream_send(self, type(event)(event.stream_id, event.data[start:start + WRITE_PIECE_BYTES]))
+            piece = event.data[start:start + WRITE_PIECE_BYTES]
+            await _bounded_stream_send(self, type(event)(event.stream_id, piece))
         return
     with trio.move_on_after(self.config.write_timeout_s) as wait:  # for the client's window
         await _hypercorn_stream_send(self, event)
@@ -285,7 +287,8 @@ async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
         await self._flush()
         # before the close: that cancels this very task (CLIENT_GONE), and the keep-alive countdown
         # would never restart on a connection left without a stream
-        await self.send(Updated(idle=all(stream.idle for key, stream in self.streams.items() if key != stream_id)))
+        await self.send(Updated(idle=all(stream.idle for key, stream in self.streams.items()
+                                         if key != stream_id)))
         await self._close_stream(stream_id)  # its request hears its client is gone
 
 

@@ -13,7 +13,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -543,6 +543,23 @@ async def test_a_path_with_a_doubled_slash_is_an_unknown_endpoint_at_hub_and_pro
             assert "Unknown endpoint" in (error if path.startswith("/api") else error["message"]), (server, path)
 
 
+def h2_client() -> tuple[Any, Callable[[trio.SocketStream], Awaitable[None]]]:
+    """A raw HTTP/2 client connection (the ``h2`` library), and how to send what it has queued: under
+    a lock, since a test's reader (acknowledging what arrives) and the test itself share the socket."""
+    import h2.config
+    import h2.connection
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sending = trio.Lock()
+
+    async def flush(stream: trio.SocketStream) -> None:
+        async with sending:
+            await stream.send_all(conn.data_to_send())
+
+    return conn, flush
+
+
 def h2_post(conn: Any, body: dict[str, object], received: dict[int, bytearray]) -> int:
     """A chat request on a new stream of a client's ``h2`` connection; its answer's bytes go to ``received``."""
     stream_id, raw = conn.get_next_available_stream_id(), json.dumps(body).encode()
@@ -556,23 +573,15 @@ def h2_post(conn: Any, body: dict[str, object], received: dict[int, bytearray]) 
 async def test_an_http2_stream_reset_by_its_client_stops_its_engine_and_spares_the_connection(grid: Grid) -> None:
     """A client that leaves one HTTP/2 stream (RST_STREAM, the connection kept, as browsers and
     gRPC-style clients do) stops that stream's generation only; its neighbour finishes."""
-    import h2.config
-    import h2.connection
     import h2.errors
     import h2.events
 
     sim_url, sim = await grid.sim(tokens=100_000, itl_ms=5)
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    conn, flush = h2_client()
     received: dict[int, bytearray] = {}
     ended: set[int] = set()
-    sending = trio.Lock()  # the reader's acknowledgements and the test's frames share the socket
-
-    async def flush(stream: trio.SocketStream) -> None:
-        async with sending:
-            await stream.send_all(conn.data_to_send())
 
     async def read(stream: trio.SocketStream) -> None:
         while data := await stream.receive_some(65536):
@@ -612,22 +621,19 @@ async def test_an_http2_stream_whose_window_stays_shut_is_reset_at_idle_s_and_sp
     that stopped reading it) was never cut: the hub buffered the whole answer (+19 MB in 8 s) while
     the engine generated on, and held the worker's slot for total_s. Over HTTP/1.1 the same client
     is cut at idle_s."""
-    import h2.config
-    import h2.connection
     import h2.events
 
     sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub(timeouts={"idle_s": 1.0})
     await grid.worker(hub.value, sim_url)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    conn, flush = h2_client()
     received: dict[int, bytearray] = {}
     ended: dict[int, str] = {}
 
     async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
         shut = h2_post(conn, chat(stream=True), received)
         open_ = h2_post(conn, chat(stream=True, max_tokens=50), received)
-        await stream.send_all(conn.data_to_send())
+        await flush(stream)
         with trio.fail_after(WAIT_S):
             while len(ended) < 2:
                 for event in conn.receive_data(await stream.receive_some(65536)):
@@ -639,7 +645,7 @@ async def test_an_http2_stream_whose_window_stays_shut_is_reset_at_idle_s_and_sp
                             conn.increment_flow_control_window(event.flow_controlled_length)
                     elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
                         ended[event.stream_id] = type(event).__name__
-                await stream.send_all(conn.data_to_send())
+                await flush(stream)
     assert ended == {shut: "StreamReset", open_: "StreamEnded"} and received[open_].endswith(b"data: [DONE]\n\n")
     assert len(received[shut]) < 1 << 20  # its window's worth, no more
 
@@ -653,16 +659,13 @@ async def test_an_http2_client_that_reads_its_socket_too_slowly_is_reset_and_the
     """Regression (review): a stream reset at idle_s while the connection's sender was inside a write
     for it killed the whole hub (a KeyError out of hypercorn's send task): a window wide open, and a
     socket read a little at a time."""
-    import h2.config
-    import h2.connection
     import h2.events
     import h2.settings
 
     sim_url, _ = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub(timeouts={"idle_s": 1.0})
     await grid.worker(hub.value, sim_url)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    conn, _ = h2_client()
     conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30})
     conn.increment_flow_control_window(2**30)
     sock = trio.socket.socket()
@@ -689,21 +692,13 @@ async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the
     """Regression (hunt): each stream a client reset before its answer (a client that leaves, one
     request at a time: a browser's AbortController), and each a PRIORITY frame named (11 KB, no key,
     no request), kept a node in hypercorn's priority tree; at 1,001 it raised and the hub died."""
-    import h2.config
-    import h2.connection
     import h2.errors
     from hyperframe.frame import PriorityFrame
 
     hub = await grid.hub()
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    conn, send = h2_client()
     answered = trio.Event()
-    sending = trio.Lock()
     last = 0
-
-    async def send(stream: trio.SocketStream) -> None:
-        async with sending:
-            await stream.send_all(conn.data_to_send())
 
     async def read(stream: trio.SocketStream) -> None:  # (and acknowledge, as a live client does)
         while data := await stream.receive_some(65536):
@@ -715,13 +710,12 @@ async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the
     async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream, \
             trio.open_nursery() as nursery:
         await send(stream)
+        if how == "named by PRIORITY frames":  # (before the reader starts: no one else writes yet)
+            await stream.send_all(b"".join(PriorityFrame(stream_id, depends_on=0, stream_weight=16).serialize()
+                                           for stream_id in range(1, 2 * 1100, 2)))
         nursery.start_soon(read, stream)
         with trio.fail_after(WAIT_S * 3):
-            if how == "named by PRIORITY frames":
-                async with sending:
-                    await stream.send_all(b"".join(PriorityFrame(stream_id, depends_on=0, stream_weight=16)
-                                                   .serialize() for stream_id in range(1, 2 * 1100, 2)))
-            else:
+            if how == "left one by one":
                 for _ in range(1005):  # each waits for its body, then leaves
                     stream_id = conn.get_next_available_stream_id()
                     conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"),
@@ -747,24 +741,16 @@ async def test_an_http2_request_answered_before_its_body_ended_never_holds_its_c
     connection's window was shut by another stream's answer: its next DATA frames filled its
     request's queue, which nobody read, and the connection's only reader waited on it for good.
     Every stream on the connection lost its answer."""
-    import h2.config
-    import h2.connection
     import h2.events
 
     sim_url, _ = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub(api_keys=["k"], limits={"max_body_bytes": 1024})
     await grid.worker(hub.value, sim_url)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    conn.initiate_connection()
+    conn, flush = h2_client()
     status: dict[int, str] = {}
     got: dict[int, int] = {}
     held: list[tuple[int, int]] = []  # what the client read but did not yet acknowledge
     acknowledging, health_ended = trio.Event(), trio.Event()
-    sending = trio.Lock()
-
-    async def flush(stream: trio.SocketStream) -> None:
-        async with sending:
-            await stream.send_all(conn.data_to_send())
 
     async def read(stream: trio.SocketStream) -> None:
         while data := await stream.receive_some(65536):

@@ -100,7 +100,8 @@ async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -
     listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=collector), 0,
                                                  host="127.0.0.1"))
     env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",
-           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_EXPORTER_OTLP_HEADERS": "Authorization:Bearer sekret,x-key=a;sekret2,x-team=a"}
+           "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "OTEL_EXPORTER_OTLP_HEADERS": "Authorization:Bearer sekret,x-key=a;sekret2,x-team=a"}
     hub = Daemon(tmp_path, "hub", "--listen", "127.0.0.1:0", env=env)
     try:
         hub_url = await hub.url()

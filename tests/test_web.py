@@ -30,7 +30,8 @@ def test_web_refuses_a_hypercorn_without_the_methods_it_patches(owner: str, modu
     assert f"ImportError: ghubai.web patches {owner}.{method}(self, event)" in result.stderr
 
 
-async def test_a_fault_that_escapes_the_app_is_logged_and_the_server_serves_on(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_fault_that_escapes_the_app_is_logged_and_the_server_serves_on(
+        caplog: pytest.LogCaptureFixture) -> None:
     """Review (hunt): hypercorn's error log was off, so a fault that escaped the app left no line."""
     from ghubai.web import serve_app, server_config
 

@@ -146,7 +146,8 @@ class RemoteWorker:
 
     def describe(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "models": sorted(self.models), "inflight": self.inflight,
-                "busy": self.busy, "max_concurrency": self.max_concurrency, "engine": self.engine, "draining": self.draining,
+                "busy": self.busy, "max_concurrency": self.max_concurrency, "engine": self.engine,
+                "draining": self.draining,
                 "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1),
                 "apis": sorted(self.apis) if self.apis is not None else list(protocol.API_PATHS),
                 "loaded": sorted(self.models if self.loaded is None else self.loaded), "problem": self.problem,

@@ -68,4 +68,5 @@ def hub_view(name: str, address: str, up: bool, reason: str | None, queue: dict[
 
 def data(role: str, name: str, hubs: list[dict[str, Any]], queue: dict[str, int], history: History) -> dict[str, Any]:
     return {"role": role, "name": name, "version": __version__, "hubs": hubs, "capacity": capacity(hubs),
-            "queue": queue, "step_s": history.step_s, "window_s": history.step_s * history.steps, "history": history.points()}
+            "queue": queue, "step_s": history.step_s, "window_s": history.step_s * history.steps,
+            "history": history.points()}

@@ -263,6 +263,7 @@ async def serve(sim: Simulator, listen: str, *, task_status: trio.TaskStatus[int
     listeners = await trio.open_tcp_listeners(port, host=listen_host(host))
     bound = listeners[0].socket.getsockname()[1]
     log.info("simulator serving %s on %s:%d (ttft %s ms, itl %s ms, %d tokens)",
-             ",".join(sim.options.models), f"[{host}]" if ":" in host else host, bound, sim.options.ttft_ms, sim.options.itl_ms, sim.options.tokens)
+             ",".join(sim.options.models), f"[{host}]" if ":" in host else host, bound, sim.options.ttft_ms,
+             sim.options.itl_ms, sim.options.tokens)
     task_status.started(bound)
     await trio.serve_listeners(partial(serve_connection, handle=server.handle), listeners)

@@ -152,7 +152,8 @@ def engine_failure(payload: bytes, message: str) -> EngineError:
     value = _decode(payload)
     error = value.get("error") if isinstance(value.get("error"), dict) else value
     code = error.get("code")
-    code = int(code) if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) == 3 else code  # (LiteLLM's: text)
+    if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) == 3:  # (LiteLLM's: text)
+        code = int(code)
     status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403, 404) else 502
     return EngineError(status, message, retryable=True)
 
