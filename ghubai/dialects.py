@@ -3,6 +3,7 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -201,10 +202,12 @@ def model_list(models: list[str]) -> dict[str, Any]:
 
 def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:
     """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models engines hold in memory now), from model names
-    alone: the grid does not see sizes or digests."""
+    alone: the grid does not see sizes or digests. A digest stands in, 64 hex digits from the name (the same at
+    every hub and proxy), as Ollama's: its CLI prints a digest's first 12 characters, and an empty one made
+    ``ollama list`` and ``ollama ps`` panic."""
     extra = {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} if running else {}
-    return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0, "digest": "",
-                        "details": {}, **extra} for m in models]}
+    return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
+                        "digest": hashlib.sha256(m.encode()).hexdigest(), "details": {}, **extra} for m in models]}
 
 
 # What ``/api/version`` answers: the Ollama release whose API the hub serves (tools and streamed tool

@@ -4,6 +4,7 @@ native API, through the proxy, over an Ollama engine (the simulator)."""
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -194,6 +195,23 @@ async def test_legacy_embeddings_and_running_models(grid: Grid, kind: str) -> No
         assert nothing.status_code == 200 and nothing.json() == {"embedding": []}, nothing.text
     assert (await grid.http.post(url + "/api/embeddings", json={"model": "sim", "prompt": 1})).status_code == 400
     assert [m["name"] for m in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["sim"]
+
+
+async def test_model_lists_carry_a_digest_as_ollamas_cli_reads_it(grid: Grid) -> None:
+    """Regression: ``ollama list`` and ``ollama ps`` print ``digest[:12]`` and panicked on the grid's empty
+    digest. Each model has 64 hex digits, the same at hub and proxy, different for each model."""
+    sim_url, _ = await grid.sim(models=("sim", "other"))
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "other")
+    for path in ("/api/tags", "/api/ps"):
+        digests: dict[str, str] = {}
+        for base in (proxy.value, hub.value):
+            for model in (await grid.http.get(base + path)).json()["models"]:
+                assert re.fullmatch(r"[0-9a-f]{64}", model["digest"]), model
+                assert digests.setdefault(model["name"], model["digest"]) == model["digest"]
+        assert "sim" in digests and len(set(digests.values())) == len(digests), digests
 
 
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
