@@ -622,6 +622,31 @@ async def test_a_whole_answer_that_is_not_json_is_a_502_that_says_so_and_is_not_
     assert asked == 1
 
 
+async def test_an_embedding_batch_whose_base64_fits_is_served_though_ollama_s_text_is_larger(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): 2,048 texts at 4096 dimensions over Ollama were a 502 "larger than 64 MiB": Ollama
+    writes each float32 as ~12 bytes of text (109 MB), while the base64 answer the openai SDK asks for
+    is 45 MB. The bound is the client's answer; the engine's text may be three times it. (The bound is made
+    1 MiB here, for speed.)"""
+    monkeypatch.setattr("ghubai.worker.engine.ANSWER_LIMIT", 1 << 20)
+    rows, dim = 32, 4096
+    text = b'{"model":"sim","embeddings":[%s],"prompt_eval_count":%d}' % (
+        b",".join([b"[" + b",".join([b"-0.012345679"] * dim) + b"]"] * rows), rows)
+    assert len(text) > 1.5 * (1 << 20)
+
+    async def engine(conn: Connection, request: Request) -> None:
+        await conn.respond(200, text)
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="ollama")
+    async with openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", max_retries=0) as sdk:
+        vectors = await sdk.embeddings.create(model="sim", input=["a"] * rows)  # base64, as the SDK asks
+        assert len(vectors.data) == rows and vectors.data[-1].embedding[:2] == [pytest.approx(-0.012345679)] * 2
+        with pytest.raises(openai.APIStatusError, match="larger than") as floats:  # as floats it is too large
+            await sdk.embeddings.create(model="sim", input=["a"] * rows, encoding_format="float")
+        assert floats.value.status_code == 502
+
+
 async def test_an_image_link_for_an_ollama_engine_is_a_400_not_garbage_base64(grid: Grid) -> None:
     """Regression: an image part's ``https://`` URL went to Ollama as if it were the image's base64.
     Ollama takes images as bytes, and the worker fetches no address a client names: a 400 that

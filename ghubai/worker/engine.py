@@ -27,7 +27,7 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import OllamaOverOpenAI, Translator, Untranslatable, count, engine_path, translator_for
+from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path, translator_for
 
 log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
@@ -190,6 +190,9 @@ LISTING_LIMIT = 16 << 20  # what is read of an engine's model list, /api/ps, /pr
 MAX_RECORD_BYTES = protocol.MAX_EVENT_BYTES  # one NDJSON line or SSE event of an engine's stream
 AFTER_END_S = 1.0  # for the body's end after the answer's ([DONE]); an engine that keeps it open loses the connection
 ANSWER_LIMIT = protocol.MAX_ANSWER_BYTES
+# Ollama writes an embedding's float32s as text, 12-15 bytes each, which reach an OpenAI client that asks
+# for base64 (the openai SDK does) as 5.3: the engine's answer may be nearly three times the client's
+BASE64_SHRINK = 3
 _JSON = [("content-type", "application/json")]
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -358,7 +361,8 @@ class Engine:
                 if response.status != 200:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
-                    raw = await response.read(ANSWER_LIMIT)
+                    shrinks = isinstance(translator, OpenAIOverOllama) and translator.base64
+                    raw = await response.read(ANSWER_LIMIT * BASE64_SHRINK if shrinks else ANSWER_LIMIT)
                     if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
                         raise engine_failure(raw, message)
                     try:
