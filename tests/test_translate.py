@@ -879,6 +879,18 @@ def test_images_on_generate_for_an_openai_engine_are_untranslatable_not_dropped(
     assert embed == {"model": "e", "input": "x", "dimensions": 64}
 
 
+@pytest.mark.parametrize("extra", [{"context": [1, 2, 3]}, {"template": "{{ .Prompt }}"}])
+def test_a_context_or_template_on_generate_for_an_openai_engine_is_untranslatable_not_dropped(
+        extra: dict[str, Any]) -> None:
+    """Regression (hunt): a client that keeps a conversation in ``context`` got 200s from a model with no
+    memory of it: an OpenAI-compatible engine was sent the bare prompt, and no context came back."""
+    with pytest.raises(Untranslatable, match=next(iter(extra))):
+        ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "and then?", **extra}, False)
+    empty = ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "hi", "context": [],
+                                                          "template": ""}, False)
+    assert empty["prompt"] == "hi"
+
+
 def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> None:
     """Regression (hunt): each piece of a streamed argument was added to the whole so far (quadratic:
     800 KB in 4-byte pieces took 16 s), and an index that was no integer failed the end of the answer."""

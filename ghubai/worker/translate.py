@@ -217,6 +217,12 @@ class OllamaOverOpenAI:
             if body.get("images"):
                 raise Untranslatable("images on /api/generate need an Ollama engine (an OpenAI-compatible "
                                      "engine's /v1/completions takes none): send them to /api/chat")
+            if body.get("context"):  # (an answer from such an engine has none to send back)
+                raise Untranslatable("context (an earlier answer's tokens) on /api/generate needs an Ollama "
+                                     "engine: send the conversation to /api/chat as messages")
+            if body.get("template"):
+                raise Untranslatable("a template on /api/generate needs an Ollama engine: send the prompt "
+                                     "as the template would make it, with raw")
             system = f"{body['system']}\n\n" if body.get("system") else ""
             request["prompt"] = system + str(body.get("prompt", ""))
         return request
