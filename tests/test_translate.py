@@ -59,7 +59,7 @@ def timestamp(value: dict[str, Any]) -> str:
 
 @pytest.mark.parametrize("kind, api, translator_class, path", [
     ("openai", "ollama.chat", OllamaOverOpenAI, "/v1/chat/completions"),
-    ("openai", "ollama.generate", OllamaOverOpenAI, "/v1/completions"),
+    ("openai", "ollama.generate", OllamaOverOpenAI, "/v1/chat/completions"),  # raw: /v1/completions
     ("openai", "ollama.embed", OllamaOverOpenAI, "/v1/embeddings"),
     ("openai", "ollama.embeddings", OllamaOverOpenAI, "/v1/embeddings"),
     ("openai", "ollama.show", OllamaOverOpenAI, "/v1/models"),
@@ -189,18 +189,29 @@ def test_ollama_request_ignores_missing_or_malformed_extras(body: dict[str, Any]
         "model": "m", "stream": False, "messages": [HI]}
 
 
-def test_ollama_generate_request_puts_the_system_before_the_prompt() -> None:
-    """``/api/generate``'s system and prompt become one completion prompt, options mapped as for chat."""
+def test_ollama_generate_request_is_a_chat_and_a_raw_one_a_completion_with_the_system_first() -> None:
+    """Regression (hunt): ``/api/generate`` went to ``/v1/completions``, where no template applies: an instruct
+    model continued the prompt (vLLM for 16 tokens). As Ollama applies the model's template, it is now a chat
+    of the system and the prompt; ``raw`` (no template) is a completion prompt. Options map as for chat."""
     body = {"model": "m", "system": "You are terse.", "prompt": "Say hi", "options": {"num_predict": 5, "seed": 1},
             "format": "json"}
-    assert ollama_over_openai("ollama.generate").request(body, stream=True) == {
-        "model": "m", "stream": True, "seed": 1, "max_tokens": 5, "stream_options": {"include_usage": True},
-        "response_format": {"type": "json_object"}, "prompt": "You are terse.\n\nSay hi"}
+    common = {"model": "m", "stream": True, "seed": 1, "max_tokens": 5, "stream_options": {"include_usage": True},
+              "response_format": {"type": "json_object"}}
+    translator = ollama_over_openai("ollama.generate")
+    assert translator.request(body, stream=True) == {**common, "messages": [
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi"}]}
+    assert translator.path == "/v1/chat/completions"
+    raw = ollama_over_openai("ollama.generate")
+    assert raw.request({**body, "raw": True}, stream=True) == {**common, "prompt": "You are terse.\n\nSay hi"}
+    assert raw.path == "/v1/completions"
 
 
 def test_ollama_generate_without_system_or_prompt() -> None:
     """No system adds no blank lines; no prompt is a load, not a generation (as Ollama answers it)."""
-    assert ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "x"}, stream=False)["prompt"] == "x"
+    assert ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "x"}, stream=False)["messages"] == [
+        {"role": "user", "content": "x"}]
+    assert ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "x", "raw": True},
+                                                         stream=False)["prompt"] == "x"
     translator = ollama_over_openai("ollama.generate")
     translator.request({"model": "m", "system": "terse"}, stream=False)
     assert translator.preload == "load"
@@ -308,14 +319,21 @@ def test_ollama_tool_call_without_index_is_call_zero() -> None:
     assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {}}}]
 
 
-def test_ollama_generate_stream_uses_response_not_message() -> None:
-    """``/api/generate`` lines carry ``response``; its text comes from the choice's ``text``."""
+@pytest.mark.parametrize("raw", [False, True])
+def test_ollama_generate_stream_uses_response_not_message(raw: bool) -> None:
+    """``/api/generate`` lines carry ``response``; its text comes from the chat's delta, or a raw
+    generation's choice ``text``; a thinking model's reasoning goes beside it, as Ollama's ``thinking``."""
     translator = ollama_over_openai("ollama.generate")
-    translator.request({"model": "g", "prompt": "p"}, stream=True)
-    assert translator.chunk({"choices": [{"index": 0, "text": ""}]}) == []
-    value = ndjson(translator.chunk({"choices": [{"index": 0, "text": "Once", "finish_reason": None}]})[0])
+    translator.request({"model": "g", "prompt": "p", "raw": raw}, stream=True)
+    assert translator.chunk({"choices": [{"index": 0, "text": ""} if raw else {"delta": {"role": "assistant"}}]}) == []
+    choice = {"text": "Once"} if raw else {"delta": {"content": "Once"}}
+    value = ndjson(translator.chunk({"choices": [{"index": 0, **choice, "finish_reason": None}]})[0])
     timestamp(value)
     assert value == {"model": "g", "response": "Once", "done": False}
+    if not raw:
+        value = ndjson(translator.chunk({"choices": [{"index": 0, "delta": {"reasoning_content": "hm"}}]})[0])
+        timestamp(value)
+        assert value == {"model": "g", "response": "", "thinking": "hm", "done": False}
     last = ndjson(translator.final({"prompt_tokens": 1, "completion_tokens": 2}))
     timestamp(last)
     assert last == {"model": "g", "response": "", "done": True, "done_reason": "stop",
@@ -358,11 +376,13 @@ def test_ollama_whole_answer_without_choices() -> None:
     assert (value["message"], value["done_reason"]) == ({"role": "assistant", "content": ""}, "stop")
 
 
-def test_ollama_generate_whole_answer() -> None:
-    """A non-streamed generate answer carries ``response`` from the choice's text."""
+@pytest.mark.parametrize("raw", [False, True])
+def test_ollama_generate_whole_answer(raw: bool) -> None:
+    """A non-streamed generate answer carries ``response`` from the chat's message, or a raw one's text."""
     translator = ollama_over_openai("ollama.generate")
-    translator.request({"model": "g", "prompt": "p"}, stream=False)
-    value = json.loads(translator.whole({"choices": [{"text": "done.", "finish_reason": "length"}]},
+    translator.request({"model": "g", "prompt": "p", "raw": raw}, stream=False)
+    choice = {"text": "done."} if raw else {"message": {"role": "assistant", "content": "done."}}
+    value = json.loads(translator.whole({"choices": [{**choice, "finish_reason": "length"}]},
                                         {"prompt_tokens": 3, "completion_tokens": 8}))
     timestamp(value)
     assert value == {"model": "g", "response": "done.", "done": True, "done_reason": "length",
@@ -746,10 +766,11 @@ def test_an_ollama_line_whose_text_is_no_text_raises_rather_than_passes_it_on(li
 
 
 def test_an_openai_chunk_whose_text_is_no_text_raises_rather_than_passes_it_on() -> None:
-    translator = ollama_over_openai("ollama.generate")
-    translator.request({"model": "m", "prompt": "p"}, stream=True)
-    with pytest.raises(TypeError):
-        translator.chunk({"choices": [{"text": 7}]})
+    for raw, choice in ((True, {"text": 7}), (False, {"delta": {"content": 7}})):
+        translator = ollama_over_openai("ollama.generate")
+        translator.request({"model": "m", "prompt": "p", "raw": raw}, stream=True)
+        with pytest.raises(TypeError):
+            translator.chunk({"choices": [choice]})
 
 
 def test_counts_an_engine_mangles_are_zero_not_an_error() -> None:
@@ -873,8 +894,12 @@ def test_a_load_or_unload_is_answered_as_ollama_answers_it_not_generated(api: st
 
 
 def test_images_on_generate_for_an_openai_engine_are_untranslatable_not_dropped() -> None:
-    with pytest.raises(Untranslatable, match="/api/chat"):
-        ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "what?", "images": ["QUJD"]}, False)
+    with pytest.raises(Untranslatable, match="without raw"):
+        ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "what?", "images": ["QUJD"],
+                                                       "raw": True}, False)
+    seen = ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "what?", "images": ["QUJD"]}, False)
+    assert seen["messages"] == [{"role": "user", "content": [
+        {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,QUJD"}}]}]
     embed = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": 64}, stream=False)
     assert embed == {"model": "e", "input": "x", "dimensions": 64}
 
@@ -888,7 +913,7 @@ def test_a_context_or_template_on_generate_for_an_openai_engine_is_untranslatabl
         ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "and then?", **extra}, False)
     empty = ollama_over_openai("ollama.generate").request({"model": "m", "prompt": "hi", "context": [],
                                                           "template": ""}, False)
-    assert empty["prompt"] == "hi"
+    assert empty["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> None:

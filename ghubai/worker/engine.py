@@ -27,7 +27,8 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
-from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path, translator_for
+from ghubai.worker.translate import (OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path,
+                                    translator_for)
 
 log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
@@ -337,7 +338,8 @@ class Engine:
         translator = translator_for(self.config.kind, call.api, self.tools)
         if translator is not None:
             try:
-                path, body = translator.path, translator.request(call.body, call.stream)
+                body = translator.request(call.body, call.stream)
+                path = translator.path  # (known once the request is read: a raw generation's)
             except Untranslatable as error:
                 raise EngineError(400, str(error), retryable=True) from None
             if isinstance(translator, OllamaOverOpenAI) and translator.preload:

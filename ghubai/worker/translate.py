@@ -161,8 +161,10 @@ class _StreamedCall:
 class OllamaOverOpenAI:
     """An ``ollama.*`` request for an OpenAI-compatible engine, and its answer back in Ollama's
     shapes. One per request: it keeps the stream's state (model, finish reason, tool calls so far).
-    Invariant: ``request`` is called first and once."""
-    PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/completions",
+    Invariant: ``request`` is called first and once. A generation goes to the engine's chat API, where
+    the model's template applies as Ollama applies it (its ``/v1/completions`` applies none: an
+    instruct model continued the prompt, and vLLM stopped at 16 tokens); a ``raw`` one goes there."""
+    PATHS = {"ollama.chat": "/v1/chat/completions", "ollama.generate": "/v1/chat/completions",
              "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
 
@@ -193,7 +195,9 @@ class OllamaOverOpenAI:
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if name in options})
-        if self.api == "ollama.chat" and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
+        if self.api == "ollama.generate" and body.get("raw"):
+            self.path = "/v1/completions"
+        if self.chat and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
             request["reasoning_effort"] = _EFFORT.get(think, think)  # (true and false have no OpenAI word)
         if isinstance(options.get("num_predict"), int) and options["num_predict"] >= 0:
             request["max_tokens"] = options["num_predict"]  # -1 and -2 mean "no limit" to Ollama
@@ -214,18 +218,27 @@ class OllamaOverOpenAI:
         else:
             if body.get("suffix"):
                 raise Untranslatable("suffix (fill in the middle) on /api/generate needs an Ollama engine")
-            if body.get("images"):
-                raise Untranslatable("images on /api/generate need an Ollama engine (an OpenAI-compatible "
-                                     "engine's /v1/completions takes none): send them to /api/chat")
+            if body.get("images") and not self.chat:
+                raise Untranslatable("images on a raw /api/generate need an Ollama engine (an OpenAI-compatible "
+                                     "engine's /v1/completions takes none): send them without raw")
             if body.get("context"):  # (an answer from such an engine has none to send back)
                 raise Untranslatable("context (an earlier answer's tokens) on /api/generate needs an Ollama "
                                      "engine: send the conversation to /api/chat as messages")
             if body.get("template"):
                 raise Untranslatable("a template on /api/generate needs an Ollama engine: send the prompt "
                                      "as the template would make it, with raw")
-            system = f"{body['system']}\n\n" if body.get("system") else ""
-            request["prompt"] = system + str(body.get("prompt", ""))
+            prompt, system = str(body.get("prompt", "")), str(body.get("system") or "")
+            if self.chat:
+                request["messages"] = _messages([*([{"role": "system", "content": system}] if system else []),
+                                                 {"role": "user", "content": prompt, "images": body.get("images")}])
+            else:
+                request["prompt"] = f"{system}\n\n{prompt}" if system else prompt
         return request
+
+    @property
+    def chat(self) -> bool:
+        """The engine is asked its chat API (a chat, or a generation that is not raw)."""
+        return self.path == "/v1/chat/completions"
 
     def preloaded(self, stream: bool) -> bytes:
         """The answer to a load or unload (``preload``), as Ollama gives it: an engine behind its
@@ -246,7 +259,7 @@ class OllamaOverOpenAI:
         base: dict[str, Any] = {"model": self.model, "created_at": _now()}
         if self.api == "ollama.chat":
             return {**base, "message": {"role": "assistant", "content": text, **extra}}
-        return {**base, "response": text}
+        return {**base, "response": text, **extra}  # (a generation's thinking is beside its response)
 
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
         """One streamed OpenAI chunk as NDJSON lines (none for a role-only or usage-only chunk)."""
@@ -267,7 +280,7 @@ class OllamaOverOpenAI:
             if self.calls_size > protocol.MAX_EVENT_BYTES:
                 raise ValueError(f"tool calls larger than {protocol.MAX_EVENT_BYTES} bytes")
             assembled.id = _call_id(call) or assembled.id
-        if self.api != "ollama.chat":
+        if not self.chat:
             text = _text(choice.get("text"))
             return [_line({**self._answer(text), "done": False})] if text else []
         text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
@@ -308,7 +321,7 @@ class OllamaOverOpenAI:
                             "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason") or "stop"
-        if self.api == "ollama.chat":
+        if self.chat:
             message = choice.get("message") or {}
             calls, unparsed = _answered_calls(message.get("tool_calls") or [])
             extra: dict[str, Any] = {"tool_calls": calls} if calls else {}
