@@ -738,6 +738,30 @@ async def test_new_conversations_spread_over_the_workers(autojump_clock: trio.te
     assert chosen == set("abcd")  # not all onto the first idle one
 
 
+async def test_a_conversation_s_key_picks_the_same_worker_whatever_the_order_of_the_links(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a new conversation was placed by its key's index into the workers in the order they
+    linked, which differs at each hub, after a hub restarts and when a worker's process restarts (a new id):
+    0 of 40 conversations went back to the engine that held their prompt. The order is now the names'."""
+    def picks(order: str, ids: str = "") -> list[str]:
+        workers = [make_worker(f"{name}{ids}", max_concurrency=100) for name in order]
+        for worker in workers:
+            worker.name = f"host-{worker.id[0]}"
+            worker.__post_init__()
+        pool = make_pool(*workers)
+        chosen = []
+        for conversation in range(40):
+            worker = pool._pick("m", "openai.chat", set(), conversation * 7919)
+            assert worker is not None
+            pool._conversations.clear()  # each pick as a hub with no memory of it would make it
+            chosen.append(worker.name)
+        return chosen
+
+    first = picks("abcd")
+    assert len(set(first)) == 4
+    assert picks("dbca") == picks("cadb", ids="-restarted") == first
+
+
 async def test_weight_gives_a_worker_its_share_of_the_load(autojump_clock: trio.testing.MockClock) -> None:
     fast, slow = make_worker("fast", max_concurrency=4, weight=3.0), make_worker("slow", max_concurrency=4)
     pool = make_pool(fast, slow)

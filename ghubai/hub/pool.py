@@ -69,9 +69,11 @@ class RemoteWorker:
     used: dict[str, float] = field(default_factory=dict)  # model -> trio time the hub last sent it a request for it
     slots: int = 0  # the slots it claimed, which ``reported`` counts against (0: max_concurrency)
     gone: bool = False  # its link is gone (``Pool.drop``)
+    seed: int = 0  # from its name: its place in the order a conversation's key picks from (``Pool._able``)
 
     def __post_init__(self) -> None:
         self.slots = self.slots or self.max_concurrency
+        self.seed = affinity.seed_of(self.name)
 
     def serves(self, api: str) -> bool:
         return self.apis is None or api in self.apis
@@ -360,8 +362,11 @@ class Pool:
         whose eviction costs least (``_coldest``)."""
         able = self._able.get((model, api))
         if able is None:  # kept until the workers or what they offer change: a pick is one pass over it
-            able = [worker for worker in self.workers.values()
-                    if model in worker.models and not worker.draining and worker.serves(api)]
+            # in the order of their names' seeds, not of their links: a conversation's key then picks the
+            # same worker after a hub restarts, at another hub, and when the worker's process restarts
+            able = sorted((worker for worker in self.workers.values()
+                           if model in worker.models and not worker.draining and worker.serves(api)),
+                          key=lambda worker: worker.seed)
             if able:  # an unknown model's empty answer is not kept: clients choose those names
                 self._able[(model, api)] = able
         free = [worker for worker in able if worker.inflight < worker.max_concurrency
