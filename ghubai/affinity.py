@@ -4,9 +4,11 @@ already computed.
 LLM engines keep the computed prefix of a prompt (the KV cache) in the slot that ran it; the next
 turn of a chat re-sends that prefix, and only the engine that holds it skips the work. The key
 names a conversation without reading all of it: an explicit session (header ``X-Session-ID``, or
-OpenAI's ``user`` field), else a hash of the model and the conversation's opening — the first
-system and the first user message, or the start of a completion's prompt — which every later turn
-repeats unchanged. ``score`` ranks places for a key (rendezvous hashing: the place of highest score
+OpenAI's ``prompt_cache_key`` or ``user`` field), else a hash of the model and the conversation's
+opening — the first system and the first user message, or the start of a completion's prompt —
+which every later turn repeats unchanged. Many conversations open alike (every user says "hi" under
+one system prompt), so once a chat has the model's first answer, that answer is part of its key, and
+the opening alone is what the hub falls back on for the turn that first carries it (``keys_of``). ``score`` ranks places for a key (rendezvous hashing: the place of highest score
 wins): the same key gets the same place while it is there, and keys spread evenly over places.
 """
 
@@ -18,7 +20,13 @@ from typing import Any
 import msgspec
 
 SESSION_HEADER = b"x-session-id"
+# the APIs whose prompts an engine keeps computed: an embedding's is not kept, and remembering its key
+# (a RAG ingestion makes a hundred thousand) would push the conversations out of a hub's memory
+CONVERSING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "ollama.generate"})
 PROMPT_OPENING_CHARS = 2048  # of a completion's prompt: a long shared preamble, not the whole prompt
+MESSAGE_CHARS = 65536  # of each text of the messages hashed: their start tells conversations apart
+MESSAGES_SCANNED = 64  # for the first system, user and assistant messages
+CONTEXT_TOKENS = 256  # of /api/generate's context (the conversation's tokens so far): stable once it is long
 _MASK = (1 << 64) - 1
 _encode = msgspec.json.Encoder().encode
 
@@ -31,32 +39,80 @@ def _digest(*parts: bytes) -> int:
     return int.from_bytes(hashed.digest(), "big")
 
 
-def _opening(body: dict[str, Any]) -> bytes | None:
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """``value`` with each text cut to ``MESSAGE_CHARS`` and each list and object to its first 64
+    items, 8 levels deep: hashing a 4 MB message whole took half the hub's time for its request."""
+    if isinstance(value, str):
+        return value[:MESSAGE_CHARS]
+    if depth >= 8:
+        return None
+    if isinstance(value, list):
+        return [_bounded(item, depth + 1) for item in value[:64]]
+    if isinstance(value, dict):
+        return {name: _bounded(item, depth + 1) for name, item in list(value.items())[:64]}
+    return value
+
+
+def _openings(body: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
+    """The conversation's opening, and its opening with the model's first answer once it has one."""
     messages = body.get("messages")
     if isinstance(messages, list):
         first: dict[str, Any] = {}
-        for message in messages:
-            if isinstance(message, dict) and message.get("role") in ("system", "user"):
-                first.setdefault(str(message["role"]), message.get("content"))
-            if "user" in first:
-                return _encode([first.get("system"), first["user"]])
-        return None
+        for message in messages[:MESSAGES_SCANNED]:
+            if not isinstance(message, dict) or (role := message.get("role")) in first:
+                continue
+            if role in ("system", "user") and "user" not in first:
+                first[role] = _bounded(message.get("content"))
+            elif role == "assistant" and "user" in first:  # (a tool call is its answer, when it said nothing)
+                first[role] = _bounded(message.get("content") or message.get("tool_calls"))
+                break
+        if "user" not in first:
+            return None, None
+        opening = [first.get("system"), first["user"]]
+        return _encode(opening), (_encode([*opening, first["assistant"]]) if "assistant" in first else None)
+    if isinstance(context := body.get("context"), list) and context:  # /api/generate's memory of the conversation
+        return None, _encode([body.get("system"), context[:CONTEXT_TOKENS]])
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
-        return _encode([body.get("system"), prompt[:PROMPT_OPENING_CHARS]])
+        return _encode([body.get("system"), prompt[:PROMPT_OPENING_CHARS]]), None
+    return None, None
+
+
+def _session(body: dict[str, Any], headers: list[tuple[bytes, bytes]], model: bytes) -> int | None:
+    session = next((value for name, value in headers if name == SESSION_HEADER), None)
+    if session:
+        return _digest(b"session", model, session)
+    for field in ("prompt_cache_key", "user"):  # OpenAI's key for its own prompt caches, and its older one
+        if isinstance(body.get(field), str) and body[field]:
+            return _digest(b"user", model, body[field].encode())
     return None
 
 
 def key_of(body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> int | None:
-    """The conversation's key, or None for a request that has none (embeddings, an empty prompt)."""
+    """The conversation's key as the proxy routes it (the same for every turn), or None for a request
+    that has none (embeddings, an empty prompt)."""
     model = str(body.get("model", "")).encode()
-    session = next((value for name, value in headers if name == SESSION_HEADER), None)
-    if session:
-        return _digest(b"session", model, session)
-    if isinstance(body.get("user"), str) and body["user"]:
-        return _digest(b"user", model, body["user"].encode())
-    opening = _opening(body)
-    return None if opening is None else _digest(b"opening", model, opening)
+    if (session := _session(body, headers, model)) is not None:
+        return session
+    opening, deeper = _openings(body)
+    chosen = opening if opening is not None else deeper
+    return None if chosen is None else _digest(b"opening", model, chosen)
+
+
+def keys_of(body: dict[str, Any], headers: list[tuple[bytes, bytes]], api: str) -> tuple[int, int | None] | None:
+    """The conversation's key as the hub remembers it, and the key of its opening, which the turn that
+    first carries the model's answer falls back on; None for an ``api`` that is not ``CONVERSING``
+    or a request with no key."""
+    if api not in CONVERSING:
+        return None
+    model = str(body.get("model", "")).encode()
+    if (session := _session(body, headers, model)) is not None:
+        return session, None
+    opening, deeper = _openings(body)
+    opening_key = None if opening is None else _digest(b"opening", model, opening)
+    if deeper is not None:
+        return _digest(b"answered", model, deeper), opening_key
+    return None if opening_key is None else (opening_key, None)
 
 
 def seed_of(name: str) -> int:

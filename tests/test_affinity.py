@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ghubai.affinity import key_of
+from ghubai.affinity import key_of, keys_of
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 
@@ -41,3 +41,49 @@ def test_completions_by_their_prompts_opening_and_nothing_without_one() -> None:
     assert key_of({"model": "m", "input": "embed me"}, []) is None
     assert key_of({"model": "m", "messages": [{"role": "assistant", "content": "no user yet"}]}, []) is None
     assert key_of({"model": "m", "messages": "not a list", "prompt": 3}, []) is None
+
+
+def test_once_a_chat_has_the_model_s_answer_it_is_told_from_others_that_opened_alike() -> None:
+    """Regression (hunt): every conversation that opened with "hi" under one system prompt had one key, so
+    each turn went wherever the last of them went (47–52 of 80 follow-ups moved, as with no affinity). The
+    hub's key now holds the model's first answer once a turn carries it, falling back on the opening's
+    for that turn; the proxy's stays the opening's, the same for every turn."""
+    hello = {"role": "user", "content": "hi"}
+    first = chat(SYSTEM, hello)
+    one = chat(SYSTEM, hello, {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "x"})
+    other = chat(SYSTEM, hello, {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "y"})
+    opening, none = keys_of(first, [], "openai.chat") or (0, 0)
+    assert none is None and opening == key_of(first, []) == key_of(one, []) == key_of(other, [])
+    later = chat(*one["messages"], {"role": "assistant", "content": "z"}, {"role": "user", "content": "w"})
+    assert keys_of(one, [], "openai.chat") == keys_of(later, [], "ollama.chat")
+    (one_key, fallback), (other_key, _) = keys_of(one, [], "openai.chat"), keys_of(other, [], "openai.chat")
+    assert fallback == opening and len({one_key, other_key, opening}) == 3
+    calls = chat(SYSTEM, hello, {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]})
+    assert keys_of(calls, [], "openai.chat")[0] != opening  # a tool call is an answer too
+
+
+def test_the_hub_keys_only_what_an_engine_keeps_and_honours_openai_s_cache_key() -> None:
+    """Regression (hunt): 100,000 legacy /api/embeddings calls (a RAG ingestion) each got a key and pushed
+    the chats out of the hub's memory. OpenAI's ``prompt_cache_key``, which replaces ``user`` for its
+    caches, names a session as ``user`` does."""
+    assert keys_of({"model": "m", "prompt": "embed me"}, [], "ollama.embeddings") is None
+    assert keys_of({"model": "m", "input": "x", "user": "u"}, [], "openai.embeddings") is None
+    assert keys_of({"model": "m", "prompt": "write"}, [], "ollama.generate") is not None
+    cached = [chat({"role": "user", "content": text}, prompt_cache_key="thread-1") for text in "ab"]
+    assert keys_of(cached[0], [], "openai.chat") == keys_of(cached[1], [], "openai.chat") == \
+        (key_of(cached[0], []), None)
+
+
+def test_a_generation_with_context_is_keyed_by_it_and_a_huge_message_by_its_start() -> None:
+    """Regression (hunt): /api/generate's follow-ups carry the conversation's ``context`` and a new prompt,
+    so each had a new key (15 of 18 moved); and hashing a 4 MB message whole was half the hub's time for
+    its request. The start of each text (64 Ki characters) names the conversation. (A context is told by its
+    first 256 tokens: a short one changes with each turn, but its prompt is cheap to compute again.)"""
+    turns = [{"model": "m", "prompt": prompt, "context": list(range(size))} for prompt, size in (("a", 300), ("b", 500))]
+    assert keys_of(turns[0], [], "ollama.generate") == keys_of(turns[1], [], "ollama.generate") is not None
+    big = "x" * (1 << 16)
+    assert key_of(chat({"role": "user", "content": big + "a"}), []) == key_of(chat({"role": "user", "content": big + "b"}), [])
+    deep: object = "end"
+    for _ in range(5000):  # nesting: no recursion past a few levels
+        deep = [deep]
+    assert key_of(chat({"role": "user", "content": deep}), []) is not None

@@ -727,6 +727,23 @@ async def test_a_conversation_stays_on_its_worker_until_the_load_bound_moves_it(
     assert await pool.acquire("m", "openai.chat", set(), soon(), conversation=7) is other  # and stays
 
 
+async def test_the_turn_that_first_carries_an_answer_goes_where_its_opening_went(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """A chat's key changes once it holds the model's first answer (``affinity.keys_of``): that turn falls
+    back on where its opening went, and is remembered by its own key from then on, wherever the opening's
+    key goes later (another conversation that opened alike)."""
+    workers = [make_worker(name, max_concurrency=8) for name in "abcd"]
+    pool = make_pool(*workers)
+    opening, answered = 11, 12
+    first = await pool.acquire("m", "openai.chat", set(), soon(), conversation=opening)
+    finish(pool, first)
+    for _ in range(3):
+        second = await pool.acquire("m", "openai.chat", set(), soon(), conversation=answered, opening=opening)
+        assert second is first
+        finish(pool, second)
+        pool._conversations[opening] = next(w for w in workers if w is not first).key  # alike, gone elsewhere
+
+
 async def test_new_conversations_spread_over_the_workers(autojump_clock: trio.testing.MockClock) -> None:
     workers = [make_worker(name, max_concurrency=100) for name in "abcd"]
     pool = make_pool(*workers)

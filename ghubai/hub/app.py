@@ -410,7 +410,7 @@ class HubApi:
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
-        conversation = affinity.key_of(body, headers) if self.config.scheduler.policy == "llm-aware" else None
+        conversation = affinity.keys_of(body, headers, api) if self.config.scheduler.policy == "llm-aware" else None
         exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation,
                                               elsewhere=_header(headers, dialects.ELSEWHERE_HEADER) == "1")
         self.inflight.add(exchange)

@@ -75,11 +75,12 @@ class Exchange:
     ``close()`` when the client leaves or a wait times out, which also tells the worker to stop."""
 
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
-                 trace: dict[str, str], body_bytes: int = 0, conversation: int | None = None,
+                 trace: dict[str, str], body_bytes: int = 0, conversation: tuple[int, int | None] | None = None,
                  elsewhere: bool = False) -> None:
         self.pool = pool
         self.elsewhere = elsewhere  # another hub could take it (``dialects.ELSEWHERE_HEADER``)
-        self.conversation = conversation  # the affinity key (``ghubai.affinity``), if the request has one
+        # the affinity key (``ghubai.affinity.keys_of``), if the request has one, and its opening's
+        self.conversation, self.opening = conversation or (None, None)
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.lines = 0  # line ends in the answer: a stream's events (two per SSE event, one per NDJSON line)
@@ -113,7 +114,7 @@ class Exchange:
             asked = trio.current_time()
             try:
                 worker = await self.pool.acquire(self.model, self.api, tried, min(self.deadline, asked + queue_left),
-                                                 self.conversation, again, self.elsewhere)
+                                                 self.conversation, again, self.elsewhere, self.opening)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None

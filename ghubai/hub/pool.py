@@ -559,15 +559,20 @@ class Pool:
             raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
-                      conversation: int | None = None, again: bool = False, elsewhere: bool = False) -> RemoteWorker:
+                      conversation: int | None = None, again: bool = False, elsewhere: bool = False,
+                      opening: int | None = None) -> RemoteWorker:
         """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
-        queue until ``deadline``; ``conversation``: the request's affinity key, if it has one. A
+        queue until ``deadline``; ``conversation``: the request's affinity key, if it has one, and
+        ``opening`` its opening's, where a conversation not remembered yet went before. A
         request takes a worker that must load its model only when those that hold it have too few
         slots for the queue, or after ``warm_wait_s`` in the queue. A request back ``again`` (a
         refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free
         slot if there is one, cold or not, and else its 503 without queueing."""
         if model in self.models() and api not in LOADS_NOTHING:  # a name a client made up is not remembered
             self._note_demand(model)
+        if opening is not None and conversation is not None and conversation not in self._conversations and \
+                (first := self._conversations.get(opening)) is not None:
+            self._conversations[conversation] = first  # the turn that first carries the model's answer
         now = trio.current_time()
         late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
