@@ -133,6 +133,18 @@ async def test_a_slot_computes_only_the_part_of_a_prompt_its_cache_lacks(
     assert await _answer(sim, "sim", system + " other") == pytest.approx(0.001)  # the slot that holds the system prompt
 
 
+async def test_a_prompt_that_shares_little_with_a_slot_s_cache_takes_the_least_recently_used_slot(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a prompt sharing one word with a slot's cache took that slot and wiped a
+    conversation's cache while other slots stood empty; llama.cpp takes such a slot only when the cache
+    holds more than a tenth of the prompt (``--slot-prompt-similarity``), else the least recently used."""
+    sim = Simulator(SimOptions(ttft_ms=0, itl_ms=0, prefill_us_per_token=1000, max_parallel=2))
+    conversation = " ".join(["context"] * 50)
+    await _answer(sim, "sim", conversation)
+    await _answer(sim, "sim", "context but a stranger of many other words after it")
+    assert await _answer(sim, "sim", conversation + " more") == pytest.approx(0.001)  # its cache is whole
+
+
 async def test_api_ps_lists_what_is_in_memory(grid: Grid) -> None:
     url, sim = await grid.sim(models=("a", "b"), load_ms=1, max_loaded=1)
     assert (await grid.http.get(url + "/api/ps")).json()["models"] == []

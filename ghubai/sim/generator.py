@@ -15,6 +15,7 @@ from typing import Any
 
 import trio
 
+SLOT_SIMILARITY = 0.1  # llama.cpp's --slot-prompt-similarity: how much of a prompt a slot's cache must hold to be chosen
 WORDS = (
     "the grid hums along as tokens flow from many quiet machines into one steady stream of "
     "words that keep arriving in order while the hub counts them and the worker listens"
@@ -175,12 +176,16 @@ class Simulator:
         self.resident.move_to_end(model)
 
     def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
-        """A free slot, the one whose cache shares the most of this prompt (as llama.cpp picks),
-        and how many words of the prompt must be computed."""
+        """A free slot, as llama.cpp picks one: the one whose cache holds the most of this prompt, if
+        that is more than ``SLOT_SIMILARITY`` of it, else the least recently used (``free`` is in the
+        order the slots were freed); and how many words of the prompt must be computed. (Taking the
+        slot that shares a first word wiped a conversation's cache for a stranger.)"""
         if not self.options.prefill_us_per_token:
             return self.free.pop(), 0
         best = max(range(len(self.free)),  # on a tie, the slot whose cache is the least to lose
                    key=lambda index: (self.free[index].shared(model, words), -len(self.free[index].words)))
+        if self.free[best].shared(model, words) <= SLOT_SIMILARITY * len(words):
+            best = 0
         slot = self.free.pop(best)
         compute = len(words) - slot.shared(model, words)
         slot.model, slot.words = model, words
