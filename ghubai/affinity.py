@@ -8,8 +8,9 @@ OpenAI's ``prompt_cache_key`` or ``user`` field), else a hash of the model and t
 opening — the first system and the first user message, or the start of a completion's prompt —
 which every later turn repeats unchanged. Many conversations open alike (every user says "hi" under
 one system prompt), so once a chat has the model's first answer, that answer is part of its key, and
-the opening alone is what the hub falls back on for the turn that first carries it (``keys_of``). ``score`` ranks places for a key (rendezvous hashing: the place of highest score
-wins): the same key gets the same place while it is there, and keys spread evenly over places.
+the opening alone is what the hub falls back on for the turn that first carries it (``keys_of``).
+``score`` ranks places for a key (rendezvous hashing: the place of highest score wins): the same
+key gets the same place while it is there, and keys spread evenly over places.
 """
 
 from __future__ import annotations

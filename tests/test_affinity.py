@@ -50,7 +50,8 @@ def test_once_a_chat_has_the_model_s_answer_it_is_told_from_others_that_opened_a
     for that turn; the proxy's stays the opening's, the same for every turn."""
     hello = {"role": "user", "content": "hi"}
     first = chat(SYSTEM, hello)
-    one = chat(SYSTEM, hello, {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "x"})
+    one = chat(SYSTEM, hello, {"role": "assistant", "content": "Hello! How can I help?"},
+               {"role": "user", "content": "x"})
     other = chat(SYSTEM, hello, {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "y"})
     opening, none = keys_of(first, [], "openai.chat") or (0, 0)
     assert none is None and opening == key_of(first, []) == key_of(one, []) == key_of(other, [])
@@ -79,10 +80,12 @@ def test_a_generation_with_context_is_keyed_by_it_and_a_huge_message_by_its_star
     so each had a new key (15 of 18 moved); and hashing a 4 MB message whole was half the hub's time for
     its request. The start of each text (64 Ki characters) names the conversation. (A context is told by its
     first 256 tokens: a short one changes with each turn, but its prompt is cheap to compute again.)"""
-    turns = [{"model": "m", "prompt": prompt, "context": list(range(size))} for prompt, size in (("a", 300), ("b", 500))]
+    turns = [{"model": "m", "prompt": prompt, "context": list(range(size))}
+             for prompt, size in (("a", 300), ("b", 500))]
     assert keys_of(turns[0], [], "ollama.generate") == keys_of(turns[1], [], "ollama.generate") is not None
     big = "x" * (1 << 16)
-    assert key_of(chat({"role": "user", "content": big + "a"}), []) == key_of(chat({"role": "user", "content": big + "b"}), [])
+    assert key_of(chat({"role": "user", "content": big + "a"}), []) == \
+        key_of(chat({"role": "user", "content": big + "b"}), [])
     deep: object = "end"
     for _ in range(5000):  # nesting: no recursion past a few levels
         deep = [deep]

@@ -80,7 +80,8 @@ class Exchange:
         self.pool = pool
         self.elsewhere = elsewhere  # another hub could take it (``dialects.ELSEWHERE_HEADER``)
         # the affinity key (``ghubai.affinity.keys_of``), if the request has one, and its opening's
-        self.conversation, self.opening = conversation or (None, None)
+        self.conversation: int | None = conversation[0] if conversation else None
+        self.opening: int | None = conversation[1] if conversation else None
         self.body_bytes = body_bytes  # the request's size, a bound on the prompt tokens a worker may claim
         self.received = 0  # bytes of answer from the worker, a bound on the completion tokens it may claim
         self.lines = 0  # line ends in the answer: a stream's events (two per SSE event, one per NDJSON line)
