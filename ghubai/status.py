@@ -82,12 +82,15 @@ def _loopback(url: str) -> bool:
 
 
 async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
+    """The dashboard's data, within ``TIMEOUT_S`` for the whole answer (httpx bounds each read only:
+    a peer that trickles a byte a second held a cron check for ever); raises trio.TooSlowError."""
     # a grid on this machine is reached directly, whatever HTTP_PROXY says (no_proxy names localhost,
     # rarely 127.0.0.1); a remote one as the operator's environment says
-    async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not _loopback(url)) as http:
-        response = await http.get(url.rstrip("/") + "/dashboard/data")
-        response.raise_for_status()
-        return dict(response.json())
+    with trio.fail_after(TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not _loopback(url)) as http:
+            response = await http.get(url.rstrip("/") + "/dashboard/data")
+            response.raise_for_status()
+            return dict(response.json())
 
 
 def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, ca_file: str = "",
@@ -100,7 +103,7 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
         while True:
             try:
                 data = await fetch(url, tls)
-            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as error:
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError, trio.TooSlowError) as error:
                 print(f"ghubai status: cannot read {url}: {type(error).__name__} {error}".rstrip(), file=sys.stderr)
                 if watch_s is None:
                     return 1

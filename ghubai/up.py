@@ -39,11 +39,15 @@ DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after 
 
 
 async def _ollama_answers(url: str) -> bool:
-    try:
-        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # (as the worker calls it)
-            return (await client.get(url.rstrip("/") + "/api/version")).status_code == 200
-    except httpx.HTTPError:
-        return False
+    """Whether an Ollama answers at ``url`` within ``PROBE_TIMEOUT_S`` (for the whole answer: one that
+    trickles is none)."""
+    with trio.move_on_after(PROBE_TIMEOUT_S):
+        try:
+            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # (as the worker calls it)
+                return (await client.get(url.rstrip("/") + "/api/version")).status_code == 200
+        except httpx.HTTPError:
+            return False
+    return False
 
 
 async def _serving(proxy_url: str, timeout_s: float) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from functools import partial
 from typing import Any
 
 import pytest
@@ -9,6 +11,8 @@ import trio
 
 from conftest import eventually, ghubai_command
 from ghubai.observability.dashboard import capacity, hub_view, worker_health
+from ghubai import status as status_module, up
+from ghubai.http11.client import tls_client_context
 from ghubai.status import render
 
 
@@ -16,6 +20,28 @@ async def status(*args: str) -> tuple[int, str, str]:
     done = await trio.run_process(ghubai_command("status", *args), capture_stdout=True, capture_stderr=True,
                                   check=False)
     return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_a_peer_that_trickles_its_answer_is_unreadable_within_the_timeout_not_waited_on_for_ever(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): httpx bounds each read, so a peer that sent an answer's head and then a byte
+    now and then held ``ghubai status`` (a cron check) and ``ghubai up``'s look for a local Ollama for ever."""
+    async def trickle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # (until the client leaves)
+            await stream.receive_some()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n")
+            while True:
+                await stream.send_all(b" ")
+                await trio.sleep(0.05)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, trickle, 0, host="127.0.0.1"))
+    url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    monkeypatch.setattr(status_module, "TIMEOUT_S", 0.5)
+    monkeypatch.setattr(up, "PROBE_TIMEOUT_S", 0.5)
+    with trio.fail_after(10):
+        with pytest.raises(trio.TooSlowError):
+            await status_module.fetch(url, tls_client_context("", False))
+        assert not await up._ollama_answers(url)
 
 
 async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
