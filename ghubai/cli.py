@@ -64,6 +64,7 @@ def _serve(main: Main, reloads: bool, drains: bool) -> int:
             nursery.start_soon(service.run)
             await main(drain, service)
             nursery.cancel_scope.cancel()
+        await tracing.flush()
 
     trio.run(runner)
     return 0

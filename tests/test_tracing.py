@@ -5,6 +5,7 @@ a daemon exporting over OTLP/HTTP, as ``ghubai[otel]`` is used."""
 from __future__ import annotations
 
 import os
+import signal
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,37 @@ async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -
     # (hunt: the SDK logged a misformatted entry whole, a collector's token with it)
     assert "sekret" not in hub.log() and "(the entry is not shown: it may hold a token)" in hub.log()
     assert batch.header(b"x-team") == b"a"
+
+
+async def test_a_daemon_whose_collector_never_answers_still_stops_at_once(grid: Any, tmp_path: Path) -> None:
+    """Regression (hunt): the SDK flushed its spans at exit with no bound a stop could shorten: a hub whose
+    collector was down took 13-19 s to stop on SIGINT (and after a drain on SIGTERM). It now gives the
+    spans a second, then leaves them."""
+    asked = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        asked.set()
+        await trio.sleep_forever()
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",
+           "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "60"}
+    hub = Daemon(tmp_path, "hub", "--listen", "127.0.0.1:0", env=env)
+    try:
+        hub_url = await hub.url()
+        sim_url, _ = await grid.sim()
+        await grid.worker(hub_url, sim_url)
+        assert (await grid.http.post(hub_url + "/v1/chat/completions", json=chat(model="sim"))).status_code == 200
+        with trio.fail_after(10):
+            await asked.wait()  # its export waits on the collector
+        hub.process.send_signal(signal.SIGINT)
+
+        async def stopped() -> bool:
+            return hub.process.poll() is not None
+
+        await eventually(stopped, "the hub to stop (a second for its spans)", timeout_s=20)
+    finally:
+        hub.stop()
 
 
 async def test_a_stream_that_fails_after_its_head_is_a_failure_in_its_trace(

@@ -16,10 +16,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import trio
+
 try:
     from opentelemetry import propagate, trace
 except ImportError:  # the extra is not installed
     propagate = trace = None  # type: ignore[assignment]
+
 
 def _unquoted(record: logging.LogRecord) -> bool:
     """The SDK's warning of an OTEL_EXPORTER_OTLP_HEADERS entry it cannot read, without the entry,
@@ -30,6 +33,8 @@ def _unquoted(record: logging.LogRecord) -> bool:
 
 
 log = logging.getLogger("ghubai.tracing")
+FLUSH_S = 1.0  # for the spans still held when a role stops
+
 
 def active() -> bool:
     """Spans are recorded: the extra is installed and a tracer provider was set (``setup``, or a test's)."""
@@ -86,8 +91,20 @@ def setup(role: str) -> None:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but %s is missing: pip install 'ghubai[otel]'", error.name)
         return
     logging.getLogger("opentelemetry.util.re").addFilter(_unquoted)
+    # no flush at exit by the SDK (it waited 13-19 s for a collector that was down, on any stop): ``flush``
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
-                                                        or f"ghubai-{role}"}))
+                                                        or f"ghubai-{role}"}), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # exports from the SDK's own thread
     trace.set_tracer_provider(provider)
     log.info("tracing: OTLP spans as %s", provider.resource.attributes["service.name"])
+
+
+async def flush() -> None:
+    """Export the spans still held, for at most ``FLUSH_S``, as a role stops. The SDK's export blocks
+    with no bound a caller can set, so it runs in a thread that is left to the process's exit when
+    the collector does not answer in time (its spans are lost, the stop is not held)."""
+    provider = trace.get_tracer_provider() if trace is not None else None
+    if provider is None or not hasattr(provider, "force_flush"):
+        return
+    with trio.move_on_after(FLUSH_S):
+        await trio.to_thread.run_sync(provider.force_flush, abandon_on_cancel=True)
