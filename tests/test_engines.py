@@ -622,6 +622,26 @@ async def test_a_whole_answer_that_is_not_json_is_a_502_that_says_so_and_is_not_
     assert asked == 1
 
 
+async def test_a_worker_probes_its_engine_s_apis_at_once_not_one_after_another(grid: Grid) -> None:
+    """Regression (hunt): the probes of a first survey went one by one, each bounded alone, and the worker
+    dials no hub before its survey ends: an engine that answered GETs but no POST kept the worker off its
+    hubs for 5 × 30 s. They now run at once: here all five wait on the engine together."""
+    waiting, together = 0, trio.Event()
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal waiting
+        waiting += 1
+        if waiting == 5:  # /api/chat, /api/embed, /api/embeddings, /api/generate, /api/show
+            together.set()
+        await trio.sleep_forever()
+
+    hub = await grid.hub()
+    # (a worker is started once its first survey ends: here, when its probes' bounds run out)
+    grid.nursery.start_soon(partial(grid.worker, hub.value, await grid.fake_engine(engine), kind="ollama"))
+    with trio.fail_after(WAIT_S):
+        await together.wait()
+
+
 async def test_an_embedding_batch_whose_base64_fits_is_served_though_ollama_s_text_is_larger(
         grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (hunt): 2,048 texts at 4096 dimensions over Ollama were a 502 "larger than 64 MiB": Ollama
