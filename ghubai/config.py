@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -30,9 +31,14 @@ from ghubai.protocol import MAX_ANSWER_BYTES
 class ConfigError(Exception):
     """A configuration that cannot be used; ``errors`` holds one line per problem, key first."""
 
-    def __init__(self, errors: list[str]) -> None:
+    def __init__(self, errors: list[str], passing: bool = False) -> None:
         super().__init__(errors[0] if errors else "invalid configuration")
         self.errors = errors
+        self.passing = passing  # the file could not be read for a while (no file descriptor left): try again
+
+
+# what stops a file being read for a while, not for good
+_PASSING = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN})
 
 
 Check = Callable[[Any], str | None]
@@ -402,6 +408,8 @@ class RegistryConfig:
     listen: str = _key(_address, "where proxies ask for the hub list", default="127.0.0.1:7001")
     tls_cert: str = _key(_readable, "PEM files to serve HTTPS", default="")
     tls_key: str = _key(_readable, default="")
+    max_connections: int = _key(_at_least(1), "open connections, proxies' long polls included; more are turned "
+                                "away with 503 (capped to what the process's file limit allows)", default=10000)
     hubs: tuple[HubEntry, ...] = _key(_unique_names, "edit and save: proxies follow within a second", default=())
 
 
@@ -615,7 +623,7 @@ def read_text(path: str) -> str:
             raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes"])
         return raw.decode("utf-8")
     except OSError as error:
-        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"], error.errno in _PASSING) from None
     except UnicodeDecodeError as error:
         raise ConfigError([f"{path}: not UTF-8 (byte {error.start})"]) from None
 

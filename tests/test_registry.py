@@ -15,6 +15,8 @@ import trio
 from conftest import WAIT_S, Daemon, Grid, eventually, ghubai_command, run_ghubai
 from ghubai.config import ConfigError, hub_address, parse
 from ghubai.proxy.hubs import HubSet
+from ghubai.registry import server as registry_server
+from ghubai.registry.server import HubList, reload
 from ghubai.registry.watch import watch
 
 TWO_HUBS = """listen = "127.0.0.1:7001"
@@ -287,6 +289,58 @@ async def test_a_file_made_readable_by_chmod_is_seen(tmp_path: Path) -> None:
         with trio.fail_after(WAIT_S):
             await changed.wait()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_edit_read_while_no_file_descriptor_was_left_is_read_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): an edit saved while a flood of long polls held every file descriptor could not
+    be read (EMFILE), and was never read again: the old list was served until the next edit."""
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    hub_list = HubList()
+    assert reload(hub_list, str(path)) and len(hub_list.hubs) == 2
+    real_read = registry_server.read_text
+
+    def exhausted(name: str) -> str:
+        raise ConfigError([f"{name}: cannot read: Too many open files"], passing=True)
+
+    monkeypatch.setattr(registry_server, "read_text", exhausted)
+    calls = []
+
+    def on_change() -> bool:
+        calls.append(reload(hub_list, str(path)))
+        if len(calls) == 2:  # the descriptors are back
+            monkeypatch.setattr(registry_server, "read_text", real_read)
+        return calls[-1]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(watch, str(path), on_change, 0.01))
+        save_atomically(path, TWO_HUBS.replace('name = "b"', 'name = "c"'))
+        await eventually(lambda: _true(len(calls) >= 3), "the edit read again")
+        nursery.cancel_scope.cancel()
+    assert calls[:3] == [False, False, True] and [hub.name for hub in hub_list.hubs] == ["a", "c"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_connections_past_max_connections_get_a_503_not_every_file_descriptor(grid: Grid) -> None:
+    """Regression (hunt): the registry had no connection cap (and its unit no file limit): 1,000 held long
+    polls took every descriptor, and the proxies' polls and plain GETs timed out."""
+    registry = await grid.registry(max_connections=2)
+    port = int(registry.value.rsplit(":", 1)[1])
+    held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]  # idle, as a held poll is
+    async with httpx.AsyncClient() as client:
+        refused = await client.get(registry.value + "/hubs")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+        for stream in held:
+            await stream.aclose()
+
+        async def served() -> bool:
+            return (await client.get(registry.value + "/hubs")).status_code == 200
+
+        await eventually(served, "a connection served again once the others are gone")
 
 
 async def test_add_hub_run_several_times_at_once_loses_no_hub(tmp_path: Path) -> None:

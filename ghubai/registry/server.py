@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_text, unlisted_hubs
+from ghubai.http11.server import connection_cap
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.registry.watch import watch
@@ -57,11 +58,13 @@ class HubList:
         return [{"name": hub.name, "address": hub.address} for hub in self.hubs]
 
 
-def reload(hub_list: HubList, path: str) -> None:
+def reload(hub_list: HubList, path: str) -> bool:
     """Read the file again; on any problem keep the last good list and say why. A file that names
     no ``hubs`` at all is a problem too: an empty or half-written file (a full disk, a save caught
     midway, then a reboot) must not empty the grid; ``hubs = []`` does, on purpose. Until a file
-    has named its hubs, there is no list: ``/hubs`` answers 503, and proxies keep what they had."""
+    has named its hubs, there is no list: ``/hubs`` answers 503, and proxies keep what they had.
+    False when the file could not be read for a while (no file descriptor left): the watch asks
+    again, or the edit would be lost until the next."""
     try:
         try:
             text = read_text(path)  # (read once: what is checked is what is served)
@@ -78,11 +81,12 @@ def reload(hub_list: HubList, path: str) -> None:
         hub_list.reload_errors += 1
         log.error("%s: %s", "kept the last good hub list" if hub_list.version else "no hub list to serve",
                   hub_list.config_error)
-        return
+        return not error.passing
     if hub_list.config_error:
         log.info("%s is valid again", path)
     hub_list.config_error = None
     hub_list.publish(config.hubs)
+    return True
 
 
 def _figures(hub_list: HubList) -> list[Metric]:
@@ -157,10 +161,11 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
     async with trio.open_nursery() as nursery:
         if path is not None:
             service.reload = partial(_reload_on_signal, hub_list, path)
-            await nursery.start(watch, path, lambda: reload(hub_list, path))
+            await nursery.start(watch, path, partial(reload, hub_list, path))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
         binds = await nursery.start(serve_app, create_app(hub_list), server_config(
-            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key))
+            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
+            max_connections=connection_cap(config.max_connections, 1, "max_connections")))
         log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
         service.ready()
         task_status.started(binds[0])

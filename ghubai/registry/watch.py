@@ -26,10 +26,11 @@ def signature(path: str) -> Signature:
     return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
 
 
-async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S, *,
+async def watch(path: str, on_change: Callable[[], bool], poll_s: float = POLL_S, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Call ``on_change`` after each settled change of ``path`` (deletion included), until cancelled.
-    Reports started once it knows the file's state: any later change will be seen."""
+    """Call ``on_change`` after each settled change of ``path`` (deletion included), until cancelled,
+    and at each poll after it while it says False (it could not read the file yet). Reports started
+    once it knows the file's state: any later change will be seen."""
     seen = signature(path)
     task_status.started()
     pending: Signature = seen
@@ -38,6 +39,5 @@ async def watch(path: str, on_change: Callable[[], None], poll_s: float = POLL_S
         current = signature(path)
         if current != pending:
             pending = current  # still moving: wait for the next poll to agree
-        elif current != seen:
+        elif current != seen and on_change():
             seen = current
-            on_change()
