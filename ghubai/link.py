@@ -18,19 +18,38 @@ from ghubai import protocol
 SILENT_HEARTBEATS = 3  # a peer silent for this many heartbeats is gone
 
 
+class RequestText(str):
+    """A request frame as queued for a link, with its request's ``id``: a writer drops it if the request
+    ended before its turn came (on a link slower than the requests sent down it, the frames of requests
+    whose clients had left or timed out were sent anyway, and held up every live one behind them)."""
+    id: str
+
+
+def request_text(request_id: str, frame: str) -> RequestText:
+    queued = RequestText(frame)
+    queued.id = request_id
+    return queued
+
+
 async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
-                        send: Callable[[str | bytes], Awaitable[Any]]) -> None:
+                        send: Callable[[str | bytes], Awaitable[Any]],
+                        live: Callable[[str], bool] | None = None) -> None:
     """The one writer of a link: sends what is queued on ``frames`` (JSON text frames and binary
-    chunks), everything already waiting in as few messages as order and size allow."""
+    chunks), everything already waiting in as few messages as order and size allow; a request frame
+    (``RequestText``) only while ``live`` says its request is."""
     async for frame in frames:
+        if live is not None and isinstance(frame, RequestText) and not live(frame.id):
+            continue
         batch = [frame]
         size = len(frame)
         while size < protocol.MAX_BATCH_BYTES:
             try:
-                batch.append(frames.receive_nowait())
+                frame = frames.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            size += len(batch[-1])
+            if live is None or not isinstance(frame, RequestText) or live(frame.id):
+                batch.append(frame)
+                size += len(frame)
         for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):
             await send(b"".join(group) if binary else "\n".join(group))  # type: ignore[arg-type]
 

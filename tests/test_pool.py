@@ -3,6 +3,7 @@ and what membership changes do to waiting requests; no sockets, no real sleeps."
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -13,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from ghubai import protocol
+from ghubai import link, protocol
 from ghubai.config import HubConfig, HubLimits, SchedulerConfig
 from ghubai.errors import ApiError
 from ghubai.hub.exchange import Exchange
@@ -1141,6 +1142,34 @@ async def test_a_request_its_client_leaves_mid_answer_leaves_no_flow_control_cou
         assert worker.unacked == {request_id: 10}
         exchange.close()  # the client left
     assert worker.pending == {} and worker.unacked == {} and worker.inflight == 0
+
+
+async def test_a_request_that_ends_before_its_link_sends_it_is_not_sent(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): on a link slower than the requests sent down it (big prompts to a distant
+    worker), the frames of requests whose clients had left or timed out were sent anyway: 26 MiB queued
+    in 30 s, and every request after the load, even a small one, got 504 for 40 s."""
+    out, queued = trio.open_memory_channel[Any](math.inf)
+    worker = RemoteWorker(id="w", name="w", models=frozenset({"m"}), max_concurrency=2, engine="ollama", out=out)
+    pool = make_pool(worker)
+    gone, staying = (Exchange(pool, HubConfig(), "openai.chat", {"model": "m", "messages": []}, True, {})
+                     for _ in range(2))
+    sent: list[str | bytes] = []
+
+    async def send(message: str | bytes) -> None:
+        sent.append(message)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gone.open)
+        nursery.start_soon(staying.open)
+        await trio.testing.wait_all_tasks_blocked()
+        gone.close()  # its client left while its frame waited for the link
+        out.close()
+        await link.write_batched(queued, send, worker.pending.__contains__)
+        nursery.cancel_scope.cancel()
+    frames = [json.loads(line) for message in sent for line in str(message).splitlines()]
+    assert [(frame["type"], frame["id"]) for frame in frames] == [
+        ("request", staying.request_id), ("cancel", gone.request_id)], frames
 
 
 def exchange_of(pool: Pool, queue_timeout_s: float = 30.0) -> Exchange:

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ghubai import protocol
+from ghubai import link, protocol
 from ghubai.config import HubConfig
 from ghubai.errors import ApiError
 from ghubai.hub.pool import Answer, Pool, RemoteWorker
@@ -172,7 +172,7 @@ class Exchange:
         self.request_id, self.ended = request_id, False
         send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
-        worker.send(frame)
+        worker.send(link.request_text(request_id, frame))  # (dropped unsent if the request ends first)
 
     async def _next(self, timeout_s: float, what: str) -> Answer:
         assert self._frames is not None

@@ -58,7 +58,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             if stale := pool.add(worker):  # the same worker, linked again: the old link is dead
                 pool.cut(stale, f"lost the link to worker {stale.name}: it linked again")
             await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
-            nursery.start_soon(link.write_batched, receive, websocket.send)
+            nursery.start_soon(link.write_batched, receive, websocket.send, worker.pending.__contains__)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
             silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame, heartbeat_s),
                                               lambda problem: _refuse(pool, worker, problem))
