@@ -259,3 +259,52 @@ async def test_a_connection_probes_a_peer_that_vanished() -> None:
     await stream.aclose()
     for listener in listeners:
         await listener.aclose()
+
+
+async def test_an_answer_sent_before_the_body_was_read_is_the_answer(nursery: trio.Nursery) -> None:
+    """Regression (hunt): an engine, or a gateway in front of it, that answered a large body with 413 or
+    401 before reading it, and closed, cost the client a 502 "engine connection failed" (the send broke,
+    and the answer waiting to be read was never read), and the body was sent twice."""
+    heads = 0
+
+    async def refuse_early(stream: trio.SocketStream) -> None:
+        nonlocal heads
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some(65536)
+        heads += 1
+        await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\nconnection: close\r\n\r\ntoo big")
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, refuse_early, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    async with pool.request("POST", "/api/chat", [], b"x" * (8 << 20), WAIT_S) as response:
+        assert (response.status, await response.read(100)) == (413, b"too big")
+    assert heads == 1 and pool.idle == []
+
+
+@pytest.mark.parametrize("after", [b"HTTP/1.1 103 Early Hints\r\n\r\n", b"HTTP/1.1 200 OK\r\ncontent-le"])
+async def test_a_kept_connection_that_fails_after_the_server_answered_is_not_sent_again(
+        nursery: trio.Nursery, after: bytes) -> None:
+    """Regression (hunt): a request on a kept-alive connection was sent again on a fresh one whatever the
+    failure, though the server had begun to answer (a 103, half a head): the engine generated twice.
+    Only a connection that failed before a byte came back is the server's keep-alive close."""
+    requests = 0
+
+    async def answer_then_fail(stream: trio.SocketStream) -> None:
+        nonlocal requests
+        received = b""
+        for answer in (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", after):
+            while b"\r\n\r\n" not in received:
+                received += await stream.receive_some(65536)
+            received = received.split(b"\r\n\r\n", 1)[1].removeprefix(b"{}")  # (the body: {})
+            requests += 1
+            await stream.send_all(answer)
+        await stream.aclose()
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answer_then_fail, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    assert await post(pool, {}) == (200, b"ok") and len(pool.idle) == 1
+    with pytest.raises(h11.RemoteProtocolError):
+        await post(pool, {})
+    assert requests == 2

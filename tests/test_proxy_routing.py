@@ -4,11 +4,13 @@ registry that does not hold its long-poll. Real hubs, workers and simulators on 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import ssl
 from functools import partial
 from typing import Any
 
+import h11
 import pytest
 import trio
 
@@ -389,3 +391,52 @@ async def test_behind_a_proxy_a_model_of_one_hub_waits_for_its_draining_worker(g
             await grid.worker(a_hub.value, back_url, name="back")  # the worker, restarted
         nursery.cancel_scope.cancel()
     assert statuses == [200] * 6, statuses
+
+
+async def test_pooled_connections_a_hub_dropped_are_passed_over_however_many(grid: Grid) -> None:
+    """Regression (hunt): the proxy tried a dead kept-alive connection to a hub, then at most one more;
+    when that was dead too (a front end that closes connections after a few requests, or resets one
+    it has read a request from), the client got 503 "No healthy hub" while the hub was up. Here each
+    of two kept connections takes one request, then closes when it reads the next."""
+    both = trio.Event()
+    posts = 0
+
+    async def hub(stream: trio.SocketStream) -> None:
+        nonlocal posts
+        conn, answered = h11.Connection(h11.SERVER), 0
+        with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    if not (data := await stream.receive_some(65536)):
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    path = event.target
+                elif isinstance(event, h11.EndOfMessage):
+                    if path == b"/api/summary":
+                        body = json.dumps({"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                           "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+                    elif path != b"/v1/chat/completions":
+                        body = json.dumps({"workers": []})
+                    elif answered:
+                        return  # the next request on this connection: closed unanswered
+                    else:
+                        posts += 1
+                        if posts == 2:
+                            both.set()
+                        await both.wait()  # two at once: two connections, both kept
+                        answered, body = 1, json.dumps({"answer": "ok"})
+                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                        ("content-type", "application/json"), ("content-length", str(len(body)))]))
+                        + conn.send(h11.Data(data=body.encode())) + conn.send(h11.EndOfMessage()))
+                    conn.start_next_cycle()
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, hub, 0, host="127.0.0.1"))
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",))
+    await grid.wait_for_model(proxy.value, "sim")
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(partial(grid.http.post, proxy.value + "/v1/chat/completions", json=chat()))
+    third = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+    assert third.status_code == 200 and third.json() == {"answer": "ok"}, third.text

@@ -93,6 +93,8 @@ class ClientConnection:
         self.chunked: ChunkedDecoder | None = None  # the answer's chunked body, once its head is read
         self.idle_since = 0.0
         self.reused = False  # came from the pool: a failure may be the server's keep-alive close, not a fault
+        self.heard = False  # a byte came back in this exchange: the server took the request (no second send)
+        self.cut = False  # the request's body could not all be sent: the connection ends with this exchange
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -102,6 +104,8 @@ class ClientConnection:
     @property
     def reusable(self) -> bool:
         conn = self.h11
+        if self.cut:
+            return False
         if self.chunked is not None:
             return conn.our_state is h11.DONE and self.chunked.done and not self.chunked.leftover
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE and not conn.trailing_data[0]
@@ -112,6 +116,7 @@ class ClientConnection:
             self.h11, self.chunked = h11.Connection(h11.CLIENT), None
         else:
             self.h11.start_next_cycle()
+        self.heard = False
 
     async def send(self, *events: h11.Event) -> None:
         """The events in one write: a request's head leaves with its body."""
@@ -120,6 +125,15 @@ class ClientConnection:
                 self.method = event.method
         if data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events)):
             await self.stream.send_all(data)
+
+    async def exchange(self, *events: h11.Event) -> h11.Response:
+        """Send a request and read its answer's head. A server may answer (413, 401) and close before
+        it reads the whole body: that answer is the request's, not a broken connection."""
+        try:
+            await self.send(*events)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.cut = True  # look for its answer
+        return await self.read_head()
 
     async def read_head(self) -> h11.Response:
         """The answer's head (1xx skipped); h11.RemoteProtocolError if the server closed or sent no
@@ -166,10 +180,12 @@ class ClientConnection:
     async def receive(self, deadline: float) -> bytes:
         """What has arrived, else the next network read, waiting until ``deadline`` at most
         (trio.TooSlowError): only a wait pays for a cancel scope."""
-        if (data := await read_now(self.stream, RECEIVE_SIZE)) is not None:
-            return data
-        with trio.fail_at(deadline):
-            return await self.stream.receive_some(RECEIVE_SIZE)
+        data: bytes | bytearray | None = await read_now(self.stream, RECEIVE_SIZE)
+        if data is None:
+            with trio.fail_at(deadline):
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+        self.heard = self.heard or bool(data)
+        return data  # type: ignore[return-value]
 
     def buffered_events(self) -> list[h11.Event]:
         """The events h11 can parse from what has already been received, without waiting, up to
@@ -238,28 +254,34 @@ class ConnectionPool:
         else:
             await conn.aclose()
 
-    @asynccontextmanager
-    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
-                      timeout_s: float) -> AsyncIterator[Response]:
-        """Send one request and yield its response once its head arrived; every wait for the server
-        is bounded by ``timeout_s``. A kept-alive connection the server had closed in the meantime
-        is replaced by a fresh one, once, before anything was read."""
-        fields = [("host", self.authority), ("content-length", str(len(body))), *headers]
-        events = [h11.Request(method=method, target=target, headers=fields), h11.Data(data=body), h11.EndOfMessage()]
+    async def exchange(self, events: list[h11.Event], timeout_s: float) -> tuple[ClientConnection, h11.Response]:
+        """Send a request and read its answer's head, every wait for the server bounded by ``timeout_s``
+        (trio.TooSlowError: the server may be at work on it, so it is not sent again). A kept-alive
+        connection that fails before a byte of answer comes back was closed by the server meanwhile
+        (it never took the request): the next idle one, else a fresh one, takes the request. What
+        fails on a fresh connection, or once the server answered, is raised."""
         while True:
             conn = await self.connection()
             try:
                 with trio.fail_after(timeout_s):
-                    await conn.send(*events)
-                    head = await conn.read_head()
-                break
+                    return conn, await conn.exchange(*events)
             except TRANSPORT_ERRORS:
                 await conn.aclose()
-                if not conn.reused:
+                if not conn.reused or conn.heard:
                     raise
             except BaseException:
                 await conn.aclose()
                 raise
+
+    @asynccontextmanager
+    async def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes,
+                      timeout_s: float) -> AsyncIterator[Response]:
+        """Send one request (``exchange``) and yield its response once its head arrived; every wait
+        for the server is bounded by ``timeout_s``."""
+        fields = [("host", self.authority), ("content-length", str(len(body))), *headers]
+        conn, head = await self.exchange(
+            [h11.Request(method=method, target=target, headers=fields), h11.Data(data=body), h11.EndOfMessage()],
+            timeout_s)
         response = Response(conn, head, timeout_s)
         try:
             yield response

@@ -218,35 +218,18 @@ class Forwarder:
 
     async def _exchange(self, hub: Hub, request: Request, client_ip: str, request_id: str,
                         elsewhere: bool) -> tuple[ClientConnection | None, h11.Response | None]:
-        """Send the request and read the answer's head; on a broken connection mark the hub down.
-        A pooled connection the hub had already closed is retried once on a fresh one."""
-        for _ in range(2):
-            upstream: ClientConnection | None = None
-            try:
-                upstream = await hub.pool.connection()
-                with trio.fail_after(self.config.response_timeout_s):
-                    try:
-                        await upstream.send(
-                            h11.Request(method=request.method, target=request.target,
-                                        headers=upstream_headers(request, hub, client_ip, request_id, elsewhere)),
-                            h11.Data(data=request.body), h11.EndOfMessage())
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        pass  # a hub may answer (413 ...) and close before reading all: look for its answer
-                    return upstream, await upstream.read_head()
-            except UPSTREAM_ERRORS as error:
-                if upstream is not None:
-                    await upstream.aclose()
-                    if isinstance(error, trio.TooSlowError):  # connected, and slow to answer: not down
-                        raise self._too_slow(hub) from None
-                    if upstream.reused:
-                        continue
-                self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
-                return None, None
-            except BaseException:
-                if upstream is not None:
-                    await upstream.aclose()  # the client left: the hub must hear it now
-                raise
-        return None, None
+        """Send the request and read the answer's head (``ConnectionPool.exchange``: pooled connections
+        the hub had closed are passed over); on a broken connection mark the hub down."""
+        events = [h11.Request(method=request.method, target=request.target,
+                              headers=upstream_headers(request, hub, client_ip, request_id, elsewhere)),
+                  h11.Data(data=request.body), h11.EndOfMessage()]
+        try:
+            return await hub.pool.exchange(events, self.config.response_timeout_s)
+        except trio.TooSlowError:  # connected, and slow to answer: not down
+            raise self._too_slow(hub) from None
+        except UPSTREAM_ERRORS as error:
+            self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
+            return None, None
 
     async def _discard(self, hub: Hub, upstream: ClientConnection) -> None:
         """Read and drop an answer we will not use, keeping the connection when that is cheap."""
