@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import secrets
-from functools import partial
 
 import httpx
 import trio
@@ -69,6 +68,7 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
     """Run the grid until cancelled. ``backend``: ``sim``, ``ollama`` or ``openai`` (an engine at
     ``engine_url``, with ``engine_api_key`` if it needs one), or ``auto``: Ollama if it answers,
     else the simulator. The banner is printed once a request through the proxy would succeed."""
+    ready_by = trio.current_time() + READY_TIMEOUT_S  # what the user waits for the banner, or for why not
     ollama_url = engine_url or os.environ.get("OLLAMA_LOCAL_URL") or EngineConfig().url
     use_ollama = backend == "ollama" or (backend == "auto" and await _ollama_answers(ollama_url))
     async with trio.open_nursery() as nursery:
@@ -88,22 +88,32 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
         hub_url = await nursery.start(run_hub, HubConfig(listen="127.0.0.1:0", provider_tokens=(token,)))
         registry_url = await nursery.start(
             run_registry, RegistryConfig(listen="127.0.0.1:0", hubs=(HubEntry("local", hub_url),)), None)
-        worker = await nursery.start(run_worker, WorkerConfig(
-            hub_url=(hub_url.replace("http://", "ws://", 1) + "/gridhub",), provider_token=token, name="local",
-            engine=engine))
         proxy_url = await nursery.start(run_proxy, ProxyConfig(
             listen=f"127.0.0.1:{port}", registry_url=registry_url, health=HealthConfig(interval_s=1.0)))
-        banner = partial(_banner, proxy_url, f"proxy -> hub {hub_url} (from registry {registry_url})\n"
-                         f"  -> one worker on {source}", worker)
-        if models := await _serving(proxy_url, READY_TIMEOUT_S):
-            banner(models)
+        workers: list[Worker] = []  # started once its engine has answered (or its first survey gave up)
+        worker_started = trio.Event()
+
+        async def start_worker() -> None:  # (the proxy serves meanwhile: its dashboard shows why not yet)
+            workers.append(await nursery.start(run_worker, WorkerConfig(
+                hub_url=(hub_url.replace("http://", "ws://", 1) + "/gridhub",), provider_token=token,
+                name="local", engine=engine)))
+            worker_started.set()
+
+        nursery.start_soon(start_worker)
+        route = f"proxy -> hub {hub_url} (from registry {registry_url})\n  -> one worker on {source}"
+        if models := await _serving(proxy_url, ready_by - trio.current_time()):
+            await worker_started.wait()  # (it has, to serve)
+            _banner(proxy_url, route, workers[0], models)
             task_status.started(proxy_url)
             return
-        print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: "
-              f"{worker.offer.problem or 'it lists no models'}.\nIt keeps trying, and says so here once a "
-              f"request would succeed; watch {proxy_url}/dashboard. Ctrl-C stops everything.\n", flush=True)
+        why = (workers[0].offer.problem or "it lists no models") if workers else "its engine has not answered yet"
+        print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: {why}.\nIt keeps "
+              f"trying, and says so here once a request would succeed; watch {proxy_url}/dashboard. Ctrl-C "
+              "stops everything.\n", flush=True)
         task_status.started(proxy_url)
-        banner(await _serving(proxy_url, math.inf))
+        models = await _serving(proxy_url, math.inf)
+        await worker_started.wait()
+        _banner(proxy_url, route, workers[0], models)
 
 
 def _banner(proxy_url: str, route: str, worker: Worker, models: list[str]) -> None:

@@ -356,6 +356,26 @@ async def test_up_says_it_serves_once_a_slow_engine_is_ready(grid: Grid, capsys:
     await eventually(banner, "the banner once the engine serves")
 
 
+async def test_up_says_why_it_does_not_serve_in_time_even_when_ollama_never_answers(
+        grid: Grid, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): with an Ollama that took connections and never answered, ``ghubai up`` said
+    nothing for 51 s (the worker's first survey, 30 s, then the banner's wait), and its proxy, started
+    after the worker, refused the dashboard meanwhile. The proxy now starts first, and the wait counts
+    from the command's start."""
+    from ghubai import up
+
+    async def silent(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    monkeypatch.setattr(up, "READY_TIMEOUT_S", 0.3)
+    with trio.fail_after(WAIT_S):  # (the worker's first survey would take 30 s)
+        proxy_url = await grid.nursery.start(partial(
+            up.up, 0, "ollama", engine_url=f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"))
+    assert "is not serving yet: the worker on Ollama at" in capsys.readouterr().out
+    assert (await grid.http.get(proxy_url + "/dashboard")).status_code == 200
+
+
 async def _openai_engine(conn: Connection, request: Request) -> bool:
     """Answers what a worker asks an OpenAI-compatible engine before any call; False for a call."""
     if PROBE_MODEL.encode() in (request.body or b""):
