@@ -603,3 +603,23 @@ def test_models_in_memory_come_from_the_summary_or_an_old_hub_s_workers() -> Non
     assert _state_of({"models": ["a"], "loaded": 5}, None)["loaded"] == ["a"]
     workers = [{"models": ["a", "b"], "loaded": ["a"]}, {"models": ["c"]}, {"models": ["d"], "loaded": ["d"], "draining": True}]
     assert _state_of({}, workers)["loaded"] == ["a", "c"]
+
+
+async def test_a_worker_that_joins_a_hub_is_listed_at_the_proxy_s_next_check(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the proxy read a hub's workers in detail every fifth check only, so ``ghubai status``
+    right after ``ghubai up``'s banner said "workers 0" and failed. A summary that counts other workers
+    than the proxy lists now reads them at once."""
+    monkeypatch.setattr("ghubai.proxy.follow.DETAILS_EVERY", 1000)  # (only the first check reads them otherwise,
+    monkeypatch.setattr("ghubai.proxy.server.DETAILS_WANTED_S", 0.0)  # and none for a dashboard, for the test)
+    hub = await grid.hub()
+    proxy = await grid.proxy(hubs=(hub.value,))
+
+    async def listed(count: int) -> bool:
+        [seen] = (await grid.http.get(proxy.value + "/health")).json()["hubs"]
+        return seen["up"] and len(seen["workers"]) == count
+
+    await eventually(lambda: listed(0), "the hub up, with no worker")
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub.value, sim_url)
+    await eventually(lambda: listed(1), "the worker listed")

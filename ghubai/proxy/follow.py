@@ -130,7 +130,8 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
     """Health from ``/api/summary`` (open even when the hub wants API keys): that the hub serves,
     whether it is draining, its models and queue, at a cost that does not grow with its workers. A
     hub older than ``/api/summary`` (any 4xx: one that wants keys answers 401) is read from
-    ``/api/registry`` instead. When ``details``, the workers too, for the dashboard: if that fails,
+    ``/api/registry`` instead. When ``details``, or when the summary counts other workers than the
+    proxy last listed (a worker came or went), the workers too, for the dashboard: if that fails,
     the last list stays, and the hub's health does not depend on it. An answer that is not what a
     hub says is a failed check, like no answer: it never stops the checks, and a hub that is up goes
     down after ``health.down_after`` of them in a row."""
@@ -149,7 +150,7 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
         hubs.check_failed(hub, f"health check failed: {describe(error)}",
                           1 if isinstance(error, httpx.ConnectError) else health.down_after)
         return
-    if details and workers is None:
+    if workers is None and (details or answer.get("workers") != len(hub.workers or ())):
         try:
             with trio.fail_after(health.timeout_s):
                 status, answer = await _hub_json(http, hub.address + "/api/registry", health, WORKERS_LIMIT)
