@@ -77,11 +77,10 @@ async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid:
 async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(grid: Grid) -> None:
     stuck_url, stuck = await grid.sim(ttft_ms=60_000)
     good_url, good = await grid.sim()
-    hub = await grid.hub(scheduler={"policy": "least-loaded"})  # both idle: the first linked, the doomed one
+    hub = await grid.hub(scheduler={"policy": "least-loaded"})
     doomed = worker_process(hub.value, stuck_url)
     try:
         await workers_linked(grid, hub.value, 1)
-        await grid.worker(hub.value, good_url)
         async with trio.open_nursery() as nursery:
             result: list[httpx.Response] = []
 
@@ -94,6 +93,7 @@ async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(gr
                 return stuck.stats.active == 1
 
             await eventually(waiting_for_first_token, "the request to reach the worker that will die")
+            await grid.worker(hub.value, good_url)  # (once the request is on the doomed one)
             doomed.kill()
         assert result[0].status_code == 200 and result[0].json()["choices"][0]["message"]["content"]
         assert good.stats.completed == 1
