@@ -213,7 +213,6 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
     worker = worker_process(tmp_path, hub.value, slow_url, 0.3, name="slow")
     try:
         await workers_linked(grid, hub.value, 1)
-        await grid.worker(hub.value, fast_url, name="fast")  # added second: a tie goes to the slow one
         answer: list[httpx.Response] = []
 
         async def ask() -> None:
@@ -226,6 +225,7 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
                 return slow.stats.active == 1
 
             await eventually(generating, "the slow engine to take the request")
+            await grid.worker(hub.value, fast_url, name="fast")  # (once the request is on the slow one)
             worker.send_signal(signal.SIGTERM)
         assert answer[0].status_code == 200, answer[0].text
         assert answer[0].headers["x-ghubai-worker"] == "fast" and fast.stats.completed == 1
