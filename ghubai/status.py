@@ -15,6 +15,7 @@ import trio
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
+from ghubai.observability.logs import printable
 
 TIMEOUT_S = 5.0
 
@@ -65,7 +66,8 @@ def render(data: dict[str, Any]) -> str:
     waiting = {model: count for model, count in data["queue"].items() if count}
     if waiting:
         lines += ["", "queued: " + ", ".join(f"{model} {count}" for model, count in sorted(waiting.items()))]
-    return "\n".join(lines)
+    # names, models and reasons come from workers, engines and hubs: shown as text, never as escapes
+    return "\n".join(map(printable, lines))
 
 
 def healthy(data: dict[str, Any]) -> bool:

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 
 import httpx
 import trio
@@ -21,6 +22,7 @@ import trio
 from ghubai.config import (EngineConfig, HealthConfig, HubConfig, HubEntry, ProxyConfig, RegistryConfig,
                            WorkerConfig)
 from ghubai.hub.app import run as run_hub
+from ghubai.observability.logs import printable
 from ghubai.proxy.server import run as run_proxy
 from ghubai.registry.server import run as run_registry
 from ghubai.sim.generator import SimOptions, Simulator
@@ -106,7 +108,8 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
             _banner(proxy_url, route, workers[0], models)
             task_status.started(proxy_url)
             return
-        why = (workers[0].offer.problem or "it lists no models") if workers else "its engine has not answered yet"
+        why = printable(workers[0].offer.problem or "it lists no models") if workers else \
+            "its engine has not answered yet"
         print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: {why}.\nIt keeps "
               f"trying, and says so here once a request would succeed; watch {proxy_url}/dashboard. Ctrl-C "
               "stops everything.\n", flush=True)
@@ -127,12 +130,13 @@ def _banner(proxy_url: str, route: str, worker: Worker, models: list[str]) -> No
         path = "/api/chat"
     else:
         path = ""
+    # the model's name is the engine's: quoted for the shell a user pastes this line into
     try_it = (f"Try:\n  curl -N {proxy_url}{path} -H 'Content-Type: application/json' \\\n"
-              f"    -d '{json.dumps(chat, separators=(',', ':'))}'") if path else \
+              f"    -d {shlex.quote(json.dumps(chat, separators=(',', ':')))}") if path else \
         "Its engine serves no chat API (see /api/registry)."
     print(f"""
 GhubAi grid is up on {proxy_url}: {route}.
-Models: {", ".join(models)}
+Models: {printable(", ".join(models))}
 {try_it}
 Watch it: {proxy_url}/dashboard (or: ghubai status --proxy {proxy_url})
 Ctrl-C stops everything.

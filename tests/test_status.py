@@ -139,3 +139,18 @@ def test_status_shows_what_it_can_of_odd_worker_entries() -> None:
     of an older version (no ``last_seen_s``), and so for every hub of the grid."""
     text = render(odd_view())
     assert "0/1" in text and "? s ago" in text and "?/?" in text
+
+
+def test_names_and_reasons_reach_the_terminal_as_text_never_as_escapes() -> None:
+    """Regression (hunt): a model an engine listed as ``sim ESC]0;title BEL ESC[2K CR fake-ok-worker ...``
+    went through worker, hub and proxy into ``ghubai status`` raw: it could set the terminal's title,
+    erase lines and print a forged healthy row; an engine's problem text, a new line."""
+    hostile = "sim\x1b]0;PWNED\x07\x1b[2K\rfake  h  sim  0/4  ok"
+    view = odd_view()
+    hub = view["hubs"][0]
+    hub["models"], hub["name"] = [hostile], "h\x9b31m"
+    hub["workers"] = [{"name": "w\x1b[8m", "models": [hostile], "inflight": 0, "max_concurrency": 1,
+                       "last_seen_s": 0.1, "health": "engine: down\nforged line"}]
+    text = render(view)
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 for c in text), repr(text)
+    assert "\\x1b]0;PWNED\\x07" in text and "forged line" in text and "\nforged line" not in text

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import pytest
 import trio
 
 from conftest import WAIT_S, Daemon, ghubai_command, run_ghubai
+from ghubai.up import _banner
 
 
 # a user's HTTP proxy, which no loopback call of the grid's may go through (regression, hunt: up's
@@ -84,3 +88,18 @@ def test_a_port_out_of_range_is_one_line_not_a_traceback() -> None:
         done = run_ghubai("up", "--backend", "sim", f"--port={port}")
         assert done.returncode == 2 and "expected a port from 0 to 65535" in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_the_banner_s_curl_line_is_one_command_whatever_the_engine_names_its_model(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression (hunt): an engine's model named ``x' ; touch /tmp/pwned ; echo '`` made the banner's
+    curl line, pasted into a shell, run ``touch``; and escape sequences in a name reached the terminal."""
+    model = "x' ; touch /tmp/pwned ; echo '\x1b]0;title\x07"
+    worker = SimpleNamespace(offer=SimpleNamespace(apis=None))
+    _banner("http://127.0.0.1:9", "route", worker, [model])  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+    line = out[out.index("curl -N"):out.index("\nWatch it")].replace("\\\n", " ")
+    words = shlex.split(line)
+    assert words[:3] == ["curl", "-N", "http://127.0.0.1:9/v1/chat/completions"] and len(words) == 7, words
+    assert words[5] == "-d" and json.loads(words[6])["model"] == model

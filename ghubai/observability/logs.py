@@ -48,10 +48,17 @@ class _WithRequestId(logging.Filter):
 
 
 # A message may quote what a client sent (a model name ...): in text, no control character may split
-# or forge a line (JSON escapes them by itself).
+# or forge a line (JSON escapes them by itself), nor, on a terminal, move the cursor, hide text or set
+# the window's title (``printable``).
 _BREAKS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]  # C0, DEL, C1 (NEL, CSI ...), Unicode line breaks
 _ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _BREAKS} | {
     ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters written out: what a worker, an engine or a client named
+    (a model ...) is shown to an operator's terminal as text, never as escape sequences."""
+    return text.translate(_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):
