@@ -12,9 +12,10 @@ from typing import Any
 import trio
 
 from browser import chromium
-from conftest import chat
+from conftest import chat, eventually
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import dashboard
+from ghubai.status import render
 from test_status import odd_view
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -107,3 +108,42 @@ async def test_a_first_token_time_between_steps_without_one_is_drawn(grid: Any, 
         await page.open(await _page_of(grid, {**odd_view(steps), "hubs": []}))
         await page.until("document.getElementById('chart-ttft').dataset.points", "30", "the chart drawn")
         assert await page.evaluate("document.querySelectorAll('#chart-ttft circle').length") == 30
+
+
+async def test_a_hub_s_odd_worker_entries_cost_neither_the_proxy_s_data_nor_its_page(grid: Any, tmp_path: Path) -> None:
+    """Regression (hunt): one hub's worker entry with a list for its id made the proxy's
+    ``/dashboard/data`` fail (and ``ghubai status --proxy`` for every hub), and an object for a name or a
+    model (``{"toString": 1}``) stopped the page's every render. The proxy passes on text, lists of text
+    and numbers; the page shows an object as its JSON."""
+    odd = [{"id": ["x"], "name": {"toString": 1}, "models": ["sim", {"toString": 1}], "inflight": "3",
+            "max_concurrency": 2, "last_seen_s": 0.1, "draining": "no", "usage": {"a": []}},
+           {"id": "w2", "name": "fine", "models": ["sim"], "inflight": 0, "max_concurrency": 1, "last_seen_s": 0.1}]
+
+    async def hub(conn: Connection, request: Request) -> None:
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "loaded": [], "workers": 2, "capacity": 3, "queue": {}})
+        else:
+            await conn.respond_json(200, {"workers": odd})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=hub), 0,
+                                                 host="127.0.0.1"))
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",))
+
+    async def listed() -> bool:
+        answer = await grid.http.get(proxy.value + "/dashboard/data")
+        return answer.status_code == 200 and len(answer.json()["hubs"][0]["workers"]) == 2
+
+    await eventually(listed, "the hub's two workers in the proxy's data")
+    data = (await grid.http.get(proxy.value + "/dashboard/data")).json()
+    first = data["hubs"][0]["workers"][0]
+    assert (first["id"], first["name"], first["models"], "inflight" in first) == ("['x']", "{'toString': 1}", ["sim"],
+                                                                                  False)
+    assert "fine" in render(data)
+    odd_data = odd_view()
+    odd_data["hubs"][0]["workers"] = odd  # as a proxy before this one passed them on
+    async with chromium(tmp_path / "profile") as page:
+        await page.open(await _page_of(grid, odd_data))
+        await page.until("document.querySelectorAll('#workers tr[data-worker]').length", 2, "both workers shown")
+        shown = await page.evaluate("document.getElementById('workers').innerText")
+    assert '{"toString":1}' in shown and "fine" in shown

@@ -13,7 +13,7 @@ import trio
 
 from ghubai.config import HealthConfig, ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
-from ghubai.observability.dashboard import served_models
+from ghubai.observability.dashboard import number, served_models
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -119,11 +119,31 @@ def _loaded_of(workers: list[dict[str, Any]]) -> list[str]:
             for model in (worker["loaded"] if isinstance(worker.get("loaded"), list) else worker["models"])]
 
 
+_TEXTS = ("id", "name", "engine", "problem")
+_LISTS = ("models", "loaded", "apis")
+_FIGURES = ("inflight", "busy", "max_concurrency", "last_seen_s", "weight")
+
+
+def _worker_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    """A hub's worker entry as the proxy passes it on to its dashboard and ``ghubai status``: text as
+    text, lists of text, numbers, and nothing else. A hub of another version, or a broken one, sent an
+    id that was a list, and the proxy's whole dashboard (and status, for every hub) failed on it."""
+    worker: dict[str, Any] = {key: str(entry[key]) for key in _TEXTS if entry.get(key) is not None}
+    worker |= {key: [str(item) for item in entry.get(key) or [] if isinstance(item, str | int | float)]
+               for key in _LISTS if key in entry}
+    worker |= {key: entry[key] for key in _FIGURES if number(entry, key) is not None}
+    worker["draining"] = entry.get("draining") is True
+    usage = entry.get("usage")
+    if isinstance(usage, dict):
+        worker["usage"] = {str(kind): count for kind, count in usage.items() if number(usage, kind) is not None}
+    return worker
+
+
 def _workers_of(listing: Any) -> list[dict[str, Any]]:
     workers = listing["workers"] if isinstance(listing, dict) else None
     if not isinstance(workers, list) or not all(isinstance(worker, dict) for worker in workers):
         raise ValueError("the answer lists no workers")
-    return workers
+    return [_worker_entry(worker) for worker in workers]
 
 
 async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: HealthConfig, details: bool) -> None:
