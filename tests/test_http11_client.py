@@ -4,6 +4,7 @@ answer, one cut mid-answer or closed by the server is dropped, and leaving early
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from collections.abc import Callable
@@ -308,3 +309,27 @@ async def test_a_kept_connection_that_fails_after_the_server_answered_is_not_sen
     with pytest.raises(h11.RemoteProtocolError):
         await post(pool, {})
     assert requests == 2
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_a_transport_error_not_a_slow_answer() -> None:
+    """Regression (review): a connect that timed out (a hub's host powered off: its SYNs dropped) raised
+    trio.TooSlowError, which the proxy reads as a hub "slow to answer": 504, no other hub tried, the hub
+    not marked down. It is an OSError now, as a refused connection is."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):  # the accept queue full: the next SYNs are dropped, as by a host gone dark
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        pool = ConnectionPool("127.0.0.1", port, ssl_context=None, connect_timeout_s=0.3, max_idle=1, idle_reuse_s=4)
+        with trio.fail_after(WAIT_S), pytest.raises(OSError, match="no connection"):
+            await post(pool, {})
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()

@@ -170,3 +170,22 @@ def test_relative_tls_paths_are_read_beside_the_config_file_wherever_the_daemon_
     assert check.returncode == 0, check.stdout + check.stderr
     assert parse("hub", config.read_text(), str(config)).tls_cert == tls["cert"]
     assert parse("proxy", 'ca_file = "ca.pem"', str(config)).ca_file == tls["ca"]
+
+
+@pytest.mark.parametrize("secure", [False, True])
+async def test_a_hub_that_refuses_a_large_body_early_stays_up_at_the_proxy(grid: Grid, tls: dict[str, str],
+                                                                             secure: bool) -> None:
+    """Regression (review): a hub that answered 401 (a wrong key) before reading a 3 MiB body, and closed,
+    was marked down by the proxy over https: the broken send breaks a TLS stream, its answer unread, and
+    the proxy took that for a dead hub, for every client, until its next check. Over http the client gets
+    the 401; over https a 502 that says why, and the hub stays up."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(api_keys=("k",), **({"tls_cert": tls["cert"], "tls_key": tls["key"]} if secure else {}))
+    await grid.worker(hub.value, sim_url, **({"ca_file": tls["ca"]} if secure else {}))
+    proxy = await grid.proxy(hubs=(hub.value,), **({"ca_file": tls["ca"]} if secure else {}))
+    await grid.wait_for_model(proxy.value, "sim")
+    response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content="x" * (3 << 20)),
+                                    headers={"authorization": "Bearer wrong"})
+    assert response.status_code == 401 or secure and response.status_code == 502, response.text
+    assert response.status_code == 401 or "before it took the whole request" in response.text
+    assert (await grid.http.get(proxy.value + "/health")).json()["hubs"][0]["up"]

@@ -242,7 +242,10 @@ class ConnectionPool:
                 conn.reused = True
                 return conn
             await conn.aclose()
-        return ClientConnection(await open_stream(self.host, self.port, self.ssl_context, self.connect_timeout_s))
+        try:
+            return ClientConnection(await open_stream(self.host, self.port, self.ssl_context, self.connect_timeout_s))
+        except trio.TooSlowError:  # a connection that could not be made, not a server slow to answer
+            raise TimeoutError(f"no connection to {self.authority} within {self.connect_timeout_s:g} s") from None
 
     async def release(self, conn: ClientConnection, keep: bool = True) -> None:
         """Keep the connection for the next request if both sides finished cleanly, else close it."""
@@ -265,10 +268,13 @@ class ConnectionPool:
             try:
                 with trio.fail_after(timeout_s):
                     return conn, await conn.exchange(*events)
-            except TRANSPORT_ERRORS:
+            except TRANSPORT_ERRORS as error:
                 await conn.aclose()
-                if not conn.reused or conn.heard:
-                    raise
+                if conn.reused and not conn.heard:
+                    continue  # the server's keep-alive close: it never took the request
+                if conn.cut and not conn.heard:
+                    raise BodyCut("the server closed the connection before it took the whole request") from error
+                raise
             except BaseException:
                 await conn.aclose()
                 raise
@@ -324,6 +330,12 @@ class Response:
             if len(body) > limit:
                 raise TooLarge(f"the answer is larger than {limit} bytes")
         return bytes(body)
+
+
+class BodyCut(trio.BrokenResourceError):
+    """The server closed the connection while the request's body was sent, and its answer, if it gave
+    one first, could not be read (over TLS, a broken send breaks the stream): most likely a body too
+    large for it, or a refused key; not a server that is down."""
 
 
 class TooLarge(ValueError):

@@ -25,7 +25,7 @@ import trio
 from ghubai import affinity, cors, dialects, protocol
 from ghubai.config import ProxyConfig
 from ghubai.errors import CLIENT_CLOSED, ApiError
-from ghubai.http11.client import ClientConnection
+from ghubai.http11.client import BodyCut, ClientConnection
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import tracing
 from ghubai.proxy.hubs import Hub, HubSet
@@ -227,6 +227,9 @@ class Forwarder:
             return await hub.pool.exchange(events, self.config.response_timeout_s)
         except trio.TooSlowError:  # connected, and slow to answer: not down
             raise self._too_slow(hub) from None
+        except BodyCut:  # this request's doing (too large, a wrong key), not the hub's: no other hub asked
+            raise ApiError(502, f"Hub {hub.name} closed the connection before it took the whole request "
+                           "(a body too large for it, or refused)") from None
         except UPSTREAM_ERRORS as error:
             self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
             return None, None
