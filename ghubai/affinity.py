@@ -27,7 +27,7 @@ CONVERSING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "oll
 PROMPT_OPENING_CHARS = 2048  # of a completion's prompt: a long shared preamble, not the whole prompt
 MESSAGE_CHARS = 65536  # of each text of the messages hashed: their start tells conversations apart
 MESSAGES_SCANNED = 64  # for the first system, user and assistant messages
-CONTEXT_TOKENS = 256  # of /api/generate's context (the conversation's tokens so far): stable once it is long
+CONTEXT_TOKENS = 1024  # of /api/generate's context (the conversation's tokens so far): stable once it is long
 _MASK = (1 << 64) - 1
 _encode = msgspec.json.Encoder().encode
 

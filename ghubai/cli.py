@@ -59,12 +59,15 @@ def _stopping_on(main: Callable[[Service], Awaitable[object]], reloads: bool = T
 def _serve(main: Main, reloads: bool, drains: bool) -> int:
     async def runner() -> None:
         drain, service = trio.Event(), Service()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signal, nursery.cancel_scope, drain if drains else None, service, reloads)
-            nursery.start_soon(service.run)
-            await main(drain, service)
-            nursery.cancel_scope.cancel()
-        await tracing.flush()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_signal, nursery.cancel_scope, drain if drains else None, service, reloads)
+                nursery.start_soon(service.run)
+                await main(drain, service)
+                nursery.cancel_scope.cancel()
+        finally:  # (a crash too: its spans say what led to it)
+            with trio.CancelScope(shield=True):
+                await tracing.flush()
 
     trio.run(runner)
     return 0

@@ -79,9 +79,9 @@ def test_a_generation_with_context_is_keyed_by_it_and_a_huge_message_by_its_star
     """Regression (hunt): /api/generate's follow-ups carry the conversation's ``context`` and a new prompt,
     so each had a new key (15 of 18 moved); and hashing a 4 MB message whole was half the hub's time for
     its request. The start of each text (64 Ki characters) names the conversation. (A context is told by its
-    first 256 tokens: a short one changes with each turn, but its prompt is cheap to compute again.)"""
+    first 1,024 tokens: a short one changes with each turn, but its prompt is cheap to compute again.)"""
     turns = [{"model": "m", "prompt": prompt, "context": list(range(size))}
-             for prompt, size in (("a", 300), ("b", 500))]
+             for prompt, size in (("a", 1100), ("b", 1500))]
     assert keys_of(turns[0], [], "ollama.generate") == keys_of(turns[1], [], "ollama.generate") is not None
     big = "x" * (1 << 16)
     assert key_of(chat({"role": "user", "content": big + "a"}), []) == \

@@ -77,10 +77,12 @@ def reload(hub_list: HubList, path: str) -> bool:
         if problem := unlisted_hubs(text, path):
             raise ConfigError([problem])
     except ConfigError as error:
-        hub_list.config_error = "; ".join(error.errors)
-        hub_list.reload_errors += 1
-        log.error("%s: %s", "kept the last good hub list" if hub_list.version else "no hub list to serve",
-                  hub_list.config_error)
+        problem = "; ".join(error.errors)
+        if not (error.passing and problem == hub_list.config_error):  # (asked again at each poll: said once)
+            hub_list.reload_errors += 1
+            log.error("%s: %s", "kept the last good hub list" if hub_list.version else "no hub list to serve",
+                      problem)
+        hub_list.config_error = problem
         return not error.passing
     if hub_list.config_error:
         log.info("%s is valid again", path)
