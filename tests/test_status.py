@@ -149,8 +149,8 @@ def test_names_and_reasons_reach_the_terminal_as_text_never_as_escapes() -> None
     view = odd_view()
     hub = view["hubs"][0]
     hub["models"], hub["name"] = [hostile], "h\x9b31m"
-    hub["workers"] = [{"name": "w\x1b[8m", "models": [hostile], "inflight": 0, "max_concurrency": 1,
+    hub["workers"] = [{"name": "w\x1b[8m\u202e", "models": [hostile], "inflight": 0, "max_concurrency": 1,
                        "last_seen_s": 0.1, "health": "engine: down\nforged line"}]
     text = render(view)
-    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 for c in text), repr(text)
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) < 0xa0 or c == "\u202e" for c in text), repr(text)
     assert "\\x1b]0;PWNED\\x07" in text and "forged line" in text and "\nforged line" not in text

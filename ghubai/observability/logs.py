@@ -50,7 +50,8 @@ class _WithRequestId(logging.Filter):
 # A message may quote what a client sent (a model name ...): in text, no control character may split
 # or forge a line (JSON escapes them by itself), nor, on a terminal, move the cursor, hide text or set
 # the window's title (``printable``).
-_BREAKS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029]  # C0, DEL, C1 (NEL, CSI ...), Unicode line breaks
+# C0, DEL, C1 (NEL, CSI ...), Unicode line breaks, and the bidirectional overrides that show text reversed
+_BREAKS = [*range(0x20), *range(0x7f, 0xa0), 0x2028, 0x2029, *range(0x202a, 0x202f), *range(0x2066, 0x206a)]
 _ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _BREAKS} | {
     ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
