@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
@@ -51,6 +52,19 @@ async def _scoped(start: Callable[..., Awaitable[Any]], *args: Any,
         async with trio.open_nursery() as nursery:
             value = await nursery.start(start, *args)
             task_status.started(Running(scope, value))
+
+
+async def next_request(conn: h11.Connection, stream: trio.abc.Stream) -> bytes | None:
+    """The target of the next whole request a raw h11 server connection reads; None once the client closed."""
+    target = b""
+    while not isinstance(event := conn.next_event(), h11.EndOfMessage):
+        if event is h11.NEED_DATA:
+            if not (data := await stream.receive_some(65536)):
+                return None
+            conn.receive_data(data)
+        elif isinstance(event, h11.Request):
+            target = event.target
+    return target
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = WAIT_S) -> None:

@@ -14,7 +14,7 @@ import h11
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, chat, eventually
+from conftest import WAIT_S, Grid, chat, eventually, next_request
 from ghubai.http11.client import KEEPALIVE_IDLE_S, ConnectionPool, open_stream
 
 
@@ -125,15 +125,7 @@ async def _answer_with(answer: bytes | Callable[[bytes], bytes], stream: trio.So
     """A server sending ``answer`` verbatim to each request (or what it gives for the request's
     target), keeping the socket until the client goes."""
     conn = h11.Connection(h11.SERVER)
-    while True:
-        target = b""
-        while not isinstance(event := conn.next_event(), h11.EndOfMessage):
-            if event is h11.NEED_DATA:
-                if not (data := await stream.receive_some(65536)):
-                    return
-                conn.receive_data(data)
-            elif isinstance(event, h11.Request):
-                target = event.target
+    while (target := await next_request(conn, stream)) is not None:
         await stream.send_all(answer(target) if callable(answer) else answer)
         conn = h11.Connection(h11.SERVER)  # what it sent may not be HTTP: a fresh state for the next
 

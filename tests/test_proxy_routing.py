@@ -14,7 +14,7 @@ import h11
 import pytest
 import trio
 
-from conftest import Grid, chat, eventually, workers_linked
+from conftest import Grid, chat, eventually, next_request, workers_linked
 from ghubai.config import ConfigError, HubEntry, hub_address_problem, parse
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.proxy.hubs import Hub, HubSet
@@ -405,32 +405,24 @@ async def test_pooled_connections_a_hub_dropped_are_passed_over_however_many(gri
         nonlocal posts
         conn, answered = h11.Connection(h11.SERVER), 0
         with contextlib.suppress(trio.BrokenResourceError, h11.ProtocolError):
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    if not (data := await stream.receive_some(65536)):
-                        return
-                    conn.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    path = event.target
-                elif isinstance(event, h11.EndOfMessage):
-                    if path == b"/api/summary":
-                        body = json.dumps({"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
-                                           "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
-                    elif path != b"/v1/chat/completions":
-                        body = json.dumps({"workers": []})
-                    elif answered:
-                        return  # the next request on this connection: closed unanswered
-                    else:
-                        posts += 1
-                        if posts == 2:
-                            both.set()
-                        await both.wait()  # two at once: two connections, both kept
-                        answered, body = 1, json.dumps({"answer": "ok"})
-                    await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
-                        ("content-type", "application/json"), ("content-length", str(len(body)))]))
-                        + conn.send(h11.Data(data=body.encode())) + conn.send(h11.EndOfMessage()))
-                    conn.start_next_cycle()
+            while (path := await next_request(conn, stream)) is not None:
+                if path == b"/api/summary":
+                    body = json.dumps({"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                       "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+                elif path != b"/v1/chat/completions":
+                    body = json.dumps({"workers": []})
+                elif answered:
+                    return  # the next request on this connection: closed unanswered
+                else:
+                    posts += 1
+                    if posts == 2:
+                        both.set()
+                    await both.wait()  # two at once: two connections, both kept
+                    answered, body = 1, json.dumps({"answer": "ok"})
+                await stream.send_all(conn.send(h11.Response(status_code=200, headers=[
+                    ("content-type", "application/json"), ("content-length", str(len(body)))]))
+                    + conn.send(h11.Data(data=body.encode())) + conn.send(h11.EndOfMessage()))
+                conn.start_next_cycle()
 
     listeners = await grid.nursery.start(partial(trio.serve_tcp, hub, 0, host="127.0.0.1"))
     proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",))
