@@ -37,15 +37,21 @@ class Secrets:
         no secret is configured, None when it carries none of them."""
         if self.open:
             return b""
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if not (presented := self.presented(authorization)):
             return None
-        presented = hashlib.sha256(token.strip().encode()).digest()
         found = None
         for digest in self._digests:  # no early exit: the time taken does not say which one matched
             if hmac.compare_digest(presented, digest):
                 found = digest
         return found
+
+    @staticmethod
+    def presented(authorization: str | None) -> bytes:
+        """The digest of the secret an ``Authorization: Bearer ...`` header carries, ``b""`` for none."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return b""
+        return hashlib.sha256(token.strip().encode()).digest()
 
     def holds(self, digest: bytes) -> bool:
         """Whether a secret ``identify`` returned is still one of them (after a ``replace``)."""

@@ -20,7 +20,7 @@ import stat
 import tomllib
 import typing
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -630,11 +630,24 @@ def read_text(path: str) -> str:
 
 def load(role: str, path: str | None, env: Mapping[str, str] | None = None) -> Any:
     """The config of ``role`` from ``path`` (defaults when None), with the role's env overrides."""
-    if path is None:
-        config = ROLES[role]()
-    else:
-        config = parse(role, read_text(path), path)
-    env = os.environ if env is None else env
+    config = ROLES[role]() if path is None else parse(role, read_text(path), path)
+    return _with_env(role, config, os.environ if env is None else env)
+
+
+def reload_file(role: str, path: str, kept: Iterable[str] = ()) -> Any:
+    """The config of ``role`` read again from ``path`` for a running daemon. ``kept``: the secret lists it
+    runs with (``api_keys``, ``provider_tokens``) that a file without their key must not drop: an empty
+    or half-written file (a full disk, a save caught midway) would turn authentication off, while
+    ``api_keys = []`` does, on purpose."""
+    text = read_text(path)  # (read once: what is checked is what is applied)
+    config = parse(role, text, path)
+    if missing := [key for key in kept if key not in tomllib.loads(text)]:
+        raise ConfigError([f"{path}: no {key} key (an empty or half-written file?); write {key} = [] to turn it "
+                           "off" for key in missing])
+    return _with_env(role, config, os.environ)
+
+
+def _with_env(role: str, config: Any, env: Mapping[str, str]) -> Any:
     if role == "worker":
         config = worker_env_overrides(config, env)
     elif role == "proxy" and env.get("REGISTRY_URL"):

@@ -228,3 +228,57 @@ async def test_a_revoked_provider_token_ends_the_link(grid: Any, notify: NotifyS
         return [worker["name"] for worker in await grid.workers(hub_url)] == ["new"]
 
     await eventually(only_new, "the worker with the revoked token to be gone")
+
+
+KEYED = 'listen = "127.0.0.1:0"\nprovider_tokens = ["tok-T"]\napi_keys = ["sk-K"]\n'
+
+
+async def test_a_reload_of_an_empty_or_cut_file_keeps_the_keys_it_runs_with(
+        grid: Any, notify: NotifySocket, processes: list[Daemon], tmp_path: Path) -> None:
+    """Regression (hunt): a reload that read a file a save had cut after its provider_tokens line, or an
+    empty one (a full disk), dropped the hub's api_keys without a word: a request with no key got 200.
+    As the registry does with its hub list, a file without the key of a list the hub runs with is
+    refused; ``api_keys = []`` still turns client auth off, with a warning."""
+    config = tmp_path / "hub.toml"
+    config.write_text(KEYED)
+    hub = start("hub", config, notify, processes)
+    await notify.until("READY=1")
+    hub_url = await hub.url()
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub_url, sim_url, name="w1", provider_token="tok-T")
+    async with httpx.AsyncClient(timeout=WAIT_S) as http:
+        for text in (KEYED.rsplit("api_keys", 1)[0], ""):  # cut after its last but one line; empty
+            config.write_text(text)
+            hub.process.send_signal(signal.SIGHUP)
+            await notify.until("READY=1")
+            assert (await http.post(hub_url + "/v1/chat/completions", json=chat())).status_code == 401
+        config.write_text(KEYED.replace('["sk-K"]', "[]"))  # on purpose
+        hub.process.send_signal(signal.SIGHUP)
+        await notify.until("READY=1")
+        assert (await http.post(hub_url + "/v1/chat/completions", json=chat())).status_code == 200
+    log = hub.log()
+    assert "no api_keys key (an empty or half-written file?)" in log and "no provider_tokens key" in log
+    assert "api_keys is empty now" in log and "sk-K" not in log
+
+
+async def test_listing_the_token_a_worker_already_sends_keeps_its_link_and_its_streams(
+        grid: Any, notify: NotifySocket, processes: list[Daemon], tmp_path: Path) -> None:
+    """Regression (hunt): a hub with no provider_tokens recorded no token for its workers, so the reload
+    that listed the very token they sent (securing a grid) cut every link and every stream on them."""
+    config = tmp_path / "hub.toml"
+    config.write_text('listen = "127.0.0.1:0"\n')
+    hub = start("hub", config, notify, processes)
+    await notify.until("READY=1")
+    hub_url = await hub.url()
+    sim_url, _ = await grid.sim(tokens=40, itl_ms=20)
+    await grid.worker(hub_url, sim_url, name="w1", provider_token="tok-T")
+    async with httpx.AsyncClient(timeout=WAIT_S) as http, \
+            http.stream("POST", hub_url + "/v1/chat/completions", json=chat(stream=True)) as response:
+        lines = response.aiter_lines()
+        assert (await anext(lines)).startswith("data: ")  # the stream runs
+        config.write_text('listen = "127.0.0.1:0"\nprovider_tokens = ["tok-T"]\n')
+        hub.process.send_signal(signal.SIGHUP)
+        await notify.until("READY=1")
+        rest = [line async for line in lines if line]
+    assert rest[-1] == "data: [DONE]" and not [line for line in rest if '"error"' in line]
+    assert "not listed now" not in hub.log()

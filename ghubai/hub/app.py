@@ -541,15 +541,19 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
                                f"{pool.queued} queued{', draining' if pool.draining else ''}")
 
     def reload(fresh: HubConfig) -> str:
+        if not secrets.api_keys.open and not fresh.api_keys:
+            log.warning("api_keys is empty now: clients need no key")
         secrets.replace(fresh)
         _warn_if_open(fresh)
         for worker in list(pool.workers.values()):
             if not secrets.provider_tokens.holds(worker.token):
-                log.warning("worker %s joined with a provider token that was revoked: ending its link", worker.name)
+                log.warning("worker %s joined with a provider token that is not listed now: ending its link",
+                            worker.name)
                 pool.cut(worker, f"the provider token of worker {worker.name} was revoked")
         return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
 
-    service.reloads_config("hub", path, reload)
+    service.reloads_config("hub", path, reload, lambda: [key for key in ("api_keys", "provider_tokens")
+                                                         if not getattr(secrets, key).open])
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,

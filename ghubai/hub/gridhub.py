@@ -31,6 +31,8 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     if token is None:
         log.warning("refused a worker from %s: missing or wrong provider token", peer)
         return Response("missing or wrong provider token", 401, content_type="text/plain")
+    if tokens.open:  # what it sent: a reload that lists that token keeps its link (it cut every one)
+        token = tokens.presented(websocket.headers.get("Authorization"))
     await websocket.accept()
     hello = None
     with trio.move_on_after(hello_timeout_s):

@@ -13,12 +13,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import trio
 
-from ghubai.config import ConfigError, load
+from ghubai.config import ConfigError, reload_file
 
 log = logging.getLogger("ghubai.service")
 
@@ -44,14 +44,16 @@ class Service:
         self._status = ""
         self._ready = self._stopping = False
 
-    def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str]) -> None:
+    def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str],
+                       kept: Callable[[], Iterable[str]] = tuple) -> None:
         """On SIGHUP, read ``path`` again and hand the new configuration to ``apply``, which takes
-        what can change while running and says what it took. A broken file raises ConfigError."""
+        what can change while running and says what it took. A broken file raises ConfigError, and so
+        does one without a key of the secret lists that ``kept`` names (``config.reload_file``)."""
         if path is None:
             return
 
         def reload() -> None:
-            taken = apply(load(role, path))
+            taken = apply(reload_file(role, path, kept()))
             log.info("reloaded %s: %s (other keys take effect on restart)", path, taken)
 
         self.reload = reload
@@ -84,7 +86,7 @@ class Service:
         try:
             self.reload()
         except ConfigError as error:
-            log.error("reload failed, the running configuration stays: %s", error)
+            log.error("reload failed, the running configuration stays: %s", "; ".join(error.errors))
         except Exception:  # a reload must never take the daemon down
             log.exception("reload failed, the running configuration stays")
         finally:

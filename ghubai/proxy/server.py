@@ -250,10 +250,12 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                                f"{proxy.inflight} inflight")
 
     def reload(fresh: ProxyConfig) -> str:
+        if not proxy.keys.open and not fresh.api_keys:
+            log.warning("api_keys is empty now: clients need no key")
         proxy.keys.replace(fresh.api_keys)
         return f"{len(fresh.api_keys)} api_keys"
 
-    service.reloads_config("proxy", path, reload)
+    service.reloads_config("proxy", path, reload, lambda: () if proxy.keys.open else ("api_keys",))
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits
