@@ -60,8 +60,8 @@ def _openings(body: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
     if isinstance(messages, list):
         first: dict[str, Any] = {}
         for message in messages[:MESSAGES_SCANNED]:
-            if not isinstance(message, dict) or (role := message.get("role")) in first:
-                continue
+            if not isinstance(message, dict) or not isinstance(role := message.get("role"), str) or role in first:
+                continue  # (the proxy reads bodies no one has checked: a role may be anything)
             if role in ("system", "user") and "user" not in first:
                 first[role] = _bounded(message.get("content"))
             elif role == "assistant" and "user" in first:  # (a tool call is its answer, when it said nothing)

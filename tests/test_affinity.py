@@ -41,6 +41,7 @@ def test_completions_by_their_prompts_opening_and_nothing_without_one() -> None:
     assert key_of({"model": "m", "input": "embed me"}, []) is None
     assert key_of({"model": "m", "messages": [{"role": "assistant", "content": "no user yet"}]}, []) is None
     assert key_of({"model": "m", "messages": "not a list", "prompt": 3}, []) is None
+    assert key_of({"model": "m", "messages": [{"role": ["user"]}, {"role": {}}, {"role": "user"}]}, []) is not None
 
 
 def test_once_a_chat_has_the_model_s_answer_it_is_told_from_others_that_opened_alike() -> None:
