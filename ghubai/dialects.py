@@ -118,6 +118,7 @@ def validate_completion(body: dict[str, Any]) -> None:
     validate_model(body)
     _require(body, "prompt", (str, list), "a string or an array")
     _optional(body, "stream", bool, "a boolean")
+    _optional(body, "stream_options", dict, "an object")  # (a worker reads it: any other was its traceback)
     _optional(body, "max_tokens", int, "an integer")
 
 
@@ -187,7 +188,8 @@ def validate_ollama_generate(body: dict[str, Any]) -> None:
 
 
 def wants_usage(body: dict[str, Any]) -> bool:
-    return bool((body.get("stream_options") or {}).get("include_usage"))
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
 def model_entry(model: str) -> dict[str, Any]:

@@ -417,3 +417,15 @@ def test_a_name_without_a_tag_is_its_latest_only_when_it_is_not_served_itself() 
     assert dialects.tagged("ns/m", served) == "ns/m:latest"
     assert dialects.tagged("registry:5000/ns/x", served) == "registry:5000/ns/x:latest"  # a port is no tag
     assert dialects.tagged("llama3.2:1b", served) == "llama3.2:1b" and dialects.tagged("qwen3", served) == "qwen3"
+
+
+async def test_a_completion_s_stream_options_that_is_no_object_is_a_400_not_a_worker_s_traceback(grid: Grid) -> None:
+    """Regression (hunt): ``"stream_options": "yes"`` on /v1/completions reached the worker, which raised on
+    it: 502 "internal error in the worker", a traceback on every worker tried, and retries through a proxy.
+    Chat checked it already."""
+    url = await proxied_grid(grid, "openai")
+    for stream in (True, False):
+        answer = await grid.http.post(url + "/v1/completions", json={"model": "sim", "prompt": "x", "stream": stream,
+                                                                    "stream_options": "yes"})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream_options", answer.text
+    assert not dialects.wants_usage({"stream_options": "yes"})
