@@ -11,7 +11,7 @@ import trio
 import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Grid, chat, eventually, workers_linked
+from conftest import Grid, chat, eventually, stalled_client, workers_linked
 from ghubai import protocol
 
 
@@ -207,3 +207,27 @@ async def test_a_request_the_hub_refuses_before_reading_it_is_logged_and_counted
     assert value(samples, "ghubai_requests_total", role="hub", model="", code="400") == 2
     lines = [record.getMessage() for record in caplog.records if " 400 in " in record.getMessage()]
     assert len(lines) == 2 and "Transfer-Encoding" in lines[0], lines
+
+
+async def test_a_client_that_leaves_after_its_answer_s_end_arrived_is_counted_the_engine_s_tokens(
+        grid: Grid) -> None:
+    """Regression (hunt): the engine's usage, in the answer's end, was read only when the client's task
+    read that frame: a slow client that left once the end had arrived at the hub had its 300 tokens
+    counted as none (metrics, per worker) and was charged an estimate."""
+    sim_url, _ = await grid.sim(tokens=300, itl_ms=0, ttft_ms=1)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="w1")
+    client = await stalled_client(hub.value)  # reads 100 bytes, then nothing
+
+    async def ended() -> bool:  # the end is at the hub: the worker's slot is free
+        samples = await scrape(grid, hub.value)
+        return (await grid.stats(sim_url))["completed"] == 1 and \
+            value(samples, "ghubai_worker_inflight", worker="w1") == 0
+
+    await eventually(ended, "the engine to finish and its end to reach the hub")
+    client.close()
+
+    async def counted() -> bool:
+        return value(await scrape(grid, hub.value), "ghubai_tokens_total", model="sim", type="completion") == 300
+
+    await eventually(counted, "the engine's 300 tokens counted")

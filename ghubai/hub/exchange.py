@@ -8,6 +8,7 @@ it, a failure is one final error for the client. Every wait is bounded by the hu
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import math
@@ -252,7 +253,12 @@ class Exchange:
 
     def close(self) -> None:
         """Idempotent and synchronous, so it can run on any way out: if the worker is still
-        producing, tell it to stop and give the slot back."""
+        producing, tell it to stop and give the slot back. An end that has already arrived is read
+        first: its usage is the engine's count, which the client that left after it is charged (and
+        the metrics count), not an estimate."""
+        if self._frames is not None and not self.done:
+            with contextlib.suppress(trio.EndOfChannel, trio.ClosedResourceError):
+                self.arrived()
         worker, self.worker, self.state = self.worker, None, State.DONE
         if worker is not None and worker.forget(self.request_id):
             worker.send(protocol.Cancel(self.request_id))
