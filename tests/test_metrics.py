@@ -87,6 +87,7 @@ async def test_gauges_follow_requests_in_flight_and_waiting(grid: Grid, tmp_path
     assert (value(idle, "ghubai_inflight_requests", role="hub"), value(idle, "ghubai_queue_depth", model="sim"),
             value(idle, "ghubai_worker_inflight", worker="gpu-1")) == (0, 0, 0)
     assert value(idle, "ghubai_tokens_total", model="sim", type="completion") == 80
+    assert "ghubai_queue_depth[('model', 'sim')]" in idle  # (hunt: 0, not no series, once none waits)
 
     registry_file = tmp_path / "registry.toml"
     registry_file.write_text(f'[[hubs]]\nname = "one"\naddress = "{hub.value}"\n')

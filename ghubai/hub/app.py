@@ -119,8 +119,9 @@ def pool_figures(pool: Pool) -> list[Metric]:
         for kind in ("prompt", "completion"):
             tokens.add_metric([model, kind], usage.get(f"{kind}_tokens", 0))
     depth = GaugeMetricFamily("ghubai_queue_depth", "Requests waiting for a worker", labels=["model"])
-    for model, queue in pool.queue_lengths().items():
-        depth.add_metric([model], queue)
+    queued = pool.queue_lengths()
+    for model in sorted(set(pool.models()) | set(queued)):  # 0, not no series, when none waits: a graph with no gaps
+        depth.add_metric([model], queued.get(model, 0))
     workers = GaugeMetricFamily("ghubai_workers", "Workers linked to this hub", value=len(pool.workers))
     busy = GaugeMetricFamily("ghubai_worker_inflight", "Requests this hub runs on each worker", labels=["worker"])
     by_name: Counter[str] = Counter()  # one series per name: two workers named alike (a host's two GPUs) add up
