@@ -35,6 +35,7 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
     proxy = await grid.proxy(registry.value)
     await grid.wait_for_model(proxy.value, "sim")
     before = await scrape(grid, hub.value)
+    assert "ghubai_queue_depth[('model', 'sim')]" in before  # (hunt: 0 before any queue, not no series)
     for _ in range(3):
         assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat("nope"))).status_code == 404
