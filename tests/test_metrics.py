@@ -233,3 +233,28 @@ async def test_a_client_that_leaves_after_its_answer_s_end_arrived_is_counted_th
         return value(await scrape(grid, hub.value), "ghubai_tokens_total", model="sim", type="completion") == 300
 
     await eventually(counted, "the engine's 300 tokens counted")
+
+
+async def test_a_whole_answer_that_fails_after_its_first_chunk_counts_no_first_token(grid: Grid) -> None:
+    """Regression (hunt): the hub counted a time to first token when a non-streamed answer's first chunk
+    came, though the answer then failed (its worker's link dropped) and its client got a 502 and no token;
+    the proxy counts none for an error. It counts one once the answer is whole now."""
+    hub = await grid.hub()
+
+    async def worker_that_dies_after_one_chunk() -> None:
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + protocol.GRIDHUB_PATH) as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "w-dies", "dies", ("sim",), 2,
+                                                                 "ollama", "test")))
+            await ws.get_message()
+            while True:
+                frames, _ = protocol.unpack(await ws.get_message())
+                if requests := [frame for frame in frames if isinstance(frame, protocol.Request)]:
+                    await ws.send_message(protocol.chunk(requests[0].id, b'{"partial": '))
+                    return
+
+    grid.nursery.start_soon(worker_that_dies_after_one_chunk)
+    await workers_linked(grid, hub.value, 1)
+    assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 502
+    samples = await scrape(grid, hub.value)
+    assert [count for key, count in samples.items() if key.startswith("ghubai_requests_total") and "'502'" in key] == [1]
+    assert value(samples, "ghubai_time_to_first_token_seconds_count", role="hub") == 0

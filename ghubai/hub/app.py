@@ -422,12 +422,13 @@ class HubApi:
             if error.status == 503 or error.code == "queue_full":  # the grid could not take it
                 self.rate_limits.refund(record.key)
             raise
-        record.first_token_s = trio.current_time() - record.started
-        self.metrics.first_token.labels("hub").observe(record.first_token_s)
         served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.served_by.encode())]
-        if not stream:
-            await _respond(send, 200, await answers.whole(exchange, first), [*answers.JSON_HEADERS, *served_by])
+        if not stream:  # its first byte is the whole answer's, once it is whole (a 502 brings no token)
+            whole = await answers.whole(exchange, first)
+            self._first_byte(record)
+            await _respond(send, 200, whole, [*answers.JSON_HEADERS, *served_by])
             return
+        self._first_byte(record)
         dialect = answers.dialect_of(api)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*dialect.headers, (b"x-request-id", REQUEST_ID.get().encode()), *served_by]})
@@ -436,6 +437,10 @@ class HubApi:
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await answers.stream(send_body, exchange, first, dialect, record.failed)
+
+    def _first_byte(self, record: Record) -> None:
+        record.first_token_s = trio.current_time() - record.started
+        self.metrics.first_token.labels("hub").observe(record.first_token_s)
 
     async def gridhub(self) -> Response | None:
         return await serve_worker(self.pool, self.secrets.provider_tokens, self.hub_id, self.config.heartbeat_s,
