@@ -58,7 +58,6 @@ class Outcome:
     answered_at: float | None = None  # trio time the hub's answer began
     model: str | None = None  # as the body names it, read once for routing and kept for the metrics
     reason: str = ""  # why the proxy failed it, for the log line (a hub's own answer says why in the hub's)
-    relayed: bool = False  # the answer reached its end (or its final error event)
 
 
 def _body_of(request: Request) -> dict[str, Any] | None:
@@ -165,9 +164,6 @@ class Forwarder:
                 refusal = ApiError(503, STOPPING, retry_after=1)
         elif refusal is None and not outcome.status:
             outcome.status, outcome.reason = CLIENT_CLOSED, "the client left before its answer began"
-        elif refusal is None and nursery.cancel_scope.cancelled_caught and not outcome.relayed and \
-                outcome.status != CLIENT_CLOSED:  # (was logged as the hub's 200)
-            outcome.status, outcome.reason = CLIENT_CLOSED, "the client left mid-answer"
         if refusal is not None:
             raise refusal
 
@@ -212,11 +208,6 @@ class Forwarder:
                     self.hubs.set_health(hub, False, str(error))
                     outcome.status, outcome.answered_at = 0, None  # nothing answered yet
                     continue
-                except (trio.BrokenResourceError, trio.ClosedResourceError):  # the client's side: conn.send
-                    outcome.status, outcome.reason = CLIENT_CLOSED, "the client took none of the answer for " \
-                        "idle_timeout_s, or left, mid-answer"
-                    raise
-                outcome.relayed = True
                 return
             finally:
                 hub.inflight -= 1
