@@ -432,3 +432,48 @@ async def test_pooled_connections_a_hub_dropped_are_passed_over_however_many(gri
             nursery.start_soon(partial(grid.http.post, proxy.value + "/v1/chat/completions", json=chat()))
     third = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
     assert third.status_code == 200 and third.json() == {"answer": "ok"}, third.text
+
+
+async def test_a_hub_that_breaks_mid_upload_passes_the_request_to_another(grid: Grid) -> None:
+    """Regression (review): once a body the proxy was sending broke off over plain TCP with no answer, the
+    client got a 502 "closed the connection before it took the whole request" (a TLS hub's early refusal)
+    instead of the next hub, as for any broken connection."""
+    import socket
+    import struct
+
+    cuts = 0
+    hub_b = await grid.hub(limits={"max_body_bytes": 8 << 20})
+    sim_url, _ = await grid.sim()
+    await grid.worker(hub_b.value, sim_url)
+
+    async def breaks(stream: trio.SocketStream) -> None:  # answers its health checks; resets an upload
+        nonlocal cuts
+        received = b""
+        while b"\r\n\r\n" not in received:
+            if not (data := await stream.receive_some(65536)):
+                return
+            received += data
+        if received.startswith(b"GET /api/summary"):
+            body = json.dumps({"hub_id": "a", "draining": False, "heartbeat_s": 1, "models": ["sim"], "loaded": [],
+                               "workers": 0, "capacity": 4, "queue": {}}).encode()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+            await stream.aclose()
+            return
+        while len(received) < 256 << 10:  # a part of the body, then the connection reset
+            received += await stream.receive_some(65536)
+        cuts += 1
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        stream.socket.close()
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, breaks, 0, host="127.0.0.1"))
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}", hub_b.value),
+                             health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    for index in range(20):  # until one went to the hub that breaks first (each does by a half chance)
+        if cuts:
+            break
+        answer = await grid.http.post(proxy.value + "/v1/chat/completions",
+                                      json=chat(content=f"{index} " + "x" * (3 << 20)))
+        assert answer.status_code == 200, answer.text
+    assert cuts == 1

@@ -272,7 +272,7 @@ class ConnectionPool:
                 await conn.aclose()
                 if conn.reused and not conn.heard:
                     continue  # the server's keep-alive close: it never took the request
-                if conn.cut and not conn.heard:
+                if conn.cut and not conn.heard and isinstance(conn.stream, trio.SSLStream):
                     raise BodyCut("the server closed the connection before it took the whole request") from error
                 raise
             except BaseException:
@@ -333,9 +333,10 @@ class Response:
 
 
 class BodyCut(trio.BrokenResourceError):
-    """The server closed the connection while the request's body was sent, and its answer, if it gave
-    one first, could not be read (over TLS, a broken send breaks the stream): most likely a body too
-    large for it, or a refused key; not a server that is down."""
+    """Over TLS, the server closed the connection while the request's body was sent, and its answer, if
+    it gave one first, could not be read (a broken send breaks a TLS stream): a body too large for it,
+    or a refused key, or a server that went down; which one, nothing tells. (Over plain TCP its answer
+    is read, and a cut without one is a broken connection.)"""
 
 
 class TooLarge(ValueError):

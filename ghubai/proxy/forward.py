@@ -172,6 +172,7 @@ class Forwarder:
         model, conversation = route_of(request)
         model = outcome.model = model and self.hubs.named(model)
         tried: set[str] = set()
+        cut_by = ""  # a TLS hub that closed on the body (``BodyCut``): if no other takes it, why
         while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
             tried.add(hub.address)
             outcome.hub = hub.name
@@ -180,7 +181,11 @@ class Forwarder:
                 # another hub that lists the model (not merely one tried for a model no hub lists)
                 elsewhere = bool(model) and len(tried) < self.config.max_attempts and \
                     any(model in other.models for other in self.hubs.candidates(model, tried))
-                upstream, response = await self._exchange(hub, request, client_ip, request_id, elsewhere)
+                try:
+                    upstream, response = await self._exchange(hub, request, client_ip, request_id, elsewhere)
+                except BodyCut:  # this request's doing (too large, a wrong key) or the hub's: not marked down
+                    cut_by = hub.name
+                    continue
                 if upstream is None or response is None:
                     continue
                 another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
@@ -211,6 +216,10 @@ class Forwarder:
                 return
             finally:
                 hub.inflight -= 1
+        if cut_by:
+            outcome.status = 502
+            raise ApiError(502, f"Hub {cut_by} closed the connection before it took the whole request (a body too "
+                           "large for it, or refused?)")
         outcome.status = 503
         said = "No healthy hub could take this request" if tried else \
             f"No healthy hub serves '{model}' now" if model and self.hubs.serves(model) else "No healthy hub"
@@ -227,9 +236,8 @@ class Forwarder:
             return await hub.pool.exchange(events, self.config.response_timeout_s)
         except trio.TooSlowError:  # connected, and slow to answer: not down
             raise self._too_slow(hub) from None
-        except BodyCut:  # this request's doing (too large, a wrong key), not the hub's: no other hub asked
-            raise ApiError(502, f"Hub {hub.name} closed the connection before it took the whole request "
-                           "(a body too large for it, or refused)") from None
+        except BodyCut:  # (for the caller: not a hub found down)
+            raise
         except UPSTREAM_ERRORS as error:
             self.hubs.set_health(hub, False, f"{type(error).__name__}: {error}".rstrip(": "))
             return None, None
