@@ -335,7 +335,8 @@ class Engine:
         if call.stream and call.api in ("openai.chat", "openai.completions"):
             # Always ask for usage so the grid can count tokens; strip it if the client did not ask.
             call.strip_usage = not dialects.wants_usage(body)
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+            options = body.get("stream_options")  # (an object at a hub of this release; an older one let any through)
+            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
 
     async def run(self, call: Call) -> AsyncIterator[bytes]:
