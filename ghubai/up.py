@@ -44,7 +44,7 @@ async def _ollama_answers(url: str) -> bool:
     trickles is none)."""
     with trio.move_on_after(PROBE_TIMEOUT_S):
         try:
-            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # (as the worker calls it)
+            async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # (as a worker would)
                 return (await client.get(url.rstrip("/") + "/api/version")).status_code == 200
         except httpx.HTTPError:
             return False

@@ -266,7 +266,8 @@ async def test_an_answer_sent_before_the_body_was_read_is_the_answer(nursery: tr
         while b"\r\n\r\n" not in received:
             received += await stream.receive_some(65536)
         heads += 1
-        await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\nconnection: close\r\n\r\ntoo big")
+        await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
+                              b"too big")
         await stream.aclose()
 
     [listener] = await nursery.start(partial(trio.serve_tcp, refuse_early, 0, host="127.0.0.1"))

@@ -256,5 +256,6 @@ async def test_a_whole_answer_that_fails_after_its_first_chunk_counts_no_first_t
     await workers_linked(grid, hub.value, 1)
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 502
     samples = await scrape(grid, hub.value)
-    assert [count for key, count in samples.items() if key.startswith("ghubai_requests_total") and "'502'" in key] == [1]
+    assert [count for key, count in samples.items()
+            if key.startswith("ghubai_requests_total") and "'502'" in key] == [1]
     assert value(samples, "ghubai_time_to_first_token_seconds_count", role="hub") == 0

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-SLOT_SIMILARITY = 0.1  # llama.cpp's --slot-prompt-similarity: the share of a prompt a slot's cache must hold to be chosen
+SLOT_SIMILARITY = 0.1  # llama.cpp's --slot-prompt-similarity: the share of a prompt a slot's cache must hold
 WORDS = (
     "the grid hums along as tokens flow from many quiet machines into one steady stream of "
     "words that keep arriving in order while the hub counts them and the worker listens"
