@@ -69,13 +69,14 @@ def _openings(body: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
                 break
         if "user" not in first:
             return None, None
-        opening = [first.get("system"), first["user"]]
+        opening = [first.get("system"), first["user"]]  # (both bounded above)
         return _encode(opening), (_encode([*opening, first["assistant"]]) if "assistant" in first else None)
+    system = _bounded(body.get("system"))  # (the proxy reads bodies no one has checked: it may be anything)
     if isinstance(context := body.get("context"), list) and context:  # /api/generate's memory of the conversation
-        return None, _encode([body.get("system"), context[:CONTEXT_TOKENS]])
+        return None, _encode([system, [token for token in context[:CONTEXT_TOKENS] if type(token) is int]])
     prompt = body.get("prompt")
     if isinstance(prompt, str) and prompt:
-        return _encode([body.get("system"), prompt[:PROMPT_OPENING_CHARS]]), None
+        return _encode([system, prompt[:PROMPT_OPENING_CHARS]]), None
     return None, None
 
 
@@ -85,7 +86,7 @@ def _session(body: dict[str, Any], headers: list[tuple[bytes, bytes]], model: by
         return _digest(b"session", model, session)
     for field in ("prompt_cache_key", "user"):  # OpenAI's key for its own prompt caches, and its older one
         if isinstance(body.get(field), str) and body[field]:
-            return _digest(b"user", model, body[field].encode())
+            return _digest(b"user", model, body[field][:MESSAGE_CHARS].encode(errors="replace"))
     return None
 
 

@@ -37,8 +37,11 @@ async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
     """The one writer of a link: sends what is queued on ``frames`` (JSON text frames and binary
     chunks), everything already waiting in as few messages as order and size allow; a request frame
     (``RequestText``) only while ``live`` says its request is."""
+    def dead(frame: str | bytes) -> bool:
+        return live is not None and isinstance(frame, RequestText) and not live(frame.id)
+
     async for frame in frames:
-        if live is not None and isinstance(frame, RequestText) and not live(frame.id):
+        if dead(frame):
             continue
         batch = [frame]
         size = len(frame)
@@ -47,7 +50,7 @@ async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
                 frame = frames.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-            if live is None or not isinstance(frame, RequestText) or live(frame.id):
+            if not dead(frame):
                 batch.append(frame)
                 size += len(frame)
         for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):

@@ -42,6 +42,11 @@ def test_completions_by_their_prompts_opening_and_nothing_without_one() -> None:
     assert key_of({"model": "m", "messages": [{"role": "assistant", "content": "no user yet"}]}, []) is None
     assert key_of({"model": "m", "messages": "not a list", "prompt": 3}, []) is None
     assert key_of({"model": "m", "messages": [{"role": ["user"]}, {"role": {}}, {"role": "user"}]}, []) is not None
+    big = "s" * (1 << 16)  # a system told by its start, as a message is; a context by its tokens
+    assert key_of({"model": "m", "system": big + "a", "prompt": "p"}, []) == \
+        key_of({"model": "m", "system": big + "b", "prompt": "p"}, [])
+    assert key_of({"model": "m", "context": [1, "x" * 100, {"a": 1}, 2]}, []) == \
+        key_of({"model": "m", "context": [1, 2]}, [])
 
 
 def test_once_a_chat_has_the_model_s_answer_it_is_told_from_others_that_opened_alike() -> None:

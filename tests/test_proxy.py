@@ -17,7 +17,7 @@ from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, st
 from ghubai import dialects
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
-from ghubai.proxy.follow import _state_of
+from ghubai.proxy.follow import _state_of, _workers_of
 from ghubai.proxy.hubs import HubSet
 
 
@@ -623,3 +623,13 @@ async def test_a_worker_that_joins_a_hub_is_listed_at_the_proxy_s_next_check(
     sim_url, _ = await grid.sim()
     await grid.worker(hub.value, sim_url)
     await eventually(lambda: listed(1), "the worker listed")
+
+
+def test_a_hub_s_worker_entry_passes_on_as_text_lists_of_text_and_numbers() -> None:
+    """What the proxy passes on of a hub's worker entry, whatever a hub of another version sends: a list
+    is a list only when it was one (a text would be its letters), figures only when they are numbers."""
+    entry = _workers_of({"workers": [{"id": ["x"], "name": "w", "models": "sim", "loaded": ["a", {"b": 1}, 2],
+                                      "inflight": "3", "busy": True, "max_concurrency": 4, "draining": "no",
+                                      "usage": {"prompt_tokens": 5, "x": "y"}, "secret": "z"}]})
+    assert entry == [{"id": "['x']", "name": "w", "models": [], "loaded": ["a", "2"], "max_concurrency": 4,
+                      "draining": False, "usage": {"prompt_tokens": 5}}]

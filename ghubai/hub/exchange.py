@@ -60,7 +60,8 @@ def _text_bytes(body: dict[str, Any]) -> int:
     while todo:
         value = todo.pop()
         if isinstance(value, str):
-            size += 0 if value.startswith("data:") else len(value.encode(errors="replace"))  # (CJK: 3 a character)
+            if not value.startswith("data:"):  # (CJK: 3 bytes a character; no copy of an ASCII text)
+                size += len(value) if value.isascii() else len(value.encode(errors="replace"))
         elif isinstance(value, dict):
             todo.extend(item for key, item in value.items() if key not in ("images", "image_url"))
         elif isinstance(value, list):

@@ -129,8 +129,8 @@ def _worker_entry(entry: dict[str, Any]) -> dict[str, Any]:
     text, lists of text, numbers, and nothing else. A hub of another version, or a broken one, sent an
     id that was a list, and the proxy's whole dashboard (and status, for every hub) failed on it."""
     worker: dict[str, Any] = {key: str(entry[key]) for key in _TEXTS if entry.get(key) is not None}
-    worker |= {key: [str(item) for item in entry.get(key) or [] if isinstance(item, str | int | float)]
-               for key in _LISTS if key in entry}
+    worker |= {key: [str(item) for item in entry[key] if isinstance(item, str | int | float)]
+               if isinstance(entry[key], list) else [] for key in _LISTS if key in entry}
     worker |= {key: entry[key] for key in _FIGURES if number(entry, key) is not None}
     worker["draining"] = entry.get("draining") is True
     usage = entry.get("usage")

@@ -184,10 +184,10 @@ class Simulator:
             return self.free.pop(), 0
         best = max(range(len(self.free)),  # on a tie, the slot whose cache is the least to lose
                    key=lambda index: (self.free[index].shared(model, words), -len(self.free[index].words)))
-        if self.free[best].shared(model, words) <= SLOT_SIMILARITY * len(words):
-            best = 0
+        if (shared := self.free[best].shared(model, words)) <= SLOT_SIMILARITY * len(words):
+            best, shared = 0, self.free[0].shared(model, words)
         slot = self.free.pop(best)
-        compute = len(words) - slot.shared(model, words)
+        compute = len(words) - shared
         slot.model, slot.words = model, words
         self.stats.prefill_tokens_computed += compute
         return slot, compute
