@@ -38,23 +38,27 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
     assert "ghubai_queue_depth[('model', 'sim')]" in before  # (hunt: 0 before any queue, not no series)
     for _ in range(3):
         assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    # streams have a time to first token; a whole answer's first byte is its end, and counts in none
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(stream=True))).status_code == 200
+    ollama = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}  # NDJSON, streamed by default
+    assert (await grid.http.post(proxy.value + "/api/chat", json=ollama)).status_code == 200
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat("nope"))).status_code == 404
     bad = {"model": "sim", "messages": "x"}  # an error's head through the proxy brings no token (review)
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=bad)).status_code == 400
 
     after = await scrape(grid, hub.value)
     assert value(after, "ghubai_requests_total", role="hub", model="sim", code="200") - \
-        value(before, "ghubai_requests_total", role="hub", model="sim", code="200") == 3
+        value(before, "ghubai_requests_total", role="hub", model="sim", code="200") == 5
     assert value(after, "ghubai_requests_total", role="hub", model="other", code="404") == 1  # no worker serves it
-    assert value(after, "ghubai_tokens_total", model="sim", type="completion") == 15
-    assert value(after, "ghubai_time_to_first_token_seconds_count", role="hub") == 3
-    assert value(after, "ghubai_request_duration_seconds_count", role="hub") == 5
+    assert value(after, "ghubai_tokens_total", model="sim", type="completion") == 25
+    assert value(after, "ghubai_time_to_first_token_seconds_count", role="hub") == 2
+    assert value(after, "ghubai_request_duration_seconds_count", role="hub") == 7
     assert value(after, "ghubai_workers") == 1 and value(after, "ghubai_worker_inflight", worker="gpu-1") == 0
     assert value(after, "ghubai_inflight_requests", role="hub") == 0
 
     proxied = await scrape(grid, proxy.value)
-    assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="200") == 3
-    assert value(proxied, "ghubai_time_to_first_token_seconds_count", role="proxy") == 3  # (hunt: was never filled)
+    assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="200") == 5
+    assert value(proxied, "ghubai_time_to_first_token_seconds_count", role="proxy") == 2  # (hunt: was never filled)
     assert value(proxied, "ghubai_proxy_hub_up", hub="one") == 1
 
     listed = await scrape(grid, registry.value)

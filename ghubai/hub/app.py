@@ -423,9 +423,8 @@ class HubApi:
                 self.rate_limits.refund(record.key)
             raise
         served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.served_by.encode())]
-        if not stream:  # its first byte is the whole answer's, once it is whole (a 502 brings no token)
+        if not stream:  # no time to a first token: its first byte is the whole answer's, once it is whole
             whole = await answers.whole(exchange, first)
-            self._first_byte(record)
             await _respond(send, 200, whole, [*answers.JSON_HEADERS, *served_by])
             return
         self._first_byte(record)
@@ -439,6 +438,8 @@ class HubApi:
         await answers.stream(send_body, exchange, first, dialect, record.failed)
 
     def _first_byte(self, record: Record) -> None:
+        """A stream's first byte goes out: its time to first token, for the metric and the dashboard (a
+        whole answer has none: the time it took is its duration, and would swamp a median of streams)."""
         record.first_token_s = trio.current_time() - record.started
         self.metrics.first_token.labels("hub").observe(record.first_token_s)
 

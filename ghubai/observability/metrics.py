@@ -44,7 +44,7 @@ class Metrics:
         self.inflight = Gauge("ghubai_inflight_requests", "Requests being answered now", ["role"],
                               registry=self.registry)
         self.first_token = Histogram("ghubai_time_to_first_token_seconds", "Time from request to the first byte "
-                                     "of the answer", ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
+                                     "of a streamed answer", ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Figures read from live state at each scrape (queue depths, workers, token totals)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ class Outcome:
     status: int = 0
     hub: str = ""
     answered_at: float | None = None  # trio time the hub's answer began
+    streamed: bool = False  # the answer is a stream: when it began is its time to first token
     model: str | None = None  # as the body names it, read once for routing and kept for the metrics
     reason: str = ""  # why the proxy failed it, for the log line (a hub's own answer says why in the hub's)
 
@@ -107,6 +109,10 @@ def _final_error(content_type: bytes, message: str) -> bytes:
     if content_type.startswith(b"application/x-ndjson"):
         return error.stream_end(sse=False)
     return b""
+
+
+def _content_type(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    return next((value for name, value in headers if name == b"content-type"), b"")
 
 
 def _boundary(content_type: bytes) -> bytes | None:
@@ -201,6 +207,7 @@ class Forwarder:
                         await self._discard(hub, upstream)
                         continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
+                outcome.streamed = _boundary(_content_type(response.headers)) is not None
                 try:
                     if failed := await self._relay(conn, hub, upstream, response, request_id):
                         # the client got the hub's head, then an error event: logged as such
@@ -280,7 +287,7 @@ class Forwarder:
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
                    if k != b"x-request-id" and not (chunked and k == b"content-length") and not cors.foreign(k, v)]
-        content_type = next((v for k, v in headers if k == b"content-type"), b"")
+        content_type = _content_type(headers)
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode()),

@@ -105,8 +105,10 @@ class Proxy:
             if outcome.status:
                 took, model = trio.current_time() - started, outcome.model
                 self.metrics.observe(model, outcome.status, took)
-                # (an error's head brings no token: in neither the histogram nor the dashboard's chart)
-                first = None if outcome.answered_at is None or outcome.status >= 300 else outcome.answered_at - started
+                # a stream's first byte is its first token; an error's head brings none, and a whole
+                # answer's first byte is its end: in neither the histogram nor the dashboard's chart
+                first = outcome.answered_at - started if outcome.answered_at is not None and outcome.streamed and \
+                    outcome.status < 300 else None
                 if first is not None:
                     self._first_token.observe(first)
                 self.history.request(first)
