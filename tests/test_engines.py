@@ -4,9 +4,11 @@ lacks an API, one that reports its slots (llama.cpp), one that sends usage on a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import socket
 from functools import partial
 from pathlib import Path
 
@@ -772,3 +774,37 @@ async def test_a_client_never_reads_the_engine_s_address(grid: Grid, caplog: pyt
     assert response.status_code == 502 and "engine connection failed" in response.text, response.text
     assert str(sim.value) not in response.text
     assert any(str(sim.value) in record.getMessage() for record in caplog.records)
+
+
+async def test_an_engine_that_cannot_be_connected_to_in_time_is_a_timeout(grid: Grid) -> None:
+    """Regression: an engine whose host takes no connection (SYNs dropped: the machine overloaded or
+    gone dark) was a 502 "engine connection failed (TimeoutError)"; the wait ran out: a 504."""
+    sim = await grid.nursery.start(_scoped, serve_sim, Simulator(SimOptions()), "127.0.0.1:0")
+    hub = await grid.hub(limits={"max_attempts": 1})
+    await grid.worker(hub.value, f"http://127.0.0.1:{sim.value}", discovery_interval_s=60, connect_timeout_s=0.3)
+    sim.stop()
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+    async def bound() -> bool:  # the engine's port, where nothing is accepted, once the simulator let it go
+        try:
+            listener.bind(("127.0.0.1", sim.value))
+        except OSError:
+            return False
+        return True
+
+    await eventually(bound, "the simulator's port free")
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):  # the accept queue full: the next SYNs are dropped
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", sim.value))
+            fillers.append(filler)
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+    assert response.status_code == 504 and "engine connection timed out" in response.text, response.text

@@ -407,6 +407,8 @@ class Engine:
                                       retryable=True)
         except trio.TooSlowError:
             raise EngineError(504, "engine timed out", retryable=True) from None
+        except TimeoutError:  # (the pool's connect, in connect_timeout_s: a timeout, as the client's 504 says)
+            raise EngineError(504, "engine connection timed out", retryable=True) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
             raise EngineError(502, str(error), retryable=False) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
