@@ -40,6 +40,7 @@ from __future__ import annotations
 import re
 import struct
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -98,10 +99,11 @@ def new_request_id() -> str:
 
 
 class Frame(msgspec.Struct, frozen=True, tag_field="type"):
-    """Any frame. Invariant: every field has been checked against its type when the frame exists."""
+    """Any frame. Invariant: every field has been checked against its type when the frame exists.
+    (Each kind says ``frozen=True`` again, which msgspec inherits anyway, for type checkers.)"""
 
 
-class Hello(Frame, tag="hello"):
+class Hello(Frame, tag="hello", frozen=True):
     """Worker → hub, first: who the worker is and what it offers."""
     protocol: int
     worker_id: WorkerId
@@ -116,13 +118,13 @@ class Hello(Frame, tag="hello"):
     weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # its share of load, against other workers
 
 
-class Welcome(Frame, tag="welcome"):
+class Welcome(Frame, tag="welcome", frozen=True):
     """Hub → worker: the link is up; ping every ``heartbeat_s``."""
     hub_id: str
     heartbeat_s: Annotated[float, msgspec.Meta(gt=0)]
 
 
-class Models(Frame, tag="models"):
+class Models(Frame, tag="models", frozen=True):
     """Worker → hub: what its engine offers changed. ``apis``: the ``API_PATHS`` it serves (None: all);
     ``loaded``: the models it holds in memory now (None: it cannot tell); ``problem``: why it lists
     no models, in words for the client (its credentials were refused, say); ``max_concurrency``: the
@@ -134,7 +136,7 @@ class Models(Frame, tag="models"):
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class Request(Frame, tag="request"):
+class Request(Frame, tag="request", frozen=True):
     """Hub → worker: run ``body`` on the engine's ``api`` (one of ``API_PATHS``)."""
     id: RequestId
     api: str
@@ -147,19 +149,19 @@ class Request(Frame, tag="request"):
             raise ValueError("trace holds a header that is not a clean trace header")
 
 
-class Chunk(Frame, tag="chunk"):
+class Chunk(Frame, tag="chunk", frozen=True):
     """Worker → hub, binary only: the next bytes of an answer, ready for the client."""
     id: str
     data: bytes
 
 
-class End(Frame, tag="end"):
+class End(Frame, tag="end", frozen=True):
     """Worker → hub: the answer is complete; ``usage`` is the engine's token count, if it gave one."""
     id: RequestId
     usage: dict[str, Count] | None = None
 
 
-class Error(Frame, tag="error"):
+class Error(Frame, tag="error", frozen=True):
     """Worker → hub: the request failed. ``retryable``: another worker may succeed. ``busy``: the
     worker had no free slot (other hubs filled it); the hub waits for its next ``load`` instead of
     counting a failed attempt."""
@@ -170,32 +172,32 @@ class Error(Frame, tag="error"):
     busy: bool = False
 
 
-class Cancel(Frame, tag="cancel"):
+class Cancel(Frame, tag="cancel", frozen=True):
     """Hub → worker: the client left; stop the engine."""
     id: RequestId
 
 
-class Credit(Frame, tag="credit"):
+class Credit(Frame, tag="credit", frozen=True):
     """Hub → worker: ``bytes`` more bytes of this request's answer reached the client."""
     id: RequestId
     bytes: Count
 
 
-class Load(Frame, tag="load"):
+class Load(Frame, tag="load", frozen=True):
     """Worker → every hub, whenever its number of running requests changes."""
     inflight: Count
 
 
-class Draining(Frame, tag="draining"):
+class Draining(Frame, tag="draining", frozen=True):
     """Worker → hub: shutting down; finishing what it runs, taking nothing new."""
 
 
-class Ping(Frame, tag="ping"):
+class Ping(Frame, tag="ping", frozen=True):
     """Either way, every heartbeat: the sender's count of running requests."""
     inflight: Count
 
 
-class Pong(Frame, tag="pong"):
+class Pong(Frame, tag="pong", frozen=True):
     """The answer to ``ping``, with the same count."""
     inflight: Count
 
@@ -223,10 +225,10 @@ class ProtocolError(ValueError):
     fault. ``request_id`` and ``frame_type``: the valid id and the type of the refused frame, when it
     had them, so that the request it was about can be answered or ended."""
 
-    def __init__(self, message: str, frames: list[Frame] | None = None, request_id: str | None = None,
+    def __init__(self, message: str, frames: Sequence[Frame] | None = None, request_id: str | None = None,
                  frame_type: str = "") -> None:
         super().__init__(message)
-        self.frames = frames or []
+        self.frames = list(frames or ())
         self.request_id = request_id
         self.frame_type = frame_type
 
@@ -283,7 +285,8 @@ def chunk(request_id: str, data: bytes) -> bytes:
 
 def unpack_chunks(message: bytes) -> list[Chunk]:
     """The chunk records of one binary message."""
-    frames, offset, size = [], 0, len(message)
+    frames: list[Chunk] = []
+    offset, size = 0, len(message)
     while offset < size:
         start = offset + ID_BYTES + _LENGTH.size
         if start > size:

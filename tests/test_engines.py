@@ -808,3 +808,26 @@ async def test_an_engine_that_cannot_be_connected_to_in_time_is_a_timeout(grid: 
         for sock in (*fillers, listener):
             sock.close()
     assert response.status_code == 504 and "engine connection timed out" in response.text, response.text
+
+
+async def test_an_sse_end_in_an_ollama_stream_is_a_malformed_line_not_a_worker_fault(grid: Grid) -> None:
+    """Regression (type check): a bare ``[DONE]`` line in an Ollama engine's NDJSON (a proxy that
+    speaks OpenAI behind an Ollama address) was taken for an SSE stream's end, whose OpenAI→Ollama
+    translation the worker does not have: an AttributeError in the worker. It is a line that is not
+    JSON, which the client hears as the engine's fault (a malformed line was "engine connection
+    failed (DecodeError)", and the request was generated again on each worker), after what came
+    before it."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if request.path != "/api/chat" or PROBE_MODEL.encode() in (request.body or b""):
+            await conn.respond_json(200 if request.path == "/api/ps" else 404, {"models": [], "error": "model not found"})
+            return
+        await conn.start_stream(200, "application/x-ndjson")
+        await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"half"},"done":false}\n[DONE]\n')
+        await conn.finish()
+
+    hub = await grid.hub()
+    for _ in range(2):
+        await grid.worker(hub.value, await grid.fake_engine(engine))
+    response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    assert response.status_code == 200 and "half" in response.text, response.text
+    assert "the engine's stream is not JSON" in response.text.rsplit("data: ", 1)[1], response.text

@@ -14,7 +14,7 @@ import json
 import logging
 import resource
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -69,7 +69,7 @@ class Connection:
     def __init__(self, stream: trio.abc.Stream, *, max_body: int = 4 * 1024 * 1024,
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
                  header_timeout_s: float = 10.0, body_timeout_s: float = 60.0,
-                 admit: Callable[[str, str, list[tuple[bytes, bytes]]], None] | None = None,
+                 admit: Callable[[str, str, Sequence[tuple[bytes, bytes]]], None] | None = None,
                  origins: cors.Origins | None = None) -> None:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
@@ -101,7 +101,7 @@ class Connection:
             with trio.move_on_after(self.idle_timeout_s) as idle:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
             self.peer_closed = not idle.cancelled_caught and not data
-            self.h11.receive_data(b"" if idle.cancelled_caught else data)
+            self.h11.receive_data(b"" if idle.cancelled_caught else data)  # type: ignore[arg-type]  # a bytearray too
 
     async def read_request(self) -> Request | None:
         """The next complete request, or None when the client closed or idled out."""
@@ -114,7 +114,7 @@ class Connection:
                     data = await self.stream.receive_some(RECEIVE_SIZE)
                 if idle.cancelled_caught:
                     return None
-                self.h11.receive_data(data)
+                self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too
             event = None
             with trio.move_on_after(self.header_timeout_s):  # from its first byte, a whole head in time
                 event = await self._next_event()
@@ -210,7 +210,7 @@ class Connection:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 if not data:
                     break
-                self.h11.receive_data(data)
+                self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too
                 if len(self.h11.trailing_data[0]) > self.max_body + self.max_header_bytes:
                     break  # more than one whole request ahead of us: a client we stop serving
         except (trio.BrokenResourceError, trio.ClosedResourceError):

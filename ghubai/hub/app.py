@@ -233,8 +233,9 @@ class HubApi:
         app.url_map.merge_slashes = False
         app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes,
                           BODY_TIMEOUT=BODY_TIMEOUT_S)
-        self._inner = app.asgi_app
-        app.asgi_app = self._asgi  # type: ignore[method-assign]
+        # (quart types ASGI's messages; this wrapper passes them on as plain dicts)
+        self._inner: Callable[[dict[str, Any], Any, Send], Awaitable[None]] = app.asgi_app  # type: ignore[assignment]
+        app.asgi_app = self._asgi  # type: ignore[method-assign, assignment]
         app.register_error_handler(ApiError, self._api_error)
         app.register_error_handler(HTTPException, self._http_error)
         app.before_request(self._check_head_and_key)  # for the routes quart serves
@@ -347,7 +348,7 @@ class HubApi:
         key = self.secrets.api_keys.identify(request.headers.get("Authorization"))
         if key is None:
             raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
-        request.scope["ghubai.record"].key = key
+        request.scope["ghubai.record"].key = key  # type: ignore[typeddict-item]  # (the wrapper's own key)
 
     async def _tag_response(self, response: Response) -> Response:
         if request.path not in OPEN_PATHS:
@@ -396,8 +397,8 @@ class HubApi:
         except Exception:
             log.exception("the hub failed to serve a request")
             if record.status is None:
-                error = ApiError(500, "internal error in the hub")
-                await _respond(send, 500, error.body_for(scope["path"]), JSON_ERROR_HEADERS)
+                internal = ApiError(500, "internal error in the hub")
+                await _respond(send, 500, internal.body_for(scope["path"]), JSON_ERROR_HEADERS)
 
     def _check_head(self, headers: list[tuple[bytes, bytes]]) -> None:
         limits = self.config.limits

@@ -11,7 +11,7 @@ import json
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from urllib.parse import unquote
 
@@ -127,7 +127,7 @@ class Proxy:
         finally:
             self.connections -= 1
 
-    def admit(self, method: str, path: str, headers: list[tuple[bytes, bytes]]) -> None:
+    def admit(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
         the status pages are open; the model lists and unknown paths need a key, as at the hub."""
         if (_as_get(method), path) in self.own and path in OPEN_PATHS:
@@ -272,7 +272,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
         server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
         listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host))
     else:
-        listeners = await trio.open_tcp_listeners(port, host=listen_host(host))
+        listeners = await trio.open_tcp_listeners(port, host=listen_host(host))  # type: ignore[assignment]
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
     named = f"[{host}]" if ":" in host else host
     url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{named}:{bound.getsockname()[1]}"

@@ -9,7 +9,7 @@ import random
 import struct
 import zlib
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,7 +201,7 @@ class Simulator:
             return Generation(count_words(prompt), requested_limit, "length")
         return Generation(count_words(prompt), self.options.tokens, "stop")
 
-    async def run(self, generation: Generation, prompt: str, model: str = "") -> AsyncIterator[str]:
+    async def run(self, generation: Generation, prompt: str, model: str = "") -> AsyncGenerator[str, None]:
         """Yield the tokens on the timetable, holding one parallel slot while generating.
 
         Counts the outcome: completed when the caller consumed every token, cancelled when it was

@@ -47,7 +47,7 @@ def _prompt(body: dict[str, Any]) -> str:
 
 
 def _limit(body: dict[str, Any]) -> int | None:
-    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
     for value in (body.get("max_completion_tokens"), body.get("max_tokens"), options.get("num_predict")):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value

@@ -459,18 +459,21 @@ class Engine:
                 break
         return b"".join(out)
 
-
     def _translate(self, call: Call, batch: list[bytes], translator: Translator) -> bytes:
         out = []
         for payload in batch:
-            if payload == b"[DONE]":
+            if payload == b"[DONE]" and isinstance(translator, OllamaOverOpenAI):  # (an SSE stream's end)
                 call.finished = True
                 out.append(translator.final(call.usage))
                 break
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it
                 break
-            value = _decode(payload)
+            try:
+                value = _decode(payload)
+            except (ValueError, RecursionError) as error:  # (an engine's fault, not its connection's)
+                call.failure = EngineError(502, f"the engine's stream is not JSON ({error})", retryable=False)
+                break
             try:
                 if not isinstance(value, dict):
                     raise TypeError(f"a JSON {type(value).__name__} where an object belongs")

@@ -192,7 +192,7 @@ class OllamaOverOpenAI:
             return {"model": self.model, "input": body.get("input", ""), **_dimensions(body)}
         if self.api == "ollama.embeddings":  # the legacy form: one prompt, one vector
             return {"model": self.model, "input": str(body.get("prompt", ""))}
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if name in options})
         if self.api == "ollama.generate" and body.get("raw"):
