@@ -19,6 +19,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_text, unlisted_hubs
+from ghubai.errors import ApiError
 from ghubai.http11.server import connection_cap
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
@@ -106,16 +107,18 @@ def create_app(hub_list: HubList) -> QuartTrio:
     async def prometheus() -> Response:
         return Response(metrics.render(), 200, content_type=CONTENT_TYPE)
 
+    def error(status: int, message: str) -> Response:
+        return Response(ApiError(status, message).body_for(request.path), status, content_type="application/json")
+
     def no_list() -> Response:
-        return Response(json.dumps({"error": hub_list.config_error}), 503, content_type="application/json")
+        return error(503, hub_list.config_error or "no list of hubs yet")
 
     @app.get("/hubs")
     async def hubs() -> Response:
         try:
             wait = min(max(float(request.args.get("wait", "0")), 0.0), MAX_WAIT_S)
         except ValueError:
-            return Response(json.dumps({"error": "wait must be a number of seconds"}), 400,
-                            content_type="application/json")
+            return error(400, "wait must be a number of seconds")
         def matches() -> bool:  # If-None-Match may be a list, "*", or weak W/"..." tags
             tags = {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}
             return hub_list.etag in tags or "*" in tags
