@@ -89,9 +89,13 @@ TRACE_HEADERS = ("x-request-id", "traceparent", "tracestate")
 _TRACE_VALUE = re.compile(r"[\x20-\x7e]{1,512}")  # what any HTTP client can send on to the engine
 
 
+def _clean(key: str, value: str) -> bool:
+    return key in TRACE_HEADERS and _TRACE_VALUE.fullmatch(value) is not None
+
+
 def clean_trace(headers: dict[str, str]) -> dict[str, str]:
     """The trace headers a request frame may carry: a client's odd or oversized ones are dropped."""
-    return {key: value for key, value in headers.items() if key in TRACE_HEADERS and _TRACE_VALUE.fullmatch(value)}
+    return {key: value for key, value in headers.items() if _clean(key, value)}
 
 
 def new_request_id() -> str:
@@ -145,7 +149,7 @@ class Request(Frame, tag="request", frozen=True):
     trace: dict[str, str] = {}
 
     def __post_init__(self) -> None:
-        if any(key not in TRACE_HEADERS or not _TRACE_VALUE.fullmatch(value) for key, value in self.trace.items()):
+        if not all(_clean(key, value) for key, value in self.trace.items()):
             raise ValueError("trace holds a header that is not a clean trace header")
 
 
@@ -270,7 +274,7 @@ def _refuse(text: str | bytes, error: Exception) -> Unknown:
         raise ProtocolError("chunk frames are binary")
     if head.type not in _TYPES:
         return Unknown(head.type[:40])
-    valid_id = isinstance(head.id, str) and re.fullmatch("[0-9a-f]{32}", head.id)
+    valid_id = isinstance(head.id, str) and re.fullmatch(_ID_PATTERN, head.id)
     raise ProtocolError(f"bad {head.type} frame: {str(error)[:200]}", request_id=head.id if valid_id else None,
                         frame_type=head.type)
 

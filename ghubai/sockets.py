@@ -22,6 +22,8 @@ import os
 
 import trio
 
+RECEIVE_SIZE = 65536  # the most one read takes
+
 
 async def write_now(stream: trio.abc.Stream, data: bytes, *, shielded: bool = False) -> bytes:
     """Write what the socket takes without waiting; return what is left (all of it for a TLS

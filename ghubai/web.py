@@ -300,13 +300,13 @@ H2Protocol.stream_send = _bounded_stream_send  # type: ignore[method-assign]
 h2.connection.H2Connection.MAX_CLOSED_STREAMS = 1024  # (frames in flight: 100 streams open at most)
 
 
-def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", graceful_timeout_s: float = 1.0,
-                  write_timeout_s: float = 120.0, max_connections: int = 0, who: str = "server") -> GhubConfig:
+def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", write_timeout_s: float = 120.0,
+                  max_connections: int = 0, who: str = "server") -> GhubConfig:
     config = GhubConfig()
     config.write_timeout_s = write_timeout_s
     config.max_connections, config.who = max_connections, who
     config.bind = [listen]
-    config.graceful_timeout = graceful_timeout_s
+    config.graceful_timeout = 1.0  # hypercorn's wait for open connections once told to stop
     # hypercorn ends a connection after 1,000 requests; over HTTP/2 with a GOAWAY that fails the
     # request that came past it (httpx raises RemoteProtocolError): one request in a thousand of a
     # long-lived client. A connection's requests cost nothing that grows, so there is no such end.

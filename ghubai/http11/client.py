@@ -25,9 +25,8 @@ import trio
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
 from ghubai.http11.chunked import ChunkedDecoder
-from ghubai.sockets import read_now, write_now
+from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 
-RECEIVE_SIZE = 65536
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)

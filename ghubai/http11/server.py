@@ -26,11 +26,10 @@ from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
 from ghubai.errors import CLIENT_CLOSED, ApiError
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
-from ghubai.sockets import write_now
+from ghubai.sockets import RECEIVE_SIZE, write_now
 
 log = logging.getLogger("ghubai.http")
 
-RECEIVE_SIZE = 65536
 DRAIN_TIMEOUT_S = 0.5
 
 

@@ -147,9 +147,6 @@ class HubSecrets:
         self.provider_tokens.replace(config.provider_tokens)
 
 
-JSON_ERROR_HEADERS = [(b"content-type", b"application/json")]
-
-
 class ClientLeft(Exception):
     """The client closed the connection before its request was whole: nobody to answer."""
 
@@ -201,7 +198,7 @@ async def _refuse_websocket(scope: dict[str, Any], send: Send) -> None:
     """A WebSocket upgrade anywhere but ``/gridhub``: 404, as for any unknown path (quart answered 500)."""
     body = ApiError(404, f"Unknown endpoint: {scope['path']}").body_for(scope["path"])
     await send({"type": "websocket.http.response.start", "status": 404,
-                "headers": [*JSON_ERROR_HEADERS, (b"content-length", str(len(body)).encode())]})
+                "headers": [*answers.JSON_HEADERS, (b"content-length", str(len(body)).encode())]})
     await send({"type": "websocket.http.response.body", "body": body})
 
 
@@ -313,7 +310,7 @@ class HubApi:
         ``path``, close its connection, and log and count it as any other."""
         record = Record(f"{scope['method']} {scope['path']}")
         record.status, record.reason = error.status, error.message
-        await _respond(send, error.status, error.body_for(path), [*JSON_ERROR_HEADERS, (b"connection", b"close")])
+        await _respond(send, error.status, error.body_for(path), [*answers.JSON_HEADERS, (b"connection", b"close")])
         self._finish(record)
 
     def _finish(self, record: Record) -> None:
@@ -392,13 +389,13 @@ class HubApi:
                 record.reason = error.message
                 # (draining, the process goes soon: a kept-alive connection's next request would meet its exit)
                 closing = [(b"connection", b"close")] if self.pool.draining else []
-                await _respond(send, error.status, error.body_for(scope["path"]), [*JSON_ERROR_HEADERS, *closing],
+                await _respond(send, error.status, error.body_for(scope["path"]), [*answers.JSON_HEADERS, *closing],
                                error.headers())
         except Exception:
             log.exception("the hub failed to serve a request")
             if record.status is None:
                 internal = ApiError(500, "internal error in the hub")
-                await _respond(send, 500, internal.body_for(scope["path"]), JSON_ERROR_HEADERS)
+                await _respond(send, 500, internal.body_for(scope["path"]), answers.JSON_HEADERS)
 
     def _check_head(self, headers: list[tuple[bytes, bytes]]) -> None:
         limits = self.config.limits
