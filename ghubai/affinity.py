@@ -92,7 +92,7 @@ def _session(body: dict[str, Any], headers: list[tuple[bytes, bytes]], model: by
 
 def key_of(body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> int | None:
     """The conversation's key as the proxy routes it (the same for every turn), or None for a request
-    that has none (embeddings, an empty prompt)."""
+    that has none (no session, ``user`` or opening to key: an empty prompt, most embeddings)."""
     model = str(body.get("model", "")).encode()
     if (session := _session(body, headers, model)) is not None:
         return session

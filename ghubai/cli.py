@@ -239,7 +239,8 @@ def parser() -> argparse.ArgumentParser:
     _daemon_flags(worker)
     worker.set_defaults(func=_worker)
 
-    proxy = roles.add_parser("proxy", help="the front door: health-checked, model-aware round robin over hubs")
+    proxy = roles.add_parser("proxy", help="the front door: health-checked, model-aware routing over hubs "
+                                                 "(a conversation stays on its hub)")
     _daemon_flags(proxy)
     proxy.add_argument("--listen", metavar="HOST:PORT")
     proxy.set_defaults(func=_proxy)

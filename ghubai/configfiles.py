@@ -28,7 +28,7 @@ _HEADERS = {
     "hub": "ghubai hub --config hub.toml\n# The API clients call, and the WebSocket /gridhub that workers dial.",
     "worker": "ghubai worker --config worker.toml\n# Environment variables win over this file: HUB_URL "
               "(comma-separated), PROVIDER_TOKEN,\n# OLLAMA_LOCAL_URL, ALLOW_INVALID_CERTS, GHUBAI_ENGINE_API_KEY.",
-    "proxy": "ghubai proxy --config proxy.toml\n# The grid's front door: health-checked, model-aware round robin "
+    "proxy": "ghubai proxy --config proxy.toml\n# The grid's front door: health-checked, model-aware routing "
              "over the hubs.\n# Environment variable REGISTRY_URL wins over registry_url.",
 }
 _EXAMPLE_HUB = HubEntry(name="hub1", address="http://10.0.0.5:7197")

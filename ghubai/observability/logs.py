@@ -63,7 +63,8 @@ def printable(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """One line per event: time, level, logger, request id when there is one, message."""
+    """One line per event: level, logger, message, then ``request_id=`` when there is one (journald
+    adds the time)."""
     def __init__(self) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
 

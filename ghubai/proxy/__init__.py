@@ -1,1 +1,1 @@
-"""The proxy: health-checked, model-aware round robin over hubs, on h11."""
+"""The proxy: health-checked, model-aware routing over hubs (a conversation stays on its hub), on h11."""

@@ -14,14 +14,14 @@ from urllib.parse import urlsplit
 import trio
 
 from ghubai import affinity, dialects
-from ghubai.config import hub_address, hub_address_problem
+from ghubai.config import SchedulerConfig, hub_address, hub_address_problem
 from ghubai.http11.client import ClientConnection, ConnectionPool
 from ghubai.observability.dashboard import hub_view
 
 log = logging.getLogger("ghubai.proxy")
 
 MAX_IDLE_PER_HUB = 64
-AFFINITY_MARGIN = 0.5  # as the hub's default scheduler.affinity_margin, over a hub's slots
+AFFINITY_MARGIN = SchedulerConfig().affinity_margin  # the hub's default, over a hub's slots
 # Reuse an idle connection only while the hub surely still keeps it (hypercorn closes after 5 s).
 IDLE_REUSE_S = 4.0
 RECHECK_GAP_S = 1.0  # the least time between two rounds of checks a request asked for

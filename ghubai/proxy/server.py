@@ -1,8 +1,10 @@
 """The proxy daemon: the grid's front door, on h11 and trio sockets.
 
 It forwards ``/v1/*`` and ``/api/*`` (and Ollama's ``GET /``) to a healthy hub that hosts the
-requested model, round robin, and answers ``/health``, ``/metrics``, ``/v1/models``, ``/api/tags`` and
-``/api/ps`` itself from what its health checks learnt: every hub's models, not one hub's.
+requested model: a conversation to the hub its key ranks first while that hub is not much busier
+than the others (``HubSet.pick``), other requests round robin. It answers ``/health``, ``/ready``,
+``/metrics``, ``/dashboard`` (and its data), ``/v1/models`` (and ``/v1/models/{model}``), ``/api/tags``
+and ``/api/ps`` itself from what its health checks learnt: every hub's models, not one hub's.
 """
 
 from __future__ import annotations
