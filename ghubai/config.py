@@ -263,20 +263,10 @@ def _unique_names(hubs: tuple[Any, ...]) -> str | None:
     return f"hub addresses must be unique: {', '.join(twice)} is listed more than once" if twice else None
 
 
-SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
-
-
 def _bytes_up_to(high: int, why: str) -> Check:
     """At least 1 KiB, at most ``high`` bytes (a size the grid's protocol cannot go past, ``why``)."""
     return lambda value: (f"must be at most {high} ({high >> 20} MiB): {why}, got {value}" if value > high
                           else _at_least(1024)(value))
-
-
-def max_small_pieces(max_body_bytes: int) -> int:
-    """How many pieces under ``SMALL_PIECE_BYTES`` (chunks, HTTP/2 frames, the reads a body arrives
-    in) a request body may come in: each costs an HTTP server's parser 5-18 µs, so a body in
-    1-byte chunks would cost seconds of CPU a megabyte."""
-    return max(1024, max_body_bytes // 1024)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,14 @@ class ApiError(Exception):
         return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
 
 
+def invalid_api_key() -> ApiError:
+    return ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+
+
+def body_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"Request body is larger than {limit} bytes")
+
+
 def model_not_found(model: str) -> ApiError:
     return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
                     param="model", code="model_not_found")

@@ -22,8 +22,7 @@ import h11
 import trio
 
 from ghubai import cors
-from ghubai.config import SMALL_PIECE_BYTES, max_small_pieces
-from ghubai.errors import CLIENT_CLOSED, ApiError
+from ghubai.errors import CLIENT_CLOSED, ApiError, body_too_large
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.sockets import RECEIVE_SIZE, write_now
@@ -47,6 +46,32 @@ class Request:
 
     def header(self, name: bytes) -> bytes | None:
         return next((value for key, value in self.headers if key == name), None)
+
+
+SMALL_PIECE_BYTES = 1024  # a slow link's packets carry 1.4 KB: only a sender that chooses to goes smaller
+
+
+class RequestBody:
+    """A request body as its pieces arrive, read alike by the proxy (h11) and the hub (hypercorn):
+    a 413 past ``limit`` bytes, or in more small pieces (chunks, HTTP/2 frames, the reads it arrives
+    in) than a thousandth of its limit: each costs an HTTP server's parser 5-18 µs, so a body in
+    1-byte chunks would cost seconds of CPU a megabyte."""
+
+    def __init__(self, limit: int) -> None:
+        self.data, self.limit = bytearray(), limit
+        self.small, self.max_small = 0, max(1024, limit // 1024)
+
+    def add(self, piece: bytes) -> None:
+        self.data += piece
+        self.small += len(piece) < SMALL_PIECE_BYTES
+        if len(self.data) > self.limit:
+            raise body_too_large(self.limit)
+        if self.small > self.max_small:
+            raise ApiError(413, f"Request body sent in more than {self.max_small} small pieces")
+
+    @staticmethod
+    def too_slow() -> ApiError:
+        return ApiError(408, "The request body did not arrive in time")
 
 
 def origin_form(target: str) -> str:
@@ -73,7 +98,6 @@ class Connection:
         self.stream = stream
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
-        self.max_small_pieces = max_small_pieces(max_body)
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.idle_timeout_s = idle_timeout_s  # bounds every wait on the client, for bytes in and out
@@ -140,10 +164,10 @@ class Connection:
                 raise ApiError(400, BOTH_FRAMINGS)
             length = next((value for key, value in event.headers if key == b"content-length"), None)
             if int(length or b"0") > self.max_body:
-                raise ApiError(413, f"request body is larger than {self.max_body} bytes")
+                raise body_too_large(self.max_body)
             if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
-            body, small = bytearray(), 0
+            body = RequestBody(self.max_body)
             with trio.move_on_after(self.body_timeout_s) as slow:
                 while True:
                     part = await self._next_event()
@@ -151,21 +175,16 @@ class Connection:
                         break
                     if isinstance(part, h11.ConnectionClosed):
                         return None
-                    body += part.data
-                    small += len(part.data) < SMALL_PIECE_BYTES
-                    if len(body) > self.max_body:
-                        raise ApiError(413, f"request body is larger than {self.max_body} bytes")
-                    if small > self.max_small_pieces:  # (h11 takes 5-6 µs a chunk)
-                        raise ApiError(413, f"request body sent in more than {self.max_small_pieces} small pieces")
+                    body.add(part.data)
             if slow.cancelled_caught:
-                raise ApiError(408, "the request body did not arrive in time")
+                raise RequestBody.too_slow()
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
             if self.peer_closed and self.head:  # not malformed: its client left in the middle of it
                 raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
             raise ApiError(error.error_status_hint, "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
-        return Request(event.method.decode(), target, list(event.headers), bytes(body))
+        return Request(event.method.decode(), target, list(event.headers), bytes(body.data))
 
     async def send(self, *events: Any) -> None:
         """Send h11 events in one write: fewer syscalls, and a head that leaves with its first data.

@@ -23,7 +23,7 @@ import trio
 from ghubai import cors, dialects
 from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
-from ghubai.errors import ApiError, model_not_found
+from ghubai.errors import ApiError, invalid_api_key, model_not_found
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
 from ghubai.observability import dashboard, tracing
@@ -136,7 +136,7 @@ class Proxy:
             return
         authorization = next((value for key, value in headers if key == b"authorization"), b"")
         if not self.keys.allows(authorization.decode("latin-1")):  # unknown paths too: no body read for them
-            raise ApiError(401, "Missing or invalid API key", code="invalid_api_key")
+            raise invalid_api_key()
 
     def refused(self, head: str, error: ApiError) -> None:
         """A request that could not even be read (too large, malformed): counted and logged too."""
