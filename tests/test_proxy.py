@@ -16,6 +16,7 @@ import trio
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
 from ghubai import dialects
 from ghubai.configfiles import add_hub, remove_hub
+from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
 from ghubai.proxy.follow import _state_of, _workers_of
 from ghubai.proxy.hubs import HubSet
@@ -399,15 +400,20 @@ HEAD_ONLY = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-lengt
 
 
 async def _fake_hub(grid: Grid, summary_status: int, registry_status: int, chats: list[str] | None = None,
-                    hang: bool = False, answer: bytes = HEAD_ONLY) -> str:
+                    hang: bool = False, answer: bytes = HEAD_ONLY,
+                    respond: Callable[[Connection], Awaitable[None]] | None = None) -> str:
     """A hub that answers /api/summary and /api/registry with these statuses (and a worker serving sim);
     with ``chats`` (where each chat is noted), one whose chats get ``answer`` and a close (by default
-    the answer's head alone, as a hub killed between its writes), or (``hang``) never answer."""
+    the answer's head alone, as a hub killed between its writes), or (``hang``) never answer, or
+    get what ``respond`` writes."""
     async def handle(conn: Connection, request: Request) -> None:
         if chats is not None and request.path == "/v1/chat/completions":
             chats.append(request.path)
             if hang:
                 await trio.sleep_forever()
+            if respond is not None:
+                await respond(conn)
+                return
             await conn.stream.send_all(answer)
             await conn.stream.aclose()
         elif request.path == "/api/summary":
@@ -423,6 +429,42 @@ async def _fake_hub(grid: Grid, summary_status: int, registry_status: int, chats
     listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=handle), 0,
                                                  host="127.0.0.1"))
     return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_a_stream_that_ends_in_the_hub_s_error_event_is_a_502_though_its_client_left_there(
+        grid: Grid) -> None:
+    """Regression (chaos soak): a stream that fails after its 200 head ends in the hub's error event,
+    where the SDKs stop reading and close. The proxy counted and logged the head's 200 unless the
+    stream's own end had arrived before the client left (6 of 10 streams cut by a worker's kill -9),
+    while the hub said 502."""
+    client_left = trio.Event()
+
+    async def failing(conn: Connection) -> None:
+        await conn.start_stream(200, "text/event-stream")
+        await conn.write(b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"sim",'
+                         b'"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}\n\n')
+        await conn.write(ApiError(502, "Engine error: lost the link to worker w").stream_end(sse=True))
+        await client_left.wait()  # the stream's end comes after the client left
+        await conn.finish()
+
+    hub = await _fake_hub(grid, 200, 200, [], respond=failing)
+    proxy = await grid.proxy(hubs=(hub,))
+    await grid.wait_for_model(proxy.value, "sim")
+    async with openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="x", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}],
+                                                   stream=True)
+        with pytest.raises(openai.APIError, match="lost the link"):
+            async with stream:
+                async for _ in stream:
+                    pass
+    client_left.set()
+
+    async def counted() -> bool:
+        lines = (await grid.http.get(proxy.value + "/metrics")).text.splitlines()
+        counts = [line for line in lines if line.startswith("ghubai_requests_total{")]
+        return len(counts) == 1 and 'code="502"' in counts[0] and counts[0].endswith(" 1.0")
+
+    await eventually(counted, "the proxy counting one 502 and nothing else")
 
 
 async def test_a_hub_that_dies_after_its_answer_s_head_is_retried_not_relayed_cut(grid: Grid) -> None:

@@ -131,6 +131,7 @@ def _ends_in_error(data: bytes, boundary: bytes) -> bool:
 
 
 STOPPING = "The proxy is shutting down"
+HUB_ERROR_EVENT = "the hub's answer ended with its error event"
 STOP_WRITE_S = 1.0  # for the final event of an answer a stopping proxy cuts
 
 
@@ -209,9 +210,7 @@ class Forwarder:
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
                 outcome.streamed = _boundary(_content_type(response.headers)) is not None
                 try:
-                    if failed := await self._relay(conn, hub, upstream, response, request_id):
-                        # the client got the hub's head, then an error event: logged as such
-                        outcome.status, outcome.reason = 502, failed
+                    await self._relay(conn, hub, upstream, response, request_id, outcome)
                 except ApiError:  # too slow before its first byte: a 504, and no answer began
                     outcome.answered_at = None
                     raise
@@ -281,9 +280,10 @@ class Forwarder:
             raise UpstreamFailed(f"{type(error).__name__}: {error}".rstrip(": ")) from error
 
     async def _relay(self, conn: Connection, hub: Hub, upstream: ClientConnection, response: h11.Response,
-                     request_id: str) -> str:
-        """Pass the answer on as it arrives; why it failed after its head (the client then got a
-        final error event, the hub's or ours), or "" when it did not."""
+                     request_id: str, outcome: Outcome) -> None:
+        """Pass the answer on as it arrives. One that failed after its head (the client then got a
+        final error event, the hub's or ours) is a 502 in ``outcome``, as the hub logs it, also when
+        the client left at that event (as the SDKs do) before the stream's end arrived."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
                    if k != b"x-request-id" and not (chunked and k == b"content-length") and not cors.foreign(k, v)]
@@ -316,16 +316,20 @@ class Forwarder:
                     raise self._too_slow(hub) from None
                 raise NothingRelayed(str(error)) from error
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
+            outcome.status, outcome.reason = 502, "the hub's answer broke off"
             await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")
-            return "the hub's answer broke off"
+            return
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
+            if boundary and _ends_in_error(last, boundary):
+                outcome.status, outcome.reason = 502, HUB_ERROR_EVENT
             if self.stopping and conn.response_started and not conn.cut_mid_write:  # (else it just closes)
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
                     await self._end_cut(conn, [], content_type, STOPPING)
             raise
         await self.hubs.release(hub, upstream)
-        return "the hub's answer ended with its error event" if boundary and _ends_in_error(last, boundary) else ""
+        if boundary and _ends_in_error(last, boundary):
+            outcome.status, outcome.reason = 502, HUB_ERROR_EVENT
 
     @staticmethod
     async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:
