@@ -477,3 +477,45 @@ async def test_a_hub_that_breaks_mid_upload_passes_the_request_to_another(grid: 
                                       json=chat(content=f"{index} " + "x" * (3 << 20)))
         assert answer.status_code == 200, answer.text
     assert cuts == 1
+
+
+async def test_a_request_a_hub_sent_on_because_another_could_take_it_waits_there_when_none_does(grid: Grid) -> None:
+    """Regression (chaos soak): a hub told that another hub could take a request (``X-GhubAi-Elsewhere``)
+    refuses it at once when its workers of the model are gone for a moment (a restart); the other hub,
+    draining in the same restart, refused too, and the client got a 503 that the first hub, asked
+    plainly, would have spared it by queueing the request until its worker linked again. Now the
+    proxy goes back to that hub without the header."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, sim_url, name="w")
+
+    async def draining(conn: Connection, request: Request) -> None:  # lists sim, and refuses all else
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"hub_id": "d", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+        else:
+            await conn.respond_json(503, {"error": {"message": "This hub is shutting down; try another"}})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=draining), 0,
+                                                 host="127.0.0.1"))
+    other = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    proxy = await grid.proxy(hubs=(hub.value, other), health={"interval_s": 60.0})  # its view stays as it was
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    worker.stop()  # a restart: its link gone, back in a moment
+    await workers_linked(grid, hub.value, 0)
+    statuses: list[int] = []
+
+    async def ask(i: int) -> None:  # (each its own conversation: some go to each hub first)
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content=f"question {i}"))
+        statuses.append(response.status_code)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(ask, i)
+
+        async def all_queued() -> bool:
+            return (await grid.http.get(hub.value + "/api/summary")).json()["queued"] == 8
+
+        await eventually(all_queued, "every request queued at the hub whose worker is coming back")
+        await grid.worker(hub.value, sim_url, name="w")
+    assert statuses == [200] * 8, statuses

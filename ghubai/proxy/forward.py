@@ -180,14 +180,23 @@ class Forwarder:
         model = outcome.model = model and self.hubs.named(model)
         tried: set[str] = set()
         cut_by = ""  # a TLS hub that closed on the body (``BodyCut``): if no other takes it, why
-        while len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
-            tried.add(hub.address)
-            outcome.hub = hub.name
-            hub.inflight += 1  # what the proxy has outstanding there: the bound of a conversation's affinity
-            try:
+        # the first hub that refused at once only because it was told another could take the request
+        # (its workers of the model busy elsewhere or coming back): when no other does, it queues it
+        bounced: Hub | None = None
+        while True:
+            if len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
+                tried.add(hub.address)
                 # another hub that lists the model (not merely one tried for a model no hub lists)
                 elsewhere = bool(model) and len(tried) < self.config.max_attempts and \
                     any(model in other.models for other in self.hubs.candidates(model, tried))
+            elif bounced is not None:
+                hub, bounced, elsewhere = bounced, None, False
+                log.info("no other hub took it: back to hub %s, to wait there", hub.name)
+            else:
+                break
+            outcome.hub = hub.name
+            hub.inflight += 1  # what the proxy has outstanding there: the bound of a conversation's affinity
+            try:
                 try:
                     upstream, response = await self._exchange(hub, request, client_ip, request_id, elsewhere)
                 except BodyCut:  # this request's doing (too large, a wrong key) or the hub's: not marked down
@@ -195,8 +204,11 @@ class Forwarder:
                     continue
                 if upstream is None or response is None:
                     continue
-                another = len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried)
+                another = bounced is not None or \
+                    (len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried))
                 if response.status_code in RETRY_STATUSES and another:
+                    if elsewhere and response.status_code == 503 and bounced is None:
+                        bounced = hub
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                     await self._discard(hub, upstream)
                     continue
