@@ -48,7 +48,9 @@ import msgspec
 PROTOCOL = 1
 GRIDHUB_PATH = "/gridhub"
 
-# WebSocket close codes the hub uses to tell a worker why it is refused.
+# WebSocket close codes the hub uses to tell a worker why it is refused, or that it stops (RFC 6455's
+# "going away": a planned stop after its drain, which the worker logs as news, not as a fault).
+CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_MISMATCH = 4001
 CLOSE_BAD_HELLO = 4002
 

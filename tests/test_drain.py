@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import httpx
+import pytest
 import trio
 
 from conftest import WAIT_S, Daemon, Grid, HubProcess, chat, eventually, ghubai_command, stalled_client, workers_linked
@@ -68,6 +70,27 @@ async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
     assert sum(1 for e in events[:-1] if json.loads(e)["choices"] and json.loads(e)["choices"][0]["delta"].get(
         "content")) == 60
     assert hub.process.wait(timeout=WAIT_S) == 0
+
+
+async def test_a_hub_that_drained_tells_its_workers_it_is_going_away(
+        grid: Grid, hub_processes: list[HubProcess], caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (chaos soak): a hub stopped as planned closed every worker link with 1011, an internal
+    error, which each worker logged as a WARNING (a restart looked like a crash to an operator's
+    alerts). After its drain it closes them with 1001, going away, which a worker logs at INFO."""
+    caplog.set_level(logging.INFO, logger="ghubai.worker")
+    hub, _ = await hub_process_with_worker(grid, hub_processes)
+    hub.process.send_signal(signal.SIGTERM)
+    assert hub.process.wait(timeout=WAIT_S) == 0
+
+    def said(level: int) -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.levelno == level and "closed" in
+                record.getMessage()]
+
+    async def told() -> bool:
+        return bool(said(logging.INFO) or said(logging.WARNING))
+
+    await eventually(told, "the worker hearing why its link closed")
+    assert not said(logging.WARNING) and "closed by the hub: the hub is stopping" in said(logging.INFO)[0]
 
 
 async def test_streams_still_running_at_the_drain_timeout_end_with_an_error_event(

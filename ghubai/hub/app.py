@@ -52,6 +52,7 @@ log = logging.getLogger("ghubai.hub")
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/api/summary", *dashboard.PATHS)
 REGISTRY_CACHE_S = 1.0  # /api/registry is built at most this often, however many poll it
 BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
+CLOSE_LINKS_S = 2.0  # after a drain, for the workers' links to close before the hub stops
 _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 
 
@@ -562,4 +563,5 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
         if drain is not None:
             await drain.wait()
             await inflight.drain(pool, config.drain_timeout_s)
+            await pool.close_links(CLOSE_LINKS_S)
             nursery.cancel_scope.cancel()

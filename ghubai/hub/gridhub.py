@@ -20,6 +20,8 @@ from ghubai.hub.pool import Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
 
+CLOSE_S = 1.0  # for a link's close frame to go out as the hub stops
+
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,
                        max_concurrency: int) -> Response | None:
@@ -62,6 +64,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
             nursery.start_soon(link.write_batched, receive, websocket.send, worker.pending.__contains__)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
+            nursery.start_soon(_close_when_stopping, pool, nursery.cancel_scope)
             silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame, heartbeat_s),
                                               lambda problem: _refuse(pool, worker, problem))
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
@@ -70,6 +73,13 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
         pool.drop(worker, lost)
         send.close()
     return None
+
+
+async def _close_when_stopping(pool: Pool, link_scope: trio.CancelScope) -> None:
+    await pool.closing.wait()
+    with trio.move_on_after(CLOSE_S):
+        await websocket.close(protocol.CLOSE_GOING_AWAY, "the hub is stopping")
+    link_scope.cancel()
 
 
 async def _hello(peer: str) -> protocol.Hello | None:

@@ -197,6 +197,8 @@ class Pool:
         self.queued = 0
         self._left: dict[str, float] = {}  # model -> when a worker of it last lost its link (``_returning``)
         self.draining = False  # the hub is shutting down: no new request gets a worker
+        self.closing = trio.Event()  # drained: every link closes as the hub stops (``close_links``)
+        self._links_closed = trio.Event()
         self.usage: dict[str, Counter[str]] = {}  # tokens per model, from the engines' own counts
         self._worker_usage: OrderedDict[tuple[bytes, str], Counter[str]] = OrderedDict()  # per worker, ever
 
@@ -228,6 +230,8 @@ class Pool:
             self._changed()
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
         self._wake(self._queues)  # queued requests may now have no worker at all
+        if self.closing.is_set() and not self.workers:
+            self._links_closed.set()
 
     def set_offer(self, worker: RemoteWorker, offer: protocol.Hello | protocol.Models) -> None:
         """What the worker's engine offers, from its ``hello`` or a ``models`` frame."""
@@ -345,6 +349,14 @@ class Pool:
         """The hub is shutting down: every queued request, and any later one, is refused with 503."""
         self.draining = True
         self._wake(self._queues)
+
+    async def close_links(self, timeout_s: float) -> None:
+        """After a drain: each link closes saying the hub is going away (its handler hears ``closing``),
+        so that its worker reconnects without taking the hub's stop for a failure; ``timeout_s`` at most."""
+        self.closing.set()
+        if self.workers:
+            with trio.move_on_after(timeout_s):
+                await self._links_closed.wait()
 
     # -- scheduling ------------------------------------------------------------------------------
 

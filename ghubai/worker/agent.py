@@ -239,7 +239,12 @@ class Worker:
             except* trio_websocket.ConnectionClosed as group:
                 closed = _first(group)
                 assert isinstance(closed, trio_websocket.ConnectionClosed)
-                log.warning("link to %s closed: %s", url, closed.reason)
+                why = closed.reason
+                if why is not None and why.code == protocol.CLOSE_GOING_AWAY:  # a planned stop (a restart)
+                    log.info("link to %s closed by the hub: %s", url, why.reason or "going away")
+                else:
+                    log.warning("link to %s closed: %s", url, f"code {why.code} ({why.name}) {why.reason or ''}"
+                                if why is not None else "no reason given")
             except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError,
                      protocol.ProtocolError) as group:
                 log.warning("link to %s failed: %s", url, describe(_first(group)))
