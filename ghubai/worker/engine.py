@@ -26,7 +26,7 @@ import trio
 
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
-from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, TooLarge, tls_client_context
+from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, Response, TooLarge, tls_client_context
 from ghubai.worker.translate import (OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path,
                                     translator_for)
 
@@ -339,23 +339,43 @@ class Engine:
             body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
         return body
 
-    async def run(self, call: Call) -> AsyncIterator[bytes]:
-        """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
+    def _route(self, call: Call) -> tuple[Translator | None, str, dict[str, Any]]:
+        """How the engine is asked: the translation between the client's API and the engine's (None:
+        the engine speaks the client's), the engine's path, and the body to send it."""
         translator = translator_for(self.config.kind, call.api, self.tools)
         if translator is not None:
             try:
                 body = translator.request(call.body, call.stream)
-                path = translator.path  # (known once the request is read: a raw generation's)
             except Untranslatable as error:
                 raise EngineError(400, str(error), retryable=True) from None
-            if isinstance(translator, OllamaOverOpenAI) and translator.preload:
-                call.finished = True
-                yield translator.preloaded(call.stream)
-                return
-        elif call.api in protocol.API_PATHS:
-            path, body = protocol.API_PATHS[call.api], self._prepare(call)
-        else:
-            raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
+            return translator, translator.path, body  # (a path known once the request is read: a raw generation's)
+        if call.api in protocol.API_PATHS:
+            return None, protocol.API_PATHS[call.api], self._prepare(call)
+        raise EngineError(400, f"this worker does not serve {call.api}", retryable=False)
+
+    async def _whole(self, response: Response, call: Call, translator: Translator | None, path: str) -> bytes:
+        """A whole answer, read and translated."""
+        shrinks = isinstance(translator, OpenAIOverOllama) and translator.base64
+        raw = await response.read(ANSWER_LIMIT * BASE64_SHRINK if shrinks else ANSWER_LIMIT)
+        if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
+            raise engine_failure(raw, message)
+        try:
+            value = _decode(raw)
+        except (ValueError, RecursionError) as error:  # a whole generation wasted: not done elsewhere
+            raise EngineError(502, f"the engine's answer is not JSON ({error})", retryable=False) from None
+        call.usage = _usage_of(value)
+        try:
+            return translator.whole(value, call.usage) if translator else raw
+        except _SHAPE_ERRORS as error:
+            raise _unfit(path, error) from None
+
+    async def run(self, call: Call) -> AsyncIterator[bytes]:
+        """Yield the reply's bytes as they arrive; raise EngineError when the engine fails."""
+        translator, path, body = self._route(call)
+        if isinstance(translator, OllamaOverOpenAI) and translator.preload:
+            call.finished = True
+            yield translator.preloaded(call.stream)
+            return
         method = translator.method(call.api) if translator else "POST"
         raw_body = _encode(body) if method == "POST" else b""
         headers = [*_JSON, *self.headers, *call.headers.items()] if raw_body else \
@@ -369,20 +389,7 @@ class Engine:
                 if response.status != 200:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
                 if not call.stream:
-                    shrinks = isinstance(translator, OpenAIOverOllama) and translator.base64
-                    raw = await response.read(ANSWER_LIMIT * BASE64_SHRINK if shrinks else ANSWER_LIMIT)
-                    if (message := engine_error(raw)) is not None:  # LM Studio says some errors with a 200
-                        raise engine_failure(raw, message)
-                    try:
-                        value = _decode(raw)
-                    except (ValueError, RecursionError) as error:  # a whole generation wasted: not done elsewhere
-                        raise EngineError(502, f"the engine's answer is not JSON ({error})", retryable=False) from None
-                    call.usage = _usage_of(value)
-                    try:
-                        answer = translator.whole(value, call.usage) if translator else raw
-                    except _SHAPE_ERRORS as error:
-                        raise _unfit(path, error) from None
-                    yield answer
+                    yield await self._whole(response, call, translator, path)
                     return
                 sse = path.startswith("/v1/")
                 split = sse_payloads if sse else ndjson_payloads
