@@ -146,7 +146,7 @@ class Worker:
 
     # -- discovery -------------------------------------------------------------------------------
 
-    async def discover(self) -> None:
+    async def refresh_offer(self) -> None:
         """Ask the engine what it offers and tell every hub when that changed. An engine that does
         not answer hosts nothing: the hubs stop sending it requests until it is back, and a client
         that asks for a model meanwhile hears why."""
@@ -206,7 +206,7 @@ class Worker:
             with trio.move_on_after(wait_s):
                 await self._rediscover.wait()
             self._rediscover = trio.Event()
-            await self.discover()
+            await self.refresh_offer()
 
     # -- links -----------------------------------------------------------------------------------
 
@@ -498,7 +498,7 @@ async def run(config: WorkerConfig, *, drain: trio.Event | None = None, service:
                                    f"{worker.inflight}/{worker.capacity} inflight, "
                                    f"{len(worker.models)} models{', draining' if worker.draining else ''}")
         service.reload = worker.rediscover
-        if not await _unless_set(drain, worker.discover):  # a SIGTERM while the engine keeps it waiting
+        if not await _unless_set(drain, worker.refresh_offer):  # a SIGTERM while the engine keeps it waiting
             log.info("stopped before the engine answered")
             return
         log.info("worker %s (%s) for %s engine at %s, max_concurrency %d",

@@ -233,7 +233,7 @@ class Engine:
         was down; the paths it lacked, and what it holds in memory (Ollama) or its slots
         (llama.cpp), are asked each time."""
         try:
-            models = await self.discover()
+            models = await self.list_models()
         except DISCOVERY_ERRORS as error:
             self.unserved = None
             return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
@@ -319,7 +319,7 @@ class Engine:
         slots = props.get("total_slots")
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1 else None
 
-    async def discover(self) -> list[str]:
+    async def list_models(self) -> list[str]:
         """The engine's model names; raises httpx.HTTPError or ValueError when it cannot say. Names a
         hub would refuse (not text, empty, over 256 characters) are left out, and at most 4,096 kept."""
         path, listing, key = ("/api/tags", "models", "name") if self.config.kind == "ollama" else \
