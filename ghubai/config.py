@@ -278,6 +278,8 @@ class HubLimits:
                                "than max(1024, this / 1024) pieces under 1 KiB (at most 48 MiB)", default=4 * 1024 * 1024)
     max_header_bytes: int = _key(_at_least(1024), "larger request heads get 431", default=16384)
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
+    body_timeout_s: float = _key(_at_least(0.1), "a request body must arrive whole within this, after its "
+                                 "head -> 408", default=60.0)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
                            default=256)
     queue_timeout_s: float = _key(_at_least(0), "longest wait for a worker slot, over all of a request's attempts "

@@ -406,12 +406,17 @@ async def test_a_head_trickled_in_is_cut_at_header_timeout_s_whatever_the_idle_t
             nursery.cancel_scope.cancel()
 
 
-async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_timeout(grid: Grid) -> None:
+@pytest.mark.parametrize("role", ["proxy", "hub"])
+async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_timeout(grid: Grid, role: str) -> None:
     """Regression: only the head had a deadline; a body sent a byte at a time, each well within
-    idle_timeout_s, held the connection (and a slot of max_connections) for as long as it went on."""
-    hub = await grid.hub()
-    proxy = await grid.proxy(hubs=(hub.value,), limits={"idle_timeout_s": 60.0, "body_timeout_s": 0.5})
-    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    idle_timeout_s, held the connection (and a slot of max_connections) for as long as it went on.
+    (The hub's bound was a constant 60 s; it is ``limits.body_timeout_s`` there too.)"""
+    if role == "hub":
+        server = await grid.hub(limits={"body_timeout_s": 0.5})
+    else:
+        hub = await grid.hub()
+        server = await grid.proxy(hubs=(hub.value,), limits={"idle_timeout_s": 60.0, "body_timeout_s": 0.5})
+    stream = await trio.open_tcp_stream("127.0.0.1", int(server.value.rsplit(":", 1)[1]))
     await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                           b"content-length: 1000\r\n\r\n")
 

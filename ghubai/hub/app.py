@@ -51,7 +51,6 @@ log = logging.getLogger("ghubai.hub")
 
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/api/summary", *dashboard.PATHS)
 REGISTRY_CACHE_S = 1.0  # /api/registry is built at most this often, however many poll it
-BODY_TIMEOUT_S = 60.0  # a client that sends its body slower than this gets 408
 CLOSE_LINKS_S = 2.0  # after a drain, for the workers' links to close before the hub stops
 _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
 
@@ -156,11 +155,11 @@ def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     return next((value.decode("latin-1") for key, value in headers if key == name), None)
 
 
-async def _read_body(receive: Any, limit: int) -> bytes:
+async def _read_body(receive: Any, limit: int, timeout_s: float) -> bytes:
     """The whole request body (``RequestBody``'s 413s; hypercorn spends 15-18 µs on each small piece:
     1 MB in 1-byte chunks cost 16 s), 408 when it does not come in time."""
     body = RequestBody(limit)
-    with trio.move_on_after(BODY_TIMEOUT_S):
+    with trio.move_on_after(timeout_s):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
@@ -223,7 +222,7 @@ class HubApi:
         # 308 to the hub's own address (past the proxy, and the SDKs follow redirects)
         app.url_map.merge_slashes = False
         app.config.update(RESPONSE_TIMEOUT=None, MAX_CONTENT_LENGTH=config.limits.max_body_bytes,
-                          BODY_TIMEOUT=BODY_TIMEOUT_S)
+                          BODY_TIMEOUT=config.limits.body_timeout_s)
         # (quart types ASGI's messages; this wrapper passes them on as plain dicts)
         self._inner: Callable[[dict[str, Any], Any, Send], Awaitable[None]] = app.asgi_app  # type: ignore[assignment]
         app.asgi_app = self._asgi  # type: ignore[method-assign, assignment]
@@ -366,7 +365,7 @@ class HubApi:
             if key is None:
                 raise invalid_api_key()
             record.key = key
-            raw = await _read_body(receive, self.config.limits.max_body_bytes)
+            raw = await _read_body(receive, self.config.limits.max_body_bytes, self.config.limits.body_timeout_s)
             body = dialects.parse_body(raw)
             route.validate(body)
             record.model = body["model"] = self.pool.named(body["model"])
@@ -381,8 +380,9 @@ class HubApi:
         except ApiError as error:
             if record.status is None:  # else the stream ended with its own error event
                 record.reason = error.message
-                # (draining, the process goes soon: a kept-alive connection's next request would meet its exit)
-                closing = [(b"connection", b"close")] if self.pool.draining else []
+                # draining, the process goes soon: a kept-alive connection's next request would meet its
+                # exit; a body too slow or too large was not read to its end: what follows is no request
+                closing = [(b"connection", b"close")] if self.pool.draining or error.status in (408, 413) else []
                 await _respond(send, error.status, error.body_for(scope["path"]), [*answers.JSON_HEADERS, *closing],
                                error.headers())
         except Exception:
