@@ -381,7 +381,7 @@ class HubApi:
             if record.status is None:  # else the stream ended with its own error event
                 record.reason = error.message
                 # draining, the process goes soon: a kept-alive connection's next request would meet its
-                # exit; a body too slow or too large was not read to its end: what follows is no request
+                # exit; a body too slow or too large was not read to its end: the connection cannot go on
                 closing = [(b"connection", b"close")] if self.pool.draining or error.status in (408, 413) else []
                 await _respond(send, error.status, error.body_for(scope["path"]), [*answers.JSON_HEADERS, *closing],
                                error.headers())
