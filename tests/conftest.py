@@ -76,6 +76,33 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s:
     pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
 
 
+def worker_process(directory: Path, hub_url: str, engine_url: str, *, name: str = "w",
+                   drain_timeout_s: float = 30.0, max_concurrency: int = 4) -> subprocess.Popen[bytes]:
+    """A worker as a real process (it drains on SIGTERM, as systemd stops it), its file in ``directory``."""
+    config = directory / f"worker-{name}.toml"
+    config.write_text(f'hub_url = "{hub_url.replace("http", "ws")}/gridhub"\nname = "{name}"\n'
+                      f'drain_timeout_s = {drain_timeout_s}\n[engine]\nurl = "{engine_url}"\n'
+                      f'max_concurrency = {max_concurrency}\ndiscovery_interval_s = 0.2\n')
+    return subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
+                            env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
+
+
+async def exited(process: subprocess.Popen[bytes]) -> int:
+    """``process``'s exit status, waited for in a thread: a wait in the event loop would freeze the
+    in-process hubs, workers and simulators it may be talking to."""
+    return await trio.to_thread.run_sync(process.wait, WAIT_S)
+
+
+async def read_until(stream: trio.abc.ReceiveStream, marker: bytes = b"\r\n\r\n", data: bytes = b"") -> bytes:
+    """What ``stream`` sends (after ``data``, read already) up to ``marker``, or until it closes: a loop
+    on ``receive_some`` alone would spin on its b"" at the close."""
+    while marker not in data:
+        if not (more := await stream.receive_some(65536)):
+            break
+        data += more
+    return data
+
+
 async def peak_active(sim: Simulator, jobs: list[Callable[[], Awaitable[None]]]) -> int:
     """Run ``jobs`` at once; the most generations the simulator ran at the same time meanwhile."""
     peak = 0

@@ -5,24 +5,14 @@ in an explicit error, within the configured timeouts."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import tempfile
+from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, ghubai_command, workers_linked
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, worker_process, workers_linked
 from relay import Relay
-
-
-def worker_process(hub_url: str, sim_url: str, max_concurrency: int = 4) -> subprocess.Popen[bytes]:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as config:
-        config.write(f'hub_url = "{hub_url.replace("http", "ws")}/gridhub"\n'
-                     f'[engine]\nurl = "{sim_url}"\nmax_concurrency = {max_concurrency}\ndiscovery_interval_s = 0.2\n')
-    return subprocess.Popen(ghubai_command("worker", "--config", config.name, "--log-level", "warning"),
-                            env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
 
 
 async def stream_events(http: httpx.AsyncClient, url: str, after_three: Any = None) -> list[str]:
@@ -60,10 +50,10 @@ async def test_a_partition_is_detected_by_both_sides_within_three_heartbeats(gri
     await eventually(worker_stopped_the_engine, "the worker to notice the silent hub and stop the engine")
 
 
-async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid: Grid) -> None:
+async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid: Grid, tmp_path: Path) -> None:
     sim_url, _ = await grid.sim(itl_ms=20, tokens=100_000)
     hub = await grid.hub()
-    worker = worker_process(hub.value, sim_url)
+    worker = worker_process(tmp_path, hub.value, sim_url)
     try:
         await workers_linked(grid, hub.value, 1)
         events = await stream_events(grid.http, hub.value, worker.kill)
@@ -74,11 +64,11 @@ async def test_kill_9_of_a_worker_mid_stream_ends_the_stream_with_an_error(grid:
         worker.wait()
 
 
-async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(grid: Grid) -> None:
+async def test_kill_9_of_a_worker_before_the_first_byte_is_retried_on_another(grid: Grid, tmp_path: Path) -> None:
     stuck_url, stuck = await grid.sim(ttft_ms=60_000)
     good_url, good = await grid.sim()
     hub = await grid.hub(scheduler={"policy": "least-loaded"})
-    doomed = worker_process(hub.value, stuck_url)
+    doomed = worker_process(tmp_path, hub.value, stuck_url)
     try:
         await workers_linked(grid, hub.value, 1)
         async with trio.open_nursery() as nursery:

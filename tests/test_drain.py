@@ -17,7 +17,8 @@ import httpx
 import pytest
 import trio
 
-from conftest import WAIT_S, Daemon, Grid, HubProcess, chat, eventually, ghubai_command, stalled_client, workers_linked
+from conftest import (WAIT_S, Daemon, Grid, HubProcess, chat, eventually, exited, ghubai_command, stalled_client,
+                      worker_process, workers_linked)
 
 
 async def collect(http: httpx.AsyncClient, url: str, events: list[str], started: trio.Event) -> None:
@@ -69,7 +70,7 @@ async def test_a_draining_hub_refuses_new_work_and_finishes_its_streams(
     assert events[-1] == "[DONE]"
     assert sum(1 for e in events[:-1] if json.loads(e)["choices"] and json.loads(e)["choices"][0]["delta"].get(
         "content")) == 60
-    assert hub.process.wait(timeout=WAIT_S) == 0
+    assert await exited(hub.process) == 0
 
 
 async def test_a_hub_that_drained_tells_its_workers_it_is_going_away(
@@ -80,7 +81,7 @@ async def test_a_hub_that_drained_tells_its_workers_it_is_going_away(
     caplog.set_level(logging.INFO, logger="ghubai.worker")
     hub, _ = await hub_process_with_worker(grid, hub_processes)
     hub.process.send_signal(signal.SIGTERM)
-    assert hub.process.wait(timeout=WAIT_S) == 0
+    assert await exited(hub.process) == 0
 
     def said(level: int) -> list[str]:
         return [record.getMessage() for record in caplog.records if record.levelno == level and "closed" in
@@ -99,7 +100,7 @@ async def test_streams_still_running_at_the_drain_timeout_end_with_an_error_even
                                              tokens=100_000)
     events = await sigterm_mid_stream(grid, hub.url, hub.process)
     assert "shutting down" in json.loads(events[-1])["error"]["message"]
-    assert hub.process.wait(timeout=WAIT_S) == 0
+    assert await exited(hub.process) == 0
 
     async def stopped() -> bool:
         return sim.stats.active == 0 and sim.stats.cancelled == 1
@@ -125,7 +126,7 @@ async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(grid: Gr
 
         events = await sigterm_mid_stream(grid, hub.value, worker, refuses)
         assert events[-1] == "[DONE]", events[-1]
-        assert worker.wait(timeout=WAIT_S) == 0
+        assert await exited(worker) == 0
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -139,31 +140,21 @@ async def test_a_hub_with_a_client_that_reads_nothing_still_stops(
     try:
         await trio.sleep(1.0)  # the hub's write to this client is now blocked
         hub.process.send_signal(signal.SIGTERM)
-        assert hub.process.wait(timeout=WAIT_S) == 0
+        assert await exited(hub.process) == 0
     finally:
         sock.close()
-
-
-def worker_process(tmp_path: Any, hub_url: str, engine_url: str, drain_timeout_s: float,
-                   name: str = "w") -> subprocess.Popen[bytes]:
-    """A worker as a real process (it drains on SIGTERM, as systemd stops it)."""
-    config = tmp_path / "worker.toml"
-    config.write_text(f'hub_url = "{hub_url.replace("http", "ws")}/gridhub"\nname = "{name}"\n'
-                      f'drain_timeout_s = {drain_timeout_s}\n[engine]\nurl = "{engine_url}"\n')
-    return subprocess.Popen(ghubai_command("worker", "--config", str(config), "--log-level", "warning"),
-                            env={**os.environ, "HUB_URL": "", "OLLAMA_LOCAL_URL": ""})
 
 
 async def test_a_draining_worker_gives_up_after_its_drain_timeout(grid: Grid, tmp_path: Any) -> None:
     sim_url, sim = await grid.sim(tokens=1_000_000, itl_ms=0, ttft_ms=1)
     hub = await grid.hub()
-    worker = worker_process(tmp_path, hub.value, sim_url, 0.5)
+    worker = worker_process(tmp_path, hub.value, sim_url, drain_timeout_s=0.5)
     try:
         await workers_linked(grid, hub.value, 1)
         sock = await stalled_client(hub.value)
         await trio.sleep(1.0)
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=WAIT_S) == 0
+        assert await exited(worker) == 0
 
         async def stopped() -> bool:
             return sim.stats.active == 0
@@ -203,7 +194,7 @@ async def test_a_draining_proxy_refuses_new_work_and_finishes_its_streams(grid: 
 
         events = await sigterm_mid_stream(grid, url, proxy.process, refuses)
         assert events[-1] == "[DONE]" and len(events) >= 61
-        assert proxy.process.wait(timeout=WAIT_S) == 0
+        assert await exited(proxy.process) == 0
     finally:
         proxy.stop()
 
@@ -214,7 +205,7 @@ async def test_streams_through_a_proxy_at_its_drain_timeout_end_with_an_error_ev
     try:
         events = await sigterm_mid_stream(grid, await proxy.url(), proxy.process)
         assert "shutting down" in json.loads(events[-1])["error"]["message"]
-        assert proxy.process.wait(timeout=WAIT_S) == 0
+        assert await exited(proxy.process) == 0
         assert re.search(r"POST /v1/chat/completions 503 in", proxy.log()), proxy.log()
 
         async def stopped() -> bool:
@@ -233,7 +224,7 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
     slow_url, slow = await grid.sim(ttft_ms=60_000)
     fast_url, fast = await grid.sim()
     hub = await grid.hub(scheduler={"policy": "least-loaded"})
-    worker = worker_process(tmp_path, hub.value, slow_url, 0.3, name="slow")
+    worker = worker_process(tmp_path, hub.value, slow_url, drain_timeout_s=0.3, name="slow")
     try:
         await workers_linked(grid, hub.value, 1)
         answer: list[httpx.Response] = []
@@ -252,7 +243,7 @@ async def test_a_request_a_draining_worker_gives_up_before_its_first_byte_is_ret
             worker.send_signal(signal.SIGTERM)
         assert answer[0].status_code == 200, answer[0].text
         assert answer[0].headers["x-ghubai-worker"] == "fast" and fast.stats.completed == 1
-        assert worker.wait(timeout=WAIT_S) == 0
+        assert await exited(worker) == 0
     finally:
         if worker.poll() is None:
             worker.kill()
@@ -265,7 +256,7 @@ async def test_requests_of_a_worker_restarted_by_systemd_wait_for_it_as_after_a_
     kill -9 has them wait for the worker to link again. They wait for it now."""
     sim_url, sim = await grid.sim(ttft_ms=1500)
     hub = await grid.hub()
-    old = worker_process(tmp_path, hub.value, sim_url, 0.3)
+    old = worker_process(tmp_path, hub.value, sim_url, drain_timeout_s=0.3)
     new = None
     try:
         await workers_linked(grid, hub.value, 1)
@@ -283,8 +274,8 @@ async def test_requests_of_a_worker_restarted_by_systemd_wait_for_it_as_after_a_
 
             await eventually(generating, "the engine to take both requests")
             old.send_signal(signal.SIGTERM)
-            assert await trio.to_thread.run_sync(old.wait, WAIT_S) == 0
-            new = worker_process(tmp_path, hub.value, sim_url, 0.3)  # as systemd starts it again
+            assert await exited(old) == 0
+            new = worker_process(tmp_path, hub.value, sim_url, drain_timeout_s=0.3)  # as systemd starts it again
         assert [answer.status_code for answer in answers] == [200, 200], [answer.text for answer in answers]
     finally:
         for process in (old, new):
@@ -303,12 +294,13 @@ async def test_a_worker_whose_engine_never_answers_stops_at_its_first_sigterm(gr
 
     [listener] = await grid.nursery.start(partial(trio.serve_tcp, hang, 0, host="127.0.0.1"))
     hub = await grid.hub()
-    worker = worker_process(tmp_path, hub.value, f"http://127.0.0.1:{listener.socket.getsockname()[1]}", 5.0)
+    silent = f"http://127.0.0.1:{listener.socket.getsockname()[1]}"
+    worker = worker_process(tmp_path, hub.value, silent, drain_timeout_s=5.0)
     try:
         with trio.fail_after(WAIT_S):
             await asked.wait()
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=WAIT_S) == 0
+        assert await exited(worker) == 0
     finally:
         if worker.poll() is None:
             worker.kill()

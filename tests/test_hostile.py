@@ -24,7 +24,7 @@ import pytest
 import trio
 import trio_websocket
 
-from conftest import WAIT_S, Daemon, Grid, chat, eventually, run_ghubai
+from conftest import WAIT_S, Daemon, Grid, chat, eventually, read_until, run_ghubai
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
@@ -104,9 +104,7 @@ def test_log_lines_cut_what_a_client_sent_and_never_split() -> None:
 
 async def _hostile_engine(tags: bytes, stream: trio.SocketStream, path: bytes = b"/api/tags") -> None:
     """A server (an engine, a registry) whose answer to GET ``path`` is ``tags``; anything else, 404."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
+    data = await read_until(stream)
     body = tags if data.startswith(b"GET " + path) else b"{}"
     status = b"200 OK" if data.startswith(b"GET " + path) else b"404 Not Found"
     with contextlib.suppress(trio.BrokenResourceError):  # a worker that read enough hangs up
@@ -245,11 +243,9 @@ async def test_a_websocket_upgrade_anywhere_but_gridhub_is_a_404(grid: Grid) -> 
     stream = await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1]))
     await stream.send_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
                           b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n")
-    answer = b""
     with trio.fail_after(5):
-        while b"Unknown endpoint" not in answer:
-            answer += await stream.receive_some(4096)
-    assert answer.startswith(b"HTTP/1.1 404")
+        answer = await read_until(stream, b"Unknown endpoint")
+    assert answer.startswith(b"HTTP/1.1 404") and b"Unknown endpoint" in answer
     await stream.aclose()
 
 
@@ -428,9 +424,7 @@ async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_t
     with trio.fail_after(WAIT_S):  # well past 0.5 s, far before 60 s or the whole trickle (50 s)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trickle)
-            answer = b""
-            while b"\r\n\r\n" not in answer:
-                answer += await stream.receive_some(4096)
+            answer = await read_until(stream)
             nursery.cancel_scope.cancel()
     assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
 

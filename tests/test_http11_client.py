@@ -14,7 +14,7 @@ import h11
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, chat, eventually, next_request
+from conftest import WAIT_S, Grid, chat, eventually, next_request, read_until
 from ghubai.http11.client import KEEPALIVE_IDLE_S, ConnectionPool, open_stream
 
 
@@ -262,9 +262,8 @@ async def test_an_answer_sent_before_the_body_was_read_is_the_answer(nursery: tr
 
     async def refuse_early(stream: trio.SocketStream) -> None:
         nonlocal heads
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += await stream.receive_some(65536)
+        if b"\r\n\r\n" not in await read_until(stream):
+            return
         heads += 1
         await stream.send_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 7\r\nconnection: close\r\n\r\n"
                               b"too big")
@@ -289,8 +288,8 @@ async def test_a_kept_connection_that_fails_after_the_server_answered_is_not_sen
         nonlocal requests
         received = b""
         for answer in (b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", after):
-            while b"\r\n\r\n" not in received:
-                received += await stream.receive_some(65536)
+            if b"\r\n\r\n" not in (received := await read_until(stream, data=received)):
+                return
             received = received.split(b"\r\n\r\n", 1)[1].removeprefix(b"{}")  # (the body: {})
             requests += 1
             await stream.send_all(answer)

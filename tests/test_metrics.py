@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -191,7 +192,14 @@ async def test_a_stream_that_fails_mid_way_is_a_failure_at_hub_and_proxy_alike(
         assert value(samples, "ghubai_requests_total", role=role, model="sim", code="200") == 0, role
         assert value(samples, "ghubai_requests_total", role=role, model="sim", code="502") == 2, role
     assert sum(1 for record in caplog.records if "the hub's answer ended with its error event" in record.getMessage()) == 2
-    chart = (await grid.http.get(proxy.value + "/dashboard/data")).json()["history"]
+    chart: list[dict[str, Any]] = []
+
+    async def charted() -> bool:  # (a step is drawn once it is over: 2 s at most)
+        nonlocal chart
+        chart = (await grid.http.get(proxy.value + "/dashboard/data")).json()["history"]
+        return sum(step["requests_per_s"] for step in chart) > 0
+
+    await eventually(charted, "the step of those requests drawn")
     assert all(step["ttft_ms"] is None for step in chart), chart
 
 
