@@ -50,8 +50,16 @@ async def test_a_client_that_leaves_stops_the_engine(grid: Grid, moment: str, vi
                         if seen == 3:
                             return
 
-        with trio.move_on_after(0.5):  # long enough to be queued or waiting for the first token
-            await leave()
+        async def there() -> bool:  # where the client leaves (mid-stream, it leaves by itself)
+            if moment == "while queued":
+                return (await grid.http.get(hub.value + "/api/registry")).json()["queued"] == 1
+            return sim.stats.started == 1  # the engine has it, its first token a minute away
+
+        async with trio.open_nursery() as asking:
+            asking.start_soon(leave)
+            if moment != "mid-stream":
+                await eventually(there, f"the request {moment}")
+                asking.cancel_scope.cancel()
         left_at = trio.current_time()
 
         if moment == "while queued":
