@@ -346,7 +346,7 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
             await conn.respond_json(404, {"error": f"model '{PROBE_MODEL}' not found"})
             return
         await conn.start_stream(200, "application/x-ndjson")
-        for _ in range(6):  # 0.6 s of thinking: longer than the hub's idle_s
+        for _ in range(15):  # 1.5 s of thinking: longer than the hub's idle_s
             await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"","thinking":"hm "},"done":false}\n')
             await trio.sleep(0.1)
         await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"4"},"done":false}\n'
@@ -354,7 +354,7 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
                          b'"prompt_eval_count":3,"eval_count":7}\n')
         await conn.finish()
 
-    hub = await grid.hub(timeouts={"idle_s": 0.25})
+    hub = await grid.hub(timeouts={"idle_s": 1.0})
     await grid.worker(hub.value, await grid.fake_engine(engine))
     async with openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", max_retries=0) as sdk:
         stream = await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "2+2?"}],
@@ -364,7 +364,7 @@ async def test_a_thinking_model_streams_its_reasoning_to_the_openai_sdk_and_is_n
             if chunk.choices:
                 reasoning += (chunk.choices[0].delta.model_extra or {}).get("reasoning") or ""
                 content += chunk.choices[0].delta.content or ""
-    assert (reasoning, content) == ("hm " * 6, "4")
+    assert (reasoning, content) == ("hm " * 15, "4")
 
 
 async def test_the_ollama_client_gets_a_long_tool_call_an_openai_engine_streams_and_is_not_cut(grid: Grid) -> None:

@@ -106,8 +106,8 @@ async def test_workers_come_back_after_kill_9_of_their_hub(grid: Grid, hub_proce
 
 
 async def test_a_burst_twice_the_capacity_ends_in_success_or_an_explicit_refusal(grid: Grid) -> None:
-    sim_url, sim = await grid.sim(itl_ms=10, tokens=20)
-    hub = await grid.hub(limits={"queue_size": 4, "queue_timeout_s": 1.0})
+    sim_url, sim = await grid.sim(itl_ms=50, tokens=20)  # a second each: the burst is in before one ends
+    hub = await grid.hub(limits={"queue_size": 4, "queue_timeout_s": WAIT_S})
     await grid.worker(hub.value, sim_url, max_concurrency=2)
     capacity = 2 + 4  # slots and queue places
     statuses: list[int] = []

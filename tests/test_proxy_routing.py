@@ -237,7 +237,7 @@ async def test_one_failed_health_check_does_not_take_a_hub_down_but_failures_in_
     await grid.worker(hub.value, sim_url)
     relay = Relay(int(hub.value.rsplit(":", 1)[1]))
     relay_port = await grid.nursery.start(relay.serve)
-    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{relay_port}",), health={"interval_s": 0.3, "timeout_s": 0.2})
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{relay_port}",), health={"interval_s": 0.6, "timeout_s": 0.5})
     await grid.wait_for_model(proxy.value, "sim")
 
     async def logged(text: str) -> bool:
