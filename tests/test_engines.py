@@ -819,7 +819,8 @@ async def test_an_sse_end_in_an_ollama_stream_is_a_malformed_line_not_a_worker_f
     before it."""
     async def engine(conn: Connection, request: Request) -> None:
         if request.path != "/api/chat" or PROBE_MODEL.encode() in (request.body or b""):
-            await conn.respond_json(200 if request.path == "/api/ps" else 404, {"models": [], "error": "model not found"})
+            answer = {"models": [], "error": "model not found"}
+            await conn.respond_json(200 if request.path == "/api/ps" else 404, answer)
             return
         await conn.start_stream(200, "application/x-ndjson")
         await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"half"},"done":false}\n[DONE]\n')
