@@ -106,6 +106,9 @@ def tagged(model: str, serves: Callable[[str], bool]) -> str:
 # Proxy → hub: another hub could take this request. A hub whose workers of its model all drain then
 # answers 503 at once, for the proxy to move on, rather than keep it for their return (a restart).
 ELSEWHERE_HEADER = b"x-ghubai-elsewhere"
+# Hub → proxy, on such a 503: only the header made the hub refuse it. When no other hub takes the
+# request either, the proxy sends it back without the header, and the hub keeps it until they return.
+SENT_ON = {"X-GhubAi-Elsewhere": "refused"}
 
 
 def validate_model(body: dict[str, Any]) -> None:

@@ -26,16 +26,18 @@ CLIENT_CLOSED = 499  # logged and counted for a client that left before any answ
 
 class ApiError(Exception):
     """An answer other than success, in terms both dialects can render. Invariant: ``status`` is
-    an HTTP error status (400-599); ``retry_after`` (seconds), when set, becomes ``Retry-After``."""
+    an HTTP error status (400-599); ``retry_after`` (seconds), when set, becomes ``Retry-After``;
+    ``extra_headers`` go out with it too (``Connection: close`` where the request cannot be read on)."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, retry_after: int | None = None) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None, extra_headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.extra_headers = extra_headers or {}
 
     def openai_body(self) -> dict[str, Any]:
         kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -55,15 +57,19 @@ class ApiError(Exception):
         return json.dumps(self.ollama_body()).encode() + b"\n"
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+        return {"Retry-After": str(self.retry_after)} | self.extra_headers if self.retry_after is not None \
+            else self.extra_headers
 
 
 def invalid_api_key() -> ApiError:
     return ApiError(401, "Missing or invalid API key", code="invalid_api_key")
 
 
+CLOSE = {"Connection": "close"}  # a body left unread: what follows on the connection is no request
+
+
 def body_too_large(limit: int) -> ApiError:
-    return ApiError(413, f"Request body is larger than {limit} bytes")
+    return ApiError(413, f"Request body is larger than {limit} bytes", extra_headers=CLOSE)
 
 
 def model_not_found(model: str) -> ApiError:

@@ -519,3 +519,48 @@ async def test_a_request_a_hub_sent_on_because_another_could_take_it_waits_there
         await eventually(all_queued, "every request queued at the hub whose worker is coming back")
         await grid.worker(hub.value, sim_url, name="w")
     assert statuses == [200] * 8, statuses
+
+
+async def test_a_hub_that_kept_a_request_its_full_queue_time_is_not_asked_again(grid: Grid) -> None:
+    """Review: the proxy took any 503 to a request sent with ``X-GhubAi-Elsewhere`` for a hub that
+    refused only because of the header, and sent the request back to a hub whose workers were merely
+    busy: a second full queue_timeout_s for the same 503. Only a hub's marked refusal
+    (``dialects.SENT_ON``) sends a request back."""
+    sim_url, _ = await grid.sim(ttft_ms=60_000)
+    hub = await grid.hub(limits={"queue_timeout_s": 0.5})
+    await grid.worker(hub.value, sim_url, max_concurrency=1)
+
+    async def refusing(conn: Connection, request: Request) -> None:  # lists sim, and refuses all else
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"hub_id": "r", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+        else:
+            await conn.respond_json(503, {"error": {"message": "This hub is shutting down; try another"}})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=refusing), 0,
+                                                 host="127.0.0.1"))
+    other = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    proxy = await grid.proxy(hubs=(hub.value, other), health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    statuses: list[int] = []
+
+    async def ask(i: int) -> None:  # (each its own conversation: some go to each hub first)
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(content=f"question {i}"))
+        statuses.append(response.status_code)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(grid.http.post, hub.value + "/v1/chat/completions", json=chat()))  # its only slot
+
+        async def held() -> bool:
+            return (await grid.http.get(hub.value + "/api/summary")).json()["queued"] == 0 and \
+                (await grid.workers(hub.value))[0]["inflight"] == 1
+
+        await eventually(held, "the hub's only slot taken")
+        async with trio.open_nursery() as asking:
+            for i in range(6):
+                asking.start_soon(ask, i)
+        nursery.cancel_scope.cancel()
+    assert statuses == [503] * 6, statuses
+    metrics = (await grid.http.get(hub.value + "/metrics")).text
+    refused = [line for line in metrics.splitlines() if line.startswith("ghubai_requests_total{") and 'code="503"' in line]
+    assert len(refused) == 1 and refused[0].endswith(" 6.0"), refused  # each asked once

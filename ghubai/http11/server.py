@@ -22,7 +22,7 @@ import h11
 import trio
 
 from ghubai import cors
-from ghubai.errors import CLIENT_CLOSED, ApiError, body_too_large
+from ghubai.errors import CLIENT_CLOSED, CLOSE, ApiError, body_too_large
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.sockets import RECEIVE_SIZE, write_now
@@ -67,11 +67,11 @@ class RequestBody:
         if len(self.data) > self.limit:
             raise body_too_large(self.limit)
         if self.small > self.max_small:
-            raise ApiError(413, f"Request body sent in more than {self.max_small} small pieces")
+            raise ApiError(413, f"Request body sent in more than {self.max_small} small pieces", extra_headers=CLOSE)
 
     @staticmethod
     def too_slow() -> ApiError:
-        return ApiError(408, "The request body did not arrive in time")
+        return ApiError(408, "The request body did not arrive in time", extra_headers=CLOSE)
 
 
 def origin_form(target: str) -> str:

@@ -29,7 +29,7 @@ from werkzeug.routing import PathConverter
 from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
-from ghubai.errors import CLIENT_CLOSED, ApiError, body_too_large, invalid_api_key, model_not_found
+from ghubai.errors import CLIENT_CLOSED, CLOSE, ApiError, body_too_large, invalid_api_key, model_not_found
 from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import serve_worker
@@ -380,11 +380,9 @@ class HubApi:
         except ApiError as error:
             if record.status is None:  # else the stream ended with its own error event
                 record.reason = error.message
-                # draining, the process goes soon: a kept-alive connection's next request would meet its
-                # exit; a body too slow or too large was not read to its end: the connection cannot go on
-                closing = [(b"connection", b"close")] if self.pool.draining or error.status in (408, 413) else []
-                await _respond(send, error.status, error.body_for(scope["path"]), [*answers.JSON_HEADERS, *closing],
-                               error.headers())
+                # (draining, the process goes soon: a kept-alive connection's next request would meet its exit)
+                await _respond(send, error.status, error.body_for(scope["path"]), answers.JSON_HEADERS,
+                               error.headers() | (CLOSE if self.pool.draining else {}))
         except Exception:
             log.exception("the hub failed to serve a request")
             if record.status is None:

@@ -553,7 +553,8 @@ class Pool:
         hosting = [worker for worker in self.workers.values() if model in worker.models]
         if not hosting and self._returning(model) is not None:
             if elsewhere:
-                raise ApiError(503, f"No worker serves '{model}' right now", retry_after=1)
+                raise ApiError(503, f"No worker serves '{model}' right now", retry_after=1,
+                               extra_headers=dialects.SENT_ON)
             return
         if not hosting:
             if not self.workers:
@@ -566,9 +567,13 @@ class Pool:
         if not serving:
             raise ApiError(501, f"No worker serves POST {protocol.API_PATHS.get(api, api)} for model '{model}': "
                            "its engines lack that API", code="api_not_served")
-        if (elsewhere or not any(worker.draining for worker in serving)) and \
-                all(worker.draining or worker.id in exclude for worker in serving):
-            raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
+        if all(worker.draining or worker.id in exclude for worker in serving):
+            waits = any(worker.draining for worker in serving)  # for one of them, back after its restart
+            if elsewhere and waits:
+                raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1,
+                               extra_headers=dialects.SENT_ON)
+            if not waits:
+                raise ApiError(503, f"No other worker serves '{model}' right now", retry_after=1)
 
     async def acquire(self, model: str, api: str, exclude: set[str], deadline: float,
                       conversation: int | None = None, again: bool = False, elsewhere: bool = False,

@@ -181,7 +181,7 @@ class Forwarder:
         tried: set[str] = set()
         cut_by = ""  # a TLS hub that closed on the body (``BodyCut``): if no other takes it, why
         # the first hub that refused at once only because it was told another could take the request
-        # (its workers of the model busy elsewhere or coming back): when no other does, it queues it
+        # (``dialects.SENT_ON``: its workers of the model coming back): when no other does, it keeps it
         bounced: Hub | None = None
         while True:
             if len(tried) < self.config.max_attempts and (hub := self.hubs.pick(model, tried, conversation)):
@@ -207,7 +207,7 @@ class Forwarder:
                 another = bounced is not None or \
                     (len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried))
                 if response.status_code in RETRY_STATUSES and another:
-                    if elsewhere and response.status_code == 503 and bounced is None:
+                    if bounced is None and (dialects.ELSEWHERE_HEADER, b"refused") in response.headers:
                         bounced = hub
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                     await self._discard(hub, upstream)
@@ -298,7 +298,8 @@ class Forwarder:
         the client left at that event (as the SDKs do) before the stream's end arrived."""
         chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
-                   if k != b"x-request-id" and not (chunked and k == b"content-length") and not cors.foreign(k, v)]
+                   if k not in (b"x-request-id", dialects.ELSEWHERE_HEADER) and not (chunked and k == b"content-length")
+                   and not cors.foreign(k, v)]
         content_type = _content_type(headers)
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
