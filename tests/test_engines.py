@@ -832,3 +832,30 @@ async def test_an_sse_end_in_an_ollama_stream_is_a_malformed_line_not_a_worker_f
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
     assert response.status_code == 200 and "half" in response.text, response.text
     assert "the engine's stream is not JSON" in response.text.rsplit("data: ", 1)[1], response.text
+
+
+async def test_a_malformed_line_passed_through_is_the_engine_s_fault_and_not_generated_again(grid: Grid) -> None:
+    """Review: where the worker passes an engine's lines through (an Ollama client, an Ollama engine)
+    and reads only those that carry usage, a malformed one was "engine connection failed
+    (DecodeError)", retried: the same generation ran on every worker."""
+    asked = 0
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal asked
+        if request.path != "/api/chat" or PROBE_MODEL.encode() in (request.body or b""):
+            answer = {"models": [], "error": "model not found"}
+            await conn.respond_json(200 if request.path == "/api/ps" else 404, answer)
+            return
+        asked += 1
+        await conn.start_stream(200, "application/x-ndjson")
+        await conn.write(b'{"model":"sim","message":{"role":"assistant","content":"half"},"done":false}\n'
+                         b'{"model":"sim","done":true,,}\n')
+        await conn.finish()
+
+    hub = await grid.hub()
+    for _ in range(2):
+        await grid.worker(hub.value, await grid.fake_engine(engine))
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}
+    response = await grid.http.post(hub.value + "/api/chat", json=body)
+    assert response.status_code == 200 and "half" in response.text, response.text
+    assert "the engine's stream is not JSON" in response.text.splitlines()[-1] and asked == 1

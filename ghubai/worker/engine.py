@@ -449,7 +449,9 @@ class Engine:
                 call.failure = engine_failure(payload, message)  # after what came before it
                 break
             if any(marker in payload for marker in _USAGE_MARKERS):
-                value = _decode(payload)
+                value = _decoded(call, payload)
+                if call.failure:
+                    break
                 value = value if isinstance(value, dict) else {}
                 if usage := _usage_of(value):
                     call.usage = usage
@@ -476,10 +478,8 @@ class Engine:
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it
                 break
-            try:
-                value = _decode(payload)
-            except (ValueError, RecursionError) as error:  # (an engine's fault, not its connection's)
-                call.failure = EngineError(502, f"the engine's stream is not JSON ({error})", retryable=False)
+            value = _decoded(call, payload)
+            if call.failure:
                 break
             try:
                 if not isinstance(value, dict):
@@ -493,6 +493,16 @@ class Engine:
                 call.finished = True
                 break
         return b"".join(out)
+
+
+def _decoded(call: Call, payload: bytes) -> Any:
+    """A streamed record's JSON. One that is not JSON is the engine's fault, not its connection's:
+    it ends the call (``call.failure``) after what came before it, and is not generated again elsewhere."""
+    try:
+        return _decode(payload)
+    except (ValueError, RecursionError) as error:
+        call.failure = EngineError(502, f"the engine's stream is not JSON ({error})", retryable=False)
+        return None
 
 
 def _names(entries: list[Any], key: str) -> tuple[str, ...]:
