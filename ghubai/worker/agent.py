@@ -37,6 +37,9 @@ log = logging.getLogger("ghubai.worker")
 BACKOFF_FIRST_S = 0.5
 DISCOVERY_RETRY_FIRST_S = 1.0
 BACKOFF_MAX_S = 30.0
+# After a hub said it stops (close code 1001), its port refusing connections is its restart, logged
+# at info for this long; then at warning, as any hub that does not answer.
+RESTART_GRACE_S = 60.0
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 DISCONNECT_TIMEOUT_S = 2.0
@@ -217,6 +220,7 @@ class Worker:
             if self.config.provider_token else []
         tls = tls_client_context(self.config.ca_file, self.config.allow_invalid_certs) \
             if urlsplit(url).scheme == "wss" else None  # (any case: WSS:// passes the check)
+        restarting_until = -math.inf  # a hub that said it stops is expected back: not a fault until then
         while True:
             try:
                 async with self._dial(url, tls, headers) as (ws, stream):
@@ -226,7 +230,7 @@ class Worker:
                                   "(a hub takes one link per worker; list each hub once in hub_url)",
                                   welcome.hub_id, url, other)
                         return
-                    backoff = BACKOFF_FIRST_S
+                    backoff, restarting_until = BACKOFF_FIRST_S, -math.inf
                     try:
                         await self._serve_link(ws, url, welcome.heartbeat_s, stream, said)
                     finally:
@@ -242,12 +246,14 @@ class Worker:
                 why = closed.reason
                 if why is not None and why.code == protocol.CLOSE_GOING_AWAY:  # a planned stop (a restart)
                     log.info("link to %s closed by the hub: %s", url, why.reason or "going away")
+                    restarting_until = trio.current_time() + RESTART_GRACE_S
                 else:
                     log.warning("link to %s closed: %s", url, f"code {why.code} ({why.name}) {why.reason or ''}"
                                 if why is not None else "no reason given")
             except* (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError, trio.TooSlowError,
                      protocol.ProtocolError) as group:
-                log.warning("link to %s failed: %s", url, describe(_first(group)))
+                level = logging.INFO if trio.current_time() < restarting_until else logging.WARNING
+                log.log(level, "link to %s failed: %s", url, describe(_first(group)))
             except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
                 log.error("link to %s failed inside the worker", url, exc_info=_first(group))
             delay = backoff / 2 + random.uniform(0, backoff / 2)
