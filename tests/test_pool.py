@@ -209,6 +209,37 @@ async def test_a_queued_request_gets_the_slot_on_release(autojump_clock: trio.te
     assert trio.current_time() == 0.0
 
 
+async def test_an_arrival_or_a_release_costs_a_long_queue_a_pick_or_two_not_one_per_waiter(
+        autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (scale hunt): every arrival woke the head of the queue, and each waiter that found
+    no slot passed the wake-up on, so each arrival, and each release its waiter could not use, walked
+    the whole queue: 5,000 waiting cost 0.3 s of CPU an event. A wake-up now goes on only while a
+    slot is free."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_size=1000)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is worker
+    picks = 0
+    pick = pool._pick
+
+    def counted(*args: Any, **kwargs: Any) -> RemoteWorker | None:
+        nonlocal picks
+        picks += 1
+        return pick(*args, **kwargs)
+
+    monkeypatch.setattr(pool, "_pick", counted)
+    async with trio.open_nursery() as nursery:
+        attempts = [await queue_attempt(nursery, pool, f"q{i}") for i in range(200)]
+        picks = 0
+        last = await queue_attempt(nursery, pool, "last")  # arrives with no slot free
+        assert last.waiting and picks <= 1
+        worker.reported = 0  # (its load report: only this hub's request runs there)
+        pool.release(worker)
+        await trio.testing.wait_all_tasks_blocked()
+        assert attempts[0].worker is worker and all(attempt.waiting for attempt in attempts[1:])
+        assert picks <= 3, picks  # the head's, and the next one's that finds nothing free
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_release_waits_for_the_workers_report(autojump_clock: trio.testing.MockClock) -> None:
     """A release frees no slot the worker's last report still counts; the report after it does."""
     worker = make_worker("w")

@@ -8,7 +8,8 @@ worker is full it waits in a bounded queue: first in, first out per model (a req
 refusal or a failed attempt at the head), ``queue_size`` for the whole hub, ``queue_timeout_s`` at
 most. When a slot may
 have freed, the head of the model's queue is woken; a waiter that cannot use it passes the wake-up to
-the one behind, so a release usually costs O(1) however long the queue.
+the one behind while a slot is still free, so a release or an arrival costs a pick or two however long
+the queue.
 """
 
 from __future__ import annotations
@@ -609,7 +610,8 @@ class Pool:
         else:
             queue.append(waiter)
         self.queued += 1
-        queue[0].event.set()  # those ahead may be waiting for workers they cannot use: a free slot is ours
+        if self._slot_free(model):  # those ahead may be waiting for workers they cannot use: a free slot is ours
+            queue[0].event.set()
         try:
             cold_ok = False
             with trio.fail_at(deadline):
@@ -625,8 +627,7 @@ class Pool:
                     self._check_hosted(model, api, exclude, elsewhere)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
-                    position = queue.index(waiter)
-                    if position + 1 < len(queue):
+                    if self._slot_free(model) and (position := queue.index(waiter)) + 1 < len(queue):
                         queue[position + 1].event.set()
         except trio.TooSlowError:
             raise self.no_slot(model) from None
@@ -637,6 +638,13 @@ class Pool:
                 del self._queues[model]
             else:
                 queue[0].event.set()
+
+    def _slot_free(self, model: str) -> bool:
+        """Some worker of ``model`` has a free slot: only then is a wake-up worth passing down its
+        queue (each waiter it reaches tries a pick: passed on with none free, every release and every
+        arrival walked the whole queue, 0.3 s of CPU at 5,000 waiting)."""
+        return any(worker.inflight < worker.max_concurrency and worker.reported < worker.slots
+                   for worker in self.workers.values() if model in worker.models and not worker.draining)
 
     def no_slot(self, model: str) -> ApiError:
         return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
