@@ -307,6 +307,10 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", write_t
     config.max_connections, config.who = max_connections, who
     config.bind = [listen]
     config.graceful_timeout = 1.0  # hypercorn's wait for open connections once told to stop
+    # hypercorn listens with a backlog of 100: in a burst, the SYNs past it were dropped and their
+    # clients came back 1, 3, 7 ... s later, or gave up (the proxy's connect_timeout_s). The kernel
+    # caps this at net.core.somaxconn (4,096 on current Linux), as the proxy's own listener gets.
+    config.backlog = 65535
     # hypercorn ends a connection after 1,000 requests; over HTTP/2 with a GOAWAY that fails the
     # request that came past it (httpx raises RemoteProtocolError): one request in a thousand of a
     # long-lived client. A connection's requests cost nothing that grows, so there is no such end.
