@@ -675,3 +675,42 @@ def test_a_hub_s_worker_entry_passes_on_as_text_lists_of_text_and_numbers() -> N
                                       "usage": {"prompt_tokens": 5, "x": "y"}, "secret": "z"}]})
     assert entry == [{"id": "['x']", "name": "w", "models": [], "loaded": ["a", "2"], "max_concurrency": 4,
                       "draining": False, "usage": {"prompt_tokens": 5}}]
+
+
+async def test_polling_health_asks_the_hubs_for_nothing_more_but_the_dashboard_does(
+        grid: Grid, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (scale hunt): each GET of the proxy's /health had every health check read every
+    hub's workers for 10 s: a monitor polling it every 5 s made that for good (50 hubs of 500 workers:
+    7 times the hubs' traffic, the proxy's CPU 6 → 39 %, its p99 15 → 300 ms). Only the dashboard's
+    data (and so ``ghubai status``) asks for them."""
+    monkeypatch.setattr("ghubai.proxy.follow.DETAILS_EVERY", 1000)  # (only the first check reads them otherwise)
+    checks = {"/api/summary": 0, "/api/registry": 0}
+
+    async def hub(conn: Connection, request: Request) -> None:
+        checks[request.path] = checks.get(request.path, 0) + 1
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"hub_id": "h", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "workers": 1, "capacity": 4, "queue": {}})
+        else:
+            await conn.respond_json(200, {"hub_id": "h", "draining": False, "heartbeat_s": 1, "queue": {},
+                                          "workers": [{"name": "w", "models": ["sim"], "inflight": 0,
+                                                       "max_concurrency": 4, "last_seen_s": 0}]})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=hub), 0,
+                                                 host="127.0.0.1"))
+    proxy = await grid.proxy(hubs=(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}",))
+    await grid.wait_for_model(proxy.value, "sim")
+    details = checks["/api/registry"]
+
+    async def checked_again(rounds: int) -> bool:  # polling /health all the while
+        assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+        return checks["/api/summary"] >= rounds
+
+    await eventually(partial(checked_again, checks["/api/summary"] + 5), "five more health checks")
+    assert checks["/api/registry"] == details
+    assert (await grid.http.get(proxy.value + "/dashboard/data")).status_code == 200
+
+    async def detailed() -> bool:
+        return checks["/api/registry"] > details
+
+    await eventually(detailed, "the workers read again for the dashboard")

@@ -67,13 +67,15 @@ class HubSet:
         self.listed = trio.Event()  # the registry answered once, or failed to (``follow_registry``)
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
-        self.version = 0  # counts the changes of what /health shows (a health check's result, the list)
+        self.version = 0  # counts the changes of what the dashboard shows (a health check's result, the list)
+        self.listed_version = 0  # counts the changes of the list alone
         self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
         self._rechecked = -math.inf  # trio time ``recheck`` last asked for a round of checks
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
         self.version += 1
+        self.listed_version += 1
         self._served = None
         wanted = {}
         for name, address in entries:
