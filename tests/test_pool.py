@@ -240,6 +240,37 @@ async def test_an_arrival_or_a_release_costs_a_long_queue_a_pick_or_two_not_one_
         nursery.cancel_scope.cancel()
 
 
+async def test_a_waiter_behind_the_head_hears_at_once_when_its_api_s_last_worker_drains(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: with wake-ups passed down the queue only while a slot is free, a change of the workers
+    woke the head alone; one behind it (another API) whose only worker began to drain, sent by a proxy
+    that could send it elsewhere, waited its whole queue time for a 503 instead of its answer at once."""
+    chat, embed = make_worker("c"), make_worker("e")
+    chat.apis, embed.apis = frozenset({"openai.chat"}), frozenset({"openai.embeddings"})
+    pool = make_pool(chat, embed)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is chat
+    assert await pool.acquire("m", "openai.embeddings", set(), soon()) is embed
+    outcomes: dict[str, Any] = {}
+
+    async def wait(api: str) -> None:
+        try:
+            outcomes[api] = await pool.acquire("m", api, set(), soon(), elsewhere=True)
+        except ApiError as error:
+            outcomes[api] = error
+
+    async with trio.open_nursery() as nursery:
+        for api in ("openai.chat", "openai.embeddings"):
+            nursery.start_soon(wait, api)
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(10)  # past the warm wait: each waits on its queue alone now
+        pool.set_draining(embed)
+        await trio.testing.wait_all_tasks_blocked()
+        refused = outcomes.get("openai.embeddings")
+        assert isinstance(refused, ApiError) and refused.status == 503 and refused.extra_headers, outcomes
+        assert "openai.chat" not in outcomes  # the head waits on for its worker
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_release_waits_for_the_workers_report(autojump_clock: trio.testing.MockClock) -> None:
     """A release frees no slot the worker's last report still counts; the report after it does."""
     worker = make_worker("w")

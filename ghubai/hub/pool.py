@@ -230,7 +230,7 @@ class Pool:
             del self.workers[worker.key]
             self._changed()
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
-        self._wake(self._queues)  # queued requests may now have no worker at all
+        self._wake(self._queues, every=True)  # queued requests may now have no worker at all
         if self.closing.is_set() and not self.workers:
             self._links_closed.set()
 
@@ -246,7 +246,7 @@ class Pool:
             worker.slots = offer.max_concurrency
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
         self._changed()
-        self._wake(self._queues)
+        self._wake(self._queues, every=True)
 
     def _residency(self, worker: RemoteWorker, loaded: Any) -> None:
         """What the worker's engine said it holds in memory (None: it cannot tell), and what that
@@ -344,7 +344,7 @@ class Pool:
         worker.draining = True
         self._changed()
         log.info("worker %s (%s) is draining", worker.name, worker.id[:8])
-        self._wake(self._queues)  # (requests waiting for it wait on: for its return, as after a crash)
+        self._wake(self._queues, every=True)  # (requests waiting for it wait on: for its return, as after a crash)
 
     def drain(self) -> None:
         """The hub is shutting down: every queued request, and any later one, is refused with 503."""
@@ -705,12 +705,16 @@ class Pool:
         if freed:
             self._wake(worker.models)
 
-    def _wake(self, models: Any) -> None:
+    def _wake(self, models: Any, every: bool = False) -> None:
         """Tell the head of each of these models' queues to look again: a walk of the shorter of the
-        two (a worker may list 4,096 models, and report its load as often as it likes)."""
+        two (a worker may list 4,096 models, and report its load as often as it likes). ``every``:
+        each waiter, not the head alone, when the workers changed (rare): one behind the head may now
+        have an answer at once (its API's last worker gone, a proxy's request to send elsewhere)
+        that a free slot alone would not pass down to it."""
         queues = self._queues
         if not queues:
             return
         for model in list(models) if len(models) <= len(queues) else [model for model in queues if model in models]:
             if queue := queues.get(model):
-                queue[0].event.set()
+                for waiter in queue if every else (queue[0],):
+                    waiter.event.set()
