@@ -479,6 +479,20 @@ async def test_a_hub_that_breaks_mid_upload_passes_the_request_to_another(grid: 
     assert cuts == 1
 
 
+async def _draining_hub(grid: Grid) -> str:
+    """A hub that lists sim, and answers every request with a draining hub's 503 (unmarked)."""
+    async def draining(conn: Connection, request: Request) -> None:
+        if request.path == "/api/summary":
+            await conn.respond_json(200, {"hub_id": "d", "draining": False, "heartbeat_s": 1, "models": ["sim"],
+                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+        else:
+            await conn.respond_json(503, {"error": {"message": "This hub is shutting down; try another"}})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=draining), 0,
+                                                 host="127.0.0.1"))
+    return f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
 async def test_a_request_a_hub_sent_on_because_another_could_take_it_waits_there_when_none_does(grid: Grid) -> None:
     """Regression (chaos soak): a hub told that another hub could take a request (``X-GhubAi-Elsewhere``)
     refuses it at once when its workers of the model are gone for a moment (a restart); the other hub,
@@ -488,17 +502,7 @@ async def test_a_request_a_hub_sent_on_because_another_could_take_it_waits_there
     sim_url, _ = await grid.sim()
     hub = await grid.hub()
     worker = await grid.worker(hub.value, sim_url, name="w")
-
-    async def draining(conn: Connection, request: Request) -> None:  # lists sim, and refuses all else
-        if request.path == "/api/summary":
-            await conn.respond_json(200, {"hub_id": "d", "draining": False, "heartbeat_s": 1, "models": ["sim"],
-                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
-        else:
-            await conn.respond_json(503, {"error": {"message": "This hub is shutting down; try another"}})
-
-    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=draining), 0,
-                                                 host="127.0.0.1"))
-    other = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    other = await _draining_hub(grid)
     proxy = await grid.proxy(hubs=(hub.value, other), health={"interval_s": 60.0})  # its view stays as it was
     await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
     worker.stop()  # a restart: its link gone, back in a moment
@@ -529,17 +533,7 @@ async def test_a_hub_that_kept_a_request_its_full_queue_time_is_not_asked_again(
     sim_url, _ = await grid.sim(ttft_ms=60_000)
     hub = await grid.hub(limits={"queue_timeout_s": 0.5})
     await grid.worker(hub.value, sim_url, max_concurrency=1)
-
-    async def refusing(conn: Connection, request: Request) -> None:  # lists sim, and refuses all else
-        if request.path == "/api/summary":
-            await conn.respond_json(200, {"hub_id": "r", "draining": False, "heartbeat_s": 1, "models": ["sim"],
-                                          "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
-        else:
-            await conn.respond_json(503, {"error": {"message": "This hub is shutting down; try another"}})
-
-    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=refusing), 0,
-                                                 host="127.0.0.1"))
-    other = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    other = await _draining_hub(grid)
     proxy = await grid.proxy(hubs=(hub.value, other), health={"interval_s": 60.0})
     await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
     statuses: list[int] = []
@@ -562,5 +556,6 @@ async def test_a_hub_that_kept_a_request_its_full_queue_time_is_not_asked_again(
         nursery.cancel_scope.cancel()
     assert statuses == [503] * 6, statuses
     metrics = (await grid.http.get(hub.value + "/metrics")).text
-    refused = [line for line in metrics.splitlines() if line.startswith("ghubai_requests_total{") and 'code="503"' in line]
+    refused = [line for line in metrics.splitlines()
+               if line.startswith("ghubai_requests_total{") and 'code="503"' in line]
     assert len(refused) == 1 and refused[0].endswith(" 6.0"), refused  # each asked once

@@ -164,8 +164,9 @@ class Proxy:
     async def health(self, conn: Connection, request: Request) -> None:
         """What the checks last found, built again at most once a second, and when a hub comes, goes,
         or goes up or down: it is open, monitors poll it, and each check changes it (50 hubs of 500
-        workers: 19 MB, 60 ms to build). Unlike the dashboard, it asks the hubs for no fresher detail (a monitor's poll had
-        every check read every hub's workers, 7 times the hubs' traffic and the proxy's p99 15 → 300 ms)."""
+        workers: 19 MB, 60 ms to build). Unlike the dashboard, it asks the hubs for no fresher detail
+        (a monitor's poll had every check read every hub's workers: 7 times the hubs' traffic, the
+        proxy's p99 15 → 300 ms)."""
         key = (self.hubs.listed_version, int(trio.current_time()))
         if self._health[0] != key:
             hubs = [hub.describe() for hub in self.hubs.hubs.values()]
