@@ -236,17 +236,20 @@ class Pool:
 
     def set_offer(self, worker: RemoteWorker, offer: protocol.Hello | protocol.Models) -> None:
         """What the worker's engine offers, from its ``hello`` or a ``models`` frame."""
-        if frozenset(offer.models) != worker.models:
+        models, apis = frozenset(offer.models), None if offer.apis is None else frozenset(offer.apis)
+        if models != worker.models:
             log.info("worker %s (%s) models: %s", worker.name, worker.id[:8], ", ".join(offer.models) or "(none)")
-        worker.models = frozenset(offer.models)
-        worker.apis = None if offer.apis is None else frozenset(offer.apis)
+        # what it hosts and serves changed: a waiter anywhere in a queue may have its answer now (a
+        # frame that tells only of models in memory, every few seconds, is news for the head alone)
+        hosting = (models, apis) != (worker.models, worker.apis)
+        worker.models, worker.apis = models, apis
         self._residency(worker, offer.loaded)
         worker.problem = offer.problem
         if offer.max_concurrency is not None:
             worker.slots = offer.max_concurrency
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
         self._changed()
-        self._wake(self._queues, every=True)
+        self._wake(self._queues, every=hosting)
 
     def _residency(self, worker: RemoteWorker, loaded: Any) -> None:
         """What the worker's engine said it holds in memory (None: it cannot tell), and what that

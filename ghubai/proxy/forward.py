@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,10 +108,6 @@ def _final_error(content_type: bytes, message: str) -> bytes:
     if content_type.startswith(b"application/x-ndjson"):
         return error.stream_end(sse=False)
     return b""
-
-
-def _content_type(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    return next((value for name, value in headers if name == b"content-type"), b"")
 
 
 def _boundary(content_type: bytes) -> bytes | None:
@@ -220,7 +215,6 @@ class Forwarder:
                         await self._discard(hub, upstream)
                         continue
                 outcome.status, outcome.answered_at = response.status_code, trio.current_time()
-                outcome.streamed = _boundary(_content_type(response.headers)) is not None
                 try:
                     await self._relay(conn, hub, upstream, response, request_id, outcome)
                 except ApiError:  # too slow before its first byte: a 504, and no answer began
@@ -300,8 +294,9 @@ class Forwarder:
         headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
                    if k not in (b"x-request-id", dialects.ELSEWHERE_HEADER) and not (chunked and k == b"content-length")
                    and not cors.foreign(k, v)]
-        content_type = _content_type(headers)
+        content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
+        outcome.streamed = boundary is not None
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode()),
                                                           *conn.cors])]

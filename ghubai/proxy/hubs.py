@@ -68,14 +68,14 @@ class HubSet:
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self.version = 0  # counts the changes of what the dashboard shows (a health check's result, the list)
-        self.listed_version = 0  # counts the changes of the list, and of a hub's being up or down
+        self.health_version = 0  # counts what /health must show at once: the list, a hub up or down
         self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
         self._rechecked = -math.inf  # trio time ``recheck`` last asked for a round of checks
 
     def update(self, entries: list[tuple[str, str]]) -> None:
         """Take a new list of (name, address); known hubs keep their state, new ones get checked at once."""
         self.version += 1
-        self.listed_version += 1
+        self.health_version += 1
         self._served = None
         wanted = {}
         for name, address in entries:
@@ -179,7 +179,7 @@ class HubSet:
         elif not up:
             hub.workers, hub.queue = None, {}  # unreachable: what it had is unknown now
         if up != hub.up:
-            self.listed_version += 1
+            self.health_version += 1
             if up:
                 log.info("hub %s (%s) is up: %s", hub.name, hub.address, ", ".join(sorted(hub.models)) or "no models")
             else:

@@ -167,7 +167,7 @@ class Proxy:
         workers: 19 MB, 60 ms to build). Unlike the dashboard, it asks the hubs for no fresher detail
         (a monitor's poll had every check read every hub's workers: 7 times the hubs' traffic, the
         proxy's p99 15 → 300 ms)."""
-        key = (self.hubs.listed_version, int(trio.current_time()))
+        key = (self.hubs.health_version, int(trio.current_time()))
         if self._health[0] != key:
             hubs = [hub.describe() for hub in self.hubs.hubs.values()]
             body = json.dumps({"status": "ok", "hubs_up": len(self.hubs.healthy()), "hubs": hubs}).encode()
