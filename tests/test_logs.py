@@ -80,7 +80,7 @@ async def test_a_request_id_crosses_every_role_and_secrets_never_appear(tmp_path
             assert any(entry.get("request_id") == rid for entry in entries), f"{rid} not in the {role} log"
     hub_lines = logs["hub"].splitlines()
     for rid in ("trace-me-42", made_id):
-        assert any(line.startswith("INFO ghubai.hub: POST ") and line.endswith(f" request_id={rid}")
+        assert any(line.startswith(f"INFO ghubai.hub request_id={rid}: POST ")
                    for line in hub_lines), f"{rid} not in the hub log"
 
 
@@ -139,6 +139,18 @@ async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worke
     await eventually(written, "the hub's lines, and the worker's for the request the hub cancelled")
     assert [line for line in lines("hub", "cut-short") if " 504 " in line and "Timed out" in line]
     assert [line for line in lines("hub") if " 400 " in line and bad.json()["error"]["message"] in line]
+
+
+def test_a_text_line_s_request_id_comes_before_what_a_client_could_write() -> None:
+    """Regression (hunt): the id ended the line, after the message, so a model named
+    ``x request_id=victim`` gave its line two ids, the forged one first."""
+    record = logging.LogRecord("ghubai.hub", logging.INFO, __file__, 1, "POST 404 model %s",
+                               ("x request_id=victim",), None)
+    record.request_id = "mine"
+    line = logs.TextFormatter().format(record)
+    assert line == "INFO ghubai.hub request_id=mine: POST 404 model x request_id=victim"
+    record.request_id = ""
+    assert logs.TextFormatter().format(record) == "INFO ghubai.hub: POST 404 model x request_id=victim"
 
 
 def test_a_text_line_escapes_control_characters_in_a_traceback_too() -> None:

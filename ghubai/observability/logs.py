@@ -63,8 +63,9 @@ def printable(text: str) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """One line per event: level, logger, message, then ``request_id=`` when there is one (journald
-    adds the time)."""
+    """One line per event: level, logger, ``request_id=`` when there is one, then the message
+    (journald adds the time). The id comes before the message, which may quote what a client sent:
+    a model named ``x request_id=someone-else`` cannot pass its line off as another request's."""
     def __init__(self) -> None:
         super().__init__("%(levelname)s %(name)s: %(message)s")
 
@@ -76,8 +77,10 @@ class TextFormatter(logging.Formatter):
         line = super().format(record)  # (its message is escaped already)
         if record.exc_info or record.stack_info:  # a traceback too stays on its event's line, unforged
             line = line.translate(_ESCAPES)
-        rid = getattr(record, "request_id", "")
-        return f"{line} request_id={rid}" if rid else line
+        if not (rid := getattr(record, "request_id", "")):
+            return line
+        head = len(record.levelname) + len(record.name) + 1  # "LEVEL logger" before the ": "
+        return f"{line[:head]} request_id={rid}{line[head:]}"
 
 
 class JsonFormatter(logging.Formatter):
