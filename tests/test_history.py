@@ -15,7 +15,7 @@ class Clock:
 
 def test_a_stream_counts_its_tokens_over_the_steps_it_ran_in() -> None:
     clock = Clock(1000.0)
-    history = History(step_s=2.0, steps=10, clock=clock)
+    history = History(step_s=2.0, steps=10, clock=clock, wall=clock)
     clock.now = 1008.0  # a stream of 200 tokens, first token 0.5 s after it began at 1000.0, ends now
     history.request(0.5, tokens=200, generating_s=7.5)
     clock.now = 1010.0
@@ -34,3 +34,22 @@ def test_the_window_keeps_only_the_last_steps() -> None:
         history.request(0.01, tokens=second)
     clock.now = 10.0
     assert [point["tokens_per_s"] for point in history.points()] == [7.0, 8.0, 9.0]
+
+
+def test_a_wall_clock_stepped_back_neither_hides_the_chart_nor_brings_old_steps_back() -> None:
+    """Regression (hunt): steps were counted on the wall clock. NTP stepping it back an hour (a
+    machine that booted with its clock in local time) left the chart empty for that hour, and then
+    added the hour-old steps to the live ones (505 tokens/s on a grid doing 5)."""
+    clock, wall = Clock(50.0), Clock(1_000_000.0)
+    history = History(step_s=1.0, steps=3, clock=clock, wall=wall)
+    for second in range(3):
+        clock.now, wall.now = 50.5 + second, 1_000_000.5 + second
+        history.request(0.01, tokens=500)
+    wall.now -= 3600.0  # stepped back; the monotonic clock goes on
+    for second in range(3, 10):
+        clock.now, wall.now = 50.5 + second, wall.now + 1.0
+        history.request(0.01, tokens=5)
+    clock.now, wall.now = 60.0, wall.now + 0.5
+    points = history.points()
+    assert [point["tokens_per_s"] for point in points] == [5.0, 5.0, 5.0]
+    assert [point["t"] for point in points] == [wall.now - 2.0, wall.now - 1.0, wall.now]

@@ -5,6 +5,11 @@ other service), so each daemon keeps a few minutes itself: per step, requests pe
 tokens per second and the median time to first token. A stream's tokens are known when it ends (the
 engine reports them then), so they are spread evenly over the time it generated them: a long stream
 shows in the steps it ran in, not as a spike at its end.
+
+Steps are counted on the monotonic clock, as every duration the daemon measures: a wall clock that
+NTP steps back (a machine that booted with its clock in local time) would hide the chart for the
+whole step, and then count the old steps again when the clock came back to them. Only a point's
+label, ``t``, is wall time.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ class _Step:
 class History:
     """Per-step figures of the last ``steps`` steps (requests, first-token times, tokens) for the
     dashboards' charts. Invariant: steps older than ``steps`` are forgotten, so memory is bounded."""
-    def __init__(self, step_s: float = STEP_S, steps: int = STEPS, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, step_s: float = STEP_S, steps: int = STEPS, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self.step_s = step_s
         self.steps = steps
-        self._clock = clock
+        self._clock, self._wall = clock, wall
         self._first = self._open = self._index(clock())
         self._steps: dict[int, _Step] = {}
 
@@ -67,13 +73,16 @@ class History:
         self._open = current
 
     def points(self) -> list[dict[str, Any]]:
-        """One point per finished step of the window, oldest first (``t``: the step's end)."""
-        now = self._index(self._clock())
+        """One point per finished step of the window, oldest first (``t``: the step's end, in wall
+        time)."""
+        at = self._clock()
+        now, wall_offset = self._index(at), self._wall() - at
         self._close(now)
         points = []
         for index in range(max(self._first, now - self.steps), now):
             step = self._steps.get(index) or _Step()
-            points.append({"t": (index + 1) * self.step_s, "requests_per_s": round(step.requests / self.step_s, 3),
+            points.append({"t": round((index + 1) * self.step_s + wall_offset, 3),
+                           "requests_per_s": round(step.requests / self.step_s, 3),
                            "tokens_per_s": round(step.tokens / self.step_s, 1),
                            "ttft_ms": None if step.ttft is None else round(step.ttft * 1000, 1)})
         return points
