@@ -195,6 +195,9 @@ def wants_usage(body: dict[str, Any]) -> bool:
     return isinstance(options, dict) and bool(options.get("include_usage"))
 
 
+MODEL_PATH = "/v1/models/"  # + a model's name: ``GET`` it for ``model_entry``
+
+
 def model_entry(model: str) -> dict[str, Any]:
     """``GET /v1/models/{model}``, and each entry of the list."""
     return {"id": model, "object": "model", "created": 0, "owned_by": "ghubai"}

@@ -618,6 +618,34 @@ async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: 
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+async def test_a_model_whose_worker_is_restarting_is_found_as_its_requests_are(grid: Grid) -> None:
+    """Regression (hunt): while a model's only worker relinked (or drained, in a restart) its requests
+    waited for it and succeeded, but ``GET /v1/models/{id}`` (the openai SDK's models.retrieve, a
+    model picker's check) said at hub and proxy that the model did not exist, which a client takes
+    for good. The lists leave such a model out; a lookup answers as a request would."""
+    sim_url, _ = await grid.sim(models=("llama3:latest",))
+    other_url, _ = await grid.sim(models=("other",))
+    hub = await grid.hub()
+    worker = await grid.worker(hub.value, sim_url, name="w")
+    await grid.worker(hub.value, other_url, name="o")
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "llama3:latest")
+    worker.stop()  # its link breaks: the hub waits a few seconds for it to come back
+
+    async def unlisted() -> bool:
+        listed = [(await grid.http.get(url + "/v1/models")).json()["data"] for url in (hub.value, proxy.value)]
+        return not any(entry["id"] == "llama3:latest" for entries in listed for entry in entries)
+
+    await eventually(unlisted, "the model out of the lists of hub and proxy")
+    for url in (hub.value, proxy.value):
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+            assert (await sdk.models.retrieve("llama3")).id == "llama3"
+            with pytest.raises(openai.NotFoundError):
+                await sdk.models.retrieve("nope")
+    await grid.worker(hub.value, sim_url, name="w")
+    assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(model="llama3"))).status_code == 200
+
+
 def test_whole_events_hold_back_the_start_of_the_next_and_search_each_byte_once() -> None:
     held = bytearray()
     assert dialects.whole_events(held, b"data: a\n\n", b"\n\n") == b"data: a\n\n" and not held  # the usual read

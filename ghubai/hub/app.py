@@ -440,7 +440,7 @@ class HubApi:
     # -- what the hub answers itself -------------------------------------------------------------
 
     async def one_model(self, model: str) -> dict[str, Any]:
-        if not self.pool.hosts(dialects.tagged(model, self.pool.offers)):
+        if not self.pool.awaits(model):
             raise model_not_found(model)
         return dialects.model_entry(model)
 

@@ -340,6 +340,13 @@ class Pool:
             self._served = frozenset().union(*(worker.models for worker in self.workers.values()))
         return model in self._served
 
+    def awaits(self, model: str) -> bool:
+        """A request for ``model`` would be served here, or wait for a worker that lists it (one that
+        drains, or whose link broke moments ago: a restart): what a lookup of the model answers 200 for,
+        though the lists leave it out meanwhile."""
+        name = self.named(model)
+        return self.serves(name) or self._returning(name) is not None
+
     def hosts(self, model: str) -> list[RemoteWorker]:
         return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]
 

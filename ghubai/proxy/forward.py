@@ -18,6 +18,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import h11
 import trio
@@ -70,9 +71,21 @@ def _body_of(request: Request) -> dict[str, Any] | None:
         return None
 
 
+def model_named(request: Request) -> str:
+    """The model a ``GET /v1/models/{model}`` names."""
+    return unquote(request.path.removeprefix(dialects.MODEL_PATH))
+
+
+def _asks_model(request: Request) -> bool:
+    """A hub's 404 to this request means it has not the model: another hub may."""
+    return request.path in MODEL_PATHS or request.method == "GET" and request.path.startswith(dialects.MODEL_PATH)
+
+
 def route_of(request: Request) -> tuple[str | None, int | None]:
     """The model, and the conversation's key (``ghubai.affinity``): the same conversation goes to
     the same hub while it is healthy, where the hub sends it to the engine that holds its prompt."""
+    if request.method == "GET" and request.path.startswith(dialects.MODEL_PATH):
+        return model_named(request), None
     body = _body_of(request) or {}
     model = body.get("model", body.get("name"))  # (older Ollama clients name /api/show's model "name")
     return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
@@ -207,7 +220,7 @@ class Forwarder:
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
                     await self._discard(hub, upstream)
                     continue
-                if response.status_code == 404 and model and request.path in MODEL_PATHS:
+                if response.status_code == 404 and model and _asks_model(request):
                     if model in hub.models:  # it lost the model since its last check: check again soon
                         self.hubs.recheck()
                     if another:  # another hub may have it

@@ -3,8 +3,10 @@
 It forwards ``/v1/*`` and ``/api/*`` (and Ollama's ``GET /``) to a healthy hub that hosts the
 requested model: a conversation to the hub its key ranks first while that hub is not much busier
 than the others (``HubSet.pick``), other requests round robin. It answers ``/health``, ``/ready``,
-``/metrics``, ``/dashboard`` (and its data), ``/v1/models`` (and ``/v1/models/{model}``), ``/api/tags``
-and ``/api/ps`` itself from what its health checks learnt: every hub's models, not one hub's.
+``/metrics``, ``/dashboard`` (and its data), ``/v1/models`` (and ``/v1/models/{model}`` of a model a
+hub lists), ``/api/tags`` and ``/api/ps`` itself from what its health checks learnt: every hub's
+models, not one hub's. A lookup of a model no list has goes to the hubs, as a request for it would:
+one may be waiting for the model's worker to come back (a restart).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from urllib.parse import unquote
 
 import httpx
 import trio
@@ -23,7 +24,7 @@ import trio
 from ghubai import cors, dialects
 from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
-from ghubai.errors import ApiError, invalid_api_key, model_not_found
+from ghubai.errors import ApiError, invalid_api_key
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
 from ghubai.observability import dashboard, tracing
@@ -32,13 +33,12 @@ from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
 from ghubai.proxy.follow import DETAILS_WANTED_S, check_health, follow_registry
-from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome
+from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, model_named
 from ghubai.proxy.hubs import HubSet
 
 log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
-MODEL_PATH = "/v1/models/"  # + a model's name
 FIRST_CHECKS_S = 1.0  # beyond the registry's answer and a round of checks, each health.timeout_s at most
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
@@ -84,7 +84,8 @@ class Proxy:
     async def handle(self, conn: Connection, request: Request) -> None:
         method = _as_get(request.method)
         own = self.own.get((method, request.path))
-        if own is None and method == "GET" and request.path.startswith(MODEL_PATH):
+        if own is None and method == "GET" and request.path.startswith(dialects.MODEL_PATH) and \
+                self.hubs.named(model_named(request)) in self.hubs.models():
             own = self.openai_model  # from what every hub serves: one hub alone may not serve it
         if own is not None:  # the proxy's own pages are not counted as requests
             try:
@@ -234,10 +235,7 @@ class Proxy:
         await conn.respond_json(200, dialects.model_list(self._models_or_503()))
 
     async def openai_model(self, conn: Connection, request: Request) -> None:
-        model = unquote(request.path.removeprefix(MODEL_PATH))
-        if self.hubs.named(model) not in self._models_or_503():
-            raise model_not_found(model)
-        await conn.respond_json(200, dialects.model_entry(model))
+        await conn.respond_json(200, dialects.model_entry(model_named(request)))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
