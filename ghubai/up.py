@@ -37,6 +37,7 @@ SIM_CONCURRENCY = 16
 READY_TIMEOUT_S = 20.0  # for the proxy to route a model: its health check, every second, must see the hub
 READY_POLL_S = 0.05
 DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after (a daemon's default: 30 s)
+SHOW_MODELS = 20  # the banner's curl line names one of the first models that can chat
 
 
 async def _ollama_answers(url: str) -> bool:
@@ -63,6 +64,20 @@ async def _serving(proxy_url: str, timeout_s: float) -> list[str]:
                         return models
                 await trio.sleep(READY_POLL_S)
     return []
+
+
+async def _chat_model(proxy_url: str, models: list[str]) -> str:
+    """The first of ``models`` whose engine does not say it only embeds (Ollama's ``/api/show``
+    lists a model's capabilities: ``["embedding"]`` for ``all-minilm``, which refuses a chat with a
+    400), for the banner's curl line; the first of all when none says."""
+    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:
+        for model in models[:SHOW_MODELS]:
+            with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+                capabilities = (await client.post(proxy_url + "/api/show", json={"model": model})).json() \
+                    .get("capabilities")
+                if not isinstance(capabilities, list) or "completion" in capabilities:
+                    return model
+    return models[0]
 
 
 async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: str = "",
@@ -105,7 +120,7 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
         route = f"proxy -> hub {hub_url} (from registry {registry_url})\n  -> one worker on {source}"
         if models := await _serving(proxy_url, ready_by - trio.current_time()):
             await worker_started.wait()  # (it has, to serve)
-            _banner(proxy_url, route, workers[0], models)
+            _banner(proxy_url, route, workers[0], models, await _chat_model(proxy_url, models))
             task_status.started(proxy_url)
             return
         why = printable(workers[0].offer.problem or "it lists no models") if workers else \
@@ -116,14 +131,14 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
         task_status.started(proxy_url)
         models = await _serving(proxy_url, math.inf)
         await worker_started.wait()
-        _banner(proxy_url, route, workers[0], models)
+        _banner(proxy_url, route, workers[0], models, await _chat_model(proxy_url, models))
 
 
-def _banner(proxy_url: str, route: str, worker: Worker, models: list[str]) -> None:
+def _banner(proxy_url: str, route: str, worker: Worker, models: list[str], model: str) -> None:
     """What a user needs once the grid serves: where, what, and a request that works (the curl
-    line uses a chat API the worker's engine serves)."""
+    line uses a chat API the worker's engine serves, and ``model``, one that chats)."""
     apis = worker.offer.apis
-    chat = {"model": models[0], "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
     if apis is None or "openai.chat" in apis:
         path = "/v1/chat/completions"
     elif "ollama.chat" in apis:

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import signal
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Daemon, ghubai_command, run_ghubai
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.up import _banner
 
 
@@ -96,10 +98,60 @@ def test_the_banner_s_curl_line_is_one_command_whatever_the_engine_names_its_mod
     curl line, pasted into a shell, run ``touch``; and escape sequences in a name reached the terminal."""
     model = "x' ; touch /tmp/pwned ; echo '\x1b]0;title\x07"
     worker = SimpleNamespace(offer=SimpleNamespace(apis=None))
-    _banner("http://127.0.0.1:9", "route", worker, [model])  # type: ignore[arg-type]
+    _banner("http://127.0.0.1:9", "route", worker, [model], model)  # type: ignore[arg-type]
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\x07" not in out
     line = out[out.index("curl -N"):out.index("\nWatch it")].replace("\\\n", " ")
     words = shlex.split(line)
     assert words[:3] == ["curl", "-N", "http://127.0.0.1:9/v1/chat/completions"] and len(words) == 7, words
     assert words[5] == "-d" and json.loads(words[6])["model"] == model
+
+
+OLLAMA_MODELS = {"all-minilm:latest": ["embedding"], "llama3.2:latest": ["completion", "tools"]}
+
+
+async def _ollama(conn: Connection, request: Request) -> None:
+    """An Ollama with an embedding model and a chat model, answering as Ollama does: the embedding
+    model lists only ``embedding`` in ``/api/show`` and refuses a chat with a 400."""
+    model = json.loads(request.body or b"{}").get("model")
+    if request.path == "/api/version":
+        await conn.respond_json(200, {"version": "0.12.0"})
+    elif request.path in ("/api/tags", "/api/ps"):
+        names = OLLAMA_MODELS if request.path == "/api/tags" else []
+        await conn.respond_json(200, {"models": [{"name": name, "model": name} for name in names]})
+    elif model not in OLLAMA_MODELS:
+        await conn.respond_json(404, {"error": f"model '{model}' not found"})
+    elif request.path == "/api/show":
+        await conn.respond_json(200, {"details": {}, "capabilities": OLLAMA_MODELS[model]})
+    elif request.path == "/api/chat" and "completion" in OLLAMA_MODELS[model]:
+        lines = [{"model": model, "created_at": "2026-01-01T00:00:00Z", "message": {"role": "assistant", **part},
+                  "done": not part, **({"done_reason": "stop", "eval_count": 1} if not part else {})}
+                 for part in ({"content": "hello"}, {})]
+        await conn.respond(200, "".join(json.dumps(line) + "\n" for line in lines).encode(), "application/x-ndjson")
+    else:
+        await conn.respond_json(400, {"error": f'"{model}" does not support chat'})
+
+
+async def test_the_banner_s_curl_line_names_a_model_that_chats(tmp_path: Path) -> None:
+    """Regression (hunt): the banner's curl line named the first model by name, and on an Ollama
+    with an embedding model (``all-minilm``, ``bge-m3`` sort before most) a user's first command got
+    a 400 "does not support chat"."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=_ollama), 0,
+                                                host="127.0.0.1"))
+        engine = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        up = Daemon(tmp_path, "up", "--backend", "ollama", "--engine-url", engine, "--port", "0")
+        try:
+            await up.wrote(re.compile(r"Ctrl-C stops everything"), stdout=True, timeout_s=30)
+            out = up.printed()
+            line = re.search(r"curl -N (\S+) -H 'Content-Type: application/json' \\\n\s+-d (.+)\n", out)
+            assert line is not None, out
+            async with httpx.AsyncClient(timeout=WAIT_S, trust_env=False) as http:
+                response = await http.post(line[1], content=shlex.split(line[2])[0],
+                                           headers={"content-type": "application/json"})
+            assert response.status_code == 200 and "hello" in response.text, response.text
+        finally:
+            up.process.send_signal(signal.SIGINT)
+            await trio.to_thread.run_sync(up.process.wait, WAIT_S)
+            nursery.cancel_scope.cancel()
+    assert up.process.returncode == 0, up.log()
