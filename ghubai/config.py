@@ -75,16 +75,22 @@ def _address(value: str) -> str | None:
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unbracketed) IPv6 address
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")  # as the resolver (and WHATWG URLs) read an IPv4 part
 
 
 def _is_host(host: str) -> bool:
     """A name the resolver takes (labels of 1-63 characters, 253 in all: ``gpu..lan`` made it raise
-    UnicodeError, not the OSError every caller handles), or an IP address."""
+    UnicodeError, not the OSError every caller handles), or an IP address. A host whose last label
+    is a number is an IPv4 address in dotted decimal or nothing: the resolver reads ``127.1``,
+    ``2130706433`` and ``010.0.0.5`` (octal: 8.0.0.5) as addresses, so one hub could be listed as
+    several, and httpx refuses ``127.000.000.001`` (such a hub was never checked up)."""
     with contextlib.suppress(ValueError):
         return bool(ipaddress.ip_address(host))  # (an IPv6 address with its scope too: fe80::1%eth0)
     if not _HOST.fullmatch(host):
         return False
     name = host.removesuffix(".")
+    if _NUMERIC_LABEL.fullmatch(name.rpartition(".")[2]):
+        return False
     return len(name) <= 253 and all(0 < len(label) <= 63 for label in name.split("."))
 
 
@@ -95,7 +101,7 @@ def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False
     try:
         return _url_problem(url, schemes, credentials)
     except ValueError as error:  # urlsplit's own refusal: "http://[::1:7197" (a bracket missing), "http://[zz]"
-        return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {redacted(url)!r}: {error}"
+        return f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {shown(url)!r}: {error}"
 
 
 def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str | None:
@@ -107,7 +113,7 @@ def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str |
             return "a password in a URL must have its / ? # percent-encoded (%2F %3F %23)"
         url = redacted(url)
     parts = urlsplit(url)
-    expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {url!r}"
+    expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {shown(url)!r}"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
     if not _is_host(parts.hostname):
@@ -127,7 +133,7 @@ def hub_address_problem(address: str) -> str | None:
         return problem
     parts = urlsplit(address)
     if parts.path.strip("/") or parts.query or parts.fragment:
-        return f"a hub's address is scheme://host:port, with no path or query, got {address!r}"
+        return f"a hub's address is scheme://host:port, with no path, query or fragment, got {shown(address)!r}"
     return None
 
 
@@ -138,7 +144,8 @@ def hub_address(address: str) -> str:
     parts = urlsplit(address)
     scheme, host = parts.scheme.lower(), parts.hostname or ""
     with contextlib.suppress(ValueError):  # (a name)
-        host = str(ipaddress.ip_address(host))
+        ip = ipaddress.ip_address(host)
+        host = str(getattr(ip, "ipv4_mapped", None) or ip)  # (::ffff:10.0.0.1 is 10.0.0.1)
     port = "" if parts.port in (None, {"http": 80, "https": 443}.get(scheme)) else f":{parts.port}"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
@@ -146,6 +153,18 @@ def hub_address(address: str) -> str:
 def _hub_addresses(value: str | tuple[str, ...]) -> str | None:
     addresses = (value,) if isinstance(value, str) else value
     return next(filter(None, map(hub_address_problem, addresses)), None) or _urls("http", "https", allow_empty=True)(value)
+
+
+def shown(url: str) -> str:
+    """``url`` as an error may quote it: without its password (``redacted``), and without a path,
+    query or fragment, where a token may sit too (``?api_key=...``); the errors that quote it are
+    about its scheme, host or port."""
+    url = redacted(url)
+    with contextlib.suppress(ValueError):
+        parts = urlsplit(url)
+        if parts.path.strip("/") or parts.query or parts.fragment:
+            return f"{parts.scheme}://{parts.netloc}/…"
+    return url
 
 
 def redacted(url: str) -> str:
@@ -613,7 +632,7 @@ def read_text(path: str) -> str:
             raw = file.read(MAX_CONFIG_BYTES + 1)
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError([f"{path}: larger than {MAX_CONFIG_BYTES} bytes"])
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # (a byte-order mark before it: Notepad, PowerShell 5)
     except OSError as error:
         raise ConfigError([f"{path}: cannot read: {error.strerror}"], error.errno in _PASSING) from None
     except UnicodeDecodeError as error:

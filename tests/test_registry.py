@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Daemon, Grid, eventually, ghubai_command, run_ghubai
-from ghubai.config import ConfigError, hub_address, parse
+from ghubai.config import ConfigError, hub_address, load, parse
 from ghubai.proxy.hubs import HubSet
 from ghubai.registry import server as registry_server
 from ghubai.registry.server import HubList, reload
@@ -370,3 +370,39 @@ def test_one_hub_however_its_address_is_spelled() -> None:
     hubs = HubSet(1.0, ssl.create_default_context())
     hubs.update([(f"n{index}", address) for index, address in enumerate(spellings)])
     assert sorted(hubs.hubs) == ["http://[fd00::1]", "http://hub1:7197"]
+
+
+def test_an_ipv4_address_is_one_spelling_or_refused() -> None:
+    """Regression (hunt): ``127.1``, ``2130706433`` and ``[::ffff:127.0.0.1]`` passed the check of
+    unique addresses beside ``127.0.0.1``, one hub listed as four; ``127.000.000.001`` was accepted
+    and never checked up (httpx refuses it), and ``010.0.0.5`` is 8.0.0.5 to the resolver."""
+    assert hub_address("http://[::ffff:127.0.0.1]:7197") == "http://127.0.0.1:7197"
+    for host in ("127.1", "2130706433", "127.000.000.001", "010.0.0.5", "10.0.0.0x5", "0x7f.1"):
+        with pytest.raises(ConfigError, match="is not a host name or IP address"):
+            parse("registry", f'[[hubs]]\nname = "a"\naddress = "http://{host}:7197"\n')
+    text = "".join(f'[[hubs]]\nname = "{name}"\naddress = "http://{host}:7197"\n'
+                   for name, host in (("a", "127.0.0.1"), ("b", "[::ffff:127.0.0.1]")))
+    with pytest.raises(ConfigError, match="hub addresses must be unique: http://127.0.0.1:7197"):
+        parse("registry", text)
+    named = parse("registry", '[[hubs]]\nname = "a"\naddress = "http://gpu-1.lan:7197"\n')
+    assert [hub.address for hub in named.hubs] == ["http://gpu-1.lan:7197"]
+
+
+def test_a_token_in_a_hub_address_s_query_or_path_is_never_echoed() -> None:
+    """Regression (hunt): the refusal of ``http://10.0.0.2:7197/?api_key=...`` quoted the address
+    whole, in the registry's log and its unauthenticated /health, and in the proxy's startup error."""
+    for address in ("http://10.0.0.2:7197/?api_key=PASSWORD", "http://10.0.0.2:7197/v1?token=PASSWORD",
+                    "http://10.0.0.2:7197/#PASSWORD", "http://10.0.0.2:7197/PASSWORD/", "ftp://h:1/PASSWORD"):
+        for role, text in (("registry", f'[[hubs]]\nname = "a"\naddress = "{address}"\n'),
+                           ("proxy", f'registry_url = ""\nhubs = ["{address}"]\n')):
+            with pytest.raises(ConfigError) as caught:
+                parse(role, text)
+            assert "PASSWORD" not in str(caught.value) and "/…" in str(caught.value), caught.value
+
+
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Regression (hunt): Windows Notepad and PowerShell 5 save UTF-8 with a byte-order mark, which
+    was refused as "Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "registry.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + '[[hubs]]\nname = "a"\naddress = "http://10.0.0.1:7197"\n'.encode())
+    assert [hub.name for hub in load("registry", str(path)).hubs] == ["a"]
