@@ -18,6 +18,7 @@ from ghubai import __version__
 from ghubai.config import ConfigError, load, split_hostport, url_problem, with_listen
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
+from ghubai.resolver import NameLookups
 
 log = logging.getLogger("ghubai")
 
@@ -58,6 +59,7 @@ def _stopping_on(main: Callable[[Service], Awaitable[object]], reloads: bool = T
 
 def _serve(main: Main, reloads: bool, drains: bool) -> int:
     async def runner() -> None:
+        trio.socket.set_custom_hostname_resolver(NameLookups())
         drain, service = trio.Event(), Service()
         try:
             async with trio.open_nursery() as nursery:
