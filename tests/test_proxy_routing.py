@@ -119,7 +119,7 @@ def test_a_hub_address_with_a_path_is_refused() -> None:
     assert hub_address_problem("http://gw:8080/hub1") and not hub_address_problem("http://gw:8080/")
     for role, text in (("proxy", 'hubs = ["http://gw:8080/hub1"]'),
                        ("registry", '[[hubs]]\nname = "a"\naddress = "http://gw:8080/hub1?x=1"')):
-        with pytest.raises(ConfigError, match="no path or query"):
+        with pytest.raises(ConfigError, match="no path, query or fragment"):
             parse(role, text, f"{role}.toml")
 
 
