@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import ssl
+from collections import Counter
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import h11
@@ -16,6 +18,7 @@ import trio
 
 from conftest import Grid, chat, eventually, next_request, workers_linked
 from ghubai.config import ConfigError, HubEntry, hub_address_problem, parse
+from ghubai.configfiles import add_hub
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.proxy.hubs import Hub, HubSet
 
@@ -191,6 +194,43 @@ async def test_a_404_is_tried_elsewhere_on_model_routes_only_and_rechecks_at_mos
 
     await eventually(rechecked, "a round of checks for the hubs found without their model")
     assert summaries - before <= 2 * 2  # a round or two (both hubs each), not one per request
+
+
+async def test_a_hub_added_is_checked_at_once_however_many_listed_hubs_hang(grid: Grid, tmp_path: Path) -> None:
+    """Regression (hunt): each round of health checks waited for the checks of every hub, and a hub
+    that hangs holds its check for ``timeout_s``: with 300 such hubs listed, a hub added to the
+    registry was first checked, and served, 12 s later (here: a minute)."""
+    asked: Counter[int] = Counter()
+
+    async def hangs(port: int, conn: Connection, request: Request) -> None:  # fails its first check, then hangs
+        asked[port] += 1
+        if asked[port] > 1:
+            await trio.sleep_forever()
+        await conn.respond_json(500, {"error": "starting"})
+
+    hanging = []
+    for _ in range(40):
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        await grid.nursery.start(trio.serve_listeners, partial(serve_connection, handle=partial(hangs, port)),
+                                 [trio.SocketListener(listener)])
+        hanging.append(port)
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    path = tmp_path / "registry.toml"
+    path.write_text("".join(f'[[hubs]]\nname = "h{port}"\naddress = "http://127.0.0.1:{port}"\n' for port in hanging))
+    registry = await grid.registry(str(path))
+    proxy = await grid.proxy(registry.value, health={"interval_s": 0.2, "timeout_s": 60.0})
+
+    async def hang() -> bool:  # each failed its first check; the next ones hang
+        return len(asked) == len(hanging) and any(count > 1 for count in asked.values())
+
+    await eventually(hang, "the listed hubs' second checks")
+    add_hub(str(path), "real", hub.value)
+    await grid.wait_for_model(proxy.value, "sim")
 
 
 async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: Grid) -> None:

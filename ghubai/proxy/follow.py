@@ -24,6 +24,7 @@ REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred 
 SUMMARY_LIMIT = 4 << 20  # a hub's /api/summary (its models and queue)
 WORKERS_LIMIT = 16 << 20  # a hub's /api/registry (its workers in detail: about 400 bytes each)
 CHECKS_AT_ONCE = 32  # health checks in flight (under httpx's 100 connections: a queue there costs quadratic time)
+FAILING_AT_ONCE = 16  # and, besides those, checks of hubs whose last check failed (one that hangs holds its place)
 
 
 async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
@@ -187,11 +188,11 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
     """Check every hub each ``interval_s``, and at once when the list gains a hub. Hubs that hang
     (each check up to ``timeout_s``) hold up no other: a hub whose last check has not ended is not
     checked again meanwhile, the next round does not wait for it, and hubs whose last check failed
-    take at most half of the checks at once. (With 300 hubs that hung, a hub added to the registry
-    waited two rounds of them, 12 s, and a healthy one listed after them as long.) The first round
-    of the hubs listed is waited for: the proxy serves once it is done (``checked``)."""
+    are checked in places of their own. (With 300 hubs that hung, a hub added to the registry waited
+    two rounds of them, 12 s.) The first round of the hubs listed is waited for: the proxy serves
+    once it is done (``checked``); a healthy hub listed after many that hang waits for them then."""
     running: set[str] = set()  # the addresses of hubs whose check has not ended
-    shares = {failing: trio.Semaphore(CHECKS_AT_ONCE // 2) for failing in (False, True)}
+    shares = {False: trio.Semaphore(CHECKS_AT_ONCE), True: trio.Semaphore(FAILING_AT_ONCE)}
 
     async def check(hub: Hub, details: bool) -> None:
         try:
