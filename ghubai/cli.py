@@ -188,6 +188,12 @@ def _status(args: argparse.Namespace) -> int:
     return status(args.hub or args.proxy, args.watch, ca_file=args.ca_file, insecure=args.allow_invalid_certs)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
+    return int(text)
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -275,7 +281,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
     sim.add_argument("--itl-ms", type=float, default=10.0, help="time between tokens")
     sim.add_argument("--tokens", type=int, default=32, help="reply length when the request sets no limit")
-    sim.add_argument("--max-parallel", type=int, default=64, help="generations at once; the rest wait")
+    sim.add_argument("--max-parallel", type=_count, default=64, help="generations at once; the rest wait")
     sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
     sim.add_argument("--fail-after-tokens", type=int, default=None, help="fail every reply after N tokens")
     sim.add_argument("--embed-dim", type=int, default=16)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import struct
+from typing import Literal
 
+import ollama
+import openai
+import pydantic
 import pytest
 import trio
 import trio.testing
 
-from conftest import Grid, chat, eventually
+from conftest import Grid, chat, eventually, run_ghubai
 from ghubai.sim.generator import SimOptions, Simulator
 
 
@@ -163,3 +168,108 @@ async def test_a_model_is_never_evicted_under_a_running_generation(autojump_cloc
             nursery.start_soon(_answer, sim, model, "hi")
             await trio.testing.wait_all_tasks_blocked()
     assert sim.stats.loads == 3 and sim.stats.completed == 3
+
+
+async def test_structured_answers_fit_the_schemas_pydantic_writes(grid: Grid) -> None:
+    """Regression (hunt): the simulator read only types, properties and enum, so a Pydantic model
+    with an Optional, an enum or a nested model (``$ref``, ``anyOf``) got ``{"answer": ...}`` and
+    the openai SDK's ``parse`` raised, where a real engine constrains its answer to the schema."""
+    class Address(pydantic.BaseModel):
+        city: str
+        zip: str | None = None
+
+    class Node(pydantic.BaseModel):
+        name: str
+        children: list[Node] = []
+
+    class Person(pydantic.BaseModel):
+        name: str
+        nick: str | None
+        kind: Literal["a", "b"]
+        home: Address
+        others: list[Address]
+        born: datetime.datetime
+        tree: Node
+
+    url, _ = await grid.sim()
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+        parsed = await sdk.chat.completions.parse(model="sim", messages=[{"role": "user", "content": "who"}],
+                                                  response_format=Person)
+        assert isinstance(parsed.choices[0].message.parsed, Person)
+        called = await sdk.chat.completions.parse(model="sim", messages=[{"role": "user", "content": "call"}],
+                                                  tools=[openai.pydantic_function_tool(Address)],
+                                                  tool_choice="required")
+        assert isinstance(called.choices[0].message.tool_calls[0].function.parsed_arguments, Address)
+    native = await ollama.AsyncClient(host=url).chat(model="sim", messages=[{"role": "user", "content": "who"}],
+                                                     format=Person.model_json_schema())
+    Person.model_validate_json(native.message.content)
+
+
+async def test_requests_are_answered_as_each_api_reads_them(grid: Grid) -> None:
+    """Regression (hunt): stop sequences were ignored; a JSON answer overran ``max_tokens``;
+    ``dimensions`` was ignored; ``max_tokens`` and ``response_format`` were honoured on Ollama's API,
+    where Ollama ignores them (a translation that forgot to rename them passed every test); a
+    request without a model was a 404 for model "None"; ``llama3`` did not find ``llama3:latest``;
+    ``/api/generate`` gave no ``context`` and durations of 1 ns."""
+    url, _ = await grid.sim(models=["llama3:latest"], tokens=8, embed_dim=16)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+        whole = await sdk.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}])
+        words = whole.choices[0].message.content.split()
+        stopped = await sdk.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}],
+                                                    stop=[words[3]])
+        assert stopped.choices[0].message.content.split() == words[:3]
+        assert stopped.choices[0].finish_reason == "stop"
+        cut = await sdk.chat.completions.create(model="llama3", messages=[{"role": "user", "content": "hi"}],
+                                                response_format={"type": "json_object"}, max_tokens=2)
+        assert (cut.usage.completion_tokens, cut.choices[0].finish_reason) == (2, "length")
+        short = await sdk.embeddings.create(model="llama3", input="x", dimensions=4, encoding_format="float")
+        assert len(short.data[0].embedding) == 4 and abs(sum(v * v for v in short.data[0].embedding) - 1) < 1e-6
+        assert (await sdk.models.retrieve("llama3")).id == "llama3"
+    chat_body = {"model": "llama3:latest", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+    ignored = (await grid.http.post(url + "/api/chat", json={**chat_body, "max_tokens": 2,
+                                                             "response_format": {"type": "json_object"}})).json()
+    assert ignored["eval_count"] == 8 and not ignored["message"]["content"].startswith("{")
+    stopped_native = (await grid.http.post(url + "/api/chat",
+                                           json={**chat_body, "options": {"stop": [words[3]]}})).json()
+    assert stopped_native["message"]["content"].split() == words[:3]
+    embedded = (await grid.http.post(url + "/api/embed",
+                                     json={"model": "llama3", "input": "x", "dimensions": 4})).json()
+    assert len(embedded["embeddings"][0]) == 4
+    nameless = await grid.http.post(url + "/api/chat", json={"messages": []})
+    assert nameless.status_code == 400 and nameless.json()["error"] == "model is required"
+    generated = await ollama.AsyncClient(host=url).generate(model="llama3", prompt="hi there")
+    assert generated.context and generated.eval_count == 8
+    assert generated.eval_duration > 1_000_000  # (7 tokens 1 ms apart)
+    assert generated.total_duration >= generated.eval_duration
+
+
+async def test_an_openai_stream_begins_with_its_first_token_and_the_paths_clients_probe_answer(grid: Grid) -> None:
+    """Regression (hunt): the OpenAI stream's role chunk went out before the first token (before a
+    slot, a load, the time to first token), so a hub's ``first_token_s`` never fired over an
+    OpenAI-kind engine; ``HEAD /`` (the ollama command's check), ``GET /v1/models/{id}`` and a large
+    body (a photo, over 4 MiB) were refused; a wrong method was a 404, not Ollama's 405."""
+    url, _ = await grid.sim(ttft_ms=3000)
+    body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    async with grid.http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        with trio.move_on_after(0.5):  # (nothing may come before the first token, 3 s away)
+            async for chunk in response.aiter_bytes():
+                raise AssertionError(f"{chunk!r} before the first token")
+    for path in ("/", "/api/version", "/api/tags"):
+        assert (await grid.http.head(url + path)).status_code == 200
+    wrong = await grid.http.get(url + "/api/chat")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    fast_url, _ = await grid.sim(tokens=2)
+    photo = "A" * (6 << 20)
+    large = await grid.http.post(fast_url + "/api/chat", json={**body, "stream": False, "messages": [
+        {"role": "user", "content": "what is this", "images": [photo]}]})
+    assert large.status_code == 200
+
+
+def test_max_parallel_below_one_is_refused_in_one_line() -> None:
+    """Regression (hunt): ``--max-parallel 0`` started a simulator whose every generation hung, and
+    ``-1`` ended in a traceback."""
+    for value in ("0", "-1"):
+        done = run_ghubai("sim", f"--max-parallel={value}")
+        assert done.returncode == 2 and "expected a whole number from 1" in done.stderr
+        assert "Traceback" not in done.stderr

@@ -98,11 +98,16 @@ class Generation:
     tokens: list[str] = field(default_factory=list)
     script: list[str] | None = None  # fixed pieces to send instead of words (a JSON answer)
     tool_call: tuple[str, dict[str, Any]] | None = None  # the answer is this call instead of text
+    stop: tuple[str, ...] = ()  # the request's stop sequences: the answer ends before one, finish "stop"
+    started: float = 0.0  # trio time its generation began, once it has (for Ollama's durations)
+    first_token_at: float = 0.0  # and its first token came
 
     def answer_with_json(self, document: Any) -> None:
+        """The answer is ``document``, cut (finish ``length``) where the request's own limit is shorter."""
         text = json.dumps(document)
         self.script = [text[i:i + 8] for i in range(0, len(text), 8)]
-        self.limit, self.finish_reason = len(self.script), "stop"
+        if self.finish_reason != "length" or self.limit >= len(self.script):
+            self.limit, self.finish_reason = len(self.script), "stop"
 
     def answer_with_call(self, name: str, arguments: dict[str, Any]) -> None:
         self.script, self.limit, self.tool_call, self.finish_reason = [], 0, (name, arguments), "stop"
@@ -195,11 +200,11 @@ class Simulator:
     def should_fail(self) -> bool:
         return self._random.random() < self.options.fail_rate
 
-    def plan(self, prompt: str, requested_limit: int | None) -> Generation:
+    def plan(self, prompt: str, requested_limit: int | None, stop: tuple[str, ...] = ()) -> Generation:
         """The request's own limit wins over ``--tokens``; running into it is finish ``length``."""
         if requested_limit is not None:
-            return Generation(count_words(prompt), requested_limit, "length")
-        return Generation(count_words(prompt), self.options.tokens, "stop")
+            return Generation(count_words(prompt), requested_limit, "length", stop=stop)
+        return Generation(count_words(prompt), self.options.tokens, "stop", stop=stop)
 
     async def run(self, generation: Generation, prompt: str, model: str = "") -> AsyncGenerator[str, None]:
         """Yield the tokens on the timetable, holding one parallel slot while generating.
@@ -222,7 +227,8 @@ class Simulator:
         self.stats.started += 1
         outcome = "cancelled"
         try:
-            start = trio.current_time() + compute * self.options.prefill_us_per_token / 1e6
+            generation.started = trio.current_time()
+            start = generation.started + compute * self.options.prefill_us_per_token / 1e6
             ttft, itl = self.options.ttft_ms / 1000, self.options.itl_ms / 1000
             offset = zlib.crc32(prompt.encode())
             fail_after = self.options.fail_after_tokens
@@ -238,6 +244,11 @@ class Simulator:
                 else:
                     token = WORDS[(offset + index) % len(WORDS)]
                     token = token if index == 0 else " " + token
+                if generation.stop and any(stop in generation.text + token for stop in generation.stop):
+                    generation.finish_reason = "stop"  # (the stop sequence is not part of the answer)
+                    break
+                if not generation.tokens:
+                    generation.first_token_at = trio.current_time()
                 generation.tokens.append(token)
                 self.stats.tokens += 1
                 yield token
@@ -254,20 +265,57 @@ class Simulator:
             self.slots.release()
 
 
-def fit(schema: Any) -> Any:
-    """A value that fits a JSON schema (the common subset: types, properties, items, enum)."""
-    if not isinstance(schema, dict):
-        return {"answer": "the grid hums"}
+_FORMATS = {"date-time": "2026-01-01T00:00:00Z", "date": "2026-01-01", "time": "00:00:00Z",
+            "email": "sim@example.com", "uri": "https://example.com/sim", "hostname": "sim.example.com",
+            "uuid": "00000000-0000-4000-8000-000000000000", "ipv4": "127.0.0.1", "ipv6": "::1"}
+MAX_FIT_DEPTH = 32  # a schema that refers to itself ends in an empty value
+DEEP_ARRAYS = 8  # from this depth an array has only the items it must (a tree of nodes ends)
+
+
+def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A value that fits a JSON schema as Pydantic and OpenAI's SDK write them: types, properties,
+    items (``minItems`` of them), enum, const, string formats, ``$ref`` to ``$defs`` (or
+    ``definitions``), the first branch of ``anyOf``/``oneOf`` (``Optional[X]`` is X), ``allOf`` merged.
+    Real engines constrain their output to the schema; a client then validates it."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > MAX_FIT_DEPTH:
+        return {"answer": "the grid hums"} if depth == 0 else None
+    if isinstance(schema.get("$ref"), str):
+        return fit(_resolved(schema, root), root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
     if schema.get("enum"):
         return schema["enum"][0]
-    kind = schema.get("type", "object")
-    kind = kind[0] if isinstance(kind, list) and kind else kind
+    for choice in ("anyOf", "oneOf"):
+        if isinstance(branches := schema.get(choice), list) and branches:
+            return fit(next((b for b in branches if isinstance(b, dict) and b.get("type") != "null"), branches[0]),
+                       root, depth + 1)
+    if isinstance(parts := schema.get("allOf"), list):
+        merged = {key: value for part in parts if isinstance(part, dict)
+                  for key, value in (_resolved(part, root) if "$ref" in part else part).items()}
+        return fit({**merged, **{k: v for k, v in schema.items() if k != "allOf"}}, root, depth + 1)
+    kind = schema.get("type", "object" if "properties" in schema or depth == 0 else "string")
+    kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) and kind else kind
     if kind == "object":
         properties = schema.get("properties") or {}
-        return {name: fit(sub) for name, sub in properties.items()} if properties else {"answer": "the grid hums"}
+        if not properties:
+            return {"answer": "the grid hums"} if depth == 0 else {}
+        return {name: fit(sub, root, depth + 1) for name, sub in properties.items()}
     if kind == "array":
-        return [fit(schema.get("items") or {"type": "string"})]
+        least = least if isinstance(least := schema.get("minItems"), int) else 0
+        count = min(100, max(least, 1 if depth < DEEP_ARRAYS else 0))
+        return [fit(schema.get("items") or {"type": "string"}, root, depth + 1) for _ in range(count)]
+    if kind == "string" and (fmt := _FORMATS.get(schema.get("format", ""))):
+        return fmt
     return {"string": "sim", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "sim")
+
+
+def _resolved(schema: dict[str, Any], root: Any) -> dict[str, Any]:
+    """What ``schema``'s ``$ref`` (``#/$defs/Name``) points to in ``root``; {} when nothing."""
+    target: Any = root
+    for name in str(schema["$ref"]).removeprefix("#/").split("/"):
+        target = target.get(name) if isinstance(target, dict) else None
+    return target if isinstance(target, dict) else {}
 
 
 def requested_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -281,9 +329,11 @@ def requested_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     return str(tool.get("name", "")), fit(tool.get("parameters") or {"type": "object"})
 
 
-def requested_json(body: dict[str, Any]) -> tuple[bool, Any]:
-    """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format``), and its schema."""
-    fmt, response_format = body.get("format"), body.get("response_format") or {}
+def requested_json(body: dict[str, Any], dialect: str) -> tuple[bool, Any]:
+    """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format``, each on
+    its own API only), and its schema."""
+    fmt = body.get("format") if dialect == "ollama" else None
+    response_format = (body.get("response_format") or {}) if dialect == "openai" else {}
     if fmt == "json" or response_format.get("type") == "json_object":
         return True, None
     if isinstance(fmt, dict):

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
+from urllib.parse import unquote
 
 import trio
 
@@ -46,12 +47,29 @@ def _prompt(body: dict[str, Any]) -> str:
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
 
 
-def _limit(body: dict[str, Any]) -> int | None:
-    options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
-    for value in (body.get("max_completion_tokens"), body.get("max_tokens"), options.get("num_predict")):
+def _options(body: dict[str, Any]) -> dict[str, Any]:
+    return body["options"] if isinstance(body.get("options"), dict) else {}
+
+
+def _limit(body: dict[str, Any], dialect: str) -> int | None:
+    """The request's own limit, read as its API names it (Ollama's ``/api/chat`` ignores a
+    ``max_tokens``: a translation that forgot to rename it must show here)."""
+    named = (body.get("max_completion_tokens"), body.get("max_tokens")) if dialect == "openai" else \
+        (_options(body).get("num_predict"),)
+    for value in named:
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
+
+
+def _stops(body: dict[str, Any], dialect: str) -> tuple[str, ...]:
+    """The stop sequences: OpenAI's ``stop`` (a string or a list), Ollama's ``options.stop`` (a list)."""
+    stop = body.get("stop") if dialect == "openai" else _options(body).get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    return tuple(item for item in stops if isinstance(item, str) and item)
+
+
+MAX_BODY_BYTES = 64 << 20  # Ollama sets no limit; a hub may pass 48 MiB on (an image or a few)
 
 
 class SimServer:
@@ -62,8 +80,11 @@ class SimServer:
         self.sim = sim
         self.routes: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
             ("GET", "/"): self.root,
+            ("HEAD", "/"): self.root,  # (the ollama command's check that its server runs)
             ("GET", "/api/version"): self.version,
+            ("HEAD", "/api/version"): self.version,
             ("GET", "/api/tags"): self.tags,
+            ("HEAD", "/api/tags"): self.tags,
             ("GET", "/api/ps"): self.running,
             ("GET", "/v1/models"): self.openai_models,
             ("GET", "/props"): self.props,
@@ -81,6 +102,8 @@ class SimServer:
     async def handle(self, conn: Connection, request: Request) -> None:
         options = self.sim.options
         route = self.routes.get((request.method, request.path))
+        if route is None and request.method == "GET" and request.path.startswith(dialects.MODEL_PATH):
+            route = self.openai_model
         logs.request_id(request.header(b"x-request-id"))
         log.debug("%s %s", request.method, request.path)
         try:
@@ -90,7 +113,11 @@ class SimServer:
                 raise ApiError(401, "Invalid API key", code="invalid_api_key")
             if route is None or request.path in options.disabled or (request.path == "/props" and not options.slots):
                 self.sim.stats.refused += 1
-                await conn.respond(404, b'{"detail":"Not Found"}')  # as a FastAPI shim answers an unknown path
+                if route is None and any(path == request.path for _, path in self.routes):
+                    allowed = ", ".join(sorted(method for method, path in self.routes if path == request.path))
+                    await conn.respond(405, b"405 method not allowed", "text/plain", headers={"allow": allowed})
+                else:
+                    await conn.respond(404, b'{"detail":"Not Found"}')  # as a FastAPI shim answers an unknown path
                 return
             # an engine that traces, as the last link of a request's trace
             with tracing.span(f"sim {request.method} {request.path}", tracing.carrier(request.headers)):
@@ -99,10 +126,16 @@ class SimServer:
             await conn.respond_error(error, request.path)
 
     def _model(self, body: dict[str, Any]) -> str:
+        """The model asked for, as Ollama finds it: ``llama3`` is the ``llama3:latest`` it has, and
+        the other way round."""
         model = body.get("model")
-        if model not in self.sim.options.models:
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "model is required")
+        models = self.sim.options.models
+        if model not in models and dialects.tagged(model, models.__contains__) not in models and \
+                model.removesuffix(":latest") not in models:
             raise ApiError(404, f'model "{model}" not found, try pulling it first')
-        return str(model)
+        return model
 
     def _maybe_fail(self) -> None:
         if self.sim.should_fail():
@@ -139,10 +172,17 @@ class SimServer:
         await conn.respond_json(200, self._listing(self.sim.loaded(), expires_at="2999-01-01T00:00:00Z",
                                                    size_vram=1_000_000))
 
+    @staticmethod
+    def _openai_model(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "library"}
+
     async def openai_models(self, conn: Connection, request: Request) -> None:
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": "library"}
-                for name in self.sim.options.models]
+        data = [self._openai_model(name) for name in self.sim.options.models]
         await conn.respond_json(200, {"object": "list", "data": data})
+
+    async def openai_model(self, conn: Connection, request: Request) -> None:
+        name = unquote(request.path.removeprefix(dialects.MODEL_PATH))
+        await conn.respond_json(200, self._openai_model(self._model({"model": name})))
 
     async def generate(self, shape_class: type[Shape], dialect: str, conn: Connection, request: Request) -> None:
         body = _body(request)
@@ -154,8 +194,8 @@ class SimServer:
             await self._preload(conn, reason, model, shape_class, stream)  # Ollama loads (or unloads); no generation
             return
         include_usage = dialects.wants_usage(body)
-        generation = self.sim.plan(prompt, _limit(body))
-        wants_json, schema = requested_json(body)
+        generation = self.sim.plan(prompt, _limit(body, dialect), _stops(body, dialect))
+        wants_json, schema = requested_json(body, dialect)
         if tool := requested_tool(body):
             generation.answer_with_call(*tool)
         elif wants_json:
@@ -168,16 +208,16 @@ class SimServer:
             async with contextlib.aclosing(self.sim.run(shape.gen, prompt, model)) as tokens:
                 if stream:
                     await conn.start_stream(200, shape.content_type)
-                    if head := shape.head():
-                        await conn.write(head)
+                head = shape.head()  # (an OpenAI role chunk comes with the first token, as vLLM's does)
                 try:
                     async for token in tokens:
                         if stream:
-                            await conn.write(shape.token(token))
+                            await conn.write(head + shape.token(token))
+                            head = b""
                 except EngineFailure as error:
                     failure = error
             if stream:
-                await conn.write(shape.error(str(failure)) if failure else shape.tail())
+                await conn.write(head + (shape.error(str(failure)) if failure else shape.tail()))
                 await conn.finish()
             nursery.cancel_scope.cancel()
         if not stream:
@@ -215,7 +255,7 @@ class SimServer:
         model = self._model(body)
         self._maybe_fail()
         inputs = self._embed_inputs(body) if body.get("input") else []  # none: Ollama loads the model, embeds nothing
-        vectors = [embedding(text, self.sim.options.embed_dim) for text in inputs]
+        vectors = [embedding(text, self._dimensions(body)) for text in inputs]
         await conn.respond_json(200, {"model": model, "embeddings": vectors,
                                       "prompt_eval_count": sum(len(t.split()) for t in inputs)})
 
@@ -239,6 +279,14 @@ class SimServer:
         [text] = self._embed_inputs({"input": body["prompt"]})
         await conn.respond_json(200, {"embedding": embedding(text, self.sim.options.embed_dim)})
 
+    def _dimensions(self, body: dict[str, Any]) -> int:
+        """``dimensions`` when the request asks for fewer than the model has: its vector cut there and
+        normalised again, as Ollama does (``embedding``'s first numbers are the same whatever its length)."""
+        wanted = body.get("dimensions")
+        if isinstance(wanted, int) and not isinstance(wanted, bool) and 0 < wanted < self.sim.options.embed_dim:
+            return wanted
+        return self.sim.options.embed_dim
+
     async def openai_embed(self, conn: Connection, request: Request) -> None:
         body = _body(request)
         model = self._model(body)
@@ -247,7 +295,7 @@ class SimServer:
         as_base64 = body.get("encoding_format") == "base64"
         data = []
         for index, text in enumerate(inputs):
-            vector: Any = embedding(text, self.sim.options.embed_dim)
+            vector: Any = embedding(text, self._dimensions(body))
             if as_base64:
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": vector})
@@ -266,4 +314,4 @@ async def serve(sim: Simulator, listen: str, *, task_status: trio.TaskStatus[int
              ",".join(sim.options.models), f"[{host}]" if ":" in host else host, bound, sim.options.ttft_ms,
              sim.options.itl_ms, sim.options.tokens)
     task_status.started(bound)
-    await trio.serve_listeners(partial(serve_connection, handle=server.handle), listeners)
+    await trio.serve_listeners(partial(serve_connection, handle=server.handle, max_body=MAX_BODY_BYTES), listeners)

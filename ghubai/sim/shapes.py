@@ -12,6 +12,8 @@ import uuid
 from datetime import datetime, timezone
 from typing import Any
 
+import trio
+
 from ghubai.errors import ApiError
 from ghubai.sim.generator import Generation
 
@@ -21,6 +23,10 @@ _HOLE = "\x00token\x00"
 def _template(value: dict[str, Any]) -> tuple[bytes, bytes]:
     before, after = json.dumps(value).split(json.dumps(_HOLE))
     return before.encode(), after.encode()
+
+
+def _ns(seconds: float) -> int:
+    return max(1, int(seconds * 1e9))
 
 
 def _usage(gen: Generation) -> dict[str, int]:
@@ -165,9 +171,14 @@ class OllamaShape(Shape):
         return {"model": self.model, "created_at": self.created_at, **fields}
 
     def counts(self) -> dict[str, Any]:
-        return {"done": True, "done_reason": self.gen.finish_reason, "total_duration": 1,
-                "load_duration": 1, "prompt_eval_count": self.gen.prompt_tokens, "prompt_eval_duration": 1,
-                "eval_count": self.gen.completion_tokens, "eval_duration": 1}
+        """The final line's counts and durations (nanoseconds, as Ollama's: clients divide the
+        counts by them for tokens per second)."""
+        gen, now = self.gen, trio.current_time()
+        first = gen.first_token_at or now
+        return {"done": True, "done_reason": gen.finish_reason, "total_duration": _ns(now - gen.started),
+                "load_duration": 1, "prompt_eval_count": gen.prompt_tokens,
+                "prompt_eval_duration": _ns(first - gen.started), "eval_count": gen.completion_tokens,
+                "eval_duration": _ns(now - first)}
 
     def tail(self) -> bytes:
         return json.dumps(self.final("")).encode() + b"\n"
@@ -198,4 +209,6 @@ class OllamaGenerate(OllamaShape):
         return self.base(response=token, done=False)
 
     def final(self, text: str) -> dict[str, Any]:
-        return self.base(response=text, **self.counts())
+        """With the ``context`` Ollama returns for the next turn (here, token ids of prompt and answer)."""
+        context = list(range(self.gen.prompt_tokens + self.gen.completion_tokens))
+        return self.base(response=text, **self.counts(), context=context)
