@@ -160,10 +160,14 @@ def shown(url: str) -> str:
     query or fragment, where a token may sit too (``?api_key=...``); the errors that quote it are
     about its scheme, host or port."""
     url = redacted(url)
-    with contextlib.suppress(ValueError):
+    try:
         parts = urlsplit(url)
-        if parts.path.strip("/") or parts.query or parts.fragment:
-            return f"{parts.scheme}://{parts.netloc}/…"
+    except ValueError:  # (a bracket missing, "http://[zz]"): cut by hand
+        scheme, sep, rest = url.partition("://")
+        authority = re.split(r"[/?#]", rest, maxsplit=1)
+        return f"{scheme}{sep}{authority[0]}" + ("/…" if len(authority) > 1 else "")
+    if parts.path.strip("/") or parts.query or parts.fragment:
+        return f"{parts.scheme}://{parts.netloc}/…"
     return url
 
 

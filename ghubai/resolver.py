@@ -6,10 +6,11 @@ glibc's defaults). A proxy checks every hub each round and dials hubs for reques
 names whose DNS servers do not answer filled those 40 places within a few rounds, and then no name
 resolved at all, ``localhost`` included; the healthy hubs were marked down and every client got 503.
 
-Here each name has one place of its own: a lookup of a name that is already being looked up waits
-for that one (or for its caller's timeout) instead of starting another thread, and names never wait
-for one another. Threads are bounded by the names being looked up at once, which configuration
-gives (hubs, engines), not clients.
+Here a lookup runs in a thread of its own, owned by no caller, and every caller that asks the same
+while it runs waits for its answer (or for its own timeout) instead of starting another: a name
+whose DNS hangs holds one thread however often it is asked, a burst of new connections to one name
+costs one lookup, and names never wait for one another. Threads are bounded by the distinct names
+being looked up at once, which configuration gives (hubs, engines), not clients.
 """
 
 from __future__ import annotations
@@ -19,24 +20,49 @@ from typing import Any
 
 import trio
 
+_Key = tuple[Any, ...]
+
+
+class _Lookup:
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.addresses: list[Any] = []
+        self.error: BaseException | None = None
+
 
 class NameLookups(trio.abc.HostnameResolver):
     """``trio.socket.set_custom_hostname_resolver(NameLookups())`` in a daemon's run."""
 
     def __init__(self) -> None:
-        self._running: dict[bytes | str | None, trio.CapacityLimiter] = {}
+        self._running: dict[_Key, _Lookup] = {}
 
-    async def getaddrinfo(self, host: bytes | None, port: bytes | str | int | None, family: int = 0, type: int = 0,
-                          proto: int = 0, flags: int = 0) -> list[Any]:
-        # the thread holds its name's place until it returns, even when its caller gave up on it
-        place = self._running.setdefault(host, trio.CapacityLimiter(1))
+    async def getaddrinfo(self, host: bytes | None, port: bytes | str | int | None, family: int = 0,
+                          socktype: int = 0, proto: int = 0, flags: int = 0) -> list[Any]:
+        key = (host, port, family, socktype, proto, flags)
+        if (lookup := self._running.get(key)) is None:
+            lookup = self._running[key] = _Lookup()
+            token = trio.lowlevel.current_trio_token()
+
+            def deliver(result: Any) -> None:  # (an outcome, in the lookup's thread)
+                try:
+                    token.run_sync_soon(self._finished, key, lookup, result)
+                except trio.RunFinishedError:
+                    pass
+
+            trio.lowlevel.start_thread_soon(lambda: socket.getaddrinfo(*key), deliver, name=f"lookup {host!r}")
+        await lookup.done.wait()
+        if (error := lookup.error) is not None:  # each caller its own copy: a raise adds to its traceback
+            raise type(error)(*error.args) if isinstance(error, OSError) else error
+        return list(lookup.addresses)  # (a copy: trio's open_tcp_stream reorders the list it gets)
+
+    def _finished(self, key: _Key, lookup: _Lookup, result: Any) -> None:
         try:
-            return await trio.to_thread.run_sync(socket.getaddrinfo, host, port, family, type, proto, flags,
-                                                 abandon_on_cancel=True, limiter=place)
-        finally:
-            taken = place.statistics()
-            if not taken.borrowed_tokens and not taken.tasks_waiting and self._running.get(host) is place:
-                del self._running[host]
+            lookup.addresses = result.unwrap()
+        except BaseException as error:  # (the lookup's, handed to each caller)
+            lookup.error = error
+        lookup.done.set()
+        if self._running.get(key) is lookup:
+            del self._running[key]
 
     async def getnameinfo(self, sockaddr: tuple[Any, ...], flags: int) -> tuple[str, str]:
         return await trio.to_thread.run_sync(socket.getnameinfo, sockaddr, flags, abandon_on_cancel=True)

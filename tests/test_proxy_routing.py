@@ -233,6 +233,26 @@ async def test_a_hub_added_is_checked_at_once_however_many_listed_hubs_hang(grid
     await grid.wait_for_model(proxy.value, "sim")
 
 
+async def test_a_proxy_with_a_registry_and_static_hubs_serves_once_both_are_checked(grid: Grid) -> None:
+    """Review: the static hubs' checks, begun before the registry's list came, were left out of the
+    first round the proxy waits for: it took clients while its one healthy hub was "not checked
+    yet", and answered them 503 "No healthy hub"."""
+    async def hub(model: str, delay_s: float, conn: Connection, request: Request) -> None:
+        await trio.sleep(delay_s)
+        await conn.respond_json(200, {"hub_id": model, "draining": False, "heartbeat_s": 1, "models": [model],
+                                      "loaded": [], "workers": 1, "capacity": 4, "queue": {}})
+
+    addresses = []
+    for model, delay_s in (("static", 0.3), ("listed", 0.0)):
+        listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(
+            serve_connection, handle=partial(hub, model, delay_s)), 0, host="127.0.0.1"))
+        addresses.append(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    registry = await grid.registry(hubs=(HubEntry("listed", addresses[1]),))
+    proxy = await grid.proxy(registry.value, hubs=(addresses[0],), health={"interval_s": 60.0})
+    models = await grid.http.get(proxy.value + "/v1/models")
+    assert models.status_code == 200 and [model["id"] for model in models.json()["data"]] == ["listed", "static"]
+
+
 async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: Grid) -> None:
     """Review: a down hub's old list (``llama3``) renamed a request for what a healthy hub serves as
     ``llama3:latest``, and no healthy hub served that name: 503 for ever."""

@@ -208,11 +208,11 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
             wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
             due = [hub for hub in hubs.hubs.values() if hub.address not in running]
             running.update(hub.address for hub in due)
-            first = listed and due and not hubs.checked.is_set()
+            first = not hubs.checked.is_set()  # (rounds before the registry's list came too: its static hubs)
             async with trio.open_nursery() as first_round:
                 for hub in due:
                     (first_round if first else checks).start_soon(check, hub, wanted or hub.workers is None)
-            if first:
+            if first and listed and hubs.hubs:
                 hubs.checked.set()
             with trio.move_on_after(config.health.interval_s):
                 await hubs.check_now.wait()
