@@ -16,7 +16,7 @@ import trio
 import trio.testing
 
 from conftest import Grid, chat, eventually, run_ghubai
-from ghubai.sim.generator import SimOptions, Simulator
+from ghubai.sim.generator import SimOptions, Simulator, fit
 
 
 async def test_ollama_chat_streams_ndjson_and_respects_num_predict(grid: Grid) -> None:
@@ -264,6 +264,25 @@ async def test_an_openai_stream_begins_with_its_first_token_and_the_paths_client
     large = await grid.http.post(fast_url + "/api/chat", json={**body, "stream": False, "messages": [
         {"role": "user", "content": "what is this", "images": [photo]}]})
     assert large.status_code == 200
+
+
+def test_a_value_fits_merged_and_long_schemas() -> None:
+    """Review: ``allOf`` kept only its last part's properties, and ``minItems`` over 100 got 100."""
+    both = {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+                      {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
+    assert fit(both) == {"a": "sim", "b": 1}
+    assert len(fit({"type": "array", "items": {"type": "integer"}, "minItems": 150})) == 150
+
+
+async def test_a_model_asked_for_without_its_tag_is_the_one_in_memory(grid: Grid) -> None:
+    """Review: ``llama3`` for ``llama3:latest`` was loaded as a model of its own: ``/api/ps`` listed a
+    name ``/api/tags`` does not, and asking by the other name loaded it again."""
+    url, sim = await grid.sim(models=["llama3:latest", "other"], max_loaded=1, load_ms=1, tokens=2)
+    for name in ("llama3", "llama3:latest", "llama3"):
+        answer = (await grid.http.post(url + "/api/chat", json={**chat(model=name), "stream": False})).json()
+        assert answer["model"] == name  # (named as asked, as Ollama answers)
+    assert sim.stats.loads == 1
+    assert [model["name"] for model in (await grid.http.get(url + "/api/ps")).json()["models"]] == ["llama3:latest"]
 
 
 def test_max_parallel_below_one_is_refused_in_one_line() -> None:

@@ -270,12 +270,14 @@ _FORMATS = {"date-time": "2026-01-01T00:00:00Z", "date": "2026-01-01", "time": "
             "uuid": "00000000-0000-4000-8000-000000000000", "ipv4": "127.0.0.1", "ipv6": "::1"}
 MAX_FIT_DEPTH = 32  # a schema that refers to itself ends in an empty value
 DEEP_ARRAYS = 8  # from this depth an array has only the items it must (a tree of nodes ends)
+MAX_ITEMS = 1000  # a schema's minItems beyond it gets this many: a simulator's answer stays small
 
 
 def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
     """A value that fits a JSON schema as Pydantic and OpenAI's SDK write them: types, properties,
-    items (``minItems`` of them), enum, const, string formats, ``$ref`` to ``$defs`` (or
-    ``definitions``), the first branch of ``anyOf``/``oneOf`` (``Optional[X]`` is X), ``allOf`` merged.
+    items (``minItems`` of them, at most ``MAX_ITEMS``), enum, const, string formats, ``$ref`` to
+    ``$defs`` (or ``definitions``), the first branch of ``anyOf``/``oneOf`` (``Optional[X]`` is X),
+    ``allOf`` merged (their properties together).
     Real engines constrain their output to the schema; a client then validates it."""
     root = schema if root is None else root
     if not isinstance(schema, dict) or depth > MAX_FIT_DEPTH:
@@ -291,9 +293,11 @@ def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
             return fit(next((b for b in branches if isinstance(b, dict) and b.get("type") != "null"), branches[0]),
                        root, depth + 1)
     if isinstance(parts := schema.get("allOf"), list):
-        merged = {key: value for part in parts if isinstance(part, dict)
-                  for key, value in (_resolved(part, root) if "$ref" in part else part).items()}
-        return fit({**merged, **{k: v for k, v in schema.items() if k != "allOf"}}, root, depth + 1)
+        merged: dict[str, Any] = {"properties": {}}
+        for part in [_resolved(p, root) if "$ref" in p else p for p in parts if isinstance(p, dict)] + [schema]:
+            merged.update({key: value for key, value in part.items() if key not in ("allOf", "properties")})
+            merged["properties"].update(part.get("properties") or {})
+        return fit(merged, root, depth + 1)
     kind = schema.get("type", "object" if "properties" in schema or depth == 0 else "string")
     kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) and kind else kind
     if kind == "object":
@@ -303,7 +307,7 @@ def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
         return {name: fit(sub, root, depth + 1) for name, sub in properties.items()}
     if kind == "array":
         least = least if isinstance(least := schema.get("minItems"), int) else 0
-        count = min(100, max(least, 1 if depth < DEEP_ARRAYS else 0))
+        count = min(MAX_ITEMS, max(least, 1 if depth < DEEP_ARRAYS else 0))
         return [fit(schema.get("items") or {"type": "string"}, root, depth + 1) for _ in range(count)]
     if kind == "string" and (fmt := _FORMATS.get(schema.get("format", ""))):
         return fmt

@@ -126,16 +126,17 @@ class SimServer:
             await conn.respond_error(error, request.path)
 
     def _model(self, body: dict[str, Any]) -> str:
-        """The model asked for, as Ollama finds it: ``llama3`` is the ``llama3:latest`` it has, and
-        the other way round."""
+        """The model asked for, as Ollama finds it (``llama3`` is the ``llama3:latest`` it has, and
+        the other way round), named as ``--models`` names it: one model in memory, however asked
+        for. (Answers name it as the request did, as Ollama's do.)"""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise ApiError(400, "model is required")
         models = self.sim.options.models
-        if model not in models and dialects.tagged(model, models.__contains__) not in models and \
-                model.removesuffix(":latest") not in models:
-            raise ApiError(404, f'model "{model}" not found, try pulling it first')
-        return model
+        for name in (model, dialects.tagged(model, models.__contains__), model.removesuffix(":latest")):
+            if name in models:
+                return name
+        raise ApiError(404, f'model "{model}" not found, try pulling it first')
 
     def _maybe_fail(self) -> None:
         if self.sim.should_fail():
@@ -182,16 +183,17 @@ class SimServer:
 
     async def openai_model(self, conn: Connection, request: Request) -> None:
         name = unquote(request.path.removeprefix(dialects.MODEL_PATH))
-        await conn.respond_json(200, self._openai_model(self._model({"model": name})))
+        self._model({"model": name})
+        await conn.respond_json(200, self._openai_model(name))
 
     async def generate(self, shape_class: type[Shape], dialect: str, conn: Connection, request: Request) -> None:
         body = _body(request)
-        model = self._model(body)
+        model, asked = self._model(body), body["model"]
         self._maybe_fail()
         prompt = _prompt(body)
         stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
-            await self._preload(conn, reason, model, shape_class, stream)  # Ollama loads (or unloads); no generation
+            await self._preload(conn, reason, asked, shape_class, stream)  # Ollama loads (or unloads); no generation
             return
         include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body, dialect), _stops(body, dialect))
@@ -200,7 +202,7 @@ class SimServer:
             generation.answer_with_call(*tool)
         elif wants_json:
             generation.answer_with_json(fit(schema))
-        shape = shape_class(model, generation, include_usage)
+        shape = shape_class(asked, generation, include_usage)
         shape.usage_with_choices = self.sim.options.usage_with_choices
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
@@ -252,11 +254,11 @@ class SimServer:
 
     async def ollama_embed(self, conn: Connection, request: Request) -> None:
         body = _body(request)
-        model = self._model(body)
+        self._model(body)
         self._maybe_fail()
         inputs = self._embed_inputs(body) if body.get("input") else []  # none: Ollama loads the model, embeds nothing
         vectors = [embedding(text, self._dimensions(body)) for text in inputs]
-        await conn.respond_json(200, {"model": model, "embeddings": vectors,
+        await conn.respond_json(200, {"model": body["model"], "embeddings": vectors,
                                       "prompt_eval_count": sum(len(t.split()) for t in inputs)})
 
     async def show(self, conn: Connection, request: Request) -> None:
@@ -289,7 +291,7 @@ class SimServer:
 
     async def openai_embed(self, conn: Connection, request: Request) -> None:
         body = _body(request)
-        model = self._model(body)
+        self._model(body)
         self._maybe_fail()
         inputs = self._embed_inputs(body, token_ids=True)
         as_base64 = body.get("encoding_format") == "base64"
@@ -300,7 +302,7 @@ class SimServer:
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
             data.append({"object": "embedding", "index": index, "embedding": vector})
         tokens = sum(len(t.split()) for t in inputs)
-        await conn.respond_json(200, {"object": "list", "data": data, "model": model,
+        await conn.respond_json(200, {"object": "list", "data": data, "model": body["model"],
                                       "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
 
