@@ -109,6 +109,10 @@ ELSEWHERE_HEADER = b"x-ghubai-elsewhere"
 # Hub → proxy, on such a 503: only the header made the hub refuse it. When no other hub takes the
 # request either, the proxy sends it back without the header, and the hub keeps it until they return.
 SENT_ON = {"X-GhubAi-Elsewhere": "refused"}
+# Hub → proxy, on the 503 of a request that waited its whole ``queue_timeout_s`` for a slot: the
+# proxy passes it on rather than queue the request again at another hub (3 hubs sharing one worker
+# made a client wait three times the time, and its SDK's retries nine).
+WAITED = {"X-GhubAi-Elsewhere": "waited"}
 
 
 def validate_model(body: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ its first byte ends with the same body as one last SSE event or NDJSON line.
 from __future__ import annotations
 
 import json
+import random
 from typing import Any
 
 _TYPES = {
@@ -57,8 +58,13 @@ class ApiError(Exception):
         return json.dumps(self.ollama_body()).encode() + b"\n"
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(self.retry_after)} | self.extra_headers if self.retry_after is not None \
-            else self.extra_headers
+        """``Retry-After``, and ``retry-after-ms`` (which the openai SDK reads first) up to half as
+        long again at random: refused together, a crowd of clients must not come back together,
+        each retry as sure to fail as the first (the SDK adds no jitter to a server's wait)."""
+        if self.retry_after is None:
+            return self.extra_headers
+        spread = round(self.retry_after * 1000 * (1 + random.random() / 2))
+        return {"Retry-After": str(self.retry_after), "retry-after-ms": str(spread)} | self.extra_headers
 
 
 def invalid_api_key() -> ApiError:

@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client
+from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client, workers_linked
 from ghubai import dialects
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.errors import ApiError
@@ -281,6 +281,33 @@ async def test_proxy_api_keys(grid: Grid, tmp_path: Path) -> None:
     assert (await grid.http.post(url, json=chat())).status_code == 401
     assert (await grid.http.post(url, json=chat(), headers={"authorization": "Bearer k1"})).status_code == 200
     assert (await grid.http.get(proxy.value + "/health")).status_code == 200
+
+
+async def test_a_request_that_waited_its_queue_time_at_one_hub_is_not_queued_again_at_another(grid: Grid) -> None:
+    """Regression (hunt): the proxy took a hub's 503 for a request that had waited its whole
+    ``queue_timeout_s`` as any 503 and queued the request again at the next hub: with three hubs
+    sharing one busy worker a client waited three times the documented limit (its SDK's retries,
+    nine). Such a 503 now goes to the client; its retry comes spread out (``retry-after-ms``)."""
+    sim_url, sim = await grid.sim(ttft_ms=30_000)
+    hubs = [await grid.hub(limits={"queue_timeout_s": 0.5}) for _ in range(2)]
+    await grid.worker([hub.value for hub in hubs], sim_url, max_concurrency=1)
+    await workers_linked(grid, hubs[0].value, 1)
+    await workers_linked(grid, hubs[1].value, 1)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(grid.http.post, hubs[0].value + "/v1/chat/completions", json=chat()))
+
+        async def busy() -> bool:
+            return sim.stats.active == 1
+
+        await eventually(busy, "the worker's one slot taken")
+        waited = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+        nursery.cancel_scope.cancel()
+    assert waited.status_code == 503 and "was free within 0.5 s" in waited.json()["error"]["message"]
+    assert 1000 <= int(waited.headers["retry-after-ms"]) <= 1500 and "x-ghubai-elsewhere" not in waited.headers
+    refused = [(await grid.http.get(hub.value + "/metrics")).text.count('code="503"') for hub in hubs]
+    assert sorted(refused) == [0, 1]  # one hub made it wait, and only one
 
 
 async def test_a_worker_shared_by_two_hubs_keeps_its_max_concurrency(grid: Grid) -> None:

@@ -658,7 +658,8 @@ class Pool:
 
     def no_slot(self, model: str) -> ApiError:
         return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
-                        retry_after=min(60, max(1, math.ceil(self.limits.queue_timeout_s / 10))))
+                        retry_after=min(60, max(1, math.ceil(self.limits.queue_timeout_s / 10))),
+                        extra_headers=dialects.WAITED)
 
     def release(self, worker: RemoteWorker, sent: bool = True) -> None:
         """A slot back; one a request took but never sent (refused before it left) is no load the

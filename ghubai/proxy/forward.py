@@ -214,7 +214,8 @@ class Forwarder:
                     continue
                 another = bounced is not None or \
                     (len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried))
-                if response.status_code in RETRY_STATUSES and another:
+                waited = (dialects.ELSEWHERE_HEADER, b"waited") in response.headers  # (its whole queue time)
+                if response.status_code in RETRY_STATUSES and another and not waited:
                     if bounced is None and (dialects.ELSEWHERE_HEADER, b"refused") in response.headers:
                         bounced = hub
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)
