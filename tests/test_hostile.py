@@ -28,6 +28,7 @@ from conftest import WAIT_S, Daemon, Grid, chat, eventually, read_until, run_ghu
 from ghubai import protocol
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
+from ghubai.http11 import server as http11_server
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import logs
 from ghubai.proxy.follow import REGISTRY_ANSWER_LIMIT, SUMMARY_LIMIT
@@ -430,16 +431,25 @@ async def test_a_body_trickled_in_gets_408_at_body_timeout_s_whatever_the_idle_t
 
 
 @pytest.mark.parametrize("role", ["proxy", "hub"])
-async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, role: str) -> None:
+async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, role: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Regression: with no connection cap, 150 trickling clients took a 128-file limit and new clients
     timed out (400 EMFILE tracebacks in 20 s); the hub, on hypercorn, had no cap at all. At the hub a
-    worker's link takes a slot too."""
+    worker's link takes a slot too. (Hunt: the clients turned away were in no log and no metric.)"""
     hub = await grid.hub(limits={"max_connections": 3} if role == "hub" else {})
     if role == "hub":
         sim_url, _ = await grid.sim()
         await grid.worker(hub.value, sim_url)
     server = hub.value if role == "hub" else (await grid.proxy(hubs=(hub.value,), limits={"max_connections": 3})).value
     port = int(server.rsplit(":", 1)[1])
+    http11_server._warned.clear()  # (as in a fresh process: its first turn away is logged)
+    caplog.set_level(logging.WARNING, "ghubai.http")
+
+    async def turned_away_so_far() -> float:
+        text = (await grid.http.get(server + "/metrics")).text
+        return float(re.search(r"^ghubai_connections_turned_away_total (\S+)$", text, re.M)[1])
+
+    before = await turned_away_so_far()
     held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2 if role == "hub" else 3)]
     turned_away = await trio.open_tcp_stream("127.0.0.1", port)
     await turned_away.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -455,6 +465,8 @@ async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, r
         return (await grid.http.get(server + "/health")).status_code == 200
 
     await eventually(served_again, "a slot for a new client once one left")
+    assert await turned_away_so_far() >= before + 1
+    assert [r for r in caplog.records if f"{role}: a connection turned away" in r.getMessage()]
     if role == "hub":  # the worker's link still serves
         assert (await grid.http.post(server + "/v1/chat/completions", json=chat())).status_code == 200
     for stream in held[1:]:

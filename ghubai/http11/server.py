@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
+import time
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,10 +26,13 @@ import trio
 from ghubai import cors
 from ghubai.errors import CLIENT_CLOSED, CLOSE, ApiError, body_too_large
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings  # (and h11's grammars, linear: see the module)
+from ghubai.observability import metrics
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.sockets import RECEIVE_SIZE, write_now
 
 log = logging.getLogger("ghubai.http")
+TURNED_AWAY_LOG_S = 60.0
+_warned: dict[str, float] = {}  # by role: when ``turn_away`` last logged
 
 DRAIN_TIMEOUT_S = 0.5
 
@@ -284,7 +289,14 @@ def connection_cap(wanted: int, descriptors_each: int, key: str) -> int:
 
 async def turn_away(stream: trio.abc.Stream, who: str) -> None:
     """A connection past the cap: a 503 with ``Retry-After`` at once, then close, so that clients
-    that trickle or idle cannot take every file descriptor and shut everyone else out."""
+    that trickle or idle cannot take every file descriptor and shut everyone else out. Counted
+    (``ghubai_connections_turned_away_total``) and logged, at most a line a minute: no request was
+    read, so no access line tells of it."""
+    metrics.turned_away[who] = metrics.turned_away.get(who, 0) + 1
+    if time.monotonic() >= _warned.get(who, -math.inf) + TURNED_AWAY_LOG_S:  # (a process's, not a trio run's)
+        _warned[who] = time.monotonic()
+        log.warning("%s: a connection turned away, past the cap of connections open at once (%d so far); "
+                    "at most one such line a minute", who, metrics.turned_away[who])
     body = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1).body_for("")
     with trio.move_on_after(1):
         try:

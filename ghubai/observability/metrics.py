@@ -28,6 +28,11 @@ class _Live(Collector):
         return self._collect()
 
 
+# Connections each role turned away past its connection cap (``http11.server.turn_away``), before
+# any request was read: the count a role's registry exports, by the role's name.
+turned_away: dict[str, int] = {}
+
+
 class Metrics:
     """What every role that answers requests counts, in a registry of its own (``ghubai up`` runs
     several roles in one process). Invariant: the figures only grow, except the gauges; label values
@@ -43,6 +48,9 @@ class Metrics:
                                   ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.inflight = Gauge("ghubai_inflight_requests", "Requests being answered now", ["role"],
                               registry=self.registry)
+        self.watch(lambda: [CounterMetricFamily(
+            "ghubai_connections_turned_away", "Connections answered 503 at once, past the connection cap",
+            value=turned_away.get(role, 0))])
         self.first_token = Histogram("ghubai_time_to_first_token_seconds", "Time from request to the first byte "
                                      "of a streamed answer", ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
 
