@@ -72,6 +72,24 @@ async def test_no_more_idle_connections_than_max_idle(grid: Grid) -> None:
     assert sim.stats.completed == 5 and len(pool.idle) == 2
 
 
+async def test_idle_connections_past_their_reuse_window_are_closed_when_the_owner_sweeps(grid: Grid) -> None:
+    """Regression (hunt): after a burst, a proxy gone quiet kept 64 idle connections a hub, each in
+    CLOSE-WAIT once the hub closed its end, until its next request; only ``connection`` dropped them."""
+    sim_url, _ = await grid.sim(tokens=2, itl_ms=20)
+    pool = pool_for(sim_url, max_idle=8, idle_reuse_s=4.0)
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(post, pool, chat(stream=True))
+    assert len(pool.idle) == 5
+    for conn in pool.idle[:4]:
+        conn.idle_since -= 5.0  # idle longer than they may be reused
+    kept, stale = pool.idle[4], pool.idle[:4]
+    pool.close_stale()
+    assert pool.idle == [kept] and all(conn.socket is not None and conn.socket.fileno() == -1 for conn in stale)
+    status, _ = await post(pool, chat(stream=False))
+    assert status == 200 and pool.idle == [kept]
+
+
 async def _serve_once_then(close_after: bool, cut: bool, stream: trio.SocketStream) -> None:
     """A server answering one request: whole, or cut in the middle; closing or keeping the socket."""
     conn = h11.Connection(h11.SERVER)

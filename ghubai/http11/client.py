@@ -300,6 +300,14 @@ class ConnectionPool:
             conn.close_now()
         self.idle.clear()
 
+    def close_stale(self) -> None:
+        """Close the idle connections past their reuse window, which ``connection`` would not reuse:
+        called now and then by the pool's owner, so that a pool gone quiet after a burst does not hold
+        them (64 a hub at the proxy, each in CLOSE-WAIT once the server closed its end) for good."""
+        now = trio.current_time()
+        while self.idle and now - self.idle[0].idle_since > self.idle_reuse_s:  # (oldest first)
+            self.idle.pop(0).close_now()
+
 
 class Response:
     """The answer to one ``ConnectionPool.request``: its head, then its body as it arrives."""

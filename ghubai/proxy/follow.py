@@ -206,6 +206,8 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
             hubs.check_now = trio.Event()
             listed = not config.registry_url or hubs.listed.is_set()  # (else the round may miss its hubs)
             wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
+            for hub in hubs.hubs.values():
+                hub.pool.close_stale()
             due = [hub for hub in hubs.hubs.values() if hub.address not in running]
             running.update(hub.address for hub in due)
             first = not hubs.checked.is_set()  # (rounds before the registry's list came too: its static hubs)

@@ -182,6 +182,7 @@ class Worker:
             with trio.move_on_after(self.config.engine.residency_interval_s) as timer:
                 await self._loaded_one.wait()
             self._loaded_one = trio.Event()
+            self.engine.pool.close_stale()  # (a quiet worker keeps no connection its engine closed)
             loaded = await self.engine.loaded()
             # after a request for a model not in memory, the hubs hear it even unchanged: the hub
             # that sent it counted the model loaded here, and must learn so if the load never came
