@@ -459,6 +459,11 @@ async def test_past_max_connections_a_client_gets_a_503_not_a_hang(grid: Grid, r
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer
     assert f"The {role} has too many open connections".encode() in answer
+    ollama_client = await trio.open_tcp_stream("127.0.0.1", port)  # (hunt: its error was in OpenAI's shape)
+    await ollama_client.send_all(b"POST /api/chat HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+    with trio.fail_after(WAIT_S):
+        ollama_answer = await read_until(ollama_client, b"\0")  # (to the close)
+    assert json.loads(ollama_answer.partition(b"\r\n\r\n")[2])["error"].startswith(f"The {role} has too many")
     await held[0].aclose()
 
     async def served_again() -> bool:

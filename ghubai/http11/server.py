@@ -10,6 +10,7 @@ the work done for a client that left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from ghubai.sockets import RECEIVE_SIZE, write_now
 
 log = logging.getLogger("ghubai.http")
 TURNED_AWAY_LOG_S = 60.0
+TURN_AWAY_READ_S = 0.5  # for the request line of a connection turned away (its error's dialect)
 _warned: dict[str, float] = {}  # by role: when ``turn_away`` last logged
 
 DRAIN_TIMEOUT_S = 0.5
@@ -297,7 +299,11 @@ async def turn_away(stream: trio.abc.Stream, who: str) -> None:
         _warned[who] = time.monotonic()
         log.warning("%s: a connection turned away, past the cap of connections open at once (%d so far); "
                     "at most one such line a minute", who, metrics.turned_away[who])
-    body = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1).body_for("")
+    path = ""  # the error in the dialect of the request's path, when its line comes at once
+    with trio.move_on_after(TURN_AWAY_READ_S), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        words = (await stream.receive_some(RECEIVE_SIZE)).split(b" ", 2)
+        path = words[1].decode("latin-1") if len(words) == 3 else ""
+    body = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1).body_for(path)
     with trio.move_on_after(1):
         try:
             await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
