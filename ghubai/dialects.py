@@ -56,9 +56,7 @@ def validate_chat(body: dict[str, Any]) -> None:
         _check_message(message, f"messages[{index}]")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")
-    _optional(body, "response_format", dict, "an object such as {\"type\": \"json_object\"}")
-    if isinstance(body.get("response_format"), dict):
-        _optional(body["response_format"], "json_schema", dict, "an object with a 'schema'")
+    _validate_response_format(body)
     for name in ("max_tokens", "max_completion_tokens"):
         _optional(body, name, int, "an integer")
     _optional(body, "reasoning_effort", str, "a string such as \"low\"")
@@ -126,7 +124,14 @@ def validate_completion(body: dict[str, Any]) -> None:
     _require(body, "prompt", (str, list), "a string or an array")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")  # (a worker reads it: any other was its traceback)
+    _validate_response_format(body)  # (and this: a string was a traceback in every worker tried)
     _optional(body, "max_tokens", int, "an integer")
+
+
+def _validate_response_format(body: dict[str, Any]) -> None:
+    _optional(body, "response_format", dict, "an object such as {\"type\": \"json_object\"}")
+    if isinstance(body.get("response_format"), dict):
+        _optional(body["response_format"], "json_schema", dict, "an object with a 'schema'")
 
 
 def validate_ollama_embed(body: dict[str, Any]) -> None:

@@ -12,6 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from ghubai import dialects
+from ghubai.errors import ApiError
 from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, Untranslatable, translator_for
 
 
@@ -46,11 +48,18 @@ def sse(event: bytes) -> dict[str, Any]:
     return value
 
 
+DURATIONS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+
+
 def timestamp(value: dict[str, Any]) -> str:
-    """Pop and check Ollama's ``created_at``: ISO 8601 in UTC, written with a Z."""
+    """Pop and check Ollama's ``created_at`` (ISO 8601 in UTC, written with a Z), and its durations
+    where there are any (whole nanoseconds)."""
     created_at = value.pop("created_at")
     assert created_at.endswith("Z")
     assert datetime.fromisoformat(created_at).utcoffset() == timedelta(0)
+    for name in DURATIONS:
+        if name in value:
+            assert type(nanoseconds := value.pop(name)) is int and nanoseconds >= 0
     return created_at
 
 
@@ -261,6 +270,9 @@ def test_ollama_chat_final_line_has_counts_and_done_reason() -> None:
     translator.request({"model": "llama3", "messages": []}, stream=True)
     translator.chunk({"choices": [{"index": 0, "delta": {"content": "abc"}, "finish_reason": "length"}]})
     value = ndjson(translator.final({"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}))
+    # (hunt: none came, and a client's tokens per second, eval_count / eval_duration, raised TypeError)
+    assert value["eval_duration"] >= 1 and set(DURATIONS) <= set(value)
+    assert value["total_duration"] >= value["prompt_eval_duration"] + value["eval_duration"]
     timestamp(value)
     assert value == {"model": "llama3", "message": {"role": "assistant", "content": ""}, "done": True,
                      "done_reason": "length", "prompt_eval_count": 11, "eval_count": 4}
@@ -394,9 +406,12 @@ def test_ollama_embed_whole_answer() -> None:
     translator = ollama_over_openai("ollama.embed")
     translator.request({"model": "e", "input": ["a", "b"]}, stream=False)
     value = {"object": "list", "data": [{"index": 0, "embedding": [0.5, -1.0]}, {"index": 1, "embedding": [2.0, 0.0]}]}
-    assert json.loads(translator.whole(value, {"prompt_tokens": 4, "total_tokens": 4})) == {
-        "model": "e", "embeddings": [[0.5, -1.0], [2.0, 0.0]], "prompt_eval_count": 4}
-    assert json.loads(translator.whole({"data": []}, None)) == {"model": "e", "embeddings": [], "prompt_eval_count": 0}
+    answer = json.loads(translator.whole(value, {"prompt_tokens": 4, "total_tokens": 4}))
+    assert answer.pop("total_duration") >= 1 and answer.pop("load_duration") == 0
+    assert answer == {"model": "e", "embeddings": [[0.5, -1.0], [2.0, 0.0]], "prompt_eval_count": 4}
+    empty = json.loads(translator.whole({"data": []}, None))
+    assert {key: empty[key] for key in ("model", "embeddings", "prompt_eval_count")} == \
+        {"model": "e", "embeddings": [], "prompt_eval_count": 0}
 
 
 def test_ollama_legacy_embeddings_whole_answer() -> None:
@@ -525,6 +540,24 @@ def test_a_batch_of_prompts_or_token_ids_cannot_be_said_to_ollama(prompt: Any) -
         openai_over_ollama("openai.completions").request({"model": "m", "prompt": prompt}, stream=False)
 
 
+@pytest.mark.parametrize("prompt", ["", [""]])
+def test_an_empty_prompt_is_not_sent_to_ollama_as_a_load(prompt: Any) -> None:
+    """Regression (hunt): ``/api/generate`` with an empty prompt is Ollama's load: a completion of
+    "" with max_tokens 3 came back 200, empty, finish "stop". It is another engine's to continue."""
+    with pytest.raises(Untranslatable, match="empty prompt"):
+        openai_over_ollama("openai.completions").request({"model": "m", "prompt": prompt, "max_tokens": 3},
+                                                         stream=False)
+
+
+@pytest.mark.parametrize("response_format", ["json", ["x"], {"type": "json_schema", "json_schema": "x"}])
+def test_a_completion_s_response_format_that_is_no_object_is_a_400(response_format: Any) -> None:
+    """Regression (hunt): on ``/v1/completions`` (not on chat) it reached the worker, whose
+    translation raised: a 502 and a traceback in every worker tried."""
+    with pytest.raises(ApiError) as refused:
+        dialects.validate_completion({"model": "m", "prompt": "x", "response_format": response_format})
+    assert refused.value.status == 400
+
+
 def test_openai_embeddings_request() -> None:
     """Embeddings carry only model and input; other fields do not reach Ollama."""
     translator = openai_over_ollama("openai.embeddings")
@@ -641,7 +674,7 @@ def test_openai_fast_path_matches_the_full_encoding() -> None:
     for api, text_choice in (("openai.chat", lambda t: {"delta": {"content": t}}),
                              ("openai.completions", lambda t: {"text": t, "logprobs": None})):
         translator = openai_over_ollama(api)
-        translator.request({"model": "m"}, stream=True)
+        translator.request({"model": "m", "prompt": "p"}, stream=True)
         translator.chunk({"message": {"content": "x"}, "response": "x", "done": False})
         text = "tab\there \\ \"q\" \u0000 \U0001f600"
         [event] = translator.chunk({"message": {"content": text}, "response": text, "done": False})

@@ -337,7 +337,8 @@ def requested_json(body: dict[str, Any], dialect: str) -> tuple[bool, Any]:
     """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format``, each on
     its own API only), and its schema."""
     fmt = body.get("format") if dialect == "ollama" else None
-    response_format = (body.get("response_format") or {}) if dialect == "openai" else {}
+    response_format = body.get("response_format") if dialect == "openai" else None
+    response_format = response_format if isinstance(response_format, dict) else {}
     if fmt == "json" or response_format.get("type") == "json_object":
         return True, None
     if isinstance(fmt, dict):

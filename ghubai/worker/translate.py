@@ -178,6 +178,8 @@ class OllamaOverOpenAI:
         self.calls_size = 0
         self.progress_at = -PROGRESS_S  # when the last line went out while the engine wrote a tool call
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
+        self.started_ns = time.monotonic_ns()  # for Ollama's durations, which clients divide counts by
+        self.first_ns = 0  # when the first chunk came: the prompt was evaluated by then
 
     @staticmethod
     def method(api: str) -> str:
@@ -251,9 +253,17 @@ class OllamaOverOpenAI:
         return _line(answer) if stream else _encode(answer)
 
     def _counts(self, usage: dict[str, int] | None) -> dict[str, Any]:
+        """The last line's counts, and Ollama's durations in nanoseconds as this worker saw them (an
+        OpenAI engine tells none; a client's tokens per second divides ``eval_count`` by one)."""
+        now = time.monotonic_ns()
+        first = self.first_ns or now
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
-                "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
-                "eval_count": (usage or {}).get("completion_tokens", 0)}
+                **self._durations(now), "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
+                "prompt_eval_duration": max(1, first - self.started_ns),
+                "eval_count": (usage or {}).get("completion_tokens", 0), "eval_duration": max(1, now - first)}
+
+    def _durations(self, now: int) -> dict[str, int]:
+        return {"total_duration": max(1, now - self.started_ns), "load_duration": 0}
 
     def _answer(self, text: str, **extra: Any) -> dict[str, Any]:
         base: dict[str, Any] = {"model": self.model, "created_at": _now()}
@@ -263,6 +273,7 @@ class OllamaOverOpenAI:
 
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
         """One streamed OpenAI chunk as NDJSON lines (none for a role-only or usage-only chunk)."""
+        self.first_ns = self.first_ns or time.monotonic_ns()
         choices = value.get("choices") or [{}]
         choice = choices[0] if isinstance(choices[0], dict) else {}
         if choice.get("finish_reason"):
@@ -318,6 +329,7 @@ class OllamaOverOpenAI:
                             "modified_at": _now()})
         if self.api == "ollama.embed":
             return _encode({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
+                            **self._durations(time.monotonic_ns()),
                             "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason") or "stop"
@@ -472,6 +484,9 @@ class OpenAIOverOllama:
                     raise Untranslatable("an Ollama engine takes one text prompt per request, not a list of "
                                          f"{len(prompt)} prompts or token ids: send them one by one")
                 prompt = prompt[0]
+            if prompt == "":  # (it would be a load: a 200 with nothing, whatever max_tokens asks)
+                raise Untranslatable("an Ollama engine generates nothing from an empty prompt (it loads the "
+                                     "model): an OpenAI-compatible engine can continue one")
             request["prompt"] = str(prompt)
             if isinstance(body.get("suffix"), str):
                 request["suffix"] = body["suffix"]
