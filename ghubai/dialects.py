@@ -58,7 +58,7 @@ def validate_chat(body: dict[str, Any]) -> None:
     _optional(body, "stream_options", dict, "an object")
     _validate_response_format(body)
     for name in ("max_tokens", "max_completion_tokens"):
-        _optional(body, name, int, "an integer")
+        _limit(body, name)
     _optional(body, "reasoning_effort", str, "a string such as \"low\"")
     _optional(body, "reasoning", dict, "an object such as {\"effort\": \"low\"}")
     if isinstance(body.get("reasoning"), dict):
@@ -87,9 +87,7 @@ def _check_message(message: Any, where: str) -> None:
             and isinstance(call["function"].get("name"), str) for call in calls)):
         raise ApiError(400, f"{where}.tool_calls must be an array of objects with a 'function' object that has "
                             "a string 'name'", param=f"{where}.tool_calls")
-    images = message.get("images")  # Ollama's
-    if images is not None and not (isinstance(images, list) and all(isinstance(image, str) for image in images)):
-        raise ApiError(400, f"{where}.images must be an array of base64 strings", param=f"{where}.images")
+    _check_images(message.get("images"), f"{where}.images")  # Ollama's
 
 
 def tagged(model: str, serves: Callable[[str], bool]) -> str:
@@ -125,7 +123,14 @@ def validate_completion(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")  # (a worker reads it: any other was its traceback)
     _validate_response_format(body)  # (and this: a string was a traceback in every worker tried)
-    _optional(body, "max_tokens", int, "an integer")
+    _limit(body, "max_tokens")
+
+
+def _limit(body: dict[str, Any], name: str) -> None:
+    """A token limit, as OpenAI takes one: an integer from 1 (0 would be "no limit" to Ollama)."""
+    _optional(body, name, int, "an integer")
+    if body.get(name) is not None and body[name] < 1:
+        raise ApiError(400, f"'{name}' must be at least 1", param=name)
 
 
 def _validate_response_format(body: dict[str, Any]) -> None:
@@ -197,6 +202,19 @@ def validate_ollama_generate(body: dict[str, Any]) -> None:
     validate_model(body)
     _optional(body, "prompt", str, "a string")
     _optional(body, "stream", bool, "a boolean")
+    _check_images(body.get("images"), "images")  # (a string was an image per character)
+
+
+def _check_images(images: Any, where: str) -> None:
+    if images is not None and not (isinstance(images, list) and all(isinstance(image, str) for image in images)):
+        raise ApiError(400, f"{where} must be an array of base64 strings", param=where)
+
+
+def ollama_limit(options: dict[str, Any]) -> int | None:
+    """``options.num_predict`` as Ollama's runners read it: a count from 1 (``3.0`` too); -1, -2 and
+    0 mean no limit (None)."""
+    value = options.get("num_predict")
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 1 else None
 
 
 def wants_usage(body: dict[str, Any]) -> bool:

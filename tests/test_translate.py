@@ -487,8 +487,25 @@ def test_openai_chat_request_maps_messages_options_format_and_tools() -> None:
 
 def test_openai_max_tokens_and_stream_flag() -> None:
     """``max_tokens`` alone is num_predict; the stream flag is passed on as given."""
-    request = openai_over_ollama("openai.chat").request({"model": "m", "max_tokens": 0, "messages": []}, stream=True)
-    assert request == {"model": "m", "stream": True, "options": {"num_predict": 0}, "messages": []}
+    request = openai_over_ollama("openai.chat").request({"model": "m", "max_tokens": 1, "messages": []}, stream=True)
+    assert request == {"model": "m", "stream": True, "options": {"num_predict": 1}, "messages": []}
+
+
+def test_token_limits_mean_what_each_engine_reads_them_as() -> None:
+    """Regression (hunt): Ollama's runners read ``num_predict: 0`` as no limit; it went to an OpenAI
+    engine as ``max_tokens: 0`` (which vLLM refuses), a ``3.0`` was dropped, and OpenAI's
+    ``max_tokens: 0`` (a 400 at OpenAI) reached Ollama as no limit at all."""
+    for limit, expected in ((0, None), (-1, None), (-2, None), (3.0, 3), (True, None), (5, 5)):
+        request = ollama_over_openai("ollama.chat").request(
+            {"model": "m", "messages": [], "options": {"num_predict": limit}}, stream=False)
+        assert request.get("max_tokens") == expected, limit
+    for name in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(ApiError, match=f"'{name}' must be at least 1"):
+            dialects.validate_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], name: 0})
+    with pytest.raises(ApiError, match="'max_tokens' must be at least 1"):
+        dialects.validate_completion({"model": "m", "prompt": "x", "max_tokens": 0})
+    with pytest.raises(ApiError, match="images must be an array"):  # (hunt: a string was an image a character)
+        dialects.validate_ollama_generate({"model": "m", "prompt": "x", "images": "abc"})
 
 
 def test_openai_tool_choice_without_tools_is_dropped() -> None:

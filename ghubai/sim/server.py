@@ -54,9 +54,9 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
 def _limit(body: dict[str, Any], dialect: str) -> int | None:
     """The request's own limit, read as its API names it (Ollama's ``/api/chat`` ignores a
     ``max_tokens``: a translation that forgot to rename it must show here)."""
-    named = (body.get("max_completion_tokens"), body.get("max_tokens")) if dialect == "openai" else \
-        (_options(body).get("num_predict"),)
-    for value in named:
+    if dialect == "ollama":
+        return dialects.ollama_limit(_options(body))
+    for value in (body.get("max_completion_tokens"), body.get("max_tokens")):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None

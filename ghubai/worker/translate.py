@@ -201,8 +201,8 @@ class OllamaOverOpenAI:
             self.path = "/v1/completions"
         if self.chat and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
             request["reasoning_effort"] = _EFFORT.get(think, think)  # (true and false have no OpenAI word)
-        if isinstance(options.get("num_predict"), int) and options["num_predict"] >= 0:
-            request["max_tokens"] = options["num_predict"]  # -1 and -2 mean "no limit" to Ollama
+        if (limit := dialects.ollama_limit(options)) is not None:
+            request["max_tokens"] = limit
         if stream:
             request["stream_options"] = {"include_usage": True}
         if body.get("format") == "json":
