@@ -75,6 +75,7 @@ def _address(value: str) -> str | None:
 
 
 _HOST = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]+")  # a name, an IPv4 or (unbracketed) IPv6 address
+_AUTHORITY = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*:)?(//)?[^/?#]*")  # a URL up to its path, query or fragment
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")  # as the resolver (and WHATWG URLs) read an IPv4 part
 
 
@@ -159,13 +160,12 @@ def shown(url: str) -> str:
     """``url`` as an error may quote it: without its password (``redacted``), and without a path,
     query or fragment, where a token may sit too (``?api_key=...``); the errors that quote it are
     about its scheme, host or port."""
-    url = redacted(url)
+    url = redacted(re.sub(r"[\t\r\n]", "", url))  # (as urlsplit reads it)
     try:
         parts = urlsplit(url)
-    except ValueError:  # (a bracket missing, "http://[zz]"): cut by hand
-        scheme, sep, rest = url.partition("://")
-        authority = re.split(r"[/?#]", rest, maxsplit=1)
-        return f"{scheme}{sep}{authority[0]}" + ("/…" if len(authority) > 1 else "")
+    except ValueError:  # (a bracket missing, "http://[zz]"): cut by hand, after the scheme and host
+        kept = _AUTHORITY.match(url)
+        return url if kept is None or kept.end() == len(url) else f"{kept[0]}/…"
     if parts.path.strip("/") or parts.query or parts.fragment:
         return f"{parts.scheme}://{parts.netloc}/…"
     return url

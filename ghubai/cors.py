@@ -27,7 +27,7 @@ import idna
 Headers = list[tuple[bytes, bytes]]
 
 ANY = "*"
-_EXPOSED = b"x-request-id, retry-after"  # headers a page may read beyond the few every page may
+_EXPOSED = b"x-request-id, retry-after, retry-after-ms"  # headers a page may read beyond the few every page may
 _METHODS = b"GET, POST, DELETE, OPTIONS"
 _MAX_AGE_S = b"600"  # how long a browser may keep a preflight's answer
 _VARY = (b"vary", b"origin")

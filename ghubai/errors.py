@@ -64,6 +64,7 @@ class ApiError(Exception):
         if self.retry_after is None:
             return self.extra_headers
         spread = round(self.retry_after * 1000 * (1 + random.random() / 2))
+        spread = min(spread, max(self.retry_after * 1000, 60_000))  # (the openai SDK heeds none past 60 s)
         return {"Retry-After": str(self.retry_after), "retry-after-ms": str(spread)} | self.extra_headers
 
 

@@ -1454,8 +1454,20 @@ async def test_a_slot_given_back_unsent_is_no_load_to_wait_for(autojump_clock: t
 
 
 def test_a_wait_for_a_slot_never_asks_a_client_to_come_back_after_more_than_a_minute() -> None:
-    """Regression (hunt): queue_timeout_s = 1e308 made a Retry-After of 308 digits."""
+    """Regression (hunt): queue_timeout_s = 1e308 made a Retry-After of 308 digits. (Review: and
+    its spread, retry-after-ms, must stay within the minute the openai SDK heeds.)"""
     assert make_pool(queue_timeout_s=1e308).no_slot("m").retry_after == 60
+    for seconds in (1, 50, 60):
+        spreads = {int(ApiError(429, "x", retry_after=seconds).headers()["retry-after-ms"]) for _ in range(200)}
+        assert seconds * 1000 <= min(spreads) and max(spreads) <= max(seconds * 1000, min(seconds * 1500, 60_000))
+        assert len(spreads) > 1 or seconds == 60  # (spread, within the minute)
+
+
+def test_only_a_request_that_waited_is_marked_so_for_the_proxy() -> None:
+    """Review: with queue_timeout_s = 0 (fail fast) a request waits nowhere, and the mark made the
+    proxy give up on hubs with free slots."""
+    assert make_pool(queue_timeout_s=0).no_slot("m").headers().get("X-GhubAi-Elsewhere") is None
+    assert make_pool(queue_timeout_s=1).no_slot("m").headers()["X-GhubAi-Elsewhere"] == "waited"
 
 
 async def test_a_key_that_spent_both_budgets_is_told_to_come_back_when_both_allow_it(

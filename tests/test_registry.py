@@ -393,7 +393,8 @@ def test_a_token_in_a_hub_address_s_query_or_path_is_never_echoed() -> None:
     whole, in the registry's log and its unauthenticated /health, and in the proxy's startup error."""
     for address in ("http://10.0.0.2:7197/?api_key=PASSWORD", "http://10.0.0.2:7197/v1?token=PASSWORD",
                     "http://10.0.0.2:7197/#PASSWORD", "http://10.0.0.2:7197/PASSWORD/", "ftp://h:1/PASSWORD",
-                    "http://[fd00::2:7197/?api_key=PASSWORD", "http://[zz]:7197/?api_key=PASSWORD"):
+                    "http://[fd00::2:7197/?api_key=PASSWORD", "http://[zz]:7197/?api_key=PASSWORD",
+                    "//[zz]/?api_key=PASSWORD", "http:\\t//[zz]/?api_key=PASSWORD"):
         for role, text in (("registry", f'[[hubs]]\nname = "a"\naddress = "{address}"\n'),
                            ("proxy", f'registry_url = ""\nhubs = ["{address}"]\n')):
             with pytest.raises(ConfigError) as caught:

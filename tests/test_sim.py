@@ -271,6 +271,11 @@ def test_a_value_fits_merged_and_long_schemas() -> None:
     both = {"allOf": [{"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
                       {"type": "object", "properties": {"b": {"type": "integer"}}, "required": ["b"]}]}
     assert fit(both) == {"a": "sim", "b": 1}
+    assert fit({"allOf": [{"format": "date"}]}, depth=1) == "2026-01-01"  # (review: no type is no object)
+    inherited = {"$defs": {"Base": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                           "Mid": {"allOf": [{"$ref": "#/$defs/Base"}], "properties": {"y": {"type": "string"}}}},
+                 "allOf": [{"$ref": "#/$defs/Mid"}], "properties": {"z": {"type": "boolean"}}}
+    assert fit(inherited) == {"x": 1, "y": "sim", "z": True}
     assert len(fit({"type": "array", "items": {"type": "integer"}, "minItems": 150})) == 150
 
 

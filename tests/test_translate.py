@@ -361,6 +361,8 @@ def test_ollama_chat_whole_answer() -> None:
                            {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
     assert not raw.endswith(b"\n")
     value = json.loads(raw)
+    # (review: a whole answer's time all went to the prompt, and eval_duration was 1 ns: 1e11 tokens/s)
+    assert value["eval_duration"] >= value["prompt_eval_duration"] and value["eval_duration"] > 1
     timestamp(value)
     assert value == {"model": "llama3", "message": {"role": "assistant", "content": "Hi!"}, "done": True,
                      "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}

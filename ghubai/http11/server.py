@@ -300,15 +300,18 @@ async def turn_away(stream: trio.abc.Stream, who: str) -> None:
         log.warning("%s: a connection turned away, past the cap of connections open at once (%d so far); "
                     "at most one such line a minute", who, metrics.turned_away[who])
     path = ""  # the error in the dialect of the request's path, when its line comes at once
-    with trio.move_on_after(TURN_AWAY_READ_S), contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        words = (await stream.receive_some(RECEIVE_SIZE)).split(b" ", 2)
-        path = words[1].decode("latin-1") if len(words) == 3 else ""
-    body = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1).body_for(path)
+    if not isinstance(stream, trio.SSLStream):  # (a read cut in its handshake breaks a TLS stream for the 503)
+        with trio.move_on_after(TURN_AWAY_READ_S), \
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            words = (await stream.receive_some(RECEIVE_SIZE)).split(b" ", 2)
+            path = words[1].decode("latin-1") if len(words) == 3 else ""
+    error = ApiError(503, f"The {who} has too many open connections; try again shortly", retry_after=1)
+    body = error.body_for(path)
+    head = "".join(f"{name}: {value}\r\n" for name, value in error.headers().items()).encode()
     with trio.move_on_after(1):
         try:
-            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                                  b"retry-after: 1\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-                                  % (len(body), body))
+            await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n%s"
+                                  b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (head, len(body), body))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     await Connection(stream).close()  # EOF, a short drain, then close: the answer is not lost to a reset

@@ -657,9 +657,10 @@ class Pool:
                    for worker in self.workers.values() if model in worker.models and not worker.draining)
 
     def no_slot(self, model: str) -> ApiError:
+        # (with no queue time, none was waited: another hub may well have a free slot)
         return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
                         retry_after=min(60, max(1, math.ceil(self.limits.queue_timeout_s / 10))),
-                        extra_headers=dialects.WAITED)
+                        extra_headers=dialects.WAITED if self.limits.queue_timeout_s > 0 else None)
 
     def release(self, worker: RemoteWorker, sent: bool = True) -> None:
         """A slot back; one a request took but never sent (refused before it left) is no load the

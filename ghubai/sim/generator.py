@@ -292,12 +292,8 @@ def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
         if isinstance(branches := schema.get(choice), list) and branches:
             return fit(next((b for b in branches if isinstance(b, dict) and b.get("type") != "null"), branches[0]),
                        root, depth + 1)
-    if isinstance(parts := schema.get("allOf"), list):
-        merged: dict[str, Any] = {"properties": {}}
-        for part in [_resolved(p, root) if "$ref" in p else p for p in parts if isinstance(p, dict)] + [schema]:
-            merged.update({key: value for key, value in part.items() if key not in ("allOf", "properties")})
-            merged["properties"].update(part.get("properties") or {})
-        return fit(merged, root, depth + 1)
+    if isinstance(schema.get("allOf"), list):
+        return fit(_merged([schema], root, depth), root, depth + 1)
     kind = schema.get("type", "object" if "properties" in schema or depth == 0 else "string")
     kind = next((k for k in kind if k != "null"), "null") if isinstance(kind, list) and kind else kind
     if kind == "object":
@@ -312,6 +308,27 @@ def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
     if kind == "string" and (fmt := _FORMATS.get(schema.get("format", ""))):
         return fmt
     return {"string": "sim", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "sim")
+
+
+def _merged(parts: list[Any], root: Any, depth: int) -> dict[str, Any]:
+    """One schema of ``parts`` and of the ``allOf`` parts within them (through ``$ref`` too): their
+    keywords together, their properties together, and no ``allOf`` left."""
+    merged: dict[str, Any] = {}
+
+    def take(piece: dict[str, Any]) -> None:
+        properties = {**merged.get("properties", {}), **(piece.get("properties") or {})}
+        merged.update({key: value for key, value in piece.items() if key != "allOf"})
+        if properties:
+            merged["properties"] = properties
+
+    for part in parts:
+        part = _resolved(part, root) if isinstance(part, dict) and "$ref" in part else part
+        if not isinstance(part, dict):
+            continue
+        if isinstance(inner := part.get("allOf"), list) and depth < MAX_FIT_DEPTH:
+            take(_merged(inner, root, depth + 1))
+        take(part)
+    return merged
 
 
 def _resolved(schema: dict[str, Any], root: Any) -> dict[str, Any]:

@@ -256,7 +256,7 @@ class OllamaOverOpenAI:
         """The last line's counts, and Ollama's durations in nanoseconds as this worker saw them (an
         OpenAI engine tells none; a client's tokens per second divides ``eval_count`` by one)."""
         now = time.monotonic_ns()
-        first = self.first_ns or now
+        first = self.first_ns or self.started_ns  # (a whole answer: all of it counts as generating)
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
                 **self._durations(now), "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
                 "prompt_eval_duration": max(1, first - self.started_ns),
