@@ -319,16 +319,22 @@ async def test_a_model_named_by_its_file_path_is_found_by_its_id(grid: Grid) -> 
 async def test_a_load_an_unload_and_token_id_embeddings_as_their_clients_expect(grid: Grid, kind: str) -> None:
     """Regressions: ``/api/chat`` with no messages (``ollama run``'s and Open WebUI's preload) was a
     400, and with an OpenAI-compatible engine a load was a generation from nothing; token ids as
-    embedding input (LangChain's default) were a 400 even for engines that take them."""
+    embedding input (LangChain's default) were a 400 even for engines that take them. (Hunt: a load
+    or an unload that did not say ``stream: false``, as Open WebUI's unload, was answered as NDJSON,
+    which its aiohttp client refused as JSON: "Failed to unload model".)"""
     sim_url, sim = await grid.sim(embed_dim=4)
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url, kind=kind)
     for path, body, reason in (("/api/chat", {"model": "sim", "stream": False}, "load"),
                                ("/api/generate", {"model": "sim", "keep_alive": 0, "stream": False}, "unload"),
-                               ("/api/generate", {"model": "sim"}, "load")):
+                               ("/api/generate", {"model": "sim"}, "load"),
+                               ("/api/generate", {"model": "sim", "keep_alive": 0, "prompt": ""}, "unload"),
+                               ("/api/chat", {"model": "sim", "messages": [], "keep_alive": 0, "stream": True},
+                                "unload")):
         response = await grid.http.post(hub.value + path, json=body)
         assert response.status_code == 200, response.text
-        assert json.loads(response.text.splitlines()[-1])["done_reason"] == reason
+        assert response.headers["content-type"].startswith("application/json"), (body, response.headers)
+        assert response.json()["done_reason"] == reason
     assert sim.stats.started == 0  # nothing generated
     ids = await grid.http.post(hub.value + "/v1/embeddings", json={"model": "sim", "input": [[1, 2, 3], [4]]})
     if kind == "openai":

@@ -66,6 +66,10 @@ class Route:
     streams: bool | None
 
     def stream(self, body: dict[str, Any]) -> bool:
+        """A load or an unload (``dialects.preload``) is one JSON object whatever ``stream`` says, as
+        Ollama answers it (Open WebUI's unload read an NDJSON answer as a failure)."""
+        if self.api in ("ollama.chat", "ollama.generate") and dialects.preload(body, self.api == "ollama.chat"):
+            return False
         said = body.get("stream")  # (validated: a boolean or null)
         return self.streams is not None and (self.streams if said is None else said is True)
 

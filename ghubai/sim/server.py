@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -193,7 +192,7 @@ class SimServer:
         prompt = _prompt(body)
         stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
-            await self._preload(conn, reason, asked, shape_class, stream)  # Ollama loads (or unloads); no generation
+            await self._preload(conn, reason, asked, shape_class)  # Ollama loads (or unloads); no generation
             return
         include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body, dialect), _stops(body, dialect))
@@ -228,17 +227,12 @@ class SimServer:
             await conn.respond_json(200, shape.whole())
 
     @staticmethod
-    async def _preload(conn: Connection, reason: str, model: str, shape_class: type[Shape], stream: bool) -> None:
+    async def _preload(conn: Connection, reason: str, model: str, shape_class: type[Shape]) -> None:
         """What Ollama answers a request with no prompt (no messages): the model loaded, or
-        unloaded (``reason``); nothing generated."""
+        unloaded (``reason``); nothing generated; one JSON object, whatever ``stream`` said."""
         answer: dict[str, Any] = {"model": model, "created_at": "2026-01-01T00:00:00Z", "done": True, "done_reason": reason}
         answer.update({"message": {"role": "assistant", "content": ""}} if shape_class is OllamaChat else {"response": ""})
-        if stream:
-            await conn.start_stream(200, "application/x-ndjson")
-            await conn.write(json.dumps(answer).encode() + b"\n")
-            await conn.finish()
-        else:
-            await conn.respond_json(200, answer)
+        await conn.respond_json(200, answer)
 
     def _embed_inputs(self, body: dict[str, Any], token_ids: bool = False) -> list[str]:
         """The texts to embed; with ``token_ids`` (an OpenAI-compatible engine's), a list of integer
