@@ -276,6 +276,9 @@ def test_a_value_fits_merged_and_long_schemas() -> None:
                            "Mid": {"allOf": [{"$ref": "#/$defs/Base"}], "properties": {"y": {"type": "string"}}}},
                  "allOf": [{"$ref": "#/$defs/Mid"}], "properties": {"z": {"type": "boolean"}}}
     assert fit(inherited) == {"x": 1, "y": "sim", "z": True}
+    itself = {"$defs": {"A": {"allOf": [{"$ref": "#/$defs/A"}, {"$ref": "#/$defs/A"}]}},
+              "allOf": [{"$ref": "#/$defs/A"}]}  # (review: merged 4 ways a level, 32 levels deep: hours)
+    assert fit(itself) == "sim"  # (an answer, at once: a part that names only itself has no type)
     assert len(fit({"type": "array", "items": {"type": "integer"}, "minItems": 150})) == 150
 
 

@@ -310,9 +310,10 @@ def fit(schema: Any, root: Any = None, depth: int = 0) -> Any:
     return {"string": "sim", "integer": 1, "number": 1.5, "boolean": True, "null": None}.get(kind, "sim")
 
 
-def _merged(parts: list[Any], root: Any, depth: int) -> dict[str, Any]:
+def _merged(parts: list[Any], root: Any, depth: int, seen: frozenset[str] = frozenset()) -> dict[str, Any]:
     """One schema of ``parts`` and of the ``allOf`` parts within them (through ``$ref`` too): their
-    keywords together, their properties together, and no ``allOf`` left."""
+    keywords together, their properties together, and no ``allOf`` left. A ``$ref`` already being
+    merged on this path is skipped (a schema whose ``allOf`` names itself twice took hours)."""
     merged: dict[str, Any] = {}
 
     def take(piece: dict[str, Any]) -> None:
@@ -322,11 +323,15 @@ def _merged(parts: list[Any], root: Any, depth: int) -> dict[str, Any]:
             merged["properties"] = properties
 
     for part in parts:
-        part = _resolved(part, root) if isinstance(part, dict) and "$ref" in part else part
+        path = seen
+        if isinstance(part, dict) and "$ref" in part:
+            if (ref := str(part["$ref"])) in seen:
+                continue
+            part, path = _resolved(part, root), seen | {ref}
         if not isinstance(part, dict):
             continue
         if isinstance(inner := part.get("allOf"), list) and depth < MAX_FIT_DEPTH:
-            take(_merged(inner, root, depth + 1))
+            take(_merged(inner, root, depth + 1, path))
         take(part)
     return merged
 
