@@ -38,6 +38,7 @@ READY_TIMEOUT_S = 20.0  # for the proxy to route a model: its health check, ever
 READY_POLL_S = 0.05
 DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after (a daemon's default: 30 s)
 SHOW_MODELS = 20  # the banner's curl line names one of the first models that can chat
+SHOW_TIMEOUT_S = 5.0  # for all their /api/show answers
 
 
 async def _ollama_answers(url: str) -> bool:
@@ -69,14 +70,16 @@ async def _serving(proxy_url: str, timeout_s: float) -> list[str]:
 async def _chat_model(proxy_url: str, models: list[str]) -> str:
     """The first of ``models`` whose engine does not say it only embeds (Ollama's ``/api/show``
     lists a model's capabilities: ``["embedding"]`` for ``all-minilm``, which refuses a chat with a
-    400), for the banner's curl line; the first of all when none says."""
-    async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:
-        for model in models[:SHOW_MODELS]:
-            with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
-                capabilities = (await client.post(proxy_url + "/api/show", json={"model": model})).json() \
-                    .get("capabilities")
-                if not isinstance(capabilities, list) or "completion" in capabilities:
-                    return model
+    400), for the banner's curl line; the first of all when none says (or none does in
+    ``SHOW_TIMEOUT_S``: the banner is not held up by a slow engine)."""
+    with trio.move_on_after(SHOW_TIMEOUT_S):
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:
+            for model in models[:SHOW_MODELS]:
+                with contextlib.suppress(httpx.HTTPError, ValueError, AttributeError):
+                    capabilities = (await client.post(proxy_url + "/api/show", json={"model": model})).json() \
+                        .get("capabilities")
+                    if not isinstance(capabilities, list) or "completion" in capabilities:
+                        return model
     return models[0]
 
 

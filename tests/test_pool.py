@@ -612,6 +612,22 @@ async def test_a_model_whose_workers_do_not_come_back_is_a_404_after_the_grace(
     assert refused.value.status == 404 and trio.current_time() == RELINK_GRACE_S
 
 
+async def test_a_model_is_found_by_name_while_its_requests_would_wait_for_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """``Pool.awaits``, which ``GET /v1/models/{id}`` answers by: a model whose only worker drains,
+    or lost its link within ``RELINK_GRACE_S``, is found (its requests wait for it); after the grace,
+    or a name no worker ever listed, it is not."""
+    host = make_worker("host", models=("llama3:latest",))
+    pool = make_pool(host)
+    assert pool.awaits("llama3") and pool.awaits("llama3:latest") and not pool.awaits("other")
+    pool.set_draining(host)
+    assert pool.awaits("llama3") and "llama3:latest" not in pool.models()
+    pool.drop(host, "lost the link")
+    assert pool.awaits("llama3")
+    await trio.sleep(RELINK_GRACE_S)
+    assert not pool.awaits("llama3")
+
+
 async def test_removing_a_stale_link_keeps_its_replacement(autojump_clock: trio.testing.MockClock) -> None:
     """Re-adding a worker id returns the old link, and removing the old link keeps the new one."""
     old, new = make_worker("w"), make_worker("w", max_concurrency=2)
