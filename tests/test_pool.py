@@ -419,6 +419,29 @@ async def test_a_full_queue_answers_429(autojump_clock: trio.testing.MockClock) 
     assert trio.current_time() == 0.0
 
 
+async def test_a_full_queue_says_when_it_turns(autojump_clock: trio.testing.MockClock) -> None:
+    """A full queue's 429 asks the client back after the time between slots freed while requests
+    waited, not a fixed second: with answers of 4 s on one slot, a client back after 1 s found the
+    queue still full, and so did its retries."""
+    worker = make_worker("w")
+    pool = make_pool(worker, queue_size=1)
+    await pool.acquire("m", "openai.chat", set(), soon())
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(Exception) as caught:  # nothing measured yet: a second, as before
+            await queue_attempt(nursery, pool, "waiting")
+            await pool.acquire("m", "openai.chat", set(), soon())
+        assert answer(caught.value) == (429, "queue_full", 1)
+        for turn in range(3):
+            await trio.sleep(4)
+            finish(pool, worker)  # the one waiting takes the slot; another waits behind it
+            await trio.testing.wait_all_tasks_blocked()
+            await queue_attempt(nursery, pool, f"next{turn}")
+        with pytest.raises(Exception) as caught:
+            await pool.acquire("m", "openai.chat", set(), soon())
+        assert answer(caught.value) == (429, "queue_full", 4)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_zero_queue_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
     """``queue_size = 0`` means no waiting: a request that finds no free slot gets 429 immediately."""
     worker = make_worker("w")

@@ -196,6 +196,10 @@ class Pool:
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
+        # the time between slots freed while requests waited (smoothed), and since when they wait:
+        # when a full queue is likely to have a place again (``_queue_full``)
+        self._turn_s = 0.0
+        self._turned_at = 0.0
         self._left: dict[str, float] = {}  # model -> when a worker of it last lost its link (``_returning``)
         self.draining = False  # the hub is shutting down: no new request gets a worker
         self.closing = trio.Event()  # drained: every link closes as the hub stops (``close_links``)
@@ -612,13 +616,15 @@ class Pool:
         if late:
             raise self.no_slot(model)
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
-            raise ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=1)
+            raise self._queue_full()
         queue = self._queues.setdefault(model, deque())
         waiter = _Waiter(again)
         if again:  # behind those back before it: they came first
             queue.insert(next((place for place, ahead in enumerate(queue) if not ahead.back), len(queue)), waiter)
         else:
             queue.append(waiter)
+        if not self.queued:
+            self._turned_at = now  # the queue's first turn is counted from here
         self.queued += 1
         if self._slot_free(model):  # those ahead may be waiting for workers they cannot use: a free slot is ours
             queue[0].event.set()
@@ -656,6 +662,13 @@ class Pool:
         return any(worker.inflight < worker.max_concurrency and worker.reported < worker.slots
                    for worker in self.workers.values() if model in worker.models and not worker.draining)
 
+    def _queue_full(self) -> ApiError:
+        """A 429 whose ``Retry-After`` is about when the queue has a place again: the time between
+        slots freed while requests waited (at 1 s, clients of a grid whose answers take 4 s on 2
+        slots came back too early, three times over the openai SDK's two retries, and failed)."""
+        turn = math.ceil(min(self._turn_s, 60.0))
+        return ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=max(1, turn))
+
     def no_slot(self, model: str) -> ApiError:
         # (with no queue time, none was waited: another hub may well have a free slot)
         return ApiError(503, f"No worker for '{model}' was free within {self.limits.queue_timeout_s:g} s",
@@ -668,6 +681,10 @@ class Pool:
         worker.inflight -= 1
         if not sent:
             worker.reported = max(0, worker.reported - 1)
+        if self.queued:  # a turn of the queue (requests waited all of it): smoothed over about 8
+            now = trio.current_time()
+            self._turn_s += (now - self._turned_at - self._turn_s) / 8 if self._turn_s else now - self._turned_at
+            self._turned_at = now
         self._wake(worker.models)
 
     def queue_lengths(self) -> dict[str, int]:
