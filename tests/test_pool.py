@@ -431,8 +431,14 @@ async def test_a_full_queue_says_when_it_turns(autojump_clock: trio.testing.Mock
             await queue_attempt(nursery, pool, "waiting")
             await pool.acquire("m", "openai.chat", set(), soon())
         assert answer(caught.value) == (429, "queue_full", 1)
+        await trio.sleep(2.5)  # the first turn has taken 2.5 s so far: it takes at least that
+        with pytest.raises(Exception) as caught:
+            await pool.acquire("m", "openai.chat", set(), soon())
+        assert answer(caught.value) == (429, "queue_full", 3)
+        await trio.sleep(1.5)
         for turn in range(3):
-            await trio.sleep(4)
+            if turn:
+                await trio.sleep(4)
             finish(pool, worker)  # the one waiting takes the slot; another waits behind it
             await trio.testing.wait_all_tasks_blocked()
             await queue_attempt(nursery, pool, f"next{turn}")

@@ -665,8 +665,9 @@ class Pool:
     def _queue_full(self) -> ApiError:
         """A 429 whose ``Retry-After`` is about when the queue has a place again: the time between
         slots freed while requests waited (at 1 s, clients of a grid whose answers take 4 s on 2
-        slots came back too early, three times over the openai SDK's two retries, and failed)."""
-        turn = math.ceil(min(self._turn_s, 60.0))
+        slots came back too early, three times over the openai SDK's two retries, and failed). A
+        turn that takes longer than those before (or the first) is at least as long as it took so far."""
+        turn = math.ceil(min(max(self._turn_s, trio.current_time() - self._turned_at if self.queued else 0), 60))
         return ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=max(1, turn))
 
     def no_slot(self, model: str) -> ApiError:
