@@ -23,7 +23,21 @@ def test_a_stream_counts_its_tokens_over_the_steps_it_ran_in() -> None:
     assert [point["t"] for point in points] == [1002.0, 1004.0, 1006.0, 1008.0, 1010.0]
     assert [point["tokens_per_s"] for point in points] == [20.0, 26.7, 26.7, 26.7, 0.0]  # 200 tokens over 7.5 s
     assert [point["requests_per_s"] for point in points] == [0.0, 0.0, 0.0, 0.0, 0.5]
-    assert points[-1]["ttft_ms"] == 500.0 and points[0]["ttft_ms"] is None
+    # its first token left at 1000.5: its time to first token shows there, not at its end (review)
+    assert [point["ttft_ms"] for point in points] == [500.0, None, None, None, None]
+
+
+def test_a_busy_step_s_median_is_a_sample_s() -> None:
+    """Memory stays per step: past ``SAMPLES`` first tokens a step keeps a uniform sample of them."""
+    clock = Clock(0.5)
+    history = History(step_s=1.0, steps=3, clock=clock)
+    for request in range(10_000):
+        history.request(0.1 if request % 2 else 0.3)
+    history.request(0.2)
+    clock.now = 1.0
+    step = history._steps[0]
+    assert (len(step.first_tokens), step.seen) == (101, 10_001)
+    assert set(step.first_tokens) <= {0.1, 0.2, 0.3} and history.points()[-1]["ttft_ms"] in (100.0, 200.0, 300.0)
 
 
 def test_the_window_keeps_only_the_last_steps() -> None:

@@ -114,7 +114,7 @@ class Proxy:
                     outcome.status < 300 else None
                 if first is not None:
                     self._first_token.observe(first)
-                self.history.request(first)
+                self.history.request(first, generating_s=0.0 if first is None else took - first)
                 log.info("%s %s %d in %.3f s, model %s, hub %s%s", request.method, request.path, outcome.status,
                          took, model, outcome.hub or "none", f": {outcome.reason}" if outcome.reason else "")
 
