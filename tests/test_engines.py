@@ -264,12 +264,15 @@ async def test_versions_an_ollama_client_sees_and_ours(grid: Grid) -> None:
                                                           (True, 2, True)])
 async def test_show_over_an_openai_engine_advertises_tools_when_it_takes_them(
         grid: Grid, tools: bool, slots: int | None, expected: bool) -> None:
-    sim_url, _ = await grid.sim(slots=slots)  # with slots, /props says supports_tools
+    """And ``vision`` when llama.cpp's /props says its model sees images (``ollama run`` attaches an
+    image only then)."""
+    sim_url, _ = await grid.sim(slots=slots)  # with slots, /props says supports_tools and vision
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url, kind="openai", tools=tools)
     response = await grid.http.post(hub.value + "/api/show", json={"model": "sim"})
     assert response.status_code == 200
     assert ("tools" in response.json()["capabilities"]) is expected
+    assert ("vision" in response.json()["capabilities"]) is (slots is not None)
 
 
 async def test_models_in_memory_reach_the_hub_and_its_api_ps(grid: Grid) -> None:

@@ -1037,3 +1037,84 @@ def test_content_parts_reach_ollama_apart_and_a_part_ollama_cannot_take_is_untra
         with pytest.raises(Untranslatable, match=part["type"]):
             openai_over_ollama("openai.chat").request(
                 {"model": "m", "messages": [{"role": "user", "content": [*parts, part]}]}, stream=False)
+
+
+# -- thinking models and images (a hunt of both through every path) -------------------------------
+
+
+def test_think_false_turns_an_openai_engine_s_thinking_off_and_none_reaches_the_client() -> None:
+    """Regression: ``think: false`` was dropped for an OpenAI-compatible engine, and the client got
+    the thinking it had turned off. It asks the template (vLLM's, llama.cpp's way); what an engine
+    thinks anyway is not passed on, and while it thinks, empty lines keep the answer alive."""
+    translator = ollama_over_openai("ollama.chat")
+    request = translator.request({"model": "m", "messages": [HI], "think": False}, stream=True)
+    assert request["chat_template_kwargs"] == {"enable_thinking": False}
+    lines = [translator.chunk({"choices": [{"delta": delta}]}) for delta in (
+        {"reasoning_content": "hmm"}, {"reasoning_content": "more"}, {"content": "4", "reasoning": "x"})]
+    assert [ndjson(line)["message"] for line in lines[0] + lines[2]] == [
+        {"role": "assistant", "content": ""}, {"role": "assistant", "content": "4"}]
+    assert lines[1] == []  # (at most one empty line a second)
+    whole = ollama_over_openai("ollama.generate")
+    assert "chat_template_kwargs" in whole.request({"model": "m", "prompt": "p", "think": False}, stream=False)
+    value = json.loads(whole.whole({"choices": [{"message": {"content": "4", "reasoning_content": "2+2"}}]}, None))
+    assert value["response"] == "4" and "thinking" not in value
+    for think in (True, "high", None):
+        assert "chat_template_kwargs" not in ollama_over_openai("ollama.chat").request(
+            {"model": "m", "messages": [HI], "think": think}, stream=False)
+
+
+def test_a_completion_over_ollama_says_it_is_alive_while_its_model_thinks() -> None:
+    """Regression: Ollama thinks by default for a thinking model; a completion has no place for
+    thinking, so its lines were dropped and a model that thought past ``first_token_s`` was cut
+    with a 504. An SSE comment (clients skip it) goes out at most once a second instead."""
+    translator = openai_over_ollama("openai.completions")
+    translator.request({"model": "m", "prompt": "p"}, stream=True)
+    out = [translator.chunk({"response": "", "thinking": word, "done": False}) for word in ("a", "b")]
+    assert out == [[b": thinking\n\n"], []]
+    [event] = translator.chunk({"response": "Four", "done": False})
+    assert sse(event)["choices"][0]["text"] == "Four"
+
+
+def test_an_earlier_turn_s_thinking_reaches_an_openai_engine() -> None:
+    """Regression: an Ollama assistant message's ``thinking`` was dropped on its way to an
+    OpenAI-compatible engine (the other way it was kept); llama.cpp's templates read it back."""
+    request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": [
+        HI, {"role": "assistant", "content": "Hello", "thinking": "I pondered"}, HI]}, stream=False)
+    assert request["messages"][1] == {"role": "assistant", "content": "Hello", "reasoning_content": "I pondered"}
+
+
+@pytest.mark.parametrize("image, kind", [
+    (base64.b64encode(b"\x89PNG\r\n\x1a\nrest").decode(), "image/png"),
+    (base64.b64encode(b"\xff\xd8\xff\xe0\x00\x10JFIF").decode(), "image/jpeg"),
+    (base64.b64encode(b"GIF89a....").decode(), "image/gif"),
+    (base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 ").decode(), "image/webp"),
+    ("QUJD", "image/png")])
+def test_an_ollama_image_reaches_an_openai_engine_typed_by_its_bytes(image: str, kind: str) -> None:
+    """Regression: every image was sent as image/png; an engine that trusts the type (LiteLLM passes
+    it to providers that check it) refused a JPEG."""
+    request = ollama_over_openai("ollama.chat").request(
+        {"model": "m", "messages": [{"role": "user", "content": "what?", "images": [image]}]}, stream=False)
+    assert request["messages"][0]["content"][1]["image_url"]["url"] == f"data:{kind};base64,{image}"
+
+
+@pytest.mark.parametrize("kind, ok", [("image/png", True), ("image/jpeg", True), ("image/jpg", True),
+                                      ("image/webp", True), ("", True), ("IMAGE/PNG", True),
+                                      ("image/gif", False), ("text/plain", False), ("image/svg+xml", False)])
+def test_an_image_ollama_cannot_read_is_a_400_not_a_502_tried_on_every_worker(kind: str, ok: bool) -> None:
+    """Regression: a GIF (or any data: URL) went to Ollama, whose runner failed it: a 502, retried
+    on every worker. Ollama's own OpenAI layer takes JPEG, PNG and WebP, and unadorned base64."""
+    body = {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:{kind};base64,QUJD"}}]}]}
+    if ok:
+        assert openai_over_ollama("openai.chat").request(body, stream=False)["messages"][0]["images"] == ["QUJD"]
+    else:
+        with pytest.raises(Untranslatable, match="JPEG, PNG and WebP"):
+            openai_over_ollama("openai.chat").request(body, stream=False)
+
+
+def test_api_show_over_an_openai_engine_says_what_its_models_can_do() -> None:
+    """``ollama run`` attaches an image only to a model whose capabilities say ``vision``."""
+    translator = translator_for("openai", "ollama.show", ("completion", "tools", "vision"))
+    assert isinstance(translator, OllamaOverOpenAI)
+    translator.request({"model": "m"}, stream=False)
+    assert json.loads(translator.whole({}, None))["capabilities"] == ["completion", "tools", "vision"]

@@ -151,7 +151,8 @@ class SimServer:
     async def props(self, conn: Connection, request: Request) -> None:
         """As llama.cpp server tells its slots (``--slots``)."""
         await conn.respond_json(200, {"total_slots": self.sim.options.slots, "model_path": self.sim.options.models[0],
-                                      "chat_template_caps": {"supports_tools": True}})
+                                      "chat_template_caps": {"supports_tools": True},
+                                      "modalities": {"vision": True, "audio": False}})  # (one with a projector)
 
     async def stats(self, conn: Connection, request: Request) -> None:
         await conn.respond_json(200, self.sim.stats.as_dict())

@@ -208,6 +208,7 @@ class Engine:
         self.client = client  # for discovery and probes
         self.headers = engine_headers(config)
         self.tools = config.tools
+        self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
         parts = urlsplit(config.url)
         tls = parts.scheme == "https"
@@ -216,6 +217,11 @@ class Engine:
                                    ssl_context=tls_client_context() if tls else None,
                                    connect_timeout_s=config.connect_timeout_s, max_idle=config.max_concurrency,
                                    idle_reuse_s=IDLE_REUSE_S)
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What an OpenAI-compatible engine's models can do, as Ollama's ``/api/show`` says it."""
+        return ("completion", *(("tools",) if self.tools else ()), *(("vision",) if self.vision else ()))
 
     @staticmethod
     def client_for(config: EngineConfig) -> httpx.AsyncClient:
@@ -306,7 +312,8 @@ class Engine:
         return _names(entries, "name") if isinstance(entries, list) else None
 
     async def _props(self) -> int | None:
-        """llama.cpp server's parallel slots (``/props``), and whether its template takes tools."""
+        """llama.cpp server's parallel slots (``/props``), whether its template takes tools, and
+        whether its model sees images (``ollama run`` attaches an image only to a model that does)."""
         try:
             props = await self._get("/props")
         except DISCOVERY_ERRORS:
@@ -316,6 +323,8 @@ class Engine:
         caps = props.get("chat_template_caps")
         if isinstance(caps, dict) and isinstance(caps.get("supports_tools"), bool):
             self.tools = caps["supports_tools"]
+        modalities = props.get("modalities")
+        self.vision = isinstance(modalities, dict) and modalities.get("vision") is True
         slots = props.get("total_slots")
         return slots if isinstance(slots, int) and not isinstance(slots, bool) and slots >= 1 else None
 
@@ -342,7 +351,7 @@ class Engine:
     def _route(self, call: Call) -> tuple[Translator | None, str, dict[str, Any]]:
         """How the engine is asked: the translation between the client's API and the engine's (None:
         the engine speaks the client's), the engine's path, and the body to send it."""
-        translator = translator_for(self.config.kind, call.api, self.tools)
+        translator = translator_for(self.config.kind, call.api, self.capabilities)
         if translator is not None:
             try:
                 body = translator.request(call.body, call.stream)

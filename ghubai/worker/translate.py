@@ -77,15 +77,31 @@ def _reasoning(message: dict[str, Any]) -> Any:
     return message.get("reasoning") or message.get("reasoning_content")
 
 
+# an image's first bytes, base64 (a multiple of 4 characters, so each begins a base64 group), and its type
+_IMAGE_TYPES = {"iVBORw0KGgo": "image/png", "/9j/": "image/jpeg", "R0lGOD": "image/gif", "UklGR": "image/webp"}
+# what Ollama's own OpenAI layer takes as an image's data: URL ("": unadorned base64)
+_OLLAMA_IMAGE_TYPES = frozenset({"", "image/jpeg", "image/jpg", "image/png", "image/webp"})
+
+
+def _image_url(image: str) -> str:
+    """An Ollama image (base64 bytes) as an OpenAI data: URL, typed by its first bytes: an engine
+    that trusts the type (LiteLLM passes it on to providers that check it) must not be told every
+    image is a PNG. Unknown bytes are called PNG, as before."""
+    kind = next((kind for start, kind in _IMAGE_TYPES.items() if image.startswith(start)), "image/png")
+    return f"data:{kind};base64,{image}"
+
+
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
     """An Ollama message (the ``number``-th) as OpenAI's: images become content parts, tool-call
-    arguments a string, and each tool call keeps its id, or gets one unique in the conversation: 9
-    letters and digits, the form Mistral's templates demand (vLLM refuses others for those models)."""
+    arguments a string, thinking ``reasoning_content`` (llama.cpp's templates read it back), and
+    each tool call keeps its id, or gets one unique in the conversation: 9 letters and digits, the
+    form Mistral's templates demand (vLLM refuses others for those models)."""
     converted: dict[str, Any] = {"role": message.get("role", "user"), "content": message.get("content", "")}
     if message.get("images"):
         converted["content"] = [{"type": "text", "text": converted["content"]}] + [
-            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
-            for image in message["images"]]
+            {"type": "image_url", "image_url": {"url": _image_url(str(image))}} for image in message["images"]]
+    if isinstance(thinking := message.get("thinking"), str) and thinking:
+        converted["reasoning_content"] = thinking
     if message.get("tool_calls"):
         converted["tool_calls"] = [
             {"id": _call_id(call) or f"c{number:04d}{index:04d}",
@@ -168,10 +184,10 @@ class OllamaOverOpenAI:
              "ollama.embed": "/v1/embeddings", "ollama.embeddings": "/v1/embeddings", "ollama.show": "/v1/models"}
     done = False  # the engine's own [DONE] ends these streams
 
-    def __init__(self, api: str, tools: bool = False) -> None:
+    def __init__(self, api: str, capabilities: tuple[str, ...] = ("completion",)) -> None:
         self.api = api
         self.path = self.PATHS[api]
-        self.tools = tools  # the engine accepts tools: /api/show says so
+        self.capabilities = capabilities  # for /api/show (tools, vision: Ollama's clients read them)
         self.model = ""
         self.finish_reason = "stop"
         self.calls: dict[int, _StreamedCall] = {}  # streamed tool calls, assembled by index
@@ -180,6 +196,7 @@ class OllamaOverOpenAI:
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
         self.started_ns = time.monotonic_ns()  # for Ollama's durations, which clients divide counts by
         self.first_ns = 0  # when the first chunk came: the prompt was evaluated by then
+        self.thinks = True  # False: the client said ``think: false``, and gets no thinking
 
     @staticmethod
     def method(api: str) -> str:
@@ -200,7 +217,11 @@ class OllamaOverOpenAI:
         if self.api == "ollama.generate" and body.get("raw"):
             self.path = "/v1/completions"
         if self.chat and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
-            request["reasoning_effort"] = _EFFORT.get(think, think)  # (true and false have no OpenAI word)
+            request["reasoning_effort"] = _EFFORT.get(think, think)
+        elif self.chat and think is False:  # (true is a thinking model's default)
+            # no OpenAI word for it: vLLM's, llama.cpp's and SGLang's way to a Qwen3-like template's
+            request["chat_template_kwargs"] = {"enable_thinking": False}
+            self.thinks = False  # and what an engine thinks anyway (gpt-oss cannot stop) is not passed on
         if (limit := dialects.ollama_limit(options)) is not None:
             request["max_tokens"] = limit
         if stream:
@@ -295,6 +316,8 @@ class OllamaOverOpenAI:
             text = _text(choice.get("text"))
             return [_line({**self._answer(text), "done": False})] if text else []
         text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
+        if thinking and not self.thinks:
+            return self._progress() if not text else [_line({**self._answer(text), "done": False})]
         if not (text or thinking):
             return self._progress() if delta.get("tool_calls") else []
         return [_line({**self._answer(text, **({"thinking": thinking} if thinking else {})), "done": False})]
@@ -325,7 +348,7 @@ class OllamaOverOpenAI:
             return _encode({"modelfile": "", "parameters": "", "template": "", "model_info": {},
                             "details": {"format": "", "family": "", "parameter_size": "",
                                         "quantization_level": ""},
-                            "capabilities": ["completion", "tools"] if self.tools else ["completion"],
+                            "capabilities": list(self.capabilities),
                             "modified_at": _now()})
         if self.api == "ollama.embed":
             return _encode({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
@@ -337,7 +360,7 @@ class OllamaOverOpenAI:
             message = choice.get("message") or {}
             calls, unparsed = _answered_calls(message.get("tool_calls") or [])
             extra: dict[str, Any] = {"tool_calls": calls} if calls else {}
-            if thinking := _text(_reasoning(message)):
+            if (thinking := _text(_reasoning(message))) and self.thinks:
                 extra["thinking"] = thinking
             text = _text(message.get("content"))
             answer = self._answer("\n".join(filter(None, (text, unparsed))), **extra)
@@ -363,6 +386,8 @@ def _base64_image(url: str) -> str:
     if not (url.startswith("data:") and comma and head.endswith(";base64")):
         raise Untranslatable("an Ollama engine takes an image as a base64 data: URL "
                              "(data:image/png;base64,...), not a link: send the image's bytes")
+    if head[5:-7].lower() not in _OLLAMA_IMAGE_TYPES:  # (Ollama's runner fails them: a 502, tried on every worker)
+        raise Untranslatable(f"an Ollama engine takes JPEG, PNG and WebP images, not {head[5:-7][:100]!r}")
     return data
 
 
@@ -433,6 +458,7 @@ class OpenAIOverOllama:
         self.done = False
         self.started = False  # the first chunk, which carries the role, has gone out
         self.index = 0  # tool calls seen so far
+        self.thought_at = -PROGRESS_S  # when a comment last said a completion's model is thinking
         self.id = ("chatcmpl-" if api == "openai.chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -569,6 +595,11 @@ class OpenAIOverOllama:
                 out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
         elif text:
             out.append(_sse(self._chunk({"text": text, "logprobs": None, "finish_reason": None})))
+        elif value.get("thinking") and time.monotonic() - self.thought_at >= PROGRESS_S:
+            # A completion has no place for thinking, and a model that thinks for minutes sent nothing:
+            # the hub cut it at first_token_s. An SSE comment, which clients skip, says it is alive.
+            self.thought_at = time.monotonic()
+            out.append(b": thinking\n\n")
         self.started = True
         if value.get("done") is True:
             self.done = True
@@ -607,10 +638,11 @@ class OpenAIOverOllama:
 Translator = OllamaOverOpenAI | OpenAIOverOllama
 
 
-def translator_for(kind: str, api: str, tools: bool = False) -> Translator | None:
-    """The translation an engine of ``kind`` needs for ``api``; None when it speaks the API itself."""
+def translator_for(kind: str, api: str, capabilities: tuple[str, ...] = ("completion",)) -> Translator | None:
+    """The translation an engine of ``kind`` needs for ``api``; None when it speaks the API itself.
+    ``capabilities``: what an OpenAI-compatible engine's models can do, as ``/api/show`` says it."""
     if kind == "openai" and api in OllamaOverOpenAI.PATHS:
-        return OllamaOverOpenAI(api, tools)
+        return OllamaOverOpenAI(api, capabilities)
     if kind == "ollama" and api in OpenAIOverOllama.PATHS:
         return OpenAIOverOllama(api)
     return None
