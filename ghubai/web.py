@@ -31,6 +31,10 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   trickle (each may hold a request body of up to ``max_body_bytes``) can take every file descriptor
   and the memory behind them. Past ``max_connections`` open at once, a new connection gets a 503
   with ``Retry-After`` and is closed, as the proxy turns them away.
+- hypercorn upper-cases a request's method for the app, but h11 frames the answer by the method as
+  sent: a ``head`` request got a HEAD's answer (no body) that h11 refused, so the connection broke
+  with a traceback in the log, and a proxy took the hub for broken. HTTP methods are case-sensitive:
+  one that is not all capitals gets a 501, and its connection is closed.
 - a request answered before its body ended (a 401, a 413) reads no more of it. Over HTTP/2 the
   rest of its DATA frames filled the request's queue, and the reader of the whole connection waited
   on it for good; once its stream closed, the next frame raised KeyError in hypercorn and killed the
@@ -44,8 +48,8 @@ a connection's requests cost nothing that grows, h2 remembers the last 1,024 clo
 connection, not 65,536 (its check of a frame that was in flight when its stream closed; 8.6 MB held
 by each long-lived HTTP/2 client, an Envoy upstream, say).
 
-The fixes patch private methods of hypercorn's ``TCPServer``, ``HTTPStream``, ``H2Protocol`` and
-``StreamBuffer``:
+The fixes patch private methods of hypercorn's ``TCPServer``, ``HTTPStream``, ``H11Protocol``,
+``H2Protocol`` and ``StreamBuffer``:
 ``pyproject.toml`` pins hypercorn to the minor version they were written for, and this module
 refuses to import when those methods are gone or have changed shape, rather than serve without them.
 """
@@ -60,6 +64,7 @@ from functools import partial
 from importlib.metadata import version
 from typing import Any
 
+import h11
 import h2.connection
 import h2.errors
 import h2.events
@@ -70,6 +75,7 @@ from hypercorn.trio import serve
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
+from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
@@ -81,7 +87,7 @@ from ghubai.sockets import write_now
 
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
-            StreamBuffer: {"pop": ["self", "max_length"]},
+            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 log = logging.getLogger("ghubai.web")
@@ -297,6 +303,19 @@ async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
 
 
 H2Protocol.stream_send = _bounded_stream_send  # type: ignore[method-assign]
+
+_hypercorn_create_stream = H11Protocol._create_stream
+
+
+async def _exact_method_stream(self: H11Protocol, request: h11.Request) -> None:
+    if request.method != request.method.upper():  # (the stream is never made: its events go unread)
+        await self._send_error_response(501)
+        await self.send(Closed())
+    else:
+        await _hypercorn_create_stream(self, request)
+
+
+H11Protocol._create_stream = _exact_method_stream  # type: ignore[method-assign]
 h2.connection.H2Connection.MAX_CLOSED_STREAMS = 1024  # (frames in flight: 100 streams open at most)
 
 

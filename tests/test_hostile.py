@@ -1080,6 +1080,26 @@ async def test_head_requests_get_a_head_at_the_proxy_not_a_dropped_connection(gr
     assert (await grid.http.head(proxy.value + "/", headers={"authorization": "Bearer k"})).status_code == 200
 
 
+async def test_a_lowercase_method_is_a_501_and_takes_no_hub_down(grid: Grid) -> None:
+    """Regression (hunt): hypercorn upper-cased ``head`` for the app, which answered as to a HEAD,
+    while h11 framed the answer by the method as sent and refused it: the hub's connection broke (a
+    traceback in its log), and the proxy marked the hub down, so that one client's ``head`` requests
+    took the grid from everyone (39 of 40 chats got 503). Methods are case-sensitive: a 501."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    for url in (hub.value, proxy.value):
+        for method in (b"head", b"Get", b"post"):
+            answer = await _raw(url, method + b" /v1/models HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 501"), (url, method, answer[:200])
+    for _ in range(3):  # the hub is not down: chats pass at once, and it was never taken for broken
+        assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    hubs = (await grid.http.get(proxy.value + "/health")).json()["hubs"]
+    assert [entry["up"] for entry in hubs] == [True], hubs
+
+
 async def test_an_absolute_form_target_is_served_as_its_path_by_proxy_and_hub(grid: Grid) -> None:
     """Regression (review): ``POST http://host/v1/chat/completions`` (absolute form, which a server
     must accept) was a 500 with a traceback at the hub and a 404 at the proxy."""

@@ -235,8 +235,11 @@ class Forwarder:
                     outcome.answered_at = None
                     raise
                 except NothingRelayed as error:
+                    # checked at once, not marked down: a request may break a healthy hub's answer (a
+                    # lowercase ``head`` did, and one client's few a second took the hub from everyone);
+                    # a hub that died fails its check, and the next connect, soon enough
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
-                    self.hubs.set_health(hub, False, str(error))
+                    self.hubs.recheck()
                     outcome.status, outcome.answered_at = 0, None  # nothing answered yet
                     continue
                 return
