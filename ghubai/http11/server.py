@@ -191,7 +191,8 @@ class Connection:
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
             if self.peer_closed and self.head:  # not malformed: its client left in the middle of it
                 raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
-            raise ApiError(error.error_status_hint, "malformed HTTP request") from None
+            raise ApiError(error.error_status_hint, "unsupported Transfer-Encoding: only chunked is taken"
+                           if error.error_status_hint == 501 else "malformed HTTP request") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return None
         return Request(event.method.decode(), target, list(event.headers), bytes(body.data))
