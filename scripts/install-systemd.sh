@@ -58,17 +58,18 @@ trap 'rm -rf ${build:+"$build"} ${defaults:+"$defaults"}' EXIT
 
 install_code() {
     # pip builds in a copy: nothing root-owned is left in the checkout, nothing stale from an old build ships
-    local source="${GHUBAI_PACKAGE:-}" home wanted
+    local source="${GHUBAI_PACKAGE:-}" have wanted
     if [ -z "$source" ]; then
         build="$(mktemp -d)"
-        cp -r "$here/pyproject.toml" "$here/README.md" "$here/ghubai" "$build/"
+        cp -r "$here/pyproject.toml" "$here/README.md" "$here/LICENSE" "$here/ghubai" "$build/"
         source="$build"
     fi
-    # a venv made from another Python (or a half-made one) is made again from this one
-    wanted="$("$python" -c 'import os, sys; print(os.path.dirname(os.path.realpath(sys._base_executable)))')" ||
-        fail "cannot run $python"
-    home="$(sed -n 's/^home = //p' "$prefix/pyvenv.cfg" 2>/dev/null || true)"
-    if [ ! -x "$prefix/bin/pip" ] || [ "$(readlink -f "${home:-/nonexistent}")" != "$wanted" ]; then
+    # a venv made from another Python (or a half-made one) is made again from this one: by its
+    # interpreter and version, not its folder (Debian's python3.10 and python3.11 are both in /usr/bin)
+    local which='import os, sys; print(os.path.realpath(sys._base_executable), sys.version_info[:2])'
+    wanted="$("$python" -c "$which")" || fail "cannot run $python"
+    have="$("$prefix/bin/python" -c "$which" 2>/dev/null || true)"
+    if [ "$have" != "$wanted" ] || ! "$prefix/bin/python" -m pip --version >/dev/null 2>&1; then
         "$python" -m venv --clear "$prefix" || fail "cannot make a venv with $python (Debian: apt install python3-venv)"
     fi
     "$prefix/bin/pip" install --quiet --upgrade "$source"

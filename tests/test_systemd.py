@@ -87,6 +87,16 @@ def test_install_script_stages_keeps_configs_and_uninstalls(tmp_path: Path) -> N
     assert "enable --now --no-block ghubai-worker.service" in calls.read_text()
     script("hub")  # again: an upgrade, which restarts what runs
     assert calls.read_text().count("try-restart --no-block ghubai-*.service") == 2
+    # a venv of another Python in the same folder (Debian's python3.10 beside python3.11) is made again
+    # (regression, hunt: it was kept, so neither PYTHON=python3.11 nor a second run could replace it)
+    venv_python = root / "opt/ghubai/bin/python"
+    venv_python.unlink()
+    venv_python.write_text("#!/bin/sh\necho /usr/bin/python3.10 '(3, 10)'\n")
+    venv_python.chmod(0o755)
+    script("hub")
+    done = subprocess.run([str(venv_python), "-c", "import sys, ghubai; print(sys.version_info[:2])"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == str(sys.version_info[:2]), done
 
     script("--uninstall", "worker")
     assert not (root / "etc/systemd/system/ghubai-worker.service").exists()
