@@ -194,6 +194,9 @@ def validate_ollama_chat(body: dict[str, Any]) -> None:
     _optional(body, "messages", list, "an array of messages")
     for index, message in enumerate(body.get("messages") or ()):
         _check_message(message, f"messages[{index}]")
+        if isinstance(message.get("content"), list):  # (Ollama refuses them too)
+            raise ApiError(400, f"messages[{index}].content must be a string: Ollama's messages carry images "
+                                "in 'images', not content parts", param=f"messages[{index}].content")
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "format", (str, dict), "\"json\" or a JSON schema object")
 

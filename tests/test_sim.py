@@ -69,6 +69,17 @@ async def test_unknown_model_and_failures_in_ollama_shape(grid: Grid) -> None:
     assert failing.stats.failed == 1 and failing.stats.started == 0
 
 
+async def test_content_its_engine_refuses_is_a_400_not_a_dropped_connection(grid: Grid) -> None:
+    """Regression: a content part whose text was a list raised inside the simulator, which dropped
+    the connection (a worker's 502); and Ollama refuses content parts, which it took."""
+    url, _ = await grid.sim()
+    parts = [{"role": "user", "content": [{"type": "text", "text": ["x"]}]}]
+    for path, messages in (("/v1/chat/completions", parts),
+                           ("/api/chat", [{"role": "user", "content": [{"type": "text", "text": "x"}]}])):
+        response = await grid.http.post(url + path, json={"model": "sim", "messages": messages, "stream": False})
+        assert response.status_code == 400 and "content must be a string" in response.text, (path, response.text)
+
+
 async def test_fail_after_tokens_ends_the_ndjson_stream_with_an_error_line(grid: Grid) -> None:
     url, sim = await grid.sim(fail_after_tokens=2)
     async with grid.http.stream("POST", url + "/api/chat", json=chat(stream=True)) as response:

@@ -30,18 +30,22 @@ def _body(request: Request) -> dict[str, Any]:
     return dialects.parse_body(request.body or b"{}")
 
 
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
+def _text_of(content: Any, dialect: str) -> str:
+    """A message's text; a 400 for content its engine refuses: parts (Ollama's is a string) or a
+    part whose text is not a string (a translation's mistake must show here, not drop a connection)."""
+    if not isinstance(content, list):
+        return content if isinstance(content, str) else ""
+    texts = [part.get("text", "") for part in content if isinstance(part, dict)]  # OpenAI content parts
+    if dialect != "openai" or not all(isinstance(text, str) for text in texts):
+        raise ApiError(400, "a message's content must be a string" +
+                       (" or content parts with text" if dialect == "openai" else ""))
+    return " ".join(texts)
 
 
-def _prompt(body: dict[str, Any]) -> str:
+def _prompt(body: dict[str, Any], dialect: str) -> str:
     if "messages" in body:
         messages = body["messages"] if isinstance(body["messages"], list) else []
-        return " ".join(_text_of(m.get("content")) for m in messages if isinstance(m, dict))
+        return " ".join(_text_of(m.get("content"), dialect) for m in messages if isinstance(m, dict))
     prompt = body.get("prompt", "")
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
 
@@ -190,7 +194,7 @@ class SimServer:
         body = _body(request)
         model, asked = self._model(body), body["model"]
         self._maybe_fail()
-        prompt = _prompt(body)
+        prompt = _prompt(body, dialect)
         stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
             await self._preload(conn, reason, asked, shape_class)  # Ollama loads (or unloads); no generation
