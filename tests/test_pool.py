@@ -448,6 +448,34 @@ async def test_a_full_queue_says_when_it_turns(autojump_clock: trio.testing.Mock
         nursery.cancel_scope.cancel()
 
 
+async def test_a_full_queue_s_turns_are_places_freed_not_other_models_answers(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: turns were counted at every slot freed while anything waited, so a fast model's
+    answers every 0.2 s told clients of a queue stuck for seconds to come back in 1 s; and a turn
+    measured an hour ago was the next burst's first estimate."""
+    fast, slow = make_worker("a", models=("a",)), make_worker("b", models=("b",))
+    pool = make_pool(fast, slow, queue_size=1)
+    await pool.acquire("b", "openai.chat", set(), soon())
+    async with trio.open_nursery() as nursery:
+        stuck = await queue_attempt(nursery, pool, "stuck", model="b")
+        for _ in range(19):
+            assert await pool.acquire("a", "openai.chat", set(), soon()) is fast
+            await trio.sleep(0.2)
+            finish(pool, fast)
+        with pytest.raises(Exception) as caught:
+            await pool.acquire("b", "openai.chat", set(), soon())
+        assert answer(caught.value) == (429, "queue_full", 4)  # 3.8 s without a place freed
+        finish(pool, slow)
+        await trio.testing.wait_all_tasks_blocked()
+        assert stuck.worker is slow
+        await trio.sleep(3600)
+        await queue_attempt(nursery, pool, "later", model="b")
+        with pytest.raises(Exception) as caught:
+            await pool.acquire("b", "openai.chat", set(), soon())
+        assert answer(caught.value) == (429, "queue_full", 1)  # (not the 4 s of an hour ago)
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_zero_queue_refuses_at_once(autojump_clock: trio.testing.MockClock) -> None:
     """``queue_size = 0`` means no waiting: a request that finds no free slot gets 429 immediately."""
     worker = make_worker("w")

@@ -158,6 +158,7 @@ class RemoteWorker:
 
 
 WORKERS_REMEMBERED = 4096  # workers whose token counts outlive their link (least recently linked forgotten)
+TURNS_FORGOTTEN_S = 60.0  # a queue that forms after this long empty does not go by the last one's turns
 RELINK_GRACE_S = 5.0  # a worker whose link broke dials again within 0.25-0.5 s, then 0.5-1 s, 1-2 s ...
 
 # APIs that need no model in memory (a model's details): they go to the least loaded worker that
@@ -196,8 +197,8 @@ class Pool:
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
-        # the time between slots freed while requests waited (smoothed), and since when they wait:
-        # when a full queue is likely to have a place again (``_queue_full``)
+        # the time between places freed in the queue while requests waited (smoothed), and when the
+        # last was freed (or the queue began): when a full queue is likely to have a place again
         self._turn_s = 0.0
         self._turned_at = 0.0
         self._left: dict[str, float] = {}  # model -> when a worker of it last lost its link (``_returning``)
@@ -623,8 +624,9 @@ class Pool:
             queue.insert(next((place for place, ahead in enumerate(queue) if not ahead.back), len(queue)), waiter)
         else:
             queue.append(waiter)
-        if not self.queued:
-            self._turned_at = now  # the queue's first turn is counted from here
+        if not self.queued:  # the queue's first turn is counted from here; one of long ago is forgotten
+            self._turn_s = self._turn_s if now - self._turned_at < TURNS_FORGOTTEN_S else 0.0
+            self._turned_at = now
         self.queued += 1
         if self._slot_free(model):  # those ahead may be waiting for workers they cannot use: a free slot is ours
             queue[0].event.set()
@@ -650,6 +652,10 @@ class Pool:
         finally:
             queue.remove(waiter)
             self.queued -= 1
+            if not waiter.back:  # a place freed (one back in line had no place of its own)
+                now = trio.current_time()
+                self._turn_s += (now - self._turned_at - self._turn_s) / 8 if self._turn_s else now - self._turned_at
+                self._turned_at = now
             if not queue:
                 del self._queues[model]
             else:
@@ -664,11 +670,15 @@ class Pool:
 
     def _queue_full(self) -> ApiError:
         """A 429 whose ``Retry-After`` is about when the queue has a place again: the time between
-        slots freed while requests waited (at 1 s, clients of a grid whose answers take 4 s on 2
-        slots came back too early, three times over the openai SDK's two retries, and failed). A
-        turn that takes longer than those before (or the first) is at least as long as it took so far."""
-        turn = math.ceil(min(max(self._turn_s, trio.current_time() - self._turned_at if self.queued else 0), 60))
-        return ApiError(429, "The hub's queue is full; try again shortly", code="queue_full", retry_after=max(1, turn))
+        places freed while requests waited, served or not, smoothed over about 8 (at 1 s, clients of
+        a grid whose answers take 4 s on 2 slots came back too early, three times over the openai
+        SDK's two retries, and failed). A turn that takes longer than those before (or the first) is
+        at least as long as it took so far. With no queue (``queue_size = 0``) a second, as before."""
+        turn = 0.0
+        if self.queued and self.limits.queue_size:
+            turn = min(max(self._turn_s, trio.current_time() - self._turned_at), 60.0)
+        return ApiError(429, "The hub's queue is full; try again shortly", code="queue_full",
+                        retry_after=max(1, math.ceil(turn)))
 
     def no_slot(self, model: str) -> ApiError:
         # (with no queue time, none was waited: another hub may well have a free slot)
@@ -682,10 +692,6 @@ class Pool:
         worker.inflight -= 1
         if not sent:
             worker.reported = max(0, worker.reported - 1)
-        if self.queued:  # a turn of the queue (requests waited all of it): smoothed over about 8
-            now = trio.current_time()
-            self._turn_s += (now - self._turned_at - self._turn_s) / 8 if self._turn_s else now - self._turned_at
-            self._turned_at = now
         self._wake(worker.models)
 
     def queue_lengths(self) -> dict[str, int]:
