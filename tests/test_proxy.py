@@ -577,6 +577,24 @@ async def test_health_comes_from_the_summary_and_an_old_hub_from_its_registry(gr
     await eventually(both_up, "both hubs up")
 
 
+async def test_a_hub_whose_answers_break_goes_down_only_when_they_break_in_a_row() -> None:
+    """Review: an answer that broke before its first byte took its hub down at once (a client's
+    lowercase ``head`` did it to a healthy hub); then, checked instead, a hub that broke every answer
+    but passed its checks stayed up for good. Down at ``down_after`` in a row; an answer between resets."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1")])
+    [hub] = hubs.hubs.values()
+    state = {"models": ["m"], "loaded": [], "capacity": 2, "queue": {}, "heartbeat_s": 1.0, "draining": False}
+    hubs.set_health(hub, True, state=state)
+    hubs.answer_broke(hub, "cut", down_after=2)
+    assert hub.up and hubs.check_now.is_set()  # checked at once
+    hub.broken_answers = 0  # (an answer relayed whole in between, as the forwarder notes it)
+    hubs.answer_broke(hub, "cut", down_after=2)
+    assert hub.up
+    hubs.answer_broke(hub, "cut", down_after=2)
+    assert not hub.up and "2 answers in a row broke" in hub.reason
+
+
 def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> None:
     """Regression: identical conversations all went to one hub however busy, while the hub itself
     bounds affinity by load."""

@@ -1091,7 +1091,8 @@ def test_an_earlier_turn_s_thinking_reaches_an_openai_engine() -> None:
     (base64.b64encode(b"\xff\xd8\xff\xe0\x00\x10JFIF").decode(), "image/jpeg"),
     (base64.b64encode(b"GIF89a....").decode(), "image/gif"),
     (base64.b64encode(b"RIFF\x00\x00\x00\x00WEBPVP8 ").decode(), "image/webp"),
-    ("QUJD", "image/png")])
+    (base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEfmt ").decode(), "image/png"),  # (a RIFF, not a WebP)
+    ("QUJD", "image/png"), ("not base64!", "image/png")])
 def test_an_ollama_image_reaches_an_openai_engine_typed_by_its_bytes(image: str, kind: str) -> None:
     """Regression: every image was sent as image/png; an engine that trusts the type (LiteLLM passes
     it to providers that check it) refused a JPEG."""

@@ -152,11 +152,11 @@ class Connection:
                 return None  # closed, paused on a connection that must close, or too slow a head
             target = origin_form(event.target.decode("latin-1"))
             self.head = f"{event.method.decode('latin-1')} {target.split('?', 1)[0]}"
+            # every line about it carries its id, a refusal's too (a 431 had none)
+            request_id(next((value for key, value in event.headers if key == b"x-request-id"), None))
             if event.method != event.method.upper():  # (see ``ghubai.web``: hypercorn upper-cases them)
                 raise ApiError(501, f"method {event.method.decode('latin-1')[:20]!r} is not implemented: "
                                     "HTTP methods are case-sensitive")
-            # every line about it carries its id, a refusal's too (a 431 had none)
-            request_id(next((value for key, value in event.headers if key == b"x-request-id"), None))
             if len(event.headers) > self.max_headers:
                 raise ApiError(431, f"more than {self.max_headers} header lines")
             # h11 bounds only a head still arriving; one that came whole in a single read is measured here

@@ -66,7 +66,7 @@ class History:
         index = self._index(now)
         self._steps.setdefault(index, _Step()).requests += 1
         start, oldest = now - max(0.0, generating_s), index - self.steps
-        if first_token_s is not None and self._index(start) > oldest:
+        if first_token_s is not None and self._index(start) >= oldest:
             self._steps.setdefault(self._index(start), _Step()).first_token(first_token_s)
         for past in range(max(self._index(start), oldest), index + 1):
             begin, end = max(start, past * self.step_s), min(now, (past + 1) * self.step_s)

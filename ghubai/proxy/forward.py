@@ -235,13 +235,11 @@ class Forwarder:
                     outcome.answered_at = None
                     raise
                 except NothingRelayed as error:
-                    # checked at once, not marked down: a request may break a healthy hub's answer (a
-                    # lowercase ``head`` did, and one client's few a second took the hub from everyone);
-                    # a hub that died fails its check, and the next connect, soon enough
                     log.warning("hub %s failed before its answer began: %s", hub.name, error)
-                    self.hubs.recheck()
+                    self.hubs.answer_broke(hub, str(error), self.config.health.down_after)
                     outcome.status, outcome.answered_at = 0, None  # nothing answered yet
                     continue
+                hub.broken_answers = 0
                 return
             finally:
                 hub.inflight -= 1

@@ -44,6 +44,7 @@ class Hub:
     inflight: int = 0  # requests this proxy has there now
     capacity: int = 0  # its workers' slots, as its last health check said
     failed_checks: int = 0  # health checks failed in a row
+    broken_answers: int = 0  # answers in a row that broke before their first byte (``HubSet.answer_broke``)
 
     @property
     def load(self) -> float:
@@ -163,6 +164,17 @@ class HubSet:
                         hub.failed_checks, down_after, reason)
         else:
             self.set_health(hub, False, reason)
+
+    def answer_broke(self, hub: Hub, reason: str, down_after: int) -> None:
+        """``hub`` broke an answer before its first byte: checked at once, and down only at the
+        ``down_after``-th in a row (a request may break a healthy hub's answer: a lowercase ``head``
+        did, and one client's few a second took the hub from everyone), or when its check fails."""
+        hub.broken_answers += 1
+        if hub.broken_answers >= down_after:
+            hub.broken_answers = 0
+            self.set_health(hub, False, f"{down_after} answers in a row broke before their first byte: {reason}")
+        else:
+            self.recheck()
 
     def set_health(self, hub: Hub, up: bool, reason: str = "", state: dict[str, Any] | None = None,
                    workers: list[dict[str, Any]] | None = None) -> None:

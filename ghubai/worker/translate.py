@@ -26,7 +26,7 @@ _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspe
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 _ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options that llama.cpp's and vLLM's OpenAI APIs take too
-PROGRESS_S = 1.0  # at most one empty line a second while an engine streams a tool call (see _progress)
+PROGRESS_S = 1.0  # at most one sign of life a second while an engine writes what a client does not see yet
 # OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
 _THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                                  "max": "max", "xhigh": "max", "ultra": "max"}
@@ -38,6 +38,24 @@ _HOLE = "\x00text\x00"  # where a template's text goes (no answer holds a NUL be
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class _Pulse:
+    """Signs of life while an engine writes what a client does not see yet: at most one per
+    ``PROGRESS_S``. Without them the hub takes the worker's silence for a stalled engine and cuts
+    the answer at its ``idle_s`` (``first_token_s`` before any text)."""
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = -PROGRESS_S  # when the last went out
+
+    def due(self) -> bool:
+        """Whether one may go out now (and if so, it is taken to have gone)."""
+        now = time.monotonic()
+        if now - self.at < PROGRESS_S:
+            return False
+        self.at = now
+        return True
 
 
 def _line(value: dict[str, Any]) -> bytes:
@@ -77,8 +95,8 @@ def _reasoning(message: dict[str, Any]) -> Any:
     return message.get("reasoning") or message.get("reasoning_content")
 
 
-# an image's first bytes, base64 (a multiple of 4 characters, so each begins a base64 group), and its type
-_IMAGE_TYPES = {"iVBORw0KGgo": "image/png", "/9j/": "image/jpeg", "R0lGOD": "image/gif", "UklGR": "image/webp"}
+# an image's type by its first bytes (a WebP's RIFF header names it at bytes 8 to 12)
+_IMAGE_TYPES = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"WEBP": "image/webp"}
 # what Ollama's own OpenAI layer takes as an image's data: URL ("": unadorned base64)
 _OLLAMA_IMAGE_TYPES = frozenset({"", "image/jpeg", "image/jpg", "image/png", "image/webp"})
 
@@ -87,7 +105,12 @@ def _image_url(image: str) -> str:
     """An Ollama image (base64 bytes) as an OpenAI data: URL, typed by its first bytes: an engine
     that trusts the type (LiteLLM passes it on to providers that check it) must not be told every
     image is a PNG. Unknown bytes are called PNG, as before."""
-    kind = next((kind for start, kind in _IMAGE_TYPES.items() if image.startswith(start)), "image/png")
+    try:
+        head = base64.b64decode(image[:16])  # 12 bytes: 16 characters are whole base64 groups
+    except ValueError:  # (not base64 at all: the engine says so)
+        head = b""
+    head = head[8:12] if head.startswith(b"RIFF") else head
+    kind = next((kind for start, kind in _IMAGE_TYPES.items() if head.startswith(start)), "image/png")
     return f"data:{kind};base64,{image}"
 
 
@@ -192,7 +215,7 @@ class OllamaOverOpenAI:
         self.finish_reason = "stop"
         self.calls: dict[int, _StreamedCall] = {}  # streamed tool calls, assembled by index
         self.calls_size = 0
-        self.progress_at = -PROGRESS_S  # when the last line went out while the engine wrote a tool call
+        self.progress = _Pulse()  # empty lines while the engine writes a tool call
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
         self.started_ns = time.monotonic_ns()  # for Ollama's durations, which clients divide counts by
         self.first_ns = 0  # when the first chunk came: the prompt was evaluated by then
@@ -324,13 +347,10 @@ class OllamaOverOpenAI:
 
     def _progress(self) -> list[bytes]:
         """An empty line while the engine writes a tool call, which an Ollama client gets whole in the
-        last line. A call's arguments can be a whole file that takes minutes to write: without these
-        lines the hub would take the worker's silence for a stalled engine and cut the answer at its
-        ``idle_s`` (``first_token_s`` before any text). Ollama's clients read such a line as nothing new."""
-        now = time.monotonic()
-        if now - self.progress_at < PROGRESS_S:
+        last line (a call's arguments can be a whole file that takes minutes to write), or a thinking
+        the client turned off (``_Pulse``). Ollama's clients read such a line as nothing new."""
+        if not self.progress.due():
             return []
-        self.progress_at = now
         return [_line({**self._answer(""), "done": False})]
 
     def final(self, usage: dict[str, int] | None) -> bytes:
@@ -458,7 +478,7 @@ class OpenAIOverOllama:
         self.done = False
         self.started = False  # the first chunk, which carries the role, has gone out
         self.index = 0  # tool calls seen so far
-        self.thought_at = -PROGRESS_S  # when a comment last said a completion's model is thinking
+        self.thinking = _Pulse()  # comments while a completion's model thinks
         self.id = ("chatcmpl-" if api == "openai.chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -595,10 +615,9 @@ class OpenAIOverOllama:
                 out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
         elif text:
             out.append(_sse(self._chunk({"text": text, "logprobs": None, "finish_reason": None})))
-        elif value.get("thinking") and time.monotonic() - self.thought_at >= PROGRESS_S:
+        elif value.get("thinking") and self.thinking.due():
             # A completion has no place for thinking, and a model that thinks for minutes sent nothing:
             # the hub cut it at first_token_s. An SSE comment, which clients skip, says it is alive.
-            self.thought_at = time.monotonic()
             out.append(b": thinking\n\n")
         self.started = True
         if value.get("done") is True:
