@@ -181,6 +181,16 @@ class Grid:
                                    health=health, limits=limits)
         return await self.nursery.start(_scoped, run_proxy, proxy_config)
 
+    async def chain(self) -> tuple[Running, Running]:
+        """The whole chain, sim → worker → hub → proxy, serving ``sim`` through the proxy: its hub
+        and its proxy."""
+        sim_url, _ = await self.sim()
+        hub = await self.hub()
+        await self.worker(hub.value, sim_url)
+        proxy = await self.proxy(hubs=(hub.value,))
+        await self.wait_for_model(proxy.value, "sim")
+        return hub, proxy
+
     async def wait_for_model(self, proxy_url: str, model: str, hubs_up: int = 1) -> None:
         async def listed() -> bool:
             health = (await self.http.get(proxy_url + "/health")).json()

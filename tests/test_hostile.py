@@ -69,11 +69,7 @@ async def test_model_names_clients_invent_never_become_metric_labels(grid: Grid)
 async def test_a_lone_surrogate_is_a_400_and_metrics_keep_answering(grid: Grid, name: str) -> None:
     """Regression: a model name with a lone surrogate made the proxy's /metrics answer nothing and the
     hub's answer 500 until restart."""
-    sim_url, _ = await grid.sim()
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain()
     body = ('{"model": %s, "messages": [{"role": "user", "content": "x"}]}' % name).encode()
     for url in (hub.value, proxy.value):
         response = await grid.http.post(url + "/v1/chat/completions", content=body)
@@ -548,11 +544,7 @@ async def test_a_path_with_a_doubled_slash_is_an_unknown_endpoint_at_hub_and_pro
     """Regression (hunt): //v1/chat/completions was a 500 and a traceback at the hub, and
     /v1//chat/completions through the proxy a 308 to the hub's own address, which the openai SDK
     follows past the proxy (a base URL and a path joined by hand make such paths)."""
-    sim_url, _ = await grid.sim()
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain()
     for server in (hub.value, proxy.value):
         for method, path in (("POST", "//v1/chat/completions"), ("POST", "/v1//chat/completions"),
                              ("POST", "/api//chat"), ("GET", "/v1//models"), ("GET", "/api//registry")):
@@ -1085,11 +1077,7 @@ async def test_a_lowercase_method_is_a_501_and_takes_no_hub_down(grid: Grid) -> 
     while h11 framed the answer by the method as sent and refused it: the hub's connection broke (a
     traceback in its log), and the proxy marked the hub down, so that one client's ``head`` requests
     took the grid from everyone (39 of 40 chats got 503). Methods are case-sensitive: a 501."""
-    sim_url, _ = await grid.sim()
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain()
     for url in (hub.value, proxy.value):
         for method in (b"head", b"Get", b"post"):
             answer = await _raw(url, method + b" /v1/models HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
@@ -1107,11 +1095,7 @@ async def test_a_lowercase_method_is_a_501_and_takes_no_hub_down(grid: Grid) -> 
 async def test_an_absolute_form_target_is_served_as_its_path_by_proxy_and_hub(grid: Grid) -> None:
     """Regression (review): ``POST http://host/v1/chat/completions`` (absolute form, which a server
     must accept) was a 500 with a traceback at the hub and a 404 at the proxy."""
-    sim_url, _ = await grid.sim()
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain()
     body = json.dumps(chat()).encode()
     for url in (hub.value, proxy.value):
         answer = await _raw(url, b"POST http://elsewhere/v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"

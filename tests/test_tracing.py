@@ -51,11 +51,7 @@ def spans() -> Any:
 
 
 async def test_one_trace_from_client_to_engine(grid: Any, spans: InMemorySpanExporter) -> None:
-    sim_url, _ = await grid.sim()
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain()
     spans.clear()  # the health checks before are not part of it
 
     response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(stream=True), headers={
