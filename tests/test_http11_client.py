@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, next_request, read_until
-from ghubai.http11.client import KEEPALIVE_IDLE_S, ConnectionPool, open_stream
+from ghubai.http11.client import KEEPALIVE_IDLE_S, ConnectionPool, Unacknowledged, open_stream
 
 
 def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:
@@ -343,3 +343,53 @@ async def test_a_connection_that_cannot_be_made_in_time_is_a_transport_error_not
     finally:
         for sock in (*fillers, listener):
             sock.close()
+
+
+async def _tiny_window_listener(nursery: trio.Nursery, handler: Callable[[trio.SocketStream], object]) -> int:
+    """A server whose connections take a few KB before their window shuts (what they do not read
+    stays unacknowledged, as on a connection gone dark): its port."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    for listener in listeners:
+        listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    await nursery.start(trio.serve_listeners, handler, listeners)
+    return int(listeners[0].socket.getsockname()[1])
+
+
+@pytest.mark.parametrize("size", [12_000, 400_000])
+async def test_a_request_the_server_s_tcp_never_takes_fails_within_the_connect_timeout(
+        nursery: trio.Nursery, size: int) -> None:
+    """Regression (hunt): a request sent on a connection that went dark (a blackholed link, a
+    machine gone: no reset) waited for the whole response timeout, an hour at the proxy, while the
+    kernel retried for 15 minutes. With nothing acknowledged for ``connect_timeout_s``, whether it
+    waits for its answer (a small request) or to be sent (a large one), it is a broken connection."""
+    port = await _tiny_window_listener(nursery, lambda stream: trio.sleep_forever())  # reads nothing
+    pool = ConnectionPool("127.0.0.1", port, ssl_context=None, connect_timeout_s=0.3, max_idle=1, idle_reuse_s=4)
+    with trio.fail_after(WAIT_S), pytest.raises(Unacknowledged, match="went dark"):
+        async with pool.request("POST", "/", [], b"x" * size, 3600):
+            pass
+
+
+async def test_a_kept_connection_gone_dark_is_passed_over_for_a_fresh_one(nursery: trio.Nursery) -> None:
+    """The request a kept connection never delivered is sent again on a new one (the proxy's to the
+    hub it then marks down, or another), and the pool's other idle connections are dropped with it."""
+    connections = 0
+
+    async def first_goes_dark(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        dark = connections == 1
+        conn = h11.Connection(h11.SERVER)
+        while await next_request(conn, stream) is not None:
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", "2")])) +
+                                  conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
+            if dark:
+                await trio.sleep_forever()  # reads no more: the next request is never acknowledged
+            conn.start_next_cycle()
+
+    pool = ConnectionPool("127.0.0.1", await _tiny_window_listener(nursery, first_goes_dark), ssl_context=None,
+                          connect_timeout_s=0.3, max_idle=2, idle_reuse_s=60)
+    assert await post(pool, {}) == (200, b"ok") and len(pool.idle) == 1
+    with trio.fail_after(WAIT_S):
+        async with pool.request("POST", "/", [], b"x" * 12_000, 3600) as response:
+            assert (response.status, await response.read(100)) == (200, b"ok")
+    assert connections == 2

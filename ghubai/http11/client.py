@@ -13,10 +13,13 @@ is how a server such as Ollama learns to stop generating.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import select
 import socket
 import ssl
+import struct
+import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -30,6 +33,9 @@ from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+# A request's bytes beyond what the socket takes at once go in pieces this large, each within the
+# connection's ``dark_s``: a server whose TCP acknowledges less than this in that time is gone.
+SEND_PIECE_BYTES = 16 * 1024
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
@@ -117,27 +123,38 @@ class ClientConnection:
             self.h11.start_next_cycle()
         self.heard = False
 
-    async def send(self, *events: h11.Event) -> None:
-        """The events in one write: a request's head leaves with its body."""
+    async def send(self, *events: h11.Event, dark_s: float = math.inf) -> None:
+        """The events in one write: a request's head leaves with its body. What the socket does not
+        take at once goes in pieces, each within ``dark_s`` (``Unacknowledged``: the server's TCP took
+        none of it meanwhile, or the piece would have had room)."""
         for event in events:
             if isinstance(event, h11.Request):
                 self.method = event.method
         if data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events)):
-            await self.stream.send_all(data)
+            rest = memoryview(data)
+            for start in range(0, len(rest), SEND_PIECE_BYTES):
+                with trio.move_on_after(dark_s) as stalled:
+                    await self.stream.send_all(rest[start:start + SEND_PIECE_BYTES])
+                if stalled.cancelled_caught:
+                    raise Unacknowledged(f"the server took none of the request for {dark_s:g} s "
+                                         "(the connection went dark)")
 
-    async def exchange(self, *events: h11.Event) -> h11.Response:
-        """Send a request and read its answer's head. A server may answer (413, 401) and close before
-        it reads the whole body: that answer is the request's, not a broken connection."""
+    async def exchange(self, *events: h11.Event, dark_s: float = math.inf) -> h11.Response:
+        """Send a request and read its answer's head (``dark_s``: see ``first_event``). A server may
+        answer (413, 401) and close before it reads the whole body: that answer is the request's, not
+        a broken connection."""
         try:
-            await self.send(*events)
+            await self.send(*events, dark_s=dark_s)
+        except Unacknowledged:
+            raise
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.cut = True  # look for its answer
-        return await self.read_head()
+        return await self.read_head(dark_s)
 
-    async def read_head(self) -> h11.Response:
+    async def read_head(self, dark_s: float = math.inf) -> h11.Response:
         """The answer's head (1xx skipped); h11.RemoteProtocolError if the server closed or sent no
         valid head. Nothing of the body is read: a broken body fails in ``body_part``."""
-        event = await self.next_event()
+        event = await self.first_event(dark_s)
         while isinstance(event, h11.InformationalResponse):  # 100, 103: the answer follows
             event = await self.next_event()
         if not isinstance(event, h11.Response):
@@ -168,6 +185,37 @@ class ClientConnection:
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             data = chunked.feed(received)
         return data, chunked.done
+
+    async def first_event(self, dark_s: float) -> h11.Event:
+        """The answer's first event. A connection that went dark (the network cut, the server's
+        machine gone: no reset comes) held a request sent on it for the whole response timeout, the
+        kernel retrying for some 15 minutes: when nothing comes back and the server's TCP acknowledges
+        none of what is left of the request for two spans of ``dark_s / 2``, it never took it
+        (``Unacknowledged``, with nothing heard: sent again elsewhere). A server that has it all, or
+        that reads a large body slowly, is waited for."""
+        left = None  # what of the request its TCP had not acknowledged at the last look
+        while True:
+            try:
+                return await self.next_event(trio.current_time() + dark_s / 2)
+            except trio.TooSlowError:
+                unacked = 0 if self.heard else self.unacked()
+                if not unacked:  # it answers, or has the whole request: slow, not gone
+                    return await self.next_event()
+                if left is not None and unacked >= left:
+                    raise Unacknowledged(f"the server acknowledged none of the request for {dark_s:g} s "
+                                         "(the connection went dark)") from None
+                left = unacked
+
+    def unacked(self) -> int:
+        """The bytes sent that the server's TCP has not acknowledged (Linux's SIOCOUTQ); 0 where
+        the system cannot tell."""
+        if (sock := self.socket) is None:
+            return 0
+        try:
+            (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+        except OSError:
+            return 0
+        return int(count)
 
     async def next_event(self, deadline: float = math.inf) -> h11.Event:
         while True:
@@ -266,9 +314,11 @@ class ConnectionPool:
             conn = await self.connection()
             try:
                 with trio.fail_after(timeout_s):
-                    return conn, await conn.exchange(*events)
+                    return conn, await conn.exchange(*events, dark_s=self.connect_timeout_s)
             except TRANSPORT_ERRORS as error:
                 await conn.aclose()
+                if isinstance(error, Unacknowledged):
+                    self.close_idle()  # they went dark with it: not one wait each
                 if conn.reused and not conn.heard:
                     continue  # the server's keep-alive close: it never took the request
                 if conn.cut and not conn.heard and isinstance(conn.stream, trio.SSLStream):
@@ -337,6 +387,11 @@ class Response:
             if len(body) > limit:
                 raise TooLarge(f"the answer is larger than {limit} bytes")
         return bytes(body)
+
+
+class Unacknowledged(trio.BrokenResourceError):
+    """The server's TCP acknowledged nothing of a request while nothing came back: the connection
+    went dark (``ClientConnection.first_event``), and the server never took the request."""
 
 
 class BodyCut(trio.BrokenResourceError):
