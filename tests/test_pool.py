@@ -1581,3 +1581,87 @@ async def test_the_token_counts_forgotten_first_are_those_of_workers_gone_longes
     pool.add(make_worker("c"))  # "a" is the one gone
     pool.add(again := make_worker("a"))
     assert again.describe()["usage"] == {}
+
+
+# -- a stateful property hunt (hypothesis over sequences of pool operations) ------------------------
+
+
+@pytest.mark.parametrize("change", ["links again", "starts serving the model"])
+async def test_the_queue_stays_first_in_first_out_when_the_workers_change(
+        autojump_clock: trio.testing.MockClock, change: str) -> None:
+    """Regression (hunt): a change of the workers woke every waiter to pick, and trio ran them in an
+    order of its own (each batch reversed at random): a worker that linked again served its queue
+    in any order, the oldest request as likely last as first."""
+    firsts = []
+    for _ in range(8):  # (trio's order is random: a pool that is wrong fails most of these)
+        if change == "links again":
+            worker = make_worker("w")
+            pool = make_pool(worker)
+        else:  # it serves another model; the only worker of m is busy
+            worker = make_worker("w", models=("other",))
+            pool = make_pool(worker, make_worker("busy"))
+        await pool.acquire("m", "openai.chat", set(), soon())  # the only slot for m
+        order: list[str] = []
+        async with trio.open_nursery() as nursery:
+            for name in "abc":
+                await queue_attempt(nursery, pool, name, order=order)
+            if change == "links again":
+                fresh = make_worker("w")
+                assert pool.add(fresh) is worker
+                pool.cut(worker, "it linked again")
+            else:
+                pool.set_offer(worker, protocol.Models(models=["m", "other"]))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        firsts.append(order[0])
+    assert set(firsts) == {"a"}, firsts
+
+
+async def test_a_free_slot_no_one_in_line_can_use_is_a_new_request_s_not_a_429(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): with the queue full of requests that cannot use a free worker (a retry
+    that must avoid it), a new request that could use it got 429 beside it."""
+    a, b = make_worker("a"), make_worker("b")
+    pool = make_pool(a, b, queue_size=1)
+    await pool.acquire("m", "openai.chat", set(), soon())
+    await pool.acquire("m", "openai.chat", set(), soon())
+    async with trio.open_nursery() as nursery:
+        retry = await queue_attempt(nursery, pool, "retry", exclude={a.id})
+        finish(pool, a)
+        await trio.testing.wait_all_tasks_blocked()
+        assert retry.waiting and pool.queued == 1 and a.inflight == 0
+        fresh = await queue_attempt(nursery, pool, "fresh")
+        assert fresh.worker is a, fresh.error
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_back_answers_a_waiter_behind_the_head_at_once(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a worker linking again woke the head of its queue only; a retry behind it
+    that must avoid that worker waited for the end of the relink grace for its 503."""
+    worker = make_worker("w")
+    pool = make_pool(worker)
+    pool.drop(worker, "lost")
+    async with trio.open_nursery() as nursery:
+        first, second = await queue_attempt(nursery, pool, "first"), await queue_attempt(nursery, pool, "second")
+        retry = await queue_attempt(nursery, pool, "retry", exclude={"w"})
+        await trio.sleep(2)
+        back = make_worker("w")
+        pool.add(back)
+        await trio.testing.wait_all_tasks_blocked()
+        assert first.worker is back and second.waiting and error_of(retry)[0] == 503 and trio.current_time() == 2.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_load_begun_outside_the_queue_is_news_for_the_queue(autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a request whose time was up took a cold worker, which began to load the
+    model; the request queued for that model went on waiting out its warm wait beside it."""
+    warm, cold = make_worker("warm"), make_worker("cold", max_concurrency=2, loaded=())
+    pool = make_pool(warm, cold, warm_wait_s=5.0)
+    assert await pool.acquire("m", "openai.chat", set(), soon()) is warm
+    async with trio.open_nursery() as nursery:
+        queued = await queue_attempt(nursery, pool, "queued")
+        late = await queue_attempt(nursery, pool, "late", deadline=trio.current_time() - 1)
+        assert late.worker is cold
+        await trio.testing.wait_all_tasks_blocked()
+        assert queued.worker is cold and trio.current_time() == 0.0
+        nursery.cancel_scope.cancel()

@@ -14,6 +14,7 @@ the queue.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections import Counter, OrderedDict, deque
@@ -167,11 +168,17 @@ LOADS_NOTHING = frozenset({"ollama.show"})
 
 
 class _Waiter:
-    __slots__ = ("event", "back")
+    __slots__ = ("event", "back", "recheck")
 
     def __init__(self, back: bool) -> None:
         self.event = trio.Event()
         self.back = back  # a request back in line (refused, or retried): ahead of those that never left it
+        self.recheck = False  # woken for a change of the workers only: to see if it has its answer now
+
+    def turn(self) -> None:
+        """Its turn to look for a worker."""
+        self.recheck = False
+        self.event.set()
 
 
 class Pool:
@@ -227,7 +234,7 @@ class Pool:
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
                  ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
-        self._wake(worker.models)
+        self._wake(worker.models, every=True)  # (one behind the head may have its answer now: a 501, say)
         return stale
 
     def remove(self, worker: RemoteWorker) -> None:
@@ -610,13 +617,21 @@ class Pool:
         late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
         cold_at = now + min(self.scheduler.warm_wait_s, (deadline - now) / 2)
-        if not self.draining and (again or late or api in LOADS_NOTHING or not self._queues.get(model)) and \
+        line = self._queues.get(model)
+        if not self.draining and (again or late or api in LOADS_NOTHING or not line) and \
                 (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
+            if line and self._slot_free(model):  # it may have made a cold worker warm for those in line
+                line[0].turn()
             return worker
         self._check_hosted(model, api, exclude, elsewhere)
         if late:
             raise self.no_slot(model)
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
+            # a free slot no one in line was told of is one none of them can use (a retry that must
+            # avoid it, another API): it is this request's, rather than a 429 beside it
+            if line and not self.draining and not any(ahead.event.is_set() for ahead in line) and \
+                    (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
+                return worker
             raise self._queue_full()
         queue = self._queues.setdefault(model, deque())
         waiter = _Waiter(again)
@@ -629,7 +644,7 @@ class Pool:
             self._turned_at = now
         self.queued += 1
         if self._slot_free(model):  # those ahead may be waiting for workers they cannot use: a free slot is ours
-            queue[0].event.set()
+            queue[0].turn()
         try:
             cold_ok = False
             with trio.fail_at(deadline):
@@ -639,6 +654,10 @@ class Pool:
                     with trio.move_on_at(min(math.inf if cold_ok else cold_at, self._returning(model) or math.inf)):
                         await waiter.event.wait()
                     waiter.event = trio.Event()
+                    if waiter.recheck and queue[0] is not waiter:  # the workers changed, its turn has not come
+                        waiter.recheck = False
+                        self._check_hosted(model, api, exclude, elsewhere)
+                        continue
                     cold_ok = trio.current_time() >= cold_at
                     if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
                         return worker
@@ -646,7 +665,7 @@ class Pool:
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
                     # pass the wake-up on, so first in line is first served among those who can be.
                     if self._slot_free(model) and (position := queue.index(waiter)) + 1 < len(queue):
-                        queue[position + 1].event.set()
+                        queue[position + 1].turn()
         except trio.TooSlowError:
             raise self.no_slot(model) from None
         finally:
@@ -659,7 +678,7 @@ class Pool:
             if not queue:
                 del self._queues[model]
             else:
-                queue[0].event.set()
+                queue[0].turn()
 
     def _slot_free(self, model: str) -> bool:
         """Some worker of ``model`` has a free slot: only then is a wake-up worth passing down its
@@ -746,11 +765,15 @@ class Pool:
         two (a worker may list 4,096 models, and report its load as often as it likes). ``every``:
         each waiter, not the head alone, when the workers changed (rare): one behind the head may now
         have an answer at once (its API's last worker gone, a proxy's request to send elsewhere)
-        that a free slot alone would not pass down to it."""
+        that a free slot alone would not pass down to it; it looks for that answer only, and waits
+        on for its turn (all woken to pick at once, they were served in the order trio ran them)."""
         queues = self._queues
         if not queues:
             return
         for model in list(models) if len(models) <= len(queues) else [model for model in queues if model in models]:
             if queue := queues.get(model):
-                for waiter in queue if every else (queue[0],):
-                    waiter.event.set()
+                queue[0].turn()
+                for waiter in itertools.islice(queue, 1, None) if every else ():
+                    if not waiter.event.is_set():  # (a turn it was given stays a turn)
+                        waiter.recheck = True
+                        waiter.event.set()
