@@ -510,7 +510,8 @@ def test_token_limits_mean_what_each_engine_reads_them_as() -> None:
         dialects.validate_ollama_generate({"model": "m", "prompt": "x", "images": "abc"})
     # Ollama's content is a string (content parts reached an OpenAI engine as a part whose text was a list)
     with pytest.raises(ApiError, match=r"messages\[0\].content must be a string"):
-        dialects.validate_ollama_chat({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]})
+        dialects.validate_ollama_chat({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x"}]}]})
 
 
 def test_openai_tool_choice_without_tools_is_dropped() -> None:
