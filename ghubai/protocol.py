@@ -66,7 +66,10 @@ API_PATHS = {
 # not yet handed to its client. The hub returns ``credit`` as its client's socket takes the bytes,
 # so a slow client paces the worker (which stops reading the engine) instead of filling the hub.
 WINDOW_BYTES = 256 * 1024
-MAX_BATCH_BYTES = 1 << 20  # a batch is cut here; a single larger frame goes alone
+# A batch is cut here (a single larger frame goes alone): a peer hears whole messages only, and on a
+# slow uplink a batch of 1 MiB (4 big answers) took the worker's 50 KB/s 21 s, past the hub's three
+# heartbeats of silence; 64 KiB take it 1.3 s. (Token chunks of 64 streams make a few KB.)
+MAX_BATCH_BYTES = 64 << 10
 MAX_MESSAGE_BYTES = 64 << 20  # what either side accepts in one message (request bodies included)
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES - 2 * MAX_BATCH_BYTES  # one frame, with a batch of others before it
 MAX_CHUNK_BYTES = 64 << 10  # a worker cuts an answer into chunk records no larger than this

@@ -1665,3 +1665,20 @@ async def test_a_load_begun_outside_the_queue_is_news_for_the_queue(autojump_clo
         await trio.testing.wait_all_tasks_blocked()
         assert queued.worker is cold and trio.current_time() == 0.0
         nursery.cancel_scope.cancel()
+
+
+async def test_a_link_s_messages_hold_a_batch_of_64_kib_at_most() -> None:
+    """Regression (hunt, a worker's uplink at 50 KB/s): four big answers went in messages of 1 MiB,
+    21 s each, and the hub, which hears whole messages only, dropped the worker as silent for three
+    heartbeats while its bytes arrived all along."""
+    out, queued = trio.open_memory_channel[Any](math.inf)
+    for number in range(20):
+        out.send_nowait(protocol.chunk(f"r{number % 4}", b"x" * protocol.MAX_CHUNK_BYTES))
+    out.close()
+    sizes: list[int] = []
+
+    async def send(message: str | bytes) -> None:
+        sizes.append(len(message))
+
+    await link.write_batched(queued, send)
+    assert len(sizes) >= 10 and max(sizes) <= 2 * (64 << 10) + 1024, sizes  # (a batch, and the frame that ends it)
