@@ -33,9 +33,7 @@ from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-# A request's bytes beyond what the socket takes at once go in pieces this large, each within the
-# connection's ``dark_s``: a server whose TCP acknowledges less than this in that time is gone.
-SEND_PIECE_BYTES = 16 * 1024
+SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes written and not sent yet (not in ``termios``)
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
@@ -124,20 +122,36 @@ class ClientConnection:
         self.heard = False
 
     async def send(self, *events: h11.Event, dark_s: float = math.inf) -> None:
-        """The events in one write: a request's head leaves with its body. What the socket does not
-        take at once goes in pieces, each within ``dark_s`` (``Unacknowledged``: the server's TCP took
-        none of it meanwhile, or the piece would have had room)."""
+        """The events in one write: a request's head leaves with its body. Should the socket not take
+        it all at once, ``Unacknowledged`` if the connection goes dark while the rest waits (``dark``)."""
         for event in events:
             if isinstance(event, h11.Request):
                 self.method = event.method
-        if data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events)):
-            rest = memoryview(data)
-            for start in range(0, len(rest), SEND_PIECE_BYTES):
-                with trio.move_on_after(dark_s) as stalled:
-                    await self.stream.send_all(rest[start:start + SEND_PIECE_BYTES])
-                if stalled.cancelled_caught:
-                    raise Unacknowledged(f"the server took none of the request for {dark_s:g} s "
-                                         "(the connection went dark)")
+        if not (data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events))):
+            return
+        went_dark, broke = False, None
+        async with trio.open_nursery() as nursery:  # (only for a request larger than the socket takes at once)
+            async def watch() -> None:
+                nonlocal went_dark
+                left = None
+                while not went_dark:
+                    await trio.sleep(dark_s / 2)
+                    if went_dark := self.dark(left):
+                        nursery.cancel_scope.cancel()
+                    left = self.queued()[0]
+
+            if dark_s < math.inf:
+                nursery.start_soon(watch)
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
+                broke = error  # (raised from here, not as a group the caller would not recognise)
+            nursery.cancel_scope.cancel()
+        if went_dark:
+            raise Unacknowledged(f"the server's TCP acknowledged nothing for {dark_s / 2:g} s while the "
+                                 "request was sent (the connection went dark)")
+        if broke is not None:
+            raise broke
 
     async def exchange(self, *events: h11.Event, dark_s: float = math.inf) -> h11.Response:
         """Send a request and read its answer's head (``dark_s``: see ``first_event``). A server may
@@ -189,33 +203,41 @@ class ClientConnection:
     async def first_event(self, dark_s: float) -> h11.Event:
         """The answer's first event. A connection that went dark (the network cut, the server's
         machine gone: no reset comes) held a request sent on it for the whole response timeout, the
-        kernel retrying for some 15 minutes: when nothing comes back and the server's TCP acknowledges
-        none of what is left of the request for two spans of ``dark_s / 2``, it never took it
-        (``Unacknowledged``, with nothing heard: sent again elsewhere). A server that has it all, or
-        that reads a large body slowly, is waited for."""
-        left = None  # what of the request its TCP had not acknowledged at the last look
+        kernel retrying for some 15 minutes: when nothing has come back for ``dark_s``, and over its
+        second half the server's TCP acknowledged none of the bytes in flight (``dark``), the request
+        is taken for undelivered (``Unacknowledged``, with nothing heard: sent again elsewhere). A
+        server that has it all, or whose window is shut (it reads slowly), is waited for."""
+        left = None  # the bytes in flight at the last look
         while True:
             try:
                 return await self.next_event(trio.current_time() + dark_s / 2)
             except trio.TooSlowError:
-                unacked = 0 if self.heard else self.unacked()
-                if not unacked:  # it answers, or has the whole request: slow, not gone
+                if self.heard:
                     return await self.next_event()
-                if left is not None and unacked >= left:
-                    raise Unacknowledged(f"the server acknowledged none of the request for {dark_s:g} s "
-                                         "(the connection went dark)") from None
-                left = unacked
+                if self.dark(left):
+                    raise Unacknowledged(f"nothing came back for {dark_s:g} s, and the server's TCP acknowledged "
+                                         "nothing for its second half (the connection went dark)") from None
+                left, unsent = self.queued()
+                if not left and not unsent:  # the server's TCP has it all: slow, not gone
+                    return await self.next_event()
 
-    def unacked(self) -> int:
-        """The bytes sent that the server's TCP has not acknowledged (Linux's SIOCOUTQ); 0 where
-        the system cannot tell."""
+    def dark(self, left: int | None) -> bool:
+        """Bytes were in flight at the last look (``left``), and the server's TCP has acknowledged
+        none of them since. A peer whose window is shut acknowledges what it was sent, and has none
+        in flight: a server that reads slowly is not dark."""
+        return left is not None and left > 0 and self.queued()[0] >= left
+
+    def queued(self) -> tuple[int, int]:
+        """The bytes written and not acknowledged by the server's TCP, as (sent: in flight, not sent
+        yet): Linux's SIOCOUTQ less SIOCOUTQNSD, and SIOCOUTQNSD; (0, 0) where the system cannot tell."""
         if (sock := self.socket) is None:
-            return 0
+            return 0, 0
         try:
-            (count,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+            (written,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
+            (unsent,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))
         except OSError:
-            return 0
-        return int(count)
+            return 0, 0
+        return max(0, written - unsent), unsent
 
     async def next_event(self, deadline: float = math.inf) -> h11.Event:
         while True:

@@ -222,6 +222,9 @@ class Pool:
         that joined with the same provider token. Ids are per token, so whoever holds another token
         cannot evict a worker, nor squat its id while its link is down."""
         stale = self.workers.get(worker.key)
+        # waiters for a model no linked worker lists (held for one that links again) may have their
+        # answer now (a retry that must avoid it: a 503); for others a worker more changes no answer
+        first_hosts = [model for model in self._queues if model in worker.models and not self.serves(model)]
         self.workers[worker.key] = worker
         # its tokens so far, across its links (a network blip must not start them again at nothing)
         worker.usage = self._worker_usage.setdefault(worker.key, worker.usage)
@@ -234,7 +237,8 @@ class Pool:
         self._changed()
         log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
                  ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
-        self._wake(worker.models, every=True)  # (one behind the head may have its answer now: a 501, say)
+        self._wake(worker.models)
+        self._wake(first_hosts, every=True)
         return stale
 
     def remove(self, worker: RemoteWorker) -> None:
@@ -629,7 +633,8 @@ class Pool:
         if self.queued >= self.limits.queue_size and not again:  # (one back in line had its place)
             # a free slot no one in line was told of is one none of them can use (a retry that must
             # avoid it, another API): it is this request's, rather than a 429 beside it
-            if line and not self.draining and not any(ahead.event.is_set() for ahead in line) and \
+            if line and not self.draining and self._slot_free(model) and \
+                    not any(ahead.event.is_set() for ahead in line) and \
                     (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
                 return worker
             raise self._queue_full()
