@@ -106,6 +106,10 @@ async def test_a_hub_with_no_worker_is_passed_over_by_retry(grid: Grid, tmp_path
             "x-request-id": "req-123"})
         assert response.status_code == 200 and response.headers["x-request-id"] == "req-123"
     assert sim.stats.completed == 6
+    # the model lists the proxy answers itself carry the id too (the SDKs' request_id; hunt: none did)
+    for path in ("/v1/models", "/v1/models/sim", "/api/tags", "/api/ps"):
+        listed = await grid.http.get(proxy.value + path, headers={"x-request-id": "req-456"})
+        assert (listed.status_code, listed.headers.get("x-request-id")) == (200, "req-456"), path
 
 
 async def test_killing_a_hub_loses_no_request_and_no_capacity(grid: Grid, tmp_path: Path,

@@ -17,6 +17,7 @@ import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from typing import Any
 
 import httpx
 import trio
@@ -231,18 +232,24 @@ class Proxy:
             raise ApiError(503, "No healthy hub", retry_after=1)
         return self.hubs.models()
 
+    async def _models_answer(self, conn: Connection, request: Request, value: Any) -> None:
+        """A model list or entry the proxy answers itself, as a hub would: with the request's id (the
+        SDKs' ``request_id``) and an access line."""
+        await conn.respond_json(200, value, {REQUEST_ID_HEADER: REQUEST_ID.get() or request_id(None)})
+        log.info("%s %s 200, answered by the proxy", request.method, request.path)
+
     async def openai_models(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, dialects.model_list(self._models_or_503()))
+        await self._models_answer(conn, request, dialects.model_list(self._models_or_503()))
 
     async def openai_model(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, dialects.model_entry(model_named(request)))
+        await self._models_answer(conn, request, dialects.model_entry(model_named(request)))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
-        await conn.respond_json(200, dialects.ollama_tags(self._models_or_503()))
+        await self._models_answer(conn, request, dialects.ollama_tags(self._models_or_503()))
 
     async def ollama_running(self, conn: Connection, request: Request) -> None:
         self._models_or_503()
-        await conn.respond_json(200, dialects.ollama_tags(self.hubs.loaded(), running=True))
+        await self._models_answer(conn, request, dialects.ollama_tags(self.hubs.loaded(), running=True))
 
 
 async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,
