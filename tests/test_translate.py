@@ -1123,3 +1123,30 @@ def test_api_show_over_an_openai_engine_says_what_its_models_can_do() -> None:
     assert isinstance(translator, OllamaOverOpenAI)
     translator.request({"model": "m"}, stream=False)
     assert json.loads(translator.whole({}, None))["capabilities"] == ["completion", "tools", "vision"]
+
+
+def test_an_ollama_client_s_logprobs_reach_an_openai_engine_and_come_back_in_ollama_s_shape() -> None:
+    """Regression (hunt): ``logprobs`` and ``top_logprobs`` (the ollama SDK sends both) were dropped
+    for an OpenAI-compatible engine, and the answer came back without them and without a word."""
+    top = [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105]}, {"token": "Yo", "logprob": -2.5}]
+    chat_logprobs = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": top}]}
+    expected = [{"token": "Hi", "logprob": -0.1, "top_logprobs": [{"token": "Hi", "logprob": -0.1},
+                                                                   {"token": "Yo", "logprob": -2.5}]}]
+    translator = ollama_over_openai("ollama.chat")
+    request = translator.request({"model": "m", "messages": [HI], "logprobs": True, "top_logprobs": 2}, stream=True)
+    assert (request["logprobs"], request["top_logprobs"]) == (True, 2)
+    [line] = translator.chunk({"choices": [{"delta": {"content": "Hi"}, "logprobs": chat_logprobs}]})
+    assert ndjson(line)["logprobs"] == expected
+    whole = ollama_over_openai("ollama.generate")
+    whole.request({"model": "m", "prompt": "p", "logprobs": True}, stream=False)
+    value = json.loads(whole.whole({"choices": [{"message": {"content": "Hi"}, "logprobs": chat_logprobs}]}, None))
+    assert value["logprobs"] == expected and value["response"] == "Hi"
+    raw = ollama_over_openai("ollama.generate")  # a completion's logprobs are parallel lists
+    assert raw.request({"model": "m", "prompt": "p", "raw": True, "logprobs": True, "top_logprobs": 2},
+                       stream=False)["logprobs"] == 2
+    value = json.loads(raw.whole({"choices": [{"text": "Hi", "logprobs": {
+        "tokens": ["Hi"], "token_logprobs": [-0.1], "top_logprobs": [{"Hi": -0.1, "Yo": -2.5}]}}]}, None))
+    assert value["logprobs"] == expected
+    plain = ollama_over_openai("ollama.chat")
+    assert "logprobs" not in plain.request({"model": "m", "messages": [HI]}, stream=False)
+    assert "logprobs" not in json.loads(plain.whole({"choices": [{"message": {"content": "Hi"}}]}, None))

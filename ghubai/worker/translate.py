@@ -10,6 +10,7 @@ both ways; tool-call arguments are a JSON string on OpenAI's side and an object 
 from __future__ import annotations
 
 import base64
+import itertools
 import struct
 import time
 import uuid
@@ -112,6 +113,26 @@ def _image_url(image: str) -> str:
     head = head[8:12] if head.startswith(b"RIFF") else head
     kind = next((kind for start, kind in _IMAGE_TYPES.items() if head.startswith(start)), "image/png")
     return f"data:{kind};base64,{image}"
+
+
+def _ollama_logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
+    """An OpenAI choice's logprobs as Ollama's (``[{token, logprob, top_logprobs: [{token,
+    logprob}]}]``): a chat's ``content`` list, or a completion's parallel lists."""
+    if not isinstance(logprobs, dict):
+        return None
+    if isinstance(content := logprobs.get("content"), list):
+        return [{"token": entry.get("token"), "logprob": entry.get("logprob"),
+                 "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")}
+                                  for top in entry.get("top_logprobs") or [] if isinstance(top, dict)]}
+                for entry in content if isinstance(entry, dict)]
+    tokens, chosen = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if not (isinstance(tokens, list) and isinstance(chosen, list)):
+        return None
+    tops: list[Any] = logprobs["top_logprobs"] if isinstance(logprobs.get("top_logprobs"), list) else []
+    return [{"token": token, "logprob": logprob,
+             "top_logprobs": [{"token": other, "logprob": value}
+                              for other, value in (top if isinstance(top, dict) else {}).items()]}
+            for token, logprob, top in itertools.zip_longest(tokens, chosen, tops[:len(tokens)])]
 
 
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
@@ -247,6 +268,9 @@ class OllamaOverOpenAI:
             self.thinks = False  # and what an engine thinks anyway (gpt-oss cannot stop) is not passed on
         if (limit := dialects.ollama_limit(options)) is not None:
             request["max_tokens"] = limit
+        if body.get("logprobs") is True:  # (a chat's: a flag and a count; a completion's: the count)
+            top = body.get("top_logprobs") if type(body.get("top_logprobs")) is int else 0
+            request.update({"logprobs": True, "top_logprobs": top} if self.chat else {"logprobs": top})
         if stream:
             request["stream_options"] = {"include_usage": True}
         if body.get("format") == "json":
@@ -309,8 +333,11 @@ class OllamaOverOpenAI:
     def _durations(self, now: int) -> dict[str, int]:
         return {"total_duration": max(1, now - self.started_ns), "load_duration": 0}
 
-    def _answer(self, text: str, **extra: Any) -> dict[str, Any]:
+    def _answer(self, text: str, logprobs: Any = None, **extra: Any) -> dict[str, Any]:
+        """An Ollama line of ``text``, with ``logprobs`` as the engine gave them, in Ollama's shape."""
         base: dict[str, Any] = {"model": self.model, "created_at": _now()}
+        if logprobs and (converted := _ollama_logprobs(logprobs)):
+            base["logprobs"] = converted
         if self.api == "ollama.chat":
             return {**base, "message": {"role": "assistant", "content": text, **extra}}
         return {**base, "response": text, **extra}  # (a generation's thinking is beside its response)
@@ -335,15 +362,17 @@ class OllamaOverOpenAI:
             if self.calls_size > protocol.MAX_EVENT_BYTES:
                 raise ValueError(f"tool calls larger than {protocol.MAX_EVENT_BYTES} bytes")
             assembled.id = _call_id(call) or assembled.id
+        logprobs = choice.get("logprobs")
         if not self.chat:
             text = _text(choice.get("text"))
-            return [_line({**self._answer(text), "done": False})] if text else []
+            return [_line({**self._answer(text, logprobs), "done": False})] if text else []
         text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
         if thinking and not self.thinks:
-            return self._progress() if not text else [_line({**self._answer(text), "done": False})]
+            return self._progress() if not text else [_line({**self._answer(text, logprobs), "done": False})]
         if not (text or thinking):
             return self._progress() if delta.get("tool_calls") else []
-        return [_line({**self._answer(text, **({"thinking": thinking} if thinking else {})), "done": False})]
+        extra = {"thinking": thinking} if thinking else {}
+        return [_line({**self._answer(text, logprobs, **extra), "done": False})]
 
     def _progress(self) -> list[bytes]:
         """An empty line while the engine writes a tool call, which an Ollama client gets whole in the
@@ -383,9 +412,9 @@ class OllamaOverOpenAI:
             if (thinking := _text(_reasoning(message))) and self.thinks:
                 extra["thinking"] = thinking
             text = _text(message.get("content"))
-            answer = self._answer("\n".join(filter(None, (text, unparsed))), **extra)
+            answer = self._answer("\n".join(filter(None, (text, unparsed))), choice.get("logprobs"), **extra)
         else:
-            answer = self._answer(_text(choice.get("text")))
+            answer = self._answer(_text(choice.get("text")), choice.get("logprobs"))
         return _encode({**answer, **self._counts(usage)})
 
 
