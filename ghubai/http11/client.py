@@ -13,13 +13,11 @@ is how a server such as Ollama learns to stop generating.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import errno
 import math
 import select
 import socket
 import ssl
-import struct
-import termios
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,7 +31,6 @@ from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-SIOCOUTQNSD = 0x894B  # Linux: a TCP socket's bytes written and not sent yet (not in ``termios``)
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
@@ -52,6 +49,11 @@ def tls_client_context(ca_file: str = "", allow_invalid_certs: bool = False) -> 
 # answer waits for it for the whole response timeout (an hour at the proxy); probes find it in about
 # KEEPALIVE_IDLE_S + 3 * KEEPALIVE_INTERVAL_S instead, and the wait fails with a broken connection.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+# Keepalive probes only an idle connection: a request sent on one that went dark (a blackholed link, a
+# machine gone) waited for its answer while the kernel retransmitted it for some 15 minutes. Bytes
+# unacknowledged this long (or not sent for a window shut this long) end the connection instead, as a
+# link's peer silent for three heartbeats is gone: the request is sent again (``ConnectionPool.exchange``).
+UNACKNOWLEDGED_S = 15
 
 
 def _keep_alive(sock: trio.socket.SocketType) -> None:
@@ -61,7 +63,8 @@ def _keep_alive(sock: trio.socket.SocketType) -> None:
     for level, option, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                                  (socket.IPPROTO_TCP, idle, KEEPALIVE_IDLE_S),
                                  (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
-                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES)):
+                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
+                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), UNACKNOWLEDGED_S * 1000)):
         if option is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(level, option, value)
@@ -121,54 +124,27 @@ class ClientConnection:
             self.h11.start_next_cycle()
         self.heard = False
 
-    async def send(self, *events: h11.Event, dark_s: float = math.inf) -> None:
-        """The events in one write: a request's head leaves with its body. Should the socket not take
-        it all at once, ``Unacknowledged`` if the connection goes dark while the rest waits (``dark``)."""
+    async def send(self, *events: h11.Event) -> None:
+        """The events in one write: a request's head leaves with its body."""
         for event in events:
             if isinstance(event, h11.Request):
                 self.method = event.method
-        if not (data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events))):
-            return
-        went_dark, broke = False, None
-        async with trio.open_nursery() as nursery:  # (only for a request larger than the socket takes at once)
-            async def watch() -> None:
-                nonlocal went_dark
-                left = None
-                while not went_dark:
-                    await trio.sleep(dark_s / 2)
-                    if went_dark := self.dark(left):
-                        nursery.cancel_scope.cancel()
-                    left = self.queued()[0]
+        if data := await write_now(self.stream, b"".join(self.h11.send(event) or b"" for event in events)):
+            await self.stream.send_all(data)
 
-            if dark_s < math.inf:
-                nursery.start_soon(watch)
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as error:
-                broke = error  # (raised from here, not as a group the caller would not recognise)
-            nursery.cancel_scope.cancel()
-        if went_dark:
-            raise Unacknowledged(f"the server's TCP acknowledged nothing for {dark_s / 2:g} s while the "
-                                 "request was sent (the connection went dark)")
-        if broke is not None:
-            raise broke
-
-    async def exchange(self, *events: h11.Event, dark_s: float = math.inf) -> h11.Response:
-        """Send a request and read its answer's head (``dark_s``: see ``first_event``). A server may
-        answer (413, 401) and close before it reads the whole body: that answer is the request's, not
-        a broken connection."""
+    async def exchange(self, *events: h11.Event) -> h11.Response:
+        """Send a request and read its answer's head. A server may answer (413, 401) and close before
+        it reads the whole body: that answer is the request's, not a broken connection."""
         try:
-            await self.send(*events, dark_s=dark_s)
-        except Unacknowledged:
-            raise
+            await self.send(*events)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.cut = True  # look for its answer
-        return await self.read_head(dark_s)
+        return await self.read_head()
 
-    async def read_head(self, dark_s: float = math.inf) -> h11.Response:
+    async def read_head(self) -> h11.Response:
         """The answer's head (1xx skipped); h11.RemoteProtocolError if the server closed or sent no
         valid head. Nothing of the body is read: a broken body fails in ``body_part``."""
-        event = await self.first_event(dark_s)
+        event = await self.next_event()
         while isinstance(event, h11.InformationalResponse):  # 100, 103: the answer follows
             event = await self.next_event()
         if not isinstance(event, h11.Response):
@@ -199,45 +175,6 @@ class ClientConnection:
                 raise h11.RemoteProtocolError("server closed the connection mid-answer")
             data = chunked.feed(received)
         return data, chunked.done
-
-    async def first_event(self, dark_s: float) -> h11.Event:
-        """The answer's first event. A connection that went dark (the network cut, the server's
-        machine gone: no reset comes) held a request sent on it for the whole response timeout, the
-        kernel retrying for some 15 minutes: when nothing has come back for ``dark_s``, and over its
-        second half the server's TCP acknowledged none of the bytes in flight (``dark``), the request
-        is taken for undelivered (``Unacknowledged``, with nothing heard: sent again elsewhere). A
-        server that has it all, or whose window is shut (it reads slowly), is waited for."""
-        left = None  # the bytes in flight at the last look
-        while True:
-            try:
-                return await self.next_event(trio.current_time() + dark_s / 2)
-            except trio.TooSlowError:
-                if self.heard:
-                    return await self.next_event()
-                if self.dark(left):
-                    raise Unacknowledged(f"nothing came back for {dark_s:g} s, and the server's TCP acknowledged "
-                                         "nothing for its second half (the connection went dark)") from None
-                left, unsent = self.queued()
-                if not left and not unsent:  # the server's TCP has it all: slow, not gone
-                    return await self.next_event()
-
-    def dark(self, left: int | None) -> bool:
-        """Bytes were in flight at the last look (``left``), and the server's TCP has acknowledged
-        none of them since. A peer whose window is shut acknowledges what it was sent, and has none
-        in flight: a server that reads slowly is not dark."""
-        return left is not None and left > 0 and self.queued()[0] >= left
-
-    def queued(self) -> tuple[int, int]:
-        """The bytes written and not acknowledged by the server's TCP, as (sent: in flight, not sent
-        yet): Linux's SIOCOUTQ less SIOCOUTQNSD, and SIOCOUTQNSD; (0, 0) where the system cannot tell."""
-        if (sock := self.socket) is None:
-            return 0, 0
-        try:
-            (written,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))
-            (unsent,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCOUTQNSD, b"\0" * 4))
-        except OSError:
-            return 0, 0
-        return max(0, written - unsent), unsent
 
     async def next_event(self, deadline: float = math.inf) -> h11.Event:
         while True:
@@ -336,11 +273,11 @@ class ConnectionPool:
             conn = await self.connection()
             try:
                 with trio.fail_after(timeout_s):
-                    return conn, await conn.exchange(*events, dark_s=self.connect_timeout_s)
+                    return conn, await conn.exchange(*events)
             except TRANSPORT_ERRORS as error:
                 await conn.aclose()
-                if isinstance(error, Unacknowledged):
-                    self.close_idle()  # they went dark with it: not one wait each
+                if _timed_out(error):
+                    self.close_idle()  # it went dark: those idle beside it surely did too, not one wait each
                 if conn.reused and not conn.heard:
                     continue  # the server's keep-alive close: it never took the request
                 if conn.cut and not conn.heard and isinstance(conn.stream, trio.SSLStream):
@@ -411,9 +348,11 @@ class Response:
         return bytes(body)
 
 
-class Unacknowledged(trio.BrokenResourceError):
-    """The server's TCP acknowledged nothing of a request while nothing came back: the connection
-    went dark (``ClientConnection.first_event``), and the server never took the request."""
+def _timed_out(error: BaseException) -> bool:
+    """The kernel gave up on the connection (``UNACKNOWLEDGED_S``, keepalive): trio raises its
+    OSError as the cause of a BrokenResourceError."""
+    cause = error if isinstance(error, OSError) else error.__cause__
+    return isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT
 
 
 class BodyCut(trio.BrokenResourceError):
