@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
+import ollama
 import pytest
 
 from ghubai import dialects
@@ -1147,6 +1148,10 @@ def test_an_ollama_client_s_logprobs_reach_an_openai_engine_and_come_back_in_oll
     value = json.loads(raw.whole({"choices": [{"text": "Hi", "logprobs": {
         "tokens": ["Hi"], "token_logprobs": [-0.1], "top_logprobs": [{"Hi": -0.1, "Yo": -2.5}]}}]}, None))
     assert value["logprobs"] == expected
+    ragged = json.loads(raw.whole({"choices": [{"text": "Hi", "logprobs": {  # (review: the SDK refused nulls)
+        "tokens": ["Hi", "x", None], "token_logprobs": [-0.1, None], "top_logprobs": [None]}}]}, None))
+    assert ragged["logprobs"] == [{"token": "Hi", "logprob": -0.1, "top_logprobs": []}]
+    ollama.GenerateResponse.model_validate(ragged)
     plain = ollama_over_openai("ollama.chat")
     assert "logprobs" not in plain.request({"model": "m", "messages": [HI]}, stream=False)
     assert "logprobs" not in json.loads(plain.whole({"choices": [{"message": {"content": "Hi"}}]}, None))

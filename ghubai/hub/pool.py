@@ -242,11 +242,11 @@ class Pool:
         return stale
 
     def remove(self, worker: RemoteWorker) -> None:
-        if self.workers.get(worker.key) is worker:
+        if self.workers.get(worker.key) is worker:  # (not when its new link replaced it: nothing changed)
             del self.workers[worker.key]
             self._changed()
             log.info("worker %s (%s) left", worker.name, worker.id[:8])
-        self._wake(self._queues, every=True)  # queued requests may now have no worker at all
+            self._wake(worker.models, every=True)  # requests for its models may now have no worker at all
         if self.closing.is_set() and not self.workers:
             self._links_closed.set()
 

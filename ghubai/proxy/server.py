@@ -235,7 +235,8 @@ class Proxy:
     async def _models_answer(self, conn: Connection, request: Request, value: Any) -> None:
         """A model list or entry the proxy answers itself, as a hub would: with the request's id (the
         SDKs' ``request_id``) and an access line."""
-        await conn.respond_json(200, value, {REQUEST_ID_HEADER: REQUEST_ID.get() or request_id(None)})
+        rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))
+        await conn.respond_json(200, value, {REQUEST_ID_HEADER: rid})
         log.info("%s %s 200, answered by the proxy", request.method, request.path)
 
     async def openai_models(self, conn: Connection, request: Request) -> None:

@@ -10,7 +10,6 @@ both ways; tool-call arguments are a JSON string on OpenAI's side and an object 
 from __future__ import annotations
 
 import base64
-import itertools
 import struct
 import time
 import uuid
@@ -117,22 +116,28 @@ def _image_url(image: str) -> str:
 
 def _ollama_logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
     """An OpenAI choice's logprobs as Ollama's (``[{token, logprob, top_logprobs: [{token,
-    logprob}]}]``): a chat's ``content`` list, or a completion's parallel lists."""
+    logprob}]}]``): a chat's ``content`` list, or a completion's parallel lists. Entries without a
+    text token and a numeric logprob are left out (the ollama SDK refuses a whole answer for one)."""
     if not isinstance(logprobs, dict):
         return None
     if isinstance(content := logprobs.get("content"), list):
-        return [{"token": entry.get("token"), "logprob": entry.get("logprob"),
-                 "top_logprobs": [{"token": top.get("token"), "logprob": top.get("logprob")}
-                                  for top in entry.get("top_logprobs") or [] if isinstance(top, dict)]}
-                for entry in content if isinstance(entry, dict)]
-    tokens, chosen = logprobs.get("tokens"), logprobs.get("token_logprobs")
-    if not (isinstance(tokens, list) and isinstance(chosen, list)):
-        return None
-    tops: list[Any] = logprobs["top_logprobs"] if isinstance(logprobs.get("top_logprobs"), list) else []
+        pairs = [(entry.get("token"), entry.get("logprob"),
+                  [(top.get("token"), top.get("logprob")) for top in entry.get("top_logprobs") or []
+                   if isinstance(top, dict)]) for entry in content if isinstance(entry, dict)]
+    else:
+        tokens, chosen = logprobs.get("tokens"), logprobs.get("token_logprobs")
+        if not (isinstance(tokens, list) and isinstance(chosen, list)):
+            return None
+        tops = logprobs["top_logprobs"] if isinstance(logprobs.get("top_logprobs"), list) else []
+        tops = [list(top.items()) if isinstance(top, dict) else [] for top in tops] + [[]] * len(tokens)
+        pairs = list(zip(tokens, chosen, tops))
     return [{"token": token, "logprob": logprob,
-             "top_logprobs": [{"token": other, "logprob": value}
-                              for other, value in (top if isinstance(top, dict) else {}).items()]}
-            for token, logprob, top in itertools.zip_longest(tokens, chosen, tops[:len(tokens)])]
+             "top_logprobs": [{"token": other, "logprob": value} for other, value in top if _logprob(other, value)]}
+            for token, logprob, top in pairs if _logprob(token, logprob)]
+
+
+def _logprob(token: Any, logprob: Any) -> bool:
+    return isinstance(token, str) and isinstance(logprob, int | float) and not isinstance(logprob, bool)
 
 
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
