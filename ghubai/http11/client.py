@@ -60,11 +60,12 @@ def _keep_alive(sock: trio.socket.SocketType) -> None:
     """Keepalive with these times where the system lets us set them (Linux; macOS names the idle
     time TCP_KEEPALIVE); a system that refuses one keeps its own, and the connection is made anyway."""
     idle = getattr(socket, "TCP_KEEPIDLE", getattr(socket, "TCP_KEEPALIVE", None))
+    unacknowledged = getattr(socket, "TCP_USER_TIMEOUT", None)
     for level, option, value in ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
                                  (socket.IPPROTO_TCP, idle, KEEPALIVE_IDLE_S),
                                  (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), KEEPALIVE_INTERVAL_S),
                                  (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), KEEPALIVE_PROBES),
-                                 (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), UNACKNOWLEDGED_S * 1000)):
+                                 (socket.IPPROTO_TCP, unacknowledged, UNACKNOWLEDGED_S * 1000)):
         if option is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(level, option, value)
