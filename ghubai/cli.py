@@ -301,8 +301,15 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+_RELOADING_ROLES = {"hub", "worker", "proxy", "registry"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.role in _RELOADING_ROLES:
+        # A daemon that reloads on SIGHUP ignores one that comes while it starts (a second of imports
+        # before it listens for signals; the default would end it): the files are read after this.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logs.setup(args.log_level, args.log_format)
     tracing.setup(args.role)
     try:

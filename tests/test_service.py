@@ -210,6 +210,26 @@ async def test_sighup_stops_a_role_with_nothing_to_reload(tmp_path: Path) -> Non
         sim.process.wait()
 
 
+async def test_a_sighup_while_a_daemon_starts_does_not_end_it(tmp_path: Path) -> None:
+    """``kill -HUP`` right after a start (a script that starts, edits and reloads) came in the second
+    of imports before trio listens for signals, and the default action ended the hub."""
+    hub = Daemon(tmp_path, "hub", "--listen", "127.0.0.1:0")
+    try:
+        async def ignoring_hangups() -> bool:
+            status = Path(f"/proc/{hub.process.pid}/status").read_text()
+            ignored = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+            return bool(ignored & 1 << (signal.SIGHUP - 1))
+
+        await eventually(ignoring_hangups, "the starting hub to ignore SIGHUP")
+        hub.process.send_signal(signal.SIGHUP)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{await hub.url()}/health")).status_code == 200
+        assert hub.process.poll() is None
+    finally:
+        hub.process.kill()
+        hub.process.wait()
+
+
 async def test_a_revoked_provider_token_ends_the_link(grid: Any, notify: NotifySocket, processes: list[Daemon],
                                                      tmp_path: Path) -> None:
     config = tmp_path / "hub.toml"
