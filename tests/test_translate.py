@@ -906,12 +906,14 @@ def test_a_thinking_model_s_thinking_is_the_openai_deltas_reasoning() -> None:
         {"message": {"role": "assistant", "content": "", "thinking": " me see"}, "done": False},
         {"message": {"role": "assistant", "content": "Four", "thinking": "."}, "done": False},
         {"message": {"role": "assistant", "content": "."}, "done": False}) for event in translator.chunk(line)]
-    assert deltas == [{"content": "", "role": "assistant", "reasoning": "Let"}, {"content": "", "reasoning": " me see"},
-                      {"content": "Four", "reasoning": "."}, {"content": "."}]
+    assert deltas == [{"content": "", "role": "assistant", "reasoning": "Let", "reasoning_content": "Let"},
+                      {"content": "", "reasoning": " me see", "reasoning_content": " me see"},
+                      {"content": "Four", "reasoning": ".", "reasoning_content": "."}, {"content": "."}]
     whole = openai_over_ollama("openai.chat")
     whole.request({"model": "m", "messages": [HI]}, stream=False)
     message = json.loads(whole.whole({"message": {"content": "4", "thinking": "2+2"}, "done": True}, None))
-    assert message["choices"][0]["message"] == {"role": "assistant", "content": "4", "reasoning": "2+2"}
+    assert message["choices"][0]["message"] == {"role": "assistant", "content": "4", "reasoning": "2+2",
+                                                "reasoning_content": "2+2"}
 
 
 def test_an_ollama_tool_call_keeps_the_id_ollama_gave_it() -> None:
@@ -1082,10 +1084,13 @@ def test_a_completion_over_ollama_says_it_is_alive_while_its_model_thinks() -> N
 
 def test_an_earlier_turn_s_thinking_reaches_an_openai_engine() -> None:
     """Regression: an Ollama assistant message's ``thinking`` was dropped on its way to an
-    OpenAI-compatible engine (the other way it was kept); llama.cpp's templates read it back."""
+    OpenAI-compatible engine (the other way it was kept); llama.cpp's templates read it back as
+    ``reasoning_content``, vLLM's since 0.11 as ``reasoning`` (it went only as the first, which vLLM
+    drops: a hunt)."""
     request = ollama_over_openai("ollama.chat").request({"model": "m", "messages": [
         HI, {"role": "assistant", "content": "Hello", "thinking": "I pondered"}, HI]}, stream=False)
-    assert request["messages"][1] == {"role": "assistant", "content": "Hello", "reasoning_content": "I pondered"}
+    assert request["messages"][1] == {"role": "assistant", "content": "Hello", "reasoning_content": "I pondered",
+                                      "reasoning": "I pondered"}
 
 
 @pytest.mark.parametrize("image, kind", [

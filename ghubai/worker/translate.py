@@ -89,6 +89,14 @@ def _dimensions(body: dict[str, Any]) -> dict[str, int]:
     return {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
 
 
+def _reasoned(thinking: str) -> dict[str, str]:
+    """A thinking model's thinking in an OpenAI message or delta, under both names clients read:
+    ``reasoning`` (Ollama's own OpenAI layer, vLLM since 0.11, OpenRouter) and ``reasoning_content``
+    (llama.cpp, DeepSeek, vLLM before, LiteLLM's readers), as vLLM sent it during its rename: one
+    model served by an Ollama worker and by a llama.cpp one then reads the same to its clients."""
+    return {"reasoning": thinking, "reasoning_content": thinking}
+
+
 def _reasoning(message: dict[str, Any]) -> Any:
     """The reasoning an OpenAI message or delta carries: ``reasoning`` (Ollama's and OpenRouter's
     name) or ``reasoning_content`` (vLLM's, llama.cpp's, DeepSeek's)."""
@@ -142,7 +150,8 @@ def _logprob(token: Any, logprob: Any) -> bool:
 
 def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
     """An Ollama message (the ``number``-th) as OpenAI's: images become content parts, tool-call
-    arguments a string, thinking ``reasoning_content`` (llama.cpp's templates read it back), and
+    arguments a string, thinking both ``reasoning_content`` (what llama.cpp's templates read back)
+    and ``reasoning`` (vLLM's name since 0.11; it drops the other unread), and
     each tool call keeps its id, or gets one unique in the conversation: 9 letters and digits, the
     form Mistral's templates demand (vLLM refuses others for those models)."""
     converted: dict[str, Any] = {"role": message.get("role", "user"), "content": message.get("content", "")}
@@ -150,7 +159,7 @@ def _message(message: dict[str, Any], number: int) -> dict[str, Any]:
         converted["content"] = [{"type": "text", "text": converted["content"]}] + [
             {"type": "image_url", "image_url": {"url": _image_url(str(image))}} for image in message["images"]]
     if isinstance(thinking := message.get("thinking"), str) and thinking:
-        converted["reasoning_content"] = thinking
+        converted["reasoning"] = converted["reasoning_content"] = thinking
     if message.get("tool_calls"):
         converted["tool_calls"] = [
             {"id": _call_id(call) or f"c{number:04d}{index:04d}",
@@ -615,15 +624,16 @@ class OpenAIOverOllama:
                               {"text": _HOLE, "logprobs": None})
 
     @cached_property
-    def _reasoning_event(self) -> tuple[bytes, bytes]:
-        """A reasoning delta's event: ``reasoning``, as Ollama's own OpenAI layer says a thinking
-        model's thinking (with ``content`` empty)."""
-        return self._template({"delta": {"content": "", "reasoning": _HOLE}})
+    def _reasoning_event(self) -> tuple[bytes, bytes, bytes]:
+        """A reasoning delta's event, its text twice (``_reasoned``) with ``content`` empty."""
+        before, between, after = _sse(self._chunk({"delta": {"content": "", **_reasoned(_HOLE)},
+                                                   "finish_reason": None})).split(_encode(_HOLE))
+        return before, between, after
 
     def chunk(self, value: dict[str, Any]) -> list[bytes]:
         """One Ollama NDJSON line as OpenAI SSE events: the first carries the role, the last the
         finish reason, then the usage if the client asked for it; a thinking model's thinking is
-        the deltas' ``reasoning``."""
+        the deltas' reasoning (``_reasoned``)."""
         message = value.get("message") or {}
         text = message.get("content") if self.api == "openai.chat" else value.get("response")
         if type(text) is not str:  # (the check costs a call only off the per-token path)
@@ -634,15 +644,16 @@ class OpenAIOverOllama:
                 before, after = self._text_event
                 return [before + _encode(text) + after]
             if thinking and not text and type(thinking) is str:
-                before, after = self._reasoning_event
-                return [before + _encode(thinking) + after]
+                before, between, after = self._reasoning_event
+                encoded = _encode(thinking)
+                return [before + encoded + between + encoded + after]
         out = []
         if self.api == "openai.chat":
             delta: dict[str, Any] = {"content": text}
             if not self.started:
                 delta["role"] = "assistant"
             if thinking := _text(thinking):
-                delta["reasoning"] = thinking
+                delta.update(_reasoned(thinking))
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
             if delta.get("content") or len(delta) > 1:
@@ -675,7 +686,7 @@ class OpenAIOverOllama:
             message = value.get("message") or {}
             answer: dict[str, Any] = {"role": "assistant", "content": _text(message.get("content"))}
             if thinking := _text(message.get("thinking")):
-                answer["reasoning"] = thinking
+                answer.update(_reasoned(thinking))
             if message.get("tool_calls"):
                 answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
                                         for call in self._openai_calls(message["tool_calls"])]
