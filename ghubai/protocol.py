@@ -173,12 +173,14 @@ class End(Frame, tag="end", frozen=True):
 class Error(Frame, tag="error", frozen=True):
     """Worker → hub: the request failed. ``retryable``: another worker may succeed. ``busy``: the
     worker had no free slot (other hubs filled it); the hub waits for its next ``load`` instead of
-    counting a failed attempt."""
+    counting a failed attempt. ``untranslatable``: its engine's API cannot say the request, and no
+    worker of its engine kind can: the hub tries the other kind, and counts no attempt."""
     id: RequestId
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
     message: str
     retryable: bool
     busy: bool = False
+    untranslatable: bool = False
 
 
 class Cancel(Frame, tag="cancel", frozen=True):

@@ -16,7 +16,7 @@ import openai
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, _scoped, chat, eventually, run_ghubai
+from conftest import WAIT_S, Grid, _scoped, chat, eventually, run_ghubai, workers_linked
 from ghubai import __version__, dialects
 from ghubai.config import load
 from ghubai.http11.server import Connection, Request, serve_connection
@@ -862,3 +862,21 @@ async def test_a_malformed_line_passed_through_is_the_engine_s_fault_and_not_gen
     response = await grid.http.post(hub.value + "/api/chat", json=body)
     assert response.status_code == 200 and "half" in response.text, response.text
     assert "the engine's stream is not JSON" in response.text.splitlines()[-1] and asked == 1
+
+
+async def test_what_ollama_cannot_say_goes_to_the_other_engine_kind_however_many_ollama_workers_refuse(
+        grid: Grid) -> None:
+    """Regression (a hunt): each Ollama worker's refusal of ``n`` > 1 counted as one of
+    ``max_attempts``, so with three of them beside an idle vLLM-like worker a request tried the three
+    and got their 400 (6 of 30)."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(limits={"max_attempts": 2})
+    for name in ("o1", "o2", "o3"):
+        await grid.worker(hub.value, sim_url, name=name)
+    await grid.worker(hub.value, sim_url, kind="openai", name="v")
+    await workers_linked(grid, hub.value, 4)
+    for _ in range(8):
+        response = await grid.http.post(hub.value + "/v1/completions",
+                                        json={"model": "sim", "prompt": "hi", "n": 2, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        assert response.headers["x-ghubai-worker"] == "v"

@@ -150,6 +150,10 @@ class Exchange:
             if not frame.retryable:
                 self.state = State.DONE
                 raise last_error
+            if frame.untranslatable:  # none of its kind can: three Ollama workers' 400s beside a vLLM one
+                tried.update(other.id for other in self.pool.hosts(self.model) if other.engine == worker.engine)
+                tried.add(worker.id)  # (each pass leaves out one worker more at least: it ends)
+                continue
             attempts += 1
             if worker.gone and worker.id not in pardoned:  # a link that broke may say nothing of the
                 pardoned.add(worker.id)  # worker: it may take the request when back, once (not a

@@ -455,9 +455,12 @@ class Worker:
             running.logged = True
         except EngineError as error:
             running.logged = True
-            log.log(logging.INFO if error.cause is None else logging.WARNING, "%s for %s: engine error %d: %s%s",
-                    call.api, model, error.status, error.message, f": {error.detail}" if error.detail else "")
-            link.send(protocol.Error(request_id, error.status, error.message, error.retryable))
+            untranslatable = error.cause is Cause.UNTRANSLATABLE
+            log.log(logging.INFO if error.cause is None or untranslatable else logging.WARNING,
+                    "%s for %s: engine error %d: %s%s", call.api, model, error.status, error.message,
+                    f": {error.detail}" if error.detail else "")
+            link.send(protocol.Error(request_id, error.status, error.message, error.retryable,
+                                     untranslatable=untranslatable))
             tracing.annotate(**{"http.response.status_code": error.status})
             if error.cause is Cause.MODEL_MISSING:
                 self._rediscover.set()

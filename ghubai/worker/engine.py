@@ -42,6 +42,7 @@ class Cause(enum.Enum):
     UNSERVED = "unserved"  # the engine lacks the API's path: tell the hubs
     CREDENTIALS = "credentials"  # the operator's key is missing or wrong: say so loudly
     UNFIT = "unfit"  # the engine's answer does not fit its API: say so loudly (no traceback per request)
+    UNTRANSLATABLE = "untranslatable"  # the engine's API cannot say it: the hub tries another engine kind
 
 
 class EngineError(Exception):
@@ -356,7 +357,7 @@ class Engine:
             try:
                 body = translator.request(call.body, call.stream)
             except Untranslatable as error:
-                raise EngineError(400, str(error), retryable=True) from None
+                raise EngineError(400, str(error), retryable=True, cause=Cause.UNTRANSLATABLE) from None
             return translator, translator.path, body  # (a path known once the request is read: a raw generation's)
         if call.api in protocol.API_PATHS:
             return None, protocol.API_PATHS[call.api], self._prepare(call)
