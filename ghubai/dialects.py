@@ -4,6 +4,7 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -24,13 +25,26 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 def loads(raw: bytes, what: str) -> Any:
     """JSON at C speed (msgspec: see scripts/json_choice.py); malformed or hostile JSON — invalid
-    UTF-8, NaN, nesting a thousand levels deep — is a 400 naming ``what``, never a 500."""
+    UTF-8, NaN, nesting a thousand levels deep — is a 400 naming ``what``, never a 500. A lone UTF-16
+    surrogate escape is U+FFFD, as Ollama (Go) reads it: valid JSON that msgspec refuses, and what a
+    JavaScript chunker that cut an emoji in two sends (one such text made a whole batch a 400)."""
     try:
         return _decode(raw)
     except msgspec.DecodeError as error:
+        if b"\\u" in raw and (mended := _LONE_SURROGATE.sub(_mend, raw)) != raw:
+            return loads(mended, what)
         raise ApiError(400, f"{what} is not valid JSON: {error}") from None
     except RecursionError:
         raise ApiError(400, f"{what} is nested too deeply") from None
+
+
+# an escaped backslash (skipped, so that the next backslash starts an escape), a surrogate pair (kept),
+# or a lone surrogate's escape
+_LONE_SURROGATE = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _mend(match: re.Match[bytes]) -> bytes:
+    return match[0] if len(match[0]) != 6 else b"\\ufffd"
 
 
 def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:

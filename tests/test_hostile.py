@@ -25,7 +25,8 @@ import trio
 import trio_websocket
 
 from conftest import WAIT_S, Daemon, Grid, chat, eventually, read_until, run_ghubai
-from ghubai import protocol
+from ghubai import dialects, protocol
+from ghubai.errors import ApiError
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
 from ghubai.http11 import server as http11_server
@@ -66,15 +67,32 @@ async def test_model_names_clients_invent_never_become_metric_labels(grid: Grid)
 
 
 @pytest.mark.parametrize("name", ['"x\\udfff"', '"\\ud800"'])
-async def test_a_lone_surrogate_is_a_400_and_metrics_keep_answering(grid: Grid, name: str) -> None:
+async def test_a_lone_surrogate_is_a_replacement_character_and_metrics_keep_answering(grid: Grid, name: str) -> None:
     """Regression: a model name with a lone surrogate made the proxy's /metrics answer nothing and the
-    hub's answer 500 until restart."""
+    hub's answer 500 until restart; then it was a 400 for any text (a hunt: a JavaScript chunker that cuts
+    an emoji in two made a whole batch of embeddings a 400 that blamed truncation, where Ollama reads
+    U+FFFD)."""
     hub, proxy = await grid.chain()
     body = ('{"model": %s, "messages": [{"role": "user", "content": "x"}]}' % name).encode()
     for url in (hub.value, proxy.value):
         response = await grid.http.post(url + "/v1/chat/completions", content=body)
-        assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
+        assert response.status_code == 404 and "\ufffd" in response.json()["error"]["message"]
         await _metrics(grid, url)
+    embed = b'{"model": "sim", "input": ["a\\ud83d", "\\\\ud800 \\ude00", "\\ud83d\\ude00"]}'
+    response = await grid.http.post(proxy.value + "/api/embed", content=embed)
+    assert response.status_code == 200 and len(response.json()["embeddings"]) == 3
+
+
+@pytest.mark.parametrize("raw, text", [
+    (rb'"a\ud83d b"', "a\ufffd b"), (rb'"\ude00"', "\ufffd"), (rb'"\uD83D\uDE00"', "\U0001f600"),
+    (rb'"\\ud800"', "\\ud800"), (rb'"\\\ud800"', "\\\ufffd"), (rb'"\ud800\ud800\udc00"', "\ufffd\U00010000")])
+def test_only_lone_surrogate_escapes_are_mended(raw: bytes, text: str) -> None:
+    assert dialects.loads(raw, "body") == text
+
+
+def test_a_body_still_wrong_once_mended_is_a_400() -> None:
+    with pytest.raises(ApiError, match="not valid JSON"):
+        dialects.loads(rb'{"a": "\ud800", "b": NaN}', "body")
 
 
 def test_log_lines_cut_what_a_client_sent_and_never_split() -> None:
