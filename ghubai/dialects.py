@@ -73,6 +73,7 @@ def validate_chat(body: dict[str, Any]) -> None:
     _validate_response_format(body)
     for name in ("max_tokens", "max_completion_tokens"):
         _limit(body, name)
+    _limit(body, "n")
     _optional(body, "reasoning_effort", str, "a string such as \"low\"")
     _optional(body, "reasoning", dict, "an object such as {\"effort\": \"low\"}")
     if isinstance(body.get("reasoning"), dict):
@@ -137,14 +138,16 @@ def validate_completion(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")  # (a worker reads it: any other was its traceback)
     _validate_response_format(body)  # (and this: a string was a traceback in every worker tried)
-    _limit(body, "max_tokens")
+    _limit(body, "max_tokens", least=0)  # 0 with echo: the prompt's logprobs (vLLM; OpenAI's minimum)
+    _limit(body, "n")
 
 
-def _limit(body: dict[str, Any], name: str) -> None:
-    """A token limit, as OpenAI takes one: an integer from 1 (0 would be "no limit" to Ollama)."""
+def _limit(body: dict[str, Any], name: str, least: int = 1) -> None:
+    """A token limit or a number of choices, as OpenAI takes one: an integer from 1 (a chat's 0
+    would be "no limit" to Ollama; n 0 or 2.0 was one choice)."""
     _optional(body, name, int, "an integer")
-    if body.get(name) is not None and body[name] < 1:
-        raise ApiError(400, f"'{name}' must be at least 1", param=name)
+    if body.get(name) is not None and body[name] < least:
+        raise ApiError(400, f"'{name}' must be at least {least}", param=name)
 
 
 def _validate_response_format(body: dict[str, Any]) -> None:
@@ -166,6 +169,8 @@ def validate_ollama_embed(body: dict[str, Any]) -> None:
 def validate_openai_inputs(body: dict[str, Any]) -> None:
     """OpenAI's embeddings: ``input`` as Ollama's, or token ids (an array of integers, or of such
     arrays), which OpenAI-compatible engines take (and LangChain sends)."""
+    if body.get("encoding_format") not in (None, "float", "base64"):  # (a list where base64 was asked for)
+        raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
     inputs = body.get("input")
     if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
         validate_model(body)

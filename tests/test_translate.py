@@ -236,6 +236,14 @@ def test_ollama_embed_requests_carry_only_model_and_input() -> None:
     assert legacy == {"model": "e", "input": "42"}
 
 
+@pytest.mark.parametrize("api, body", [("ollama.embed", {"prompt": "hello"}), ("ollama.embeddings", {"input": "hello"})])
+def test_the_other_api_s_field_is_nothing_to_embed(api: str, body: dict[str, Any]) -> None:
+    """Regression (a hunt): either field counted for both APIs, and an OpenAI engine embedded "" (an
+    Ollama one answers nothing: Ollama reads only ``input`` on /api/embed, ``prompt`` on the legacy form)."""
+    translator = ollama_over_openai(api)
+    assert translator.request({"model": "e", **body}, stream=False) == {} and translator.preload == "load"
+
+
 @pytest.mark.parametrize("num_predict", [-1, -2])
 def test_ollama_unlimited_num_predict_sets_no_max_tokens(num_predict: int) -> None:
     """Ollama's 'no limit' values of num_predict leave max_tokens unset rather than negative."""
@@ -412,6 +420,8 @@ def test_ollama_embed_whole_answer() -> None:
     answer = json.loads(translator.whole(value, {"prompt_tokens": 4, "total_tokens": 4}))
     assert answer.pop("total_duration") >= 1 and answer.pop("load_duration") == 0
     assert answer == {"model": "e", "embeddings": [[0.5, -1.0], [2.0, 0.0]], "prompt_eval_count": 4}
+    shuffled = {"data": [{"index": 1, "embedding": [2.0]}, {"index": 0, "embedding": [1.0]}]}
+    assert json.loads(translator.whole(shuffled, None))["embeddings"] == [[1.0], [2.0]]  # (each by its index)
     empty = json.loads(translator.whole({"data": []}, None))
     assert {key: empty[key] for key in ("model", "embeddings", "prompt_eval_count")} == \
         {"model": "e", "embeddings": [], "prompt_eval_count": 0}
@@ -423,6 +433,8 @@ def test_ollama_legacy_embeddings_whole_answer() -> None:
     translator.request({"model": "e", "prompt": "a"}, stream=False)
     assert json.loads(translator.whole({"data": [{"embedding": [0.25, 1.5]}, {"embedding": [9.0]}]}, None)) == {
         "embedding": [0.25, 1.5]}
+    assert json.loads(translator.whole({"data": [{"index": 1, "embedding": [9.0]}, {"index": 0, "embedding": [1.0]}]},
+                                       None)) == {"embedding": [1.0]}
     assert json.loads(translator.whole({"data": []}, None)) == {"embedding": []}
     assert json.loads(translator.whole({}, None)) == {"embedding": []}
 
@@ -505,8 +517,18 @@ def test_token_limits_mean_what_each_engine_reads_them_as() -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         with pytest.raises(ApiError, match=f"'{name}' must be at least 1"):
             dialects.validate_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], name: 0})
-    with pytest.raises(ApiError, match="'max_tokens' must be at least 1"):
-        dialects.validate_completion({"model": "m", "prompt": "x", "max_tokens": 0})
+    dialects.validate_completion({"model": "m", "prompt": "x", "max_tokens": 0})  # (OpenAI's minimum: a hunt)
+    with pytest.raises(ApiError, match="'max_tokens' must be at least 0"):
+        dialects.validate_completion({"model": "m", "prompt": "x", "max_tokens": -1})
+    with pytest.raises(Untranslatable, match="num_predict 0"):
+        openai_over_ollama("openai.completions").request({"model": "m", "prompt": "x", "max_tokens": 0}, False)
+    for n in (0, 2.0, "2", True):  # (a hunt: over Ollama each was one choice and a 200)
+        with pytest.raises(ApiError, match="'n' must be|'n': expected"):
+            dialects.validate_completion({"model": "m", "prompt": "x", "n": n})
+        with pytest.raises(ApiError, match="'n' must be|'n': expected"):
+            dialects.validate_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "n": n})
+    with pytest.raises(ApiError, match="'encoding_format' must be"):  # (a hunt: "BASE64" got a list of floats)
+        dialects.validate_openai_inputs({"model": "m", "input": "x", "encoding_format": "BASE64"})
     with pytest.raises(ApiError, match="images must be an array"):  # (hunt: a string was an image a character)
         dialects.validate_ollama_generate({"model": "m", "prompt": "x", "images": "abc"})
     # Ollama's content is a string (content parts reached an OpenAI engine as a part whose text was a list)

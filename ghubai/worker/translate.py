@@ -89,6 +89,17 @@ def _dimensions(body: dict[str, Any]) -> dict[str, int]:
     return {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
 
 
+def _in_order(data: Any) -> list[Any]:
+    """An OpenAI embeddings answer's items in the order of the inputs: each says its ``index``, and
+    a client reads that, not the list's order (an engine's out-of-order answer gave Ollama clients
+    each other's vectors)."""
+    if not isinstance(data, list):
+        return []
+    if all(isinstance(item, dict) and type(item.get("index")) is int for item in data):
+        return sorted(data, key=lambda item: item["index"])
+    return data
+
+
 def _reasoned(thinking: str) -> dict[str, str]:
     """A thinking model's thinking in an OpenAI message or delta, under both names clients read:
     ``reasoning`` (Ollama's own OpenAI layer, vLLM since 0.11, OpenRouter) and ``reasoning_content``
@@ -262,7 +273,8 @@ class OllamaOverOpenAI:
 
     def request(self, body: dict[str, Any], stream: bool) -> dict[str, Any]:
         self.model = str(body.get("model", ""))
-        if self.api in ("ollama.embed", "ollama.embeddings") and not (body.get("input") or body.get("prompt")):
+        if self.api in ("ollama.embed", "ollama.embeddings") and \
+                not body.get("input" if self.api == "ollama.embed" else "prompt"):
             self.preload = "load"  # nothing to embed: Ollama loads the model and answers no embeddings
             return {}
         if self.api == "ollama.embed":
@@ -406,7 +418,7 @@ class OllamaOverOpenAI:
     def whole(self, value: dict[str, Any], usage: dict[str, int] | None) -> bytes:
         """A non-streamed answer."""
         if self.api == "ollama.embeddings":
-            return _encode({"embedding": (value.get("data") or [{}])[0].get("embedding", [])})
+            return _encode({"embedding": (_in_order(value.get("data")) or [{}])[0].get("embedding", [])})
         if self.api == "ollama.show":  # an OpenAI engine tells little: what Ollama clients need, mostly empty
             return _encode({"modelfile": "", "parameters": "", "template": "", "model_info": {},
                             "details": {"format": "", "family": "", "parameter_size": "",
@@ -414,7 +426,7 @@ class OllamaOverOpenAI:
                             "capabilities": list(self.capabilities),
                             "modified_at": _now()})
         if self.api == "ollama.embed":
-            return _encode({"model": self.model, "embeddings": [d["embedding"] for d in value.get("data", [])],
+            return _encode({"model": self.model, "embeddings": [d["embedding"] for d in _in_order(value.get("data"))],
                             **self._durations(time.monotonic_ns()),
                             "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
@@ -546,6 +558,9 @@ class OpenAIOverOllama:
         limit = body.get("max_completion_tokens")
         if limit is None:
             limit = body.get("max_tokens")
+        if limit == 0:  # (a completion's: the prompt echoed with its logprobs, at vLLM)
+            raise Untranslatable("an Ollama engine reads num_predict 0 as no limit: an OpenAI-compatible "
+                                 "engine answers max_tokens 0")
         if limit is not None:
             options["num_predict"] = limit
         request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
