@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import openai
 import pytest
@@ -258,12 +259,43 @@ async def test_what_an_ollama_engine_cannot_give_an_openai_client_is_a_400_not_a
     """Regression (hunt): over an Ollama engine ``n`` > 1, ``logprobs`` and ``echo`` were dropped: a
     200 with one choice (the SDK's ``choices[1]`` an IndexError), no logprobs, no echoed prompt."""
     url = await proxied_grid(grid, "ollama")
-    for path, extra in (("/v1/chat/completions", {"n": 2}), ("/v1/chat/completions", {"logprobs": True}),
-                        ("/v1/completions", {"logprobs": 0}), ("/v1/completions", {"echo": True})):
+    for path, extra in (("/v1/chat/completions", {"n": 2}), ("/v1/completions", {"echo": True})):
         response = await grid.http.post(url + path, json={**chat(), "prompt": "hi", **extra})
         assert response.status_code == 400 and "Ollama engine" in response.json()["error"]["message"], response.text
     for path, extra in (("/v1/chat/completions", {"n": 1, "logprobs": False}), ("/v1/completions", {"echo": False})):
         assert (await grid.http.post(url + path, json={**chat(), "prompt": "hi", **extra})).status_code == 200
+
+
+async def test_an_openai_client_s_logprobs_come_from_an_ollama_engine(grid: Grid) -> None:
+    """Regression (a hunt): logprobs over an Ollama engine were a 400, though Ollama answers them since
+    0.12.11 (and its own OpenAI layer passes them on): a chat's ``content`` list, a completion's
+    parallel lists with each token's offset, streamed and whole, as the openai SDK reads them."""
+    url = await proxied_grid(grid, "ollama")
+    sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    chat_args: dict[str, Any] = {"model": "sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                 "logprobs": True, "top_logprobs": 2}
+    whole = (await sdk.chat.completions.create(**chat_args)).choices[0]
+    assert whole.logprobs and whole.logprobs.content
+    assert "".join(entry.token for entry in whole.logprobs.content) == whole.message.content
+    assert all(len(entry.top_logprobs) == 2 and entry.top_logprobs[0].token == entry.token and
+               entry.bytes == list(entry.token.encode()) for entry in whole.logprobs.content)
+    streamed = [chunk async for chunk in await sdk.chat.completions.create(**chat_args, stream=True)]
+    entries = [entry for chunk in streamed if chunk.choices and chunk.choices[0].logprobs
+               for entry in chunk.choices[0].logprobs.content or []]
+    assert "".join(entry.token for entry in entries) == "".join(
+        chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices) and entries
+    for stream in (False, True):
+        answer = await sdk.completions.create(model="sim", prompt="hi", max_tokens=5, logprobs=1, stream=stream)
+        choices = [chunk.choices[0] async for chunk in answer] if stream else answer.choices  # type: ignore[union-attr]
+        lists = [choice.logprobs for choice in choices if choice.logprobs and choice.logprobs.tokens]
+        tokens = [token for part in lists for token in part.tokens or []]
+        text = "".join(choice.text for choice in choices)
+        assert "".join(tokens) == text and tokens, stream
+        offsets = [offset for part in lists for offset in part.text_offset or []]
+        assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+        assert all(list(top) == [token] for part in lists for token, top in zip(part.tokens or [], part.top_logprobs or []))
+    plain = await grid.http.post(url + "/v1/chat/completions", json={**chat_args, "logprobs": False})
+    assert plain.json()["choices"][0]["logprobs"] is None
 
 
 async def test_a_batch_of_prompts_is_refused_by_an_ollama_engine_not_cut_to_its_first(grid: Grid) -> None:

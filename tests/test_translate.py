@@ -742,7 +742,7 @@ def test_openai_chat_whole_answer() -> None:
                                          "eval_count": 2}, None))
     assert value == {"id": translator.id, "object": "chat.completion", "created": translator.created,
                      "model": "qwen", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"},
-                                                   "finish_reason": "stop"}],
+                                                   "logprobs": None, "finish_reason": "stop"}],
                      "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
     assert translator.done is False  # only a streamed done line sets it
 
@@ -1182,3 +1182,23 @@ def test_an_ollama_client_s_logprobs_reach_an_openai_engine_and_come_back_in_oll
     plain = ollama_over_openai("ollama.chat")
     assert "logprobs" not in plain.request({"model": "m", "messages": [HI]}, stream=False)
     assert "logprobs" not in json.loads(plain.whole({"choices": [{"message": {"content": "Hi"}}]}, None))
+
+
+def test_ollama_logprobs_are_openai_s_for_a_chat_and_for_a_completion() -> None:
+    """Each entry with a text token and a number, OpenAI's ``bytes`` added; a completion's parallel
+    lists carry each token's offset in the text, across lines."""
+    line = {"response": "", "done": False, "logprobs": [
+        {"token": "é", "logprob": -0.5, "top_logprobs": [{"token": "é", "logprob": -0.5}, {"token": "x", "logprob": None}]},
+        {"token": None, "logprob": -1.0}]}
+    chat = openai_over_ollama("openai.chat")
+    assert chat.request({"model": "m", "messages": [HI], "logprobs": True, "top_logprobs": 1}, False)["top_logprobs"] == 1
+    assert chat._logprobs(line) == {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169],
+                                                 "top_logprobs": [{"token": "é", "logprob": -0.5, "bytes": [195, 169]}]}]}
+    completion = openai_over_ollama("openai.completions")
+    request = completion.request({"model": "m", "prompt": "p", "logprobs": 0}, True)
+    assert request["logprobs"] is True and request["top_logprobs"] == 0
+    assert [completion._logprobs(line)["text_offset"] for _ in range(2)] == [[0], [1]]  # type: ignore[index]
+    assert completion._logprobs({"logprobs": "no"}) is None
+    plain = openai_over_ollama("openai.completions")
+    assert "logprobs" not in plain.request({"model": "m", "prompt": "p", "logprobs": None}, True)
+    assert plain._logprobs(line) is None

@@ -21,7 +21,7 @@ from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import logs, tracing
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
-from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, Shape
+from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OllamaShape, OpenAIChat, OpenAICompletion, Shape
 
 log = logging.getLogger("ghubai.sim")
 
@@ -208,6 +208,10 @@ class SimServer:
             generation.answer_with_json(fit(schema))
         shape = shape_class(asked, generation, include_usage)
         shape.usage_with_choices = self.sim.options.usage_with_choices
+        if isinstance(shape, OllamaShape) and body.get("logprobs") is True:
+            if (top := body.get("top_logprobs", 0)) not in range(21) or type(top) is not int:
+                raise ApiError(400, "top_logprobs must be between 0 and 20")  # (as Ollama's)
+            shape.top_logprobs = top
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(conn.watch, nursery.cancel_scope)

@@ -162,10 +162,29 @@ class OpenAICompletion(OpenAIShape):
 
 class OllamaShape(Shape):
     """Answers of Ollama's native API: NDJSON lines, the last with ``done: true`` and the counts."""
+    top_logprobs: int | None = None  # the request's logprobs (Ollama 0.12.11): alternatives per token
+
     def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
         self.created_at = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         super().__init__(model, gen, include_usage)
         self.after += b"\n"
+
+    def token(self, token: str) -> bytes:
+        if self.top_logprobs is None:
+            return super().token(token)
+        return json.dumps({**self.token_value(token), "logprobs": self.logprobs([token])}).encode() + b"\n"
+
+    def logprobs(self, tokens: list[str]) -> list[dict[str, Any]]:
+        """Made-up log probabilities, each token the likeliest of its alternatives, as Ollama's shape."""
+        out = []
+        for token in tokens:
+            chosen = -(len(token) % 5) / 10 - 0.01
+            entry: dict[str, Any] = {"token": token, "logprob": chosen}
+            if self.top_logprobs:
+                entry["top_logprobs"] = [{"token": token, "logprob": chosen}] + [
+                    {"token": f"{token.strip()}~{rank}", "logprob": chosen - rank} for rank in range(1, self.top_logprobs)]
+            out.append(entry)
+        return out
 
     def base(self, **fields: Any) -> dict[str, Any]:
         return {"model": self.model, "created_at": self.created_at, **fields}
@@ -184,7 +203,8 @@ class OllamaShape(Shape):
         return json.dumps(self.final("")).encode() + b"\n"
 
     def whole(self) -> dict[str, Any]:
-        return self.final(self.gen.text)
+        whole = self.final(self.gen.text)
+        return whole if self.top_logprobs is None else {**whole, "logprobs": self.logprobs(self.gen.tokens)}
 
     def final(self, text: str) -> dict[str, Any]:
         raise NotImplementedError

@@ -155,6 +155,11 @@ def _ollama_logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
             for token, logprob, top in pairs if _logprob(token, logprob)]
 
 
+def _token_logprob(entry: dict[str, Any]) -> dict[str, Any]:
+    """One of Ollama's token logprobs as OpenAI's, which always carries the token's UTF-8 bytes."""
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}
+
+
 def _logprob(token: Any, logprob: Any) -> bool:
     return isinstance(token, str) and isinstance(logprob, int | float) and not isinstance(logprob, bool)
 
@@ -534,6 +539,8 @@ class OpenAIOverOllama:
         self.started = False  # the first chunk, which carries the role, has gone out
         self.index = 0  # tool calls seen so far
         self.thinking = _Pulse()  # comments while a completion's model thinks
+        self.logprobs = False  # the client asked for them: every line goes the slow way
+        self.text_offset = 0  # where a completion's next token starts in its text (legacy logprobs)
         self.id = ("chatcmpl-" if api == "openai.chat" else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
 
@@ -550,8 +557,8 @@ class OpenAIOverOllama:
         if type(choices := body.get("n")) is int and choices > 1:
             raise Untranslatable(f"an Ollama engine makes one choice per request, not n = {choices}: "
                                  f"send {choices} requests")
-        if (logprobs := body.get("logprobs")) is True or type(logprobs) is int or body.get("echo") is True:
-            raise Untranslatable("an Ollama engine's OpenAI answers carry no logprobs and do not echo the prompt")
+        if body.get("echo") is True:
+            raise Untranslatable("an Ollama engine does not echo the prompt")
         options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
@@ -564,6 +571,11 @@ class OpenAIOverOllama:
         if limit is not None:
             options["num_predict"] = limit
         request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
+        # a chat's logprobs is a switch beside top_logprobs, a completion's the number of alternatives
+        top = body.get("top_logprobs") if self.api == "openai.chat" else body.get("logprobs")
+        if body.get("logprobs") is True if self.api == "openai.chat" else type(top) is int:
+            self.logprobs = True  # (Ollama 0.12.11 and later answer them)
+            request.update(logprobs=True, **({"top_logprobs": top} if type(top) is int else {}))
         reasoning = body.get("reasoning")
         effort = reasoning.get("effort") if isinstance(reasoning, dict) else body.get("reasoning_effort")
         if effort and self.api == "openai.chat":  # ("" is unset, as Ollama reads it; completions think not)
@@ -595,6 +607,27 @@ class OpenAIOverOllama:
             if isinstance(body.get("suffix"), str):
                 request["suffix"] = body["suffix"]
         return request
+
+    def _logprobs(self, value: dict[str, Any]) -> dict[str, Any] | None:
+        """An Ollama line's ``logprobs`` as OpenAI's: a chat's ``content`` list (the same entries,
+        with OpenAI's ``bytes``), a completion's parallel lists with each token's offset in the text."""
+        if not self.logprobs or not isinstance(entries := value.get("logprobs"), list):
+            return None
+        entries = [entry for entry in entries if isinstance(entry, dict) and _logprob(entry.get("token"),
+                                                                                     entry.get("logprob"))]
+        tops = [[top for top in entry.get("top_logprobs") or [] if isinstance(top, dict) and
+                 _logprob(top.get("token"), top.get("logprob"))] for entry in entries]
+        if self.api == "openai.chat":
+            return {"content": [{**_token_logprob(entry), "top_logprobs": [_token_logprob(top) for top in top_k]}
+                                for entry, top_k in zip(entries, tops)]}
+        offsets = []
+        for entry in entries:
+            offsets.append(self.text_offset)
+            self.text_offset += len(entry["token"])
+        return {"tokens": [entry["token"] for entry in entries],
+                "token_logprobs": [entry["logprob"] for entry in entries],
+                "top_logprobs": [{top["token"]: top["logprob"] for top in top_k} for top_k in tops],
+                "text_offset": offsets}
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.api == "openai.chat" else "text_completion"
@@ -654,7 +687,7 @@ class OpenAIOverOllama:
         if type(text) is not str:  # (the check costs a call only off the per-token path)
             text = _text(text)
         thinking = message.get("thinking")  # (only /api/chat's message has it)
-        if self.started and value.get("done") is False and not message.get("tool_calls"):
+        if self.started and value.get("done") is False and not message.get("tool_calls") and not self.logprobs:
             if text and not thinking:
                 before, after = self._text_event
                 return [before + _encode(text) + after]
@@ -671,10 +704,12 @@ class OpenAIOverOllama:
                 delta.update(_reasoned(thinking))
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
-            if delta.get("content") or len(delta) > 1:
-                out.append(_sse(self._chunk({"delta": delta, "finish_reason": None})))
-        elif text:
-            out.append(_sse(self._chunk({"text": text, "logprobs": None, "finish_reason": None})))
+            logprobs = self._logprobs(value)
+            if delta.get("content") or len(delta) > 1 or logprobs:
+                out.append(_sse(self._chunk({"delta": delta, **({"logprobs": logprobs} if logprobs else {}),
+                                             "finish_reason": None})))
+        elif text or value.get("logprobs"):
+            out.append(_sse(self._chunk({"text": text, "logprobs": self._logprobs(value), "finish_reason": None})))
         elif value.get("thinking") and self.thinking.due():
             # A completion has no place for thinking, and a model that thinks for minutes sent nothing:
             # the hub cut it at first_token_s. An SSE comment, which clients skip, says it is alive.
@@ -705,9 +740,9 @@ class OpenAIOverOllama:
             if message.get("tool_calls"):
                 answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
                                         for call in self._openai_calls(message["tool_calls"])]
-            choice: dict[str, Any] = {"message": answer}
+            choice: dict[str, Any] = {"message": answer, "logprobs": self._logprobs(value)}
         else:
-            choice = {"text": _text(value.get("response")), "logprobs": None}
+            choice = {"text": _text(value.get("response")), "logprobs": self._logprobs(value)}
         kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
         return _encode({"id": self.id, "object": kind, "created": self.created, "model": self.model,
                         "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
