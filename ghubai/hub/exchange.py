@@ -124,7 +124,7 @@ class Exchange:
             granted, again = trio.current_time(), True
             try:
                 self._start(worker)
-            except ApiError:
+            except BaseException:  # (whatever it was, the slot is given back)
                 self.pool.not_served(worker, self.model, self.api)
                 self.pool.release(worker, sent=False)
                 self.state = State.DONE
@@ -170,7 +170,10 @@ class Exchange:
         """Send the request to ``worker``, whose slot it holds; a 413 when its frame would be larger
         than the link carries (the hub re-encodes a body: ``1e15`` is ``1000000000000000.0`` then)."""
         request_id = protocol.new_request_id()
-        frame = protocol.encode(protocol.Request(request_id, self.api, self.body, self.stream, self.trace))
+        try:
+            frame = protocol.encode(protocol.Request(request_id, self.api, self.body, self.stream, self.trace))
+        except RecursionError:  # msgspec's depth is what the stack leaves: a body read higher up fails here
+            raise ApiError(400, "Request body is nested too deeply") from None
         if len(frame) > protocol.MAX_FRAME_BYTES // 4 and len(frame.encode()) > protocol.MAX_FRAME_BYTES:
             raise ApiError(413, f"The request is larger than a worker takes ({protocol.MAX_FRAME_BYTES} bytes "
                            "as the hub sends it)")
