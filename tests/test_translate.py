@@ -273,6 +273,17 @@ def test_ollama_chat_stream_text_chunks_become_ndjson_lines() -> None:
     assert translator.done is False
 
 
+def test_ndjson_lines_escape_the_line_separators_a_client_splits_at() -> None:
+    """Regression (a hunt): llama.cpp and vLLM write U+2028 and U+2029 raw, so did the translated
+    lines, and the ollama SDK (httpx's ``iter_lines``, ``str.splitlines``' rules) cut the line there:
+    a JSONDecodeError. Ollama (Go) escapes them."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "llama3", "messages": []}, stream=True)
+    text = "a\u2028b\u2029c — “d”"
+    [line] = translator.chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
+    assert len(line.decode().splitlines()) == 1 and ndjson(line)["message"]["content"] == text
+
+
 def test_ollama_chat_final_line_has_counts_and_done_reason() -> None:
     """The line after [DONE] is done=true with the usage as Ollama's counts and the finish reason mapped."""
     translator = ollama_over_openai("ollama.chat")

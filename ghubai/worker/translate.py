@@ -59,7 +59,13 @@ class _Pulse:
 
 
 def _line(value: dict[str, Any]) -> bytes:
-    return _encode(value) + b"\n"
+    """An NDJSON line, U+2028 and U+2029 escaped as Ollama's (Go's encoding/json) are: the ollama SDK
+    splits lines as ``str.splitlines`` does (httpx), and cut a line at one of them (a JSONDecodeError
+    for any text with one, as llama.cpp and vLLM write them raw)."""
+    line = _encode(value)
+    if b"\xe2\x80" in line:  # (their first two bytes, shared with dashes and quotes: rarely more)
+        line = line.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+    return line + b"\n"
 
 
 def count(value: Any) -> int:
