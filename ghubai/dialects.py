@@ -31,20 +31,26 @@ def loads(raw: bytes, what: str) -> Any:
     try:
         return _decode(raw)
     except msgspec.DecodeError as error:
-        if b"\\u" in raw and (mended := _LONE_SURROGATE.sub(_mend, raw)) != raw:
+        if (mended := _mended(raw, str(error))) is not None:
             return loads(mended, what)
         raise ApiError(400, f"{what} is not valid JSON: {error}") from None
     except RecursionError:
         raise ApiError(400, f"{what} is nested too deeply") from None
 
 
-# an escaped backslash (skipped, so that the next backslash starts an escape), a surrogate pair (kept),
-# or a lone surrogate's escape
-_LONE_SURROGATE = re.compile(rb"\\\\|\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# a high surrogate's escape without a low one after it, or a low one without a high one before it
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})|"
+                             rb"(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
-def _mend(match: re.Match[bytes]) -> bytes:
-    return match[0] if len(match[0]) != 6 else b"\\ufffd"
+def _mended(raw: bytes, error: str) -> bytes | None:
+    """``raw`` with its lone surrogates' escapes U+FFFD's, or None when it has none (or the error is
+    another). Escaped backslashes are set aside as NULs first, which JSON cannot hold raw, so every
+    backslash left starts an escape; no callback per match (a body of escaped backslashes cost seconds)."""
+    if not ("surrogate" in error or "truncated" in error) or b"\\u" not in raw or b"\0" in raw:
+        return None
+    mended = _LONE_SURROGATE.sub(rb"\\ufffd", raw.replace(b"\\\\", b"\0\0")).replace(b"\0\0", b"\\\\")
+    return None if mended == raw else mended
 
 
 def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:

@@ -1682,3 +1682,42 @@ async def test_a_link_s_messages_hold_a_batch_of_64_kib_at_most() -> None:
 
     await link.write_batched(queued, send)
     assert len(sizes) >= 10 and max(sizes) <= 2 * (64 << 10) + 1024, sizes  # (a batch, and the frame that ends it)
+
+
+def _of_kind(worker_id: str, engine: str) -> RemoteWorker:
+    return RemoteWorker(id=worker_id, name=worker_id, models=frozenset({"m"}), max_concurrency=1, engine=engine,
+                        out=trio.open_memory_channel[Any](math.inf)[0])
+
+
+async def test_what_one_engine_kind_cannot_say_skips_its_draining_workers_too(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: a draining worker of the refusing kind was one to wait for: the client waited out
+    ``queue_timeout_s`` for the 400 it could have had at once."""
+    serving, draining = _of_kind("a", "ollama"), _of_kind("b", "ollama")
+    pool = make_pool(serving, draining)
+    pool.set_draining(draining)
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_into, exchange_of(pool), result)
+        await trio.testing.wait_all_tasks_blocked()
+        [request_id] = serving.pending
+        pool.deliver(serving, protocol.Error(request_id, 400, "one choice per request", True, untranslatable=True))
+    assert isinstance(result[0], ApiError) and result[0].status == 400 and trio.current_time() < 1
+
+
+async def test_a_refusal_of_one_engine_kind_does_not_hide_the_other_kind_s_retryable_error(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Review: the only worker that could serve it was busy (a 503 the client may retry), then the
+    other kind refused: the client got the 400 it will not retry."""
+    openai_kind, ollama_kind = _of_kind("v", "openai"), _of_kind("o", "ollama")
+    pool = make_pool(openai_kind, ollama_kind)
+    result: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_into, exchange_of(pool), result)
+        for _ in range(2):  # in whichever order the pool picks them
+            await trio.testing.wait_all_tasks_blocked()
+            worker = openai_kind if openai_kind.pending else ollama_kind
+            [request_id] = worker.pending
+            pool.deliver(worker, protocol.Error(request_id, 503, "engine overloaded", True) if worker is openai_kind
+                         else protocol.Error(request_id, 400, "one choice per request", True, untranslatable=True))
+    assert isinstance(result[0], ApiError) and result[0].status == 503

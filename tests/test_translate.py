@@ -388,6 +388,28 @@ def test_ollama_chat_whole_answer() -> None:
                      "done_reason": "stop", "prompt_eval_count": 5, "eval_count": 2}
 
 
+def test_llama_cpp_s_timings_are_ollama_s_durations() -> None:
+    """Over llama.cpp a client's prompt and generation rates are the engine's own: its ``timings``
+    come with a whole answer and on a stream's last chunk (the usage chunk the worker asks for); a
+    whole answer from another engine counted all its time as generating, its prompt in 1 ns."""
+    timings = {"prompt_n": 5, "prompt_ms": 12.5, "predicted_n": 2, "predicted_ms": 40.0}
+    whole = ollama_over_openai("ollama.chat")
+    whole.request({"model": "m", "messages": []}, stream=False)
+    value = json.loads(whole.whole({"choices": [{"message": {"content": "Hi"}, "finish_reason": "stop"}],
+                                    "timings": timings}, None))
+    assert (value["prompt_eval_duration"], value["eval_duration"]) == (12_500_000, 40_000_000)
+    streamed = ollama_over_openai("ollama.generate")
+    streamed.request({"model": "m", "prompt": "p"}, stream=True)
+    streamed.chunk({"choices": [{"text": "Hi", "finish_reason": "stop"}]})
+    streamed.chunk({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}, "timings": timings})
+    last = ndjson(streamed.final({"prompt_tokens": 5, "completion_tokens": 2}))
+    assert (last["prompt_eval_duration"], last["eval_duration"]) == (12_500_000, 40_000_000)
+    odd = ollama_over_openai("ollama.chat")
+    odd.request({"model": "m", "messages": []}, stream=False)
+    value = json.loads(odd.whole({"choices": [{"message": {"content": "Hi"}}], "timings": {"prompt_ms": "x"}}, None))
+    assert value["eval_duration"] >= 1
+
+
 def test_ollama_chat_whole_answer_with_tool_calls_and_length() -> None:
     """Whole-answer tool calls get object arguments; content None is empty; ``length`` is kept."""
     translator = ollama_over_openai("ollama.chat")
@@ -1196,20 +1218,24 @@ def test_an_ollama_client_s_logprobs_reach_an_openai_engine_and_come_back_in_oll
 
 
 def test_ollama_logprobs_are_openai_s_for_a_chat_and_for_a_completion() -> None:
-    """Each entry with a text token and a number, OpenAI's ``bytes`` added; a completion's parallel
-    lists carry each token's offset in the text, across lines."""
-    line = {"response": "", "done": False, "logprobs": [
-        {"token": "é", "logprob": -0.5, "top_logprobs": [{"token": "é", "logprob": -0.5}, {"token": "x", "logprob": None}]},
+    """Each entry with a text token and a number, with Ollama's ``bytes`` or its text's; a completion's
+    parallel lists carry each token's offset in the text, across lines; the thinking's entries, which
+    Ollama lists first, are left out (review: they shifted a completion's offsets)."""
+    line = {"response": "é", "done": False, "logprobs": [
+        {"token": "hm", "logprob": -0.1},
+        {"token": "é", "logprob": -0.5, "top_logprobs": [{"token": "é", "logprob": -0.5}, {"token": "x", "logprob": None},
+                                                          {"token": "\ufffd", "logprob": -3, "bytes": [240, 159]}]},
         {"token": None, "logprob": -1.0}]}
     chat = openai_over_ollama("openai.chat")
     assert chat.request({"model": "m", "messages": [HI], "logprobs": True, "top_logprobs": 1}, False)["top_logprobs"] == 1
-    assert chat._logprobs(line) == {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169],
-                                                 "top_logprobs": [{"token": "é", "logprob": -0.5, "bytes": [195, 169]}]}]}
+    assert chat._logprobs(line, "é") == {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [
+        {"token": "é", "logprob": -0.5, "bytes": [195, 169]}, {"token": "\ufffd", "logprob": -3, "bytes": [240, 159]}]}]}
+    assert chat._logprobs(line, "") is None  # (a line of thinking alone)
     completion = openai_over_ollama("openai.completions")
     request = completion.request({"model": "m", "prompt": "p", "logprobs": 0}, True)
     assert request["logprobs"] is True and request["top_logprobs"] == 0
-    assert [completion._logprobs(line)["text_offset"] for _ in range(2)] == [[0], [1]]  # type: ignore[index]
-    assert completion._logprobs({"logprobs": "no"}) is None
+    assert [completion._logprobs(line, "é")["text_offset"] for _ in range(2)] == [[0], [1]]  # type: ignore[index]
+    assert completion._logprobs({"logprobs": "no"}, "é") is None
     plain = openai_over_ollama("openai.completions")
     assert "logprobs" not in plain.request({"model": "m", "prompt": "p", "logprobs": None}, True)
-    assert plain._logprobs(line) is None
+    assert plain._logprobs(line, "é") is None

@@ -146,14 +146,20 @@ class Exchange:
                 self.state = State.DONE
                 raise self.pool.no_slot(self.model)
             queue_left -= granted - asked  # (not the time the failed worker took)
-            last_error = client_error(frame)
+            refusal = client_error(frame)
             if not frame.retryable:
                 self.state = State.DONE
-                raise last_error
-            if frame.untranslatable:  # none of its kind can: three Ollama workers' 400s beside a vLLM one
-                tried.update(other.id for other in self.pool.hosts(self.model) if other.engine == worker.engine)
+                raise refusal
+            if frame.untranslatable:  # none of its kind can (draining ones neither): three Ollama workers'
+                hosting = [other for other in self.pool.workers.values() if self.model in other.models]
+                tried.update(other.id for other in hosting if other.engine == worker.engine)  # 400s beside a vLLM one
                 tried.add(worker.id)  # (each pass leaves out one worker more at least: it ends)
+                last_error = last_error or refusal  # (a busy engine of the other kind's 503 says more)
+                if all(other.engine == worker.engine for other in hosting):  # (no other kind to wait for)
+                    self.state = State.DONE
+                    raise last_error
                 continue
+            last_error = refusal
             attempts += 1
             if worker.gone and worker.id not in pardoned:  # a link that broke may say nothing of the
                 pardoned.add(worker.id)  # worker: it may take the request when back, once (not a

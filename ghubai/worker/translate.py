@@ -162,8 +162,11 @@ def _ollama_logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
 
 
 def _token_logprob(entry: dict[str, Any]) -> dict[str, Any]:
-    """One of Ollama's token logprobs as OpenAI's, which always carries the token's UTF-8 bytes."""
-    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": list(entry["token"].encode())}
+    """One of Ollama's token logprobs as OpenAI's, which always carries the token's bytes: Ollama's
+    own (a token that is part of a character is U+FFFD as text, its bytes exact), else its text's."""
+    given = entry.get("bytes")
+    exact = isinstance(given, list) and all(type(byte) is int and 0 <= byte < 256 for byte in given)
+    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": given if exact else list(entry["token"].encode())}
 
 
 def _logprob(token: Any, logprob: Any) -> bool:
@@ -276,6 +279,7 @@ class OllamaOverOpenAI:
         self.preload = ""  # "load" or "unload": a request with nothing to generate, answered here
         self.started_ns = time.monotonic_ns()  # for Ollama's durations, which clients divide counts by
         self.first_ns = 0  # when the first chunk came: the prompt was evaluated by then
+        self.timings: Any = None  # llama.cpp's own account of the answer's time, when it gave one
         self.thinks = True  # False: the client said ``think: false``, and gets no thinking
 
     @staticmethod
@@ -358,14 +362,19 @@ class OllamaOverOpenAI:
         return _line(answer) if stream else _encode(answer)
 
     def _counts(self, usage: dict[str, int] | None) -> dict[str, Any]:
-        """The last line's counts, and Ollama's durations in nanoseconds as this worker saw them (an
-        OpenAI engine tells none; a client's tokens per second divides ``eval_count`` by one)."""
+        """The last line's counts, and Ollama's durations in nanoseconds: llama.cpp's ``timings``
+        where it sent them, else as this worker saw them (a client's tokens per second divides
+        ``eval_count`` by one; a whole answer from another engine counts all its time as generating)."""
         now = time.monotonic_ns()
-        first = self.first_ns or self.started_ns  # (a whole answer: all of it counts as generating)
+        first = self.first_ns or self.started_ns
+        prompt_ns, eval_ns = first - self.started_ns, now - first
+        timings = self.timings if isinstance(self.timings, dict) else {}
+        if all(type(timings.get(name)) in (int, float) for name in ("prompt_ms", "predicted_ms")):
+            prompt_ns, eval_ns = int(timings["prompt_ms"] * 1e6), int(timings["predicted_ms"] * 1e6)
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
                 **self._durations(now), "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
-                "prompt_eval_duration": max(1, first - self.started_ns),
-                "eval_count": (usage or {}).get("completion_tokens", 0), "eval_duration": max(1, now - first)}
+                "prompt_eval_duration": max(1, prompt_ns),
+                "eval_count": (usage or {}).get("completion_tokens", 0), "eval_duration": max(1, eval_ns)}
 
     def _durations(self, now: int) -> dict[str, int]:
         return {"total_duration": max(1, now - self.started_ns), "load_duration": 0}
@@ -386,6 +395,8 @@ class OllamaOverOpenAI:
         choice = choices[0] if isinstance(choices[0], dict) else {}
         if choice.get("finish_reason"):
             self.finish_reason = choice["finish_reason"]
+        if "timings" in value:  # llama.cpp's, on its last chunk (the usage chunk, which the worker asks for)
+            self.timings = value["timings"]
         delta = choice.get("delta") or {}
         for call in delta.get("tool_calls") or []:
             if type(index := call.get("index", 0)) is not int:
@@ -442,6 +453,7 @@ class OllamaOverOpenAI:
                             "prompt_eval_count": (usage or {}).get("prompt_tokens", 0)})
         choice = (value.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason") or "stop"
+        self.timings = value.get("timings")
         if self.chat:
             message = choice.get("message") or {}
             calls, unparsed = _answered_calls(message.get("tool_calls") or [])
@@ -614,13 +626,20 @@ class OpenAIOverOllama:
                 request["suffix"] = body["suffix"]
         return request
 
-    def _logprobs(self, value: dict[str, Any]) -> dict[str, Any] | None:
-        """An Ollama line's ``logprobs`` as OpenAI's: a chat's ``content`` list (the same entries,
-        with OpenAI's ``bytes``), a completion's parallel lists with each token's offset in the text."""
-        if not self.logprobs or not isinstance(entries := value.get("logprobs"), list):
+    def _logprobs(self, value: dict[str, Any], text: str) -> dict[str, Any] | None:
+        """An Ollama line's ``logprobs`` as OpenAI's, for the answer's ``text`` only (Ollama's cover
+        the thinking too, which OpenAI's leave out, and a completion's offsets went astray): a chat's
+        ``content`` list (with OpenAI's ``bytes``), a completion's parallel lists with each token's
+        offset in the text."""
+        if not self.logprobs or not text or not isinstance(entries := value.get("logprobs"), list):
             return None
         entries = [entry for entry in entries if isinstance(entry, dict) and _logprob(entry.get("token"),
                                                                                      entry.get("logprob"))]
+        covered, first = 0, len(entries)  # the last entries, as many as the text's length takes
+        while first and covered < len(text):
+            first -= 1
+            covered += len(entries[first]["token"])
+        entries = entries[first:]
         tops = [[top for top in entry.get("top_logprobs") or [] if isinstance(top, dict) and
                  _logprob(top.get("token"), top.get("logprob"))] for entry in entries]
         if self.api == "openai.chat":
@@ -710,12 +729,12 @@ class OpenAIOverOllama:
                 delta.update(_reasoned(thinking))
             if message.get("tool_calls"):
                 delta["tool_calls"] = self._openai_calls(message["tool_calls"])
-            logprobs = self._logprobs(value)
-            if delta.get("content") or len(delta) > 1 or logprobs:
+            logprobs = self._logprobs(value, text)
+            if delta.get("content") or len(delta) > 1:
                 out.append(_sse(self._chunk({"delta": delta, **({"logprobs": logprobs} if logprobs else {}),
                                              "finish_reason": None})))
-        elif text or value.get("logprobs"):
-            out.append(_sse(self._chunk({"text": text, "logprobs": self._logprobs(value), "finish_reason": None})))
+        elif text:
+            out.append(_sse(self._chunk({"text": text, "logprobs": self._logprobs(value, text), "finish_reason": None})))
         elif value.get("thinking") and self.thinking.due():
             # A completion has no place for thinking, and a model that thinks for minutes sent nothing:
             # the hub cut it at first_token_s. An SSE comment, which clients skip, says it is alive.
@@ -746,9 +765,10 @@ class OpenAIOverOllama:
             if message.get("tool_calls"):
                 answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
                                         for call in self._openai_calls(message["tool_calls"])]
-            choice: dict[str, Any] = {"message": answer, "logprobs": self._logprobs(value)}
+            choice: dict[str, Any] = {"message": answer, "logprobs": self._logprobs(value, answer["content"])}
         else:
-            choice = {"text": _text(value.get("response")), "logprobs": self._logprobs(value)}
+            text = _text(value.get("response"))
+            choice = {"text": text, "logprobs": self._logprobs(value, text)}
         kind = "chat.completion" if self.api == "openai.chat" else "text_completion"
         return _encode({"id": self.id, "object": kind, "created": self.created, "model": self.model,
                         "choices": [{"index": 0, **choice, "finish_reason": self._finish_reason(value)}],
