@@ -325,6 +325,22 @@ async def test_hostile_bodies_get_a_400_at_hub_and_proxy_and_nothing_else_notice
     assert fine.status_code == 200
 
 
+async def test_no_1xx_to_an_http_1_0_client_and_a_405_says_what_it_allows(grid: Grid) -> None:
+    """Regression (a hunt): the proxy sent ``100 Continue`` to an HTTP/1.0 client that said
+    ``Expect`` (RFC 9110 §15.2: never a 1xx to one), and 405s had no ``Allow`` (§15.5.6)."""
+    hub, proxy = await grid.chain()
+    body = json.dumps(chat()).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"POST /v1/chat/completions HTTP/1.0\r\nexpect: 100-continue\r\n"
+                          b"content-length: %d\r\n\r\n" % len(body) + body)
+    answer = await read_until(stream, b"}")
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    await stream.aclose()
+    for url in (hub.value, proxy.value):
+        refused = await grid.http.get(url + "/v1/chat/completions")
+        assert refused.status_code == 405 and "POST" in refused.headers["allow"], (url, refused.headers)
+
+
 async def test_the_proxy_checks_the_key_first_and_never_echoes_a_header(grid: Grid) -> None:
     """Regression: the model lists answered without a key, ``100 Continue`` came before the key check,
     and a 400 quoted the offending header line (say, the client's own Authorization value)."""

@@ -175,7 +175,7 @@ class Connection:
             length = next((value for key, value in event.headers if key == b"content-length"), None)
             if int(length or b"0") > self.max_body:
                 raise body_too_large(self.max_body)
-            if any(k == b"expect" and v.lower() == b"100-continue" for k, v in event.headers):
+            if self.h11.they_are_waiting_for_100_continue:  # (never an HTTP/1.0 client: RFC 9110 §15.2)
                 await self.send(h11.InformationalResponse(status_code=100, headers=[]))
             body = RequestBody(self.max_body)
             with trio.move_on_after(self.body_timeout_s) as slow:

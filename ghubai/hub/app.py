@@ -333,7 +333,8 @@ class HubApi:
                    405: f"Method {request.method} not allowed on {request.path}",
                    413: body_too_large(self.config.limits.max_body_bytes).message}.get(
             status, error.description or "error")
-        return _json_error(ApiError(status, message))
+        allowed = getattr(error, "valid_methods", None)  # a 405 says which it takes (RFC 9110 §15.5.6)
+        return _json_error(ApiError(status, message, extra_headers={"Allow": ", ".join(allowed)} if allowed else None))
 
     async def _check_head_and_key(self) -> None:
         self._check_head([(name.encode("latin-1"), value.encode("latin-1")) for name, value in request.headers.items()])
