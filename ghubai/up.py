@@ -53,11 +53,12 @@ async def _ollama_answers(url: str) -> bool:
     return False
 
 
-async def _serving(proxy_url: str, timeout_s: float) -> list[str]:
+async def _serving(proxy_url: str, ready_by: float) -> list[str]:
     """The models the proxy routes, once it routes any (its hub healthy, with a worker that serves
-    them): from then on a request through it succeeds. Empty when that did not happen in time."""
+    them): from then on a request through it succeeds. Empty when that did not happen by ``ready_by``
+    (a trio time, maybe already past: a slow start then says why, not a traceback)."""
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # a loopback grid: no HTTP_PROXY
-        with trio.move_on_after(timeout_s):
+        with trio.move_on_at(ready_by):
             while True:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     response = await client.get(proxy_url + "/v1/models")
@@ -121,7 +122,7 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
 
         nursery.start_soon(start_worker)
         route = f"proxy -> hub {hub_url} (from registry {registry_url})\n  -> one worker on {source}"
-        if models := await _serving(proxy_url, ready_by - trio.current_time()):
+        if models := await _serving(proxy_url, ready_by):
             await worker_started.wait()  # (it has, to serve)
             _banner(proxy_url, route, workers[0], models, await _chat_model(proxy_url, models))
             task_status.started(proxy_url)

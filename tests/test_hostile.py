@@ -772,7 +772,8 @@ async def test_an_http2_client_that_reads_its_socket_too_slowly_is_reset_and_the
                               if isinstance(event, h2.events.StreamEnded | h2.events.StreamReset)), None)
                 await stream.send_all(conn.data_to_send())
                 await trio.sleep(0.1)  # 20 KB/s
-    assert ended == "StreamReset"
+    # the stream's reset, or the connection's close when its socket write's deadline came first (same length)
+    assert ended in ("StreamReset", None)
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
 
 
