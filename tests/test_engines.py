@@ -361,19 +361,21 @@ async def test_up_says_it_serves_once_a_slow_engine_is_ready(grid: Grid, capsys:
     await eventually(banner, "the banner once the engine serves")
 
 
+@pytest.mark.parametrize("ready_s", [0.3, 0.0])
 async def test_up_says_why_it_does_not_serve_in_time_even_when_ollama_never_answers(
-        grid: Grid, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        grid: Grid, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, ready_s: float) -> None:
     """Regression (hunt): with an Ollama that took connections and never answered, ``ghubai up`` said
     nothing for 51 s (the worker's first survey, 30 s, then the banner's wait), and its proxy, started
     after the worker, refused the dashboard meanwhile. The proxy now starts first, and the wait counts
-    from the command's start."""
+    from the command's start; a start slower than the wait said why with a traceback (a negative
+    timeout: a hunt on a loaded machine)."""
     from ghubai import up
 
     async def silent(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
 
     listeners = await grid.nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
-    monkeypatch.setattr(up, "READY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(up, "READY_TIMEOUT_S", ready_s)
     with trio.fail_after(WAIT_S):  # (the worker's first survey would take 30 s)
         proxy_url = await grid.nursery.start(partial(
             up.up, 0, "ollama", engine_url=f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"))
