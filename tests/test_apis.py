@@ -293,7 +293,8 @@ async def test_an_openai_client_s_logprobs_come_from_an_ollama_engine(grid: Grid
         assert "".join(tokens) == text and tokens, stream
         offsets = [offset for part in lists for offset in part.text_offset or []]
         assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
-        assert all(list(top) == [token] for part in lists for token, top in zip(part.tokens or [], part.top_logprobs or []))
+        assert all(list(top) == [token] for part in lists
+                   for token, top in zip(part.tokens or [], part.top_logprobs or []))
     plain = await grid.http.post(url + "/v1/chat/completions", json={**chat_args, "logprobs": False})
     assert plain.json()["choices"][0]["logprobs"] is None
 

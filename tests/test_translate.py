@@ -236,7 +236,8 @@ def test_ollama_embed_requests_carry_only_model_and_input() -> None:
     assert legacy == {"model": "e", "input": "42"}
 
 
-@pytest.mark.parametrize("api, body", [("ollama.embed", {"prompt": "hello"}), ("ollama.embeddings", {"input": "hello"})])
+@pytest.mark.parametrize("api, body", [("ollama.embed", {"prompt": "hello"}),
+                                       ("ollama.embeddings", {"input": "hello"})])
 def test_the_other_api_s_field_is_nothing_to_embed(api: str, body: dict[str, Any]) -> None:
     """Regression (a hunt): either field counted for both APIs, and an OpenAI engine embedded "" (an
     Ollama one answers nothing: Ollama reads only ``input`` on /api/embed, ``prompt`` on the legacy form)."""
@@ -1223,12 +1224,15 @@ def test_ollama_logprobs_are_openai_s_for_a_chat_and_for_a_completion() -> None:
     Ollama lists first, are left out (review: they shifted a completion's offsets)."""
     line = {"response": "é", "done": False, "logprobs": [
         {"token": "hm", "logprob": -0.1},
-        {"token": "é", "logprob": -0.5, "top_logprobs": [{"token": "é", "logprob": -0.5}, {"token": "x", "logprob": None},
+        {"token": "é", "logprob": -0.5, "top_logprobs": [{"token": "é", "logprob": -0.5},
+                                                          {"token": "x", "logprob": None},
                                                           {"token": "\ufffd", "logprob": -3, "bytes": [240, 159]}]},
         {"token": None, "logprob": -1.0}]}
     chat = openai_over_ollama("openai.chat")
-    assert chat.request({"model": "m", "messages": [HI], "logprobs": True, "top_logprobs": 1}, False)["top_logprobs"] == 1
-    assert chat._logprobs(line, "é") == {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169], "top_logprobs": [
+    request = chat.request({"model": "m", "messages": [HI], "logprobs": True, "top_logprobs": 1}, False)
+    assert request["top_logprobs"] == 1
+    assert chat._logprobs(line, "é") == {"content": [{"token": "é", "logprob": -0.5, "bytes": [195, 169],
+                                                      "top_logprobs": [
         {"token": "é", "logprob": -0.5, "bytes": [195, 169]}, {"token": "\ufffd", "logprob": -3, "bytes": [240, 159]}]}]}
     assert chat._logprobs(line, "") is None  # (a line of thinking alone)
     completion = openai_over_ollama("openai.completions")

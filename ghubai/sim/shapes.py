@@ -182,7 +182,8 @@ class OllamaShape(Shape):
             entry: dict[str, Any] = {"token": token, "logprob": chosen}
             if self.top_logprobs:
                 entry["top_logprobs"] = [{"token": token, "logprob": chosen}] + [
-                    {"token": f"{token.strip()}~{rank}", "logprob": chosen - rank} for rank in range(1, self.top_logprobs)]
+                    {"token": f"{token.strip()}~{rank}", "logprob": chosen - rank}
+                    for rank in range(1, self.top_logprobs)]
             out.append(entry)
         return out
 

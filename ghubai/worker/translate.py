@@ -166,7 +166,8 @@ def _token_logprob(entry: dict[str, Any]) -> dict[str, Any]:
     own (a token that is part of a character is U+FFFD as text, its bytes exact), else its text's."""
     given = entry.get("bytes")
     exact = isinstance(given, list) and all(type(byte) is int and 0 <= byte < 256 for byte in given)
-    return {"token": entry["token"], "logprob": entry["logprob"], "bytes": given if exact else list(entry["token"].encode())}
+    return {"token": entry["token"], "logprob": entry["logprob"],
+            "bytes": given if exact else list(entry["token"].encode())}
 
 
 def _logprob(token: Any, logprob: Any) -> bool:
@@ -734,7 +735,8 @@ class OpenAIOverOllama:
                 out.append(_sse(self._chunk({"delta": delta, **({"logprobs": logprobs} if logprobs else {}),
                                              "finish_reason": None})))
         elif text:
-            out.append(_sse(self._chunk({"text": text, "logprobs": self._logprobs(value, text), "finish_reason": None})))
+            out.append(_sse(self._chunk({"text": text, "logprobs": self._logprobs(value, text),
+                                         "finish_reason": None})))
         elif value.get("thinking") and self.thinking.due():
             # A completion has no place for thinking, and a model that thinks for minutes sent nothing:
             # the hub cut it at first_token_s. An SSE comment, which clients skip, says it is alive.
