@@ -372,8 +372,10 @@ class OllamaOverOpenAI:
         timings = self.timings if isinstance(self.timings, dict) else {}
         if all(type(timings.get(name)) in (int, float) for name in ("prompt_ms", "predicted_ms")):
             prompt_ns, eval_ns = int(timings["prompt_ms"] * 1e6), int(timings["predicted_ms"] * 1e6)
+        durations = self._durations(now)  # (never less than its parts: an engine's clock is not ours)
+        durations["total_duration"] = max(durations["total_duration"], prompt_ns + eval_ns)
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
-                **self._durations(now), "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
+                **durations, "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
                 "prompt_eval_duration": max(1, prompt_ns),
                 "eval_count": (usage or {}).get("completion_tokens", 0), "eval_duration": max(1, eval_ns)}
 
