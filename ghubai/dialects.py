@@ -114,8 +114,13 @@ def _check_message(message: Any, where: str) -> None:
 def tagged(model: str, serves: Callable[[str], bool]) -> str:
     """The name the grid serves ``model`` under. Ollama lists every model with its tag and takes a
     name without one for ``:latest`` (``llama3.2`` is ``llama3.2:latest``), so clients send the
-    short name; it means the tagged one when that is served and the short one itself is not."""
-    if ":" in model.rpartition("/")[2] or serves(model) or not serves(latest := model + ":latest"):
+    short name; it means the tagged one when that is served and the short one itself is not. The
+    other way too (clients that add ``:latest``, as Open WebUI's unload): an OpenAI engine's ``x``."""
+    if serves(model):
+        return model
+    if model.endswith(":latest"):
+        return short if serves(short := model.removesuffix(":latest")) else model
+    if ":" in model.rpartition("/")[2] or not serves(latest := model + ":latest"):
         return model
     return latest
 
@@ -207,10 +212,27 @@ def validate_ollama_embeddings(body: dict[str, Any]) -> None:
 
 
 def validate_ollama_show(body: dict[str, Any]) -> None:
-    """``/api/show`` names its model ``model`` (or, in older clients, ``name``)."""
-    if "model" not in body and isinstance(body.get("name"), str):
+    """``/api/show`` names its model ``model``, or ``name`` (older clients; and the ``ollama`` command,
+    which sends ``"model": ""`` beside it, read as Ollama reads it)."""
+    if not body.get("model") and isinstance(body.get("name"), str):
         body["model"] = body["name"]
     validate_model(body)
+
+
+# Ollama's model management, which the grid leaves to each worker's engine: its path, what it does,
+# and the command an operator runs on a worker's machine instead
+MANAGEMENT = {"/api/pull": ("pull", "ollama pull NAME"), "/api/push": ("push", "ollama push NAME"),
+              "/api/create": ("create", "ollama create NAME"), "/api/copy": ("copy", "ollama cp SOURCE TARGET"),
+              "/api/delete": ("delete", "ollama rm NAME"), "/api/blobs": ("upload the files of", "ollama create NAME")}
+
+
+def unmanaged(path: str) -> ApiError:
+    """The grid's answer to model management (a 404 read as a missing model, and ``ollama run`` ended
+    there): a 501 that says where models are managed, and when the grid serves one pulled there."""
+    verb, command = MANAGEMENT.get(path, MANAGEMENT["/api/blobs"])
+    return ApiError(501, f"The grid does not {verb} models: run '{command}' on the workers' machines; the grid "
+                    "serves what their engines list (within engine.discovery_interval_s, or at once after "
+                    "'systemctl reload ghubai-worker')")
 
 
 def validate_ollama_chat(body: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import ollama
 import openai
 import pytest
 import trio
@@ -468,3 +469,27 @@ async def test_a_completion_s_stream_options_that_is_no_object_is_a_400_not_a_wo
                                                                     "stream_options": "yes"})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "stream_options", answer.text
     assert not dialects.wants_usage({"stream_options": "yes"})
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_model_management_as_ollama_clients_meet_it(grid: Grid, kind: str) -> None:
+    """Regression (a hunt): the ollama command's ``show`` (``"model": ""`` beside ``name``) was a 400;
+    every management call was a 404 "Unknown endpoint", read as a missing model (``ollama run`` ended
+    there, an app that pulls at start crashed); ``x:latest`` did not find an OpenAI engine's ``x``."""
+    url = await proxied_grid(grid, kind)
+    client = ollama.AsyncClient(host=url)
+    shown = await grid.http.post(url + "/api/show", json={"model": "", "name": "sim", "verbose": False})
+    assert shown.status_code == 200, shown.text
+    assert (await client.pull("sim")).status == "success"
+    assert [part.status async for part in await client.pull("sim:latest", stream=True)] == ["success"]
+    with pytest.raises(ollama.ResponseError) as refused:
+        await client.pull("llama9")
+    assert refused.value.status_code == 501 and "ollama pull NAME" in refused.value.error
+    for call in (client.delete("sim"), client.copy("sim", "other"), client.push("sim"),
+                 client.create("mine", from_="sim")):
+        with pytest.raises(ollama.ResponseError) as refused:
+            await call
+        assert refused.value.status_code == 501 and "workers' machines" in refused.value.error
+    blob = await grid.http.head(url + "/api/blobs/sha256:" + "0" * 64)
+    assert blob.status_code == 404
+    assert (await grid.http.post(url + "/api/show", json={"model": "sim:latest"})).status_code == 200

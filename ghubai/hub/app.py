@@ -246,6 +246,10 @@ class HubApi:
                            ("/dashboard", self.dashboard_page), ("/dashboard/data", self.dashboard_data),
                            ("/metrics", self.prometheus)):
             app.add_url_rule(path, view.__name__, view, methods=["GET"])
+        app.add_url_rule("/api/pull", "ollama_pull", self.ollama_pull, methods=["POST"])
+        for path, methods in (("/api/push", ["POST"]), ("/api/create", ["POST"]), ("/api/copy", ["POST"]),
+                              ("/api/delete", ["DELETE"]), ("/api/blobs/<digest>", ["POST", "HEAD"])):
+            app.add_url_rule(path, path, self.ollama_unmanaged, methods=methods)
         app.add_websocket(protocol.GRIDHUB_PATH, "gridhub", self.gridhub)
 
     # -- every request ---------------------------------------------------------------------------
@@ -460,6 +464,22 @@ class HubApi:
 
     async def ollama_version(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         return {"version": dialects.OLLAMA_API_VERSION}, 200, {"X-GhubAi-Version": __version__}
+
+    async def ollama_pull(self) -> Response:
+        """A pull of a model the grid serves succeeds at once, as Ollama's of a model it holds (apps
+        that pull at start, ``ollama run``); of any other, the grid's 501 (``dialects.unmanaged``)."""
+        body = dialects.parse_body(await request.get_data())
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name or not self.pool.serves(self.pool.named(name)):
+            raise dialects.unmanaged(request.path)
+        if body.get("stream") is False:
+            return Response(_encode({"status": "success"}), 200, content_type="application/json")
+        return Response(_encode({"status": "success"}) + b"\n", 200, headers=dialects.NDJSON_HEADERS)
+
+    async def ollama_unmanaged(self, digest: str = "") -> Response:
+        if request.method == "HEAD":  # a blob's check: none is here (the client's upload then gets the 501)
+            raise NotFound()
+        raise dialects.unmanaged(request.path.rsplit("/", 1)[0] if digest else request.path)
 
     async def ollama_root(self) -> Response:
         return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")

@@ -87,7 +87,7 @@ def route_of(request: Request) -> tuple[str | None, int | None]:
     if request.method == "GET" and request.path.startswith(dialects.MODEL_PATH):
         return model_named(request), None
     body = _body_of(request) or {}
-    model = body.get("model", body.get("name"))  # (older Ollama clients name /api/show's model "name")
+    model = body.get("model") or body.get("name")  # (the ollama command names /api/show's model "name")
     return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
 
 
