@@ -468,7 +468,8 @@ class HubApi:
     async def ollama_pull(self) -> Response:
         """A pull of a model the grid serves succeeds at once, as Ollama's of a model it holds (apps
         that pull at start, ``ollama run``); of any other, the grid's 501 (``dialects.unmanaged``)."""
-        body = dialects.parse_body(await request.get_data(as_text=False))
+        raw = await request.get_data(as_text=False)
+        body = dialects.parse_body(raw.encode() if isinstance(raw, str) else raw)  # (bytes: quart's types say either)
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name or not self.pool.serves(self.pool.named(name)):
             raise dialects.unmanaged(request.path)
