@@ -603,7 +603,8 @@ def parse(role: str, text: str, source: str = NO_FILE) -> Any:
     if source != NO_FILE:
         _beside(table, os.path.dirname(os.path.abspath(source)))
     config = _build(ROLES[role], table, "", errors)
-    if getattr(config, "tls_key", "") and not getattr(config, "tls_cert", ""):  # it would serve plain HTTP
+    if getattr(config, "tls_key", "") and not getattr(config, "tls_cert", "") and \
+            not any(error.startswith("tls_cert:") for error in errors):  # it would serve plain HTTP (not: unreadable)
         errors.append("tls_key: given without tls_cert (a key alone serves no HTTPS)")
     if not errors:
         errors += _tls_problems(config)

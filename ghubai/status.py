@@ -13,6 +13,7 @@ import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
+from ghubai.errors import describe
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
 from ghubai.observability.logs import printable
@@ -107,7 +108,7 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
             try:
                 data = await fetch(url, tls)
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, trio.TooSlowError) as error:
-                print(f"ghubai status: cannot read {url}: {type(error).__name__} {error}".rstrip(), file=sys.stderr)
+                print(f"ghubai status: cannot read {url}: {describe(error)}", file=sys.stderr)  # (a TLS refusal's why)
                 if watch_s is None:
                     return 1
             else:

@@ -202,3 +202,12 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
     result = run_ghubai("hub", "--config", str(tmp_path / "hub.toml"))
     assert result.returncode == 2 and "tls_cert: cannot read" in result.stderr and "missing.pem" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_unreadable_certificate_is_one_error_not_two(tmp_path: Path) -> None:
+    """Regression (a hunt): a tls_cert it could not read was left empty, and the key beside it was
+    then reported as given without one."""
+    (tmp_path / "hub.toml").write_text('tls_cert = "nonexist.pem"\ntls_key = "hub.key"\n')
+    (tmp_path / "hub.key").write_text("")
+    result = run_ghubai("check", str(tmp_path / "hub.toml"))
+    assert "tls_cert: cannot read" in result.stderr + result.stdout and "without tls_cert" not in result.stderr

@@ -72,6 +72,12 @@ async def test_a_certificate_from_another_ca_is_refused_on_each_hop(grid: Grid, 
         return health["hubs"][0]["up"] is False and "CERTIFICATE_VERIFY_FAILED" in health["hubs"][0]["reason"]
 
     await eventually(proxy_says_down, "the proxy to refuse the hub's certificate")
+    # (a hunt: a hub never up was down without a word in the proxy's log, and ghubai status said "ConnectError")
+    assert any("is not up: " in record.getMessage() and "CERTIFICATE_VERIFY_FAILED" in record.getMessage()
+               for record in caplog.records)
+    done = await trio.run_process(ghubai_command("status", "--hub", hub.value, "--ca-file", tls["stranger"]),
+                                  capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 1 and b"CERTIFICATE_VERIFY_FAILED" in done.stderr, done.stderr
 
     async def worker_refused() -> bool:
         return any("link to wss://" in record.getMessage() and "CERTIFICATE_VERIFY_FAILED" in record.getMessage()

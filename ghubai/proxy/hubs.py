@@ -196,6 +196,8 @@ class HubSet:
                 log.info("hub %s (%s) is up: %s", hub.name, hub.address, ", ".join(sorted(hub.models)) or "no models")
             else:
                 log.warning("hub %s (%s) is down: %s", hub.name, hub.address, reason)
+        elif not up and reason != hub.reason:  # a hub never up: why (a refused certificate was only in /health)
+            log.warning("hub %s (%s) is not up: %s", hub.name, hub.address, reason)
         hub.up, hub.reason = up, reason
         if (up, hub.models) != before:
             self._served = None
