@@ -219,17 +219,30 @@ def validate_ollama_show(body: dict[str, Any]) -> None:
     validate_model(body)
 
 
-# Ollama's model management, which the grid leaves to each worker's engine: its path, what it does,
-# and the command an operator runs on a worker's machine instead
-MANAGEMENT = {"/api/pull": ("pull", "ollama pull NAME"), "/api/push": ("push", "ollama push NAME"),
-              "/api/create": ("create", "ollama create NAME"), "/api/copy": ("copy", "ollama cp SOURCE TARGET"),
-              "/api/delete": ("delete", "ollama rm NAME"), "/api/blobs": ("upload the files of", "ollama create NAME")}
+# Ollama's model management, which the grid leaves to each worker's engine: its path (a blob's is
+# under /api/blobs/), its method, what it does, and the command an operator runs on a worker instead
+MANAGEMENT = {"/api/pull": ("POST", "pull", "ollama pull NAME"), "/api/push": ("POST", "push", "ollama push NAME"),
+              "/api/create": ("POST", "create", "ollama create NAME"),
+              "/api/copy": ("POST", "copy", "ollama cp SOURCE TARGET"),
+              "/api/delete": ("DELETE", "delete", "ollama rm NAME"),
+              "/api/blobs/": ("POST", "upload the files of", "ollama create NAME")}
 
 
-def unmanaged(path: str) -> ApiError:
-    """The grid's answer to model management (a 404 read as a missing model, and ``ollama run`` ended
-    there): a 501 that says where models are managed, and when the grid serves one pulled there."""
-    verb, command = MANAGEMENT.get(path, MANAGEMENT["/api/blobs"])
+def unmanaged(method: str, path: str) -> ApiError | None:
+    """The grid's answer to model management (but a pull of a model it serves, which succeeds),
+    from the request's head alone (a blob upload is a model file of gigabytes): a 501 that
+    says where models are managed, and when the grid serves one pulled there (a 404 "Unknown endpoint"
+    read as a missing model, and ``ollama run`` ended there); a blob's check, a 404 (none is here)."""
+    managed = "/api/blobs/" if path.startswith("/api/blobs/") else path
+    if managed not in MANAGEMENT or method != MANAGEMENT[managed][0] and not (managed == "/api/blobs/" and
+                                                                             method == "HEAD"):
+        return None
+    return ApiError(404, "No such blob here") if method == "HEAD" else cannot_manage(managed)
+
+
+def cannot_manage(managed: str) -> ApiError:
+    """The 501 of a ``MANAGEMENT`` path."""
+    _, verb, command = MANAGEMENT[managed]
     return ApiError(501, f"The grid does not {verb} models: run '{command}' on the workers' machines; the grid "
                     "serves what their engines list (within engine.discovery_interval_s, or at once after "
                     "'systemctl reload ghubai-worker')")

@@ -492,4 +492,12 @@ async def test_model_management_as_ollama_clients_meet_it(grid: Grid, kind: str)
         assert refused.value.status_code == 501 and "workers' machines" in refused.value.error
     blob = await grid.http.head(url + "/api/blobs/sha256:" + "0" * 64)
     assert blob.status_code == 404
+
+    async def model_file() -> Any:  # (review: the proxy read a blob's gigabytes before it answered, a 413)
+        for _ in range(8):
+            yield b"\0" * (1 << 20)
+
+    upload = await grid.http.post(url + "/api/blobs/sha256:" + "0" * 64, content=model_file())
+    assert upload.status_code == 501 and "ollama create" in upload.json()["error"]
+    assert (await grid.http.post(url + "/api/pull", json={"stream": False})).status_code == 400
     assert (await grid.http.post(url + "/api/show", json={"model": "sim:latest"})).status_code == 200

@@ -246,10 +246,10 @@ class HubApi:
                            ("/dashboard", self.dashboard_page), ("/dashboard/data", self.dashboard_data),
                            ("/metrics", self.prometheus)):
             app.add_url_rule(path, view.__name__, view, methods=["GET"])
-        app.add_url_rule("/api/pull", "ollama_pull", self.ollama_pull, methods=["POST"])
-        for path, methods in (("/api/push", ["POST"]), ("/api/create", ["POST"]), ("/api/copy", ["POST"]),
-                              ("/api/delete", ["DELETE"]), ("/api/blobs/<digest>", ["POST", "HEAD"])):
-            app.add_url_rule(path, path, self.ollama_unmanaged, methods=methods)
+        for path, (method, _, _) in dialects.MANAGEMENT.items():
+            blob = path.endswith("/")
+            app.add_url_rule(path + "<digest>" if blob else path, path, self.ollama_pull if path == "/api/pull"
+                             else self.ollama_unmanaged, methods=[method, "HEAD"] if blob else [method])
         app.add_websocket(protocol.GRIDHUB_PATH, "gridhub", self.gridhub)
 
     # -- every request ---------------------------------------------------------------------------
@@ -470,17 +470,17 @@ class HubApi:
         that pull at start, ``ollama run``); of any other, the grid's 501 (``dialects.unmanaged``)."""
         raw = await request.get_data(as_text=False)
         body = dialects.parse_body(raw.encode() if isinstance(raw, str) else raw)  # (bytes: quart's types say either)
-        name = body.get("model") or body.get("name")
-        if not isinstance(name, str) or not name or not self.pool.serves(self.pool.named(name)):
-            raise dialects.unmanaged(request.path)
+        dialects.validate_ollama_show(body)  # (named as a show names it)
+        if not self.pool.awaits(body["model"]):  # (a model whose worker restarts is still here)
+            raise dialects.cannot_manage("/api/pull")
         if body.get("stream") is False:
             return Response(_encode({"status": "success"}), 200, content_type="application/json")
         return Response(_encode({"status": "success"}) + b"\n", 200, headers=dialects.NDJSON_HEADERS)
 
     async def ollama_unmanaged(self, digest: str = "") -> Response:
-        if request.method == "HEAD":  # a blob's check: none is here (the client's upload then gets the 501)
-            raise NotFound()
-        raise dialects.unmanaged(request.path.rsplit("/", 1)[0] if digest else request.path)
+        refusal = dialects.unmanaged(request.method, request.path)
+        assert refusal is not None  # (its routes are those of MANAGEMENT)
+        raise refusal
 
     async def ollama_root(self) -> Response:
         return Response("Ollama is running", 200, content_type="text/plain; charset=utf-8")

@@ -215,7 +215,8 @@ class Forwarder:
                 another = bounced is not None or \
                     (len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried))
                 waited = (dialects.ELSEWHERE_HEADER, b"waited") in response.headers  # (its whole queue time)
-                if response.status_code in RETRY_STATUSES and another and not waited:
+                # (a pull's 501 is every hub's: the grid pulls no model)
+                if response.status_code in RETRY_STATUSES and another and not waited and request.path != "/api/pull":
                     if bounced is None and (dialects.ELSEWHERE_HEADER, b"refused") in response.headers:
                         bounced = hub
                     log.info("hub %s answered %d; trying another hub", hub.name, response.status_code)

@@ -139,6 +139,8 @@ class Proxy:
         authorization = next((value for key, value in headers if key == b"authorization"), b"")
         if not self.keys.allows(authorization.decode("latin-1")):  # unknown paths too: no body read for them
             raise invalid_api_key()
+        if path != "/api/pull" and (refusal := dialects.unmanaged(method, path)):  # (a blob: gigabytes unread)
+            raise refusal
 
     def refused(self, head: str, error: ApiError) -> None:
         """A request that could not even be read (too large, malformed): counted and logged too."""

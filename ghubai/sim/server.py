@@ -136,9 +136,8 @@ class SimServer:
         if not isinstance(model, str) or not model:
             raise ApiError(400, "model is required")
         models = self.sim.options.models
-        for name in (model, dialects.tagged(model, models.__contains__), model.removesuffix(":latest")):
-            if name in models:
-                return name
+        if (name := dialects.tagged(model, models.__contains__)) in models:
+            return name
         raise ApiError(404, f'model "{model}" not found, try pulling it first')
 
     def _maybe_fail(self) -> None:
