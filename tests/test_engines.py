@@ -22,7 +22,7 @@ from ghubai.config import load
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
-from ghubai.worker.engine import PROBE_MODEL
+from ghubai.worker.engine import PROBE_MODEL, _counts_of, _usage_of
 
 KEY = "engine-secret-4f1c"
 
@@ -882,3 +882,17 @@ async def test_what_ollama_cannot_say_goes_to_the_other_engine_kind_however_many
                                         json={"model": "sim", "prompt": "hi", "n": 2, "max_tokens": 2})
         assert response.status_code == 200, response.text
         assert response.headers["x-ghubai-worker"] == "v"
+
+
+@pytest.mark.parametrize("raw, usage", [
+    (b'{"embeddings": [[0.5, 1e-3]], "prompt_eval_count": 7}', {"prompt_tokens": 7, "completion_tokens": 0}),
+    (b'{"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
+     {"prompt_tokens": 3, "completion_tokens": 4}),
+    (b'{"done": true, "eval_count": 2}', {"prompt_tokens": 0, "completion_tokens": 2}),
+    (b'{"data": []}', None), (b'[1, 2]', None)])
+def test_an_answer_passed_on_whole_is_read_for_its_counts_alone(raw: bytes, usage: dict[str, int] | None) -> None:
+    """An answer's floats are not built to read two numbers (a hunt: a 50 MB embedding batch took
+    the worker's loop 80 ms to decode, and every stream on it waited); the counts are as before."""
+    assert _usage_of(_counts_of(raw)) == usage
+    with pytest.raises(ValueError):
+        _counts_of(b'{"data": [')

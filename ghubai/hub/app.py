@@ -375,7 +375,8 @@ class HubApi:
                 raise invalid_api_key()
             record.key = key
             raw = await _read_body(receive, self.config.limits.max_body_bytes, self.config.limits.body_timeout_s)
-            body = dialects.parse_body(raw)
+            body, size = dialects.parse_body(raw), len(raw)
+            del raw  # (the parsed body is kept for retries: not both, through a whole queued wait)
             route.validate(body)
             record.model = body["model"] = self.pool.named(body["model"])
             self.rate_limits.admit(key)
@@ -383,7 +384,7 @@ class HubApi:
             if route.streams is not None:
                 body["stream"] = stream  # said, so that no engine reads a null or a default another way
             with gone:
-                await self._forward(route.api, body, stream, len(raw), headers, send, record)
+                await self._forward(route.api, body, stream, size, headers, send, record)
         except ClientLeft:
             return
         except ApiError as error:

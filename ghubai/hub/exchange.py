@@ -200,7 +200,8 @@ class Exchange:
         if isinstance(frame, protocol.Chunk):
             self.state = State.STREAMING
             self.received += len(frame.data)
-            self.lines += frame.data.count(b"\n")
+            if self.stream:  # (a whole answer's budget is by its bytes: no scan of 50 MB of vectors)
+                self.lines += frame.data.count(b"\n")
             return frame
         # the pool gave the slot back when this end or error arrived
         self.ended = isinstance(frame, protocol.End) or not self.received  # (an error mid-answer: cut)
