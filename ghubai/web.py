@@ -41,6 +41,11 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   connection with all its streams. The rest of such a body is dropped here, its bytes given back to
   the flow-control windows, and each frame restarts the keep-alive countdown (hypercorn counts the
   connection idle once the answer is sent: a client still uploading after 5 s lost its answer).
+- HTTP/2 with prior knowledge (no TLS) begins with a preface that hypercorn's h11 reads as a request,
+  which stops the keep-alive countdown; once it knew the connection for HTTP/2, only a stream's end
+  started it again. Connections that open none were never closed (four such held a hub at
+  ``max_connections = 4`` for good, every client and worker link answered 503). The countdown
+  starts again once it is HTTP/2 with no stream open.
 
 Besides, ``server_config`` lifts hypercorn's end of a connection after 1,000 requests (over
 HTTP/2 a GOAWAY that failed the request past it) and logs what escapes the app at WARNING. So that
@@ -49,7 +54,7 @@ connection, not 65,536 (its check of a frame that was in flight when its stream 
 by each long-lived HTTP/2 client, an Envoy upstream, say).
 
 The fixes patch private methods of hypercorn's ``TCPServer``, ``HTTPStream``, ``H11Protocol``,
-``H2Protocol`` and ``StreamBuffer``:
+``H2Protocol``, ``StreamBuffer`` and ``ProtocolWrapper``:
 ``pyproject.toml`` pins hypercorn to the minor version they were written for, and this module
 refuses to import when those methods are gone or have changed shape, rather than serve without them.
 """
@@ -73,6 +78,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol import ProtocolWrapper
 from hypercorn.protocol.events import Body, Data, EndBody, EndData, StreamClosed, Trailers
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
@@ -88,7 +94,8 @@ from ghubai.sockets import write_now
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
             StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
-            H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]}}
+            H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
+            ProtocolWrapper: {"handle": ["self", "event"]}}
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 log = logging.getLogger("ghubai.web")
 SERVER_LOG = logging.getLogger("ghubai.web.server")
@@ -316,6 +323,18 @@ async def _exact_method_stream(self: H11Protocol, request: h11.Request) -> None:
 
 
 H11Protocol._create_stream = _exact_method_stream  # type: ignore[method-assign]
+
+_hypercorn_wrapper_handle = ProtocolWrapper.handle
+
+
+async def _idle_once_http2(self: ProtocolWrapper, event: Event) -> None:
+    was = self.protocol
+    await _hypercorn_wrapper_handle(self, event)
+    if self.protocol is not was and isinstance(self.protocol, H2Protocol) and not self.protocol.streams:
+        await self.send(Updated(idle=True))  # (h11 stopped the countdown for a preface it took for a request)
+
+
+ProtocolWrapper.handle = _idle_once_http2  # type: ignore[method-assign]
 h2.connection.H2Connection.MAX_CLOSED_STREAMS = 1024  # (frames in flight: 100 streams open at most)
 
 

@@ -777,6 +777,19 @@ async def test_an_http2_client_that_reads_its_socket_too_slowly_is_reset_and_the
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat(max_tokens=2))).status_code == 200
 
 
+async def test_an_http2_connection_that_opens_no_stream_is_closed_as_an_idle_one(grid: Grid) -> None:
+    """Regression (an audit): over HTTP/2 with prior knowledge, h11 took the preface for a request and
+    stopped the keep-alive countdown for good: four such silent connections held a hub at
+    ``max_connections = 4`` (every client and worker link a 503) as long as they liked."""
+    hub = await grid.hub()
+    conn, _ = h2_client()
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
+        await stream.send_all(conn.data_to_send())  # the preface and SETTINGS, then nothing
+        with trio.fail_after(WAIT_S):  # (hypercorn's keep-alive countdown: 5 s)
+            while await stream.receive_some(4096):  # the hub's SETTINGS, then its close
+                pass
+
+
 @pytest.mark.parametrize("how", ["left one by one", "named by PRIORITY frames"])
 async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the_hub_nothing(
         grid: Grid, how: str) -> None:
@@ -1201,3 +1214,36 @@ async def test_a_malformed_absolute_target_is_a_400(grid: Grid, role: str) -> No
         while chunk := await stream.receive_some(4096):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 400") and b"malformed request target" in answer, answer
+
+
+class _UnclosableStream(trio.abc.Stream):
+    """A TLS stream whose close writes a close_notify that a client who stopped reading never takes."""
+
+    def __init__(self) -> None:
+        self.forced = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return b""
+
+    async def aclose(self) -> None:
+        try:
+            await trio.sleep(3600)  # (the kernel's retries end it some day)
+        except trio.Cancelled:
+            self.forced = True
+            raise
+
+
+async def test_a_connection_whose_close_cannot_be_written_is_closed_anyway(autojump_clock: Any) -> None:
+    """Regression (an audit): the proxy's TLS close sent a close_notify into a full socket, shielded
+    and unbounded: 31 of 775 connections of clients that stopped reading were held for good, and the
+    proxy would not stop on SIGTERM or SIGINT."""
+    stream, began = _UnclosableStream(), trio.current_time()
+    await Connection(stream).close()
+    assert stream.forced and trio.current_time() - began < 5

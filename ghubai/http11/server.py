@@ -272,7 +272,10 @@ class Connection:
                         pass
                 except (trio.BrokenResourceError, trio.ClosedResourceError, AttributeError, trio.BusyResourceError):
                     pass
-            await self.stream.aclose()
+            with trio.move_on_after(DRAIN_TIMEOUT_S) as closing:  # (a TLS close writes: to a reader gone)
+                await self.stream.aclose()
+            if closing.cancelled_caught:
+                await trio.aclose_forcefully(self.stream)
 
 
 def connection_cap(wanted: int, descriptors_each: int, key: str) -> int:

@@ -283,7 +283,10 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     if config.tls_cert:
         server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
-        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host))
+        # https_compatible: a close sends no close_notify, which a client that stopped reading never took:
+        # the connection's shielded close waited for it for good (and the proxy would not stop)
+        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host),
+                                                           https_compatible=True)
     else:
         listeners = await trio.open_tcp_listeners(port, host=listen_host(host))  # type: ignore[assignment]
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
