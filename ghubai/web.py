@@ -330,7 +330,8 @@ _hypercorn_wrapper_handle = ProtocolWrapper.handle
 async def _idle_once_http2(self: ProtocolWrapper, event: Event) -> None:
     was = self.protocol
     await _hypercorn_wrapper_handle(self, event)
-    if self.protocol is not was and isinstance(self.protocol, H2Protocol) and not self.protocol.streams:
+    if self.protocol is not was and isinstance(self.protocol, H2Protocol) and not self.protocol.streams \
+            and not self.protocol.closed:  # (review: a connection closed on garbage needs no countdown)
         await self.send(Updated(idle=True))  # (h11 stopped the countdown for a preface it took for a request)
 
 

@@ -87,7 +87,8 @@ async def test_a_certificate_from_another_ca_is_refused_on_each_hop(grid: Grid, 
     assert not doubter.value.welcomed.is_set()
 
 
-async def test_allow_invalid_certs_accepts_a_certificate_from_another_ca(grid: Grid, tls: dict[str, str]) -> None:
+async def test_allow_invalid_certs_accepts_a_certificate_from_another_ca(grid: Grid, tls: dict[str, str],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     sim_url, _ = await grid.sim()
     hub = await grid.hub(tls_cert=tls["cert"], tls_key=tls["key"])
     await grid.worker(hub.value, sim_url, ca_file=tls["stranger"], allow_invalid_certs=True)
@@ -96,6 +97,7 @@ async def test_allow_invalid_certs_accepts_a_certificate_from_another_ca(grid: G
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as client:
         await workers_linked_over(client, hub.value)
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    assert any("certificates are not checked" in record.getMessage() for record in caplog.records)
 
 
 async def workers_linked_over(client: httpx.AsyncClient, hub_url: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import math
 import select
 import socket
@@ -28,6 +29,8 @@ import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the mod
 from ghubai.http11.chunked import ChunkedDecoder
 from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 
+log = logging.getLogger("ghubai.tls")
+
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
@@ -39,7 +42,9 @@ def tls_client_context(ca_file: str = "", allow_invalid_certs: bool = False) -> 
     """The context every role dials TLS with: the system's CAs or ``ca_file``; no checks at all only
     when the operator asked for it (``allow_invalid_certs``, for tests and self-signed labs)."""
     context = ssl.create_default_context(cafile=ca_file or None)
-    if allow_invalid_certs:
+    if allow_invalid_certs:  # (said: a hunt found a worker linked to an expired stranger's certificate silently)
+        log.warning("allow_invalid_certs: TLS certificates are not checked; whoever is on the path can read "
+                    "and change this traffic")
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
