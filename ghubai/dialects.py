@@ -229,15 +229,17 @@ MANAGEMENT = {"/api/pull": ("POST", "pull", "ollama pull NAME"), "/api/push": ("
 
 
 def unmanaged(method: str, path: str) -> ApiError | None:
-    """The grid's answer to model management (but a pull of a model it serves, which succeeds),
-    from the request's head alone (a blob upload is a model file of gigabytes): a 501 that
-    says where models are managed, and when the grid serves one pulled there (a 404 "Unknown endpoint"
-    read as a missing model, and ``ollama run`` ended there); a blob's check, a 404 (none is here)."""
+    """The grid's answer to model management from the request's head alone (a blob upload is a model
+    file of gigabytes): a 501 that says where models are managed, and when the grid serves one pulled
+    there (a 404 "Unknown endpoint" read as a missing model, and ``ollama run`` ended there); a blob's
+    check, a 404 (none is here). None for anything else, and for a pull, which succeeds for a model
+    the grid serves: the hub, which knows, answers it."""
     managed = "/api/blobs/" if path.startswith("/api/blobs/") else path
-    if managed not in MANAGEMENT or method != MANAGEMENT[managed][0] and not (managed == "/api/blobs/" and
-                                                                             method == "HEAD"):
+    if managed not in MANAGEMENT or managed == "/api/pull":
         return None
-    return ApiError(404, "No such blob here") if method == "HEAD" else cannot_manage(managed)
+    if managed == "/api/blobs/" and method == "HEAD":
+        return ApiError(404, "No such blob here")
+    return cannot_manage(managed) if method == MANAGEMENT[managed][0] else None
 
 
 def cannot_manage(managed: str) -> ApiError:

@@ -457,6 +457,22 @@ def test_a_name_without_a_tag_is_its_latest_only_when_it_is_not_served_itself() 
     assert dialects.tagged("ns/m", served) == "ns/m:latest"
     assert dialects.tagged("registry:5000/ns/x", served) == "registry:5000/ns/x:latest"  # a port is no tag
     assert dialects.tagged("llama3.2:1b", served) == "llama3.2:1b" and dialects.tagged("qwen3", served) == "qwen3"
+    # and the other way, for a name served without its tag (an OpenAI engine's): a hunt
+    assert dialects.tagged("foo:latest", served) == "foo:latest"  # (served as it is named)
+    assert dialects.tagged("gpt-oss:latest", {"gpt-oss"}.__contains__) == "gpt-oss"
+    assert dialects.tagged("ns/x:latest", {"ns/x"}.__contains__) == "ns/x"
+    assert dialects.tagged("none:latest", served) == "none:latest"
+
+
+def test_model_management_is_answered_from_the_head_alone_but_a_pull() -> None:
+    assert dialects.unmanaged("POST", "/api/pull") is None  # (the hub knows what it serves)
+    refusal = dialects.unmanaged("DELETE", "/api/delete")
+    assert refusal is not None and refusal.status == 501 and "ollama rm NAME" in refusal.message
+    blob = dialects.unmanaged("POST", "/api/blobs/sha256:00")
+    assert blob is not None and blob.status == 501
+    check = dialects.unmanaged("HEAD", "/api/blobs/sha256:00")
+    assert check is not None and check.status == 404
+    assert dialects.unmanaged("GET", "/api/delete") is None and dialects.unmanaged("POST", "/api/chat") is None
 
 
 async def test_a_completion_s_stream_options_that_is_no_object_is_a_400_not_a_worker_s_traceback(grid: Grid) -> None:

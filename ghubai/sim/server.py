@@ -208,7 +208,7 @@ class SimServer:
         shape = shape_class(asked, generation, include_usage)
         shape.usage_with_choices = self.sim.options.usage_with_choices
         if isinstance(shape, OllamaShape) and body.get("logprobs") is True:
-            if (top := body.get("top_logprobs", 0)) not in range(21) or type(top) is not int:
+            if type(top := body.get("top_logprobs", 0)) is not int or not 0 <= top <= 20:
                 raise ApiError(400, "top_logprobs must be between 0 and 20")  # (as Ollama's)
             shape.top_logprobs = top
         failure: EngineFailure | None = None

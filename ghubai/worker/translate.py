@@ -593,9 +593,12 @@ class OpenAIOverOllama:
             options["num_predict"] = limit
         request: dict[str, Any] = {"model": self.model, "stream": stream, "options": options}
         # a chat's logprobs is a switch beside top_logprobs, a completion's the number of alternatives
-        top = body.get("top_logprobs") if self.api == "openai.chat" else body.get("logprobs")
-        if body.get("logprobs") is True if self.api == "openai.chat" else type(top) is int:
-            self.logprobs = True  # (Ollama 0.12.11 and later answer them)
+        if self.api == "openai.chat":
+            top, self.logprobs = body.get("top_logprobs"), body.get("logprobs") is True
+        else:
+            top = body.get("logprobs")
+            self.logprobs = type(top) is int
+        if self.logprobs:  # (Ollama 0.12.11 and later answer them)
             request.update(logprobs=True, **({"top_logprobs": top} if type(top) is int else {}))
         reasoning = body.get("reasoning")
         effort = reasoning.get("effort") if isinstance(reasoning, dict) else body.get("reasoning_effort")
