@@ -53,17 +53,19 @@ def _mended(raw: bytes, error: str) -> bytes | None:
     return None if mended == raw else mended
 
 
-def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:
+def _require(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, within: str = "") -> None:
+    """``body[name]`` is a ``kind``; ``within``: the field ``body`` is, for the error's words."""
+    param = f"{within}.{name}" if within else name
     if name not in body:
-        raise ApiError(400, f"Missing required parameter: '{name}'", param=name, code="missing_required_parameter")
+        raise ApiError(400, f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter")
     value = body[name]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):  # JSON true is no int
-        raise ApiError(400, f"Invalid type for '{name}': expected {what}", param=name, code="invalid_type")
+        raise ApiError(400, f"Invalid type for '{param}': expected {what}", param=param, code="invalid_type")
 
 
-def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str) -> None:
+def _optional(body: dict[str, Any], name: str, kind: type | tuple[type, ...], what: str, within: str = "") -> None:
     if body.get(name) is not None:
-        _require(body, name, kind, what)
+        _require(body, name, kind, what, within)
 
 
 def validate_chat(body: dict[str, Any]) -> None:
@@ -77,13 +79,14 @@ def validate_chat(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")
     _validate_response_format(body)
+    _check_sampling(body)
     for name in ("max_tokens", "max_completion_tokens"):
         _limit(body, name)
     _limit(body, "n")
     _optional(body, "reasoning_effort", str, "a string such as \"low\"")
     _optional(body, "reasoning", dict, "an object such as {\"effort\": \"low\"}")
     if isinstance(body.get("reasoning"), dict):
-        _optional(body["reasoning"], "effort", str, "a string such as \"low\"")
+        _optional(body["reasoning"], "effort", str, "a string such as \"low\"", "reasoning")
 
 
 def _check_message(message: Any, where: str) -> None:
@@ -149,6 +152,7 @@ def validate_completion(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     _optional(body, "stream_options", dict, "an object")  # (a worker reads it: any other was its traceback)
     _validate_response_format(body)  # (and this: a string was a traceback in every worker tried)
+    _check_sampling(body)
     _limit(body, "max_tokens", least=0)  # 0 with echo: the prompt's logprobs (vLLM; OpenAI's minimum)
     _limit(body, "n")
 
@@ -163,8 +167,57 @@ def _limit(body: dict[str, Any], name: str, least: int = 1) -> None:
 
 def _validate_response_format(body: dict[str, Any]) -> None:
     _optional(body, "response_format", dict, "an object such as {\"type\": \"json_object\"}")
-    if isinstance(body.get("response_format"), dict):
-        _optional(body["response_format"], "json_schema", dict, "an object with a 'schema'")
+    if isinstance(response_format := body.get("response_format"), dict):
+        _optional(response_format, "type", str, "a string such as \"json_object\"", "response_format")
+        _optional(response_format, "json_schema", dict, "an object with a 'schema'", "response_format")
+        if isinstance(response_format.get("json_schema"), dict):
+            _optional(response_format["json_schema"], "schema", dict, "a JSON schema object",
+                      "response_format.json_schema")
+
+
+# Sampling fields as OpenAI types them: one of another type reached an Ollama engine as an option it
+# refuses, a 500 there, and so a 502 tried on every worker (and again by the SDK's retries)
+_NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty")
+_INTEGERS = ("seed", "top_k")
+
+
+def _check_sampling(body: dict[str, Any]) -> None:
+    for name in _NUMBERS:
+        _optional(body, name, (int, float), "a number")
+    for name in _INTEGERS:
+        _optional(body, name, int, "an integer")
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not _strings(stop):
+        raise ApiError(400, "Invalid type for 'stop': expected a string or an array of strings", param="stop",
+                       code="invalid_type")
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+# Ollama's options by the type its runners read them as (an integer may be sent as 3.0); others pass
+_OLLAMA_INTEGERS = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
+                    "main_gpu", "num_thread")
+_OLLAMA_NUMBERS = ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                   "frequency_penalty")
+
+
+def _check_ollama(body: dict[str, Any]) -> None:
+    """What Ollama refuses of a chat's or a generation's ``format`` and ``options`` (an option of the
+    wrong type was dropped over an OpenAI engine, and a 500 from Ollama, tried on every worker)."""
+    _optional(body, "stream", bool, "a boolean")
+    if body.get("format") not in (None, "", "json") and not isinstance(body["format"], dict):
+        raise ApiError(400, "'format' must be \"json\" or a JSON schema object", param="format")
+    _optional(body, "options", dict, "an object")
+    options = body.get("options") or {}
+    for name in _OLLAMA_INTEGERS + _OLLAMA_NUMBERS:
+        if options.get(name) is not None and (isinstance(options[name], bool)
+                                              or not isinstance(options[name], (int, float))):
+            kind = "an integer" if name in _OLLAMA_INTEGERS else "a number"
+            raise ApiError(400, f"option {name!r} must be {kind}", param=f"options.{name}")
+    if options.get("stop") is not None and not _strings(options["stop"]):
+        raise ApiError(400, "option 'stop' must be an array of strings", param="options.stop")
 
 
 def validate_ollama_embed(body: dict[str, Any]) -> None:
@@ -259,15 +312,16 @@ def validate_ollama_chat(body: dict[str, Any]) -> None:
         if isinstance(message.get("content"), list):  # (Ollama refuses them too)
             raise ApiError(400, f"messages[{index}].content must be a string: Ollama's messages carry images "
                                 "in 'images', not content parts", param=f"messages[{index}].content")
-    _optional(body, "stream", bool, "a boolean")
-    _optional(body, "format", (str, dict), "\"json\" or a JSON schema object")
+    _check_ollama(body)
 
 
 def validate_ollama_generate(body: dict[str, Any]) -> None:
     validate_model(body)
     _optional(body, "prompt", str, "a string")
-    _optional(body, "stream", bool, "a boolean")
+    _check_ollama(body)
     _check_images(body.get("images"), "images")  # (a string was an image per character)
+    if body.get("raw") is True and (body.get("template") or body.get("system") or body.get("context")):
+        raise ApiError(400, "raw mode does not support template, system, or context")  # (Ollama's words)
 
 
 def _check_images(images: Any, where: str) -> None:

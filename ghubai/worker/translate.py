@@ -26,6 +26,8 @@ _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspe
 
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 _ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options that llama.cpp's and vLLM's OpenAI APIs take too
+# and those llama.cpp's takes under Ollama's names (vLLM ignores them, but takes ``repetition_penalty``)
+_LLAMA_OPTIONS = ("repeat_penalty", "repeat_last_n", "typical_p", "mirostat", "mirostat_tau", "mirostat_eta")
 PROGRESS_S = 1.0  # at most one sign of life a second while an engine writes what a client does not see yet
 # OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
 _THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
@@ -299,9 +301,13 @@ class OllamaOverOpenAI:
             return {"model": self.model, "input": str(body.get("prompt", ""))}
         options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
-        request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if name in options})
+        request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS)
+                        if name in options})
+        if "repeat_penalty" in options:
+            request["repetition_penalty"] = options["repeat_penalty"]
         if self.api == "ollama.generate" and body.get("raw"):
             self.path = "/v1/completions"
+            request["max_tokens"] = None  # no limit, as Ollama's default: vLLM's completions stop at 16
         if self.chat and isinstance(think := body.get("think"), str):  # a level (gpt-oss)
             request["reasoning_effort"] = _EFFORT.get(think, think)
         elif self.chat and think is False:  # (true is a thinking model's default)
@@ -374,9 +380,11 @@ class OllamaOverOpenAI:
             prompt_ns, eval_ns = int(timings["prompt_ms"] * 1e6), int(timings["predicted_ms"] * 1e6)
         durations = self._durations(now)  # (never less than its parts: an engine's clock is not ours)
         durations["total_duration"] = max(durations["total_duration"], prompt_ns + eval_ns)
+        # a whole answer without timings does not say when its prompt was read: no duration, as Ollama
+        # leaves out one it has not (a nanosecond made clients print a billion tokens a second)
+        prompt = {"prompt_eval_duration": prompt_ns} if prompt_ns > 0 else {}
         return {"done": True, "done_reason": "length" if self.finish_reason == "length" else "stop",
-                **durations, "prompt_eval_count": (usage or {}).get("prompt_tokens", 0),
-                "prompt_eval_duration": max(1, prompt_ns),
+                **durations, "prompt_eval_count": (usage or {}).get("prompt_tokens", 0), **prompt,
                 "eval_count": (usage or {}).get("completion_tokens", 0), "eval_duration": max(1, eval_ns)}
 
     def _durations(self, now: int) -> dict[str, int]:
@@ -580,7 +588,15 @@ class OpenAIOverOllama:
                                  f"send {choices} requests")
         if body.get("echo") is True:
             raise Untranslatable("an Ollama engine does not echo the prompt")
-        options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS) if body.get(name) is not None}
+        if body.get("logit_bias"):
+            raise Untranslatable("an Ollama engine takes no logit_bias")
+        response_format = body.get("response_format") or {}
+        if response_format.get("type") not in (None, "text", "json_object", "json_schema"):
+            raise Untranslatable(f"an Ollama engine takes no response_format of type {response_format['type']!r}")
+        options = {name: body[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS)
+                   if body.get(name) is not None}
+        if body.get("repetition_penalty") is not None:  # (vLLM's name; sent as the SDKs' extra_body)
+            options.setdefault("repeat_penalty", body["repetition_penalty"])
         if isinstance(options.get("stop"), str):
             options["stop"] = [options["stop"]]  # OpenAI takes one string; Ollama's option is a list
         limit = body.get("max_completion_tokens")
@@ -606,7 +622,6 @@ class OpenAIOverOllama:
             if not isinstance(effort, str) or effort not in _THINK:
                 raise Untranslatable(f"reasoning effort {effort!r} is none of {', '.join(_THINK)}")
             request["think"] = _THINK[effort]
-        response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_object":
             request["format"] = "json"
         elif response_format.get("type") == "json_schema":
