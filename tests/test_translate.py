@@ -338,8 +338,8 @@ def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line(monkeypatc
     value = ndjson(translator.final({"prompt_tokens": 9, "completion_tokens": 12}))
     assert value["message"] == {"role": "assistant", "content": '{"name": "broken", "arguments": {"no}',
                                 "tool_calls": [  # ids kept (Ollama has them)
-                                    {"id": "a", "function": {"name": "weather", "arguments": {"city": "Paris"}}},
-                                    {"id": "b", "function": {"name": "clock", "arguments": {}}}]}
+                                    {"id": "a", "function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}},
+                                    {"id": "b", "function": {"index": 1, "name": "clock", "arguments": {}}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("stop", 9, 12)
 
 
@@ -349,7 +349,7 @@ def test_ollama_tool_call_without_index_is_call_zero() -> None:
     translator.request({"model": "m"}, stream=True)
     translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]})
     translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"arguments": None}}]}}]})
-    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "f", "arguments": {}}}]
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"index": 0, "name": "f", "arguments": {}}}]
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -422,8 +422,8 @@ def test_ollama_chat_whole_answer_with_tool_calls_and_length() -> None:
         {"id": "call_10", "type": "function", "function": {"name": "noop"}}]}
     value = json.loads(translator.whole({"choices": [{"message": message, "finish_reason": "length"}]}, None))
     assert value["message"] == {"role": "assistant", "content": "", "tool_calls": [
-        {"id": "call_9", "function": {"name": "add", "arguments": {"a": 1, "b": [2]}}},
-        {"id": "call_10", "function": {"name": "noop", "arguments": {}}}]}
+        {"id": "call_9", "function": {"index": 0, "name": "add", "arguments": {"a": 1, "b": [2]}}},
+        {"id": "call_10", "function": {"index": 1, "name": "noop", "arguments": {}}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("length", 0, 0)
 
 
@@ -578,6 +578,32 @@ def test_openai_tool_choice_without_tools_is_dropped() -> None:
     request = openai_over_ollama("openai.chat").request({"model": "m", "tool_choice": "required", "tools": []},
                                                         stream=False)
     assert "tool_choice" not in request and "tools" not in request
+
+
+def test_a_named_tool_choice_leaves_ollama_only_that_tool() -> None:
+    """Regression (hunt): Ollama ignores ``tool_choice``, so a model told to call ``search`` could
+    answer with another tool; it is now offered only that one (and every tool for a name none has)."""
+    tools = [{"type": "function", "function": {"name": name}} for name in ("weather", "search")]
+    for choice, offered in (({"type": "function", "function": {"name": "search"}}, tools[1:]), ("required", tools),
+                            ({"type": "function", "function": {"name": "other"}}, tools)):
+        request = openai_over_ollama("openai.chat").request({**CHAT, "tools": tools, "tool_choice": choice}, False)
+        assert request["tools"] == offered
+
+
+def test_tool_calls_cut_by_the_limit_finish_with_length() -> None:
+    """Regression (hunt): a turn with calls that Ollama ended for ``length`` said ``tool_calls``, as if
+    it were whole; only a stop becomes ``tool_calls``, as Ollama's own OpenAI layer maps it."""
+    for stream in (True, False):
+        translator = openai_over_ollama("openai.chat")
+        translator.request({**CHAT, "max_tokens": 5}, stream=stream)
+        calls = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "add", "arguments": {}}}]}
+        if stream:
+            translator.chunk({"message": calls, "done": False})
+            [end] = translator.chunk({"message": {"content": ""}, "done": True, "done_reason": "length"})
+            assert sse(end)["choices"][0]["finish_reason"] == "length"
+        else:
+            value = json.loads(translator.whole({"message": calls, "done_reason": "length"}, None))
+            assert value["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("response_format, expected", [
@@ -1106,7 +1132,7 @@ def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> Non
     translator.request({"model": "m", "messages": [HI]}, stream=True)
     for piece in ('{"a":', ' 1', "}"):
         translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "", "arguments": piece}}]}}]})
-    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"name": "", "arguments": {"a": 1}}}]
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"index": 0, "name": "", "arguments": {"a": 1}}}]
     with pytest.raises(TypeError):
         translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": "1"}]}}]})
 

@@ -235,6 +235,16 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+def _chosen(tools: Any, choice: Any) -> Any:
+    """The tools an Ollama engine is offered: only the one a ``tool_choice`` names, when it names one
+    the request defines (Ollama cannot be made to call it, but it can be left no other)."""
+    function = choice.get("function") if isinstance(choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    named = [tool for tool in tools if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
+             and tool["function"].get("name") == name] if name is not None and isinstance(tools, list) else []
+    return named or tools
+
+
 def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """An engine's tool calls for an Ollama client, and the text of those it cannot take. Ollama's
     arguments are always an object (the ``ollama`` SDK refuses anything else, and loses a whole
@@ -243,6 +253,9 @@ def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     good, text = [], []
     for call, converted in zip(calls, _tool_calls(calls)):
         if isinstance(converted["function"]["arguments"], dict):
+            # numbered, as Ollama's always are: Open WebUI merges calls by index, and two without one
+            # were one call named "get_weathersearch" with two objects glued as its arguments
+            converted["function"] = {"index": len(good), **converted["function"]}
             good.append(converted)
         else:  # as the engine gave them, not as they decoded ('"x"' is no object either)
             raw = (call.get("function") or {}).get("arguments")
@@ -629,7 +642,7 @@ class OpenAIOverOllama:
         if self.api == "openai.chat":
             request["messages"] = _ollama_messages(body.get("messages", []))
             if body.get("tools") and body.get("tool_choice") != "none":  # Ollama knows no tool_choice: "none" is no tools
-                request["tools"] = body["tools"]
+                request["tools"] = _chosen(body["tools"], body.get("tool_choice"))
                 if body.get("tool_choice") is not None:  # Ollama ignores it; engines that know it use it
                     request["tool_choice"] = body["tool_choice"]
         else:
@@ -681,9 +694,9 @@ class OpenAIOverOllama:
                 "choices": [{"index": 0, **choice}], **extra}
 
     def _finish_reason(self, value: dict[str, Any]) -> str:
-        if self.index:
-            return "tool_calls"
-        return "length" if value.get("done_reason") == "length" else "stop"
+        """Calls make a stop ``tool_calls``, not a cut: an agent must see that ``max_tokens`` ended the turn."""
+        reason = "length" if value.get("done_reason") == "length" else "stop"
+        return "tool_calls" if self.index and reason == "stop" else reason
 
     @staticmethod
     def _usage(value: dict[str, Any]) -> dict[str, int]:
