@@ -250,7 +250,8 @@ def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     arguments are always an object (the ``ollama`` SDK refuses anything else, and loses a whole
     stream for it); a call cut by ``max_tokens`` or garbled by a small model is not a call, so it
     reaches the client as the text the model wrote."""
-    good, text = [], []
+    good: list[dict[str, Any]] = []
+    text: list[str] = []
     for call, converted in zip(calls, _tool_calls(calls)):
         if isinstance(converted["function"]["arguments"], dict):
             # numbered, as Ollama's always are: Open WebUI merges calls by index, and two without one
