@@ -102,6 +102,37 @@ async def test_the_key_comes_from_the_environment_and_headers_reach_every_engine
     assert all(auth == f"Bearer {KEY}" and team == "gpu" for _, auth, team in seen), seen
 
 
+async def test_an_engine_that_echoes_its_credentials_in_an_error_never_shows_them(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): only a 401's or 403's words were dropped; an engine (LiteLLM was one) that
+    quotes the key and headers it got in a 400, a 500 or an error event mid-stream had them reach the
+    client and the worker's and hub's logs."""
+    header = "hdr-secret-77aa"
+
+    async def engine(conn: Connection, request: Request) -> None:
+        said = f"you sent {(request.header(b'authorization') or b'').decode()} and {header}"
+        if request.path == "/api/ps":
+            await conn.respond_json(200, {"models": []})
+        elif PROBE_MODEL.encode() in (request.body or b""):
+            await conn.respond_json(404, {"error": f'model "{PROBE_MODEL}" not found'})
+        elif b'"stream":true' not in (request.body or b""):
+            await conn.respond_json(400, {"error": said})
+        else:
+            first = {"model": "sim", "message": {"role": "assistant", "content": "a"}, "done": False}
+            await conn.respond(200, json.dumps(first).encode() + b"\n" + json.dumps({"error": said}).encode() + b"\n",
+                               "application/x-ndjson")
+
+    engine_url = await grid.fake_engine(engine)
+    hub = await grid.hub()
+    await grid.worker(hub.value, engine_url, api_key=KEY, headers={"X-Team": header})
+    whole = await grid.http.post(hub.value + "/api/chat", json=ollama_chat())
+    streamed = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    assert whole.status_code == 400 and "you sent Bearer *** and ***" in whole.text, whole.text
+    assert streamed.status_code == 200 and "you sent Bearer *** and ***" in streamed.text, streamed.text
+    for text in (whole.text, streamed.text, caplog.text):
+        assert KEY not in text and header not in text
+
+
 def test_check_names_a_bad_engine_key_never_its_value(tmp_path: Path) -> None:
     path = tmp_path / "worker.toml"
     path.write_text('[engine]\napi_key = ["sk-do-not-print"]\nheaders = { Authorization = "Bearer sk-other" }\n')

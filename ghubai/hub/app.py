@@ -324,7 +324,7 @@ class HubApi:
             first = record.first_token_s
             self.history.request(first, (exchange.usage or {}).get("completion_tokens", 0),
                                  took - (first or 0.0) if exchange.stream else took)  # when the tokens were made
-        self.metrics.observe(record.model, status, took)
+        self.metrics.observe(record.model, status, took, served=bool(record.exchange and record.exchange.served_by))
         log.info("%s %d in %.3f s, model %s%s", record.what, status, took, record.model or "-",
                  f": {record.reason}" if record.reason else "")
 

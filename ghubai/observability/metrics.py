@@ -61,10 +61,11 @@ class Metrics:
     def gauge(self, name: str, help_text: str, labels: list[str]) -> Gauge:
         return Gauge(name, help_text, labels, registry=self.registry)
 
-    def observe(self, model: str | None, code: int, seconds: float) -> None:
-        """A request ended. Its model is a label only when some worker serves it, so that clients
-        cannot grow the series without bound; any other name counts as ``other``."""
-        label = "" if not model else model if self.serves(model) else "other"
+    def observe(self, model: str | None, code: int, seconds: float, served: bool = False) -> None:
+        """A request ended. Its model is a label only when some worker serves it, or ``served`` it (and
+        has left since: a rolling restart's last answers counted as ``other``), so that clients cannot
+        grow the series without bound; any other name counts as ``other``."""
+        label = "" if not model else model if served or self.serves(model) else "other"
         self.requests.labels(self.role, label, str(code)).inc()
         self.duration.labels(self.role).observe(seconds)
 

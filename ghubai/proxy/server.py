@@ -117,7 +117,7 @@ class Proxy:
                     self._first_token.observe(first)
                 self.history.request(first, generating_s=0.0 if first is None else took - first)
                 log.info("%s %s %d in %.3f s, model %s, hub %s%s", request.method, request.path, outcome.status,
-                         took, model, outcome.hub or "none", f": {outcome.reason}" if outcome.reason else "")
+                         took, model or "-", outcome.hub or "none", f": {outcome.reason}" if outcome.reason else "")
 
     async def connection(self, serve: Callable[[trio.abc.Stream], Awaitable[None]], cap: int,
                          stream: trio.abc.Stream) -> None:

@@ -456,10 +456,11 @@ class Worker:
         except EngineError as error:
             running.logged = True
             untranslatable = error.cause is Cause.UNTRANSLATABLE
+            message, detail = self.engine.scrub(error.message), self.engine.scrub(error.detail)
             log.log(logging.INFO if error.cause is None or untranslatable else logging.WARNING,
-                    "%s for %s: engine error %d: %s%s", call.api, model, error.status, error.message,
-                    f": {error.detail}" if error.detail else "")
-            link.send(protocol.Error(request_id, error.status, error.message, error.retryable,
+                    "%s for %s: engine error %d: %s%s", call.api, model, error.status, message,
+                    f": {detail}" if detail else "")
+            link.send(protocol.Error(request_id, error.status, message, error.retryable,
                                      untranslatable=untranslatable))
             tracing.annotate(**{"http.response.status_code": error.status})
             if error.cause is Cause.MODEL_MISSING:

@@ -229,6 +229,10 @@ class Engine:
         self.config = config
         self.client = client  # for discovery and probes
         self.headers = engine_headers(config)
+        # what ``scrub`` hides: long ones first (a header's value may hold the key); a value under 8
+        # characters is no secret worth the name, and hiding it would garble the engine's words
+        self.secrets = sorted({value for value in (config.api_key, *config.headers.values()) if len(value) >= 8},
+                              key=len, reverse=True)
         self.tools = config.tools
         self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
@@ -453,6 +457,13 @@ class Engine:
             # (the client hears what failed, not the engine's address, which the error's text holds)
             raise EngineError(502, f"engine connection failed ({type(error).__name__})", retryable=True,
                               detail=str(error)) from None
+
+    def scrub(self, text: str) -> str:
+        """An engine's words without the key and header values it was sent: some echo them in any
+        error, a 400 or a 429 as well as a 401 (LiteLLM's key in a 400 was one)."""
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
         message = _error_message(raw)
