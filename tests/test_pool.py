@@ -20,7 +20,7 @@ from ghubai.errors import ApiError
 from ghubai.hub.exchange import Exchange
 from ghubai.hub.gridhub import _handle
 from ghubai.hub.limits import RateLimits
-from ghubai.hub.pool import RELINK_GRACE_S, Pool, RemoteWorker
+from ghubai.hub.pool import RELINK_GRACE_S, Conversation, Pool, RemoteWorker
 
 
 def make_worker(worker_id: str, models: Iterable[str] = ("m",), max_concurrency: int = 1,
@@ -904,7 +904,7 @@ async def test_a_conversation_s_key_picks_the_same_worker_whatever_the_order_of_
         pool = make_pool(*workers)
         chosen = []
         for conversation in range(40):
-            worker = pool._pick("m", "openai.chat", set(), conversation * 7919)
+            worker = pool._pick("m", "openai.chat", set(), Conversation(conversation * 7919, conversation * 7919))
             assert worker is not None
             pool._conversations.clear()  # each pick as a hub with no memory of it would make it
             chosen.append(worker.name)
@@ -913,6 +913,23 @@ async def test_a_conversation_s_key_picks_the_same_worker_whatever_the_order_of_
     first = picks("abcd")
     assert len(set(first)) == 4
     assert picks("dbca") == picks("cadb", ids="-restarted") == first
+
+
+async def test_a_later_turn_this_hub_knows_nothing_of_goes_where_its_opening_went(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a chat's later turns are remembered by a key that holds the model's first
+    answer; after a restart of the hub (no memory) or of the worker (a new link), a turn was placed by
+    that key, not by its opening's, which placed its first turn: 19 of 30 conversations moved."""
+    workers = [make_worker(name, max_concurrency=100) for name in "abcd"]
+    pool = make_pool(*workers)
+    for opening in range(40):
+        first = await pool.acquire("m", "openai.chat", set(), soon(), conversation=opening * 7919)
+        finish(pool, first)
+        pool._conversations.clear()  # a restarted hub
+        later = await pool.acquire("m", "openai.chat", set(), soon(), conversation=opening * 7919 + 1,
+                                   opening=opening * 7919)
+        finish(pool, later)
+        assert later is first
 
 
 async def test_weight_gives_a_worker_its_share_of_the_load(autojump_clock: trio.testing.MockClock) -> None:

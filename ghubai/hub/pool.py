@@ -19,7 +19,7 @@ import logging
 import math
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -165,6 +165,12 @@ RELINK_GRACE_S = 5.0  # a worker whose link broke dials again within 0.25-0.5 s,
 # APIs that need no model in memory (a model's details): they go to the least loaded worker that
 # hosts the model, and teach the scheduler nothing of what engines hold (Open WebUI asks before chats)
 LOADS_NOTHING = frozenset({"ollama.show"})
+
+
+class Conversation(NamedTuple):
+    """A request's affinity keys: the one its worker is remembered by, and the one a new pick draws by."""
+    key: int
+    opening: int
 
 
 class _Waiter:
@@ -387,7 +393,7 @@ class Pool:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def _pick(self, model: str, api: str, exclude: set[str], conversation: int | None,
+    def _pick(self, model: str, api: str, exclude: set[str], conversation: Conversation | None,
               cold_ok: bool = True) -> RemoteWorker | None:
         """A worker with a free slot that hosts ``model`` and serves ``api``, or None.
 
@@ -479,8 +485,8 @@ class Pool:
         now = trio.current_time()
         self._demand[model] = (self._demand_of(model, now) + 1.0, now)
 
-    def _llm_aware(self, model: str, able: list[RemoteWorker], free: list[RemoteWorker], conversation: int | None,
-                   cold_ok: bool) -> RemoteWorker | None:
+    def _llm_aware(self, model: str, able: list[RemoteWorker], free: list[RemoteWorker],
+                   conversation: Conversation | None, cold_ok: bool) -> RemoteWorker | None:
         warm = [worker for worker in free if worker.loaded is None or model in worker.loaded]  # warm(), inlined
         margin = self.scheduler.affinity_margin
         if warm:
@@ -506,25 +512,28 @@ class Pool:
             self._hold(best, best.loaded | {model})
             best.loading[model] += 0  # counted with the others that wait for it, in _pick
         if conversation is not None:
-            self._remember(conversation, best)
+            self._remember(conversation.key, best)
         return best
 
     def _for_conversation(self, free: list[RemoteWorker], loads: list[float], least: float,
-                          conversation: int) -> RemoteWorker:
+                          conversation: Conversation) -> RemoteWorker:
         """The conversation's last worker while within the bound; else, for a new conversation or
-        one that must move, the one its key picks among those within it (spread by the key)."""
+        one that must move, the one its key picks among those within it (spread by the key): by its
+        opening's key when this hub knows of no worker it went to (after a restart of the hub or of
+        the worker), which is the key its first turn was placed by, here and at every other hub."""
         bound = least + self.scheduler.affinity_margin
-        last = self.workers.get(self._conversations.get(conversation, (b"", "")))
+        last = self.workers.get(self._conversations.get(conversation.key, (b"", "")))
         if last is not None and last in free and last.load <= bound:
             chosen = last
         else:  # one the key picks within the bound, each as likely as its share (slots by weight)
             within = [worker for worker, load in zip(free, loads) if load <= bound]
+            key = conversation.key if last is not None else conversation.opening
             top = self._top_share()
             for draw in range(0, 64, 2):  # kept with probability share / top, else drawn again: O(1) for alike workers
-                chosen = within[affinity.score(conversation, draw) % len(within)]
-                if affinity.score(conversation, draw + 1) * top < chosen.share * 2 ** 64:
+                chosen = within[affinity.score(key, draw) % len(within)]
+                if affinity.score(key, draw + 1) * top < chosen.share * 2 ** 64:
                     break
-        self._remember(conversation, chosen)
+        self._remember(conversation.key, chosen)
         return chosen
 
     def _top_share(self) -> float:
@@ -617,13 +626,14 @@ class Pool:
         if opening is not None and conversation is not None and conversation not in self._conversations and \
                 (first := self._conversations.get(opening)) is not None:
             self._conversations[conversation] = first  # the turn that first carries the model's answer
+        keys = None if conversation is None else Conversation(conversation, conversation if opening is None else opening)
         now = trio.current_time()
         late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker
         cold_at = now + min(self.scheduler.warm_wait_s, (deadline - now) / 2)
         line = self._queues.get(model)
         if not self.draining and (again or late or api in LOADS_NOTHING or not line) and \
-                (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
+                (worker := self._pick(model, api, exclude, keys, cold_ok=cold_at <= now)):
             if line and self._slot_free(model):  # it may have made a cold worker warm for those in line
                 line[0].turn()
             return worker
@@ -635,7 +645,7 @@ class Pool:
             # avoid it, another API): it is this request's, rather than a 429 beside it
             if line and not self.draining and self._slot_free(model) and \
                     not any(ahead.event.is_set() for ahead in line) and \
-                    (worker := self._pick(model, api, exclude, conversation, cold_ok=cold_at <= now)):
+                    (worker := self._pick(model, api, exclude, keys, cold_ok=cold_at <= now)):
                 return worker
             raise self._queue_full()
         queue = self._queues.setdefault(model, deque())
@@ -664,7 +674,7 @@ class Pool:
                         self._check_hosted(model, api, exclude, elsewhere)
                         continue
                     cold_ok = trio.current_time() >= cold_at
-                    if not self.draining and (worker := self._pick(model, api, exclude, conversation, cold_ok)):
+                    if not self.draining and (worker := self._pick(model, api, exclude, keys, cold_ok)):
                         return worker
                     self._check_hosted(model, api, exclude, elsewhere)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
