@@ -26,12 +26,13 @@ SESSION_HEADER = b"x-session-id"
 # (a RAG ingestion makes a hundred thousand) would push the conversations out of a hub's memory
 CONVERSING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "ollama.generate"})
 # of a completion's prompt, and of /api/generate's context (the conversation's tokens so far): what
-# every turn repeats once the conversation is that long (with 2,048 characters and 1,024 tokens, most
-# chats' turns each had a key of their own, and went to a worker at random)
-PROMPT_OPENING_CHARS = 256
+# every turn repeats once the conversation is that long. A shorter conversation's turns each have a key
+# of their own, but their prompts are cheap to compute again; a shorter cut would make one key of every
+# conversation under a long Modelfile SYSTEM or a licence header, and one worker take them all (a review)
+PROMPT_OPENING_CHARS = 2048
 MESSAGE_CHARS = 65536  # of each text of the messages hashed: their start tells conversations apart
 MESSAGES_SCANNED = 64  # for the first system, user and assistant messages
-CONTEXT_TOKENS = 64
+CONTEXT_TOKENS = 1024
 _MASK = (1 << 64) - 1
 _encode = msgspec.json.Encoder().encode
 

@@ -177,15 +177,19 @@ def _validate_response_format(body: dict[str, Any]) -> None:
 
 # Sampling fields as OpenAI types them: one of another type reached an Ollama engine as an option it
 # refuses, a 500 there, and so a 502 tried on every worker (and again by the SDK's retries)
-_NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty")
-_INTEGERS = ("seed", "top_k")
+# (and those llama.cpp takes under Ollama's names, which reach Ollama as its options)
+_NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty",
+            "repeat_penalty", "typical_p", "mirostat_tau", "mirostat_eta")
+INTEGERS = ("seed", "top_k", "repeat_last_n", "mirostat")  # (3.0 is taken as 3, as vLLM and Ollama take it)
 
 
 def _check_sampling(body: dict[str, Any]) -> None:
     for name in _NUMBERS:
         _optional(body, name, (int, float), "a number")
-    for name in _INTEGERS:
-        _optional(body, name, int, "an integer")
+    for name in INTEGERS:
+        _optional(body, name, (int, float), "an integer")
+        if isinstance(body.get(name), float) and not body[name].is_integer():
+            raise ApiError(400, f"Invalid type for '{name}': expected an integer", param=name, code="invalid_type")
     stop = body.get("stop")
     if stop is not None and not isinstance(stop, str) and not _strings(stop):
         raise ApiError(400, "Invalid type for 'stop': expected a string or an array of strings", param="stop",
@@ -196,11 +200,11 @@ def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
-# Ollama's options by the type its runners read them as (an integer may be sent as 3.0); others pass
-_OLLAMA_INTEGERS = ("num_keep", "seed", "num_predict", "top_k", "repeat_last_n", "num_ctx", "num_batch", "num_gpu",
-                    "main_gpu", "num_thread")
+# Ollama's options by the type its runners read them as (an integer may be sent as 3.5: Ollama drops
+# the fraction); others pass, as Ollama lets them
+_OLLAMA_INTEGERS = ("num_keep", "num_predict", "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", *INTEGERS)
 _OLLAMA_NUMBERS = ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-                   "frequency_penalty")
+                   "frequency_penalty", "mirostat_tau", "mirostat_eta")
 
 
 def _check_ollama(body: dict[str, Any]) -> None:
@@ -218,6 +222,8 @@ def _check_ollama(body: dict[str, Any]) -> None:
             raise ApiError(400, f"option {name!r} must be {kind}", param=f"options.{name}")
     if options.get("stop") is not None and not _strings(options["stop"]):
         raise ApiError(400, "option 'stop' must be an array of strings", param="options.stop")
+    if options.get("use_mmap") is not None and not isinstance(options["use_mmap"], bool):
+        raise ApiError(400, "option 'use_mmap' must be a boolean", param="options.use_mmap")
 
 
 def validate_ollama_embed(body: dict[str, Any]) -> None:

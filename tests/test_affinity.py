@@ -87,11 +87,8 @@ def test_a_generation_with_context_is_keyed_by_it_and_a_huge_message_by_its_star
     its request. The start of each text (64 Ki characters) names the conversation. (A context is told by its
     first 1,024 tokens: a short one changes with each turn, but its prompt is cheap to compute again.)"""
     turns = [{"model": "m", "prompt": prompt, "context": list(range(size))}
-             for prompt, size in (("a", 70), ("b", 150), ("c", 1500))]  # (a hunt: 1,024 moved most short chats)
-    assert keys_of(turns[0], [], "ollama.generate") == keys_of(turns[1], [], "ollama.generate") == \
-        keys_of(turns[2], [], "ollama.generate") is not None
-    growing = "Q: hi\nA: hello, how can I help? " * 8  # a chat on /v1/completions, past 256 characters
-    assert key_of({"model": "m", "prompt": growing + "Q: more"}, []) == key_of({"model": "m", "prompt": growing * 3}, [])
+             for prompt, size in (("a", 1100), ("b", 1500))]
+    assert keys_of(turns[0], [], "ollama.generate") == keys_of(turns[1], [], "ollama.generate") is not None
     big = "x" * (1 << 16)
     assert key_of(chat({"role": "user", "content": big + "a"}), []) == \
         key_of(chat({"role": "user", "content": big + "b"}), [])

@@ -12,17 +12,18 @@ import socket
 from functools import partial
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import trio
 
 from conftest import WAIT_S, Grid, _scoped, chat, eventually, run_ghubai, workers_linked
 from ghubai import __version__, dialects
-from ghubai.config import load
+from ghubai.config import EngineConfig, load
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
-from ghubai.worker.engine import PROBE_MODEL, _counts_of, _usage_of
+from ghubai.worker.engine import PROBE_MODEL, Engine, _counts_of, _usage_of
 
 KEY = "engine-secret-4f1c"
 
@@ -131,6 +132,9 @@ async def test_an_engine_that_echoes_its_credentials_in_an_error_never_shows_the
     assert streamed.status_code == 200 and "you sent Bearer *** and ***" in streamed.text, streamed.text
     for text in (whole.text, streamed.text, caplog.text):
         assert KEY not in text and header not in text
+    engine = Engine(EngineConfig(api_key="sk-live-0123456789abcdef"), httpx.AsyncClient())  # (review: cut short)
+    assert engine.scrub("x" * 480 + "Bearer sk-live-0123") == "x" * 480 + "Bearer ***"
+    assert engine.scrub("skim it") == "skim it"
 
 
 def test_check_names_a_bad_engine_key_never_its_value(tmp_path: Path) -> None:

@@ -460,9 +460,12 @@ class Engine:
 
     def scrub(self, text: str) -> str:
         """An engine's words without the key and header values it was sent: some echo them in any
-        error, a 400 or a 429 as well as a 401 (LiteLLM's key in a 400 was one)."""
+        error, a 400 or a 429 as well as a 401 (LiteLLM's key in a 400 was one); and the start of one
+        the text ends with, where an engine's words were cut short (at 500 characters)."""
         for secret in self.secrets:
             text = text.replace(secret, "***")
+            text = next((text[:-cut] + "***" for cut in range(len(secret) - 1, 3, -1)
+                         if text.endswith(secret[:cut])), text)
         return text
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:

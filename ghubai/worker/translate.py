@@ -315,10 +315,10 @@ class OllamaOverOpenAI:
             return {"model": self.model, "input": str(body.get("prompt", ""))}
         options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
-        request.update({name: options[name] for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS)
-                        if name in options})
-        if "repeat_penalty" in options:
-            request["repetition_penalty"] = options["repeat_penalty"]
+        request.update({name: int(options[name]) if name in dialects.INTEGERS else options[name]  # (as Ollama)
+                        for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS) if options.get(name) is not None})
+        if "repeat_penalty" in request:
+            request["repetition_penalty"] = request["repeat_penalty"]
         if self.api == "ollama.generate" and body.get("raw"):
             self.path = "/v1/completions"
             request["max_tokens"] = None  # no limit, as Ollama's default: vLLM's completions stop at 16
@@ -602,8 +602,6 @@ class OpenAIOverOllama:
                                  f"send {choices} requests")
         if body.get("echo") is True:
             raise Untranslatable("an Ollama engine does not echo the prompt")
-        if body.get("logit_bias"):
-            raise Untranslatable("an Ollama engine takes no logit_bias")
         response_format = body.get("response_format") or {}
         if response_format.get("type") not in (None, "text", "json_object", "json_schema"):
             raise Untranslatable(f"an Ollama engine takes no response_format of type {response_format['type']!r}")
