@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, next_request, read_until
-from ghubai.http11.client import KEEPALIVE_IDLE_S, UNACKNOWLEDGED_S, ConnectionPool, open_stream
+from ghubai.http11.client import KEEPALIVE_IDLE_S, KEEPALIVE_RACE_S, UNACKNOWLEDGED_S, ConnectionPool, open_stream
 
 
 def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:
@@ -138,6 +138,45 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_by_a_fresh_one(n
     assert await post(pool, {}) == (200, b"ok") and len(pool.idle) == 1
     await closed.wait()
     assert await post(pool, {}) == (200, b"ok")
+
+
+@pytest.mark.parametrize("held_s", [0.0, KEEPALIVE_RACE_S + 0.1])
+async def test_a_request_a_server_took_and_dropped_is_sent_again_once_at_most(nursery: trio.Nursery,
+                                                                              held_s: float) -> None:
+    """Regression (hunt): a server that reads a request and closes without a word (a crash, a gateway's
+    timeout) had it sent again on every idle connection, then a fresh one: one generation run up to 65
+    times at the proxy. A close at once, the keep-alive race, is sent again once, on a fresh connection;
+    a later one may have run the request, and is the caller's error."""
+    received = 0
+
+    async def answer_once_then_drop(stream: trio.SocketStream) -> None:
+        nonlocal received
+        conn = h11.Connection(h11.SERVER)
+        answered = False
+        while await next_request(conn, stream) is not None:
+            received += 1
+            if answered:
+                await trio.sleep(held_s)
+                await stream.aclose()
+                return
+            await stream.send_all(conn.send(h11.Response(status_code=200, headers=[("content-length", "2")])) +
+                                  conn.send(h11.Data(data=b"ok")) + conn.send(h11.EndOfMessage()))
+            conn.start_next_cycle()
+            answered = True
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, answer_once_then_drop, 0, host="127.0.0.1"))
+    pool = pool_for(f"http://127.0.0.1:{listener.socket.getsockname()[1]}")
+    async with trio.open_nursery() as four:  # four kept connections
+        for _ in range(4):
+            four.start_soon(post, pool, {})
+    assert len(pool.idle) == 4 and received == 4
+    if held_s:
+        with pytest.raises(h11.RemoteProtocolError):
+            await post(pool, {})
+        assert received == 5 and len(pool.idle) == 3  # (the others may well be sound)
+    else:
+        assert await post(pool, {}) == (200, b"ok")  # (a fresh connection's first request is answered)
+        assert received == 6 and len(pool.idle) == 1  # the fresh one: those beside the closed one dropped
 
 
 async def _answer_with(answer: bytes | Callable[[bytes], bytes], stream: trio.SocketStream) -> None:

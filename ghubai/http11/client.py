@@ -59,6 +59,10 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
 # unacknowledged this long (or not sent for a window shut this long) end the connection instead, as a
 # link's peer silent for three heartbeats is gone: the request is sent again (``ConnectionPool.exchange``).
 UNACKNOWLEDGED_S = 15
+# A server's keep-alive close meets a request sent on the connection within a round trip; a failure
+# later than this is a server that took the request and hung up on it (a crash, a gateway's timeout),
+# which may have run it: not sent again (RFC 9110 §9.2.2).
+KEEPALIVE_RACE_S = 0.5
 
 
 def _keep_alive(sock: trio.socket.SocketType) -> None:
@@ -272,20 +276,29 @@ class ConnectionPool:
     async def exchange(self, events: list[h11.Event], timeout_s: float) -> tuple[ClientConnection, h11.Response]:
         """Send a request and read its answer's head, every wait for the server bounded by ``timeout_s``
         (trio.TooSlowError: the server may be at work on it, so it is not sent again). A kept-alive
-        connection that fails before a byte of answer comes back was closed by the server meanwhile
-        (it never took the request): the next idle one, else a fresh one, takes the request. What
-        fails on a fresh connection, or once the server answered, is raised."""
+        connection that fails before a byte of answer comes back, at once (``KEEPALIVE_RACE_S``) or
+        because the kernel gave up on its unacknowledged bytes, was closed by the server meanwhile
+        or went dark (the server never took the request): a fresh one takes the request, once, and
+        the idle ones beside it, surely closed too, are dropped. What fails on a fresh connection,
+        later, or once the server answered, is raised: one request that a server took and dropped was
+        sent again on every idle connection, a generation run up to 65 times."""
+        again = True
         while True:
             conn = await self.connection()
+            sent = trio.current_time()
             try:
                 with trio.fail_after(timeout_s):
                     return conn, await conn.exchange(*events)
             except TRANSPORT_ERRORS as error:
                 await conn.aclose()
-                if _timed_out(error):
+                dark = _timed_out(error)
+                at_once = trio.current_time() - sent < KEEPALIVE_RACE_S
+                if conn.reused and not conn.heard and again and (dark or at_once):
+                    again = False
+                    self.close_idle()
+                    continue
+                if dark:
                     self.close_idle()  # it went dark: those idle beside it surely did too, not one wait each
-                if conn.reused and not conn.heard:
-                    continue  # the server's keep-alive close: it never took the request
                 if conn.cut and not conn.heard and isinstance(conn.stream, trio.SSLStream):
                     raise BodyCut("the server closed the connection before it took the whole request") from error
                 raise
