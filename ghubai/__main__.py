@@ -1,5 +1,5 @@
 import sys
 
-from ghubai.cli import main
+from ghubai.launch import main
 
 sys.exit(main())

@@ -16,6 +16,7 @@ import trio
 
 from ghubai import __version__
 from ghubai.config import ConfigError, load, split_hostport, url_problem, with_listen
+from ghubai.launch import ignore_hangups
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.resolver import NameLookups
@@ -301,15 +302,9 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
-_RELOADING_ROLES = {"hub", "worker", "proxy", "registry"}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.role in _RELOADING_ROLES:
-        # A daemon that reloads on SIGHUP ignores one that comes while it starts (a second of imports
-        # before it listens for signals; the default would end it): the files are read after this.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    ignore_hangups([args.role])  # (the command's own entry did so before its imports: see ghubai.launch)
     logs.setup(args.log_level, args.log_format)
     tracing.setup(args.role)
     try:

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,25 @@ async def test_sighup_stops_a_role_with_nothing_to_reload(tmp_path: Path) -> Non
     finally:
         sim.process.kill()
         sim.process.wait()
+
+
+@pytest.mark.parametrize("role, ignored", [("hub", True), ("registry", True), ("sim", False)])
+def test_a_reloading_role_ignores_sighup_before_its_imports(role: str, ignored: bool) -> None:
+    """Regression (hunt): SIGHUP was ignored from ``cli.main``, after 0.2–0.3 s of imports, and a hub
+    sent one in that time died of it (systemd counts that a clean exit: Restart=on-failure left it down).
+    The command's entry ignores it before it imports the CLI."""
+    spy = ("import signal, sys\n"
+           "class Spy:\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'ghubai.cli':\n"
+           "            print('ignored' if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else 'default')\n"
+           "            raise SystemExit(0)\n"
+           "sys.meta_path.insert(0, Spy())\n"
+           f"sys.argv = ['ghubai', {role!r}]\n"
+           "from ghubai.launch import main\n"
+           "main()\n")
+    result = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == ("ignored" if ignored else "default"), result.stderr
 
 
 async def test_a_sighup_while_a_daemon_starts_does_not_end_it(tmp_path: Path) -> None:

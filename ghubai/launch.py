@@ -1,0 +1,28 @@
+"""The ``ghubai`` command's first step, before anything heavy is imported.
+
+A daemon that reloads on SIGHUP must not die of one that comes while it starts (a script that starts
+it, edits its file and reloads): the default action ends a process, and systemd takes that end for a
+clean exit, so ``Restart=on-failure`` left the role down. The imports before trio listens for signals
+take 0.2–0.3 s, so the signal is ignored from here, the command's first line of our code; the files are
+read after it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+RELOADING_ROLES = frozenset({"hub", "worker", "proxy", "registry"})
+
+
+def ignore_hangups(argv: list[str]) -> None:
+    """Ignore SIGHUP when ``argv`` (the command line after ``ghubai``) starts a reloading role."""
+    if argv and argv[0] in RELOADING_ROLES:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+def main() -> int:
+    ignore_hangups(sys.argv[1:])
+    from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
+
+    return run()
