@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import ssl
+import time
 from functools import partial
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ghubai.config import ConfigError, hub_address, load, parse
 from ghubai.proxy.hubs import HubSet
 from ghubai.registry import server as registry_server
 from ghubai.registry.server import HubList, reload
+from ghubai.registry import watch as watch_module
 from ghubai.registry.watch import watch
 
 TWO_HUBS = """listen = "127.0.0.1:7001"
@@ -274,6 +276,32 @@ async def test_a_broken_ipv6_address_or_a_toml_bomb_keeps_the_registry_serving_t
         check = run_ghubai("check", str(path))
         assert check.returncode == 1 and said in check.stdout + check.stderr and "Traceback" not in check.stderr
         save_atomically(path, TWO_HUBS)
+
+
+async def test_a_same_size_edit_within_a_coarse_timestamp_s_tick_is_seen(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): on a filesystem of 1-second timestamps (ext3, old ext4, some NFS), a second
+    in-place write of the same size within the tick has the same signature, and was missed for good."""
+    path = tmp_path / "registry.toml"
+    path.write_text("a = 1\n")
+    stamp = time.time_ns()  # every write in one tick: the signature tells nothing apart but the size
+    monkeypatch.setattr(watch_module, "signature", lambda name: (1, 1, os.stat(name).st_size, stamp, stamp))
+    monkeypatch.setattr(watch_module, "RACY_NS", 3600 * 10**9)  # (however slow this machine is)
+    read: list[str] = []
+    changed = trio.Event()
+
+    def on_change() -> bool:
+        read.append(path.read_text())
+        changed.set()
+        return True
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(watch, str(path), on_change, 0.01))
+        path.write_text("a = 2\n")
+        with trio.fail_after(WAIT_S):
+            await changed.wait()
+        nursery.cancel_scope.cancel()
+    assert read == ["a = 2\n"]
 
 
 async def test_a_file_made_readable_by_chmod_is_seen(tmp_path: Path) -> None:
