@@ -97,7 +97,7 @@ def _registry(args: argparse.Namespace) -> int:
     from ghubai.registry.server import run
 
     config = with_listen(load("registry", args.config), args.listen)
-    return _stopping_on(lambda service: run(config, args.config, service=service))
+    return _run(lambda stop, service: run(config, args.config, service=service, stop=stop))
 
 
 def _required_config(args: argparse.Namespace) -> str:

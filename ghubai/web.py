@@ -65,7 +65,6 @@ import contextlib
 import inspect
 import logging
 import sys
-from functools import partial
 from importlib.metadata import version
 from typing import Any
 
@@ -363,13 +362,18 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", write_t
     return config
 
 
-async def serve_app(app: Any, config: GhubConfig, *,
+async def serve_app(app: Any, config: GhubConfig, *, until: trio.Event | None = None,
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
+    """Serve until cancelled, or until ``until`` is set: then stop listening and give the requests
+    being answered ``graceful_timeout`` to end. Reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
     async with trio.open_nursery() as nursery:
+        async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
+            await serve(app, config, shutdown_trigger=trio.sleep_forever if until is None else until.wait,
+                        task_status=task_status)
+            nursery.cancel_scope.cancel()  # (and the writes' watch with it)
+
         nursery.start_soon(_cut_writes_when_cancelled, config)
-        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=trio.sleep_forever))
-        task_status.started(binds)
+        task_status.started(await nursery.start(serving))
 
 
 async def _cut_writes_when_cancelled(config: GhubConfig) -> None:

@@ -173,6 +173,36 @@ async def test_sighup_reads_the_file_again(tmp_path: Path) -> None:
         assert registry.stop() == 0
 
 
+async def test_a_stopping_registry_answers_its_held_long_polls_304(tmp_path: Path) -> None:
+    """Regression (hunt): SIGTERM cancelled the held long-polls, which hypercorn answered 500, and every
+    proxy logged the registry's failure at each restart. They are answered as the list stands."""
+    path = tmp_path / "registry.toml"
+    path.write_text(TWO_HUBS)
+    registry = Daemon(tmp_path, "registry", "--config", str(path), "--listen", "127.0.0.1:0")
+    try:
+        url = await registry.url()
+        async with httpx.AsyncClient(timeout=WAIT_S) as http:
+            etag = (await http.get(url + "/hubs")).headers["etag"]
+            answers: list[int] = []
+
+            async def poll() -> None:
+                answers.append((await http.get(url + "/hubs", params={"wait": "60"},
+                                               headers={"If-None-Match": etag})).status_code)
+
+            async def held() -> bool:
+                return "ghubai_registry_long_polls 1.0" in (await http.get(url + "/metrics")).text
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poll)
+                await eventually(held, "the long-poll to be held")
+                registry.process.terminate()
+        assert answers == [304]
+        assert registry.process.wait(timeout=WAIT_S) == 0
+    finally:
+        registry.process.kill()
+        registry.process.wait()
+
+
 def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_text('listen = "0.0.0.0:7009"\n')

@@ -42,6 +42,15 @@ class HubList:
         self.changed = trio.Event()
         self.config_error: str | None = None
         self.reload_errors = 0
+        self.stopping = False  # the daemon stops: a long-poll is answered at once, and none is held
+        self.held = 0  # long-polls waiting for a change (about one per proxy)
+
+    def release_polls(self) -> None:
+        """Answer every held long-poll now (a 304: the list has not changed), before the server stops:
+        cancelled, they were 500s, which every proxy logged as the registry's failure at each restart."""
+        self.stopping = True
+        self.changed.set()
+        self.changed = trio.Event()
 
     def publish(self, hubs: tuple[HubEntry, ...]) -> None:
         if hubs == self.hubs and self.version:
@@ -94,6 +103,8 @@ def reload(hub_list: HubList, path: str) -> bool:
 
 def _figures(hub_list: HubList) -> list[Metric]:
     return [GaugeMetricFamily("ghubai_registry_hubs", "Hubs in the list being served", value=len(hub_list.hubs)),
+            GaugeMetricFamily("ghubai_registry_long_polls", "Long-polls held for a change (one a following proxy)",
+                              value=hub_list.held),
             CounterMetricFamily("ghubai_registry_reload_errors", "Edits of the file that were refused",
                                 value=hub_list.reload_errors)]
 
@@ -123,10 +134,14 @@ def create_app(hub_list: HubList) -> QuartTrio:
             tags = {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}
             return hub_list.etag in tags or "*" in tags
 
-        if matches() and wait > 0:
+        if matches() and wait > 0 and not hub_list.stopping:
             changed = hub_list.changed
-            with trio.move_on_after(wait):
-                await changed.wait()
+            hub_list.held += 1
+            try:
+                with trio.move_on_after(wait):
+                    await changed.wait()
+            finally:
+                hub_list.held -= 1
         if not hub_list.version:  # no file has named its hubs yet: no list to give (a proxy keeps its own)
             return no_list()
         if matches():
@@ -156,8 +171,9 @@ def _reload_on_signal(hub_list: HubList, path: str) -> None:
 
 
 async def run(config: RegistryConfig, path: str | None, *, service: Service | None = None,
-              task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve until cancelled; with a ``path``, follow its edits (and SIGHUP). Reports the base URL."""
+              stop: trio.Event | None = None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve until cancelled, or until ``stop`` is set: then answer the held long-polls and end; with
+    a ``path``, follow its edits (and SIGHUP). Reports the base URL."""
     hub_list = HubList()
     if path is None:
         hub_list.publish(config.hubs)
@@ -168,9 +184,16 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
             service.reload = partial(_reload_on_signal, hub_list, path)
             await nursery.start(watch, path, partial(reload, hub_list, path))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
-        binds = await nursery.start(serve_app, create_app(hub_list), server_config(
-            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
-            max_connections=connection_cap(config.max_connections, 1, "max_connections")))
-        log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
-        service.ready()
-        task_status.started(binds[0])
+        stopped = trio.Event()
+        async with trio.open_nursery() as serving:
+            binds = await serving.start(partial(serve_app, create_app(hub_list), server_config(
+                config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
+                max_connections=connection_cap(config.max_connections, 1, "max_connections")), until=stopped))
+            log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
+            service.ready()
+            task_status.started(binds[0])
+            if stop is not None:
+                await stop.wait()
+                hub_list.release_polls()
+                stopped.set()  # the server answers them, then ends
+        nursery.cancel_scope.cancel()  # (the watch)
