@@ -124,6 +124,24 @@ async def test_hub_notifies_and_reloads_its_keys(grid: Any, notify: NotifySocket
         await reload_and_stop(hub, notify)
 
 
+def test_a_reload_names_the_keys_that_changed_and_wait_for_a_restart(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): a changed ``listen`` or queue size was taken silently by a reload, which
+    applies only the keys; the operator believed it applied."""
+    path = tmp_path / "hub.toml"
+    path.write_text('listen = "127.0.0.1:7000"\napi_keys = ["a"]\n')
+    service = Service({})
+    service.reloads_config("hub", str(path), lambda fresh: "taken", live=("api_keys", "provider_tokens"))
+    assert service.reload is not None
+    path.write_text('listen = "127.0.0.1:7000"\napi_keys = ["b"]\n')
+    service.reload()
+    assert "restart" not in caplog.text.replace("take effect on restart)", "")
+    path.write_text('listen = "127.0.0.1:7001"\napi_keys = ["b"]\n[limits]\nqueue_size = 3\n')
+    service.reload()
+    assert "changed, and taking effect on restart only: listen, limits.queue_size" in caplog.text
+    assert '"b"' not in caplog.text
+
+
 async def test_a_broken_config_on_reload_keeps_the_hub_serving(notify: NotifySocket, processes: list[Daemon],
                                                                tmp_path: Path) -> None:
     hub, config, hub_url = await hub_with_key("key", tmp_path, notify, processes)

@@ -577,7 +577,8 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
         return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
 
     service.reloads_config("hub", path, reload, lambda: [key for key in ("api_keys", "provider_tokens")
-                                                         if not getattr(secrets, key).open])
+                                                         if not getattr(secrets, key).open],
+                           live=("api_keys", "provider_tokens"))
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(serve_app, app, server_config(
             config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,

@@ -9,6 +9,7 @@ the daemon. Without ``$NOTIFY_SOCKET`` (not under systemd, or in tests) every ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -23,6 +24,35 @@ from ghubai.config import ConfigError, reload_file
 log = logging.getLogger("ghubai.service")
 
 STATUS_INTERVAL_S = 2.0
+
+
+def file_config(role: str, path: str) -> Any:
+    """The file's configuration as the daemon starts (not its command line's ``--listen``), to tell
+    later edits by; None when it cannot be read now."""
+    try:
+        return reload_file(role, path)
+    except ConfigError:
+        return None
+
+
+def restart_needed(path: str, started: Any, fresh: Any, live: Iterable[str]) -> None:
+    """Warn of the keys that changed in the file since ``started`` and are not ``live``: they wait for a restart."""
+    if waiting := [key for key in changed_keys(started, fresh) if key not in live]:
+        log.warning("%s: changed, and taking effect on restart only: %s", path, ", ".join(waiting))
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the fields of two configurations (frozen dataclasses) that differ."""
+    if not (dataclasses.is_dataclass(old) and dataclasses.is_dataclass(new)):
+        return []
+    found = []
+    for field in dataclasses.fields(old):
+        before, after = getattr(old, field.name), getattr(new, field.name, None)
+        if dataclasses.is_dataclass(before):
+            found += changed_keys(before, after, f"{prefix}{field.name}.")
+        elif before != after:
+            found.append(prefix + field.name)
+    return found
 
 
 class Service:
@@ -45,16 +75,20 @@ class Service:
         self._ready = self._stopping = False
 
     def reloads_config(self, role: str, path: str | None, apply: Callable[[Any], str],
-                       kept: Callable[[], Iterable[str]] = tuple) -> None:
+                       kept: Callable[[], Iterable[str]] = tuple, live: Iterable[str] = ()) -> None:
         """On SIGHUP, read ``path`` again and hand the new configuration to ``apply``, which takes
-        what can change while running and says what it took. A broken file raises ConfigError, and so
-        does one without a key of the secret lists that ``kept`` names (``config.reload_file``)."""
+        what can change while running (the ``live`` keys) and says what it took; the keys that changed
+        in the file since the start and wait for a restart are named (a changed ``listen`` was taken
+        silently). A broken file raises ConfigError, and so does one without a key of the secret lists
+        that ``kept`` names (``config.reload_file``)."""
         if path is None:
             return
+        started = file_config(role, path)
 
         def reload() -> None:
-            taken = apply(reload_file(role, path, kept()))
-            log.info("reloaded %s: %s (other keys take effect on restart)", path, taken)
+            fresh = reload_file(role, path, kept())
+            log.info("reloaded %s: %s (other keys take effect on restart)", path, apply(fresh))
+            restart_needed(path, started, fresh, live)
 
         self.reload = reload
 

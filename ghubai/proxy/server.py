@@ -270,7 +270,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
         proxy.keys.replace(fresh.api_keys)
         return f"{len(fresh.api_keys)} api_keys"
 
-    service.reloads_config("proxy", path, reload, lambda: () if proxy.keys.open else ("api_keys",))
+    service.reloads_config("proxy", path, reload, lambda: () if proxy.keys.open else ("api_keys",),
+                           live=("api_keys",))
     proxy.hubs.update([(address, address) for address in config.hubs])
     host, port = split_hostport(config.listen)
     limits = config.limits

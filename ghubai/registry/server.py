@@ -22,7 +22,7 @@ from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_tex
 from ghubai.errors import ApiError
 from ghubai.http11.server import connection_cap
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
-from ghubai.observability.service import Service
+from ghubai.observability.service import Service, file_config, restart_needed
 from ghubai.registry.watch import watch
 from ghubai.web import serve_app, server_config
 
@@ -68,7 +68,7 @@ class HubList:
         return [{"name": hub.name, "address": hub.address} for hub in self.hubs]
 
 
-def reload(hub_list: HubList, path: str) -> bool:
+def reload(hub_list: HubList, path: str, started: RegistryConfig | None = None) -> bool:
     """Read the file again; on any problem keep the last good list and say why. A file that names
     no ``hubs`` at all is a problem too: an empty or half-written file (a full disk, a save caught
     midway, then a reboot) must not empty the grid; ``hubs = []`` does, on purpose. Until a file
@@ -98,6 +98,7 @@ def reload(hub_list: HubList, path: str) -> bool:
         log.info("%s is valid again", path)
     hub_list.config_error = None
     hub_list.publish(config.hubs)
+    restart_needed(path, started, config, ("hubs",))
     return True
 
 
@@ -165,9 +166,9 @@ def create_app(hub_list: HubList) -> QuartTrio:
     return app
 
 
-def _reload_on_signal(hub_list: HubList, path: str) -> None:
+def _reload_on_signal(hub_list: HubList, path: str, started: RegistryConfig | None) -> None:
     log.info("SIGHUP: reloading %s", path)
-    reload(hub_list, path)
+    reload(hub_list, path, started)
 
 
 async def run(config: RegistryConfig, path: str | None, *, service: Service | None = None,
@@ -181,8 +182,9 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
     service.summary = lambda: f"{len(hub_list.entries())} hubs" + (", config error" if hub_list.config_error else "")
     async with trio.open_nursery() as nursery:
         if path is not None:
-            service.reload = partial(_reload_on_signal, hub_list, path)
-            await nursery.start(watch, path, partial(reload, hub_list, path))
+            started = file_config("registry", path)
+            service.reload = partial(_reload_on_signal, hub_list, path, started)
+            await nursery.start(watch, path, partial(reload, hub_list, path, started))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
         stopped = trio.Event()
         async with trio.open_nursery() as serving:
