@@ -9,8 +9,11 @@ from typing import Any
 
 import trio
 
-from conftest import WAIT_S, Grid, chat, eventually, workers_linked
+from conftest import WAIT_S, Grid, _scoped, chat, eventually, workers_linked
+from ghubai.config import EngineConfig, WorkerConfig
 from ghubai.http11.server import Connection, Request, serve_connection
+from ghubai.worker.agent import BACKOFF_FIRST_S, BACKOFF_MAX_S, next_backoff
+from ghubai.worker.agent import run as run_worker
 from relay import Relay
 
 
@@ -18,6 +21,33 @@ async def _through(grid: Grid, hub_url: str, **relay: Any) -> tuple[Relay, str]:
     """A relay before the hub, and the URL a worker dials to reach the hub through it."""
     relayed = Relay(int(hub_url.rsplit(":", 1)[1]), **relay)
     return relayed, f"http://127.0.0.1:{await grid.nursery.start(relayed.serve)}"
+
+
+def test_a_restarting_hub_is_dialled_every_second_and_a_lost_one_every_ten_at_most() -> None:
+    """Regression (hunt): the backoff doubled to 30 s whatever the hub said, so a hub back from its
+    restart had no worker for up to 17 s; while it restarts (it closed the link with 1001) the waits
+    stay at 0.5-1 s."""
+    backoff, waits = BACKOFF_FIRST_S, []
+    for _ in range(10):
+        waits.append(backoff)
+        backoff = next_backoff(backoff, restarting=True)
+    assert max(waits) == 1.0
+    for _ in range(10):
+        backoff = next_backoff(backoff, restarting=False)
+    assert backoff == BACKOFF_MAX_S == 10.0
+
+
+async def test_a_hub_address_without_a_path_is_its_link(grid: Grid) -> None:
+    """Regression: ``hub_url = "ws://hub:7197"``, as an operator writes an address, was refused with a
+    404 at / at every dial, for ever; it means the hub's /gridhub."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    config = WorkerConfig(hub_url=(hub.value.replace("http://", "ws://"),), name="bare",
+                          engine=EngineConfig(url=sim_url))
+    running = await grid.nursery.start(_scoped, run_worker, config)
+    with trio.fail_after(WAIT_S):
+        await running.value.welcomed.wait()
+    await workers_linked(grid, hub.value, 1)
 
 
 async def test_a_large_request_on_a_slow_link_ends_no_link(grid: Grid) -> None:

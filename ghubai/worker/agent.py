@@ -36,10 +36,20 @@ log = logging.getLogger("ghubai.worker")
 
 BACKOFF_FIRST_S = 0.5
 DISCOVERY_RETRY_FIRST_S = 1.0
-BACKOFF_MAX_S = 30.0
+# A hub down for long is dialled every 5-10 s (with 30, a restarted hub had no worker for up to 17 s
+# after it was back: a hunt); a refused connection costs it nothing
+BACKOFF_MAX_S = 10.0
 # After a hub said it stops (close code 1001), its port refusing connections is its restart, logged
-# at info for this long; then at warning, as any hub that does not answer.
+# at info for this long, and dialled every 0.5-1 s, so that it has its workers back within a second;
+# then at warning, as any hub that does not answer.
 RESTART_GRACE_S = 60.0
+RESTART_BACKOFF_S = 1.0
+
+
+def next_backoff(backoff: float, restarting: bool) -> float:
+    """The backoff after a failed dial: twice the last, up to ``BACKOFF_MAX_S`` (``RESTART_BACKOFF_S``
+    while the hub restarts); each wait is drawn from its upper half."""
+    return min(backoff * 2, RESTART_BACKOFF_S if restarting else BACKOFF_MAX_S)
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 DISCONNECT_TIMEOUT_S = 2.0
@@ -260,7 +270,7 @@ class Worker:
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            backoff = next_backoff(backoff, trio.current_time() < restarting_until)
 
     @asynccontextmanager
     async def _dial(self, url: str, tls: ssl.SSLContext | None,
@@ -271,7 +281,9 @@ class Worker:
         host, port = parts.hostname or "localhost", parts.port or (443 if tls else 80)
         named = f"[{host}]" if ":" in host else host  # the Host header: the URL's, port and all
         named += f":{parts.port}" if parts.port else ""
-        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        # a hub's address without a path means its link (``ws://hub:7197``: a 404 at / for ever, before)
+        resource = (parts.path if parts.path.strip("/") else protocol.GRIDHUB_PATH) + \
+            (f"?{parts.query}" if parts.query else "")
         timeout_s = self.config.engine.connect_timeout_s
         stream = Heard(await open_stream(host, port, tls, timeout_s))
         try:
