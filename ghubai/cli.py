@@ -24,12 +24,14 @@ from ghubai.resolver import NameLookups
 log = logging.getLogger("ghubai")
 
 
-async def _until_signal(scope: trio.CancelScope, drain: trio.Event | None, service: Service, reloads: bool) -> None:
+async def _until_signal(scope: trio.CancelScope, drain: trio.Event | None, service: Service, reloads: bool, *,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """SIGTERM asks a role that drains (``drain`` given) to finish its work, then return; SIGINT, a
     second SIGTERM, or SIGTERM to a role with nothing to drain stops at once. SIGHUP reloads what a
     daemon can reload; for ``ghubai up`` and the simulator (``reloads`` false) it is a terminal
     hang-up, and stops them."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP and reloads:
                 service.reloaded()
@@ -64,7 +66,8 @@ def _serve(main: Main, reloads: bool, drains: bool) -> int:
         drain, service = trio.Event(), Service()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_until_signal, nursery.cancel_scope, drain if drains else None, service, reloads)
+                # listening before the role's first line: a Ctrl-C in its start was a traceback, and exit 1
+                await nursery.start(_until_signal, nursery.cancel_scope, drain if drains else None, service, reloads)
                 nursery.start_soon(service.run)
                 await main(drain, service)
                 nursery.cancel_scope.cancel()
@@ -313,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ghubai {args.role}: {error}", file=sys.stderr)
         return 2
     except (OSError, BaseExceptionGroup) as error:  # a port in use, a TLS file it cannot read: one line
+        if isinstance(error, BaseExceptionGroup) and error.split(KeyboardInterrupt)[1] is None:
+            return 0  # a Ctrl-C before trio listened for it: a clean stop all the same
         if (cause := _startup_error(error)) is None:
             raise
         print(f"ghubai {args.role}: {cause}", file=sys.stderr)

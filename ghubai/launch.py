@@ -23,6 +23,9 @@ def ignore_hangups(argv: list[str]) -> None:
 
 def main() -> int:
     ignore_hangups(sys.argv[1:])
-    from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
+    try:
+        from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
 
-    return run()
+        return run()
+    except KeyboardInterrupt:  # a Ctrl-C before the role listened for it: a clean stop, not a traceback
+        return 0

@@ -248,6 +248,33 @@ def test_a_reloading_role_ignores_sighup_before_its_imports(role: str, ignored: 
     assert result.stdout.strip() == ("ignored" if ignored else "default"), result.stderr
 
 
+def test_a_ctrl_c_while_a_daemon_starts_is_a_clean_stop_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): a Ctrl-C in a daemon's first second, before trio listened for signals, was a
+    KeyboardInterrupt traceback (during the imports) or a group of one and exit status 1 (in the role's
+    setup), which a script cannot tell from a failure."""
+    spy = ("import sys\n"
+           "class Spy:\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'ghubai.cli':\n"
+           "            raise KeyboardInterrupt\n"
+           "sys.meta_path.insert(0, Spy())\n"
+           "sys.argv = ['ghubai', 'hub']\n"
+           "from ghubai.launch import main\n"
+           "sys.exit(main())\n")
+    result = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    from ghubai import cli
+
+    def interrupted(args: object) -> int:
+        raise BaseExceptionGroup("setup", [KeyboardInterrupt()])
+
+    monkeypatch.setattr(cli, "_hub", interrupted)
+    monkeypatch.setattr(cli.logs, "setup", lambda *args: None)  # (this process's logging stays the tests')
+    monkeypatch.setattr(cli.tracing, "setup", lambda *args: None)
+    monkeypatch.setattr(cli, "ignore_hangups", lambda argv: None)
+    assert cli.main(["hub"]) == 0
+
+
 async def test_a_sighup_while_a_daemon_starts_does_not_end_it(tmp_path: Path) -> None:
     """``kill -HUP`` right after a start (a script that starts, edits and reloads) came in the second
     of imports before trio listens for signals, and the default action ended the hub."""
