@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import ssl
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
 
@@ -155,52 +157,53 @@ async def test_sighup_reads_the_file_again(tmp_path: Path) -> None:
     """SIGHUP reads the file whatever the watcher saw (an edit its ``stat`` cannot show: a network
     file system's cached attributes, two same-size edits within one timestamp tick): a file that
     nothing changed is read again, and its error counted again."""
+    async with registry_daemon(tmp_path) as (registry, path, url, http):
+        async def refused(count: int) -> bool:
+            return f"ghubai_registry_reload_errors_total {count}.0" in (await http.get(url + "/metrics")).text
+
+        path.write_text(TWO_HUBS + "oops")
+        await eventually(partial(refused, 1), "the watcher to see the broken edit")
+        registry.process.send_signal(signal.SIGHUP)
+        await eventually(partial(refused, 2), "SIGHUP to read the file again")
+        assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
+        assert registry.stop() == 0
+
+
+@contextlib.asynccontextmanager
+async def registry_daemon(tmp_path: Path) -> AsyncIterator[tuple[Daemon, Path, str, httpx.AsyncClient]]:
+    """A registry process serving ``TWO_HUBS`` from its file, and a client."""
     path = tmp_path / "registry.toml"
     path.write_text(TWO_HUBS)
     registry = Daemon(tmp_path, "registry", "--config", str(path), "--listen", "127.0.0.1:0")
     try:
         url = await registry.url()
         async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            async def refused(count: int) -> bool:
-                return f"ghubai_registry_reload_errors_total {count}.0" in (await http.get(url + "/metrics")).text
-
-            path.write_text(TWO_HUBS + "oops")
-            await eventually(partial(refused, 1), "the watcher to see the broken edit")
-            registry.process.send_signal(signal.SIGHUP)
-            await eventually(partial(refused, 2), "SIGHUP to read the file again")
-            assert (await http.get(url + "/hubs")).json()["hubs"][0]["name"] == "a"
+            yield registry, path, url, http
     finally:
-        assert registry.stop() == 0
+        registry.process.kill()
+        registry.process.wait()
 
 
 async def test_a_stopping_registry_answers_its_held_long_polls_304(tmp_path: Path) -> None:
     """Regression (hunt): SIGTERM cancelled the held long-polls, which hypercorn answered 500, and every
     proxy logged the registry's failure at each restart. They are answered as the list stands."""
-    path = tmp_path / "registry.toml"
-    path.write_text(TWO_HUBS)
-    registry = Daemon(tmp_path, "registry", "--config", str(path), "--listen", "127.0.0.1:0")
-    try:
-        url = await registry.url()
-        async with httpx.AsyncClient(timeout=WAIT_S) as http:
-            etag = (await http.get(url + "/hubs")).headers["etag"]
-            answers: list[int] = []
+    async with registry_daemon(tmp_path) as (registry, _, url, http):
+        etag = (await http.get(url + "/hubs")).headers["etag"]
+        answers: list[int] = []
 
-            async def poll() -> None:
-                answers.append((await http.get(url + "/hubs", params={"wait": "60"},
-                                               headers={"If-None-Match": etag})).status_code)
+        async def poll() -> None:
+            answers.append((await http.get(url + "/hubs", params={"wait": "60"},
+                                           headers={"If-None-Match": etag})).status_code)
 
-            async def held() -> bool:
-                return "ghubai_registry_long_polls 1.0" in (await http.get(url + "/metrics")).text
+        async def held() -> bool:
+            return "ghubai_registry_long_polls 1.0" in (await http.get(url + "/metrics")).text
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(poll)
-                await eventually(held, "the long-poll to be held")
-                registry.process.terminate()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poll)
+            await eventually(held, "the long-poll to be held")
+            registry.process.terminate()
         assert answers == [304]
         assert registry.process.wait(timeout=WAIT_S) == 0
-    finally:
-        registry.process.kill()
-        registry.process.wait()
 
 
 def test_add_and_remove_hub_rewrite_the_file_and_keep_other_keys(tmp_path: Path) -> None:
