@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
+from ghubai import protocol
 from ghubai.errors import ApiError
 
 _decode = msgspec.json.Decoder().decode
@@ -360,14 +361,45 @@ def model_list(models: list[str]) -> dict[str, Any]:
     return {"object": "list", "data": [model_entry(m) for m in models]}
 
 
-def ollama_tags(models: list[str], running: bool = False) -> dict[str, Any]:
-    """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models engines hold in memory now), from model names
-    alone: the grid does not see sizes or digests. A digest stands in, 64 hex digits from the name (the same at
-    every hub and proxy), as Ollama's: its CLI prints a digest's first 12 characters, and an empty one made
-    ``ollama list`` and ``ollama ps`` panic."""
-    extra = {"expires_at": "2999-01-01T00:00:00Z", "size_vram": 0} if running else {}
-    return {"models": [{"name": m, "model": m, "modified_at": "1970-01-01T00:00:00Z", "size": 0,
-                        "digest": hashlib.sha256(m.encode()).hexdigest(), "details": {}, **extra} for m in models]}
+def ollama_tags(models: list[str], running: bool = False,
+                facts: Mapping[str, protocol.ModelFacts] | None = None) -> dict[str, Any]:
+    """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models engines hold in memory now), with what
+    the workers' Ollama engines told of each (``facts``: sizes, digest, details, and in memory its size
+    there, the part in VRAM and its context length, which ``ollama ps`` prints). A model no engine told
+    of (an OpenAI-compatible one's) gets size 0 and a digest that stands in, 64 hex digits from the name
+    (the same at every hub and proxy): Ollama's CLI prints a digest's first 12 characters, and an empty
+    one made ``ollama list`` and ``ollama ps`` panic. An engine keeps a model in memory for its
+    ``keep_alive`` after each request, on each worker: the grid says none expires."""
+    return {"models": [_tag(model, (facts or {}).get(model) or protocol.ModelFacts(), running) for model in models]}
+
+
+def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.ModelFacts]:
+    """What the entries of an Ollama ``/api/tags`` (or, ``running``, ``/api/ps``, whose ``size`` is the
+    model's in memory) tell of each model, by name; an entry whose figures are not of their types (or
+    too long) tells nothing."""
+    fields = {"size": "memory", "size_vram": "size_vram", "context_length": "context_length"} if running else \
+        {"size": "size"}
+    fields |= {"digest": "digest", "modified_at": "modified_at", "details": "details"}
+    told = {}
+    for entry in entries[:4096]:
+        if isinstance(entry, dict) and isinstance(name := entry.get("name"), str):
+            try:
+                told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
+                                              if entry.get(theirs) is not None}, protocol.ModelFacts)
+            except msgspec.ValidationError:
+                continue
+    return told
+
+
+def _tag(model: str, facts: protocol.ModelFacts, running: bool) -> dict[str, Any]:
+    details = {} if facts.details is None else msgspec.structs.asdict(facts.details)
+    entry = {"name": model, "model": model, "modified_at": facts.modified_at or "1970-01-01T00:00:00Z",
+             "size": facts.memory if running else facts.size,
+             "digest": facts.digest or hashlib.sha256(model.encode()).hexdigest(), "details": details}
+    if running:
+        entry.update({"expires_at": "2999-01-01T00:00:00Z", "size_vram": facts.size_vram,
+                      **({"context_length": facts.context_length} if facts.context_length else {})})
+    return entry
 
 
 # What ``/api/version`` answers: the Ollama release whose API the hub serves (tools and streamed tool

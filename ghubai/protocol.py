@@ -107,6 +107,38 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class ModelDetails(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Ollama's ``details`` of a model (its family, size in parameters, quantization), as its
+    ``/api/tags`` says them."""
+    parent_model: Text = ""
+    format: Text = ""
+    family: Text = ""
+    families: Annotated[tuple[Text, ...], msgspec.Meta(max_length=16)] | None = None
+    parameter_size: Text = ""
+    quantization_level: Text = ""
+
+
+class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What an Ollama engine tells of a model, for Ollama's clients (``ollama list``, ``ollama ps``,
+    the UIs' pickers): from ``/api/tags`` its file's ``size``, ``digest``, ``modified_at`` and
+    ``details``; from ``/api/ps``, while in memory, its ``memory`` (Ollama's ``size`` there), the
+    part of it in VRAM and its context length."""
+    size: Count = 0
+    digest: Text = ""
+    modified_at: Text = ""
+    details: ModelDetails | None = None
+    memory: Count = 0
+    size_vram: Count = 0
+    context_length: Count = 0
+
+
+ModelFactsByName = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ModelFacts],
+                             msgspec.Meta(max_length=4096)]
+
+
 class Frame(msgspec.Struct, frozen=True, tag_field="type"):
     """Any frame. Invariant: every field has been checked against its type when the frame exists.
     (Each kind says ``frozen=True`` again, which msgspec inherits anyway, for type checkers.)"""
@@ -125,6 +157,7 @@ class Hello(Frame, tag="hello", frozen=True):
     loaded: ModelNames | None = None
     problem: Problem = ""
     weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0  # its share of load, against other workers
+    facts: ModelFactsByName | None = None  # as in ``models``
 
 
 class Welcome(Frame, tag="welcome", frozen=True):
@@ -137,12 +170,14 @@ class Models(Frame, tag="models", frozen=True):
     """Worker → hub: what its engine offers changed. ``apis``: the ``API_PATHS`` it serves (None: all);
     ``loaded``: the models it holds in memory now (None: it cannot tell); ``problem``: why it lists
     no models, in words for the client (its credentials were refused, say); ``max_concurrency``: the
-    slots it has now, when the engine says (llama.cpp's ``total_slots``; None: unchanged)."""
+    slots it has now, when the engine says (llama.cpp's ``total_slots``; None: unchanged);
+    ``facts``: what the engine tells of its models (Ollama's; None: nothing)."""
     models: ModelNames
     apis: ApiNames | None = None
     loaded: ModelNames | None = None
     problem: Problem = ""
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    facts: ModelFactsByName | None = None
 
 
 class Request(Frame, tag="request", frozen=True):

@@ -216,6 +216,30 @@ async def test_model_lists_carry_a_digest_as_ollamas_cli_reads_it(grid: Grid) ->
         assert "sim" in digests and len(set(digests.values())) == len(digests), digests
 
 
+async def test_model_lists_carry_what_ollama_engines_tell_of_their_models(grid: Grid) -> None:
+    """``ollama list`` printed every model as 0 B, modified 55 years ago, and ``ollama ps`` as 100% CPU:
+    the grid passed on names only. An Ollama engine's sizes, digest, date and details now reach Ollama's
+    clients at hub and proxy, and the size in memory, the part in VRAM and the context length those in
+    memory; a model no engine told of (an OpenAI-compatible engine's) keeps the stand-ins."""
+    sim_url, _ = await grid.sim(models=("sim",))
+    plain_url, _ = await grid.sim(models=("plain",))
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    await grid.worker(hub.value, plain_url, kind="openai", name="w2")
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "plain")
+    for base in (hub.value, proxy.value):
+        async with ollama.AsyncClient(host=base) as client:
+            listed = {model.model: model for model in (await client.list()).models}
+            running = {model.model: model for model in (await client.ps()).models}
+        sim, plain = listed["sim"], listed["plain"]
+        assert (sim.size, str(sim.modified_at.date()), sim.details and sim.details.family,
+                sim.details and sim.details.quantization_level) == (1_000_000, "2026-01-01", "sim", "Q4_0"), base
+        assert (plain.size, plain.modified_at and plain.modified_at.year) == (0, 1970)
+        held = running["sim"]
+        assert (held.size, held.size_vram, held.context_length) == (1_500_000, 1_000_000, 4096), base
+
+
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
 async def test_a_stray_stream_flag_on_an_api_that_never_streams_is_ignored(grid: Grid, kind: str) -> None:
     """Regression: ``"stream": true`` on an embedding or ``/api/show`` made the worker wait for a

@@ -740,6 +740,21 @@ def test_a_completion_s_response_format_that_is_no_object_is_a_400(response_form
     assert refused.value.status == 400
 
 
+def test_what_an_ollama_listing_tells_of_a_model_is_taken_only_when_well_typed() -> None:
+    """An engine's listing reaches Ollama's clients through the grid: figures of other types, text too
+    long or no name tell nothing (and break nothing); /api/ps's size is the size in memory."""
+    entries = [{"name": "a", "size": 5, "digest": "d", "details": {"family": "llama", "families": None, "x": 1}},
+               {"name": "b", "size": "5"}, {"name": "c", "digest": "x" * 300}, {"size": 7}, "junk",
+               {"name": "d", "details": {"families": ["x"] * 100}}]
+    told = dialects.facts_of(entries)
+    assert set(told) == {"a"} and (told["a"].size, told["a"].digest, told["a"].details.family) == (5, "d", "llama")
+    held = dialects.facts_of([{"name": "a", "size": 9, "size_vram": 4, "context_length": 8192}], running=True)["a"]
+    assert (held.size, held.memory, held.size_vram, held.context_length) == (0, 9, 4, 8192)
+    entry = dialects.ollama_tags(["a", "z"], running=True, facts={"a": held})["models"]
+    assert (entry[0]["size"], entry[0]["size_vram"], entry[0]["context_length"]) == (9, 4, 8192)
+    assert (entry[1]["size"], entry[1]["size_vram"], "context_length" in entry[1]) == (0, 0, False)
+
+
 def test_openai_embeddings_request() -> None:
     """Embeddings carry only model and input; other fields do not reach Ollama."""
     translator = openai_over_ollama("openai.embeddings")

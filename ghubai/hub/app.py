@@ -458,10 +458,10 @@ class HubApi:
         return dialects.model_list(self.pool.models())
 
     async def ollama_tags(self) -> dict[str, Any]:
-        return dialects.ollama_tags(self.pool.models())
+        return dialects.ollama_tags(self.pool.models(), facts=self.pool.facts())
 
     async def ollama_running(self) -> dict[str, Any]:
-        return dialects.ollama_tags(self.pool.loaded(), running=True)
+        return dialects.ollama_tags(self.pool.loaded(), running=True, facts=self.pool.facts())
 
     async def ollama_version(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         return {"version": dialects.OLLAMA_API_VERSION}, 200, {"X-GhubAi-Version": __version__}

@@ -54,7 +54,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
                           out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
                           weight=hello.weight,
                           apis=None if hello.apis is None else frozenset(hello.apis),
-                          loaded=None if hello.loaded is None else frozenset(hello.loaded))
+                          loaded=None if hello.loaded is None else frozenset(hello.loaded), facts=hello.facts or {})
     lost = f"lost the link to worker {worker.name}"
     try:
         async with trio.open_nursery() as nursery:

@@ -21,6 +21,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import msgspec
 import trio
 
 from ghubai import affinity, dialects, protocol
@@ -72,6 +73,7 @@ class RemoteWorker:
     slots: int = 0  # the slots it claimed, which ``reported`` counts against (0: max_concurrency)
     gone: bool = False  # its link is gone (``Pool.drop``)
     seed: int = 0  # from its name: its place in the order a conversation's key picks from (``Pool._able``)
+    facts: dict[str, protocol.ModelFacts] = field(default_factory=dict)  # what its engine tells of its models
 
     def __post_init__(self) -> None:
         self.slots = self.slots or self.max_concurrency
@@ -266,7 +268,7 @@ class Pool:
         hosting = (models, apis) != (worker.models, worker.apis)
         worker.models, worker.apis = models, apis
         self._residency(worker, offer.loaded)
-        worker.problem = offer.problem
+        worker.problem, worker.facts = offer.problem, offer.facts or {}
         if offer.max_concurrency is not None:
             worker.slots = offer.max_concurrency
             worker.max_concurrency = min(offer.max_concurrency, self.limits.max_worker_concurrency)
@@ -326,6 +328,22 @@ class Pool:
         self._models = self._loaded = self._offered = self._served = None
         self._capacity = self._top = None
         self.version += 1
+
+    def facts(self) -> dict[str, protocol.ModelFacts]:
+        """What the engines told of the models their workers serve (Ollama's, for Ollama's clients): for
+        each, the first worker's in the order of their names, with the figures in memory of the first
+        that holds it. (Asked for a model list, not per request: made anew each time.)"""
+        told: dict[str, protocol.ModelFacts] = {}
+        held: dict[str, protocol.ModelFacts] = {}
+        for worker in sorted(self.workers.values(), key=lambda worker: worker.name):
+            for model, facts in worker.facts.items():
+                if model in worker.models and not worker.draining:
+                    told.setdefault(model, facts)
+                    if facts.memory and worker.warm(model):
+                        held.setdefault(model, facts)
+        return {model: facts if (memory := held.get(model)) is None else msgspec.structs.replace(
+                    facts, memory=memory.memory, size_vram=memory.size_vram, context_length=memory.context_length)
+                for model, facts in told.items()}
 
     def models(self) -> list[str]:
         """Every model a worker that is not draining serves (kept until the workers change)."""

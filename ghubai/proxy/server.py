@@ -5,7 +5,7 @@ requested model: a conversation to the hub its key ranks first while that hub is
 than the others (``HubSet.pick``), other requests round robin. It answers ``/health``, ``/ready``,
 ``/metrics``, ``/dashboard`` (and its data), ``/v1/models`` (and ``/v1/models/{model}`` of a model a
 hub lists), ``/api/tags`` and ``/api/ps`` itself from what its health checks learnt: every hub's
-models, not one hub's. A lookup of a model no list has goes to the hubs, as a request for it would:
+models, not one hub's (with what the hubs' own lists tell of them, asked then). A lookup of a model no list has goes to the hubs, as a request for it would:
 one may be waiting for the model's worker to come back (a restart).
 """
 
@@ -22,20 +22,20 @@ from typing import Any
 import httpx
 import trio
 
-from ghubai import cors, dialects
+from ghubai import cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
 from ghubai.errors import ApiError, invalid_api_key
-from ghubai.http11.client import tls_client_context
+from ghubai.http11.client import TRANSPORT_ERRORS, TooLarge, tls_client_context
 from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
-from ghubai.proxy.follow import DETAILS_WANTED_S, check_health, follow_registry
+from ghubai.proxy.follow import CHECKS_AT_ONCE, DETAILS_WANTED_S, SUMMARY_LIMIT, check_health, follow_registry
 from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, model_named
-from ghubai.proxy.hubs import HubSet
+from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
 
@@ -248,11 +248,45 @@ class Proxy:
         await self._models_answer(conn, request, dialects.model_entry(model_named(request)))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
-        await self._models_answer(conn, request, dialects.ollama_tags(self._models_or_503()))
+        models = self._models_or_503()
+        await self._models_answer(conn, request, dialects.ollama_tags(models, facts=await self._told(request)))
 
     async def ollama_running(self, conn: Connection, request: Request) -> None:
         self._models_or_503()
-        await self._models_answer(conn, request, dialects.ollama_tags(self.hubs.loaded(), running=True))
+        await self._models_answer(conn, request, dialects.ollama_tags(
+            self.hubs.loaded(), running=True, facts=await self._told(request, running=True)))
+
+    async def _told(self, request: Request, running: bool = False) -> dict[str, protocol.ModelFacts]:
+        """What the healthy hubs' own ``/api/tags`` (``running``: ``/api/ps``) tell of their models (the
+        health checks carry names only): each model's from the first hub in the order of their names
+        that tells of it. A hub that does not answer within ``health.timeout_s`` tells nothing; its
+        models are listed all the same, by name. (A model list, not a request per token: asked each time.)"""
+        path, timeout_s = "/api/ps" if running else "/api/tags", self.config.health.timeout_s
+        key = request.header(b"authorization")  # (a hub with api_keys asks for the client's)
+        headers = [("authorization", key.decode("latin-1"))] if key else []
+        answers: dict[str, bytes] = {}
+
+        async def ask(hub: Hub) -> None:
+            with trio.move_on_after(timeout_s):
+                try:
+                    async with hub.pool.request("GET", path, headers, b"", timeout_s) as response:
+                        if response.status == 200:
+                            answers[hub.name] = await response.read(SUMMARY_LIMIT)
+                except (*TRANSPORT_ERRORS, TimeoutError, trio.TooSlowError, TooLarge):
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            for hub in self.hubs.healthy()[:CHECKS_AT_ONCE]:
+                nursery.start_soon(ask, hub)
+        told: dict[str, protocol.ModelFacts] = {}
+        for name in sorted(answers):
+            try:
+                entries = json.loads(answers[name]).get("models")
+            except (ValueError, AttributeError, RecursionError):
+                continue
+            for model, facts in dialects.facts_of(entries if isinstance(entries, list) else [], running).items():
+                told.setdefault(model, facts)
+        return told
 
 
 async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,

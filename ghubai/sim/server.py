@@ -174,7 +174,7 @@ class SimServer:
     async def running(self, conn: Connection, request: Request) -> None:
         """``/api/ps``: the models in memory (every one, unless the simulator has memory)."""
         await conn.respond_json(200, self._listing(self.sim.loaded(), expires_at="2999-01-01T00:00:00Z",
-                                                   size_vram=1_000_000))
+                                                   size=1_500_000, size_vram=1_000_000, context_length=4096))
 
     @staticmethod
     def _openai_model(name: str) -> dict[str, Any]:

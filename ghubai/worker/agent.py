@@ -182,7 +182,8 @@ class Worker:
     def _announce(self, links: list[Link] | None = None) -> None:
         offer = self.offer
         for link in list(self.links) if links is None else links:
-            link.send(protocol.Models(offer.models, offer.apis, offer.loaded, offer.problem, self.capacity))
+            link.send(protocol.Models(offer.models, offer.apis, offer.loaded, offer.problem, self.capacity,
+                                      offer.facts))
 
     async def residency_loop(self) -> None:
         """Which models Ollama holds in memory, for the hubs' scheduling: every
@@ -194,11 +195,12 @@ class Worker:
             self._loaded_one = trio.Event()
             self.engine.pool.close_stale()  # (a quiet worker keeps no connection its engine closed)
             loaded = await self.engine.loaded()
+            facts = self.engine.facts()
             # after a request for a model not in memory, the hubs hear it even unchanged: the hub
             # that sent it counted the model loaded here, and must learn so if the load never came
-            if loaded is not None and not self.offer.problem and (loaded != self.offer.loaded
-                                                                 or not timer.cancelled_caught):
-                self.offer = dataclasses.replace(self.offer, loaded=loaded)
+            if loaded is not None and not self.offer.problem and \
+                    (loaded != self.offer.loaded or facts != self.offer.facts or not timer.cancelled_caught):
+                self.offer = dataclasses.replace(self.offer, loaded=loaded, facts=facts)
                 self._announce()
 
     def rediscover(self) -> None:
@@ -306,7 +308,7 @@ class Worker:
         offer = self.offer
         await ws.send_message(protocol.encode(protocol.Hello(
             protocol.PROTOCOL, self.id, self.config.name, offer.models, self.capacity, self.config.engine.kind,
-            __version__, offer.apis, offer.loaded, offer.problem, self.config.weight)))
+            __version__, offer.apis, offer.loaded, offer.problem, self.config.weight, offer.facts)))
         with trio.fail_after(WELCOME_TIMEOUT_S):
             frame = protocol.decode(await ws.get_message())
         if not isinstance(frame, protocol.Welcome):

@@ -69,6 +69,7 @@ class Offer:
     loaded: tuple[str, ...] | None = None
     problem: str = ""
     slots: int | None = None
+    facts: dict[str, protocol.ModelFacts] | None = None  # what the engine tells of its models (Ollama's)
 
 
 def unserved(status: int, message: str) -> bool:
@@ -236,6 +237,9 @@ class Engine:
         self.tools = config.tools
         self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
+        # what Ollama's /api/tags and /api/ps last told of each model (``facts``)
+        self.listed: dict[str, protocol.ModelFacts] = {}
+        self.in_memory: dict[str, protocol.ModelFacts] = {}
         parts = urlsplit(config.url)
         tls = parts.scheme == "https"
         self.prefix = parts.path.rstrip("/")  # an engine behind a path (a gateway's /ollama, say)
@@ -276,7 +280,7 @@ class Engine:
             self.unserved = (self.unserved or frozenset()) - back  # (what a request found missing meanwhile stays)
         loaded, slots = (await self.loaded(), None) if self.config.kind == "ollama" else (None, await self._props())
         # the APIs last: a request may have found one missing while this survey waited
-        return Offer(tuple(models), self.apis(), loaded, slots=slots)
+        return Offer(tuple(models), self.apis(), loaded, slots=slots, facts=self.facts())
 
     def apis(self) -> tuple[str, ...] | None:
         if self.unserved is None:
@@ -335,7 +339,20 @@ class Engine:
             entries = (await self._get("/api/ps")).get("models")
         except DISCOVERY_ERRORS:
             return None
-        return _names(entries, "name") if isinstance(entries, list) else None
+        if not isinstance(entries, list):
+            return None
+        self.in_memory = dialects.facts_of(entries, running=True)
+        return _names(entries, "name")
+
+    def facts(self) -> dict[str, protocol.ModelFacts] | None:
+        """What the engine told of each model it lists, with its figures in memory while it holds it."""
+        if not self.listed and not self.in_memory:
+            return None
+        return {name: msgspec.structs.replace(self.listed.get(name, protocol.ModelFacts()),
+                                              memory=held.memory, size_vram=held.size_vram,
+                                              context_length=held.context_length)
+                if (held := self.in_memory.get(name)) is not None else self.listed[name]
+                for name in self.listed.keys() | self.in_memory.keys()}
 
     async def _props(self) -> int | None:
         """llama.cpp server's parallel slots (``/props``), whether its template takes tools, and
@@ -363,7 +380,10 @@ class Engine:
         entries = answer.get(listing) if isinstance(answer, dict) else None
         if not isinstance(entries, list):
             raise ValueError(f"{path} answered no {listing!r} list")
-        return list(_names(entries, key))
+        names = _names(entries, key)
+        if self.config.kind == "ollama":
+            self.listed = {name: facts for name, facts in dialects.facts_of(entries).items() if name in names}
+        return list(names)
 
     def _prepare(self, call: Call) -> dict[str, Any]:
         body = dict(call.body)
