@@ -47,6 +47,11 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   ``max_connections = 4`` for good, every client and worker link answered 503). The countdown
   starts again once it is HTTP/2 with no stream open.
 
+- HTTP/2 has frames that cost the server work and carry no request, and streams a client may reset
+  as soon as it began them: a flood of either held the loop (one connection's PINGs, 24 s after they
+  stopped) or started generations by the hundred. Past a budget a connection gets GOAWAY with
+  ENHANCE_YOUR_CALM and is closed (``CONTROL_BURST``, ``RESETS_BURST``).
+
 Besides, ``server_config`` lifts hypercorn's end of a connection after 1,000 requests (over
 HTTP/2 a GOAWAY that failed the request past it) and logs what escapes the app at WARNING. So that
 a connection's requests cost nothing that grows, h2 remembers the last 1,024 closed streams of a
@@ -64,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import sys
 from importlib.metadata import version
 from typing import Any
@@ -245,9 +251,75 @@ HTTPStream.app_send = _app_send  # type: ignore[method-assign]
 
 _hypercorn_h2_events = H2Protocol._handle_events
 
+# Frames a client may send that cost the server work and carry no request (PING, SETTINGS,
+# WINDOW_UPDATE, PRIORITY, empty DATA: the 2019 floods, CVE-2019-9512 and -9515), and streams it
+# resets (Rapid Reset, CVE-2023-44487: each a request begun, often an engine's generation): past a
+# burst, this many a second, beyond one control frame for each piece of answer sent (its window
+# updates), and the connection is closed with ENHANCE_YOUR_CALM. Measured before: one connection's
+# PINGs held the hub's loop for 24 s after they stopped (honest clients waited 15 s), and one's
+# resets started 694 generations in 15 s.
+CONTROL_BURST, CONTROL_PER_S = 1000, 100.0
+RESETS_BURST, RESETS_PER_S = 100, 10.0
+_CONTROL = (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.RemoteSettingsChanged,
+            h2.events.SettingsAcknowledged, h2.events.WindowUpdated, h2.events.PriorityUpdated)
+_calmed_at = -math.inf  # when a flood was last logged (once a minute at most: each is one connection)
+
+
+class _Bucket:
+    """A token bucket: ``take`` is false once ``burst`` were taken faster than ``rate`` a second."""
+    __slots__ = ("burst", "rate", "tokens", "at")
+
+    def __init__(self, burst: float, rate: float) -> None:
+        self.burst, self.rate, self.tokens, self.at = burst, rate, burst, trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens, self.at = min(self.burst, self.tokens + (now - self.at) * self.rate), now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def give(self) -> None:
+        self.tokens = min(self.burst, self.tokens + 1)
+
+
+def _buckets(self: H2Protocol) -> tuple[_Bucket, _Bucket]:
+    if (buckets := getattr(self, "ghubai_buckets", None)) is None:
+        buckets = self.ghubai_buckets = (_Bucket(CONTROL_BURST, CONTROL_PER_S),  # type: ignore[attr-defined]
+                                         _Bucket(RESETS_BURST, RESETS_PER_S))
+    return buckets
+
+
+def _flooding(self: H2Protocol, event: h2.events.Event) -> str | None:
+    """What ``event`` is too many of on this connection, or None."""
+    control, resets = _buckets(self)
+    if isinstance(event, _CONTROL) or (isinstance(event, h2.events.DataReceived) and not event.data
+                                       and event.stream_ended is None):
+        return None if control.take() else "control frames (PING, SETTINGS, WINDOW_UPDATE ...)"
+    if isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams and not resets.take():
+        return "streams reset before their answer ended"
+    return None
+
+
+async def _calm(self: H2Protocol, what: str) -> None:
+    """End a connection that floods the server: GOAWAY with ENHANCE_YOUR_CALM, then the close."""
+    global _calmed_at
+    if trio.current_time() - _calmed_at >= 60:
+        _calmed_at = trio.current_time()
+        log.warning("an HTTP/2 client sent too many %s: its connection is closed (ENHANCE_YOUR_CALM; said once "
+                    "a minute at most)", what)
+    with contextlib.suppress(h2.exceptions.ProtocolError):
+        self.connection.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+    await self._flush()
+    await self.send(Closed())
+
 
 async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
     for event in events:  # one at a time: passing one on may yield, and a request's answer end its stream
+        if (flood := _flooding(self, event)) is not None:
+            await _calm(self, flood)
+            return
         if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
             # (not reset: a RST_STREAM would overtake the answer, which hypercorn sends from a queue)
             self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -286,6 +358,8 @@ async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
             not isinstance(self.config, GhubConfig):
         await _hypercorn_stream_send(self, event)
         return
+    if isinstance(event, Body | Data):
+        _buckets(self)[0].give()  # (the client may answer it with a window update)
     if isinstance(event, Body | Data) and len(event.data) > WRITE_PIECE_BYTES:
         for start in range(0, len(event.data), WRITE_PIECE_BYTES):  # a deadline for each
             piece = event.data[start:start + WRITE_PIECE_BYTES]

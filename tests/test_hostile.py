@@ -25,7 +25,7 @@ import trio
 import trio_websocket
 
 from conftest import WAIT_S, Daemon, Grid, chat, eventually, read_until, run_ghubai
-from ghubai import dialects, protocol
+from ghubai import dialects, protocol, web
 from ghubai.errors import ApiError
 from ghubai.http11.client import tls_client_context
 from ghubai.http11.grammar import CHUNK_HEADER, CHUNK_SIZE_LINE, HEADER_FIELD
@@ -631,6 +631,49 @@ def h2_post(conn: Any, body: dict[str, object], received: dict[int, bytearray]) 
     return stream_id
 
 
+@pytest.mark.parametrize("flood", ["ping", "settings", "reset"])
+async def test_an_http2_flood_costs_its_connection_and_spares_the_others(grid: Grid, flood: str) -> None:
+    """Regression (hunt): one connection's PINGs (or SETTINGS, WINDOW_UPDATEs) held the hub's loop for
+    24 s after they stopped, every other client waiting up to 15 s; one's streams begun and reset
+    (Rapid Reset) started 694 generations in 15 s. Past a budget the connection gets GOAWAY with
+    ENHANCE_YOUR_CALM and is closed; another connection is served as ever."""
+    import h2.errors
+    import h2.events
+    import h2.settings
+
+    hub = await grid.hub()
+    port = int(hub.value.rsplit(":", 1)[1])
+    conn, flush = h2_client()
+    calmed = False
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        with trio.fail_after(60):
+            for round_ in range(20):  # 20 rounds of 500: twice the budget and its refill in 60 s
+                for index in range(500):
+                    if flood == "ping":
+                        conn.ping(index.to_bytes(8, "big"))
+                    elif flood == "settings":
+                        conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 100 + index})
+                    else:  # a request begun (its body never sent) and reset at once
+                        stream_id = conn.get_next_available_stream_id()
+                        conn.send_headers(stream_id, [(":method", "POST"), (":path", "/v1/chat/completions"),
+                                                      (":scheme", "http"), (":authority", "x")])
+                        conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                try:
+                    await flush(stream)
+                    while not calmed and (data := await stream.receive_some(1 << 20)):
+                        calmed = any(isinstance(event, h2.events.ConnectionTerminated)
+                                     and event.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+                                     for event in conn.receive_data(data))
+                        if len(data) < 1 << 19:
+                            break  # (what the server answered this round: on to the next)
+                except (trio.BrokenResourceError, h2.exceptions.ProtocolError):
+                    break
+                if calmed:
+                    break
+    assert calmed, "the flooding connection was not told to calm down"
+    assert (await grid.http.get(hub.value + "/health")).status_code == 200
+
+
 async def test_an_http2_connection_s_closed_streams_cost_nothing_that_grows(grid: Grid) -> None:
     """Regression (hunt): h2 kept 65,536 closed streams per connection (130 bytes each: 8.6 MB held by each
     long-lived HTTP/2 client, an Envoy upstream, say), while the hub serves a connection's requests
@@ -792,12 +835,16 @@ async def test_an_http2_connection_that_opens_no_stream_is_closed_as_an_idle_one
 
 @pytest.mark.parametrize("how", ["left one by one", "named by PRIORITY frames"])
 async def test_a_thousand_http2_streams_left_or_named_on_one_connection_cost_the_hub_nothing(
-        grid: Grid, how: str) -> None:
+        grid: Grid, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Regression (hunt): each stream a client reset before its answer (a client that leaves, one
     request at a time: a browser's AbortController), and each a PRIORITY frame named (11 KB, no key,
-    no request), kept a node in hypercorn's priority tree; at 1,001 it raised and the hub died."""
+    no request), kept a node in hypercorn's priority tree; at 1,001 it raised and the hub died. (So
+    many so fast are a flood now: the budgets are raised here, to see what is left behind.)"""
     import h2.errors
     from hyperframe.frame import PriorityFrame
+
+    monkeypatch.setattr(web, "CONTROL_BURST", 10_000)
+    monkeypatch.setattr(web, "RESETS_BURST", 10_000)
 
     hub = await grid.hub()
     conn, send = h2_client()
