@@ -59,9 +59,11 @@ KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
 # unacknowledged this long (or not sent for a window shut this long) end the connection instead, as a
 # link's peer silent for three heartbeats is gone: the request is sent again (``ConnectionPool.exchange``).
 UNACKNOWLEDGED_S = 15
-# A server's keep-alive close meets a request sent on the connection within a round trip; a failure
-# later than this is a server that took the request and hung up on it (a crash, a gateway's timeout),
-# which may have run it: not sent again (RFC 9110 §9.2.2).
+# A server's keep-alive close meets a request sent on the connection while it is sent or within a
+# round trip after; a failure later than this (or three times what making the connection took, on a
+# distant link) after the whole request was written is a server that took it and hung up on it (a
+# crash, a gateway's timeout), which may have run it: not sent again (RFC 9110 §9.2.2). (A request not
+# sent whole was run by no server.)
 KEEPALIVE_RACE_S = 0.5
 
 
@@ -111,6 +113,8 @@ class ClientConnection:
         self.reused = False  # came from the pool: a failure may be the server's keep-alive close, not a fault
         self.heard = False  # a byte came back in this exchange: the server took the request (no second send)
         self.cut = False  # the request's body could not all be sent: the connection ends with this exchange
+        self.sent_at = math.inf  # when the whole request was written (trio time; not yet: inf)
+        self.connect_s = 0.0  # what making the connection took: a round trip or more (TLS: two)
 
     @property
     def socket(self) -> trio.socket.SocketType | None:
@@ -145,8 +149,10 @@ class ClientConnection:
     async def exchange(self, *events: h11.Event) -> h11.Response:
         """Send a request and read its answer's head. A server may answer (413, 401) and close before
         it reads the whole body: that answer is the request's, not a broken connection."""
+        self.sent_at = math.inf
         try:
             await self.send(*events)
+            self.sent_at = trio.current_time()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.cut = True  # look for its answer
         return await self.read_head()
@@ -258,8 +264,11 @@ class ConnectionPool:
                 conn.reused = True
                 return conn
             await conn.aclose()
+        started = trio.current_time()
         try:
-            return ClientConnection(await open_stream(self.host, self.port, self.ssl_context, self.connect_timeout_s))
+            conn = ClientConnection(await open_stream(self.host, self.port, self.ssl_context, self.connect_timeout_s))
+            conn.connect_s = trio.current_time() - started
+            return conn
         except trio.TooSlowError:  # a connection that could not be made, not a server slow to answer
             raise TimeoutError(f"no connection to {self.authority} within {self.connect_timeout_s:g} s") from None
 
@@ -276,23 +285,23 @@ class ConnectionPool:
     async def exchange(self, events: list[h11.Event], timeout_s: float) -> tuple[ClientConnection, h11.Response]:
         """Send a request and read its answer's head, every wait for the server bounded by ``timeout_s``
         (trio.TooSlowError: the server may be at work on it, so it is not sent again). A kept-alive
-        connection that fails before a byte of answer comes back, at once (``KEEPALIVE_RACE_S``) or
-        because the kernel gave up on its unacknowledged bytes, was closed by the server meanwhile
-        or went dark (the server never took the request): a fresh one takes the request, once, and
-        the idle ones beside it, surely closed too, are dropped. What fails on a fresh connection,
-        later, or once the server answered, is raised: one request that a server took and dropped was
-        sent again on every idle connection, a generation run up to 65 times."""
+        connection that fails before a byte of answer comes back, while the request was sent or at
+        once after (``KEEPALIVE_RACE_S``), or because the kernel gave up on its unacknowledged bytes,
+        was closed by the server meanwhile or went dark (the server never took the request): a fresh
+        one takes the request, once, and the idle ones beside it, surely closed too, are dropped. What
+        fails on a fresh connection, later, or once the server answered, is raised: one request that
+        a server took and dropped was sent again on every idle connection, a generation run up to 65
+        times."""
         again = True
         while True:
             conn = await self.connection()
-            sent = trio.current_time()
             try:
                 with trio.fail_after(timeout_s):
                     return conn, await conn.exchange(*events)
             except TRANSPORT_ERRORS as error:
                 await conn.aclose()
                 dark = _timed_out(error)
-                at_once = trio.current_time() - sent < KEEPALIVE_RACE_S
+                at_once = trio.current_time() - conn.sent_at < max(KEEPALIVE_RACE_S, 3 * conn.connect_s)
                 if conn.reused and not conn.heard and again and (dark or at_once):
                     again = False
                     self.close_idle()
