@@ -382,7 +382,7 @@ def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.Mo
     fields |= {"digest": "digest", "modified_at": "modified_at", "details": "details"}
     told = {}
     for entry in entries[:4096]:
-        if isinstance(entry, dict) and isinstance(name := entry.get("name"), str):
+        if isinstance(entry, dict) and isinstance(name := entry.get("name"), str) and 0 < len(name) <= 256:
             try:
                 told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
                                               if entry.get(theirs) is not None}, protocol.ModelFacts)

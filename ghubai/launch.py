@@ -13,6 +13,7 @@ import signal
 import sys
 
 RELOADING_ROLES = frozenset({"hub", "worker", "proxy", "registry"})
+DAEMONS = RELOADING_ROLES | {"up", "sim"}  # (which a Ctrl-C stops cleanly, however early)
 
 
 def ignore_hangups(argv: list[str]) -> None:
@@ -27,5 +28,5 @@ def main() -> int:
         from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
 
         return run()
-    except KeyboardInterrupt:  # a Ctrl-C before the role listened for it: a clean stop, not a traceback
-        return 0
+    except KeyboardInterrupt:  # a Ctrl-C before a daemon listened for it: a clean stop, not a traceback
+        return 0 if sys.argv[1:2] and sys.argv[1] in DAEMONS else 130  # (a command cut short did not succeed)

@@ -223,10 +223,13 @@ async def test_model_lists_carry_what_ollama_engines_tell_of_their_models(grid: 
     memory; a model no engine told of (an OpenAI-compatible engine's) keeps the stand-ins."""
     sim_url, _ = await grid.sim(models=("sim",))
     plain_url, _ = await grid.sim(models=("plain",))
-    hub = await grid.hub()
+    # a hub whose worker serves "sim" too, over an OpenAI engine: its stand-in, first in the order of
+    # the hubs' names (their addresses, here), must not hide the other hub's facts at the proxy (review)
+    other, hub = sorted([await grid.hub(), await grid.hub()], key=lambda running: running.value)
+    await grid.worker(other.value, sim_url, kind="openai", name="w3")
     await grid.worker(hub.value, sim_url)
     await grid.worker(hub.value, plain_url, kind="openai", name="w2")
-    proxy = await grid.proxy(hubs=(hub.value,))
+    proxy = await grid.proxy(hubs=(other.value, hub.value))
     await grid.wait_for_model(proxy.value, "plain")
     for base in (hub.value, proxy.value):
         async with ollama.AsyncClient(host=base) as client:

@@ -248,21 +248,23 @@ def test_a_reloading_role_ignores_sighup_before_its_imports(role: str, ignored: 
     assert result.stdout.strip() == ("ignored" if ignored else "default"), result.stderr
 
 
-def test_a_ctrl_c_while_a_daemon_starts_is_a_clean_stop_not_a_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("command, status", [("hub", 0), ("check", 130)])
+def test_a_ctrl_c_while_a_daemon_starts_is_a_clean_stop_not_a_traceback(monkeypatch: pytest.MonkeyPatch,
+                                                                        command: str, status: int) -> None:
     """Regression (hunt): a Ctrl-C in a daemon's first second, before trio listened for signals, was a
     KeyboardInterrupt traceback (during the imports) or a group of one and exit status 1 (in the role's
-    setup), which a script cannot tell from a failure."""
+    setup), which a script cannot tell from a failure. A command cut short (not a daemon) exits 130."""
     spy = ("import sys\n"
            "class Spy:\n"
            "    def find_spec(self, name, path=None, target=None):\n"
            "        if name == 'ghubai.cli':\n"
            "            raise KeyboardInterrupt\n"
            "sys.meta_path.insert(0, Spy())\n"
-           "sys.argv = ['ghubai', 'hub']\n"
+           f"sys.argv = ['ghubai', {command!r}]\n"
            "from ghubai.launch import main\n"
            "sys.exit(main())\n")
     result = subprocess.run([sys.executable, "-c", spy], capture_output=True, text=True, timeout=60)
-    assert (result.returncode, result.stderr) == (0, "")
+    assert (result.returncode, result.stderr) == (status, "")
     from ghubai import cli
 
     def interrupted(args: object) -> int:

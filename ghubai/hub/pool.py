@@ -205,6 +205,7 @@ class Pool:
         self._offered: frozenset[str] | None = None
         self._served: frozenset[str] | None = None  # every linked worker's models (``serves``)
         self._loaded: list[str] | None = None
+        self._facts: dict[str, protocol.ModelFacts] | None = None  # (``facts``)
         self._capacity: int | None = None
         self._top: float | None = None  # the largest share of a worker (``_top_share``)
         self.version = 0  # counts the changes of the workers and what they offer
@@ -320,19 +321,22 @@ class Pool:
 
     def _hold(self, worker: RemoteWorker, loaded: frozenset[str] | set[str]) -> None:
         worker.loaded = frozenset(loaded)
-        self._loaded = None
+        self._loaded = self._facts = None
 
     def _changed(self) -> None:
         """The workers, or what one offers, changed: what was derived from them is stale."""
         self._able.clear()
-        self._models = self._loaded = self._offered = self._served = None
+        self._models = self._loaded = self._offered = self._served = self._facts = None
         self._capacity = self._top = None
         self.version += 1
 
     def facts(self) -> dict[str, protocol.ModelFacts]:
         """What the engines told of the models their workers serve (Ollama's, for Ollama's clients): for
         each, the first worker's in the order of their names, with the figures in memory of the first
-        that holds it. (Asked for a model list, not per request: made anew each time.)"""
+        that holds it. (Kept until the workers or what one holds change: 100 workers of 4,096 models
+        take 90 ms.)"""
+        if self._facts is not None:
+            return self._facts
         told: dict[str, protocol.ModelFacts] = {}
         held: dict[str, protocol.ModelFacts] = {}
         for worker in sorted(self.workers.values(), key=lambda worker: worker.name):
@@ -341,9 +345,11 @@ class Pool:
                     told.setdefault(model, facts)
                     if facts.memory and worker.warm(model):
                         held.setdefault(model, facts)
-        return {model: facts if (memory := held.get(model)) is None else msgspec.structs.replace(
-                    facts, memory=memory.memory, size_vram=memory.size_vram, context_length=memory.context_length)
-                for model, facts in told.items()}
+        self._facts = {model: facts if (memory := held.get(model)) is None else msgspec.structs.replace(
+                           facts, memory=memory.memory, size_vram=memory.size_vram,
+                           context_length=memory.context_length)
+                       for model, facts in told.items()}
+        return self._facts
 
     def models(self) -> list[str]:
         """Every model a worker that is not draining serves (kept until the workers change)."""

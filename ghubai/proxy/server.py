@@ -49,6 +49,9 @@ def _as_get(method: str) -> str:
     return "GET" if method == "HEAD" else method
 
 
+TOLD_FOR_S = 1.0  # what the hubs told of their models is kept this long (``Proxy._told``)
+
+
 class Proxy:
     """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``.
     Invariant: ``inflight`` counts the forwarded requests not yet answered in full; each of them is
@@ -61,6 +64,7 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.serves)
         self._first_token = self.metrics.first_token.labels("proxy")
+        self._told_at: dict[str, tuple[float, dict[str, protocol.ModelFacts]]] = {}  # (``_told``)
         self.inflight = 0
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
@@ -259,9 +263,12 @@ class Proxy:
     async def _told(self, request: Request, running: bool = False) -> dict[str, protocol.ModelFacts]:
         """What the healthy hubs' own ``/api/tags`` (``running``: ``/api/ps``) tell of their models (the
         health checks carry names only): each model's from the first hub in the order of their names
-        that tells of it. A hub that does not answer within ``health.timeout_s`` tells nothing; its
-        models are listed all the same, by name. (A model list, not a request per token: asked each time.)"""
+        that tells of it. A hub that does not answer within ``health.timeout_s`` tells nothing, nor do
+        the hubs past the first ``CHECKS_AT_ONCE`` healthy ones; their models are listed all the same,
+        by name. Kept for ``TOLD_FOR_S``."""
         path, timeout_s = "/api/ps" if running else "/api/tags", self.config.health.timeout_s
+        if (last := self._told_at.get(path)) is not None and trio.current_time() - last[0] < TOLD_FOR_S:
+            return last[1]  # (a UI's page load asks both lists, every client its own: asked once a second)
         key = request.header(b"authorization")  # (a hub with api_keys asks for the client's)
         headers = [("authorization", key.decode("latin-1"))] if key else []
         answers: dict[str, bytes] = {}
@@ -285,7 +292,10 @@ class Proxy:
             except (ValueError, AttributeError, RecursionError):
                 continue
             for model, facts in dialects.facts_of(entries if isinstance(entries, list) else [], running).items():
-                told.setdefault(model, facts)
+                if facts.size or facts.memory or facts.details not in (None, protocol.ModelDetails()):
+                    # (not a hub's stand-in for a model none of its engines told of)
+                    told.setdefault(model, facts)
+        self._told_at[path] = (trio.current_time(), told)
         return told
 
 

@@ -192,7 +192,8 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
                 config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
                 max_connections=connection_cap(config.max_connections, 1, "max_connections")), until=stopped))
             log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
-            service.ready()
+            if stop is None or not stop.is_set():  # (a SIGTERM during the start: it is stopping already)
+                service.ready()
             task_status.started(binds[0])
             if stop is not None:
                 await stop.wait()

@@ -346,13 +346,12 @@ class Engine:
 
     def facts(self) -> dict[str, protocol.ModelFacts] | None:
         """What the engine told of each model it lists, with its figures in memory while it holds it."""
-        if not self.listed and not self.in_memory:
+        if not self.listed:
             return None
-        return {name: msgspec.structs.replace(self.listed.get(name, protocol.ModelFacts()),
-                                              memory=held.memory, size_vram=held.size_vram,
+        return {name: msgspec.structs.replace(facts, memory=held.memory, size_vram=held.size_vram,
                                               context_length=held.context_length)
-                if (held := self.in_memory.get(name)) is not None else self.listed[name]
-                for name in self.listed.keys() | self.in_memory.keys()}
+                if (held := self.in_memory.get(name)) is not None else facts
+                for name, facts in self.listed.items()}  # (the models it lists: what a hub takes)
 
     async def _props(self) -> int | None:
         """llama.cpp server's parallel slots (``/props``), whether its template takes tools, and
