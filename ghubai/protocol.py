@@ -163,7 +163,8 @@ class Hello(Frame, tag="hello", frozen=True):
 class Welcome(Frame, tag="welcome", frozen=True):
     """Hub → worker: the link is up; ping every ``heartbeat_s``."""
     hub_id: str
-    heartbeat_s: Annotated[float, msgspec.Meta(gt=0)]
+    # (a hub's config takes 0.01 s and up; one of 1e-9 dropped every link at once, one of 1e9 never a dead hub)
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)]
 
 
 class Models(Frame, tag="models", frozen=True):

@@ -4,15 +4,20 @@ worker and its hub (real hub, worker and simulator on 127.0.0.1)."""
 from __future__ import annotations
 
 import gc
+import logging
 from functools import partial
 from typing import Any
 
+import pytest
 import trio
+import trio_websocket
 
 from conftest import WAIT_S, Grid, _scoped, chat, eventually, workers_linked
+from ghubai import protocol
 from ghubai.config import EngineConfig, WorkerConfig
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.worker.agent import BACKOFF_FIRST_S, BACKOFF_MAX_S, next_backoff
+from ghubai.worker.agent import QUEUED_BYTES, Worker
 from ghubai.worker.agent import run as run_worker
 from relay import Relay
 
@@ -164,6 +169,70 @@ async def test_a_request_that_breaks_the_link_each_time_is_sent_back_once(grid: 
         return (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
 
     await eventually(fine, "the worker to link again and serve")
+
+
+async def test_a_hub_that_welcomes_and_drops_every_link_is_dialled_ever_less_often(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): the backoff began afresh at every welcome, so a hub that welcomed and then
+    dropped each link (a crash loop, an overloaded proxy in front) was dialled twice a second for
+    ever, three log lines each time. Only a link that lasted starts it afresh."""
+    sim_url, _ = await grid.sim()
+
+    async def flapping_hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello
+        await ws.send_message(protocol.encode(protocol.Welcome("flap", 5.0)))
+        await ws.aclose(1011, "overloaded")
+
+    server = await grid.nursery.start(partial(trio_websocket.serve_websocket, flapping_hub, "127.0.0.1", 0,
+                                              ssl_context=None))
+    caplog.set_level(logging.INFO, logger="ghubai.worker")
+    await grid.worker(f"http://127.0.0.1:{server.port}", sim_url, wait=True)
+
+    def delays() -> list[float]:
+        return [float(record.getMessage().rsplit(" in ", 1)[1].removesuffix(" s")) for record in caplog.records
+                if record.getMessage().startswith("reconnecting to ")]
+
+    async def three() -> bool:
+        return len(delays()) >= 3
+
+    await eventually(three, "three redials")
+    assert delays()[2] >= 1.0, delays()  # 0.25-0.5 s, then 0.5-1 s, then 1-2 s: not 0.25-0.5 s each time
+
+
+async def test_a_hub_that_grants_credit_but_never_reads_holds_the_worker_to_a_bound(grid: Grid) -> None:
+    """Regression (hunt): a hub that stopped reading its link but went on granting credit (and
+    pinging) had the worker queue the engine's answer for it, 3 MB a second without bound, pongs by
+    the thousand with it. Now the answer waits once the link's writer is ``QUEUED_BYTES`` behind: the
+    engine's generation stalls, and the worker holds that much."""
+    sim_url, _ = await grid.sim(tokens=10_000_000, itl_ms=0)
+    request_id = protocol.new_request_id()
+
+    async def deaf_hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello
+        await ws.send_message(protocol.encode(protocol.Welcome("deaf", 5.0)))
+        await ws.send_message(protocol.encode(protocol.Request(request_id, "ollama.chat", {
+            "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True)))
+        while True:  # never reads again
+            await ws.send_message(protocol.encode(protocol.Ping(0)) + "\n" +
+                                  protocol.encode(protocol.Credit(request_id, 1 << 30)))
+            await trio.sleep(0.01)
+
+    server = await grid.nursery.start(partial(trio_websocket.serve_websocket, deaf_hub, "127.0.0.1", 0,
+                                              ssl_context=None))
+    running = await grid.worker(f"http://127.0.0.1:{server.port}", sim_url, wait=True)
+    worker: Worker = running.value
+    tokens = -1
+
+    async def stalled() -> bool:  # the engine's generation stopped: its answer waits for the link
+        nonlocal tokens
+        now, tokens = tokens, (await grid.stats(sim_url))["tokens"]
+        return now == tokens > 0
+
+    await eventually(stalled, "the engine's generation to stall")
+    [link] = worker.links
+    assert link.queued <= QUEUED_BYTES + protocol.MAX_CHUNK_BYTES + 65536, link.queued
 
 
 async def test_a_hub_that_never_answers_the_handshake_leaves_no_socket_open(grid: Grid) -> None:

@@ -44,6 +44,9 @@ BACKOFF_MAX_S = 10.0
 # then at warning, as any hub that does not answer.
 RESTART_GRACE_S = 60.0
 RESTART_BACKOFF_S = 1.0
+LASTING_S = 10.0  # a link that lasted less, welcomed or not, does not start the backoff afresh
+# a link's writer behind by this much (a hub that does not read): the answers wait (``Link.room``)
+QUEUED_BYTES = 4 * protocol.MAX_BATCH_BYTES + protocol.MAX_CHUNK_BYTES
 
 
 def next_backoff(backoff: float, restarting: bool) -> float:
@@ -114,19 +117,38 @@ class RunningRequest:
 class Link:
     """One live connection to one hub: frames out go through an unbounded channel to one writer,
     so a request task or a sync ``finally`` can send without waiting. Invariant: ``running`` holds
-    the requests of this hub that run now, by id."""
+    the requests of this hub that run now, by id; ``queued`` counts the bytes in ``out`` not yet
+    written, which answers wait on (``room``) past ``QUEUED_BYTES``."""
 
-    def __init__(self, url: str, out: trio.MemorySendChannel[str | bytes]) -> None:
+    def __init__(self, url: str, out: trio.MemorySendChannel[str | bytes], heartbeat_s: float) -> None:
         self.url = url
         self.out = out
+        self.heartbeat_s = heartbeat_s
         self.running: dict[str, RunningRequest] = {}
         self.flushed = trio.Event()  # set once ``out`` is closed and everything in it was sent
+        self.queued = 0
+        self._written = trio.Event()
+        self.ponged = -math.inf  # when it last answered the hub's ping
 
     def send(self, frame: protocol.Frame | bytes) -> None:
+        data = frame if isinstance(frame, bytes) else protocol.encode(frame)
         try:
-            self.out.send_nowait(frame if isinstance(frame, bytes) else protocol.encode(frame))
+            self.out.send_nowait(data)
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass  # the link is gone; its requests are being cancelled with it
+            return  # the link is gone; its requests are being cancelled with it
+        self.queued += len(data)
+
+    async def room(self) -> None:
+        """Wait while the writer is behind by more than ``QUEUED_BYTES``: a hub that stops reading
+        (but grants credit, or pings) must not make the worker hold the engine's answers in memory
+        (3 MB a second grew without bound)."""
+        while self.queued > QUEUED_BYTES:
+            await self._written.wait()
+
+    def written(self, size: int) -> None:
+        self.queued = max(0, self.queued - size)
+        self._written.set()
+        self._written = trio.Event()
 
 
 class Worker:
@@ -243,11 +265,13 @@ class Worker:
                                   "(a hub takes one link per worker; list each hub once in hub_url)",
                                   welcome.hub_id, url, other)
                         return
-                    backoff, restarting_until = BACKOFF_FIRST_S, -math.inf
+                    restarting_until, linked_at = -math.inf, trio.current_time()
                     try:
                         await self._serve_link(ws, url, welcome.heartbeat_s, stream, said)
                     finally:
                         del self.linked[welcome.hub_id]
+                        # (a hub that welcomes and drops at once was dialled twice a second for ever)
+                        backoff = BACKOFF_FIRST_S if trio.current_time() - linked_at >= LASTING_S else backoff
             except* trio_websocket.ConnectionRejected as group:
                 rejected = _first(group)
                 assert isinstance(rejected, trio_websocket.ConnectionRejected)
@@ -269,10 +293,12 @@ class Worker:
                 log.log(level, "link to %s failed: %s", url, describe(_first(group)))
             except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
                 log.error("link to %s failed inside the worker", url, exc_info=_first(group))
+            restarting = trio.current_time() < restarting_until
+            backoff = min(backoff, RESTART_BACKOFF_S) if restarting else backoff  # (a short link kept its backoff)
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
-            backoff = next_backoff(backoff, trio.current_time() < restarting_until)
+            backoff = next_backoff(backoff, restarting)
 
     @asynccontextmanager
     async def _dial(self, url: str, tls: ssl.SSLContext | None,
@@ -320,7 +346,7 @@ class Worker:
     async def _serve_link(self, ws: trio_websocket.WebSocketConnection, url: str, heartbeat_s: float,
                           stream: Heard, said: Offer) -> None:
         out_send, out_receive = trio.open_memory_channel[str | bytes](math.inf)
-        link = Link(url, out_send)
+        link = Link(url, out_send, heartbeat_s)
         self.links.add(link)
         # what changed while the hello waited for its welcome (the link was not yet told of it)
         if self.offer != said:
@@ -343,7 +369,11 @@ class Worker:
 
     async def _write(self, link: Link, frames: trio.MemoryReceiveChannel[str | bytes],
                      ws: trio_websocket.WebSocketConnection) -> None:
-        await write_batched(frames, ws.send_message)
+        async def send(message: str | bytes) -> None:
+            await ws.send_message(message)
+            link.written(len(message))
+
+        await write_batched(frames, send)
         link.flushed.set()
 
     def _refuse(self, link: Link, problem: protocol.ProtocolError) -> None:
@@ -363,8 +393,10 @@ class Worker:
             case protocol.Credit(request_id, size):
                 if running := link.running.get(request_id):
                     running.grant(size)
-            case protocol.Ping():
-                link.send(protocol.Pong(self.inflight))
+            case protocol.Ping():  # a ping flood gets no pong flood (the hub's rule too)
+                if (now := trio.current_time()) - link.ponged >= link.heartbeat_s / 4:
+                    link.ponged = now
+                    link.send(protocol.Pong(self.inflight))
             case protocol.Pong():
                 pass
             case _:
@@ -460,6 +492,7 @@ class Worker:
                 for start in range(0, len(batch), protocol.MAX_CHUNK_BYTES):  # a big answer: many records
                     piece = batch[start:start + protocol.MAX_CHUNK_BYTES]  # the whole batch is no copy
                     await running.reserve(len(piece))  # a slow client stops us reading the engine
+                    await link.room()  # and so does a hub that does not read
                     link.send(protocol.chunk(request_id, piece))
             link.send(protocol.End(request_id, call.usage))
             tracing.annotate(**{f"gen_ai.usage.{kind}_tokens": count for kind, count in (
