@@ -252,14 +252,18 @@ HTTPStream.app_send = _app_send  # type: ignore[method-assign]
 _hypercorn_h2_events = H2Protocol._handle_events
 
 # Frames a client may send that cost the server work and carry no request (PING, SETTINGS,
-# WINDOW_UPDATE, PRIORITY, empty DATA: the 2019 floods, CVE-2019-9512 and -9515), and streams it
-# resets (Rapid Reset, CVE-2023-44487: each a request begun, often an engine's generation): past a
-# burst, this many a second, beyond one control frame for each piece of answer sent (its window
-# updates), and the connection is closed with ENHANCE_YOUR_CALM. Measured before: one connection's
-# PINGs held the hub's loop for 24 s after they stopped (honest clients waited 15 s), and one's
-# resets started 694 generations in 15 s.
+# WINDOW_UPDATE, PRIORITY, empty DATA: the 2019 floods, CVE-2019-9512 and -9515): past a burst, this
+# many a second, beyond two window updates for each DATA frame of answer sent (a stream's and the
+# connection's, which some clients send for every frame); and streams it resets within a second of
+# their start (Rapid Reset, CVE-2023-44487: each a request begun, often an engine's generation), once
+# there are this many and they are half the streams it began, as Envoy judges them (a multiplexer
+# that cancels some of its users' requests is no flood). Past either, the connection is closed with
+# ENHANCE_YOUR_CALM. Measured before: one connection's PINGs held the hub's loop for 24 s after they
+# stopped (honest clients waited 15 s), and one's resets started 694 generations in 15 s.
 CONTROL_BURST, CONTROL_PER_S = 1000, 100.0
-RESETS_BURST, RESETS_PER_S = 100, 10.0
+RESETS_BURST = 100
+PREMATURE_S = 1.0
+DATA_FRAME_BYTES = 16384  # (h2's default SETTINGS_MAX_FRAME_SIZE: what a piece of answer is cut into)
 _CONTROL = (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.RemoteSettingsChanged,
             h2.events.SettingsAcknowledged, h2.events.WindowUpdated, h2.events.PriorityUpdated)
 _calmed_at = -math.inf  # when a flood was last logged (once a minute at most: each is one connection)
@@ -280,25 +284,42 @@ class _Bucket:
         self.tokens -= 1
         return True
 
-    def give(self) -> None:
-        self.tokens = min(self.burst, self.tokens + 1)
+    def give(self, count: int) -> None:
+        self.tokens = min(self.burst, self.tokens + count)
 
 
-def _buckets(self: H2Protocol) -> tuple[_Bucket, _Bucket]:
-    if (buckets := getattr(self, "ghubai_buckets", None)) is None:
-        buckets = self.ghubai_buckets = (_Bucket(CONTROL_BURST, CONTROL_PER_S),  # type: ignore[attr-defined]
-                                         _Bucket(RESETS_BURST, RESETS_PER_S))
-    return buckets
+class _Floods:
+    """A connection's account of what it sent that ``CONTROL_BURST`` and ``RESETS_BURST`` bound."""
+    __slots__ = ("control", "begun", "premature", "started")
+
+    def __init__(self) -> None:
+        self.control = _Bucket(CONTROL_BURST, CONTROL_PER_S)
+        self.begun = self.premature = 0
+        self.started: dict[int, float] = {}  # open streams' start (trio time), pruned to those still open
+
+
+def _floods(self: H2Protocol) -> _Floods:
+    if (floods := getattr(self, "ghubai_floods", None)) is None:
+        floods = self.ghubai_floods = _Floods()  # type: ignore[attr-defined]
+    return floods
 
 
 def _flooding(self: H2Protocol, event: h2.events.Event) -> str | None:
     """What ``event`` is too many of on this connection, or None."""
-    control, resets = _buckets(self)
+    floods = _floods(self)
     if isinstance(event, _CONTROL) or (isinstance(event, h2.events.DataReceived) and not event.data
                                        and event.stream_ended is None):
-        return None if control.take() else "control frames (PING, SETTINGS, WINDOW_UPDATE ...)"
-    if isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams and not resets.take():
-        return "streams reset before their answer ended"
+        return None if floods.control.take() else "control frames (PING, SETTINGS, WINDOW_UPDATE ...)"
+    if isinstance(event, h2.events.RequestReceived):
+        floods.begun += 1
+        if len(floods.started) > len(self.streams) + 100:  # (streams that ended since: forgotten)
+            floods.started = {key: at for key, at in floods.started.items() if key in self.streams}
+        floods.started[event.stream_id] = trio.current_time()
+    elif isinstance(event, h2.events.StreamReset) and event.stream_id in self.streams and \
+            trio.current_time() - floods.started.pop(event.stream_id, -math.inf) < PREMATURE_S:
+        floods.premature += 1
+        if floods.premature >= RESETS_BURST and 2 * floods.premature >= floods.begun:
+            return "streams reset within a second of their start"
     return None
 
 
@@ -358,13 +379,13 @@ async def _bounded_stream_send(self: H2Protocol, event: StreamEvent) -> None:
             not isinstance(self.config, GhubConfig):
         await _hypercorn_stream_send(self, event)
         return
-    if isinstance(event, Body | Data):
-        _buckets(self)[0].give()  # (the client may answer it with a window update)
     if isinstance(event, Body | Data) and len(event.data) > WRITE_PIECE_BYTES:
         for start in range(0, len(event.data), WRITE_PIECE_BYTES):  # a deadline for each
             piece = event.data[start:start + WRITE_PIECE_BYTES]
             await _bounded_stream_send(self, type(event)(event.stream_id, piece))
         return
+    if isinstance(event, Body | Data):  # (the client may answer each DATA frame with two window updates)
+        _floods(self).control.give(2 * (1 + len(event.data) // DATA_FRAME_BYTES))
     with trio.move_on_after(self.config.write_timeout_s) as wait:  # for the client's window
         await _hypercorn_stream_send(self, event)
     if wait.cancelled_caught:  # reset as hypercorn handles a client's reset: its send_task, which may be

@@ -674,6 +674,53 @@ async def test_an_http2_flood_costs_its_connection_and_spares_the_others(grid: G
     assert (await grid.http.get(hub.value + "/health")).status_code == 200
 
 
+async def test_http2_clients_that_cancel_some_requests_or_update_windows_per_frame_are_no_flood(grid: Grid) -> None:
+    """Review: a shared upstream (Envoy) cancels some of its users' requests, and some clients send a
+    stream's and the connection's window update for every DATA frame they read: neither is cut off."""
+    import h2.events
+    import h2.exceptions
+
+    sim_url, _ = await grid.sim(tokens=3000, itl_ms=0)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    conn, flush = h2_client()
+    calmed, ended, answered = False, set(), 0
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
+        async def read(until: Callable[[], bool]) -> None:
+            nonlocal calmed
+            while not until() and (data := await stream.receive_some(65536)):
+                for event in conn.receive_data(data):
+                    calmed = calmed or isinstance(event, h2.events.ConnectionTerminated)
+                    if isinstance(event, h2.events.DataReceived) and event.flow_controlled_length:
+                        conn.increment_flow_control_window(event.flow_controlled_length)  # one per frame, twice
+                        with contextlib.suppress(h2.exceptions.StreamClosedError):  # (the frame ended it)
+                            conn.increment_flow_control_window(event.flow_controlled_length, event.stream_id)
+                    elif isinstance(event, h2.events.StreamEnded):
+                        ended.add(event.stream_id)
+                await flush(stream)
+
+        with trio.fail_after(60):
+            for _ in range(3):  # 300 requests answered, 150 left within a second: a third of them
+                for _ in range(100):
+                    stream_id = conn.get_next_available_stream_id()
+                    conn.send_headers(stream_id, [(":method", "GET"), (":path", "/health"), (":scheme", "http"),
+                                                  (":authority", "x")], end_stream=True)
+                    await flush(stream)
+                    await read(lambda: stream_id in ended or calmed)
+                    answered += 1
+                    if answered % 2:
+                        continue
+                    left = conn.get_next_available_stream_id()
+                    conn.send_headers(left, [(":method", "POST"), (":path", "/v1/chat/completions"),
+                                             (":scheme", "http"), (":authority", "x")])
+                    conn.reset_stream(left)
+                    await flush(stream)
+            long = h2_post(conn, chat(stream=True, max_tokens=3000), {})  # some 3,000 DATA frames
+            await flush(stream)
+            await read(lambda: long in ended or calmed)
+    assert not calmed and long in ended
+
+
 async def test_an_http2_connection_s_closed_streams_cost_nothing_that_grows(grid: Grid) -> None:
     """Regression (hunt): h2 kept 65,536 closed streams per connection (130 bytes each: 8.6 MB held by each
     long-lived HTTP/2 client, an Envoy upstream, say), while the hub serves a connection's requests

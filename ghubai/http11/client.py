@@ -65,6 +65,7 @@ UNACKNOWLEDGED_S = 15
 # crash, a gateway's timeout), which may have run it: not sent again (RFC 9110 §9.2.2). (A request not
 # sent whole was run by no server.)
 KEEPALIVE_RACE_S = 0.5
+RACE_AT_MOST_S = 2.0  # (making a connection counts a name's lookup and TLS too: not a round trip's bound)
 
 
 def _keep_alive(sock: trio.socket.SocketType) -> None:
@@ -301,7 +302,8 @@ class ConnectionPool:
             except TRANSPORT_ERRORS as error:
                 await conn.aclose()
                 dark = _timed_out(error)
-                at_once = trio.current_time() - conn.sent_at < max(KEEPALIVE_RACE_S, 3 * conn.connect_s)
+                race_s = min(RACE_AT_MOST_S, max(KEEPALIVE_RACE_S, 3 * conn.connect_s))
+                at_once = trio.current_time() - conn.sent_at < race_s
                 if conn.reused and not conn.heard and again and (dark or at_once):
                     again = False
                     self.close_idle()

@@ -11,6 +11,7 @@ one may be waiting for the model's worker to come back (a restart).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import ssl
@@ -64,7 +65,7 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.serves)
         self._first_token = self.metrics.first_token.labels("proxy")
-        self._told_at: dict[str, tuple[float, dict[str, protocol.ModelFacts]]] = {}  # (``_told``)
+        self._told_at: dict[tuple[str, bytes], tuple[float, dict[str, protocol.ModelFacts]]] = {}  # (``_told``)
         self.inflight = 0
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
@@ -267,9 +268,10 @@ class Proxy:
         the hubs past the first ``CHECKS_AT_ONCE`` healthy ones; their models are listed all the same,
         by name. Kept for ``TOLD_FOR_S``."""
         path, timeout_s = "/api/ps" if running else "/api/tags", self.config.health.timeout_s
-        if (last := self._told_at.get(path)) is not None and trio.current_time() - last[0] < TOLD_FOR_S:
-            return last[1]  # (a UI's page load asks both lists, every client its own: asked once a second)
         key = request.header(b"authorization")  # (a hub with api_keys asks for the client's)
+        kept = (path, hashlib.sha256(key).digest() if key else b"")  # (what one key was told is not another's)
+        if (last := self._told_at.get(kept)) is not None and trio.current_time() - last[0] < TOLD_FOR_S:
+            return last[1]  # (a UI's page load asks both lists, every client its own: asked once a second)
         headers = [("authorization", key.decode("latin-1"))] if key else []
         answers: dict[str, bytes] = {}
 
@@ -295,7 +297,9 @@ class Proxy:
                 if facts.size or facts.memory or facts.details not in (None, protocol.ModelDetails()):
                     # (not a hub's stand-in for a model none of its engines told of)
                     told.setdefault(model, facts)
-        self._told_at[path] = (trio.current_time(), told)
+        if len(self._told_at) > 1000:  # (as many keys as clients: the oldest go)
+            self._told_at = dict(sorted(self._told_at.items(), key=lambda item: item[1][0])[500:])
+        self._told_at[kept] = (trio.current_time(), told)
         return told
 
 
