@@ -338,7 +338,8 @@ def test_ollama_streamed_tool_calls_are_assembled_into_the_final_line(monkeypatc
     value = ndjson(translator.final({"prompt_tokens": 9, "completion_tokens": 12}))
     assert value["message"] == {"role": "assistant", "content": '{"name": "broken", "arguments": {"no}',
                                 "tool_calls": [  # ids kept (Ollama has them)
-                                    {"id": "a", "function": {"index": 0, "name": "weather", "arguments": {"city": "Paris"}}},
+                                    {"id": "a", "function": {"index": 0, "name": "weather",
+                                                             "arguments": {"city": "Paris"}}},
                                     {"id": "b", "function": {"index": 1, "name": "clock", "arguments": {}}}]}
     assert (value["done_reason"], value["prompt_eval_count"], value["eval_count"]) == ("stop", 9, 12)
 
@@ -349,7 +350,8 @@ def test_ollama_tool_call_without_index_is_call_zero() -> None:
     translator.request({"model": "m"}, stream=True)
     translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]})
     translator.chunk({"choices": [{"delta": {"tool_calls": [{"function": {"arguments": None}}]}}]})
-    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"index": 0, "name": "f", "arguments": {}}}]
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "f", "arguments": {}}}]
 
 
 @pytest.mark.parametrize("raw", [False, True])
@@ -668,7 +670,8 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 def test_a_sampling_field_of_the_wrong_type_is_a_400(field: dict[str, Any]) -> None:
     """Regression (hunt): the hub checked none, so ``stop: [1]`` reached Ollama as an option it
     refuses with a 500: a 502 tried on every worker, and again by the SDK's retries."""
-    for validate, body in ((dialects.validate_chat, CHAT), (dialects.validate_completion, {"model": "m", "prompt": "x"})):
+    for validate, body in ((dialects.validate_chat, CHAT),
+                           (dialects.validate_completion, {"model": "m", "prompt": "x"})):
         with pytest.raises(ApiError) as refused:
             validate({**body, **field})
         assert refused.value.status == 400 and refused.value.param.split(".")[0] in field
@@ -1155,7 +1158,8 @@ def test_streamed_tool_calls_are_joined_once_and_a_mixed_index_is_unfit() -> Non
     translator.request({"model": "m", "messages": [HI]}, stream=True)
     for piece in ('{"a":', ' 1', "}"):
         translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": "", "arguments": piece}}]}}]})
-    assert ndjson(translator.final(None))["message"]["tool_calls"] == [{"function": {"index": 0, "name": "", "arguments": {"a": 1}}}]
+    assert ndjson(translator.final(None))["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "", "arguments": {"a": 1}}}]
     with pytest.raises(TypeError):
         translator.chunk({"choices": [{"delta": {"tool_calls": [{"index": "1"}]}}]})
 

@@ -650,7 +650,8 @@ class Pool:
         if opening is not None and conversation is not None and conversation not in self._conversations and \
                 (first := self._conversations.get(opening)) is not None:
             self._conversations[conversation] = first  # the turn that first carries the model's answer
-        keys = None if conversation is None else Conversation(conversation, conversation if opening is None else opening)
+        keys = None if conversation is None else \
+            Conversation(conversation, conversation if opening is None else opening)
         now = trio.current_time()
         late = deadline <= now
         # at most half the time it may queue: a warm wait must not end in a 503 beside an idle worker

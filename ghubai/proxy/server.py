@@ -5,7 +5,8 @@ requested model: a conversation to the hub its key ranks first while that hub is
 than the others (``HubSet.pick``), other requests round robin. It answers ``/health``, ``/ready``,
 ``/metrics``, ``/dashboard`` (and its data), ``/v1/models`` (and ``/v1/models/{model}`` of a model a
 hub lists), ``/api/tags`` and ``/api/ps`` itself from what its health checks learnt: every hub's
-models, not one hub's (with what the hubs' own lists tell of them, asked then). A lookup of a model no list has goes to the hubs, as a request for it would:
+models, not one hub's (with what the hubs' own lists tell of them, asked then). A lookup of a model
+no list has goes to the hubs, as a request for it would:
 one may be waiting for the model's worker to come back (a restart).
 """
 

@@ -316,7 +316,8 @@ class OllamaOverOpenAI:
         options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
         request.update({name: int(options[name]) if name in dialects.INTEGERS else options[name]  # (as Ollama)
-                        for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS) if options.get(name) is not None})
+                        for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS)
+                        if options.get(name) is not None})
         if "repeat_penalty" in request:
             request["repetition_penalty"] = request["repeat_penalty"]
         if self.api == "ollama.generate" and body.get("raw"):
