@@ -85,6 +85,18 @@ async def test_one_trace_from_client_to_engine(grid: Any, spans: InMemorySpanExp
     assert chain[2].attributes["gen_ai.usage.output_tokens"] > 0
 
 
+async def test_a_client_s_trace_state_never_goes_on_beside_another_trace(spans: InMemorySpanExporter) -> None:
+    """Regression (hunt): with an invalid ``traceparent`` the proxy began a trace of its own, and the
+    client's ``tracestate`` went on beside it to the hub, the worker and the engine (and so did one the
+    tracer refused): W3C reads a state only with its parent. Each traced hop sends its own context only."""
+    from ghubai.observability import tracing
+
+    with tracing.span("POST /v1/chat/completions", {"traceparent": "garbage", "tracestate": "vendor=abc"}):
+        sent = tracing.inject({"traceparent": "garbage", "tracestate": "vendor=abc", "x-request-id": "r"})
+    assert "vendor=abc" not in sent.values() and sent["traceparent"].startswith("00-")
+    assert sent["x-request-id"] == "r"
+
+
 async def test_a_daemon_exports_its_spans_over_otlp(grid: Any, tmp_path: Path) -> None:
     """``ghubai[otel]`` as an operator uses it: a hub process with OTEL_EXPORTER_OTLP_ENDPOINT set sends
     its spans to a collector (here a plain HTTP server that keeps what it is sent)."""

@@ -70,9 +70,17 @@ def annotate(**attributes: Any) -> None:
                 current.set_attribute(key, value)
 
 
+CONTEXT_HEADERS = ("traceparent", "tracestate")
+
+
 def inject(headers: dict[str, str]) -> dict[str, str]:
-    """Add the current span's context to ``headers`` (nothing when there is no recording span)."""
+    """Put the current span's context in ``headers`` in place of the one they carried (nothing when
+    there is no recording span): a client's ``tracestate`` went on beside a new trace's ``traceparent``
+    when the client's was invalid, or when the tracer refused the state (W3C: a state is read only with
+    its parent)."""
     if active():
+        for name in CONTEXT_HEADERS:
+            headers.pop(name, None)
         propagate.inject(headers)
     return headers
 
@@ -91,6 +99,8 @@ def setup(role: str) -> None:
         log.warning("OTEL_EXPORTER_OTLP_ENDPOINT is set but %s is missing: pip install 'ghubai[otel]'", error.name)
         return
     logging.getLogger("opentelemetry.util.re").addFilter(_unquoted)
+    for name in ("opentelemetry.trace.span", "opentelemetry.trace.propagation.tracecontext"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # (a client's odd trace headers, quoted at WARNING)
     # no flush at exit by the SDK (it waited 13-19 s for a collector that was down, on any stop): ``flush``
     provider = TracerProvider(resource=Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME")
                                                         or f"ghubai-{role}"}), shutdown_on_exit=False)

@@ -104,7 +104,8 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
     trace = [(name.encode(), value.encode()) for name, value in tracing.inject({}).items()]
     # (not the page's origin, which the proxy judged: a hub of other cors_origins would refuse it)
     replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", b"origin",
-                dialects.ELSEWHERE_HEADER, *(k for k, _ in trace)}
+                dialects.ELSEWHERE_HEADER, *(k for k, _ in trace),
+                *((name.encode() for name in tracing.CONTEXT_HEADERS) if tracing.active() else ())}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     forwarded = request.header(b"x-forwarded-for")
     chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
