@@ -8,7 +8,8 @@ OpenAI's ``prompt_cache_key`` or ``user`` field), else a hash of the model and t
 opening — the first system and the first user message, or the start of a completion's prompt —
 which every later turn repeats unchanged. Many conversations open alike (every user says "hi" under
 one system prompt), so once a chat has the model's first answer, that answer is part of its key, and
-the opening alone is what the hub falls back on for the turn that first carries it (``keys_of``).
+the opening alone is what the hub falls back on for the turn that first carries it, and what it places
+a turn by when it knows no worker for it (after a restart: ``keys_of``, ``Pool``).
 ``score`` ranks places for a key (rendezvous hashing: the place of highest score wins): the same
 key gets the same place while it is there, and keys spread evenly over places.
 """
@@ -30,9 +31,9 @@ CONVERSING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "oll
 # of their own, but their prompts are cheap to compute again; a shorter cut would make one key of every
 # conversation under a long Modelfile SYSTEM or a licence header, and one worker take them all (a review)
 PROMPT_OPENING_CHARS = 2048
+CONTEXT_TOKENS = 1024
 MESSAGE_CHARS = 65536  # of each text of the messages hashed: their start tells conversations apart
 MESSAGES_SCANNED = 64  # for the first system, user and assistant messages
-CONTEXT_TOKENS = 1024
 _MASK = (1 << 64) - 1
 _encode = msgspec.json.Encoder().encode
 

@@ -16,7 +16,7 @@ import trio
 
 from ghubai import __version__
 from ghubai.config import ConfigError, load, split_hostport, url_problem, with_listen
-from ghubai.launch import DAEMONS, ignore_hangups
+from ghubai.launch import ignore_hangups, interrupted
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.resolver import NameLookups
@@ -307,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    ignore_hangups([args.role])  # (the command's own entry did so before its imports: see ghubai.launch)
+    ignore_hangups(args.role)  # (the command's own entry did so before its imports: see ghubai.launch)
     logs.setup(args.log_level, args.log_format)
     tracing.setup(args.role)
     try:
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, BaseExceptionGroup) as error:  # a port in use, a TLS file it cannot read: one line
         if isinstance(error, BaseExceptionGroup) and error.split(KeyboardInterrupt)[1] is None:
-            return 0 if args.role in DAEMONS else 130  # a Ctrl-C before trio listened for it: a clean stop
+            return interrupted(args.role)  # a Ctrl-C before trio listened for it
         if (cause := _startup_error(error)) is None:
             raise
         print(f"ghubai {args.role}: {cause}", file=sys.stderr)

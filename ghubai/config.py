@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ghubai.protocol import MAX_ANSWER_BYTES
+from ghubai.protocol import HEARTBEAT_MAX_S, HEARTBEAT_MIN_S, MAX_ANSWER_BYTES
 
 
 class ConfigError(Exception):
@@ -357,8 +357,9 @@ class HubConfig:
     cors_origins: tuple[str, ...] = _key(_origins, 'web pages that may call from the browser, as scheme://host[:port], '
                                          'or "*" for any; other pages than the server\'s own get 403',
                                          one_or_many=True, default=())
-    heartbeat_s: float = _key(lambda value: None if 0.01 <= value <= 3600 else
-                              f"must be from 0.01 to 3600 (what a worker takes), got {value}",
+    heartbeat_s: float = _key(lambda value: None if HEARTBEAT_MIN_S <= value <= HEARTBEAT_MAX_S else
+                              f"must be from {HEARTBEAT_MIN_S} to {HEARTBEAT_MAX_S:g} (what a worker takes), "
+                              f"got {value}",
                               "a worker silent for 3 heartbeats is dropped", default=5.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long in-flight streams may finish", default=30.0)
     tls_cert: str = _key(_readable, "PEM files to serve HTTPS and WSS", default="")

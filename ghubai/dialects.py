@@ -176,18 +176,21 @@ def _validate_response_format(body: dict[str, Any]) -> None:
                       "response_format.json_schema")
 
 
-# Sampling fields as OpenAI types them: one of another type reached an Ollama engine as an option it
-# refuses, a 500 there, and so a 502 tried on every worker (and again by the SDK's retries)
-# (and those llama.cpp takes under Ollama's names, which reach Ollama as its options)
+# Ollama's options that llama.cpp's OpenAI API takes under the same names (vLLM ignores them)
+LLAMA_NUMBERS = ("repeat_penalty", "typical_p", "mirostat_tau", "mirostat_eta")
+LLAMA_INTEGERS = ("repeat_last_n", "mirostat")
+# Sampling fields as OpenAI types them (and llama.cpp's, which reach Ollama as its options): one of
+# another type reached an Ollama engine as an option it refuses, a 500 there, and so a 502 tried on
+# every worker (and again by the SDK's retries). An integer may be sent as 3.0, as vLLM and Ollama take it.
 _NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty", "min_p", "repetition_penalty",
-            "repeat_penalty", "typical_p", "mirostat_tau", "mirostat_eta")
-INTEGERS = ("seed", "top_k", "repeat_last_n", "mirostat")  # (3.0 is taken as 3, as vLLM and Ollama take it)
+            *LLAMA_NUMBERS)
+INTEGER_OPTIONS = ("seed", "top_k", *LLAMA_INTEGERS)
 
 
 def _check_sampling(body: dict[str, Any]) -> None:
     for name in _NUMBERS:
         _optional(body, name, (int, float), "a number")
-    for name in INTEGERS:
+    for name in INTEGER_OPTIONS:
         _optional(body, name, (int, float), "an integer")
         if isinstance(body.get(name), float) and not body[name].is_integer():
             raise ApiError(400, f"Invalid type for '{name}': expected an integer", param=name, code="invalid_type")
@@ -203,9 +206,9 @@ def _strings(value: Any) -> bool:
 
 # Ollama's options by the type its runners read them as (an integer may be sent as 3.5: Ollama drops
 # the fraction); others pass, as Ollama lets them
-_OLLAMA_INTEGERS = ("num_keep", "num_predict", "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", *INTEGERS)
-_OLLAMA_NUMBERS = ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
-                   "frequency_penalty", "mirostat_tau", "mirostat_eta")
+_OLLAMA_INTEGERS = ("num_keep", "num_predict", "num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread",
+                    *INTEGER_OPTIONS)
+_OLLAMA_NUMBERS = ("top_p", "min_p", "temperature", "presence_penalty", "frequency_penalty", *LLAMA_NUMBERS)
 
 
 def _check_ollama(body: dict[str, Any]) -> None:
@@ -381,8 +384,9 @@ def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.Mo
         {"size": "size"}
     fields |= {"digest": "digest", "modified_at": "modified_at", "details": "details"}
     told = {}
-    for entry in entries[:4096]:
-        if isinstance(entry, dict) and isinstance(name := entry.get("name"), str) and 0 < len(name) <= 256:
+    for entry in entries[:protocol.MAX_MODELS]:
+        if isinstance(entry, dict) and isinstance(name := entry.get("name"), str) and \
+                0 < len(name) <= protocol.MAX_MODEL_NAME:
             try:
                 told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
                                               if entry.get(theirs) is not None}, protocol.ModelFacts)

@@ -16,17 +16,24 @@ RELOADING_ROLES = frozenset({"hub", "worker", "proxy", "registry"})
 DAEMONS = RELOADING_ROLES | {"up", "sim"}  # (which a Ctrl-C stops cleanly, however early)
 
 
-def ignore_hangups(argv: list[str]) -> None:
-    """Ignore SIGHUP when ``argv`` (the command line after ``ghubai``) starts a reloading role."""
-    if argv and argv[0] in RELOADING_ROLES:
+def ignore_hangups(role: str | None) -> None:
+    """Ignore SIGHUP when ``role`` (the ``ghubai`` command's first word) reloads on it."""
+    if role in RELOADING_ROLES:
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
+def interrupted(role: str | None) -> int:
+    """The exit status of a Ctrl-C before the command listened for it: a daemon's clean stop, or a
+    command cut short (130), which did not succeed."""
+    return 0 if role in DAEMONS else 130
+
+
 def main() -> int:
-    ignore_hangups(sys.argv[1:])
+    role = sys.argv[1] if len(sys.argv) > 1 else None
+    ignore_hangups(role)
     try:
         from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
 
         return run()
-    except KeyboardInterrupt:  # a Ctrl-C before a daemon listened for it: a clean stop, not a traceback
-        return 0 if sys.argv[1:2] and sys.argv[1] in DAEMONS else 130  # (a command cut short did not succeed)
+    except KeyboardInterrupt:  # not a traceback
+        return interrupted(role)

@@ -57,6 +57,12 @@ async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
             await send(b"".join(group) if binary else "\n".join(group))  # type: ignore[arg-type]
 
 
+def pong_due(last: float, heartbeat_s: float) -> bool:
+    """Whether a ping is answered: once a quarter heartbeat at most, at hub and worker alike (a ping
+    flood gets no pong flood: it made a worker queue thousands of pongs for a hub that did not read)."""
+    return trio.current_time() - last >= heartbeat_s / 4
+
+
 async def heartbeat(send: Callable[[protocol.Frame], None], inflight: Callable[[], int], every_s: float) -> None:
     """A ``ping`` every ``every_s``, carrying this side's count of running requests."""
     while True:

@@ -84,8 +84,10 @@ WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
 # What a worker says of itself becomes log text and label values: bounded, and never empty.
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[^\x00-\x1f\x7f]+\Z")]  # a header value too
-ModelNames = Annotated[tuple[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ...],
-                       msgspec.Meta(max_length=4096)]
+MAX_MODEL_NAME, MAX_MODELS = 256, 4096  # a model's name, and the models one worker offers
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_NAME)]
+ModelNames = Annotated[tuple[ModelName, ...], msgspec.Meta(max_length=MAX_MODELS)]
+HEARTBEAT_MIN_S, HEARTBEAT_MAX_S = 0.01, 3600.0  # a hub's heartbeat, as its config and a worker take it
 ApiNames = Annotated[tuple[Annotated[str, msgspec.Meta(max_length=64)], ...], msgspec.Meta(max_length=64)]
 Problem = Annotated[str, msgspec.Meta(max_length=1000)]
 
@@ -107,18 +109,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-Text = Annotated[str, msgspec.Meta(max_length=256)]
+ShortText = Annotated[str, msgspec.Meta(max_length=256)]
 
 
 class ModelDetails(msgspec.Struct, frozen=True, omit_defaults=True):
     """Ollama's ``details`` of a model (its family, size in parameters, quantization), as its
     ``/api/tags`` says them."""
-    parent_model: Text = ""
-    format: Text = ""
-    family: Text = ""
-    families: Annotated[tuple[Text, ...], msgspec.Meta(max_length=16)] | None = None
-    parameter_size: Text = ""
-    quantization_level: Text = ""
+    parent_model: ShortText = ""
+    format: ShortText = ""
+    family: ShortText = ""
+    families: Annotated[tuple[ShortText, ...], msgspec.Meta(max_length=16)] | None = None
+    parameter_size: ShortText = ""
+    quantization_level: ShortText = ""
 
 
 class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -127,16 +129,20 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     ``details``; from ``/api/ps``, while in memory, its ``memory`` (Ollama's ``size`` there), the
     part of it in VRAM and its context length."""
     size: Count = 0
-    digest: Text = ""
-    modified_at: Text = ""
+    digest: ShortText = ""
+    modified_at: ShortText = ""
     details: ModelDetails | None = None
     memory: Count = 0
     size_vram: Count = 0
     context_length: Count = 0
 
+    def held(self, memory: ModelFacts) -> ModelFacts:
+        """These facts with ``memory``'s figures in memory (an engine's ``/api/ps``)."""
+        return msgspec.structs.replace(self, memory=memory.memory, size_vram=memory.size_vram,
+                                       context_length=memory.context_length)
 
-ModelFactsByName = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=256)], ModelFacts],
-                             msgspec.Meta(max_length=4096)]
+
+ModelFactsByName = Annotated[dict[ModelName, ModelFacts], msgspec.Meta(max_length=MAX_MODELS)]
 
 
 class Frame(msgspec.Struct, frozen=True, tag_field="type"):
@@ -163,8 +169,8 @@ class Hello(Frame, tag="hello", frozen=True):
 class Welcome(Frame, tag="welcome", frozen=True):
     """Hub → worker: the link is up; ping every ``heartbeat_s``."""
     hub_id: str
-    # (a hub's config takes 0.01 s and up; one of 1e-9 dropped every link at once, one of 1e9 never a dead hub)
-    heartbeat_s: Annotated[float, msgspec.Meta(ge=0.01, le=3600)]
+    # (one of 1e-9 dropped every link at once, one of 1e9 never found a dead hub)
+    heartbeat_s: Annotated[float, msgspec.Meta(ge=HEARTBEAT_MIN_S, le=HEARTBEAT_MAX_S)]
 
 
 class Models(Frame, tag="models", frozen=True):

@@ -303,7 +303,7 @@ class ConnectionPool:
                 await conn.aclose()
                 dark = _timed_out(error)
                 race_s = min(RACE_AT_MOST_S, max(KEEPALIVE_RACE_S, 3 * conn.connect_s))
-                at_once = trio.current_time() - conn.sent_at < race_s
+                at_once = conn.cut or trio.current_time() - conn.sent_at < race_s  # (a request not sent whole)
                 if conn.reused and not conn.heard and again and (dark or at_once):
                     again = False
                     self.close_idle()

@@ -115,8 +115,8 @@ def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.U
             pool.report(worker, inflight)
         case protocol.Ping(inflight):
             pool.report(worker, inflight)
-            if worker.last_seen - worker.last_pong >= heartbeat_s / 4:  # a ping flood gets no pong flood
-                worker.last_pong = worker.last_seen
+            if link.pong_due(worker.last_pong, heartbeat_s):
+                worker.last_pong = trio.current_time()
                 worker.send(protocol.Pong(worker.inflight))
         case protocol.Models():
             pool.set_offer(worker, frame)

@@ -21,7 +21,6 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import msgspec
 import trio
 
 from ghubai import affinity, dialects, protocol
@@ -345,9 +344,7 @@ class Pool:
                     told.setdefault(model, facts)
                     if facts.memory and worker.warm(model):
                         held.setdefault(model, facts)
-        self._facts = {model: facts if (memory := held.get(model)) is None else msgspec.structs.replace(
-                           facts, memory=memory.memory, size_vram=memory.size_vram,
-                           context_length=memory.context_length)
+        self._facts = {model: facts if (memory := held.get(model)) is None else facts.held(memory)
                        for model, facts in told.items()}
         return self._facts
 
@@ -640,7 +637,8 @@ class Pool:
                       opening: int | None = None) -> RemoteWorker:
         """A slot on a worker that hosts ``model`` and serves ``api`` (``_pick``), waiting in the
         queue until ``deadline``; ``conversation``: the request's affinity key, if it has one, and
-        ``opening`` its opening's, where a conversation not remembered yet went before. A
+        ``opening`` its opening's: where a conversation not remembered yet went before, and what a
+        turn is placed by when no worker is known for it (``_for_conversation``). A
         request takes a worker that must load its model only when those that hold it have too few
         slots for the queue, or after ``warm_wait_s`` in the queue. A request back ``again`` (a
         refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free

@@ -24,7 +24,7 @@ import trio
 import trio_websocket
 
 from ghubai import __version__, protocol
-from ghubai.link import heartbeat, read_frames, write_batched
+from ghubai.link import heartbeat, pong_due, read_frames, write_batched
 from ghubai.config import WorkerConfig
 from ghubai.errors import describe
 from ghubai.http11.client import open_stream, tls_client_context
@@ -44,18 +44,21 @@ BACKOFF_MAX_S = 10.0
 # then at warning, as any hub that does not answer.
 RESTART_GRACE_S = 60.0
 RESTART_BACKOFF_S = 1.0
-LASTING_S = 10.0  # a link that lasted less, welcomed or not, does not start the backoff afresh
+LASTING_S = 10.0  # a welcomed link that lasted less does not start the backoff afresh
 # a link's writer behind by this much (a hub that does not read): the answers wait (``Link.room``)
 QUEUED_BYTES = 4 * protocol.MAX_BATCH_BYTES + protocol.MAX_CHUNK_BYTES
-
-
-def next_backoff(backoff: float, restarting: bool) -> float:
-    """The backoff after a failed dial: twice the last, up to ``BACKOFF_MAX_S`` (``RESTART_BACKOFF_S``
-    while the hub restarts); each wait is drawn from its upper half."""
-    return min(backoff * 2, RESTART_BACKOFF_S if restarting else BACKOFF_MAX_S)
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 DISCONNECT_TIMEOUT_S = 2.0
+
+
+def backoffs(backoff: float, restarting: bool) -> tuple[float, float]:
+    """This dial's backoff and the next one's: twice the last, up to ``BACKOFF_MAX_S`` (both up to
+    ``RESTART_BACKOFF_S`` while the hub restarts, whatever an earlier outage made it); each wait is
+    drawn from the upper half of its backoff."""
+    cap = RESTART_BACKOFF_S if restarting else BACKOFF_MAX_S
+    now = min(backoff, cap)
+    return now, min(now * 2, cap)
 
 
 def _first(group: BaseException) -> BaseException:
@@ -146,6 +149,7 @@ class Link:
             await self._written.wait()
 
     def written(self, size: int) -> None:
+        """A message of ``size`` was written (its frames' newlines too: ``queued`` may err low, never below 0)."""
         self.queued = max(0, self.queued - size)
         self._written.set()
         self._written = trio.Event()
@@ -293,12 +297,11 @@ class Worker:
                 log.log(level, "link to %s failed: %s", url, describe(_first(group)))
             except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
                 log.error("link to %s failed inside the worker", url, exc_info=_first(group))
-            restarting = trio.current_time() < restarting_until
-            backoff = min(backoff, RESTART_BACKOFF_S) if restarting else backoff  # (a short link kept its backoff)
+            backoff, following = backoffs(backoff, trio.current_time() < restarting_until)
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
-            backoff = next_backoff(backoff, restarting)
+            backoff = following
 
     @asynccontextmanager
     async def _dial(self, url: str, tls: ssl.SSLContext | None,
@@ -393,9 +396,9 @@ class Worker:
             case protocol.Credit(request_id, size):
                 if running := link.running.get(request_id):
                     running.grant(size)
-            case protocol.Ping():  # a ping flood gets no pong flood (the hub's rule too)
-                if (now := trio.current_time()) - link.ponged >= link.heartbeat_s / 4:
-                    link.ponged = now
+            case protocol.Ping():
+                if pong_due(link.ponged, link.heartbeat_s):
+                    link.ponged = trio.current_time()
                     link.send(protocol.Pong(self.inflight))
             case protocol.Pong():
                 pass

@@ -348,9 +348,7 @@ class Engine:
         """What the engine told of each model it lists, with its figures in memory while it holds it."""
         if not self.listed:
             return None
-        return {name: msgspec.structs.replace(facts, memory=held.memory, size_vram=held.size_vram,
-                                              context_length=held.context_length)
-                if (held := self.in_memory.get(name)) is not None else facts
+        return {name: facts if (held := self.in_memory.get(name)) is None else facts.held(held)
                 for name, facts in self.listed.items()}  # (the models it lists: what a hub takes)
 
     async def _props(self) -> int | None:

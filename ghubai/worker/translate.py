@@ -27,7 +27,7 @@ _encode = msgspec.json.Encoder().encode  # C speed; its strings come from msgspe
 _SAME_OPTIONS = ("temperature", "top_p", "seed", "stop", "frequency_penalty", "presence_penalty")
 _ENGINE_OPTIONS = ("top_k", "min_p")  # Ollama options that llama.cpp's and vLLM's OpenAI APIs take too
 # and those llama.cpp's takes under Ollama's names (vLLM ignores them, but takes ``repetition_penalty``)
-_LLAMA_OPTIONS = ("repeat_penalty", "repeat_last_n", "typical_p", "mirostat", "mirostat_tau", "mirostat_eta")
+_LLAMA_OPTIONS = (*dialects.LLAMA_NUMBERS, *dialects.LLAMA_INTEGERS)
 PROGRESS_S = 1.0  # at most one sign of life a second while an engine writes what a client does not see yet
 # OpenAI's reasoning efforts as Ollama's ``think``, as Ollama's own OpenAI layer maps them
 _THINK: dict[str, bool | str] = {"none": False, "minimal": "low", "low": "low", "medium": "medium", "high": "high",
@@ -315,7 +315,7 @@ class OllamaOverOpenAI:
             return {"model": self.model, "input": str(body.get("prompt", ""))}
         options: dict[str, Any] = body["options"] if isinstance(body.get("options"), dict) else {}
         request: dict[str, Any] = {"model": self.model, "stream": stream}
-        request.update({name: int(options[name]) if name in dialects.INTEGERS else options[name]  # (as Ollama)
+        request.update({name: int(options[name]) if name in dialects.INTEGER_OPTIONS else options[name]  # (as Ollama)
                         for name in (*_SAME_OPTIONS, *_ENGINE_OPTIONS, *_LLAMA_OPTIONS)
                         if options.get(name) is not None})
         if "repeat_penalty" in request:
