@@ -389,15 +389,35 @@ def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.Mo
                 0 < len(name) <= protocol.MAX_MODEL_NAME:
             try:
                 told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
-                                              if entry.get(theirs) is not None}, protocol.ModelFacts)
+                                              if entry.get(theirs) not in (None, UNDATED)}, protocol.ModelFacts)
             except msgspec.ValidationError:
                 continue
     return told
 
 
+def facts_of_meta(entries: list[Any]) -> dict[str, protocol.ModelFacts]:
+    """What llama.cpp's ``/v1/models`` tells of each model in its ``meta`` (its file's size, its
+    parameters), as Ollama's lists say them; entries without one tell nothing."""
+    told = {}
+    for entry in entries[:protocol.MAX_MODELS]:
+        meta = entry.get("meta") if isinstance(entry, dict) else None
+        name = entry.get("id") if isinstance(entry, dict) else None
+        if not (isinstance(meta, dict) and isinstance(name, str) and 0 < len(name) <= protocol.MAX_MODEL_NAME):
+            continue
+        size, params = meta.get("size"), meta.get("n_params")
+        count = f"{params / 1e9:.1f}B" if type(params) is int and params >= 1e9 else \
+            f"{params / 1e6:.0f}M" if type(params) is int and params > 0 else ""
+        told[name] = protocol.ModelFacts(size=size if type(size) is int and size >= 0 else 0,
+                                         details=protocol.ModelDetails(format="gguf", parameter_size=count))
+    return told
+
+
+UNDATED = "1970-01-01T00:00:00Z"  # a model list's date of a model no engine dated (read back as none)
+
+
 def _tag(model: str, facts: protocol.ModelFacts, running: bool) -> dict[str, Any]:
     details = {} if facts.details is None else msgspec.structs.asdict(facts.details)
-    entry = {"name": model, "model": model, "modified_at": facts.modified_at or "1970-01-01T00:00:00Z",
+    entry = {"name": model, "model": model, "modified_at": facts.modified_at or UNDATED,
              "size": facts.memory if running else facts.size,
              "digest": facts.digest or hashlib.sha256(model.encode()).hexdigest(), "details": details}
     if running:

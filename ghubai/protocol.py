@@ -136,6 +136,11 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     size_vram: Count = 0
     context_length: Count = 0
 
+    def fuller(self, other: ModelFacts) -> ModelFacts:
+        """Of these and ``other`` (another engine's, of a model of the same name), what an Ollama client
+        would rather see: an Ollama engine's (dated, with its family), not llama.cpp's size alone."""
+        return other if other.modified_at and not self.modified_at else self
+
     def held(self, memory: ModelFacts) -> ModelFacts:
         """These facts with ``memory``'s figures in memory (an engine's ``/api/ps``)."""
         return msgspec.structs.replace(self, memory=memory.memory, size_vram=memory.size_vram,

@@ -220,7 +220,7 @@ async def test_model_lists_carry_what_ollama_engines_tell_of_their_models(grid: 
     """``ollama list`` printed every model as 0 B, modified 55 years ago, and ``ollama ps`` as 100% CPU:
     the grid passed on names only. An Ollama engine's sizes, digest, date and details now reach Ollama's
     clients at hub and proxy, and the size in memory, the part in VRAM and the context length those in
-    memory; a model no engine told of (an OpenAI-compatible engine's) keeps the stand-ins."""
+    memory; llama.cpp's size and parameters too (its /v1/models' "meta")."""
     sim_url, _ = await grid.sim(models=("sim",))
     plain_url, _ = await grid.sim(models=("plain",))
     # a hub whose worker serves "sim" too, over an OpenAI engine: its stand-in, first in the order of
@@ -238,7 +238,9 @@ async def test_model_lists_carry_what_ollama_engines_tell_of_their_models(grid: 
         sim, plain = listed["sim"], listed["plain"]
         assert (sim.size, str(sim.modified_at.date()), sim.details and sim.details.family,
                 sim.details and sim.details.quantization_level) == (1_000_000, "2026-01-01", "sim", "Q4_0"), base
-        assert (plain.size, plain.modified_at and plain.modified_at.year) == (0, 1970)
+        # llama.cpp's /v1/models says a model's size and parameters in its "meta" (the simulator too)
+        assert (plain.size, plain.modified_at and plain.modified_at.year,
+                plain.details and plain.details.parameter_size) == (1_000_000, 1970, "1.0B")
         held = running["sim"]
         assert (held.size, held.size_vram, held.context_length) == (1_500_000, 1_000_000, 4096), base
 

@@ -753,6 +753,10 @@ def test_what_an_ollama_listing_tells_of_a_model_is_taken_only_when_well_typed()
     assert set(told) == {"a"} and (told["a"].size, told["a"].digest, told["a"].details.family) == (5, "d", "llama")
     held = dialects.facts_of([{"name": "a", "size": 9, "size_vram": 4, "context_length": 8192}], running=True)["a"]
     assert (held.size, held.memory, held.size_vram, held.context_length) == (0, 9, 4, 8192)
+    meta = dialects.facts_of_meta([{"id": "m", "meta": {"n_params": 494_032_768, "size": 5}}, {"id": "n"},
+                                   {"id": "o", "meta": {"n_params": "x", "size": -1}}])
+    assert {name: (facts.size, facts.details.parameter_size) for name, facts in meta.items()} == {
+        "m": (5, "494M"), "o": (0, "")}
     entry = dialects.ollama_tags(["a", "z"], running=True, facts={"a": held})["models"]
     assert (entry[0]["size"], entry[0]["size_vram"], entry[0]["context_length"]) == (9, 4, 8192)
     assert (entry[1]["size"], entry[1]["size_vram"], "context_length" in entry[1]) == (0, 0, False)

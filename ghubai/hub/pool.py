@@ -341,7 +341,7 @@ class Pool:
         for worker in sorted(self.workers.values(), key=lambda worker: worker.name):
             for model, facts in worker.facts.items():
                 if model in worker.models and not worker.draining:
-                    told.setdefault(model, facts)
+                    told[model] = told[model].fuller(facts) if model in told else facts
                     if facts.memory and worker.warm(model):
                         held.setdefault(model, facts)
         self._facts = {model: facts if (memory := held.get(model)) is None else facts.held(memory)

@@ -297,7 +297,7 @@ class Proxy:
             for model, facts in dialects.facts_of(entries if isinstance(entries, list) else [], running).items():
                 if facts.size or facts.memory or facts.details not in (None, protocol.ModelDetails()):
                     # (not a hub's stand-in for a model none of its engines told of)
-                    told.setdefault(model, facts)
+                    told[model] = told[model].fuller(facts) if model in told else facts
         if len(self._told_at) > 1000:  # (as many keys as clients: the oldest go)
             self._told_at = dict(sorted(self._told_at.items(), key=lambda item: item[1][0])[500:])
         self._told_at[kept] = (trio.current_time(), told)

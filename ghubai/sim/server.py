@@ -178,7 +178,8 @@ class SimServer:
 
     @staticmethod
     def _openai_model(name: str) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "library"}
+        return {"id": name, "object": "model", "created": 0, "owned_by": "library",
+                "meta": {"n_params": 1_000_000_000, "size": 1_000_000}}  # (llama.cpp's)
 
     async def openai_models(self, conn: Connection, request: Request) -> None:
         data = [self._openai_model(name) for name in self.sim.options.models]

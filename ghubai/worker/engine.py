@@ -378,8 +378,8 @@ class Engine:
         if not isinstance(entries, list):
             raise ValueError(f"{path} answered no {listing!r} list")
         names = _names(entries, key)
-        if self.config.kind == "ollama":
-            self.listed = {name: facts for name, facts in dialects.facts_of(entries).items() if name in names}
+        told = dialects.facts_of(entries) if self.config.kind == "ollama" else dialects.facts_of_meta(entries)
+        self.listed = {name: facts for name, facts in told.items() if name in names}
         return list(names)
 
     def _prepare(self, call: Call) -> dict[str, Any]:
