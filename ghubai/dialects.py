@@ -367,13 +367,16 @@ def model_list(models: list[str]) -> dict[str, Any]:
 def ollama_tags(models: list[str], running: bool = False,
                 facts: Mapping[str, protocol.ModelFacts] | None = None) -> dict[str, Any]:
     """``GET /api/tags`` (or, ``running``, ``/api/ps``: the models engines hold in memory now), with what
-    the workers' Ollama engines told of each (``facts``: sizes, digest, details, and in memory its size
+    the workers' engines told of each (``facts``: sizes, digest, details, and in memory its size
     there, the part in VRAM and its context length, which ``ollama ps`` prints). A model no engine told
-    of (an OpenAI-compatible one's) gets size 0 and a digest that stands in, 64 hex digits from the name
+    of (a vLLM's, say) gets size 0 and a digest that stands in, 64 hex digits from the name
     (the same at every hub and proxy): Ollama's CLI prints a digest's first 12 characters, and an empty
     one made ``ollama list`` and ``ollama ps`` panic. An engine keeps a model in memory for its
     ``keep_alive`` after each request, on each worker: the grid says none expires."""
     return {"models": [_tag(model, (facts or {}).get(model) or protocol.ModelFacts(), running) for model in models]}
+
+
+UNDATED = "1970-01-01T00:00:00Z"  # a model list's date of a model no engine dated (read back as none)
 
 
 def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.ModelFacts]:
@@ -410,9 +413,6 @@ def facts_of_meta(entries: list[Any]) -> dict[str, protocol.ModelFacts]:
         told[name] = protocol.ModelFacts(size=size if type(size) is int and size >= 0 else 0,
                                          details=protocol.ModelDetails(format="gguf", parameter_size=count))
     return told
-
-
-UNDATED = "1970-01-01T00:00:00Z"  # a model list's date of a model no engine dated (read back as none)
 
 
 def _tag(model: str, facts: protocol.ModelFacts, running: bool) -> dict[str, Any]:

@@ -124,10 +124,10 @@ class ModelDetails(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
-    """What an Ollama engine tells of a model, for Ollama's clients (``ollama list``, ``ollama ps``,
-    the UIs' pickers): from ``/api/tags`` its file's ``size``, ``digest``, ``modified_at`` and
-    ``details``; from ``/api/ps``, while in memory, its ``memory`` (Ollama's ``size`` there), the
-    part of it in VRAM and its context length."""
+    """What an engine tells of a model, for Ollama's clients (``ollama list``, ``ollama ps``, the UIs'
+    pickers): from Ollama's ``/api/tags`` its file's ``size``, ``digest``, ``modified_at`` and
+    ``details`` (llama.cpp's ``/v1/models``: the size and the parameters); from ``/api/ps``, while in
+    memory, its ``memory`` (Ollama's ``size`` there), the part of it in VRAM and its context length."""
     size: Count = 0
     digest: ShortText = ""
     modified_at: ShortText = ""
@@ -183,7 +183,7 @@ class Models(Frame, tag="models", frozen=True):
     ``loaded``: the models it holds in memory now (None: it cannot tell); ``problem``: why it lists
     no models, in words for the client (its credentials were refused, say); ``max_concurrency``: the
     slots it has now, when the engine says (llama.cpp's ``total_slots``; None: unchanged);
-    ``facts``: what the engine tells of its models (Ollama's; None: nothing)."""
+    ``facts``: what the engine tells of its models (``ModelFacts``; None: nothing)."""
     models: ModelNames
     apis: ApiNames | None = None
     loaded: ModelNames | None = None

@@ -135,6 +135,8 @@ async def test_an_engine_that_echoes_its_credentials_in_an_error_never_shows_the
     engine = Engine(EngineConfig(api_key="sk-live-0123456789abcdef"), httpx.AsyncClient())  # (review: cut short)
     assert engine.scrub("x" * 480 + "Bearer sk-live-0123") == "x" * 480 + "Bearer ***"
     assert engine.scrub("skim it") == "skim it"
+    short = Engine(EngineConfig(api_key="k3y9"), httpx.AsyncClient())  # (reread: a short key is a key too)
+    assert short.scrub("you sent Bearer k3y9") == "you sent Bearer ***"
 
 
 def test_check_names_a_bad_engine_key_never_its_value(tmp_path: Path) -> None:

@@ -69,7 +69,7 @@ class Offer:
     loaded: tuple[str, ...] | None = None
     problem: str = ""
     slots: int | None = None
-    facts: dict[str, protocol.ModelFacts] | None = None  # what the engine tells of its models (Ollama's)
+    facts: dict[str, protocol.ModelFacts] | None = None  # what the engine tells of its models
 
 
 def unserved(status: int, message: str) -> bool:
@@ -230,14 +230,16 @@ class Engine:
         self.config = config
         self.client = client  # for discovery and probes
         self.headers = engine_headers(config)
-        # what ``scrub`` hides: long ones first (a header's value may hold the key); a value under 8
-        # characters is no secret worth the name, and hiding it would garble the engine's words
-        self.secrets = sorted({value for value in (config.api_key, *config.headers.values()) if len(value) >= 8},
-                              key=len, reverse=True)
+        # what ``scrub`` hides: long ones first (a header's value may hold the key); the key whatever its
+        # length but for a few characters, a header's value from 8 (a shorter one is no secret worth the
+        # name, and hiding it would garble the engine's words)
+        self.secrets = sorted({value for value in config.headers.values() if len(value) >= 8} |
+                              ({config.api_key} if len(config.api_key) >= 4 else set()), key=len, reverse=True)
         self.tools = config.tools
         self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
-        # what Ollama's /api/tags and /api/ps last told of each model (``facts``)
+        # what the engine's model list (Ollama's /api/tags, llama.cpp's /v1/models) and Ollama's /api/ps
+        # last told of each model (``facts``)
         self.listed: dict[str, protocol.ModelFacts] = {}
         self.in_memory: dict[str, protocol.ModelFacts] = {}
         parts = urlsplit(config.url)
