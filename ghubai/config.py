@@ -22,6 +22,7 @@ import typing
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -590,6 +591,17 @@ def _tls_problems(config: Any) -> list[str]:
         except (ssl.SSLError, OSError, ValueError) as error:
             problems.append(f"ca_file: not a bundle of PEM certificates ({_why(error)})")
     return problems
+
+
+def renew_certificate(context: ssl.SSLContext, cert: str, key: str) -> str:
+    """Read a server's certificate and key again into the context it listens with (certbot's deploy
+    hook, then a reload): connections made after it are served the new pair, those open keep theirs.
+    The pair is tried on a context of its own first, as ``ghubai check`` does; a certificate loaded
+    beside a key it does not match would fail every handshake after it. ConfigError when it is no pair."""
+    if problems := _tls_problems(SimpleNamespace(tls_cert=cert, tls_key=key)):
+        raise ConfigError(problems)
+    context.load_cert_chain(cert, key or None)
+    return f"the TLS certificate read again from {cert}"
 
 
 def _why(error: Exception) -> str:

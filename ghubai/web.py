@@ -70,6 +70,7 @@ import contextlib
 import inspect
 import logging
 import math
+import ssl
 import sys
 from importlib.metadata import version
 from typing import Any
@@ -92,6 +93,7 @@ from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio.tcp_server import TCPServer
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
+from ghubai.config import renew_certificate
 from ghubai.http11.server import turn_away
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
@@ -169,6 +171,18 @@ class GhubConfig(Config):
         super().__init__()
         self.pending_writes: set[trio.CancelScope] = set()
         self.connections = 0
+        self.ssl_context: ssl.SSLContext | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        self.ssl_context = super().create_ssl_context()  # (kept: a reload renews its certificate)
+        return self.ssl_context
+
+    def renew_certificate(self) -> str:
+        """A reload's: the TLS files read again into the context the server listens with (what it
+        says of it, or nothing without TLS); ConfigError when they are no longer a pair."""
+        if self.ssl_context is None or self.certfile is None:
+            return ""
+        return renew_certificate(self.ssl_context, self.certfile, self.keyfile or "")
 
     def cut_pending_writes(self) -> None:
         for write in list(self.pending_writes):

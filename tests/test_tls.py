@@ -4,8 +4,10 @@ only with ``allow_invalid_certs``."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 import subprocess
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,11 @@ import trio
 import trustme
 
 from conftest import WAIT_S, Grid, chat, eventually, ghubai_command
-from ghubai.config import ConfigError, parse
+from ghubai.config import ConfigError, load, parse
+from ghubai.hub.app import run as run_hub
+from ghubai.observability.service import Service
+from ghubai.proxy.server import run as run_proxy
+from ghubai.registry.server import run as run_registry
 
 
 @pytest.fixture
@@ -197,3 +203,46 @@ async def test_a_hub_that_refuses_a_large_body_early_stays_up_at_the_proxy(grid:
     assert response.status_code == 401 or secure and response.status_code == 502, response.text
     assert response.status_code == 401 or "before it took the whole request" in response.text  # (no other hub)
     assert (await grid.http.get(proxy.value + "/health")).json()["hubs"][0]["up"]
+
+
+async def test_a_reload_serves_a_renewed_certificate_to_new_connections(
+        tls: dict[str, str], tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (operator's path): certbot renews a certificate in place every 60 days or so; a
+    reload checked the new files but went on serving the old ones, and only a restart, which drops
+    every client and every worker's link, served them. A pair that does not match keeps the old."""
+    caplog.set_level(logging.INFO)
+    services, urls = {}, {}
+    for role, run, extra in (("hub", run_hub, ""), ("proxy", run_proxy, 'hubs = []\nregistry_url = ""\n'),
+                             ("registry", None, "hubs = []\n")):
+        path = tmp_path / f"{role}.toml"
+        path.write_text(f'listen = "127.0.0.1:0"\ntls_cert = "{tls["cert"]}"\ntls_key = "{tls["key"]}"\n{extra}')
+        services[role] = Service({})
+        config = load(role, str(path))
+        start = partial(run_registry, config, str(path)) if run is None else partial(run, config, path=str(path))
+        urls[role] = await nursery.start(partial(start, service=services[role]))
+    renewal, renewal_ca = trustme.CA(), str(tmp_path / "renewal.pem")
+    renewal.cert_pem.write_to_path(renewal_ca)
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as kept:
+        for url in urls.values():
+            assert (await kept.get(url + "/health")).status_code == 200
+        renewed = renewal.issue_cert("127.0.0.1")
+        renewed.cert_chain_pems[0].write_to_path(tls["cert"])
+        renewed.private_key_pem.write_to_path(tls["key"])
+        for service in services.values():
+            service.reloaded()
+        assert caplog.text.count("the TLS certificate read again from") == 3
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=tls["ca"]), timeout=WAIT_S) as old, \
+                httpx.AsyncClient(verify=ssl.create_default_context(cafile=renewal_ca), timeout=WAIT_S) as new:
+            for role, url in urls.items():
+                assert (await new.get(url + "/health")).status_code == 200, role
+                assert (await kept.get(url + "/health")).status_code == 200, role  # (its connection keeps its own)
+                with pytest.raises(httpx.ConnectError):  # (the certificate: the port serves the others)
+                    await old.get(url + "/health")
+
+    trustme.CA().issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(tls["cert"])  # (not the key's)
+    for service in services.values():
+        service.reloaded()
+    assert caplog.text.count("not a certificate and its private key") >= 3
+    async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=renewal_ca), timeout=WAIT_S) as new:
+        for role, url in urls.items():
+            assert (await new.get(url + "/health")).status_code == 200, role

@@ -552,7 +552,8 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
               service: Service | None = None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the hub until cancelled, or until ``drain`` is set and the drain is over. Reports the
     base URL. While it drains the port stays open: ``/ready`` and new requests answer 503, so
-    proxies move on at once. A reload (SIGHUP) re-reads ``path`` for new api_keys and provider_tokens."""
+    proxies move on at once. A reload (SIGHUP) re-reads ``path`` for new api_keys and provider_tokens,
+    and the TLS files it started with (a renewed certificate)."""
     hub_id = uuid.uuid4().hex[:12]
     pool = Pool(config.limits, config.scheduler)
     inflight = InFlight()
@@ -564,7 +565,12 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     service.summary = lambda: (f"{len(pool.workers)} workers, {len(inflight.exchanges)} inflight, "
                                f"{pool.queued} queued{', draining' if pool.draining else ''}")
 
+    served = server_config(
+        config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,
+        max_connections=connection_cap(config.limits.max_connections, 1, "limits.max_connections"), who="hub")
+
     def reload(fresh: HubConfig) -> str:
+        renewed = served.renew_certificate()  # (first: a pair that fails keeps the running keys too)
         if not secrets.api_keys.open and not fresh.api_keys:
             log.warning("api_keys is empty now: clients need no key")
         secrets.replace(fresh)
@@ -574,15 +580,14 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
                 log.warning("worker %s joined with a provider token that is not listed now: ending its link",
                             worker.name)
                 pool.cut(worker, f"the provider token of worker {worker.name} was revoked")
-        return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens"
+        return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens" + \
+            (f"; {renewed}" if renewed else "")
 
     service.reloads_config("hub", path, reload, lambda: [key for key in ("api_keys", "provider_tokens")
                                                          if not getattr(secrets, key).open],
                            live=("api_keys", "provider_tokens"))
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve_app, app, server_config(
-            config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,
-            max_connections=connection_cap(config.limits.max_connections, 1, "limits.max_connections"), who="hub"))
+        binds = await nursery.start(serve_app, app, served)
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
         service.ready()
         task_status.started(binds[0])

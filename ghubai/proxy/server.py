@@ -26,7 +26,7 @@ import trio
 
 from ghubai import cors, dialects, protocol
 from ghubai.auth import Secrets
-from ghubai.config import ProxyConfig, listen_host, redacted, split_hostport
+from ghubai.config import ProxyConfig, listen_host, redacted, renew_certificate, split_hostport
 from ghubai.errors import ApiError, invalid_api_key
 from ghubai.http11.client import TRANSPORT_ERRORS, TooLarge, tls_client_context
 from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
@@ -307,17 +307,24 @@ class Proxy:
 async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,
               service: Service | None = None, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled, or until ``drain`` is set and the drain is over (``Proxy.drain``);
-    reports the base URL. A reload (SIGHUP) re-reads ``path`` for new api_keys."""
+    reports the base URL. A reload (SIGHUP) re-reads ``path`` for new api_keys, and the TLS files it
+    started with (a renewed certificate)."""
     proxy = Proxy(config)
     service = service or Service({})
     service.summary = lambda: (f"{len(proxy.hubs.healthy())}/{len(proxy.hubs.hubs)} hubs up, "
                                f"{proxy.inflight} inflight")
 
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH) if config.tls_cert else None
+    if server_context is not None:
+        server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
+
     def reload(fresh: ProxyConfig) -> str:
+        renewed = "" if server_context is None else \
+            "; " + renew_certificate(server_context, config.tls_cert, config.tls_key)  # (first: see the hub's)
         if not proxy.keys.open and not fresh.api_keys:
             log.warning("api_keys is empty now: clients need no key")
         proxy.keys.replace(fresh.api_keys)
-        return f"{len(fresh.api_keys)} api_keys"
+        return f"{len(fresh.api_keys)} api_keys{renewed}"
 
     service.reloads_config("proxy", path, reload, lambda: () if proxy.keys.open else ("api_keys",),
                            live=("api_keys",))
@@ -330,9 +337,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
                     header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
     handler = partial(proxy.connection, serve, connection_cap(limits.max_connections, 2, "limits.max_connections"))
-    if config.tls_cert:
-        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_context.load_cert_chain(config.tls_cert, config.tls_key or None)
+    if server_context is not None:
         # https_compatible: a close sends no close_notify, which a client that stopped reading never took:
         # the connection's shielded close waited for it for good (and the proxy would not stop)
         listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host),

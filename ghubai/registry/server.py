@@ -24,7 +24,7 @@ from ghubai.http11.server import connection_cap
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service, file_config, restart_needed
 from ghubai.registry.watch import watch
-from ghubai.web import serve_app, server_config
+from ghubai.web import GhubConfig, serve_app, server_config
 
 log = logging.getLogger("ghubai.registry")
 
@@ -166,9 +166,15 @@ def create_app(hub_list: HubList) -> QuartTrio:
     return app
 
 
-def _reload_on_signal(hub_list: HubList, path: str, started: RegistryConfig | None) -> None:
+def _reload_on_signal(hub_list: HubList, path: str, started: RegistryConfig | None, served: GhubConfig) -> None:
+    """SIGHUP: the file again, and the TLS files the registry started with (a renewed certificate)."""
     log.info("SIGHUP: reloading %s", path)
     reload(hub_list, path, started)
+    try:
+        if renewed := served.renew_certificate():
+            log.info("SIGHUP: %s", renewed)
+    except ConfigError as error:
+        log.error("kept the TLS certificate being served: %s", "; ".join(error.errors))
 
 
 async def run(config: RegistryConfig, path: str | None, *, service: Service | None = None,
@@ -180,17 +186,17 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
         hub_list.publish(config.hubs)
     service = service or Service({})
     service.summary = lambda: f"{len(hub_list.entries())} hubs" + (", config error" if hub_list.config_error else "")
+    served = server_config(config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
+                           max_connections=connection_cap(config.max_connections, 1, "max_connections"))
     async with trio.open_nursery() as nursery:
         if path is not None:
             started = file_config("registry", path)
-            service.reload = partial(_reload_on_signal, hub_list, path, started)
+            service.reload = partial(_reload_on_signal, hub_list, path, started, served)
             await nursery.start(watch, path, partial(reload, hub_list, path, started))
             reload(hub_list, path)  # an edit made since the daemon first read the file is not lost
         stopped = trio.Event()
         async with trio.open_nursery() as serving:
-            binds = await serving.start(partial(serve_app, create_app(hub_list), server_config(
-                config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, who="registry",
-                max_connections=connection_cap(config.max_connections, 1, "max_connections")), until=stopped))
+            binds = await serving.start(partial(serve_app, create_app(hub_list), served, until=stopped))
             log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
             if stop is None or not stop.is_set():  # (a SIGTERM during the start: it is stopping already)
                 service.ready()
