@@ -60,7 +60,11 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         """``Retry-After``, and ``retry-after-ms`` (which the openai SDK reads first) up to half as
         long again at random: refused together, a crowd of clients must not come back together,
-        each retry as sure to fail as the first (the SDK adds no jitter to a server's wait)."""
+        each retry as sure to fail as the first (the SDK adds no jitter to a server's wait). A 501
+        (no engine serves that API, the grid manages no models) says ``x-should-retry: false``: the
+        SDK sends every other 5xx twice more, each as sure to fail."""
+        if self.status == 501:
+            return {"x-should-retry": "false"} | self.extra_headers
         if self.retry_after is None:
             return self.extra_headers
         spread = round(self.retry_after * 1000 * (1 + random.random() / 2))

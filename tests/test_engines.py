@@ -183,6 +183,25 @@ async def test_with_only_a_shim_the_client_hears_which_api_is_missing(grid: Grid
     assert openai.status_code == 501 and openai.json()["error"]["code"] == "api_not_served"
 
 
+async def test_the_openai_sdk_does_not_send_again_what_no_worker_serves(grid: Grid) -> None:
+    """Regression (hunt): the SDK sends again every 5xx the server does not mark as final: a 501 for
+    an API no engine serves came back three times, 1.2 s late through the SDK's backoff."""
+    shim_url, _ = await grid.sim(disabled=frozenset({"/api/generate"}))
+    hub = await grid.hub()
+    await grid.worker(hub.value, shim_url)
+    sent: list[str] = []
+
+    async def count(request: httpx.Request) -> None:
+        sent.append(request.url.path)
+
+    async with httpx.AsyncClient(event_hooks={"request": [count]}) as http, \
+            openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", http_client=http) as sdk:  # (2 retries)
+        with trio.fail_after(WAIT_S), pytest.raises(openai.InternalServerError) as refused:
+            await sdk.completions.create(model="sim", prompt="hi", max_tokens=2)
+    assert refused.value.status_code == 501 and sent == ["/v1/completions"]
+    assert refused.value.response.headers["x-should-retry"] == "false"
+
+
 async def test_through_the_proxy_a_hub_whose_workers_lack_the_api_is_passed_over(grid: Grid) -> None:
     shim_url, shim = await grid.sim(disabled=frozenset({"/api/chat"}))
     full_url, full = await grid.sim()
