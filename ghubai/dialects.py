@@ -228,6 +228,33 @@ def _check_ollama(body: dict[str, Any]) -> None:
         raise ApiError(400, "option 'stop' must be an array of strings", param="options.stop")
     if options.get("use_mmap") is not None and not isinstance(options["use_mmap"], bool):
         raise ApiError(400, "option 'use_mmap' must be a boolean", param="options.use_mmap")
+    if (think := body.get("think")) is not None and not isinstance(think, bool) and think not in _THINK_LEVELS:
+        raise ApiError(400, f"invalid think value: \"{think}\" (must be {_THINK_WORDS})" if isinstance(think, str)
+                       else f"think must be a boolean or string ({_THINK_WORDS})", param="think")  # (Ollama's words)
+    keep_alive_seconds(body.get("keep_alive"))
+
+
+_THINK_LEVELS = ("high", "medium", "low", "max")  # (Ollama's ThinkValue: these, true or false)
+_THINK_WORDS = '"high", "medium", "low", "max", true, or false'
+_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_seconds(value: Any) -> float | None:
+    """Ollama's ``keep_alive``: seconds as a number, or a Go duration (``"5m"``, ``"1h30m"``, ``"0.0s"``,
+    ``"-1"`` or any negative: for ever); None when not given. A 400 as Ollama's for anything else (a
+    boolean was read as 0, an unload)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        sign, text = (-1.0, value[1:]) if value.startswith("-") else (1.0, value.removeprefix("+"))
+        parts = _DURATION.findall(text)
+        if text == "0" or parts and "".join(number + unit for number, unit in parts) == text:
+            return sign * sum(float(number) * _UNIT_S[unit] for number, unit in parts)
+        raise ApiError(400, f"time: invalid duration \"{value}\"", param="keep_alive")
+    raise ApiError(400, f"Unsupported type: '{type(value).__name__}' for keep_alive", param="keep_alive")
 
 
 def validate_ollama_embed(body: dict[str, Any]) -> None:
@@ -264,7 +291,10 @@ def preload(body: dict[str, Any], chat: bool) -> str:
     for a generation): "load" a model, or with ``keep_alive`` 0 "unload" it; "" for a real request."""
     if body.get("messages" if chat else "prompt"):
         return ""
-    return "unload" if body.get("keep_alive") in (0, "0", "0s", "0m", "0h") else "load"
+    try:
+        return "unload" if keep_alive_seconds(body.get("keep_alive")) == 0 else "load"
+    except ApiError:  # (checked at the hub: a simulator or worker asked directly loads)
+        return "load"
 
 
 def validate_ollama_embeddings(body: dict[str, Any]) -> None:

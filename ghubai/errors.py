@@ -31,10 +31,12 @@ class ApiError(Exception):
     ``extra_headers`` go out with it too (``Connection: close`` where the request cannot be read on)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after: int | None = None, extra_headers: dict[str, str] | None = None) -> None:
+                 retry_after: int | None = None, extra_headers: dict[str, str] | None = None,
+                 ollama_message: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.ollama_message = ollama_message or message  # (where Ollama's clients read its own words)
         self.param = param
         self.code = code
         self.retry_after = retry_after
@@ -45,7 +47,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def ollama_body(self) -> dict[str, Any]:
-        return {"error": self.message}
+        return {"error": self.ollama_message}
 
     def body_for(self, path: str) -> bytes:
         """The JSON body of the answer to a request for ``path``."""
@@ -84,8 +86,9 @@ def body_too_large(limit: int) -> ApiError:
 
 
 def model_not_found(model: str) -> ApiError:
-    return ApiError(404, f"The model '{model}' does not exist or no worker serves it",
-                    param="model", code="model_not_found")
+    """(The ``ollama`` command reads "not found" in the text: its ``/load`` of a typo went on, not out.)"""
+    return ApiError(404, f"The model '{model}' does not exist or no worker serves it", param="model",
+                    code="model_not_found", ollama_message=f"model '{model}' not found (no worker serves it)")
 
 
 def describe(error: BaseException) -> str:

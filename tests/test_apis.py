@@ -58,8 +58,9 @@ async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:
     embedded = (await grid.http.post(url + "/api/embed", json={"model": "sim", "input": "x"})).json()
     assert len(embedded["embeddings"][0]) == 8
     assert (await grid.http.get(url + "/api/tags")).json()["models"][0]["name"] == "sim"
-    missing = await grid.http.post(url + "/api/chat", json={"model": "nope", "messages": []})
-    assert missing.status_code == 404 and isinstance(missing.json()["error"], str)
+    for path in ("/api/chat", "/api/show"):  # (hunt: the ``ollama`` command reads "not found" in Ollama's words)
+        missing = await grid.http.post(url + path, json={"model": "nope", "messages": []})
+        assert missing.status_code == 404 and missing.json()["error"] == "model 'nope' not found (no worker serves it)"
     bad = await grid.http.post(url + "/api/chat", content=b"{")
     assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
 

@@ -683,10 +683,12 @@ def test_a_sampling_field_of_the_wrong_type_is_a_400(field: dict[str, Any]) -> N
                                   {"options": {"num_predict": "5"}}, {"options": {"temperature": True}},
                                   {"options": {"stop": "x"}}, {"options": {"mirostat_tau": "x"}},
                                   {"options": {"use_mmap": 1}}, {"raw": True, "system": "s"},
-                                  {"raw": True, "context": [1]}])
+                                  {"raw": True, "context": [1]}, {"think": "bogus"}, {"think": 3},
+                                  {"keep_alive": False}, {"keep_alive": "5"}, {"keep_alive": "soon"}])
 def test_what_ollama_refuses_of_format_options_and_raw_is_a_400(body: dict[str, Any]) -> None:
     """Regression (hunt): over an OpenAI engine each was dropped (a ``num_predict`` of "5" made an
-    answer without limit; raw glued the system text into the prompt); Ollama refuses them."""
+    answer without limit; raw glued the system text into the prompt; a ``think`` of "bogus" reached
+    it as a reasoning effort, and ``keep_alive: false`` unloaded the model); Ollama refuses them."""
     with pytest.raises(ApiError) as refused:
         dialects.validate_ollama_generate({"model": "m", "prompt": "x", **body})
     assert refused.value.status == 400
@@ -1122,10 +1124,14 @@ def test_an_openai_engine_s_reasoning_is_ollama_s_thinking() -> None:
 
 @pytest.mark.parametrize("api, body, reason", [
     ("ollama.generate", {"model": "m"}, "load"), ("ollama.generate", {"model": "m", "prompt": "", "keep_alive": 0}, "unload"),
-    ("ollama.chat", {"model": "m"}, "load"), ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload")])
+    ("ollama.chat", {"model": "m"}, "load"), ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload"),
+    ("ollama.chat", {"model": "m", "keep_alive": "0.0s"}, "unload"), ("ollama.chat", {"model": "m", "keep_alive": "0h0m0s"},
+                                                                      "unload"),
+    ("ollama.chat", {"model": "m", "keep_alive": "1h0m"}, "load"), ("ollama.chat", {"model": "m", "keep_alive": -1}, "load")])
 def test_a_load_or_unload_is_answered_as_ollama_answers_it_not_generated(api: str, body: dict[str, Any], reason: str) -> None:
     """Regression: ``ollama run``'s and Open WebUI's preload (no prompt, no messages) made an
-    OpenAI-compatible engine generate from nothing (or refuse empty messages)."""
+    OpenAI-compatible engine generate from nothing (or refuse empty messages). (Hunt: a zero that
+    Go's durations spell otherwise, "0.0s", was a load.)"""
     translator = ollama_over_openai(api)
     translator.request(body, stream=True)
     value = ndjson(translator.preloaded(stream=True))
