@@ -3,6 +3,7 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Mapping
@@ -127,6 +128,26 @@ def tagged(model: str, serves: Callable[[str], bool]) -> str:
     if ":" in model.rpartition("/")[2] or not serves(latest := model + ":latest"):
         return model
     return latest
+
+
+def folded(model: str, names: frozenset[str]) -> str | None:
+    """The one name of ``names`` that ``model`` is, letter case aside (``:latest`` as ``tagged``
+    reads it), as Ollama finds a model (``ollama run Llama3.2``, a name typed in capitals); None
+    when none is, or several are. For a name ``tagged`` finds nothing for: no request served pays."""
+    index = _fold_index(names)
+    wanted = model.casefold()
+    for key in (wanted, wanted.removesuffix(":latest"), wanted + ":latest"):
+        if found := index.get(key):
+            return found[0] if len(found) == 1 else None
+    return None
+
+
+@functools.lru_cache(maxsize=8)  # (by the set, whose hash Python keeps: a pool's or the proxy's, until it changes)
+def _fold_index(names: frozenset[str]) -> dict[str, list[str]]:
+    index: dict[str, list[str]] = {}
+    for name in names:
+        index.setdefault(name.casefold(), []).append(name)
+    return index
 
 
 # Proxy → hub: another hub could take this request. A hub whose workers of its model all drain then

@@ -359,6 +359,9 @@ async def test_an_ollama_name_without_its_tag_means_latest_at_hub_and_proxy(grid
             assert (await grid.http.get(url + "/v1/models/" + name)).status_code == 200
         for name in ("qwen3", "llama3.2:8b", "llama3"):  # a tag other than latest is never guessed
             assert (await grid.http.post(url + "/api/chat", json=chat(model=name))).status_code == 404, name
+        for name in ("Llama3.2", "QWEN3:8B", "Library/Phi:Latest"):  # (hunt: Ollama's names, any case)
+            response = await grid.http.post(url + "/api/chat", json=chat(model=name))
+            assert response.status_code == 200, (url, name, response.text)
 
 
 async def test_a_model_named_by_its_file_path_is_found_by_its_id(grid: Grid) -> None:
@@ -492,6 +495,17 @@ def test_a_name_without_a_tag_is_its_latest_only_when_it_is_not_served_itself() 
     assert dialects.tagged("gpt-oss:latest", {"gpt-oss"}.__contains__) == "gpt-oss"
     assert dialects.tagged("ns/x:latest", {"ns/x"}.__contains__) == "ns/x"
     assert dialects.tagged("none:latest", served) == "none:latest"
+
+
+def test_a_name_in_other_letter_case_is_the_one_it_folds_to_unless_several_do() -> None:
+    """Regression (hunt): Ollama finds ``Llama3.2`` for the ``llama3.2:latest`` it holds; the grid said 404."""
+    served = frozenset({"llama3.2:latest", "Qwen/Qwen3-8B", "gpt-oss", "a", "A"})
+    assert dialects.folded("Llama3.2", served) == "llama3.2:latest"
+    assert dialects.folded("LLAMA3.2:LATEST", served) == "llama3.2:latest"
+    assert dialects.folded("qwen/qwen3-8b", served) == "Qwen/Qwen3-8B"
+    assert dialects.folded("GPT-OSS:latest", served) == "gpt-oss"
+    assert dialects.folded("a", served) is None  # (two models fold to it: none is guessed)
+    assert dialects.folded("llama3.2:1b", served) is None and dialects.folded("x", frozenset()) is None
 
 
 def test_model_management_is_answered_from_the_head_alone_but_a_pull() -> None:

@@ -370,11 +370,15 @@ class Pool:
     def named(self, model: str) -> str:
         """The name the grid serves ``model`` under (``dialects.tagged``): as the workers that take
         requests serve it, else as any does (the model of a worker that drains is a 503, not a 404),
-        else as a worker whose link broke did: its requests wait for it under that name."""
+        else as a worker whose link broke did: its requests wait for it under that name; else, letter
+        case aside, as one worker lists it (``dialects.folded``)."""
         name = dialects.tagged(model, self.offers)
         if self.offers(name) or self.serves(name := dialects.tagged(model, self.serves)):
             return name
-        return dialects.tagged(model, lambda tagged: self._returning(tagged) is not None)
+        name = dialects.tagged(model, lambda tagged: self._returning(tagged) is not None)
+        if self._returning(name) is not None:
+            return name
+        return dialects.folded(model, self._served or frozenset()) or name
 
     def serves(self, model: str) -> bool:
         """Some linked worker lists ``model``, draining or not (kept until the workers change: every

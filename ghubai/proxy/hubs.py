@@ -137,10 +137,13 @@ class HubSet:
 
     def named(self, model: str) -> str:
         """The name the grid serves ``model`` under (``dialects.tagged``): as the healthy hubs serve
-        it, else as any known hub did (a down hub's old list must not rename what a healthy one serves)."""
-        healthy = self._models_known()[1]
+        it, else as any known hub did (a down hub's old list must not rename what a healthy one serves);
+        else, letter case aside, as the hub's (``dialects.folded``)."""
+        known, healthy = self._models_known()
         name = dialects.tagged(model, healthy.__contains__)
-        return name if name in healthy else dialects.tagged(model, self.serves)
+        if name in healthy or (name := dialects.tagged(model, self.serves)) in known:
+            return name
+        return dialects.folded(model, healthy) or dialects.folded(model, known) or name
 
     def recheck(self) -> None:
         """Check every hub now, not at the next interval (a hub's models changed since its check),
