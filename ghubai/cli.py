@@ -122,8 +122,12 @@ def _init(args: argparse.Namespace) -> int:
     try:
         for path in init(args.dir, force=args.force):
             print(f"wrote {path}")
-    except FileExistsError as error:
-        print(f"ghubai init: not overwriting {error} (use --force)", file=sys.stderr)
+    except OSError as error:
+        if isinstance(error, FileExistsError) and error.errno is None:  # (init's own: the files it would replace)
+            print(f"ghubai init: not overwriting {error} (use --force)", file=sys.stderr)
+        else:  # (a part of --dir that is a file, a config's name taken by a folder, no permission)
+            print(f"ghubai init: {error.filename2 or error.filename or args.dir}: {error.strerror or error}",
+                  file=sys.stderr)
         return 1
     return 0
 

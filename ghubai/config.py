@@ -116,6 +116,8 @@ def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str |
         url = redacted(url)
     parts = urlsplit(url)
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {shown(url)!r}"
+    if "//" not in url:  # the slip of the pen: "localhost:11434"
+        return f"{expected} (no scheme: write {schemes[0]}://{shown(url)})"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
     if not _is_host(parts.hostname):
@@ -165,6 +167,8 @@ def shown(url: str) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:  # (a bracket missing, "http://[zz]"): cut by hand, after the scheme and host
+        parts = None
+    if parts is None or not parts.netloc:  # (and "10.0.0.5:7197", whose host and port urlsplit reads as a path)
         kept = _AUTHORITY.match(url)
         return url if kept is None or kept.end() == len(url) else f"{kept[0]}/…"
     if parts.path.strip("/") or parts.query or parts.fragment:
@@ -685,9 +689,24 @@ def _with_env(role: str, config: Any, env: Mapping[str, str]) -> Any:
         errors: list[str] = []
         override = _build(ProxyConfig, {"registry_url": env["REGISTRY_URL"]}, "", errors)
         if errors:
-            raise ConfigError([f"environment: {line}" for line in errors])
+            raise _environment_error(errors)
         config = dataclasses.replace(config, registry_url=override.registry_url)
     return config
+
+
+_VARIABLES = {"hub_url": "HUB_URL", "provider_token": "PROVIDER_TOKEN", "engine.api_key": "GHUBAI_ENGINE_API_KEY",
+              "engine.url": "OLLAMA_LOCAL_URL", "registry_url": "REGISTRY_URL"}  # key -> the variable that sets it
+
+
+def _environment_error(errors: list[str]) -> ConfigError:
+    """Problems of the values the environment set, each named by its variable (a unit's ``Environment=``
+    line), with the key it stands for: the file's key may be right."""
+    lines = []
+    for line in errors:
+        key, _, why = line.partition(":")
+        variable = _VARIABLES.get(key.partition("[")[0], "")
+        lines.append(f"environment: {variable} ({key}):{why}" if variable else f"environment: {line}")
+    return ConfigError(lines)
 
 
 def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> WorkerConfig:
@@ -710,7 +729,7 @@ def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> Worker
     errors: list[str] = []
     override = _build(WorkerConfig, table | {"engine": engine}, "", errors)
     if errors:
-        raise ConfigError([f"environment: {line}" for line in errors])
+        raise _environment_error(errors)
     changed = {name: getattr(override, name) for name in table}
     changed_engine = {name: getattr(override.engine, name) for name in engine}
     config = dataclasses.replace(config, **changed, engine=dataclasses.replace(config.engine, **changed_engine))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import os
 import re
@@ -74,6 +75,8 @@ def init(directory: str, force: bool = False) -> list[str]:
     """Write ``registry.toml``, ``hub.toml``, ``worker.toml``, ``proxy.toml``; returns the paths written.
     Raises FileExistsError naming the files that exist, unless ``force``."""
     folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), directory)
     paths = [folder / f"{role}.toml" for role in ROLES]
     existing = [str(path) for path in paths if path.exists()]
     if existing and not force:

@@ -101,7 +101,12 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
            insecure: bool = False) -> int:
     """Print the picture once (exit status 0 when healthy, 1 when not or unreachable), or every
     ``watch_s`` seconds until interrupted. TLS is checked as the daemons check it (``ca_file``)."""
-    tls = tls_client_context(ca_file, insecure)
+    try:
+        tls = tls_client_context(ca_file, insecure)
+    except OSError as error:  # (ssl.SSLError too: a file with no certificate in it)
+        why = getattr(error, "reason", None) or error.strerror or error
+        print(f"ghubai status: --ca-file {ca_file}: not a bundle of PEM certificates ({why})", file=sys.stderr)
+        return 1
 
     async def main() -> int:
         while True:

@@ -130,7 +130,7 @@ def test_seed_environment_variables_win(tmp_path: Path) -> None:
     assert config.hub_url == ("ws://a:1/gridhub", "wss://b:2/gridhub")
     assert (config.provider_token, config.engine.url, config.allow_invalid_certs) == \
         ("from-env", "http://gpu:11434", True)
-    with pytest.raises(ConfigError, match="environment: engine.url"):
+    with pytest.raises(ConfigError, match=r"environment: OLLAMA_LOCAL_URL \(engine.url\)"):  # (hunt: the variable)
         load("worker", None, env={"OLLAMA_LOCAL_URL": "gpu:11434"})
 
 
@@ -178,6 +178,16 @@ def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | No
     assert found is None if problem is None else problem in (found or "")
 
 
+@pytest.mark.parametrize("url, said", [
+    ("localhost:11434", "got 'localhost:11434' (no scheme: write http://localhost:11434)"),
+    ("10.0.0.5:7197", "got '10.0.0.5:7197' (no scheme: write http://10.0.0.5:7197)"),
+    ("gpu:11434/v1?key=secret", "got 'gpu:11434/…' (no scheme"),
+])
+def test_an_address_without_its_scheme_is_quoted_as_typed(url: str, said: str) -> None:
+    """Regression (hunt): the commonest slip was quoted as what nobody typed, ':///…' or 'localhost:///…'."""
+    assert said in (url_problem(url, ("http", "https")) or "")
+
+
 def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """Regression (review): both stopped a daemon with a 40-80 line traceback (a missing certificate
     without its file's name), looping every few seconds under Restart=on-failure."""
@@ -211,3 +221,18 @@ def test_an_unreadable_certificate_is_one_error_not_two(tmp_path: Path) -> None:
     (tmp_path / "hub.key").write_text("")
     result = run_ghubai("check", str(tmp_path / "hub.toml"))
     assert "tls_cert: cannot read" in result.stderr + result.stdout and "without tls_cert" not in result.stderr
+
+
+def test_init_and_status_say_in_one_line_what_is_wrong_with_a_path(tmp_path: Path) -> None:
+    """Regression (hunt): ``init --dir`` through a file was a traceback, or told to use the --force
+    just given; ``status --ca-file`` of a folder was a traceback, of a missing file 'no such file'."""
+    (tmp_path / "afile").touch()
+    (tmp_path / "taken" / "hub.toml").mkdir(parents=True)
+    for args, said in ((["init", "--dir", str(tmp_path / "afile" / "sub")], "afile/sub: Not a directory"),
+                       (["init", "--dir", str(tmp_path / "afile"), "--force"], "afile: Not a directory"),
+                       (["init", "--dir", str(tmp_path / "taken"), "--force"], "hub.toml: Is a directory"),
+                       (["status", "--ca-file", str(tmp_path), "--proxy", "https://127.0.0.1:1"],
+                        f"--ca-file {tmp_path}: not a bundle of PEM certificates (Is a directory)")):
+        result = run_ghubai(*args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert said in result.stderr.strip().splitlines()[-1], result.stderr
