@@ -25,7 +25,7 @@ import msgspec
 SESSION_HEADER = b"x-session-id"
 # the APIs whose prompts an engine keeps computed: an embedding's is not kept, and remembering its key
 # (a RAG ingestion makes a hundred thousand) would push the conversations out of a hub's memory
-CONVERSING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "ollama.generate"})
+CONVERSING = frozenset({"openai.chat", "openai.completions", "openai.responses", "ollama.chat", "ollama.generate"})
 # of a completion's prompt, and of /api/generate's context (the conversation's tokens so far): what
 # every turn repeats once the conversation is that long. A shorter conversation's turns each have a key
 # of their own, but their prompts are cheap to compute again; a shorter cut would make one key of every
@@ -98,6 +98,16 @@ def _openings(body: dict[str, Any]) -> tuple[bytes | None, bytes | None]:
     return None, None
 
 
+def as_conversation(body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API request (``/v1/responses``) as the chat it keys like: its ``instructions`` the
+    system message, its ``input`` the messages (items without a role, a tool call's, are passed over)
+    or, as text, the prompt."""
+    inputs, instructions = body.get("input"), body.get("instructions")
+    if isinstance(inputs, list):
+        return {**body, "messages": [{"role": "system", "content": instructions}, *inputs]}
+    return {**body, "system": instructions, "prompt": inputs}
+
+
 def _session(body: dict[str, Any], headers: list[tuple[bytes, bytes]], model: bytes) -> int | None:
     session = next((value for name, value in headers if name == SESSION_HEADER), None)
     if session:
@@ -125,6 +135,8 @@ def keys_of(body: dict[str, Any], headers: list[tuple[bytes, bytes]], api: str) 
     or a request with no key."""
     if api not in CONVERSING:
         return None
+    if api == "openai.responses":
+        body = as_conversation(body)
     model = str(body.get("model", "")).encode()
     if (session := _session(body, headers, model)) is not None:
         return session, None

@@ -179,6 +179,17 @@ def validate_completion(body: dict[str, Any]) -> None:
     _limit(body, "n")
 
 
+def validate_responses(body: dict[str, Any]) -> None:
+    """OpenAI's Responses API, which an engine serves itself (vLLM, Ollama since 0.13.3): ``input``
+    as a string or an array of items, the engine judges the items (the checks a worker relies on)."""
+    validate_model(body)
+    _require(body, "input", (str, list), "a string or an array of input items")
+    _optional(body, "instructions", str, "a string")
+    _optional(body, "stream", bool, "a boolean")
+    _check_sampling(body)
+    _limit(body, "max_output_tokens")
+
+
 def _limit(body: dict[str, Any], name: str, least: int = 1) -> None:
     """A token limit or a number of choices, as OpenAI takes one: an integer from 1 (a chat's 0
     would be "no limit" to Ollama; n 0 or 2.0 was one choice)."""

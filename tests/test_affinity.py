@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ghubai.affinity import key_of, keys_of
+from ghubai.affinity import as_conversation, key_of, keys_of
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 
@@ -96,3 +96,19 @@ def test_a_generation_with_context_is_keyed_by_it_and_a_huge_message_by_its_star
     for _ in range(5000):  # nesting: no recursion past a few levels
         deep = [deep]
     assert key_of(chat({"role": "user", "content": deep}), []) is not None
+
+
+def test_a_responses_conversation_is_keyed_like_the_chat_it_is() -> None:
+    """``/v1/responses``: ``instructions`` is the system message, ``input`` the messages (a tool call's
+    item has no role and is passed over) or, as text, the prompt."""
+    first = {"model": "m", "instructions": "You are terse.", "input": [{"role": "user", "content": "hello"}]}
+    later = {**first, "input": [{"role": "user", "content": "hello"}, {"type": "function_call", "name": "f"},
+                                {"role": "assistant", "content": [{"type": "output_text", "text": "hi"}]},
+                                {"role": "user", "content": "and then?"}]}
+    opening = keys_of(as_conversation(first), [], "openai.chat")
+    assert keys_of(first, [], "openai.responses") == opening and opening is not None
+    assert keys_of(later, [], "openai.responses")[1] == opening[0]  # (its opening's key, once answered)
+    assert key_of(as_conversation(first), []) == key_of(as_conversation(later), [])
+    assert key_of(as_conversation({"model": "m", "input": "hello"}), []) == \
+        key_of({"model": "m", "prompt": "hello"}, [])
+    assert key_of({"model": "m", "input": "an embedding's text"}, []) is None  # (not read as a conversation)

@@ -45,6 +45,51 @@ async def test_openai_completions_embeddings_and_model_lookup(grid: Grid, kind: 
             assert error.code == "model_not_found"
 
 
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_the_responses_api_reaches_engines_that_serve_it_whole_and_streamed(grid: Grid, kind: str) -> None:
+    """The openai SDK's own first example is ``client.responses.create``; the grid said 404 'Unknown
+    endpoint'. vLLM and Ollama (0.13.3 on) serve it: the worker passes it on, as the engine says it,
+    through hub and proxy, and the usage in its last event is counted."""
+    url = await proxied_grid(grid, kind)
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+        whole = await sdk.responses.create(model="sim", instructions="be brief", input="once upon")
+        assert whole.status == "completed" and len(whole.output_text.split()) == 6
+        assert (whole.usage.input_tokens, whole.usage.output_tokens) == (2, 6)
+        cut = await sdk.responses.create(model="sim", input=[{"role": "user", "content": "x"}], max_output_tokens=3)
+        assert cut.status == "incomplete" and len(cut.output_text.split()) == 3
+        events = [event async for event in await sdk.responses.create(model="sim", input="x", stream=True)]
+        assert [event.type for event in events][:2] == ["response.created", "response.in_progress"]
+        assert "".join(event.delta for event in events if event.type == "response.output_text.delta") == \
+            events[-1].response.output_text and events[-1].type == "response.completed"
+        async with sdk.responses.stream(model="sim", input="x") as stream:  # (the SDK's helper reads the events)
+            assert len((await stream.get_final_response()).output_text.split()) == 6
+    raw = await grid.http.post(url + "/v1/responses", json={"model": "sim", "input": "x", "stream": True})
+    assert not raw.text.rstrip().endswith("[DONE]") and raw.text.count("response.completed") == 1
+    hub_url = (await grid.http.get(url + "/health")).json()["hubs"][0]["address"]
+    metrics = (await grid.http.get(hub_url + "/metrics")).text  # (6 + 3 + 6 + 6 + 6 tokens, from the engine's counts)
+    assert 'ghubai_tokens_total{model="sim",type="completion"} 27.0' in metrics
+    refused = await grid.http.post(url + "/v1/responses", json={"model": "sim", "input": 3})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+
+
+async def test_a_responses_stream_the_engine_breaks_ends_in_an_error_and_an_engine_without_the_api_is_a_501(
+        grid: Grid) -> None:
+    failing_url, _ = await grid.sim(fail_after_tokens=2)
+    older_url, _ = await grid.sim(models=("old",), disabled=frozenset({"/v1/responses"}))  # (Ollama before 0.13.3)
+    hub = await grid.hub()
+    await grid.worker(hub.value, failing_url, name="failing")
+    await grid.worker(hub.value, older_url, name="older")
+    async with openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="x", max_retries=0) as sdk:
+        events = []
+        with pytest.raises(openai.APIError, match="after 2 tokens"):
+            async for event in await sdk.responses.create(model="sim", input="x", stream=True):
+                events.append(event.type)
+        assert events.count("response.output_text.delta") == 2 and "response.completed" not in events
+        with pytest.raises(openai.InternalServerError) as unserved:
+            await sdk.responses.create(model="old", input="x")
+        assert unserved.value.status_code == 501 and unserved.value.code == "api_not_served"
+
+
 async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:
     url = await proxied_grid(grid)
     body = {"model": "sim", "messages": [{"role": "user", "content": "hi"}]}

@@ -32,12 +32,13 @@ def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True, boundary=b"\n\n")
+RESPONSES = Dialect(OPENAI.headers, b"", sse=True, boundary=b"\n\n")  # (its last event, response.completed, ends it)
 OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False, boundary=b"\n")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 def dialect_of(api: str) -> Dialect:
-    return OPENAI if api.startswith("openai.") else OLLAMA
+    return RESPONSES if api == "openai.responses" else OPENAI if api.startswith("openai.") else OLLAMA
 
 
 def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError], None], held: bytearray) -> bytes:

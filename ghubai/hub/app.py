@@ -77,6 +77,7 @@ class Route:
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
+    "/v1/responses": Route("openai.responses", dialects.validate_responses, False),
     "/v1/embeddings": Route("openai.embeddings", dialects.validate_openai_inputs, None),
     "/api/chat": Route("ollama.chat", dialects.validate_ollama_chat, True),
     "/api/generate": Route("ollama.generate", dialects.validate_ollama_generate, True),

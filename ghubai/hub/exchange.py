@@ -41,7 +41,7 @@ def client_error(frame: protocol.Error) -> ApiError:
     return ApiError(502, f"Engine error: {message}")
 
 
-_GENERATING = frozenset({"openai.chat", "openai.completions", "ollama.chat", "ollama.generate"})
+_GENERATING = frozenset({"openai.chat", "openai.completions", "openai.responses", "ollama.chat", "ollama.generate"})
 _COUNTED = _GENERATING | {"openai.embeddings", "ollama.embed", "ollama.embeddings"}  # the APIs that spend tokens
 
 

@@ -88,6 +88,8 @@ def route_of(request: Request) -> tuple[str | None, int | None]:
         return model_named(request), None
     body = _body_of(request) or {}
     model = body.get("model") or body.get("name")  # (the ollama command names /api/show's model "name")
+    if request.path == protocol.API_PATHS["openai.responses"]:
+        body = affinity.as_conversation(body)
     return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
 
 

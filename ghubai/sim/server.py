@@ -21,7 +21,8 @@ from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import logs, tracing
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
-from ghubai.sim.shapes import OllamaChat, OllamaGenerate, OllamaShape, OpenAIChat, OpenAICompletion, Shape
+from ghubai.sim.shapes import (OllamaChat, OllamaGenerate, OllamaShape, OpenAIChat, OpenAICompletion, OpenAIResponse,
+                               Shape)
 
 log = logging.getLogger("ghubai.sim")
 
@@ -46,7 +47,9 @@ def _prompt(body: dict[str, Any], dialect: str) -> str:
     if "messages" in body:
         messages = body["messages"] if isinstance(body["messages"], list) else []
         return " ".join(_text_of(m.get("content"), dialect) for m in messages if isinstance(m, dict))
-    prompt = body.get("prompt", "")
+    if isinstance(inputs := body.get("input"), list):  # the Responses API's items (a role's content)
+        return " ".join(_text_of(item.get("content"), dialect) for item in inputs if isinstance(item, dict))
+    prompt = body.get("prompt", body.get("input", ""))
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else str(prompt)
 
 
@@ -59,7 +62,7 @@ def _limit(body: dict[str, Any], dialect: str) -> int | None:
     ``max_tokens``: a translation that forgot to rename it must show here)."""
     if dialect == "ollama":
         return dialects.ollama_limit(_options(body))
-    for value in (body.get("max_completion_tokens"), body.get("max_tokens")):
+    for value in (body.get("max_completion_tokens"), body.get("max_tokens"), body.get("max_output_tokens")):
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
@@ -96,6 +99,7 @@ class SimServer:
             ("POST", "/api/generate"): partial(self.generate, OllamaGenerate, "ollama"),
             ("POST", "/v1/chat/completions"): partial(self.generate, OpenAIChat, "openai"),
             ("POST", "/v1/completions"): partial(self.generate, OpenAICompletion, "openai"),
+            ("POST", "/v1/responses"): partial(self.generate, OpenAIResponse, "openai"),
             ("POST", "/api/embed"): self.ollama_embed,
             ("POST", "/api/embeddings"): self.ollama_legacy_embed,
             ("POST", "/api/show"): self.show,

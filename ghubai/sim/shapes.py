@@ -160,6 +160,64 @@ class OpenAICompletion(OpenAIShape):
                 "usage": _usage(self.gen)}
 
 
+class OpenAIResponse(OpenAIShape):
+    """``/v1/responses``, OpenAI's Responses API as vLLM and Ollama serve it: typed events, each
+    numbered, named by an ``event:`` line too, and no ``[DONE]``: its last event is the whole answer."""
+    prefix = "resp_"
+
+    def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
+        self.sequence = 0
+        self.item = "msg_" + uuid.uuid4().hex[:24]
+        super().__init__(model, gen, include_usage)
+
+    def token_value(self, token: str) -> dict[str, Any]:
+        return {"type": "response.output_text.delta", "item_id": self.item, "output_index": 0, "content_index": 0,
+                "delta": token, "logprobs": []}
+
+    def token(self, token: str) -> bytes:
+        return self.event(self.token_value(token))  # (numbered: no template)
+
+    def event(self, value: dict[str, Any]) -> bytes:
+        value["sequence_number"], self.sequence = self.sequence, self.sequence + 1
+        return f"event: {value['type']}\n".encode() + super().event(value)
+
+    def _message(self, text: str, status: str) -> dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+        return {"id": self.item, "type": "message", "status": status, "role": "assistant", "content": content}
+
+    def _response(self, status: str) -> dict[str, Any]:
+        done = status != "in_progress"
+        usage = {"input_tokens": self.gen.prompt_tokens, "output_tokens": self.gen.completion_tokens,
+                 "total_tokens": self.gen.prompt_tokens + self.gen.completion_tokens,
+                 "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
+                "output": [self._message(self.gen.text, "completed")] if done else [], "usage": usage if done else None,
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "instructions": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
+                "text": {"format": {"type": "text"}}}
+
+    def head(self) -> bytes:
+        return b"".join(self.event(value) for value in (
+            {"type": "response.created", "response": self._response("in_progress")},
+            {"type": "response.in_progress", "response": self._response("in_progress")},
+            {"type": "response.output_item.added", "output_index": 0, "item": self._message("", "in_progress")},
+            {"type": "response.content_part.added", "item_id": self.item, "output_index": 0, "content_index": 0,
+             "part": {"type": "output_text", "text": "", "annotations": []}}))
+
+    def tail(self) -> bytes:
+        text, status = self.gen.text, self.whole()["status"]
+        return b"".join(self.event(value) for value in (
+            {"type": "response.output_text.done", "item_id": self.item, "output_index": 0, "content_index": 0,
+             "text": text, "logprobs": []},
+            {"type": "response.content_part.done", "item_id": self.item, "output_index": 0, "content_index": 0,
+             "part": {"type": "output_text", "text": text, "annotations": []}},
+            {"type": "response.output_item.done", "output_index": 0, "item": self._message(text, "completed")},
+            {"type": f"response.{status}", "response": self._response(status)}))
+
+    def whole(self) -> dict[str, Any]:
+        return self._response("incomplete" if self.gen.finish_reason == "length" else "completed")
+
+
 class OllamaShape(Shape):
     """Answers of Ollama's native API: NDJSON lines, the last with ``done: true`` and the counts."""
     top_logprobs: int | None = None  # the request's logprobs (Ollama 0.12.11): alternatives per token

@@ -200,8 +200,12 @@ def _usage_of(value: Any) -> dict[str, int] | None:
         return None
     usage = value.get("usage")
     if isinstance(usage, dict):
+        if "input_tokens" in usage:  # (a Responses answer's)
+            return {"prompt_tokens": count(usage["input_tokens"]), "completion_tokens": count(usage.get("output_tokens"))}
         return {"prompt_tokens": count(usage.get("prompt_tokens")),
                 "completion_tokens": count(usage.get("completion_tokens"))}
+    if isinstance(response := value.get("response"), dict):  # a Responses stream's last event
+        return _usage_of(response)
     if value.get("done") is True or "prompt_eval_count" in value:
         return {"prompt_tokens": count(value.get("prompt_eval_count")), "completion_tokens": count(value.get("eval_count"))}
     return None
@@ -505,6 +509,7 @@ class Engine:
         not ask for it); an error payload ends the call (``call.failure``), so that the hub sends
         its one final error event after what came before it."""
         out = []
+        markers = _RESPONSE_MARKERS if call.api == "openai.responses" else _USAGE_MARKERS
         for payload in batch:
             if payload == b"[DONE]":
                 call.finished = True
@@ -512,14 +517,14 @@ class Engine:
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it
                 break
-            if any(marker in payload for marker in _USAGE_MARKERS):
+            if any(marker in payload for marker in markers):
                 value = _decoded(call, payload)
                 if call.failure:
                     break
                 value = value if isinstance(value, dict) else {}
                 if usage := _usage_of(value):
                     call.usage = usage
-                call.finished |= value.get("done") is True
+                call.finished |= value.get("done") is True or value.get("type") in _RESPONSE_ENDS
                 if call.strip_usage and "usage" in value:  # whatever its choices (LiteLLM sends one)
                     if not value.get("choices"):
                         continue
@@ -578,6 +583,9 @@ def _names(entries: list[Any], key: str) -> tuple[str, ...]:
 
 
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
+# a Responses stream has no [DONE]: its last event is one of these (the first with its usage)
+_RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
+_RESPONSE_MARKERS = tuple(f'"{end}"'.encode() for end in _RESPONSE_ENDS)
 
 
 def _sse_data(event: bytes) -> bytes | None:
