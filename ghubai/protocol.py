@@ -58,7 +58,8 @@ CLOSE_BAD_HELLO = 4002
 # speaks it natively serves it).
 API_PATHS = {
     "openai.chat": "/v1/chat/completions", "openai.completions": "/v1/completions",
-    "openai.responses": "/v1/responses", "openai.embeddings": "/v1/embeddings", "ollama.chat": "/api/chat", "ollama.generate": "/api/generate",
+    "openai.responses": "/v1/responses", "openai.embeddings": "/v1/embeddings",
+    "ollama.chat": "/api/chat", "ollama.generate": "/api/generate",
     "ollama.embed": "/api/embed", "ollama.embeddings": "/api/embeddings", "ollama.show": "/api/show",
 }
 

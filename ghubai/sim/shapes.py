@@ -182,7 +182,8 @@ class OpenAIResponse(OpenAIShape):
         return f"event: {value['type']}\n".encode() + super().event(value)
 
     def _message(self, text: str, status: str) -> dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if status != "in_progress" else []
+        done = status != "in_progress"
+        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if done else []
         return {"id": self.item, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _response(self, status: str) -> dict[str, Any]:
@@ -192,7 +193,8 @@ class OpenAIResponse(OpenAIShape):
                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
                 "output": [self._message(self.gen.text, "completed")] if done else [], "usage": usage if done else None,
-                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+                "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
                 "instructions": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
                 "text": {"format": {"type": "text"}}}
 

@@ -201,7 +201,8 @@ def _usage_of(value: Any) -> dict[str, int] | None:
     usage = value.get("usage")
     if isinstance(usage, dict):
         if "input_tokens" in usage:  # (a Responses answer's)
-            return {"prompt_tokens": count(usage["input_tokens"]), "completion_tokens": count(usage.get("output_tokens"))}
+            return {"prompt_tokens": count(usage["input_tokens"]),
+                    "completion_tokens": count(usage.get("output_tokens"))}
         return {"prompt_tokens": count(usage.get("prompt_tokens")),
                 "completion_tokens": count(usage.get("completion_tokens"))}
     if isinstance(response := value.get("response"), dict):  # a Responses stream's last event
