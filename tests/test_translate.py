@@ -1124,9 +1124,10 @@ def test_an_openai_engine_s_reasoning_is_ollama_s_thinking() -> None:
 
 @pytest.mark.parametrize("api, body, reason", [
     ("ollama.generate", {"model": "m"}, "load"), ("ollama.generate", {"model": "m", "prompt": "", "keep_alive": 0}, "unload"),
-    ("ollama.chat", {"model": "m"}, "load"), ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload"),
-    ("ollama.chat", {"model": "m", "keep_alive": "0.0s"}, "unload"), ("ollama.chat", {"model": "m", "keep_alive": "0h0m0s"},
-                                                                      "unload"),
+    ("ollama.chat", {"model": "m"}, "load"),
+    ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload"),
+    ("ollama.chat", {"model": "m", "keep_alive": "0.0s"}, "unload"),
+    ("ollama.chat", {"model": "m", "keep_alive": "0h0m0s"}, "unload"),
     ("ollama.chat", {"model": "m", "keep_alive": "1h0m"}, "load"), ("ollama.chat", {"model": "m", "keep_alive": -1}, "load")])
 def test_a_load_or_unload_is_answered_as_ollama_answers_it_not_generated(api: str, body: dict[str, Any], reason: str) -> None:
     """Regression: ``ollama run``'s and Open WebUI's preload (no prompt, no messages) made an
