@@ -1128,7 +1128,8 @@ def test_an_openai_engine_s_reasoning_is_ollama_s_thinking() -> None:
     ("ollama.chat", {"model": "m", "messages": [], "keep_alive": "0s"}, "unload"),
     ("ollama.chat", {"model": "m", "keep_alive": "0.0s"}, "unload"),
     ("ollama.chat", {"model": "m", "keep_alive": "0h0m0s"}, "unload"),
-    ("ollama.chat", {"model": "m", "keep_alive": "1h0m"}, "load"), ("ollama.chat", {"model": "m", "keep_alive": -1}, "load")])
+    ("ollama.chat", {"model": "m", "keep_alive": "1h0m"}, "load"),
+    ("ollama.chat", {"model": "m", "keep_alive": -1}, "load")])
 def test_a_load_or_unload_is_answered_as_ollama_answers_it_not_generated(api: str, body: dict[str, Any], reason: str) -> None:
     """Regression: ``ollama run``'s and Open WebUI's preload (no prompt, no messages) made an
     OpenAI-compatible engine generate from nothing (or refuse empty messages). (Hunt: a zero that
