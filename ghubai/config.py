@@ -479,8 +479,8 @@ class ProxyConfig:
                                          one_or_many=True, default=())
     max_attempts: int = _key(_at_least(1), "hubs tried for a request that has sent no byte yet", default=3)
     connect_timeout_s: float = _key(_at_least(0.001), "", default=2.0)
-    response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub before its answer is cut",
-                                     default=3600.0)
+    response_timeout_s: float = _key(_at_least(0.001), "longest silence of a hub, before its answer and between "
+                                     "its chunks (keep it above the hubs' first_token_s and idle_s)", default=3600.0)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long forwarded answers may finish "
                                   "(new requests get 503 meanwhile)", default=30.0)
     tls_cert: str = _key(_readable, "PEM files to serve HTTPS", default="")

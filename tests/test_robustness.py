@@ -443,3 +443,30 @@ async def test_an_answer_cut_mid_event_reaches_its_client_as_whole_events_and_a_
     sock.close()
     events = [json.loads(event.removeprefix(b"data: ")) for event in bytes(received).split(b"\n\n") if event]
     assert "error" in events[-1] and all("choices" in event for event in events[:-1]), events[-1]
+
+
+async def test_each_timeout_that_ends_an_answer_names_itself(grid: Grid) -> None:
+    """Regression (hunt): tokens flowing past the hub's ``total_s`` were "waiting for the next token"
+    (a whole answer's, "the first token", with first_token_s far off); the proxy's own
+    ``response_timeout_s`` mid-answer was "Hub X failed", the hub healthy; the worker's
+    ``engine.idle_timeout_s`` was "engine timed out". An operator raised the wrong limit."""
+    steady_url, _ = await grid.sim(tokens=40, itl_ms=50, ttft_ms=0)
+    hub = await grid.hub(timeouts={"total_s": 0.5})
+    await grid.worker(hub.value, steady_url)
+    for stream in (True, False):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=stream))
+        assert "The request took longer than timeouts.total_s (0.5 s)" in response.text, response.text
+
+    quiet_url, _ = await grid.sim(models=("quiet",), tokens=3, itl_ms=1500, ttft_ms=0)
+    other = await grid.hub()
+    await grid.worker(other.value, quiet_url)
+    proxy = await grid.proxy(hubs=(other.value,), response_timeout_s=0.5)
+    await grid.wait_for_model(proxy.value, "quiet")
+    cut = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(model="quiet", stream=True))
+    assert "sent nothing for 0.5 s in the middle of the answer (response_timeout_s)" in cut.text.splitlines()[-2]
+
+    third = await grid.hub()
+    await grid.worker(third.value, quiet_url, idle_timeout_s=0.3)
+    stalled = await grid.http.post(third.value + "/api/chat", json={**chat(model="quiet"), "stream": True})
+    assert json.loads(stalled.text.splitlines()[-1])["error"] == \
+        "the engine sent nothing for 0.3 s in the middle of its answer (the worker's engine.idle_timeout_s)"

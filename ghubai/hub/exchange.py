@@ -130,7 +130,7 @@ class Exchange:
                 self.state = State.DONE
                 raise
             try:
-                frame = await self._next(self.config.timeouts.first_token_s, "the first token")
+                frame = await self._next(self.config.timeouts.first_token_s, "the first token", "first_token_s")
             except BaseException:  # timed out, or the client left: whatever the hub supposed of it
                 self.pool.not_served(worker, self.model, self.api)
                 raise
@@ -189,12 +189,17 @@ class Exchange:
         worker.pending[self.request_id] = send
         worker.send(link.request_text(request_id, frame))  # (dropped unsent if the request ends first)
 
-    async def _next(self, timeout_s: float, what: str) -> Answer:
+    async def _next(self, timeout_s: float, what: str, key: str) -> Answer:
+        """The next frame within ``timeout_s`` (the limit ``key`` names) and the request's ``total_s``;
+        a 504 that names the limit that ran out (tokens that flowed for longer than total_s are no stall)."""
         assert self._frames is not None
-        with trio.move_on_at(min(trio.current_time() + timeout_s, self.deadline)):
+        waited = trio.current_time()
+        with trio.move_on_at(min(waited + timeout_s, self.deadline)):
             return self._note(await self._frames.receive())
         self.close()
-        raise ApiError(504, f"Timed out waiting for {what} from the worker")
+        if self.deadline < waited + timeout_s:
+            raise ApiError(504, f"The request took longer than timeouts.total_s ({self.config.timeouts.total_s:g} s)")
+        raise ApiError(504, f"Timed out waiting for {what} from the worker ({timeout_s:g} s, timeouts.{key})")
 
     def _note(self, frame: Answer) -> Answer:
         if isinstance(frame, protocol.Chunk):
@@ -238,7 +243,7 @@ class Exchange:
         """The frames after the first, each batch holding every frame that had already arrived,
         so a stream that falls behind catches up in few large writes instead of many small ones."""
         while not self.done:
-            yield [await self._next(self.config.timeouts.idle_s, "the next token"), *self.arrived()]
+            yield [await self._next(self.config.timeouts.idle_s, "the next token", "idle_s"), *self.arrived()]
 
     def arrived(self) -> list[Answer]:
         """The frames that have already arrived, without waiting."""

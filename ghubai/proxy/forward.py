@@ -342,9 +342,15 @@ class Forwarder:
                 if isinstance(error.__cause__, trio.TooSlowError):
                     raise self._too_slow(hub) from None
                 raise NothingRelayed(str(error)) from error
+            if isinstance(error.__cause__, trio.TooSlowError):  # the proxy's own limit, not the hub's failure
+                said = f"Hub {hub.name} sent nothing for {self.config.response_timeout_s:g} s in the middle of the " \
+                       "answer (response_timeout_s)"
+                outcome.status, outcome.reason = 504, said
+            else:
+                said = f"Hub {hub.name} failed in the middle of the answer"
+                outcome.status, outcome.reason = 502, "the hub's answer broke off"
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
-            outcome.status, outcome.reason = 502, "the hub's answer broke off"
-            await self._end_cut(conn, pending, content_type, f"Hub {hub.name} failed in the middle of the answer")
+            await self._end_cut(conn, pending, content_type, said)
             return
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now

@@ -471,8 +471,9 @@ class Engine:
                 if not call.finished:  # e.g. Ollama's OpenAI layer after an error: the stream just stops
                     raise EngineError(502, "the engine ended the stream without finishing its answer",
                                       retryable=True)
-        except trio.TooSlowError:
-            raise EngineError(504, "engine timed out", retryable=True) from None
+        except trio.TooSlowError:  # (silence once the answer began: before, math.inf, and the hub's limits)
+            raise EngineError(504, f"the engine sent nothing for {silence_s:g} s in the middle of its answer "
+                              "(the worker's engine.idle_timeout_s)", retryable=True) from None
         except TimeoutError:  # (the pool's connect, in connect_timeout_s: a timeout, as the client's 504 says)
             raise EngineError(504, "engine connection timed out", retryable=True) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
