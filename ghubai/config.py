@@ -116,7 +116,10 @@ def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str |
         url = redacted(url)
     parts = urlsplit(url)
     expected = f"expected a {' or '.join(s + '://' for s in schemes)} URL, got {shown(url)!r}"
-    if "//" not in url:  # the slip of the pen: "localhost:11434"
+    if "//" not in url:  # the slip of the pen: "localhost:11434", or "http:/gpu1:11434"
+        scheme, colon, rest = url.partition(":")
+        if colon and scheme.lower() in schemes:
+            return f"{expected} (write {scheme}://{shown(rest.lstrip('/'))})"
         return f"{expected} (no scheme: write {schemes[0]}://{shown(url)})"
     if parts.scheme not in schemes or not parts.hostname:
         return expected

@@ -268,7 +268,7 @@ def _check_ollama(body: dict[str, Any]) -> None:
 
 _THINK_LEVELS = ("high", "medium", "low", "max")  # (Ollama's ThinkValue: these, true or false)
 _THINK_WORDS = '"high", "medium", "low", "max", true, or false'
-_DURATION = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)", re.ASCII)  # (one match: linear)
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -282,10 +282,12 @@ def keep_alive_seconds(value: Any) -> float | None:
         return float(value)
     if isinstance(value, str):
         sign, text = (-1.0, value[1:]) if value.startswith("-") else (1.0, value.removeprefix("+"))
-        parts = _DURATION.findall(text)
-        if text == "0" or parts and "".join(number + unit for number, unit in parts) == text:
-            return sign * sum(float(number) * _UNIT_S[unit] for number, unit in parts)
-        raise ApiError(400, f"time: invalid duration \"{value}\"", param="keep_alive")
+        seconds, at = 0.0, 0
+        while len(text) <= 64 and at < len(text) and (part := _DURATION.match(text, at)):  # (a review: the
+            seconds, at = seconds + float(part[1]) * _UNIT_S[part[2]], part.end()  # findall was cubic)
+        if text == "0" or 0 < at == len(text):
+            return sign * seconds
+        raise ApiError(400, f"time: invalid duration \"{value[:64]}\"", param="keep_alive")
     raise ApiError(400, f"Unsupported type: '{type(value).__name__}' for keep_alive", param="keep_alive")
 
 

@@ -182,6 +182,7 @@ def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | No
     ("localhost:11434", "got 'localhost:11434' (no scheme: write http://localhost:11434)"),
     ("10.0.0.5:7197", "got '10.0.0.5:7197' (no scheme: write http://10.0.0.5:7197)"),
     ("gpu:11434/v1?key=secret", "got 'gpu:11434/…' (no scheme"),
+    ("http:/gpu1:11434", "(write http://gpu1:11434)"), ("https:gpu1:443", "(write https://gpu1:443)"),  # (a review)
 ])
 def test_an_address_without_its_scheme_is_quoted_as_typed(url: str, said: str) -> None:
     """Regression (hunt): the commonest slip was quoted as what nobody typed, ':///…' or 'localhost:///…'."""

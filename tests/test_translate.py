@@ -684,7 +684,8 @@ def test_a_sampling_field_of_the_wrong_type_is_a_400(field: dict[str, Any]) -> N
                                   {"options": {"stop": "x"}}, {"options": {"mirostat_tau": "x"}},
                                   {"options": {"use_mmap": 1}}, {"raw": True, "system": "s"},
                                   {"raw": True, "context": [1]}, {"think": "bogus"}, {"think": 3},
-                                  {"keep_alive": False}, {"keep_alive": "5"}, {"keep_alive": "soon"}])
+                                  {"keep_alive": False}, {"keep_alive": "5"}, {"keep_alive": "soon"},
+                                  {"keep_alive": "1" * 5000}])  # (a review: its parse took hours, the hub's loop stood)
 def test_what_ollama_refuses_of_format_options_and_raw_is_a_400(body: dict[str, Any]) -> None:
     """Regression (hunt): over an OpenAI engine each was dropped (a ``num_predict`` of "5" made an
     answer without limit; raw glued the system text into the prompt; a ``think`` of "bogus" reached

@@ -200,6 +200,9 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body, dialect)
         stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
+        if shape_class is OpenAIResponse and body.get("previous_response_id"):  # (as vLLM, which stores none by default)
+            raise ApiError(404, f"Response with id '{body['previous_response_id']}' not found.",
+                           param="previous_response_id")
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
             await self._preload(conn, reason, asked, shape_class)  # Ollama loads (or unloads); no generation
             return

@@ -74,8 +74,12 @@ class Offer:
 
 def unserved(status: int, message: str) -> bool:
     """An engine's refusal that means "no such path here", not "no such model": 405 or 501, or a
-    404 that does not speak of a model (Ollama, vLLM and llama.cpp all name the model they lack)."""
-    return status in (405, 501) or (status == 404 and "model" not in message.lower())
+    404 that does not speak of a model (Ollama, vLLM and llama.cpp all name the model they lack) or
+    of a stored response (vLLM's for a ``previous_response_id`` it does not hold: the API is served)."""
+    return status in (405, 501) or (status == 404 and not any(word in message.lower() for word in _FOUND_WORDS))
+
+
+_FOUND_WORDS = ("model", "response")  # what an engine's 404 names when the path is served
 
 
 def discovery_problem(error: Exception, has_key: bool) -> str:
@@ -200,7 +204,7 @@ def _usage_of(value: Any) -> dict[str, int] | None:
         return None
     usage = value.get("usage")
     if isinstance(usage, dict):
-        if "input_tokens" in usage:  # (a Responses answer's)
+        if "input_tokens" in usage and "prompt_tokens" not in usage:  # (a Responses answer's)
             return {"prompt_tokens": count(usage["input_tokens"]),
                     "completion_tokens": count(usage.get("output_tokens"))}
         return {"prompt_tokens": count(usage.get("prompt_tokens")),
@@ -502,8 +506,9 @@ class Engine:
             self.unserved = (self.unserved or frozenset()) | {path}
             return EngineError(501, f"the engine does not serve {method} {path} (HTTP {status}: {message})",
                                retryable=True, cause=Cause.UNSERVED)
-        if status == 404:
-            return EngineError(404, message, retryable=True, cause=Cause.MODEL_MISSING)
+        if status == 404:  # (another worker's engine may hold the model, or the stored response)
+            return EngineError(404, message, retryable=True,
+                               cause=Cause.MODEL_MISSING if "model" in message.lower() else None)
         return EngineError(status, message, retryable=status >= 500 or status == 429)
 
     def _render(self, call: Call, batch: list[bytes], sse: bool) -> bytes:
