@@ -71,7 +71,8 @@ async def test_the_responses_api_reaches_engines_that_serve_it_whole_and_streame
     refused = await grid.http.post(url + "/v1/responses", json={"model": "sim", "input": 3})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
     # (a review: an engine's 404 for a response it does not hold took the API off every worker)
-    stale = await grid.http.post(url + "/v1/responses", json={"model": "sim", "input": "x", "previous_response_id": "r1"})
+    stale = await grid.http.post(url + "/v1/responses",
+                                 json={"model": "sim", "input": "x", "previous_response_id": "r1"})
     assert stale.status_code == 404 and "Response with id 'r1' not found" in stale.json()["error"]["message"]
     assert (await grid.http.post(url + "/v1/responses", json={"model": "sim", "input": "x"})).status_code == 200
     assert all("openai.responses" in worker["apis"] for worker in await grid.workers(hub_url))

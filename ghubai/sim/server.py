@@ -200,7 +200,7 @@ class SimServer:
         self._maybe_fail()
         prompt = _prompt(body, dialect)
         stream = dialect == "ollama" if body.get("stream") is None else body["stream"] is True  # as each API reads it
-        if shape_class is OpenAIResponse and body.get("previous_response_id"):  # (as vLLM, which stores none by default)
+        if shape_class is OpenAIResponse and body.get("previous_response_id"):  # (vLLM's: by default it stores none)
             raise ApiError(404, f"Response with id '{body['previous_response_id']}' not found.",
                            param="previous_response_id")
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
