@@ -254,10 +254,15 @@ _hypercorn_app_send = HTTPStream.app_send
 async def _app_send(self: HTTPStream, message: Any) -> None:
     """An answer that begins before its request's body ended (a 401, a 413) drops the rest of the
     body: the app reads no more of it, and over HTTP/2 a put into its full queue held the reader of
-    the whole connection (every stream's answers and window updates) for good."""
+    the whole connection (every stream's answers and window updates) for good. A request whose app
+    was cancelled before it answered, as the server stops, gets a 503, which a proxy takes to another
+    server, not hypercorn's 500, which it passed on to its client (a hub's restart failed requests)."""
     if message is not None and message["type"] == "http.response.start" and \
             (put := getattr(self, "ghubai_body_put", None)) is not None:
         put.cancel()
+    elif message is None and not self.closed and self.state is ASGIHTTPState.REQUEST and \
+            trio.current_effective_deadline() == -math.inf:  # (an app's own fault stays hypercorn's 500)
+        await self._send_error_response(503)
     await _hypercorn_app_send(self, message)
 
 

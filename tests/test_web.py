@@ -180,3 +180,35 @@ def test_a_burst_of_connections_waits_in_the_backlog_rather_than_being_dropped()
     from ghubai.web import server_config
 
     assert server_config("127.0.0.1:0").backlog >= 4096
+
+
+async def test_a_request_the_stopping_server_cancels_before_its_answer_gets_a_503() -> None:
+    """Regression (hunt): hypercorn answers a request whose app ended without an answer with a 500,
+    and so it answered the requests a stopping hub cancelled: the proxy passed the 500 to its client,
+    where a 503 sends the request to another hub."""
+    from ghubai.web import serve_app, server_config
+
+    entered = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            entered.set()
+            await trio.sleep_forever()
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def server(task_status: trio.TaskStatus[tuple[trio.CancelScope, str]]) -> None:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                [url] = await nursery.start(serve_app, app, server_config("127.0.0.1:0"))
+                task_status.started((scope, url))
+
+    async with trio.open_nursery() as nursery:
+        stop, url = await nursery.start(server)
+        async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as stream:
+            await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            with trio.fail_after(WAIT_S):
+                await entered.wait()
+                stop.cancel()  # (the hub's stop, once its drain is over)
+                assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 503")
