@@ -1738,3 +1738,18 @@ async def test_a_refusal_of_one_engine_kind_does_not_hide_the_other_kind_s_retry
             pool.deliver(worker, protocol.Error(request_id, 503, "engine overloaded", True) if worker is openai_kind
                          else protocol.Error(request_id, 400, "one choice per request", True, untranslatable=True))
     assert isinstance(result[0], ApiError) and result[0].status == 503
+
+
+async def test_turns_refused_before_a_worker_took_them_do_not_grow_the_conversations_past_their_bound(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a turn that first carries an answer was remembered where its opening went
+    before a worker took it, and trimmed only when one did: turns refused by a full queue (or cut
+    while queued) grew the table past ``affinity_entries``, by one each, for as long as none was served."""
+    worker = make_worker("a", max_concurrency=1)
+    pool = make_pool(worker, queue_size=0, affinity_entries=4)
+    opening = 11
+    await pool.acquire("m", "openai.chat", set(), soon(), conversation=opening)  # (its slot stays taken)
+    for answered in range(100, 200):
+        with pytest.raises(ApiError):
+            await pool.acquire("m", "openai.chat", set(), soon(), conversation=answered, opening=opening)
+    assert len(pool._conversations) <= 4

@@ -652,6 +652,8 @@ class Pool:
         if opening is not None and conversation is not None and conversation not in self._conversations and \
                 (first := self._conversations.get(opening)) is not None:
             self._conversations[conversation] = first  # the turn that first carries the model's answer
+            if len(self._conversations) > self.scheduler.affinity_entries:  # (its request may fail: trimmed here too)
+                self._conversations.popitem(last=False)
         keys = None if conversation is None else \
             Conversation(conversation, conversation if opening is None else opening)
         now = trio.current_time()
