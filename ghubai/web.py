@@ -486,12 +486,15 @@ async def serve_app(app: Any, config: GhubConfig, *, until: trio.Event | None = 
                         task_status=task_status)
             nursery.cancel_scope.cancel()  # (and the writes' watch with it)
 
-        nursery.start_soon(_cut_writes_when_cancelled, config)
+        nursery.start_soon(_cut_writes_at_the_end, config, until)
         task_status.started(await nursery.start(serving))
 
 
-async def _cut_writes_when_cancelled(config: GhubConfig) -> None:
+async def _cut_writes_at_the_end(config: GhubConfig, until: trio.Event | None) -> None:
+    """Once cancelled, or ``graceful_timeout`` after ``until``, cut the writes still pending, or a
+    write to a client that stopped reading (shielded, with its own deadline) holds the server up."""
     try:
-        await trio.sleep_forever()
+        await (until.wait() if until is not None else trio.sleep_forever())
+        await trio.sleep(config.graceful_timeout)  # (hypercorn's grace for what it had accepted is over)
     finally:
-        config.cut_pending_writes()  # or a write to a client that stopped reading holds the server up
+        config.cut_pending_writes()

@@ -19,6 +19,9 @@ import trio
 
 from conftest import (WAIT_S, Daemon, Grid, HubProcess, chat, eventually, exited, ghubai_command, stalled_client,
                       worker_process, workers_linked)
+from ghubai.config import HubConfig, ProxyConfig
+from ghubai.hub.app import run as run_hub
+from ghubai.proxy.server import run as run_proxy
 
 
 async def collect(http: httpx.AsyncClient, url: str, events: list[str], started: trio.Event) -> None:
@@ -305,3 +308,39 @@ async def test_a_worker_whose_engine_never_answers_stops_at_its_first_sigterm(gr
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+@pytest.mark.parametrize("role", ["hub", "proxy"])
+async def test_a_request_still_arriving_as_the_drain_ends_gets_its_503(grid: Grid, nursery: trio.Nursery,
+                                                                      role: str) -> None:
+    """Regression (hunt): once drained, hub and proxy were cancelled at once, and the requests they
+    were still reading got no answer, or at the hub hypercorn's 503 without a word (logged as a
+    499): one or two per restart under load. Now they stop listening and give those a second."""
+    drain = trio.Event()
+    if role == "hub":
+        url = await nursery.start(partial(run_hub, HubConfig(listen="127.0.0.1:0"), drain=drain))
+    else:
+        hub = await grid.hub()
+        url = await nursery.start(partial(run_proxy, ProxyConfig(listen="127.0.0.1:0", registry_url="",
+                                                                 hubs=(hub.value,)), drain=drain))
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps(chat()).encode()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        drain.set()
+
+        async def refused() -> bool:
+            try:
+                await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+            except OSError:
+                return True
+            return False
+
+        await eventually(refused, f"the drained {role} to stop listening")
+        await stream.send_all(body[5:])
+        answer = b""
+        with trio.fail_after(WAIT_S):
+            while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+                answer += await stream.receive_some(4096) or b"}"
+    assert answer.startswith(b"HTTP/1.1 503") and b"shutting down" in answer, answer

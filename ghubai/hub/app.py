@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -388,6 +389,10 @@ class HubApi:
                 await self._forward(route.api, body, stream, size, headers, send, record)
         except ClientLeft:
             return
+        except trio.Cancelled:
+            if record.status is None and not gone.cancel_called:  # the hub's stop, not its client (web: a 503)
+                record.status, record.reason = 503, "the hub stopped before it answered"
+            raise
         except ApiError as error:
             if record.status is None:  # else the stream ended with its own error event
                 record.reason = error.message
@@ -587,8 +592,11 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     service.reloads_config("hub", path, reload, lambda: [key for key in ("api_keys", "provider_tokens")
                                                          if not getattr(secrets, key).open],
                            live=("api_keys", "provider_tokens"))
+    # once drained, the hub stops listening and gives what it had accepted hypercorn's graceful_timeout
+    # to get its 503 (cancelled at once, those requests got no answer, or one without a word)
+    stopped = trio.Event()
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve_app, app, served)
+        binds = await nursery.start(partial(serve_app, app, served, until=stopped))
         log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
         service.ready()
         task_status.started(binds[0])
@@ -596,4 +604,4 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
             await drain.wait()
             await inflight.drain(pool, config.drain_timeout_s)
             await pool.close_links(CLOSE_LINKS_S)
-            nursery.cancel_scope.cancel()
+            stopped.set()

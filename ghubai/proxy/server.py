@@ -43,6 +43,7 @@ log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
 FIRST_CHECKS_S = 1.0  # beyond the registry's answer and a round of checks, each health.timeout_s at most
+STOP_GRACE_S = 1.0  # once drained and no longer listening, for the connections accepted to get their 503s
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
 
@@ -136,6 +137,7 @@ class Proxy:
             await serve(stream)
         finally:
             self.connections -= 1
+            self.ended.set()  # (a stopping proxy waits for its connections too)
 
     def admit(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
@@ -362,8 +364,24 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                  len(config.hubs))
         service.ready()
         task_status.started(url)
-        nursery.start_soon(trio.serve_listeners, handler, listeners)
-        if drain is not None:
-            await drain.wait()
-            await proxy.drain()
-            nursery.cancel_scope.cancel()
+        # the connections outlive the accept loop by a moment as the proxy stops: once drained it stops
+        # listening and gives those it had accepted STOP_GRACE_S to get their 503 (cancelled at once,
+        # a few requests of every restart under load got no answer)
+        async with trio.open_nursery() as clients:
+            accepting = trio.CancelScope()
+
+            async def accept() -> None:
+                with accepting:
+                    await trio.serve_listeners(handler, listeners, handler_nursery=clients)
+
+            clients.start_soon(accept)
+            if drain is not None:
+                await drain.wait()
+                await proxy.drain()
+                accepting.cancel()
+                for listener in listeners:
+                    await listener.aclose()
+                with trio.move_on_after(STOP_GRACE_S):
+                    await proxy._while(lambda: proxy.connections > 0)
+                clients.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
