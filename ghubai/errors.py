@@ -59,6 +59,15 @@ class ApiError(Exception):
             return b"data: " + json.dumps(self.openai_body()).encode() + b"\n\n"
         return json.dumps(self.ollama_body()).encode() + b"\n"
 
+    def typed_event(self) -> bytes:
+        """The last event of a Responses API stream that fails: typed as its other events are (an
+        ``error`` event, as OpenAI's and vLLM's), with OpenAI's error object beside, which the openai
+        SDK raises as it does a chat's."""
+        body = self.openai_body()
+        event = {"type": "error", "code": self.code or body["error"]["type"], "message": self.message,
+                 "param": self.param, **body}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+
     def headers(self) -> dict[str, str]:
         """``Retry-After``, and ``retry-after-ms`` (which the openai SDK reads first) up to half as
         long again at random: refused together, a crowd of clients must not come back together,

@@ -25,6 +25,11 @@ class Dialect:
     done: bytes
     sse: bool
     boundary: bytes  # where one event ends
+    typed: bool = False  # the Responses API's: its error event is typed too
+
+    def failure(self, error: ApiError) -> bytes:
+        """The event that ends a stream that failed after its first byte."""
+        return error.typed_event() if self.typed else error.stream_end(self.sse)
 
 
 def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -32,7 +37,7 @@ def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True, boundary=b"\n\n")
-RESPONSES = Dialect(OPENAI.headers, b"", sse=True, boundary=b"\n\n")  # (its last event, response.completed, ends it)
+RESPONSES = Dialect(OPENAI.headers, b"", sse=True, boundary=b"\n\n", typed=True)  # (its last event, response.completed, ends it)
 OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False, boundary=b"\n")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -58,7 +63,7 @@ def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError],
             held.clear()
             error = client_error(frame)
             failed(error)
-            out.append(error.stream_end(dialect.sse))
+            out.append(dialect.failure(error))
     return b"".join(out)
 
 
@@ -81,11 +86,11 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
         failed(error)
-        await send(error.stream_end(dialect.sse), False)
+        await send(dialect.failure(error), False)
     except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
         failed(internal := ApiError(500, "internal error in the hub"))
-        await send(internal.stream_end(dialect.sse), False)
+        await send(dialect.failure(internal), False)
     finally:
         exchange.close()
 

@@ -135,10 +135,10 @@ def _boundary(content_type: bytes) -> bytes | None:
 
 
 def _ends_in_error(data: bytes, boundary: bytes) -> bool:
-    """Whether the last event in ``data`` is a hub's error event (``ApiError.stream_end``), which
-    ends a stream that failed after its 200 head."""
+    """Whether the last event in ``data`` is a hub's error event (``ApiError.stream_end``, or a
+    Responses stream's ``typed_event``), which ends a stream that failed after its 200 head."""
     last = data.rstrip(b"\n").rpartition(boundary)[2]
-    return last.startswith(b'data: {"error"' if boundary == b"\n\n" else b'{"error"')
+    return last.startswith((b'data: {"error"', b"event: error\n") if boundary == b"\n\n" else b'{"error"')
 
 
 STOPPING = "The proxy is shutting down"
