@@ -91,12 +91,12 @@ async def test_a_responses_stream_the_engine_breaks_ends_in_an_error_and_an_engi
             async for event in await sdk.responses.create(model="sim", input="x", stream=True):
                 events.append(event.type)
         assert events.count("response.output_text.delta") == 2 and "response.completed" not in events
-    raw = await grid.http.post(hub.value + "/v1/responses", json={"model": "sim", "input": "x", "stream": True})
-    event, data = raw.text.rstrip("\n").rpartition("\n\n")[2].split("\n")  # (hunt: typed, as its other events)
-    assert event == "event: error" and json.loads(data.removeprefix("data: "))["type"] == "error"
         with pytest.raises(openai.InternalServerError) as unserved:
             await sdk.responses.create(model="old", input="x")
         assert unserved.value.status_code == 501 and unserved.value.code == "api_not_served"
+    raw = await grid.http.post(hub.value + "/v1/responses", json={"model": "sim", "input": "x", "stream": True})
+    event, data = raw.text.rstrip("\n").rpartition("\n\n")[2].split("\n")  # (hunt: typed, as its other events)
+    assert event == "event: error" and json.loads(data.removeprefix("data: "))["type"] == "error"
 
 
 async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:
