@@ -93,6 +93,20 @@ def origin_form(target: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+class Idlers:
+    """A server's kept-alive connections waiting for their next request, which a stopping server
+    closes at once (they held its stop for its whole grace, a second)."""
+
+    def __init__(self) -> None:
+        self.waiting: set[trio.CancelScope] = set()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        for wait in self.waiting:
+            wait.cancel()
+
+
 class Connection:
     """One client's keep-alive socket. Invariant: requests are served one after another, and
     nobody but this class touches the h11 state machine; callers ask ``response_started``."""
@@ -101,8 +115,9 @@ class Connection:
                  max_header_bytes: int = 16384, max_headers: int = 100, idle_timeout_s: float = 75.0,
                  header_timeout_s: float = 10.0, body_timeout_s: float = 60.0,
                  admit: Callable[[str, str, Sequence[tuple[bytes, bytes]]], None] | None = None,
-                 origins: cors.Origins | None = None) -> None:
+                 origins: cors.Origins | None = None, idlers: Idlers | None = None) -> None:
         self.stream = stream
+        self.idlers = idlers  # the server's kept connections waiting for a request: closed as it stops
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self.max_body = max_body
         self.max_header_bytes = max_header_bytes
@@ -140,8 +155,16 @@ class Connection:
         self.head, self.cors, self.preflight = "", [], None
         try:
             if not self.h11.trailing_data[0]:  # an idle keep-alive connection: wait for the next head
+                if self.idlers is not None and self.idlers.closed:
+                    return None
                 with trio.move_on_after(self.idle_timeout_s) as idle:
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if self.idlers is not None:
+                        self.idlers.waiting.add(idle)
+                    try:
+                        data = await self.stream.receive_some(RECEIVE_SIZE)
+                    finally:
+                        if self.idlers is not None:
+                            self.idlers.waiting.discard(idle)
                 if idle.cancelled_caught:
                     return None
                 self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too

@@ -29,7 +29,7 @@ from ghubai.auth import Secrets
 from ghubai.config import ProxyConfig, listen_host, redacted, renew_certificate, split_hostport
 from ghubai.errors import ApiError, invalid_api_key
 from ghubai.http11.client import TRANSPORT_ERRORS, TooLarge, tls_client_context
-from ghubai.http11.server import Connection, Request, connection_cap, serve_connection, turn_away
+from ghubai.http11.server import Connection, Idlers, Request, connection_cap, serve_connection, turn_away
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
@@ -72,6 +72,7 @@ class Proxy:
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
         self.connections = 0  # client connections open now
+        self.idlers = Idlers()  # those kept alive, waiting for a request (closed at once as it stops)
         self.history = History()
         self._health: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # /health's body, and what it shows
         self._dashboard: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # /dashboard/data's, and from when
@@ -337,7 +338,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                     origins=cors.Origins(config.cors_origins, config.listen),
                     max_body=limits.max_body_bytes, max_header_bytes=limits.max_header_bytes,
                     max_headers=limits.max_headers, idle_timeout_s=limits.idle_timeout_s,
-                    header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s)
+                    header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s,
+                    idlers=proxy.idlers)
     handler = partial(proxy.connection, serve, connection_cap(limits.max_connections, 2, "limits.max_connections"))
     if server_context is not None:
         # https_compatible: a close sends no close_notify, which a client that stopped reading never took:
@@ -381,6 +383,7 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
                 accepting.cancel()
                 for listener in listeners:
                     await listener.aclose()
+                proxy.idlers.close()  # (kept-alive connections waiting for a request: nothing to wait for)
                 with trio.move_on_after(STOP_GRACE_S):
                     await proxy._while(lambda: proxy.connections > 0)
                 clients.cancel_scope.cancel()
