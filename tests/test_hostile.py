@@ -644,7 +644,7 @@ async def test_an_http2_flood_costs_its_connection_and_spares_the_others(grid: G
     hub = await grid.hub()
     port = int(hub.value.rsplit(":", 1)[1])
     conn, flush = h2_client()
-    calmed = False
+    calmed = cut = False
     async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
         with trio.fail_after(60):
             for round_ in range(20):  # 20 rounds of 500: twice the budget and its refill in 60 s
@@ -667,10 +667,13 @@ async def test_an_http2_flood_costs_its_connection_and_spares_the_others(grid: G
                         if len(data) < 1 << 19:
                             break  # (what the server answered this round: on to the next)
                 except (trio.BrokenResourceError, h2.exceptions.ProtocolError):
+                    # the hub closed it: its GOAWAY may be lost with the reset that a close with the
+                    # flood's frames unread sends (a busy machine's race); a hub without budgets never closes
+                    cut = True
                     break
                 if calmed:
                     break
-    assert calmed, "the flooding connection was not told to calm down"
+    assert calmed or cut, "the flooding connection was not told to calm down, nor closed"
     assert (await grid.http.get(hub.value + "/health")).status_code == 200
 
 
