@@ -37,7 +37,8 @@ def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
 
 
 OPENAI = Dialect(_headers(dialects.SSE_HEADERS), dialects.SSE_DONE, sse=True, boundary=b"\n\n")
-RESPONSES = Dialect(OPENAI.headers, b"", sse=True, boundary=b"\n\n", typed=True)  # (its last event, response.completed, ends it)
+# the Responses API's: its last event (response.completed) ends it, with no [DONE]
+RESPONSES = Dialect(OPENAI.headers, b"", sse=True, boundary=b"\n\n", typed=True)
 OLLAMA = Dialect(_headers(dialects.NDJSON_HEADERS), b"", sse=False, boundary=b"\n")
 JSON_HEADERS = [(b"content-type", b"application/json")]
 
