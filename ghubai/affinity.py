@@ -103,8 +103,8 @@ def as_conversation(body: dict[str, Any]) -> dict[str, Any]:
     system message, its ``input`` the messages (items without a role, a tool call's, are passed over)
     or, as text, the prompt."""
     inputs, instructions = body.get("input"), body.get("instructions")
-    if isinstance(inputs, list):
-        return {**body, "messages": [{"role": "system", "content": instructions}, *inputs]}
+    if isinstance(inputs, list):  # (no more than the openings are looked for in)
+        return {**body, "messages": [{"role": "system", "content": instructions}, *inputs[:MESSAGES_SCANNED]]}
     return {**body, "system": instructions, "prompt": inputs}
 
 

@@ -592,12 +592,19 @@ def _tls_problems(config: Any) -> list[str]:
                 cert, getattr(config, "tls_key", "") or None, password=lambda: b"")
         except (ssl.SSLError, OSError, ValueError) as error:
             problems.append(f"tls_cert, tls_key: not a certificate and its private key, unencrypted ({_why(error)})")
-    if ca_file := getattr(config, "ca_file", ""):
-        try:
-            ssl.create_default_context(cafile=ca_file)
-        except (ssl.SSLError, OSError, ValueError) as error:
-            problems.append(f"ca_file: not a bundle of PEM certificates ({_why(error)})")
+    if (ca_file := getattr(config, "ca_file", "")) and (problem := ca_file_problem(ca_file)):
+        problems.append(f"ca_file: {problem}")
     return problems
+
+
+def ca_file_problem(ca_file: str) -> str | None:
+    """Why ``ca_file`` cannot be trusted from (a folder, no such file, no certificate in it), as a
+    daemon's ``ca_file`` and ``ghubai status --ca-file`` say it; None when it can."""
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except (ssl.SSLError, OSError, ValueError) as error:
+        return f"not a bundle of PEM certificates ({_why(error)})"
+    return None
 
 
 def renew_certificate(context: ssl.SSLContext, cert: str, key: str) -> str:

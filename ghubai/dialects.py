@@ -283,8 +283,8 @@ def keep_alive_seconds(value: Any) -> float | None:
     if isinstance(value, str):
         sign, text = (-1.0, value[1:]) if value.startswith("-") else (1.0, value.removeprefix("+"))
         seconds, at = 0.0, 0
-        while len(text) <= 64 and at < len(text) and (part := _DURATION.match(text, at)):  # (a review: the
-            seconds, at = seconds + float(part[1]) * _UNIT_S[part[2]], part.end()  # findall was cubic)
+        while len(text) <= 64 and (part := _DURATION.match(text, at)):  # (one part at a time: findall was cubic)
+            seconds, at = seconds + float(part[1]) * _UNIT_S[part[2]], part.end()
         if text == "0" or 0 < at == len(text):
             return sign * seconds
         raise ApiError(400, f"time: invalid duration \"{value[:64]}\"", param="keep_alive")

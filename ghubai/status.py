@@ -13,6 +13,7 @@ import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
+from ghubai.config import ca_file_problem
 from ghubai.errors import describe
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
@@ -101,12 +102,10 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
            insecure: bool = False) -> int:
     """Print the picture once (exit status 0 when healthy, 1 when not or unreachable), or every
     ``watch_s`` seconds until interrupted. TLS is checked as the daemons check it (``ca_file``)."""
-    try:
-        tls = tls_client_context(ca_file, insecure)
-    except OSError as error:  # (ssl.SSLError too: a file with no certificate in it)
-        why = getattr(error, "reason", None) or error.strerror or error
-        print(f"ghubai status: --ca-file {ca_file}: not a bundle of PEM certificates ({why})", file=sys.stderr)
+    if ca_file and (problem := ca_file_problem(ca_file)):
+        print(f"ghubai status: --ca-file {ca_file}: {problem}", file=sys.stderr)
         return 1
+    tls = tls_client_context(ca_file, insecure)
 
     async def main() -> int:
         while True:

@@ -952,3 +952,16 @@ def test_an_answer_passed_on_whole_is_read_for_its_counts_alone(raw: bytes, usag
     assert _usage_of(_counts_of(raw)) == usage
     with pytest.raises(ValueError):
         _counts_of(b'{"data": [')
+
+
+def test_a_responses_answer_s_usage_is_read_whole_and_from_its_stream_s_last_event() -> None:
+    """The Responses API names its counts ``input_tokens`` and ``output_tokens``, and a stream's last
+    event holds them in its ``response``; Ollama's ``response`` is its text, and a chat's usage wins."""
+    whole = {"object": "response", "usage": {"input_tokens": 3, "output_tokens": 5}}
+    assert _usage_of(whole) == _usage_of({"type": "response.completed", "response": whole}) == \
+        {"prompt_tokens": 3, "completion_tokens": 5}
+    assert _usage_of({"type": "response.created", "response": {"usage": None}}) is None
+    assert _usage_of({"response": "text", "done": True, "prompt_eval_count": 2, "eval_count": 4}) == \
+        {"prompt_tokens": 2, "completion_tokens": 4}
+    assert _usage_of({"usage": {"prompt_tokens": 1, "completion_tokens": 2, "input_tokens": 9}}) == \
+        {"prompt_tokens": 1, "completion_tokens": 2}

@@ -332,8 +332,8 @@ class Pool:
     def facts(self) -> dict[str, protocol.ModelFacts]:
         """What the engines told of the models their workers serve, for Ollama's clients: for each, the
         first worker's in the order of their names (an Ollama engine's before llama.cpp's), with the
-        figures in memory of the first that holds it. (Kept until the workers or what one holds change: 100 workers of 4,096 models
-        take 90 ms.)"""
+        figures in memory of the first that holds it. (Kept until the workers or what one holds change:
+        100 workers of 4,096 models take 90 ms.)"""
         if self._facts is not None:
             return self._facts
         told: dict[str, protocol.ModelFacts] = {}

@@ -72,14 +72,14 @@ class Offer:
     facts: dict[str, protocol.ModelFacts] | None = None  # what the engine tells of its models
 
 
+_FOUND_WORDS = ("model", "response")  # what an engine's 404 names when the path is served
+
+
 def unserved(status: int, message: str) -> bool:
     """An engine's refusal that means "no such path here", not "no such model": 405 or 501, or a
     404 that does not speak of a model (Ollama, vLLM and llama.cpp all name the model they lack) or
     of a stored response (vLLM's for a ``previous_response_id`` it does not hold: the API is served)."""
     return status in (405, 501) or (status == 404 and not any(word in message.lower() for word in _FOUND_WORDS))
-
-
-_FOUND_WORDS = ("model", "response")  # what an engine's 404 names when the path is served
 
 
 def discovery_problem(error: Exception, has_key: bool) -> str:
@@ -202,6 +202,8 @@ def _counts_of(raw: bytes) -> Any:
 def _usage_of(value: Any) -> dict[str, int] | None:
     if not isinstance(value, dict):
         return None
+    if isinstance(response := value.get("response"), dict) and "usage" not in value:
+        value = response  # a Responses stream's last event: the whole answer, its usage in it
     usage = value.get("usage")
     if isinstance(usage, dict):
         if "input_tokens" in usage and "prompt_tokens" not in usage:  # (a Responses answer's)
@@ -209,8 +211,6 @@ def _usage_of(value: Any) -> dict[str, int] | None:
                     "completion_tokens": count(usage.get("output_tokens"))}
         return {"prompt_tokens": count(usage.get("prompt_tokens")),
                 "completion_tokens": count(usage.get("completion_tokens"))}
-    if isinstance(response := value.get("response"), dict):  # a Responses stream's last event
-        return _usage_of(response)
     if value.get("done") is True or "prompt_eval_count" in value:
         return {"prompt_tokens": count(value.get("prompt_eval_count")), "completion_tokens": count(value.get("eval_count"))}
     return None
