@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ghubai import __version__
-from ghubai.config import ConfigError, load, split_hostport, url_problem, with_listen
+from ghubai.config import ConfigError, engine_url_problem, load, split_hostport, with_listen
 from ghubai.launch import ignore_hangups, interrupted
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
@@ -177,10 +177,10 @@ def _up(args: argparse.Namespace) -> int:
 
     if args.backend == "openai" and not args.engine_url:
         raise ConfigError(["--backend openai: give the engine's address with --engine-url"])
-    if args.engine_url and (problem := url_problem(args.engine_url, ("http", "https"))):
+    if args.engine_url and (problem := engine_url_problem(args.engine_url)):
         raise ConfigError([f"--engine-url: {problem}"])
     env_url = os.environ.get("OLLAMA_LOCAL_URL") if args.backend in ("auto", "ollama") and not args.engine_url else ""
-    if env_url and (problem := url_problem(env_url, ("http", "https"))):  # (as the worker checks it)
+    if env_url and (problem := engine_url_problem(env_url)):  # (as the worker checks it)
         raise ConfigError([f"environment: OLLAMA_LOCAL_URL: {problem}"])
     key = ""
     if args.engine_api_key_env:

@@ -261,6 +261,16 @@ def _secrets(value: str | tuple[str, ...]) -> str | None:
     return None
 
 
+def engine_url_problem(url: str) -> str | None:
+    """``url_problem``'s, or a path ending in ``/v1``: the base URL an OpenAI SDK is given is not the
+    engine's root, and every call would go to ``/v1/v1/...`` (or ``/v1/api/...``) and find nothing."""
+    if problem := url_problem(url, ("http", "https")):
+        return problem
+    if urlsplit(url).path.rstrip("/").lower().endswith("/v1"):
+        return "give the engine's root URL: drop the final /v1 (the worker adds /v1/... or /api/... itself)"
+    return None
+
+
 def _engine_headers(headers: dict[str, str]) -> str | None:
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
@@ -382,7 +392,7 @@ class EngineConfig:
     """``[engine]`` of ``worker.toml``: the local engine and how much of it the grid may use."""
     kind: str = _key(_one_of("ollama", "openai"), "ollama, or openai (llama.cpp server, vLLM, LM Studio ...)",
                      default="ollama")
-    url: str = _key(_urls("http", "https"), "the engine's root URL", default="http://localhost:11434")
+    url: str = _key(engine_url_problem, "the engine's root URL (without /v1)", default="http://localhost:11434")
     max_concurrency: int = _key(_at_least(1), "requests run at once, across all hubs; match OLLAMA_NUM_PARALLEL",
                                 default=4)
     discovery_interval_s: float = _key(

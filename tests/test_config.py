@@ -87,6 +87,17 @@ def test_worker_file_and_environment_overrides() -> None:
         parse("worker", 'hub_url = ["ws://hub:7197/gridhub", "ws://hub:7197/gridhub"]')
 
 
+def test_an_engine_url_with_v1_says_to_give_its_root() -> None:
+    """Regression (left alone twice): an OpenAI SDK's base URL (``http://gpu:8000/v1``) was taken,
+    and every engine call went to ``/v1/v1/...``: no model, with a 404 in the worker's log."""
+    for url in ("http://gpu:8000/v1", "https://gw.example/llm/V1/", "http://localhost:11434/v1/"):
+        with pytest.raises(ConfigError, match=r"engine.url: give the engine's root URL: drop the final /v1 \("):
+            parse("worker", f'[engine]\nkind = "openai"\nurl = "{url}"')
+    assert parse("worker", '[engine]\nurl = "https://gw.example/ollama/"').engine.url  # (a gateway's path)
+    result = run_ghubai("up", "--backend", "openai", "--engine-url", "http://127.0.0.1:9/v1")
+    assert result.returncode == 2 and "--engine-url: give the engine's root URL: drop the final /v1" in result.stderr
+
+
 def test_a_password_in_a_url_is_refused_and_never_echoed() -> None:
     """Regression (review): ``http://user:pass@host`` was accepted; the worker logged it whole, and
     its engine calls went out without it (the h11 pool keeps the host alone)."""
