@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -163,7 +164,7 @@ def _sim(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise ConfigError([f"--listen: {error}"]) from None
     options = SimOptions(
-        models=tuple(m.strip() for m in args.models.split(",") if m.strip()), ttft_ms=args.ttft_ms,
+        models=args.models, ttft_ms=args.ttft_ms,
         itl_ms=args.itl_ms, tokens=args.tokens, max_parallel=args.max_parallel, fail_rate=args.fail_rate,
         fail_after_tokens=args.fail_after_tokens, embed_dim=args.embed_dim, api_key=args.api_key,
         disabled=frozenset(path.strip() for path in args.disable.split(",") if path.strip()), slots=args.slots,
@@ -196,17 +197,26 @@ def _status(args: argparse.Namespace) -> int:
     return status(args.hub or args.proxy, args.watch, ca_file=args.ca_file, insecure=args.allow_invalid_certs)
 
 
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
-    return int(text)
+def _number(kind: type[int] | type[float], low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argument type: a number of ``kind`` from ``low`` (to ``high``), else argparse's one-line usage error."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or not low <= value <= (math.inf if high is None else high):
+            upto = "" if high is None else f" to {high:g}"
+            raise argparse.ArgumentTypeError(f"expected a{' whole' if kind is int else ''} number from {low:g}{upto}, "
+                                             f"got {text!r}")
+        return value
+
+    return parse
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return value
+def _models(text: str) -> tuple[str, ...]:
+    if not (names := tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))):
+        raise argparse.ArgumentTypeError("expected at least one model name")
+    return names
 
 
 def _daemon_flags(parser: argparse.ArgumentParser, config: bool = True) -> None:
@@ -277,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--proxy", metavar="URL", default="http://127.0.0.1:5000",
                        help="the whole grid, as a proxy sees it (default: %(default)s, as 'ghubai up' runs it)")
     where.add_argument("--hub", metavar="URL", help="one hub, e.g. http://127.0.0.1:7197")
-    status.add_argument("--watch", metavar="SECONDS", type=_positive, help="refresh every SECONDS until Ctrl-C")
+    status.add_argument("--watch", metavar="SECONDS", type=_number(float, 0.1), help="refresh every SECONDS until Ctrl-C")
     status.add_argument("--ca-file", metavar="PEM", default="", help="CA bundle for an https:// hub or proxy "
                         "(the grid's own CA, as the daemons' ca_file)")
     status.add_argument("--allow-invalid-certs", action="store_true", help="development only: no certificate checks")
@@ -285,24 +295,24 @@ def parser() -> argparse.ArgumentParser:
 
     sim = roles.add_parser("sim", help="an Ollama-compatible engine simulator")
     sim.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:11434")
-    sim.add_argument("--models", default="sim", help="comma-separated model names (default: sim)")
-    sim.add_argument("--ttft-ms", type=float, default=20.0, help="time to first token")
-    sim.add_argument("--itl-ms", type=float, default=10.0, help="time between tokens")
-    sim.add_argument("--tokens", type=int, default=32, help="reply length when the request sets no limit")
-    sim.add_argument("--max-parallel", type=_count, default=64, help="generations at once; the rest wait")
-    sim.add_argument("--fail-rate", type=float, default=0.0, help="share of requests answered 500")
-    sim.add_argument("--fail-after-tokens", type=int, default=None, help="fail every reply after N tokens")
-    sim.add_argument("--embed-dim", type=int, default=16)
+    sim.add_argument("--models", type=_models, default=("sim",), help="comma-separated model names (default: sim)")
+    sim.add_argument("--ttft-ms", type=_number(float, 0), default=20.0, help="time to first token")
+    sim.add_argument("--itl-ms", type=_number(float, 0), default=10.0, help="time between tokens")
+    sim.add_argument("--tokens", type=_number(int, 0), default=32, help="reply length when the request sets no limit")
+    sim.add_argument("--max-parallel", type=_number(int, 1), default=64, help="generations at once; the rest wait")
+    sim.add_argument("--fail-rate", type=_number(float, 0, 1), default=0.0, help="share of requests answered 500")
+    sim.add_argument("--fail-after-tokens", type=_number(int, 0), default=None, help="fail every reply after N tokens")
+    sim.add_argument("--embed-dim", type=_number(int, 1), default=16)
     sim.add_argument("--api-key", default="", help="answer 401 unless a request has 'Authorization: Bearer KEY'")
     sim.add_argument("--disable", default="", metavar="PATHS",
                      help="comma-separated paths to answer 404 on, as a partial shim does (e.g. /api/chat)")
-    sim.add_argument("--slots", type=int, default=None, help="report N slots on GET /props, as llama.cpp server")
+    sim.add_argument("--slots", type=_number(int, 1), default=None, help="report N slots on GET /props, as llama.cpp server")
     sim.add_argument("--usage-with-choices", action="store_true",
                      help="send the streamed usage chunk with a non-empty choices list, as LiteLLM does")
-    sim.add_argument("--load-ms", type=float, default=0.0, help="time to load a model that is not in memory")
-    sim.add_argument("--max-loaded", type=int, default=0,
+    sim.add_argument("--load-ms", type=_number(float, 0), default=0.0, help="time to load a model that is not in memory")
+    sim.add_argument("--max-loaded", type=_number(int, 0), default=0,
                      help="models in memory at once, the least recently used evicted (0: no bound)")
-    sim.add_argument("--prefill-us-per-token", type=float, default=0.0,
+    sim.add_argument("--prefill-us-per-token", type=_number(float, 0), default=0.0,
                      help="prompt processing per word that the slot's prompt cache does not hold")
     _daemon_flags(sim, config=False)
     sim.set_defaults(func=_sim)

@@ -311,3 +311,14 @@ def test_max_parallel_below_one_is_refused_in_one_line() -> None:
         done = run_ghubai("sim", f"--max-parallel={value}")
         assert done.returncode == 2 and "expected a whole number from 1" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--tokens", "-5", "whole number from 0"), ("--fail-rate", "2", "number from 0 to 1"),
+    ("--itl-ms", "inf", "number from 0,"), ("--ttft-ms", "-1", "number from 0,"), ("--models", ",", "one model name"),
+])
+def test_a_nonsense_simulator_setting_is_refused_in_one_line(flag: str, value: str, said: str) -> None:
+    """Regression (left alone before): these started a simulator that hung (an endless sleep between
+    tokens), failed every request, or listed no model."""
+    done = run_ghubai("sim", "--listen", "127.0.0.1:0", f"{flag}={value}")
+    assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
