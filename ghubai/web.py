@@ -103,6 +103,9 @@ _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], 
             StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
             ProtocolWrapper: {"handle": ["self", "event"]}}
+# hypercorn's 60 s let a client that sends half a ClientHello hold a connection (and the cap's slot)
+# for a minute; the proxy gives a whole request head 10 s
+HANDSHAKE_TIMEOUT_S = 10.0
 WRITE_PIECE_BYTES = 64 * 1024  # a write's deadline moves on after each piece the client took
 log = logging.getLogger("ghubai.web")
 SERVER_LOG = logging.getLogger("ghubai.web.server")
@@ -471,6 +474,7 @@ def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", write_t
     config.accesslog = None
     config.errorlog = SERVER_LOG  # a fault that escapes the app: logged, not dropped (not its "Running on" lines)
     config.websocket_max_message_size = MAX_MESSAGE_BYTES
+    config.ssl_handshake_timeout = HANDSHAKE_TIMEOUT_S
     if tls_cert:  # no key file: the key is in the certificate's file (as the proxy reads it too)
         config.certfile, config.keyfile = tls_cert, tls_key or tls_cert
     return config

@@ -246,3 +246,38 @@ async def test_a_reload_serves_a_renewed_certificate_to_new_connections(
     async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=renewal_ca), timeout=WAIT_S) as new:
         for role, url in urls.items():
             assert (await new.get(url + "/health")).status_code == 200, role
+
+
+async def _cut_after(port: int) -> float:
+    """How long the server at ``port`` keeps a connection that sent half a ClientHello (fake clock)."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"\x16\x03\x01\x02\x00")  # a ClientHello's record header, and nothing more
+        began = trio.current_time()
+        with trio.fail_after(300):
+            assert await stream.receive_some(1024) == b""
+        return trio.current_time() - began
+
+
+async def test_a_tls_handshake_that_stalls_is_cut_within_the_header_timeout(tls: dict[str, str],
+                                                                             autojump_clock: trio.abc.Clock) -> None:
+    """Regression (left alone before): a client that opened connections and sent half a ClientHello
+    held each for a minute at a hub or registry (hypercorn's 60 s for a handshake) and for 75 s at the
+    proxy (its idle timeout): a connection cap of 10,000 filled at 130-170 connections a second. Each
+    cuts it as the proxy cuts a request head that trickles in, in 10 s."""
+    from ghubai.http11.server import serve_connection
+    from ghubai.web import serve_app, server_config
+
+    async def app(scope: dict[str, object], receive: object, send: object) -> None:
+        raise AssertionError("no request gets through a handshake that never ends")
+
+    config = server_config("127.0.0.1:0", tls_cert=tls["cert"], tls_key=tls["key"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["cert"], tls["key"])
+    serve = partial(serve_connection, handle=app, idle_timeout_s=75.0, header_timeout_s=10.0)
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(serve_app, app, config)
+        listeners = await trio.open_ssl_over_tcp_listeners(0, context, host="127.0.0.1", https_compatible=True)
+        await nursery.start(trio.serve_listeners, serve, listeners)
+        assert await _cut_after(int(url.rsplit(":", 1)[1])) <= 10.5  # the hub's
+        assert await _cut_after(listeners[0].transport_listener.socket.getsockname()[1]) <= 10.5  # the proxy's
+        nursery.cancel_scope.cancel()

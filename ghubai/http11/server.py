@@ -354,6 +354,11 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
     hears of it (``head``: "METHOD /path", or "" when not even the head could be read)."""
     conn = Connection(stream, **limits)
     try:
+        if isinstance(stream, trio.SSLStream):  # bounded as a head is: half a ClientHello held it for idle_timeout_s
+            with trio.move_on_after(conn.header_timeout_s) as slow:
+                await stream.do_handshake()
+            if slow.cancelled_caught:
+                return
         while True:
             REQUEST_ID.set("")  # the next request is another one, named as its head is read
             try:
