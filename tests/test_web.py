@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from functools import partial
 from typing import Any
 
 import h2.config
@@ -212,3 +213,38 @@ async def test_a_request_the_stopping_server_cancels_before_its_answer_gets_a_50
                 await entered.wait()
                 stop.cancel()  # (the hub's stop, once its drain is over)
                 assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 503")
+
+
+async def test_a_kept_alive_connection_idles_out_after_a_framework_route_and_closes_as_the_hub_stops(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Regression (left alone twice: "a stop waits 1 s"): after a request that quart answered, the
+    connection's keep-alive countdown was cancelled at birth (hypercorn starts it from inside the
+    request, whose scope quart-trio cancels as the request ends), so an idle connection stayed open
+    for good, and a stopping hub waited out its whole grace for it. It closes after hypercorn's
+    keep_alive_timeout, and at once when the hub stops."""
+    from ghubai.config import HubConfig
+    from ghubai.hub.app import run
+
+    drain = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(partial(run, HubConfig(listen="127.0.0.1:0"), drain=drain))
+        port = int(url.rsplit(":", 1)[1])
+
+        async def kept_alive() -> trio.SocketStream:
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            return stream
+
+        async def closed(stream: trio.SocketStream) -> float:
+            began = trio.current_time()
+            with trio.fail_after(120):
+                while await stream.receive_some(65536):
+                    pass
+            await stream.aclose()
+            return trio.current_time() - began
+
+        assert await closed(await kept_alive()) <= 5.5  # (hypercorn's keep_alive_timeout: 5 s)
+        stream = await kept_alive()
+        drain.set()
+        assert await closed(stream) < 0.5  # (not graceful_timeout, 1 s)
