@@ -893,6 +893,29 @@ async def test_an_sse_end_in_an_ollama_stream_is_a_malformed_line_not_a_worker_f
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
     assert response.status_code == 200 and "half" in response.text, response.text
     assert "the engine's stream is not JSON" in response.text.rsplit("data: ", 1)[1], response.text
+    # (hunt) passed through to an Ollama client, it ended the stream as if done, with no "done": true line
+    response = await grid.http.post(hub.value + "/api/chat", json={**chat(), "stream": True})
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert lines[0]["message"]["content"] == "half" and "not JSON" in lines[-1]["error"], response.text
+
+
+async def test_an_sse_end_in_a_responses_stream_is_no_end(grid: Grid) -> None:
+    """Regression (hunt): ``data: [DONE]``, which ends chat and completions streams, ended a
+    Responses stream too, whose end is its ``response.completed`` (or ``incomplete``, ``failed``)
+    event: an answer cut short went to the client as whole, with no error."""
+    async def engine(conn: Connection, request: Request) -> None:
+        if not await _openai_engine(conn, request):
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(b'data: {"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}\n\n'
+                             b'data: {"type":"response.output_text.delta","delta":"Once"}\n\ndata: [DONE]\n\n')
+            await conn.finish()
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    response = await grid.http.post(hub.value + "/v1/responses", json={"model": "sim", "input": "hi", "stream": True})
+    assert response.status_code == 200 and "Once" in response.text, response.text
+    last = response.text.rstrip().rsplit("\n\n", 1)[1]
+    assert last.startswith("event: error\n") and "without finishing its answer" in last, response.text
 
 
 async def test_a_malformed_line_passed_through_is_the_engine_s_fault_and_not_generated_again(grid: Grid) -> None:

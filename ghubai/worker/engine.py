@@ -518,8 +518,13 @@ class Engine:
         out = []
         markers = _RESPONSE_MARKERS if call.api == "openai.responses" else _USAGE_MARKERS
         for payload in batch:
-            if payload == b"[DONE]":
-                call.finished = True
+            if payload == b"[DONE]":  # the end of a chat or completions stream, and of nothing else
+                if sse and call.api != "openai.responses":
+                    call.finished = True
+                elif not sse:
+                    _decoded(call, payload)  # an NDJSON line that is not JSON: the engine's fault
+                else:  # (a Responses stream ends with its last event: without it, it is cut, and said so)
+                    continue
                 break
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it
