@@ -116,11 +116,12 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
             *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 
 
-def _final_error(content_type: bytes, message: str) -> bytes:
-    """The error that ends a stream cut in the middle, in the stream's own framing (none for others)."""
+def _final_error(content_type: bytes, path: str, message: str) -> bytes:
+    """The error that ends a stream cut in the middle, in the stream's own framing (none for others):
+    on ``path`` /v1/responses, a typed ``error`` event, as the hub ends such a stream."""
     error = ApiError(502, message)
     if content_type.startswith(b"text/event-stream"):
-        return error.stream_end(sse=True)
+        return error.typed_event() if path == protocol.API_PATHS["openai.responses"] else error.stream_end(sse=True)
     if content_type.startswith(b"application/x-ndjson"):
         return error.stream_end(sse=False)
     return b""
@@ -368,7 +369,7 @@ class Forwarder:
     async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:
         """End an answer cut after its first byte with a final error event in its own framing;
         without one the answer stays unfinished and the client sees it cut."""
-        if final := _final_error(content_type, message):
+        if final := _final_error(content_type, conn.head.partition(" ")[2], message):
             pending = [*pending, h11.Data(data=final), h11.EndOfMessage()]
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             await conn.send(*pending)
