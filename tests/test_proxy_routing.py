@@ -285,6 +285,22 @@ def test_routing_by_model_as_the_hubs_come_and_go() -> None:
     assert [hub.name for hub in hubs.candidates("llama3:latest", set())] == ["b"]
 
 
+def test_a_hub_that_moves_keeps_its_models_until_it_is_checked_at_its_new_address() -> None:
+    """Regression (hunt): a registry entry whose address changed under the same name (the hub moved
+    machines, or its address was spelled anew) became a hub that served nothing until checked, so its
+    models' requests went to every other hub: a 404 "model_not_found", for as long as the hub at its
+    new address was not up yet. Its requests get the 503 of a model whose hubs are down instead."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
+    for hub, models in zip(hubs.hubs.values(), (["m1"], ["m2"])):
+        hubs.set_health(hub, True, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": models,
+                                          "loaded": models})
+    hubs.update([("a", "http://10.0.0.9:7197"), ("b", "http://127.0.0.1:2")])
+    moved = hubs.hubs["http://10.0.0.9:7197"]
+    assert not moved.up and moved.models == {"m1"} and moved.loaded == {"m1"} and hubs.serves("m1")
+    assert hubs.candidates("m1", set()) == [] and hubs.check_now.is_set()
+
+
 async def test_one_failed_health_check_does_not_take_a_hub_down_but_failures_in_a_row_do(
         grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (review of the proxy's health checks): one check that failed (a hub too busy to

@@ -84,14 +84,18 @@ class HubSet:
                 log.warning("hub %s left out: %s", name, problem)
                 continue
             wanted[hub_address(address)] = name  # one hub, however its address is spelled
+        gone: dict[str, Hub] = {}
         for address in list(self.hubs):
             if address not in wanted:
                 hub = self.hubs.pop(address)
+                gone[hub.name] = hub
                 log.info("hub %s (%s) removed", hub.name, address)
                 hub.pool.close_idle()
         for address, name in wanted.items():
             if address not in self.hubs:
-                self.hubs[address] = self._hub(name, address)
+                hub = self.hubs[address] = self._hub(name, address)
+                if moved := gone.get(name):  # what it served stands until it is checked there: its 503, not a 404
+                    hub.models, hub.loaded = moved.models, moved.loaded
                 log.info("hub %s (%s) added", name, address)
                 self.check_now.set()
             else:
