@@ -469,3 +469,34 @@ def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     path = tmp_path / "registry.toml"
     path.write_bytes(b"\xef\xbb\xbf" + '[[hubs]]\nname = "a"\naddress = "http://10.0.0.1:7197"\n'.encode())
     assert [hub.name for hub in load("registry", str(path)).hubs] == ["a"]
+
+
+async def test_a_proxy_hears_at_once_that_its_registry_is_back(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): after a failed poll the proxy asked again as a long poll of the list it
+    held, which a registry back with that list holds for 30 s: "registry ... unavailable" stayed its
+    last word for half a minute after the registry answered again. A poll after a failure is not held."""
+    from ghubai.http11.server import Connection, Request, serve_connection
+
+    asked: list[str] = []
+
+    async def registry(conn: Connection, request: Request) -> None:
+        asked.append(request.target)
+        if len(asked) == 1:
+            await conn.respond_json(200, {"hubs": [{"name": "a", "address": "http://127.0.0.1:9"}]},
+                                    headers={"etag": '"v1"'})
+        elif len(asked) == 2:
+            await conn.respond_json(500, {"error": "restarting"})
+        elif "wait=" in request.target:
+            await trio.sleep_forever()  # a held poll: the list has not changed
+        else:
+            await conn.respond(304, b"")
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=registry), 0,
+                                                 host="127.0.0.1"))
+    caplog.set_level("INFO", "ghubai.proxy")
+    await grid.proxy(registry_url=f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    async def heard() -> bool:
+        return any("answers again" in record.message for record in caplog.records)
+
+    await eventually(heard, "the proxy to say its registry answers again")
+    assert "wait=" not in asked[2], asked

@@ -34,7 +34,7 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
     failing = False
     while True:
         headers = {"If-None-Match": etag} if etag else {}
-        params = {"wait": str(LONG_POLL_S)} if etag else {}
+        params = {"wait": str(LONG_POLL_S)} if etag and not failing else {}  # (back: say so at once)
         asked = trio.current_time()
         try:
             with trio.fail_after(LONG_POLL_S + 10):  # the whole answer, not each read
