@@ -500,3 +500,18 @@ async def test_a_proxy_hears_at_once_that_its_registry_is_back(grid: Grid, caplo
 
     await eventually(heard, "the proxy to say its registry answers again")
     assert "wait=" not in asked[2], asked
+
+
+def test_the_registry_logs_what_a_new_list_changed_in_a_bounded_line() -> None:
+    """Review (hunt): each change logged the whole list, half a megabyte for thousands of hubs, where
+    an operator who edited the file wants to see what the edit did."""
+    from ghubai.config import HubEntry
+    from ghubai.registry.server import _changes
+
+    first = (HubEntry("a", "http://a:7197"), HubEntry("b", "http://b:7197"))
+    assert _changes((), first) == "a=http://a:7197, b=http://b:7197"
+    assert _changes(first, (HubEntry("b", "http://b2:7197"), HubEntry("c", "http://c:7197"))) == \
+        "added c=http://c:7197, b moved to http://b2:7197, removed a"
+    assert _changes(first, first[::-1]) == "the same hubs, in another order" and _changes((), ()) == "(none)"
+    many = _changes((), tuple(HubEntry(f"h{n}", f"http://h{n}:7197") for n in range(5000)))
+    assert len(many) < 1000 and many.endswith(" and 4980 more")

@@ -31,6 +31,21 @@ log = logging.getLogger("ghubai.registry")
 MAX_WAIT_S = 300.0
 
 
+LOGGED_CHANGES = 20  # a list of thousands of hubs was one log line of half a megabyte at each change
+
+
+def _changes(before: tuple[HubEntry, ...], after: tuple[HubEntry, ...]) -> str:
+    """What a new list changed, for the log: each hub at the first list, then those added, moved
+    (a new address under a name) and removed, at most ``LOGGED_CHANGES`` of them."""
+    old, new = {hub.name: hub.address for hub in before}, {hub.name: hub.address for hub in after}
+    said = [f"{name}={address}" if not old else f"added {name}={address}" for name, address in new.items()
+            if name not in old]
+    said += [f"{name} moved to {address}" for name, address in new.items() if old.get(name, address) != address]
+    said += [f"removed {name}" for name in old if name not in new]
+    more = f" and {len(said) - LOGGED_CHANGES} more" if len(said) > LOGGED_CHANGES else ""
+    return ", ".join(said[:LOGGED_CHANGES]) + more or ("(none)" if not new else "the same hubs, in another order")
+
+
 class HubList:
     """The list being served, its version and ETag, and an event set on every change. Invariant: the
     version and ETag change exactly when the list does, and long-polls wake on every change."""
@@ -55,12 +70,12 @@ class HubList:
     def publish(self, hubs: tuple[HubEntry, ...]) -> None:
         if hubs == self.hubs and self.version:
             return
+        said = _changes(self.hubs if self.version else (), hubs)
         self.hubs = hubs
         self.version += 1
         entries = self.entries()
         self.etag = '"' + hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:20] + '"'
-        log.info("serving %d hub(s), version %d: %s", len(hubs), self.version,
-                 ", ".join(f"{hub.name}={hub.address}" for hub in hubs) or "(none)")
+        log.info("serving %d hub(s), version %d: %s", len(hubs), self.version, said)
         self.changed.set()
         self.changed = trio.Event()
 
