@@ -98,7 +98,8 @@ from ghubai.http11.server import turn_away
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
 
-_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"]},
+_PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"],
+                        "_read_data": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
             StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
@@ -134,6 +135,17 @@ async def _shielded_close(self: TCPServer) -> None:
 TCPServer._close = _shielded_close  # type: ignore[method-assign]
 
 _hypercorn_run = TCPServer.run
+_hypercorn_read_data = TCPServer._read_data
+
+
+async def _read_then_stop_idling(self: TCPServer) -> None:
+    """Once the client has closed its side, the connection ends: hypercorn's keep-alive countdown
+    went on, and held the closed connection (its file, its place under ``max_connections``) for 5 s."""
+    await _hypercorn_read_data(self)
+    await self.idle_task.stop()
+
+
+TCPServer._read_data = _read_then_stop_idling  # type: ignore[method-assign]
 
 
 async def _guarded_run(self: TCPServer) -> None:

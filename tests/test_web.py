@@ -1,4 +1,4 @@
-"""ghubai.web patches three private methods of hypercorn: it must refuse to import when they are
+"""ghubai.web patches private methods of hypercorn: it must refuse to import when they are
 gone, rather than serve without its fixes; and what the patches do, over real sockets."""
 
 from __future__ import annotations
@@ -245,6 +245,10 @@ async def test_a_kept_alive_connection_idles_out_after_a_framework_route_and_clo
             return trio.current_time() - began
 
         assert await closed(await kept_alive()) <= 5.5  # (hypercorn's keep_alive_timeout: 5 s)
+        stream = await kept_alive()
+        await trio.testing.wait_all_tasks_blocked()  # (the hub idles: its countdown runs)
+        await stream.send_eof()  # (hunt: a client that closed its side held the connection, and the cap's place, 5 s)
+        assert await closed(stream) < 0.5
         stream = await kept_alive()
         drain.set()
         assert await closed(stream) < 0.5  # (not graceful_timeout, 1 s)
