@@ -349,10 +349,10 @@ def unpack_chunks(message: bytes) -> list[Chunk]:
     while offset < size:
         start = offset + ID_BYTES + _LENGTH.size
         if start > size:
-            raise ProtocolError("truncated chunk header", frames)
+            raise ProtocolError("truncated chunk header", frames, frame_type="chunk")
         (length,) = _LENGTH.unpack_from(message, offset + ID_BYTES)
         if start + length > size:
-            raise ProtocolError("truncated chunk data", frames)
+            raise ProtocolError("truncated chunk data", frames, frame_type="chunk")
         frames.append(Chunk(message[offset:offset + ID_BYTES].decode("ascii", "replace"),
                             message[start:start + length]))
         offset = start + length

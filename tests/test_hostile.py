@@ -1344,3 +1344,29 @@ async def test_a_connection_whose_close_cannot_be_written_is_closed_anyway(autoj
     stream, began = _UnclosableStream(), trio.current_time()
     await Connection(stream).close()
     assert stream.forced and trio.current_time() - began < 5
+
+
+async def test_a_broken_binary_message_from_a_worker_fails_its_answers_rather_than_skipping_a_piece(grid: Grid) -> None:
+    """Regression (hunt): a binary message whose chunk record was cut short (a worker's bug, a
+    version's) lost the chunks in it with no word to their requests: the answer went on, a piece
+    missing, and ended as if whole. The link of such a worker is cut, and its requests fail."""
+    hub = await grid.hub()
+
+    async def worker(*, task_status: trio.TaskStatus[None]) -> None:
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + "/gridhub") as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "b" * 32, "broken", ("sim",), 2,
+                                                                 "ollama", "test")))
+            await ws.get_message()  # welcome
+            task_status.started()
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                while True:
+                    for frame in protocol.unpack(await ws.get_message())[0]:
+                        if isinstance(frame, protocol.Request):
+                            await ws.send_message(protocol.chunk(frame.id, b'data: {"choices":[]}\n\n'))
+                            await ws.send_message(protocol.chunk(frame.id, b"a piece")[:-3])  # cut short
+                            await ws.send_message(protocol.encode(protocol.End(frame.id, None)))
+
+    await grid.nursery.start(worker)
+    answer = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
+    assert answer.status_code == 200 and "[DONE]" not in answer.text, answer.text
+    assert "malformed" in answer.text.rstrip().rsplit("data: ", 1)[1], answer.text
