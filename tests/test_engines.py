@@ -137,6 +137,12 @@ async def test_an_engine_that_echoes_its_credentials_in_an_error_never_shows_the
     assert engine.scrub("skim it") == "skim it"
     short = Engine(EngineConfig(api_key="k3y9"), httpx.AsyncClient())  # (reread: a short key is a key too)
     assert short.scrub("you sent Bearer k3y9") == "you sent Bearer ***"
+    # (hunt) a refusal's words cut short and then put in brackets; a key with " or \ quoted back in JSON
+    refused = engine._refusal(404, b"x" * 480 + b" token sk-live-0123456789abcdef", "POST", "/api/chat")
+    assert "sk-live-0" not in str(refused) and str(refused).endswith(" token ***)"), str(refused)
+    quoting = Engine(EngineConfig(api_key='sk-"q\\uote"-1'), httpx.AsyncClient())
+    echoed = json.dumps({"authorization": 'Bearer sk-"q\\uote"-1'})
+    assert quoting.scrub(echoed) == '{"authorization": "Bearer ***"}'
 
 
 def test_check_names_a_bad_engine_key_never_its_value(tmp_path: Path) -> None:

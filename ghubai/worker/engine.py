@@ -242,8 +242,10 @@ class Engine:
         # what ``scrub`` hides: long ones first (a header's value may hold the key); the key whatever its
         # length but for a few characters, a header's value from 8 (a shorter one is no secret worth the
         # name, and hiding it would garble the engine's words)
-        self.secrets = sorted({value for value in config.headers.values() if len(value) >= 8} |
-                              ({config.api_key} if len(config.api_key) >= 4 else set()), key=len, reverse=True)
+        secrets = {value for value in config.headers.values() if len(value) >= 8} | \
+            ({config.api_key} if len(config.api_key) >= 4 else set())
+        # and as JSON quotes them back (an error object the worker re-encodes, an engine's own JSON): " and \ escaped
+        self.secrets = sorted(secrets | {msgspec.json.encode(secret).decode()[1:-1] for secret in secrets}, key=len, reverse=True)
         self.tools = config.tools
         self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
@@ -498,7 +500,7 @@ class Engine:
         return text
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
-        message = _error_message(raw)
+        message = self.scrub(_error_message(raw))  # (before it is bracketed: a key cut short at its end is found)
         if status in (401, 403):  # without the engine's words: some echo the key they were given
             return EngineError(502, f"{CREDENTIALS_REFUSED} (HTTP {status})", retryable=True,
                                cause=Cause.CREDENTIALS)
