@@ -266,7 +266,10 @@ def engine_url_problem(url: str) -> str | None:
     engine's root, and every call would go to ``/v1/v1/...`` (or ``/v1/api/...``) and find nothing."""
     if problem := url_problem(url, ("http", "https")):
         return problem
-    if urlsplit(url).path.rstrip("/").lower().endswith("/v1"):
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:  # (never sent as one: it went into every path; and a key there was logged)
+        return f"an engine's URL has no query or fragment (a key goes in [engine] api_key or headers), got {shown(url)!r}"
+    if parts.path.rstrip("/").lower().endswith("/v1"):
         return "give the engine's root URL: drop the final /v1 (the worker adds /v1/... or /api/... itself)"
     return None
 
@@ -550,12 +553,14 @@ def _build(cls: type, table: Mapping[str, Any], prefix: str, errors: list[str]) 
             if isinstance(raw, dict):
                 values[name] = _build(typing.cast(type, hint), raw, path + ".", errors)
             else:
-                errors.append(f"{path}: expected a table, got {raw!r}")
+                # its type, not its value: a table's keys may be secrets ([[engine]] for [engine] showed the key)
+                twice = f" (write [{path}], not [[{path}]])" if isinstance(raw, list) else ""
+                errors.append(f"{path}: expected a table, got {type(raw).__name__}{twice}")
             continue
         item = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
         if dataclasses.is_dataclass(item):  # an array of tables, such as [[hubs]]
             if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
-                errors.append(f"{path}: expected an array of tables ([[{name}]]), got {raw!r}")
+                errors.append(f"{path}: expected an array of tables ([[{name}]]), got {type(raw).__name__}")
                 continue
             before = len(errors)
             entries = tuple(_build(typing.cast(type, item), entry, f"{path}[{index}].", errors)

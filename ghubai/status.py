@@ -13,7 +13,7 @@ import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
-from ghubai.config import ca_file_problem
+from ghubai.config import ca_file_problem, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
@@ -112,7 +112,8 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
             try:
                 data = await fetch(url, tls)
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, trio.TooSlowError) as error:
-                print(f"ghubai status: cannot read {url}: {describe(error)}", file=sys.stderr)  # (a TLS refusal's why)
+                said = scrubbed(describe(error), url)  # (a TLS refusal's why; httpx quotes the URL, password and all)
+                print(f"ghubai status: cannot read {redacted(url)}: {said}", file=sys.stderr)
                 if watch_s is None:
                     return 1
             else:

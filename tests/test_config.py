@@ -94,8 +94,21 @@ def test_an_engine_url_with_v1_says_to_give_its_root() -> None:
         with pytest.raises(ConfigError, match=r"engine.url: give the engine's root URL: drop the final /v1 \("):
             parse("worker", f'[engine]\nkind = "openai"\nurl = "{url}"')
     assert parse("worker", '[engine]\nurl = "https://gw.example/ollama/"').engine.url  # (a gateway's path)
+    with pytest.raises(ConfigError, match="no query or fragment") as caught:  # (hunt: it went into every path, and
+        parse("worker", '[engine]\nurl = "http://gpu:11434/?key=QUERYKEY-7777"')  # the logs showed the key)
+    assert "QUERYKEY" not in str(caught.value)
     result = run_ghubai("up", "--backend", "openai", "--engine-url", "http://127.0.0.1:9/v1")
     assert result.returncode == 2 and "--engine-url: give the engine's root URL: drop the final /v1" in result.stderr
+
+
+def test_a_table_written_as_something_else_is_named_by_its_type_never_its_values() -> None:
+    """Regression (hunt): ``[[engine]]`` for ``[engine]`` printed the whole table, its api_key with it."""
+    with pytest.raises(ConfigError) as caught:
+        parse("worker", '[[engine]]\nurl = "http://127.0.0.1:11434"\napi_key = "sk-live-ENGINEKEY-1234"\n')
+    assert "engine: expected a table, got list (write [engine], not [[engine]])" in str(caught.value)
+    assert "sk-live" not in str(caught.value)
+    with pytest.raises(ConfigError, match=r"engine: expected a table, got str$"):
+        parse("worker", 'engine = "sk-live-ENGINEKEY-1234"\n')
 
 
 def test_a_password_in_a_url_is_refused_and_never_echoed() -> None:

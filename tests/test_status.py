@@ -74,6 +74,9 @@ async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
 
     code, _, err = await status("--hub", hubs[1].value)
     assert code == 1 and err.startswith(f"ghubai status: cannot read {hubs[1].value}")
+    gone = hubs[1].value.replace("://", "://admin:STATUSPW-2222@")  # (hunt: the password was printed, twice)
+    code, _, err = await status("--hub", gone)
+    assert code == 1 and "admin:***@" in err and "STATUSPW" not in err, err
 
 
 @pytest.mark.parametrize("changes, health", [
