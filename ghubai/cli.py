@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ghubai import __version__
-from ghubai.config import ConfigError, engine_url_problem, load, split_hostport, with_listen
+from ghubai.config import ConfigError, engine_key_problem, engine_url_problem, load, split_hostport, with_listen
 from ghubai.launch import ignore_hangups, interrupted
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
@@ -187,6 +187,8 @@ def _up(args: argparse.Namespace) -> int:
     if args.engine_api_key_env:
         if not (key := os.environ.get(args.engine_api_key_env, "")):
             raise ConfigError([f"--engine-api-key-env: the variable {args.engine_api_key_env} is not set"])
+        if problem := engine_key_problem(key):  # (as the worker checks it; a key read from a file keeps its line end)
+            raise ConfigError([f"--engine-api-key-env: {args.engine_api_key_env} {problem}"])
     return _stopping_on(lambda service: up(port=args.port, backend=args.backend, engine_url=args.engine_url,
                                            engine_api_key=key), reloads=False)
 

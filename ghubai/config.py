@@ -240,7 +240,7 @@ def _readable(path: str) -> str | None:
     return f"cannot read {path!r}" + ("" if os.path.exists(path) else " (no such file)")
 
 
-def _api_key(key: str) -> str | None:
+def engine_key_problem(key: str) -> str | None:
     if re.fullmatch(r"[\x21-\x7e]*", key):
         return None
     return "must be visible ASCII without spaces or line breaks (a key read from a file keeps its line end)"
@@ -405,7 +405,7 @@ class EngineConfig:
                                     "(TCP, TLS and the WebSocket handshake)", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of a streamed answer "
                                  "(before it begins, and a whole answer: the hub's first_token_s)", default=300.0)
-    api_key: str = _key(_api_key, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
+    api_key: str = _key(engine_key_problem, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
                         "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
     headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "
                                    '{ "OpenAI-Organization" = "org-1" }', secret=True, default_factory=dict)

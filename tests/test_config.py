@@ -182,6 +182,15 @@ def test_up_checks_ollama_local_url_as_the_worker_does_and_never_echoes_a_passwo
     assert "OLLAMA_LOCAL_URL" not in unused.stderr  # (review) a variable up does not use is not judged
 
 
+def test_up_checks_the_engine_key_it_reads_as_the_worker_does() -> None:
+    """Regression (hunt): a key read with its line end gave "the engine does not answer
+    (LocalProtocolError)", with nothing said of the key."""
+    result = run_ghubai("up", "--backend", "openai", "--engine-url", "http://127.0.0.1:9", "--engine-api-key-env",
+                        "GHUBAI_TEST_KEY", env={"GHUBAI_TEST_KEY": "sk-secret-1\n"})
+    assert result.returncode == 2 and "GHUBAI_TEST_KEY must be visible ASCII" in result.stderr, result.stderr
+    assert "sk-secret" not in result.stderr
+
+
 def test_the_shipped_configs_are_what_init_writes_and_valid() -> None:
     root = Path(__file__).parent.parent / "config"
     for role in ("registry", "hub", "worker", "proxy"):
