@@ -145,8 +145,8 @@ async def test_every_request_is_counted_and_logged_with_the_status_its_client_go
     await eventually(all_finished, "a log line for each of the 4 requests")
     samples = await scrape(grid, hub.value)
     # the 502's model is its label though its worker died since (a hunt: a rolling restart's last answers
-    # counted as "other"); the 429's is "other": no worker serves "sim" now, and none served that request
-    for code, model in (("502", "sim"), ("401", ""), ("400", ""), ("429", "other")):
+    # counted as "other"), and so is the 429's: the hub waits for a worker of "sim" to link again (a hunt)
+    for code, model in (("502", "sim"), ("401", ""), ("400", ""), ("429", "sim")):
         assert value(samples, "ghubai_requests_total", role="hub", model=model, code=code) == 1, code
     assert value(samples, "ghubai_requests_total", role="hub", model="sim", code="200") == 0
     assert [line.split()[2] for line in logged()] == ["502", "401", "400", "429"]
@@ -272,3 +272,40 @@ async def test_a_whole_answer_that_fails_after_its_first_chunk_counts_no_first_t
     assert [count for key, count in samples.items()
             if key.startswith("ghubai_requests_total") and "'502'" in key] == [1]
     assert value(samples, "ghubai_time_to_first_token_seconds_count", role="hub") == 0
+
+
+async def test_a_stream_its_client_stopped_counts_the_tokens_it_was_sent(grid: Grid) -> None:
+    """Regression (hunt): a chat whose user pressed stop counted no tokens (the engine's count comes
+    in the answer's end, which never came), in ghubai_tokens_total and the dashboard's tokens/s, while
+    its key was charged the estimate; both now count that estimate."""
+    sim_url, _ = await grid.sim(tokens=400, itl_ms=5, ttft_ms=0)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="w1")
+    received = 0
+    async with grid.http.stream("POST", hub.value + "/v1/chat/completions", json=chat(stream=True)) as response:
+        async for line in response.aiter_lines():
+            received += line.startswith('data: {"id"')
+            if received == 40:
+                break
+
+    async def counted() -> bool:
+        samples = await scrape(grid, hub.value)
+        return value(samples, "ghubai_requests_total", role="hub", model="sim", code="200") == 1 and \
+            value(samples, "ghubai_tokens_total", model="sim", type="completion") >= 40
+
+    await eventually(counted, "the tokens of the stopped stream counted")
+
+
+async def test_requests_that_wait_for_a_returning_worker_are_counted_under_their_model(grid: Grid) -> None:
+    """Regression (hunt): the 503s of requests that waited for a worker that had crashed or was
+    restarting were counted as model "other": the hub queued them for the model it serves, but its
+    metrics asked only the workers linked at the end."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(limits={"queue_timeout_s": 0.5})
+    worker = await grid.worker(hub.value, sim_url, name="w1")
+    worker.stop()
+    await workers_linked(grid, hub.value, 0)
+    answer = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+    assert answer.status_code == 503, answer.text
+    samples = await scrape(grid, hub.value)
+    assert value(samples, "ghubai_requests_total", role="hub", model="sim", code="503") == 1

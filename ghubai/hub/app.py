@@ -221,7 +221,7 @@ class HubApi:
         self._workers: tuple[float, int, list[dict[str, Any]]] = (-math.inf, -1, [])  # when, from what, what
         self._registry = b""  # /api/registry's body, from those
         self._dashboard: tuple[tuple[Any, ...], bytes] = ((), b"")  # /dashboard/data's body, and from what
-        self.metrics = Metrics("hub", pool.serves)
+        self.metrics = Metrics("hub", pool.awaits)  # (a model whose worker restarts is still its own label)
         self.metrics.watch(lambda: pool_figures(pool))
         self.app = app = QuartTrio("ghubai.hub")
         # a path with "//" is an unknown endpoint, as at the proxy: werkzeug would redirect it with a
@@ -321,10 +321,13 @@ class HubApi:
         if exchange := record.exchange:
             exchange.close()
             self.inflight.discard(exchange)
-            self.rate_limits.spend(record.key, exchange.spent())
+            spent = exchange.spent()
+            self.rate_limits.spend(record.key, spent)
+            if exchange.usage is None and spent and exchange.served_by is not None:  # cut short (a user's stop):
+                self.pool.count_usage(exchange.served_by, exchange.model, spent)  # its estimate, as its key is charged
             self.metrics.inflight.labels("hub").dec()
             first = record.first_token_s
-            self.history.request(first, (exchange.usage or {}).get("completion_tokens", 0),
+            self.history.request(first, (spent or {}).get("completion_tokens", 0),
                                  took - (first or 0.0) if exchange.stream else took)  # when the tokens were made
         self.metrics.observe(record.model, status, took, served=bool(record.exchange and record.exchange.served_by))
         log.info("%s %d in %.3f s, model %s%s", record.what, status, took, record.model or "-",
@@ -428,7 +431,8 @@ class HubApi:
             if error.status == 503 or error.code == "queue_full":  # the grid could not take it
                 self.rate_limits.refund(record.key)
             raise
-        served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", exchange.served_by.encode())]
+        worker = exchange.served_by.name if exchange.served_by else ""  # (an answer came: it was sent to one)
+        served_by = [(b"x-ghubai-hub", self.hub_id.encode()), (b"x-ghubai-worker", worker.encode())]
         if not stream:  # no time to a first token: its first byte is the whole answer's, once it is whole
             whole = await answers.whole(exchange, first)
             await _respond(send, 200, whole, [*answers.JSON_HEADERS, *served_by])

@@ -96,7 +96,7 @@ class Exchange:
         self.model = str(body["model"])
         self.deadline = trio.current_time() + config.timeouts.total_s
         self.worker: RemoteWorker | None = None
-        self.served_by = ""  # the name of the worker it was sent to last (kept after it ended)
+        self.served_by: RemoteWorker | None = None  # the worker it was sent to last (kept after it ended)
         self.request_id = ""
         self.usage: dict[str, int] | None = None
         self.state = State.QUEUED
@@ -183,7 +183,7 @@ class Exchange:
         if len(frame) > protocol.MAX_FRAME_BYTES // 4 and len(frame.encode()) > protocol.MAX_FRAME_BYTES:
             raise ApiError(413, f"The request is larger than a worker takes ({protocol.MAX_FRAME_BYTES} bytes "
                            "as the hub sends it)")
-        self.worker, self.served_by, self.state = worker, worker.name, State.WAITING
+        self.worker, self.served_by, self.state = worker, worker, State.WAITING
         self.request_id, self.ended = request_id, False
         send, self._frames = trio.open_memory_channel[Answer](math.inf)
         worker.pending[self.request_id] = send
