@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
@@ -172,7 +171,8 @@ async def test_a_stream_that_fails_mid_way_is_a_failure_at_hub_and_proxy_alike(
         grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regressions (hunt): a stream that ended with the hub's error event after its 200 head was
     counted 502 at the hub and 200 at the proxy (and its trace said 200); the proxy's dashboard
-    took error answers for fast first tokens."""
+    took error answers for fast first tokens; and the proxy, unlike the hub, counted no first token for
+    the streams, whose first tokens had reached their clients."""
     sim_url, _ = await grid.sim(tokens=10, fail_after_tokens=3)
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url)
@@ -192,16 +192,8 @@ async def test_a_stream_that_fails_mid_way_is_a_failure_at_hub_and_proxy_alike(
         samples = await scrape(grid, url)
         assert value(samples, "ghubai_requests_total", role=role, model="sim", code="200") == 0, role
         assert value(samples, "ghubai_requests_total", role=role, model="sim", code="502") == 2, role
+        assert value(samples, "ghubai_time_to_first_token_seconds_count", role=role) == 2, role  # (not the 400)
     assert sum(1 for record in caplog.records if "the hub's answer ended with its error event" in record.getMessage()) == 2
-    chart: list[dict[str, Any]] = []
-
-    async def charted() -> bool:  # (a step is drawn once it is over: 2 s at most)
-        nonlocal chart
-        chart = (await grid.http.get(proxy.value + "/dashboard/data")).json()["history"]
-        return sum(step["requests_per_s"] for step in chart) > 0
-
-    await eventually(charted, "the step of those requests drawn")
-    assert all(step["ttft_ms"] is None for step in chart), chart
 
 
 async def test_a_request_the_hub_refuses_before_reading_it_is_logged_and_counted(

@@ -57,7 +57,7 @@ class Outcome:
     status: int = 0
     hub: str = ""
     answered_at: float | None = None  # trio time the hub's answer began
-    streamed: bool = False  # the answer is a stream: when it began is its time to first token
+    streamed: bool = False  # a stream began: when, is its time to first token (a stream cut later too)
     model: str | None = None  # as the body names it, read once for routing and kept for the metrics
     reason: str = ""  # why the proxy failed it, for the log line (a hub's own answer says why in the hub's)
 
@@ -316,7 +316,7 @@ class Forwarder:
                    and not cors.foreign(k, v)]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
-        outcome.streamed = boundary is not None
+        outcome.streamed = boundary is not None and response.status_code < 300  # (its status may turn 502 later)
         pending: list[h11.Event] = [h11.Response(status_code=response.status_code, reason=response.reason,
                                                  headers=[*headers, (b"x-request-id", request_id.encode()),
                                                           *conn.cors])]

@@ -119,8 +119,8 @@ class Proxy:
                 self.metrics.observe(model, outcome.status, took)
                 # a stream's first byte is its first token; an error's head brings none, and a whole
                 # answer's first byte is its end: in neither the histogram nor the dashboard's chart
-                first = outcome.answered_at - started if outcome.answered_at is not None and outcome.streamed and \
-                    outcome.status < 300 else None
+                first = outcome.answered_at - started if outcome.answered_at is not None and outcome.streamed \
+                    else None
                 if first is not None:
                     self._first_token.observe(first)
                 self.history.request(first, generating_s=0.0 if first is None else took - first)
