@@ -939,6 +939,24 @@ async def test_weight_gives_a_worker_its_share_of_the_load(autojump_clock: trio.
     assert picks.count("fast") == 3 and picks.count("slow") == 1
 
 
+@pytest.mark.parametrize("policy", ["least-loaded", "llm-aware"])
+@pytest.mark.parametrize("api", ["openai.chat", "openai.embeddings"])
+async def test_a_lone_client_s_requests_go_to_the_heavier_worker(policy: str, api: str,
+                                                                  autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): idle workers tied at load 0 whatever their weights, and the tie went to the
+    first by name: one client's requests one after another all went to the weight-1 worker, none to
+    the weight-4 one. A request goes where the load after it is least (weighted least connections)."""
+    for names in (("a", "b"), ("b", "a")):  # (whichever sorts first)
+        light, heavy = make_worker(names[0], max_concurrency=4), make_worker(names[1], max_concurrency=4, weight=4.0)
+        pool = make_pool(light, heavy, policy=policy)
+        for _ in range(10):
+            worker = await pool.acquire("m", api, set(), soon())
+            assert worker is heavy
+            finish(pool, worker)
+        placed = [await pool.acquire("m", api, set(), soon()) for _ in range(5)]  # at once: 4 to 1 at most
+        assert placed.count(heavy) >= 4 and placed.count(light) == 1
+
+
 async def test_a_load_goes_where_it_evicts_the_least_asked_model(autojump_clock: trio.testing.MockClock) -> None:
     """No worker holds ``new``: it is loaded where what may be evicted is held elsewhere too, or
     asked least — not on the only holder of the popular model."""

@@ -105,6 +105,12 @@ class RemoteWorker:
         busy = self.inflight if self.inflight > self.reported else self.reported  # self.busy, inlined: hot
         return busy / (self.max_concurrency * self.weight)
 
+    @property
+    def pick_order(self) -> tuple[float, float]:
+        """Least ``load`` first, and among equal loads the largest ``share``: idle workers tied at 0
+        whatever their weights, and a lone client's requests all went to the first by name."""
+        return self.load, -self.share
+
     def send(self, frame: protocol.Frame | str) -> None:
         """A frame, or one already encoded."""
         try:
@@ -444,7 +450,7 @@ class Pool:
         if not free:
             return None
         if self.scheduler.policy == "least-loaded" or api in LOADS_NOTHING:
-            best = min(free, key=lambda worker: worker.load)
+            best = min(free, key=lambda worker: worker.pick_order)
         elif (chosen := self._llm_aware(model, [worker for worker in able if worker.id not in exclude] if exclude
                                         else able, free, conversation, cold_ok)) is not None:
             best = chosen
@@ -520,7 +526,7 @@ class Pool:
             spare = self._spare(free, least - margin) if least > margin else None
             if spare is None:
                 return self._for_conversation(warm, loads, least, conversation) if conversation is not None else \
-                    warm[loads.index(least)]
+                    min(warm, key=lambda worker: worker.pick_order)
             best, evicted = spare, None
         else:
             if not cold_ok and not self._worth_loading(model, able):
