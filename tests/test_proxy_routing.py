@@ -285,6 +285,23 @@ def test_routing_by_model_as_the_hubs_come_and_go() -> None:
     assert [hub.name for hub in hubs.candidates("llama3:latest", set())] == ["b"]
 
 
+def test_round_robin_takes_turns_per_model() -> None:
+    """Regression (hunt): one turn for every model, so a client that alternated two models (a RAG
+    pipeline's embedding and chat) sent all of each model's requests to one hub."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1"), ("b", "http://127.0.0.1:2")])
+    for hub in hubs.hubs.values():
+        hubs.set_health(hub, True, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": ["e1", "e2"],
+                                          "loaded": []})
+    picks: dict[str, Counter[str]] = {"e1": Counter(), "e2": Counter()}
+    for _ in range(10):
+        for model in ("e1", "e2"):
+            hub = hubs.pick(model, set())
+            assert hub is not None
+            picks[model][hub.name] += 1
+    assert picks == {"e1": Counter(a=5, b=5), "e2": Counter(a=5, b=5)}
+
+
 def test_a_hub_that_moves_keeps_its_models_until_it_is_checked_at_its_new_address() -> None:
     """Regression (hunt): a registry entry whose address changed under the same name (the hub moved
     machines, or its address was spelled anew) became a hub that served nothing until checked, so its

@@ -63,7 +63,7 @@ class HubSet:
         self.hubs: dict[str, Hub] = {}
         self.connect_timeout_s = connect_timeout_s
         self.ssl_context = ssl_context
-        self._turn = itertools.count()
+        self._turns: dict[str | None, itertools.count[int]] = {}  # round robin, by model (None: any other)
         self.check_now = trio.Event()
         self.listed = trio.Event()  # the registry answered once, or failed to (``follow_registry``)
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
@@ -125,7 +125,9 @@ class HubSet:
             bound = min(hub.load for hub in candidates) + AFFINITY_MARGIN
             return max((hub for hub in candidates if hub.load <= bound),
                        key=lambda hub: affinity.score(conversation, hub.seed))
-        return candidates[next(self._turn) % len(candidates)]
+        # one turn per model: with one for all, a client that alternates two models sent each to one hub
+        turn = self._turns.setdefault(model if model and self.serves(model) else None, itertools.count())
+        return candidates[next(turn) % len(candidates)]
 
     def _models_known(self) -> tuple[frozenset[str], frozenset[str]]:
         """The models of every known hub and of the healthy ones, as their last checks listed them
