@@ -988,6 +988,27 @@ async def test_a_request_waits_for_a_warm_slot_then_after_warm_wait_s_loads_else
     assert trio.current_time() - started == pytest.approx(1.0)
 
 
+async def test_a_busy_model_s_queue_does_not_evict_another_model_s_only_copy(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Regression (hunt): a queue longer than its model's warm slots loaded that model on the engine
+    that held another's only copy, though that one was still asked for; its next request then had
+    to load it back, evicting a copy of the first, and so on: 12 clients of one model and one of
+    another on two engines made 20 loads in 5 s (2 now) and answered the second 9 times (46 now).
+    The queue waits for a warm slot, or ``warm_wait_s``."""
+    a_home = make_worker("a-home", models=("a", "b"), max_concurrency=4, loaded=("a",))
+    b_home = make_worker("b-home", models=("a", "b"), max_concurrency=4, loaded=("b",))
+    pool = make_pool(a_home, b_home)
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))  # b is asked for
+    assert [await pool.acquire("a", "openai.chat", set(), soon()) for _ in range(4)] == [a_home] * 4
+    async with trio.open_nursery() as nursery:
+        queued = [await queue_attempt(nursery, pool, f"a{index}", model="a") for index in range(6)]
+        assert all(attempt.waiting for attempt in queued) and b_home.loaded == {"b"}
+        finish(pool, a_home)
+        await trio.testing.wait_all_tasks_blocked()
+        assert queued[0].worker is a_home and trio.current_time() == 0.0
+        nursery.cancel_scope.cancel()
+
+
 async def test_busy_warm_workers_spread_to_an_idle_empty_one(autojump_clock: trio.testing.MockClock) -> None:
     """One model, one worker holding it: once it is more than ``affinity_margin`` busier than a
     worker that would lose nothing by loading the model, requests go there (it then holds it too)."""

@@ -531,7 +531,13 @@ class Pool:
         else:
             if not cold_ok and not self._worth_loading(model, able):
                 return None  # a slot where the model is in memory frees sooner than a load ends
-            best, _, evicted = self._coldest(free)
+            best, lost, evicted = self._coldest(free)
+            # a queue that outgrew its model's warm slots makes another copy only where that costs no
+            # other model its last one still asked for: that model's next request would load it back,
+            # evicting a copy of this one, and round again (12 clients of one model and one of another
+            # on two engines: 20 loads in 5 s, 2 without)
+            if lost and not cold_ok and any(worker.warm(model) for worker in able):
+                return None
         if best.loaded is not None:  # it holds the model from now on (the requests for it that follow
             # wait for this load instead of starting others), and not the one it evicts: when the
             # engine is known to be full, or when another holds that model too (a wrong guess then
