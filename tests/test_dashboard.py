@@ -147,3 +147,25 @@ async def test_a_hub_s_odd_worker_entries_cost_neither_the_proxy_s_data_nor_its_
         await page.until("document.querySelectorAll('#workers tr[data-worker]').length", 2, "both workers shown")
         shown = await page.evaluate("document.getElementById('workers').innerText")
     assert '{"toString":1}' in shown and "fine" in shown
+
+
+async def test_a_first_look_at_the_proxy_s_data_shows_the_workers_as_they_are(grid: Any) -> None:
+    """Regression (hunt): a proxy read its hubs' workers in detail every fifth check, and more often
+    only once someone looked: the first look (``ghubai status`` from cron) showed a worker idle that
+    had been busy for seconds, beside a queue of its requests. A look after none lately waits (a
+    check's time at most) for a round that reads them."""
+    sim_url, _ = await grid.sim(tokens=200, itl_ms=20, ttft_ms=0)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="w1")
+    proxy = await grid.proxy(hubs=(hub.value,), health={"interval_s": 60.0})
+    await grid.wait_for_model(proxy.value, "sim")
+    async with grid.http.stream("POST", hub.value + "/v1/chat/completions", json=chat(stream=True)) as response:
+        lines = response.aiter_lines()  # (kept: a loop left with break closes the answer, and the request ends)
+        assert (await lines.__anext__()).startswith("data: ")  # the answer has begun: the worker is busy with it
+
+        async def busy_at_the_hub() -> bool:  # (the hub builds its list at most once a second)
+            return [worker["inflight"] for worker in await grid.workers(hub.value)] == [1]
+
+        await eventually(busy_at_the_hub, "the hub to list its worker busy")
+        data = (await grid.http.get(proxy.value + "/dashboard/data")).json()
+    assert [worker["inflight"] for worker in data["hubs"][0]["workers"]] == [1], data["hubs"]

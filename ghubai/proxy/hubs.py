@@ -38,6 +38,7 @@ class Hub:
     loaded: frozenset[str] = frozenset()  # the models some worker's engine holds in memory
     reason: str = "not checked yet"
     workers: list[dict[str, Any]] | None = None  # as a health check last listed them in detail; None: not yet
+    listed_at: float = -math.inf  # trio time of that list
     queue: dict[str, int] = field(default_factory=dict)  # requests waiting there, by model
     heartbeat_s: float = 0.0
     seed: int = 0  # its number for rendezvous hashing (``ghubai.affinity``)
@@ -68,6 +69,7 @@ class HubSet:
         self.listed = trio.Event()  # the registry answered once, or failed to (``follow_registry``)
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
+        self._checked = trio.Event()  # set at each health check's result (``fresh_details``)
         self.version = 0  # counts the changes of what the dashboard shows (a health check's result, the list)
         self.health_version = 0  # counts what /health must show at once: the list, a hub up or down
         self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
@@ -196,7 +198,7 @@ class HubSet:
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]
             hub.models, hub.loaded = frozenset(state["models"]), frozenset(state["loaded"])
             if workers is not None:
-                hub.workers = workers
+                hub.workers, hub.listed_at = workers, trio.current_time()
         elif not up:
             hub.workers, hub.queue = None, {}  # unreachable: what it had is unknown now
         if up != hub.up:
@@ -212,6 +214,18 @@ class HubSet:
             self._served = None
         if not up:
             hub.pool.close_idle()
+        self._checked.set()
+        self._checked = trio.Event()
+
+    async def fresh_details(self, within_s: float) -> None:
+        """Ask for a round of checks that lists every hub's workers, and wait for it, ``within_s`` at
+        most: when no one looked lately, the lists are a few rounds old (every fifth check reads them)."""
+        asked = trio.current_time()
+        self.details_wanted_until = max(self.details_wanted_until, asked)  # (the round reads them)
+        self.check_now.set()
+        with trio.move_on_after(within_s):
+            while any(hub.up and hub.listed_at < asked for hub in self.hubs.values()):
+                await self._checked.wait()
 
     # -- connections -----------------------------------------------------------------------------
 

@@ -191,8 +191,12 @@ class Proxy:
         await conn.respond(200, dashboard.PAGE, dashboard.PAGE_TYPE)
 
     async def dashboard_data(self, conn: Connection, request: Request) -> None:
-        """Built at most once a second (the page polls that often), and when the hubs change."""
+        """Built at most once a second (the page polls that often), and when the hubs change. A first
+        look after none lately (``ghubai status``) waits for the workers' detail to be read anew."""
+        looked_lately = trio.current_time() < self.hubs.details_wanted_until
         self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S  # workers live while watched
+        if not looked_lately:
+            await self.hubs.fresh_details(2 * self.config.health.timeout_s)
         key = (self.hubs.version, int(trio.current_time()))
         if self._dashboard[0] != key:
             hubs = [hub.describe() for hub in self.hubs.hubs.values()]
