@@ -652,3 +652,15 @@ async def test_a_hub_that_kept_a_request_its_full_queue_time_is_not_asked_again(
     refused = [line for line in metrics.splitlines()
                if line.startswith("ghubai_requests_total{") and 'code="503"' in line]
     assert len(refused) == 1 and refused[0].endswith(" 6.0"), refused  # each asked once
+
+
+async def test_a_model_a_hub_served_moments_ago_keeps_its_metrics_label() -> None:
+    """Regression (hunt): requests for a model whose only worker had crashed, which its hub queued
+    for the worker's return, were counted by the proxy as model "other" (no hub listed it then)."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1")])
+    [hub] = hubs.hubs.values()
+    for models in (["sim"], []):
+        hubs.set_health(hub, True, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": models,
+                                          "loaded": []})
+    assert not hubs.serves("sim") and hubs.labels("sim") and not hubs.labels("made-up")

@@ -24,6 +24,7 @@ MAX_IDLE_PER_HUB = 64
 AFFINITY_MARGIN = SchedulerConfig().affinity_margin  # the hub's default, over a hub's slots
 # Reuse an idle connection only while the hub surely still keeps it (hypercorn closes after 5 s).
 IDLE_REUSE_S = 4.0
+LABEL_MEMORY_S = 60.0  # a model a hub stopped listing keeps its metrics label this long (a worker restarts)
 RECHECK_GAP_S = 1.0  # the least time between two rounds of checks a request asked for
 
 
@@ -70,6 +71,7 @@ class HubSet:
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
         self._checked = trio.Event()  # set at each health check's result (``fresh_details``)
+        self._unlisted: dict[str, float] = {}  # models a hub stopped listing, and when (``labels``)
         self.version = 0  # counts the changes of what the dashboard shows (a health check's result, the list)
         self.health_version = 0  # counts what /health must show at once: the list, a hub up or down
         self._served: tuple[frozenset[str], frozenset[str]] | None = None  # (``_models_known``)
@@ -143,6 +145,11 @@ class HubSet:
         """Some known hub's last health check listed ``model``, up or down."""
         return model in self._models_known()[0]
 
+    def labels(self, model: str) -> bool:
+        """``model`` names a metrics series: a hub serves it, or did within ``LABEL_MEMORY_S`` (its
+        worker restarts, and the hub holds its requests for it meanwhile)."""
+        return self.serves(model) or trio.current_time() < self._unlisted.get(model, -math.inf) + LABEL_MEMORY_S
+
     def named(self, model: str) -> str:
         """The name the grid serves ``model`` under (``dialects.tagged``): as the healthy hubs serve
         it, else as any known hub did (a down hub's old list must not rename what a healthy one serves);
@@ -193,6 +200,10 @@ class HubSet:
         check read one; ``workers``: its ``/api/registry`` list, when the check read that too."""
         self.version += 1
         before = (hub.up, hub.models)
+        if state is not None and (dropped := hub.models - set(state["models"])):  # (``labels``)
+            now = trio.current_time()
+            self._unlisted = {model: at for model, at in self._unlisted.items() if now < at + LABEL_MEMORY_S}
+            self._unlisted.update(dict.fromkeys(dropped, now))
         if state is not None:  # as follow._state_of made it
             hub.failed_checks = 0
             hub.queue, hub.heartbeat_s, hub.capacity = state["queue"], state["heartbeat_s"], state["capacity"]

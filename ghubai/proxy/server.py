@@ -65,7 +65,7 @@ class Proxy:
         self.hubs = HubSet(config.connect_timeout_s, tls_client_context(config.ca_file, config.allow_invalid_certs))
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
-        self.metrics = Metrics("proxy", self.hubs.serves)
+        self.metrics = Metrics("proxy", self.hubs.labels)
         self._first_token = self.metrics.first_token.labels("proxy")
         self._told_at: dict[tuple[str, bytes], tuple[float, dict[str, protocol.ModelFacts]]] = {}  # (``_told``)
         self.inflight = 0
