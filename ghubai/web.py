@@ -205,15 +205,12 @@ class GhubConfig(Config):
 
 
 async def _bounded_protocol_send(self: TCPServer, event: Event) -> None:
-    if isinstance(event, Updated):
-        # shielded: the keep-alive countdown is started by the request's own task as its answer ends,
-        # and quart-trio cancels that task's scope then; the countdown, begun under it, died at once
-        # (an idle connection stayed open for good, and a stopping server waited out its grace)
-        with trio.CancelScope(shield=True):
-            await _hypercorn_protocol_send(self, event)
-        return
     if not isinstance(event, RawData) or not isinstance(self.config, GhubConfig):
-        await _hypercorn_protocol_send(self, event)
+        # an Updated shielded: the keep-alive countdown is started by the request's own task as its
+        # answer ends, and quart-trio cancels that task's scope then; the countdown, begun under it,
+        # died at once (an idle connection stayed open for good, and a stopping server waited out its grace)
+        with trio.CancelScope(shield=isinstance(event, Updated)):
+            await _hypercorn_protocol_send(self, event)
         return
     # shielded as hypercorn's: a request's cancel must not cut a write, nor the rest of one the
     # socket took in part; but its own deadline (a stalled client) or a stopping server may
