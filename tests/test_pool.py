@@ -955,6 +955,10 @@ async def test_a_lone_client_s_requests_go_to_the_heavier_worker(policy: str, ap
             finish(pool, worker)
         placed = [await pool.acquire("m", api, set(), soon()) for _ in range(5)]  # at once: 4 to 1 at most
         assert placed.count(heavy) >= 4 and placed.count(light) == 1
+        # (review) engines that hold nothing yet: the first load goes to the heavier one too
+        light, heavy = make_worker(names[0], loaded=()), make_worker(names[1], loaded=(), weight=4.0)
+        pool = make_pool(light, heavy, policy=policy)
+        assert await pool.acquire("m", api, set(), soon()) is heavy
 
 
 async def test_a_load_goes_where_it_evicts_the_least_asked_model(autojump_clock: trio.testing.MockClock) -> None:
@@ -1006,6 +1010,50 @@ async def test_a_busy_model_s_queue_does_not_evict_another_model_s_only_copy(
         finish(pool, a_home)
         await trio.testing.wait_all_tasks_blocked()
         assert queued[0].worker is a_home and trio.current_time() == 0.0
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_load_held_back_is_not_tried_by_every_waiter_in_line(autojump_clock: trio.testing.MockClock) -> None:
+    """Review: a waiter that would not load its model on the free worker passed the wake-up down
+    the line, and every waiter behind it was refused alike: a release walked the whole queue (4,000
+    picks for 4 dispatches with 1,000 waiting)."""
+    a_home = make_worker("a-home", models=("a", "b"), max_concurrency=4, loaded=("a",))
+    b_home = make_worker("b-home", models=("a", "b"), max_concurrency=4, loaded=("b",))
+    pool = make_pool(a_home, b_home, queue_size=1000)
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))
+    for _ in range(4):
+        await pool.acquire("a", "openai.chat", set(), soon())
+    picks = 0
+    pick = pool._pick
+
+    def counted(*args: Any, **kwargs: Any) -> RemoteWorker | None:
+        nonlocal picks
+        picks += 1
+        return pick(*args, **kwargs)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(100):
+            await queue_attempt(nursery, pool, f"a{index}", model="a")
+        pool._pick = counted  # type: ignore[method-assign]
+        finish(pool, a_home)
+        await trio.testing.wait_all_tasks_blocked()
+        assert picks <= 3, picks
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_model_asked_for_long_ago_is_no_last_copy_to_keep(autojump_clock: trio.testing.MockClock) -> None:
+    """Review: "still asked for" was any demand above zero, and a decayed demand stays above zero
+    for hours: a model last asked for an hour ago held its engine against a busy model's overflow."""
+    a_home = make_worker("a-home", models=("a", "b"), max_concurrency=4, loaded=("a",))
+    b_home = make_worker("b-home", models=("a", "b"), max_concurrency=4, loaded=("b",))
+    pool = make_pool(a_home, b_home)
+    finish(pool, await pool.acquire("b", "openai.chat", set(), soon()))
+    await trio.sleep(3600)
+    for _ in range(4):
+        await pool.acquire("a", "openai.chat", set(), soon())
+    async with trio.open_nursery() as nursery:
+        queued = [await queue_attempt(nursery, pool, f"a{index}", model="a") for index in range(6)]
+        assert any(attempt.worker is b_home for attempt in queued) and trio.current_time() == 3600.0
         nursery.cancel_scope.cancel()
 
 

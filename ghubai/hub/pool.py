@@ -30,6 +30,7 @@ from ghubai.errors import ApiError, model_not_found
 log = logging.getLogger("ghubai.hub")
 
 DEMAND_WINDOW_S = 60.0  # how fast the memory of a model's requests fades (an exponential decay)
+STILL_ASKED = 0.1  # a demand at least this: a request within the last 2.3 min (a decayed one stays above 0 for hours)
 
 
 Answer = protocol.Chunk | protocol.End | protocol.Error  # what a worker says about one request
@@ -218,6 +219,7 @@ class Pool:
         self.workers: dict[tuple[bytes, str], RemoteWorker] = {}  # by (provider token digest, worker id)
         self._queues: dict[str, deque[_Waiter]] = {}
         self.queued = 0
+        self.held_back = False  # the last pick found a free slot but would not load its model there
         # the time between places freed in the queue while requests waited (smoothed), and when the
         # last was freed (or the queue began): when a full queue is likely to have a place again
         self._turn_s = 0.0
@@ -480,7 +482,7 @@ class Pool:
             evicted = min(held, key=lambda model: worker.used.get(model, -math.inf))
             return (self._demand_of(evicted, now) if copies[evicted] == 1 else 0.0), evicted
 
-        costs = [(*loss(worker), worker.load, index) for index, worker in enumerate(free)]
+        costs = [(*loss(worker), worker.pick_order, index) for index, worker in enumerate(free)]
         lost, evicted, _, index = min(costs, key=lambda cost: (cost[0], cost[1] is not None, cost[2], cost[3]))
         return free[index], lost, evicted
 
@@ -490,7 +492,7 @@ class Pool:
         one that would evict a model, even one held elsewhere too: that copy was serving, and the
         bursts of a few clients would make models chase each other round the engines — measured.)"""
         roomy = [worker for worker in free if worker.load < below and self._has_room(worker)]
-        return min(roomy, key=lambda worker: worker.load) if roomy else None
+        return min(roomy, key=lambda worker: worker.pick_order) if roomy else None
 
     def _has_room(self, worker: RemoteWorker) -> bool:
         """Its engine can load another model without evicting one: it holds fewer than it held when
@@ -530,13 +532,15 @@ class Pool:
             best, evicted = spare, None
         else:
             if not cold_ok and not self._worth_loading(model, able):
+                self.held_back = True
                 return None  # a slot where the model is in memory frees sooner than a load ends
             best, lost, evicted = self._coldest(free)
             # a queue that outgrew its model's warm slots makes another copy only where that costs no
             # other model its last one still asked for: that model's next request would load it back,
             # evicting a copy of this one, and round again (12 clients of one model and one of another
             # on two engines: 20 loads in 5 s, 2 without)
-            if lost and not cold_ok and any(worker.warm(model) for worker in able):
+            if lost >= STILL_ASKED and not cold_ok and any(worker.warm(model) for worker in able):
+                self.held_back = True
                 return None
         if best.loaded is not None:  # it holds the model from now on (the requests for it that follow
             # wait for this load instead of starting others), and not the one it evicts: when the
@@ -715,12 +719,16 @@ class Pool:
                         self._check_hosted(model, api, exclude, elsewhere)
                         continue
                     cold_ok = trio.current_time() >= cold_at
+                    self.held_back = False
                     if not self.draining and (worker := self._pick(model, api, exclude, keys, cold_ok)):
                         return worker
                     self._check_hosted(model, api, exclude, elsewhere)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):
-                    # pass the wake-up on, so first in line is first served among those who can be.
-                    if self._slot_free(model) and (position := queue.index(waiter)) + 1 < len(queue):
+                    # pass the wake-up on, so first in line is first served among those who can be;
+                    # not when the free slot is one it would not load the model on (unless it avoids a
+                    # worker, which those behind may take): nor would they
+                    if self._slot_free(model) and not (self.held_back and not exclude) and \
+                            (position := queue.index(waiter)) + 1 < len(queue):
                         queue[position + 1].turn()
         except trio.TooSlowError:
             raise self.no_slot(model) from None

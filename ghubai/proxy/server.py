@@ -53,6 +53,7 @@ def _as_get(method: str) -> str:
 
 
 TOLD_FOR_S = 1.0  # what the hubs told of their models is kept this long (``Proxy._told``)
+FRESH_DETAILS_S = 2.0  # the longest a first look at the dashboard data waits for the workers read anew
 
 
 class Proxy:
@@ -195,8 +196,8 @@ class Proxy:
         look after none lately (``ghubai status``) waits for the workers' detail to be read anew."""
         looked_lately = trio.current_time() < self.hubs.details_wanted_until
         self.hubs.details_wanted_until = trio.current_time() + DETAILS_WANTED_S  # workers live while watched
-        if not looked_lately:
-            await self.hubs.fresh_details(2 * self.config.health.timeout_s)
+        if not looked_lately:  # (bounded well within ``ghubai status``'s own 5 s, whatever health.timeout_s is)
+            await self.hubs.fresh_details(min(2 * self.config.health.timeout_s, FRESH_DETAILS_S))
         key = (self.hubs.version, int(trio.current_time()))
         if self._dashboard[0] != key:
             hubs = [hub.describe() for hub in self.hubs.hubs.values()]
