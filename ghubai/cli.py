@@ -289,7 +289,8 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--proxy", metavar="URL", default="http://127.0.0.1:5000",
                        help="the whole grid, as a proxy sees it (default: %(default)s, as 'ghubai up' runs it)")
     where.add_argument("--hub", metavar="URL", help="one hub, e.g. http://127.0.0.1:7197")
-    status.add_argument("--watch", metavar="SECONDS", type=_number(float, 0.1), help="refresh every SECONDS until Ctrl-C")
+    status.add_argument("--watch", metavar="SECONDS", type=_number(float, 0.1),
+                        help="refresh every SECONDS until Ctrl-C")
     status.add_argument("--ca-file", metavar="PEM", default="", help="CA bundle for an https:// hub or proxy "
                         "(the grid's own CA, as the daemons' ca_file)")
     status.add_argument("--allow-invalid-certs", action="store_true", help="development only: no certificate checks")
@@ -308,10 +309,12 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--api-key", default="", help="answer 401 unless a request has 'Authorization: Bearer KEY'")
     sim.add_argument("--disable", default="", metavar="PATHS",
                      help="comma-separated paths to answer 404 on, as a partial shim does (e.g. /api/chat)")
-    sim.add_argument("--slots", type=_number(int, 1), default=None, help="report N slots on GET /props, as llama.cpp server")
+    sim.add_argument("--slots", type=_number(int, 1), default=None,
+                     help="report N slots on GET /props, as llama.cpp server")
     sim.add_argument("--usage-with-choices", action="store_true",
                      help="send the streamed usage chunk with a non-empty choices list, as LiteLLM does")
-    sim.add_argument("--load-ms", type=_number(float, 0), default=0.0, help="time to load a model that is not in memory")
+    sim.add_argument("--load-ms", type=_number(float, 0), default=0.0,
+                     help="time to load a model that is not in memory")
     sim.add_argument("--max-loaded", type=_number(int, 0), default=0,
                      help="models in memory at once, the least recently used evicted (0: no bound)")
     sim.add_argument("--prefill-us-per-token", type=_number(float, 0), default=0.0,

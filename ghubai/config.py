@@ -268,7 +268,8 @@ def engine_url_problem(url: str) -> str | None:
         return problem
     parts = urlsplit(url)
     if parts.query or parts.fragment:  # (never sent as one: it went into every path; and a key there was logged)
-        return f"an engine's URL has no query or fragment (a key goes in [engine] api_key or headers), got {shown(url)!r}"
+        return "an engine's URL has no query or fragment (a key goes in [engine] api_key or headers), " \
+               f"got {shown(url)!r}"
     if parts.path.rstrip("/").lower().endswith("/v1"):
         return "give the engine's root URL: drop the final /v1 (the worker adds /v1/... or /api/... itself)"
     return None
@@ -405,8 +406,8 @@ class EngineConfig:
                                     "(TCP, TLS and the WebSocket handshake)", default=5.0)
     idle_timeout_s: float = _key(_at_least(0.001), "longest silence of the engine in the middle of a streamed answer "
                                  "(before it begins, and a whole answer: the hub's first_token_s)", default=300.0)
-    api_key: str = _key(engine_key_problem, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp --api-key, "
-                        "LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
+    api_key: str = _key(engine_key_problem, "sent as 'Authorization: Bearer' on every engine call (vLLM/llama.cpp "
+                        "--api-key, LiteLLM's key); env GHUBAI_ENGINE_API_KEY wins", secret=True, default="")
     headers: dict[str, str] = _key(_engine_headers, "extra headers on every engine call, e.g. "
                                    '{ "OpenAI-Organization" = "org-1" }', secret=True, default_factory=dict)
     tools: bool = _key(None, "openai engines: /api/show advertises tool support (llama.cpp's /props overrides)",

@@ -245,7 +245,8 @@ class Engine:
         secrets = {value for value in config.headers.values() if len(value) >= 8} | \
             ({config.api_key} if len(config.api_key) >= 4 else set())
         # and as JSON quotes them back (an error object the worker re-encodes, an engine's own JSON): " and \ escaped
-        self.secrets = sorted(secrets | {msgspec.json.encode(secret).decode()[1:-1] for secret in secrets}, key=len, reverse=True)
+        quoted = {msgspec.json.encode(secret).decode()[1:-1] for secret in secrets}
+        self.secrets = sorted(secrets | quoted, key=len, reverse=True)
         self.tools = config.tools
         self.vision = False  # llama.cpp's /props says so
         self.unserved: frozenset[str] | None = None  # engine paths that are missing; None: not probed yet
