@@ -339,8 +339,23 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted(args.role)  # a Ctrl-C before trio listened for it
         if (cause := _startup_error(error)) is None:
             raise
+        if cause == IN_USE and (address := _listen_of(args)):  # (the socket's error names no address)
+            cause = f"cannot listen on {address}: the address is in use (another process serves that port?)" + \
+                (": choose another with --port" if args.role == "up" else "")
         print(f"ghubai {args.role}: {cause}", file=sys.stderr)
         return 1
+
+
+def _listen_of(args: argparse.Namespace) -> str:
+    """The address a daemon was to listen on, as its command line or config file says; "" if unknown."""
+    if args.role == "up":
+        return f"127.0.0.1:{args.port}"
+    if listen := getattr(args, "listen", None):
+        return str(listen)
+    try:
+        return str(getattr(load(args.role, getattr(args, "config", None)), "listen", ""))
+    except ConfigError:
+        return ""
 
 
 def _port(text: str) -> int:
@@ -349,7 +364,8 @@ def _port(text: str) -> int:
     return int(text)
 
 
-_STARTUP_ERRNOS = {errno.EADDRINUSE: "cannot listen: the address is in use (another process serves that port?)",
+IN_USE = "cannot listen: the address is in use (another process serves that port?)"
+_STARTUP_ERRNOS = {errno.EADDRINUSE: IN_USE,
                    errno.EADDRNOTAVAIL: "cannot listen: no such address on this machine",
                    errno.EINVAL: "cannot listen: this machine cannot bind that address (an IPv6 link-local "
                                  "address, fe80::, needs its interface)",

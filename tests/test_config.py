@@ -229,11 +229,14 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        for role in ("hub", "proxy", "registry"):
-            result = run_ghubai(role, "--listen", f"127.0.0.1:{taken.getsockname()[1]}")
+        port = taken.getsockname()[1]
+        for role in ("hub", "proxy", "registry"):  # (hunt: which address, and for up what to do)
+            result = run_ghubai(role, "--listen", f"127.0.0.1:{port}")
             assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-            assert result.stderr.strip().splitlines()[-1] == f"ghubai {role}: cannot listen: the address is in use " \
-                                                             "(another process serves that port?)"
+            assert result.stderr.strip().splitlines()[-1] == f"ghubai {role}: cannot listen on 127.0.0.1:{port}: " \
+                                                             "the address is in use (another process serves that port?)"
+        result = run_ghubai("up", "--backend", "sim", "--port", str(port))
+        assert result.returncode == 1 and result.stderr.strip().endswith("choose another with --port"), result.stderr
     finally:
         taken.close()
     result = run_ghubai("hub", "--listen", "[fe80::1]:0")  # (hunt: an 82-line traceback)
