@@ -35,7 +35,9 @@ log = logging.getLogger("ghubai.up")
 PROBE_TIMEOUT_S = 1.0
 SIM_CONCURRENCY = 16
 READY_TIMEOUT_S = 20.0  # for the proxy to route a model: its health check, every second, must see the hub
-READY_POLL_S = 0.05
+READY_POLL_S = 0.05  # the first wait between looks at the proxy, doubled after each (an access line each)
+READY_POLL_MAX_S = 0.5  # ... up to this while it starts, and WAITING_POLL_S once it said it does not serve yet
+WAITING_POLL_S = 5.0
 DISCOVERY_S = 2.0  # an engine that is still loading is seen serving soon after (a daemon's default: 30 s)
 SHOW_MODELS = 20  # the banner's curl line names one of the first models that can chat
 SHOW_TIMEOUT_S = 5.0  # for all their /api/show answers
@@ -53,10 +55,13 @@ async def _ollama_answers(url: str) -> bool:
     return False
 
 
-async def _serving(proxy_url: str, ready_by: float) -> list[str]:
+async def _serving(proxy_url: str, ready_by: float, every_s: float = READY_POLL_MAX_S) -> list[str]:
     """The models the proxy routes, once it routes any (its hub healthy, with a worker that serves
     them): from then on a request through it succeeds. Empty when that did not happen by ``ready_by``
-    (a trio time, maybe already past: a slow start then says why, not a traceback)."""
+    (a trio time, maybe already past: a slow start then says why, not a traceback). It asks every
+    ``every_s`` at most: each ask is a line of the proxy's log (20 a second, for as long as an
+    engine was down, buried the line that said why)."""
+    wait_s = READY_POLL_S
     async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, trust_env=False) as client:  # a loopback grid: no HTTP_PROXY
         with trio.move_on_at(ready_by):
             while True:
@@ -64,7 +69,8 @@ async def _serving(proxy_url: str, ready_by: float) -> list[str]:
                     response = await client.get(proxy_url + "/v1/models")
                     if response.status_code == 200 and (models := [m["id"] for m in response.json()["data"]]):
                         return models
-                await trio.sleep(READY_POLL_S)
+                await trio.sleep(wait_s)
+                wait_s = min(2 * wait_s, every_s)
     return []
 
 
@@ -130,10 +136,11 @@ async def up(port: int, backend: str, *, engine_url: str = "", engine_api_key: s
         why = printable(workers[0].offer.problem or "it lists no models") if workers else \
             "its engine has not answered yet"
         print(f"\nGhubAi grid on {proxy_url} is not serving yet: the worker on {source}: {why}.\nIt keeps "
-              f"trying, and says so here once a request would succeed; watch {proxy_url}/dashboard. Ctrl-C "
-              "stops everything.\n", flush=True)
+              f"trying (start the engine, or try the grid on its simulator: ghubai up --backend sim), and says "
+              f"so here once a request would succeed; watch {proxy_url}/dashboard. Ctrl-C stops everything.\n",
+              flush=True)
         task_status.started(proxy_url)
-        models = await _serving(proxy_url, math.inf)
+        models = await _serving(proxy_url, math.inf, WAITING_POLL_S)
         await worker_started.wait()
         _banner(proxy_url, route, workers[0], models, await _chat_model(proxy_url, models))
 

@@ -155,3 +155,27 @@ async def test_the_banner_s_curl_line_names_a_model_that_chats(tmp_path: Path) -
             await trio.to_thread.run_sync(up.process.wait, WAIT_S)
             nursery.cancel_scope.cancel()
     assert up.process.returncode == 0, up.log()
+
+
+async def test_up_asks_its_proxy_ever_less_often_while_nothing_serves(autojump_clock: trio.abc.Clock) -> None:
+    """Regression (first-run hunt): ``ghubai up`` asked its proxy for models every 50 ms for as long
+    as the engine did not serve, each ask an access line: 20 lines a second (70,000 an hour) buried
+    the one that said why. It asks after 50 ms, then twice as long each time, up to 0.5 s while it
+    starts and 5 s once it said it does not serve yet."""
+    from ghubai.up import WAITING_POLL_S, _serving
+
+    asked = 0
+
+    async def proxy(conn: Connection, request: Request) -> None:
+        nonlocal asked
+        asked += 1
+        await conn.respond_json(200, {"object": "list", "data": []})
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=proxy), 0,
+                                                host="127.0.0.1"))
+        url = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+        assert await _serving(url, trio.current_time() + 20) == [] and asked <= 45, asked
+        asked = 0
+        assert await _serving(url, trio.current_time() + 600, WAITING_POLL_S) == [] and asked <= 130, asked
+        nursery.cancel_scope.cancel()
