@@ -229,7 +229,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP header name (RFC 
 _HEADER_VALUE = re.compile(r"([\x21-\x7e]([\x20-\x7e\t]*[\x21-\x7e])?)?")
 _OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "content-type", "authorization",
                 "expect", "te", "upgrade", "keep-alive", "trailer", "proxy-connection", "accept-encoding",
-                "x-request-id", "traceparent", "tracestate"}
+                "x-request-id", "traceparent", "tracestate", "x-ghubai-engine-call"}
 
 
 def _readable(path: str) -> str | None:

@@ -150,6 +150,13 @@ def _fold_index(names: frozenset[str]) -> dict[str, list[str]]:
     return index
 
 
+# Worker → its engine, on every call: a hub or proxy that hears it is a worker's engine by mistake (its
+# port for 11434's), which answered with the grid's own models, and each request went round for good.
+ENGINE_CALL_HEADER = "x-ghubai-engine-call"
+NOT_AN_ENGINE = "a GhubAi hub or proxy, not an engine: a worker's [engine] url must name the engine itself " \
+                "(Ollama listens on 11434)"
+ENGINE_LOOP = ApiError(508, f"This is {NOT_AN_ENGINE}", code="loop_detected")
+
 # Proxy → hub: another hub could take this request. A hub whose workers of its model all drain then
 # answers 503 at once, for the proxy to move on, rather than keep it for their return (a restart).
 ELSEWHERE_HEADER = b"x-ghubai-elsewhere"

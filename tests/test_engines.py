@@ -994,3 +994,24 @@ def test_a_responses_answer_s_usage_is_read_whole_and_from_its_stream_s_last_eve
         {"prompt_tokens": 2, "completion_tokens": 4}
     assert _usage_of({"usage": {"prompt_tokens": 1, "completion_tokens": 2, "input_tokens": 9}}) == \
         {"prompt_tokens": 1, "completion_tokens": 2}
+
+
+async def test_a_worker_whose_engine_is_a_hub_says_so_rather_than_loop(grid: Grid) -> None:
+    """Regression (first-run hunt): a worker pointed at a hub's port instead of its engine's (7197 for
+    11434) joined with the grid's own models, and each request went round hub → worker → hub until
+    the queue timed out (a 503 after 30 s that named no cause). Every engine call carries the
+    worker's mark; a hub or proxy answers it 508, and the worker lists no model and says why."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="real")
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    for engine_url in (hub.value, proxy.value):
+        looped = await grid.worker(hub.value, engine_url, name="looped")
+
+        async def said() -> bool:
+            return "is a GhubAi hub or proxy, not an engine" in (looped.value.offer.problem or "")
+
+        await eventually(said, "the worker to say its engine is a hub")
+        assert not looped.value.offer.models
+        looped.stop()

@@ -54,6 +54,7 @@ OPEN_PATHS = ("/health", "/ready", "/metrics", "/api/registry", "/api/summary", 
 REGISTRY_CACHE_S = 1.0  # /api/registry is built at most this often, however many poll it
 CLOSE_LINKS_S = 2.0  # after a drain, for the workers' links to close before the hub stops
 _TRACE_NAMES = {name.encode() for name in protocol.TRACE_HEADERS}
+_ENGINE_CALL = dialects.ENGINE_CALL_HEADER.encode()  # (a worker's engine call: ``dialects.ENGINE_LOOP``)
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,9 @@ class HubApi:
                 return
         if both_framings(scope["headers"]):  # and close: h11 would keep the connection
             await self._refuse(scope, send, ApiError(400, BOTH_FRAMINGS), scope["path"])
+            return
+        if any(name == _ENGINE_CALL for name, _ in scope["headers"]):
+            await self._refuse(scope, send, dialects.ENGINE_LOOP, scope["path"])
             return
         if scope["path"] in OPEN_PATHS:
             await self._inner(scope, receive, send)

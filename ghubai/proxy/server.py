@@ -53,6 +53,7 @@ def _as_get(method: str) -> str:
 
 
 TOLD_FOR_S = 1.0  # what the hubs told of their models is kept this long (``Proxy._told``)
+_ENGINE_CALL = dialects.ENGINE_CALL_HEADER.encode()
 FRESH_DETAILS_S = 2.0  # the longest a first look at the dashboard data waits for the workers read anew
 
 
@@ -92,6 +93,9 @@ class Proxy:
         }
 
     async def handle(self, conn: Connection, request: Request) -> None:
+        if request.header(_ENGINE_CALL) is not None:
+            await self._error(conn, request, dialects.ENGINE_LOOP)
+            return
         method = _as_get(request.method)
         own = self.own.get((method, request.path))
         if own is None and method == "GET" and request.path.startswith(dialects.MODEL_PATH) and \

@@ -88,6 +88,8 @@ def discovery_problem(error: Exception, has_key: bool) -> str:
         status = error.response.status_code
         if status in (401, 403):
             return f"{CREDENTIALS_REFUSED} (HTTP {status})"
+        if status == dialects.ENGINE_LOOP.status:
+            return f"the engine's URL is {dialects.NOT_AN_ENGINE}"
         # LiteLLM answers a call without its key with a 500 (NOTES.md)
         hint = "; if it needs a key, set [engine] api_key" if status == 500 and not has_key else ""
         return f"the engine answered HTTP {status} to GET {error.request.url.path}{hint}"
@@ -99,7 +101,7 @@ def discovery_problem(error: Exception, has_key: bool) -> str:
 def engine_headers(config: EngineConfig) -> list[tuple[str, str]]:
     """What every call to the engine carries: its key and the operator's extra headers."""
     key = [("authorization", f"Bearer {config.api_key}")] if config.api_key else []
-    return [*key, *config.headers.items()]
+    return [*key, *config.headers.items(), (dialects.ENGINE_CALL_HEADER, "1")]
 
 
 @dataclass
