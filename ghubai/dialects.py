@@ -157,6 +157,15 @@ NOT_AN_ENGINE = "a GhubAi hub or proxy, not an engine: a worker's [engine] url m
                 "(Ollama listens on 11434)"
 ENGINE_LOOP = ApiError(508, f"This is {NOT_AN_ENGINE}", code="loop_detected")
 
+def unknown_endpoint(method: str, path: str) -> str:
+    """A 404's words, with the likeliest slip named: an OpenAI client whose base URL lacks ``/v1``
+    asks ``/chat/completions``."""
+    said = f"Unknown endpoint: {method} {path}"
+    if "/v1" + path in protocol.API_PATHS.values() or path == "/models":
+        said += f" (did you mean /v1{path}? an OpenAI client's base_url ends in /v1)"
+    return said
+
+
 # Proxy → hub: another hub could take this request. A hub whose workers of its model all drain then
 # answers 503 at once, for the proxy to move on, rather than keep it for their return (a restart).
 ELSEWHERE_HEADER = b"x-ghubai-elsewhere"

@@ -201,6 +201,12 @@ async def test_unknown_endpoint_and_huge_body(grid: Grid) -> None:
     hub = await grid.hub(limits={"max_body_bytes": 2048})
     unknown = await grid.http.post(hub.value + "/v1/nothing-here", json={})
     assert unknown.status_code == 404 and "Unknown endpoint" in unknown.json()["error"]["message"]
+    proxy = await grid.proxy(hubs=(hub.value,))  # (first-run hunt: the SDK's commonest slip, named)
+    for url in (hub.value, proxy.value):
+        async with openai.AsyncOpenAI(base_url=url, api_key="x", max_retries=0) as sdk:  # no /v1
+            with pytest.raises(openai.NotFoundError, match=r"did you mean /v1/chat/completions\? an OpenAI client's "
+                                                           r"base_url ends in /v1"):
+                await sdk.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}])
     huge = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(content="x" * 4096))
     assert huge.status_code == 413 and huge.json()["error"]["type"] == "invalid_request_error"
 

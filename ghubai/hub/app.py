@@ -342,7 +342,7 @@ class HubApi:
 
     async def _http_error(self, error: HTTPException) -> Response:
         status = error.code or 500
-        message = {404: f"Unknown endpoint: {request.method} {request.path}",
+        message = {404: dialects.unknown_endpoint(request.method, request.path),
                    405: f"Method {request.method} not allowed on {request.path}",
                    413: body_too_large(self.config.limits.max_body_bytes).message}.get(
             status, error.description or "error")

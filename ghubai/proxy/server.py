@@ -164,7 +164,7 @@ class Proxy:
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
         rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))  # (named as its head was read)
         if not (request.path.startswith(FORWARDED_PREFIXES) or request.path == "/"):
-            raise ApiError(404, f"Unknown endpoint: {request.method} {request.path}")
+            raise ApiError(404, dialects.unknown_endpoint(request.method, request.path))
         with tracing.span(f"{request.method} {request.path}", tracing.carrier(request.headers),
                           **{"ghubai.request_id": rid}):
             try:
