@@ -17,6 +17,7 @@ import trustme
 
 from conftest import WAIT_S, Grid, chat, eventually, ghubai_command
 from ghubai.config import ConfigError, load, parse
+from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.hub.app import run as run_hub
 from ghubai.observability.service import Service
 from ghubai.proxy.server import run as run_proxy
@@ -264,7 +265,6 @@ async def test_a_tls_handshake_that_stalls_is_cut_within_the_header_timeout(tls:
     held each for a minute at a hub or registry (hypercorn's 60 s for a handshake) and for 75 s at the
     proxy (its idle timeout): a connection cap of 10,000 filled at 130-170 connections a second. Each
     cuts it as the proxy cuts a request head that trickles in, in 10 s."""
-    from ghubai.http11.server import serve_connection
     from ghubai.web import serve_app, server_config
 
     async def app(scope: dict[str, object], receive: object, send: object) -> None:
@@ -281,3 +281,23 @@ async def test_a_tls_handshake_that_stalls_is_cut_within_the_header_timeout(tls:
         assert await _cut_after(int(url.rsplit(":", 1)[1])) <= 10.5  # the hub's
         assert await _cut_after(listeners[0].transport_listener.socket.getsockname()[1]) <= 10.5  # the proxy's
         nursery.cancel_scope.cancel()
+
+
+async def test_an_engine_whose_certificate_the_worker_does_not_trust_is_named_so(
+        grid: Grid, tls: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (engine hunt): an https engine whose certificate the worker did not trust (its
+    ca_file is for wss:// hubs; the engine's CAs are the system's or SSL_CERT_FILE's) was "the engine
+    does not answer (ConnectError)", as a dead one, in the log and to clients alike."""
+    async def engine(conn: Connection, request: Request) -> None:
+        await conn.respond_json(200, {"models": [{"name": "m"}]})
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls["cert"], tls["key"])
+    listeners = await trio.open_ssl_over_tcp_listeners(0, context, host="127.0.0.1", https_compatible=True)
+    await grid.nursery.start(trio.serve_listeners, partial(serve_connection, handle=engine), listeners)
+    hub = await grid.hub()
+    caplog.set_level(logging.WARNING, logger="ghubai.worker")
+    worker = await grid.worker(hub.value, f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}")
+    problem = worker.value.offer.problem
+    assert "the engine's TLS certificate is not trusted" in problem and "SSL_CERT_FILE" in problem, problem
+    assert "CERTIFICATE_VERIFY_FAILED" in caplog.text, caplog.text  # (the log has the TLS library's words)

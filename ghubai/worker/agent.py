@@ -192,7 +192,8 @@ class Worker:
         offer = await self.engine.survey()
         before, self.offer = self.offer, offer
         if offer.problem and offer.problem != before.problem:
-            log.warning("engine at %s lists no models: %s", self.config.engine.url, offer.problem)
+            log.warning("engine at %s lists no models: %s%s", self.config.engine.url, offer.problem,
+                        f" ({offer.detail})" if offer.detail else "")
         elif before.problem and not offer.problem:
             log.info("engine at %s answers again", self.config.engine.url)
         if offer.models != before.models:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import ssl
 import struct
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import trio
 
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
+from ghubai.errors import describe
 from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, Response, TooLarge, tls_client_context
 from ghubai.worker.translate import (OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path,
                                     translator_for)
@@ -70,6 +72,7 @@ class Offer:
     problem: str = ""
     slots: int | None = None
     facts: dict[str, protocol.ModelFacts] | None = None  # what the engine tells of its models
+    detail: str = field(default="", compare=False)  # the problem's cause in full: for the worker's log only
 
 
 _FOUND_WORDS = ("model", "response")  # what an engine's 404 names when the path is served
@@ -94,8 +97,19 @@ def discovery_problem(error: Exception, has_key: bool) -> str:
         hint = "; if it needs a key, set [engine] api_key" if status == 500 and not has_key else ""
         return f"the engine answered HTTP {status} to GET {error.request.url.path}{hint}"
     if isinstance(error, httpx.TransportError):  # the worker's log has the details; a client needs none
+        if _untrusted(error):  # (else as a dead engine's: the one cause its operator cannot guess)
+            return "the engine's TLS certificate is not trusted (the worker trusts the system's CAs, or " \
+                   "SSL_CERT_FILE's; its ca_file is for wss:// hubs)"
         return f"the engine does not answer ({type(error).__name__})"
     return f"the engine's model list is unreadable: {error or type(error).__name__}"
+
+
+def _untrusted(error: BaseException) -> bool:
+    """The failure is a refused certificate, somewhere down its chain of causes."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLCertVerificationError):
+        cause = cause.__cause__ or cause.__context__
+    return cause is not None
 
 
 def engine_headers(config: EngineConfig) -> list[tuple[str, str]]:
@@ -288,7 +302,7 @@ class Engine:
             models = await self.list_models()
         except DISCOVERY_ERRORS as error:
             self.unserved = None
-            return Offer(problem=discovery_problem(error, bool(self.config.api_key)))
+            return Offer(problem=discovery_problem(error, bool(self.config.api_key)), detail=describe(error))
         if self.unserved is None:
             self.unserved = await self._probe()
         elif asked := self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
