@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import ssl
@@ -132,7 +133,7 @@ async def test_an_empty_file_keeps_the_last_list_and_hubs_equals_nothing_empties
 
 
 async def test_a_registry_started_on_a_file_that_names_no_hubs_serves_no_list_until_one_does(
-        grid: Grid, tmp_path: Path) -> None:
+        grid: Grid, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (operator's path): the guard above held only while the registry ran: one
     restarted (a reboot) on the empty file published an empty list, and every proxy dropped every
     hub. Now /hubs answers 503 (a proxy keeps its last list) until the file names its hubs."""
@@ -143,6 +144,13 @@ async def test_a_registry_started_on_a_file_that_names_no_hubs_serves_no_list_un
     assert refused.status_code == 503 and "no hubs key" in refused.json()["error"]["message"]  # OpenAI's shape
     assert (await grid.http.get(registry.value + "/health")).json()["status"] == "degraded"
     assert (await grid.http.get(registry.value + "/Registry")).status_code == 503  # (review) the seed's shape too
+    caplog.set_level(logging.WARNING, logger="ghubai.proxy")
+    await grid.proxy(registry_url=registry.value)  # (first-run hunt: it said "HTTP 503", not why)
+
+    async def told() -> bool:
+        return any("HTTP 503: " in record.message and "no hubs key" in record.message for record in caplog.records)
+
+    await eventually(told, "the proxy to log why its registry has no list")
     save_atomically(path, TWO_HUBS)
 
     async def served() -> bool:

@@ -14,6 +14,7 @@ import trio
 from ghubai.config import HealthConfig, ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.observability.dashboard import number, served_models
+from ghubai.observability.logs import printable
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -31,7 +32,7 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
     """Long-poll the registry for ever. With the registry down, the last list stays in force."""
     static = [(address, address) for address in config.hubs]
     etag: str | None = None
-    failing = False
+    failing = ""  # what was last said of the registry's failure: said again only when it changes
     while True:
         headers = {"If-None-Match": etag} if etag else {}
         params = {"wait": str(LONG_POLL_S)} if etag and not failing else {}  # (back: say so at once)
@@ -45,8 +46,8 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
             if status == 304 and trio.current_time() - asked < RETRY_S:  # a poll not held (a cache, a gateway)
                 await trio.sleep(RETRY_S)
             elif status != 304:
-                if status != 200:
-                    raise ValueError(f"HTTP {status}")
+                if status != 200:  # with its words: a registry on a file with no hubs key says what to write
+                    raise ValueError(f"HTTP {status}{_said_by(body)}")
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]
                 hubs.update(static + entries)
                 _listed(hubs)
@@ -55,14 +56,24 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                 etag = answer_etag
             if failing:
                 log.info("registry %s answers again", redacted(config.registry_url))
-            failing = False
+            failing = ""
         except Exception as error:  # a hostile or broken registry answer must never stop the proxy
-            if not failing:
-                said = scrubbed(describe(error), config.registry_url)  # (httpx may quote the URL, password and all)
+            said = scrubbed(describe(error), config.registry_url)  # (httpx may quote the URL, password and all)
+            if said != failing:  # (its cause changed: refused while it started, then its file's fault)
                 log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url), said)
-            failing = True
+            failing = said
             _listed(hubs)
             await trio.sleep(RETRY_S)
+
+
+def _said_by(body: bytes) -> str:
+    """A registry's error answer's words, briefly: ": <message>", or ""."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    message = error.get("message") if isinstance(error, dict) else error
+    return f": {printable(message)[:300]}" if isinstance(message, str) and message else ""
 
 
 def _listed(hubs: HubSet) -> None:
