@@ -21,7 +21,7 @@ from typing import Any
 
 import tomli_w
 
-from ghubai.config import ROLES, ConfigError, HubEntry, parse, read_text, unlisted_hubs
+from ghubai.config import ROLES, ConfigError, HubEntry, load, parse, read_text, unlisted_hubs
 
 _HEADERS = {
     "registry": "ghubai registry --config registry.toml\n# The list of hubs. Save an edit and every proxy follows "
@@ -94,11 +94,12 @@ def role_of(path: str) -> str | None:
 
 
 def check(path: str, role: str) -> list[str]:
-    """Every problem in the file, key first, as the daemon of ``role`` would see it; empty when
-    it is valid."""
+    """Every problem in the file, key first, as the daemon of ``role`` would see it (its environment's
+    overrides too: ``OLLAMA_LOCAL_URL`` without a scheme passed here, and stopped the worker); empty
+    when it is valid."""
     try:
         text = read_text(path)
-        parse(role, text, path)
+        load(role, path)
     except ConfigError as error:
         return error.errors
     problem = unlisted_hubs(text, path) if role == "registry" else None

@@ -182,6 +182,14 @@ def test_up_checks_ollama_local_url_as_the_worker_does_and_never_echoes_a_passwo
     assert "OLLAMA_LOCAL_URL" not in unused.stderr  # (review) a variable up does not use is not judged
 
 
+def test_check_sees_the_environment_as_the_daemon_does(tmp_path: Path) -> None:
+    """Regression (first-run hunt): ``OLLAMA_LOCAL_URL=gpu1:11434 ghubai check worker.toml`` said
+    valid, and the worker on that file and environment exited 2."""
+    (tmp_path / "worker.toml").write_text('hub_url = "ws://127.0.0.1:7197/gridhub"\n')
+    result = run_ghubai("check", str(tmp_path / "worker.toml"), env={"OLLAMA_LOCAL_URL": "gpu1:11434"})
+    assert result.returncode == 1 and "environment: OLLAMA_LOCAL_URL (engine.url)" in result.stderr, result.stderr
+
+
 def test_up_checks_the_engine_key_it_reads_as_the_worker_does() -> None:
     """Regression (hunt): a key read with its line end gave "the engine does not answer
     (LocalProtocolError)", with nothing said of the key."""
