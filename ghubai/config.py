@@ -370,8 +370,8 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class HubConfig:
     """``hub.toml``: where to listen, who may join and call, limits and timeouts."""
-    listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port",
-                       default="127.0.0.1:7197")
+    listen: str = _key(_address, "HTTP API and the workers' WebSocket /gridhub, on one port (127.0.0.1: this "
+                       "machine only; 0.0.0.0:7197 for workers and proxies elsewhere)", default="127.0.0.1:7197")
     provider_tokens: tuple[str, ...] = _key(_secrets, "tokens workers present; empty = ANY worker may join",
                                             secret=True, default=())
     api_keys: tuple[str, ...] = _key(_secrets, 'client keys (Bearer), plain or "sha256:<hex>"; empty = no client auth',
@@ -445,7 +445,8 @@ class HubEntry:
 @dataclass(frozen=True)
 class RegistryConfig:
     """``registry.toml``: where to listen, and the hubs it publishes."""
-    listen: str = _key(_address, "where proxies ask for the hub list", default="127.0.0.1:7001")
+    listen: str = _key(_address, "where proxies ask for the hub list (127.0.0.1: this machine only)",
+                       default="127.0.0.1:7001")
     tls_cert: str = _key(_readable, "PEM files to serve HTTPS", default="")
     tls_key: str = _key(_readable, default="")
     max_connections: int = _key(_at_least(1), "open connections, proxies' long polls included; more are turned "
@@ -483,7 +484,8 @@ class ProxyLimits:
 @dataclass(frozen=True)
 class ProxyConfig:
     """``proxy.toml``: where to listen, where hubs come from, keys and timeouts."""
-    listen: str = _key(_address, "the grid's front door", default="127.0.0.1:5000")
+    listen: str = _key(_address, "the grid's front door (127.0.0.1: this machine only; 0.0.0.0:5000 for "
+                       "clients elsewhere)", default="127.0.0.1:5000")
     registry_url: str = _key(lambda v: _urls("http", "https", credentials=True)(v) if v else None,
                              'the registry to follow (env REGISTRY_URL wins); "" = static hubs only',
                              default="http://localhost:7001")
@@ -665,8 +667,8 @@ def unlisted_hubs(text: str, source: str) -> str | None:
     ``ghubai check`` says so."""
     if "hubs" in tomllib.loads(text):
         return None
-    return (f"{source}: no hubs key (an empty or half-written file?); list [[hubs]] entries, "
-            "or write hubs = [] to serve no hub")
+    return (f"{source}: no hubs key (hubs only in comments, as ghubai init writes them, or an empty or "
+            "half-written file); list [[hubs]] entries, or write hubs = [] to serve no hub")
 
 
 MAX_CONFIG_BYTES = 1 << 20  # a config or registry file is kilobytes

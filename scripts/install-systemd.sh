@@ -136,7 +136,7 @@ uninstall_roles() {
     echo "removed $prefix"
     if [ "$(readlink "$bindir/ghubai" 2>/dev/null)" = "$prefix/bin/ghubai" ]; then rm -f "$bindir/ghubai"; fi
     if [ "$action" != purge ]; then
-        echo "kept $etc and the user ghubai, who owns it (use --purge to remove both)"
+        echo "kept $etc and the user ghubai, whose group reads it (use --purge to remove both)"
         return
     fi
     rm -rf "$etc"
