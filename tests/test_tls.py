@@ -297,7 +297,8 @@ async def test_an_engine_whose_certificate_the_worker_does_not_trust_is_named_so
     await grid.nursery.start(trio.serve_listeners, partial(serve_connection, handle=engine), listeners)
     hub = await grid.hub()
     caplog.set_level(logging.WARNING, logger="ghubai.worker")
-    worker = await grid.worker(hub.value, f"https://127.0.0.1:{listeners[0].transport_listener.socket.getsockname()[1]}")
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    worker = await grid.worker(hub.value, f"https://127.0.0.1:{port}")
     problem = worker.value.offer.problem
     assert "the engine's TLS certificate is not trusted" in problem and "SSL_CERT_FILE" in problem, problem
     assert "CERTIFICATE_VERIFY_FAILED" in caplog.text, caplog.text  # (the log has the TLS library's words)
