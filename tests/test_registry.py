@@ -523,3 +523,25 @@ def test_the_registry_logs_what_a_new_list_changed_in_a_bounded_line() -> None:
     assert _changes(first, first[::-1]) == "the same hubs, in another order" and _changes((), ()) == "(none)"
     many = _changes((), tuple(HubEntry(f"h{n}", f"http://h{n}:7197") for n in range(5000)))
     assert len(many) < 1000 and many.endswith(" and 4980 more")
+
+
+async def test_a_worker_pointed_at_a_registry_or_proxy_hears_what_to_dial(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (first-run hunt): a worker whose hub_url named a proxy's or a registry's port logged
+    their 404 (the registry's an HTML page) for ever, with no word of what to dial; and a client that
+    asked a registry for a page it has no got that HTML page, where hub and proxy answer JSON."""
+    registry = await grid.registry(hubs=())
+    unknown = await grid.http.get(registry.value + "/v1/models")
+    assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Unknown endpoint: GET /v1/models"
+    proxy = await grid.proxy(hubs=())
+    sim_url, _ = await grid.sim()
+    caplog.set_level(logging.ERROR, logger="ghubai.worker")
+    for url in (registry.value, proxy.value):
+        caplog.clear()
+        worker = await grid.worker(url, sim_url, wait=False)
+
+        async def told() -> bool:
+            return "no /gridhub there: hub_url must name a hub, not a proxy or a registry" in caplog.text
+
+        await eventually(told, "the worker to say what its hub_url must name")
+        worker.stop()

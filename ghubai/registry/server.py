@@ -15,9 +15,11 @@ from functools import partial
 from typing import Any
 
 import trio
-from quart import Response, request
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
 
+from ghubai import dialects
 from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_text, unlisted_hubs
 from ghubai.errors import ApiError
 from ghubai.http11.server import connection_cap
@@ -139,6 +141,14 @@ def create_app(hub_list: HubList) -> QuartTrio:
 
     def no_list() -> Response:
         return error(503, hub_list.config_error or "no list of hubs yet")
+
+    async def unknown(failure: HTTPException) -> Response:  # JSON, as hub and proxy answer (quart's was an HTML page)
+        asked = request if has_request_context() else websocket  # (a worker that dials it for a hub)
+        status = failure.code or 500
+        said = dialects.unknown_endpoint(asked.method, asked.path) if status == 404 else failure.description or "error"
+        return Response(ApiError(status, said).body_for(asked.path), status, content_type="application/json")
+
+    app.register_error_handler(HTTPException, unknown)
 
     @app.get("/hubs")
     async def hubs() -> Response:

@@ -281,6 +281,8 @@ class Worker:
                 rejected = _first(group)
                 assert isinstance(rejected, trio_websocket.ConnectionRejected)
                 reason = (rejected.body or b"").decode(errors="replace").strip()[:200]
+                if rejected.status_code == 404:  # a proxy's or registry's port for a hub's (first-run hunt)
+                    reason = "no /gridhub there: hub_url must name a hub, not a proxy or a registry"
                 log.error("hub %s refused this worker: HTTP %s %s", url, rejected.status_code, reason)
             except* trio_websocket.ConnectionClosed as group:
                 closed = _first(group)
