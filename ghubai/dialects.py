@@ -157,6 +157,7 @@ NOT_AN_ENGINE = "a GhubAi hub or proxy, not an engine: a worker's [engine] url m
                 "(Ollama listens on 11434)"
 ENGINE_LOOP = ApiError(508, f"This is {NOT_AN_ENGINE}", code="loop_detected")
 
+
 def unknown_endpoint(method: str, path: str) -> str:
     """A 404's words, with the likeliest slip named: an OpenAI client whose base URL lacks ``/v1``
     asks ``/chat/completions``."""

@@ -664,3 +664,13 @@ async def test_a_model_a_hub_served_moments_ago_keeps_its_metrics_label() -> Non
         hubs.set_health(hub, True, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": models,
                                           "loaded": []})
     assert not hubs.serves("sim") and hubs.labels("sim") and not hubs.labels("made-up")
+
+
+def test_a_404_names_the_missing_v1_only_where_it_would_be_found() -> None:
+    from ghubai.dialects import unknown_endpoint
+
+    assert unknown_endpoint("POST", "/chat/completions").endswith(
+        "(did you mean /v1/chat/completions? an OpenAI client's base_url ends in /v1)")
+    assert unknown_endpoint("GET", "/models").endswith("(did you mean /v1/models? an OpenAI client's base_url "
+                                                       "ends in /v1)")
+    assert unknown_endpoint("GET", "/nothing") == "Unknown endpoint: GET /nothing"

@@ -545,3 +545,14 @@ async def test_a_worker_pointed_at_a_registry_or_proxy_hears_what_to_dial(
 
         await eventually(told, "the worker to say what its hub_url must name")
         worker.stop()
+
+
+def test_a_registry_refusal_is_read_for_its_words_briefly() -> None:
+    """What the proxy's log quotes of a registry's error answer: its message in either dialect's
+    shape, printable and at most 300 characters; nothing for an answer that is not such JSON."""
+    from ghubai.proxy.follow import _said_by
+
+    assert _said_by(b'{"error": {"message": "no hubs key"}}') == ": no hubs key"
+    assert _said_by(b'{"error": "no hubs key"}') == ": no hubs key"
+    assert _said_by(b"<html>503</html>") == "" and _said_by(b"[1]") == "" and _said_by(b'{"error": 3}') == ""
+    assert len(_said_by(('{"error": "' + "x\\u001b" * 1000 + '"}').encode())) <= 302

@@ -302,7 +302,8 @@ class Engine:
             models = await self.list_models()
         except DISCOVERY_ERRORS as error:
             self.unserved = None
-            return Offer(problem=discovery_problem(error, bool(self.config.api_key)), detail=describe(error))
+            return Offer(problem=discovery_problem(error, bool(self.config.api_key)),
+                         detail=self.scrub(describe(error)))  # (for the log: as an engine's words are)
         if self.unserved is None:
             self.unserved = await self._probe()
         elif asked := self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
