@@ -157,4 +157,8 @@ async def test_data_that_mentions_an_error_is_data() -> None:
 ])
 def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: int) -> None:
     message = engine_error(payload)
-    assert message is not None and engine_failure(payload, message).status == status
+    assert message is not None
+    failure = engine_failure(payload, message)
+    assert failure.status == status
+    # as a refusal by HTTP status: the request's own fault goes to no other worker, the rest does
+    assert failure.retryable == (status in (429, 502))

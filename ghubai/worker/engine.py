@@ -169,16 +169,18 @@ def engine_error(payload: bytes) -> str | None:
 def engine_failure(payload: bytes, message: str) -> EngineError:
     """An engine's error object (``engine_error``'s ``message``) as the hub should tell it: with the
     error's own 4xx ``code`` when it gives one (llama.cpp and vLLM say so of a prompt longer than the
-    context: the client's 400, not a 502), else a 502. Retryable: before the answer's first byte
-    another worker may serve it (a larger context); an engine's 401 or 403 is the worker's key's
-    fault, and its 404 no client's missing model (the worker listed it)."""
+    context: the client's 400, not a 502), else a 502. Retryable as an engine's refusal by HTTP status
+    is: a 502 or 429 before the answer's first byte goes to another worker, a 4xx is the request's
+    (sent to every worker in turn, a prompt too long costs each a prefill and still fails); an
+    engine's 401 or 403 is the worker's key's fault, and its 404 no client's missing model (the worker
+    listed it)."""
     value = _decode(payload)
     error = value.get("error") if isinstance(value.get("error"), dict) else value
     code = error.get("code")
     if isinstance(code, str) and code.isascii() and code.isdigit() and len(code) == 3:  # (LiteLLM's: text)
         code = int(code)
     status = code if type(code) is int and 400 <= code < 500 and code not in (401, 403, 404) else 502
-    return EngineError(status, message, retryable=True)
+    return EngineError(status, message, retryable=status >= 500 or status == 429)
 
 
 # JSON of another shape (struct.error, OverflowError: an embedding's vector of nulls or of 1e39 to pack as float32)
