@@ -11,6 +11,7 @@ import ollama
 import openai
 import pytest
 import trio
+from openai.types.responses import ResponseErrorEvent
 
 from conftest import Grid, chat
 from ghubai import dialects
@@ -95,8 +96,11 @@ async def test_a_responses_stream_the_engine_breaks_ends_in_an_error_and_an_engi
             await sdk.responses.create(model="old", input="x")
         assert unserved.value.status_code == 501 and unserved.value.code == "api_not_served"
     raw = await grid.http.post(hub.value + "/v1/responses", json={"model": "sim", "input": "x", "stream": True})
-    event, data = raw.text.rstrip("\n").rpartition("\n\n")[2].split("\n")  # (hunt: typed, as its other events)
-    assert event == "event: error" and json.loads(data.removeprefix("data: "))["type"] == "error"
+    *events, last = raw.text.rstrip("\n").split("\n\n")
+    event, data = last.split("\n")  # (hunt: typed, as its other events, and numbered after them)
+    error = ResponseErrorEvent.model_validate_json(data.removeprefix("data: "))
+    before = json.loads(events[-1].partition("data: ")[2])
+    assert event == "event: error" and error.sequence_number == before["sequence_number"] + 1 > 1
 
 
 async def test_ollama_native_api_streams_ndjson_by_default(grid: Grid) -> None:

@@ -3,11 +3,12 @@ error object, without an engine: each network read is a list of byte strings her
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
 
-from ghubai.errors import describe
+from ghubai.errors import ApiError, describe, next_sequence_number
 from ghubai.http11.client import TooLarge
 from ghubai.worker.engine import (MAX_RECORD_BYTES, _usage_of, engine_error, engine_failure, ndjson_payloads,
                                   sse_payloads)
@@ -162,3 +163,15 @@ def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: in
     assert failure.status == status
     # as a refusal by HTTP status: the request's own fault goes to no other worker, the rest does
     assert failure.retryable == (status in (429, 502))
+
+
+@pytest.mark.parametrize("sent, number", [
+    (b"", 0),  # (a stream that failed before its first event)
+    (b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n', 1),
+    (b'data: {"sequence_number": 7, "delta": "a"}\n\ndata: {"delta": "\\"sequence_number\\": 99"}\n\n', 8),  # vLLM's spacing
+    (b'data: {"sequence_number":41}\n\ndata: {"type": "x", "sequence_number":  42}\n\n', 43),
+])
+def test_a_responses_error_event_is_numbered_after_the_last_event_passed_on(sent: bytes, number: int) -> None:
+    assert next_sequence_number(sent) == number
+    event = ApiError(502, "cut").typed_event(sent)
+    assert json.loads(event.partition(b"data: ")[2])["sequence_number"] == number

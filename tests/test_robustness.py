@@ -466,8 +466,10 @@ async def test_each_timeout_that_ends_an_answer_names_itself(grid: Grid) -> None
     assert "sent nothing for 0.5 s in the middle of the answer (response_timeout_s)" in cut.text.splitlines()[-2]
     # (hunt) a Responses stream the proxy cuts ends as the hub ends one: with a typed error event
     cut = await grid.http.post(proxy.value + "/v1/responses", json={"model": "quiet", "input": "hi", "stream": True})
-    last = cut.text.rstrip().rsplit("\n\n", 1)[1]
-    assert last.startswith("event: error\ndata: ") and json.loads(last.split("data: ", 1)[1])["type"] == "error", last
+    before, last = cut.text.rstrip().rsplit("\n\n", 2)[1:]
+    error = json.loads(last.split("data: ", 1)[1])
+    assert last.startswith("event: error\ndata: ") and error["type"] == "error", last
+    assert error["sequence_number"] == json.loads(before.split("data: ", 1)[1])["sequence_number"] + 1 > 1, cut.text
 
     third = await grid.hub()
     await grid.worker(third.value, quiet_url, idle_timeout_s=0.3)

@@ -27,9 +27,9 @@ class Dialect:
     boundary: bytes  # where one event ends
     typed: bool = False  # the Responses API's: its error event is typed too
 
-    def failure(self, error: ApiError) -> bytes:
-        """The event that ends a stream that failed after its first byte."""
-        return error.typed_event() if self.typed else error.stream_end(self.sse)
+    def failure(self, error: ApiError, sent: bytes) -> bytes:
+        """The event that ends a stream that failed after its first byte, the last bytes ``sent``."""
+        return error.typed_event(sent) if self.typed else error.stream_end(self.sse)
 
 
 def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -47,10 +47,12 @@ def dialect_of(api: str) -> Dialect:
     return RESPONSES if api == "openai.responses" else OPENAI if api.startswith("openai.") else OLLAMA
 
 
-def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError], None], held: bytearray) -> bytes:
+def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError], None], held: bytearray,
+            sent: bytes) -> bytes:
     """The frames as the client's bytes: whole events only (a worker cuts a huge event into
     records, and the answer may fail between two), the start of the next held back in ``held``,
-    and dropped when an error ends the stream: its error event then follows whole events."""
+    and dropped when an error ends the stream: its error event then follows whole events (those
+    of this batch, else the last ``sent``)."""
     out = []
     for frame in frames:
         if isinstance(frame, protocol.Chunk):
@@ -64,7 +66,7 @@ def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError],
             held.clear()
             error = client_error(frame)
             failed(error)
-            out.append(dialect.failure(error))
+            out.append(dialect.failure(error, b"".join(out) or sent))
     return b"".join(out)
 
 
@@ -78,20 +80,22 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
     bytes, and only then does the worker get credit to send more. ``failed`` hears of
     an error that ends the stream after its first byte; the last message carries the stream's end."""
     held = bytearray()  # the start of an event whose end has not arrived
+    sent = b""  # the last bytes passed on: their last event's number is the next one's less one
     try:
         frames = [first, *exchange.arrived()]  # a short answer often has its end here too: one write
-        await send(_render(frames, dialect, failed, held), not exchange.done)
+        await send(sent := _render(frames, dialect, failed, held, sent), not exchange.done)
         exchange.passed_on(_size(frames))  # (held bytes too: the worker needs credit to send the rest)
         async for batch in exchange.batches():
-            await send(_render(batch, dialect, failed, held), not exchange.done)
+            await send(out := _render(batch, dialect, failed, held, sent), not exchange.done)
+            sent = out or sent
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
         failed(error)
-        await send(dialect.failure(error), False)
+        await send(dialect.failure(error, sent), False)
     except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
         failed(internal := ApiError(500, "internal error in the hub"))
-        await send(dialect.failure(internal), False)
+        await send(dialect.failure(internal, sent), False)
     finally:
         exchange.close()
 

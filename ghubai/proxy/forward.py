@@ -116,12 +116,15 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
             *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 
 
-def _final_error(content_type: bytes, path: str, message: str) -> bytes:
-    """The error that ends a stream cut in the middle, in the stream's own framing (none for others):
-    on ``path`` /v1/responses, a typed ``error`` event, as the hub ends such a stream."""
+def _final_error(content_type: bytes, path: str, message: str, sent: bytes) -> bytes:
+    """The error that ends a stream cut in the middle after ``sent`` (the last bytes passed on), in
+    the stream's own framing (none for others): on ``path`` /v1/responses, a typed ``error`` event,
+    as the hub ends such a stream."""
     error = ApiError(502, message)
     if content_type.startswith(b"text/event-stream"):
-        return error.typed_event() if path == protocol.API_PATHS["openai.responses"] else error.stream_end(sse=True)
+        if path == protocol.API_PATHS["openai.responses"]:
+            return error.typed_event(sent)
+        return error.stream_end(sse=True)
     if content_type.startswith(b"application/x-ndjson"):
         return error.stream_end(sse=False)
     return b""
@@ -351,7 +354,7 @@ class Forwarder:
                 said = f"Hub {hub.name} failed in the middle of the answer"
                 outcome.status, outcome.reason = 502, "the hub's answer broke off"
             log.warning("hub %s failed mid-answer: %s", hub.name, error)
-            await self._end_cut(conn, pending, content_type, said)
+            await self._end_cut(conn, pending, content_type, said, last)
             return
         except BaseException:
             await upstream.aclose()  # the client left, or we are stopping: the hub must hear it now
@@ -359,17 +362,18 @@ class Forwarder:
                 outcome.status, outcome.reason = 502, HUB_ERROR_EVENT
             if self.stopping and conn.response_started and not conn.cut_mid_write:  # (else it just closes)
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + STOP_WRITE_S):
-                    await self._end_cut(conn, [], content_type, STOPPING)
+                    await self._end_cut(conn, [], content_type, STOPPING, last)
             raise
         await self.hubs.release(hub, upstream)
         if boundary and _ends_in_error(last, boundary):
             outcome.status, outcome.reason = 502, HUB_ERROR_EVENT
 
     @staticmethod
-    async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str) -> None:
-        """End an answer cut after its first byte with a final error event in its own framing;
-        without one the answer stays unfinished and the client sees it cut."""
-        if final := _final_error(content_type, conn.head.partition(" ")[2], message):
+    async def _end_cut(conn: Connection, pending: list[h11.Event], content_type: bytes, message: str,
+                       sent: bytes) -> None:
+        """End an answer cut after its first byte (``sent`` its last bytes passed on) with a final
+        error event in its own framing; without one the answer stays unfinished and the client sees it cut."""
+        if final := _final_error(content_type, conn.head.partition(" ")[2], message, sent):
             pending = [*pending, h11.Data(data=final), h11.EndOfMessage()]
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
             await conn.send(*pending)
