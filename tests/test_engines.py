@@ -924,6 +924,36 @@ async def test_an_sse_end_in_a_responses_stream_is_no_end(grid: Grid) -> None:
     assert last.startswith("event: error\n") and "without finishing its answer" in last, response.text
 
 
+async def test_a_stored_response_is_asked_of_engines_that_store_them_never_of_ollama(grid: Grid) -> None:
+    """Hunt: Ollama's Responses API stores nothing and ignores ``previous_response_id``: it answered
+    200, the conversation's earlier turns silently forgotten. Its worker now says 404, as an engine
+    without that response does, and the hub tries the next worker, whose engine may hold it."""
+    async def stores(conn: Connection, request: Request) -> None:  # a vLLM that kept resp_1
+        if not await _openai_engine(conn, request):
+            held = json.loads(request.body or b"{}").get("previous_response_id") == "resp_1"
+            await conn.respond_json(200 if held else 404, {
+                "id": "resp_2", "object": "response", "status": "completed", "model": "sim",
+                "output": [{"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                            "content": [{"type": "output_text", "text": "still here", "annotations": []}]}],
+                "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5}} if held else
+                {"error": {"message": "Response with id 'x' not found.", "type": "invalid_request_error"}})
+
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, name="ollama")
+    later = {"model": "sim", "input": "and then?", "previous_response_id": "resp_1"}
+    for field, value in (("previous_response_id", "resp_1"), ("conversation", {"id": "conv_1"})):
+        alone = await grid.http.post(hub.value + "/v1/responses", json={"model": "sim", "input": "x", field: value})
+        assert alone.status_code == 404 and "Ollama stores no responses" in alone.text, alone.text
+    await grid.worker(hub.value, await grid.fake_engine(stores), kind="openai", name="vllm")
+    for _ in range(3):  # (whichever worker the hub picks first)
+        answer = await grid.http.post(hub.value + "/v1/responses", json=later)
+        assert answer.status_code == 200 and answer.json()["output"][0]["content"][0]["text"] == "still here"
+        assert answer.headers["x-ghubai-worker"] == "vllm"
+    fresh = await grid.http.post(hub.value + "/v1/responses", json={**later, "previous_response_id": None})
+    assert fresh.status_code == 200 and fresh.headers["x-ghubai-worker"] == "ollama", fresh.text  # (a new one)
+
+
 async def test_a_malformed_line_passed_through_is_the_engine_s_fault_and_not_generated_again(grid: Grid) -> None:
     """Review: where the worker passes an engine's lines through (an Ollama client, an Ollama engine)
     and reads only those that carry usage, a malformed one was "engine connection failed

@@ -183,6 +183,18 @@ def engine_failure(payload: bytes, message: str) -> EngineError:
     return EngineError(status, message, retryable=status >= 500 or status == 429)
 
 
+def _stateless(body: dict[str, Any]) -> None:
+    """Refuse a Responses request that continues a stored one, as an engine that holds no such
+    response does (OpenAI's and vLLM's 404), retryable: a worker whose engine stores responses may
+    hold it. Ollama stores none and ignores ``previous_response_id`` and ``conversation``: it
+    answered 200, as if the conversation had no earlier turns."""
+    for field, kind in (("previous_response_id", "Response"), ("conversation", "Conversation")):
+        if value := body.get(field):
+            named = value.get("id") if isinstance(value, dict) else value
+            raise EngineError(404, f"{kind} with id '{str(named)[:100]}' not found (Ollama stores no responses: "
+                              "send the whole conversation as input)", retryable=True)
+
+
 # JSON of another shape (struct.error, OverflowError: an embedding's vector of nulls or of 1e39 to pack as float32)
 _SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError, OverflowError, struct.error)
 
@@ -427,6 +439,8 @@ class Engine:
     def _route(self, call: Call) -> tuple[Translator | None, str, dict[str, Any]]:
         """How the engine is asked: the translation between the client's API and the engine's (None:
         the engine speaks the client's), the engine's path, and the body to send it."""
+        if call.api == "openai.responses" and self.config.kind == "ollama":
+            _stateless(call.body)
         translator = translator_for(self.config.kind, call.api, self.capabilities)
         if translator is not None:
             try:
