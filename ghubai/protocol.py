@@ -222,13 +222,15 @@ class Error(Frame, tag="error", frozen=True):
     """Worker → hub: the request failed. ``retryable``: another worker may succeed. ``busy``: the
     worker had no free slot (other hubs filled it); the hub waits for its next ``load`` instead of
     counting a failed attempt. ``untranslatable``: its engine's API cannot say the request, and no
-    worker of its engine kind can: the hub tries the other kind, and counts no attempt."""
+    worker of its engine kind can: the hub tries the other kind, and counts no attempt.
+    ``retry_after``: the seconds the engine asked for with its 429 or 503, which its client hears."""
     id: RequestId
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
     message: str
     retryable: bool
     busy: bool = False
     untranslatable: bool = False
+    retry_after: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
 
 
 class Cancel(Frame, tag="cancel", frozen=True):

@@ -16,7 +16,8 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, next_request, read_until
-from ghubai.http11.client import KEEPALIVE_IDLE_S, KEEPALIVE_RACE_S, UNACKNOWLEDGED_S, ConnectionPool, open_stream
+from ghubai.http11.client import (KEEPALIVE_IDLE_S, KEEPALIVE_RACE_S, MAX_RETRY_AFTER_S, UNACKNOWLEDGED_S,
+                                  ConnectionPool, Response, open_stream)
 
 
 def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:
@@ -454,3 +455,13 @@ async def test_a_kept_connection_the_kernel_gave_up_on_is_passed_over_with_those
     with trio.fail_after(WAIT_S):
         assert await post(pool, {}) == (200, b"ok")
     assert connections == 3 and older.socket is not None and older.socket.fileno() == -1
+
+
+@pytest.mark.parametrize("value, seconds", [
+    (b"7", 7), (b"0", 0), (b"86400", MAX_RETRY_AFTER_S), (b"9" * 5000, MAX_RETRY_AFTER_S),  # (int() refuses 4,301 digits)
+    (b"Wed, 21 Oct 2015 07:28:00 GMT", 0), (b"Sun, 01 Jan 2090 00:00:00 -0000", MAX_RETRY_AFTER_S),  # past, far
+    (b"-3", None), (b"1.5", None), (b"\xc2\xb2", None), (b"soon", None), (None, None),
+])
+def test_a_retry_after_is_whole_seconds_from_now_within_an_hour(value: bytes | None, seconds: int | None) -> None:
+    head = h11.Response(status_code=429, headers=[] if value is None else [(b"Retry-After", value)])
+    assert Response(None, head, 1.0).retry_after == seconds  # type: ignore[arg-type]  # (no body is read)

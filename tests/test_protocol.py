@@ -23,6 +23,7 @@ FRAMES = [
     protocol.End(RID, {"prompt_tokens": 3, "completion_tokens": 5}),
     protocol.End(RID, None),
     protocol.Error(RID, 503, "full", retryable=True, busy=True),
+    protocol.Error(RID, 429, "slow down", retryable=True, retry_after=30),
     protocol.Cancel(RID),
     protocol.Credit(RID, 1024),
     protocol.Load(2),

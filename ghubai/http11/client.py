@@ -13,12 +13,15 @@ is how a server such as Ollama learns to stop generating.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import email.utils
 import errno
 import logging
 import math
 import select
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,6 +37,7 @@ log = logging.getLogger("ghubai.tls")
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
+MAX_RETRY_AFTER_S = 3600
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 
@@ -358,6 +362,23 @@ class Response:
         self.timeout_s = timeout_s
         self.ended = False  # the body has been read to its end
         self.until: float | None = None  # when set, the rest of the body must come by then (trio.TooSlowError)
+
+    @property
+    def retry_after(self) -> int | None:
+        """The server's ``Retry-After`` in whole seconds from now (it may give seconds or an HTTP
+        date), at most an hour; None without one, or with one that is neither."""
+        value = next((value for name, value in self.headers if name == b"retry-after"), b"").strip()
+        if value.isdigit():  # (bytes: ASCII digits only; int() refuses over 4,300 of them)
+            seconds = int(value) if len(value) < 10 else MAX_RETRY_AFTER_S
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value.decode("latin-1"))
+            except (TypeError, ValueError):
+                return None
+            if when.tzinfo is None:  # ("-0000": UTC, which a naive datetime is not)
+                when = when.replace(tzinfo=datetime.timezone.utc)
+            seconds = math.ceil(when.timestamp() - time.time())
+        return min(max(seconds, 0), MAX_RETRY_AFTER_S)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body, one piece per network read (however many chunks it held); each wait bounded by

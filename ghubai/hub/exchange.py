@@ -37,7 +37,7 @@ def client_error(frame: protocol.Error) -> ApiError:
     if status == 501:  # the worker's engine lacks the API's path
         return ApiError(501, message, code="api_not_served")
     if 400 <= status < 500 or status in (503, 504):
-        return ApiError(status, message)
+        return ApiError(status, message, retry_after=frame.retry_after)
     return ApiError(502, f"Engine error: {message}")
 
 
@@ -159,6 +159,8 @@ class Exchange:
                     self.state = State.DONE
                     raise last_error
                 continue
+            if refusal.retry_after is not None and last_error is not None and last_error.retry_after is not None:
+                refusal.retry_after = min(refusal.retry_after, last_error.retry_after)  # the soonest wait heard
             last_error = refusal
             attempts += 1
             if worker.gone and worker.id not in pardoned:  # a link that broke may say nothing of the

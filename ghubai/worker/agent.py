@@ -514,7 +514,7 @@ class Worker:
                     "%s for %s: engine error %d: %s%s", call.api, model, error.status, message,
                     f": {detail}" if detail else "")
             link.send(protocol.Error(request_id, error.status, message, error.retryable,
-                                     untranslatable=untranslatable))
+                                     untranslatable=untranslatable, retry_after=error.retry_after))
             tracing.annotate(**{"http.response.status_code": error.status})
             if error.cause is Cause.MODEL_MISSING:
                 self._rediscover.set()

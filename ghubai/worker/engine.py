@@ -52,13 +52,14 @@ class EngineError(Exception):
     more for the worker's log, which the client must not read (the engine's address)."""
 
     def __init__(self, status: int, message: str, retryable: bool, cause: Cause | None = None,
-                 detail: str = "") -> None:
+                 detail: str = "", retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.retryable = retryable
         self.cause = cause
         self.detail = detail
+        self.retry_after = retry_after  # (seconds: the engine's Retry-After)
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,8 @@ def _stateless(body: dict[str, Any]) -> None:
     response does (OpenAI's and vLLM's 404), retryable: a worker whose engine stores responses may
     hold it. Ollama stores none and ignores ``previous_response_id`` and ``conversation``: it
     answered 200, as if the conversation had no earlier turns."""
-    for field, kind in (("previous_response_id", "Response"), ("conversation", "Conversation")):
-        if value := body.get(field):
+    for key, kind in (("previous_response_id", "Response"), ("conversation", "Conversation")):
+        if value := body.get(key):
             named = value.get("id") if isinstance(value, dict) else value
             raise EngineError(404, f"{kind} with id '{str(named)[:100]}' not found (Ollama stores no responses: "
                               "send the whole conversation as input)", retryable=True)
@@ -486,7 +487,8 @@ class Engine:
         try:
             async with self.pool.request(method, self.prefix + path, headers, raw_body, math.inf) as response:
                 if response.status != 200:
-                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path)
+                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path,
+                                        response.retry_after)
                 if not call.stream:
                     yield await self._whole(response, call, translator, path)
                     return
@@ -533,7 +535,8 @@ class Engine:
                          if text.endswith(secret[:cut])), text)
         return text
 
-    def _refusal(self, status: int, raw: bytes, method: str, path: str) -> EngineError:
+    def _refusal(self, status: int, raw: bytes, method: str, path: str, wait: int | None = None) -> EngineError:
+        """An engine's answer other than 200 as the hub should hear it; ``wait``, its Retry-After."""
         message = self.scrub(_error_message(raw))  # (before it is bracketed: a key cut short at its end is found)
         if status in (401, 403):  # without the engine's words: some echo the key they were given
             return EngineError(502, f"{CREDENTIALS_REFUSED} (HTTP {status})", retryable=True,
@@ -545,7 +548,8 @@ class Engine:
         if status == 404:  # (another worker's engine may hold the model, or the stored response)
             return EngineError(404, message, retryable=True,
                                cause=Cause.MODEL_MISSING if "model" in message.lower() else None)
-        return EngineError(status, message, retryable=status >= 500 or status == 429)
+        return EngineError(status, message, retryable=status >= 500 or status == 429,
+                           retry_after=wait if status in (429, 503) else None)
 
     def _render(self, call: Call, batch: list[bytes], sse: bool) -> bytes:
         """The payloads as the client receives them. Usage is noted (and dropped if the client did
