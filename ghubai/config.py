@@ -234,10 +234,18 @@ _OWN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "co
 
 def _readable(path: str) -> str | None:
     """A TLS file the daemon will read: checked here, so that a wrong path is a one-line error that
-    names its key (and ``ghubai check`` finds it), not a traceback at startup."""
-    if not path or os.access(path, os.R_OK):
+    names its key (and ``ghubai check`` finds it), not a traceback at startup. Opened, and the
+    system's reason said: a file in a folder the daemon's user may not enter (certbot's ``live/``)
+    was "no such file" to an existence check; a folder passed an access check."""
+    if not path:
         return None
-    return f"cannot read {path!r}" + ("" if os.path.exists(path) else " (no such file)")
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        os.close(os.open(path, os.O_RDONLY))
+    except OSError as error:
+        return f"cannot read {path!r} ({error.strerror})"
+    return None
 
 
 def engine_key_problem(key: str) -> str | None:

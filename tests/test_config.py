@@ -259,6 +259,18 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
     assert "Traceback" not in result.stderr
 
 
+def test_a_tls_file_that_cannot_be_read_says_why(tmp_path: Path) -> None:
+    """Hunt: a certificate in a folder the daemon's user may not enter (certbot's ``live/`` is 0700)
+    was "(no such file)", and a folder passed the check, to fail at startup. (As root, the tests
+    cannot be refused by a file's mode: a path through a file stands for it, the same stat failing.)"""
+    (tmp_path / "afile").touch()
+    for path, why in ((tmp_path / "afile" / "cert.pem", "Not a directory"), (tmp_path, "Is a directory"),
+                      (tmp_path / "gone.pem", "No such file or directory")):
+        with pytest.raises(ConfigError) as refused:
+            parse("hub", f'tls_cert = "{path}"\n')
+        assert f"tls_cert: cannot read '{path}' ({why})" in str(refused.value), str(refused.value)
+
+
 def test_an_unreadable_certificate_is_one_error_not_two(tmp_path: Path) -> None:
     """Regression (a hunt): a tls_cert it could not read was left empty, and the key beside it was
     then reported as given without one."""
