@@ -55,7 +55,7 @@ async def test_the_responses_api_reaches_engines_that_serve_it_whole_and_streame
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
         whole = await sdk.responses.create(model="sim", instructions="be brief", input="once upon")
         assert whole.status == "completed" and len(whole.output_text.split()) == 6
-        assert (whole.usage.input_tokens, whole.usage.output_tokens) == (2, 6)
+        assert (whole.usage.input_tokens, whole.usage.output_tokens) == (4, 6)  # (its instructions count)
         cut = await sdk.responses.create(model="sim", input=[{"role": "user", "content": "x"}], max_output_tokens=3)
         assert cut.status == "incomplete" and len(cut.output_text.split()) == 3
         events = [event async for event in await sdk.responses.create(model="sim", input="x", stream=True)]

@@ -6,7 +6,7 @@ import base64
 import datetime
 import json
 import struct
-from typing import Literal
+from typing import Any, Literal
 
 import ollama
 import openai
@@ -214,6 +214,38 @@ async def test_structured_answers_fit_the_schemas_pydantic_writes(grid: Grid) ->
     native = await ollama.AsyncClient(host=url).chat(model="sim", messages=[{"role": "user", "content": "who"}],
                                                      format=Person.model_json_schema())
     Person.model_validate_json(native.message.content)
+
+
+async def test_the_responses_api_answers_with_its_tools_formats_and_instructions(grid: Grid) -> None:
+    """Hunt: the simulator's Responses API read tools and JSON formats as chat completions give them:
+    a forced flat tool was an empty answer (the Agents SDK's default model got nothing), and
+    ``responses.parse`` got text; its ``instructions`` were neither counted nor said back."""
+    class Address(pydantic.BaseModel):
+        city: str
+        zip: int
+
+    url, _ = await grid.sim()
+    weather = {"type": "function", "name": "weather", "description": "", "strict": False,
+               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    address = openai.pydantic_function_tool(Address)["function"]
+    tools: Any = [weather, {"type": "function", **address}]
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
+        plain = await sdk.responses.create(model="sim", input="once upon")
+        told = await sdk.responses.create(model="sim", instructions="be very brief", input="once upon")
+        assert told.instructions == "be very brief" and told.usage.input_tokens == plain.usage.input_tokens + 3
+        for choice, name in (("required", "weather"), ({"type": "function", "name": "Address"}, "Address")):
+            called = await sdk.responses.create(model="sim", input="where", tools=tools, tool_choice=choice)
+            assert [(item.type, item.name) for item in called.output] == [("function_call", name)], called.output
+            assert isinstance(json.loads(called.output[0].arguments), dict) and called.to_dict()["tool_choice"] == choice
+        async with sdk.responses.stream(model="sim", input="where", tools=tools, tool_choice="required") as stream:
+            events = [event.type async for event in stream]
+            final = await stream.get_final_response()
+        assert "response.function_call_arguments.done" in events and "response.output_text.delta" not in events
+        assert final.output[0].type == "function_call" and json.loads(final.output[0].arguments).keys() == {"city"}
+        parsed = await sdk.responses.parse(model="sim", input="who", text_format=Address)
+        assert isinstance(parsed.output_parsed, Address) and parsed.text.format.type == "json_schema"
+        whole = await sdk.responses.create(model="sim", input="who", text={"format": {"type": "json_object"}})
+        assert isinstance(json.loads(whole.output_text), dict)
 
 
 async def test_requests_are_answered_as_each_api_reads_them(grid: Grid) -> None:

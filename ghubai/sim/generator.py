@@ -345,26 +345,33 @@ def _resolved(schema: dict[str, Any], root: Any) -> dict[str, Any]:
 
 
 def requested_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The tool a request forces (``tool_choice`` naming a function, or ``"required"``: the first)."""
-    tools = [tool.get("function", {}) for tool in body.get("tools") or [] if isinstance(tool, dict)]
+    """The tool a request forces (``tool_choice`` naming a function, or ``"required"``: the first),
+    as chat completions and Ollama give tools (``{"type": "function", "function": {...}}``) and
+    as the Responses API does (``{"type": "function", "name": ...}``)."""
+    tools = [tool.get("function", tool) for tool in body.get("tools") or []
+             if isinstance(tool, dict) and tool.get("type", "function") == "function"]
+    tools = [tool for tool in tools if isinstance(tool, dict)]
     choice = body.get("tool_choice")
     if not tools or not (choice == "required" or isinstance(choice, dict)):
         return None
-    wanted = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
+    wanted = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
     tool = next((t for t in tools if t.get("name") == wanted), tools[0])
     return str(tool.get("name", "")), fit(tool.get("parameters") or {"type": "object"})
 
 
 def requested_json(body: dict[str, Any], dialect: str) -> tuple[bool, Any]:
-    """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format``, each on
-    its own API only), and its schema."""
+    """Whether the answer must be JSON (Ollama's ``format``, OpenAI's ``response_format`` and the
+    Responses API's ``text.format``, each on its own API only), and its schema."""
     fmt = body.get("format") if dialect == "ollama" else None
+    text = body.get("text") if dialect == "openai" else None
     response_format = body.get("response_format") if dialect == "openai" else None
+    if response_format is None and isinstance(text, dict):
+        response_format = text.get("format")
     response_format = response_format if isinstance(response_format, dict) else {}
     if fmt == "json" or response_format.get("type") == "json_object":
         return True, None
     if isinstance(fmt, dict):
         return True, fmt
-    if response_format.get("type") == "json_schema":
-        return True, (response_format.get("json_schema") or {}).get("schema")
+    if response_format.get("type") == "json_schema":  # (the Responses API's schema sits beside its type)
+        return True, (response_format.get("json_schema") or response_format).get("schema")
     return False, None

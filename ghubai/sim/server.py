@@ -44,6 +44,10 @@ def _text_of(content: Any, dialect: str) -> str:
 
 
 def _prompt(body: dict[str, Any], dialect: str) -> str:
+    """The request's text, as the model would read it: the Responses API's ``instructions`` first
+    (Ollama's and vLLM's system message)."""
+    if isinstance(instructions := body.get("instructions"), str) and instructions:
+        return f"{instructions} {_prompt({**body, 'instructions': None}, dialect)}"
     if "messages" in body:
         messages = body["messages"] if isinstance(body["messages"], list) else []
         return " ".join(_text_of(m.get("content"), dialect) for m in messages if isinstance(m, dict))
@@ -215,6 +219,8 @@ class SimServer:
             generation.answer_with_json(fit(schema))
         shape = shape_class(asked, generation, include_usage)
         shape.usage_with_choices = self.sim.options.usage_with_choices
+        if isinstance(shape, OpenAIResponse):
+            shape.echo(body)
         if isinstance(shape, OllamaShape) and body.get("logprobs") is True:
             if type(top := body.get("top_logprobs", 0)) is not int or not 0 <= top <= 20:
                 raise ApiError(400, "top_logprobs must be between 0 and 20")  # (as Ollama's)

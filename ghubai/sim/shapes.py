@@ -162,13 +162,21 @@ class OpenAICompletion(OpenAIShape):
 
 class OpenAIResponse(OpenAIShape):
     """``/v1/responses``, OpenAI's Responses API as vLLM and Ollama serve it: typed events, each
-    numbered, named by an ``event:`` line too, and no ``[DONE]``: its last event is the whole answer."""
+    numbered, named by an ``event:`` line too, and no ``[DONE]``: its last event is the whole answer,
+    which says back the request's ``instructions``, tools and text format. Its one output item is a
+    message, or the function call a request forced."""
     prefix = "resp_"
 
     def __init__(self, model: str, gen: Generation, include_usage: bool) -> None:
         self.sequence = 0
-        self.item = "msg_" + uuid.uuid4().hex[:24]
+        self.item = ("fc_" if gen.tool_call else "msg_") + uuid.uuid4().hex[:24]
+        self.echoed: dict[str, Any] = {"instructions": None, "tools": [], "tool_choice": "auto",
+                                       "text": {"format": {"type": "text"}}}
         super().__init__(model, gen, include_usage)
+
+    def echo(self, request: dict[str, Any]) -> None:
+        """Say back what ``request`` asked for, as the whole answer does."""
+        self.echoed.update((key, request[key]) for key in self.echoed if request.get(key) is not None)
 
     def token_value(self, token: str) -> dict[str, Any]:
         return {"type": "response.output_text.delta", "item_id": self.item, "output_index": 0, "content_index": 0,
@@ -181,9 +189,13 @@ class OpenAIResponse(OpenAIShape):
         value["sequence_number"], self.sequence = self.sequence, self.sequence + 1
         return f"event: {value['type']}\n".encode() + super().event(value)
 
-    def _message(self, text: str, status: str) -> dict[str, Any]:
+    def _item(self, status: str) -> dict[str, Any]:
         done = status != "in_progress"
-        content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}] if done else []
+        if self.gen.tool_call is not None:
+            name, arguments = self.gen.tool_call
+            return {"id": self.item, "type": "function_call", "status": status, "call_id": "call_" + self.item[-12:],
+                    "name": name, "arguments": json.dumps(arguments) if done else ""}
+        content = [{"type": "output_text", "text": self.gen.text, "annotations": [], "logprobs": []}] if done else []
         return {"id": self.item, "type": "message", "status": status, "role": "assistant", "content": content}
 
     def _response(self, status: str) -> dict[str, Any]:
@@ -192,29 +204,35 @@ class OpenAIResponse(OpenAIShape):
                  "total_tokens": self.gen.prompt_tokens + self.gen.completion_tokens,
                  "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
-                "output": [self._message(self.gen.text, "completed")] if done else [], "usage": usage if done else None,
+                "output": [self._item("completed")] if done else [], "usage": usage if done else None,
                 "error": None,
                 "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "instructions": None, "tools": [], "tool_choice": "auto", "parallel_tool_calls": True,
-                "text": {"format": {"type": "text"}}}
+                "parallel_tool_calls": True, **self.echoed}
 
     def head(self) -> bytes:
-        return b"".join(self.event(value) for value in (
+        events: list[dict[str, Any]] = [
             {"type": "response.created", "response": self._response("in_progress")},
             {"type": "response.in_progress", "response": self._response("in_progress")},
-            {"type": "response.output_item.added", "output_index": 0, "item": self._message("", "in_progress")},
-            {"type": "response.content_part.added", "item_id": self.item, "output_index": 0, "content_index": 0,
-             "part": {"type": "output_text", "text": "", "annotations": []}}))
+            {"type": "response.output_item.added", "output_index": 0, "item": self._item("in_progress")}]
+        if self.gen.tool_call is None:
+            events.append({"type": "response.content_part.added", "item_id": self.item, "output_index": 0,
+                           "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})
+        return b"".join(map(self.event, events))
 
     def tail(self) -> bytes:
-        text, status = self.gen.text, self.whole()["status"]
-        return b"".join(self.event(value) for value in (
-            {"type": "response.output_text.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-             "text": text, "logprobs": []},
-            {"type": "response.content_part.done", "item_id": self.item, "output_index": 0, "content_index": 0,
-             "part": {"type": "output_text", "text": text, "annotations": []}},
-            {"type": "response.output_item.done", "output_index": 0, "item": self._message(text, "completed")},
-            {"type": f"response.{status}", "response": self._response(status)}))
+        item, status = self._item("completed"), self.whole()["status"]
+        at = {"item_id": self.item, "output_index": 0}
+        if self.gen.tool_call is not None:
+            events = [{"type": "response.function_call_arguments.delta", **at, "delta": item["arguments"]},
+                      {"type": "response.function_call_arguments.done", **at, "name": item["name"],
+                       "arguments": item["arguments"]}]
+        else:
+            text = self.gen.text
+            events = [{"type": "response.output_text.done", **at, "content_index": 0, "text": text, "logprobs": []},
+                      {"type": "response.content_part.done", **at, "content_index": 0,
+                       "part": {"type": "output_text", "text": text, "annotations": []}}]
+        return b"".join(map(self.event, [*events, {"type": "response.output_item.done", "output_index": 0, "item": item},
+                                         {"type": f"response.{status}", "response": self._response(status)}]))
 
     def whole(self) -> dict[str, Any]:
         return self._response("incomplete" if self.gen.finish_reason == "length" else "completed")
