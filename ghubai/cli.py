@@ -51,14 +51,16 @@ async def _until_signal(scope: trio.CancelScope, drain: trio.Event | None, servi
 Main = Callable[[trio.Event, Service], Awaitable[object]]
 
 
-def _run(main: Main, reloads: bool = True) -> int:
-    """Run ``main(drain, service)`` until it returns or a signal stops it; a clean stop exits 0."""
-    return _serve(main, reloads, drains=True)
+def _run(main: Main) -> int:
+    """Run a daemon, ``main(drain, service)``, until it returns or a signal stops it; a clean stop
+    exits 0. SIGHUP reloads it."""
+    return _serve(main, reloads=True, drains=True)
 
 
-def _stopping_on(main: Callable[[Service], Awaitable[object]], reloads: bool = True) -> int:
-    """Run a role with nothing to drain: SIGTERM simply stops it."""
-    return _serve(lambda drain, service: main(service), reloads, drains=False)
+def _stopping_on(main: Callable[[Service], Awaitable[object]]) -> int:
+    """Run a role with nothing to drain and nothing to reload (``ghubai up``, the simulator):
+    SIGTERM simply stops it, and SIGHUP too."""
+    return _serve(lambda drain, service: main(service), reloads=False, drains=False)
 
 
 def _serve(main: Main, reloads: bool, drains: bool) -> int:
@@ -170,7 +172,7 @@ def _sim(args: argparse.Namespace) -> int:
         disabled=frozenset(path.strip() for path in args.disable.split(",") if path.strip()), slots=args.slots,
         usage_with_choices=args.usage_with_choices, load_ms=args.load_ms, max_loaded=args.max_loaded,
         prefill_us_per_token=args.prefill_us_per_token)
-    return _stopping_on(lambda service: serve(Simulator(options), args.listen), reloads=False)
+    return _stopping_on(lambda service: serve(Simulator(options), args.listen))
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -190,7 +192,7 @@ def _up(args: argparse.Namespace) -> int:
         if problem := engine_key_problem(key):  # (as the worker checks it; a key read from a file keeps its line end)
             raise ConfigError([f"--engine-api-key-env: {args.engine_api_key_env} {problem}"])
     return _stopping_on(lambda service: up(port=args.port, backend=args.backend, engine_url=args.engine_url,
-                                           engine_api_key=key), reloads=False)
+                                           engine_api_key=key))
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -67,6 +67,14 @@ def listen_host(host: str) -> str | None:
     return None if host == "::" else host
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an unbracketed IP address) is this machine's loopback."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _address(value: str) -> str | None:
     try:
         host, _ = split_hostport(value)

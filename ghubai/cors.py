@@ -17,12 +17,13 @@ attacker pointed at 127.0.0.1 (DNS rebinding) is no page of the server's, as Oll
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
 
 import idna
+
+from ghubai.config import is_loopback
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -53,7 +54,7 @@ class Origins:
     def __init__(self, origins: Iterable[str], listen: str = "") -> None:
         self.names = frozenset(_origin(origin) for origin in origins)
         self.any = ANY.encode() in self.names
-        self.local = _loopback(listen.rpartition(":")[0].strip("[]"))  # reached from this machine only
+        self.local = is_loopback(listen.rpartition(":")[0].strip("[]"))  # reached from this machine only
 
     def __bool__(self) -> bool:
         return bool(self.names)
@@ -79,20 +80,13 @@ def stranger(origins: Origins, headers: Sequence[tuple[bytes, bytes]]) -> str | 
     return None if own and (not origins.local or _this_machine(host)) else origin.decode("latin-1")
 
 
-def _loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _this_machine(host: str) -> bool:
     """A ``Host`` that names this machine (its loopback addresses, ``localhost``, its own name)."""
     try:
         name = urlsplit(f"//{host}").hostname or ""
     except ValueError:
         return False
-    return _loopback(name) or name.endswith(".localhost") or name == socket.gethostname().lower()
+    return is_loopback(name) or name.endswith(".localhost") or name == socket.gethostname().lower()
 
 
 def refusal(origin: str) -> str:

@@ -259,7 +259,8 @@ class Ping(Frame, tag="ping", frozen=True):
 
 
 class Pong(Frame, tag="pong", frozen=True):
-    """The answer to ``ping``, with the same count."""
+    """The answer to ``ping``, with the answering side's own count of running requests; at most one
+    a quarter heartbeat (``link.pong_due``), however many pings come."""
     inflight: Count
 
 

@@ -3,17 +3,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import ssl
 import sys
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
-from ghubai.config import ca_file_problem, redacted, scrubbed
+from ghubai.config import ca_file_problem, is_loopback, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
@@ -78,28 +77,20 @@ def healthy(data: dict[str, Any]) -> bool:
     return all(hub["up"] for hub in data["hubs"]) and any(hub["workers"] for hub in data["hubs"])
 
 
-def _loopback(url: str) -> bool:
-    host = urlsplit(url).hostname or ""
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
     """The dashboard's data, within ``TIMEOUT_S`` for the whole answer (httpx bounds each read only:
     a peer that trickles a byte a second held a cron check for ever); raises trio.TooSlowError."""
     # a grid on this machine is reached directly, whatever HTTP_PROXY says (no_proxy names localhost,
     # rarely 127.0.0.1); a remote one as the operator's environment says
     with trio.fail_after(TIMEOUT_S):
-        async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not _loopback(url)) as http:
+        direct = is_loopback(urlsplit(url).hostname or "")
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not direct) as http:
             response = await http.get(url.rstrip("/") + "/dashboard/data")
             response.raise_for_status()
             return dict(response.json())
 
 
-def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, ca_file: str = "",
-           insecure: bool = False) -> int:
+def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecure: bool = False) -> int:
     """Print the picture once (exit status 0 when healthy, 1 when not or unreachable), or every
     ``watch_s`` seconds until interrupted. TLS is checked as the daemons check it (``ca_file``)."""
     if ca_file and (problem := ca_file_problem(ca_file)):
@@ -118,8 +109,8 @@ def status(url: str, watch_s: float | None = None, out: TextIO = sys.stdout, *, 
                     return 1
             else:
                 if watch_s is not None:
-                    out.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1)
-                print(render(data), file=out, flush=True)
+                    sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1)
+                print(render(data), flush=True)
                 if watch_s is None:
                     return 0 if healthy(data) else 1
             await trio.sleep(watch_s)

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, peak_active
+from ghubai import __version__
 from ghubai.http11.server import Connection, Request
 from ghubai.hub.exchange import _text_bytes
 from ghubai.sim.generator import WORDS
@@ -120,6 +121,7 @@ async def test_worker_joins_and_leaves(grid: Grid) -> None:
     assert (await grid.http.get(hub.value + "/ready")).status_code == 200
     [listed] = await grid.workers(hub.value)
     assert (listed["name"], listed["models"], listed["max_concurrency"]) == ("gpu-1", ["sim"], 4)
+    assert listed["version"] == __version__  # (a rolling upgrade shows which workers it reached)
     assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 200
 
     worker.stop()

@@ -52,7 +52,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
                           max_concurrency=min(hello.max_concurrency, max_concurrency), slots=hello.max_concurrency,
                           engine=hello.engine,
                           out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
-                          weight=hello.weight,
+                          weight=hello.weight, version=hello.version,
                           apis=None if hello.apis is None else frozenset(hello.apis),
                           loaded=None if hello.loaded is None else frozenset(hello.loaded), facts=hello.facts or {})
     lost = f"lost the link to worker {worker.name}"

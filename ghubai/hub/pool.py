@@ -62,6 +62,7 @@ class RemoteWorker:
     loaded: frozenset[str] | None = None  # the models its engine holds in memory; None: it cannot tell
     problem: str = ""  # why its engine lists no model, as the worker put it
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
+    version: str = ""  # its GhubAi release, as its hello said: which workers a rolling upgrade has reached
     # models in ``loaded`` only because requests were sent here to load them: how many still await a first byte
     loading: Counter[str] = field(default_factory=Counter)
     evicting: dict[str, str] = field(default_factory=dict)  # a model in ``loading`` -> the one its load evicts
@@ -163,7 +164,7 @@ class RemoteWorker:
                 "usage": dict(self.usage), "last_seen_s": round(trio.current_time() - self.last_seen, 1),
                 "apis": sorted(self.apis) if self.apis is not None else list(protocol.API_PATHS),
                 "loaded": sorted(self.models if self.loaded is None else self.loaded), "problem": self.problem,
-                "weight": self.weight}
+                "weight": self.weight, "version": self.version}
 
 
 WORKERS_REMEMBERED = 4096  # workers whose token counts outlive their link (least recently linked forgotten)
@@ -251,8 +252,8 @@ class Pool:
                 break
         self._residency(worker, worker.loaded)
         self._changed()
-        log.info("worker %s (%s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
-                 ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
+        log.info("worker %s (%s, GhubAi %s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
+                 worker.version or "?", ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
         self._wake(worker.models)
         self._wake(first_hosts, every=True)
         return stale
@@ -401,9 +402,6 @@ class Pool:
         though the lists leave it out meanwhile."""
         name = self.named(model)
         return self.serves(name) or self._returning(name) is not None
-
-    def hosts(self, model: str) -> list[RemoteWorker]:
-        return [worker for worker in self.workers.values() if model in worker.models and not worker.draining]
 
     def set_draining(self, worker: RemoteWorker) -> None:
         worker.draining = True
