@@ -458,7 +458,8 @@ async def test_a_kept_connection_the_kernel_gave_up_on_is_passed_over_with_those
 
 
 @pytest.mark.parametrize("value, seconds", [
-    (b"7", 7), (b"0", 0), (b"86400", MAX_RETRY_AFTER_S), (b"9" * 5000, MAX_RETRY_AFTER_S),  # (int() refuses 4,301 digits)
+    (b"7", 7), (b"0", 0), (b"86400", MAX_RETRY_AFTER_S),
+    (b"9" * 5000, MAX_RETRY_AFTER_S),  # (int() refuses 4,301 digits)
     (b"Wed, 21 Oct 2015 07:28:00 GMT", 0), (b"Sun, 01 Jan 2090 00:00:00 -0000", MAX_RETRY_AFTER_S),  # past, far
     (b"-3", None), (b"1.5", None), (b"\xc2\xb2", None), (b"soon", None), (None, None),
 ])

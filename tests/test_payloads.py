@@ -168,7 +168,8 @@ def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: in
 @pytest.mark.parametrize("sent, number", [
     (b"", 0),  # (a stream that failed before its first event)
     (b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n', 1),
-    (b'data: {"sequence_number": 7, "delta": "a"}\n\ndata: {"delta": "\\"sequence_number\\": 99"}\n\n', 8),  # vLLM's spacing
+    # vLLM's spacing; the key quoted in a string
+    (b'data: {"sequence_number": 7, "delta": "a"}\n\ndata: {"delta": "\\"sequence_number\\": 99"}\n\n', 8),
     (b'data: {"sequence_number":41}\n\ndata: {"type": "x", "sequence_number":  42}\n\n', 43),
 ])
 def test_a_responses_error_event_is_numbered_after_the_last_event_passed_on(sent: bytes, number: int) -> None:

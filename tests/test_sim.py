@@ -236,7 +236,8 @@ async def test_the_responses_api_answers_with_its_tools_formats_and_instructions
         for choice, name in (("required", "weather"), ({"type": "function", "name": "Address"}, "Address")):
             called = await sdk.responses.create(model="sim", input="where", tools=tools, tool_choice=choice)
             assert [(item.type, item.name) for item in called.output] == [("function_call", name)], called.output
-            assert isinstance(json.loads(called.output[0].arguments), dict) and called.to_dict()["tool_choice"] == choice
+            assert isinstance(json.loads(called.output[0].arguments), dict)
+            assert called.to_dict()["tool_choice"] == choice
         async with sdk.responses.stream(model="sim", input="where", tools=tools, tool_choice="required") as stream:
             events = [event.type async for event in stream]
             final = await stream.get_final_response()

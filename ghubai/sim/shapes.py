@@ -231,8 +231,9 @@ class OpenAIResponse(OpenAIShape):
             events = [{"type": "response.output_text.done", **at, "content_index": 0, "text": text, "logprobs": []},
                       {"type": "response.content_part.done", **at, "content_index": 0,
                        "part": {"type": "output_text", "text": text, "annotations": []}}]
-        return b"".join(map(self.event, [*events, {"type": "response.output_item.done", "output_index": 0, "item": item},
-                                         {"type": f"response.{status}", "response": self._response(status)}]))
+        events += [{"type": "response.output_item.done", "output_index": 0, "item": item},
+                   {"type": f"response.{status}", "response": self._response(status)}]
+        return b"".join(map(self.event, events))
 
     def whole(self) -> dict[str, Any]:
         return self._response("incomplete" if self.gen.finish_reason == "length" else "completed")
