@@ -244,12 +244,16 @@ def _readable(path: str) -> str | None:
     """A TLS file the daemon will read: checked here, so that a wrong path is a one-line error that
     names its key (and ``ghubai check`` finds it), not a traceback at startup. Opened, and the
     system's reason said: a file in a folder the daemon's user may not enter (certbot's ``live/``)
-    was "no such file" to an existence check; a folder passed an access check."""
+    was "no such file" to an existence check; a folder passed an access check. Only a regular file
+    is opened: opening a FIFO waits for a writer (a reload would hang)."""
     if not path:
         return None
     try:
-        if os.path.isdir(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            return f"cannot read {path!r} (not a regular file)"
         os.close(os.open(path, os.O_RDONLY))
     except OSError as error:
         return f"cannot read {path!r} ({error.strerror})"

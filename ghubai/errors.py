@@ -26,13 +26,13 @@ def is_ollama_path(path: str) -> bool:
 _SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
-def next_sequence_number(sent: bytes) -> int:
-    """The ``sequence_number`` of a Responses event that follows ``sent`` (the stream's last bytes
-    passed on): one past the last one there, 0 if none. Inside a JSON string the key's quotes are
-    escaped, so the last match is the last event's own."""
+def last_sequence_number(sent: bytes) -> int | None:
+    """The ``sequence_number`` of the last Responses event in ``sent`` (bytes passed on), None if
+    none there. Inside a JSON string the key's quotes are escaped, so the last match is the last
+    event's own."""
     at = sent.rfind(b'"sequence_number"')
     match = _SEQUENCE_NUMBER.match(sent, at) if at >= 0 else None
-    return int(match[1]) + 1 if match else 0
+    return int(match[1]) if match else None
 
 
 CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
@@ -72,14 +72,14 @@ class ApiError(Exception):
             return b"data: " + json.dumps(self.openai_body()).encode() + b"\n\n"
         return json.dumps(self.ollama_body()).encode() + b"\n"
 
-    def typed_event(self, sent: bytes) -> bytes:
-        """The last event of a Responses API stream that fails after ``sent`` (its last bytes passed
-        on): typed as its other events are (an ``error`` event, as OpenAI's and vLLM's, numbered
-        after them: the SDK's event type requires ``sequence_number``), with OpenAI's error object
-        beside, which the openai SDK raises as it does a chat's."""
+    def typed_event(self, after: int | None) -> bytes:
+        """The last event of a Responses API stream that fails after the event numbered ``after``
+        (None: before any): typed as its other events are (an ``error`` event, as OpenAI's and
+        vLLM's, numbered after them: the SDK's event type requires ``sequence_number``), with
+        OpenAI's error object beside, which the openai SDK raises as it does a chat's."""
         body = self.openai_body()
         event = {"type": "error", "code": self.code or body["error"]["type"], "message": self.message,
-                 "param": self.param, "sequence_number": next_sequence_number(sent), **body}
+                 "param": self.param, "sequence_number": 0 if after is None else after + 1, **body}
         return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
 
     def headers(self) -> dict[str, str]:

@@ -164,7 +164,7 @@ class Hello(Frame, tag="hello", frozen=True):
     models: ModelNames
     max_concurrency: Annotated[int, msgspec.Meta(ge=1)]
     engine: str
-    version: str
+    version: Annotated[str, msgspec.Meta(max_length=128)]  # (shown in /api/registry and the log)
     apis: ApiNames | None = None  # as in ``models``
     loaded: ModelNames | None = None
     problem: Problem = ""
@@ -230,7 +230,7 @@ class Error(Frame, tag="error", frozen=True):
     retryable: bool
     busy: bool = False
     untranslatable: bool = False
-    retry_after: Annotated[int, msgspec.Meta(ge=0, le=3600)] | None = None
+    retry_after: Count | None = None
 
 
 class Cancel(Frame, tag="cancel", frozen=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from pathlib import Path
 
@@ -269,6 +270,9 @@ def test_a_tls_file_that_cannot_be_read_says_why(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as refused:
             parse("hub", f'tls_cert = "{path}"\n')
         assert f"tls_cert: cannot read '{path}' ({why})" in str(refused.value), str(refused.value)
+    os.mkfifo(tmp_path / "fifo")  # (review: opened, it waited for a writer for ever)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        parse("worker", f'ca_file = "{tmp_path}/fifo"\n')
 
 
 def test_an_unreadable_certificate_is_one_error_not_two(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from ghubai.errors import ApiError, describe, next_sequence_number
+from ghubai.errors import ApiError, describe, last_sequence_number
 from ghubai.http11.client import TooLarge
 from ghubai.worker.engine import (MAX_RECORD_BYTES, _usage_of, engine_error, engine_failure, ndjson_payloads,
                                   sse_payloads)
@@ -167,12 +167,14 @@ def test_an_engine_error_event_keeps_its_own_4xx_code(payload: bytes, status: in
 
 @pytest.mark.parametrize("sent, number", [
     (b"", 0),  # (a stream that failed before its first event)
+    (b'data: {"type": "keepalive"}\n\n', 0),
     (b'event: response.created\ndata: {"type":"response.created","sequence_number":0}\n\n', 1),
     # vLLM's spacing; the key quoted in a string
     (b'data: {"sequence_number": 7, "delta": "a"}\n\ndata: {"delta": "\\"sequence_number\\": 99"}\n\n', 8),
     (b'data: {"sequence_number":41}\n\ndata: {"type": "x", "sequence_number":  42}\n\n', 43),
 ])
 def test_a_responses_error_event_is_numbered_after_the_last_event_passed_on(sent: bytes, number: int) -> None:
-    assert next_sequence_number(sent) == number
-    event = ApiError(502, "cut").typed_event(sent)
+    last = last_sequence_number(sent)
+    assert (0 if last is None else last + 1) == number
+    event = ApiError(502, "cut").typed_event(last)
     assert json.loads(event.partition(b"data: ")[2])["sequence_number"] == number

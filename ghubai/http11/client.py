@@ -369,7 +369,7 @@ class Response:
         date), at most an hour; None without one, or with one that is neither."""
         value = next((value for name, value in self.headers if name == b"retry-after"), b"").strip()
         if value.isdigit():  # (bytes: ASCII digits only; int() refuses over 4,300 of them)
-            seconds = int(value) if len(value) < 10 else MAX_RETRY_AFTER_S
+            seconds = int(value) if len(value.lstrip(b"0")) < 10 else MAX_RETRY_AFTER_S
         else:
             try:
                 when = email.utils.parsedate_to_datetime(value.decode("latin-1"))

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from ghubai import dialects, protocol
-from ghubai.errors import ApiError
+from ghubai.errors import ApiError, last_sequence_number
 from ghubai.hub.exchange import Exchange, client_error
 from ghubai.hub.pool import Answer
 
@@ -27,9 +27,17 @@ class Dialect:
     boundary: bytes  # where one event ends
     typed: bool = False  # the Responses API's: its error event is typed too
 
-    def failure(self, error: ApiError, sent: bytes) -> bytes:
-        """The event that ends a stream that failed after its first byte, the last bytes ``sent``."""
-        return error.typed_event(sent) if self.typed else error.stream_end(self.sse)
+    def failure(self, error: ApiError, after: int | None) -> bytes:
+        """The event that ends a stream that failed after its first byte (and a typed one's event
+        numbered ``after``)."""
+        return error.typed_event(after) if self.typed else error.stream_end(self.sse)
+
+    def numbered(self, data: bytes, after: int | None) -> int | None:
+        """The number of a typed stream's last event once ``data`` is passed on too (``after``: before)."""
+        if not self.typed:
+            return None
+        number = last_sequence_number(data)
+        return after if number is None else number
 
 
 def _headers(fields: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -48,11 +56,11 @@ def dialect_of(api: str) -> Dialect:
 
 
 def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError], None], held: bytearray,
-            sent: bytes) -> bytes:
+            after: int | None) -> bytes:
     """The frames as the client's bytes: whole events only (a worker cuts a huge event into
     records, and the answer may fail between two), the start of the next held back in ``held``,
-    and dropped when an error ends the stream: its error event then follows whole events (those
-    of this batch, else the last ``sent``)."""
+    and dropped when an error ends the stream: its error event then follows whole events (and is
+    numbered after them, or after the event numbered ``after`` that went before)."""
     out = []
     for frame in frames:
         if isinstance(frame, protocol.Chunk):
@@ -66,7 +74,7 @@ def _render(frames: list[Answer], dialect: Dialect, failed: Callable[[ApiError],
             held.clear()
             error = client_error(frame)
             failed(error)
-            out.append(dialect.failure(error, b"".join(out) or sent))
+            out.append(dialect.failure(error, dialect.numbered(b"".join(out), after)))
     return b"".join(out)
 
 
@@ -80,22 +88,23 @@ async def stream(send: SendBody, exchange: Exchange, first: Answer, dialect: Dia
     bytes, and only then does the worker get credit to send more. ``failed`` hears of
     an error that ends the stream after its first byte; the last message carries the stream's end."""
     held = bytearray()  # the start of an event whose end has not arrived
-    sent = b""  # the last bytes passed on: their last event's number is the next one's less one
+    after: int | None = None  # the number of the last typed event passed on (the Responses API's)
     try:
         frames = [first, *exchange.arrived()]  # a short answer often has its end here too: one write
-        await send(sent := _render(frames, dialect, failed, held, sent), not exchange.done)
+        await send(out := _render(frames, dialect, failed, held, after), not exchange.done)
+        after = dialect.numbered(out, after)
         exchange.passed_on(_size(frames))  # (held bytes too: the worker needs credit to send the rest)
         async for batch in exchange.batches():
-            await send(out := _render(batch, dialect, failed, held, sent), not exchange.done)
-            sent = out or sent
+            await send(out := _render(batch, dialect, failed, held, after), not exchange.done)
+            after = dialect.numbered(out, after)
             exchange.passed_on(_size(batch))
     except ApiError as error:  # a timeout after the first byte: one final error event
         failed(error)
-        await send(dialect.failure(error, sent), False)
+        await send(dialect.failure(error, after), False)
     except Exception:  # the client must hear that the stream ended, never see it just stop
         log.exception("the hub failed in the middle of a stream")
         failed(internal := ApiError(500, "internal error in the hub"))
-        await send(dialect.failure(internal, sent), False)
+        await send(dialect.failure(internal, after), False)
     finally:
         exchange.close()
 

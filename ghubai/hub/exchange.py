@@ -32,7 +32,7 @@ TEMPLATE_TOKENS = 65536
 def client_error(frame: protocol.Error) -> ApiError:
     """A worker's ``error`` frame as the client should see it."""
     status, message = frame.status, frame.message
-    if status == 404:
+    if status == 404 and "model" in message.lower():  # (as the worker tells them apart: a stored response's is not)
         return ApiError(404, message, param="model", code="model_not_found")
     if status == 501:  # the worker's engine lacks the API's path
         return ApiError(501, message, code="api_not_served")
@@ -111,6 +111,7 @@ class Exchange:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
         tried: set[str] = set()
         last_error: ApiError | None = None
+        soonest: int | None = None  # the shortest Retry-After an engine gave (the client's, with a 429 or 503)
         queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt
         again, attempts, pardoned = False, 0, set()  # pardoned: workers whose link broke (once each)
         while attempts < self.config.limits.max_attempts:
@@ -159,8 +160,10 @@ class Exchange:
                     self.state = State.DONE
                     raise last_error
                 continue
-            if refusal.retry_after is not None and last_error is not None and last_error.retry_after is not None:
-                refusal.retry_after = min(refusal.retry_after, last_error.retry_after)  # the soonest wait heard
+            if refusal.retry_after is not None:
+                soonest = refusal.retry_after if soonest is None else min(soonest, refusal.retry_after)
+            if soonest is not None and refusal.status in (429, 503):
+                refusal.retry_after = soonest
             last_error = refusal
             attempts += 1
             if worker.gone and worker.id not in pardoned:  # a link that broke may say nothing of the

@@ -25,7 +25,7 @@ import trio
 
 from ghubai import affinity, cors, dialects, protocol
 from ghubai.config import ProxyConfig
-from ghubai.errors import CLIENT_CLOSED, ApiError
+from ghubai.errors import CLIENT_CLOSED, ApiError, last_sequence_number
 from ghubai.http11.client import BodyCut, ClientConnection
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import tracing
@@ -123,7 +123,7 @@ def _final_error(content_type: bytes, path: str, message: str, sent: bytes) -> b
     error = ApiError(502, message)
     if content_type.startswith(b"text/event-stream"):
         if path == protocol.API_PATHS["openai.responses"]:
-            return error.typed_event(sent)
+            return error.typed_event(last_sequence_number(sent))
         return error.stream_end(sse=True)
     if content_type.startswith(b"application/x-ndjson"):
         return error.stream_end(sse=False)

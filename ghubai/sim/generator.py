@@ -351,8 +351,9 @@ def requested_tool(body: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
     tools = [tool.get("function", tool) for tool in body.get("tools") or []
              if isinstance(tool, dict) and tool.get("type", "function") == "function"]
     tools = [tool for tool in tools if isinstance(tool, dict)]
-    choice = body.get("tool_choice")
-    if not tools or not (choice == "required" or isinstance(choice, dict)):
+    choice = body.get("tool_choice")  # (a dict of another type, e.g. allowed_tools, forces none)
+    named = isinstance(choice, dict) and choice.get("type", "function") == "function"
+    if not tools or not (choice == "required" or named):
         return None
     wanted = (choice.get("function") or choice).get("name") if isinstance(choice, dict) else None
     tool = next((t for t in tools if t.get("name") == wanted), tools[0])
