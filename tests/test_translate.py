@@ -584,12 +584,22 @@ def test_openai_tool_choice_without_tools_is_dropped() -> None:
 
 def test_a_named_tool_choice_leaves_ollama_only_that_tool() -> None:
     """Regression (hunt): Ollama ignores ``tool_choice``, so a model told to call ``search`` could
-    answer with another tool; it is now offered only that one (and every tool for a name none has)."""
-    tools = [{"type": "function", "function": {"name": name}} for name in ("weather", "search")]
-    for choice, offered in (({"type": "function", "function": {"name": "search"}}, tools[1:]), ("required", tools),
-                            ({"type": "function", "function": {"name": "other"}}, tools)):
+    answer with another tool; it is now offered only that one, or only the ``allowed_tools`` (a later
+    hunt: a tool the client excluded was offered). What Ollama cannot say is a 400 that names it (a
+    later hunt: each was a 200, the request's tools changed)."""
+    tools = [{"type": "function", "function": {"name": name}} for name in ("weather", "search", "delete")]
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [
+        {"type": "function", "function": {"name": "weather"}}, {"type": "function", "name": "search"}]}}
+    for choice, offered in (({"type": "function", "function": {"name": "search"}}, tools[1:2]), ("required", tools),
+                            (allowed, tools[:2]), ("auto", tools)):
         request = openai_over_ollama("openai.chat").request({**CHAT, "tools": tools, "tool_choice": choice}, False)
         assert request["tools"] == offered
+    for refused, said in (({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "names no function"),
+                          ({"tools": [*tools, {"type": "custom", "custom": {"name": "py"}}]}, "function tools only"),
+                          ({"tool_choice": {"type": "custom", "custom": {"name": "py"}}}, "no tool_choice of type"),
+                          ({"functions": [{"name": "f"}], "function_call": "auto"}, "not functions")):
+        with pytest.raises(Untranslatable, match=said):
+            openai_over_ollama("openai.chat").request({**CHAT, "tools": tools, **refused}, False)
 
 
 def test_tool_calls_cut_by_the_limit_finish_with_length() -> None:

@@ -235,14 +235,40 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return converted
 
 
+def _name_of(tool: Any) -> Any:
+    """The function a tool or a tool choice names (``{"function": {"name"}}``, or flat ``{"name"}``)."""
+    if not isinstance(tool, dict):
+        return None
+    function = tool.get("function", tool)
+    return function.get("name") if isinstance(function, dict) else None
+
+
 def _chosen(tools: Any, choice: Any) -> Any:
-    """The tools an Ollama engine is offered: only the one a ``tool_choice`` names, when it names one
-    the request defines (Ollama cannot be made to call it, but it can be left no other)."""
-    function = choice.get("function") if isinstance(choice, dict) else None
-    name = function.get("name") if isinstance(function, dict) else None
-    named = [tool for tool in tools if isinstance(tool, dict) and isinstance(tool.get("function"), dict)
-             and tool["function"].get("name") == name] if name is not None and isinstance(tools, list) else []
-    return named or tools
+    """The tools an Ollama engine is offered: function tools only (Ollama knows no other type), and
+    of them only those a ``tool_choice`` allows: the one it names, or its ``allowed_tools`` (Ollama
+    cannot be made to call one, but it can be left no other; offered the rest, a model could call a
+    tool its client excluded). A choice that names no tool the request defines is refused, as
+    OpenAI and vLLM refuse it."""
+    if not isinstance(tools, list):
+        return tools
+    for tool in tools:
+        if isinstance(tool, dict) and tool.get("type", "function") != "function":
+            raise Untranslatable(f"an Ollama engine takes function tools only, not {str(tool.get('type'))[:40]!r} "
+                                 "tools: an OpenAI-compatible engine may take them")
+    if not isinstance(choice, dict):
+        return tools
+    if choice.get("type") == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        listed = allowed.get("tools") if isinstance(allowed, dict) else None
+        names = [_name_of(tool) for tool in listed] if isinstance(listed, list) else []
+    elif choice.get("type", "function") == "function":
+        names = [_name_of(choice)]
+    else:
+        raise Untranslatable(f"an Ollama engine takes no tool_choice of type {str(choice.get('type'))[:40]!r}")
+    offered = [tool for tool in tools if _name_of(tool) in names]
+    if not offered:
+        raise Untranslatable(f"tool_choice names no function that tools defines ({str(names)[:200]})")
+    return offered
 
 
 def _answered_calls(calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
@@ -640,6 +666,9 @@ class OpenAIOverOllama:
         elif response_format.get("type") == "json_schema":
             request["format"] = (response_format.get("json_schema") or {}).get("schema", "json")
         if self.api == "openai.chat":
+            if body.get("functions") is not None or body.get("function_call") is not None:  # (dropped, it answered text)
+                raise Untranslatable("an Ollama engine takes tools and tool_choice, not functions and function_call "
+                                     "(OpenAI's deprecated form of them)")
             request["messages"] = _ollama_messages(body.get("messages", []))
             if body.get("tools") and body.get("tool_choice") != "none":  # Ollama knows no tool_choice: "none" is no tools
                 request["tools"] = _chosen(body["tools"], body.get("tool_choice"))
