@@ -533,7 +533,7 @@ async def test_a_worker_pointed_at_a_registry_or_proxy_hears_what_to_dial(
     registry = await grid.registry(hubs=())
     unknown = await grid.http.get(registry.value + "/v1/models")
     assert unknown.status_code == 404 and unknown.json()["error"]["message"] == "Unknown endpoint: GET /v1/models"
-    proxy = await grid.proxy(hubs=())
+    proxy = await grid.proxy(hubs=(), api_keys=("k",))  # (hunt: a proxy with keys said 401, a wrong token)
     sim_url, _ = await grid.sim()
     caplog.set_level(logging.ERROR, logger="ghubai.worker")
     for url in (registry.value, proxy.value):

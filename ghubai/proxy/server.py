@@ -150,6 +150,8 @@ class Proxy:
         the status pages are open; the model lists and unknown paths need a key, as at the hub."""
         if (_as_get(method), path) in self.own and path in OPEN_PATHS:
             return
+        if path == protocol.GRIDHUB_PATH:  # a worker's hub_url naming the proxy: told so, whatever its key
+            raise ApiError(404, dialects.unknown_endpoint(method, path))
         authorization = next((value for key, value in headers if key == b"authorization"), b"")
         if not self.keys.allows(authorization.decode("latin-1")):  # unknown paths too: no body read for them
             raise invalid_api_key()
