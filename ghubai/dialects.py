@@ -3,6 +3,7 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import re
@@ -462,8 +463,8 @@ UNDATED = "1970-01-01T00:00:00Z"  # a model list's date of a model no engine dat
 
 def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.ModelFacts]:
     """What the entries of an Ollama ``/api/tags`` (or, ``running``, ``/api/ps``, whose ``size`` is the
-    model's in memory) tell of each model, by name; an entry whose figures are not of their types (or
-    too long) tells nothing."""
+    model's in memory) tell of each model, by name; a figure not of its type (too long, too large, a
+    digest or date Ollama's clients could not read) tells nothing, the others still do."""
     fields = {"size": "memory", "size_vram": "size_vram", "context_length": "context_length"} if running else \
         {"size": "size"}
     fields |= {"digest": "digest", "modified_at": "modified_at", "details": "details"}
@@ -471,11 +472,12 @@ def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.Mo
     for entry in entries[:protocol.MAX_MODELS]:
         if isinstance(entry, dict) and isinstance(name := entry.get("name"), str) and \
                 0 < len(name) <= protocol.MAX_MODEL_NAME:
-            try:
-                told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
-                                              if entry.get(theirs) not in (None, UNDATED)}, protocol.ModelFacts)
-            except msgspec.ValidationError:
-                continue
+            kept = {}
+            for theirs, ours in fields.items():
+                if (value := entry.get(theirs)) not in (None, UNDATED):
+                    with contextlib.suppress(msgspec.ValidationError):
+                        kept[ours] = getattr(msgspec.convert({ours: value}, protocol.ModelFacts), ours)
+            told[name] = protocol.ModelFacts(**kept)
     return told
 
 
@@ -489,9 +491,9 @@ def facts_of_meta(entries: list[Any]) -> dict[str, protocol.ModelFacts]:
         if not (isinstance(meta, dict) and isinstance(name, str) and 0 < len(name) <= protocol.MAX_MODEL_NAME):
             continue
         size, params = meta.get("size"), meta.get("n_params")
-        count = f"{params / 1e9:.1f}B" if type(params) is int and params >= 1e9 else \
-            f"{params / 1e6:.0f}M" if type(params) is int and params > 0 else ""
-        told[name] = protocol.ModelFacts(size=size if type(size) is int and size >= 0 else 0,
+        params = params if type(params) is int and 0 < params <= protocol.MAX_COUNT else 0  # (10**400 overflowed)
+        count = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M" if params else ""
+        told[name] = protocol.ModelFacts(size=size if type(size) is int and 0 <= size <= protocol.MAX_COUNT else 0,
                                          details=protocol.ModelDetails(format="gguf", parameter_size=count))
     return told
 

@@ -111,6 +111,13 @@ def new_request_id() -> str:
 
 
 ShortText = Annotated[str, msgspec.Meta(max_length=256)]
+MAX_COUNT = 2**63 - 1  # what Ollama's clients decode a size into (Go's int64)
+Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+# what Ollama's CLI prints the first 12 characters of (a shorter one made `ollama ps` panic), and a date
+# Go's time.Time reads (another made a client's whole model list fail to decode)
+Digest = Annotated[str, msgspec.Meta(max_length=71, pattern=r"\A(?:(?:sha256:)?[0-9a-f]{12,64})?\Z")]
+Rfc3339 = Annotated[str, msgspec.Meta(
+    max_length=64, pattern=r"\A(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d))?\Z")]
 
 
 class ModelDetails(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -129,13 +136,13 @@ class ModelFacts(msgspec.Struct, frozen=True, omit_defaults=True):
     pickers): from Ollama's ``/api/tags`` its file's ``size``, ``digest``, ``modified_at`` and
     ``details`` (llama.cpp's ``/v1/models``: the size and the parameters); from ``/api/ps``, while in
     memory, its ``memory`` (Ollama's ``size`` there), the part of it in VRAM and its context length."""
-    size: Count = 0
-    digest: ShortText = ""
-    modified_at: ShortText = ""
+    size: Size = 0
+    digest: Digest = ""
+    modified_at: Rfc3339 = ""
     details: ModelDetails | None = None
-    memory: Count = 0
-    size_vram: Count = 0
-    context_length: Count = 0
+    memory: Size = 0
+    size_vram: Size = 0
+    context_length: Size = 0
 
     def fuller(self, other: ModelFacts) -> ModelFacts:
         """Of these and ``other`` (another engine's, of a model of the same name), what an Ollama client

@@ -13,7 +13,7 @@ import msgspec
 import ollama
 import pytest
 
-from ghubai import dialects
+from ghubai import dialects, protocol
 from ghubai.errors import ApiError
 from ghubai.worker.translate import OllamaOverOpenAI, OpenAIOverOllama, Untranslatable, translator_for
 
@@ -413,6 +413,9 @@ def test_llama_cpp_s_timings_are_ollama_s_durations() -> None:
     odd.request({"model": "m", "messages": []}, stream=False)
     value = json.loads(odd.whole({"choices": [{"message": {"content": "Hi"}}], "timings": {"prompt_ms": "x"}}, None))
     assert value["eval_duration"] >= 1
+    for huge in (10**400, float("nan"), -1.0):  # (hunt: 10**400 raised OverflowError, a traceback per answer)
+        odd.chunk({"choices": [], "timings": {"prompt_ms": huge, "predicted_ms": 1}})
+        assert ndjson(odd.final(None))["eval_duration"] != 1_000_000  # (the worker's own times, not half the engine's)
 
 
 def test_ollama_chat_whole_answer_with_tool_calls_and_length() -> None:
@@ -758,18 +761,26 @@ def test_a_completion_s_response_format_that_is_no_object_is_a_400(response_form
 
 def test_what_an_ollama_listing_tells_of_a_model_is_taken_only_when_well_typed() -> None:
     """An engine's listing reaches Ollama's clients through the grid: figures of other types, text too
-    long or no name tell nothing (and break nothing); /api/ps's size is the size in memory."""
-    entries = [{"name": "a", "size": 5, "digest": "d", "details": {"family": "llama", "families": None, "x": 1}},
+    long or no name tell nothing (and break nothing); /api/ps's size is the size in memory. (Hunt: a
+    size past Go's int64, a digest shorter than the 12 characters Ollama's CLI prints, or a date that
+    is no RFC 3339 one broke `ollama list` and `ollama ps` for every client: each is left out alone.)"""
+    digest = "0123456789ab" * 5 + "cdef"
+    entries = [{"name": "a", "size": 5, "digest": digest, "modified_at": "2026-05-05T10:11:12.123456789-07:00",
+                "details": {"family": "llama", "families": None, "x": 1}},
                {"name": "b", "size": "5"}, {"name": "c", "digest": "x" * 300}, {"size": 7}, "junk",
-               {"name": "d", "details": {"families": ["x"] * 100}}, {"name": "e" * 300, "size": 1}]
+               {"name": "d", "details": {"families": ["x"] * 100}}, {"name": "e" * 300, "size": 1},
+               {"name": "f", "size": 2**63, "digest": "abc", "modified_at": "yesterday", "details": {"family": "q"}}]
     told = dialects.facts_of(entries)  # (review: a name a hub refuses made the whole hello refused)
-    assert set(told) == {"a"} and (told["a"].size, told["a"].digest, told["a"].details.family) == (5, "d", "llama")
+    assert set(told) == {"a", "b", "c", "d", "f"} and all(told[name] == protocol.ModelFacts() for name in "bcd")
+    assert (told["a"].size, told["a"].digest, told["a"].details.family) == (5, digest, "llama")
+    assert told["f"] == protocol.ModelFacts(details=protocol.ModelDetails(family="q"))
     held = dialects.facts_of([{"name": "a", "size": 9, "size_vram": 4, "context_length": 8192}], running=True)["a"]
     assert (held.size, held.memory, held.size_vram, held.context_length) == (0, 9, 4, 8192)
     meta = dialects.facts_of_meta([{"id": "m", "meta": {"n_params": 494_032_768, "size": 5}}, {"id": "n"},
-                                   {"id": "o", "meta": {"n_params": "x", "size": -1}}])
+                                   {"id": "o", "meta": {"n_params": "x", "size": -1}},
+                                   {"id": "p", "meta": {"n_params": 10**400, "size": 10**30}}])  # (hunt: a crash)
     assert {name: (facts.size, facts.details.parameter_size) for name, facts in meta.items()} == {
-        "m": (5, "494M"), "o": (0, "")}
+        "m": (5, "494M"), "o": (0, ""), "p": (0, "")}
     entry = dialects.ollama_tags(["a", "z"], running=True, facts={"a": held})["models"]
     assert (entry[0]["size"], entry[0]["size_vram"], entry[0]["context_length"]) == (9, 4, 8192)
     assert (entry[1]["size"], entry[1]["size_vram"], "context_length" in entry[1]) == (0, 0, False)

@@ -35,7 +35,7 @@ from ghubai.worker.translate import (OllamaOverOpenAI, OpenAIOverOllama, Transla
 log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
-DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError)
+DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError)
 
 
 class Cause(enum.Enum):
@@ -593,8 +593,11 @@ class Engine:
         out = []
         for payload in batch:
             if payload == b"[DONE]" and isinstance(translator, OllamaOverOpenAI):  # (an SSE stream's end)
+                try:
+                    out.append(translator.final(call.usage))
+                except _SHAPE_ERRORS as error:
+                    call.failure = _unfit(translator.path, error)
                 call.finished = True
-                out.append(translator.final(call.usage))
                 break
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it

@@ -417,8 +417,9 @@ class OllamaOverOpenAI:
         first = self.first_ns or self.started_ns
         prompt_ns, eval_ns = first - self.started_ns, now - first
         timings = self.timings if isinstance(self.timings, dict) else {}
-        if all(type(timings.get(name)) in (int, float) for name in ("prompt_ms", "predicted_ms")):
-            prompt_ns, eval_ns = int(timings["prompt_ms"] * 1e6), int(timings["predicted_ms"] * 1e6)
+        told: list[Any] = [timings.get(name) for name in ("prompt_ms", "predicted_ms")]
+        if all(type(ms) in (int, float) and 0 <= ms < 1e12 for ms in told):  # (a hunt: 10**400 overflowed)
+            prompt_ns, eval_ns = (int(ms * 1e6) for ms in told)
         durations = self._durations(now)  # (never less than its parts: an engine's clock is not ours)
         durations["total_duration"] = max(durations["total_duration"], prompt_ns + eval_ns)
         # a whole answer without timings does not say when its prompt was read: no duration, as Ollama
