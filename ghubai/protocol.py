@@ -363,6 +363,8 @@ def unpack_chunks(message: bytes) -> list[Chunk]:
         (length,) = _LENGTH.unpack_from(message, offset + ID_BYTES)
         if start + length > size:
             raise ProtocolError("truncated chunk data", frames, frame_type="chunk")
+        if len(frames) == MAX_FRAMES:
+            raise _too_many(frames)
         frames.append(Chunk(message[offset:offset + ID_BYTES].decode("ascii", "replace"),
                             message[start:start + length]))
         offset = start + length
@@ -371,6 +373,14 @@ def unpack_chunks(message: bytes) -> list[Chunk]:
 
 _LINE = re.compile(r"[^\n]+")
 MAX_BAD_FRAMES = 8  # in one message; past it the rest is dropped (each one costs an exception and a log line)
+# in one message: a writer's batch of MAX_BATCH_BYTES holds 2,400 of the smallest frames at most. A peer's
+# 64 MiB of them took the hub 1.7 s to decode in one go, every client of it waiting (a hunt); past it,
+# the rest is dropped and the problem says so (frame type "message": a hub cuts such a worker's link)
+MAX_FRAMES = 8192
+
+
+def _too_many(frames: list[Any]) -> ProtocolError:
+    return ProtocolError(f"the rest of the message is dropped after {MAX_FRAMES} frames", frames, frame_type="message")
 
 
 def unpack(message: str | bytes) -> tuple[list[Frame | Unknown], list[ProtocolError]]:
@@ -384,6 +394,9 @@ def unpack(message: str | bytes) -> tuple[list[Frame | Unknown], list[ProtocolEr
     frames: list[Frame | Unknown] = []
     problems = []
     for line in _LINE.finditer(message):  # (in C: a message of blank lines costs next to nothing)
+        if len(frames) == MAX_FRAMES:
+            problems.append(_too_many(frames))
+            break
         try:
             frames.append(decode(line.group()))
         except ProtocolError as problem:

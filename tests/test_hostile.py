@@ -1346,7 +1346,8 @@ async def test_a_connection_whose_close_cannot_be_written_is_closed_anyway(autoj
     assert stream.forced and trio.current_time() - began < 5
 
 
-async def test_a_broken_binary_message_from_a_worker_fails_its_answers_rather_than_skipping_a_piece(grid: Grid) -> None:
+async def test_a_broken_binary_message_from_a_worker_fails_its_answers_rather_than_skipping_a_piece(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (hunt): a binary message whose chunk record was cut short (a worker's bug, a
     version's) lost the chunks in it with no word to their requests: the answer went on, a piece
     missing, and ended as if whole. The link of such a worker is cut, and its requests fail."""
@@ -1370,3 +1371,20 @@ async def test_a_broken_binary_message_from_a_worker_fails_its_answers_rather_th
     answer = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=True))
     assert answer.status_code == 200 and "[DONE]" not in answer.text, answer.text
     assert "malformed" in answer.text.rstrip().rsplit("data: ", 1)[1], answer.text
+
+    async def flooding() -> None:  # (hunt: a message of millions of frames held the hub for seconds)
+        async with trio_websocket.open_websocket_url(hub.value.replace("http", "ws") + "/gridhub") as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "f" * 32, "flood", ("sim",), 2,
+                                                                 "ollama", "test")))
+            await ws.get_message()  # welcome
+            await ws.send_message("\n".join([protocol.encode(protocol.Load(0))] * (protocol.MAX_FRAMES + 1)))
+            with contextlib.suppress(trio_websocket.ConnectionClosed):
+                while True:
+                    await ws.get_message()
+
+    async def cut() -> bool:
+        said = f"bad frame from worker flood: the rest of the message is dropped after {protocol.MAX_FRAMES} frames"
+        return said in caplog.text and all(worker["name"] != "flood" for worker in await grid.workers(hub.value))
+
+    grid.nursery.start_soon(flooding)
+    await eventually(cut, "the hub to cut the flooding worker's link")

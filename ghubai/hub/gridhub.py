@@ -101,8 +101,8 @@ async def _hello(peer: str) -> protocol.Hello | None:
 
 def _refuse(pool: Pool, worker: RemoteWorker, problem: protocol.ProtocolError) -> None:
     log.warning("bad frame from worker %s: %s", worker.name, problem)
-    if problem.frame_type == "chunk":  # pieces of answers lost, whose it cannot tell: none may end as if whole
-        pool.cut(worker, f"the worker sent a malformed binary message ({problem})")
+    if problem.frame_type in ("chunk", "message"):  # frames lost, whose it cannot tell: none may end as if whole
+        pool.cut(worker, f"the worker sent a malformed message ({problem})")
     elif problem.request_id and problem.frame_type in ("end", "error"):  # its request would wait for nothing
         pool.fail(worker, problem.request_id, 502, f"the worker sent a malformed {problem.frame_type} frame",
                   retryable=True)
