@@ -7,6 +7,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -15,11 +16,13 @@ import trio
 
 from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client, workers_linked
 from ghubai import dialects
+from ghubai.config import ProxyConfig
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
 from ghubai.proxy.follow import _state_of, _workers_of
 from ghubai.proxy.hubs import HubSet
+from ghubai.proxy.server import TOLD_FOR_S, Proxy
 
 
 def registry_file(tmp_path: Path, hubs: dict[str, str]) -> Path:
@@ -793,3 +796,16 @@ async def test_polling_health_asks_the_hubs_for_nothing_more_but_the_dashboard_d
         return checks["/api/registry"] > details
 
     await eventually(detailed, "the workers read again for the dashboard")
+
+
+async def test_what_hubs_told_of_their_models_is_forgotten_after_a_second(autojump_clock: Any) -> None:
+    """Hunt: the proxy kept a copy of every hub's model list per Authorization value it ever saw, 1,000
+    of them (435 MB for 500 models, made-up keys on an open proxy as good as real ones), though each
+    is reused for a second only. Now what is a second old goes as the next one is told."""
+    proxy = Proxy(ProxyConfig())
+    for key in range(50):
+        await proxy._told(Request("GET", "/api/tags", [(b"authorization", f"Bearer k{key}".encode())], b""))
+    assert len(proxy._told_at) == 50
+    await trio.sleep(TOLD_FOR_S)
+    await proxy._told(Request("GET", "/api/ps", [], b""), running=True)
+    assert list(proxy._told_at) == [("/api/ps", b"")]
