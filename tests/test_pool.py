@@ -1837,3 +1837,18 @@ async def test_turns_refused_before_a_worker_took_them_do_not_grow_the_conversat
         with pytest.raises(ApiError):
             await pool.acquire("m", "openai.chat", set(), soon(), conversation=answered, opening=opening)
     assert len(pool._conversations) <= 4
+
+
+async def test_what_the_pool_remembers_of_models_no_worker_serves_any_more_goes(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Hunt: an engine whose list churns (a gateway's, or models pulled and removed for weeks) grew the
+    pool's demand and each worker's last use of a model, one entry for every model ever served."""
+    worker = make_worker("w", models=(), max_concurrency=4)
+    pool = make_pool(worker)
+    for turn in range(300):
+        names = tuple(f"gen-{turn}-{index}" for index in range(3))
+        pool.set_offer(worker, protocol.Models(names))
+        for name in names:
+            assert await pool.acquire(name, "openai.chat", set(), soon()) is worker
+            pool.release(worker, sent=False)
+        assert set(worker.used) <= set(names) and len(pool._demand) <= 2 * 3 + 64 + 1

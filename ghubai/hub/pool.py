@@ -275,6 +275,8 @@ class Pool:
         # what it hosts and serves changed: a waiter anywhere in a queue may have its answer now (a
         # frame that tells only of models in memory, every few seconds, is news for the head alone)
         hosting = (models, apis) != (worker.models, worker.apis)
+        if models != worker.models:  # (an engine whose list churns, a gateway's, grew it without end: a hunt)
+            worker.used = {model: at for model, at in worker.used.items() if model in models}
         worker.models, worker.apis = models, apis
         self._residency(worker, offer.loaded)
         worker.problem, worker.facts = offer.problem, offer.facts or {}
@@ -515,6 +517,8 @@ class Pool:
     def _note_demand(self, model: str) -> None:
         now = trio.current_time()
         self._demand[model] = (self._demand_of(model, now) + 1.0, now)
+        if len(self._demand) > 2 * len(self.models()) + 64:  # models no worker serves any more go (a hunt:
+            self._demand = {name: value for name, value in self._demand.items() if self.offers(name)}  # no end)
 
     def _llm_aware(self, model: str, able: list[RemoteWorker], free: list[RemoteWorker],
                    conversation: Conversation | None, cold_ok: bool) -> RemoteWorker | None:
