@@ -809,3 +809,17 @@ async def test_what_hubs_told_of_their_models_is_forgotten_after_a_second(autoju
     await trio.sleep(TOLD_FOR_S)
     await proxy._told(Request("GET", "/api/ps", [], b""), running=True)
     assert list(proxy._told_at) == [("/api/ps", b"")]
+
+
+async def test_the_round_robin_of_models_no_hub_serves_any_more_is_forgotten() -> None:
+    """Hunt: the proxy kept a round-robin turn for every model a hub ever served (a gateway engine's
+    churning list grew it without end); those of models no hub lists any more now go."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1")])
+    [hub] = hubs.hubs.values()
+    for turn in range(200):
+        names = [f"gen-{turn}-{index}" for index in range(3)]
+        hubs.set_health(hub, True, state={"models": names, "loaded": [], "capacity": 2, "queue": {},
+                                          "heartbeat_s": 1.0, "draining": False})
+        assert all(hubs.pick(name, set()) is hub for name in names)
+        assert len(hubs._turns) <= 2 * 3 + 64 + 1

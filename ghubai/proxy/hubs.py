@@ -130,7 +130,10 @@ class HubSet:
             return max((hub for hub in candidates if hub.load <= bound),
                        key=lambda hub: affinity.score(conversation, hub.seed))
         # one turn per model: with one for all, a client that alternates two models sent each to one hub
-        turn = self._turns.setdefault(model if model and self.serves(model) else None, itertools.count())
+        key = model if model and self.serves(model) else None
+        if key not in self._turns and len(self._turns) > 2 * len(self._models_known()[0]) + 64:
+            self._turns = {name: turn for name, turn in self._turns.items() if name is None or self.serves(name)}
+        turn = self._turns.setdefault(key, itertools.count())  # (models no hub serves any more go: a hunt)
         return candidates[next(turn) % len(candidates)]
 
     def _models_known(self) -> tuple[frozenset[str], frozenset[str]]:
