@@ -667,7 +667,7 @@ class OpenAIOverOllama:
         elif response_format.get("type") == "json_schema":
             request["format"] = (response_format.get("json_schema") or {}).get("schema", "json")
         if self.api == "openai.chat":
-            if body.get("functions") is not None or body.get("function_call") is not None:  # (dropped, it answered text)
+            if body.get("functions") is not None or body.get("function_call") is not None:  # (were dropped)
                 raise Untranslatable("an Ollama engine takes tools and tool_choice, not functions and function_call "
                                      "(OpenAI's deprecated form of them)")
             request["messages"] = _ollama_messages(body.get("messages", []))
