@@ -3,7 +3,6 @@ request validation, model lists, SSE and NDJSON framing. Errors live in ``ghubai
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import re
@@ -463,8 +462,9 @@ UNDATED = "1970-01-01T00:00:00Z"  # a model list's date of a model no engine dat
 
 def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.ModelFacts]:
     """What the entries of an Ollama ``/api/tags`` (or, ``running``, ``/api/ps``, whose ``size`` is the
-    model's in memory) tell of each model, by name; a figure not of its type (too long, too large, a
-    digest or date Ollama's clients could not read) tells nothing, the others still do."""
+    model's in memory) tell of each model, by name; an entry whose figures are not of their types (or
+    too long) tells nothing. (What Ollama's clients could not read is left out as they are told:
+    ``_tag``.)"""
     fields = {"size": "memory", "size_vram": "size_vram", "context_length": "context_length"} if running else \
         {"size": "size"}
     fields |= {"digest": "digest", "modified_at": "modified_at", "details": "details"}
@@ -472,12 +472,11 @@ def facts_of(entries: list[Any], running: bool = False) -> dict[str, protocol.Mo
     for entry in entries[:protocol.MAX_MODELS]:
         if isinstance(entry, dict) and isinstance(name := entry.get("name"), str) and \
                 0 < len(name) <= protocol.MAX_MODEL_NAME:
-            kept = {}
-            for theirs, ours in fields.items():
-                if (value := entry.get(theirs)) not in (None, UNDATED):
-                    with contextlib.suppress(msgspec.ValidationError):
-                        kept[ours] = getattr(msgspec.convert({ours: value}, protocol.ModelFacts), ours)
-            told[name] = protocol.ModelFacts(**kept)
+            try:
+                told[name] = msgspec.convert({ours: entry[theirs] for theirs, ours in fields.items()
+                                              if entry.get(theirs) not in (None, UNDATED)}, protocol.ModelFacts)
+            except msgspec.ValidationError:
+                continue
     return told
 
 
@@ -491,21 +490,36 @@ def facts_of_meta(entries: list[Any]) -> dict[str, protocol.ModelFacts]:
         if not (isinstance(meta, dict) and isinstance(name, str) and 0 < len(name) <= protocol.MAX_MODEL_NAME):
             continue
         size, params = meta.get("size"), meta.get("n_params")
-        params = params if type(params) is int and 0 < params <= protocol.MAX_COUNT else 0  # (10**400 overflowed)
+        params = params if type(params) is int and 0 < params <= MAX_SIZE else 0  # (10**400 overflowed: a hunt)
         count = f"{params / 1e9:.1f}B" if params >= 1e9 else f"{params / 1e6:.0f}M" if params else ""
-        told[name] = protocol.ModelFacts(size=size if type(size) is int and 0 <= size <= protocol.MAX_COUNT else 0,
+        told[name] = protocol.ModelFacts(size=size if type(size) is int and 0 <= size <= MAX_SIZE else 0,
                                          details=protocol.ModelDetails(format="gguf", parameter_size=count))
     return told
 
 
+# What Ollama's clients can read of a model list (a hunt: an engine's, or an older worker's, figures reached
+# them as they were, and one entry broke the whole list): sizes that fit Go's int64, a digest of which the CLI
+# prints the first 12 characters (a shorter one made `ollama ps` panic), a date Go's time.Time reads
+MAX_SIZE = 2**63 - 1
+_DIGEST = re.compile(r"(?:sha256:)?[0-9a-f]{12,64}")
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?(?:Z|[+-]\d\d:\d\d)")
+
+
+def _fits(size: int) -> int:
+    return size if size <= MAX_SIZE else 0
+
+
 def _tag(model: str, facts: protocol.ModelFacts, running: bool) -> dict[str, Any]:
+    """A model's entry in an Ollama list: what its engine told that the clients can read, else stand-ins."""
     details = {} if facts.details is None else msgspec.structs.asdict(facts.details)
-    entry = {"name": model, "model": model, "modified_at": facts.modified_at or UNDATED,
-             "size": facts.memory if running else facts.size,
-             "digest": facts.digest or hashlib.sha256(model.encode()).hexdigest(), "details": details}
+    entry = {"name": model, "model": model,
+             "modified_at": facts.modified_at if _RFC3339.fullmatch(facts.modified_at) else UNDATED,
+             "size": _fits(facts.memory if running else facts.size),
+             "digest": facts.digest if _DIGEST.fullmatch(facts.digest) else hashlib.sha256(model.encode()).hexdigest(),
+             "details": details}
     if running:
-        entry.update({"expires_at": "2999-01-01T00:00:00Z", "size_vram": facts.size_vram,
-                      **({"context_length": facts.context_length} if facts.context_length else {})})
+        entry.update({"expires_at": "2999-01-01T00:00:00Z", "size_vram": _fits(facts.size_vram),
+                      **({"context_length": _fits(facts.context_length)} if facts.context_length else {})})
     return entry
 
 

@@ -600,7 +600,9 @@ def test_a_named_tool_choice_leaves_ollama_only_that_tool() -> None:
     for refused, said in (({"tool_choice": {"type": "function", "function": {"name": "other"}}}, "names no function"),
                           ({"tools": [*tools, {"type": "custom", "custom": {"name": "py"}}]}, "function tools only"),
                           ({"tool_choice": {"type": "custom", "custom": {"name": "py"}}}, "no tool_choice of type"),
-                          ({"functions": [{"name": "f"}], "function_call": "auto"}, "not functions")):
+                          ({"functions": [{"name": "f"}], "function_call": "auto"}, "not functions"),
+                          ({"tools": [*tools, {"type": "function", "function": {}}], "tool_choice": {"type": "function"}},
+                           "names no function")):  # (review: a nameless choice took the nameless tool)
         with pytest.raises(Untranslatable, match=said):
             openai_over_ollama("openai.chat").request({**CHAT, "tools": tools, **refused}, False)
 
@@ -763,17 +765,21 @@ def test_what_an_ollama_listing_tells_of_a_model_is_taken_only_when_well_typed()
     """An engine's listing reaches Ollama's clients through the grid: figures of other types, text too
     long or no name tell nothing (and break nothing); /api/ps's size is the size in memory. (Hunt: a
     size past Go's int64, a digest shorter than the 12 characters Ollama's CLI prints, or a date that
-    is no RFC 3339 one broke `ollama list` and `ollama ps` for every client: each is left out alone.)"""
-    digest = "0123456789ab" * 5 + "cdef"
-    entries = [{"name": "a", "size": 5, "digest": digest, "modified_at": "2026-05-05T10:11:12.123456789-07:00",
-                "details": {"family": "llama", "families": None, "x": 1}},
+    is no RFC 3339 one broke `ollama list` and `ollama ps` for every client: each is told as a
+    stand-in, and the rest as it was.)"""
+    entries = [{"name": "a", "size": 5, "digest": "d", "details": {"family": "llama", "families": None, "x": 1}},
                {"name": "b", "size": "5"}, {"name": "c", "digest": "x" * 300}, {"size": 7}, "junk",
-               {"name": "d", "details": {"families": ["x"] * 100}}, {"name": "e" * 300, "size": 1},
-               {"name": "f", "size": 2**63, "digest": "abc", "modified_at": "yesterday", "details": {"family": "q"}}]
+               {"name": "d", "details": {"families": ["x"] * 100}}, {"name": "e" * 300, "size": 1}]
     told = dialects.facts_of(entries)  # (review: a name a hub refuses made the whole hello refused)
-    assert set(told) == {"a", "b", "c", "d", "f"} and all(told[name] == protocol.ModelFacts() for name in "bcd")
-    assert (told["a"].size, told["a"].digest, told["a"].details.family) == (5, digest, "llama")
-    assert told["f"] == protocol.ModelFacts(details=protocol.ModelDetails(family="q"))
+    assert set(told) == {"a"} and (told["a"].size, told["a"].digest, told["a"].details.family) == (5, "d", "llama")
+    digest, date = "0123456789ab" * 5 + "cdef", "2026-05-05T10:11:12.123456789-07:00"
+    odd = protocol.ModelFacts(size=2**63, digest="abc", modified_at="yesterday",
+                              details=protocol.ModelDetails(family="q"))
+    [fine, unreadable] = dialects.ollama_tags(["a", "f"], facts={
+        "a": protocol.ModelFacts(size=5, digest=digest, modified_at=date), "f": odd})["models"]
+    assert (fine["size"], fine["digest"], fine["modified_at"]) == (5, digest, date)
+    assert (unreadable["size"], len(unreadable["digest"]), unreadable["modified_at"]) == (0, 64, dialects.UNDATED)
+    assert unreadable["details"]["family"] == "q"
     held = dialects.facts_of([{"name": "a", "size": 9, "size_vram": 4, "context_length": 8192}], running=True)["a"]
     assert (held.size, held.memory, held.size_vram, held.context_length) == (0, 9, 4, 8192)
     meta = dialects.facts_of_meta([{"id": "m", "meta": {"n_params": 494_032_768, "size": 5}}, {"id": "n"},

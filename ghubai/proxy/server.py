@@ -318,7 +318,8 @@ class Proxy:
         now = trio.current_time()
         self._told_at.pop(kept, None)
         self._told_at[kept] = (now, told)
-        while now - next(iter(self._told_at.values()))[0] >= TOLD_FOR_S or len(self._told_at) > TOLD_KEYS:
+        while self._told_at and (now - next(iter(self._told_at.values()))[0] >= TOLD_FOR_S
+                                 or len(self._told_at) > TOLD_KEYS):
             del self._told_at[next(iter(self._told_at))]
         return told
 

@@ -265,7 +265,7 @@ def _chosen(tools: Any, choice: Any) -> Any:
         names = [_name_of(choice)]
     else:
         raise Untranslatable(f"an Ollama engine takes no tool_choice of type {str(choice.get('type'))[:40]!r}")
-    offered = [tool for tool in tools if _name_of(tool) in names]
+    offered = [tool for tool in tools if isinstance(name := _name_of(tool), str) and name in names]
     if not offered:
         raise Untranslatable(f"tool_choice names no function that tools defines ({str(names)[:200]})")
     return offered
