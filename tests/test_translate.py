@@ -602,7 +602,7 @@ def test_a_named_tool_choice_leaves_ollama_only_that_tool() -> None:
                           ({"tool_choice": {"type": "custom", "custom": {"name": "py"}}}, "no tool_choice of type"),
                           ({"functions": [{"name": "f"}], "function_call": "auto"}, "not functions"),
                           ({"tools": [*tools, {"type": "function", "function": {}}],
-                            "tool_choice": {"type": "function"}}, "names no function")):  # (review: a nameless choice took the nameless tool)
+                            "tool_choice": {"type": "function"}}, "names no function")):  # (review: it took one)
         with pytest.raises(Untranslatable, match=said):
             openai_over_ollama("openai.chat").request({**CHAT, "tools": tools, **refused}, False)
 
