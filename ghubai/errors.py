@@ -23,6 +23,8 @@ def is_ollama_path(path: str) -> bool:
     """Ollama's native API lives under ``/api/``; every other path answers in OpenAI's dialect."""
     return path.startswith("/api/")
 
+
+MAX_RETRY_AFTER_S = 3600  # the longest wait an engine's Retry-After is passed on as (the SDKs heed 60 s)
 _SEQUENCE_NUMBER = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 

@@ -16,8 +16,9 @@ import pytest
 import trio
 
 from conftest import WAIT_S, Grid, chat, eventually, next_request, read_until
-from ghubai.http11.client import (KEEPALIVE_IDLE_S, KEEPALIVE_RACE_S, MAX_RETRY_AFTER_S, UNACKNOWLEDGED_S,
-                                  ConnectionPool, Response, open_stream)
+from ghubai.errors import MAX_RETRY_AFTER_S
+from ghubai.http11.client import (KEEPALIVE_IDLE_S, KEEPALIVE_RACE_S, UNACKNOWLEDGED_S, ConnectionPool, Response,
+                                  open_stream)
 
 
 def pool_for(url: str, max_idle: int = 4, idle_reuse_s: float = 4.0) -> ConnectionPool:

@@ -16,8 +16,8 @@ import trio.testing
 
 from ghubai import link, protocol
 from ghubai.config import HubConfig, HubLimits, SchedulerConfig
-from ghubai.errors import ApiError
-from ghubai.hub.exchange import Exchange
+from ghubai.errors import MAX_RETRY_AFTER_S, ApiError
+from ghubai.hub.exchange import Exchange, client_error
 from ghubai.hub.gridhub import _handle
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import RELINK_GRACE_S, Conversation, Pool, RemoteWorker
@@ -1852,3 +1852,12 @@ async def test_what_the_pool_remembers_of_models_no_worker_serves_any_more_goes(
             assert await pool.acquire(name, "openai.chat", set(), soon()) is worker
             pool.release(worker, sent=False)
         assert set(worker.used) <= set(names) and len(pool._demand) <= 2 * 3 + 64 + 1
+
+
+def test_a_worker_s_retry_after_reaches_the_client_bounded() -> None:
+    """Reread: a worker's ``retry_after`` is bounded on the link by nothing but ``ge=0``; a hostile
+    one's of 400 digits overflowed as the float of the client's retry-after-ms."""
+    for wait, said in ((7, "7"), (10**400, str(MAX_RETRY_AFTER_S))):
+        error = client_error(protocol.Error("a" * 32, 429, "slow down", True, retry_after=wait))
+        assert error.headers()["Retry-After"] == said
+    assert "Retry-After" not in client_error(protocol.Error("a" * 32, 503, "busy", True)).headers()

@@ -29,6 +29,7 @@ import h11
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
+from ghubai.errors import MAX_RETRY_AFTER_S
 from ghubai.http11.chunked import ChunkedDecoder
 from ghubai.sockets import RECEIVE_SIZE, read_now, write_now
 
@@ -37,7 +38,6 @@ log = logging.getLogger("ghubai.tls")
 # The server's states once its answer has ended: after one that ends at the close (no length, not
 # chunked), h11 says MUST_CLOSE, then ConnectionClosed for ever (CLOSED), never DONE.
 _ANSWERED = (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
-MAX_RETRY_AFTER_S = 3600
 # What a broken or misbehaving server raises (a timeout is ``trio.TooSlowError``).
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError)
 

@@ -19,7 +19,7 @@ import trio
 
 from ghubai import link, protocol
 from ghubai.config import HubConfig
-from ghubai.errors import ApiError
+from ghubai.errors import MAX_RETRY_AFTER_S, ApiError
 from ghubai.hub.pool import Answer, Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
@@ -37,7 +37,9 @@ def client_error(frame: protocol.Error) -> ApiError:
     if status == 501:  # the worker's engine lacks the API's path
         return ApiError(501, message, code="api_not_served")
     if 400 <= status < 500 or status in (503, 504):
-        return ApiError(status, message, retry_after=frame.retry_after)
+        # a worker's wait, bounded as an engine's is (a hostile worker's of 400 digits overflowed as a float)
+        wait = None if frame.retry_after is None else min(frame.retry_after, MAX_RETRY_AFTER_S)
+        return ApiError(status, message, retry_after=wait)
     return ApiError(502, f"Engine error: {message}")
 
 
