@@ -85,10 +85,33 @@ def validate_chat(body: dict[str, Any]) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         _limit(body, name)
     _limit(body, "n")
+    _check_choices(body)
     _optional(body, "reasoning_effort", str, "a string such as \"low\"")
     _optional(body, "reasoning", dict, "an object such as {\"effort\": \"low\"}")
     if isinstance(body.get("reasoning"), dict):
         _optional(body["reasoning"], "effort", str, "a string such as \"low\"", "reasoning")
+
+
+def _check_choices(body: dict[str, Any]) -> None:
+    """A chat's tools and logprobs, as OpenAI and vLLM refuse them: an Ollama engine ignored a
+    ``tool_choice`` that must call a tool when none was offered, and ``top_logprobs`` without
+    ``logprobs``, and answered a 200 with neither."""
+    _optional(body, "tools", list, "an array of tools")
+    if not all(isinstance(tool, dict) for tool in body.get("tools") or ()):
+        raise ApiError(400, "Invalid type for 'tools': expected an array of objects", param="tools",
+                       code="invalid_type")
+    choice = body.get("tool_choice")
+    if choice is not None and not isinstance(choice, dict) and choice not in ("none", "auto", "required"):
+        raise ApiError(400, "Invalid value for 'tool_choice': expected \"none\", \"auto\", \"required\" or an "
+                            "object", param="tool_choice", code="invalid_value")
+    if (choice == "required" or isinstance(choice, dict)) and not body.get("tools"):
+        raise ApiError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                            "specified", param="tool_choice", code="invalid_value")
+    _optional(body, "logprobs", bool, "a boolean")
+    _optional(body, "top_logprobs", int, "an integer")
+    if body.get("top_logprobs") is not None and body.get("logprobs") is not True:
+        raise ApiError(400, "Invalid value for 'top_logprobs': 'logprobs' must be set to true when "
+                            "'top_logprobs' is used", param="top_logprobs", code="invalid_value")
 
 
 def _check_message(message: Any, where: str) -> None:
@@ -208,8 +231,8 @@ def validate_responses(body: dict[str, Any]) -> None:
 
 
 def _limit(body: dict[str, Any], name: str, least: int = 1) -> None:
-    """A token limit or a number of choices, as OpenAI takes one: an integer from 1 (a chat's 0
-    would be "no limit" to Ollama; n 0 or 2.0 was one choice)."""
+    """A token limit, a number of choices or of dimensions, as OpenAI takes one: an integer from 1
+    (a chat's 0 would be "no limit" to Ollama; n 0 or 2.0 was one choice)."""
     _optional(body, name, int, "an integer")
     if body.get(name) is not None and body[name] < least:
         raise ApiError(400, f"'{name}' must be at least {least}", param=name)
@@ -323,6 +346,7 @@ def validate_openai_inputs(body: dict[str, Any]) -> None:
     arrays), which OpenAI-compatible engines take (and LangChain sends)."""
     if body.get("encoding_format") not in (None, "float", "base64"):  # (a list where base64 was asked for)
         raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+    _limit(body, "dimensions")  # (0 reached Ollama as "the model's own")
     inputs = body.get("input")
     if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
         validate_model(body)

@@ -385,7 +385,8 @@ async def test_an_openai_client_s_logprobs_come_from_an_ollama_engine(grid: Grid
         assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
         assert all(list(top) == [token] for part in lists
                    for token, top in zip(part.tokens or [], part.top_logprobs or []))
-    plain = await grid.http.post(url + "/v1/chat/completions", json={**chat_args, "logprobs": False})
+    plain = await grid.http.post(url + "/v1/chat/completions", json={**chat_args, "logprobs": False,
+                                                                    "top_logprobs": None})
     assert plain.json()["choices"][0]["logprobs"] is None
 
 

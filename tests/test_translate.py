@@ -694,6 +694,24 @@ def test_a_sampling_field_of_the_wrong_type_is_a_400(field: dict[str, Any]) -> N
                             "response_format": {"type": "structural_tag"}})  # (vLLM's: the engine judges it)
 
 
+@pytest.mark.parametrize("field", [{"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {
+    "name": "f"}}}, {"tool_choice": "any"}, {"tools": {"type": "function"}}, {"tools": ["f"]},
+    {"top_logprobs": 2}, {"top_logprobs": 2, "logprobs": False}, {"logprobs": 1}, {"top_logprobs": "2", "logprobs": True}])
+def test_a_chat_s_tool_choice_and_logprobs_are_refused_as_openai_refuses_them(field: dict[str, Any]) -> None:
+    """Regression (noticed in a review): an Ollama engine ignored a ``tool_choice`` that must call a
+    tool when no tool was offered, and ``top_logprobs`` without ``logprobs``: a 200 without either."""
+    with pytest.raises(ApiError) as refused:
+        dialects.validate_chat({**CHAT, **field})
+    assert refused.value.status == 400 and refused.value.param in field
+    for fine in ({"tool_choice": "auto"}, {"tool_choice": "none"}, {"logprobs": True, "top_logprobs": 0},
+                 {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"},
+                 {"logprobs": False, "top_logprobs": None}):
+        dialects.validate_chat({**CHAT, **fine})
+    for dimensions in (0, -1, 1.5, "8"):  # (0 reached an Ollama engine as its model's own size)
+        with pytest.raises(ApiError, match="dimensions"):
+            dialects.validate_openai_inputs({"model": "m", "input": "x", "dimensions": dimensions})
+
+
 @pytest.mark.parametrize("body", [{"format": 123}, {"format": "yaml"}, {"options": "x"},
                                   {"options": {"num_predict": "5"}}, {"options": {"temperature": True}},
                                   {"options": {"stop": "x"}}, {"options": {"mirostat_tau": "x"}},
@@ -863,7 +881,8 @@ def test_openai_chat_stream_end_without_usage_and_with_text() -> None:
 
 
 def test_openai_chat_stream_tool_calls() -> None:
-    """Tool calls get running indexes, fresh ids and JSON-string arguments; the finish is tool_calls."""
+    """Tool calls get running indexes, fresh ids and JSON-string arguments; the finish is tool_calls;
+    the content beside them is null, as OpenAI sends it (it was "")."""
     translator = openai_over_ollama("openai.chat")
     translator.request({"model": "m", "tools": [{"type": "function"}]}, stream=True)
     [first] = translator.chunk({"message": {"role": "assistant", "content": "", "tool_calls": [
@@ -878,7 +897,8 @@ def test_openai_chat_stream_tool_calls() -> None:
         {"index": 0, "type": "function", "function": {"name": "add", "arguments": '{"a":1,"b":2}'}},
         {"index": 1, "type": "function", "function": {"name": "now", "arguments": "{}"}},
         {"index": 2, "type": "function", "function": {"name": "sub", "arguments": '{"x":"y"}'}}]
-    assert (first_delta["role"], first_delta["content"], "role" in second_delta) == ("assistant", "", False)
+    assert (first_delta["role"], first_delta["content"], "role" in second_delta) == ("assistant", None, False)
+    assert second_delta["content"] is None
     [end] = translator.chunk({"message": {"content": ""}, "done": True, "done_reason": "stop"})
     assert sse(end)["choices"] == [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
 
@@ -948,7 +968,7 @@ def test_openai_chat_whole_answer_with_tool_calls() -> None:
     assert [{k: v for k, v in call.items() if k != "id"} for call in calls] == [
         {"type": "function", "function": {"name": "add", "arguments": '{"a":1}'}},
         {"type": "function", "function": {"name": "now", "arguments": "{}"}}]
-    assert (choice["message"]["content"], choice["finish_reason"]) == ("", "tool_calls")
+    assert (choice["message"]["content"], choice["finish_reason"]) == (None, "tool_calls")  # (OpenAI's null)
     assert value["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
 

@@ -792,7 +792,7 @@ class OpenAIOverOllama:
             if thinking := _text(thinking):
                 delta.update(_reasoned(thinking))
             if message.get("tool_calls"):
-                delta["tool_calls"] = self._openai_calls(message["tool_calls"])
+                delta.update(content=text or None, tool_calls=self._openai_calls(message["tool_calls"]))
             logprobs = self._logprobs(value, text)
             if delta.get("content") or len(delta) > 1:
                 out.append(_sse(self._chunk({"delta": delta, **({"logprobs": logprobs} if logprobs else {}),
@@ -827,9 +827,9 @@ class OpenAIOverOllama:
             answer: dict[str, Any] = {"role": "assistant", "content": _text(message.get("content"))}
             if thinking := _text(message.get("thinking")):
                 answer.update(_reasoned(thinking))
-            if message.get("tool_calls"):
-                answer["tool_calls"] = [{k: v for k, v in call.items() if k != "index"}
-                                        for call in self._openai_calls(message["tool_calls"])]
+            if message.get("tool_calls"):  # (OpenAI's content beside calls is null, not "")
+                answer.update(content=answer["content"] or None, tool_calls=[
+                    {k: v for k, v in call.items() if k != "index"} for call in self._openai_calls(message["tool_calls"])])
             choice: dict[str, Any] = {"message": answer, "logprobs": self._logprobs(value, answer["content"])}
         else:
             text = _text(value.get("response"))
