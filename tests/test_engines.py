@@ -23,7 +23,7 @@ from ghubai.config import EngineConfig, load
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.sim.generator import SimOptions, Simulator
 from ghubai.sim.server import serve as serve_sim
-from ghubai.worker.engine import PROBE_MODEL, Engine, _counts_of, _usage_of
+from ghubai.worker.engine import PROBE_MODEL, Engine, _counts_of, _error_message, _usage_of
 
 KEY = "engine-secret-4f1c"
 
@@ -135,11 +135,15 @@ async def test_an_engine_that_echoes_its_credentials_in_an_error_never_shows_the
     engine = Engine(EngineConfig(api_key="sk-live-0123456789abcdef"), httpx.AsyncClient())  # (review: cut short)
     assert engine.scrub("x" * 480 + "Bearer sk-live-0123") == "x" * 480 + "Bearer ***"
     assert engine.scrub("skim it") == "skim it"
+    # an engine's words cut short say so (they ended mid-word, as if whole), and a key cut there is found
+    cut = engine.scrub(_error_message(b"x" * 480 + b"Bearer sk-live-0123456789abcdef and more"))
+    assert cut == "x" * 480 + "Bearer ***…" and len(_error_message(b"y" * 600)) == 500
+    assert _error_message(b'{"error": "short"}') == "short"
     short = Engine(EngineConfig(api_key="k3y9"), httpx.AsyncClient())  # (reread: a short key is a key too)
     assert short.scrub("you sent Bearer k3y9") == "you sent Bearer ***"
     # (hunt) a refusal's words cut short and then put in brackets; a key with " or \ quoted back in JSON
     refused = engine._refusal(404, b"x" * 480 + b" token sk-live-0123456789abcdef", "POST", "/api/chat")
-    assert "sk-live-0" not in str(refused) and str(refused).endswith(" token ***)"), str(refused)
+    assert "sk-live-0" not in str(refused) and str(refused).endswith(" token ***…)"), str(refused)
     quoting = Engine(EngineConfig(api_key='sk-"q\\uote"-1'), httpx.AsyncClient())
     echoed = json.dumps({"authorization": 'Bearer sk-"q\\uote"-1'})
     assert quoting.scrub(echoed) == '{"authorization": "Bearer ***"}'

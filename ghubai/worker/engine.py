@@ -137,17 +137,22 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else _encode(value).decode()
 
 
+MESSAGE_CHARS = 500  # of an engine's error message the client gets (an HTML page can be megabytes)
+
+
 def _error_message(raw: bytes) -> str:
     """An engine's error answer as text (never a Python repr): the message of ``{"error": ...}``,
-    vLLM's ``{"message": ...}`` or FastAPI's ``{"detail": ...}``, else the answer itself."""
+    vLLM's ``{"message": ...}`` or FastAPI's ``{"detail": ...}``, else the answer itself; one that
+    is cut ends with "…", so that no one reads it as whole."""
     try:
         value = _decode(raw)
     except (ValueError, RecursionError):
-        return raw.decode(errors="replace").strip()[:500] or "no detail"
+        value = raw.decode(errors="replace").strip() or "no detail"
     if isinstance(value, dict):
         error = next((value[key] for key in ("error", "message", "detail") if value.get(key) is not None), value)
         value = error.get("message", error) if isinstance(error, dict) else error
-    return _text(value)[:500]
+    text = _text(value)
+    return text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS - 1] + "…"
 
 
 def engine_error(payload: bytes) -> str | None:
@@ -528,12 +533,14 @@ class Engine:
     def scrub(self, text: str) -> str:
         """An engine's words without the key and header values it was sent: some echo them in any
         error, a 400 or a 429 as well as a 401 (LiteLLM's key in a 400 was one); and the start of one
-        the text ends with, where an engine's words were cut short (at 500 characters)."""
+        the text ends with (before its "…"), where an engine's words were cut short."""
+        mark = "…" if text.endswith("…") else ""
+        text = text.removesuffix(mark)
         for secret in self.secrets:
             text = text.replace(secret, "***")
             text = next((text[:-cut] + "***" for cut in range(len(secret) - 1, 3, -1)
                          if text.endswith(secret[:cut])), text)
-        return text
+        return text + mark
 
     def _refusal(self, status: int, raw: bytes, method: str, path: str, wait: int | None = None) -> EngineError:
         """An engine's answer other than 200 as the hub should hear it; ``wait``, its Retry-After."""
