@@ -416,12 +416,15 @@ async def test_an_ollama_name_without_its_tag_means_latest_at_hub_and_proxy(grid
                 response = await grid.http.post(url + path, json=chat(model=name))
                 assert response.status_code == 200, (url, path, name, response.text)
             assert (await grid.http.post(url + "/api/show", json={"name": name})).status_code == 200
-            assert (await grid.http.get(url + "/v1/models/" + name)).status_code == 200
+            entry = await grid.http.get(url + "/v1/models/" + name)
+            served = "library/phi:latest" if name.startswith("library") else "llama3.2:latest"
+            assert (entry.status_code, entry.json()["id"]) == (200, served), entry.text  # (was the name asked)
         for name in ("qwen3", "llama3.2:8b", "llama3"):  # a tag other than latest is never guessed
             assert (await grid.http.post(url + "/api/chat", json=chat(model=name))).status_code == 404, name
         for name in ("Llama3.2", "QWEN3:8B", "Library/Phi:Latest"):  # (hunt: Ollama's names, any case)
             response = await grid.http.post(url + "/api/chat", json=chat(model=name))
             assert response.status_code == 200, (url, name, response.text)
+        assert (await grid.http.get(url + "/v1/models/QWEN3:8B")).json()["id"] == "qwen3:8b"
 
 
 async def test_a_model_named_by_its_file_path_is_found_by_its_id(grid: Grid) -> None:

@@ -464,9 +464,11 @@ class HubApi:
     # -- what the hub answers itself -------------------------------------------------------------
 
     async def one_model(self, model: str) -> dict[str, Any]:
+        """A model's entry under the name the grid serves it as (``sim`` for ``SIM:latest``), as the
+        ``model`` of its answers says."""
         if not self.pool.awaits(model):
             raise model_not_found(model)
-        return dialects.model_entry(model)
+        return dialects.model_entry(self.pool.named(model))
 
     async def list_models(self) -> dict[str, Any]:
         return dialects.model_list(self.pool.models())

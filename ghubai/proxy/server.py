@@ -266,7 +266,7 @@ class Proxy:
         await self._models_answer(conn, request, dialects.model_list(self._models_or_503()))
 
     async def openai_model(self, conn: Connection, request: Request) -> None:
-        await self._models_answer(conn, request, dialects.model_entry(model_named(request)))
+        await self._models_answer(conn, request, dialects.model_entry(self.hubs.named(model_named(request))))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
         models = self._models_or_503()
