@@ -77,7 +77,16 @@ def healthy(data: dict[str, Any]) -> bool:
     return all(hub["up"] for hub in data["hubs"]) and any(hub["workers"] for hub in data["hubs"])
 
 
-async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
+def picture(data: Any) -> tuple[str, bool]:
+    """The picture of ``data`` and whether it is healthy; ValueError when it is JSON of another
+    shape (another service on that port: a traceback was all a cron check got)."""
+    try:
+        return render(data), healthy(data)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:
+        raise ValueError(f"not a GhubAi dashboard's data ({type(error).__name__}: {error})"[:200]) from None
+
+
+async def fetch(url: str, tls: ssl.SSLContext) -> Any:
     """The dashboard's data, within ``TIMEOUT_S`` for the whole answer (httpx bounds each read only:
     a peer that trickles a byte a second held a cron check for ever); raises trio.TooSlowError."""
     # a grid on this machine is reached directly, whatever HTTP_PROXY says (no_proxy names localhost,
@@ -87,7 +96,7 @@ async def fetch(url: str, tls: ssl.SSLContext) -> dict[str, Any]:
         async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not direct) as http:
             response = await http.get(url.rstrip("/") + "/dashboard/data")
             response.raise_for_status()
-            return dict(response.json())
+            return response.json()
 
 
 def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecure: bool = False) -> int:
@@ -101,7 +110,7 @@ def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecur
     async def main() -> int:
         while True:
             try:
-                data = await fetch(url, tls)
+                shown, ok = picture(await fetch(url, tls))
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, trio.TooSlowError) as error:
                 said = scrubbed(describe(error), url)  # (a TLS refusal's why; httpx quotes the URL, password and all)
                 print(f"ghubai status: cannot read {redacted(url)}: {said}", file=sys.stderr)
@@ -110,9 +119,9 @@ def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecur
             else:
                 if watch_s is not None:
                     sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1)
-                print(render(data), flush=True)
+                print(shown, flush=True)
                 if watch_s is None:
-                    return 0 if healthy(data) else 1
+                    return 0 if ok else 1
             await trio.sleep(watch_s)
 
     try:

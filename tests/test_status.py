@@ -44,6 +44,23 @@ async def test_a_peer_that_trickles_its_answer_is_unreadable_within_the_timeout_
         assert not await up._ollama_answers(url)
 
 
+@pytest.mark.parametrize("body", [b"[]", b'{"status": "ok"}', b'{"hubs": []}', b"[1]",
+                                  b'{"hubs": [1], "history": [], "role": "hub"}'])
+async def test_json_of_another_service_is_a_one_line_error_not_a_traceback(nursery: trio.Nursery,
+                                                                          body: bytes) -> None:
+    """Regression (a review): a port whose service answers JSON of another shape (a catch-all route)
+    ended ``ghubai status`` in a traceback (KeyError 'hubs'), where a cron check needs one line."""
+    async def answer(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                              b"%d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    code, out, err = await status("--proxy", f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    assert (code, out) == (1, "") and "not a GhubAi dashboard's data" in err and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1
+
+
 async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
     sim_url, _ = await grid.sim(models=["llama3", "qwen2"])
     hubs = [await grid.hub(), await grid.hub()]
