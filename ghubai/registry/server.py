@@ -157,6 +157,8 @@ def create_app(hub_list: HubList) -> QuartTrio:
         except ValueError:
             return error(400, "wait must be a number of seconds")
         def matches() -> bool:  # If-None-Match may be a list, "*", or weak W/"..." tags
+            if not hub_list.etag:  # no list yet: nothing to match (a request without the header was held)
+                return False
             tags = {tag.strip().removeprefix("W/") for tag in request.headers.get("If-None-Match", "").split(",")}
             return hub_list.etag in tags or "*" in tags
 
