@@ -743,7 +743,8 @@ def _with_env(role: str, config: Any, env: Mapping[str, str]) -> Any:
 
 
 _VARIABLES = {"hub_url": "HUB_URL", "provider_token": "PROVIDER_TOKEN", "engine.api_key": "GHUBAI_ENGINE_API_KEY",
-              "engine.url": "OLLAMA_LOCAL_URL", "registry_url": "REGISTRY_URL"}  # key -> the variable that sets it
+              "engine.url": "OLLAMA_LOCAL_URL", "registry_url": "REGISTRY_URL",
+              "allow_invalid_certs": "ALLOW_INVALID_CERTS"}  # key -> the variable that sets it
 
 
 def _environment_error(errors: list[str]) -> ConfigError:
@@ -755,6 +756,9 @@ def _environment_error(errors: list[str]) -> ConfigError:
         variable = _VARIABLES.get(key.partition("[")[0], "")
         lines.append(f"environment: {variable} ({key}):{why}" if variable else f"environment: {line}")
     return ConfigError(lines)
+
+
+_SWITCHES = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
 def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> WorkerConfig:
@@ -772,8 +776,9 @@ def worker_env_overrides(config: WorkerConfig, env: Mapping[str, str]) -> Worker
         engine["api_key"] = env["GHUBAI_ENGINE_API_KEY"]
     if env.get("OLLAMA_LOCAL_URL"):
         engine["url"] = env["OLLAMA_LOCAL_URL"]
-    if env.get("ALLOW_INVALID_CERTS"):
-        table["allow_invalid_certs"] = env["ALLOW_INVALID_CERTS"].strip().lower() in {"1", "true", "yes", "on"}
+    if env.get("ALLOW_INVALID_CERTS"):  # a word of neither kind is the type's error (it was off, silently)
+        said = env["ALLOW_INVALID_CERTS"]
+        table["allow_invalid_certs"] = _SWITCHES.get(said.strip().lower(), said)
     errors: list[str] = []
     override = _build(WorkerConfig, table | {"engine": engine}, "", errors)
     if errors:

@@ -157,6 +157,12 @@ def test_seed_environment_variables_win(tmp_path: Path) -> None:
         ("from-env", "http://gpu:11434", True)
     with pytest.raises(ConfigError, match=r"environment: OLLAMA_LOCAL_URL \(engine.url\)"):  # (hunt: the variable)
         load("worker", None, env={"OLLAMA_LOCAL_URL": "gpu:11434"})
+    for said, allowed in (("off", False), (" YES ", True), ("0", False), ("On", True)):
+        assert load("worker", str(path), env={"ALLOW_INVALID_CERTS": said}).allow_invalid_certs is allowed
+    path.write_text('hub_url = "wss://file:1/gridhub"\nallow_invalid_certs = true\n')
+    with pytest.raises(ConfigError, match=r"ALLOW_INVALID_CERTS \(allow_invalid_certs\): expected true or false, got "
+                                          "'y'"):  # (hunt: any other word turned the file's true off, silently)
+        load("worker", str(path), env={"ALLOW_INVALID_CERTS": "y"})
 
 
 def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> None:
