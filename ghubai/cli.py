@@ -341,9 +341,9 @@ def main(argv: list[str] | None = None) -> int:
             return interrupted(args.role)  # a Ctrl-C before trio listened for it
         if (cause := _startup_error(error)) is None:
             raise
-        if cause == IN_USE and (address := _listen_of(args)):  # (the socket's error names no address)
-            cause = f"cannot listen on {address}: the address is in use (another process serves that port?)" + \
-                (": choose another with --port" if args.role == "up" else "")
+        if cause.startswith("cannot listen:") and (address := _listen_of(args)):  # (the socket's error names none)
+            cause = cause.replace("cannot listen:", f"cannot listen on {address}:", 1) + \
+                (": choose another with --port" if cause == IN_USE and args.role == "up" else "")
         print(f"ghubai {args.role}: {cause}", file=sys.stderr)
         return 1
 

@@ -256,7 +256,11 @@ def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_pat
         taken.close()
     result = run_ghubai("hub", "--listen", "[fe80::1]:0")  # (hunt: an 82-line traceback)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("ghubai hub: cannot listen: this machine ")  # (or no IPv6)
+    assert result.stderr.strip().splitlines()[-1].startswith(  # (or no IPv6; a hunt: each names the address)
+        "ghubai hub: cannot listen on [fe80::1]:0: this machine ")
+    result = run_ghubai("proxy", "--listen", "192.0.2.1:0")  # (an address of no interface here)
+    assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+        1, "ghubai proxy: cannot listen on 192.0.2.1:0: no such address on this machine"), result.stderr
     unresolved = socket.gaierror(socket.EAI_NONAME, "Name or service not known")  # (no lookup here: loopback only)
     assert _startup_error(ExceptionGroup("start", [unresolved])) == \
         "cannot listen: the host name does not resolve (Name or service not known)"
