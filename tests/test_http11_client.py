@@ -176,8 +176,8 @@ async def test_a_request_a_server_took_and_dropped_is_sent_again_once_at_most(nu
     assert len(pool.idle) == 4 and received == 4
     for conn in pool.idle:
         conn.connect_s = 0.3 if distant else conn.connect_s
-    if held_s and not distant:
-        with pytest.raises(h11.RemoteProtocolError):
+    if held_s and not distant:  # (a hunt: h11's words, "can't handle event type ConnectionClosed when ...")
+        with pytest.raises(h11.RemoteProtocolError, match="^server closed the connection before its answer ended$"):
             await post(pool, {})
         assert received == 5 and len(pool.idle) == 3  # (the others may well be sound)
     else:

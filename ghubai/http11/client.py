@@ -198,11 +198,21 @@ class ClientConnection:
         return data, chunked.done
 
     async def next_event(self, deadline: float = math.inf) -> h11.Event:
+        closed = False
         while True:
-            event = self.h11.next_event()
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as error:
+                if not closed:  # the server's bytes broke HTTP
+                    raise
+                # (h11's words were "can't handle event type ConnectionClosed when role=SERVER and
+                # state=SEND_RESPONSE": what a proxy's operator read of a hub that had died)
+                raise h11.RemoteProtocolError("server closed the connection before its answer ended") from error
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
-            self.h11.receive_data(await self.receive(deadline))
+            data = await self.receive(deadline)
+            closed = not data
+            self.h11.receive_data(data)
 
     async def receive(self, deadline: float) -> bytes:
         """What has arrived, else the next network read, waiting until ``deadline`` at most
