@@ -215,6 +215,14 @@ def _urls(*schemes: str, allow_empty: bool = False, credentials: bool = False) -
     return check
 
 
+def _name(value: str) -> str | None:
+    """A worker's or a hub's name, which logs, pages, metrics' labels and headers show: as the link's
+    frames take one (a registry took 3,000 characters and control characters)."""
+    if len(value) <= 128 and not re.search(r"[\x00-\x1f\x7f]", value):
+        return None
+    return "must be at most 128 characters, none of them a control character"
+
+
 def _at_least(low: float) -> Check:
     return lambda value: None if value >= low else f"must be at least {low}, got {value}"
 
@@ -443,9 +451,7 @@ class WorkerConfig:
         _urls("ws", "wss"), "wss:// for TLS; a list links the worker to every hub in it", one_or_many=True,
         default=("ws://localhost:7197/gridhub",))
     provider_token: str = _key(_secrets, "presented to the hubs (env PROVIDER_TOKEN wins)", secret=True, default="")
-    name: str = _key(lambda v: None if len(v) <= 128 and not re.search(r"[\x00-\x1f\x7f]", v)
-                     else "must be at most 128 characters, none of them a control character", "default: the host name",
-                     default="")
+    name: str = _key(_name, "default: the host name", default="")
     ca_file: str = _key(_readable, "CA bundle for wss:// hubs", default="")
     allow_invalid_certs: bool = _key(None, "development only", default=False)
     drain_timeout_s: float = _key(_at_least(0), "on SIGTERM, how long running requests may finish", default=30.0)
@@ -458,7 +464,7 @@ class WorkerConfig:
 @dataclass(frozen=True)
 class HubEntry:
     """One ``[[hubs]]`` entry of the registry's list."""
-    name: str = _key(lambda v: None if v else "must not be empty", required=True, default="")
+    name: str = _key(lambda v: _name(v) if v else "must not be empty", required=True, default="")
     address: str = _key(_hub_addresses, required=True, default="")
 
 

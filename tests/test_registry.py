@@ -459,6 +459,15 @@ def test_an_ipv4_address_is_one_spelling_or_refused() -> None:
     assert [hub.address for hub in named.hubs] == ["http://gpu-1.lan:7197"]
 
 
+@pytest.mark.parametrize("name", ["x" * 129, "hub\\u001b[31m", "a\\tb"])
+def test_a_hub_s_name_is_held_to_what_a_worker_s_is(name: str) -> None:
+    """Regression (hunt): a registry took a 3,000-character name and control characters, which logs,
+    pages and metrics then showed, where a worker's name is at most 128 printable characters."""
+    with pytest.raises(ConfigError, match="hubs\\[0\\].name: must be at most 128 characters, none of them a control"):
+        parse("registry", f'[[hubs]]\nname = "{name}"\naddress = "http://10.0.0.1:7197"\n')
+    assert parse("registry", f'[[hubs]]\nname = "{"é" * 128}"\naddress = "http://10.0.0.1:7197"\n').hubs
+
+
 def test_a_token_in_a_hub_address_s_query_or_path_is_never_echoed() -> None:
     """Regression (hunt): the refusal of ``http://10.0.0.2:7197/?api_key=...`` quoted the address
     whole, in the registry's log and its unauthenticated /health, and in the proxy's startup error."""
