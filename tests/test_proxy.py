@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -14,9 +16,10 @@ import openai
 import pytest
 import trio
 
-from conftest import WAIT_S, Grid, HubProcess, chat, eventually, peak_active, stalled_client, workers_linked
+from conftest import (WAIT_S, Grid, HubProcess, _scoped, chat, eventually, peak_active, run_registry, stalled_client,
+                      workers_linked)
 from ghubai import dialects
-from ghubai.config import ProxyConfig
+from ghubai.config import ProxyConfig, load
 from ghubai.configfiles import add_hub, remove_hub
 from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, origin_form, serve_connection
@@ -45,6 +48,37 @@ async def two_hub_grid(grid: Grid, tmp_path: Path, **sim_options: object) -> tup
     proxy = await grid.proxy(registry.value)
     await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
     return proxy.value, hubs, sims
+
+
+async def test_a_proxy_started_with_its_registry_takes_its_refusal_for_no_answer(grid: Grid, tmp_path: Path) -> None:
+    """Regression (hunt): started together (a boot), the registry refused the proxy for a moment; the
+    proxy took that for its answer, said it was ready, and answered 503 "No healthy hub" for a second
+    beside a healthy hub. It asks again at once while it starts, and is ready once the list is in."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    path = registry_file(tmp_path, {"only": hub.value})
+    reserved = socket.socket()  # bound, not listening: the registry's port refuses connections
+    reserved.bind(("127.0.0.1", 0))
+    port = reserved.getsockname()[1]
+    ready, proxy_url = trio.Event(), ""
+
+    async def start_proxy() -> None:
+        nonlocal proxy_url
+        proxy_url = (await grid.proxy(f"http://127.0.0.1:{port}")).value
+        ready.set()
+
+    grid.nursery.start_soon(start_proxy)
+    with trio.move_on_after(0.5):  # (ready at once, with no hubs, was the fault)
+        await ready.wait()
+    assert not ready.is_set()
+    reserved.close()
+    config = dataclasses.replace(load("registry", str(path)), listen=f"127.0.0.1:{port}")
+    await grid.nursery.start(_scoped, run_registry, config, str(path))
+    with trio.fail_after(WAIT_S):
+        await ready.wait()
+    answer = await grid.http.post(proxy_url + "/v1/chat/completions", json=chat())
+    assert answer.status_code == 200, answer.text
 
 
 async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_path: Path) -> None:

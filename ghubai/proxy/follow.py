@@ -21,6 +21,8 @@ log = logging.getLogger("ghubai.proxy")
 
 LONG_POLL_S = 30.0
 RETRY_S = 1.0
+FIRST_CHECKS_S = 1.0  # a starting proxy waits this, beyond the registry's answer and a round of checks
+STARTING_RETRY_S = 0.1  # how soon a starting proxy asks again a registry that refused it (started with it)
 REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred KB
 SUMMARY_LIMIT = 4 << 20  # a hub's /api/summary (its models and queue)
 WORKERS_LIMIT = 16 << 20  # a hub's /api/registry (its workers in detail: about 400 bytes each)
@@ -31,6 +33,9 @@ FAILING_AT_ONCE = 16  # and, besides those, checks of hubs whose last check fail
 async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
     """Long-poll the registry for ever. With the registry down, the last list stays in force."""
     static = [(address, address) for address in config.hubs]
+    # a registry started with the proxy (a boot) may refuse it for a moment: asked again at once while
+    # the proxy waits for its first checks, its clients wait too (they got "No healthy hub" for a second)
+    starting_until = trio.current_time() + FIRST_CHECKS_S + config.health.timeout_s
     etag: str | None = None
     failing = ""  # what was last said of the registry's failure: said again only when it changes
     while True:
@@ -58,6 +63,10 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                 log.info("registry %s answers again", redacted(config.registry_url))
             failing = ""
         except Exception as error:  # a hostile or broken registry answer must never stop the proxy
+            if not hubs.listed.is_set() and isinstance(error, httpx.ConnectError) and \
+                    trio.current_time() < starting_until:
+                await trio.sleep(STARTING_RETRY_S)
+                continue
             said = scrubbed(describe(error), config.registry_url)  # (httpx may quote the URL, password and all)
             if said != failing:  # (its cause changed: refused while it started, then its file's fault)
                 log.warning("registry %s unavailable (%s); keeping the last hub list", redacted(config.registry_url), said)

@@ -35,14 +35,14 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
-from ghubai.proxy.follow import CHECKS_AT_ONCE, DETAILS_WANTED_S, SUMMARY_LIMIT, check_health, follow_registry
+from ghubai.proxy.follow import (CHECKS_AT_ONCE, DETAILS_WANTED_S, FIRST_CHECKS_S, SUMMARY_LIMIT, check_health,
+                                 follow_registry)
 from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, model_named
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
 
 FORWARDED_PREFIXES = ("/v1/", "/api/")
-FIRST_CHECKS_S = 1.0  # beyond the registry's answer and a round of checks, each health.timeout_s at most
 STOP_GRACE_S = 1.0  # once drained and no longer listening, for the connections accepted to get their 503s
 OPEN_PATHS = ("/health", "/ready", "/metrics", "/dashboard", "/dashboard/data")  # the rest needs a key
 
