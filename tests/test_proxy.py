@@ -727,7 +727,7 @@ async def test_a_model_whose_worker_is_restarting_is_found_as_its_requests_are(g
     await eventually(unlisted, "the model out of the lists of hub and proxy")
     for url in (hub.value, proxy.value):
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0) as sdk:
-            assert (await sdk.models.retrieve("llama3")).id == "llama3"
+            assert (await sdk.models.retrieve("llama3")).id == "llama3:latest"  # (as served)
             with pytest.raises(openai.NotFoundError):
                 await sdk.models.retrieve("nope")
     await grid.worker(hub.value, sim_url, name="w")
