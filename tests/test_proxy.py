@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -634,6 +635,19 @@ async def test_a_hub_whose_answers_break_goes_down_only_when_they_break_in_a_row
     assert hub.up
     hubs.answer_broke(hub, "cut", down_after=2)
     assert not hub.up and "2 answers in a row broke" in hub.reason
+
+
+async def test_a_hub_renamed_at_its_address_keeps_its_state_and_the_log_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """(A hunt: the registry logged the rename, the proxy nothing.)"""
+    caplog.set_level(logging.INFO, "ghubai.proxy")
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1")])
+    [hub] = hubs.hubs.values()
+    hubs.set_health(hub, True)
+    hubs.update([("b", "http://127.0.0.1:1/")])
+    assert list(hubs.hubs.values()) == [hub] and (hub.name, hub.up) == ("b", True)
+    assert "hub a (http://127.0.0.1:1) renamed b" in caplog.text
 
 
 def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> None:

@@ -102,8 +102,9 @@ class HubSet:
                     hub.models, hub.loaded = moved.models, moved.loaded
                 log.info("hub %s (%s) added", name, address)
                 self.check_now.set()
-            else:
-                self.hubs[address].name = name
+            elif (hub := self.hubs[address]).name != name:  # (the registry logs it: so does the proxy)
+                log.info("hub %s (%s) renamed %s", hub.name, address, name)
+                hub.name = name
 
     def healthy(self) -> list[Hub]:
         return [hub for hub in self.hubs.values() if hub.up]
