@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import json
 import logging
 import socket
@@ -713,6 +714,59 @@ async def test_a_whole_answer_that_is_not_json_is_a_502_that_says_so_and_is_not_
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
     assert response.status_code == 502 and "not JSON" in response.json()["error"]["message"], response.text
     assert asked == 1
+
+
+async def test_a_streamed_record_that_is_not_json_ends_a_passed_on_stream_with_an_error(grid: Grid) -> None:
+    """Regression (hunt): a stream the worker passes on unparsed (an engine speaking the client's
+    API) passed a record that is not JSON (``ping``) to the client in its 200 stream: the SDKs raised
+    a bare JSONDecodeError. It ends the stream with the engine's error, as a translated one did; and an
+    Ollama stream's byte order mark is no part of its first line."""
+    line = {"model": "sim", "message": {"role": "assistant", "content": "Hel"}, "done": False}
+    done = {"model": "sim", "message": {"role": "assistant", "content": ""}, "done": True, "eval_count": 1}
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if await _openai_engine(conn, request) or request.path == "/api/ps":
+            return
+        bom = b"\xef\xbb\xbf" if b"bom" in request.body else b""
+        if request.path == "/api/chat":
+            await conn.start_stream(200, "application/x-ndjson")
+            await conn.write(bom + json.dumps(line).encode() + (b"\nbom\n" if bom else b"\nping\n") +
+                             json.dumps(done).encode() + b"\n")
+        else:
+            await conn.start_stream(200, "text/event-stream")
+            await conn.write(b'data: {"id": "c", "object": "chat.completion.chunk", "choices": []}\n\n'
+                             b"data: ping\n\ndata: [DONE]\n\n")
+        await conn.finish()
+
+    ollama, vllm = await grid.hub(), await grid.hub()  # (each with the engine that speaks its client's API)
+    await grid.worker(ollama.value, await grid.fake_engine(engine), kind="ollama")
+    await grid.worker(vllm.value, await grid.fake_engine(engine), kind="openai")
+    for url, path in ((ollama.value, "/api/chat"), (vllm.value, "/v1/chat/completions")):
+        response = await grid.http.post(url + path, json=chat(stream=True))
+        assert b"ping" not in response.content and response.status_code == 200, response.text
+        assert b"not JSON" in response.content.strip().rpartition(b"\n")[2], response.text
+    whole = await grid.http.post(ollama.value + "/api/chat", json=chat(stream=True, content="bom"))
+    lines = [json.loads(text) for text in whole.text.splitlines()]
+    assert [value.get("done") for value in lines[:1]] == [False] and "error" in lines[-1], whole.text
+
+
+async def test_an_engine_is_asked_for_no_compression_and_one_it_sends_is_named(grid: Grid) -> None:
+    """Regression (hunt): the worker sent no Accept-Encoding (any coding, then) and refused the header
+    as "set by the worker"; a gateway in front of vLLM that gzipped gave "not JSON (invalid character)"
+    or a stream of binary lines."""
+    asked: list[bytes | None] = []
+
+    async def engine(conn: Connection, request: Request) -> None:
+        if not await _openai_engine(conn, request):
+            asked.append(request.header(b"accept-encoding"))
+            await conn.respond(200, gzip.compress(b'{"choices": []}'), headers={"content-encoding": "gzip"})
+
+    hub = await grid.hub()
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
+    for stream in (False, True):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=stream))
+        assert response.status_code == 502 and "'gzip'-encoded" in response.text, response.text
+    assert asked and set(asked) == {b"identity"}
 
 
 async def test_a_worker_probes_its_engine_s_apis_at_once_not_one_after_another(grid: Grid) -> None:

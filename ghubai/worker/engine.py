@@ -114,9 +114,10 @@ def _untrusted(error: BaseException) -> bool:
 
 
 def engine_headers(config: EngineConfig) -> list[tuple[str, str]]:
-    """What every call to the engine carries: its key and the operator's extra headers."""
+    """What every call to the engine carries: its key and the operator's extra headers, and that
+    its answer must not be compressed (none asked for, any may come: a gateway before vLLM gzipped)."""
     key = [("authorization", f"Bearer {config.api_key}")] if config.api_key else []
-    return [*key, *config.headers.items(), (dialects.ENGINE_CALL_HEADER, "1")]
+    return [*key, *config.headers.items(), ("accept-encoding", "identity"), (dialects.ENGINE_CALL_HEADER, "1")]
 
 
 @dataclass
@@ -494,6 +495,9 @@ class Engine:
                 if response.status != 200:
                     raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path,
                                         response.retry_after)
+                if coding := _coding(response.headers):  # (a gateway's, whatever was asked: no JSON in it)
+                    raise EngineError(502, f"the engine's answer is {coding[:40]!r}-encoded, which the worker does "
+                                      "not decode (a gateway in front of the engine compresses it)", retryable=True)
                 if not call.stream:
                     yield await self._whole(response, call, translator, path)
                     return
@@ -576,6 +580,10 @@ class Engine:
             if (message := engine_error(payload)) is not None:
                 call.failure = engine_failure(payload, message)  # after what came before it
                 break
+            if payload[:1] != b"{":  # (every record's first byte, where a passed-on 'ping' was the client's)
+                _decoded(call, payload)
+                if call.failure:
+                    break
             if any(marker in payload for marker in markers):
                 value = _decoded(call, payload)
                 if call.failure:
@@ -624,6 +632,14 @@ class Engine:
                 call.finished = True
                 break
         return b"".join(out)
+
+
+def _coding(headers: list[tuple[bytes, bytes]]) -> str:
+    """An answer's content coding other than identity, or ""."""
+    for name, value in headers:
+        if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return value.decode(errors="replace")
+    return ""
 
 
 def _decoded(call: Call, payload: bytes) -> Any:
@@ -737,6 +753,9 @@ def _whole_line(line: bytes) -> bool:
 async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """NDJSON lines, one list per network read; a last line without its newline counts too, when it
     is whole (one cut in the middle is dropped: the stream's end without ``done`` is the error)."""
+    first = True
     async for lines in _records(chunks, b"\n", crlf=False, whole=_whole_line):
+        if first:  # (a byte order mark: no part of the JSON, as of an SSE stream's first event)
+            lines[0], first = lines[0].removeprefix(b"\xef\xbb\xbf"), False
         if batch := [line for line in lines if line.strip()]:
             yield batch
