@@ -95,7 +95,9 @@ async def fetch(url: str, tls: ssl.SSLContext) -> Any:
         direct = is_loopback(urlsplit(url).hostname or "")
         async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not direct) as http:
             response = await http.get(url.rstrip("/") + "/dashboard/data")
-            response.raise_for_status()
+            if response.status_code != 200:  # (httpx's error took two lines, the second a link to MDN)
+                raise ValueError(f"HTTP {response.status_code} for /dashboard/data (give the proxy's or hub's root "
+                                 "URL, with no path)")
             return response.json()
 
 
@@ -117,8 +119,8 @@ def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecur
                 if watch_s is None:
                     return 1
             else:
-                if watch_s is not None:
-                    sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1)
+                if watch_s is not None and sys.stdout.isatty():
+                    sys.stdout.write("\x1b[H\x1b[2J")  # clear the terminal, like watch(1) (not a pipe's reader)
                 print(shown, flush=True)
                 if watch_s is None:
                     return 0 if ok else 1

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
-from conftest import eventually, ghubai_command
+from conftest import WAIT_S, eventually, ghubai_command
 from ghubai.observability.dashboard import capacity, hub_view, worker_health
 from ghubai import status as status_module, up
 from ghubai.http11.client import tls_client_context
@@ -59,6 +60,26 @@ async def test_json_of_another_service_is_a_one_line_error_not_a_traceback(nurse
     code, out, err = await status("--proxy", f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
     assert (code, out) == (1, "") and "not a GhubAi dashboard's data" in err and "Traceback" not in err, err
     assert len(err.splitlines()) == 1
+
+
+async def test_a_url_with_a_path_is_a_one_line_error_that_says_what_to_give(grid: Any) -> None:
+    """Regression (hunt): ``--proxy http://host:port/v1`` gave httpx's two lines, the second a link."""
+    _, proxy = await grid.chain()
+    code, out, err = await status("--proxy", proxy.value + "/v1")
+    assert (code, out, len(err.splitlines())) == (1, "", 1) and "HTTP 404" in err and "root URL" in err, err
+    # --watch into a pipe: each picture, without the clear-screen escape a terminal needs (hunt: in the pipe)
+    watching = await trio.lowlevel.open_process(ghubai_command("status", "--proxy", proxy.value, "--watch", "0.2"),
+                                                stdout=subprocess.PIPE)
+    try:
+        seen = b""
+        with trio.fail_after(WAIT_S):
+            while seen.count(b"GhubAi") < 2:
+                assert watching.stdout is not None
+                seen += await watching.stdout.receive_some()
+        assert b"\x1b[" not in seen, seen
+    finally:
+        watching.kill()
+        await watching.wait()
 
 
 async def test_status_shows_hubs_workers_models_and_load(grid: Any) -> None:
