@@ -79,6 +79,7 @@ def _serve(main: Main, reloads: bool, drains: bool) -> int:
                 await tracing.flush()
 
     trio.run(runner)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped: a second Ctrl-C must not kill the exit (it said 130)
     return 0
 
 
@@ -123,8 +124,7 @@ def _init(args: argparse.Namespace) -> int:
     from ghubai.configfiles import init
 
     try:
-        for path in init(args.dir, force=args.force):
-            print(f"wrote {path}")
+        written = init(args.dir, force=args.force)
     except OSError as error:
         if isinstance(error, FileExistsError) and error.errno is None:  # (init's own: the files it would replace)
             print(f"ghubai init: not overwriting {error} (use --force)", file=sys.stderr)
@@ -132,6 +132,8 @@ def _init(args: argparse.Namespace) -> int:
             print(f"ghubai init: {error.filename2 or error.filename or args.dir}: {error.strerror or error}",
                   file=sys.stderr)
         return 1
+    for path in written:  # (after: a reader that left was blamed on the folder)
+        print(f"wrote {path}")
     return 0
 
 
@@ -307,7 +309,7 @@ def parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-parallel", type=_number(int, 1), default=64, help="generations at once; the rest wait")
     sim.add_argument("--fail-rate", type=_number(float, 0, 1), default=0.0, help="share of requests answered 500")
     sim.add_argument("--fail-after-tokens", type=_number(int, 0), default=None, help="fail every reply after N tokens")
-    sim.add_argument("--embed-dim", type=_number(int, 1), default=16)
+    sim.add_argument("--embed-dim", type=_number(int, 1, 65536), default=16)  # (a billion froze it, deaf to Ctrl-C)
     sim.add_argument("--api-key", default="", help="answer 401 unless a request has 'Authorization: Bearer KEY'")
     sim.add_argument("--disable", default="", metavar="PATHS",
                      help="comma-separated paths to answer 404 on, as a partial shim does (e.g. /api/chat)")

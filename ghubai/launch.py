@@ -9,6 +9,7 @@ read after it.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -34,6 +35,11 @@ def main() -> int:
     try:
         from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
 
-        return run()
+        status = run()
+        sys.stdout.flush()  # (here, not at the exit, where a reader that left was "Exception ignored")
+        return status
     except KeyboardInterrupt:  # not a traceback
         return interrupted(role)
+    except BrokenPipeError:  # the reader of its output left (``status --watch | grep -m1``): not a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
+        return 1

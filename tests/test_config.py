@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import run_ghubai
+from conftest import ghubai_command, run_ghubai
 from ghubai.cli import _startup_error
 from ghubai.config import ConfigError, load, parse, redacted, split_hostport, url_problem
 from ghubai.configfiles import default_text
@@ -235,6 +236,22 @@ def test_url_problem_names_what_no_client_could_dial(url: str, problem: str | No
 def test_an_address_without_its_scheme_is_quoted_as_typed(url: str, said: str) -> None:
     """Regression (hunt): the commonest slip was quoted as what nobody typed, ':///…' or 'localhost:///…'."""
     assert said in (url_problem(url, ("http", "https")) or "")
+
+
+def test_a_reader_that_leaves_the_output_gets_no_traceback_and_no_folder_is_blamed(tmp_path: Path) -> None:
+    """Regression (hunt): ``ghubai init | head -0`` said "cfg: Broken pipe" of the folder it had
+    written; ``check`` and ``status --watch | grep -m1`` ended in a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # a reader that left
+    try:
+        for args in (("init", "--dir", str(tmp_path / "cfg")), ("check", str(tmp_path / "cfg" / "hub.toml"))):
+            result = subprocess.run(ghubai_command(*args), stdout=write, stderr=subprocess.PIPE, text=True,
+                                    timeout=60)
+            assert (result.returncode, result.stderr) == (1, ""), (args, result.stderr)
+    finally:
+        os.close(write)
+    assert sorted(path.name for path in (tmp_path / "cfg").iterdir()) == [
+        "hub.toml", "proxy.toml", "registry.toml", "worker.toml"]
 
 
 def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:

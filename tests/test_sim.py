@@ -349,6 +349,7 @@ def test_max_parallel_below_one_is_refused_in_one_line() -> None:
 @pytest.mark.parametrize("flag, value, said", [
     ("--tokens", "-5", "whole number from 0"), ("--fail-rate", "2", "number from 0 to 1"),
     ("--itl-ms", "inf", "number from 0,"), ("--ttft-ms", "-1", "number from 0,"), ("--models", ",", "one model name"),
+    ("--embed-dim", "100000000000", "whole number from 1 to 65536"),  # (hunt: it froze, deaf to Ctrl-C)
 ])
 def test_a_nonsense_simulator_setting_is_refused_in_one_line(flag: str, value: str, said: str) -> None:
     """Regression (left alone before): these started a simulator that hung (an endless sleep between

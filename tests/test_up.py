@@ -8,6 +8,8 @@ import os
 import re
 import shlex
 import signal
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -82,6 +84,20 @@ async def test_up_fronts_a_key_protected_openai_engine(tmp_path: Path) -> None:
             up.process.wait(timeout=WAIT_S)
         sim.stop()
     assert "engine-secret" not in up.log() + up.printed()
+
+
+def test_a_second_ctrl_c_while_a_stopped_role_exits_does_not_kill_it() -> None:
+    """Regression (hunt): a Ctrl-C pressed twice came, the second, while the interpreter shut down
+    after the role had stopped: killed by it, ``ghubai up`` said 130, not its clean 0."""
+    script = ("import os, signal, sys, trio\n"
+              "from ghubai import cli\n"
+              "async def role(service):\n"
+              "    await trio.lowlevel.checkpoint()\n"
+              "status = cli._stopping_on(role)\n"
+              "os.kill(os.getpid(), signal.SIGINT)\n"  # (as the second press, after the stop)
+              "print('exits', status)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "exits 0\n", ""), done.stderr
 
 
 def test_a_port_out_of_range_is_one_line_not_a_traceback() -> None:
