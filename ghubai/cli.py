@@ -79,7 +79,6 @@ def _serve(main: Main, reloads: bool, drains: bool) -> int:
                 await tracing.flush()
 
     trio.run(runner)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopped: a second Ctrl-C must not kill the exit (it said 130)
     return 0
 
 

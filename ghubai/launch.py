@@ -36,10 +36,14 @@ def main() -> int:
         from ghubai.cli import main as run  # (the heavy imports: trio, quart, hypercorn, msgspec ...)
 
         status = run()
-        sys.stdout.flush()  # (here, not at the exit, where a reader that left was "Exception ignored")
+        if role in DAEMONS:  # stopped: a second Ctrl-C must not kill the exit (``up`` said 130, not its 0)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if sys.stdout is not None:  # (None: started with it closed)
+            sys.stdout.flush()  # (here, not at the exit, where a reader that left was "Exception ignored")
         return status
     except KeyboardInterrupt:  # not a traceback
         return interrupted(role)
     except BrokenPipeError:  # the reader of its output left (``status --watch | grep -m1``): not a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
+        if sys.stdout is not None:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (the flush at exit would fail again)
         return 1

@@ -252,6 +252,9 @@ def test_a_reader_that_leaves_the_output_gets_no_traceback_and_no_folder_is_blam
         os.close(write)
     assert sorted(path.name for path in (tmp_path / "cfg").iterdir()) == [
         "hub.toml", "proxy.toml", "registry.toml", "worker.toml"]
+    closed = subprocess.run(ghubai_command("check", str(tmp_path / "cfg" / "hub.toml")), stderr=subprocess.PIPE,
+                            text=True, timeout=60, preexec_fn=lambda: os.close(1))  # (a review: sys.stdout is None)
+    assert (closed.returncode, closed.stderr) == (0, "")
 
 
 def test_a_port_in_use_or_a_missing_tls_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
