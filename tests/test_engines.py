@@ -759,13 +759,15 @@ async def test_an_engine_is_asked_for_no_compression_and_one_it_sends_is_named(g
     async def engine(conn: Connection, request: Request) -> None:
         if not await _openai_engine(conn, request):
             asked.append(request.header(b"accept-encoding"))
-            await conn.respond(200, gzip.compress(b'{"choices": []}'), headers={"content-encoding": "gzip"})
+            status = 400 if b"refused" in request.body else 200  # (a review: a refusal's words were its bytes)
+            await conn.respond(status, gzip.compress(b'{"error": "no"}' if status == 400 else b'{"choices": []}'),
+                               headers={"content-encoding": "gzip"})
 
     hub = await grid.hub()
     await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai")
-    for stream in (False, True):
-        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=stream))
-        assert response.status_code == 502 and "'gzip'-encoded" in response.text, response.text
+    for stream, content, status in ((False, "hi", 502), (True, "hi", 502), (False, "refused", 400)):
+        response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat(stream=stream, content=content))
+        assert response.status_code == status and "'gzip'-encoded" in response.text, response.text
     assert asked and set(asked) == {b"identity"}
 
 

@@ -51,6 +51,9 @@ async def test_an_sse_stream_cut_inside_an_event_drops_it_and_a_bom_or_a_bare_er
     assert await _split(sse_payloads, b'\xef\xbb\xbfdata: {"choices":[{"fini') == []  # (review)
     assert await _split(ndjson_payloads, b'{"a":1}\n', b'{"message":{"cont') == [[b'{"a":1}']]  # (review)
     assert await _split(ndjson_payloads, b'{"a":1}\n{"done":true}') == [[b'{"a":1}'], [b'{"done":true}']]
+    bom = b"\xef\xbb\xbf"  # (a review: an NDJSON stream's mark was stripped, but not before its unended last line)
+    assert await _split(ndjson_payloads, bom + b'{"a":1}\n', b"{}") == [[b'{"a":1}'], [b"{}"]]
+    assert await _split(ndjson_payloads, b"", bom + b'{"done": true}') == [[b'{"done": true}']]
 
 
 async def test_sse_comments_and_other_fields_carry_no_payload() -> None:

@@ -492,12 +492,13 @@ class Engine:
         silence_s = self.config.idle_timeout_s if call.stream else math.inf
         try:
             async with self.pool.request(method, self.prefix + path, headers, raw_body, math.inf) as response:
-                if response.status != 200:
-                    raise self._refusal(response.status, await response.read(REFUSAL_LIMIT), method, path,
-                                        response.retry_after)
-                if coding := _coding(response.headers):  # (a gateway's, whatever was asked: no JSON in it)
-                    raise EngineError(502, f"the engine's answer is {coding[:40]!r}-encoded, which the worker does "
-                                      "not decode (a gateway in front of the engine compresses it)", retryable=True)
+                coding = _coding(response.headers)  # (a gateway's, whatever was asked: no JSON in it)
+                if response.status != 200:  # (a compressed refusal keeps its status; its words are bytes)
+                    raw = await response.read(REFUSAL_LIMIT)
+                    raise self._refusal(response.status, _encode({"error": _compressed(coding)}) if coding else raw,
+                                        method, path, response.retry_after)
+                if coding:
+                    raise EngineError(502, _compressed(coding), retryable=True)
                 if not call.stream:
                     yield await self._whole(response, call, translator, path)
                     return
@@ -634,6 +635,11 @@ class Engine:
         return b"".join(out)
 
 
+def _compressed(coding: str) -> str:
+    return f"the engine's answer is {coding[:40]!r}-encoded, which the worker does not decode (a gateway in front " \
+           "of the engine compresses it)"
+
+
 def _coding(headers: list[tuple[bytes, bytes]]) -> str:
     """An answer's content coding other than identity, or ""."""
     for name, value in headers:
@@ -699,9 +705,13 @@ async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool,
                    whole: Callable[[bytes], bool] | None = None) -> AsyncIterator[list[bytes]]:
     """The records of a byte stream, one list per network read, in linear time however long a record
     (each byte is searched about once), and none over ``MAX_RECORD_BYTES``. The last record needs no
-    separator, when ``whole`` says it is one. ``crlf``: CRLF line ends count as LF."""
+    separator, when ``whole`` says it is one. ``crlf``: CRLF line ends count as LF. A byte order mark
+    before the first record is no part of it (of an SSE event, of an NDJSON line's JSON)."""
     buffer = bytearray()
+    first = True
     async for data in chunks:
+        if first and data:
+            data, first = data.removeprefix(b"\xef\xbb\xbf"), False
         if crlf:
             if buffer.endswith(b"\r") and data.startswith(b"\n"):
                 del buffer[-1:]
@@ -725,11 +735,8 @@ async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
     """SSE ``data`` payloads, one list per network read. An event is complete at a blank line, or
     at the end of the stream (an engine may end on ``data: [DONE]\n`` alone) when it is whole: one
     cut in the middle is dropped, as the SSE standard says, and the stream's end without a finish is
-    the error. A byte order mark before the first event is no part of it."""
-    first = True
+    the error."""
     async for events in _records(chunks, b"\n\n", crlf=True, whole=_whole_event):
-        if first:
-            events[0], first = events[0].removeprefix(b"\xef\xbb\xbf"), False
         if batch := [payload for event in events if (payload := _sse_data(event.strip(b"\n"))) is not None]:
             yield batch
 
@@ -737,7 +744,7 @@ async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
 def _whole_event(event: bytes) -> bool:
     """Whether an event the stream ended in without its blank line is whole (``data: [DONE]\n``),
     not one cut in the middle, which no client could parse."""
-    payload = _sse_data(event.removeprefix(b"\xef\xbb\xbf").strip(b"\n"))
+    payload = _sse_data(event.strip(b"\n"))
     return payload is None or payload == b"[DONE]" or _whole_line(payload)
 
 
@@ -753,9 +760,6 @@ def _whole_line(line: bytes) -> bool:
 async def ndjson_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
     """NDJSON lines, one list per network read; a last line without its newline counts too, when it
     is whole (one cut in the middle is dropped: the stream's end without ``done`` is the error)."""
-    first = True
     async for lines in _records(chunks, b"\n", crlf=False, whole=_whole_line):
-        if first:  # (a byte order mark: no part of the JSON, as of an SSE stream's first event)
-            lines[0], first = lines[0].removeprefix(b"\xef\xbb\xbf"), False
         if batch := [line for line in lines if line.strip()]:
             yield batch
