@@ -96,8 +96,8 @@ async def fetch(url: str, tls: ssl.SSLContext) -> Any:
         async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls, trust_env=not direct) as http:
             response = await http.get(url.rstrip("/") + "/dashboard/data")
             if response.status_code != 200:  # (httpx's error took two lines, the second a link to MDN)
-                raise ValueError(f"HTTP {response.status_code} for /dashboard/data (give the proxy's or hub's root "
-                                 "URL, with no path)")
+                hint = " (give the proxy's or hub's root URL, with no path)" if response.status_code == 404 else ""
+                raise ValueError(f"HTTP {response.status_code} for /dashboard/data{hint}")
             return response.json()
 
 

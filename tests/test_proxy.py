@@ -66,7 +66,7 @@ async def test_a_proxy_started_with_its_registry_takes_its_refusal_for_no_answer
 
     async def start_proxy() -> None:
         nonlocal proxy_url
-        proxy_url = (await grid.proxy(f"http://127.0.0.1:{port}")).value
+        proxy_url = (await grid.proxy(f"http://127.0.0.1:{port}", health={"timeout_s": 4.0})).value  # (a margin)
         ready.set()
 
     grid.nursery.start_soon(start_proxy)

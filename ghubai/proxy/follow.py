@@ -33,8 +33,9 @@ FAILING_AT_ONCE = 16  # and, besides those, checks of hubs whose last check fail
 async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
     """Long-poll the registry for ever. With the registry down, the last list stays in force."""
     static = [(address, address) for address in config.hubs]
-    # a registry started with the proxy (a boot) may refuse it for a moment: asked again at once while
-    # the proxy waits for its first checks, its clients wait too (they got "No healthy hub" for a second)
+    # a registry started with the proxy (a boot) may refuse it for a moment: asked again every
+    # STARTING_RETRY_S while the proxy waits for its first checks, its clients wait too (they got "No
+    # healthy hub" for a second)
     starting_until = trio.current_time() + FIRST_CHECKS_S + config.health.timeout_s
     etag: str | None = None
     failing = ""  # what was last said of the registry's failure: said again only when it changes
