@@ -354,6 +354,27 @@ def test_ollama_tool_call_without_index_is_call_zero() -> None:
         {"function": {"index": 0, "name": "f", "arguments": {}}}]
 
 
+@pytest.mark.parametrize("deltas", [
+    [[{"id": "c1", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}],
+     [{"id": "c2", "function": {"name": "get_time", "arguments": '{"tz":"UTC"}'}}]],  # a call a delta, ids
+    [[{"function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+      {"function": {"name": "get_time", "arguments": '{"tz":"UTC"}'}}]],  # both in one delta
+    [[{"function": {"name": "get_weather"}}], [{"function": {"arguments": '{"city":'}}],
+     [{"function": {"arguments": '"Paris"}'}}], [{"function": {"name": "get_time", "arguments": '{"tz":"UTC"}'}}]],
+])
+def test_parallel_tool_calls_streamed_without_their_index_stay_apart(deltas: list[list[dict[str, Any]]]) -> None:
+    """Regression (hunt): Gemini's OpenAI layer and mistral.rs stream calls without ``index``; every
+    piece went to call 0, two calls became ``get_weatherget_time`` with both arguments run together,
+    and an Ollama client got that as text and no call."""
+    translator = ollama_over_openai("ollama.chat")
+    translator.request({"model": "m"}, stream=True)
+    for delta in deltas:
+        translator.chunk({"choices": [{"delta": {"tool_calls": delta}}]})
+    calls = ndjson(translator.final(None))["message"]["tool_calls"]
+    assert [(call["function"]["index"], call["function"]["name"], call["function"]["arguments"]) for call in calls] == [
+        (0, "get_weather", {"city": "Paris"}), (1, "get_time", {"tz": "UTC"})]
+
+
 @pytest.mark.parametrize("raw", [False, True])
 def test_ollama_generate_stream_uses_response_not_message(raw: bool) -> None:
     """``/api/generate`` lines carry ``response``; its text comes from the chat's delta, or a raw

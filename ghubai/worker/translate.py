@@ -451,8 +451,10 @@ class OllamaOverOpenAI:
         if "timings" in value:  # llama.cpp's, on its last chunk (the usage chunk, which the worker asks for)
             self.timings = value["timings"]
         delta = choice.get("delta") or {}
-        for call in delta.get("tool_calls") or []:
-            if type(index := call.get("index", 0)) is not int:
+        for position, call in enumerate(delta.get("tool_calls") or []):
+            if (index := call.get("index")) is None:
+                index = self._unindexed(call, position)
+            if type(index) is not int:
                 raise TypeError(f"a tool call's index of type {type(index).__name__}")
             assembled = self.calls.setdefault(index, _StreamedCall())
             function = call.get("function") or {}
@@ -474,6 +476,19 @@ class OllamaOverOpenAI:
             return self._progress() if delta.get("tool_calls") else []
         extra = {"thinking": thinking} if thinking else {}
         return [_line({**self._answer(text, logprobs, **extra), "done": False})]
+
+    def _unindexed(self, call: dict[str, Any], position: int) -> int:
+        """Which call a streamed piece sent without its ``index`` belongs to (Gemini's OpenAI layer
+        and mistral.rs send none): a new one when it is not its delta's first, or has another id or a
+        name where the last call has one; else the last call's next piece. (All went to call 0: two
+        calls became one named ``get_weatherget_time``, and an Ollama client got that text, no call.)"""
+        if not self.calls:
+            return 0
+        last = max(self.calls)
+        current, named, piece_id = self.calls[last], _text((call.get("function") or {}).get("name")), _call_id(call)
+        new = position > 0 or bool(named and any(current.name)) or \
+            bool(piece_id and current.id and piece_id != current.id)
+        return last + 1 if new else last
 
     def _progress(self) -> list[bytes]:
         """An empty line while the engine writes a tool call, which an Ollama client gets whole in the
