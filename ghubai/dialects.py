@@ -534,15 +534,18 @@ def _fits(size: int) -> int:
 
 
 def _tag(model: str, facts: protocol.ModelFacts, running: bool) -> dict[str, Any]:
-    """A model's entry in an Ollama list: what its engine told that the clients can read, else stand-ins."""
+    """A model's entry in an Ollama list: what its engine told that the clients can read, else stand-ins.
+    A model in memory whose engine tells not how much (an OpenAI-compatible one) is its size, all in
+    the GPU's: ``ollama ps`` said "0 B" and "100% CPU" of a vLLM model."""
     details = {} if facts.details is None else msgspec.structs.asdict(facts.details)
     entry = {"name": model, "model": model,
              "modified_at": facts.modified_at if _RFC3339.fullmatch(facts.modified_at) else UNDATED,
-             "size": _fits(facts.memory if running else facts.size),
+             "size": _fits(facts.memory if running and facts.memory else facts.size),
              "digest": facts.digest if _DIGEST.fullmatch(facts.digest) else hashlib.sha256(model.encode()).hexdigest(),
              "details": details}
     if running:
-        entry.update({"expires_at": "2999-01-01T00:00:00Z", "size_vram": _fits(facts.size_vram),
+        entry.update({"expires_at": "2999-01-01T00:00:00Z",
+                      "size_vram": _fits(facts.size_vram if facts.memory else facts.size),
                       **({"context_length": _fits(facts.context_length)} if facts.context_length else {})})
     return entry
 

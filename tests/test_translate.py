@@ -826,9 +826,11 @@ def test_what_an_ollama_listing_tells_of_a_model_is_taken_only_when_well_typed()
                                    {"id": "p", "meta": {"n_params": 10**400, "size": 10**30}}])  # (hunt: a crash)
     assert {name: (facts.size, facts.details.parameter_size) for name, facts in meta.items()} == {
         "m": (5, "494M"), "o": (0, ""), "p": (0, "")}
-    entry = dialects.ollama_tags(["a", "z"], running=True, facts={"a": held})["models"]
+    entry = dialects.ollama_tags(["a", "m", "z"], running=True, facts={"a": held, "m": meta["m"]})["models"]
     assert (entry[0]["size"], entry[0]["size_vram"], entry[0]["context_length"]) == (9, 4, 8192)
-    assert (entry[1]["size"], entry[1]["size_vram"], "context_length" in entry[1]) == (0, 0, False)
+    # (a hunt: an OpenAI-compatible engine's model in memory was "0 B", "100% CPU" to ``ollama ps``)
+    assert (entry[1]["size"], entry[1]["size_vram"]) == (5, 5)
+    assert (entry[2]["size"], entry[2]["size_vram"], "context_length" in entry[2]) == (0, 0, False)
 
 
 def test_openai_embeddings_request() -> None:
