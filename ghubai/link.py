@@ -1,5 +1,5 @@
 """What both ends of a hub↔worker link do alike: one writer that batches, a heartbeat, and a
-reader that dispatches frames and notices a silent peer. The frames themselves: ``ghubai.protocol``.
+reader that dispatches frames and notices a silent peer, and a watch on a deaf one. The frames themselves: ``ghubai.protocol``.
 
 Each end owns these three as tasks of one nursery per link; the reader returning (the peer fell
 silent) or raising (the socket closed) ends the link, and its owner cancels the other two.
@@ -16,6 +16,8 @@ import trio
 from ghubai import protocol
 
 SILENT_HEARTBEATS = 3  # a peer silent for this many heartbeats is gone
+DEAF_HEARTBEATS = 6  # a peer that answers none of this end's pings for this many heartbeats reads nothing
+DEAF_MIN_S = 5.0  # (and at least this long: a pong may wait behind what the peer writes)
 
 
 class RequestText(str):
@@ -68,6 +70,17 @@ async def heartbeat(send: Callable[[protocol.Frame], None], inflight: Callable[[
     while True:
         await trio.sleep(every_s)
         send(protocol.Ping(inflight()))
+
+
+async def deafness(last_pong: Callable[[], float], heartbeat_s: float) -> float:
+    """Returns the seconds since the peer last answered a ping (``last_pong``: trio time, the link's
+    start before any) once it has answered none for ``DEAF_HEARTBEATS`` heartbeats: a peer that still
+    sends (its pings keep it from silence) but reads nothing held the requests sent to it (a worker's)
+    or its engine's slots (a hub's) for good. A link too slow to carry a pong in that long is no link."""
+    deaf_s = max(DEAF_HEARTBEATS * heartbeat_s, DEAF_MIN_S)
+    while (late := trio.current_time() - last_pong()) < deaf_s:
+        await trio.sleep(deaf_s - late)
+    return late
 
 
 async def read_frames(receive: Callable[[], Awaitable[str | bytes]], heartbeat_s: float,

@@ -17,6 +17,7 @@ from ghubai import protocol
 from ghubai.config import EngineConfig, WorkerConfig
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.worker.agent import BACKOFF_FIRST_S, BACKOFF_MAX_S, backoffs
+from ghubai.worker import agent
 from ghubai.worker.agent import QUEUED_BYTES, Worker
 from ghubai.worker.agent import run as run_worker
 from relay import Relay
@@ -232,6 +233,109 @@ async def test_a_hub_that_grants_credit_but_never_reads_holds_the_worker_to_a_bo
     await eventually(stalled, "the engine's generation to stall")
     [link] = worker.links
     assert link.queued <= QUEUED_BYTES + protocol.MAX_CHUNK_BYTES + 65536, link.queued
+
+
+async def test_a_hub_that_pings_but_reads_nothing_is_dropped_and_frees_the_engine_for_other_hubs(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): a hub that sent pings but read nothing held the worker's engine slots its
+    requests took for good (its pings kept it from silence), and the worker's other hub answered 503.
+    It answers no ping: the worker drops its link (its requests cancelled) within DEAF_MIN_S."""
+    caplog.set_level(logging.WARNING, "ghubai.worker")
+    sim_url, _ = await grid.sim(tokens=10_000_000, itl_ms=0)
+    real = await grid.hub(heartbeat_s=0.3, limits={"queue_timeout_s": 30.0})
+
+    async def deaf_hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello
+        await ws.send_message(protocol.encode(protocol.Welcome("deaf", 0.3)))
+        for _ in range(2):  # the worker's two slots
+            await ws.send_message(protocol.encode(protocol.Request(protocol.new_request_id(), "ollama.chat", {
+                "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True)))
+        while True:  # never reads again
+            await ws.send_message(protocol.encode(protocol.Ping(0)))
+            await trio.sleep(0.1)
+
+    server = await grid.nursery.start(partial(trio_websocket.serve_websocket, deaf_hub, "127.0.0.1", 0,
+                                              ssl_context=None))
+    running = await grid.worker([real.value, f"http://127.0.0.1:{server.port}"], sim_url, max_concurrency=2)
+    worker: Worker = running.value
+
+    async def full() -> bool:
+        return worker.inflight == 2
+
+    await eventually(full, "the deaf hub's requests to hold both slots")
+    with trio.fail_after(WAIT_S + 10):
+        answer = await grid.http.post(real.value + "/v1/chat/completions", json=chat(max_tokens=3), timeout=40)
+    assert answer.status_code == 200, answer.text
+    assert "answered no ping" in caplog.text and "dropping the link" in caplog.text
+
+
+async def test_a_worker_that_pings_but_reads_nothing_is_dropped_and_its_requests_go_elsewhere(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): a worker that sent pings but read nothing kept its link; every request the
+    hub sent it waited for ``first_token_s`` and got a 504, though another worker had free slots."""
+    caplog.set_level(logging.WARNING, "ghubai.hub")
+    sim_url, _ = await grid.sim(tokens=5)
+    hub = await grid.hub(provider_tokens=("provider-secret-token-1234",), heartbeat_s=0.3,
+                         timeouts={"first_token_s": 120.0}, scheduler={"policy": "least-loaded"})
+    await grid.worker(hub.value, sim_url, provider_token="provider-secret-token-1234", name="good", max_concurrency=4)
+
+    async def deaf_worker(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio_websocket.open_websocket_url(
+                hub.value.replace("http://", "ws://") + "/gridhub",
+                extra_headers=[("Authorization", "Bearer provider-secret-token-1234")]) as ws:
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, "f" * 32, "deaf", ("sim",), 2,
+                                                                 "ollama", "0.0")))
+            await ws.get_message()  # the welcome; then never reads again
+            task_status.started()
+            while True:
+                await ws.send_message(protocol.encode(protocol.Ping(0)))
+                await trio.sleep(0.1)
+
+    await grid.nursery.start(deaf_worker)
+    await workers_linked(grid, hub.value, 2)
+    answers: list[int] = []
+
+    async def ask() -> None:
+        answers.append((await grid.http.post(hub.value + "/v1/chat/completions", json=chat(), timeout=60)).status_code)
+
+    with trio.fail_after(WAIT_S + 20):
+        async with trio.open_nursery() as clients:
+            for _ in range(6):
+                clients.start_soon(ask)
+    assert answers == [200] * 6
+    assert "worker deaf answered no ping" in caplog.text
+
+
+async def test_a_hub_that_floods_requests_and_reads_nothing_is_dropped_at_a_bound(
+        grid: Grid, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (hunt): refusals (no slot) to a hub that flooded requests and read nothing queued
+    without bound: 36 MB for 200,000 requests. Past ``UNREAD_BYTES`` (here 64 KiB) the link is dropped."""
+    caplog.set_level(logging.WARNING, "ghubai.worker")
+    monkeypatch.setattr(agent, "UNREAD_BYTES", 64 << 10)
+    sim_url, _ = await grid.sim(tokens=10_000_000, itl_ms=0)
+    flooded = trio.Event()
+
+    async def flooding_hub(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello
+        await ws.send_message(protocol.encode(protocol.Welcome("flood", 5.0)))
+        for _ in range(10):  # 2,000 requests for one slot; never reads
+            await ws.send_message("\n".join(protocol.encode(protocol.Request(protocol.new_request_id(), "ollama.chat", {
+                "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True))
+                for _ in range(200)))
+        flooded.set()
+        await trio.sleep_forever()
+
+    server = await grid.nursery.start(partial(trio_websocket.serve_websocket, flooding_hub, "127.0.0.1", 0,
+                                              ssl_context=None))
+    await grid.worker(f"http://127.0.0.1:{server.port}", sim_url, max_concurrency=1)
+    await flooded.wait()
+
+    async def dropped() -> bool:
+        return "reads nothing" in caplog.text
+
+    await eventually(dropped, "the worker to drop the flooding hub's link")
 
 
 async def test_a_hub_that_never_answers_the_handshake_leaves_no_socket_open(grid: Grid) -> None:

@@ -1,7 +1,7 @@
 """The hub's end of a worker link: WebSocket ``/gridhub``.
 
 One handler per worker owns a reader (this task), a writer and a heartbeat (``ghubai.link``). A
-worker silent for three heartbeats is dropped; when the link ends for any reason, every request on
+worker silent for three heartbeats is dropped, and one that answers no ping for six (it reads nothing); when the link ends for any reason, every request on
 it gets a retryable error, which its exchange turns into a retry (before the first byte) or a final
 error event (after).
 """
@@ -51,7 +51,8 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
     worker = RemoteWorker(id=hello.worker_id, name=hello.name, models=frozenset(hello.models),
                           max_concurrency=min(hello.max_concurrency, max_concurrency), slots=hello.max_concurrency,
                           engine=hello.engine,
-                          out=send, last_seen=trio.current_time(), token=token, problem=hello.problem,
+                          out=send, last_seen=trio.current_time(), pong_heard=trio.current_time(), token=token,
+                          problem=hello.problem,
                           weight=hello.weight, version=hello.version,
                           apis=None if hello.apis is None else frozenset(hello.apis),
                           loaded=None if hello.loaded is None else frozenset(hello.loaded), facts=hello.facts or {})
@@ -65,6 +66,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             nursery.start_soon(link.write_batched, receive, websocket.send, worker.pending.__contains__)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
             nursery.start_soon(_close_when_stopping, pool, nursery.cancel_scope)
+            nursery.start_soon(_cut_when_deaf, pool, worker, heartbeat_s, lost)
             silent_s = await link.read_frames(websocket.receive, heartbeat_s, lambda frame: _handle(pool, worker, frame, heartbeat_s),
                                               lambda problem: _refuse(pool, worker, problem))
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
@@ -73,6 +75,14 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
         pool.drop(worker, lost)
         send.close()
     return None
+
+
+async def _cut_when_deaf(pool: Pool, worker: RemoteWorker, heartbeat_s: float, lost: str) -> None:
+    """(A worker that sent pings but read nothing kept its link: every request the hub sent it waited
+    for ``first_token_s``, then a 504, where another worker had free slots.)"""
+    late_s = await link.deafness(lambda: worker.pong_heard, heartbeat_s)
+    log.warning("worker %s answered no ping for %.1f s (it reads nothing): dropping its link", worker.name, late_s)
+    pool.cut(worker, lost)
 
 
 async def _close_when_stopping(pool: Pool, link_scope: trio.CancelScope) -> None:
@@ -113,7 +123,10 @@ def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.U
     match frame:
         case protocol.Chunk() | protocol.End() | protocol.Error():
             pool.deliver(worker, frame)
-        case protocol.Load(inflight) | protocol.Pong(inflight):
+        case protocol.Pong(inflight):
+            worker.pong_heard = worker.last_seen
+            pool.report(worker, inflight)
+        case protocol.Load(inflight):
             pool.report(worker, inflight)
         case protocol.Ping(inflight):
             pool.report(worker, inflight)

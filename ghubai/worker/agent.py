@@ -24,7 +24,7 @@ import trio
 import trio_websocket
 
 from ghubai import __version__, protocol
-from ghubai.link import heartbeat, pong_due, read_frames, write_batched
+from ghubai.link import deafness, heartbeat, pong_due, read_frames, write_batched
 from ghubai.config import WorkerConfig
 from ghubai.errors import describe
 from ghubai.http11.client import open_stream, tls_client_context
@@ -47,6 +47,7 @@ RESTART_BACKOFF_S = 1.0
 LASTING_S = 10.0  # a welcomed link that lasted less does not start the backoff afresh
 # a link's writer behind by this much (a hub that does not read): the answers wait (``Link.room``)
 QUEUED_BYTES = 4 * protocol.MAX_BATCH_BYTES + protocol.MAX_CHUNK_BYTES
+UNREAD_BYTES = 64 << 20  # queued past this (frames no answer waits to send: refusals), the hub reads nothing
 WELCOME_TIMEOUT_S = 10.0
 FLUSH_TIMEOUT_S = 5.0
 DISCONNECT_TIMEOUT_S = 2.0
@@ -132,6 +133,8 @@ class Link:
         self.queued = 0
         self._written = trio.Event()
         self.ponged = -math.inf  # when it last answered the hub's ping
+        self.pong_heard = trio.current_time()  # when the hub last answered its ping (``link.deafness``)
+        self.scope: trio.CancelScope | None = None  # the link's, while it serves
 
     def send(self, frame: protocol.Frame | bytes) -> None:
         data = frame if isinstance(frame, bytes) else protocol.encode(frame)
@@ -140,6 +143,11 @@ class Link:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return  # the link is gone; its requests are being cancelled with it
         self.queued += len(data)
+        if self.queued > UNREAD_BYTES and self.scope is not None and not self.scope.cancel_called:
+            # (what answers send waits for room: this is refusals, a hub flooding requests it does not read)
+            log.warning("hub at %s reads nothing (%d bytes wait to be written): dropping the link", self.url,
+                        self.queued)
+            self.scope.cancel()
 
     async def room(self) -> None:
         """Wait while the writer is behind by more than ``QUEUED_BYTES``: a hub that stops reading
@@ -363,8 +371,10 @@ class Worker:
             link.send(protocol.Draining())
         try:
             async with trio.open_nursery() as nursery:
+                link.scope = nursery.cancel_scope
                 nursery.start_soon(self._write, link, out_receive, ws)
                 nursery.start_soon(heartbeat, link.send, lambda: self.inflight, heartbeat_s)
+                nursery.start_soon(self._drop_when_deaf, link)
                 silent_s = await read_frames(ws.get_message, heartbeat_s, partial(self._dispatch, link, nursery),
                                              partial(self._refuse, link), lambda: stream.heard)
                 log.warning("hub at %s silent for %.1f s: dropping the link", link.url, silent_s)
@@ -372,6 +382,15 @@ class Worker:
         finally:
             self.links.discard(link)
             out_send.close()
+
+    @staticmethod
+    async def _drop_when_deaf(link: Link) -> None:
+        """(A hub that sent pings but read nothing held the engine's slots its requests took for good,
+        and the worker's other hubs got 503s.) Its requests are cancelled with the link; it is dialled again."""
+        late_s = await deafness(lambda: link.pong_heard, link.heartbeat_s)
+        log.warning("hub at %s answered no ping for %.1f s (it reads nothing): dropping the link", link.url, late_s)
+        if link.scope is not None:
+            link.scope.cancel()
 
     async def _write(self, link: Link, frames: trio.MemoryReceiveChannel[str | bytes],
                      ws: trio_websocket.WebSocketConnection) -> None:
@@ -404,7 +423,7 @@ class Worker:
                     link.ponged = trio.current_time()
                     link.send(protocol.Pong(self.inflight))
             case protocol.Pong():
-                pass
+                link.pong_heard = trio.current_time()
             case _:
                 log.debug("ignoring a %s frame from %s", protocol.type_of(frame), link.url)
 
