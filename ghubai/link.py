@@ -1,8 +1,9 @@
-"""What both ends of a hub↔worker link do alike: one writer that batches, a heartbeat, and a
-reader that dispatches frames and notices a silent peer, and a watch on a deaf one. The frames themselves: ``ghubai.protocol``.
+"""What both ends of a hub↔worker link do alike: one writer that batches, a heartbeat, a reader
+that dispatches frames and notices a silent peer, and a watch on a deaf one (it answers no ping).
+The frames themselves: ``ghubai.protocol``.
 
-Each end owns these three as tasks of one nursery per link; the reader returning (the peer fell
-silent) or raising (the socket closed) ends the link, and its owner cancels the other two.
+Each end owns these as tasks of one nursery per link; the reader returning (the peer fell silent)
+or raising (the socket closed), or the watch returning, ends the link, and its owner cancels the rest.
 """
 
 from __future__ import annotations

@@ -717,7 +717,8 @@ def test_a_sampling_field_of_the_wrong_type_is_a_400(field: dict[str, Any]) -> N
 
 @pytest.mark.parametrize("field", [{"tool_choice": "required"}, {"tool_choice": {"type": "function", "function": {
     "name": "f"}}}, {"tool_choice": "any"}, {"tools": {"type": "function"}}, {"tools": ["f"]},
-    {"top_logprobs": 2}, {"top_logprobs": 2, "logprobs": False}, {"logprobs": 1}, {"top_logprobs": "2", "logprobs": True}])
+    {"top_logprobs": 2}, {"top_logprobs": 2, "logprobs": False}, {"logprobs": 1},
+    {"top_logprobs": "2", "logprobs": True}])
 def test_a_chat_s_tool_choice_and_logprobs_are_refused_as_openai_refuses_them(field: dict[str, Any]) -> None:
     """Regression (noticed in a review): an Ollama engine ignored a ``tool_choice`` that must call a
     tool when no tool was offered, and ``top_logprobs`` without ``logprobs``: a 200 without either."""

@@ -1,9 +1,9 @@
 """The hub's end of a worker link: WebSocket ``/gridhub``.
 
 One handler per worker owns a reader (this task), a writer and a heartbeat (``ghubai.link``). A
-worker silent for three heartbeats is dropped, and one that answers no ping for six (it reads nothing); when the link ends for any reason, every request on
-it gets a retryable error, which its exchange turns into a retry (before the first byte) or a final
-error event (after).
+worker silent for three heartbeats is dropped, and one that answers no ping for six (it reads
+nothing); when the link ends for any reason, every request on it gets a retryable error, which its
+exchange turns into a retry (before the first byte) or a final error event (after).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import logging
 import math
 import ssl
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -640,7 +640,7 @@ def _compressed(coding: str) -> str:
            "of the engine compresses it)"
 
 
-def _coding(headers: list[tuple[bytes, bytes]]) -> str:
+def _coding(headers: Sequence[tuple[bytes, bytes]]) -> str:
     """An answer's content coding other than identity, or ""."""
     for name, value in headers:
         if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):

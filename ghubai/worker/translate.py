@@ -843,8 +843,9 @@ class OpenAIOverOllama:
             if thinking := _text(message.get("thinking")):
                 answer.update(_reasoned(thinking))
             if message.get("tool_calls"):  # (OpenAI's content beside calls is null, not "")
-                answer.update(content=answer["content"] or None, tool_calls=[
-                    {k: v for k, v in call.items() if k != "index"} for call in self._openai_calls(message["tool_calls"])])
+                calls = self._openai_calls(message["tool_calls"])
+                answer.update(content=answer["content"] or None,
+                              tool_calls=[{k: v for k, v in call.items() if k != "index"} for call in calls])
             choice: dict[str, Any] = {"message": answer, "logprobs": self._logprobs(value, answer["content"])}
         else:
             text = _text(value.get("response"))
