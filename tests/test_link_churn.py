@@ -42,6 +42,21 @@ def test_a_restarting_hub_is_dialled_every_second_and_a_lost_one_every_ten_at_mo
     assert (now, backoff) == (1.0, 1.0)
 
 
+async def welcomed(request: trio_websocket.WebSocketRequest, hub_id: str, heartbeat_s: float,
+                   ) -> trio_websocket.WebSocketConnection:
+    """A fake hub's start of a link: the worker's hello read, a welcome sent."""
+    ws = await request.accept()
+    await ws.get_message()  # the hello
+    await ws.send_message(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
+    return ws
+
+
+def chat_request(request_id: str = "") -> str:
+    """A fake hub's request frame: a streamed chat for ``sim``."""
+    return protocol.encode(protocol.Request(request_id or protocol.new_request_id(), "ollama.chat", {
+        "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True))
+
+
 async def test_a_hub_address_without_a_path_is_its_link(grid: Grid) -> None:
     """Regression: ``hub_url = "ws://hub:7197"``, as an operator writes an address, was refused with a
     404 at / at every dial, for ever; it means the hub's /gridhub."""
@@ -179,9 +194,7 @@ async def test_a_hub_that_welcomes_and_drops_every_link_is_dialled_ever_less_oft
     sim_url, _ = await grid.sim()
 
     async def flapping_hub(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # the hello
-        await ws.send_message(protocol.encode(protocol.Welcome("flap", 5.0)))
+        ws = await welcomed(request, "flap", 5.0)
         await ws.aclose(1011, "overloaded")
 
     server = await grid.nursery.start(partial(trio_websocket.serve_websocket, flapping_hub, "127.0.0.1", 0,
@@ -209,11 +222,8 @@ async def test_a_hub_that_grants_credit_but_never_reads_holds_the_worker_to_a_bo
     request_id = protocol.new_request_id()
 
     async def deaf_hub(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # the hello
-        await ws.send_message(protocol.encode(protocol.Welcome("deaf", 5.0)))
-        await ws.send_message(protocol.encode(protocol.Request(request_id, "ollama.chat", {
-            "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True)))
+        ws = await welcomed(request, "deaf", 5.0)
+        await ws.send_message(chat_request(request_id))
         while True:  # never reads again
             await ws.send_message(protocol.encode(protocol.Ping(0)) + "\n" +
                                   protocol.encode(protocol.Credit(request_id, 1 << 30)))
@@ -245,12 +255,9 @@ async def test_a_hub_that_pings_but_reads_nothing_is_dropped_and_frees_the_engin
     real = await grid.hub(heartbeat_s=0.3, limits={"queue_timeout_s": 30.0})
 
     async def deaf_hub(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # the hello
-        await ws.send_message(protocol.encode(protocol.Welcome("deaf", 0.3)))
+        ws = await welcomed(request, "deaf", 0.3)
         for _ in range(2):  # the worker's two slots
-            await ws.send_message(protocol.encode(protocol.Request(protocol.new_request_id(), "ollama.chat", {
-                "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True)))
+            await ws.send_message(chat_request())
         while True:  # never reads again
             await ws.send_message(protocol.encode(protocol.Ping(0)))
             await trio.sleep(0.1)
@@ -317,13 +324,9 @@ async def test_a_hub_that_floods_requests_and_reads_nothing_is_dropped_at_a_boun
     flooded = trio.Event()
 
     async def flooding_hub(request: trio_websocket.WebSocketRequest) -> None:
-        ws = await request.accept()
-        await ws.get_message()  # the hello
-        await ws.send_message(protocol.encode(protocol.Welcome("flood", 5.0)))
+        ws = await welcomed(request, "flood", 5.0)
         for _ in range(10):  # 2,000 requests for one slot; never reads
-            await ws.send_message("\n".join(protocol.encode(protocol.Request(protocol.new_request_id(), "ollama.chat", {
-                "model": "sim", "messages": [{"role": "user", "content": "x"}], "stream": True}, True))
-                for _ in range(200)))
+            await ws.send_message("\n".join(chat_request() for _ in range(200)))
         flooded.set()
         await trio.sleep_forever()
 
