@@ -328,8 +328,8 @@ def _refuse(text: str | bytes, error: Exception) -> Unknown:
         raise ProtocolError("frame has no type")
     if head.type == "hello" and head.protocol != PROTOCOL:
         raise VersionMismatch(f"protocol {str(head.protocol)[:20]} not supported; this side speaks {PROTOCOL}")
-    if head.type == "chunk":  # (its piece is lost: the link is cut, as for a broken binary one, not passed over)
-        raise ProtocolError("chunk frames are binary", frame_type="chunk")
+    if head.type == "chunk":
+        raise ProtocolError("chunk frames are binary")
     if head.type not in _TYPES:
         return Unknown(head.type[:40])
     valid_id = isinstance(head.id, str) and re.fullmatch(_ID_PATTERN, head.id)
