@@ -73,15 +73,24 @@ async def heartbeat(send: Callable[[protocol.Frame], None], inflight: Callable[[
         send(protocol.Ping(inflight()))
 
 
-async def deafness(last_pong: Callable[[], float], heartbeat_s: float) -> float:
+async def deafness(last_pong: Callable[[], float], heartbeat_s: float, excused: Callable[[], bool]) -> float:
     """Returns the seconds since the peer last answered a ping (``last_pong``: trio time, the link's
     start before any) once it has answered none for ``DEAF_HEARTBEATS`` heartbeats: a peer that still
     sends (its pings keep it from silence) but reads nothing held the requests sent to it (a worker's)
-    or its engine's slots (a hub's) for good. A link too slow to carry a pong in that long is no link."""
+    or its engine's slots (a hub's) for good. The clock starts again whenever ``excused`` says a
+    pong may be held up on its way: this end's ping waits behind a large message it writes, or the
+    peer's pong behind one still arriving, or behind the answers the peer is sending (a large request
+    on a slow link got both ends cut)."""
     deaf_s = max(DEAF_HEARTBEATS * heartbeat_s, DEAF_MIN_S)
-    while (late := trio.current_time() - last_pong()) < deaf_s:
-        await trio.sleep(deaf_s - late)
-    return late
+    owed_since = trio.current_time()
+    while True:
+        now = trio.current_time()
+        if excused():
+            owed_since = now
+        late = now - max(last_pong(), owed_since)
+        if late >= deaf_s:
+            return late
+        await trio.sleep(min(heartbeat_s, deaf_s - late))
 
 
 async def read_frames(receive: Callable[[], Awaitable[str | bytes]], heartbeat_s: float,

@@ -80,7 +80,11 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
 async def _cut_when_deaf(pool: Pool, worker: RemoteWorker, heartbeat_s: float, lost: str) -> None:
     """(A worker that sent pings but read nothing kept its link: every request the hub sent it waited
     for ``first_token_s``, then a 504, where another worker had free slots.)"""
-    late_s = await link.deafness(lambda: worker.pong_heard, heartbeat_s)
+    def excused() -> bool:  # its own frames wait to be written, or the worker is sending answers
+        return worker.out.statistics().current_buffer_used > 0 or \
+            trio.current_time() - worker.chunk_heard < heartbeat_s
+
+    late_s = await link.deafness(lambda: worker.pong_heard, heartbeat_s, excused)
     log.warning("worker %s answered no ping for %.1f s (it reads nothing): dropping its link", worker.name, late_s)
     pool.cut(worker, lost)
 
@@ -121,7 +125,10 @@ def _refuse(pool: Pool, worker: RemoteWorker, problem: protocol.ProtocolError) -
 def _handle(pool: Pool, worker: RemoteWorker, frame: protocol.Frame | protocol.Unknown, heartbeat_s: float) -> None:
     worker.last_seen = trio.current_time()
     match frame:
-        case protocol.Chunk() | protocol.End() | protocol.Error():
+        case protocol.Chunk():
+            worker.chunk_heard = worker.last_seen
+            pool.deliver(worker, frame)
+        case protocol.End() | protocol.Error():
             pool.deliver(worker, frame)
         case protocol.Pong(inflight):
             worker.pong_heard = worker.last_seen

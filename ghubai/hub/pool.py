@@ -55,6 +55,7 @@ class RemoteWorker:
     last_seen: float = 0.0  # trio time of its last frame: the heartbeat an operator can check
     last_pong: float = -math.inf  # when this hub last answered its ping (a pong per quarter heartbeat at most)
     pong_heard: float = 0.0  # trio time it last answered the hub's ping (its link's start before: ``link.deafness``)
+    chunk_heard: float = -math.inf  # trio time its last chunk came (a pong may wait behind its answers)
     link_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     draining: bool = False  # the worker is shutting down: it finishes its requests but takes no new one
     usage: Counter[str] = field(default_factory=Counter)  # prompt/completion tokens it produced for this hub

@@ -134,6 +134,7 @@ class Link:
         self._written = trio.Event()
         self.ponged = -math.inf  # when it last answered the hub's ping
         self.pong_heard = trio.current_time()  # when the hub last answered its ping (``link.deafness``)
+        self.frame_heard = trio.current_time()  # when its last whole message came (bytes since: one arrives)
         self.scope: trio.CancelScope | None = None  # the link's, while it serves
 
     def send(self, frame: protocol.Frame | bytes) -> None:
@@ -374,7 +375,7 @@ class Worker:
                 link.scope = nursery.cancel_scope
                 nursery.start_soon(self._write, link, out_receive, ws)
                 nursery.start_soon(heartbeat, link.send, lambda: self.inflight, heartbeat_s)
-                nursery.start_soon(self._drop_when_deaf, link)
+                nursery.start_soon(self._drop_when_deaf, link, stream)
                 silent_s = await read_frames(ws.get_message, heartbeat_s, partial(self._dispatch, link, nursery),
                                              partial(self._refuse, link), lambda: stream.heard)
                 log.warning("hub at %s silent for %.1f s: dropping the link", link.url, silent_s)
@@ -384,10 +385,10 @@ class Worker:
             out_send.close()
 
     @staticmethod
-    async def _drop_when_deaf(link: Link) -> None:
+    async def _drop_when_deaf(link: Link, stream: Heard) -> None:
         """(A hub that sent pings but read nothing held the engine's slots its requests took for good,
         and the worker's other hubs got 503s.) Its requests are cancelled with the link; it is dialled again."""
-        late_s = await deafness(lambda: link.pong_heard, link.heartbeat_s)
+        late_s = await deafness(lambda: link.pong_heard, link.heartbeat_s, lambda: stream.heard > link.frame_heard)
         log.warning("hub at %s answered no ping for %.1f s (it reads nothing): dropping the link", link.url, late_s)
         if link.scope is not None:
             link.scope.cancel()
@@ -409,6 +410,7 @@ class Worker:
     def _dispatch(self, link: Link, nursery: trio.Nursery, frame: protocol.Frame | protocol.Unknown) -> None:
         """Synchronous, so that slots are counted and a cancel finds its request even when both
         arrive in one message, before the request's task has run at all."""
+        link.frame_heard = trio.current_time()
         match frame:
             case protocol.Request():
                 self._admit(link, nursery, frame)
