@@ -89,7 +89,7 @@ async def deafness(last_pong: Callable[[], float], heartbeat_s: float, excused: 
             owed_since = now
         late = now - max(last_pong(), owed_since)
         if late >= deaf_s:
-            return late
+            return now - last_pong()  # (what the log says: not the count since the last excuse)
         await trio.sleep(min(heartbeat_s, deaf_s - late))
 
 

@@ -1785,6 +1785,30 @@ async def test_a_link_s_messages_hold_a_batch_of_64_kib_at_most() -> None:
     assert len(sizes) >= 10 and max(sizes) <= 2 * (64 << 10) + 1024, sizes  # (a batch, and the frame that ends it)
 
 
+async def test_a_peer_is_deaf_after_six_heartbeats_without_a_pong_counted_from_its_last_excuse(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """``link.deafness``: pongs put the cut off; while a pong may be held up on its way (``excused``)
+    the count starts again, so a large message on a slow link is no deafness."""
+    pong, excuse_until = 0.0, 0.0
+
+    async def peer() -> None:  # answers for 20 s, then a 10 s message in the way, then nothing
+        nonlocal pong, excuse_until
+        for _ in range(20):
+            await trio.sleep(1.0)
+            pong = trio.current_time()
+        excuse_until = trio.current_time() + 10.0
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        late = await link.deafness(lambda: pong, 1.0, lambda: trio.current_time() < excuse_until)
+    # the last pong at 20 s, excused until 30 s (last seen at a check within a heartbeat before), deaf
+    # 6 heartbeats after that check
+    assert 35.0 <= trio.current_time() <= 36.0 and late == trio.current_time() - 20.0
+    start = trio.current_time()
+    assert await link.deafness(lambda: -1.0, 0.1, lambda: False) >= link.DEAF_MIN_S  # (the floor: 5 s, not 0.6)
+    assert trio.current_time() - start == pytest.approx(link.DEAF_MIN_S)
+
+
 def _of_kind(worker_id: str, engine: str) -> RemoteWorker:
     return RemoteWorker(id=worker_id, name=worker_id, models=frozenset({"m"}), max_concurrency=1, engine=engine,
                         out=trio.open_memory_channel[Any](math.inf)[0])
