@@ -47,6 +47,10 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   ``max_connections = 4`` for good, every client and worker link answered 503). The countdown
   starts again once it is HTTP/2 with no stream open.
 
+- a WebSocket whose peer closed it with the closing handshake was told to the app as code 1006, a
+  connection that broke, as much as one that did break: a hub could not log which its worker did.
+  It is 1000 here (the peer's own code is not kept by wsproto).
+
 - HTTP/2 has frames that cost the server work and carry no request, and streams a client may reset
   as soon as it began them: a flood of either held the loop (one connection's PINGs, 24 s after they
   stopped) or started generations by the hundred. Past a budget a connection gets GOAWAY with
@@ -59,7 +63,7 @@ connection, not 65,536 (its check of a frame that was in flight when its stream 
 by each long-lived HTTP/2 client, an Envoy upstream, say).
 
 The fixes patch private methods of hypercorn's ``TCPServer``, ``HTTPStream``, ``H11Protocol``,
-``H2Protocol``, ``StreamBuffer`` and ``ProtocolWrapper``:
+``H2Protocol``, ``StreamBuffer``, ``ProtocolWrapper`` and ``WSStream``:
 ``pyproject.toml`` pins hypercorn to the minor version they were written for, and this module
 refuses to import when those methods are gone or have changed shape, rather than serve without them.
 """
@@ -81,6 +85,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import trio
+import wsproto
 from hypercorn.config import Config
 from hypercorn.trio import serve
 from hypercorn.events import Closed, Event, RawData, Updated
@@ -90,6 +95,7 @@ from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
@@ -103,7 +109,7 @@ _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], 
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
             StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
-            ProtocolWrapper: {"handle": ["self", "event"]}}
+            ProtocolWrapper: {"handle": ["self", "event"]}, WSStream: {"handle": ["self", "event"]}}
 # hypercorn's 60 s let a client that sends half a ClientHello hold a connection (and the cap's slot)
 # for a minute; the proxy gives a whole request head 10 s
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -266,6 +272,18 @@ async def _stream_closed(self: HTTPStream, event: StreamEvent) -> None:
 
 
 HTTPStream.handle = _stream_handle  # type: ignore[method-assign]
+
+_hypercorn_ws_handle = WSStream.handle
+
+
+async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
+    if isinstance(event, StreamClosed) and self.state is ASGIWebsocketState.CONNECTED and \
+            getattr(self, "connection", None) is not None and self.connection.state is wsproto.ConnectionState.CLOSED:
+        self.state = ASGIWebsocketState.CLOSED  # the peer closed it, and hypercorn answered: 1000, not 1006
+    await _hypercorn_ws_handle(self, event)
+
+
+WSStream.handle = _ws_handle  # type: ignore[method-assign]
 
 _hypercorn_app_send = HTTPStream.app_send
 

@@ -279,6 +279,39 @@ async def test_a_hub_that_pings_but_reads_nothing_is_dropped_and_frees_the_engin
     assert "answered no ping" in caplog.text and "dropping the link" in caplog.text
 
 
+async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: the hub logged "worker left" alike for a worker that stopped, one that closed its
+    link, and one whose network failed; an operator reading the log could not tell them apart."""
+    caplog.set_level(logging.INFO, "ghubai.hub")
+    hub = await grid.hub()
+    port = int(hub.value.rsplit(":", 1)[1])
+
+    async def worker(name: str, how: str) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/gridhub")
+            await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, name * 32, name, ("sim",), 2,
+                                                                 "ollama", "0.0")))
+            await ws.get_message()  # the welcome
+            if how == "drain":
+                await ws.send_message(protocol.encode(protocol.Draining()))
+            if how == "break":
+                await trio.aclose_forcefully(stream)
+            else:
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+    for name, how, said in (("a", "close", "it closed its link"), ("b", "drain", "it closed its link, after draining"),
+                            ("c", "break", "its connection broke without a close")):
+        with trio.fail_after(WAIT_S):
+            await worker(name, how)
+        line = f"worker {name} ({name * 8}) left: {said}"
+
+        async def logged() -> bool:
+            return line in caplog.text
+        await eventually(logged, line)
+
+
 async def test_a_worker_that_pings_but_reads_nothing_is_dropped_and_its_requests_go_elsewhere(
         grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (hunt): a worker that sent pings but read nothing kept its link; every request the

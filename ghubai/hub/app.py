@@ -33,7 +33,7 @@ from ghubai.config import HubConfig
 from ghubai.errors import CLIENT_CLOSED, CLOSE, ApiError, body_too_large, invalid_api_key, model_not_found
 from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
-from ghubai.hub.gridhub import serve_worker
+from ghubai.hub.gridhub import noting_close, serve_worker
 from ghubai.hub.limits import RateLimits
 from ghubai.hub.pool import Pool
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings
@@ -264,7 +264,7 @@ class HubApi:
             await _refuse_websocket(scope, send)
             return
         if scope["type"] != "http":
-            await self._inner(scope, receive, send)
+            await self._inner(scope, noting_close(scope, receive) if scope["type"] == "websocket" else receive, send)
             return
         request_id(_header(scope["headers"], b"x-request-id"))
         if page := cors.stranger(self.origins, scope["headers"]):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 from quart import Response, websocket
@@ -21,6 +23,20 @@ from ghubai.hub.pool import Pool, RemoteWorker
 log = logging.getLogger("ghubai.hub")
 
 CLOSE_S = 1.0  # for a link's close frame to go out as the hub stops
+CLOSE_CODE = "ghubai.close_code"  # the link's ASGI scope: the code hypercorn gave its disconnect
+_ENDINGS = {1000: "it closed its link", 1006: "its connection broke without a close"}  # (hypercorn's only two)
+
+
+def noting_close(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                 ) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """``receive`` for a link, keeping in its scope how the worker's end went (quart drops the event,
+    and the hub's log said a worker "left" whether it stopped or its network failed)."""
+    async def receiving() -> dict[str, Any]:
+        event = await receive()
+        if event["type"] == "websocket.disconnect":
+            scope[CLOSE_CODE] = event.get("code")
+        return event
+    return receiving
 
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,
@@ -72,7 +88,8 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
             pool.cut(worker, lost)
     finally:
-        pool.drop(worker, lost)
+        why = _ENDINGS.get(websocket.scope.get(CLOSE_CODE), "")  # none: the hub ended it, and said why
+        pool.drop(worker, lost, f"{why}, after draining" if why and worker.draining else why)
         send.close()
     return None
 

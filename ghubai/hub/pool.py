@@ -260,11 +260,11 @@ class Pool:
         self._wake(first_hosts, every=True)
         return stale
 
-    def remove(self, worker: RemoteWorker) -> None:
+    def remove(self, worker: RemoteWorker, why: str = "") -> None:
         if self.workers.get(worker.key) is worker:  # (not when its new link replaced it: nothing changed)
             del self.workers[worker.key]
             self._changed()
-            log.info("worker %s (%s) left", worker.name, worker.id[:8])
+            log.info("worker %s (%s) left%s", worker.name, worker.id[:8], f": {why}" if why else "")
             self._wake(worker.models, every=True)  # requests for its models may now have no worker at all
         if self.closing.is_set() and not self.workers:
             self._links_closed.set()
@@ -798,7 +798,7 @@ class Pool:
         if worker.deliver(frame):
             self.release(worker)
 
-    def drop(self, worker: RemoteWorker, message: str) -> None:
+    def drop(self, worker: RemoteWorker, message: str, why: str = "") -> None:
         """The worker's link is gone: out of the pool, and every request on it gets a retryable error
         (one it may retry on this very worker, should it link again: the link failed, not its engine).
         Requests for its models wait ``RELINK_GRACE_S`` for it, should it be their last host."""
@@ -806,7 +806,7 @@ class Pool:
         now = trio.current_time()
         self._left = {model: left for model, left in self._left.items() if now < left + RELINK_GRACE_S}
         self._left.update(dict.fromkeys(worker.models, now))
-        self.remove(worker)
+        self.remove(worker, why)
         for request_id in list(worker.pending):
             self.fail(worker, request_id, 502, message, retryable=True)
 
