@@ -82,6 +82,31 @@ async def test_a_proxy_started_with_its_registry_takes_its_refusal_for_no_answer
     assert answer.status_code == 200, answer.text
 
 
+async def test_a_proxy_started_behind_a_gateway_takes_its_503_for_no_answer(grid: Grid) -> None:
+    """Regression: a registry behind a gateway that answers 503 while the registry starts: the
+    starting proxy took the 503 for the registry's answer, said it was ready with no hub, and its
+    clients got 503 "No healthy hub" for a second beside a healthy hub."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    asked = 0
+
+    async def gateway(conn: Connection, request: Request) -> None:
+        nonlocal asked
+        asked += 1
+        if asked <= 3:
+            await conn.respond_json(503, {"error": "upstream not ready"})
+        else:
+            await conn.respond_json(200, {"version": 1, "hubs": [{"name": "only", "address": hub.value}]},
+                                    headers={"ETag": '"1"'})
+
+    listeners = await grid.nursery.start(partial(trio.serve_tcp, partial(serve_connection, handle=gateway), 0,
+                                                 host="127.0.0.1"))
+    proxy = await grid.proxy(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+    answer = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+    assert answer.status_code == 200, answer.text
+
+
 async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_path: Path) -> None:
     """Conversations spread over the hubs by their key; a conversation stays on its hub (where its
     prompt is cached); requests without one (embeddings) go round robin."""

@@ -23,6 +23,7 @@ LONG_POLL_S = 30.0
 RETRY_S = 1.0
 FIRST_CHECKS_S = 1.0  # a starting proxy waits this, beyond the registry's answer and a round of checks
 STARTING_RETRY_S = 0.1  # how soon a starting proxy asks again a registry that refused it (started with it)
+NOT_YET = (502, 503, 504)  # a gateway's words for a registry behind it that is still starting
 REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred KB
 SUMMARY_LIMIT = 4 << 20  # a hub's /api/summary (its models and queue)
 WORKERS_LIMIT = 16 << 20  # a hub's /api/registry (its workers in detail: about 400 bytes each)
@@ -33,9 +34,9 @@ FAILING_AT_ONCE = 16  # and, besides those, checks of hubs whose last check fail
 async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
     """Long-poll the registry for ever. With the registry down, the last list stays in force."""
     static = [(address, address) for address in config.hubs]
-    # a registry started with the proxy (a boot) may refuse it for a moment: asked again every
-    # STARTING_RETRY_S while the proxy waits for its first checks, its clients wait too (they got "No
-    # healthy hub" for a second)
+    # a registry started with the proxy (a boot) may refuse it for a moment, or a gateway before it
+    # answer 502-504: asked again every STARTING_RETRY_S while the proxy waits for its first checks, its
+    # clients wait too (they got "No healthy hub" for a second)
     starting_until = trio.current_time() + FIRST_CHECKS_S + config.health.timeout_s
     etag: str | None = None
     failing = ""  # what was last said of the registry's failure: said again only when it changes
@@ -49,6 +50,9 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
                     http, config.registry_url.rstrip("/") + "/hubs", httpx.Timeout(config.health.timeout_s,
                                                                                    read=LONG_POLL_S + 5),
                     REGISTRY_ANSWER_LIMIT, params, headers)
+            if status in NOT_YET and not hubs.listed.is_set() and trio.current_time() < starting_until:
+                await trio.sleep(STARTING_RETRY_S)  # (as a refused connection: see above)
+                continue
             if status == 304 and trio.current_time() - asked < RETRY_S:  # a poll not held (a cache, a gateway)
                 await trio.sleep(RETRY_S)
             elif status != 304:
