@@ -24,7 +24,8 @@ log = logging.getLogger("ghubai.hub")
 
 CLOSE_S = 1.0  # for a link's close frame to go out as the hub stops
 CLOSE_CODE = "ghubai.close_code"  # the link's ASGI scope: the code hypercorn gave its disconnect
-_ENDINGS = {1000: "it closed its link", 1006: "its connection broke without a close"}  # (hypercorn's only two)
+# the codes hypercorn's disconnect gives (web.py: 1000 for a peer's close handshake)
+_ENDINGS: dict[object, str] = {1000: "it closed its link", 1006: "its connection broke without a close"}
 
 
 def noting_close(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
