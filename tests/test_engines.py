@@ -1105,3 +1105,26 @@ async def test_a_worker_whose_engine_is_a_hub_says_so_rather_than_loop(grid: Gri
         await eventually(said, "the worker to say its engine is a hub")
         assert not looped.value.offer.models
         looped.stop()
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_an_engine_that_dies_between_surveys_is_told_to_the_hubs_at_once(grid: Grid, kind: str) -> None:
+    """Regression (hunt): an engine that died between two surveys (``discovery_interval_s``, 30 s by
+    default) stayed healthy at every hub (its models listed, ``/ready`` ready) and each request for
+    its models got a 502 until the next survey, though the worker's residency poll (Ollama's, every
+    2 s) and each failed request had found it gone. Either now asks for the model list at once."""
+    sim = Simulator(SimOptions(ttft_ms=5, itl_ms=1))
+    engine = await grid.nursery.start(_scoped, serve_sim, sim, "127.0.0.1:0")
+    hub = await grid.hub()
+    await grid.worker(hub.value, f"http://127.0.0.1:{engine.value}", kind=kind, discovery_interval_s=600,
+                      residency_interval_s=0.2)
+    engine.stop()
+    if kind == "openai":  # no residency poll: the failed request finds it gone
+        failed = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
+        assert failed.status_code == 502, failed.text
+
+    async def told() -> bool:
+        [worker] = await grid.workers(hub.value)
+        return "does not answer" in worker["problem"]
+    await eventually(told, "the worker to tell its hub that its engine does not answer")
+    assert (await grid.http.get(hub.value + "/v1/models")).json()["data"] == []

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit
 
+import httpx
 import trio
 import trio_websocket
 
@@ -230,7 +231,11 @@ class Worker:
                 await self._loaded_one.wait()
             self._loaded_one = trio.Event()
             self.engine.pool.close_stale()  # (a quiet worker keeps no connection its engine closed)
-            loaded = await self.engine.loaded()
+            try:
+                loaded = await self.engine.loaded()
+            except httpx.TransportError:
+                self._unreachable()
+                continue
             facts = self.engine.facts()
             # after a request for a model not in memory, the hubs hear it even unchanged: the hub
             # that sent it counted the model loaded here, and must learn so if the load never came
@@ -238,6 +243,12 @@ class Worker:
                     (loaded != self.offer.loaded or facts != self.offer.facts or not timer.cancelled_caught):
                 self.offer = dataclasses.replace(self.offer, loaded=loaded, facts=facts)
                 self._announce()
+
+    def _unreachable(self) -> None:
+        """The engine could not be reached: a survey now, not at the next discovery (the hubs went on
+        listing its models, and sending it requests that failed, for up to ``discovery_interval_s``)."""
+        if not self.offer.problem:  # (while it has one, discovery asks on its own schedule)
+            self._rediscover.set()
 
     def rediscover(self) -> None:
         """Ask the engine for its models now (SIGHUP, after an ``ollama pull``), in the discovery loop."""
@@ -531,7 +542,7 @@ class Worker:
             running.logged = True
             untranslatable = error.cause is Cause.UNTRANSLATABLE
             message, detail = self.engine.scrub(error.message), self.engine.scrub(error.detail)
-            log.log(logging.INFO if error.cause is None or untranslatable else logging.WARNING,
+            log.log(logging.INFO if error.cause in (None, Cause.UNREACHABLE) or untranslatable else logging.WARNING,
                     "%s for %s: engine error %d: %s%s", call.api, model, error.status, message,
                     f": {detail}" if detail else "")
             link.send(protocol.Error(request_id, error.status, message, error.retryable,
@@ -539,6 +550,8 @@ class Worker:
             tracing.annotate(**{"http.response.status_code": error.status})
             if error.cause is Cause.MODEL_MISSING:
                 self._rediscover.set()
+            elif error.cause is Cause.UNREACHABLE:
+                self._unreachable()
             elif error.cause is Cause.UNSERVED and self.offer.apis != self.engine.apis():
                 self.offer = dataclasses.replace(self.offer, apis=self.engine.apis())
                 self._announce()

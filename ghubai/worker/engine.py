@@ -45,6 +45,7 @@ class Cause(enum.Enum):
     CREDENTIALS = "credentials"  # the operator's key is missing or wrong: say so loudly
     UNFIT = "unfit"  # the engine's answer does not fit its API: say so loudly (no traceback per request)
     UNTRANSLATABLE = "untranslatable"  # the engine's API cannot say it: the hub tries another engine kind
+    UNREACHABLE = "unreachable"  # the connection failed: ask for the model list now (the engine may be down)
 
 
 class EngineError(Exception):
@@ -330,7 +331,8 @@ class Engine:
         elif asked := self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
             back = asked - await self._probe(asked)
             self.unserved = (self.unserved or frozenset()) - back  # (what a request found missing meanwhile stays)
-        loaded, slots = (await self.loaded(), None) if self.config.kind == "ollama" else (None, await self._props())
+        loaded, slots = (await self._loaded_if_told(), None) if self.config.kind == "ollama" else \
+            (None, await self._props())
         # the APIs last: a request may have found one missing while this survey waited
         return Offer(tuple(models), self.apis(), loaded, slots=slots, facts=self.facts())
 
@@ -386,15 +388,25 @@ class Engine:
             raise ValueError(f"{path} answered JSON nested too deeply") from None
 
     async def loaded(self) -> tuple[str, ...] | None:
-        """The models Ollama holds in memory (``/api/ps``); None when it does not say."""
+        """The models Ollama holds in memory (``/api/ps``); None when it does not say. Raises
+        httpx.TransportError when it cannot be reached."""
         try:
             entries = (await self._get("/api/ps")).get("models")
+        except httpx.TransportError:
+            raise
         except DISCOVERY_ERRORS:
             return None
         if not isinstance(entries, list):
             return None
         self.in_memory = dialects.facts_of(entries, running=True)
         return _names(entries, "name")
+
+    async def _loaded_if_told(self) -> tuple[str, ...] | None:
+        """``loaded()``, None when the engine cannot be reached (it listed its models a moment ago)."""
+        try:
+            return await self.loaded()
+        except httpx.TransportError:
+            return None
 
     def facts(self) -> dict[str, protocol.ModelFacts] | None:
         """What the engine told of each model it lists, with its figures in memory while it holds it."""
@@ -527,13 +539,14 @@ class Engine:
             raise EngineError(504, f"the engine sent nothing for {silence_s:g} s in the middle of its answer "
                               "(the worker's engine.idle_timeout_s)", retryable=True) from None
         except TimeoutError:  # (the pool's connect, in connect_timeout_s: a timeout, as the client's 504 says)
-            raise EngineError(504, "engine connection timed out", retryable=True) from None
+            raise EngineError(504, "engine connection timed out", retryable=True, cause=Cause.UNREACHABLE) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
             raise EngineError(502, str(error), retryable=False) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
             # (the client hears what failed, not the engine's address, which the error's text holds)
             raise EngineError(502, f"engine connection failed ({type(error).__name__})", retryable=True,
-                              detail=str(error)) from None
+                              detail=str(error), cause=None if isinstance(error, ValueError | RecursionError)
+                              else Cause.UNREACHABLE) from None
 
     def scrub(self, text: str) -> str:
         """An engine's words without the key and header values it was sent: some echo them in any
