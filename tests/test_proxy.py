@@ -745,6 +745,25 @@ async def test_a_model_named_outside_model_finds_its_hub_behind_the_proxy(grid: 
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
+async def test_ollama_ps_through_the_proxy_lists_what_the_hubs_hold_now(grid: Grid) -> None:
+    """Regression (hunt): ``/api/ps`` at the proxy took its names from the last health check and the
+    figures from the hubs' own lists: for up to ``health.interval_s`` after an engine evicted a model
+    for another, it showed the evicted one, with stand-in figures, and not the one in memory."""
+    sim_url, _ = await grid.sim(models=("m1", "m2"), max_loaded=1)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url, residency_interval_s=0.2)
+    proxy = await grid.proxy(hubs=(hub.value,), health={"interval_s": 600})  # (its first check only)
+    for model in ("m1", "m2"):
+        answer = await grid.http.post(proxy.value + "/api/generate", json={"model": model, "prompt": "x",
+                                                                           "stream": False})
+        assert answer.status_code == 200, answer.text
+
+        async def held(model: str = model) -> bool:
+            running = (await grid.http.get(proxy.value + "/api/ps")).json()["models"]
+            return [entry["name"] for entry in running] == [model] and running[0]["size"] > 0
+        await eventually(held, f"the proxy's /api/ps to list {model} alone")
+
+
 async def test_a_model_whose_worker_is_restarting_is_found_as_its_requests_are(grid: Grid) -> None:
     """Regression (hunt): while a model's only worker relinked (or drained, in a restart) its requests
     waited for it and succeeded, but ``GET /v1/models/{id}`` (the openai SDK's models.retrieve, a
@@ -877,7 +896,7 @@ async def test_what_hubs_told_of_their_models_is_forgotten_after_a_second(autoju
     is reused for a second only. Now what is a second old goes as the next one is told."""
     proxy = Proxy(ProxyConfig())
     for key in range(50):
-        await proxy._told(Request("GET", "/api/tags", [(b"authorization", f"Bearer k{key}".encode())], b""))
+        await proxy._told(Request("GET", "/api/tags", [(b"authorization", f"Bearer k{key}".encode())], b""), False)
     assert len(proxy._told_at) == 50
     await trio.sleep(TOLD_FOR_S)
     await proxy._told(Request("GET", "/api/ps", [], b""), running=True)

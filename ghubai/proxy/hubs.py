@@ -174,9 +174,6 @@ class HubSet:
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
 
-    def loaded(self) -> list[str]:
-        return sorted({model for hub in self.healthy() for model in hub.loaded})
-
     def check_failed(self, hub: Hub, reason: str, down_after: int) -> None:
         """A health check of ``hub`` failed: it goes down at the ``down_after``-th failure in a row
         (a hub never seen up is down already)."""

@@ -18,6 +18,7 @@ import logging
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -58,6 +59,22 @@ _ENGINE_CALL = dialects.ENGINE_CALL_HEADER.encode()
 FRESH_DETAILS_S = 2.0  # the longest a first look at the dashboard data waits for the workers read anew
 
 
+@dataclass(frozen=True)
+class Told:
+    """What the healthy hubs' own model lists said (``Proxy._told``): each model's facts, the names
+    listed by the hubs that answered, and those hubs."""
+    facts: dict[str, protocol.ModelFacts]
+    listed: frozenset[str]
+    answered: frozenset[str]
+
+    def names(self, hubs: list[Hub], running: bool) -> list[str]:
+        """The models listed: by the hubs that answered, as they said (a health check's names, up to
+        ``health.interval_s`` old, showed a model the engine had just evicted, with stand-in figures,
+        in place of the one it held), and by the others as their last health check saw."""
+        return sorted(self.listed | {model for hub in hubs if hub.name not in self.answered
+                                     for model in (hub.loaded if running else hub.models)})
+
+
 class Proxy:
     """The proxy's HTTP face: its own pages, and every other request forwarded through ``Forwarder``.
     Invariant: ``inflight`` counts the forwarded requests not yet answered in full; each of them is
@@ -70,7 +87,7 @@ class Proxy:
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.labels)
         self._first_token = self.metrics.first_token.labels("proxy")
-        self._told_at: dict[tuple[str, bytes], tuple[float, dict[str, protocol.ModelFacts]]] = {}  # (``_told``)
+        self._told_at: dict[tuple[str, bytes], tuple[float, Told]] = {}  # (``_told``)
         self.inflight = 0
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
         self.draining = False  # SIGTERM: new requests get 503 while those running finish
@@ -269,15 +286,18 @@ class Proxy:
         await self._models_answer(conn, request, dialects.model_entry(self.hubs.named(model_named(request))))
 
     async def ollama_tags(self, conn: Connection, request: Request) -> None:
-        models = self._models_or_503()
-        await self._models_answer(conn, request, dialects.ollama_tags(models, facts=await self._told(request)))
+        await self._ollama_list(conn, request, running=False)
 
     async def ollama_running(self, conn: Connection, request: Request) -> None:
-        self._models_or_503()
-        await self._models_answer(conn, request, dialects.ollama_tags(
-            self.hubs.loaded(), running=True, facts=await self._told(request, running=True)))
+        await self._ollama_list(conn, request, running=True)
 
-    async def _told(self, request: Request, running: bool = False) -> dict[str, protocol.ModelFacts]:
+    async def _ollama_list(self, conn: Connection, request: Request, running: bool) -> None:
+        self._models_or_503()
+        told = await self._told(request, running)
+        await self._models_answer(conn, request, dialects.ollama_tags(
+            told.names(self.hubs.healthy(), running), running=running, facts=told.facts))
+
+    async def _told(self, request: Request, running: bool) -> Told:
         """What the healthy hubs' own ``/api/tags`` (``running``: ``/api/ps``) tell of their models (the
         health checks carry names only): each model's from the first hub in the order of their names
         that tells of it. A hub that does not answer within ``health.timeout_s`` tells nothing, nor do
@@ -304,12 +324,18 @@ class Proxy:
             for hub in self.hubs.healthy()[:CHECKS_AT_ONCE]:
                 nursery.start_soon(ask, hub)
         told: dict[str, protocol.ModelFacts] = {}
+        listed: set[str] = set()
+        answered = set()
         for name in sorted(answers):
             try:
                 entries = json.loads(answers[name]).get("models")
             except (ValueError, AttributeError, RecursionError):
                 continue
-            for model, facts in dialects.facts_of(entries if isinstance(entries, list) else [], running).items():
+            if not isinstance(entries, list):
+                continue
+            answered.add(name)
+            for model, facts in dialects.facts_of(entries, running).items():
+                listed.add(model)
                 if facts.size or facts.memory or facts.details not in (None, protocol.ModelDetails()):
                     # (not a hub's stand-in for a model none of its engines told of)
                     told[model] = told[model].fuller(facts) if model in told else facts
@@ -317,11 +343,11 @@ class Proxy:
         # hub's list per key ever seen, 1,000 kept, held 435 MB for 500 models (a hunt); at most 1,000 still
         now = trio.current_time()
         self._told_at.pop(kept, None)
-        self._told_at[kept] = (now, told)
+        self._told_at[kept] = (now, result := Told(told, frozenset(listed), frozenset(answered)))
         while self._told_at and (now - next(iter(self._told_at.values()))[0] >= TOLD_FOR_S
                                  or len(self._told_at) > TOLD_KEYS):
             del self._told_at[next(iter(self._told_at))]
-        return told
+        return result
 
 
 async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event | None = None,
