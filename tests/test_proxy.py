@@ -321,7 +321,11 @@ async def test_bad_requests_at_the_proxy(grid: Grid, tmp_path: Path) -> None:
     many = {f"x-h{i}": "v" for i in range(30)} | {"x-request-id": "many-headers"}
     refused = await grid.http.post(url, json=chat(), headers=many)  # its id kept (hunt: it had none)
     assert (refused.status_code, refused.headers.get("x-request-id")) == (431, "many-headers")
-    async with await trio.open_tcp_stream("127.0.0.1", int(proxy.value.rsplit(":", 1)[1])) as leaving:
+    port = int(proxy.value.rsplit(":", 1)[1])
+    for head in (b"P", b"POST /v1/chat/completions HTTP/1.1\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
+        async with await trio.open_tcp_stream("127.0.0.1", port) as leaving:  # (a hunt: each was a "400
+            await leaving.send_all(head)  # malformed HTTP request"; it is no request, as a connection with none)
+    async with await trio.open_tcp_stream("127.0.0.1", port) as leaving:
         await leaving.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
     # (hunt: a client that left mid-body was a "400 malformed HTTP request")
 
@@ -330,6 +334,7 @@ async def test_bad_requests_at_the_proxy(grid: Grid, tmp_path: Path) -> None:
             (await grid.http.get(proxy.value + "/metrics")).text
 
     await eventually(counted, "the client that left mid-body counted as 499")
+    assert 'code="400"' not in (await grid.http.get(proxy.value + "/metrics")).text
     huge = await grid.http.post(url, json=chat(), headers={"x-big": "v" * 20000})
     assert huge.status_code == 431 and set(huge.json()["error"]) == {"message", "type", "param", "code"}
     unknown = await grid.http.get(proxy.value + "/elsewhere")

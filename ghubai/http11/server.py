@@ -212,7 +212,9 @@ class Connection:
             if slow.cancelled_caught:
                 raise RequestBody.too_slow()
         except h11.RemoteProtocolError as error:  # its text may quote a header line: never echo it
-            if self.peer_closed and self.head:  # not malformed: its client left in the middle of it
+            if self.peer_closed:  # not malformed: its client left in the middle of it
+                if not self.head:  # (of its head: no request, as a connection that sent nothing)
+                    return None
                 raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
             raise ApiError(error.error_status_hint, "unsupported Transfer-Encoding: only chunked is taken"
                            if error.error_status_hint == 501 else "malformed HTTP request") from None
