@@ -36,6 +36,9 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
     await grid.wait_for_model(proxy.value, "sim")
     before = await scrape(grid, hub.value)
     assert "ghubai_queue_depth[('model', 'sim')]" in before  # (hunt: 0 before any queue, not no series)
+    for series in ("ghubai_inflight_requests", "ghubai_request_duration_seconds_count",
+                   "ghubai_time_to_first_token_seconds_count"):  # (and a hunt: none until a first request)
+        assert f"{series}[('role', 'hub')]" in before, series
     for _ in range(3):
         assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
     # streams have a time to first token; a whole answer's first byte is its end, and counts in none
@@ -50,6 +53,8 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
     assert value(after, "ghubai_requests_total", role="hub", model="sim", code="200") - \
         value(before, "ghubai_requests_total", role="hub", model="sim", code="200") == 5
     assert value(after, "ghubai_requests_total", role="hub", model="other", code="404") == 1  # no worker serves it
+    # (a hunt: the hub counted a 400 under model "", the proxy under its model)
+    assert value(after, "ghubai_requests_total", role="hub", model="sim", code="400") == 1
     assert value(after, "ghubai_tokens_total", model="sim", type="completion") == 25
     assert value(after, "ghubai_time_to_first_token_seconds_count", role="hub") == 2
     assert value(after, "ghubai_request_duration_seconds_count", role="hub") == 7
@@ -59,6 +64,7 @@ async def test_hub_proxy_and_registry_metrics_move_with_requests(grid: Grid, tmp
     proxied = await scrape(grid, proxy.value)
     assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="200") == 5
     assert value(proxied, "ghubai_time_to_first_token_seconds_count", role="proxy") == 2  # (hunt: was never filled)
+    assert value(proxied, "ghubai_requests_total", role="proxy", model="sim", code="400") == 1
     assert value(proxied, "ghubai_proxy_hub_up", hub="one") == 1
 
     listed = await scrape(grid, registry.value)

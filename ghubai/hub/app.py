@@ -386,8 +386,12 @@ class HubApi:
             raw = await _read_body(receive, self.config.limits.max_body_bytes, self.config.limits.body_timeout_s)
             body, size = dialects.parse_body(raw), len(raw)
             del raw  # (the parsed body is kept for retries: not both, through a whole queued wait)
+            if isinstance(model := body.get("model"), str):  # (a 400's too: as the proxy counts it)
+                record.model = self.pool.named(model)
             route.validate(body)
-            record.model = body["model"] = self.pool.named(body["model"])
+            if body["model"] is not model:  # (a validator that read it from elsewhere: Ollama's "name")
+                record.model = self.pool.named(body["model"])
+            body["model"] = record.model
             self.rate_limits.admit(key)
             stream = route.stream(body)
             if route.streams is not None:

@@ -53,6 +53,8 @@ class Metrics:
             value=turned_away.get(role, 0))])
         self.first_token = Histogram("ghubai_time_to_first_token_seconds", "Time from request to the first byte "
                                      "of a streamed answer", ["role"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        for labelled in (self.duration, self.inflight, self.first_token):  # 0 from the start, not no series (an
+            labelled.labels(role)  # alert on absent() or rate() saw "no data" until a first request)
 
     def watch(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Figures read from live state at each scrape (queue depths, workers, token totals)."""
