@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ssl
 import sys
+import unicodedata
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -23,8 +24,16 @@ TIMEOUT_S = 5.0
 
 def _table(rows: list[list[str]]) -> list[str]:
     rows = [[printable(cell) for cell in row] for row in rows]  # (as shown, for the columns' widths)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    widths = [max(_width(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell + " " * (width - _width(cell)) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
+
+
+def _width(text: str) -> int:
+    """The cells ``text`` takes in a terminal: two for each wide character (日本, most emoji), none
+    for a combining mark (padded by ``len``, a name in CJK pushed the row's later columns right)."""
+    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
+               for char in text)
 
 
 def _figure(value: float | None, form: str = "g") -> str:
