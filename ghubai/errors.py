@@ -38,6 +38,8 @@ def last_sequence_number(sent: bytes) -> int | None:
 
 
 CLIENT_CLOSED = 499  # logged and counted for a client that left before any answer went out (as nginx does)
+# the reason on the access line of one that left after: counted with the status it got, this says it left
+LEFT_MID_ANSWER = "the client left before the answer's end"
 
 
 class ApiError(Exception):

@@ -113,6 +113,31 @@ async def test_the_proxy_logs_and_counts_a_client_that_left_before_its_answer(
     assert 'code="499",model="sim",role="proxy"' in (await grid.http.get(proxy.value + "/metrics")).text
 
 
+async def test_hub_and_proxy_say_when_a_client_left_in_the_middle_of_its_answer(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): a client that left mid-stream was logged at hub and proxy as a plain 200,
+    alike to a whole answer; only the worker's line said it was cancelled. The status stays the one
+    it got; the line says it left."""
+    sim_url, _ = await grid.sim(itl_ms=50, tokens=1000)
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=(hub.value,))
+    await grid.wait_for_model(proxy.value, "sim")
+    caplog.set_level(logging.INFO)
+    for url in (hub.value, proxy.value):
+        async with grid.http.stream("POST", url + "/v1/chat/completions", json=chat(stream=True)) as answer:
+            async for _ in answer.aiter_lines():
+                break  # a first event, and gone
+
+    async def logged() -> bool:
+        said = [record.getMessage() for record in caplog.records if record.name in ("ghubai.hub", "ghubai.proxy")
+                and "POST /v1/chat/completions 200" in record.getMessage()]
+        return len([line for line in said if line.endswith(": the client left before the answer's end")]) == 3
+    await eventually(logged, "a line at the hub for each client and at the proxy for its own that say they left")
+    assert "ghubai_requests_total{code=\"200\",model=\"sim\",role=\"proxy\"} 1.0" in \
+        (await grid.http.get(proxy.value + "/metrics")).text
+
+
 async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worker(
         grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (hunt): the hub's line for a failed request gave its status alone (a 504 and a 400

@@ -263,12 +263,13 @@ class Connection:
             while True:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 if not data:
+                    self.peer_closed = True
                     break
                 self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too
                 if len(self.h11.trailing_data[0]) > self.max_body + self.max_header_bytes:
                     break  # more than one whole request ahead of us: a client we stop serving
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            self.peer_closed = True
         self.h11.receive_data(b"")
         gone.cancel()
 
@@ -276,6 +277,10 @@ class Connection:
     def response_started(self) -> bool:
         """The head of the answer has gone out: an error can only end the answer, not replace it."""
         return self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE)
+
+    @property
+    def response_ended(self) -> bool:
+        return self.h11.our_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
     async def respond_error(self, error: ApiError, path: str, headers: dict[str, str] | None = None) -> None:
         """``error`` in the dialect of ``path``, unless an answer has already begun."""

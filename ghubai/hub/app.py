@@ -30,7 +30,7 @@ from werkzeug.routing import PathConverter
 from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
-from ghubai.errors import CLIENT_CLOSED, CLOSE, ApiError, body_too_large, invalid_api_key, model_not_found
+from ghubai.errors import CLIENT_CLOSED, CLOSE, LEFT_MID_ANSWER, ApiError, body_too_large, invalid_api_key, model_not_found
 from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import noting_close, serve_worker
@@ -398,6 +398,8 @@ class HubApi:
                 body["stream"] = stream  # said, so that no engine reads a null or a default another way
             with gone:
                 await self._forward(route.api, body, stream, size, headers, send, record)
+            if gone.cancelled_caught and record.status is not None and not record.reason:
+                record.reason = LEFT_MID_ANSWER
         except ClientLeft:
             return
         except trio.Cancelled:

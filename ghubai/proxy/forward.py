@@ -25,7 +25,7 @@ import trio
 
 from ghubai import affinity, cors, dialects, protocol
 from ghubai.config import ProxyConfig
-from ghubai.errors import CLIENT_CLOSED, ApiError, last_sequence_number
+from ghubai.errors import CLIENT_CLOSED, LEFT_MID_ANSWER, ApiError, last_sequence_number
 from ghubai.http11.client import BodyCut, ClientConnection
 from ghubai.http11.server import Connection, Request
 from ghubai.observability import tracing
@@ -186,6 +186,8 @@ class Forwarder:
                 refusal = ApiError(503, STOPPING, retry_after=1)
         elif refusal is None and not outcome.status:
             outcome.status, outcome.reason = CLIENT_CLOSED, "the client left before its answer began"
+        elif refusal is None and conn.peer_closed and not conn.response_ended and not outcome.reason:
+            outcome.reason = LEFT_MID_ANSWER
         if refusal is not None:
             raise refusal
 
