@@ -1307,6 +1307,26 @@ def test_content_parts_reach_ollama_apart_and_a_part_ollama_cannot_take_is_untra
                 {"model": "m", "messages": [{"role": "user", "content": [*parts, part]}]}, stream=False)
 
 
+def test_a_refusal_is_the_text_of_the_answer_both_ways() -> None:
+    """Regression (hunt): OpenAI says a model's refusal in ``refusal`` beside a null ``content``; an
+    Ollama client of an OpenAI-compatible engine got an empty answer that looked like a normal stop,
+    streamed or whole, and an OpenAI client's history with such a message (an SDK's message appended
+    as it came) reached Ollama as an empty assistant turn."""
+    whole = ollama_over_openai("ollama.chat")
+    whole.request({"model": "m", "messages": []}, stream=False)
+    value = json.loads(whole.whole({"choices": [{"message": {"role": "assistant", "content": None,
+                                                             "refusal": "I can't."}, "finish_reason": "stop"}]}, None))
+    assert value["message"]["content"] == "I can't."
+    streamed = ollama_over_openai("ollama.chat")
+    streamed.request({"model": "m", "messages": []}, stream=True)
+    [line] = streamed.chunk({"choices": [{"delta": {"content": None, "refusal": "I can't."}}]})
+    assert ndjson(line)["message"]["content"] == "I can't."
+    history = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "refusal": "I can't."},
+               {"role": "assistant", "content": None, "refusal": 7}]
+    sent = openai_over_ollama("openai.chat").request({"model": "m", "messages": history}, stream=False)
+    assert [message["content"] for message in sent["messages"]] == ["q", "I can't.", ""]
+
+
 # -- thinking models and images (a hunt of both through every path) -------------------------------
 
 

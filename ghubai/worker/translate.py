@@ -469,7 +469,7 @@ class OllamaOverOpenAI:
         if not self.chat:
             text = _text(choice.get("text"))
             return [_line({**self._answer(text, logprobs), "done": False})] if text else []
-        text, thinking = _text(delta.get("content")), _text(_reasoning(delta))
+        text, thinking = _said(delta), _text(_reasoning(delta))
         if thinking and not self.thinks:
             return self._progress() if not text else [_line({**self._answer(text, logprobs), "done": False})]
         if not (text or thinking):
@@ -528,8 +528,7 @@ class OllamaOverOpenAI:
             extra: dict[str, Any] = {"tool_calls": calls} if calls else {}
             if (thinking := _text(_reasoning(message))) and self.thinks:
                 extra["thinking"] = thinking
-            text = _text(message.get("content"))
-            answer = self._answer("\n".join(filter(None, (text, unparsed))), choice.get("logprobs"), **extra)
+            answer = self._answer("\n".join(filter(None, (_said(message), unparsed))), choice.get("logprobs"), **extra)
         else:
             answer = self._answer(_text(choice.get("text")), choice.get("logprobs"))
         return _encode({**answer, **self._counts(usage)})
@@ -557,6 +556,13 @@ def _base64_image(url: str) -> str:
     return data
 
 
+def _said(message: dict[str, Any]) -> str:
+    """An OpenAI message's (or delta's) text: its ``content``, else its ``refusal``, where OpenAI puts
+    a model's refusal beside a null content (Ollama has no place for it but the content: an Ollama
+    client got an empty answer that looked like a normal stop)."""
+    return _text(message.get("content")) or _text(message.get("refusal"))
+
+
 def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI message as Ollama's: content parts become text and base64 images, arguments an
     object, reasoning ``thinking``; ``developer`` (OpenAI's newer name for ``system``) is
@@ -576,7 +582,8 @@ def _ollama_message(message: dict[str, Any]) -> dict[str, Any]:
         if images:
             converted["images"] = images
     else:
-        converted["content"] = content or ""
+        refusal = message.get("refusal")  # (an SDK's message after a refusal, appended to the history as it came)
+        converted["content"] = content or (refusal if isinstance(refusal, str) else "")
     if message.get("tool_calls"):
         converted["tool_calls"] = _tool_calls(message["tool_calls"])
     if isinstance(message.get("tool_call_id"), str):
