@@ -117,8 +117,7 @@ def url_problem(url: str, schemes: tuple[str, ...], *, credentials: bool = False
 def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str | None:
     if "@" in url:  # never echoed: it may hold a password
         if not credentials:
-            return ("a user name or password in this URL would not be sent, and would reach the logs "
-                    "(an engine's key goes in [engine] api_key or headers)")
+            return "a user name or password in this URL would not be sent, and would reach the logs"
         if urlsplit(url).hostname != urlsplit(redacted(url)).hostname:
             return "a password in a URL must have its / ? # percent-encoded (%2F %3F %23)"
         url = redacted(url)
@@ -292,8 +291,8 @@ def _secrets(value: str | tuple[str, ...]) -> str | None:
 def engine_url_problem(url: str) -> str | None:
     """``url_problem``'s, or a path ending in ``/v1``: the base URL an OpenAI SDK is given is not the
     engine's root, and every call would go to ``/v1/v1/...`` (or ``/v1/api/...``) and find nothing."""
-    if problem := url_problem(url, ("http", "https")):
-        return problem
+    if problem := url_problem(url, ("http", "https")):  # (advice for an engine's key: a hub's or registry's has none)
+        return problem + (" (an engine's key goes in [engine] api_key or headers)" if "@" in url else "")
     parts = urlsplit(url)
     if parts.query or parts.fragment:  # (never sent as one: it went into every path; and a key there was logged)
         return "an engine's URL has no query or fragment (a key goes in [engine] api_key or headers), " \

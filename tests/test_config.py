@@ -118,8 +118,11 @@ def test_a_password_in_a_url_is_refused_and_never_echoed() -> None:
     its engine calls went out without it (the h11 pool keeps the host alone)."""
     with pytest.raises(ConfigError, match="engine.url: a user name or password") as caught:
         parse("worker", '[engine]\nurl = "http://admin:s3cretPW@127.0.0.1:11434"')
-    assert "s3cretPW" not in str(caught.value)
+    assert "s3cretPW" not in str(caught.value) and "[engine] api_key" in str(caught.value)
     assert url_problem("ws://u:p@hub:7197/gridhub", ("ws",)) is not None
+    # (a hunt: a hub's address was refused with the advice for an engine's key, which a registry has not)
+    with pytest.raises(ConfigError, match="would reach the logs$"):
+        parse("registry", '[[hubs]]\nname = "h"\naddress = "http://admin:PW@127.0.0.1:7197"')
     with pytest.raises(ConfigError) as caught:  # a "/" in the password: still never echoed
         parse("worker", '[engine]\nurl = "https://key:sk-abc/def@api.example.com/v1"')
     assert "sk-abc" not in str(caught.value)

@@ -306,6 +306,7 @@ async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCapt
         with trio.fail_after(WAIT_S):
             await worker(name, how)
         line = f"worker {name} ({name * 8}) left: {said}"
+        assert f"worker {name} ({name * 8}, GhubAi 0.0) joined from 127.0.0.1: sim" in caplog.text  # (a hunt)
 
         async def logged() -> bool:
             return line in caplog.text

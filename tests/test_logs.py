@@ -138,6 +138,21 @@ async def test_hub_and_proxy_say_when_a_client_left_in_the_middle_of_its_answer(
         (await grid.http.get(proxy.value + "/metrics")).text
 
 
+async def test_a_refused_key_s_line_names_the_client_s_address(grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Hunt: a request refused for its key was logged at hub and proxy without its client's address:
+    key guessing, or a leaked key in use, could not be traced to a source."""
+    caplog.set_level(logging.INFO)
+    hub = await grid.hub(api_keys=("sk-right",))
+    proxy = await grid.proxy(hubs=(hub.value,), api_keys=("sk-right",))
+    for url in (hub.value + "/v1/chat/completions", hub.value + "/v1/models", proxy.value + "/v1/chat/completions"):
+        wrong = await grid.http.post(url, json=chat(), headers={"Authorization": "Bearer sk-wrong"}) \
+            if url.endswith("completions") else await grid.http.get(url, headers={"Authorization": "Bearer sk-wrong"})
+        assert wrong.status_code == 401
+    lines = [record.getMessage() for record in caplog.records
+             if record.name in ("ghubai.hub", "ghubai.proxy") and " 401" in record.getMessage()]
+    assert len(lines) == 3 and all(line.endswith("(from 127.0.0.1)") for line in lines), lines
+
+
 async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worker(
         grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (hunt): the hub's line for a failed request gave its status alone (a 504 and a 400

@@ -355,10 +355,10 @@ async def turn_away(stream: trio.abc.Stream, who: str) -> None:
 
 
 async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
-                           refused: Callable[[str, ApiError], None] | None = None, **limits: Any) -> None:
+                           refused: Callable[[Connection, ApiError], None] | None = None, **limits: Any) -> None:
     """Serve requests on one socket until it closes: ``await handle(conn, request)`` each. A request
-    that cannot be read is answered here, in the dialect of its path, and ``refused(head, error)``
-    hears of it (``head``: "METHOD /path", or "" when not even the head could be read)."""
+    that cannot be read is answered here, in the dialect of its path, and ``refused(conn, error)``
+    hears of it (``conn.head``: "METHOD /path", or "" when not even the head could be read)."""
     conn = Connection(stream, **limits)
     try:
         if isinstance(stream, trio.SSLStream):  # bounded as a head is: half a ClientHello held it for idle_timeout_s
@@ -372,7 +372,7 @@ async def serve_connection(stream: trio.abc.Stream, handle: Any, *,
                 request = await conn.read_request()
             except ApiError as error:
                 if refused is not None:
-                    refused(conn.head, error)
+                    refused(conn, error)
                 tag = {REQUEST_ID_HEADER: rid} if (rid := REQUEST_ID.get()) else {}
                 await conn.respond_error(error, conn.head.partition(" ")[2], headers={"connection": "close", **tag})
                 break

@@ -310,7 +310,7 @@ class HubApi:
                               **{"ghubai.request_id": REQUEST_ID.get()}):
                 await self._inference(route, scope, receive, tracked, record)
         finally:
-            self._finish(record)
+            self._finish(record, scope)
 
     async def _refuse(self, scope: dict[str, Any], send: Send, error: ApiError, path: str) -> None:
         """Answer a request refused before it is read (its target, its framing) in the dialect of
@@ -320,8 +320,10 @@ class HubApi:
         await _respond(send, error.status, error.body_for(path), [*answers.JSON_HEADERS, (b"connection", b"close")])
         self._finish(record)
 
-    def _finish(self, record: Record) -> None:
+    def _finish(self, record: Record, scope: dict[str, Any] | None = None) -> None:
         status, took = record.status or CLIENT_CLOSED, trio.current_time() - record.started
+        if status == 401 and scope and scope.get("client"):  # whence a key is guessed, or a leaked one used
+            record.reason = f"{record.reason or 'unauthorized'} (from {scope['client'][0]})"
         if exchange := record.exchange:
             exchange.close()
             self.inflight.discard(exchange)
@@ -601,7 +603,7 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
             if not secrets.provider_tokens.holds(worker.token):
                 log.warning("worker %s joined with a provider token that is not listed now: ending its link",
                             worker.name)
-                pool.cut(worker, f"the provider token of worker {worker.name} was revoked")
+                pool.cut(worker, f"lost the link to worker {worker.name}")  # (why is the operator's, not a client's)
         return f"{len(fresh.api_keys)} api_keys, {len(fresh.provider_tokens)} provider_tokens" + \
             (f"; {renewed}" if renewed else "")
 

@@ -70,7 +70,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
                           engine=hello.engine,
                           out=send, last_seen=trio.current_time(), pong_heard=trio.current_time(), token=token,
                           problem=hello.problem,
-                          weight=hello.weight, version=hello.version,
+                          weight=hello.weight, version=hello.version, peer=peer,
                           apis=None if hello.apis is None else frozenset(hello.apis),
                           loaded=None if hello.loaded is None else frozenset(hello.loaded), facts=hello.facts or {})
     lost = f"lost the link to worker {worker.name}"

@@ -65,6 +65,7 @@ class RemoteWorker:
     problem: str = ""  # why its engine lists no model, as the worker put it
     weight: float = 1.0  # its share of load against the others (a faster GPU: more)
     version: str = ""  # its GhubAi release, as its hello said: which workers a rolling upgrade has reached
+    peer: str = ""  # the address its link came from (two links may claim one name and id: which is which)
     # models in ``loaded`` only because requests were sent here to load them: how many still await a first byte
     loading: Counter[str] = field(default_factory=Counter)
     evicting: dict[str, str] = field(default_factory=dict)  # a model in ``loading`` -> the one its load evicts
@@ -254,8 +255,9 @@ class Pool:
                 break
         self._residency(worker, worker.loaded)
         self._changed()
-        log.info("worker %s (%s, GhubAi %s) joined: %s, max_concurrency %d", worker.name, worker.id[:8],
-                 worker.version or "?", ", ".join(sorted(worker.models)) or "(no models)", worker.max_concurrency)
+        log.info("worker %s (%s, GhubAi %s) joined from %s: %s, max_concurrency %d", worker.name, worker.id[:8],
+                 worker.version or "?", worker.peer or "?", ", ".join(sorted(worker.models)) or "(no models)",
+                 worker.max_concurrency)
         self._wake(worker.models)
         self._wake(first_hosts, every=True)
         return stale

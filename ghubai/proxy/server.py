@@ -176,10 +176,12 @@ class Proxy:
         if refusal := dialects.unmanaged(method, path):  # (a blob's gigabytes: never read)
             raise refusal
 
-    def refused(self, head: str, error: ApiError) -> None:
-        """A request that could not even be read (too large, malformed): counted and logged too."""
+    def refused(self, conn: Connection, error: ApiError) -> None:
+        """A request that could not even be read (too large, malformed, a wrong key): counted and
+        logged too, with its client's address (whence a key is guessed, or a leaked one used)."""
         self.metrics.observe(None, error.status, 0.0)
-        log.info("%s %d, refused before forwarding: %s", head or "(no request line)", error.status, error.message)
+        log.info("%s %d, refused before forwarding: %s (from %s)", conn.head or "(no request line)", error.status,
+                 error.message, conn.peer or "?")
 
     async def _forward(self, conn: Connection, request: Request, outcome: Outcome) -> None:
         rid = REQUEST_ID.get() or request_id(request.header(b"x-request-id"))  # (named as its head was read)
