@@ -223,7 +223,8 @@ class Error(Frame, tag="error", frozen=True):
     worker had no free slot (other hubs filled it); the hub waits for its next ``load`` instead of
     counting a failed attempt. ``untranslatable``: its engine's API cannot say the request, and no
     worker of its engine kind can: the hub tries the other kind, and counts no attempt.
-    ``retry_after``: the seconds the engine asked for with its 429 or 503, which its client hears."""
+    ``retry_after``: the seconds the engine asked for with its 429 or 503, which its client hears.
+    ``by_hub``: the hub made it, about the worker or its link (never sent): not the engine's error."""
     id: RequestId
     status: Annotated[int, msgspec.Meta(ge=100, le=599)]
     message: str
@@ -231,6 +232,7 @@ class Error(Frame, tag="error", frozen=True):
     busy: bool = False
     untranslatable: bool = False
     retry_after: Count | None = None
+    by_hub: bool = False
 
 
 class Cancel(Frame, tag="cancel", frozen=True):

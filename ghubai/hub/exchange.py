@@ -40,7 +40,8 @@ def client_error(frame: protocol.Error) -> ApiError:
         # a worker's wait, bounded as an engine's is (a hostile worker's of 400 digits overflowed as a float)
         wait = None if frame.retry_after is None else min(frame.retry_after, MAX_RETRY_AFTER_S)
         return ApiError(status, message, retry_after=wait)
-    return ApiError(502, f"Engine error: {message}")
+    # (a link the hub lost, a worker that broke the protocol: "Engine error" sent operators to a sound engine)
+    return ApiError(502, message if frame.by_hub else f"Engine error: {message}")
 
 
 _GENERATING = frozenset({"openai.chat", "openai.completions", "openai.responses", "ollama.chat", "ollama.generate"})

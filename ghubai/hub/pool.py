@@ -137,7 +137,8 @@ class RemoteWorker:
             # counts it (a worker of before MAX_CHUNK_BYTES sends a whole answer so: a batch of embeddings)
             if before and unacked > protocol.WINDOW_BYTES + protocol.MAX_CHUNK_BYTES:
                 self.send(protocol.Cancel(frame.id))
-                frame = protocol.Error(frame.id, 502, "the worker sent more than its flow-control window", False)
+                frame = protocol.Error(frame.id, 502, "the worker sent more than its flow-control window", False,
+                                       by_hub=True)
             else:
                 self.unacked[frame.id] = unacked
         ended = not isinstance(frame, protocol.Chunk)
@@ -821,7 +822,7 @@ class Pool:
 
     def fail(self, worker: RemoteWorker, request_id: str, status: int, message: str, retryable: bool) -> None:
         """End a request as if its worker had answered with this error (the hub decided it)."""
-        self.deliver(worker, protocol.Error(request_id, status, message, retryable))
+        self.deliver(worker, protocol.Error(request_id, status, message, retryable, by_hub=True))
 
     def report(self, worker: RemoteWorker, inflight: int) -> None:
         """The worker's own count of running requests (``load``, ``ping``, ``pong`` frames)."""
