@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -325,12 +326,16 @@ async def test_bad_requests_at_the_proxy(grid: Grid, tmp_path: Path) -> None:
     for head in (b"P", b"POST /v1/chat/completions HTTP/1.1\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"):
         async with await trio.open_tcp_stream("127.0.0.1", port) as leaving:  # (a hunt: each was a "400
             await leaving.send_all(head)  # malformed HTTP request"; it is no request, as a connection with none)
-    async with await trio.open_tcp_stream("127.0.0.1", port) as leaving:
+    for reset in (False, True):
+        leaving = await trio.open_tcp_stream("127.0.0.1", port)
         await leaving.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+        if reset:  # (a soak: one that reset its connection mid-body had no line and no count)
+            leaving.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await leaving.aclose()
     # (hunt: a client that left mid-body was a "400 malformed HTTP request")
 
     async def counted() -> bool:
-        return 'ghubai_requests_total{code="499",model="",role="proxy"} 1.0' in \
+        return 'ghubai_requests_total{code="499",model="",role="proxy"} 2.0' in \
             (await grid.http.get(proxy.value + "/metrics")).text
 
     await eventually(counted, "the client that left mid-body counted as 499")

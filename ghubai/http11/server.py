@@ -218,7 +218,9 @@ class Connection:
                 raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
             raise ApiError(error.error_status_hint, "unsupported Transfer-Encoding: only chunked is taken"
                            if error.error_status_hint == 501 else "malformed HTTP request") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError):  # a reset: as an EOF above
+            if self.head:  # (a hunt: one that reset its connection mid-body had no line and no count)
+                raise ApiError(CLIENT_CLOSED, "the client left before its request was whole") from None
             return None
         return Request(event.method.decode(), target, list(event.headers), bytes(body.data))
 
