@@ -121,10 +121,10 @@ def model_not_found(model: str) -> ApiError:
 def describe(error: BaseException) -> str:
     """An exception for a log line: its type and text and, when it only wraps another (httpx's
     ConnectError around a TLS refusal, trio's BrokenResourceError around an SSL error), the first
-    cause that says something, so an operator reads "certificate verify failed"."""
+    cause that says something new, so an operator reads "certificate verify failed"."""
     said = f"{type(error).__name__} {error}".strip()
     cause = error.__cause__ or error.__context__
-    while cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(cause)):
+    while cause is not None and (isinstance(cause, BaseExceptionGroup) or not str(cause) or str(cause) in said):
         # (trio's connect raises one error over a group of its attempts': the first attempt's says why)
         cause = cause.exceptions[0] if isinstance(cause, BaseExceptionGroup) else cause.__cause__ or cause.__context__
     return f"{said}: {cause}" if cause is not None and str(cause) not in said else said

@@ -898,7 +898,7 @@ async def test_a_client_never_reads_the_engine_s_address(grid: Grid, caplog: pyt
     sim.stop()
     caplog.set_level(logging.INFO, logger="ghubai.worker")
     response = await grid.http.post(hub.value + "/v1/chat/completions", json=chat())
-    assert response.status_code == 502 and "engine connection failed" in response.text, response.text
+    assert response.status_code == 502 and "cannot connect to the engine" in response.text, response.text
     assert str(sim.value) not in response.text
     assert any(str(sim.value) in record.getMessage() for record in caplog.records)
 
@@ -1128,3 +1128,29 @@ async def test_an_engine_that_dies_between_surveys_is_told_to_the_hubs_at_once(g
         return "does not answer" in worker["problem"]
     await eventually(told, "the worker to tell its hub that its engine does not answer")
     assert (await grid.http.get(hub.value + "/v1/models")).json()["data"] == []
+
+
+async def test_requests_an_engine_drops_make_no_storm_of_surveys(grid: Grid) -> None:
+    """Review: every failed request asked for a survey at once: an engine that listed its models but
+    dropped every generation got 54 surveys in a second from a burst of 200. Only a connection that
+    cannot be made asks, and a survey a second at most."""
+    listed = 0
+
+    async def engine(conn: Connection, request: Request) -> None:
+        nonlocal listed
+        listed += request.path == "/v1/models" and PROBE_MODEL.encode() not in (request.body or b"")
+        if not await _openai_engine(conn, request):
+            await conn.stream.aclose()  # took the request, and hung up
+
+    hub = await grid.hub(limits={"max_attempts": 1})
+    await grid.worker(hub.value, await grid.fake_engine(engine), kind="openai", discovery_interval_s=600,
+                      max_concurrency=20)
+    before = listed
+
+    async def ask() -> None:
+        assert (await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code == 502
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as clients:
+            for _ in range(40):
+                clients.start_soon(ask)
+    assert listed - before <= 1

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from ghubai.errors import ApiError, describe, last_sequence_number
-from ghubai.http11.client import TooLarge
+from ghubai.http11.client import ConnectFailed, TooLarge
 from ghubai.worker.engine import (MAX_RECORD_BYTES, _usage_of, engine_error, engine_failure, ndjson_payloads,
                                   sse_payloads)
 
@@ -125,6 +125,10 @@ def test_describe_names_the_cause_a_wrapper_hides() -> None:
     connect.__cause__ = ExceptionGroup("all attempts to connect to 127.0.0.1:9 failed", [refused])  # attempts'
     assert describe(connect) == "OSError all attempts to connect to 127.0.0.1:9 failed: " \
                                 "[Errno 111] Connect call failed ('127.0.0.1', 9)"  # (hunt: the group's text, twice)
+    wrapped = ConnectFailed(str(connect))  # (the pool's, around it: what it wraps says nothing new)
+    wrapped.__cause__ = connect
+    assert describe(wrapped) == "ConnectFailed all attempts to connect to 127.0.0.1:9 failed: " \
+                                "[Errno 111] Connect call failed ('127.0.0.1', 9)"
 
 
 @pytest.mark.parametrize("event, message", [

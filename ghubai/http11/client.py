@@ -286,6 +286,8 @@ class ConnectionPool:
             return conn
         except trio.TooSlowError:  # a connection that could not be made, not a server slow to answer
             raise TimeoutError(f"no connection to {self.authority} within {self.connect_timeout_s:g} s") from None
+        except OSError as error:
+            raise ConnectFailed(str(error)) from error
 
     async def release(self, conn: ClientConnection, keep: bool = True) -> None:
         """Keep the connection for the next request if both sides finished cleanly, else close it."""
@@ -414,6 +416,11 @@ def _timed_out(error: BaseException) -> bool:
     OSError as the cause of a BrokenResourceError."""
     cause = error if isinstance(error, OSError) else error.__cause__
     return isinstance(cause, OSError) and cause.errno == errno.ETIMEDOUT
+
+
+class ConnectFailed(OSError):
+    """No connection could be made: refused, unreachable, a name that does not resolve, a refused
+    TLS certificate (the server is not there for us, as against one that failed a request)."""
 
 
 class BodyCut(trio.BrokenResourceError):

@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from functools import partial
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 import trio_websocket
 
@@ -31,7 +30,7 @@ from ghubai.errors import describe
 from ghubai.http11.client import open_stream, tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
-from ghubai.worker.engine import Call, Cause, Engine, EngineError, Offer
+from ghubai.worker.engine import UNREACHABLE, Call, Cause, Engine, EngineError, Offer
 
 log = logging.getLogger("ghubai.worker")
 
@@ -183,6 +182,8 @@ class Worker:
         self.idle.set()
         self._rediscover = trio.Event()
         self._loaded_one = trio.Event()  # a request ran on a model that was not in memory
+        self._surveyed_at = -math.inf  # when the last survey of the engine began
+        self._unreached = False  # a request or the residency poll could not connect to the engine
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -199,6 +200,7 @@ class Worker:
         """Ask the engine what it offers and tell every hub when that changed. An engine that does
         not answer hosts nothing: the hubs stop sending it requests until it is back, and a client
         that asks for a model meanwhile hears why."""
+        self._surveyed_at = trio.current_time()
         offer = await self.engine.survey()
         before, self.offer = self.offer, offer
         if offer.problem and offer.problem != before.problem:
@@ -233,7 +235,7 @@ class Worker:
             self.engine.pool.close_stale()  # (a quiet worker keeps no connection its engine closed)
             try:
                 loaded = await self.engine.loaded()
-            except httpx.TransportError:
+            except UNREACHABLE:
                 self._unreachable()
                 continue
             facts = self.engine.facts()
@@ -248,6 +250,7 @@ class Worker:
         """The engine could not be reached: a survey now, not at the next discovery (the hubs went on
         listing its models, and sending it requests that failed, for up to ``discovery_interval_s``)."""
         if not self.offer.problem:  # (while it has one, discovery asks on its own schedule)
+            self._unreached = True
             self._rediscover.set()
 
     def rediscover(self) -> None:
@@ -269,6 +272,9 @@ class Worker:
             with trio.move_on_after(wait_s):
                 await self._rediscover.wait()
             self._rediscover = trio.Event()
+            if self._unreached:  # at most a survey a second for those (a burst of failed requests made a storm)
+                self._unreached = False
+                await trio.sleep_until(self._surveyed_at + DISCOVERY_RETRY_FIRST_S)
             await self.refresh_offer()
 
     # -- links -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import trio
 from ghubai import dialects, protocol
 from ghubai.config import EngineConfig
 from ghubai.errors import describe
-from ghubai.http11.client import TRANSPORT_ERRORS, ConnectionPool, Response, TooLarge, tls_client_context
+from ghubai.http11.client import TRANSPORT_ERRORS, ConnectFailed, ConnectionPool, Response, TooLarge, tls_client_context
 from ghubai.worker.translate import (OllamaOverOpenAI, OpenAIOverOllama, Translator, Untranslatable, count, engine_path,
                                     translator_for)
 
@@ -36,6 +36,7 @@ log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
 DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError)
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)  # discovery's: no connection (not a slow or odd answer)
 
 
 class Cause(enum.Enum):
@@ -389,10 +390,10 @@ class Engine:
 
     async def loaded(self) -> tuple[str, ...] | None:
         """The models Ollama holds in memory (``/api/ps``); None when it does not say. Raises
-        httpx.TransportError when it cannot be reached."""
+        ``UNREACHABLE`` when no connection to it can be made."""
         try:
             entries = (await self._get("/api/ps")).get("models")
-        except httpx.TransportError:
+        except UNREACHABLE:
             raise
         except DISCOVERY_ERRORS:
             return None
@@ -405,7 +406,7 @@ class Engine:
         """``loaded()``, None when the engine cannot be reached (it listed its models a moment ago)."""
         try:
             return await self.loaded()
-        except httpx.TransportError:
+        except UNREACHABLE:
             return None
 
     def facts(self) -> dict[str, protocol.ModelFacts] | None:
@@ -542,11 +543,12 @@ class Engine:
             raise EngineError(504, "engine connection timed out", retryable=True, cause=Cause.UNREACHABLE) from None
         except TooLarge as error:  # another worker's engine would send the same: no retry
             raise EngineError(502, str(error), retryable=False) from None
+        except ConnectFailed as error:  # (the client hears what failed, not the engine's address: the detail's)
+            raise EngineError(502, "cannot connect to the engine", retryable=True, detail=str(error),
+                              cause=Cause.UNREACHABLE) from None
         except (*TRANSPORT_ERRORS, ValueError, RecursionError) as error:
-            # (the client hears what failed, not the engine's address, which the error's text holds)
             raise EngineError(502, f"engine connection failed ({type(error).__name__})", retryable=True,
-                              detail=str(error), cause=None if isinstance(error, ValueError | RecursionError)
-                              else Cause.UNREACHABLE) from None
+                              detail=str(error)) from None
 
     def scrub(self, text: str) -> str:
         """An engine's words without the key and header values it was sent: some echo them in any
