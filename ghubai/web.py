@@ -48,8 +48,9 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   starts again once it is HTTP/2 with no stream open.
 
 - a WebSocket whose peer closed it with the closing handshake was told to the app as code 1006, a
-  connection that broke, as much as one that did break: a hub could not log which its worker did.
-  It is 1000 here (the peer's own code is not kept by wsproto).
+  connection that broke, as much as one that did break, and one hypercorn closed itself (a message
+  over its size limit: 1009) as 1006 too: a hub could not log which its worker did. Here the app's
+  disconnect carries the close's code and reason, and ``WS_CLOSED_BY`` says who began it.
 
 - HTTP/2 has frames that cost the server work and carry no request, and streams a client may reset
   as soon as it began them: a flood of either held the loop (one connection's PINGs, 24 s after they
@@ -96,6 +97,8 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+from wsproto.events import CloseConnection
+from wsproto.events import Event as WSProtoEvent
 from hypercorn.trio.tcp_server import TCPServer
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
@@ -109,7 +112,8 @@ _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], 
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
             StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
-            ProtocolWrapper: {"handle": ["self", "event"]}, WSStream: {"handle": ["self", "event"]}}
+            ProtocolWrapper: {"handle": ["self", "event"]},
+            WSStream: {"handle": ["self", "event"], "_send_wsproto_event": ["self", "event"]}}
 # hypercorn's 60 s let a client that sends half a ClientHello hold a connection (and the cap's slot)
 # for a minute; the proxy gives a whole request head 10 s
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -118,6 +122,7 @@ log = logging.getLogger("ghubai.web")
 SERVER_LOG = logging.getLogger("ghubai.web.server")
 SERVER_LOG.setLevel(logging.WARNING)
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
+WS_CLOSED_BY = "ghubai.closed_by"  # a WebSocket disconnect's key: "peer" or "server", who began the close
 
 
 def _check_patchable() -> None:
@@ -274,16 +279,27 @@ async def _stream_closed(self: HTTPStream, event: StreamEvent) -> None:
 HTTPStream.handle = _stream_handle  # type: ignore[method-assign]
 
 _hypercorn_ws_handle = WSStream.handle
+_hypercorn_ws_send_event = WSStream._send_wsproto_event
+
+
+async def _ws_send_event(self: WSStream, event: WSProtoEvent) -> None:
+    if isinstance(event, CloseConnection) and self.state is ASGIWebsocketState.CONNECTED:  # (not the app's own)
+        began = "peer" if self.connection.state is wsproto.ConnectionState.REMOTE_CLOSING else "server"
+        self.ghubai_close = {"code": int(event.code), "reason": event.reason or "", WS_CLOSED_BY: began}  # type: ignore[attr-defined]
+    await _hypercorn_ws_send_event(self, event)
 
 
 async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
-    if isinstance(event, StreamClosed) and self.state is ASGIWebsocketState.CONNECTED and \
-            getattr(self, "connection", None) is not None and self.connection.state is wsproto.ConnectionState.CLOSED:
-        self.state = ASGIWebsocketState.CLOSED  # the peer closed it, and hypercorn answered: 1000, not 1006
+    if isinstance(event, StreamClosed) and self.app_put is not None and \
+            (close := getattr(self, "ghubai_close", None)) is not None:  # (else hypercorn's: 1000, or 1006)
+        self.closed = True
+        await self.app_put({"type": "websocket.disconnect", **close})
+        return
     await _hypercorn_ws_handle(self, event)
 
 
 WSStream.handle = _ws_handle  # type: ignore[method-assign]
+WSStream._send_wsproto_event = _ws_send_event  # type: ignore[method-assign]
 
 _hypercorn_app_send = HTTPStream.app_send
 

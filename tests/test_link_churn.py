@@ -298,11 +298,12 @@ async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCapt
             if how == "break":
                 await trio.aclose_forcefully(stream)
             else:
-                await ws.aclose()
+                await ws.aclose(*((1001, "upgrading") if how == "say" else ()))
             nursery.cancel_scope.cancel()
 
     for name, how, said in (("a", "close", "it closed its link"), ("b", "drain", "it closed its link, after draining"),
-                            ("c", "break", "its connection broke without a close")):
+                            ("c", "break", "its connection broke without a close"),
+                            ("d", "say", "it closed its link (1001: upgrading)")):
         with trio.fail_after(WAIT_S):
             await worker(name, how)
         line = f"worker {name} ({name * 8}) left: {said}"
@@ -311,6 +312,17 @@ async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCapt
         async def logged() -> bool:
             return line in caplog.text
         await eventually(logged, line)
+
+
+def test_a_link_s_ending_says_who_closed_it_and_why() -> None:
+    """Review: a link hypercorn closed itself (a message over its limit) was logged as one the worker
+    closed, and the worker's own code and reason were lost."""
+    from ghubai.hub.gridhub import ending
+    from ghubai.web import WS_CLOSED_BY
+    assert ending(None) == ""  # (the hub ended it, and said why)
+    assert ending({"code": 1009, "reason": "", WS_CLOSED_BY: "server"}) == "it sent a message over the hub's limit (1009)"
+    assert ending({"code": 1000, "reason": "", WS_CLOSED_BY: "peer"}) == "it closed its link"
+    assert ending({"code": 1006}) == "its connection broke without a close"
 
 
 async def test_a_worker_that_pings_but_reads_nothing_is_dropped_and_its_requests_go_elsewhere(

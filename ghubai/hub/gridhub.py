@@ -18,14 +18,13 @@ from quart import Response, websocket
 
 from ghubai import link, protocol
 from ghubai.auth import Secrets
+from ghubai.web import WS_CLOSED_BY
 from ghubai.hub.pool import Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
 
 CLOSE_S = 1.0  # for a link's close frame to go out as the hub stops
-CLOSE_CODE = "ghubai.close_code"  # the link's ASGI scope: the code hypercorn gave its disconnect
-# the codes hypercorn's disconnect gives (web.py: 1000 for a peer's close handshake)
-_ENDINGS: dict[object, str] = {1000: "it closed its link", 1006: "its connection broke without a close"}
+CLOSED = "ghubai.closed"  # the link's ASGI scope: hypercorn's disconnect event (``noting_close``)
 
 
 def noting_close(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
@@ -35,9 +34,23 @@ def noting_close(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str
     async def receiving() -> dict[str, Any]:
         event = await receive()
         if event["type"] == "websocket.disconnect":
-            scope[CLOSE_CODE] = event.get("code")
+            scope[CLOSED] = event
         return event
     return receiving
+
+
+def ending(closed: Any) -> str:
+    """How a link ended, from its disconnect (``web``: its close's code and reason, and who began
+    it); "" when the hub ended it itself, and said why."""
+    if closed is None:
+        return ""
+    code, reason = closed.get("code"), closed.get("reason") or ""
+    said = f" ({code}{': ' + reason if reason else ''})" if code != 1000 or reason else ""
+    if closed.get(WS_CLOSED_BY) == "server":
+        return "it sent a message over the hub's limit" + said if code == 1009 else "the hub closed it" + said
+    if closed.get(WS_CLOSED_BY) == "peer":
+        return "it closed its link" + said
+    return "its connection broke without a close" if code == 1006 else "it closed its link" + said
 
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,
@@ -89,7 +102,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             log.warning("worker %s silent for %.1f s: dropping its link", worker.name, silent_s)
             pool.cut(worker, lost)
     finally:
-        why = _ENDINGS.get(websocket.scope.get(CLOSE_CODE), "")  # none: the hub ended it, and said why
+        why = ending(websocket.scope.get(CLOSED))
         pool.drop(worker, lost, f"{why}, after draining" if why and worker.draining else why)
         send.close()
     return None
