@@ -31,9 +31,9 @@ def _table(rows: list[list[str]]) -> list[str]:
 
 def _width(text: str) -> int:
     """The cells ``text`` takes in a terminal: two for each wide character (日本, most emoji), none
-    for a combining mark (padded by ``len``, a name in CJK pushed the row's later columns right)."""
-    return sum(0 if unicodedata.combining(char) else 2 if unicodedata.east_asian_width(char) in "WF" else 1
-               for char in text)
+    for a mark or a format character (padded by ``len``, a name in CJK pushed the row's later columns right)."""
+    return sum(0 if unicodedata.category(char) in ("Mn", "Me", "Cf") else
+               2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def _figure(value: float | None, form: str = "g") -> str:

@@ -323,7 +323,9 @@ class HubApi:
     def _finish(self, record: Record, scope: dict[str, Any] | None = None) -> None:
         status, took = record.status or CLIENT_CLOSED, trio.current_time() - record.started
         if status == 401 and scope and scope.get("client"):  # whence a key is guessed, or a leaked one used
-            record.reason = f"{record.reason or 'unauthorized'} (from {scope['client'][0]})"
+            chain = _header(scope["headers"], b"x-forwarded-for")  # (a proxy's, or what the client claims)
+            record.reason = f"{record.reason or 'unauthorized'} (from {scope['client'][0]}" + \
+                (f", forwarded for {chain[:200]})" if chain else ")")
         if exchange := record.exchange:
             exchange.close()
             self.inflight.discard(exchange)

@@ -147,6 +147,8 @@ class Proxy:
                 if first is not None:
                     self._first_token.observe(first)
                 self.history.request(first, generating_s=0.0 if first is None else took - first)
+                if outcome.status == 401:  # a hub's refusal of the key (the proxy's own is ``refused``)
+                    outcome.reason = f"{outcome.reason or 'refused by the hub'} (from {conn.peer or '?'})"
                 log.info("%s %s %d in %.3f s, model %s, hub %s%s", request.method, request.path, outcome.status,
                          took, model or "-", outcome.hub or "none", f": {outcome.reason}" if outcome.reason else "")
 
