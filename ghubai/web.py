@@ -285,7 +285,8 @@ _hypercorn_ws_send_event = WSStream._send_wsproto_event
 async def _ws_send_event(self: WSStream, event: WSProtoEvent) -> None:
     if isinstance(event, CloseConnection) and self.state is ASGIWebsocketState.CONNECTED:  # (not the app's own)
         began = "peer" if self.connection.state is wsproto.ConnectionState.REMOTE_CLOSING else "server"
-        self.ghubai_close = {"code": int(event.code), "reason": event.reason or "", WS_CLOSED_BY: began}  # type: ignore[attr-defined]
+        close = {"code": int(event.code), "reason": event.reason or "", WS_CLOSED_BY: began}
+        self.ghubai_close = close  # type: ignore[attr-defined]
     await _hypercorn_ws_send_event(self, event)
 
 

@@ -181,10 +181,10 @@ class Grid:
                                    health=health, limits=limits)
         return await self.nursery.start(_scoped, run_proxy, proxy_config)
 
-    async def chain(self) -> tuple[Running, Running]:
+    async def chain(self, **sim: Any) -> tuple[Running, Running]:
         """The whole chain, sim → worker → hub → proxy, serving ``sim`` through the proxy: its hub
-        and its proxy."""
-        sim_url, _ = await self.sim()
+        and its proxy (``sim``: the simulator's options)."""
+        sim_url, _ = await self.sim(**sim)
         hub = await self.hub()
         await self.worker(hub.value, sim_url)
         proxy = await self.proxy(hubs=(hub.value,))

@@ -320,7 +320,8 @@ def test_a_link_s_ending_says_who_closed_it_and_why() -> None:
     from ghubai.hub.gridhub import ending
     from ghubai.web import WS_CLOSED_BY
     assert ending(None) == ""  # (the hub ended it, and said why)
-    assert ending({"code": 1009, "reason": "", WS_CLOSED_BY: "server"}) == "it sent a message over the hub's limit (1009)"
+    too_large = {"code": 1009, "reason": "", WS_CLOSED_BY: "server"}
+    assert ending(too_large) == "it sent a message over the hub's limit (1009)"
     assert ending({"code": 1000, "reason": "", WS_CLOSED_BY: "peer"}) == "it closed its link"
     assert ending({"code": 1006}) == "its connection broke without a close"
 

@@ -119,11 +119,7 @@ async def test_hub_and_proxy_say_when_a_client_left_in_the_middle_of_its_answer(
     """Regression (hunt): a client that left mid-stream was logged at hub and proxy as a plain 200,
     alike to a whole answer; only the worker's line said it was cancelled. The status stays the one
     it got; the line says it left."""
-    sim_url, _ = await grid.sim(itl_ms=50, tokens=1000)
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain(itl_ms=50, tokens=1000)
     caplog.set_level(logging.INFO)
     for url in (hub.value, proxy.value):
         async with grid.http.stream("POST", url + "/v1/chat/completions", json=chat(stream=True)) as answer:

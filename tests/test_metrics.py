@@ -179,11 +179,7 @@ async def test_a_stream_that_fails_mid_way_is_a_failure_at_hub_and_proxy_alike(
     counted 502 at the hub and 200 at the proxy (and its trace said 200); the proxy's dashboard
     took error answers for fast first tokens; and the proxy, unlike the hub, counted no first token for
     the streams, whose first tokens had reached their clients."""
-    sim_url, _ = await grid.sim(tokens=10, fail_after_tokens=3)
-    hub = await grid.hub()
-    await grid.worker(hub.value, sim_url)
-    proxy = await grid.proxy(hubs=(hub.value,))
-    await grid.wait_for_model(proxy.value, "sim")
+    hub, proxy = await grid.chain(tokens=10, fail_after_tokens=3)
     caplog.set_level(logging.INFO)
     for path, body in (("/v1/chat/completions", chat(stream=True)), ("/api/chat", chat(stream=True))):
         response = await grid.http.post(proxy.value + path, json=body)

@@ -30,7 +30,8 @@ from werkzeug.routing import PathConverter
 from ghubai import __version__, affinity, cors, dialects, protocol
 from ghubai.auth import Secrets
 from ghubai.config import HubConfig
-from ghubai.errors import CLIENT_CLOSED, CLOSE, LEFT_MID_ANSWER, ApiError, body_too_large, invalid_api_key, model_not_found
+from ghubai.errors import (CLIENT_CLOSED, CLOSE, LEFT_MID_ANSWER, ApiError, body_too_large, invalid_api_key,
+                           model_not_found)
 from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import noting_close, serve_worker
