@@ -324,6 +324,7 @@ def test_a_link_s_ending_says_who_closed_it_and_why() -> None:
     assert ending(too_large) == "it sent a message over the hub's limit (1009)"
     assert ending({"code": 1000, "reason": "", WS_CLOSED_BY: "peer"}) == "it closed its link"
     assert ending({"code": 1006}) == "its connection broke without a close"
+    assert ending({"code": 1000}) == ""  # (the hub's own close, at its stop: said on the line before)
 
 
 async def test_a_worker_that_pings_but_reads_nothing_is_dropped_and_its_requests_go_elsewhere(

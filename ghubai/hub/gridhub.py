@@ -42,7 +42,7 @@ def noting_close(scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str
 def ending(closed: Any) -> str:
     """How a link ended, from its disconnect (``web``: its close's code and reason, and who began
     it); "" when the hub ended it itself, and said why."""
-    if closed is None:
+    if closed is None or closed.get("code") == 1000 and WS_CLOSED_BY not in closed:  # (1000: the hub's own close)
         return ""
     code, reason = closed.get("code"), closed.get("reason") or ""
     said = f" ({code}{': ' + reason if reason else ''})" if code != 1000 or reason else ""
@@ -50,7 +50,7 @@ def ending(closed: Any) -> str:
         return "it sent a message over the hub's limit" + said if code == 1009 else "the hub closed it" + said
     if closed.get(WS_CLOSED_BY) == "peer":
         return "it closed its link" + said
-    return "its connection broke without a close" if code == 1006 else "it closed its link" + said
+    return "its connection broke without a close"
 
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,

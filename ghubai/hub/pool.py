@@ -804,7 +804,8 @@ class Pool:
     def drop(self, worker: RemoteWorker, message: str, why: str = "") -> None:
         """The worker's link is gone: out of the pool, and every request on it gets a retryable error
         (one it may retry on this very worker, should it link again: the link failed, not its engine).
-        Requests for its models wait ``RELINK_GRACE_S`` for it, should it be their last host."""
+        Requests for its models wait ``RELINK_GRACE_S`` for it, should it be their last host. ``why``: how
+        its link ended, for the log line."""
         worker.gone = True
         now = trio.current_time()
         self._left = {model: left for model, left in self._left.items() if now < left + RELINK_GRACE_S}
