@@ -97,9 +97,9 @@ from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.h2 import BUFFER_LOW_WATER, H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+from hypercorn.trio.tcp_server import TCPServer
 from wsproto.events import CloseConnection
 from wsproto.events import Event as WSProtoEvent
-from hypercorn.trio.tcp_server import TCPServer
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
 from ghubai.config import renew_certificate
