@@ -112,7 +112,10 @@ async def test_streams_still_running_at_the_drain_timeout_end_with_an_error_even
     await eventually(stopped, "the engine to stop the aborted stream")
 
 
-async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(grid: Grid) -> None:
+async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """(A hunt: its link was cut as it exited, without a close: every hub logged a connection that broke.)"""
+    caplog.set_level(logging.INFO, "ghubai.hub")
     sim_url, _ = await grid.sim(itl_ms=20, tokens=60)
     hub = await grid.hub()
     env = {**os.environ, "HUB_URL": hub.value.replace("http", "ws") + "/gridhub", "OLLAMA_LOCAL_URL": sim_url}
@@ -131,6 +134,10 @@ async def test_a_draining_worker_takes_nothing_new_finishes_and_exits_0(grid: Gr
         events = await sigterm_mid_stream(grid, hub.value, worker, refuses)
         assert events[-1] == "[DONE]", events[-1]
         assert await exited(worker) == 0
+
+        async def closed() -> bool:
+            return "left: it closed its link, after draining" in caplog.text
+        await eventually(closed, "the hub to log the worker's close")
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -317,6 +317,8 @@ class Worker:
                 if why is not None and why.code == protocol.CLOSE_GOING_AWAY:  # a planned stop (a restart)
                     log.info("link to %s closed by the hub: %s", url, why.reason or "going away")
                     restarting_until = trio.current_time() + RESTART_GRACE_S
+                elif self.draining:  # (its own close, once it had drained: ``_write``)
+                    log.info("link to %s closed: the worker is stopping", url)
                 else:
                     log.warning("link to %s closed: %s", url, f"code {why.code} ({why.name}) {why.reason or ''}"
                                 if why is not None else "no reason given")
@@ -326,6 +328,8 @@ class Worker:
                 log.log(level, "link to %s failed: %s", url, describe(_first(group)))
             except* Exception as group:  # a bug must cost this link a reconnect, never the worker process
                 log.error("link to %s failed inside the worker", url, exc_info=_first(group))
+            if self.draining:  # a stopping worker dials no hub again
+                return
             backoff, following = backoffs(backoff, trio.current_time() < restarting_until)
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
@@ -417,7 +421,12 @@ class Worker:
             link.written(len(message))
 
         await write_batched(frames, send)
-        link.flushed.set()
+        try:
+            if self.draining:  # its last answers are out: a closing handshake, so that the hub hears a stop (a
+                with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # drained worker's link, cut as it exited, was a
+                    await ws.aclose()  # "connection broke without a close" in every hub's log)
+        finally:  # (the hub's answer to the close ends the link's reader, and the link's tasks with it)
+            link.flushed.set()
 
     def _refuse(self, link: Link, problem: protocol.ProtocolError) -> None:
         log.warning("bad frame from %s: %s", link.url, problem)
