@@ -108,6 +108,27 @@ async def test_a_proxy_started_behind_a_gateway_takes_its_503_for_no_answer(grid
     assert answer.status_code == 200, answer.text
 
 
+async def test_a_restarted_hub_is_taken_back_within_a_second_not_a_health_interval(grid: Grid) -> None:
+    """Regression (a rolling-restart hunt): a hub the proxy had found down was checked again only at
+    the next ``health.interval_s``, and one checked before its workers linked again was taken for
+    empty as long: restarting the next hub a second after this one was back gave every client a 503.
+    A hub down or empty since a change is checked every quarter second."""
+    sim_url, _ = await grid.sim()
+    old = await grid.hub()
+    port = int(old.value.rsplit(":", 1)[1])
+    await grid.worker(old.value, sim_url)
+    proxy = await grid.proxy(hubs=(old.value,), health={"interval_s": 60})
+    await grid.wait_for_model(proxy.value, "sim")
+    old.stop()
+    refused = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())
+    assert refused.status_code in (502, 503), refused.text  # (the hub is found down)
+    await grid.hub(listen=f"127.0.0.1:{port}")  # back, as systemd starts it again; its worker dials it again
+
+    async def served() -> bool:
+        return (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
+    await eventually(served, "the proxy to take the hub back with its model")
+
+
 async def test_requests_spread_over_two_hubs_from_the_registry(grid: Grid, tmp_path: Path) -> None:
     """Conversations spread over the hubs by their key; a conversation stays on its hub (where its
     prompt is cached); requests without one (embeddings) go round robin."""
@@ -685,7 +706,7 @@ async def test_a_hub_renamed_at_its_address_keeps_its_state_and_the_log_says_so(
     assert "hub a (http://127.0.0.1:1) renamed b" in caplog.text
 
 
-def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> None:
+async def test_a_conversation_leaves_its_hub_only_while_that_hub_is_much_busier() -> None:
     """Regression: identical conversations all went to one hub however busy, while the hub itself
     bounds affinity by load."""
     hubs = HubSet(1.0, ssl.create_default_context())

@@ -261,7 +261,7 @@ async def test_a_short_name_goes_to_the_healthy_hub_that_serves_it_tagged(grid: 
     assert answer.status_code == 200, answer.text
 
 
-def test_routing_by_model_as_the_hubs_come_and_go() -> None:
+async def test_routing_by_model_as_the_hubs_come_and_go() -> None:
     """The proxy's choice of hubs alone, no sockets: a model's healthy hubs; every healthy hub for a
     model no hub lists; none when its hubs are down (their 503, not another's 404); a short name as
     the healthy hubs serve it, and the lists learnt again when a check changes them."""
@@ -285,7 +285,7 @@ def test_routing_by_model_as_the_hubs_come_and_go() -> None:
     assert [hub.name for hub in hubs.candidates("llama3:latest", set())] == ["b"]
 
 
-def test_round_robin_takes_turns_per_model() -> None:
+async def test_round_robin_takes_turns_per_model() -> None:
     """Regression (hunt): one turn for every model, so a client that alternated two models (a RAG
     pipeline's embedding and chat) sent all of each model's requests to one hub."""
     hubs = HubSet(1.0, ssl.create_default_context())
@@ -302,7 +302,7 @@ def test_round_robin_takes_turns_per_model() -> None:
     assert picks == {"e1": Counter(a=5, b=5), "e2": Counter(a=5, b=5)}
 
 
-def test_a_hub_that_moves_keeps_its_models_until_it_is_checked_at_its_new_address() -> None:
+async def test_a_hub_that_moves_keeps_its_models_until_it_is_checked_at_its_new_address() -> None:
     """Regression (hunt): a registry entry whose address changed under the same name (the hub moved
     machines, or its address was spelled anew) became a hub that served nothing until checked, so its
     models' requests went to every other hub: a 404 "model_not_found", for as long as the hub at its

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from ghubai.config import HealthConfig, ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.observability.dashboard import number, served_models
 from ghubai.observability.logs import printable
-from ghubai.proxy.hubs import Hub, HubSet
+from ghubai.proxy.hubs import SETTLING_CHECK_S, Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
 
@@ -95,7 +96,7 @@ def _listed(hubs: HubSet) -> None:
     check, the proxy serves (its 503s) at once."""
     if not hubs.listed.is_set():
         hubs.listed.set()
-        hubs.check_now.set()
+        hubs.check_all()
     if not hubs.hubs:
         hubs.checked.set()
 
@@ -210,7 +211,8 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
 
 
 async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClient) -> None:
-    """Check every hub each ``interval_s``, and at once when the list gains a hub. Hubs that hang
+    """Check every hub each ``interval_s``, the hubs that settle (``HubSet.settling``: a restart)
+    every ``SETTLING_CHECK_S``, and every hub at once when the list gains one. Hubs that hang
     (each check up to ``timeout_s``) hold up no other: a hub whose last check has not ended is not
     checked again meanwhile, the next round does not wait for it, and hubs whose last check failed
     are checked in places of their own. (With 300 hubs that hung, a hub added to the registry waited
@@ -227,13 +229,18 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
             running.discard(hub.address)
 
     async with trio.open_nursery() as checks:
-        for round_number in itertools.count():
-            hubs.check_now = trio.Event()
+        full_at, rounds = -math.inf, itertools.count()
+        while True:
+            now = trio.current_time()
+            full = now >= full_at or hubs.all_wanted  # (else the hubs that settle only)
+            if full:
+                full_at = now + config.health.interval_s
+            hubs.check_now, hubs.all_wanted = trio.Event(), False
             listed = not config.registry_url or hubs.listed.is_set()  # (else the round may miss its hubs)
-            wanted = round_number % DETAILS_EVERY == 0 or trio.current_time() < hubs.details_wanted_until
+            wanted = full and next(rounds) % DETAILS_EVERY == 0 or now < hubs.details_wanted_until
             for hub in hubs.hubs.values():
                 hub.pool.close_stale()
-            due = [hub for hub in hubs.hubs.values() if hub.address not in running]
+            due = [hub for hub in hubs.hubs.values() if hub.address not in running and (full or hubs.settling(hub))]
             running.update(hub.address for hub in due)
             first = not hubs.checked.is_set()  # (rounds before the registry's list came too: its static hubs)
             async with trio.open_nursery() as first_round:
@@ -241,5 +248,6 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
                     (first_round if first else checks).start_soon(check, hub, wanted or hub.workers is None)
             if first and listed and hubs.hubs:
                 hubs.checked.set()
-            with trio.move_on_after(config.health.interval_s):
+            settling = any(hubs.settling(hub) for hub in hubs.hubs.values())
+            with trio.move_on_at(min(full_at, trio.current_time() + SETTLING_CHECK_S) if settling else full_at):
                 await hubs.check_now.wait()

@@ -26,6 +26,8 @@ AFFINITY_MARGIN = SchedulerConfig().affinity_margin  # the hub's default, over a
 IDLE_REUSE_S = 4.0
 LABEL_MEMORY_S = 60.0  # a model a hub stopped listing keeps its metrics label this long (a worker restarts)
 RECHECK_GAP_S = 1.0  # the least time between two rounds of checks a request asked for
+SETTLING_S = 30.0  # a hub down or without models since a change this recent is checked every SETTLING_CHECK_S
+SETTLING_CHECK_S = 0.25
 
 
 @dataclass(eq=False)
@@ -46,6 +48,7 @@ class Hub:
     inflight: int = 0  # requests this proxy has there now
     capacity: int = 0  # its workers' slots, as its last health check said
     failed_checks: int = 0  # health checks failed in a row
+    changed_at: float = -math.inf  # trio time it last went up or down, or its models changed
     broken_answers: int = 0  # answers in a row that broke before their first byte (``HubSet.answer_broke``)
 
     @property
@@ -66,7 +69,8 @@ class HubSet:
         self.connect_timeout_s = connect_timeout_s
         self.ssl_context = ssl_context
         self._turns: dict[str | None, itertools.count[int]] = {}  # round robin, by model (None: any other)
-        self.check_now = trio.Event()
+        self.check_now = trio.Event()  # wakes the checks: of every hub when ``all_wanted``, else of those that settle
+        self.all_wanted = False
         self.listed = trio.Event()  # the registry answered once, or failed to (``follow_registry``)
         self.checked = trio.Event()  # a first round of checks of the hubs then listed is done
         self.details_wanted_until = -math.inf  # trio time: the dashboard or status was asked for lately
@@ -101,7 +105,7 @@ class HubSet:
                 if moved := gone.get(name):  # what it served stands until it is checked there: its 503, not a 404
                     hub.models, hub.loaded = moved.models, moved.loaded
                 log.info("hub %s (%s) added", name, address)
-                self.check_now.set()
+                self.check_all()
             elif (hub := self.hubs[address]).name != name:  # (the registry logs it: so does the proxy)
                 log.info("hub %s (%s) renamed %s", hub.name, address, name)
                 hub.name = name
@@ -169,7 +173,12 @@ class HubSet:
         at most once a second however many requests find it."""
         if trio.current_time() - self._rechecked >= RECHECK_GAP_S:
             self._rechecked = trio.current_time()
-            self.check_now.set()
+            self.check_all()
+
+    def check_all(self) -> None:
+        """A round of checks of every hub now (``check_now`` alone: of those that settle)."""
+        self.all_wanted = True
+        self.check_now.set()
 
     def models(self) -> list[str]:
         return sorted({model for hub in self.healthy() for model in hub.models})
@@ -224,17 +233,27 @@ class HubSet:
         hub.up, hub.reason = up, reason
         if (up, hub.models) != before:
             self._served = None
+            hub.changed_at = trio.current_time()
+            if self.settling(hub):  # (found down by a request, say: the checks of those that settle begin)
+                self.check_now.set()
         if not up:
             hub.pool.close_idle()
         self._checked.set()
         self._checked = trio.Event()
+
+    def settling(self, hub: Hub) -> bool:
+        """Down or without models since a change ``SETTLING_S`` ago at most: a hub restarting (down,
+        then up before its workers link again), checked every ``SETTLING_CHECK_S``. (Checked each
+        ``interval_s``, a hub back a second ago was taken for down or empty for 2 s more, and a
+        restart of the next hub then gave every client 503s: a rolling restart's hunt.)"""
+        return (not hub.up or not hub.models) and trio.current_time() - hub.changed_at < SETTLING_S
 
     async def fresh_details(self, within_s: float) -> None:
         """Ask for a round of checks that lists every hub's workers, and wait for it, ``within_s`` at
         most: when no one looked lately, the lists are a few rounds old (every fifth check reads them)."""
         asked = trio.current_time()
         self.details_wanted_until = max(self.details_wanted_until, asked)  # (the round reads them)
-        self.check_now.set()
+        self.check_all()
         with trio.move_on_after(within_s):
             while any(hub.up and hub.listed_at < asked for hub in self.hubs.values()):
                 await self._checked.wait()
