@@ -164,7 +164,20 @@ async def _guarded_run(self: TCPServer) -> None:
         await _hypercorn_run(self)
     except* Exception as faults:  # (hypercorn closed the connection on its way out; a cancel goes on)
         log.error("a connection failed inside the HTTP server; it is closed, the server serves on",
-                  exc_info=faults)
+                  exc_info=_wordless(faults))
+
+
+def _wordless(fault: BaseException) -> BaseException:
+    """``fault`` as a log may show it: its types and where each arose, without their words or what
+    they chained, which may quote the client's bytes (hypercorn's HTTP/2 detection carries the
+    connection's first read: an HTTP/2 request's API key reached the log with a fault it caused)."""
+    for inner in fault.exceptions if isinstance(fault, BaseExceptionGroup) else ():
+        _wordless(inner)
+    if not isinstance(fault, BaseExceptionGroup):
+        fault.args = ()
+    fault.__cause__ = fault.__context__ = None
+    fault.__suppress_context__ = True
+    return fault
 
 
 async def _capped_run(self: TCPServer) -> None:
@@ -419,6 +432,10 @@ async def _h2_events(self: H2Protocol, events: list[h2.events.Event]) -> None:
             self.connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             if all(stream.idle for stream in self.streams.values()):  # hypercorn's own test of idleness
                 await self.send(Updated(idle=True))  # the keep-alive countdown restarts: the body goes on
+        elif isinstance(event, h2.events.RequestReceived) and all(name != b":path" for name, _ in event.headers):
+            # a CONNECT (h2 lets it have no path; the extended one of a WebSocket has one): none is served,
+            # and hypercorn, which reads a path from every request, failed the whole connection on it
+            self.connection.reset_stream(event.stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
         elif not isinstance(event, h2.events.PriorityUpdated):  # (deprecated by RFC 9113, ignored here)
             if isinstance(event, h2.events.StreamReset) and \
                     (buffer := self.stream_buffers.get(event.stream_id)) is not None:

@@ -1388,3 +1388,46 @@ async def test_a_broken_binary_message_from_a_worker_fails_its_answers_rather_th
 
     grid.nursery.start_soon(flooding)
     await eventually(cut, "the hub to cut the flooding worker's link")
+
+
+async def test_an_http2_connect_without_a_path_costs_its_stream_and_no_key_reaches_the_log(
+        grid: Grid, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (hunt): an HTTP/2 CONNECT without ``:path`` (h2 lets it have none) failed inside
+    hypercorn, which read a path from it: the connection broke, every stream on it with it, and the
+    traceback logged at ERROR chained the connection's first read, the request's API key in it. The
+    CONNECT's stream is reset now; and a fault inside the server is logged without the client's words."""
+    import h2.events
+
+    from ghubai.web import _wordless
+
+    caplog.set_level(logging.INFO)  # (a daemon's debug level keeps hpack's at INFO: tests/test_logs.py)
+    hub = await grid.hub(api_keys=("sk-secret-key-4321",))
+    conn, flush = h2_client()
+    conn.config.validate_outbound_headers = False
+    async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
+        connect = conn.get_next_available_stream_id()
+        conn.send_headers(connect, [(":method", "CONNECT"), (":authority", "127.0.0.1"),
+                                    ("authorization", "Bearer sk-secret-key-4321")], end_stream=True)
+        models = conn.get_next_available_stream_id()
+        conn.send_headers(models, [(":method", "GET"), (":path", "/v1/models"), (":scheme", "http"),
+                                   (":authority", "127.0.0.1"), ("authorization", "Bearer sk-secret-key-4321")],
+                          end_stream=True)
+        await flush(stream)
+        reset, answered = False, None
+        with trio.fail_after(WAIT_S):
+            while not (reset and answered):
+                data = await stream.receive_some(65536)
+                assert data, "the hub closed the connection"
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamReset) and event.stream_id == connect:
+                        reset = True
+                    elif isinstance(event, h2.events.ResponseReceived) and event.stream_id == models:
+                        answered = dict(event.headers)[b":status"]
+                await flush(stream)
+    assert answered == b"200"
+    assert "sk-secret-key-4321" not in caplog.text and "Traceback" not in caplog.text
+    try:  # and whatever fails inside the server is logged by its types and places alone
+        raise ExceptionGroup("x", [ValueError(f"Bearer {hub.value}-sk-secret")])  # (not in the source line)
+    except ExceptionGroup as group:
+        logging.getLogger("ghubai.web").error("failed", exc_info=_wordless(group))
+    assert "ValueError" in caplog.text and f"{hub.value}-sk-secret" not in caplog.text
