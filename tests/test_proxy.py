@@ -18,8 +18,8 @@ import openai
 import pytest
 import trio
 
-from conftest import (WAIT_S, Grid, HubProcess, _scoped, chat, eventually, peak_active, run_registry, stalled_client,
-                      workers_linked)
+from conftest import (WAIT_S, Grid, HubProcess, _scoped, chat, eventually, peak_active, read_until, run_registry,
+                      stalled_client, workers_linked)
 from ghubai import dialects
 from ghubai.config import ProxyConfig, load
 from ghubai.configfiles import add_hub, remove_hub
@@ -354,10 +354,14 @@ async def test_bad_requests_at_the_proxy(grid: Grid, tmp_path: Path) -> None:
             leaving.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         await leaving.aclose()
     # (hunt: a client that left mid-body was a "400 malformed HTTP request")
+    async with await trio.open_tcp_stream("127.0.0.1", port) as h2:  # (a hunt: a 404, then a 400)
+        await h2.send_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes.fromhex("000000040000000000"))
+        assert (await read_until(h2)).startswith(b"HTTP/1.1 505 ")
 
     async def counted() -> bool:
-        return 'ghubai_requests_total{code="499",model="",role="proxy"} 2.0' in \
-            (await grid.http.get(proxy.value + "/metrics")).text
+        text = (await grid.http.get(proxy.value + "/metrics")).text
+        return 'ghubai_requests_total{code="499",model="",role="proxy"} 2.0' in text and \
+            'ghubai_requests_total{code="505",model="",role="proxy"} 1.0' in text
 
     await eventually(counted, "the client that left mid-body counted as 499")
     assert 'code="400"' not in (await grid.http.get(proxy.value + "/metrics")).text
