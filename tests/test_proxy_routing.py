@@ -20,7 +20,7 @@ from conftest import Grid, chat, eventually, next_request, workers_linked
 from ghubai.config import ConfigError, HubEntry, hub_address_problem, parse
 from ghubai.configfiles import add_hub
 from ghubai.http11.server import Connection, Request, serve_connection
-from ghubai.proxy.hubs import Hub, HubSet
+from ghubai.proxy.hubs import SETTLING_S, Hub, HubSet
 
 
 async def _first_of_two_hubs_down(grid: Grid, first: str, second: str) -> str:
@@ -674,3 +674,32 @@ def test_a_404_names_the_missing_v1_only_where_it_would_be_found() -> None:
     assert unknown_endpoint("GET", "/models").endswith("(did you mean /v1/models? an OpenAI client's base_url "
                                                        "ends in /v1)")
     assert unknown_endpoint("GET", "/nothing") == "Unknown endpoint: GET /nothing"
+
+
+async def test_a_hub_that_stops_serving_settles_for_a_while_and_its_flapping_makes_no_spin(
+        autojump_clock: Any) -> None:
+    """A hub that stopped serving (down, or back with no models: a restart) is checked often for
+    ``SETTLING_S``, from when it stopped; a review: one that flapped between down and up-with-no-models
+    woke the checks at each change, back to back, and restarted the window for ever."""
+    hubs = HubSet(1.0, ssl.create_default_context())
+    hubs.update([("a", "http://127.0.0.1:1")])
+    [hub] = hubs.hubs.values()
+
+    def check(up: bool, *models: str) -> None:
+        hubs.set_health(hub, up, state={"queue": {}, "heartbeat_s": 1.0, "capacity": 4, "models": list(models),
+                                        "loaded": []} if up else None)
+
+    check(True)  # up with no models at first: never served, nothing to settle
+    assert not hubs.settling(hub)
+    check(True, "m")
+    hubs.check_now = trio.Event()
+    check(False)  # it stopped serving
+    assert hubs.settling(hub) and hubs.check_now.is_set()
+    hubs.check_now = trio.Event()
+    for _ in range(10):  # flapping: no wake, and the window stays where it began
+        check(True)
+        check(False)
+        await trio.sleep(SETTLING_S / 20)
+    assert hubs.settling(hub)
+    await trio.sleep(SETTLING_S / 2)
+    assert not hubs.check_now.is_set() and not hubs.settling(hub)

@@ -173,7 +173,7 @@ class Connection:
                 event = await self._next_event()
             if not isinstance(event, h11.Request):
                 return None  # closed, paused on a connection that must close, or too slow a head
-            if event.http_version not in (b"1.0", b"1.1"):  # (an HTTP/2 client's preface, PRI *, got a 404
+            if not event.http_version.startswith(b"1."):  # (an HTTP/2 client's preface, PRI *, got a 404
                 self.head = f"{event.method.decode('latin-1')} {event.target.decode('latin-1')[:100]}"  # and a 400)
                 raise ApiError(505, f"HTTP/{event.http_version.decode('latin-1')} is not served here: HTTP/1.1 only")
             target = origin_form(event.target.decode("latin-1"))

@@ -240,7 +240,10 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
             wanted = full and next(rounds) % DETAILS_EVERY == 0 or now < hubs.details_wanted_until
             for hub in hubs.hubs.values():
                 hub.pool.close_stale()
-            due = [hub for hub in hubs.hubs.values() if hub.address not in running and (full or hubs.settling(hub))]
+            settling = [hub for hub in hubs.hubs.values() if hubs.settling(hub)]
+            # (many at once is no restart but an outage, a network's: those wait for the full rounds)
+            quick = set(settling) if len(settling) <= CHECKS_AT_ONCE else set()
+            due = [hub for hub in hubs.hubs.values() if hub.address not in running and (full or hub in quick)]
             running.update(hub.address for hub in due)
             first = not hubs.checked.is_set()  # (rounds before the registry's list came too: its static hubs)
             async with trio.open_nursery() as first_round:
@@ -248,6 +251,5 @@ async def check_health(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncClien
                     (first_round if first else checks).start_soon(check, hub, wanted or hub.workers is None)
             if first and listed and hubs.hubs:
                 hubs.checked.set()
-            settling = any(hubs.settling(hub) for hub in hubs.hubs.values())
-            with trio.move_on_at(min(full_at, trio.current_time() + SETTLING_CHECK_S) if settling else full_at):
+            with trio.move_on_at(min(full_at, trio.current_time() + SETTLING_CHECK_S) if quick else full_at):
                 await hubs.check_now.wait()

@@ -48,7 +48,7 @@ class Hub:
     inflight: int = 0  # requests this proxy has there now
     capacity: int = 0  # its workers' slots, as its last health check said
     failed_checks: int = 0  # health checks failed in a row
-    changed_at: float = -math.inf  # trio time it last went up or down, or its models changed
+    settle_until: float = -math.inf  # trio time: checked often till then, once it stopped serving (``settling``)
     broken_answers: int = 0  # answers in a row that broke before their first byte (``HubSet.answer_broke``)
 
     @property
@@ -233,20 +233,20 @@ class HubSet:
         hub.up, hub.reason = up, reason
         if (up, hub.models) != before:
             self._served = None
-            hub.changed_at = trio.current_time()
-            if self.settling(hub):  # (found down by a request, say: the checks of those that settle begin)
-                self.check_now.set()
+            if before[0] and before[1] and not (up and hub.models):  # it stopped serving: a restart, often
+                hub.settle_until = trio.current_time() + SETTLING_S  # (not again while it flaps: no spin)
+                self.check_now.set()  # (found down by a request, say: its checks begin now)
         if not up:
             hub.pool.close_idle()
         self._checked.set()
         self._checked = trio.Event()
 
     def settling(self, hub: Hub) -> bool:
-        """Down or without models since a change ``SETTLING_S`` ago at most: a hub restarting (down,
-        then up before its workers link again), checked every ``SETTLING_CHECK_S``. (Checked each
-        ``interval_s``, a hub back a second ago was taken for down or empty for 2 s more, and a
+        """Down or without models, ``SETTLING_S`` at most since it stopped serving: a hub restarting
+        (down, then up before its workers link again), checked every ``SETTLING_CHECK_S``. (Checked
+        each ``interval_s``, a hub back a second ago was taken for down or empty for 2 s more, and a
         restart of the next hub then gave every client 503s: a rolling restart's hunt.)"""
-        return (not hub.up or not hub.models) and trio.current_time() - hub.changed_at < SETTLING_S
+        return (not hub.up or not hub.models) and trio.current_time() < hub.settle_until
 
     async def fresh_details(self, within_s: float) -> None:
         """Ask for a round of checks that lists every hub's workers, and wait for it, ``within_s`` at

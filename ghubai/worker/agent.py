@@ -184,6 +184,7 @@ class Worker:
         self._loaded_one = trio.Event()  # a request ran on a model that was not in memory
         self._surveyed_at = -math.inf  # when the last survey of the engine began
         self._unreached = False  # a request or the residency poll could not connect to the engine
+        self._closed: set[str] = set()  # the hub URLs whose links it closed itself, drained
 
     @property
     def models(self) -> tuple[str, ...]:
@@ -317,7 +318,7 @@ class Worker:
                 if why is not None and why.code == protocol.CLOSE_GOING_AWAY:  # a planned stop (a restart)
                     log.info("link to %s closed by the hub: %s", url, why.reason or "going away")
                     restarting_until = trio.current_time() + RESTART_GRACE_S
-                elif self.draining:  # (its own close, once it had drained: ``_write``)
+                elif url in self._closed:  # its own close, once it had drained (``_write``)
                     log.info("link to %s closed: the worker is stopping", url)
                 else:
                     log.warning("link to %s closed: %s", url, f"code {why.code} ({why.name}) {why.reason or ''}"
@@ -334,6 +335,8 @@ class Worker:
             delay = backoff / 2 + random.uniform(0, backoff / 2)
             log.info("reconnecting to %s in %.1f s", url, delay)
             await trio.sleep(delay)
+            if self.draining:  # (it began while this link waited)
+                return
             backoff = following
 
     @asynccontextmanager
@@ -423,8 +426,9 @@ class Worker:
         await write_batched(frames, send)
         try:
             if self.draining:  # its last answers are out: a closing handshake, so that the hub hears a stop (a
-                with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # drained worker's link, cut as it exited, was a
-                    await ws.aclose()  # "connection broke without a close" in every hub's log)
+                self._closed.add(link.url)  # drained worker's link, cut as it exited, was a "connection broke
+                with trio.move_on_after(DISCONNECT_TIMEOUT_S):  # without a close" in every hub's log)
+                    await ws.aclose()
         finally:  # (the hub's answer to the close ends the link's reader, and the link's tasks with it)
             link.flushed.set()
 
@@ -505,8 +509,10 @@ class Worker:
                     running.scope.cancel()
             await self.idle.wait()  # cancelled requests end at once
         with trio.move_on_after(FLUSH_TIMEOUT_S):  # the last answers must reach the hubs before we go
-            for link in list(self.links):
+            links = list(self.links)
+            for link in links:  # (all at once: each link's writer then closes it, a round trip to its hub)
                 link.out.close()
+            for link in links:
                 await link.flushed.wait()
         log.info("drained: every request finished")
 
