@@ -160,6 +160,16 @@ async def test_a_refused_key_s_line_names_the_client_s_address(grid: Grid, caplo
                                  headers={"Authorization": "Bearer sk-wrong"})).status_code == 401
     await eventually(partial(said, "(from 127.0.0.1, forwarded for 127.0.0.1)", "(from 127.0.0.1)"),
                      "the hub's line with the address it was forwarded for, and the proxy's with its client's")
+    caplog.clear()  # (a hunt: the proxy's own look at the hubs' lists for /api/ps got their 401 with no
+    caplog.handler.addFilter(logs._WithRequestId())  # (as a daemon's handler: each record's request id)
+    listed = await grid.http.get(open_proxy.value + "/api/ps", headers={"X-Request-ID": "ps-1"})  # client's
+    assert listed.status_code == 401 and "error" in listed.json()  # address, and answered the client 200)
+
+    async def forwarded() -> bool:
+        return any(record.name == "ghubai.hub" and "ps-1" in record.request_id  # type: ignore[attr-defined]
+                   and record.getMessage().endswith("(from 127.0.0.1, forwarded for 127.0.0.1)")
+                   for record in caplog.records)
+    await eventually(forwarded, "the hub's line for the proxy's look, under the client's request id")
 
 
 async def test_every_request_has_a_line_that_says_why_it_failed_in_hub_and_worker(

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -933,11 +934,13 @@ async def test_what_hubs_told_of_their_models_is_forgotten_after_a_second(autoju
     of them (435 MB for 500 models, made-up keys on an open proxy as good as real ones), though each
     is reused for a second only. Now what is a second old goes as the next one is told."""
     proxy = Proxy(ProxyConfig())
+    client = SimpleNamespace(peer="127.0.0.1")  # (its connection: only its address is read)
     for key in range(50):
-        await proxy._told(Request("GET", "/api/tags", [(b"authorization", f"Bearer k{key}".encode())], b""), False)
+        keyed = Request("GET", "/api/tags", [(b"authorization", f"Bearer k{key}".encode())], b"")
+        await proxy._told(client, keyed, False)  # type: ignore[arg-type]
     assert len(proxy._told_at) == 50
     await trio.sleep(TOLD_FOR_S)
-    await proxy._told(Request("GET", "/api/ps", [], b""), running=True)
+    await proxy._told(client, Request("GET", "/api/ps", [], b""), running=True)  # type: ignore[arg-type]
     assert list(proxy._told_at) == [("/api/ps", b"")]
 
 

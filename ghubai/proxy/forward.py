@@ -98,6 +98,12 @@ def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     return [(key, value) for key, value in headers if key not in HOP_BY_HOP and key not in named]
 
 
+def forwarded_for(request: Request, client_ip: str) -> bytes:
+    """The ``X-Forwarded-For`` a hub is sent: the client's chain, and the client's address."""
+    forwarded = request.header(b"x-forwarded-for")
+    return (forwarded + b", " if forwarded else b"") + client_ip.encode()
+
+
 def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str,
                      elsewhere: bool = False) -> list[tuple[bytes, bytes]]:
     """The client's headers as the hub should see them: ours for the hop, the request id, and the
@@ -109,9 +115,7 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
                 dialects.ELSEWHERE_HEADER, *(k for k, _ in trace),
                 *((name.encode() for name in tracing.CONTEXT_HEADERS) if tracing.active() else ())}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
-    forwarded = request.header(b"x-forwarded-for")
-    chain = (forwarded + b", " if forwarded else b"") + client_ip.encode()
-    return [(b"host", hub.pool.authority.encode()), *kept, *trace, (b"x-forwarded-for", chain),
+    return [(b"host", hub.pool.authority.encode()), *kept, *trace, (b"x-forwarded-for", forwarded_for(request, client_ip)),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode()),
             *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 

@@ -38,7 +38,7 @@ from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
 from ghubai.proxy.follow import (CHECKS_AT_ONCE, DETAILS_WANTED_S, FIRST_CHECKS_S, SUMMARY_LIMIT, check_health,
                                  follow_registry)
-from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, model_named
+from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, forwarded_for, model_named
 from ghubai.proxy.hubs import Hub, HubSet
 
 log = logging.getLogger("ghubai.proxy")
@@ -66,6 +66,7 @@ class Told:
     facts: dict[str, protocol.ModelFacts]
     listed: frozenset[str]
     answered: frozenset[str]
+    refused: bool = False  # every hub asked refused the client's key (its lists are not the client's)
 
     def names(self, hubs: list[Hub], running: bool) -> list[str]:
         """The models listed: by the hubs that answered, as they said (a health check's names, up to
@@ -297,11 +298,13 @@ class Proxy:
 
     async def _ollama_list(self, conn: Connection, request: Request, running: bool) -> None:
         self._models_or_503()
-        told = await self._told(request, running)
+        told = await self._told(conn, request, running)
+        if told.refused:  # (a hunt: a key every hub refused got the health checks' list, a 200)
+            raise invalid_api_key()
         await self._models_answer(conn, request, dialects.ollama_tags(
             told.names(self.hubs.healthy(), running), running=running, facts=told.facts))
 
-    async def _told(self, request: Request, running: bool) -> Told:
+    async def _told(self, conn: Connection, request: Request, running: bool) -> Told:
         """What the healthy hubs' own ``/api/tags`` (``running``: ``/api/ps``) tell of their models (the
         health checks carry names only): each model's from the first hub in the order of their names
         that tells of it. A hub that does not answer within ``health.timeout_s`` tells nothing, nor do
@@ -312,13 +315,18 @@ class Proxy:
         kept = (path, hashlib.sha256(key).digest() if key else b"")  # (what one key was told is not another's)
         if (last := self._told_at.get(kept)) is not None and trio.current_time() - last[0] < TOLD_FOR_S:
             return last[1]  # (a UI's page load asks both lists, every client its own: asked once a second)
-        headers = [("authorization", key.decode("latin-1"))] if key else []
+        # as a forwarded request's: a hub's line for a refused key says whose it was, under this one's id
+        headers = [*([("authorization", key.decode("latin-1"))] if key else []),
+                   *([("x-request-id", rid)] if (rid := REQUEST_ID.get()) else []),
+                   ("x-forwarded-for", forwarded_for(request, conn.peer).decode("latin-1"))]
         answers: dict[str, bytes] = {}
+        statuses: list[int] = []
 
         async def ask(hub: Hub) -> None:
             with trio.move_on_after(timeout_s):
                 try:
                     async with hub.pool.request("GET", path, headers, b"", timeout_s) as response:
+                        statuses.append(response.status)
                         if response.status == 200:
                             answers[hub.name] = await response.read(SUMMARY_LIMIT)
                 except (*TRANSPORT_ERRORS, TimeoutError, trio.TooSlowError, TooLarge):
@@ -347,7 +355,8 @@ class Proxy:
         # hub's list per key ever seen, 1,000 kept, held 435 MB for 500 models (a hunt); at most 1,000 still
         now = trio.current_time()
         self._told_at.pop(kept, None)
-        self._told_at[kept] = (now, result := Told(told, frozenset(listed), frozenset(answered)))
+        refused = bool(statuses) and all(status in (401, 403) for status in statuses)
+        self._told_at[kept] = (now, result := Told(told, frozenset(listed), frozenset(answered), refused))
         while self._told_at and (now - next(iter(self._told_at.values()))[0] >= TOLD_FOR_S
                                  or len(self._told_at) > TOLD_KEYS):
             del self._told_at[next(iter(self._told_at))]
