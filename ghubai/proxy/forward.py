@@ -115,7 +115,8 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
                 dialects.ELSEWHERE_HEADER, *(k for k, _ in trace),
                 *((name.encode() for name in tracing.CONTEXT_HEADERS) if tracing.active() else ())}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
-    return [(b"host", hub.pool.authority.encode()), *kept, *trace, (b"x-forwarded-for", forwarded_for(request, client_ip)),
+    return [(b"host", hub.pool.authority.encode()), *kept, *trace,
+            (b"x-forwarded-for", forwarded_for(request, client_ip)),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode()),
             *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 
