@@ -30,7 +30,7 @@ from ghubai.errors import describe
 from ghubai.http11.client import open_stream, tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
-from ghubai.worker.engine import UNREACHABLE, Call, Cause, Engine, EngineError, Offer
+from ghubai.worker.engine import NO_CONNECTION, Call, Cause, Engine, EngineError, Offer
 
 log = logging.getLogger("ghubai.worker")
 
@@ -236,7 +236,7 @@ class Worker:
             self.engine.pool.close_stale()  # (a quiet worker keeps no connection its engine closed)
             try:
                 loaded = await self.engine.loaded()
-            except UNREACHABLE:
+            except NO_CONNECTION:
                 self._unreachable()
                 continue
             facts = self.engine.facts()

@@ -36,7 +36,7 @@ log = logging.getLogger("ghubai.worker")
 CREDENTIALS_REFUSED = "the engine rejected the worker's credentials"
 PROBE_MODEL = "ghubai-probe-no-such-model"  # what a probe names: no engine runs it, so none generates
 DISCOVERY_ERRORS = (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError)
-UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout)  # discovery's: no connection (not a slow or odd answer)
+NO_CONNECTION = (httpx.ConnectError, httpx.ConnectTimeout)  # discovery's (Cause.UNREACHABLE): not a slow or odd answer
 
 
 class Cause(enum.Enum):
@@ -390,10 +390,10 @@ class Engine:
 
     async def loaded(self) -> tuple[str, ...] | None:
         """The models Ollama holds in memory (``/api/ps``); None when it does not say. Raises
-        ``UNREACHABLE`` when no connection to it can be made."""
+        ``NO_CONNECTION`` when no connection to it can be made."""
         try:
             entries = (await self._get("/api/ps")).get("models")
-        except UNREACHABLE:
+        except NO_CONNECTION:
             raise
         except DISCOVERY_ERRORS:
             return None
@@ -406,7 +406,7 @@ class Engine:
         """``loaded()``, None when the engine cannot be reached (it listed its models a moment ago)."""
         try:
             return await self.loaded()
-        except UNREACHABLE:
+        except NO_CONNECTION:
             return None
 
     def facts(self) -> dict[str, protocol.ModelFacts] | None:
