@@ -262,21 +262,24 @@ class Connection:
     async def finish(self) -> None:
         await self.send(h11.EndOfMessage())
 
-    async def watch(self, gone: trio.CancelScope) -> None:
-        """Read the socket while a response is produced; cancel ``gone`` when the client leaves."""
-        try:
-            while True:
-                data = await self.stream.receive_some(RECEIVE_SIZE)
-                if not data:
-                    self.peer_closed = True
-                    break
-                self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too
-                if len(self.h11.trailing_data[0]) > self.max_body + self.max_header_bytes:
-                    break  # more than one whole request ahead of us: a client we stop serving
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.peer_closed = True
-        self.h11.receive_data(b"")
-        gone.cancel()
+    async def watch(self, gone: trio.CancelScope, until: trio.CancelScope) -> None:
+        """Read the socket while a response is produced; cancel ``gone`` when the client leaves. The
+        caller ends the watch by cancelling ``until``, not the nursery's scope: a task that ends in
+        ``Cancelled`` costs its nursery the repr of that and of the task (7 µs a request, trio 0.35)."""
+        with until:
+            try:
+                while True:
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                    if not data:
+                        self.peer_closed = True
+                        break
+                    self.h11.receive_data(data)  # type: ignore[arg-type]  # h11 takes a bytearray too
+                    if len(self.h11.trailing_data[0]) > self.max_body + self.max_header_bytes:
+                        break  # more than one whole request ahead of us: a client we stop serving
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.peer_closed = True
+            self.h11.receive_data(b"")
+            gone.cancel()
 
     @property
     def response_started(self) -> bool:

@@ -177,14 +177,15 @@ class Forwarder:
         refusal: ApiError | None = None
         async with trio.open_nursery() as nursery:
             self.running.add(nursery.cancel_scope)
-            nursery.start_soon(conn.watch, nursery.cancel_scope)
+            watching = trio.CancelScope()
+            nursery.start_soon(conn.watch, nursery.cancel_scope, watching)
             try:
                 await self._forward(conn, request, client_ip, outcome, request_id)
             except ApiError as error:  # answered by the caller, once the watcher is gone
                 refusal = error
             finally:
                 self.running.discard(nursery.cancel_scope)
-            nursery.cancel_scope.cancel()
+            watching.cancel()
         if self.stopping and nursery.cancel_scope.cancelled_caught and refusal is None:
             outcome.status, outcome.reason = 503, STOPPING
             if not conn.response_started:  # else the answer ended with an error event (_relay)

@@ -227,7 +227,8 @@ class SimServer:
             shape.top_logprobs = top
         failure: EngineFailure | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.watch, nursery.cancel_scope)
+            watching = trio.CancelScope()
+            nursery.start_soon(conn.watch, nursery.cancel_scope, watching)
             async with contextlib.aclosing(self.sim.run(shape.gen, prompt, model)) as tokens:
                 if stream:
                     await conn.start_stream(200, shape.content_type)
@@ -242,7 +243,7 @@ class SimServer:
             if stream:
                 await conn.write(head + (shape.error(str(failure)) if failure else shape.tail()))
                 await conn.finish()
-            nursery.cancel_scope.cancel()
+            watching.cancel()
         if not stream:
             if failure:
                 raise ApiError(500, str(failure))
