@@ -1,6 +1,7 @@
 """``write_now``: what the socket takes at once leaves at once; the rest is left for trio's slow
 path (a full buffer, a TLS stream, a broken socket), so no byte is lost or sent twice.
-``read_now``: what has arrived is read at once; with nothing there the caller waits the slow way."""
+``read_now``: what has arrived is read at once; with nothing there the caller waits the slow way.
+A request's watch on its client's socket: ended by its owner without a ``Cancelled``, or by the client."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from ghubai.http11.server import Connection
 from ghubai.sockets import read_now, write_now
 
 
@@ -127,3 +129,21 @@ async def test_a_reset_connection_raises_once_read_not_a_quiet_end() -> None:
                 received += data
     assert received in (b"", b"partial")
     listener.close()
+
+
+async def test_a_watch_ends_quietly_when_its_owner_ends_it_and_cancels_the_request_when_the_client_leaves() -> None:
+    listener, = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    client = await trio.testing.open_stream_to_socket_listener(listener)
+    conn = Connection(await listener.accept())
+    gone, until = trio.CancelScope(), trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.watch, gone, until)
+        await trio.testing.wait_all_tasks_blocked()
+        until.cancel()  # the answer ended: the watcher returns (a Cancelled would reach the nursery)
+    assert not gone.cancel_called and not conn.peer_closed and until.cancelled_caught
+    until = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.watch, gone, until)
+        await client.aclose()
+    assert gone.cancel_called and conn.peer_closed
+    await listener.aclose()
