@@ -180,6 +180,13 @@ NOT_AN_ENGINE = "a GhubAi hub or proxy, not an engine: a worker's [engine] url m
                 "(Ollama listens on 11434)"
 ENGINE_LOOP = ApiError(508, f"This is {NOT_AN_ENGINE}", code="loop_detected")
 
+# Proxy → its hubs, on every request and health check: a proxy that hears it is listed as a hub by
+# mistake (its own address, or another proxy's), which answered the checks with a hub's summary that it
+# forwarded, and each request went round through it again, up to 17 times (a hunt).
+PROXY_HOP_HEADER = "x-ghubai-proxy"
+PROXY_LOOP = ApiError(508, "This is a GhubAi proxy, not a hub: a proxy's hubs must name hubs (a hub listens on 7197)",
+                      code="loop_detected")
+
 
 def unknown_endpoint(method: str, path: str) -> str:
     """A 404's words, with the likeliest slip named: an OpenAI client whose base URL lacks ``/v1``

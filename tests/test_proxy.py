@@ -286,6 +286,37 @@ async def test_a_hub_added_with_the_tool_serves_and_a_removed_one_stops(grid: Gr
     assert (await grid.http.post(proxy.value + "/v1/chat/completions", json=chat())).status_code == 200
 
 
+async def test_a_proxy_listed_as_a_hub_is_never_up_and_no_request_goes_round_through_it(
+        grid: Grid, tmp_path: Path) -> None:
+    """Regression (a hunt): a proxy whose registry listed the proxy's own address (5000 for 7197)
+    health-checked itself through to a real hub, took that hub's summary for its own, and sent
+    conversations round through itself, one request 17 times."""
+    sim_url, sim = await grid.sim()
+    hub = await grid.hub()
+    await grid.worker(hub.value, sim_url)
+    path = registry_file(tmp_path, {"hub": hub.value})
+    proxy = await grid.proxy((await grid.registry(str(path))).value)
+    await grid.wait_for_model(proxy.value, "sim")
+    add_hub(str(path), "oops", proxy.value)
+
+    async def refused() -> bool:
+        hubs = {h["name"]: h for h in (await grid.http.get(proxy.value + "/health")).json()["hubs"]}
+        return "oops" in hubs and hubs["oops"].get("reason") != "not checked yet"
+
+    await eventually(refused, "the proxy to check the address it was given")
+    oops = next(h for h in (await grid.http.get(proxy.value + "/health")).json()["hubs"] if h["name"] == "oops")
+    assert not oops["up"] and "a GhubAi proxy answers there, not a hub" in oops["reason"]
+    for index in range(10):  # ten conversations: each goes to the hub, once
+        response = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(),
+                                        headers={"x-session-id": f"s{index}"})
+        assert response.status_code == 200
+    metrics = (await grid.http.get(proxy.value + "/metrics")).text
+    assert 'ghubai_requests_total{code="200",model="sim",role="proxy"} 10.0' in metrics and sim.stats.completed == 10
+    looped = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(),
+                                  headers={dialects.PROXY_HOP_HEADER: "1"})
+    assert looped.status_code == 508 and looped.json()["error"]["code"] == "loop_detected"
+
+
 async def test_with_the_registry_down_the_proxy_keeps_its_list(grid: Grid, tmp_path: Path) -> None:
     sim_url, _ = await grid.sim()
     hub = await grid.hub()
@@ -450,7 +481,7 @@ def test_hop_by_hop_headers_are_stripped_and_forwarding_headers_added() -> None:
     headers = dict(upstream_headers(request, hubs.hubs["http://10.0.0.5:7197"], "192.0.2.7", "rid"))
     assert headers == {b"host": b"10.0.0.5:7197", b"authorization": b"Bearer k",
                        b"x-forwarded-for": b"10.1.1.1, 192.0.2.7", b"x-request-id": b"rid",
-                       b"content-length": b"2"}
+                       b"content-length": b"2", b"x-ghubai-proxy": b"1"}
 
 
 async def test_upstream_failure_mid_stream_ends_with_an_error_event(grid: Grid,

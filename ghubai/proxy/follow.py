@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import trio
 
+from ghubai import dialects
 from ghubai.config import HealthConfig, ProxyConfig, redacted, scrubbed
 from ghubai.errors import describe
 from ghubai.observability.dashboard import number, served_models
@@ -28,6 +29,7 @@ NOT_YET = (502, 503, 504)  # a gateway's words for a registry behind it that is 
 REGISTRY_ANSWER_LIMIT = 4 << 20  # a list of thousands of hubs is a few hundred KB
 SUMMARY_LIMIT = 4 << 20  # a hub's /api/summary (its models and queue)
 WORKERS_LIMIT = 16 << 20  # a hub's /api/registry (its workers in detail: about 400 bytes each)
+NOT_A_HUB = "a GhubAi proxy answers there, not a hub (this proxy's own address, or another's?)"
 CHECKS_AT_ONCE = 32  # health checks in flight (under httpx's 100 connections: a queue there costs quadratic time)
 FAILING_AT_ONCE = 16  # and, besides those, checks of hubs whose last check failed (one that hangs holds its place)
 
@@ -190,7 +192,7 @@ async def _check(hub: Hub, hubs: HubSet, http: httpx.AsyncClient, health: Health
             if old:
                 status, answer = await _hub_json(http, hub.address + "/api/registry", health, WORKERS_LIMIT)
         if answer is None:
-            raise ValueError(f"HTTP {status}")
+            raise ValueError(NOT_A_HUB if status == dialects.PROXY_LOOP.status else f"HTTP {status}")
         workers = _workers_of(answer) if old else None
         state = _state_of(answer, workers)
     except Exception as error:  # whatever goes wrong, the check failed and the proxy serves on

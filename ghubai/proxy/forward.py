@@ -35,6 +35,7 @@ log = logging.getLogger("ghubai.proxy")
 
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate", b"proxy-authorization",
               b"te", b"trailer", b"transfer-encoding", b"upgrade"}
+_PROXY_HOP = dialects.PROXY_HOP_HEADER.encode()
 RETRY_STATUSES = {501, 502, 503}
 MODEL_PATHS = frozenset(protocol.API_PATHS.values())  # where a hub's 404 means it has not the model
 MAX_DRAIN_BYTES = 1 << 20
@@ -111,14 +112,14 @@ def upstream_headers(request: Request, hub: Hub, client_ip: str, request_id: str
     ``elsewhere``: another hub could take the request (``dialects.ELSEWHERE_HEADER``)."""
     trace = [(name.encode(), value.encode()) for name, value in tracing.inject({}).items()]
     # (not the page's origin, which the proxy judged: a hub of other cors_origins would refuse it)
-    replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", b"origin",
+    replaced = {b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"expect", b"origin", _PROXY_HOP,
                 dialects.ELSEWHERE_HEADER, *(k for k, _ in trace),
                 *((name.encode() for name in tracing.CONTEXT_HEADERS) if tracing.active() else ())}
     kept = [(k, v) for k, v in _strip_hop_by_hop(request.headers) if k not in replaced]
     return [(b"host", hub.pool.authority.encode()), *kept, *trace,
             (b"x-forwarded-for", forwarded_for(request, client_ip)),
             (b"x-request-id", request_id.encode()), (b"content-length", str(len(request.body)).encode()),
-            *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
+            (_PROXY_HOP, b"1"), *([(dialects.ELSEWHERE_HEADER, b"1")] if elsewhere else [])]
 
 
 def _final_error(content_type: bytes, path: str, message: str, sent: bytes) -> bytes:

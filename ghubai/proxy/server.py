@@ -56,6 +56,7 @@ def _as_get(method: str) -> str:
 TOLD_FOR_S = 1.0  # what the hubs told of their models is kept this long (``Proxy._told``)
 TOLD_KEYS = 1000  # and for at most this many keys at once
 _ENGINE_CALL = dialects.ENGINE_CALL_HEADER.encode()
+_PROXY_HOP = dialects.PROXY_HOP_HEADER.encode()
 FRESH_DETAILS_S = 2.0  # the longest a first look at the dashboard data waits for the workers read anew
 
 
@@ -168,7 +169,10 @@ class Proxy:
 
     def admit(self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]) -> None:
         """The key, checked on the head alone: before ``100 Continue``, before the body is read. Only
-        the status pages are open; the model lists and unknown paths need a key, as at the hub."""
+        the status pages are open; the model lists and unknown paths need a key, as at the hub. A
+        proxy's request (``dialects.PROXY_HOP_HEADER``) is a loop, whatever its path and key."""
+        if any(key == _PROXY_HOP for key, _ in headers):
+            raise dialects.PROXY_LOOP
         if (_as_get(method), path) in self.own and path in OPEN_PATHS:
             return
         if path == protocol.GRIDHUB_PATH:  # a worker's hub_url naming the proxy: told so, whatever its key
@@ -318,7 +322,8 @@ class Proxy:
         # as a forwarded request's: a hub's line for a refused key says whose it was, under this one's id
         headers = [*([("authorization", key.decode("latin-1"))] if key else []),
                    *([("x-request-id", rid)] if (rid := REQUEST_ID.get()) else []),
-                   ("x-forwarded-for", forwarded_for(request, conn.peer).decode("latin-1"))]
+                   ("x-forwarded-for", forwarded_for(request, conn.peer).decode("latin-1")),
+                   (dialects.PROXY_HOP_HEADER, "1")]
         answers: dict[str, bytes] = {}
         statuses: list[int] = []
 
@@ -409,7 +414,8 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{named}:{bound.getsockname()[1]}"
     tls = tls_client_context(config.ca_file, config.allow_invalid_certs)
     # no HTTP_PROXY: health checks must reach the hubs as forwarding does (on h11, direct)
-    async with httpx.AsyncClient(verify=tls, trust_env=False) as http, trio.open_nursery() as nursery:
+    async with httpx.AsyncClient(verify=tls, trust_env=False, headers={dialects.PROXY_HOP_HEADER: "1"}) as http, \
+            trio.open_nursery() as nursery:
         if config.registry_url:
             nursery.start_soon(follow_registry, config, proxy.hubs, http)
         nursery.start_soon(check_health, config, proxy.hubs, http)
