@@ -296,6 +296,15 @@ def _check_ollama(body: dict[str, Any]) -> None:
     _optional(body, "stream", bool, "a boolean")
     if body.get("format") not in (None, "", "json") and not isinstance(body["format"], dict):
         raise ApiError(400, "'format' must be \"json\" or a JSON schema object", param="format")
+    if (think := body.get("think")) is not None and not isinstance(think, bool) and think not in _THINK_LEVELS:
+        raise ApiError(400, f"invalid think value: \"{think}\" (must be {_THINK_WORDS})" if isinstance(think, str)
+                       else f"think must be a boolean or string ({_THINK_WORDS})", param="think")  # (Ollama's words)
+    _check_ollama_options(body)
+
+
+def _check_ollama_options(body: dict[str, Any]) -> None:
+    """What Ollama refuses of the ``options`` and ``keep_alive`` that every route of its that runs a
+    model takes (embeddings too: a wrong type passed them to Ollama, a 500 tried on every worker)."""
     _optional(body, "options", dict, "an object")
     options = body.get("options") or {}
     for name in _OLLAMA_INTEGERS + _OLLAMA_NUMBERS:
@@ -307,9 +316,6 @@ def _check_ollama(body: dict[str, Any]) -> None:
         raise ApiError(400, "option 'stop' must be an array of strings", param="options.stop")
     if options.get("use_mmap") is not None and not isinstance(options["use_mmap"], bool):
         raise ApiError(400, "option 'use_mmap' must be a boolean", param="options.use_mmap")
-    if (think := body.get("think")) is not None and not isinstance(think, bool) and think not in _THINK_LEVELS:
-        raise ApiError(400, f"invalid think value: \"{think}\" (must be {_THINK_WORDS})" if isinstance(think, str)
-                       else f"think must be a boolean or string ({_THINK_WORDS})", param="think")  # (Ollama's words)
     keep_alive_seconds(body.get("keep_alive"))
 
 
@@ -340,8 +346,18 @@ def keep_alive_seconds(value: Any) -> float | None:
 
 def validate_ollama_embed(body: dict[str, Any]) -> None:
     """Ollama's ``/api/embed``: ``model``, and a string or array of strings as ``input``. No input
-    (missing, "" or []) is valid there: Ollama loads the model and answers no embeddings."""
+    (missing, "" or []) is valid there: Ollama loads the model and answers no embeddings. Its
+    ``truncate`` a boolean, ``dimensions`` an integer (0 or less: the model's own), as Ollama reads them."""
     validate_model(body)
+    _check_texts(body)
+    _optional(body, "truncate", bool, "a boolean")
+    if body.get("dimensions") is not None and type(body["dimensions"]) is not int:
+        raise ApiError(400, "Invalid type for 'dimensions': expected an integer", param="dimensions",
+                       code="invalid_type")
+    _check_ollama_options(body)
+
+
+def _check_texts(body: dict[str, Any]) -> None:
     inputs = body.get("input")
     if not isinstance(inputs, (str, list, type(None))) or \
             isinstance(inputs, list) and not all(isinstance(item, str) for item in inputs):
@@ -358,7 +374,8 @@ def validate_openai_inputs(body: dict[str, Any]) -> None:
     if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
         validate_model(body)
         return
-    validate_ollama_embed(body)
+    validate_model(body)
+    _check_texts(body)
     if not inputs:
         raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
 
@@ -384,6 +401,7 @@ def validate_ollama_embeddings(body: dict[str, Any]) -> None:
     model and answers an empty embedding)."""
     validate_model(body)
     _optional(body, "prompt", str, "a string")
+    _check_ollama_options(body)
 
 
 def validate_ollama_show(body: dict[str, Any]) -> None:

@@ -755,6 +755,29 @@ def test_what_ollama_refuses_of_format_options_and_raw_is_a_400(body: dict[str, 
                                                                               "bogus": "kept"}})
 
 
+@pytest.mark.parametrize("body", [{"options": "x"}, {"options": {"num_ctx": "big"}}, {"keep_alive": "forever"},
+                                  {"keep_alive": True}])
+def test_what_ollama_refuses_of_an_embedding_s_options_is_a_400_as_a_chat_s(body: dict[str, Any]) -> None:
+    """Regression (a hunt): the embedding routes checked only the model and the input: a wrong option
+    was a 500 from Ollama, tried on up to three workers, and passed unseen over an OpenAI engine."""
+    for validate, field in ((dialects.validate_ollama_embed, "input"), (dialects.validate_ollama_embeddings, "prompt")):
+        with pytest.raises(ApiError) as refused:
+            validate({"model": "m", field: "x", **body})
+        assert refused.value.status == 400
+
+
+def test_an_ollama_embedding_s_truncate_and_dimensions_have_ollama_s_types() -> None:
+    for body in ({"truncate": "no"}, {"dimensions": "4"}, {"dimensions": 4.5}, {"dimensions": True}):
+        with pytest.raises(ApiError) as refused:
+            dialects.validate_ollama_embed({"model": "m", "input": "x", **body})
+        assert refused.value.status == 400 and refused.value.param in body
+    for fine in ({"truncate": False, "dimensions": 0}, {"dimensions": -1}, {"dimensions": 8, "options": {"num_ctx": 8}}):
+        dialects.validate_ollama_embed({"model": "m", "input": "x", "keep_alive": "5m", **fine})
+    for dimensions, sent in ((8, {"dimensions": 8}), (0, {}), (-1, {})):  # (0 or less: the model's own)
+        request = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": dimensions}, False)
+        assert request == {"model": "e", "input": "x", **sent}
+
+
 def test_ollama_s_repeat_penalty_reaches_openai_engines_and_back() -> None:
     """Regression (hunt): it was dropped on the way to llama.cpp (which takes Ollama's name) and vLLM
     (``repetition_penalty``); an OpenAI client's ``repetition_penalty`` (extra_body) is Ollama's."""

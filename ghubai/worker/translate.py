@@ -93,8 +93,10 @@ def _call_id(call: dict[str, Any]) -> str | None:
 
 
 def _dimensions(body: dict[str, Any]) -> dict[str, int]:
-    """An embedding request's ``dimensions``, which both APIs take, when it names them."""
-    return {"dimensions": body["dimensions"]} if isinstance(body.get("dimensions"), int) else {}
+    """An embedding request's ``dimensions``, which both APIs take, when it names some (Ollama reads
+    0 or less as the model's own size, which OpenAI's API refuses: then none)."""
+    dimensions = body.get("dimensions")
+    return {"dimensions": dimensions} if type(dimensions) is int and dimensions > 0 else {}
 
 
 def _in_order(data: Any) -> list[Any]:
