@@ -217,7 +217,7 @@ def _urls(*schemes: str, allow_empty: bool = False, credentials: bool = False) -
 def _name(value: str) -> str | None:
     """A worker's or a hub's name, which logs, pages, metrics' labels and headers show: as the link's
     frames take one (a registry took 3,000 characters and control characters)."""
-    if len(value) <= 128 and not re.search(r"[\x00-\x1f\x7f]", value):
+    if len(value) <= 128 and not re.search(r"[\x00-\x1f\x7f-\x9f]", value):
         return None
     return "must be at most 128 characters, none of them a control character"
 

@@ -83,8 +83,9 @@ _ID_PATTERN = "^[0-9a-f]{32}$"
 RequestId = Annotated[str, msgspec.Meta(pattern=_ID_PATTERN, min_length=ID_BYTES, max_length=ID_BYTES)]
 WorkerId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
-# What a worker says of itself becomes log text and label values: bounded, and never empty.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[^\x00-\x1f\x7f]+\Z")]  # a header value too
+# What a worker says of itself becomes log text, label values and a header value: bounded, never
+# empty, and no control character (C1's included: U+009B is a terminal's escape too).
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"\A[^\x00-\x1f\x7f-\x9f]+\Z")]
 MAX_MODEL_NAME, MAX_MODELS = 256, 4096  # a model's name, and the models one worker offers
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_MODEL_NAME)]
 ModelNames = Annotated[tuple[ModelName, ...], msgspec.Meta(max_length=MAX_MODELS)]

@@ -146,7 +146,7 @@ def test_encoding_refuses_nothing_decode_would_accept() -> None:
 
 @pytest.mark.parametrize("field, raw", [("name", r'"x\udfff"'), ("name", '""'), ("name", '"' + "n" * 129 + '"'),
                                         ("name", r'"gpu\f1"'), ("name", r'"rack 1\r\nSet-Cookie: x=1"'),
-                                        ("name", r'"gpu\n"'),
+                                        ("name", r'"gpu\n"'), ("name", r'"gpu\u009b31m"'),
                                         ("models", '["' + "m" * 257 + '"]'), ("models", r'["\ud800"]')])
 def test_a_hello_is_refused_when_its_name_or_models_could_break_a_label_or_a_log(field: str, raw: str) -> None:
     """Regression: a hello name with a lone surrogate broke /metrics until restart; one with a

@@ -459,7 +459,7 @@ def test_an_ipv4_address_is_one_spelling_or_refused() -> None:
     assert [hub.address for hub in named.hubs] == ["http://gpu-1.lan:7197"]
 
 
-@pytest.mark.parametrize("name", ["x" * 129, "hub\\u001b[31m", "a\\tb"])
+@pytest.mark.parametrize("name", ["x" * 129, "hub\\u001b[31m", "a\\tb", "hub\\u009b31m", "a\\u0085b"])  # (C1 too)
 def test_a_hub_s_name_is_held_to_what_a_worker_s_is(name: str) -> None:
     """Regression (hunt): a registry took a 3,000-character name and control characters, which logs,
     pages and metrics then showed, where a worker's name is at most 128 printable characters."""
@@ -528,12 +528,28 @@ def test_the_registry_logs_what_a_new_list_changed_in_a_bounded_line() -> None:
     from ghubai.registry.server import _changes
 
     first = (HubEntry("a", "http://a:7197"), HubEntry("b", "http://b:7197"))
-    assert _changes((), first) == "a=http://a:7197, b=http://b:7197"
+    assert _changes((), first, first=True) == "a=http://a:7197, b=http://b:7197"
+    assert _changes((), first) == "added a=http://a:7197, added b=http://b:7197"  # (after an empty list)
     assert _changes(first, (HubEntry("b", "http://b2:7197"), HubEntry("c", "http://c:7197"))) == \
         "added c=http://c:7197, b moved to http://b2:7197, removed a"
     assert _changes(first, first[::-1]) == "the same hubs, in another order" and _changes((), ()) == "(none)"
-    many = _changes((), tuple(HubEntry(f"h{n}", f"http://h{n}:7197") for n in range(5000)))
+    many = _changes((), tuple(HubEntry(f"h{n}", f"http://h{n}:7197") for n in range(5000)), first=True)
     assert len(many) < 1000 and many.endswith(" and 4980 more")
+
+
+def test_an_address_spelled_anew_is_no_move_and_no_new_version(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (a hunt): ``HTTP://h:7197/`` for ``http://h:7197`` was logged as the hub's move, and
+    the new version woke every proxy, for a hub they already took as the same."""
+    from ghubai.config import HubEntry
+
+    hub_list = HubList()
+    hub_list.publish((HubEntry("a", "HTTP://A:7197/"),))
+    version, etag = hub_list.version, hub_list.etag
+    assert hub_list.entries() == [{"name": "a", "address": "http://a:7197"}]
+    with caplog.at_level(logging.INFO, logger="ghubai.registry"):
+        for spelling in ("http://a:7197", "http://a:7197/", "Http://a:7197"):
+            hub_list.publish((HubEntry("a", spelling),))
+    assert (hub_list.version, hub_list.etag) == (version, etag) and "moved" not in caplog.text
 
 
 async def test_a_worker_pointed_at_a_registry_or_proxy_hears_what_to_dial(

@@ -20,7 +20,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from ghubai import dialects
-from ghubai.config import ConfigError, HubEntry, RegistryConfig, parse, read_text, unlisted_hubs
+from ghubai.config import ConfigError, HubEntry, RegistryConfig, hub_address, parse, read_text, unlisted_hubs
 from ghubai.errors import ApiError
 from ghubai.http11.server import connection_cap
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
@@ -36,11 +36,11 @@ MAX_WAIT_S = 300.0
 LOGGED_CHANGES = 20  # a list of thousands of hubs was one log line of half a megabyte at each change
 
 
-def _changes(before: tuple[HubEntry, ...], after: tuple[HubEntry, ...]) -> str:
-    """What a new list changed, for the log: each hub at the first list, then those added, moved
+def _changes(before: tuple[HubEntry, ...], after: tuple[HubEntry, ...], first: bool = False) -> str:
+    """What a new list changed, for the log: each hub of the ``first`` list, then those added, moved
     (a new address under a name) and removed, at most ``LOGGED_CHANGES`` of them."""
     old, new = {hub.name: hub.address for hub in before}, {hub.name: hub.address for hub in after}
-    said = [f"{name}={address}" if not old else f"added {name}={address}" for name, address in new.items()
+    said = [f"{name}={address}" if first else f"added {name}={address}" for name, address in new.items()
             if name not in old]
     said += [f"{name} moved to {address}" for name, address in new.items() if old.get(name, address) != address]
     said += [f"removed {name}" for name in old if name not in new]
@@ -70,9 +70,12 @@ class HubList:
         self.changed = trio.Event()
 
     def publish(self, hubs: tuple[HubEntry, ...]) -> None:
+        """Serve ``hubs``, each address in its one spelling: one re-spelled in the file (``HTTP://``,
+        a trailing "/") is the same hub, no move, and no new version that wakes every proxy."""
+        hubs = tuple(HubEntry(hub.name, hub_address(hub.address)) for hub in hubs)
         if hubs == self.hubs and self.version:
             return
-        said = _changes(self.hubs if self.version else (), hubs)
+        said = _changes(self.hubs, hubs, first=not self.version)
         self.hubs = hubs
         self.version += 1
         entries = self.entries()
