@@ -539,30 +539,35 @@ ROLES: dict[str, type] = {"registry": RegistryConfig, "hub": HubConfig, "worker"
                           "proxy": ProxyConfig}
 
 
+def _got(raw: Any) -> str:
+    """A TOML value as an error quotes it: as TOML spells it (``true``, not Python's ``True``)."""
+    return ("true" if raw else "false") if isinstance(raw, bool) else repr(raw)
+
+
 def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:
     """TOML value to the field's type, or a reason why it is not one."""
     if hint is bool:
-        return raw, None if isinstance(raw, bool) else f"expected true or false, got {raw!r}"
+        return raw, None if isinstance(raw, bool) else f"expected true or false, got {_got(raw)}"
     if hint is int:  # (TOML's: 64 bits; Python's tomllib reads more)
         if not isinstance(raw, int) or isinstance(raw, bool):
-            return raw, f"expected an integer, got {raw!r}"
+            return raw, f"expected an integer, got {_got(raw)}"
         return raw, None if abs(raw) < 1 << 63 else f"expected an integer of at most 2**63 - 1, got {str(raw)[:40]}"
     if hint is float:  # finite: inf went out in JSON as null (a hub's heartbeat_s: no worker could link)
         if not isinstance(raw, int | float) or isinstance(raw, bool):
-            return raw, f"expected a number, got {raw!r}"
+            return raw, f"expected a number, got {_got(raw)}"
         ok = abs(raw) <= 1e308 and math.isfinite(raw)  # (an int past a float's range too)
         return (float(raw) if ok else raw), None if ok else f"expected a finite number, got {str(raw)[:40]}"
     if hint is str:
-        return raw, None if isinstance(raw, str) else f"expected a string, got {raw!r}"
+        return raw, None if isinstance(raw, str) else f"expected a string, got {_got(raw)}"
     if typing.get_origin(hint) is dict:
         ok = isinstance(raw, dict) and all(isinstance(value, str) for value in raw.values())
-        return (dict(raw) if ok else raw), None if ok else f"expected a table of strings, got {raw!r}"
+        return (dict(raw) if ok else raw), None if ok else f"expected a table of strings, got {_got(raw)}"
     if typing.get_origin(hint) is tuple:
         if one_or_many and isinstance(raw, str):
             raw = [raw]
         if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
             return tuple(raw), None
-        return raw, f"expected a list of strings, got {raw!r}"
+        return raw, f"expected a list of strings, got {_got(raw)}"
     raise TypeError(f"no TOML conversion for {hint!r}")  # a programming error in this module
 
 

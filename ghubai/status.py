@@ -13,7 +13,7 @@ import httpx
 import trio
 
 import ghubai.http11.grammar  # noqa: F401  (httpx reads answers with h11: its grammars, linear)
-from ghubai.config import ca_file_problem, is_loopback, redacted, scrubbed
+from ghubai.config import ca_file_problem, is_loopback, redacted, scrubbed, url_problem
 from ghubai.errors import describe
 from ghubai.http11.client import tls_client_context
 from ghubai.observability.dashboard import capacity, number, worker_health
@@ -115,6 +115,9 @@ def status(url: str, watch_s: float | None = None, *, ca_file: str = "", insecur
     ``watch_s`` seconds until interrupted. TLS is checked as the daemons check it (``ca_file``)."""
     if ca_file and (problem := ca_file_problem(ca_file)):
         print(f"ghubai status: --ca-file {ca_file}: {problem}", file=sys.stderr)
+        return 1
+    if problem := url_problem(url, ("http", "https"), credentials=True):  # (as every other URL is judged)
+        print(f"ghubai status: {problem}", file=sys.stderr)
         return 1
     tls = tls_client_context(ca_file, insecure)
 

@@ -169,6 +169,14 @@ def test_seed_environment_variables_win(tmp_path: Path) -> None:
         load("worker", str(path), env={"ALLOW_INVALID_CERTS": "y"})
 
 
+def test_a_value_of_the_wrong_type_is_quoted_as_toml_spells_it() -> None:
+    """Regression (a hunt): ``max_body_bytes = true`` was quoted as Python's ``True``."""
+    with pytest.raises(ConfigError) as refused:
+        parse("proxy", "[limits]\nmax_body_bytes = true\nidle_timeout_s = false\n")
+    assert refused.value.errors == ["<config>: limits.max_body_bytes: expected an integer, got true",
+                                    "<config>: limits.idle_timeout_s: expected a number, got false"]
+
+
 def test_daemon_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "hub.toml"
     path.write_text("[limits]\nqueue_size = 'many'\n")

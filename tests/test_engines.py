@@ -50,8 +50,8 @@ async def test_without_the_key_the_operator_and_the_client_hear_that_the_engine_
     sim_url, _ = await grid.sim(api_key=KEY)
     hub = await grid.hub()
     await grid.worker(hub.value, sim_url)
-    assert "engine at %s lists no models: the engine rejected the worker's credentials (HTTP 401)" % sim_url \
-        in caplog.text
+    assert "engine at %s lists no models: the engine rejected the worker's credentials (HTTP 401)\n" % sim_url \
+        in caplog.text  # (the whole line: httpx's words after it had a second line and a link, a hunt)
     for path in ("/v1/chat/completions", "/api/chat"):
         response = await grid.http.post(hub.value + path, json=chat())
         message = response.json()["error"]

@@ -325,8 +325,10 @@ class Engine:
             models = await self.list_models()
         except DISCOVERY_ERRORS as error:
             self.unserved = None
+            # the detail for the log, as an engine's words are; none for a status, which the problem
+            # names (httpx's words add a second line and a web page's link)
             return Offer(problem=discovery_problem(error, bool(self.config.api_key)),
-                         detail=self.scrub(describe(error)))  # (for the log: as an engine's words are)
+                         detail="" if isinstance(error, httpx.HTTPStatusError) else self.scrub(describe(error)))
         if self.unserved is None:
             self.unserved = await self._probe()
         elif asked := self.unserved:  # a path found missing may be back (an engine restarted unseen, a gateway's 404)
