@@ -304,6 +304,17 @@ async def _ws_send_event(self: WSStream, event: WSProtoEvent) -> None:
 
 
 async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
+    if isinstance(event, (Body, Data)) and not self.closed and not self.handshake.accepted:
+        # data sent before the handshake's answer (RFC 6455 §4.1 forbids it): hypercorn answers 400,
+        # but the app's accept raced that answer (h11 refused it: three tracebacks a connection) or,
+        # with no race, nothing closed the connection, which held a place under max_connections for
+        # as long as a client with no key liked (a hunt: 35 of 100 such upgrades, at hub and registry)
+        self.closed = True  # before the 400's first write: the app's accept is then dropped
+        await self._send_error_response(400)
+        await self.send(StreamClosed(stream_id=self.stream_id))  # with "connection: close": closed
+        if self.app_put is not None:
+            await self.app_put({"type": "websocket.disconnect", "code": 1006})  # (not the hello's wait)
+        return
     if isinstance(event, StreamClosed) and self.app_put is not None and \
             (close := getattr(self, "ghubai_close", None)) is not None:  # (else hypercorn's: 1000, or 1006)
         self.closed = True

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 import trio
-from quart import Response, request
+from quart import Response, has_request_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, NotFound
 from werkzeug.routing import PathConverter
@@ -347,8 +347,9 @@ class HubApi:
 
     async def _http_error(self, error: HTTPException) -> Response:
         status = error.code or 500
-        message = {404: dialects.unknown_endpoint(request.method, request.path),
-                   405: f"Method {request.method} not allowed on {request.path}",
+        asked = request if has_request_context() else websocket  # (a WebSocket's error too: /gridhub's)
+        message = {404: dialects.unknown_endpoint(asked.method, asked.path),
+                   405: f"Method {asked.method} not allowed on {asked.path}",
                    413: body_too_large(self.config.limits.max_body_bytes).message}.get(
             status, error.description or "error")
         allowed = getattr(error, "valid_methods", None)  # a 405 says which it takes (RFC 9110 §15.5.6)
