@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import errno
 import ipaddress
+import json
 import math
 import os
 import re
@@ -541,7 +542,9 @@ ROLES: dict[str, type] = {"registry": RegistryConfig, "hub": HubConfig, "worker"
 
 def _got(raw: Any) -> str:
     """A TOML value as an error quotes it: as TOML spells it (``true``, not Python's ``True``)."""
-    return ("true" if raw else "false") if isinstance(raw, bool) else repr(raw)
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    return json.dumps(raw, ensure_ascii=False, default=str) if isinstance(raw, list | dict) else repr(raw)
 
 
 def _coerce(hint: Any, raw: Any, one_or_many: bool) -> tuple[Any, str | None]:

@@ -184,8 +184,8 @@ ENGINE_LOOP = ApiError(508, f"This is {NOT_AN_ENGINE}", code="loop_detected")
 # mistake (its own address, or another proxy's), which answered the checks with a hub's summary that it
 # forwarded, and each request went round through it again, up to 17 times (a hunt).
 PROXY_HOP_HEADER = "x-ghubai-proxy"
-PROXY_LOOP = ApiError(508, "This is a GhubAi proxy, not a hub: a proxy's hubs must name hubs (a hub listens on 7197)",
-                      code="loop_detected")
+PROXY_LOOP = ApiError(508, "This is a GhubAi proxy: a proxy's hubs and registry_url must name hubs and a registry, "
+                      "not a proxy (a hub listens on 7197, a registry on 7001)", code="loop_detected")
 
 
 def unknown_endpoint(method: str, path: str) -> str:
@@ -302,12 +302,15 @@ def _check_ollama(body: dict[str, Any]) -> None:
     _check_ollama_options(body)
 
 
-def _check_ollama_options(body: dict[str, Any]) -> None:
+def _check_ollama_options(body: dict[str, Any], sampling: bool = True) -> None:
     """What Ollama refuses of the ``options`` and ``keep_alive`` that every route of its that runs a
-    model takes (embeddings too: a wrong type passed them to Ollama, a 500 tried on every worker)."""
+    model takes (embeddings too: a wrong type passed them to Ollama, a 500 tried on every worker).
+    ``sampling``: llama.cpp's too (for an embedding, none: Ollama drops them, whatever their type)."""
     _optional(body, "options", dict, "an object")
     options = body.get("options") or {}
     for name in _OLLAMA_INTEGERS + _OLLAMA_NUMBERS:
+        if not sampling and name in LLAMA_INTEGERS + LLAMA_NUMBERS:
+            continue
         if options.get(name) is not None and (isinstance(options[name], bool)
                                               or not isinstance(options[name], (int, float))):
             kind = "an integer" if name in _OLLAMA_INTEGERS else "a number"
@@ -354,7 +357,7 @@ def validate_ollama_embed(body: dict[str, Any]) -> None:
     if body.get("dimensions") is not None and type(body["dimensions"]) is not int:
         raise ApiError(400, "Invalid type for 'dimensions': expected an integer", param="dimensions",
                        code="invalid_type")
-    _check_ollama_options(body)
+    _check_ollama_options(body, sampling=False)
 
 
 def _check_texts(body: dict[str, Any]) -> None:
@@ -371,10 +374,9 @@ def validate_openai_inputs(body: dict[str, Any]) -> None:
         raise ApiError(400, "'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
     _limit(body, "dimensions")  # (0 reached Ollama as "the model's own")
     inputs = body.get("input")
-    if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
-        validate_model(body)
-        return
     validate_model(body)
+    if isinstance(inputs, list) and inputs and (all(token_ids(item) for item in inputs) or token_ids(inputs)):
+        return
     _check_texts(body)
     if not inputs:
         raise ApiError(400, "'input' must be a non-empty string or array of strings", param="input")
@@ -401,7 +403,7 @@ def validate_ollama_embeddings(body: dict[str, Any]) -> None:
     model and answers an empty embedding)."""
     validate_model(body)
     _optional(body, "prompt", str, "a string")
-    _check_ollama_options(body)
+    _check_ollama_options(body, sampling=False)
 
 
 def validate_ollama_show(body: dict[str, Any]) -> None:

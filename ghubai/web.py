@@ -308,7 +308,7 @@ async def _ws_handle(self: WSStream, event: StreamEvent) -> None:
         # data sent before the handshake's answer (RFC 6455 §4.1 forbids it): hypercorn answers 400,
         # but the app's accept raced that answer (h11 refused it: three tracebacks a connection) or,
         # with no race, nothing closed the connection, which held a place under max_connections for
-        # as long as a client with no key liked (a hunt: 35 of 100 such upgrades, at hub and registry)
+        # as long as a client with no key liked (a hunt: 53 of 100 such upgrades, at hub and registry)
         self.closed = True  # before the 400's first write: the app's accept is then dropped
         await self._send_error_response(400)
         await self.send(StreamClosed(stream_id=self.stream_id))  # with "connection: close": closed

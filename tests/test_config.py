@@ -172,8 +172,9 @@ def test_seed_environment_variables_win(tmp_path: Path) -> None:
 def test_a_value_of_the_wrong_type_is_quoted_as_toml_spells_it() -> None:
     """Regression (a hunt): ``max_body_bytes = true`` was quoted as Python's ``True``."""
     with pytest.raises(ConfigError) as refused:
-        parse("proxy", "[limits]\nmax_body_bytes = true\nidle_timeout_s = false\n")
-    assert refused.value.errors == ["<config>: limits.max_body_bytes: expected an integer, got true",
+        parse("proxy", "hubs = [true]\n[limits]\nmax_body_bytes = true\nidle_timeout_s = false\n")
+    assert refused.value.errors == ["<config>: hubs: expected a list of strings, got [true]",
+                                    "<config>: limits.max_body_bytes: expected an integer, got true",
                                     "<config>: limits.idle_timeout_s: expected a number, got false"]
 
 

@@ -272,7 +272,8 @@ async def test_data_sent_before_the_websocket_handshake_s_answer_gets_a_400_and_
     or the app's accept raced the 400 and each logged three tracebacks."""
     hub, registry = await grid.hub(), await grid.registry(hubs=())
     upgrade = b"HTTP/1.1\r\nhost: x\r\nupgrade: websocket\r\nconnection: Upgrade\r\n" \
-              b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n\x81\x84abcd\x0b\x17\x0d\x08"
+              b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-version: 13\r\n\r\n" \
+              b"\x81\x84abcd\x0b\x17\x0d\x08"  # (a masked text frame, in the same write)
     answers: list[bytes] = []
 
     async def early(url: str, path: bytes) -> None:

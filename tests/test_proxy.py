@@ -287,7 +287,7 @@ async def test_a_hub_added_with_the_tool_serves_and_a_removed_one_stops(grid: Gr
 
 
 async def test_a_proxy_listed_as_a_hub_is_never_up_and_no_request_goes_round_through_it(
-        grid: Grid, tmp_path: Path) -> None:
+        grid: Grid, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Regression (a hunt): a proxy whose registry listed the proxy's own address (5000 for 7197)
     health-checked itself through to a real hub, took that hub's summary for its own, and sent
     conversations round through itself, one request 17 times."""
@@ -315,6 +315,12 @@ async def test_a_proxy_listed_as_a_hub_is_never_up_and_no_request_goes_round_thr
     looped = await grid.http.post(proxy.value + "/v1/chat/completions", json=chat(),
                                   headers={dialects.PROXY_HOP_HEADER: "1"})
     assert looped.status_code == 508 and looped.json()["error"]["code"] == "loop_detected"
+    await grid.proxy(proxy.value)  # a proxy's address as registry_url: the log names that slip
+
+    async def said() -> bool:
+        return "a GhubAi proxy answers there, not a registry" in caplog.text
+
+    await eventually(said, "the second proxy to say what answers at its registry_url")
 
 
 async def test_with_the_registry_down_the_proxy_keeps_its_list(grid: Grid, tmp_path: Path) -> None:

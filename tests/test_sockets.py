@@ -136,14 +136,16 @@ async def test_a_watch_ends_quietly_when_its_owner_ends_it_and_cancels_the_reque
     client = await trio.testing.open_stream_to_socket_listener(listener)
     conn = Connection(await listener.accept())
     gone, until = trio.CancelScope(), trio.CancelScope()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn.watch, gone, until)
-        await trio.testing.wait_all_tasks_blocked()
-        until.cancel()  # the answer ended: the watcher returns (a Cancelled would reach the nursery)
-    assert not gone.cancel_called and not conn.peer_closed and until.cancelled_caught
-    until = trio.CancelScope()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(conn.watch, gone, until)
-        await client.aclose()
+    with trio.fail_after(5):  # (a watch that missed its end would wait for ever)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.watch, gone, until)
+            await trio.testing.wait_all_tasks_blocked()
+            until.cancel()  # the answer ended: the watcher returns (a Cancelled would reach the nursery)
+        assert not gone.cancel_called and not conn.peer_closed and until.cancelled_caught
+        until = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.watch, gone, until)
+            await client.aclose()
     assert gone.cancel_called and conn.peer_closed
+    await conn.stream.aclose()
     await listener.aclose()

@@ -62,7 +62,8 @@ async def test_json_of_another_service_is_a_one_line_error_not_a_traceback(nurse
     assert len(err.splitlines()) == 1
 
 
-def test_a_url_without_its_scheme_is_refused_in_the_words_every_other_url_is(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_url_without_its_scheme_is_refused_in_the_words_every_other_url_is(
+        capsys: pytest.CaptureFixture[str]) -> None:
     """Regression (a hunt): ``--proxy localhost:5000`` gave httpx's words, not the hint to write http://."""
     assert status_module.status("localhost:5000") == 1
     assert capsys.readouterr().err == "ghubai status: expected a http:// or https:// URL, got 'localhost:5000' " \

@@ -771,10 +771,12 @@ def test_an_ollama_embedding_s_truncate_and_dimensions_have_ollama_s_types() -> 
         with pytest.raises(ApiError) as refused:
             dialects.validate_ollama_embed({"model": "m", "input": "x", **body})
         assert refused.value.status == 400 and refused.value.param in body
-    for fine in ({"truncate": False, "dimensions": 0}, {"dimensions": -1}, {"dimensions": 8, "options": {"num_ctx": 8}}):
+    for fine in ({"truncate": False, "dimensions": 0}, {"dimensions": -1}, {"dimensions": 8, "options": {"num_ctx": 8}},
+                 {"options": {"mirostat": "2"}}):  # (llama.cpp's sampling options: Ollama drops them here)
         dialects.validate_ollama_embed({"model": "m", "input": "x", "keep_alive": "5m", **fine})
     for dimensions, sent in ((8, {"dimensions": 8}), (0, {}), (-1, {})):  # (0 or less: the model's own)
-        request = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": dimensions}, False)
+        request = ollama_over_openai("ollama.embed").request({"model": "e", "input": "x", "dimensions": dimensions},
+                                                             stream=False)
         assert request == {"model": "e", "input": "x", **sent}
 
 

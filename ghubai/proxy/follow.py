@@ -59,6 +59,8 @@ async def follow_registry(config: ProxyConfig, hubs: HubSet, http: httpx.AsyncCl
             if status == 304 and trio.current_time() - asked < RETRY_S:  # a poll not held (a cache, a gateway)
                 await trio.sleep(RETRY_S)
             elif status != 304:
+                if status == dialects.PROXY_LOOP.status:
+                    raise ValueError("a GhubAi proxy answers there, not a registry (a registry listens on 7001)")
                 if status != 200:  # with its words: a registry on a file with no hubs key says what to write
                     raise ValueError(f"HTTP {status}{_said_by(body)}")
                 entries = [(str(hub["name"]), str(hub["address"])) for hub in json.loads(body)["hubs"]]
