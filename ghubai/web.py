@@ -535,8 +535,12 @@ h2.connection.H2Connection.MAX_CLOSED_STREAMS = 1024  # (frames in flight: 100 s
 
 
 def server_config(listen: str, *, tls_cert: str = "", tls_key: str = "", write_timeout_s: float = 120.0,
-                  max_connections: int = 0, who: str = "server") -> GhubConfig:
+                  max_connections: int = 0, who: str = "server", idle_timeout_s: float = 75.0) -> GhubConfig:
     config = GhubConfig()
+    # hypercorn's 5 s keep-alive was shorter than a front's: nginx (60 s by default) and haproxy sent
+    # a request on a connection the hub was closing, and their client got a 502 (a hunt: 1 in 20
+    # requests sent 5 s apart). As the proxy's, 75 s, above the common 60.
+    config.keep_alive_timeout = idle_timeout_s
     config.write_timeout_s = write_timeout_s
     config.max_connections, config.who = max_connections, who
     config.bind = [listen]

@@ -289,7 +289,9 @@ async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCapt
     async def worker(name: str, how: str) -> None:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/gridhub")
+            front = [("X-Forwarded-For", "10.0.0.7")] if how == "say" else []  # (as nginx would add)
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, f"127.0.0.1:{port}", "/gridhub",
+                                                         extra_headers=front)
             await ws.send_message(protocol.encode(protocol.Hello(protocol.PROTOCOL, name * 32, name, ("sim",), 2,
                                                                  "ollama", "0.0")))
             await ws.get_message()  # the welcome
@@ -307,7 +309,8 @@ async def test_the_hub_logs_how_a_worker_left(grid: Grid, caplog: pytest.LogCapt
         with trio.fail_after(WAIT_S):
             await worker(name, how)
         line = f"worker {name} ({name * 8}) left: {said}"
-        assert f"worker {name} ({name * 8}, GhubAi 0.0) joined from 127.0.0.1: sim" in caplog.text  # (a hunt)
+        forwarded = ", forwarded for 10.0.0.7" if how == "say" else ""  # (a hunt: nginx's address for every worker)
+        assert f"worker {name} ({name * 8}, GhubAi 0.0) joined from 127.0.0.1{forwarded}: sim" in caplog.text
 
         async def logged() -> bool:
             return line in caplog.text

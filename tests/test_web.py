@@ -252,3 +252,23 @@ async def test_a_kept_alive_connection_idles_out_after_a_framework_route_and_clo
         stream = await kept_alive()
         drain.set()
         assert await closed(stream) < 0.5  # (not graceful_timeout, 1 s)
+
+
+async def test_the_hub_keeps_an_idle_connection_longer_than_a_front_does_and_for_as_long_as_it_is_told(
+        grid: Grid) -> None:
+    """Regression (a hunt): the hub closed an idle kept-alive connection after hypercorn's 5 s, where
+    nginx keeps its upstream connections 60 s: nginx sent a request on one the hub was closing, and
+    its client got a 502 (1 in 20 requests sent 5 s apart). 75 s now, as the proxy's, and a key."""
+    from ghubai.config import HubLimits
+    from ghubai.web import server_config
+
+    assert HubLimits().idle_timeout_s > 60 and server_config("127.0.0.1:0").keep_alive_timeout > 60
+    hub = await grid.hub(limits={"idle_timeout_s": 0.2})
+    stream = await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1]))
+    await stream.send_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    answer = b""
+    with trio.fail_after(WAIT_S):  # the answer, then the hub's close once the connection idled 0.2 s
+        while data := await stream.receive_some():
+            answer += data
+    assert answer.startswith(b"HTTP/1.1 200") and answer.count(b"HTTP/1.1") == 1
+    await stream.aclose()

@@ -41,7 +41,7 @@ from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings
 from ghubai.http11.server import RequestBody, origin_form
 from ghubai.observability import dashboard, tracing
 from ghubai.observability.history import History
-from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
+from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id, whence
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.http11.server import connection_cap
@@ -324,9 +324,8 @@ class HubApi:
     def _finish(self, record: Record, scope: dict[str, Any] | None = None) -> None:
         status, took = record.status or CLIENT_CLOSED, trio.current_time() - record.started
         if status == 401 and scope and scope.get("client"):  # whence a key is guessed, or a leaked one used
-            chain = _header(scope["headers"], b"x-forwarded-for")  # (a proxy's, or what the client claims)
-            record.reason = f"{record.reason or 'unauthorized'} (from {scope['client'][0]}" + \
-                (f", forwarded for {chain[:200]})" if chain else ")")
+            forwarded = _header(scope["headers"], b"x-forwarded-for")  # (a proxy's, or what the client claims)
+            record.reason = f"{record.reason or 'unauthorized'} (from {whence(scope['client'][0], forwarded)})"
         if exchange := record.exchange:
             exchange.close()
             self.inflight.discard(exchange)
@@ -595,7 +594,8 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
 
     served = server_config(
         config.listen, tls_cert=config.tls_cert, tls_key=config.tls_key, write_timeout_s=config.timeouts.idle_s,
-        max_connections=connection_cap(config.limits.max_connections, 1, "limits.max_connections"), who="hub")
+        max_connections=connection_cap(config.limits.max_connections, 1, "limits.max_connections"), who="hub",
+        idle_timeout_s=config.limits.idle_timeout_s)
 
     def reload(fresh: HubConfig) -> str:
         renewed = served.renew_certificate()  # (first: a pair that fails keeps the running keys too)

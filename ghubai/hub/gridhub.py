@@ -18,6 +18,7 @@ from quart import Response, websocket
 
 from ghubai import link, protocol
 from ghubai.auth import Secrets
+from ghubai.observability.logs import whence
 from ghubai.web import WS_CLOSED_BY
 from ghubai.hub.pool import Pool, RemoteWorker
 
@@ -55,7 +56,8 @@ def ending(closed: Any) -> str:
 
 async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: float, hello_timeout_s: float,
                        max_concurrency: int) -> Response | None:
-    peer = websocket.headers.get("Remote-Addr", "?")
+    # (behind nginx, its address for every worker: what the front says of the worker too)
+    peer = whence(websocket.headers.get("Remote-Addr", "?"), websocket.headers.get("X-Forwarded-For"))
     if origin := websocket.headers.get("Origin"):  # a browser's: no CORS guards a WebSocket, and a worker sends none
         log.warning("refused a worker link from a web page of %s (from %s)", origin, peer)
         return Response("workers do not link from web pages", 403, content_type="text/plain")

@@ -56,6 +56,12 @@ _ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for cod
     ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
 
 
+def whence(address: str, forwarded: str | None) -> str:
+    """Where a connection came from, for a log line: its address and, behind a front (a proxy,
+    nginx), the ``X-Forwarded-For`` chain it sent, which names the client but is only its word."""
+    return f"{address}, forwarded for {printable(forwarded[:200])}" if forwarded else address
+
+
 def printable(text: str) -> str:
     """``text`` with its control characters written out: what a worker, an engine or a client named
     (a model ...) is shown to an operator's terminal as text, never as escape sequences."""
