@@ -12,6 +12,7 @@ from typing import Any
 
 import h11
 import httpx
+import openai
 import pytest
 import trio
 import trio_websocket
@@ -469,6 +470,30 @@ async def test_an_answer_cut_mid_event_reaches_its_client_as_whole_events_and_a_
     sock.close()
     events = [json.loads(event.removeprefix(b"data: ")) for event in bytes(received).split(b"\n\n") if event]
     assert "error" in events[-1] and all("choices" in event for event in events[:-1]), events[-1]
+
+
+async def test_a_failure_the_request_would_meet_again_is_tried_once_by_the_proxy_and_the_sdk(grid: Grid) -> None:
+    """Regression (a hunt): an answer over max_answer_bytes was a plain 502, which the proxy passed
+    to its other hub and the openai SDK sent twice more: 6 whole generations for one call, each
+    charged to the key; a non-streamed answer past total_s was a 504 the SDK sent twice more."""
+    sim_url, sim = await grid.sim(tokens=2000, itl_ms=0)
+    hubs = [await grid.hub(limits={"max_answer_bytes": 2048}) for _ in range(2)]
+    for hub in hubs:
+        await grid.worker(hub.value, sim_url)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    await grid.wait_for_model(proxy.value, "sim", hubs_up=2)
+    client = openai.AsyncOpenAI(base_url=proxy.value + "/v1", api_key="k", max_retries=2)
+    with pytest.raises(openai.InternalServerError, match="larger than 2048 bytes"):
+        await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}])
+    assert sim.stats.started == 1
+
+    slow_url, slow = await grid.sim(models=("slow",), tokens=40, itl_ms=50, ttft_ms=0)
+    hub = await grid.hub(timeouts={"total_s": 0.3})
+    await grid.worker(hub.value, slow_url)
+    client = openai.AsyncOpenAI(base_url=hub.value + "/v1", api_key="k", max_retries=2)
+    with pytest.raises(openai.APIStatusError, match="timeouts.total_s") as cut:
+        await client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])
+    assert cut.value.status_code == 504 and slow.stats.started == 1
 
 
 async def test_each_timeout_that_ends_an_answer_names_itself(grid: Grid) -> None:

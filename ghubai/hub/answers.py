@@ -121,7 +121,7 @@ async def whole(exchange: Exchange, first: Answer) -> bytes:
             size += _size(batch)
             if size > limit:
                 exchange.close()
-                raise ApiError(502, f"The answer is larger than {limit} bytes")
+                raise ApiError(502, f"The answer is larger than {limit} bytes", extra_headers=dialects.FINAL)
             exchange.passed_on(_size(batch))
     for frame in frames:
         if isinstance(frame, protocol.Error):

@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from ghubai import link, protocol
+from ghubai import dialects, link, protocol
 from ghubai.config import HubConfig
 from ghubai.errors import MAX_RETRY_AFTER_S, ApiError
 from ghubai.hub.pool import Answer, Pool, RemoteWorker
@@ -206,8 +206,11 @@ class Exchange:
             return self._note(await self._frames.receive())
         self.close()
         if self.deadline < waited + timeout_s:
-            raise ApiError(504, f"The request took longer than timeouts.total_s ({self.config.timeouts.total_s:g} s)")
-        raise ApiError(504, f"Timed out waiting for {what} from the worker ({timeout_s:g} s, timeouts.{key})")
+            raise ApiError(504, f"The request took longer than timeouts.total_s ({self.config.timeouts.total_s:g} s)",
+                           extra_headers=dialects.FINAL)
+        whole = not self.stream and key == "first_token_s"  # (a whole answer: as long again the next time)
+        raise ApiError(504, f"Timed out waiting for {what} from the worker ({timeout_s:g} s, timeouts.{key})",
+                       extra_headers=dialects.FINAL if whole else None)
 
     def _note(self, frame: Answer) -> Answer:
         if isinstance(frame, protocol.Chunk):

@@ -2,8 +2,9 @@
 
 A request that has sent nothing to its client yet goes to the next hub when connecting fails, the
 hub's connection breaks before it answers or after its answer's head but before any of the answer
-was sent on (the hub is marked down at once), or the hub answers 502 or 503, or 501 (its workers'
-engines lack the API: another hub's may have it), or 404 to a request for a model (it lost the model,
+was sent on (the hub is marked down at once), or the hub answers 502 or 503 (not one it marks as
+a failure the request would meet again, ``dialects.FINAL``, or as its whole queue time), or 501 (its
+workers' engines lack the API: another hub's may have it), or 404 to a request for a model (it lost the model,
 or gained none yet, since its last health check) — up to ``max_attempts`` hubs. A hub that sends
 nothing for ``response_timeout_s`` is slow, not down: a 504, and no other hub asked. Once the answer has
 started, it is never retried: if the hub fails mid-stream, the client gets one final error event
@@ -230,7 +231,9 @@ class Forwarder:
                     continue
                 another = bounced is not None or \
                     (len(tried) < self.config.max_attempts and self.hubs.candidates(model, tried))
-                waited = (dialects.ELSEWHERE_HEADER, b"waited") in response.headers  # (its whole queue time)
+                # (its whole queue time, or a failure the request meets again: ``dialects.FINAL``)
+                waited = any(key == dialects.ELSEWHERE_HEADER and value in (b"waited", b"final")
+                             for key, value in response.headers)
                 # (a pull's 501 is every hub's: the grid pulls no model)
                 if response.status_code in RETRY_STATUSES and another and not waited and request.path != "/api/pull":
                     if bounced is None and (dialects.ELSEWHERE_HEADER, b"refused") in response.headers:
