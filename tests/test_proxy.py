@@ -560,6 +560,7 @@ async def test_a_request_the_proxy_cannot_read_is_answered_in_its_dialect_and_co
     proxy = await grid.proxy(hubs=(hub.value,), limits={"max_body_bytes": 2048})
     ollama = await grid.http.post(proxy.value + "/api/chat", content=b"{" + b" " * 5000 + b"}")
     assert ollama.status_code == 413 and isinstance(ollama.json()["error"], str)
+    assert ollama.headers.get_list("connection") == ["close"]  # (a hunt: "Connection" and "connection" were two)
     openai_style = await grid.http.post(proxy.value + "/v1/chat/completions", content=b"{" + b" " * 5000 + b"}")
     assert openai_style.status_code == 413 and openai_style.json()["error"]["type"] == "invalid_request_error"
     metrics = (await grid.http.get(proxy.value + "/metrics")).text

@@ -243,7 +243,8 @@ class Connection:
                       headers: dict[str, str] | None = None) -> None:
         """A whole answer; to a HEAD request, its head alone (h11 refuses a body there)."""
         fields: list[Any] = [("content-type", content_type), ("content-length", str(len(body))), *self.cors]
-        fields += list((headers or {}).items())
+        # one of each name, the last said (an error's "Connection: close" and the server's own were two)
+        fields += list({name.lower(): value for name, value in (headers or {}).items()}.items())
         data = [] if self.head.startswith("HEAD ") else [h11.Data(data=body)]
         await self.send(h11.Response(status_code=status, headers=fields), *data, h11.EndOfMessage())
 
