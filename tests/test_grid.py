@@ -471,6 +471,19 @@ async def test_first_token_and_idle_timeouts(grid: Grid) -> None:
     assert "next token" in json.loads(events[-1])["error"]["message"] and "[DONE]" not in events
 
 
+async def test_a_hub_without_api_keys_budgets_each_key_its_clients_present(grid: Grid) -> None:
+    """Regression (a hunt): with no api_keys every client shared one budget, refused as "this API
+    key", where keys checked by a proxy in front make each client's key its own."""
+    sim_url, _ = await grid.sim()
+    hub = await grid.hub(limits={"requests_per_minute": 1})
+    await grid.worker(hub.value, sim_url)
+    codes = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat(),
+                                   headers=headers)).status_code
+             for headers in ({"authorization": "Bearer alice"}, {"authorization": "Bearer bob"}, {}, {},
+                             {"authorization": "Bearer alice"})]
+    assert codes == [200, 200, 200, 429, 429]
+
+
 async def test_requests_the_grid_cannot_take_cost_no_budget(grid: Grid) -> None:
     hub = await grid.hub(limits={"requests_per_minute": 2})
     codes = [(await grid.http.post(hub.value + "/v1/chat/completions", json=chat())).status_code for _ in range(4)]

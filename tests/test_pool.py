@@ -1661,6 +1661,27 @@ async def test_a_key_that_spent_both_budgets_is_told_to_come_back_when_both_allo
     limits.admit(b"k")
 
 
+async def test_full_buckets_are_dropped_once_there_are_many(autojump_clock: trio.testing.MockClock,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (a hunt): buckets were kept for good, for keys a reload removed, and a hub without
+    api_keys counts whatever key each client presents: a client could grow them without end."""
+    from ghubai.hub import limits as limits_module
+
+    monkeypatch.setattr(limits_module, "PRUNE_AT", 8)
+    limits = RateLimits(HubLimits(requests_per_minute=10, tokens_per_minute=600))
+    for number in range(5):  # 10 buckets: past the mark of 8, for the next request
+        limits.admit(b"%d" % number)
+    limits.spend(b"0", {"prompt_tokens": 0, "completion_tokens": 1300})  # (in debt a minute on: kept)
+    await trio.sleep(60)  # every other bucket is full again
+    limits.admit(b"new")  # past the mark: the full buckets go
+    assert set(limits._tokens) == {b"0", b"new"} and set(limits._requests) == {b"new"}
+    with pytest.raises(ApiError, match="Token budget of this API key exceeded"):
+        limits.admit(b"0")
+    limits.spend(b"", {"prompt_tokens": 0, "completion_tokens": 900})
+    with pytest.raises(ApiError, match="Token budget of clients that send no API key exceeded"):
+        limits.admit(b"")
+
+
 async def test_a_worker_s_token_counts_outlive_its_link(autojump_clock: trio.testing.MockClock) -> None:
     """Regression (hunt): after a network blip the same worker's tokens in /api/registry began again
     at nothing, while the model's went on."""

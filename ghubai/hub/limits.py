@@ -5,7 +5,8 @@ one minute's worth. A request needs one request-token and a non-negative token b
 used (prompt + completion, from the engine's counts, or estimated when an answer ended without them:
 ``Exchange.spent``) are taken afterwards, so a long answer can drive the bucket below zero and the
 next request waits until it refills. Over budget → 429 with Retry-After. Keys are known by their
-digests only.
+digests only. A full bucket is as good as none: once there are many, the full ones are dropped (a
+hub without api_keys counts whatever key each client presents, and keys removed by a reload went on).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class _Bucket:
         return max(1, math.ceil((level - self.level) * 60 / self.per_minute))
 
 
+PRUNE_AT = 1024  # buckets kept before the full ones are looked for (then twice what is left)
+
+
 class RateLimits:
     """Each API key's request and token buckets. Invariant: a key's buckets exist only once it
     made a request, and never hold more than a minute's worth."""
@@ -46,18 +50,23 @@ class RateLimits:
         self.limits = limits
         self._requests: dict[bytes, _Bucket] = {}
         self._tokens: dict[bytes, _Bucket] = {}
+        self._prune_at = PRUNE_AT
 
     def admit(self, key: bytes) -> None:
-        """Take one request from ``key``'s budget, or raise 429 saying when both budgets allow it."""
+        """Take one request from ``key``'s budget (``b""``: the clients that present no key), or
+        raise 429 saying when both budgets allow it."""
+        if len(self._requests) + len(self._tokens) > self._prune_at:
+            self._prune()
         refusal, wait, requests = "", 0, None
+        whose = "this API key" if key else "clients that send no API key"
         if self.limits.tokens_per_minute:
             tokens = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))
             if tokens.refill() < 0:
-                refusal, wait = "Token budget of this API key exceeded", tokens.seconds_until(0)
+                refusal, wait = f"Token budget of {whose} exceeded", tokens.seconds_until(0)
         if self.limits.requests_per_minute:
             requests = self._requests.setdefault(key, _Bucket(self.limits.requests_per_minute))
             if requests.refill() < 1:
-                refusal = refusal or "Request rate of this API key exceeded"
+                refusal = refusal or f"Request rate of {whose} exceeded"
                 wait = max(wait, requests.seconds_until(1))
         if refusal:
             raise ApiError(429, refusal, code="rate_limit_exceeded", retry_after=wait)
@@ -74,3 +83,9 @@ class RateLimits:
             bucket = self._tokens.setdefault(key, _Bucket(self.limits.tokens_per_minute))
             bucket.refill()
             bucket.level -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+
+    def _prune(self) -> None:
+        for buckets in (self._requests, self._tokens):
+            for key in [key for key, bucket in buckets.items() if bucket.refill() >= bucket.per_minute]:
+                del buckets[key]
+        self._prune_at = max(PRUNE_AT, 2 * (len(self._requests) + len(self._tokens)))
