@@ -56,6 +56,21 @@ async def test_an_sse_stream_cut_inside_an_event_drops_it_and_a_bom_or_a_bare_er
     assert await _split(ndjson_payloads, b"", bom + b'{"done": true}') == [[b'{"done": true}']]
 
 
+async def test_sse_line_ends_of_a_cr_alone_an_empty_event_and_a_mark_cut_across_reads() -> None:
+    """Regression (a hunt): an engine ending its lines with CR alone, which the SSE standard allows,
+    lost its whole answer (a 502); an event of empty data ("data:"), which the standard does not
+    dispatch, failed the answer; a byte order mark written a byte at a time hid the first event."""
+    assert await _split(sse_payloads, b'data: {"a":1}\r\rdata: [DONE]\r\r') == [[b'{"a":1}', b"[DONE]"]]
+    assert await _split(sse_payloads, b'data: {"a":1}\r', b"\r", b"data: [DONE]\r", b"\n\r", b"\n") == \
+        [[b'{"a":1}'], [b"[DONE]"]]  # (a CR that ends a read ends its line: at once, not at the next read)
+    assert await _split(sse_payloads, b'data: {"a":1}\n\ndata:\n\ndata: [DONE]\n\n') == [[b'{"a":1}', b"[DONE]"]]
+    bom = b"\xef\xbb\xbf"
+    assert await _split(sse_payloads, bom[:1], bom[1:2], bom[2:] + b'data: {"a":1}\n\n') == [[b'{"a":1}']]
+    assert await _split(ndjson_payloads, bom[:2], bom[2:] + b'{"done":true}\n') == [[b'{"done":true}']]
+    assert await _split(ndjson_payloads, b"\xef", b'{"a":1}\n') == [[b'\xef{"a":1}']]  # (no mark: kept as sent)
+    assert await _split(sse_payloads, b"data: [DONE]\r") == [[b"[DONE]"]]  # (its last CR, at the end)
+
+
 async def test_sse_comments_and_other_fields_carry_no_payload() -> None:
     batches = await _split(sse_payloads, b": keep-alive\n\nevent: x\nid: 1\ndata: a\ndata: b\n\nretry: 5\n\n")
     assert batches == [[b"a\nb"]]

@@ -280,7 +280,7 @@ def test_ndjson_lines_escape_the_line_separators_a_client_splits_at() -> None:
     a JSONDecodeError. Ollama (Go) escapes them."""
     translator = ollama_over_openai("ollama.chat")
     translator.request({"model": "llama3", "messages": []}, stream=True)
-    text = "a\u2028b\u2029c — “d”"
+    text = "a\u2028b\u2029c — “d”\u0085e"  # (U+0085 too: a hunt)
     [line] = translator.chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
     assert len(line.decode().splitlines()) == 1 and ndjson(line)["message"]["content"] == text
 

@@ -683,6 +683,7 @@ def _names(entries: list[Any], key: str) -> tuple[str, ...]:
     return tuple(sorted(names)[:4096])
 
 
+_BOM = b"\xef\xbb\xbf"
 _USAGE_MARKERS = (b'"usage":{', b'"usage": {', b'"done":true', b'"done": true')
 # a Responses stream has no [DONE]: its last event is one of these (the first with its usage)
 _RESPONSE_ENDS = ("response.completed", "response.incomplete", "response.failed")
@@ -722,17 +723,23 @@ async def _records(chunks: AsyncIterator[bytes], separator: bytes, crlf: bool,
                    whole: Callable[[bytes], bool] | None = None) -> AsyncIterator[list[bytes]]:
     """The records of a byte stream, one list per network read, in linear time however long a record
     (each byte is searched about once), and none over ``MAX_RECORD_BYTES``. The last record needs no
-    separator, when ``whole`` says it is one. ``crlf``: CRLF line ends count as LF. A byte order mark
-    before the first record is no part of it (of an SSE event, of an NDJSON line's JSON)."""
+    separator, when ``whole`` says it is one. ``crlf``: CRLF and CR line ends count as LF (SSE's three).
+    A byte order mark before the first record is no part of it (of an SSE event, of an NDJSON line's
+    JSON), however the reads cut it."""
     buffer = bytearray()
-    first = True
+    head: bytes | None = b""  # the stream's first bytes, until they show whether a mark begins it
+    after_cr = False  # the last read ended in a CR, a line's end: a LF that begins this one is its CRLF's
     async for data in chunks:
-        if first and data:
-            data, first = data.removeprefix(b"\xef\xbb\xbf"), False
+        if head is not None:
+            head += data
+            if len(head) < len(_BOM) and _BOM.startswith(head):
+                continue
+            data, head = head.removeprefix(_BOM), None
         if crlf:
-            if buffer.endswith(b"\r") and data.startswith(b"\n"):
-                del buffer[-1:]
-            data = data.replace(b"\r\n", b"\n")
+            if after_cr and data.startswith(b"\n"):
+                data = data[1:]
+            after_cr = data.endswith(b"\r")
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         start = max(0, len(buffer) - len(separator) + 1)
         buffer += data
         records, taken = [], 0
@@ -754,7 +761,8 @@ async def sse_payloads(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes
     cut in the middle is dropped, as the SSE standard says, and the stream's end without a finish is
     the error."""
     async for events in _records(chunks, b"\n\n", crlf=True, whole=_whole_event):
-        if batch := [payload for event in events if (payload := _sse_data(event.strip(b"\n"))) is not None]:
+        # (an event of empty data is not one, as the standard says: a bare "data:" failed the answer)
+        if batch := [payload for event in events if (payload := _sse_data(event.strip(b"\n")))]:
             yield batch
 
 

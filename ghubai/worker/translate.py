@@ -61,12 +61,14 @@ class _Pulse:
 
 
 def _line(value: dict[str, Any]) -> bytes:
-    """An NDJSON line, U+2028 and U+2029 escaped as Ollama's (Go's encoding/json) are: the ollama SDK
-    splits lines as ``str.splitlines`` does (httpx), and cut a line at one of them (a JSONDecodeError
-    for any text with one, as llama.cpp and vLLM write them raw)."""
+    """An NDJSON line, U+2028 and U+2029 escaped as Ollama's (Go's encoding/json) are, and U+0085 too:
+    the ollama SDK splits lines as ``str.splitlines`` does (httpx), and cut a line at one of them (a
+    JSONDecodeError for any text with one, as llama.cpp and vLLM write them raw)."""
     line = _encode(value)
     if b"\xe2\x80" in line:  # (their first two bytes, shared with dashes and quotes: rarely more)
         line = line.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+    if b"\xc2\x85" in line:
+        line = line.replace(b"\xc2\x85", b"\\u0085")
     return line + b"\n"
 
 
