@@ -57,6 +57,31 @@ async def test_requests_go_to_the_worker_that_holds_their_model(grid: Grid) -> N
     assert sum(sim.stats.loads for _, sim in sims) == 2  # least-loaded would have swapped models back and forth
 
 
+async def test_an_unload_reaches_every_engine_that_holds_the_model_and_no_other(grid: Grid) -> None:
+    """Regression (a hunt): ``keep_alive: 0`` went to one worker as any request does, which might not
+    hold the model: the client heard "unload" and every copy stayed in memory (``ollama stop``)."""
+    sims = [await grid.sim(models=("a", "b"), max_loaded=2, load_ms=10) for _ in range(3)]
+    hub = await grid.hub()
+    for index, (url, _) in enumerate(sims):
+        await grid.worker(hub.value, url, name=f"gpu-{index}", residency_interval_s=0.2)
+    for url, _ in sims[:2]:  # "a" in the memory of two engines of three
+        assert (await grid.http.post(url + "/api/generate", json={"model": "a"})).json()["done_reason"] == "load"
+
+    async def reported() -> bool:
+        return sum("a" in worker["loaded"] for worker in await grid.workers(hub.value)) == 2
+
+    await eventually(reported, "the workers to report what their engines hold")
+    response = await grid.http.post(hub.value + "/api/generate", json={"model": "a", "keep_alive": 0})
+    assert response.status_code == 200 and response.json()["done_reason"] == "unload"
+    assert response.headers["x-ghubai-worker"] == "gpu-0, gpu-1"
+    assert [sim.loaded() for _, sim in sims] == [[], [], []]
+
+    async def dropped() -> bool:  # (the hub's own view at once; /api/registry's within its second)
+        return not any("a" in worker["loaded"] for worker in await grid.workers(hub.value))
+
+    await eventually(dropped, "the hub's list of what the engines hold to lose the model")
+
+
 async def test_a_conversation_keeps_its_worker_and_computes_only_what_is_new(grid: Grid) -> None:
     sims = [await grid.sim(prefill_us_per_token=1, max_parallel=4) for _ in range(3)]
     hub = await grid.hub()

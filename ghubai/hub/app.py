@@ -36,7 +36,7 @@ from ghubai.hub import answers
 from ghubai.hub.exchange import Exchange, InFlight
 from ghubai.hub.gridhub import noting_close, serve_worker
 from ghubai.hub.limits import RateLimits
-from ghubai.hub.pool import Pool
+from ghubai.hub.pool import Pool, RemoteWorker
 from ghubai.http11.grammar import BOTH_FRAMINGS, both_framings
 from ghubai.http11.server import RequestBody, origin_form
 from ghubai.observability import dashboard, tracing
@@ -77,6 +77,7 @@ class Route:
         return self.streams is not None and (self.streams if said is None else said is True)
 
 
+UNLOADING = ("ollama.chat", "ollama.generate")  # where keep_alive 0 and nothing to generate is an unload
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
@@ -438,6 +439,10 @@ class HubApi:
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
+        if api in UNLOADING and dialects.preload(body, api == "ollama.chat") == "unload" and \
+                (holders := self.pool.holding(record.model)):
+            await self._unload(api, body, trace, holders, send, record)
+            return
         conversation = affinity.keys_of(body, headers, api) if self.config.scheduler.policy == "llm-aware" else None
         exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation,
                                               elsewhere=_header(headers, dialects.ELSEWHERE_HEADER) == "1")
@@ -464,6 +469,41 @@ class HubApi:
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await answers.stream(send_body, exchange, first, dialect, record.failed)
+
+    async def _unload(self, api: str, body: dict[str, Any], trace: dict[str, str], holders: list[RemoteWorker],
+                      send: Send, record: Record) -> None:
+        """An unload (``keep_alive`` 0, nothing to generate) goes to every worker whose engine holds
+        the model, each engine unloading its own copy (it went to one worker, which might not even
+        hold it: the client heard "unload", and the model stayed in memory); answered as Ollama
+        answers it once all have, or with the first refusal."""
+        exchanges = [Exchange(self.pool, self.config, api, body, False, trace, only=holder) for holder in holders]
+        record.exchange = exchanges[0]  # (the request's own, for its end: ``_finish``)
+        self.inflight.add(exchanges[0])
+        self.metrics.inflight.labels("hub").inc()
+        answered: list[bytes] = []
+        refusals: list[ApiError] = []
+
+        async def unload(exchange: Exchange, holder: RemoteWorker) -> None:
+            if exchange is not record.exchange:
+                self.inflight.add(exchange)
+            try:
+                answered.append(await answers.whole(exchange, await exchange.open()))
+                self.pool.unloaded(holder, exchange.model)
+            except ApiError as error:
+                refusals.append(error)
+            finally:
+                if exchange is not record.exchange:
+                    exchange.close()
+                    self.inflight.discard(exchange)
+
+        async with trio.open_nursery() as nursery:
+            for exchange, holder in zip(exchanges, holders):
+                nursery.start_soon(unload, exchange, holder)
+        if refusals:
+            raise refusals[0]
+        names = ", ".join(sorted(holder.name for holder in holders))
+        await _respond(send, 200, answered[0], [*answers.JSON_HEADERS, (b"x-ghubai-hub", self.hub_id.encode()),
+                                                (b"x-ghubai-worker", names.encode())])
 
     def _first_byte(self, record: Record) -> None:
         """A stream's first byte goes out: its time to first token, for the metric and the dashboard (a

@@ -81,8 +81,9 @@ class Exchange:
 
     def __init__(self, pool: Pool, config: HubConfig, api: str, body: dict[str, Any], stream: bool,
                  trace: dict[str, str], body_bytes: int = 0, conversation: tuple[int, int | None] | None = None,
-                 elsewhere: bool = False) -> None:
+                 elsewhere: bool = False, only: RemoteWorker | None = None) -> None:
         self.pool = pool
+        self.only = only  # the one worker it may go to (an unload's: to each engine that holds the model)
         self.elsewhere = elsewhere  # another hub could take it (``dialects.ELSEWHERE_HEADER``)
         # the affinity key (``ghubai.affinity.keys_of``), if the request has one, and its opening's
         self.conversation: int | None = conversation[0] if conversation else None
@@ -112,7 +113,7 @@ class Exchange:
 
     async def open(self) -> Answer:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
-        tried: set[str] = set()
+        tried = {worker.id for worker in self.pool.workers.values() if worker is not self.only} if self.only else set()
         last_error: ApiError | None = None
         soonest: int | None = None  # the shortest Retry-After an engine gave (the client's, with a 429 or 503)
         queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt

@@ -334,6 +334,15 @@ class Pool:
                                    for model in (worker.models if worker.loaded is None else worker.loaded & worker.models)})
         return self._loaded
 
+    def holding(self, model: str) -> list[RemoteWorker]:
+        """The workers whose engines hold ``model`` in memory, as they last said (where an unload goes)."""
+        return [worker for worker in self.workers.values() if worker.loaded is not None and model in worker.loaded]
+
+    def unloaded(self, worker: RemoteWorker, model: str) -> None:
+        """The worker's engine unloaded ``model`` at a client's word (``keep_alive`` 0)."""
+        if worker.loaded is not None and model in worker.loaded:
+            self._hold(worker, worker.loaded - {model})
+
     def _hold(self, worker: RemoteWorker, loaded: frozenset[str] | set[str]) -> None:
         worker.loaded = frozenset(loaded)
         self._loaded = self._facts = None

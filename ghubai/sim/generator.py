@@ -180,6 +180,20 @@ class Simulator:
                             slot.model, slot.words = "", []
         self.resident.move_to_end(model)
 
+    async def preload(self, model: str, reason: str) -> None:
+        """An Ollama request with nothing to generate: "load" makes ``model`` resident; "unload"
+        evicts it, and its slots' caches, now (or, while generations run on it, as the last ends:
+        Ollama lets a running model finish)."""
+        if reason == "load":
+            await self._load(model)
+            return
+        while self.running[model]:
+            await self._ended.wait()
+        self.resident.pop(model, None)
+        for slot in self.free:
+            if slot.model == model:
+                slot.model, slot.words = "", []
+
     def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
         """A free slot, as llama.cpp picks one: the one whose cache holds the most of this prompt, if
         that is more than ``SLOT_SIMILARITY`` of it, else the least recently used (``free`` is in the

@@ -208,7 +208,8 @@ class SimServer:
             raise ApiError(404, f"Response with id '{body['previous_response_id']}' not found.",
                            param="previous_response_id")
         if dialect == "ollama" and (reason := dialects.preload(body, shape_class is OllamaChat)):
-            await self._preload(conn, reason, asked, shape_class)  # Ollama loads (or unloads); no generation
+            await self.sim.preload(model, reason)  # Ollama loads (or unloads); no generation
+            await self._preload(conn, reason, asked, shape_class)
             return
         include_usage = dialects.wants_usage(body)
         generation = self.sim.plan(prompt, _limit(body, dialect), _stops(body, dialect))
