@@ -353,8 +353,8 @@ class HubLimits:
     max_headers: int = _key(_at_least(1), "more header lines get 431", default=100)
     body_timeout_s: float = _key(_at_least(0.1), "a request body must arrive whole within this, after its "
                                  "head -> 408", default=60.0)
-    idle_timeout_s: float = _key(_at_least(0.1), "an idle kept-alive client connection is closed after this (above "
-                                 "the upstream keep-alive of a front such as nginx's, 60 s)", default=75.0)
+    idle_timeout_s: float = _key(_at_least(0.1), "an idle kept-alive connection is closed after this (above a "
+                                 "front's, nginx's 60 s)", default=75.0)
     queue_size: int = _key(_at_least(0), "requests waiting for a free worker slot; full -> 429 with Retry-After",
                            default=256)
     queue_timeout_s: float = _key(_at_least(0), "longest wait for a worker slot, over all of a request's attempts "

@@ -208,7 +208,7 @@ SENT_ON = {"X-GhubAi-Elsewhere": "refused"}
 # made a client wait three times the time, and its SDK's retries nine).
 WAITED = {"X-GhubAi-Elsewhere": "waited"}
 # Hub → proxy and client, on a failure the same request meets again (an answer over max_answer_bytes,
-# one longer than timeouts.total_s, or a whole answer that took longer than first_token_s): neither
+# one longer than timeouts.total_s; not first_token_s, which a model's load may have taken): neither
 # passes it on to another hub, nor the openai SDK sends it again (3 hubs x 3 tries, each a whole
 # generation, all charged to the key: one call cost 18,000 tokens for a 6,000-token answer).
 FINAL = {"X-GhubAi-Elsewhere": "final", "x-should-retry": "false"}

@@ -71,13 +71,13 @@ class Route:
     def stream(self, body: dict[str, Any]) -> bool:
         """A load or an unload (``dialects.preload``) is one JSON object whatever ``stream`` says, as
         Ollama answers it (Open WebUI's unload read an NDJSON answer as a failure)."""
-        if self.api in ("ollama.chat", "ollama.generate") and dialects.preload(body, self.api == "ollama.chat"):
+        if self.api in PRELOADS and dialects.preload(body, self.api == "ollama.chat"):
             return False
         said = body.get("stream")  # (validated: a boolean or null)
         return self.streams is not None and (self.streams if said is None else said is True)
 
 
-UNLOADING = ("ollama.chat", "ollama.generate")  # where keep_alive 0 and nothing to generate is an unload
+PRELOADS = ("ollama.chat", "ollama.generate")  # where nothing to generate is a load, or an unload (keep_alive 0)
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
@@ -439,8 +439,8 @@ class HubApi:
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
-        if api in UNLOADING and dialects.preload(body, api == "ollama.chat") == "unload" and \
-                (holders := self.pool.holding(record.model)):
+        if api in PRELOADS and dialects.preload(body, api == "ollama.chat") == "unload" and \
+                (holders := self.pool.holding(record.model, api)):
             await self._unload(api, body, trace, holders, send, record)
             return
         conversation = affinity.keys_of(body, headers, api) if self.config.scheduler.policy == "llm-aware" else None
@@ -483,12 +483,13 @@ class HubApi:
         answered: list[bytes] = []
         refusals: list[ApiError] = []
 
-        async def unload(exchange: Exchange, holder: RemoteWorker) -> None:
+        async def unload(exchange: Exchange) -> None:
             if exchange is not record.exchange:
                 self.inflight.add(exchange)
             try:
                 answered.append(await answers.whole(exchange, await exchange.open()))
-                self.pool.unloaded(holder, exchange.model)
+                if exchange.served_by is not None:
+                    self.pool.unloaded(exchange.served_by, exchange.model)
             except ApiError as error:
                 refusals.append(error)
             finally:
@@ -496,12 +497,19 @@ class HubApi:
                     exchange.close()
                     self.inflight.discard(exchange)
 
-        async with trio.open_nursery() as nursery:
-            for exchange, holder in zip(exchanges, holders):
-                nursery.start_soon(unload, exchange, holder)
+        try:
+            async with trio.open_nursery() as nursery:
+                for exchange in exchanges:
+                    nursery.start_soon(unload, exchange)
+        except BaseExceptionGroup as group:  # the hub stops: one Cancelled, as ``_inference`` knows it
+            if (cancelled := group.subgroup(trio.Cancelled)) is not None and cancelled is group:
+                raise group.exceptions[0] from None
+            raise
         if refusals:
+            if refusals[0].status == 503 or refusals[0].code == "queue_full":  # the grid could not take it
+                self.rate_limits.refund(record.key)
             raise refusals[0]
-        names = ", ".join(sorted(holder.name for holder in holders))
+        names = ", ".join(sorted(exchange.served_by.name for exchange in exchanges if exchange.served_by))
         await _respond(send, 200, answered[0], [*answers.JSON_HEADERS, (b"x-ghubai-hub", self.hub_id.encode()),
                                                 (b"x-ghubai-worker", names.encode())])
 

@@ -113,7 +113,7 @@ class Exchange:
 
     async def open(self) -> Answer:
         """The answer's first frame (a chunk, or the end of an empty answer)."""
-        tried = {worker.id for worker in self.pool.workers.values() if worker is not self.only} if self.only else set()
+        tried: set[str] = set()
         last_error: ApiError | None = None
         soonest: int | None = None  # the shortest Retry-After an engine gave (the client's, with a 429 or 503)
         queue_left = self.config.limits.queue_timeout_s  # time waiting for a slot, over every attempt
@@ -122,7 +122,7 @@ class Exchange:
             asked = trio.current_time()
             try:
                 worker = await self.pool.acquire(self.model, self.api, tried, min(self.deadline, asked + queue_left),
-                                                 self.conversation, again, self.elsewhere, self.opening)
+                                                 self.conversation, again, self.elsewhere, self.opening, self.only)
             except ApiError as error:  # on a retry with no other worker left, the real cause wins
                 self.state = State.DONE
                 raise (last_error or error) from None
@@ -130,19 +130,19 @@ class Exchange:
             try:
                 self._start(worker)
             except BaseException:  # (whatever it was, the slot is given back)
-                self.pool.not_served(worker, self.model, self.api)
+                self._served(worker, False)
                 self.pool.release(worker, sent=False)
                 self.state = State.DONE
                 raise
             try:
                 frame = await self._next(self.config.timeouts.first_token_s, "the first token", "first_token_s")
             except BaseException:  # timed out, or the client left: whatever the hub supposed of it
-                self.pool.not_served(worker, self.model, self.api)
+                self._served(worker, False)
                 raise
             if not isinstance(frame, protocol.Error):
-                self.pool.served(worker, self.model, self.api)
+                self._served(worker, True)
                 return frame
-            self.pool.not_served(worker, self.model, self.api)
+            self._served(worker, False)
             self.state = State.QUEUED
             if frame.busy:  # full because of other hubs (the pool noted it): waiting for a slot, not an attempt
                 queue_left -= trio.current_time() - asked
@@ -198,6 +198,12 @@ class Exchange:
         worker.pending[self.request_id] = send
         worker.send(link.request_text(request_id, frame))  # (dropped unsent if the request ends first)
 
+    def _served(self, worker: RemoteWorker, served: bool) -> None:
+        """What the answer, or its failure, tells the pool of the model in the worker's engine:
+        nothing for an unload (``Pool.unloaded`` drops it once it is done)."""
+        if self.only is None:
+            (self.pool.served if served else self.pool.not_served)(worker, self.model, self.api)
+
     async def _next(self, timeout_s: float, what: str, key: str) -> Answer:
         """The next frame within ``timeout_s`` (the limit ``key`` names) and the request's ``total_s``;
         a 504 that names the limit that ran out (tokens that flowed for longer than total_s are no stall)."""
@@ -209,9 +215,7 @@ class Exchange:
         if self.deadline < waited + timeout_s:
             raise ApiError(504, f"The request took longer than timeouts.total_s ({self.config.timeouts.total_s:g} s)",
                            extra_headers=dialects.FINAL)
-        whole = not self.stream and key == "first_token_s"  # (a whole answer: as long again the next time)
-        raise ApiError(504, f"Timed out waiting for {what} from the worker ({timeout_s:g} s, timeouts.{key})",
-                       extra_headers=dialects.FINAL if whole else None)
+        raise ApiError(504, f"Timed out waiting for {what} from the worker ({timeout_s:g} s, timeouts.{key})")
 
     def _note(self, frame: Answer) -> Answer:
         if isinstance(frame, protocol.Chunk):

@@ -187,12 +187,13 @@ class Simulator:
         if reason == "load":
             await self._load(model)
             return
-        while self.running[model]:
-            await self._ended.wait()
-        self.resident.pop(model, None)
-        for slot in self.free:
-            if slot.model == model:
-                slot.model, slot.words = "", []
+        async with self._loading:  # (after a load under way, not before it)
+            while self.running[model]:
+                await self._ended.wait()
+            self.resident.pop(model, None)
+            for slot in self.free:
+                if slot.model == model:
+                    slot.model, slot.words = "", []
 
     def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
         """A free slot, as llama.cpp picks one: the one whose cache holds the most of this prompt, if
