@@ -371,7 +371,7 @@ IN_USE = "cannot listen: the address is in use (another process serves that port
 _STARTUP_ERRNOS = {errno.EADDRINUSE: IN_USE,
                    errno.EADDRNOTAVAIL: "cannot listen: no such address on this machine",
                    errno.EINVAL: "cannot listen: this machine cannot bind that address (an IPv6 link-local "
-                                 "address, fe80::, needs its interface)",
+                                 "address needs its interface, [fe80::1%eth0]; a multicast one cannot be bound)",
                    errno.EAFNOSUPPORT: "cannot listen: this machine has no IPv6",
                    errno.EACCES: "permission denied", errno.ENOENT: "no such file"}
 

@@ -63,17 +63,24 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 def listen_host(host: str) -> str | None:
-    """The host to bind for ``listen``'s: ``::`` means every address, IPv4 too, as hypercorn serves
-    it (trio would bind IPv6 alone); None is trio's "every address"."""
-    return None if host == "::" else host
+    """The host to bind for ``listen``'s: ``::`` means every address, IPv4 too (trio would bind IPv6
+    alone); None is trio's "every address". An IPv4-mapped address is its IPv4 one, which a socket
+    that is IPv6 alone (trio's) cannot bind."""
+    if host == "::":
+        return None
+    with contextlib.suppress(ValueError):
+        if mapped := ipaddress.IPv6Address(host.partition("%")[0]).ipv4_mapped:
+            return str(mapped)
+    return host
 
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (a name or an unbracketed IP address) is this machine's loopback."""
     try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return host == "localhost"
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback  # (::ffff:127.0.0.1: Python 3.11 says no)
 
 
 def _address(value: str) -> str | None:
@@ -131,6 +138,9 @@ def _url_problem(url: str, schemes: tuple[str, ...], credentials: bool) -> str |
         return f"{expected} (no scheme: write {schemes[0]}://{shown(url)})"
     if parts.scheme not in schemes or not parts.hostname:
         return expected
+    if "%25" in parts.hostname:  # (RFC 6874's spelling of a zone, which the resolver reads as "25eth0")
+        zone = parts.hostname.partition("%25")[2]
+        return f"{expected}: write an IPv6 zone as %{zone}, not %25{zone}, which no client here dials"
     if not _is_host(parts.hostname):
         return f"{expected}: {parts.hostname!r} is not a host name or IP address"
     try:

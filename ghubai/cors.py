@@ -17,6 +17,7 @@ attacker pointed at 127.0.0.1 (DNS rebinding) is no page of the server's, as Oll
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import socket
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlsplit
@@ -43,6 +44,10 @@ def _origin(name: str) -> bytes:
         with contextlib.suppress(idna.IDNAError, UnicodeError, ValueError):
             host = urlsplit(name).hostname or ""
             name = name.replace(host, idna.encode(host, uts46=True).decode(), 1)
+    if "[" in name:  # an IPv6 address as a browser writes it ([::1], not [0:0:0:0:0:0:0:1])
+        with contextlib.suppress(ValueError):
+            host = urlsplit(name).hostname or ""
+            name = name.replace(f"[{host}]", f"[{ipaddress.IPv6Address(host).compressed}]", 1)
     scheme = name.partition("://")[0]
     return name.removesuffix(_DEFAULT_PORTS.get(scheme, "\0")).encode()
 

@@ -102,7 +102,7 @@ from wsproto.events import CloseConnection
 from wsproto.events import Event as WSProtoEvent
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
-from ghubai.config import renew_certificate
+from ghubai.config import listen_host, renew_certificate, split_hostport
 from ghubai.http11.server import turn_away
 from ghubai.protocol import MAX_MESSAGE_BYTES
 from ghubai.sockets import write_now
@@ -567,6 +567,7 @@ async def serve_app(app: Any, config: GhubConfig, *, until: trio.Event | None = 
                     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled, or until ``until`` is set: then stop listening and give the requests
     being answered ``graceful_timeout`` to end. Reports the bound URLs (``["http://127.0.0.1:PORT"]``)."""
+    await _bind(config)
     async with trio.open_nursery() as nursery:
         async def serving(task_status: trio.TaskStatus[list[str]]) -> None:
             await serve(app, config, shutdown_trigger=trio.sleep_forever if until is None else until.wait,
@@ -575,6 +576,16 @@ async def serve_app(app: Any, config: GhubConfig, *, until: trio.Event | None = 
 
         nursery.start_soon(_cut_writes_at_the_end, config, until)
         task_status.started(await nursery.start(serving))
+
+
+async def _bind(config: GhubConfig) -> None:
+    """Listen on ``config.bind``'s HOST:PORT as the proxy does: on every address the host resolves
+    to, each in its own family, and an IPv6 zone kept. hypercorn took the family from the text (a
+    host name was IPv4 alone, one with IPv6 addresses alone failed) and dropped a zone
+    (``[fe80::1%eth0]`` failed): it is given the sockets."""
+    host, port = split_hostport(config.bind[0])
+    listeners = await trio.open_tcp_listeners(port, host=listen_host(host), backlog=config.backlog)
+    config.bind = [f"fd://{listener.socket.detach()}" for listener in listeners]
 
 
 async def _cut_writes_at_the_end(config: GhubConfig, until: trio.Event | None) -> None:

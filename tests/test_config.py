@@ -69,6 +69,19 @@ def test_an_ipv6_listen_address_is_read_in_brackets_or_whole_without() -> None:
     assert parse("hub", 'listen = "[fe80::1%eth0]:7197"').listen == "[fe80::1%eth0]:7197"  # (review: scoped)
 
 
+def test_an_ipv6_zone_is_written_as_clients_dial_it_and_a_mapped_address_listens_as_ipv4() -> None:
+    """Regressions (an IPv6 hunt): RFC 6874's ``%25eth0`` passed the checks, and no client could dial
+    it (the resolver read the zone "25eth0"); ``[::ffff:127.0.0.1]`` could not be listened on by a
+    proxy (trio's IPv6 sockets are IPv6 alone)."""
+    from ghubai.config import listen_host
+
+    problem = url_problem("http://[fe80::1%25eth0]:11434", ("http", "https")) or ""
+    assert problem.endswith("write an IPv6 zone as %eth0, not %25eth0, which no client here dials")
+    assert url_problem("http://[fe80::1%eth0]:11434", ("http", "https")) is None
+    assert [listen_host(host) for host in ("::", "::ffff:127.0.0.1", "::1", "fe80::1%eth0", "hub1", "10.0.0.5")] == \
+        [None, "127.0.0.1", "::1", "fe80::1%eth0", "hub1", "10.0.0.5"]
+
+
 @pytest.mark.parametrize("role, text", [("hub", 'api_keys = ["correct horse battery staple"]'),
                                         ("proxy", 'api_keys = ["correct horse battery staple"]'),
                                         ("hub", 'provider_tokens = ["grid token 1"]'),

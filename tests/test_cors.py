@@ -225,6 +225,12 @@ def test_a_page_is_the_server_s_own_by_its_host_whatever_the_scheme_and_on_loopb
         assert judged("127.0.0.1:5000", f"http://{host}", host) is None, host
     assert judged("127.0.0.1:5000", "http://evil.example:5000", "evil.example:5000") == "http://evil.example:5000"
     assert judged("[::1]:5000", "http://evil.example:5000", "evil.example:5000") == "http://evil.example:5000"
+    # (a hunt: an IPv4-mapped loopback listener took itself for a public one, which any page may call)
+    assert judged("[::ffff:127.0.0.1]:5000", "http://evil.example:5000", "evil.example:5000") == \
+        "http://evil.example:5000"
+    # (and an IPv6 origin as configured is the one a browser sends: [::1], not [0:0:0:0:0:0:0:1])
+    assert (b"access-control-allow-origin", b"http://[::1]:3000") in \
+        cors.Origins(["http://[0:0:0:0:0:0:0:1]:3000"]).allow([(b"origin", b"http://[::1]:3000")])
     assert judged("10.0.0.5:5000", "http://grid.lan:5000", "grid.lan:5000") is None
 
 

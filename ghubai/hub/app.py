@@ -670,7 +670,7 @@ async def run(config: HubConfig, *, path: str | None = None, drain: trio.Event |
     stopped = trio.Event()
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(partial(serve_app, app, served, until=stopped))
-        log.info("hub %s serving on %s (workers connect to %s)", hub_id, binds[0], protocol.GRIDHUB_PATH)
+        log.info("hub %s serving on %s (workers connect to %s)", hub_id, " and ".join(binds), protocol.GRIDHUB_PATH)
         service.ready()
         task_status.started(binds[0])
         if drain is not None:

@@ -227,7 +227,7 @@ async def run(config: RegistryConfig, path: str | None, *, service: Service | No
         stopped = trio.Event()
         async with trio.open_nursery() as serving:
             binds = await serving.start(partial(serve_app, create_app(hub_list), served, until=stopped))
-            log.info("registry serving on %s%s", binds[0], f", following {path}" if path else "")
+            log.info("registry serving on %s%s", " and ".join(binds), f", following {path}" if path else "")
             if stop is None or not stop.is_set():  # (a SIGTERM during the start: it is stopping already)
                 service.ready()
             task_status.started(binds[0])
