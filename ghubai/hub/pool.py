@@ -684,7 +684,8 @@ class Pool:
         refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free
         slot if there is one, cold or not, and else its 503 without queueing. ``only``: a slot on that
         worker alone, which asks nothing of its model (an unload's)."""
-        if model in self.models() and api not in LOADS_NOTHING and only is None:  # a name a client made up is not remembered
+        # (a name a client made up is not remembered)
+        if model in self.models() and api not in LOADS_NOTHING and only is None:
             self._note_demand(model)
         if opening is not None and conversation is not None and conversation not in self._conversations and \
                 (first := self._conversations.get(opening)) is not None:
