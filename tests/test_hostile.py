@@ -904,11 +904,11 @@ async def test_an_http2_connection_that_opens_no_stream_is_closed_as_an_idle_one
     """Regression (an audit): over HTTP/2 with prior knowledge, h11 took the preface for a request and
     stopped the keep-alive countdown for good: four such silent connections held a hub at
     ``max_connections = 4`` (every client and worker link a 503) as long as they liked."""
-    hub = await grid.hub()
+    hub = await grid.hub(limits={"idle_timeout_s": 1.0})
     conn, _ = h2_client()
     async with await trio.open_tcp_stream("127.0.0.1", int(hub.value.rsplit(":", 1)[1])) as stream:
         await stream.send_all(conn.data_to_send())  # the preface and SETTINGS, then nothing
-        with trio.fail_after(WAIT_S):  # (hypercorn's keep-alive countdown: 5 s)
+        with trio.fail_after(WAIT_S):  # (the keep-alive countdown: the hub's limits.idle_timeout_s)
             while await stream.receive_some(4096):  # the hub's SETTINGS, then its close
                 pass
 
