@@ -403,6 +403,15 @@ def preload(body: dict[str, Any], chat: bool) -> str:
         return "load"
 
 
+PRELOADS = ("ollama.chat", "ollama.generate")  # where nothing to generate is a load, or an unload (keep_alive 0)
+
+
+def unloads(api: str, body: dict[str, Any]) -> bool:
+    """Whether a request of ``api`` is an unload (``keep_alive`` 0, nothing to generate): it goes to
+    every engine that holds the model, and takes no slot of theirs."""
+    return api in PRELOADS and preload(body, api == "ollama.chat") == "unload"
+
+
 def validate_ollama_embeddings(body: dict[str, Any]) -> None:
     """The legacy ``/api/embeddings``: ``model`` and one ``prompt`` (none, or "": Ollama loads the
     model and answers an empty embedding)."""

@@ -59,11 +59,12 @@ async def test_requests_go_to_the_worker_that_holds_their_model(grid: Grid) -> N
 
 async def test_an_unload_reaches_every_engine_that_holds_the_model_and_no_other(grid: Grid) -> None:
     """Regression (a hunt): ``keep_alive: 0`` went to one worker as any request does, which might not
-    hold the model: the client heard "unload" and every copy stayed in memory (``ollama stop``)."""
-    sims = [await grid.sim(models=("a", "b"), max_loaded=2, load_ms=10) for _ in range(3)]
+    hold the model: the client heard "unload" and every copy stayed in memory (``ollama stop``); and
+    (a hunt) one for an engine busy with a long answer waited for a slot, a 503 after queue_timeout_s."""
+    sims = [await grid.sim(models=("a", "b"), max_loaded=2, load_ms=10, itl_ms=20) for _ in range(3)]
     hub = await grid.hub()
     for index, (url, _) in enumerate(sims):
-        await grid.worker(hub.value, url, name=f"gpu-{index}", residency_interval_s=0.2)
+        await grid.worker(hub.value, url, name=f"gpu-{index}", residency_interval_s=0.2, max_concurrency=1)
     for url, _ in sims[:2]:  # "a" in the memory of two engines of three
         assert (await grid.http.post(url + "/api/generate", json={"model": "a"})).json()["done_reason"] == "load"
 
@@ -71,9 +72,14 @@ async def test_an_unload_reaches_every_engine_that_holds_the_model_and_no_other(
         return sum("a" in worker["loaded"] for worker in await grid.workers(hub.value)) == 2
 
     await eventually(reported, "the workers to report what their engines hold")
-    response = await grid.http.post(hub.value + "/api/generate", json={"model": "a", "keep_alive": 0})
-    assert response.status_code == 200 and response.json()["done_reason"] == "unload"
-    assert response.headers["x-ghubai-worker"] == "gpu-0, gpu-1"
+    long = {"model": "a", "prompt": "a long answer", "options": {"num_predict": 100}}  # (2 s: its worker is full)
+    async with grid.http.stream("POST", hub.value + "/api/generate", json=long) as answer:
+        busy = int(answer.headers["x-ghubai-worker"][-1])
+        response = await grid.http.post(hub.value + "/api/generate", json={"model": "a", "keep_alive": 0})
+        assert response.status_code == 200 and response.json()["done_reason"] == "unload"
+        assert response.headers["x-ghubai-worker"] == "gpu-0, gpu-1"
+        assert [sim.loaded() for _, sim in sims] == [["a"] if index == busy else [] for index in range(3)]
+        await answer.aread()  # (Ollama lets a running model finish: then it goes)
     assert [sim.loaded() for _, sim in sims] == [[], [], []]
 
     async def dropped() -> bool:  # (the hub's own view at once; /api/registry's within its second)

@@ -71,13 +71,12 @@ class Route:
     def stream(self, body: dict[str, Any]) -> bool:
         """A load or an unload (``dialects.preload``) is one JSON object whatever ``stream`` says, as
         Ollama answers it (Open WebUI's unload read an NDJSON answer as a failure)."""
-        if self.api in PRELOADS and dialects.preload(body, self.api == "ollama.chat"):
+        if self.api in dialects.PRELOADS and dialects.preload(body, self.api == "ollama.chat"):
             return False
         said = body.get("stream")  # (validated: a boolean or null)
         return self.streams is not None and (self.streams if said is None else said is True)
 
 
-PRELOADS = ("ollama.chat", "ollama.generate")  # where nothing to generate is a load, or an unload (keep_alive 0)
 INFERENCE = {
     "/v1/chat/completions": Route("openai.chat", dialects.validate_chat, False),
     "/v1/completions": Route("openai.completions", dialects.validate_completion, False),
@@ -439,8 +438,7 @@ class HubApi:
         # this hub's span when it traces; then only what a request frame may carry (never the client's odd ones)
         trace = protocol.clean_trace(tracing.inject({**trace, "x-request-id": REQUEST_ID.get()}))
         tracing.annotate(**{"gen_ai.request.model": record.model})
-        if api in PRELOADS and dialects.preload(body, api == "ollama.chat") == "unload" and \
-                (holders := self.pool.holding(record.model, api)):
+        if dialects.unloads(api, body) and (holders := self.pool.holding(record.model, api)):
             await self._unload(api, body, trace, holders, send, record)
             return
         conversation = affinity.keys_of(body, headers, api) if self.config.scheduler.policy == "llm-aware" else None

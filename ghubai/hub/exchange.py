@@ -144,7 +144,7 @@ class Exchange:
                 return frame
             self._served(worker, False)
             self.state = State.QUEUED
-            if frame.busy:  # full because of other hubs (the pool noted it): waiting for a slot, not an attempt
+            if frame.busy and self.only is None:  # full because of other hubs (the pool noted it): a wait, not an attempt
                 queue_left -= trio.current_time() - asked
                 if queue_left > 0:
                     continue

@@ -336,9 +336,9 @@ class Pool:
 
     def holding(self, model: str, api: str) -> list[RemoteWorker]:
         """The workers whose engines hold ``model`` in memory, as they last said, and take ``api``
-        (where an unload goes; not one that drains, which takes no request and unloads as it stops)."""
+        (where an unload goes; a draining one too: its engine keeps the model when it stops)."""
         return [worker for worker in self.workers.values() if worker.loaded is not None and model in worker.loaded
-                and not worker.draining and worker.serves(api)]
+                and worker.serves(api)]
 
     def unloaded(self, worker: RemoteWorker, model: str) -> None:
         """The worker's engine unloaded ``model`` at a client's word (``keep_alive`` 0)."""
@@ -443,9 +443,8 @@ class Pool:
     # -- scheduling ------------------------------------------------------------------------------
 
     def _pick(self, model: str, api: str, exclude: set[str], conversation: Conversation | None,
-              cold_ok: bool = True, only: RemoteWorker | None = None) -> RemoteWorker | None:
-        """A worker with a free slot that hosts ``model`` and serves ``api``, or None; ``only``: that
-        worker or none, and no mark that the model is asked for there (an unload's).
+              cold_ok: bool = True) -> RemoteWorker | None:
+        """A worker with a free slot that hosts ``model`` and serves ``api``, or None.
 
         ``least-loaded``: the lowest ``load``. ``llm-aware``: a worker that holds the model in memory
         — the one that served the conversation last while it is at most ``affinity_margin`` above the
@@ -465,18 +464,17 @@ class Pool:
             if able:  # an unknown model's empty answer is not kept: clients choose those names
                 self._able[(model, api)] = able
         free = [worker for worker in able if worker.inflight < worker.max_concurrency
-                and worker.reported < worker.slots and not (exclude and worker.id in exclude)
-                and (only is None or worker is only)]
+                and worker.reported < worker.slots and not (exclude and worker.id in exclude)]
         if not free:
             return None
-        if only is not None or self.scheduler.policy == "least-loaded" or api in LOADS_NOTHING:
+        if self.scheduler.policy == "least-loaded" or api in LOADS_NOTHING:
             best = min(free, key=lambda worker: worker.pick_order)
         elif (chosen := self._llm_aware(model, [worker for worker in able if worker.id not in exclude] if exclude
                                         else able, free, conversation, cold_ok)) is not None:
             best = chosen
         else:
             return None
-        if api not in LOADS_NOTHING and only is None:
+        if api not in LOADS_NOTHING:
             if model in best.loading:
                 best.loading[model] += 1
             best.used[model] = trio.current_time()
@@ -682,10 +680,16 @@ class Pool:
         request takes a worker that must load its model only when those that hold it have too few
         slots for the queue, or after ``warm_wait_s`` in the queue. A request back ``again`` (a
         refusal, a retry) keeps its place at the head of the line; one whose time is up gets a free
-        slot if there is one, cold or not, and else its 503 without queueing. ``only``: a slot on that
-        worker alone, which asks nothing of its model (an unload's)."""
-        # (a name a client made up is not remembered)
-        if model in self.models() and api not in LOADS_NOTHING and only is None:
+        slot if there is one, cold or not, and else its 503 without queueing. ``only``: that worker,
+        at once, whatever its slots, and nothing asked of its model (an unload, which its worker takes
+        busy or draining: one that waited for a slot behind long answers got a 503, the model loaded)."""
+        if only is not None:  # an unload, which generates nothing: on its worker at once, busy or draining
+            if self.draining or self.workers.get(only.key) is not only or only.id in exclude:
+                raise ApiError(503, f"Worker {only.name} is gone", retry_after=1)
+            only.inflight += 1
+            only.reported += 1  # (as ``_pick`` counts a slot, given back as ``release`` gives it)
+            return only
+        if model in self.models() and api not in LOADS_NOTHING:  # (a name a client made up is not remembered)
             self._note_demand(model)
         if opening is not None and conversation is not None and conversation not in self._conversations and \
                 (first := self._conversations.get(opening)) is not None:
@@ -700,7 +704,7 @@ class Pool:
         cold_at = now + min(self.scheduler.warm_wait_s, (deadline - now) / 2)
         line = self._queues.get(model)
         if not self.draining and (again or late or api in LOADS_NOTHING or not line) and \
-                (worker := self._pick(model, api, exclude, keys, cold_at <= now, only)):
+                (worker := self._pick(model, api, exclude, keys, cold_ok=cold_at <= now)):
             if line and self._slot_free(model):  # it may have made a cold worker warm for those in line
                 line[0].turn()
             return worker
@@ -712,7 +716,7 @@ class Pool:
             # avoid it, another API): it is this request's, rather than a 429 beside it
             if line and not self.draining and self._slot_free(model) and \
                     not any(ahead.event.is_set() for ahead in line) and \
-                    (worker := self._pick(model, api, exclude, keys, cold_at <= now, only)):
+                    (worker := self._pick(model, api, exclude, keys, cold_ok=cold_at <= now)):
                 return worker
             raise self._queue_full()
         queue = self._queues.setdefault(model, deque())
@@ -742,7 +746,7 @@ class Pool:
                         continue
                     cold_ok = trio.current_time() >= cold_at
                     self.held_back = False
-                    if not self.draining and (worker := self._pick(model, api, exclude, keys, cold_ok, only)):
+                    if not self.draining and (worker := self._pick(model, api, exclude, keys, cold_ok)):
                         return worker
                     self._check_hosted(model, api, exclude, elsewhere)
                     # Nothing here for this waiter (say, a retry that must avoid the free worker):

@@ -151,6 +151,7 @@ class Simulator:
         self.free: list[Slot] = [Slot() for _ in range(options.max_parallel)]
         self.resident: OrderedDict[str, None] = OrderedDict()
         self.running: Counter[str] = Counter()  # generations running, by model: such a model is not evicted
+        self.expiring: set[str] = set()  # models told to unload while they generated: evicted as the last ends
         self._loading = trio.Lock()
         self._ended = trio.Event()  # set (and replaced) whenever a generation ends
         self._random = random.Random(0)
@@ -182,18 +183,23 @@ class Simulator:
 
     async def preload(self, model: str, reason: str) -> None:
         """An Ollama request with nothing to generate: "load" makes ``model`` resident; "unload"
-        evicts it, and its slots' caches, now (or, while generations run on it, as the last ends:
-        Ollama lets a running model finish)."""
+        evicts it, and its slots' caches, now, or, while generations run on it, as the last ends,
+        answered at once all the same: Ollama lets a running model finish."""
         if reason == "load":
             await self._load(model)
             return
         async with self._loading:  # (after a load under way, not before it)
-            while self.running[model]:
-                await self._ended.wait()
-            self.resident.pop(model, None)
-            for slot in self.free:
-                if slot.model == model:
-                    slot.model, slot.words = "", []
+            if self.running[model]:
+                self.expiring.add(model)
+            else:
+                self._evict(model)
+
+    def _evict(self, model: str) -> None:
+        self.expiring.discard(model)
+        self.resident.pop(model, None)
+        for slot in self.free:
+            if slot.model == model:
+                slot.model, slot.words = "", []
 
     def _take_slot(self, model: str, words: list[str]) -> tuple[Slot, int]:
         """A free slot, as llama.cpp picks one: the one whose cache holds the most of this prompt, if
@@ -237,6 +243,7 @@ class Simulator:
             self.slots.release()
             raise
         self.running[model] += 1  # no checkpoint since the load: it cannot be evicted in between
+        self.expiring.discard(model)  # (asked for again: it stays, as Ollama's does)
         slot, compute = self._take_slot(model, prompt.split())
         self.stats.active += 1
         self.stats.started += 1
@@ -274,6 +281,8 @@ class Simulator:
             self.stats.active -= 1
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             self.running[model] -= 1
+            if model in self.expiring and not self.running[model]:
+                self._evict(model)
             self._ended.set()
             self._ended = trio.Event()
             self.free.append(slot)

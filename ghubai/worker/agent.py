@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import trio
 import trio_websocket
 
-from ghubai import __version__, protocol
+from ghubai import __version__, dialects, protocol
 from ghubai.link import deafness, heartbeat, pong_due, read_frames, write_batched
 from ghubai.config import WorkerConfig
 from ghubai.errors import describe
@@ -465,11 +465,13 @@ class Worker:
             log.warning("hub at %s sent request %s twice: ending it", link.url, frame.id)
             link.running[frame.id].scope.cancel()
             link.send(protocol.Error(frame.id, 400, "duplicate request id", retryable=False))
-        elif self.draining:
+        # (an unload takes no slot of the engine's: taken however busy, and while it drains, as its
+        # engine keeps the model when the worker stops)
+        elif self.draining and not dialects.unloads(frame.api, frame.body):
             log.info("%s for %s: refused (request %s), the worker is draining", frame.api, frame.body.get("model"),
                      frame.trace.get("x-request-id", frame.id))
             link.send(protocol.Error(frame.id, 503, "worker is shutting down", retryable=True))
-        elif self.inflight >= self.capacity:  # (often, when hubs share it: the hub sends it elsewhere)
+        elif self.inflight >= self.capacity and not dialects.unloads(frame.api, frame.body):  # (hubs share it)
             log.debug("%s for %s: refused (request %s), every slot is taken", frame.api, frame.body.get("model"),
                       frame.trace.get("x-request-id", frame.id))
             link.send(protocol.Error(frame.id, 503, "worker is at max_concurrency", retryable=True, busy=True))
