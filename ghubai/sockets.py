@@ -13,6 +13,8 @@ client never reads (a request body left unread makes a close a RST).
 ``read_now`` is the same for a read: a stream's reader that is behind (a worker under load reading
 its engine) finds bytes waiting, and then needs no deadline and none of ``receive_some``'s
 wrappers; only a read that must wait pays for them.
+
+``open_listeners`` is every role's listening sockets.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import errno
 import os
 
 import trio
+
+from ghubai.config import listen_host
 
 RECEIVE_SIZE = 65536  # the most one read takes
 
@@ -40,6 +44,26 @@ async def write_now(stream: trio.abc.Stream, data: bytes, *, shielded: bool = Fa
     if not data:
         await trio.lowlevel.cancel_shielded_checkpoint()
     return data
+
+
+async def open_listeners(host: str, port: int, backlog: int | None = None) -> list[trio.SocketListener]:
+    """Listeners on every address ``host`` names (``[::]``: every address, IPv4 too), as trio opens
+    them, and all on one port: with port 0 trio gives each address its own (``[::]:0`` listened on
+    IPv4 and IPv6 at two ports, and the IPv6 one was never said)."""
+    bind = listen_host(host)
+    for _ in range(3):  # (another process may take the port between the two opens)
+        listeners = await trio.open_tcp_listeners(port, host=bind, backlog=backlog)
+        if port or len(listeners) < 2:
+            return listeners
+        chosen = listeners[0].socket.getsockname()[1]
+        for listener in listeners:
+            await listener.aclose()
+        try:
+            return await trio.open_tcp_listeners(chosen, host=bind, backlog=backlog)
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no port free on every address of {host}")
 
 
 async def read_now(stream: trio.abc.Stream, max_bytes: int) -> bytes | None:

@@ -102,10 +102,10 @@ from wsproto.events import CloseConnection
 from wsproto.events import Event as WSProtoEvent
 
 import ghubai.http11.grammar  # noqa: F401  (h11's grammars, linear: see the module)
-from ghubai.config import listen_host, renew_certificate, split_hostport
+from ghubai.config import renew_certificate, split_hostport
 from ghubai.http11.server import turn_away
 from ghubai.protocol import MAX_MESSAGE_BYTES
-from ghubai.sockets import write_now
+from ghubai.sockets import open_listeners, write_now
 
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"],
                         "_read_data": ["self"]},
@@ -584,7 +584,7 @@ async def _bind(config: GhubConfig) -> None:
     host name was IPv4 alone, one with IPv6 addresses alone failed) and dropped a zone
     (``[fe80::1%eth0]`` failed): it is given the sockets."""
     host, port = split_hostport(config.bind[0])
-    listeners = await trio.open_tcp_listeners(port, host=listen_host(host), backlog=config.backlog)
+    listeners = await open_listeners(host, port, config.backlog)
     config.bind = [f"fd://{listener.socket.detach()}" for listener in listeners]
 
 

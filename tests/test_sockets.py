@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from ghubai.http11.server import Connection
-from ghubai.sockets import read_now, write_now
+from ghubai.sockets import open_listeners, read_now, write_now
 
 
 async def test_a_write_with_room_leaves_whole_and_a_full_buffer_leaves_the_rest_in_order() -> None:
@@ -149,3 +149,15 @@ async def test_a_watch_ends_quietly_when_its_owner_ends_it_and_cancels_the_reque
     assert gone.cancel_called and conn.peer_closed
     await conn.stream.aclose()
     await listener.aclose()
+
+
+async def test_listeners_on_several_addresses_share_the_port_the_first_was_given() -> None:
+    """Regression (a hunt): ``[::]:0`` listened on IPv4 and IPv6 at two ports, as trio gives each
+    address its own for port 0, and the IPv6 one was never said (hub, registry and proxy alike)."""
+    listeners = await open_listeners("::", 0)
+    try:
+        assert len({listener.socket.getsockname()[1] for listener in listeners}) == 1
+        assert {listener.socket.family for listener in listeners} >= {socket.AF_INET}
+    finally:
+        for listener in listeners:
+            await listener.aclose()

@@ -27,7 +27,7 @@ import trio
 
 from ghubai import cors, dialects, protocol
 from ghubai.auth import Secrets
-from ghubai.config import ProxyConfig, listen_host, redacted, renew_certificate, split_hostport
+from ghubai.config import ProxyConfig, redacted, renew_certificate, split_hostport
 from ghubai.errors import ApiError, invalid_api_key
 from ghubai.http11.client import TRANSPORT_ERRORS, TooLarge, tls_client_context
 from ghubai.http11.server import Connection, Idlers, Request, connection_cap, serve_connection, turn_away
@@ -36,6 +36,7 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
+from ghubai.sockets import open_listeners
 from ghubai.proxy.follow import (CHECKS_AT_ONCE, DETAILS_WANTED_S, FIRST_CHECKS_S, SUMMARY_LIMIT, check_health,
                                  follow_registry)
 from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, forwarded_for, model_named
@@ -405,10 +406,10 @@ async def run(config: ProxyConfig, *, path: str | None = None, drain: trio.Event
     if server_context is not None:
         # https_compatible: a close sends no close_notify, which a client that stopped reading never took:
         # the connection's shielded close waited for it for good (and the proxy would not stop)
-        listeners = await trio.open_ssl_over_tcp_listeners(port, server_context, host=listen_host(host),
-                                                           https_compatible=True)
+        listeners = [trio.SSLListener(listener, server_context, https_compatible=True)  # type: ignore[misc]
+                     for listener in await open_listeners(host, port)]
     else:
-        listeners = await trio.open_tcp_listeners(port, host=listen_host(host))  # type: ignore[assignment]
+        listeners = await open_listeners(host, port)  # type: ignore[assignment]
     bound = listeners[0].transport_listener.socket if config.tls_cert else listeners[0].socket  # type: ignore
     named = f"[{host}]" if ":" in host else host
     url = proxy.url = f"{'https' if config.tls_cert else 'http'}://{named}:{bound.getsockname()[1]}"

@@ -16,13 +16,14 @@ from urllib.parse import unquote
 import trio
 
 from ghubai import __version__, dialects
-from ghubai.config import listen_host, split_hostport
+from ghubai.config import split_hostport
 from ghubai.errors import ApiError
 from ghubai.http11.server import Connection, Request, serve_connection
 from ghubai.observability import logs, tracing
 from ghubai.sim.generator import EngineFailure, Simulator, embedding, fit, requested_json, requested_tool
 from ghubai.sim.shapes import (OllamaChat, OllamaGenerate, OllamaShape, OpenAIChat, OpenAICompletion, OpenAIResponse,
                                Shape)
+from ghubai.sockets import open_listeners
 
 log = logging.getLogger("ghubai.sim")
 
@@ -328,7 +329,7 @@ async def serve(sim: Simulator, listen: str, *, task_status: trio.TaskStatus[int
     """Serve until cancelled; reports the bound port through ``task_status``."""
     host, port = split_hostport(listen)
     server = SimServer(sim)
-    listeners = await trio.open_tcp_listeners(port, host=listen_host(host))
+    listeners = await open_listeners(host, port)
     bound = listeners[0].socket.getsockname()[1]
     log.info("simulator serving %s on %s:%d (ttft %s ms, itl %s ms, %d tokens)",
              ",".join(sim.options.models), f"[{host}]" if ":" in host else host, bound, sim.options.ttft_ms,
