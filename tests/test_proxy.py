@@ -994,3 +994,25 @@ async def test_the_round_robin_of_models_no_hub_serves_any_more_is_forgotten() -
                                           "heartbeat_s": 1.0, "draining": False})
         assert all(hubs.pick(name, set()) is hub for name in names)
         assert len(hubs._turns) <= 2 * 3 + 64 + 1
+
+
+async def test_an_unload_through_the_proxy_reaches_every_hub_that_holds_the_model(grid: Grid) -> None:
+    """Regression (a hunt): ``keep_alive: 0`` through a proxy went to one hub, as any request does:
+    the engines behind the other hubs kept the model, and the client heard "unload"."""
+    sims = [await grid.sim(models=("a",), max_loaded=2, load_ms=10) for _ in range(2)]
+    hubs = [await grid.hub() for _ in range(2)]
+    for (url, _), hub in zip(sims, hubs):
+        await grid.worker(hub.value, url, residency_interval_s=0.2)
+    proxy = await grid.proxy(hubs=tuple(hub.value for hub in hubs))
+    await grid.wait_for_model(proxy.value, "a", hubs_up=2)
+    for url, _ in sims:
+        assert (await grid.http.post(url + "/api/generate", json={"model": "a"})).json()["done_reason"] == "load"
+
+    async def held() -> bool:
+        data = (await grid.http.get(proxy.value + "/dashboard/data")).json()
+        return sum(any("a" in worker.get("loaded", []) for worker in hub["workers"]) for hub in data["hubs"]) == 2
+
+    await eventually(held, "the proxy to hear that both hubs' engines hold the model")
+    response = await grid.http.post(proxy.value + "/api/generate", json={"model": "a", "keep_alive": 0})
+    assert response.status_code == 200 and response.json()["done_reason"] == "unload", response.text
+    assert [sim.loaded() for _, sim in sims] == [[], []]

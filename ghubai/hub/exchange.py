@@ -144,7 +144,8 @@ class Exchange:
                 return frame
             self._served(worker, False)
             self.state = State.QUEUED
-            if frame.busy and self.only is None:  # full because of other hubs (the pool noted it): a wait, not an attempt
+            # full because of other hubs (the pool noted it): a wait, not an attempt (an unload waits for none)
+            if frame.busy and self.only is None:
                 queue_left -= trio.current_time() - asked
                 if queue_left > 0:
                     continue

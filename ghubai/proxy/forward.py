@@ -10,7 +10,8 @@ nothing for ``response_timeout_s`` is slow, not down: a 504, and no other hub as
 started, it is never retried: if the hub fails mid-stream, the client gets one final error event
 (SSE or NDJSON) and a cleanly ended stream.
 While the request runs, the client's socket is watched: a client that leaves closes the hub
-connection at once, so the hub cancels the generation.
+connection at once, so the hub cancels the generation. An unload (``keep_alive`` 0, nothing to
+generate) goes to every hub whose engines hold the model.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _PROXY_HOP = dialects.PROXY_HOP_HEADER.encode()
 RETRY_STATUSES = {501, 502, 503}
 MODEL_PATHS = frozenset(protocol.API_PATHS.values())  # where a hub's 404 means it has not the model
 MAX_DRAIN_BYTES = 1 << 20
+UNLOAD_PATHS = {protocol.API_PATHS[api]: api for api in dialects.PRELOADS}  # where an unload may come
 UPSTREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError,
                    trio.TooSlowError)
 
@@ -203,6 +205,9 @@ class Forwarder:
                        request_id: str) -> None:
         model, conversation = route_of(request)
         model = outcome.model = model and self.hubs.named(model)
+        if model and (holders := self._holders_to_unload(request, model)):
+            await self._unload(conn, request, client_ip, outcome, request_id, holders)
+            return
         tried: set[str] = set()
         cut_by = ""  # a TLS hub that closed on the body (``BodyCut``): if no other takes it, why
         # the first hub that refused at once only because it was told another could take the request
@@ -271,6 +276,70 @@ class Forwarder:
         said = "No healthy hub could take this request" if tried else \
             f"No healthy hub serves '{model}' now" if model and self.hubs.serves(model) else "No healthy hub"
         raise ApiError(503, said, retry_after=1)
+
+    def _holders_to_unload(self, request: Request, model: str) -> list[Hub]:
+        """The healthy hubs whose engines hold ``model``, as their summaries said, when ``request`` is
+        an unload (``keep_alive`` 0, nothing to generate); else none."""
+        api = UNLOAD_PATHS.get(request.path)
+        if api is None or b'"keep_alive"' not in request.body or not dialects.unloads(api, _body_of(request) or {}):
+            return []
+        return [hub for hub in self.hubs.healthy() if model in hub.loaded]
+
+    async def _unload(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome, request_id: str,
+                      holders: list[Hub]) -> None:
+        """An unload goes to every hub whose engines hold the model, each sending it on to its own
+        holders (one hub took it, which might hold no copy: the client heard "unload", and the other
+        copies stayed). The client gets the first hub's answer, or its refusal; with every other
+        answer read, and a hub's refusal logged."""
+        answers: dict[str, tuple[h11.Response, bytes]] = {}
+
+        async def unload(hub: Hub) -> None:
+            hub.inflight += 1
+            try:
+                upstream, response = await self._exchange(hub, request, client_ip, request_id, False)
+                if upstream is None or response is None:
+                    return
+                try:
+                    answers[hub.name] = response, await self._whole(upstream)
+                except BaseException:
+                    await upstream.aclose()  # (the client left, or the hub broke: no answer to wait for)
+                    raise
+                await self.hubs.release(hub, upstream)
+            except (ApiError, BodyCut, UpstreamFailed, *UPSTREAM_ERRORS) as error:
+                log.warning("hub %s did not take the unload: %s", hub.name, getattr(error, "message", error))
+            finally:
+                hub.inflight -= 1
+
+        async with trio.open_nursery() as nursery:
+            for hub in holders:
+                nursery.start_soon(unload, hub)
+        for hub in holders:
+            if (answer := answers.get(hub.name)) is not None and answer[0].status_code != 200:
+                log.warning("hub %s answered the unload %d", hub.name, answer[0].status_code)
+        first = next((hub for hub in holders if hub.name in answers), None)
+        if first is None:
+            outcome.status = 502
+            raise ApiError(502, "No hub that holds the model took the unload")
+        response, body = answers[first.name]
+        outcome.hub, outcome.status, outcome.answered_at = first.name, response.status_code, trio.current_time()
+        dropped = (b"x-request-id", b"content-length", dialects.ELSEWHERE_HEADER)
+        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
+                   if k not in dropped and not cors.foreign(k, v)]
+        await conn.send(h11.Response(status_code=response.status_code, headers=[
+            *headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode()),
+            *conn.cors]), h11.Data(data=body), h11.EndOfMessage())
+
+    async def _whole(self, upstream: ClientConnection) -> bytes:
+        """A short answer, whole (an unload's: at most ``MAX_DRAIN_BYTES``)."""
+        body = bytearray()
+        with trio.fail_after(self.config.response_timeout_s):
+            while True:
+                data, ended = await upstream.body_part()
+                body += data
+                if len(body) > MAX_DRAIN_BYTES:
+                    raise UpstreamFailed(f"an answer larger than {MAX_DRAIN_BYTES} bytes")
+                if ended:
+                    return bytes(body)
 
     async def _exchange(self, hub: Hub, request: Request, client_ip: str, request_id: str,
                         elsewhere: bool) -> tuple[ClientConnection | None, h11.Response | None]:
