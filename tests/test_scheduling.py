@@ -4,6 +4,7 @@ and every answer says who served it."""
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any
 
@@ -86,6 +87,12 @@ async def test_an_unload_reaches_every_engine_that_holds_the_model_and_no_other(
         return not any("a" in worker["loaded"] for worker in await grid.workers(hub.value))
 
     await eventually(dropped, "the hub's list of what the engines hold to lose the model")
+    for url, _ in sims[:2]:  # (a review: one holder's refusal is not the answer when another unloaded)
+        await grid.http.post(url + "/api/generate", json={"model": "a"})
+    await eventually(reported, "the workers to report the model loaded again")
+    sims[1][1].options = dataclasses.replace(sims[1][1].options, fail_rate=1.0)
+    response = await grid.http.post(hub.value + "/api/generate", json={"model": "a", "keep_alive": 0})
+    assert response.status_code == 200 and response.headers["x-ghubai-worker"] == "gpu-0", response.text
 
 
 async def test_a_conversation_keeps_its_worker_and_computes_only_what_is_new(grid: Grid) -> None:

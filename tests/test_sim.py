@@ -138,6 +138,30 @@ async def test_a_model_not_in_memory_is_loaded_and_the_least_recently_used_evict
     assert await _answer(sim, "b", "hi") == 0.5 and sim.stats.loads == 4
 
 
+async def test_an_unload_is_answered_at_once_and_evicts_the_model_as_its_last_generation_ends(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """As Ollama unloads: at once, or, while the model generates, once it is done (its slots' caches
+    with it); a load after that keeps it; and an unload never waits behind a load of another model
+    that waits for memory (reviews)."""
+    sim = Simulator(SimOptions(models=("a", "b"), ttft_ms=0, itl_ms=100, load_ms=10, max_loaded=1,
+                               prefill_us_per_token=1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_answer, sim, "a", "a long answer")
+        await trio.sleep(0.05)  # (fake time: a loaded, and generating)
+        nursery.start_soon(_answer, sim, "b", "b waits for memory")  # (holds the load lock, waiting)
+        await trio.testing.wait_all_tasks_blocked()
+        began = trio.current_time()
+        await sim.preload("a", "unload")
+        assert trio.current_time() == began and sim.loaded() == ["a"]  # (at once; a still generates)
+    assert sim.loaded() == ["b"] and not any(slot.model == "a" for slot in sim.free)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_answer, sim, "a", "again")
+        await trio.sleep(0.05)
+        await sim.preload("a", "unload")
+        await sim.preload("a", "load")  # (asked for again: it stays)
+    assert sim.loaded() == ["a"]
+
+
 async def test_a_slot_computes_only_the_part_of_a_prompt_its_cache_lacks(
         autojump_clock: trio.testing.MockClock) -> None:
     sim = Simulator(SimOptions(ttft_ms=0, itl_ms=0, prefill_us_per_token=1000, max_parallel=2))

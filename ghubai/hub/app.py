@@ -473,22 +473,24 @@ class HubApi:
         """An unload (``keep_alive`` 0, nothing to generate) goes to every worker whose engine holds
         the model, each engine unloading its own copy (it went to one worker, which might not even
         hold it: the client heard "unload", and the model stayed in memory); answered as Ollama
-        answers it once all have, or with the first refusal."""
+        answers it once all have, or with the first refusal if none took it. A holder that refused
+        (a worker of an older release, busy or draining, takes no unload) is logged with its words."""
         exchanges = [Exchange(self.pool, self.config, api, body, False, trace, only=holder) for holder in holders]
         record.exchange = exchanges[0]  # (the request's own, for its end: ``_finish``)
         self.inflight.add(exchanges[0])
         self.metrics.inflight.labels("hub").inc()
         answered: list[bytes] = []
+        unloaded: list[str] = []  # the holders that did
         refusals: list[ApiError] = []
 
-        async def unload(exchange: Exchange) -> None:
+        async def unload(exchange: Exchange, holder: RemoteWorker) -> None:
             if exchange is not record.exchange:
                 self.inflight.add(exchange)
             try:
                 answered.append(await answers.whole(exchange, await exchange.open()))
-                if exchange.served_by is not None:
-                    self.pool.unloaded(exchange.served_by, exchange.model)
+                unloaded.append(holder.name)  # (what its engine holds now, its worker's next report says)
             except ApiError as error:
+                log.warning("worker %s did not unload %s: %s", holder.name, exchange.model, error.message)
                 refusals.append(error)
             finally:
                 if exchange is not record.exchange:
@@ -497,17 +499,17 @@ class HubApi:
 
         try:
             async with trio.open_nursery() as nursery:
-                for exchange in exchanges:
-                    nursery.start_soon(unload, exchange)
+                for exchange, holder in zip(exchanges, holders):
+                    nursery.start_soon(unload, exchange, holder)
         except BaseExceptionGroup as group:  # the hub stops: one Cancelled, as ``_inference`` knows it
             if (cancelled := group.subgroup(trio.Cancelled)) is not None and cancelled is group:
                 raise group.exceptions[0] from None
             raise
-        if refusals:
+        if not answered:
             if refusals[0].status == 503 or refusals[0].code == "queue_full":  # the grid could not take it
                 self.rate_limits.refund(record.key)
             raise refusals[0]
-        names = ", ".join(sorted(exchange.served_by.name for exchange in exchanges if exchange.served_by))
+        names = ", ".join(sorted(unloaded))
         await _respond(send, 200, answered[0], [*answers.JSON_HEADERS, (b"x-ghubai-hub", self.hub_id.encode()),
                                                 (b"x-ghubai-worker", names.encode())])
 

@@ -201,7 +201,8 @@ class Exchange:
 
     def _served(self, worker: RemoteWorker, served: bool) -> None:
         """What the answer, or its failure, tells the pool of the model in the worker's engine:
-        nothing for an unload (``Pool.unloaded`` drops it once it is done)."""
+        nothing for an unload (an engine busy with the model holds it until its answers end: the
+        worker's reports say when it is gone)."""
         if self.only is None:
             (self.pool.served if served else self.pool.not_served)(worker, self.model, self.api)
 

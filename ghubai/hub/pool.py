@@ -340,11 +340,6 @@ class Pool:
         return [worker for worker in self.workers.values() if worker.loaded is not None and model in worker.loaded
                 and worker.serves(api)]
 
-    def unloaded(self, worker: RemoteWorker, model: str) -> None:
-        """The worker's engine unloaded ``model`` at a client's word (``keep_alive`` 0)."""
-        if worker.loaded is not None and model in worker.loaded:
-            self._hold(worker, worker.loaded - {model})
-
     def _hold(self, worker: RemoteWorker, loaded: frozenset[str] | set[str]) -> None:
         worker.loaded = frozenset(loaded)
         self._loaded = self._facts = None
@@ -684,7 +679,9 @@ class Pool:
         at once, whatever its slots, and nothing asked of its model (an unload, which its worker takes
         busy or draining: one that waited for a slot behind long answers got a 503, the model loaded)."""
         if only is not None:  # an unload, which generates nothing: on its worker at once, busy or draining
-            if self.draining or self.workers.get(only.key) is not only or only.id in exclude:
+            if self.draining:
+                raise ApiError(503, "This hub is shutting down; try another", retry_after=1)
+            if self.workers.get(only.key) is not only or only.id in exclude:
                 raise ApiError(503, f"Worker {only.name} is gone", retry_after=1)
             only.inflight += 1
             only.reported += 1  # (as ``_pick`` counts a slot, given back as ``release`` gives it)

@@ -85,16 +85,17 @@ def _asks_model(request: Request) -> bool:
     return request.path in MODEL_PATHS or request.method == "GET" and request.path.startswith(dialects.MODEL_PATH)
 
 
-def route_of(request: Request) -> tuple[str | None, int | None]:
-    """The model, and the conversation's key (``ghubai.affinity``): the same conversation goes to
-    the same hub while it is healthy, where the hub sends it to the engine that holds its prompt."""
+def route_of(request: Request) -> tuple[str | None, int | None, dict[str, Any]]:
+    """The model, the conversation's key (``ghubai.affinity``): the same conversation goes to the
+    same hub while it is healthy, where the hub sends it to the engine that holds its prompt; and
+    the body, as far as the proxy reads it."""
     if request.method == "GET" and request.path.startswith(dialects.MODEL_PATH):
-        return model_named(request), None
+        return model_named(request), None, {}
     body = _body_of(request) or {}
     model = body.get("model") or body.get("name")  # (the ollama command names /api/show's model "name")
-    if request.path == protocol.API_PATHS["openai.responses"]:
-        body = affinity.as_conversation(body)
-    return (model if isinstance(model, str) else None), (affinity.key_of(body, request.headers) if body else None)
+    keyed = affinity.as_conversation(body) if request.path == protocol.API_PATHS["openai.responses"] else body
+    conversation = affinity.key_of(keyed, request.headers) if keyed else None
+    return (model if isinstance(model, str) else None), conversation, body
 
 
 def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -203,9 +204,9 @@ class Forwarder:
 
     async def _forward(self, conn: Connection, request: Request, client_ip: str, outcome: Outcome,
                        request_id: str) -> None:
-        model, conversation = route_of(request)
+        model, conversation, body = route_of(request)
         model = outcome.model = model and self.hubs.named(model)
-        if model and (holders := self._holders_to_unload(request, model)):
+        if model and (holders := self._holders_to_unload(request, model, body)):
             await self._unload(conn, request, client_ip, outcome, request_id, holders)
             return
         tried: set[str] = set()
@@ -277,11 +278,10 @@ class Forwarder:
             f"No healthy hub serves '{model}' now" if model and self.hubs.serves(model) else "No healthy hub"
         raise ApiError(503, said, retry_after=1)
 
-    def _holders_to_unload(self, request: Request, model: str) -> list[Hub]:
+    def _holders_to_unload(self, request: Request, model: str, body: dict[str, Any]) -> list[Hub]:
         """The healthy hubs whose engines hold ``model``, as their summaries said, when ``request`` is
         an unload (``keep_alive`` 0, nothing to generate); else none."""
-        api = UNLOAD_PATHS.get(request.path)
-        if api is None or b'"keep_alive"' not in request.body or not dialects.unloads(api, _body_of(request) or {}):
+        if (api := UNLOAD_PATHS.get(request.path)) is None or not dialects.unloads(api, body):
             return []
         return [hub for hub in self.hubs.healthy() if model in hub.loaded]
 
@@ -316,7 +316,9 @@ class Forwarder:
         for hub in holders:
             if (answer := answers.get(hub.name)) is not None and answer[0].status_code != 200:
                 log.warning("hub %s answered the unload %d", hub.name, answer[0].status_code)
-        first = next((hub for hub in holders if hub.name in answers), None)
+        # (a 200 if any hub gave one: one hub's refusal, its own rate limit, is not the grid's answer)
+        first = next((hub for hub in holders if hub.name in answers and answers[hub.name][0].status_code == 200),
+                     next((hub for hub in holders if hub.name in answers), None))
         if first is None:
             outcome.status = 502
             raise ApiError(502, "No hub that holds the model took the unload")

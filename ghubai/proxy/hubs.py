@@ -56,8 +56,10 @@ class Hub:
         return self.inflight / max(self.capacity, 1)
 
     def describe(self) -> dict[str, Any]:
-        return hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers or [], self.heartbeat_s,
-                        sorted(self.models))
+        """As ``/health`` and the dashboard show it, with the models its engines hold in memory, as
+        its last summary said (where an unload goes)."""
+        return {**hub_view(self.name, self.address, self.up, self.reason, self.queue, self.workers or [],
+                           self.heartbeat_s, sorted(self.models)), "loaded": sorted(self.loaded)}
 
 
 class HubSet:

@@ -164,6 +164,7 @@ class Simulator:
         """Make ``model`` resident, as Ollama does: a load (one at a time) unless it is already;
         beyond ``max_loaded``, first evict the least recently used model that runs no generation
         (waiting for one to end when all do), and the slot caches of the evicted model with it."""
+        self.expiring.discard(model)  # (asked for again: it stays, as Ollama's does)
         if not self.options.has_memory:
             return
         async with self._loading:
@@ -187,6 +188,9 @@ class Simulator:
         answered at once all the same: Ollama lets a running model finish."""
         if reason == "load":
             await self._load(model)
+            return
+        if self.running[model]:
+            self.expiring.add(model)  # (at once: not behind a load that waits for memory)
             return
         async with self._loading:  # (after a load under way, not before it)
             if self.running[model]:
@@ -243,7 +247,6 @@ class Simulator:
             self.slots.release()
             raise
         self.running[model] += 1  # no checkpoint since the load: it cannot be evicted in between
-        self.expiring.discard(model)  # (asked for again: it stays, as Ollama's does)
         slot, compute = self._take_slot(model, prompt.split())
         self.stats.active += 1
         self.stats.started += 1
@@ -281,11 +284,11 @@ class Simulator:
             self.stats.active -= 1
             setattr(self.stats, outcome, getattr(self.stats, outcome) + 1)
             self.running[model] -= 1
+            self.free.append(slot)
             if model in self.expiring and not self.running[model]:
-                self._evict(model)
+                self._evict(model)  # (its slots' caches too, this one's included)
             self._ended.set()
             self._ended = trio.Event()
-            self.free.append(slot)
             self.slots.release()
 
 
