@@ -18,9 +18,9 @@ from quart import Response, websocket
 
 from ghubai import link, protocol
 from ghubai.auth import Secrets
+from ghubai.hub.pool import Pool, RemoteWorker
 from ghubai.observability.logs import whence
 from ghubai.web import WS_CLOSED_BY
-from ghubai.hub.pool import Pool, RemoteWorker
 
 log = logging.getLogger("ghubai.hub")
 

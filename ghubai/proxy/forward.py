@@ -103,6 +103,15 @@ def _strip_hop_by_hop(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, b
     return [(key, value) for key, value in headers if key not in HOP_BY_HOP and key not in named]
 
 
+def _passed_on(response: h11.Response, length: bool) -> list[tuple[bytes, bytes]]:
+    """A hub's answer's headers as the client gets them: not the hop's, the request id (the proxy's
+    own goes out), the hubs' word to the proxy, or a hub's CORS (the proxy's, never a hub's); nor
+    its length unless ``length`` (a chunked answer's, or one the proxy sends whole, is stale)."""
+    return [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
+            if k not in (b"x-request-id", dialects.ELSEWHERE_HEADER) and (length or k != b"content-length")
+            and not cors.foreign(k, v)]
+
+
 def forwarded_for(request: Request, client_ip: str) -> bytes:
     """The ``X-Forwarded-For`` a hub is sent: the client's chain, and the client's address."""
     forwarded = request.header(b"x-forwarded-for")
@@ -305,6 +314,8 @@ class Forwarder:
                     await upstream.aclose()  # (the client left, or the hub broke: no answer to wait for)
                     raise
                 await self.hubs.release(hub, upstream)
+                if response.status_code != 200:
+                    log.warning("hub %s answered the unload %d", hub.name, response.status_code)
             except (ApiError, BodyCut, UpstreamFailed, *UPSTREAM_ERRORS) as error:
                 log.warning("hub %s did not take the unload: %s", hub.name, getattr(error, "message", error))
             finally:
@@ -313,9 +324,6 @@ class Forwarder:
         async with trio.open_nursery() as nursery:
             for hub in holders:
                 nursery.start_soon(unload, hub)
-        for hub in holders:
-            if (answer := answers.get(hub.name)) is not None and answer[0].status_code != 200:
-                log.warning("hub %s answered the unload %d", hub.name, answer[0].status_code)
         # (a 200 if any hub gave one: one hub's refusal, its own rate limit, is not the grid's answer)
         first = next((hub for hub in holders if hub.name in answers and answers[hub.name][0].status_code == 200),
                      next((hub for hub in holders if hub.name in answers), None))
@@ -324,12 +332,9 @@ class Forwarder:
             raise ApiError(502, "No hub that holds the model took the unload")
         response, body = answers[first.name]
         outcome.hub, outcome.status, outcome.answered_at = first.name, response.status_code, trio.current_time()
-        dropped = (b"x-request-id", b"content-length", dialects.ELSEWHERE_HEADER)
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))
-                   if k not in dropped and not cors.foreign(k, v)]
         await conn.send(h11.Response(status_code=response.status_code, headers=[
-            *headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode()),
-            *conn.cors]), h11.Data(data=body), h11.EndOfMessage())
+            *_passed_on(response, length=False), (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode()), *conn.cors]), h11.Data(data=body), h11.EndOfMessage())
 
     async def _whole(self, upstream: ClientConnection) -> bytes:
         """A short answer, whole (an unload's: at most ``MAX_DRAIN_BYTES``)."""
@@ -396,10 +401,7 @@ class Forwarder:
         """Pass the answer on as it arrives. One that failed after its head (the client then got a
         final error event, the hub's or ours) is a 502 in ``outcome``, as the hub logs it, also when
         the client left at that event (as the SDKs do) before the stream's end arrived."""
-        chunked = any(k == b"transfer-encoding" for k, _ in response.headers)  # then any length is stale
-        headers = [(k, v) for k, v in _strip_hop_by_hop(list(response.headers))  # the proxy's CORS, never a hub's
-                   if k not in (b"x-request-id", dialects.ELSEWHERE_HEADER) and not (chunked and k == b"content-length")
-                   and not cors.foreign(k, v)]
+        headers = _passed_on(response, length=not any(k == b"transfer-encoding" for k, _ in response.headers))
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         boundary, held = _boundary(content_type), bytearray()  # held: the start of an event not yet whole
         outcome.streamed = boundary is not None and response.status_code < 300  # (its status may turn 502 later)

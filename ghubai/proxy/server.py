@@ -36,11 +36,11 @@ from ghubai.observability.history import History
 from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id
 from ghubai.observability.metrics import CONTENT_TYPE, Metrics
 from ghubai.observability.service import Service
-from ghubai.sockets import open_listeners
 from ghubai.proxy.follow import (CHECKS_AT_ONCE, DETAILS_WANTED_S, FIRST_CHECKS_S, SUMMARY_LIMIT, check_health,
                                  follow_registry)
 from ghubai.proxy.forward import STOP_WRITE_S, STOPPING, Forwarder, Outcome, forwarded_for, model_named
 from ghubai.proxy.hubs import Hub, HubSet
+from ghubai.sockets import open_listeners
 
 log = logging.getLogger("ghubai.proxy")
 
