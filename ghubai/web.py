@@ -52,6 +52,12 @@ Carries fixes to hypercorn 0.18's trio server and HTTP/2, a cap, and one shortcu
   over its size limit: 1009) as 1006 too: a hub could not log which its worker did. Here the app's
   disconnect carries the close's code and reason, and ``WS_CLOSED_BY`` says who began it.
 
+- over HTTP/1.1 hypercorn writes each piece of an answer as it goes: the head, every body message,
+  and the chunked end, each a write (a syscall and a wake-up of the client, or the proxy, to read
+  it): four or five for a short stream, two for a whole answer. Here one ASGI message is one write,
+  its end included, and a head whose start message says ``BODY_FOLLOWS`` waits for the body that
+  the app sends at once after it.
+
 - HTTP/2 has frames that cost the server work and carry no request, and streams a client may reset
   as soon as it began them: a flood of either held the loop (one connection's PINGs, 24 s after they
   stopped) or started generations by the hundred. Past a budget a connection gets GOAWAY with
@@ -110,7 +116,8 @@ from ghubai.sockets import open_listeners, write_now
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"],
                         "_read_data": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
-            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"]},
+            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"], "stream_send": ["self", "event"],
+                                                          "_send_h11_event": ["self", "event"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
             ProtocolWrapper: {"handle": ["self", "event"]},
             WSStream: {"handle": ["self", "event"], "_send_wsproto_event": ["self", "event"]}}
@@ -123,6 +130,7 @@ SERVER_LOG = logging.getLogger("ghubai.web.server")
 SERVER_LOG.setLevel(logging.WARNING)
 CLIENT_GONE = "ghubai.client_gone"  # an ASGI scope's key: called (no arguments) when the client's connection closes
 WS_CLOSED_BY = "ghubai.closed_by"  # a WebSocket disconnect's key: "peer" or "server", who began the close
+BODY_FOLLOWS = "ghubai.body_follows"  # an http.response.start's key, true when its app sends the body at once
 
 
 def _check_patchable() -> None:
@@ -341,7 +349,17 @@ async def _app_send(self: HTTPStream, message: Any) -> None:
     elif message is None and not self.closed and self.state is ASGIHTTPState.REQUEST and \
             trio.current_effective_deadline() == -math.inf:  # (an app's own fault stays hypercorn's 500)
         await self._send_error_response(503)
-    await _hypercorn_app_send(self, message)
+    protocol = getattr(self.send, "__self__", None)  # (the stream's connection: its send is a bound method)
+    if not isinstance(protocol, H11Protocol):
+        await _hypercorn_app_send(self, message)
+        return
+    if protocol.ghubai_held is None:  # type: ignore[attr-defined]
+        protocol.ghubai_held = bytearray()  # type: ignore[attr-defined]
+    try:
+        await _hypercorn_app_send(self, message)
+    finally:
+        if message is None or message["type"] != "http.response.start" or not message.get(BODY_FOLLOWS):
+            await _write_held(protocol)
 
 
 HTTPStream.app_send = _app_send  # type: ignore[method-assign]
@@ -518,6 +536,39 @@ async def _exact_method_stream(self: H11Protocol, request: h11.Request) -> None:
 
 
 H11Protocol._create_stream = _exact_method_stream  # type: ignore[method-assign]
+
+# what an ASGI message (and a head that waits for its body) gave h11 to send, written once it is all
+# there (``_app_send``); None outside an app's send
+H11Protocol.ghubai_held = None  # type: ignore[attr-defined]
+_hypercorn_send_h11_event = H11Protocol._send_h11_event
+_hypercorn_h11_stream_send = H11Protocol.stream_send
+
+
+async def _held_h11_event(self: H11Protocol, event: Any) -> None:
+    if self.ghubai_held is None:  # type: ignore[attr-defined]
+        await _hypercorn_send_h11_event(self, event)
+        return
+    try:
+        self.ghubai_held += self.connection.send(event)  # type: ignore[attr-defined, operator]
+    except h11.LocalProtocolError:  # (as hypercorn's: the client's fault has ended the connection)
+        if self.connection.their_state != h11.ERROR:
+            raise
+
+
+async def _write_held(self: H11Protocol) -> None:
+    data, self.ghubai_held = self.ghubai_held, None  # type: ignore[attr-defined]
+    if data:
+        await self.send(RawData(data=bytes(data)))
+
+
+async def _h11_stream_send(self: H11Protocol, event: StreamEvent) -> None:
+    if isinstance(event, StreamClosed):  # before the connection's next cycle, or its close
+        await _write_held(self)
+    await _hypercorn_h11_stream_send(self, event)
+
+
+H11Protocol._send_h11_event = _held_h11_event  # type: ignore[method-assign]
+H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
 
 _hypercorn_wrapper_handle = ProtocolWrapper.handle
 

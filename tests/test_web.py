@@ -293,3 +293,63 @@ async def test_the_hub_listens_on_every_address_its_host_names_as_the_proxy_does
     rebound = await grid.http.get(f"http://127.0.0.1:{port}/v1/models",
                                   headers={"host": f"evil.example:{port}", "origin": f"http://evil.example:{port}"})
     assert rebound.status_code == 403  # (a loopback listener: a page of a name pointed at it is a stranger)
+
+
+async def test_an_asgi_message_is_one_write_and_a_head_waits_only_for_a_body_said_to_follow(monkeypatch: Any) -> None:
+    """hypercorn wrote a head, each body message and a chunked answer's end each on its own (four
+    or five writes for a short stream, two for a whole answer; each a syscall and a wake-up of the
+    client or proxy that reads it). A head waits for its body only when the app says the body
+    follows at once: another head (a slow stream's) is written as it comes."""
+    from ghubai import web
+
+    writes: list[bytes] = []
+    write_now = web.write_now
+
+    async def recorded(stream: Any, data: bytes, *, shielded: bool = False) -> bytes:
+        writes.append(bytes(data))
+        return await write_now(stream, data, shielded=shielded)
+
+    monkeypatch.setattr(web, "write_now", recorded)
+    head_read = trio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        said = {web.BODY_FOLLOWS: True} if scope["path"] != "/slow" else {}
+        length = [(b"content-length", b"5")] if scope["path"] == "/whole" else []
+        await send({"type": "http.response.start", "status": 200, "headers": length, **said})
+        if scope["path"] == "/slow":
+            await head_read.wait()  # (a head held for its body would never be read: the test fails)
+        for part, more in ((b"hello", False),) if length else ((b"one", True), (b"two", False)):
+            await send({"type": "http.response.body", "body": part, "more_body": more})
+
+    async def exchange(stream: trio.SocketStream, request: bytes, ends: bytes) -> bytes:
+        writes.clear()
+        await stream.send_all(request)
+        answer = b""
+        with trio.fail_after(WAIT_S):
+            while not answer.endswith(ends):
+                answer += await stream.receive_some(4096)
+                if b"\r\n\r\n" in answer:
+                    head_read.set()
+        return answer
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(web.serve_app, app, web.server_config("127.0.0.1:0"))
+        async with await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1])) as stream:
+            answer = await exchange(stream, b"GET /whole HTTP/1.1\r\nHost: x\r\n\r\n", b"hello")
+            assert answer.startswith(b"HTTP/1.1 200") and writes == [answer]
+            answer = await exchange(stream, b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n", b"0\r\n\r\n")
+            assert [write.endswith(end) for write, end in zip(writes, (b"3\r\none\r\n", b"0\r\n\r\n"))] == [True, True]
+            assert writes[0].startswith(b"HTTP/1.1 200") and len(writes) == 2 and b"".join(writes) == answer
+            await exchange(stream, b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n", b"0\r\n\r\n")
+            assert writes[0].endswith(b"\r\n\r\n") and b"one" not in writes[0]
+            # the last answer of a connection is written whole before the connection closes
+            answer = await exchange(stream, b"GET /whole HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", b"hello")
+            assert writes == [answer]
+            with trio.fail_after(WAIT_S):
+                assert await stream.receive_some(4096) == b""
+        nursery.cancel_scope.cancel()

@@ -45,7 +45,7 @@ from ghubai.observability.logs import REQUEST_ID, REQUEST_ID_HEADER, request_id,
 from ghubai.observability.metrics import CONTENT_TYPE, CounterMetricFamily, GaugeMetricFamily, Metric, Metrics
 from ghubai.observability.service import Service
 from ghubai.http11.server import connection_cap
-from ghubai.web import CLIENT_GONE, serve_app, server_config
+from ghubai.web import BODY_FOLLOWS, CLIENT_GONE, serve_app, server_config
 
 _encode = msgspec.json.Encoder().encode
 
@@ -191,7 +191,7 @@ async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[byt
                    extra: dict[str, str] | None = None) -> None:
     fields = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", REQUEST_ID.get().encode()),
               *((name.lower().encode(), value.encode()) for name, value in (extra or {}).items())]
-    await send({"type": "http.response.start", "status": status, "headers": fields})
+    await send({"type": "http.response.start", "status": status, "headers": fields, BODY_FOLLOWS: True})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -460,7 +460,7 @@ class HubApi:
             return
         self._first_byte(record)
         dialect = answers.dialect_of(api)
-        await send({"type": "http.response.start", "status": 200,
+        await send({"type": "http.response.start", "status": 200, BODY_FOLLOWS: True,
                     "headers": [*dialect.headers, (b"x-request-id", REQUEST_ID.get().encode()), *served_by]})
 
         async def send_body(data: bytes, more: bool) -> None:
