@@ -333,7 +333,7 @@ class HubApi:
             self.rate_limits.spend(record.key, spent)
             if exchange.usage is None and spent and exchange.served_by is not None:  # cut short (a user's stop):
                 self.pool.count_usage(exchange.served_by, exchange.model, spent)  # its estimate, as its key is charged
-            self.metrics.inflight.labels("hub").dec()
+            self.metrics.inflight.dec()
             first = record.first_token_s
             self.history.request(first, (spent or {}).get("completion_tokens", 0),
                                  took - (first or 0.0) if exchange.stream else took)  # when the tokens were made
@@ -445,7 +445,7 @@ class HubApi:
         exchange = record.exchange = Exchange(self.pool, self.config, api, body, stream, trace, size, conversation,
                                               elsewhere=_header(headers, dialects.ELSEWHERE_HEADER) == "1")
         self.inflight.add(exchange)
-        self.metrics.inflight.labels("hub").inc()
+        self.metrics.inflight.inc()
         try:
             first = await exchange.open()
         except ApiError as error:
@@ -478,7 +478,7 @@ class HubApi:
         exchanges = [Exchange(self.pool, self.config, api, body, False, trace, only=holder) for holder in holders]
         record.exchange = exchanges[0]  # (the request's own, for its end: ``_finish``)
         self.inflight.add(exchanges[0])
-        self.metrics.inflight.labels("hub").inc()
+        self.metrics.inflight.inc()
         answered: list[bytes] = []
         unloaded: list[str] = []  # the holders that did
         refusals: list[ApiError] = []
@@ -517,7 +517,7 @@ class HubApi:
         """A stream's first byte goes out: its time to first token, for the metric and the dashboard (a
         whole answer has none: the time it took is its duration, and would swamp a median of streams)."""
         record.first_token_s = trio.current_time() - record.started
-        self.metrics.first_token.labels("hub").observe(record.first_token_s)
+        self.metrics.first_token.observe(record.first_token_s)
 
     async def gridhub(self) -> Response | None:
         return await serve_worker(self.pool, self.secrets.provider_tokens, self.hub_id, self.config.heartbeat_s,

@@ -89,7 +89,6 @@ class Proxy:
         self.forwarder = Forwarder(config, self.hubs)
         self.keys = Secrets(config.api_keys)
         self.metrics = Metrics("proxy", self.hubs.labels)
-        self._first_token = self.metrics.first_token.labels("proxy")
         self._told_at: dict[tuple[str, bytes], tuple[float, Told]] = {}  # (``_told``)
         self.inflight = 0
         self.ended = trio.Event()  # set whenever a forwarded request ends (a drain waits on it)
@@ -100,7 +99,7 @@ class Proxy:
         self._health: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # /health's body, and what it shows
         self._dashboard: tuple[tuple[int, int], bytes] = ((-1, -1), b"")  # /dashboard/data's, and from when
         self.url = ""  # once it serves
-        self.metrics.inflight.labels("proxy").set_function(lambda: self.inflight)
+        self.metrics.inflight.set_function(lambda: self.inflight)
         self.hub_up = self.metrics.gauge("ghubai_proxy_hub_up", "1 when the hub passes its health checks", ["hub"])
         self.own: dict[tuple[str, str], Callable[[Connection, Request], Awaitable[None]]] = {
             ("GET", "/health"): self.health,
@@ -148,7 +147,7 @@ class Proxy:
                 first = outcome.answered_at - started if outcome.answered_at is not None and outcome.streamed \
                     else None
                 if first is not None:
-                    self._first_token.observe(first)
+                    self.metrics.first_token.observe(first)
                 self.history.request(first, generating_s=0.0 if first is None else took - first)
                 if outcome.status == 401:  # a hub's refusal of the key (the proxy's own is ``refused``)
                     outcome.reason = f"{outcome.reason or 'refused by the hub'} (from {conn.peer or '?'})"
