@@ -353,3 +353,22 @@ async def test_an_asgi_message_is_one_write_and_a_head_waits_only_for_a_body_sai
             with trio.fail_after(WAIT_S):
                 assert await stream.receive_some(4096) == b""
         nursery.cancel_scope.cancel()
+
+
+def test_the_answers_date_is_the_current_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Made once a second, not once an answer.)"""
+    import time
+    from email.utils import parsedate_to_datetime
+
+    import hypercorn.config
+
+    from ghubai.web import server_config
+
+    config, now = server_config("127.0.0.1:0"), [1_800_000_000.2]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    monkeypatch.setattr(hypercorn.config, "time", lambda: now[0])  # (its clock for the date)
+    dates = []
+    for now[0] in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.1):
+        [date] = [value for name, value in config.response_headers("h11") if name == b"date"]
+        dates.append(parsedate_to_datetime(date.decode()).timestamp())
+    assert dates == [1_800_000_000, 1_800_000_000, 1_800_000_001]
