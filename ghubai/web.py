@@ -117,7 +117,7 @@ from ghubai.sockets import open_listeners, write_now
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"],
                         "_read_data": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
-            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"], "stream_send": ["self", "event"],
+            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"], "_maybe_recycle": ["self"],
                                                           "_send_h11_event": ["self", "event"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
             ProtocolWrapper: {"handle": ["self", "event"]},
@@ -365,6 +365,11 @@ async def _app_send(self: HTTPStream, message: Any) -> None:
         await _hypercorn_app_send(self, message)
         return
     if protocol.ghubai_held is None:  # type: ignore[attr-defined]
+        kind = None if message is None else message["type"]
+        if not (kind == "http.response.body" and not message.get("more_body", False) or  # (its end with it)
+                kind == "http.response.start" and message.get(BODY_FOLLOWS)):  # (its body with it)
+            await _hypercorn_app_send(self, message)  # (a stream's next piece: written as it is)
+            return
         protocol.ghubai_held = bytearray()  # type: ignore[attr-defined]
     try:
         await _hypercorn_app_send(self, message)
@@ -552,7 +557,7 @@ H11Protocol._create_stream = _exact_method_stream  # type: ignore[method-assign]
 # there (``_app_send``); None outside an app's send
 H11Protocol.ghubai_held = None  # type: ignore[attr-defined]
 _hypercorn_send_h11_event = H11Protocol._send_h11_event
-_hypercorn_h11_stream_send = H11Protocol.stream_send
+_hypercorn_maybe_recycle = H11Protocol._maybe_recycle
 
 
 async def _held_h11_event(self: H11Protocol, event: Any) -> None:
@@ -572,14 +577,13 @@ async def _write_held(self: H11Protocol) -> None:
         await self.send(RawData(data=bytes(data)))
 
 
-async def _h11_stream_send(self: H11Protocol, event: StreamEvent) -> None:
-    if isinstance(event, StreamClosed):  # before the connection's next cycle, or its close
-        await _write_held(self)
-    await _hypercorn_h11_stream_send(self, event)
+async def _written_then_recycled(self: H11Protocol) -> None:
+    await _write_held(self)  # before the connection's next cycle, or its close
+    await _hypercorn_maybe_recycle(self)
 
 
 H11Protocol._send_h11_event = _held_h11_event  # type: ignore[method-assign]
-H11Protocol.stream_send = _h11_stream_send  # type: ignore[method-assign]
+H11Protocol._maybe_recycle = _written_then_recycled  # type: ignore[method-assign]
 
 _hypercorn_wrapper_handle = ProtocolWrapper.handle
 
