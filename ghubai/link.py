@@ -35,12 +35,11 @@ def request_text(request_id: str, frame: str) -> RequestText:
 
 
 async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
-                        send: Callable[[list[str | bytes]], Awaitable[Any]],
+                        send: Callable[[str | bytes], Awaitable[Any]],
                         live: Callable[[str], bool] | None = None) -> None:
     """The one writer of a link: sends what is queued on ``frames`` (JSON text frames and binary
-    chunks), everything already waiting in as few messages as order and size allow, given to ``send``
-    together (a worker writes them at once); a request frame (``RequestText``) only while ``live`` says
-    its request is."""
+    chunks), everything already waiting in as few messages as order and size allow; a request frame
+    (``RequestText``) only while ``live`` says its request is."""
     def dead(frame: str | bytes) -> bool:
         return live is not None and isinstance(frame, RequestText) and not live(frame.id)
 
@@ -57,8 +56,8 @@ async def write_batched(frames: trio.MemoryReceiveChannel[str | bytes],
             if not dead(frame):
                 batch.append(frame)
                 size += len(frame)
-        await send([b"".join(group) if binary else "\n".join(group)  # type: ignore[arg-type]
-                    for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes))])
+        for binary, group in itertools.groupby(batch, key=lambda item: isinstance(item, bytes)):
+            await send(b"".join(group) if binary else "\n".join(group))  # type: ignore[arg-type]
 
 
 def pong_due(last: float, heartbeat_s: float) -> bool:

@@ -1392,8 +1392,8 @@ async def test_a_request_that_ends_before_its_link_sends_it_is_not_sent(
                      for _ in range(2))
     sent: list[str | bytes] = []
 
-    async def send(messages: list[str | bytes]) -> None:
-        sent.extend(messages)
+    async def send(message: str | bytes) -> None:
+        sent.append(message)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gone.open)
@@ -1818,8 +1818,8 @@ async def test_a_link_s_messages_hold_a_batch_of_64_kib_at_most() -> None:
     out.close()
     sizes: list[int] = []
 
-    async def send(messages: list[str | bytes]) -> None:
-        sizes.append(sum(map(len, messages)))
+    async def send(message: str | bytes) -> None:
+        sizes.append(len(message))
 
     await link.write_batched(queued, send)
     assert len(sizes) >= 10 and max(sizes) <= 2 * (64 << 10) + 1024, sizes  # (a batch, and the frame that ends it)

@@ -95,7 +95,7 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
             if stale := pool.add(worker):  # the same worker, linked again: the old link is dead
                 pool.cut(stale, f"lost the link to worker {stale.name}: it linked again")
             await websocket.send(protocol.encode(protocol.Welcome(hub_id, heartbeat_s)))
-            nursery.start_soon(link.write_batched, receive, _send_each, worker.pending.__contains__)
+            nursery.start_soon(link.write_batched, receive, websocket.send, worker.pending.__contains__)
             nursery.start_soon(link.heartbeat, worker.send, lambda: worker.inflight, heartbeat_s)
             nursery.start_soon(_close_when_stopping, pool, nursery.cancel_scope)
             nursery.start_soon(_cut_when_deaf, pool, worker, heartbeat_s, lost)
@@ -108,11 +108,6 @@ async def serve_worker(pool: Pool, tokens: Secrets, hub_id: str, heartbeat_s: fl
         pool.drop(worker, lost, f"{why}, after draining" if why and worker.draining else why)
         send.close()
     return None
-
-
-async def _send_each(messages: list[str | bytes]) -> None:
-    for message in messages:  # (a hub sends text frames only: a batch is one message)
-        await websocket.send(message)
 
 
 async def _cut_when_deaf(pool: Pool, worker: RemoteWorker, heartbeat_s: float, lost: str) -> None:

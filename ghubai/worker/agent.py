@@ -31,7 +31,6 @@ from ghubai.http11.client import open_stream, tls_client_context
 from ghubai.observability import logs, tracing
 from ghubai.observability.service import Service
 from ghubai.worker.engine import NO_CONNECTION, Call, Cause, Engine, EngineError, Offer
-from ghubai.worker.uplink import send_together
 
 log = logging.getLogger("ghubai.worker")
 
@@ -420,9 +419,9 @@ class Worker:
 
     async def _write(self, link: Link, frames: trio.MemoryReceiveChannel[str | bytes],
                      ws: trio_websocket.WebSocketConnection) -> None:
-        async def send(messages: list[str | bytes]) -> None:
-            await send_together(ws, messages)
-            link.written(sum(len(message) for message in messages))
+        async def send(message: str | bytes) -> None:
+            await ws.send_message(message)
+            link.written(len(message))
 
         await write_batched(frames, send)
         try:
