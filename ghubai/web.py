@@ -117,8 +117,9 @@ from ghubai.sockets import open_listeners, write_now
 _PATCHED = {TCPServer: {"_close": ["self"], "protocol_send": ["self", "event"], "run": ["self"],
                         "_read_data": ["self"]},
             HTTPStream: {"handle": ["self", "event"], "app_send": ["self", "message"]},
-            StreamBuffer: {"pop": ["self", "max_length"]}, H11Protocol: {"_create_stream": ["self", "request"], "_maybe_recycle": ["self"],
-                                                          "_send_h11_event": ["self", "event"]},
+            StreamBuffer: {"pop": ["self", "max_length"]},
+            H11Protocol: {"_create_stream": ["self", "request"], "_maybe_recycle": ["self"],
+                          "_send_h11_event": ["self", "event"]},
             H2Protocol: {"_handle_events": ["self", "events"], "stream_send": ["self", "event"]},
             ProtocolWrapper: {"handle": ["self", "event"]},
             WSStream: {"handle": ["self", "event"], "_send_wsproto_event": ["self", "event"]}}
