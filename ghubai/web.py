@@ -570,6 +570,8 @@ async def _held_h11_event(self: H11Protocol, event: Any) -> None:
     except h11.LocalProtocolError:  # (as hypercorn's: the client's fault has ended the connection)
         if self.connection.their_state != h11.ERROR:
             raise
+    if isinstance(event, h11.EndOfMessage):  # written while the stream still answers: a write that fails
+        await _write_held(self)  # then is its client gone (CLIENT_GONE), not an answer already closed
 
 
 async def _write_held(self: H11Protocol) -> None:

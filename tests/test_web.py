@@ -372,3 +372,34 @@ def test_the_answers_date_is_the_current_second(monkeypatch: pytest.MonkeyPatch)
         [date] = [value for name, value in config.response_headers("h11") if name == b"date"]
         dates.append(parsedate_to_datetime(date.decode()).timestamp())
     assert dates == [1_800_000_000, 1_800_000_000, 1_800_000_001]
+
+
+async def test_a_client_that_leaves_during_an_answer_s_last_held_write_is_heard_as_gone() -> None:
+    """Review: the last message and the chunked end, held to go in one write, were written only as
+    hypercorn recycled the connection, when the answer counted as closed: a client that left during
+    that write was never told to the app (``CLIENT_GONE``)."""
+    from ghubai import web
+
+    gone = trio.Event()
+    big = b"x" * (16 << 20)  # more than the socket buffers hold
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        scope[web.CLIENT_GONE] = gone.set
+        await send({"type": "http.response.start", "status": 200, web.BODY_FOLLOWS: True,
+                    "headers": [(b"content-length", str(len(big)).encode())]})
+        await send({"type": "http.response.body", "body": big, "more_body": False})
+
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(web.serve_app, app, web.server_config("127.0.0.1:0"))
+        stream = await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1]))
+        await stream.send_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(WAIT_S):
+            assert (await stream.receive_some(1000)).startswith(b"HTTP/1.1 200")
+            await trio.aclose_forcefully(stream)  # it leaves, the answer's write not done
+            await gone.wait()
+        nursery.cancel_scope.cancel()
